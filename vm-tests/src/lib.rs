@@ -1,0 +1,1 @@
+//! Shared harness for privileged end-to-end tests.
