@@ -1,1 +1,49 @@
-fn main() {}
+use std::process::ExitCode;
+
+use clap::Parser;
+use miren_agent::cli::{self, Cli, Command};
+use miren_agent::client::Client;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Agent(args) => run_agent(&args, cli.socket),
+        Command::Debug { command } => run_client(
+            |client| async move { cli::run_debug(&client, command).await },
+            &cli.socket,
+        ),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_agent(args: &cli::AgentArgs, socket: std::path::PathBuf) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MIREN_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cfg = cli::agent_config(args, socket)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(miren_agent::server::run(cfg))
+}
+
+fn run_client<F, Fut>(f: F, socket: &std::path::Path) -> anyhow::Result<()>
+where
+    F: FnOnce(Client) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(f(Client::new(socket)))
+}

@@ -1,0 +1,402 @@
+//! The agent's HTTP/1.1 + JSON API over its Unix socket. Routes are declared once, with their
+//! OpenAPI description next to them; `openapi()` builds the document from the same router.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::connect_info::{ConnectInfo, Connected};
+use axum::extract::rejection::{JsonRejection, PathRejection};
+use axum::extract::{FromRequest, FromRequestParts, Request, State};
+use axum::http::{Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::serve::IncomingStream;
+use axum::{Json, Router};
+use tokio::net::UnixListener;
+use tracing::{info, warn};
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::disks::{DiskService, DEFAULT_LEASE_TIMEOUT};
+use crate::error::ApiError;
+use crate::model::{
+    AcquireLease, AgentInfo, CreateDisk, Disk, ErrorBody, Lease, ReleaseResult, ResizeDisk,
+};
+
+#[derive(Clone)]
+pub struct AppState {
+    pub disks: Arc<DiskService>,
+    pub socket_gid: Option<u32>,
+}
+
+/// Credentials of the process on the other end of the socket (SO_PEERCRED).
+#[derive(Clone, Copy, Debug)]
+pub struct PeerCred {
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub pid: Option<i32>,
+}
+
+impl Connected<IncomingStream<'_, UnixListener>> for PeerCred {
+    fn connect_info(stream: IncomingStream<'_, UnixListener>) -> Self {
+        match stream.io().peer_cred() {
+            Ok(cred) => PeerCred {
+                uid: Some(cred.uid()),
+                gid: Some(cred.gid()),
+                pid: cred.pid(),
+            },
+            Err(_) => PeerCred {
+                uid: None,
+                gid: None,
+                pid: None,
+            },
+        }
+    }
+}
+
+/// JSON body extractor whose rejections are our JSON errors, not axum's plain text.
+#[derive(FromRequest)]
+#[from_request(via(axum::Json), rejection(ApiError))]
+pub struct Body<T>(pub T);
+
+#[derive(FromRequestParts)]
+#[from_request(via(axum::extract::Path), rejection(ApiError))]
+pub struct PathParam<T>(pub T);
+
+impl From<JsonRejection> for ApiError {
+    fn from(rejection: JsonRejection) -> Self {
+        ApiError::invalid(format!("invalid request body: {}", rejection.body_text()))
+    }
+}
+
+impl From<PathRejection> for ApiError {
+    fn from(rejection: PathRejection) -> Self {
+        ApiError::invalid(format!("invalid path: {}", rejection.body_text()))
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "miren agent",
+        description = "Node agent API, served over the agent's Unix socket (HTTP/1.1, JSON). Errors are `{\"code\", \"message\"}`.",
+        license(name = "Apache-2.0")
+    ),
+    components(schemas(ErrorBody))
+)]
+struct ApiDoc;
+
+fn api_router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(agent_info))
+        .routes(routes!(list_disks, create_disk))
+        .routes(routes!(get_disk, delete_disk))
+        .routes(routes!(resize_disk))
+        .routes(routes!(acquire_lease, release_lease))
+        .routes(routes!(list_leases))
+        .routes(routes!(ensure_local_storage))
+}
+
+/// The OpenAPI document of every route, generated from the code.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    let (_, mut doc) = api_router().split_for_parts();
+    doc.info.version = env!("CARGO_PKG_VERSION").to_string();
+    doc
+}
+
+pub fn openapi_json() -> String {
+    let mut text = serde_json::to_string_pretty(&openapi()).unwrap_or_else(|_| "{}".into());
+    text.push('\n');
+    text
+}
+
+pub fn router(state: AppState) -> Router {
+    let (router, _) = api_router().split_for_parts();
+    let doc = openapi_json();
+    router
+        .route(
+            "/openapi.json",
+            axum::routing::get(move || async move {
+                (
+                    [(axum::http::header::CONTENT_TYPE, "application/json")],
+                    doc,
+                )
+            }),
+        )
+        .fallback(|| async {
+            ApiError::not_found("no such route; GET /openapi.json lists every route")
+        })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this route does not take that method; GET /openapi.json lists every route",
+            )
+        })
+        .layer(middleware::from_fn_with_state(state.clone(), authorize))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(
+            |_: Box<dyn std::any::Any + Send>| {
+                ApiError::internal("the agent hit a bug handling this request; see its log")
+                    .into_response()
+            },
+        ))
+        .with_state(state)
+}
+
+/// Only root and members of the socket's group may talk to the agent. File permissions
+/// already say so; this is the second lock, and it names who did what in the log.
+async fn authorize(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<PeerCred>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if !peer_allowed(&peer, state.socket_gid) {
+        warn!(uid = ?peer.uid, pid = ?peer.pid, path = %request.uri().path(), "refused a peer");
+        let group = state
+            .socket_gid
+            .map(|g| format!("in group {g}"))
+            .unwrap_or_else(|| "root".into());
+        return ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!(
+                "uid {} may not use the miren agent: only root or users {group} may; run as root or ask an operator to add you to the socket group",
+                peer.uid.map_or("unknown".into(), |u| u.to_string())
+            ),
+        )
+        .into_response();
+    }
+    if request.method() != Method::GET {
+        info!(uid = ?peer.uid, pid = ?peer.pid, method = %request.method(), path = %request.uri().path(), "request");
+    }
+    next.run(request).await
+}
+
+fn peer_allowed(peer: &PeerCred, socket_gid: Option<u32>) -> bool {
+    let Some(uid) = peer.uid else { return false };
+    if uid == 0 {
+        return true;
+    }
+    let Some(group) = socket_gid else {
+        return false;
+    };
+    if peer.gid == Some(group) {
+        return true;
+    }
+    // Supplementary groups are not in SO_PEERCRED; read them from the peer's /proc entry.
+    peer.pid
+        .and_then(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("Groups:").map(str::to_string))
+        })
+        .is_some_and(|groups| groups.split_whitespace().any(|g| g == group.to_string()))
+}
+
+/// Disk work blocks (ioctls, mkfs); it runs off the async threads. If the client hangs up, the
+/// operation still runs to its end, so the state store never sees half an operation.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::internal(format!("operation failed to run: {e}")))?
+}
+
+#[utoipa::path(get, path = "/v1/info", tag = "agent",
+    responses((status = 200, description = "Who this agent is", body = AgentInfo)))]
+async fn agent_info(State(state): State<AppState>) -> Json<AgentInfo> {
+    Json(AgentInfo {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        data_dir: state.disks.cfg.data_dir.display().to_string(),
+        name_prefix: state.disks.cfg.name_prefix.clone(),
+        pid: std::process::id(),
+    })
+}
+
+#[utoipa::path(get, path = "/v1/disks", tag = "disks",
+    responses((status = 200, description = "Every disk and local storage directory", body = [Disk])))]
+async fn list_disks(State(state): State<AppState>) -> Result<Json<Vec<Disk>>, ApiError> {
+    blocking(move || state.disks.list()).await.map(Json)
+}
+
+#[utoipa::path(post, path = "/v1/disks", tag = "disks", request_body = CreateDisk,
+    responses(
+        (status = 201, description = "Created, attached, formatted and mounted", body = Disk),
+        (status = 400, description = "Invalid name or size", body = ErrorBody),
+        (status = 409, description = "A disk with that name exists", body = ErrorBody)))]
+async fn create_disk(
+    State(state): State<AppState>,
+    Body(req): Body<CreateDisk>,
+) -> Result<(StatusCode, Json<Disk>), ApiError> {
+    let disk = blocking(move || state.disks.create(&req)).await?;
+    Ok((StatusCode::CREATED, Json(disk)))
+}
+
+#[utoipa::path(get, path = "/v1/disks/{disk}", tag = "disks",
+    params(("disk" = String, Path, description = "Disk id (disk_...) or name")),
+    responses((status = 200, body = Disk), (status = 404, body = ErrorBody)))]
+async fn get_disk(
+    State(state): State<AppState>,
+    PathParam(disk): PathParam<String>,
+) -> Result<Json<Disk>, ApiError> {
+    blocking(move || {
+        let row = state.disks.find(&disk)?;
+        state.disks.view_one(&row)
+    })
+    .await
+    .map(Json)
+}
+
+#[utoipa::path(delete, path = "/v1/disks/{disk}", tag = "disks",
+    params(("disk" = String, Path, description = "Disk id (disk_...) or name")),
+    responses(
+        (status = 204, description = "Unmounted, detached and removed"),
+        (status = 404, body = ErrorBody),
+        (status = 409, description = "The disk is leased", body = ErrorBody)))]
+async fn delete_disk(
+    State(state): State<AppState>,
+    PathParam(disk): PathParam<String>,
+) -> Result<StatusCode, ApiError> {
+    blocking(move || state.disks.delete(&disk)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(post, path = "/v1/disks/{disk}/resize", tag = "disks", request_body = ResizeDisk,
+    params(("disk" = String, Path, description = "Disk id (disk_...) or name")),
+    responses(
+        (status = 200, description = "Grown online", body = Disk),
+        (status = 400, description = "Smaller than the current size", body = ErrorBody),
+        (status = 404, body = ErrorBody)))]
+async fn resize_disk(
+    State(state): State<AppState>,
+    PathParam(disk): PathParam<String>,
+    Body(req): Body<ResizeDisk>,
+) -> Result<Json<Disk>, ApiError> {
+    blocking(move || state.disks.resize(&disk, req.size_gb))
+        .await
+        .map(Json)
+}
+
+#[utoipa::path(post, path = "/v1/disks/{disk}/lease", tag = "leases", request_body = AcquireLease,
+    params(("disk" = String, Path, description = "Disk id (disk_...) or name")),
+    responses(
+        (status = 200, description = "Lease held (also when this holder already had it)", body = Lease),
+        (status = 409, description = "Still held by another holder when the timeout ran out", body = ErrorBody),
+        (status = 404, body = ErrorBody)))]
+async fn acquire_lease(
+    State(state): State<AppState>,
+    PathParam(disk): PathParam<String>,
+    Body(req): Body<AcquireLease>,
+) -> Result<Json<Lease>, ApiError> {
+    let timeout = match req.timeout_secs {
+        None => DEFAULT_LEASE_TIMEOUT,
+        Some(secs) if secs.is_finite() && (0.0..=86_400.0).contains(&secs) => {
+            Duration::from_secs_f64(secs)
+        }
+        Some(secs) => {
+            return Err(ApiError::invalid(format!(
+                "timeout_secs must be between 0 and 86400, got {secs}"
+            )))
+        }
+    };
+    state
+        .disks
+        .acquire_lease(&disk, &req.holder, timeout)
+        .await
+        .map(Json)
+}
+
+#[utoipa::path(delete, path = "/v1/disks/{disk}/lease", tag = "leases",
+    params(("disk" = String, Path, description = "Disk id (disk_...) or name")),
+    responses(
+        (status = 200, description = "Released, or was not leased", body = ReleaseResult),
+        (status = 404, body = ErrorBody)))]
+async fn release_lease(
+    State(state): State<AppState>,
+    PathParam(disk): PathParam<String>,
+) -> Result<Json<ReleaseResult>, ApiError> {
+    blocking(move || state.disks.release_lease(&disk))
+        .await
+        .map(Json)
+}
+
+#[utoipa::path(get, path = "/v1/leases", tag = "leases",
+    responses((status = 200, description = "Every lease held", body = [Lease])))]
+async fn list_leases(State(state): State<AppState>) -> Result<Json<Vec<Lease>>, ApiError> {
+    blocking(move || state.disks.leases()).await.map(Json)
+}
+
+#[utoipa::path(put, path = "/v1/local-storage/{app}", tag = "disks",
+    params(("app" = String, Path, description = "App name")),
+    responses((status = 200, description = "The app's local storage directory (made on first use)", body = Disk),
+        (status = 400, body = ErrorBody)))]
+async fn ensure_local_storage(
+    State(state): State<AppState>,
+    PathParam(app): PathParam<String>,
+) -> Result<Json<Disk>, ApiError> {
+    blocking(move || state.disks.ensure_local_storage(&app))
+        .await
+        .map(Json)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The committed document must match the code; regenerate with
+    /// `UPDATE_OPENAPI=1 cargo test -p miren openapi`.
+    #[test]
+    fn openapi_document_matches_committed_copy() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/openapi.json");
+        let generated = openapi_json();
+        if std::env::var_os("UPDATE_OPENAPI").is_some() {
+            std::fs::write(path, &generated).unwrap();
+        }
+        let committed = std::fs::read_to_string(path).unwrap_or_default();
+        assert!(
+            committed == generated,
+            "docs/openapi.json is stale; regenerate it with `UPDATE_OPENAPI=1 cargo test -p miren openapi`"
+        );
+    }
+
+    #[test]
+    fn every_route_is_documented() {
+        let doc = openapi();
+        for path in [
+            "/v1/info",
+            "/v1/disks",
+            "/v1/disks/{disk}",
+            "/v1/disks/{disk}/resize",
+            "/v1/disks/{disk}/lease",
+            "/v1/leases",
+            "/v1/local-storage/{app}",
+        ] {
+            assert!(doc.paths.paths.contains_key(path), "{path} missing");
+        }
+    }
+
+    #[test]
+    fn peers() {
+        let peer = |uid, gid| PeerCred {
+            uid: Some(uid),
+            gid: Some(gid),
+            pid: None,
+        };
+        assert!(peer_allowed(&peer(0, 0), None));
+        assert!(!peer_allowed(&peer(1000, 1000), None));
+        assert!(peer_allowed(&peer(1000, 1234), Some(1234)));
+        assert!(!peer_allowed(&peer(1000, 1000), Some(1234)));
+        assert!(!peer_allowed(
+            &PeerCred {
+                uid: None,
+                gid: None,
+                pid: None
+            },
+            None
+        ));
+    }
+}

@@ -1,0 +1,525 @@
+//! The `miren` command line. `miren agent` runs the daemon; everything else is a client of its
+//! socket. Command names and flags are a contract with operators and scripts: keep them.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use clap::{Args, Parser, Subcommand};
+use hyper::Method;
+use serde::Serialize;
+
+use crate::client::Client;
+use crate::config::{self, AgentConfig};
+use crate::model::{
+    AcquireLease, AgentInfo, CreateDisk, Disk, FilesystemKind, Lease, ReleaseResult, ResizeDisk,
+};
+
+#[derive(Parser, Debug)]
+#[command(name = "miren", version, about = "miren node agent and CLI")]
+pub struct Cli {
+    /// The agent's Unix socket.
+    #[arg(long, global = true, env = "MIREN_SOCKET", default_value = config::DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the node agent in the foreground.
+    Agent(AgentArgs),
+    /// Low-level commands for operators.
+    Debug {
+        #[command(subcommand)]
+        command: DebugCommand,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct AgentArgs {
+    /// Where the agent keeps its state, disk images and mounts.
+    #[arg(long, env = "MIREN_DATA_DIR", default_value = config::DEFAULT_DATA_DIR)]
+    pub data_dir: PathBuf,
+    /// Prefix of every kernel-visible name the agent makes (mounts, later bridges and cgroups).
+    #[arg(long, env = "MIREN_NAME_PREFIX", default_value = config::DEFAULT_NAME_PREFIX)]
+    pub name_prefix: String,
+    /// Group (name or gid) whose members may use the socket besides root.
+    #[arg(long, env = "MIREN_SOCKET_GROUP")]
+    pub socket_group: Option<String>,
+    /// How often leases of holders that are gone are reclaimed (e.g. 30s, 1m).
+    #[arg(long, env = "MIREN_RECLAIM_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    pub reclaim_interval: Duration,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DebugCommand {
+    /// Disks: loop-backed, thin-provisioned volumes with exclusive leases.
+    Disk {
+        #[command(subcommand)]
+        command: DiskCommand,
+    },
+    /// Show which agent answers on the socket.
+    Info,
+}
+
+#[derive(Args, Debug, Clone)]
+#[group(required = true, multiple = false)]
+pub struct DiskRef {
+    /// Disk id (disk_...).
+    #[arg(short = 'i', long = "id")]
+    pub id: Option<String>,
+    /// Disk name.
+    #[arg(short = 'n', long = "name")]
+    pub name: Option<String>,
+}
+
+impl DiskRef {
+    fn path_segment(&self) -> Result<String> {
+        match (&self.id, &self.name) {
+            (Some(id), _) if id.starts_with("disk_") && id.len() < 64 => Ok(id.clone()),
+            (Some(id), _) => bail!(
+                "`{id}` is not a disk id (ids look like disk_1f0c9a7e5b3d2a41); use -n to refer to a disk by name"
+            ),
+            (None, Some(name)) => {
+                miren_disks::validate_name(name)?;
+                Ok(name.clone())
+            }
+            (None, None) => bail!("say which disk with -i ID or -n NAME"),
+        }
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DiskCommand {
+    /// Create, format and mount a disk.
+    Create {
+        #[arg(short = 'n', long = "name")]
+        name: String,
+        #[arg(long = "size-gb")]
+        size_gb: u64,
+        #[arg(long, value_enum, default_value = "ext4")]
+        filesystem: FsArg,
+        #[arg(long)]
+        read_only: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List disks and local storage.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one disk.
+    Status {
+        #[command(flatten)]
+        disk: DiskRef,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Grow a disk online.
+    Resize {
+        #[command(flatten)]
+        disk: DiskRef,
+        #[arg(long = "size-gb")]
+        size_gb: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Unmount, detach and remove a disk and its data.
+    Delete {
+        #[command(flatten)]
+        disk: DiskRef,
+    },
+    /// Acquire a disk's exclusive lease, waiting for the current holder.
+    Lease {
+        #[command(flatten)]
+        disk: DiskRef,
+        #[arg(long)]
+        holder: String,
+        /// How long to wait for the current holder (e.g. 30s, 5m).
+        #[arg(long, default_value = "5m", value_parser = parse_duration)]
+        timeout: Duration,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Release a disk's lease.
+    LeaseRelease {
+        #[command(flatten)]
+        disk: DiskRef,
+    },
+    /// List leases.
+    LeaseList {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make (or show) an app's local storage directory.
+    Local {
+        #[arg(short = 'a', long = "app")]
+        app: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum FsArg {
+    Ext4,
+    Xfs,
+    Btrfs,
+}
+
+impl From<FsArg> for FilesystemKind {
+    fn from(fs: FsArg) -> Self {
+        match fs {
+            FsArg::Ext4 => FilesystemKind::Ext4,
+            FsArg::Xfs => FilesystemKind::Xfs,
+            FsArg::Btrfs => FilesystemKind::Btrfs,
+        }
+    }
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s)
+        .map_err(|e| format!("`{s}` is not a duration ({e}); write e.g. 30s, 5m or 1h"))
+}
+
+pub fn agent_config(args: &AgentArgs, socket: PathBuf) -> Result<AgentConfig> {
+    config::validate_name_prefix(&args.name_prefix).map_err(anyhow::Error::msg)?;
+    let socket_gid = match &args.socket_group {
+        Some(group) => Some(config::resolve_group(group).map_err(anyhow::Error::msg)?),
+        None => None,
+    };
+    if args.reclaim_interval.is_zero() {
+        bail!("--reclaim-interval must be longer than zero");
+    }
+    let data_dir = if args.data_dir.is_absolute() {
+        args.data_dir.clone()
+    } else {
+        std::env::current_dir()?.join(&args.data_dir)
+    };
+    Ok(AgentConfig {
+        data_dir,
+        socket,
+        name_prefix: args.name_prefix.clone(),
+        socket_gid,
+        reclaim_interval: args.reclaim_interval,
+    })
+}
+
+pub async fn run_debug(client: &Client, command: DebugCommand) -> Result<()> {
+    match command {
+        DebugCommand::Info => {
+            let info: AgentInfo = client.get("/v1/info").await?;
+            print_json(&info)
+        }
+        DebugCommand::Disk { command } => run_disk(client, command).await,
+    }
+}
+
+async fn run_disk(client: &Client, command: DiskCommand) -> Result<()> {
+    match command {
+        DiskCommand::Create {
+            name,
+            size_gb,
+            filesystem,
+            read_only,
+            json,
+        } => {
+            // Checked here too, so a bad name fails before the agent is even asked.
+            miren_disks::validate_name(&name)?;
+            let req = CreateDisk {
+                name,
+                size_gb,
+                filesystem: Some(filesystem.into()),
+                read_only,
+            };
+            let disk: Disk = client.call(Method::POST, "/v1/disks", Some(&req)).await?;
+            if json {
+                print_json(&disk)
+            } else {
+                println!(
+                    "created disk {} ({}), {} GiB {}, mounted at {}",
+                    disk.name,
+                    disk.id,
+                    disk.size_gb.unwrap_or(0),
+                    fs_name(&disk),
+                    disk.mount_path.as_deref().unwrap_or("-")
+                );
+                Ok(())
+            }
+        }
+        DiskCommand::List { json } => {
+            let disks: Vec<Disk> = client.get("/v1/disks").await?;
+            if json {
+                print_json(&disks)
+            } else {
+                print_disks(&disks);
+                Ok(())
+            }
+        }
+        DiskCommand::Status { disk, json } => {
+            let path = format!("/v1/disks/{}", disk.path_segment()?);
+            let disk: Disk = client.get(&path).await?;
+            if json {
+                print_json(&disk)
+            } else {
+                print_disk(&disk);
+                Ok(())
+            }
+        }
+        DiskCommand::Resize {
+            disk,
+            size_gb,
+            json,
+        } => {
+            let path = format!("/v1/disks/{}/resize", disk.path_segment()?);
+            let disk: Disk = client
+                .call(Method::POST, &path, Some(&ResizeDisk { size_gb }))
+                .await?;
+            if json {
+                print_json(&disk)
+            } else {
+                println!(
+                    "disk {} is now {} GiB",
+                    disk.name,
+                    disk.size_gb.unwrap_or(0)
+                );
+                Ok(())
+            }
+        }
+        DiskCommand::Delete { disk } => {
+            let segment = disk.path_segment()?;
+            let _: () = client
+                .call(Method::DELETE, &format!("/v1/disks/{segment}"), None::<&()>)
+                .await?;
+            println!("deleted disk {segment}");
+            Ok(())
+        }
+        DiskCommand::Lease {
+            disk,
+            holder,
+            timeout,
+            json,
+        } => {
+            let path = format!("/v1/disks/{}/lease", disk.path_segment()?);
+            let req = AcquireLease {
+                holder,
+                timeout_secs: Some(timeout.as_secs_f64()),
+            };
+            let lease: Lease = client.call(Method::POST, &path, Some(&req)).await?;
+            if json {
+                print_json(&lease)
+            } else {
+                println!(
+                    "disk {} leased by {} since {}",
+                    lease.disk, lease.holder, lease.acquired_at
+                );
+                Ok(())
+            }
+        }
+        DiskCommand::LeaseRelease { disk } => {
+            let path = format!("/v1/disks/{}/lease", disk.path_segment()?);
+            let released: ReleaseResult = client.call(Method::DELETE, &path, None::<&()>).await?;
+            match released.released_holder {
+                Some(holder) => println!("released {}'s lease on disk {}", holder, released.disk),
+                None => println!("disk {} was not leased", released.disk),
+            }
+            Ok(())
+        }
+        DiskCommand::LeaseList { json } => {
+            let leases: Vec<Lease> = client.get("/v1/leases").await?;
+            if json {
+                return print_json(&leases);
+            }
+            let rows = leases
+                .iter()
+                .map(|l| {
+                    vec![
+                        l.disk.clone(),
+                        l.disk_id.clone(),
+                        l.holder.clone(),
+                        l.acquired_at.clone(),
+                    ]
+                })
+                .collect();
+            print_table(&["DISK", "DISK ID", "HOLDER", "ACQUIRED"], rows);
+            Ok(())
+        }
+        DiskCommand::Local { app, json } => {
+            miren_disks::validate_name(&app)?;
+            let path = format!("/v1/local-storage/{app}");
+            let disk: Disk = client.call(Method::PUT, &path, None::<&()>).await?;
+            if json {
+                print_json(&disk)
+            } else {
+                println!(
+                    "local storage of app {} at {}",
+                    disk.name,
+                    disk.mount_path.as_deref().unwrap_or("-")
+                );
+                Ok(())
+            }
+        }
+    }
+}
+
+fn print_json<T: Serialize>(value: &T) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+fn fs_name(disk: &Disk) -> String {
+    disk.filesystem
+        .and_then(|f| serde_json::to_value(f).ok())
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_else(|| "-".into())
+}
+
+fn print_disks(disks: &[Disk]) {
+    let rows = disks
+        .iter()
+        .map(|d| {
+            vec![
+                d.id.clone(),
+                d.name.clone(),
+                d.provider.clone(),
+                d.size_gb.map_or("-".into(), |s| format!("{s} GiB")),
+                fs_name(d),
+                d.status.clone(),
+                human_bytes(d.allocated_bytes),
+                d.device.clone().unwrap_or_else(|| "-".into()),
+                d.lease.as_ref().map_or("-".into(), |l| l.holder.clone()),
+            ]
+        })
+        .collect();
+    print_table(
+        &[
+            "ID", "NAME", "PROVIDER", "SIZE", "FS", "STATUS", "USED", "DEVICE", "LEASE",
+        ],
+        rows,
+    );
+}
+
+fn print_disk(d: &Disk) {
+    let lines = [
+        ("id", d.id.clone()),
+        ("name", d.name.clone()),
+        ("provider", d.provider.clone()),
+        ("size", d.size_gb.map_or("-".into(), |s| format!("{s} GiB"))),
+        ("filesystem", fs_name(d)),
+        ("read-only", d.read_only.to_string()),
+        ("status", d.status.clone()),
+        ("allocated", human_bytes(d.allocated_bytes)),
+        ("image", d.image_path.clone().unwrap_or_else(|| "-".into())),
+        ("device", d.device.clone().unwrap_or_else(|| "-".into())),
+        (
+            "mounted at",
+            d.mount_path.clone().unwrap_or_else(|| "-".into()),
+        ),
+        (
+            "lease",
+            d.lease.as_ref().map_or("-".into(), |l| {
+                format!("{} (since {})", l.holder, l.acquired_at)
+            }),
+        ),
+        ("created", d.created_at.clone()),
+    ];
+    for (key, value) in lines {
+        println!("{:<11} {value}", format!("{key}:"));
+    }
+    if let Some(error) = &d.error {
+        println!("{:<11} {error}", "error:");
+    }
+}
+
+fn print_table(headers: &[&str], rows: Vec<Vec<String>>) {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let parts: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", parts.join("  ").trim_end());
+    };
+    line(headers.iter().map(|h| h.to_string()).collect());
+    for row in rows {
+        line(row);
+    }
+}
+
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn parses_the_contract() {
+        let cli = Cli::try_parse_from([
+            "miren",
+            "debug",
+            "disk",
+            "lease",
+            "-n",
+            "d1",
+            "--holder",
+            "h",
+            "--timeout",
+            "30s",
+        ])
+        .unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Debug { command: DebugCommand::Disk { command: DiskCommand::Lease { timeout, .. } } }
+                if timeout == Duration::from_secs(30)
+        ));
+        assert!(Cli::try_parse_from(["miren", "debug", "disk", "status"]).is_err());
+        assert!(
+            Cli::try_parse_from(["miren", "debug", "disk", "status", "-i", "x", "-n", "y"])
+                .is_err()
+        );
+        assert!(Cli::try_parse_from([
+            "miren",
+            "debug",
+            "disk",
+            "create",
+            "-n",
+            "a",
+            "--size-gb",
+            "-1"
+        ])
+        .is_err());
+    }
+
+    #[test]
+    fn bytes_are_human() {
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(5 << 20), "5.0 MiB");
+    }
+}

@@ -1,0 +1,663 @@
+//! Disks as the agent manages them: the state store says what should exist, `miren_disks` makes
+//! it so. Every operation first records its intent in one transaction, then changes the kernel,
+//! then records the outcome; `reconcile` finishes or rolls back whatever a crash interrupted.
+
+use std::collections::HashSet;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use miren_disks::{self as kernel, Filesystem, LoopInfo, MountEntry, GIB};
+use tokio::sync::Notify;
+use tracing::{info, warn};
+
+use crate::config::AgentConfig;
+use crate::error::ApiError;
+use crate::model::{self, CreateDisk, Disk, Lease, LeaseInfo, ReleaseResult};
+use crate::state::{DiskRow, DiskStatus, LeaseAttempt, LeaseRow, Store};
+use crate::util::{new_id, now_rfc3339};
+
+/// The largest disk we agree to make: 64 TiB of apparent size.
+pub const MAX_SIZE_GB: u64 = 64 * 1024;
+pub const DEFAULT_LEASE_TIMEOUT: Duration = Duration::from_secs(300);
+
+pub struct DiskService {
+    pub cfg: AgentConfig,
+    store: Arc<Store>,
+    lease_released: Notify,
+}
+
+/// One read of the kernel's loop devices and mounts, shared by every disk in a listing.
+struct KernelView {
+    loops: Vec<LoopInfo>,
+    mounts: Vec<MountEntry>,
+}
+
+impl KernelView {
+    fn read(cfg: &AgentConfig) -> Result<KernelView, ApiError> {
+        Ok(KernelView {
+            loops: kernel::loops_under(&cfg.images_dir())?,
+            mounts: kernel::mounts_under(&cfg.mounts_dir())?,
+        })
+    }
+    fn loop_of(&self, image: &Path) -> Option<&LoopInfo> {
+        self.loops.iter().find(|l| l.backing_file == image)
+    }
+    fn mount_at(&self, target: &Path) -> Option<&MountEntry> {
+        self.mounts.iter().rev().find(|m| m.target == target)
+    }
+}
+
+/// Who a lease holder is, as far as the agent can check that it still exists.
+enum Holder {
+    /// `pid:N`: alive while process N (with the start time seen at acquire) runs.
+    Process { pid: i64, start_time: i64 },
+    /// Any other string: held until released.
+    Named,
+}
+
+fn parse_holder(holder: &str) -> Result<Holder, ApiError> {
+    if holder.trim().is_empty() || holder.len() > 256 {
+        return Err(ApiError::invalid(
+            "a lease holder must be a non-empty string of at most 256 bytes (e.g. a sandbox id, or pid:1234)",
+        ));
+    }
+    let Some(pid) = holder.strip_prefix("pid:") else {
+        return Ok(Holder::Named);
+    };
+    let pid: i64 = pid.parse().ok().filter(|p| *p > 0).ok_or_else(|| {
+        ApiError::invalid(format!(
+            "lease holder `{holder}` is not a valid pid holder; write pid:N with N a process id"
+        ))
+    })?;
+    let start_time = process_start_time(pid).ok_or_else(|| {
+        ApiError::invalid(format!(
+            "lease holder `{holder}`: no process {pid} is running"
+        ))
+    })?;
+    Ok(Holder::Process { pid, start_time })
+}
+
+/// Start time (clock ticks since boot) of a process, from /proc/PID/stat field 22. The pair
+/// (pid, start time) names a process uniquely even when pids are reused.
+fn process_start_time(pid: i64) -> Option<i64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may contain spaces and parentheses: skip past the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+fn holder_is_gone(lease: &LeaseRow) -> bool {
+    match (lease.holder_pid, lease.holder_start_time) {
+        (Some(pid), Some(start)) => process_start_time(pid) != Some(start),
+        _ => false,
+    }
+}
+
+impl DiskService {
+    pub fn new(cfg: AgentConfig, store: Arc<Store>) -> Result<DiskService, String> {
+        for dir in [cfg.images_dir(), cfg.mounts_dir(), cfg.local_dir()] {
+            fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        }
+        Ok(DiskService {
+            cfg,
+            store,
+            lease_released: Notify::new(),
+        })
+    }
+
+    /// Looks a disk up by id (`disk_...`) or by name (ignoring case).
+    pub fn find(&self, id_or_name: &str) -> Result<DiskRow, ApiError> {
+        let row = if id_or_name.starts_with("disk_") {
+            self.store.disk(id_or_name)?
+        } else {
+            self.store.disk_by_name(id_or_name)?
+        };
+        row.ok_or_else(|| {
+            ApiError::not_found(format!(
+                "no disk `{id_or_name}`; `miren debug disk list` shows the disks this agent has"
+            ))
+        })
+    }
+
+    pub fn create(&self, req: &CreateDisk) -> Result<Disk, ApiError> {
+        kernel::validate_name(&req.name).map_err(|e| ApiError::invalid(e.to_string()))?;
+        if req.size_gb == 0 || req.size_gb > MAX_SIZE_GB {
+            return Err(ApiError::invalid(format!(
+                "size_gb must be between 1 and {MAX_SIZE_GB}, got {}",
+                req.size_gb
+            )));
+        }
+        let fs: Filesystem = req.filesystem.unwrap_or(model::FilesystemKind::Ext4).into();
+        let row = DiskRow {
+            id: new_id("disk"),
+            name: req.name.clone(),
+            size_gb: req.size_gb,
+            filesystem: fs.as_str().to_string(),
+            read_only: req.read_only,
+            status: DiskStatus::Creating,
+            error: None,
+            created_at: now_rfc3339(),
+        };
+        self.store.insert_creating_disk(&row)?;
+        if let Err(err) = self.build(&row, fs) {
+            warn!(disk = %row.name, error = %err, "create failed; removing what it made");
+            if let Err(cleanup) = self.teardown(&row) {
+                // The row stays in `creating`, so the next reconciliation retries the cleanup.
+                warn!(disk = %row.name, error = %cleanup, "cleanup after failed create failed");
+                return Err(err);
+            }
+            self.store.remove_disk(&row.id)?;
+            return Err(err);
+        }
+        self.store.set_status(&row.id, DiskStatus::Ready, None)?;
+        info!(disk = %row.name, id = %row.id, size_gb = row.size_gb, filesystem = %fs, "disk created");
+        self.view_one(&self.find(&row.id)?)
+    }
+
+    /// Image, loop device, filesystem, mount: each step undone by `teardown`.
+    fn build(&self, row: &DiskRow, fs: Filesystem) -> Result<(), ApiError> {
+        let image = self.cfg.image_path(&row.id);
+        kernel::create_sparse_image(&image, row.size_gb * GIB)?;
+        // Held open until mounted: if we die before that, autoclear detaches the device.
+        let attached = kernel::attach(&image)?;
+        kernel::make_filesystem(fs, &attached.path)?;
+        kernel::mount(
+            &attached.path,
+            &self.cfg.mount_path(&row.id),
+            fs,
+            row.read_only,
+        )?;
+        Ok(())
+    }
+
+    /// Removes everything a disk has on the host: mount, loop devices, image. Safe to repeat.
+    fn teardown(&self, row: &DiskRow) -> Result<(), ApiError> {
+        let image = self.cfg.image_path(&row.id);
+        let mount_path = self.cfg.mount_path(&row.id);
+        kernel::unmount(&mount_path)?;
+        remove_dir_if_present(&mount_path)?;
+        for lo in kernel::loops_backed_by(&image)? {
+            kernel::detach(&lo.device)?;
+        }
+        kernel::remove_image(&image)?;
+        Ok(())
+    }
+
+    pub fn delete(&self, id_or_name: &str) -> Result<(), ApiError> {
+        let row = self.find(id_or_name)?;
+        let row = self.store.begin_delete(&row.id)?;
+        self.teardown(&row)?;
+        self.store.remove_disk(&row.id)?;
+        info!(disk = %row.name, id = %row.id, "disk deleted");
+        Ok(())
+    }
+
+    pub fn resize(&self, id_or_name: &str, size_gb: u64) -> Result<Disk, ApiError> {
+        if size_gb == 0 || size_gb > MAX_SIZE_GB {
+            return Err(ApiError::invalid(format!(
+                "size_gb must be between 1 and {MAX_SIZE_GB}, got {size_gb}"
+            )));
+        }
+        let row = self.find(id_or_name)?;
+        let row = self.store.begin_resize(&row.id, size_gb)?;
+        if let Err(err) = self.grow(&row) {
+            // Stays `resizing`: a retry or the next reconciliation finishes the growth.
+            self.store
+                .set_status(&row.id, DiskStatus::Resizing, Some(&err.message))?;
+            return Err(err);
+        }
+        self.store.set_status(&row.id, DiskStatus::Ready, None)?;
+        info!(disk = %row.name, size_gb, "disk grown");
+        self.view_one(&self.find(&row.id)?)
+    }
+
+    /// Grows image, loop device and filesystem, online. Each step is a no-op when already done.
+    fn grow(&self, row: &DiskRow) -> Result<(), ApiError> {
+        let fs = parse_fs(&row.filesystem)?;
+        let image = self.cfg.image_path(&row.id);
+        let mount_path = self.cfg.mount_path(&row.id);
+        kernel::extend_image(&image, row.size_gb * GIB)?;
+        let device = self.ensure_attached(row)?;
+        kernel::refresh_capacity(&device)?;
+        // Online growth needs a writable mount; a read-only disk is writable only meanwhile.
+        if row.read_only {
+            kernel::remount(&mount_path, fs, false)?;
+        }
+        let grown = kernel::grow_filesystem(fs, &device, &mount_path);
+        if row.read_only {
+            kernel::remount(&mount_path, fs, true)?;
+        }
+        match grown {
+            Err(kernel::DiskError::OnlineGrowthDenied(_)) => self.grow_offline(row),
+            other => Ok(other?),
+        }
+    }
+
+    /// ext4 without CAP_SYS_RESOURCE can only grow unmounted. That is safe only while no
+    /// sandbox holds the disk, and leases are refused while a disk is `resizing`.
+    fn grow_offline(&self, row: &DiskRow) -> Result<(), ApiError> {
+        if let Some(lease) = self.store.lease(&row.id)? {
+            return Err(ApiError::conflict(format!(
+                "disk `{}` is in use by `{}`, and this host does not let the agent grow a mounted ext4 filesystem (it lacks CAP_SYS_RESOURCE). Stop the holder (release the lease) and run the resize again: the disk then grows offline in seconds",
+                row.name, lease.holder
+            )));
+        }
+        let image = self.cfg.image_path(&row.id);
+        kernel::unmount(&self.cfg.mount_path(&row.id))?;
+        // Autoclear detaches the loop device once the mount is gone; if it stays attached,
+        // something else still uses the filesystem and it must not be touched offline.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !kernel::loops_backed_by(&image)?.is_empty() {
+            if Instant::now() >= deadline {
+                self.ensure_attached(row)?;
+                return Err(ApiError::busy(format!(
+                    "disk `{}` is still in use outside its mount; stop whatever uses it and retry the resize",
+                    row.name
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let grown = kernel::grow_ext4_offline(&image);
+        self.ensure_attached(row)?;
+        info!(disk = %row.name, "grew ext4 offline (online growth is not permitted on this host)");
+        Ok(grown?)
+    }
+
+    /// Makes sure the disk is attached exactly once and mounted at its mount path; returns the
+    /// loop device. An existing loop device of the image is always reused: mounting the same
+    /// filesystem through a second device would corrupt it.
+    fn ensure_attached(&self, row: &DiskRow) -> Result<PathBuf, ApiError> {
+        let fs = parse_fs(&row.filesystem)?;
+        let image = self.cfg.image_path(&row.id);
+        let mount_path = self.cfg.mount_path(&row.id);
+        if !image.exists() {
+            return Err(ApiError::internal(format!(
+                "disk `{}` has lost its image file {}; restore it from a backup or delete the disk",
+                row.name,
+                image.display()
+            )));
+        }
+        let mounted = kernel::mount_point_of(&mount_path)?;
+        let loops = kernel::loops_backed_by(&image)?;
+        let in_use = mounted
+            .as_ref()
+            .and_then(|m| loops.iter().find(|l| Path::new(&m.source) == l.device));
+        let device = match (in_use, loops.first()) {
+            (Some(lo), _) => lo.device.clone(),
+            (None, Some(lo)) => {
+                if mounted.is_some() {
+                    kernel::unmount(&mount_path)?;
+                }
+                kernel::mount(&lo.device, &mount_path, fs, row.read_only)?;
+                lo.device.clone()
+            }
+            (None, None) => {
+                if mounted.is_some() {
+                    kernel::unmount(&mount_path)?;
+                }
+                let attached = kernel::attach(&image)?;
+                kernel::mount(&attached.path, &mount_path, fs, row.read_only)?;
+                info!(disk = %row.name, device = %attached.path.display(), "disk re-attached");
+                attached.path.clone()
+            }
+        };
+        for extra in loops.iter().filter(|l| l.device != device) {
+            warn!(disk = %row.name, device = %extra.device.display(), "detaching a second loop device of the same image");
+            kernel::detach(&extra.device)?;
+        }
+        if let Some(m) = kernel::mount_point_of(&mount_path)? {
+            if m.read_only != row.read_only {
+                kernel::remount(&mount_path, fs, row.read_only)?;
+            }
+        }
+        Ok(device)
+    }
+
+    /// Brings the kernel in line with the state store after a start or a crash: rolls back
+    /// creates, finishes deletes and resizes, re-attaches what should be attached, and removes
+    /// loop devices and mounts of disks that no longer exist.
+    pub fn reconcile(&self) -> Result<(), ApiError> {
+        let rows = self.store.disks()?;
+        for row in &rows {
+            let result = match row.status {
+                DiskStatus::Creating => {
+                    info!(disk = %row.name, "rolling back a create interrupted by a restart");
+                    self.teardown(row)
+                        .and_then(|()| self.store.remove_disk(&row.id))
+                }
+                DiskStatus::Deleting => {
+                    info!(disk = %row.name, "finishing a delete interrupted by a restart");
+                    self.teardown(row)
+                        .and_then(|()| self.store.remove_disk(&row.id))
+                }
+                DiskStatus::Resizing => self.grow(row).and_then(|()| {
+                    info!(disk = %row.name, size_gb = row.size_gb, "finished an interrupted resize");
+                    self.store.set_status(&row.id, DiskStatus::Ready, None)
+                }),
+                DiskStatus::Ready | DiskStatus::Error => {
+                    self.ensure_attached(row).and_then(|_| {
+                        if row.status == DiskStatus::Error {
+                            self.store.set_status(&row.id, DiskStatus::Ready, None)
+                        } else {
+                            Ok(())
+                        }
+                    })
+                }
+            };
+            if let Err(err) = result {
+                warn!(disk = %row.name, error = %err, "reconciliation could not repair this disk");
+                if matches!(row.status, DiskStatus::Ready | DiskStatus::Error) {
+                    self.store
+                        .set_status(&row.id, DiskStatus::Error, Some(&err.message))?;
+                }
+            }
+        }
+        self.remove_strays()
+    }
+
+    /// Mounts, mount points and loop devices under our directories that no disk owns.
+    fn remove_strays(&self) -> Result<(), ApiError> {
+        let known: HashSet<String> = self.store.disks()?.into_iter().map(|d| d.id).collect();
+        let owner_of = |file_stem: &str| -> Option<String> {
+            let id = file_stem
+                .strip_prefix(&format!("{}-", self.cfg.name_prefix))
+                .unwrap_or(file_stem);
+            Some(id.trim_end_matches(".img").to_string())
+        };
+        for m in kernel::mounts_under(&self.cfg.mounts_dir())?
+            .into_iter()
+            .rev()
+        {
+            let name = m.target.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            if !owner_of(name).is_some_and(|id| known.contains(&id)) {
+                warn!(mount = %m.target.display(), "unmounting a mount no disk owns");
+                kernel::unmount(&m.target)?;
+            }
+        }
+        if let Ok(entries) = fs::read_dir(self.cfg.mounts_dir()) {
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if !owner_of(&name).is_some_and(|id| known.contains(&id)) {
+                    remove_dir_if_present(&entry.path())?;
+                }
+            }
+        }
+        for lo in kernel::loops_under(&self.cfg.images_dir())? {
+            let name = lo
+                .backing_file
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("");
+            if !owner_of(name).is_some_and(|id| known.contains(&id)) {
+                warn!(device = %lo.device.display(), image = %lo.backing_file.display(), "detaching a loop device no disk owns");
+                kernel::detach(&lo.device)?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn list(&self) -> Result<Vec<Disk>, ApiError> {
+        let kernel = KernelView::read(&self.cfg)?;
+        let mut disks = self
+            .store
+            .disks()?
+            .iter()
+            .map(|row| self.view(row, &kernel))
+            .collect::<Result<Vec<_>, _>>()?;
+        for (app, created_at) in self.store.local_storage()? {
+            disks.push(self.local_view(&app, created_at));
+        }
+        Ok(disks)
+    }
+
+    pub fn view_one(&self, row: &DiskRow) -> Result<Disk, ApiError> {
+        self.view(row, &KernelView::read(&self.cfg)?)
+    }
+
+    fn view(&self, row: &DiskRow, kernel: &KernelView) -> Result<Disk, ApiError> {
+        let image = self.cfg.image_path(&row.id);
+        let mount_path = self.cfg.mount_path(&row.id);
+        let device = kernel.loop_of(&image).map(|l| l.device.clone());
+        let mounted = kernel.mount_at(&mount_path).is_some();
+        let status = match row.status {
+            DiskStatus::Ready if mounted => "attached",
+            DiskStatus::Ready => "detached",
+            other => other.as_str(),
+        };
+        let lease = self.store.lease(&row.id)?.map(|l| LeaseInfo {
+            holder: l.holder,
+            acquired_at: l.acquired_at,
+        });
+        Ok(Disk {
+            id: row.id.clone(),
+            name: row.name.clone(),
+            provider: "miren".into(),
+            size_gb: Some(row.size_gb),
+            filesystem: parse_fs(&row.filesystem).ok().map(Into::into),
+            read_only: row.read_only,
+            status: status.into(),
+            error: row.error.clone(),
+            allocated_bytes: kernel::allocated_bytes(&image).unwrap_or(0),
+            image_path: Some(image.display().to_string()),
+            device: device.map(|d| d.display().to_string()),
+            mount_path: mounted.then(|| mount_path.display().to_string()),
+            lease,
+            created_at: row.created_at.clone(),
+        })
+    }
+
+    fn local_view(&self, app: &str, created_at: String) -> Disk {
+        let dir = self.cfg.local_dir().join(app);
+        Disk {
+            id: format!("local_{app}"),
+            name: app.to_string(),
+            provider: "local".into(),
+            size_gb: None,
+            filesystem: None,
+            read_only: false,
+            status: "ready".into(),
+            error: None,
+            allocated_bytes: dir_allocated_bytes(&dir),
+            image_path: None,
+            device: None,
+            mount_path: Some(dir.display().to_string()),
+            lease: None,
+            created_at,
+        }
+    }
+
+    /// An app's local storage: a plain directory shared by all of its sandboxes, made on first
+    /// use. No size, no lease.
+    pub fn ensure_local_storage(&self, app: &str) -> Result<Disk, ApiError> {
+        kernel::validate_name(app).map_err(|e| {
+            ApiError::invalid(format!("app name: {e}").replace("disk name", "name"))
+        })?;
+        let dir = self.cfg.local_dir().join(app);
+        fs::create_dir_all(&dir).map_err(|e| {
+            ApiError::internal(format!("creating local storage {}: {e}", dir.display()))
+        })?;
+        let created_at = self.store.ensure_local_storage(app, &now_rfc3339())?;
+        Ok(self.local_view(app, created_at))
+    }
+
+    /// Acquires a disk's lease for `holder`, waiting up to `timeout` for the current holder.
+    pub async fn acquire_lease(
+        &self,
+        id_or_name: &str,
+        holder: &str,
+        timeout: Duration,
+    ) -> Result<Lease, ApiError> {
+        let parsed = parse_holder(holder)?;
+        let row = self.find(id_or_name)?;
+        let (holder_pid, holder_start_time) = match parsed {
+            Holder::Process { pid, start_time } => (Some(pid), Some(start_time)),
+            Holder::Named => (None, None),
+        };
+        let wanted = LeaseRow {
+            disk_id: row.id.clone(),
+            holder: holder.to_string(),
+            acquired_at: now_rfc3339(),
+            holder_pid,
+            holder_start_time,
+        };
+        let deadline = Instant::now() + timeout;
+        loop {
+            // Register interest before checking, so a release in between is not missed.
+            let released = self.lease_released.notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            match self.store.try_acquire_lease(&wanted)? {
+                LeaseAttempt::Acquired(lease) => {
+                    info!(disk = %row.name, holder = %lease.holder, "lease acquired");
+                    return Ok(self.lease_view(&row, lease));
+                }
+                LeaseAttempt::HeldBy(current) if holder_is_gone(&current) => {
+                    self.reclaim(&row.name, &current)?;
+                    continue;
+                }
+                LeaseAttempt::HeldBy(current) => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        return Err(ApiError::new(
+                            axum::http::StatusCode::CONFLICT,
+                            "lease_timeout",
+                            format!(
+                                "disk `{}` is leased by `{}` (since {}); waited {} for it to be released. Stop that holder, release it with `miren debug disk lease-release -n {}`, or wait longer with --timeout",
+                                row.name,
+                                current.holder,
+                                current.acquired_at,
+                                humantime::format_duration(round_secs(timeout)),
+                                row.name
+                            ),
+                        ));
+                    }
+                    // Wake on a release, and at least every second to notice a dead holder.
+                    let wait = (deadline - now).min(Duration::from_secs(1));
+                    let _ = tokio::time::timeout(wait, released).await;
+                }
+            }
+        }
+    }
+
+    pub fn release_lease(&self, id_or_name: &str) -> Result<ReleaseResult, ApiError> {
+        let row = self.find(id_or_name)?;
+        let released = self.store.release_lease(&row.id, None)?;
+        if let Some(holder) = &released {
+            info!(disk = %row.name, holder = %holder, "lease released");
+            self.lease_released.notify_waiters();
+        }
+        Ok(ReleaseResult {
+            disk: row.name,
+            released_holder: released,
+        })
+    }
+
+    pub fn leases(&self) -> Result<Vec<Lease>, ApiError> {
+        let names: std::collections::HashMap<String, DiskRow> = self
+            .store
+            .disks()?
+            .into_iter()
+            .map(|d| (d.id.clone(), d))
+            .collect();
+        Ok(self
+            .store
+            .leases()?
+            .into_iter()
+            .filter_map(|l| names.get(&l.disk_id).map(|d| self.lease_view(d, l)))
+            .collect())
+    }
+
+    fn lease_view(&self, disk: &DiskRow, lease: LeaseRow) -> Lease {
+        Lease {
+            disk: disk.name.clone(),
+            disk_id: disk.id.clone(),
+            holder: lease.holder,
+            acquired_at: lease.acquired_at,
+        }
+    }
+
+    fn reclaim(&self, disk_name: &str, lease: &LeaseRow) -> Result<(), ApiError> {
+        if self
+            .store
+            .release_lease(&lease.disk_id, Some(&lease.holder))?
+            .is_some()
+        {
+            warn!(disk = %disk_name, holder = %lease.holder, "reclaimed the lease of a holder that no longer exists");
+            self.lease_released.notify_waiters();
+        }
+        Ok(())
+    }
+
+    /// Releases every lease whose holder is gone. Run at start and periodically.
+    pub fn reclaim_dead_holders(&self) -> Result<usize, ApiError> {
+        let mut reclaimed = 0;
+        for lease in self.store.leases()? {
+            if holder_is_gone(&lease) {
+                let name = self
+                    .store
+                    .disk(&lease.disk_id)?
+                    .map(|d| d.name)
+                    .unwrap_or_else(|| lease.disk_id.clone());
+                self.reclaim(&name, &lease)?;
+                reclaimed += 1;
+            }
+        }
+        Ok(reclaimed)
+    }
+}
+
+fn round_secs(d: Duration) -> Duration {
+    Duration::from_secs(d.as_secs_f64().round() as u64)
+}
+
+fn parse_fs(s: &str) -> Result<Filesystem, ApiError> {
+    s.parse::<Filesystem>().map_err(ApiError::internal)
+}
+
+fn remove_dir_if_present(dir: &Path) -> Result<(), ApiError> {
+    match fs::remove_dir(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(ApiError::internal(format!(
+            "removing {}: {e}",
+            dir.display()
+        ))),
+    }
+}
+
+fn dir_allocated_bytes(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = fs::read_dir(&d) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let Ok(meta) = entry.metadata() else { continue };
+            total += meta.blocks() * 512;
+            if meta.is_dir() {
+                stack.push(entry.path());
+            }
+        }
+    }
+    total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn holders() {
+        assert!(matches!(parse_holder("sandbox-1"), Ok(Holder::Named)));
+        assert!(parse_holder("").is_err());
+        assert!(parse_holder("pid:abc").is_err());
+        assert!(parse_holder("pid:0").is_err());
+        let me = format!("pid:{}", std::process::id());
+        assert!(matches!(parse_holder(&me), Ok(Holder::Process { .. })));
+        assert!(process_start_time(std::process::id() as i64).is_some());
+    }
+}

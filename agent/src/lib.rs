@@ -1,0 +1,13 @@
+//! The miren node agent: a root daemon that turns declarations into Linux primitives, and the
+//! CLI that drives it over a Unix socket.
+
+pub mod api;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod disks;
+pub mod error;
+pub mod model;
+pub mod server;
+pub mod state;
+pub mod util;

@@ -1,0 +1,126 @@
+//! Types that cross the API: request and response bodies. The OpenAPI document is generated
+//! from these definitions.
+
+use miren_disks::Filesystem;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    /// Machine-readable error kind, e.g. `not_found`, `conflict`, `invalid_argument`.
+    pub code: String,
+    /// What went wrong and what to do about it.
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum FilesystemKind {
+    Ext4,
+    Xfs,
+    Btrfs,
+}
+
+impl From<FilesystemKind> for Filesystem {
+    fn from(kind: FilesystemKind) -> Self {
+        match kind {
+            FilesystemKind::Ext4 => Filesystem::Ext4,
+            FilesystemKind::Xfs => Filesystem::Xfs,
+            FilesystemKind::Btrfs => Filesystem::Btrfs,
+        }
+    }
+}
+
+impl From<Filesystem> for FilesystemKind {
+    fn from(fs: Filesystem) -> Self {
+        match fs {
+            Filesystem::Ext4 => FilesystemKind::Ext4,
+            Filesystem::Xfs => FilesystemKind::Xfs,
+            Filesystem::Btrfs => FilesystemKind::Btrfs,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateDisk {
+    /// Letters, digits and hyphens, 1-63 characters, starting with a letter or digit.
+    pub name: String,
+    /// Apparent size in GiB; space is allocated only as data is written.
+    pub size_gb: u64,
+    #[serde(default)]
+    pub filesystem: Option<FilesystemKind>,
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ResizeDisk {
+    /// New size in GiB; must not be smaller than the current size.
+    pub size_gb: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AcquireLease {
+    /// Who holds the disk: a sandbox id, or `pid:N` to tie the lease to a process's life.
+    pub holder: String,
+    /// How long to wait for the current holder to release, in seconds (default 300).
+    #[serde(default)]
+    pub timeout_secs: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
+pub struct LeaseInfo {
+    pub holder: String,
+    pub acquired_at: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Disk {
+    pub id: String,
+    pub name: String,
+    /// `miren` for a loop-backed disk, `local` for an app's local storage directory.
+    pub provider: String,
+    pub size_gb: Option<u64>,
+    pub filesystem: Option<FilesystemKind>,
+    pub read_only: bool,
+    /// `creating`, `attached`, `detached`, `resizing`, `deleting` or `error`.
+    pub status: String,
+    /// Why the disk is in `error`, when it is.
+    pub error: Option<String>,
+    /// Real space used by the image file on the host.
+    pub allocated_bytes: u64,
+    pub image_path: Option<String>,
+    /// Loop device, e.g. `/dev/loop3`, while attached.
+    pub device: Option<String>,
+    /// Host path where the disk is mounted, while mounted.
+    pub mount_path: Option<String>,
+    pub lease: Option<LeaseInfo>,
+    pub created_at: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Lease {
+    /// Name of the leased disk.
+    pub disk: String,
+    pub disk_id: String,
+    pub holder: String,
+    pub acquired_at: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ReleaseResult {
+    pub disk: String,
+    /// The holder that was released, or null when the disk was not leased.
+    pub released_holder: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AgentInfo {
+    pub version: String,
+    pub data_dir: String,
+    pub name_prefix: String,
+    pub pid: u32,
+}

@@ -1,0 +1,159 @@
+//! `miren agent`: start-up, the socket, readiness, shutdown.
+
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use nix::fcntl::{Flock, FlockArg};
+use tokio::net::UnixListener;
+use tokio::signal::unix::{signal, SignalKind};
+use tracing::{info, warn};
+
+use crate::api::{self, AppState, PeerCred};
+use crate::config::AgentConfig;
+use crate::disks::DiskService;
+use crate::state::Store;
+
+/// How long in-flight requests (a lease wait, say) get to finish after SIGTERM.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+pub async fn run(cfg: AgentConfig) -> Result<()> {
+    if !nix::unistd::Uid::effective().is_root() {
+        bail!("miren agent must run as root: it attaches loop devices and mounts filesystems");
+    }
+    fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("creating data dir {}", cfg.data_dir.display()))?;
+    fs::set_permissions(&cfg.data_dir, fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("securing data dir {}", cfg.data_dir.display()))?;
+    let _lock = lock_data_dir(&cfg)?;
+
+    let store = Arc::new(Store::open(&cfg.db_path()).map_err(anyhow::Error::msg)?);
+    let disks = Arc::new(DiskService::new(cfg.clone(), store).map_err(anyhow::Error::msg)?);
+    {
+        let disks = disks.clone();
+        tokio::task::spawn_blocking(move || -> Result<()> {
+            disks.reconcile().context("reconciling disks")?;
+            let reclaimed = disks.reclaim_dead_holders().context("reclaiming leases")?;
+            if reclaimed > 0 {
+                info!(reclaimed, "reclaimed leases of holders that are gone");
+            }
+            Ok(())
+        })
+        .await??;
+    }
+
+    let listener = bind_socket(&cfg)?;
+    let state = AppState {
+        disks: disks.clone(),
+        socket_gid: cfg.socket_gid,
+    };
+    let app = api::router(state).into_make_service_with_connect_info::<PeerCred>();
+
+    let reclaimer = tokio::spawn(reclaim_periodically(disks.clone(), cfg.reclaim_interval));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let server = axum::serve(listener, app).with_graceful_shutdown({
+        let mut stop_rx = stop_rx.clone();
+        async move {
+            let _ = stop_rx.wait_for(|stop| *stop).await;
+        }
+    });
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    info!(socket = %cfg.socket.display(), data_dir = %cfg.data_dir.display(), prefix = %cfg.name_prefix, "agent ready");
+
+    let mut server = std::pin::pin!(std::future::IntoFuture::into_future(server));
+    tokio::select! {
+        result = &mut server => result.context("serving the API")?,
+        signal = shutdown_signal() => {
+            info!(signal, "shutting down");
+            let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+            let _ = stop_tx.send(true);
+            if tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await.is_err() {
+                warn!("requests still running after {SHUTDOWN_GRACE:?}; stopping anyway");
+            }
+        }
+    }
+    reclaimer.abort();
+    let _ = fs::remove_file(&cfg.socket);
+    info!("agent stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() -> &'static str {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers the agent can only be killed; never return early here.
+        std::future::pending::<()>().await;
+        return "none";
+    };
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    }
+}
+
+async fn reclaim_periodically(disks: Arc<DiskService>, every: Duration) {
+    let mut ticker = tokio::time::interval(every);
+    ticker.tick().await;
+    loop {
+        ticker.tick().await;
+        let disks = disks.clone();
+        match tokio::task::spawn_blocking(move || disks.reclaim_dead_holders()).await {
+            Ok(Err(e)) => warn!(error = %e, "periodic lease reclaim failed"),
+            Err(e) => warn!(error = %e, "periodic lease reclaim failed"),
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+/// One agent per data dir: a second one would fight the first over every disk.
+fn lock_data_dir(cfg: &AgentConfig) -> Result<Flock<File>> {
+    let path = cfg.data_dir.join("agent.lock");
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
+        anyhow::anyhow!(
+            "another miren agent is already using {} ({errno}); stop it, or give this one its own --data-dir",
+            cfg.data_dir.display()
+        )
+    })
+}
+
+fn bind_socket(cfg: &AgentConfig) -> Result<UnixListener> {
+    if let Some(parent) = cfg.socket.parent() {
+        fs::create_dir_all(parent)
+            .with_context(|| format!("creating socket directory {}", parent.display()))?;
+    }
+    if cfg.socket.exists() {
+        if std::os::unix::net::UnixStream::connect(&cfg.socket).is_ok() {
+            bail!(
+                "another agent is already listening on {}; stop it or pass a different --socket",
+                cfg.socket.display()
+            );
+        }
+        // A socket file left by an agent that was killed: nobody listens on it.
+        fs::remove_file(&cfg.socket)
+            .with_context(|| format!("removing stale socket {}", cfg.socket.display()))?;
+    }
+    let listener = UnixListener::bind(&cfg.socket)
+        .with_context(|| format!("binding {}", cfg.socket.display()))?;
+    fs::set_permissions(&cfg.socket, fs::Permissions::from_mode(0o660))
+        .with_context(|| format!("setting permissions of {}", cfg.socket.display()))?;
+    if let Some(gid) = cfg.socket_gid {
+        nix::unistd::chown(
+            &cfg.socket,
+            Some(nix::unistd::Uid::from_raw(0)),
+            Some(nix::unistd::Gid::from_raw(gid)),
+        )
+        .with_context(|| format!("giving {} to group {gid}", cfg.socket.display()))?;
+    }
+    Ok(listener)
+}

@@ -1,0 +1,569 @@
+//! The agent's durable state: SQLite in WAL mode with versioned migrations. The database says
+//! what *should* exist; the kernel says what does. Every change is one transaction, so a
+//! kill -9 leaves either the old or the new row, and reconciliation closes the gap.
+
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+
+use crate::error::ApiError;
+
+/// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
+/// Never edit a shipped entry: append a new one.
+const MIGRATIONS: &[&str] = &[
+    // 1: disks, leases, local storage.
+    "CREATE TABLE disks (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        name_key TEXT NOT NULL UNIQUE,
+        size_gb INTEGER NOT NULL,
+        filesystem TEXT NOT NULL,
+        read_only INTEGER NOT NULL,
+        status TEXT NOT NULL,
+        error TEXT,
+        created_at TEXT NOT NULL
+    );
+    CREATE TABLE leases (
+        disk_id TEXT PRIMARY KEY REFERENCES disks(id),
+        holder TEXT NOT NULL,
+        acquired_at TEXT NOT NULL,
+        holder_pid INTEGER,
+        holder_start_time INTEGER
+    );
+    CREATE TABLE local_storage (
+        app TEXT PRIMARY KEY,
+        created_at TEXT NOT NULL
+    );",
+];
+
+/// Lifecycle of a disk row. `Creating` and `Deleting` mark operations in flight: after a crash,
+/// a creating disk is rolled back and a deleting one is finished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskStatus {
+    Creating,
+    Ready,
+    Resizing,
+    Deleting,
+    Error,
+}
+
+impl DiskStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiskStatus::Creating => "creating",
+            DiskStatus::Ready => "ready",
+            DiskStatus::Resizing => "resizing",
+            DiskStatus::Deleting => "deleting",
+            DiskStatus::Error => "error",
+        }
+    }
+    fn parse(s: &str) -> DiskStatus {
+        match s {
+            "creating" => DiskStatus::Creating,
+            "ready" => DiskStatus::Ready,
+            "resizing" => DiskStatus::Resizing,
+            "deleting" => DiskStatus::Deleting,
+            _ => DiskStatus::Error,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct DiskRow {
+    pub id: String,
+    pub name: String,
+    pub size_gb: u64,
+    pub filesystem: String,
+    pub read_only: bool,
+    pub status: DiskStatus,
+    pub error: Option<String>,
+    pub created_at: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LeaseRow {
+    pub disk_id: String,
+    pub holder: String,
+    pub acquired_at: String,
+    /// For `pid:N` holders: the process and its start time, so a reused pid is not mistaken
+    /// for the holder.
+    pub holder_pid: Option<i64>,
+    pub holder_start_time: Option<i64>,
+}
+
+pub enum LeaseAttempt {
+    Acquired(LeaseRow),
+    HeldBy(LeaseRow),
+}
+
+pub struct Store {
+    conn: Mutex<Connection>,
+}
+
+const DISK_COLUMNS: &str = "id, name, size_gb, filesystem, read_only, status, error, created_at";
+
+fn disk_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<DiskRow> {
+    Ok(DiskRow {
+        id: row.get(0)?,
+        name: row.get(1)?,
+        size_gb: row.get::<_, i64>(2)? as u64,
+        filesystem: row.get(3)?,
+        read_only: row.get(4)?,
+        status: DiskStatus::parse(&row.get::<_, String>(5)?),
+        error: row.get(6)?,
+        created_at: row.get(7)?,
+    })
+}
+
+fn lease_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<LeaseRow> {
+    Ok(LeaseRow {
+        disk_id: row.get(0)?,
+        holder: row.get(1)?,
+        acquired_at: row.get(2)?,
+        holder_pid: row.get(3)?,
+        holder_start_time: row.get(4)?,
+    })
+}
+
+impl Store {
+    pub fn open(path: &Path) -> Result<Store, String> {
+        let conn = Connection::open(path)
+            .map_err(|e| format!("opening state store {}: {e}", path.display()))?;
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;",
+        )
+        .map_err(|e| format!("configuring state store: {e}"))?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(|e| format!("configuring state store: {e}"))?;
+        migrate(&conn)?;
+        Ok(Store {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave SQLite half-written (transactions roll
+        // back on drop), so a poisoned lock is safe to reuse.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn schema_version(&self) -> Result<i64, ApiError> {
+        Ok(self
+            .conn()
+            .query_row("PRAGMA user_version", [], |r| r.get(0))?)
+    }
+
+    /// Records a new disk in `creating`, refusing a name that exists in any case.
+    pub fn insert_creating_disk(&self, disk: &DiskRow) -> Result<(), ApiError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let existing: Option<(String, String)> = tx
+            .query_row(
+                "SELECT id, name FROM disks WHERE name_key = ?1",
+                [disk.name.to_lowercase()],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        if let Some((id, name)) = existing {
+            return Err(ApiError::conflict(format!(
+                "a disk named `{name}` already exists (id {id}); use it, pick another name, or delete it first"
+            )));
+        }
+        tx.execute(
+            "INSERT INTO disks (id, name, name_key, size_gb, filesystem, read_only, status, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![
+                disk.id,
+                disk.name,
+                disk.name.to_lowercase(),
+                disk.size_gb as i64,
+                disk.filesystem,
+                disk.read_only,
+                DiskStatus::Creating.as_str(),
+                disk.created_at
+            ],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn set_status(
+        &self,
+        id: &str,
+        status: DiskStatus,
+        error: Option<&str>,
+    ) -> Result<(), ApiError> {
+        self.conn().execute(
+            "UPDATE disks SET status = ?2, error = ?3 WHERE id = ?1",
+            params![id, status.as_str(), error],
+        )?;
+        Ok(())
+    }
+
+    pub fn disk(&self, id: &str) -> Result<Option<DiskRow>, ApiError> {
+        Ok(self
+            .conn()
+            .query_row(
+                &format!("SELECT {DISK_COLUMNS} FROM disks WHERE id = ?1"),
+                [id],
+                disk_from_row,
+            )
+            .optional()?)
+    }
+
+    pub fn disk_by_name(&self, name: &str) -> Result<Option<DiskRow>, ApiError> {
+        Ok(self
+            .conn()
+            .query_row(
+                &format!("SELECT {DISK_COLUMNS} FROM disks WHERE name_key = ?1"),
+                [name.to_lowercase()],
+                disk_from_row,
+            )
+            .optional()?)
+    }
+
+    pub fn disks(&self) -> Result<Vec<DiskRow>, ApiError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {DISK_COLUMNS} FROM disks ORDER BY name_key"
+        ))?;
+        let rows = stmt.query_map([], disk_from_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Moves a disk to `deleting`, in the same transaction that checks it is not leased, so a
+    /// lease can never be granted on a disk that is going away.
+    pub fn begin_delete(&self, id: &str) -> Result<DiskRow, ApiError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let disk = tx
+            .query_row(
+                &format!("SELECT {DISK_COLUMNS} FROM disks WHERE id = ?1"),
+                [id],
+                disk_from_row,
+            )
+            .optional()?
+            .ok_or_else(|| ApiError::not_found(format!("disk {id} does not exist")))?;
+        let lease = tx
+            .query_row(
+                "SELECT disk_id, holder, acquired_at, holder_pid, holder_start_time FROM leases WHERE disk_id = ?1",
+                [id],
+                lease_from_row,
+            )
+            .optional()?;
+        if let Some(lease) = lease {
+            return Err(ApiError::conflict(format!(
+                "disk `{}` is leased by `{}` (since {}); stop the holder or run `miren debug disk lease-release -n {}` first",
+                disk.name, lease.holder, lease.acquired_at, disk.name
+            )));
+        }
+        match disk.status {
+            DiskStatus::Ready | DiskStatus::Error | DiskStatus::Resizing | DiskStatus::Deleting => {
+            }
+            other => {
+                return Err(ApiError::busy(format!(
+                    "disk `{}` is {}; retry when that finishes",
+                    disk.name,
+                    other.as_str()
+                )))
+            }
+        }
+        tx.execute("UPDATE disks SET status = 'deleting' WHERE id = ?1", [id])?;
+        tx.commit()?;
+        Ok(disk)
+    }
+
+    pub fn remove_disk(&self, id: &str) -> Result<(), ApiError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute("DELETE FROM leases WHERE disk_id = ?1", [id])?;
+        tx.execute("DELETE FROM disks WHERE id = ?1", [id])?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Records the new size and marks the disk `resizing`; the kernel side follows and
+    /// reconciliation finishes it after a crash.
+    pub fn begin_resize(&self, id: &str, size_gb: u64) -> Result<DiskRow, ApiError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let disk = tx
+            .query_row(
+                &format!("SELECT {DISK_COLUMNS} FROM disks WHERE id = ?1"),
+                [id],
+                disk_from_row,
+            )
+            .optional()?
+            .ok_or_else(|| ApiError::not_found(format!("disk {id} does not exist")))?;
+        if disk.status != DiskStatus::Ready && disk.status != DiskStatus::Resizing {
+            return Err(ApiError::busy(format!(
+                "disk `{}` is {}; it can be resized once it is ready",
+                disk.name,
+                disk.status.as_str()
+            )));
+        }
+        if size_gb < disk.size_gb {
+            return Err(ApiError::invalid(format!(
+                "disk `{}` is {} GiB; shrinking to {size_gb} GiB is not supported (disks only grow). Back it up and restore into a new, smaller disk instead",
+                disk.name, disk.size_gb
+            )));
+        }
+        tx.execute(
+            "UPDATE disks SET status = 'resizing', size_gb = ?2 WHERE id = ?1",
+            params![id, size_gb as i64],
+        )?;
+        tx.commit()?;
+        Ok(DiskRow {
+            size_gb,
+            status: DiskStatus::Resizing,
+            ..disk
+        })
+    }
+
+    /// Grants the lease if the disk is free (or already held by the same holder: retries are
+    /// idempotent), otherwise reports the current holder.
+    pub fn try_acquire_lease(&self, lease: &LeaseRow) -> Result<LeaseAttempt, ApiError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let status: Option<String> = tx
+            .query_row(
+                "SELECT status FROM disks WHERE id = ?1",
+                [&lease.disk_id],
+                |r| r.get(0),
+            )
+            .optional()?;
+        match status.as_deref().map(DiskStatus::parse) {
+            None => {
+                return Err(ApiError::not_found(format!(
+                    "disk {} does not exist",
+                    lease.disk_id
+                )))
+            }
+            // Not while resizing: ext4 may have to grow unmounted on hosts that forbid online growth.
+            Some(DiskStatus::Ready) => {}
+            Some(other) => {
+                return Err(ApiError::busy(format!(
+                    "disk {} is {} and cannot be leased",
+                    lease.disk_id,
+                    other.as_str()
+                )))
+            }
+        }
+        let current = tx
+            .query_row(
+                "SELECT disk_id, holder, acquired_at, holder_pid, holder_start_time FROM leases WHERE disk_id = ?1",
+                [&lease.disk_id],
+                lease_from_row,
+            )
+            .optional()?;
+        if let Some(current) = current {
+            return Ok(if current.holder == lease.holder {
+                LeaseAttempt::Acquired(current)
+            } else {
+                LeaseAttempt::HeldBy(current)
+            });
+        }
+        tx.execute(
+            "INSERT INTO leases (disk_id, holder, acquired_at, holder_pid, holder_start_time)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![
+                lease.disk_id,
+                lease.holder,
+                lease.acquired_at,
+                lease.holder_pid,
+                lease.holder_start_time
+            ],
+        )?;
+        tx.commit()?;
+        Ok(LeaseAttempt::Acquired(lease.clone()))
+    }
+
+    /// Releases a disk's lease. With `only_holder`, releases only if that holder has it (so a
+    /// stale release can never take a lease from its next holder).
+    pub fn release_lease(
+        &self,
+        disk_id: &str,
+        only_holder: Option<&str>,
+    ) -> Result<Option<String>, ApiError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let holder: Option<String> = tx
+            .query_row(
+                "SELECT holder FROM leases WHERE disk_id = ?1",
+                [disk_id],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let Some(holder) = holder else {
+            return Ok(None);
+        };
+        if only_holder.is_some_and(|h| h != holder) {
+            return Ok(None);
+        }
+        tx.execute("DELETE FROM leases WHERE disk_id = ?1", [disk_id])?;
+        tx.commit()?;
+        Ok(Some(holder))
+    }
+
+    pub fn lease(&self, disk_id: &str) -> Result<Option<LeaseRow>, ApiError> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT disk_id, holder, acquired_at, holder_pid, holder_start_time FROM leases WHERE disk_id = ?1",
+                [disk_id],
+                lease_from_row,
+            )
+            .optional()?)
+    }
+
+    pub fn leases(&self) -> Result<Vec<LeaseRow>, ApiError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT l.disk_id, l.holder, l.acquired_at, l.holder_pid, l.holder_start_time
+             FROM leases l JOIN disks d ON d.id = l.disk_id ORDER BY d.name_key",
+        )?;
+        let rows = stmt.query_map([], lease_from_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Records an app's local storage; returns its creation time (existing or new).
+    pub fn ensure_local_storage(&self, app: &str, now: &str) -> Result<String, ApiError> {
+        let conn = self.conn();
+        conn.execute(
+            "INSERT OR IGNORE INTO local_storage (app, created_at) VALUES (?1, ?2)",
+            params![app, now],
+        )?;
+        Ok(conn.query_row(
+            "SELECT created_at FROM local_storage WHERE app = ?1",
+            [app],
+            |r| r.get(0),
+        )?)
+    }
+
+    pub fn local_storage(&self) -> Result<Vec<(String, String)>, ApiError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT app, created_at FROM local_storage ORDER BY app")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+}
+
+fn migrate(conn: &Connection) -> Result<(), String> {
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(|e| format!("reading schema version: {e}"))?;
+    let known = MIGRATIONS.len() as i64;
+    if version > known {
+        return Err(format!(
+            "the state store has schema version {version}, newer than this agent understands ({known}); run the newer miren that wrote it"
+        ));
+    }
+    for (index, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        let target = index as i64 + 1;
+        let apply = || -> rusqlite::Result<()> {
+            let tx = conn.unchecked_transaction()?;
+            tx.execute_batch(sql)?;
+            tx.pragma_update(None, "user_version", target)?;
+            tx.commit()
+        };
+        apply().map_err(|e| format!("applying schema migration {target}: {e}"))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn disk(id: &str, name: &str) -> DiskRow {
+        DiskRow {
+            id: id.into(),
+            name: name.into(),
+            size_gb: 1,
+            filesystem: "ext4".into(),
+            read_only: false,
+            status: DiskStatus::Creating,
+            error: None,
+            created_at: "2026-01-01T00:00:00Z".into(),
+        }
+    }
+
+    fn lease(disk_id: &str, holder: &str) -> LeaseRow {
+        LeaseRow {
+            disk_id: disk_id.into(),
+            holder: holder.into(),
+            acquired_at: "now".into(),
+            holder_pid: None,
+            holder_start_time: None,
+        }
+    }
+
+    #[test]
+    fn migrations_apply_once_and_refuse_newer_schemas() {
+        let dir = tempfile::Builder::new()
+            .prefix("mrtst-db")
+            .tempdir()
+            .unwrap();
+        let path = dir.path().join("state.db");
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.schema_version().unwrap(), MIGRATIONS.len() as i64);
+        drop(store);
+        Store::open(&path).unwrap();
+        let conn = Connection::open(&path).unwrap();
+        conn.pragma_update(None, "user_version", 99).unwrap();
+        drop(conn);
+        let err = Store::open(&path).err().unwrap();
+        assert!(err.contains("newer"), "{err}");
+    }
+
+    #[test]
+    fn names_are_unique_ignoring_case() {
+        let dir = tempfile::Builder::new()
+            .prefix("mrtst-db")
+            .tempdir()
+            .unwrap();
+        let store = Store::open(&dir.path().join("s.db")).unwrap();
+        store.insert_creating_disk(&disk("disk_1", "Data")).unwrap();
+        let err = store
+            .insert_creating_disk(&disk("disk_2", "data"))
+            .unwrap_err();
+        assert_eq!(err.code, "conflict");
+        assert!(err.message.contains("disk_1"));
+    }
+
+    #[test]
+    fn leases_are_exclusive_and_block_deletes() {
+        let dir = tempfile::Builder::new()
+            .prefix("mrtst-db")
+            .tempdir()
+            .unwrap();
+        let store = Store::open(&dir.path().join("s.db")).unwrap();
+        store.insert_creating_disk(&disk("disk_1", "d")).unwrap();
+        assert!(
+            store.try_acquire_lease(&lease("disk_1", "a")).is_err(),
+            "creating disks can't be leased"
+        );
+        store.set_status("disk_1", DiskStatus::Ready, None).unwrap();
+        assert!(matches!(
+            store.try_acquire_lease(&lease("disk_1", "a")).unwrap(),
+            LeaseAttempt::Acquired(_)
+        ));
+        assert!(matches!(
+            store.try_acquire_lease(&lease("disk_1", "a")).unwrap(),
+            LeaseAttempt::Acquired(_)
+        ));
+        assert!(
+            matches!(store.try_acquire_lease(&lease("disk_1", "b")).unwrap(), LeaseAttempt::HeldBy(l) if l.holder == "a")
+        );
+        assert_eq!(store.begin_delete("disk_1").unwrap_err().code, "conflict");
+        assert_eq!(store.release_lease("disk_1", Some("b")).unwrap(), None);
+        assert_eq!(
+            store.release_lease("disk_1", None).unwrap(),
+            Some("a".into())
+        );
+        assert_eq!(store.release_lease("disk_1", None).unwrap(), None);
+        store.begin_delete("disk_1").unwrap();
+        assert!(store.try_acquire_lease(&lease("disk_1", "b")).is_err());
+    }
+}

@@ -1,0 +1,23 @@
+use std::time::SystemTime;
+
+/// Random identifier with a kind prefix, e.g. `disk_1f0c9a7e5b3d2a41`. The underscore makes ids
+/// impossible to confuse with names, which only allow letters, digits and hyphens.
+pub fn new_id(kind: &str) -> String {
+    let mut bytes = [0u8; 8];
+    // getrandom only fails when the kernel has no entropy source at all; ids must still be
+    // unique, so fall back to time and pid rather than aborting a create.
+    if getrandom::fill(&mut bytes).is_err() {
+        let nanos = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default();
+        bytes = ((nanos as u64) ^ ((std::process::id() as u64) << 32)).to_be_bytes();
+    }
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{kind}_{hex}")
+}
+
+/// RFC 3339 UTC timestamp with seconds, as stored and shown everywhere.
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
+}

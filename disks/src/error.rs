@@ -1,0 +1,46 @@
+use std::io;
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    #[error("{tool} is not installed: install the Debian package `{package}` (apt-get install {package})")]
+    MissingTool {
+        tool: &'static str,
+        package: &'static str,
+    },
+    #[error("{tool} failed on {target} (exit {status}): {stderr}")]
+    ToolFailed {
+        tool: String,
+        target: PathBuf,
+        status: String,
+        stderr: String,
+    },
+    #[error("{action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("no free loop device: {0}; load more with `modprobe loop max_loop=64` or free some with `losetup -d`")]
+    NoFreeLoop(io::Error),
+    /// The kernel refuses online ext4 growth without CAP_SYS_RESOURCE (some hosts drop it).
+    #[error("the kernel refused to grow the mounted filesystem on {0} (online ext4 growth needs CAP_SYS_RESOURCE)")]
+    OnlineGrowthDenied(PathBuf),
+    #[error("refusing to shrink {path} from {current} to {requested} bytes: disks only grow")]
+    Shrink {
+        path: PathBuf,
+        current: u64,
+        requested: u64,
+    },
+}
+
+impl DiskError {
+    pub(crate) fn io(action: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Self {
+        DiskError::Io {
+            action,
+            path: path.into(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,79 @@
+/// Longest disk name accepted (a DNS label, so names can become hostnames and paths safely).
+pub const MAX_NAME_LEN: usize = 63;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NameError {
+    #[error("a disk name must not be empty; use letters, digits and hyphens, e.g. `app-data`")]
+    Empty,
+    #[error("disk name `{0}` is {1} characters long; the limit is 63")]
+    TooLong(String, usize),
+    #[error("disk name `{0}` must start with a letter or digit")]
+    BadStart(String),
+    #[error("disk name `{name}` contains `{ch}`; only letters, digits and hyphens are allowed")]
+    BadChar { name: String, ch: char },
+}
+
+/// Names are alphanumeric and hyphens, 1-63 characters, starting with a letter or digit.
+/// Checked before anything is made, so a bad name never reaches the filesystem.
+pub fn validate_name(name: &str) -> Result<(), NameError> {
+    let len = name.chars().count();
+    if len == 0 {
+        return Err(NameError::Empty);
+    }
+    if len > MAX_NAME_LEN {
+        return Err(NameError::TooLong(name.to_string(), len));
+    }
+    if let Some(ch) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || *c == '-'))
+    {
+        return Err(NameError::BadChar {
+            name: name.to_string(),
+            ch,
+        });
+    }
+    if name.starts_with('-') {
+        return Err(NameError::BadStart(name.to_string()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_valid_names() {
+        for ok in [
+            "a",
+            "A1",
+            "app-data",
+            "0day",
+            &"x".repeat(63),
+            "pg-shared-data-1",
+        ] {
+            assert_eq!(validate_name(ok), Ok(()), "{ok}");
+        }
+    }
+
+    #[test]
+    fn refuses_everything_else() {
+        let long = "x".repeat(64);
+        for bad in [
+            "", "../x", "a_b", "a.b", "a b", " a", "-a", "a/b", "é", "a\n", &long,
+        ] {
+            assert!(validate_name(bad).is_err(), "{bad:?} should be refused");
+        }
+    }
+
+    #[test]
+    fn errors_name_the_problem() {
+        let err = validate_name("a_b").unwrap_err().to_string();
+        assert!(
+            err.contains('_') && err.contains("letters, digits and hyphens"),
+            "{err}"
+        );
+        let err = validate_name(&"y".repeat(64)).unwrap_err().to_string();
+        assert!(err.contains("64") && err.contains("63"), "{err}");
+    }
+}
