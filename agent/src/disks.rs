@@ -181,6 +181,18 @@ impl DiskService {
         for lo in kernel::loops_backed_by(&image)? {
             kernel::detach(&lo.device)?;
         }
+        // Detaching a device that is still open (a tool killed with the previous agent, still
+        // exiting) only schedules it; wait until the kernel has really let go.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !kernel::loops_backed_by(&image)?.is_empty() {
+            if Instant::now() >= deadline {
+                return Err(ApiError::busy(format!(
+                    "disk `{}`: its loop device is still in use; stop whatever holds it and retry",
+                    row.name
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
         kernel::remove_image(&image)?;
         Ok(())
     }

@@ -1,5 +1,6 @@
 use std::fmt;
 use std::io;
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::Command;
 use std::str::FromStr;
@@ -160,10 +161,18 @@ fn run(
     command: &mut Command,
     target: &Path,
 ) -> Result<(), DiskError> {
-    // Root's PATH under some service managers lacks the sbin directories the tools live in.
-    let path = std::env::var("PATH").unwrap_or_default();
-    let path = format!("{path}:/usr/local/sbin:/usr/sbin:/sbin");
-    let output = match command.env("PATH", path).output() {
+    // The tool must not outlive an agent killed with -9: an orphaned mkfs would keep writing
+    // to a device that the restarted agent is busy rolling back.
+    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let output = match command.output() {
         Ok(output) => output,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             return Err(DiskError::MissingTool { tool, package })

@@ -1,1 +1,385 @@
-//! Shared harness for privileged end-to-end tests.
+//! Harness for privileged end-to-end tests: starts real `miren agent` processes on temporary
+//! data dirs and cleans up every mount, loop device and process they made, also when a test
+//! fails (the cleanup runs in `Drop`, which runs during a panic's unwinding).
+//!
+//! Every resource is recognisable: data dirs are `/tmp/mrtst-*` and name prefixes `mrtst*`, so
+//! `scripts/cleanup` can remove what a killed test run left behind.
+
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The `miren` binary under test: `MIREN_BIN`, or the one next to this test's build.
+pub fn miren_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("MIREN_BIN") {
+        return PathBuf::from(bin);
+    }
+    let exe = std::env::current_exe().expect("test binary path");
+    // target/<profile>/deps/<test> -> target/<profile>/miren
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|dir| dir.join("miren"))
+        .expect("target dir");
+    assert!(
+        bin.exists(),
+        "{} not found: build it first with `cargo build --bin miren` (scripts/test does)",
+        bin.display()
+    );
+    bin
+}
+
+pub fn require_root() {
+    assert!(
+        nix::unistd::Uid::effective().is_root(),
+        "vm-tests need root: they attach loop devices and mount filesystems"
+    );
+}
+
+pub fn random_hex(len: usize) -> String {
+    let mut bytes = vec![0u8; len.div_ceil(2)];
+    getrandom::fill(&mut bytes).expect("randomness");
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    hex[..len].to_string()
+}
+
+/// A running agent on its own data dir, socket and name prefix.
+pub struct TestAgent {
+    pub root: PathBuf,
+    pub data_dir: PathBuf,
+    pub socket: PathBuf,
+    pub prefix: String,
+    pub log: PathBuf,
+    extra_env: Vec<(String, String)>,
+    extra_args: Vec<String>,
+    child: Option<Child>,
+}
+
+pub struct AgentBuilder {
+    env: Vec<(String, String)>,
+    args: Vec<String>,
+}
+
+impl AgentBuilder {
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+    pub fn arg(mut self, arg: &str) -> Self {
+        self.args.push(arg.into());
+        self
+    }
+    pub fn start(self) -> TestAgent {
+        require_root();
+        let id = random_hex(6);
+        let root = PathBuf::from(format!("/tmp/mrtst-{id}"));
+        fs::create_dir_all(&root).expect("test root");
+        let mut agent = TestAgent {
+            data_dir: root.join("data"),
+            socket: root.join("agent.sock"),
+            log: root.join("agent.log"),
+            prefix: format!("mrtst{}", &id[..3]),
+            root,
+            extra_env: self.env,
+            extra_args: self.args,
+            child: None,
+        };
+        agent.spawn();
+        agent
+    }
+}
+
+impl TestAgent {
+    pub fn builder() -> AgentBuilder {
+        AgentBuilder {
+            env: Vec::new(),
+            args: Vec::new(),
+        }
+    }
+
+    pub fn start() -> TestAgent {
+        Self::builder().start()
+    }
+
+    /// Starts the agent process and waits until its socket answers.
+    pub fn spawn(&mut self) {
+        assert!(self.child.is_none(), "agent already running");
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("agent log");
+        let mut cmd = Command::new(miren_bin());
+        cmd.arg("agent")
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--name-prefix")
+            .arg(&self.prefix)
+            .args(&self.extra_args)
+            .env_remove("NOTIFY_SOCKET")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        for (k, v) in &self.extra_env {
+            cmd.env(k, v);
+        }
+        self.child = Some(cmd.spawn().expect("spawn agent"));
+        self.wait_ready();
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    panic!(
+                        "agent exited during start-up ({status}):\n{}",
+                        self.log_text()
+                    );
+                }
+            }
+            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent not ready:\n{}",
+                self.log_text()
+            );
+            sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM and wait; returns the exit status.
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                return child.wait().ok();
+            }
+            sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// A `miren` client command pointed at this agent.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(miren_bin());
+        cmd.args(args).env("MIREN_SOCKET", &self.socket);
+        cmd
+    }
+
+    pub fn cli(&self, args: &[&str]) -> Output {
+        self.command(args).output().expect("run miren")
+    }
+
+    /// Runs a CLI command that must succeed; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "`miren {}` failed: {}\nagent log:\n{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr),
+            self.log_text()
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs a CLI command that must fail; returns stderr.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            !out.status.success(),
+            "`miren {}` should have failed but printed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    pub fn json(&self, args: &[&str]) -> Value {
+        let text = self.ok(args);
+        serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("bad JSON from {args:?}: {e}\n{text}"))
+    }
+
+    pub fn disks(&self) -> Vec<Value> {
+        match self.json(&["debug", "disk", "list", "--json"]) {
+            Value::Array(disks) => disks,
+            other => panic!("disk list is not an array: {other}"),
+        }
+    }
+
+    /// Raw HTTP over the socket with curl, as an operator would: (status, body).
+    pub fn curl(&self, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+        let mut cmd = Command::new("curl");
+        cmd.args(["-s", "-o", "-", "-w", "\n%{http_code}", "--unix-socket"])
+            .arg(&self.socket)
+            .args(["-X", method, "-H", "content-type: application/json"]);
+        if body.is_some() {
+            cmd.args(["--data-binary", "@-"]);
+        }
+        cmd.arg(format!("http://agent{path}"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped());
+        let mut child = cmd.spawn().expect("curl (apt-get install curl)");
+        if let (Some(body), Some(mut stdin)) = (body, child.stdin.take()) {
+            use std::io::Write;
+            let _ = stdin.write_all(body.as_bytes());
+        }
+        let out = child.wait_with_output().expect("curl");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+        (code.trim().parse().unwrap_or(0), body.to_string())
+    }
+
+    pub fn images_dir(&self) -> PathBuf {
+        self.data_dir.join("disks")
+    }
+    pub fn mounts_dir(&self) -> PathBuf {
+        self.data_dir.join("mounts")
+    }
+
+    /// Asserts the kernel matches the agent's list exactly: every disk attached through one
+    /// loop device and mounted once at its mount path; no other loop device, mount, image or
+    /// mount point under this agent's data dir; nothing half-created or half-deleted.
+    pub fn assert_converged(&self) {
+        let disks = self.disks();
+        let loops = miren_disks::loops_under(&self.images_dir()).expect("loops");
+        let mounts = miren_disks::mounts_under(&self.mounts_dir()).expect("mounts");
+        let mut expected_images = Vec::new();
+        let mut expected_mounts = Vec::new();
+        for disk in disks.iter().filter(|d| d["provider"] == "miren") {
+            let name = &disk["name"];
+            assert_eq!(
+                disk["status"], "attached",
+                "disk {name} not attached: {disk}"
+            );
+            let image = PathBuf::from(disk["image_path"].as_str().expect("image_path"));
+            let mount = PathBuf::from(disk["mount_path"].as_str().expect("mount_path"));
+            let device = disk["device"].as_str().expect("device");
+            let its_loops: Vec<_> = loops.iter().filter(|l| l.backing_file == image).collect();
+            assert_eq!(
+                its_loops.len(),
+                1,
+                "disk {name} attached {} times",
+                its_loops.len()
+            );
+            assert_eq!(its_loops[0].device, Path::new(device));
+            let its_mounts: Vec<_> = mounts.iter().filter(|m| m.target == mount).collect();
+            assert_eq!(
+                its_mounts.len(),
+                1,
+                "disk {name} mounted {} times",
+                its_mounts.len()
+            );
+            assert_eq!(its_mounts[0].source, device);
+            expected_images.push(image);
+            expected_mounts.push(mount);
+        }
+        for l in &loops {
+            assert!(
+                expected_images.contains(&l.backing_file),
+                "stray loop device {l:?}"
+            );
+        }
+        for m in &mounts {
+            assert!(expected_mounts.contains(&m.target), "stray mount {m:?}");
+        }
+        for entry in fs::read_dir(self.images_dir())
+            .expect("images dir")
+            .flatten()
+        {
+            assert!(
+                expected_images.contains(&entry.path()),
+                "stray image {}",
+                entry.path().display()
+            );
+        }
+        for entry in fs::read_dir(self.mounts_dir())
+            .expect("mounts dir")
+            .flatten()
+        {
+            assert!(
+                expected_mounts.contains(&entry.path()),
+                "stray mount point {}",
+                entry.path().display()
+            );
+        }
+    }
+}
+
+impl Drop for TestAgent {
+    fn drop(&mut self) {
+        self.kill9();
+        remove_everything_under(&self.root);
+    }
+}
+
+/// Unmounts every mount under `dir`, detaches every loop device backed by a file under it,
+/// and removes it. Used by every test's cleanup, whether it passed or not.
+pub fn remove_everything_under(dir: &Path) {
+    if let Ok(mounts) = miren_disks::mounts_under(dir) {
+        for m in mounts.iter().rev() {
+            let _ = nix::mount::umount2(&m.target, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+    if let Ok(loops) = miren_disks::loops_under(dir) {
+        for l in loops {
+            let _ = miren_disks::detach(&l.device);
+        }
+    }
+    let _ = fs::remove_dir_all(dir);
+}
+
+/// A child process killed and reaped on drop (e.g. a lease holder `pid:N`).
+pub struct ChildGuard(pub Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn read_all(mut r: impl Read) -> String {
+    let mut s = String::new();
+    let _ = r.read_to_string(&mut s);
+    s
+}
