@@ -396,6 +396,20 @@ impl DiskService {
                 }
             }
         }
+        // Images without a row never finished being created (or were being deleted when the
+        // power went): no user data lives in them.
+        if let Ok(entries) = fs::read_dir(self.cfg.images_dir()) {
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let Some(id) = name.strip_suffix(".img") else {
+                    continue;
+                };
+                if id.starts_with("disk_") && !known.contains(id) {
+                    warn!(image = %entry.path().display(), "removing an image no disk owns");
+                    kernel::remove_image(&entry.path())?;
+                }
+            }
+        }
         for lo in kernel::loops_under(&self.cfg.images_dir())? {
             let name = lo
                 .backing_file

@@ -14,11 +14,10 @@ pub fn create_sparse_image(path: &Path, size_bytes: u64) -> Result<(), DiskError
         .mode(0o600)
         .open(path)
         .map_err(|e| DiskError::io("creating image", path, e))?;
+    // No fsync here: mkfs flushes the loop device when it finishes, and a loop flush fsyncs
+    // the image, which on the host's journaling filesystem also commits its directory entry.
     file.set_len(size_bytes)
-        .map_err(|e| DiskError::io("sizing image", path, e))?;
-    file.sync_all()
-        .map_err(|e| DiskError::io("syncing image", path, e))?;
-    sync_parent(path)
+        .map_err(|e| DiskError::io("sizing image", path, e))
 }
 
 /// Grows the image's apparent size. Growing to the current size is a no-op; shrinking is refused.
