@@ -774,3 +774,33 @@ fn a_second_agent_on_the_same_data_dir_is_refused() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("already using"));
 }
+
+#[test]
+fn a_100_gib_disk_is_thin_uses_4k_blocks_and_direct_io() {
+    let agent = TestAgent::start();
+    let d = agent.json(&[
+        "debug",
+        "disk",
+        "create",
+        "-n",
+        "big",
+        "--size-gb",
+        "100",
+        "--json",
+    ]);
+    let allocated = d["allocated_bytes"].as_u64().unwrap();
+    assert!(
+        allocated < 16 << 20,
+        "a 100 GiB ext4 disk allocates {allocated} bytes"
+    );
+    let device = d["device"].as_str().unwrap();
+    let sys = Path::new("/sys/block").join(Path::new(device).file_name().unwrap());
+    let read = |f: &str| fs::read_to_string(sys.join(f)).unwrap().trim().to_string();
+    assert_eq!(read("queue/logical_block_size"), "4096");
+    assert_eq!(read("loop/autoclear"), "1");
+    // /tmp here is ext4 on a virtio disk, which supports direct I/O at 4 KiB.
+    assert_eq!(read("loop/dio"), "1");
+    let mount = d["mount_path"].as_str().unwrap();
+    let stat = nix::sys::statvfs::statvfs(mount).unwrap();
+    assert!(stat.blocks() * stat.fragment_size() > 90 << 30);
+}
