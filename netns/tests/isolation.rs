@@ -1,0 +1,76 @@
+//! Real-kernel tests (root only): traffic between endpoints and from the host.
+
+mod common;
+
+use common::{can_talk, Server, TestNet};
+use miren_netns::{
+    apply_rules, create_endpoint, ensure_bridge_and_table, EndpointSpec, PublishedPort,
+};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn same_app_talks_other_app_only_when_allowed() {
+    let net = TestNet::new("10.231.0.0/24");
+    let cfg = &net.cfg;
+    ensure_bridge_and_table(cfg).await.expect("ensure");
+
+    let web = EndpointSpec::new("web-1", "shop", net.ip(2));
+    let worker = EndpointSpec::new("worker-1", "shop", net.ip(3));
+    let mut intruder = EndpointSpec::new("other-1", "blog", net.ip(4));
+    let web_ep = create_endpoint(cfg, &web).await.expect("web");
+    let worker_ep = create_endpoint(cfg, &worker).await.expect("worker");
+    let intruder_ep = create_endpoint(cfg, &intruder).await.expect("intruder");
+    apply_rules(cfg, &[web.clone(), worker.clone(), intruder.clone()])
+        .await
+        .expect("rules");
+
+    let _server = Server::start(&web_ep.netns_path, 8080);
+    assert!(
+        can_talk(Some(&worker_ep.netns_path), web.ip, 8080),
+        "same app must connect"
+    );
+    assert!(
+        !can_talk(Some(&intruder_ep.netns_path), web.ip, 8080),
+        "other app must be blocked"
+    );
+    // The gateway (host) can reach endpoints, and the blocked app still reaches the gateway side.
+    assert!(can_talk(None, web.ip, 8080), "host reaches endpoint");
+
+    let mut web_allowing = web.clone();
+    web_allowing.allow_from = vec!["blog".into()];
+    apply_rules(cfg, &[web_allowing, worker.clone(), intruder.clone()])
+        .await
+        .expect("rules with allow_from");
+    assert!(
+        can_talk(Some(&intruder_ep.netns_path), web.ip, 8080),
+        "allow_from must let the other app in"
+    );
+    // allow_from is one-way: web's app may not open connections to blog.
+    let _intruder_server = Server::start(&intruder_ep.netns_path, 8081);
+    assert!(!can_talk(Some(&worker_ep.netns_path), intruder.ip, 8081));
+
+    // Spoofing another address from inside a sandbox gets nowhere: rules follow the spec.
+    intruder.allow_from.clear();
+    apply_rules(cfg, &[web, worker, intruder]).await.expect("rules");
+    assert!(!can_talk(Some(&intruder_ep.netns_path), net.ip(2), 8080));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn published_port_reachable_from_host_loopback() {
+    let net = TestNet::new("10.232.0.0/24");
+    let cfg = &net.cfg;
+    ensure_bridge_and_table(cfg).await.expect("ensure");
+    let host_port = 20000 + (common::random_u64() % 20000) as u16;
+    let mut spec = EndpointSpec::new("db-1", "db", net.ip(10));
+    spec.publish = vec![PublishedPort::loopback(host_port, 5432)];
+    let endpoint = create_endpoint(cfg, &spec).await.expect("endpoint");
+    apply_rules(cfg, &[spec.clone()]).await.expect("rules");
+
+    let _server = Server::start(&endpoint.netns_path, 5432);
+    assert!(
+        can_talk(None, std::net::Ipv4Addr::LOCALHOST, host_port),
+        "127.0.0.1:{host_port} must reach the endpoint"
+    );
+    spec.publish.clear();
+    apply_rules(cfg, &[spec]).await.expect("rules");
+    assert!(!can_talk(None, std::net::Ipv4Addr::LOCALHOST, host_port));
+}
