@@ -48,9 +48,28 @@ async fn same_app_talks_other_app_only_when_allowed() {
     let _intruder_server = Server::start(&intruder_ep.netns_path, 8081);
     assert!(!can_talk(Some(&worker_ep.netns_path), intruder.ip, 8081));
 
-    // Spoofing another address from inside a sandbox gets nowhere: rules follow the spec.
+    // A sandbox that takes an address of the allowed app is cut off by the
+    // ARP and IP source checks. "ghost" is in the rules but not in the kernel,
+    // so without those checks the spoofer would get replies too.
     intruder.allow_from.clear();
-    apply_rules(cfg, &[web, worker, intruder]).await.expect("rules");
+    let ghost = EndpointSpec::new("ghost-1", "shop", net.ip(5));
+    apply_rules(cfg, &[web, worker, intruder, ghost.clone()])
+        .await
+        .expect("rules");
+    let ns = intruder_ep.netns_path.to_string_lossy().to_string();
+    let spoofed = format!("{}/24", ghost.ip);
+    for args in [
+        vec!["addr", "flush", "dev", "eth0"],
+        vec!["addr", "add", spoofed.as_str(), "dev", "eth0"],
+    ] {
+        let status = std::process::Command::new("nsenter")
+            .arg(format!("--net={ns}"))
+            .arg("ip")
+            .args(&args)
+            .status()
+            .expect("nsenter ip");
+        assert!(status.success());
+    }
     assert!(!can_talk(Some(&intruder_ep.netns_path), net.ip(2), 8080));
 }
 

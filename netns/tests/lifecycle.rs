@@ -162,3 +162,30 @@ async fn two_configs_side_by_side() {
     assert!(listed.bridge && listed.tables);
     assert_eq!(listed.endpoints.len(), 2);
 }
+
+#[test]
+fn guard_removes_everything_when_a_test_panics() {
+    let (made_tx, made_rx) = std::sync::mpsc::channel();
+    let outcome = std::thread::spawn(move || {
+        let net = TestNet::new("10.237.0.0/24");
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            ensure_bridge_and_table(&net.cfg).await.expect("ensure");
+            let spec = EndpointSpec::new("doomed", "app", net.ip(2));
+            create_endpoint(&net.cfg, &spec).await.expect("endpoint");
+            apply_rules(&net.cfg, &[spec]).await.expect("rules");
+        });
+        made_tx.send(net.cfg.clone()).expect("send config");
+        panic!("deliberate panic with a live endpoint");
+    })
+    .join();
+    assert!(outcome.is_err(), "the worker must have panicked");
+    let cfg = made_rx.recv().expect("config of the panicked test");
+    assert!(host_links_with_prefix(cfg.prefix()).is_empty());
+    assert!(nft_table("inet", cfg.prefix()).is_none());
+    assert!(nft_table("bridge", cfg.prefix()).is_none());
+    assert!(!cfg.runtime_dir().exists());
+}
