@@ -111,7 +111,11 @@ async fn main() -> Result<(), BoxError> {
     let plugin_dir = PathBuf::from(args.next().unwrap_or_else(|| "/usr/lib/cni".into()));
     let tag = format!("{:03x}", std::process::id() & 0xfff);
     let runtime_dir = PathBuf::from(format!("/run/mrbench{tag}"));
-    let cfg = NetConfig::new(&format!("mrbn{tag}"), "10.238.0.0/24".parse()?, &runtime_dir)?;
+    let cfg = NetConfig::new(
+        &format!("mrbn{tag}"),
+        "10.238.0.0/24".parse()?,
+        &runtime_dir,
+    )?;
     let cni_bridge = format!("mrbc{tag}0");
     let cni_ipam_dir = runtime_dir.join("cni-ipam");
     let cni = Cni {

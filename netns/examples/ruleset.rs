@@ -10,6 +10,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     web.allow_from = vec!["blog".into()];
     web.publish = vec![PublishedPort::loopback(8080, 80)];
     let blog = EndpointSpec::new("blog-1", "blog", Ipv4Addr::new(10, 88, 0, 3));
-    println!("{}", serde_json::to_string_pretty(&ruleset_json(&cfg, &[web, blog])?)?);
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&ruleset_json(&cfg, &[web, blog])?)?
+    );
     Ok(())
 }

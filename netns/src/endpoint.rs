@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use futures::TryStreamExt;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
 use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute};
-use rtnetlink::{LinkBridge, LinkBridgePort, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder};
+use rtnetlink::{
+    LinkBridge, LinkBridgePort, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder,
+};
 
 use crate::link::{self, netlink_error, EEXIST};
 use crate::nsfs::{self, NetlinkWork};
@@ -200,7 +202,9 @@ pub async fn create_endpoint(cfg: &NetConfig, spec: &EndpointSpec) -> Result<End
 /// `eth0`, so no half-moved peer can be left in the host namespace.
 async fn create_veth(handle: &rtnetlink::Handle, key: &str, netns_path: &Path) -> Result<u32> {
     let attempt = |ns_fd: i32| {
-        let peer = LinkUnspec::new_with_name(SANDBOX_IFNAME).setns_by_fd(ns_fd).build();
+        let peer = LinkUnspec::new_with_name(SANDBOX_IFNAME)
+            .setns_by_fd(ns_fd)
+            .build();
         LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
             .name(key.to_string())
             .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
@@ -303,9 +307,10 @@ async fn configure_sandbox_side(
             let mut have_ours = false;
             for address in addresses {
                 let is_ours = address.header.prefix_len == prefix_len
-                    && address.attributes.iter().any(|a| {
-                        matches!(a, AddressAttribute::Local(IpAddr::V4(v)) if *v == ip)
-                    });
+                    && address
+                        .attributes
+                        .iter()
+                        .any(|a| matches!(a, AddressAttribute::Local(IpAddr::V4(v)) if *v == ip));
                 let is_v4 = address.header.family == rtnetlink::packet_route::AddressFamily::Inet;
                 if is_ours {
                     have_ours = true;
@@ -391,7 +396,9 @@ pub async fn list_kernel_objects(cfg: &NetConfig) -> Result<KernelObjects> {
                 name.to_string(),
                 KernelEndpoint {
                     key: name.to_string(),
-                    owner: link::alias(&l).filter(|a| !a.is_empty()).map(str::to_string),
+                    owner: link::alias(&l)
+                        .filter(|a| !a.is_empty())
+                        .map(str::to_string),
                     host_veth: true,
                     netns_file: false,
                 },

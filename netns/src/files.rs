@@ -5,9 +5,7 @@ use std::path::Path;
 
 /// `/etc/hosts` naming the sandbox itself plus any `extra` (name, address) pairs.
 pub fn hosts_file(hostname: &str, ip: Ipv4Addr, extra: &[(String, Ipv4Addr)]) -> String {
-    let mut out = String::from(
-        "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n",
-    );
+    let mut out = String::from("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n");
     out.push_str(&format!("{ip}\t{hostname}\n"));
     for (name, addr) in extra {
         out.push_str(&format!("{addr}\t{name}\n"));

@@ -27,6 +27,8 @@ fn io_error(context: impl Into<String>, source: impl Into<io::Error>) -> Error {
 }
 
 /// True when `path` is a mounted namespace file.
+// `f_type`'s integer type differs between architectures, hence the cast.
+#[allow(clippy::unnecessary_cast)]
 pub fn is_netns_mount(path: &Path) -> bool {
     nix::sys::statfs::statfs(path)
         .map(|fs| fs.filesystem_type().0 as i64 == NSFS_MAGIC)
@@ -83,8 +85,11 @@ pub async fn ensure_netns(path: &Path) -> Result<()> {
 
 /// Unmounts and removes a namespace file; missing or unmounted is fine.
 pub fn remove_netns(path: &Path) -> Result<()> {
-    // Loop: an interrupted racing create could have stacked two mounts.
-    while is_netns_mount(path) {
+    // Loop: two racing creates could have stacked two mounts.
+    for _ in 0..8 {
+        if !is_netns_mount(path) {
+            break;
+        }
         match umount2(path, MntFlags::MNT_DETACH) {
             Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {}
             Err(e) => return Err(io_error(format!("unmounting {}", path.display()), e)),
@@ -102,7 +107,8 @@ pub type NetlinkWork<T> =
 
 /// Runs netlink work with a connection opened inside the namespace at `path`.
 pub async fn in_netns<T: Send + 'static>(path: &Path, work: NetlinkWork<T>) -> Result<T> {
-    let ns_file = File::open(path).map_err(|e| io_error(format!("opening {}", path.display()), e))?;
+    let ns_file =
+        File::open(path).map_err(|e| io_error(format!("opening {}", path.display()), e))?;
     let what = format!("netlink work in {}", path.display());
     on_fresh_thread(&what.clone(), move || {
         setns(&ns_file, CloneFlags::CLONE_NEWNET).map_err(|e| io_error(what.clone(), e))?;

@@ -103,10 +103,16 @@ fn validate(cfg: &NetConfig, endpoints: &[EndpointSpec]) -> Result<()> {
     for spec in endpoints {
         spec.validate(cfg)?;
         if !owners.insert(spec.owner.as_str()) {
-            return Err(Error::InvalidEndpoint(format!("owner {} listed twice", spec.owner)));
+            return Err(Error::InvalidEndpoint(format!(
+                "owner {} listed twice",
+                spec.owner
+            )));
         }
         if !ips.insert(spec.ip) {
-            return Err(Error::InvalidEndpoint(format!("address {} used twice", spec.ip)));
+            return Err(Error::InvalidEndpoint(format!(
+                "address {} used twice",
+                spec.ip
+            )));
         }
         for port in &spec.publish {
             if !published.insert((port.host_ip, port.host_port)) {
@@ -152,7 +158,10 @@ pub fn ruleset_json(cfg: &NetConfig, endpoints: &[EndpointSpec]) -> Result<Value
 
     let mut ips_by_app: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
     for spec in &sorted {
-        ips_by_app.entry(spec.app.as_str()).or_default().insert(spec.ip.to_string());
+        ips_by_app
+            .entry(spec.app.as_str())
+            .or_default()
+            .insert(spec.ip.to_string());
     }
     // App names are free text: chains are numbered instead.
     let app_chain: BTreeMap<&str, String> = ips_by_app
@@ -163,7 +172,11 @@ pub fn ruleset_json(cfg: &NetConfig, endpoints: &[EndpointSpec]) -> Result<Value
     for (app, ips) in &ips_by_app {
         let chain = &app_chain[app];
         batch.chain(INET, chain);
-        batch.rule(INET, chain, vec![is(payload("ip", "saddr"), json!({ "set": ips })), accept()]);
+        batch.rule(
+            INET,
+            chain,
+            vec![is(payload("ip", "saddr"), json!({ "set": ips })), accept()],
+        );
     }
     let mut destination_map = Vec::new();
     for spec in &sorted {
@@ -183,7 +196,11 @@ pub fn ruleset_json(cfg: &NetConfig, endpoints: &[EndpointSpec]) -> Result<Value
 
     let from_bridge = || is(meta("iifname"), json!(bridge));
     let to_bridge = || is(meta("oifname"), json!(bridge));
-    batch.rule(INET, "forward", vec![to_bridge(), ct_established(), accept()]);
+    batch.rule(
+        INET,
+        "forward",
+        vec![to_bridge(), ct_established(), accept()],
+    );
     batch.rule(INET, "forward", vec![to_bridge(), ct_dnat(), accept()]);
     if !destination_map.is_empty() {
         batch.rule(
@@ -196,7 +213,11 @@ pub fn ruleset_json(cfg: &NetConfig, endpoints: &[EndpointSpec]) -> Result<Value
             ],
         );
     }
-    batch.rule(INET, "forward", vec![from_bridge(), to_bridge(), drop_packet()]);
+    batch.rule(
+        INET,
+        "forward",
+        vec![from_bridge(), to_bridge(), drop_packet()],
+    );
     batch.rule(INET, "forward", vec![from_bridge(), accept()]);
     batch.rule(INET, "forward", vec![to_bridge(), drop_packet()]);
 
@@ -209,11 +230,18 @@ pub fn ruleset_json(cfg: &NetConfig, endpoints: &[EndpointSpec]) -> Result<Value
             json!({ "masquerade": null }),
         ],
     );
-    batch.rule(INET, "postrouting", vec![to_bridge(), ct_dnat(), json!({ "masquerade": null })]);
+    batch.rule(
+        INET,
+        "postrouting",
+        vec![to_bridge(), ct_dnat(), json!({ "masquerade": null })],
+    );
     for spec in &sorted {
         for port in &spec.publish {
             let destination = if port.host_ip == Ipv4Addr::UNSPECIFIED {
-                is(json!({ "fib": { "result": "type", "flags": ["daddr"] } }), json!("local"))
+                is(
+                    json!({ "fib": { "result": "type", "flags": ["daddr"] } }),
+                    json!("local"),
+                )
             } else {
                 is(payload("ip", "daddr"), json!(port.host_ip.to_string()))
             };
@@ -257,6 +285,22 @@ pub fn ruleset_json(cfg: &NetConfig, endpoints: &[EndpointSpec]) -> Result<Value
         batch.rule(BRIDGE, &chain, vec![accept()]);
         source_map.push(json!([key, jump(&chain)]));
     }
+    let our_ports = json!(format!("{}-*", cfg.prefix()));
+    // The bridge has route_localnet=1 for published ports: never let a sandbox
+    // address the host's loopback through it (cf. CVE-2020-8558).
+    batch.rule(
+        BRIDGE,
+        "prerouting",
+        vec![
+            is(meta("iifname"), our_ports.clone()),
+            is(payload("ether", "type"), json!("ip")),
+            is(
+                payload("ip", "daddr"),
+                json!({ "prefix": { "addr": "127.0.0.0", "len": 8 } }),
+            ),
+            drop_packet(),
+        ],
+    );
     if !source_map.is_empty() {
         batch.rule(
             BRIDGE,
@@ -267,7 +311,7 @@ pub fn ruleset_json(cfg: &NetConfig, endpoints: &[EndpointSpec]) -> Result<Value
     batch.rule(
         BRIDGE,
         "prerouting",
-        vec![is(meta("iifname"), json!(format!("{}-*", cfg.prefix()))), drop_packet()],
+        vec![is(meta("iifname"), our_ports), drop_packet()],
     );
     Ok(batch.into_json())
 }
@@ -332,8 +376,8 @@ mod tests {
 
     #[test]
     fn rejects_duplicates() {
-        let cfg = NetConfig::new("mt", "10.9.0.0/24".parse().expect("subnet"), "/run/x")
-            .expect("config");
+        let cfg =
+            NetConfig::new("mt", "10.9.0.0/24".parse().expect("subnet"), "/run/x").expect("config");
         let a = EndpointSpec::new("a", "app", Ipv4Addr::new(10, 9, 0, 2));
         let mut b = EndpointSpec::new("b", "app", Ipv4Addr::new(10, 9, 0, 2));
         assert!(ruleset_json(&cfg, &[a.clone(), b.clone()]).is_err());
@@ -344,8 +388,8 @@ mod tests {
 
     #[test]
     fn gateway_is_not_an_endpoint_address() {
-        let cfg = NetConfig::new("mt", "10.9.0.0/24".parse().expect("subnet"), "/run/x")
-            .expect("config");
+        let cfg =
+            NetConfig::new("mt", "10.9.0.0/24".parse().expect("subnet"), "/run/x").expect("config");
         let spec = EndpointSpec::new("a", "app", Ipv4Addr::new(10, 9, 0, 1));
         assert!(ruleset_json(&cfg, &[spec]).is_err());
     }

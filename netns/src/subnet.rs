@@ -160,10 +160,7 @@ mod tests {
             assert!(!handed.contains(&forbidden));
             assert!(!s.is_assignable(forbidden));
         }
-        assert!(matches!(
-            s.next_free(&used),
-            Err(Error::SubnetExhausted(_))
-        ));
+        assert!(matches!(s.next_free(&used), Err(Error::SubnetExhausted(_))));
     }
 
     #[test]

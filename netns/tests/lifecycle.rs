@@ -4,8 +4,8 @@ mod common;
 
 use common::{can_talk, host_links_with_prefix, mounts_under, nft_table, Server, TestNet};
 use miren_netns::{
-    apply_rules, create_endpoint, delete_endpoint, delete_endpoint_by_key,
-    ensure_bridge_and_table, list_kernel_objects, uninstall, EndpointSpec,
+    apply_rules, create_endpoint, delete_endpoint, delete_endpoint_by_key, ensure_bridge_and_table,
+    list_kernel_objects, uninstall, EndpointSpec,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -14,7 +14,13 @@ async fn two_hundred_endpoints_leave_nothing_behind() {
     let cfg = &net.cfg;
     ensure_bridge_and_table(cfg).await.expect("ensure");
     let specs: Vec<EndpointSpec> = (0..200)
-        .map(|i| EndpointSpec::new(format!("sandbox-{i}"), format!("app-{}", i % 7), net.ip(2 + i)))
+        .map(|i| {
+            EndpointSpec::new(
+                format!("sandbox-{i}"),
+                format!("app-{}", i % 7),
+                net.ip(2 + i),
+            )
+        })
         .collect();
     for spec in &specs {
         create_endpoint(cfg, spec).await.expect("create");
@@ -91,7 +97,9 @@ async fn create_and_delete_are_idempotent_and_complete_half_made_endpoints() {
         .expect("ip link del");
     assert!(handle_gone.success());
     assert!(!can_talk(Some(&client.netns_path), server_spec.ip, 7000));
-    create_endpoint(cfg, &client_spec).await.expect("repairs veth");
+    create_endpoint(cfg, &client_spec)
+        .await
+        .expect("repairs veth");
     assert!(can_talk(Some(&client.netns_path), server_spec.ip, 7000));
 
     // Address changed by a new spec for the same owner: replaced, not added.
@@ -105,7 +113,9 @@ async fn create_and_delete_are_idempotent_and_complete_half_made_endpoints() {
 
     // Reconciliation: a netns file with no veth is listed and removable by key.
     delete_endpoint(cfg, &moved.owner).await.expect("delete");
-    delete_endpoint(cfg, &moved.owner).await.expect("delete twice");
+    delete_endpoint(cfg, &moved.owner)
+        .await
+        .expect("delete twice");
     std::fs::write(cfg.netns_path(&client_key), b"").expect("stray file");
     let listed = list_kernel_objects(cfg).await.expect("list");
     let stray = listed
