@@ -93,3 +93,42 @@ async fn published_port_reachable_from_host_loopback() {
     apply_rules(cfg, &[spec]).await.expect("rules");
     assert!(!can_talk(None, std::net::Ipv4Addr::LOCALHOST, host_port));
 }
+
+/// The bridge has route_localnet=1 (for published ports); a sandbox that
+/// routes 127.0.0.0/8 to the gateway must still not reach host-only services.
+/// UDP, because one datagram is all such an attack needs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sandbox_cannot_reach_host_loopback_services() {
+    let net = TestNet::new("10.230.0.0/24");
+    let cfg = &net.cfg;
+    ensure_bridge_and_table(cfg).await.expect("ensure");
+    let spec = EndpointSpec::new("curious-1", "curious", net.ip(2));
+    let endpoint = create_endpoint(cfg, &spec).await.expect("endpoint");
+    apply_rules(cfg, &[spec]).await.expect("rules");
+
+    let host_service = std::net::UdpSocket::bind("127.0.0.1:0").expect("host socket");
+    let port = host_service.local_addr().expect("addr").port();
+    let ns = endpoint.netns_path.to_string_lossy().to_string();
+    let gateway = cfg.gateway().to_string();
+    let script = format!(
+        "set -e; echo 1 > /proc/sys/net/ipv4/conf/eth0/route_localnet; \
+         ip route del local 127.0.0.0/8 dev lo table local; \
+         ip route del local 127.0.0.1 dev lo table local; \
+         ip route add 127.0.0.0/8 via {gateway} dev eth0; \
+         for i in 1 2 3; do echo probe > /dev/udp/127.0.0.1/{port}; sleep 0.1; done"
+    );
+    let status = std::process::Command::new("nsenter")
+        .arg(format!("--net={ns}"))
+        .args(["bash", "-c", &script])
+        .status()
+        .expect("nsenter bash");
+    assert!(status.success(), "probing from the sandbox");
+    host_service
+        .set_read_timeout(Some(std::time::Duration::from_millis(500)))
+        .expect("timeout");
+    let mut buf = [0u8; 16];
+    assert!(
+        host_service.recv(&mut buf).is_err(),
+        "a sandbox reached a host loopback service"
+    );
+}
