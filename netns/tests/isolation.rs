@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{can_talk, Server, TestNet};
+use common::{can_talk, Outside, Server, TestNet};
 use miren_netns::{
     apply_rules, create_endpoint, ensure_bridge_and_table, EndpointSpec, PublishedPort,
 };
@@ -82,7 +82,9 @@ async fn published_port_reachable_from_host_loopback() {
     let mut spec = EndpointSpec::new("db-1", "db", net.ip(10));
     spec.publish = vec![PublishedPort::loopback(host_port, 5432)];
     let endpoint = create_endpoint(cfg, &spec).await.expect("endpoint");
-    apply_rules(cfg, &[spec.clone()]).await.expect("rules");
+    apply_rules(cfg, std::slice::from_ref(&spec))
+        .await
+        .expect("rules");
 
     let _server = Server::start(&endpoint.netns_path, 5432);
     assert!(
@@ -130,5 +132,45 @@ async fn sandbox_cannot_reach_host_loopback_services() {
     assert!(
         host_service.recv(&mut buf).is_err(),
         "a sandbox reached a host loopback service"
+    );
+}
+
+/// Egress is masqueraded to the host's address; the outside cannot open
+/// connections into an endpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn egress_is_masqueraded_and_inbound_is_refused() {
+    let net = TestNet::new("10.228.0.0/24");
+    let cfg = &net.cfg;
+    let outside = Outside::new(cfg.prefix(), std::net::Ipv4Addr::new(10, 229, 0, 0));
+    ensure_bridge_and_table(cfg).await.expect("ensure");
+    let spec = EndpointSpec::new("app-1", "app", net.ip(2));
+    let endpoint = create_endpoint(cfg, &spec).await.expect("endpoint");
+    apply_rules(cfg, std::slice::from_ref(&spec))
+        .await
+        .expect("rules");
+
+    let server = Server::start(&outside.netns_path, 9000);
+    assert!(
+        can_talk(Some(&endpoint.netns_path), outside.ip, 9000),
+        "egress"
+    );
+    let seen = server.last_peer.lock().expect("lock").map(|a| a.ip());
+    assert_eq!(
+        seen,
+        Some(std::net::IpAddr::V4(outside.host_ip)),
+        "masqueraded"
+    );
+
+    let status = std::process::Command::new("ip")
+        .args(["-n", &outside.name, "route", "add"])
+        .arg(cfg.subnet().to_string())
+        .args(["via", &outside.host_ip.to_string()])
+        .status()
+        .expect("ip route");
+    assert!(status.success());
+    let _endpoint_server = Server::start(&endpoint.netns_path, 9001);
+    assert!(
+        !can_talk(Some(&outside.netns_path), spec.ip, 9001),
+        "the outside must not open connections into an endpoint"
     );
 }

@@ -80,6 +80,8 @@ fn enter(netns: &Path) {
 pub struct Server {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+    /// Source address of the last client served.
+    pub last_peer: Arc<std::sync::Mutex<Option<SocketAddr>>>,
 }
 
 impl Server {
@@ -87,6 +89,8 @@ impl Server {
         let netns = netns.to_path_buf();
         let stop = Arc::new(AtomicBool::new(false));
         let stop_flag = stop.clone();
+        let last_peer = Arc::new(std::sync::Mutex::new(None));
+        let peer_slot = last_peer.clone();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let thread = std::thread::spawn(move || {
             enter(&netns);
@@ -96,7 +100,10 @@ impl Server {
             let deadline = Instant::now() + Duration::from_secs(120);
             while !stop_flag.load(Ordering::Relaxed) && Instant::now() < deadline {
                 match listener.accept() {
-                    Ok((mut stream, _)) => {
+                    Ok((mut stream, peer)) => {
+                        if let Ok(mut slot) = peer_slot.lock() {
+                            *slot = Some(peer);
+                        }
                         let _ = stream.set_nonblocking(false);
                         let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
                         let mut buf = [0u8; 4];
@@ -114,6 +121,7 @@ impl Server {
         Server {
             stop,
             thread: Some(thread),
+            last_peer,
         }
     }
 }
@@ -178,4 +186,68 @@ pub fn nft_table(family: &str, name: &str) -> Option<String> {
     out.status
         .success()
         .then(|| String::from_utf8_lossy(&out.stdout).to_string())
+}
+
+/// A stand-in for "the outside world": a namespace linked to the host by a
+/// veth on a /30, removed on drop. Traffic to it never leaves the machine.
+pub struct Outside {
+    pub name: String,
+    pub netns_path: PathBuf,
+    pub host_ip: Ipv4Addr,
+    pub ip: Ipv4Addr,
+}
+
+fn ip_cmd(args: &[&str]) {
+    let status = std::process::Command::new("ip")
+        .args(args)
+        .status()
+        .expect("run ip");
+    assert!(status.success(), "ip {args:?}");
+}
+
+impl Outside {
+    /// `net30` like "10.229.0.0": host gets .1, the outside namespace .2.
+    pub fn new(prefix: &str, net30: Ipv4Addr) -> Outside {
+        let name = format!("{prefix}o");
+        let host_ip = Ipv4Addr::from(u32::from(net30) + 1);
+        let ip = Ipv4Addr::from(u32::from(net30) + 2);
+        let outside = Outside {
+            netns_path: PathBuf::from(format!("/run/netns/{name}")),
+            name: name.clone(),
+            host_ip,
+            ip,
+        };
+        ip_cmd(&["netns", "add", &name]);
+        ip_cmd(&[
+            "link", "add", &name, "type", "veth", "peer", "name", "eth0", "netns", &name,
+        ]);
+        ip_cmd(&["addr", "add", &format!("{host_ip}/30"), "dev", &name]);
+        ip_cmd(&["link", "set", &name, "up"]);
+        ip_cmd(&[
+            "-n",
+            &name,
+            "addr",
+            "add",
+            &format!("{ip}/30"),
+            "dev",
+            "eth0",
+        ]);
+        ip_cmd(&["-n", &name, "link", "set", "eth0", "up"]);
+        ip_cmd(&["-n", &name, "link", "set", "lo", "up"]);
+        outside
+    }
+}
+
+impl Drop for Outside {
+    fn drop(&mut self) {
+        for args in [
+            vec!["link", "del", &self.name],
+            vec!["netns", "del", &self.name],
+        ] {
+            let _ = std::process::Command::new("ip")
+                .args(&args)
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
+    }
 }
