@@ -40,6 +40,8 @@ pub struct KernelEndpoint {
     pub host_veth: bool,
     /// A netns file exists in the runtime dir (mounted or left empty).
     pub netns_file: bool,
+    /// That file is a live namespace mount (false: an interrupted create).
+    pub netns_mounted: bool,
 }
 
 /// What exists for one prefix. Anything here the agent has no record of can
@@ -401,6 +403,7 @@ pub async fn list_kernel_objects(cfg: &NetConfig) -> Result<KernelObjects> {
                         .map(str::to_string),
                     host_veth: true,
                     netns_file: false,
+                    netns_mounted: false,
                 },
             );
         }
@@ -412,15 +415,16 @@ pub async fn list_kernel_objects(cfg: &NetConfig) -> Result<KernelObjects> {
                     continue;
                 };
                 if cfg.is_endpoint_key(&name) {
-                    found
-                        .entry(name.clone())
-                        .or_insert_with(|| KernelEndpoint {
-                            key: name,
-                            owner: None,
-                            host_veth: false,
-                            netns_file: false,
-                        })
-                        .netns_file = true;
+                    let mounted = nsfs::is_netns_mount(&entry.path());
+                    let endpoint = found.entry(name.clone()).or_insert_with(|| KernelEndpoint {
+                        key: name,
+                        owner: None,
+                        host_veth: false,
+                        netns_file: false,
+                        netns_mounted: false,
+                    });
+                    endpoint.netns_file = true;
+                    endpoint.netns_mounted = mounted;
                 }
             }
         }

@@ -31,7 +31,7 @@ async fn two_hundred_endpoints_leave_nothing_behind() {
     assert!(listed
         .endpoints
         .iter()
-        .all(|e| e.host_veth && e.netns_file && e.owner.is_some()));
+        .all(|e| e.host_veth && e.netns_file && e.netns_mounted && e.owner.is_some()));
     assert_eq!(mounts_under(cfg.runtime_dir()), 200);
     let table = nft_table("inet", cfg.prefix()).expect("inet table");
     assert_eq!(table.matches("chain to-").count(), 200);
@@ -123,7 +123,7 @@ async fn create_and_delete_are_idempotent_and_complete_half_made_endpoints() {
         .iter()
         .find(|e| e.key == client_key)
         .expect("stray listed");
-    assert!(stray.netns_file && !stray.host_veth);
+    assert!(stray.netns_file && !stray.netns_mounted && !stray.host_veth);
     let owned = listed
         .endpoints
         .iter()
