@@ -102,6 +102,37 @@ async fn create_and_delete_are_idempotent_and_complete_half_made_endpoints() {
         .expect("repairs veth");
     assert!(can_talk(Some(&client.netns_path), server_spec.ip, 7000));
 
+    // Killed after the veth was made but before it was attached and configured.
+    let ns = client.netns_path.to_string_lossy().to_string();
+    for args in [
+        vec!["link", "set", client.key.as_str(), "nomaster"],
+        vec!["link", "set", client.key.as_str(), "down"],
+    ] {
+        assert!(std::process::Command::new("ip")
+            .args(&args)
+            .status()
+            .expect("ip")
+            .success());
+    }
+    for args in [
+        vec!["addr", "flush", "dev", "eth0"],
+        vec!["link", "set", "eth0", "down"],
+        vec!["link", "set", "lo", "down"],
+    ] {
+        let status = std::process::Command::new("nsenter")
+            .arg(format!("--net={ns}"))
+            .arg("ip")
+            .args(&args)
+            .status()
+            .expect("nsenter ip");
+        assert!(status.success());
+    }
+    assert!(!can_talk(Some(&client.netns_path), server_spec.ip, 7000));
+    create_endpoint(cfg, &client_spec)
+        .await
+        .expect("completes attach and config");
+    assert!(can_talk(Some(&client.netns_path), server_spec.ip, 7000));
+
     // Address changed by a new spec for the same owner: replaced, not added.
     let mut moved = client_spec.clone();
     moved.ip = net.ip(9);
