@@ -108,6 +108,9 @@ async fn delete_link(name: &str) -> Result<(), BoxError> {
 async fn main() -> Result<(), BoxError> {
     let mut args = std::env::args().skip(1);
     let iterations: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(100);
+    if iterations == 0 {
+        return Err("ITERATIONS must be at least 1".into());
+    }
     let plugin_dir = PathBuf::from(args.next().unwrap_or_else(|| "/usr/lib/cni".into()));
     let tag = format!("{:03x}", std::process::id() & 0xfff);
     let runtime_dir = PathBuf::from(format!("/run/mrbench{tag}"));
