@@ -80,7 +80,15 @@ async fn published_port_reachable_from_host_loopback() {
     ensure_bridge_and_table(cfg).await.expect("ensure");
     let host_port = 20000 + (common::random_u64() % 20000) as u16;
     let mut spec = EndpointSpec::new("db-1", "db", net.ip(10));
-    spec.publish = vec![PublishedPort::loopback(host_port, 5432)];
+    let any_port = host_port + 1;
+    spec.publish = vec![
+        PublishedPort::loopback(host_port, 5432),
+        PublishedPort {
+            host_ip: std::net::Ipv4Addr::UNSPECIFIED,
+            host_port: any_port,
+            endpoint_port: 5432,
+        },
+    ];
     let endpoint = create_endpoint(cfg, &spec).await.expect("endpoint");
     apply_rules(cfg, std::slice::from_ref(&spec))
         .await
@@ -91,6 +99,9 @@ async fn published_port_reachable_from_host_loopback() {
         can_talk(None, std::net::Ipv4Addr::LOCALHOST, host_port),
         "127.0.0.1:{host_port} must reach the endpoint"
     );
+    // 0.0.0.0 means every local address, e.g. the gateway's.
+    assert!(can_talk(None, cfg.gateway(), any_port));
+    assert!(!can_talk(None, std::net::Ipv4Addr::LOCALHOST, any_port + 1));
     spec.publish.clear();
     apply_rules(cfg, &[spec]).await.expect("rules");
     assert!(!can_talk(None, std::net::Ipv4Addr::LOCALHOST, host_port));
