@@ -37,6 +37,10 @@ pub struct TestNet {
 impl TestNet {
     /// `subnet` must be unique to the calling test.
     pub fn new(subnet: &str) -> TestNet {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "the miren-netns integration tests need root (netns, veth, nftables)"
+        );
         let prefix = format!("mrtst{:03x}", random_u64() & 0xfff);
         let subnet: Subnet = subnet.parse().expect("test subnet");
         let runtime_dir = PathBuf::from(format!("/run/{prefix}-netns"));
