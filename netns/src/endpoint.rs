@@ -1,0 +1,455 @@
+//! Bridge, endpoints (netns + veth) and the kernel inventory.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use futures::TryStreamExt;
+use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
+use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute};
+use rtnetlink::{
+    LinkBridge, LinkBridgePort, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder,
+};
+
+use crate::link::{self, netlink_error, EEXIST};
+use crate::nsfs::{self, NetlinkWork};
+use crate::{rules, EndpointSpec, Error, NetConfig, Result};
+
+/// Name of the sandbox side of every veth.
+pub const SANDBOX_IFNAME: &str = "eth0";
+
+/// A ready endpoint: a sandbox joins it through `netns_path`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub owner: String,
+    /// `<prefix>-<hash>`: host veth name and netns file name.
+    pub key: String,
+    pub netns_path: PathBuf,
+    pub ip: Ipv4Addr,
+    pub gateway: Ipv4Addr,
+}
+
+/// One endpoint-shaped thing found in the kernel or the runtime dir.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelEndpoint {
+    pub key: String,
+    /// Owner recorded in the host veth's alias (absent if the veth is gone or
+    /// was interrupted before the alias was set).
+    pub owner: Option<String>,
+    pub host_veth: bool,
+    /// A netns file exists in the runtime dir (mounted or left empty).
+    pub netns_file: bool,
+    /// That file is a live namespace mount (false: an interrupted create).
+    pub netns_mounted: bool,
+}
+
+/// What exists for one prefix. Anything here the agent has no record of can
+/// be removed with [`delete_endpoint_by_key`].
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct KernelObjects {
+    pub bridge: bool,
+    pub tables: bool,
+    pub endpoints: Vec<KernelEndpoint>,
+}
+
+fn io_error(context: impl Into<String>, source: std::io::Error) -> Error {
+    Error::Io {
+        context: context.into(),
+        source,
+    }
+}
+
+fn write_sysctl(path: &str, value: &str) -> Result<()> {
+    std::fs::write(path, value).map_err(|e| io_error(format!("writing {path}"), e))
+}
+
+/// Locally administered MAC derived from the prefix, so the bridge keeps one
+/// address instead of taking its lowest port's (which would churn ARP caches).
+fn bridge_mac(cfg: &NetConfig) -> Vec<u8> {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in cfg.prefix().bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    let b = hash.to_be_bytes();
+    vec![0x02, b[0], b[1], b[2], b[3], b[4]]
+}
+
+/// Creates (or completes) the bridge with the gateway address, enables IPv4
+/// forwarding, and creates the nftables tables if they are missing. Existing
+/// tables are left alone: their content comes from [`crate::apply_rules`].
+pub async fn ensure_bridge_and_table(cfg: &NetConfig) -> Result<()> {
+    let handle = link::connect()?;
+    let name = cfg.bridge_name();
+    let bridge = match link::get_by_name(&handle, &name).await? {
+        Some(bridge) => bridge,
+        None => {
+            let message = LinkBridge::new(&name).address(bridge_mac(cfg)).build();
+            match handle.link().add(message).execute().await {
+                Ok(()) => {}
+                Err(e) if link::errno(&e) == Some(EEXIST) => {}
+                Err(e) => return Err(netlink_error(format!("creating bridge {name}"))(e)),
+            }
+            link::get_by_name(&handle, &name)
+                .await?
+                .ok_or_else(|| Error::BridgeMissing(name.clone()))?
+        }
+    };
+    let index = bridge.header.index;
+    let gateway = cfg.gateway();
+    let has_gateway = handle
+        .address()
+        .get()
+        .set_link_index_filter(index)
+        .execute()
+        .try_collect::<Vec<AddressMessage>>()
+        .await
+        .map_err(netlink_error(format!("listing addresses of {name}")))?
+        .iter()
+        .any(|a| {
+            a.header.prefix_len == cfg.subnet().prefix_len()
+                && a.attributes
+                    .iter()
+                    .any(|attr| matches!(attr, AddressAttribute::Local(ip) if *ip == IpAddr::V4(gateway)))
+        });
+    if !has_gateway {
+        match handle
+            .address()
+            .add(index, IpAddr::V4(gateway), cfg.subnet().prefix_len())
+            .execute()
+            .await
+        {
+            Ok(()) => {}
+            Err(e) if link::errno(&e) == Some(EEXIST) => {}
+            Err(e) => return Err(netlink_error(format!("adding {gateway} to {name}"))(e)),
+        }
+    }
+    if !link::is_up(&bridge) {
+        handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).up().build())
+            .execute()
+            .await
+            .map_err(netlink_error(format!("bringing {name} up")))?;
+    }
+    write_sysctl("/proc/sys/net/ipv4/ip_forward", "1")?;
+    let conf = format!("/proc/sys/net/ipv4/conf/{name}");
+    // Lets DNAT from 127.0.0.1 leave through the bridge (published ports).
+    write_sysctl(&format!("{conf}/route_localnet"), "1")?;
+    // Ports are isolated: the host answers ARP for every address at once, so
+    // endpoint-to-endpoint traffic is routed through it and filtered with conntrack.
+    write_sysctl(&format!("{conf}/proxy_arp_pvlan"), "1")?;
+    write_sysctl(&format!("/proc/sys/net/ipv4/neigh/{name}/proxy_delay"), "0")?;
+    write_sysctl(&format!("{conf}/send_redirects"), "0")?;
+    rules::ensure_tables(cfg).await
+}
+
+/// Creates the endpoint or completes a partly made one; an endpoint that is
+/// already complete is left untouched (a running sandbox keeps its network).
+/// Does not touch nftables: call [`crate::apply_rules`] with the full set.
+pub async fn create_endpoint(cfg: &NetConfig, spec: &EndpointSpec) -> Result<Endpoint> {
+    spec.validate(cfg)?;
+    let key = cfg.endpoint_key(&spec.owner);
+    let netns_path = cfg.netns_path(&key);
+    nsfs::ensure_netns(&netns_path).await?;
+
+    let handle = link::connect()?;
+    let bridge_name = cfg.bridge_name();
+    let bridge = link::get_by_name(&handle, &bridge_name)
+        .await?
+        .ok_or(Error::BridgeMissing(bridge_name))?;
+
+    let existing = link::get_by_name(&handle, &key).await?;
+    if let Some(host) = &existing {
+        match link::alias(host) {
+            Some(found) if !found.is_empty() && found != spec.owner => {
+                return Err(Error::OwnerCollision {
+                    name: key,
+                    found: found.to_string(),
+                    wanted: spec.owner.clone(),
+                })
+            }
+            _ => {}
+        }
+    }
+    let mut host_index = match existing {
+        Some(host) => host.header.index,
+        None => create_veth(&handle, &key, &netns_path).await?,
+    };
+    attach_host_side(&handle, host_index, bridge.header.index, &spec.owner, &key).await?;
+    let matched = configure_sandbox_side(cfg, spec.ip, &netns_path, host_index).await?;
+    if !matched {
+        // The host veth was a leftover whose peer is not our eth0: start over.
+        link::delete_index(&handle, host_index, &key).await?;
+        host_index = create_veth(&handle, &key, &netns_path).await?;
+        attach_host_side(&handle, host_index, bridge.header.index, &spec.owner, &key).await?;
+        if !configure_sandbox_side(cfg, spec.ip, &netns_path, host_index).await? {
+            return Err(Error::InvalidEndpoint(format!(
+                "{SANDBOX_IFNAME} in {} is not the peer of {key}",
+                netns_path.display()
+            )));
+        }
+    }
+    Ok(Endpoint {
+        owner: spec.owner.clone(),
+        key,
+        netns_path,
+        ip: spec.ip,
+        gateway: cfg.gateway(),
+    })
+}
+
+/// Creates the pair in one netlink call, the peer born inside the namespace as
+/// `eth0`, so no half-moved peer can be left in the host namespace.
+async fn create_veth(handle: &rtnetlink::Handle, key: &str, netns_path: &Path) -> Result<u32> {
+    let attempt = |ns_fd: i32| {
+        let peer = LinkUnspec::new_with_name(SANDBOX_IFNAME)
+            .setns_by_fd(ns_fd)
+            .build();
+        LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
+            .name(key.to_string())
+            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
+            .build()
+    };
+    for retry in [false, true] {
+        let ns_file = std::fs::File::open(netns_path)
+            .map_err(|e| io_error(format!("opening {}", netns_path.display()), e))?;
+        match handle
+            .link()
+            .add(attempt(ns_file.as_raw_fd()))
+            .execute()
+            .await
+        {
+            Ok(()) => break,
+            // A stray eth0 in the namespace (its peer is not ours): remove, retry once.
+            Err(e) if link::errno(&e) == Some(EEXIST) && !retry => {
+                let work: NetlinkWork<()> = Box::new(|h| {
+                    Box::pin(async move { link::delete_by_name(&h, SANDBOX_IFNAME).await })
+                });
+                nsfs::in_netns(netns_path, work).await?;
+                // The host name itself may have appeared meanwhile.
+                link::delete_by_name(handle, key).await?;
+            }
+            Err(e) => return Err(netlink_error(format!("creating veth {key}"))(e)),
+        }
+    }
+    link::get_by_name(handle, key)
+        .await?
+        .map(|l| l.header.index)
+        .ok_or_else(|| Error::InvalidEndpoint(format!("veth {key} vanished after creation")))
+}
+
+async fn attach_host_side(
+    handle: &rtnetlink::Handle,
+    index: u32,
+    bridge_index: u32,
+    owner: &str,
+    key: &str,
+) -> Result<()> {
+    let message = LinkUnspec::new_with_index(index)
+        .controller(bridge_index)
+        .up()
+        .append_extra_attribute(LinkAttribute::IfAlias(owner.to_string()))
+        .build();
+    handle
+        .link()
+        .set(message)
+        .execute()
+        .await
+        .map_err(netlink_error(format!("attaching {key} to the bridge")))?;
+    // Isolated ports cannot reach each other at layer 2; only the host.
+    handle
+        .link()
+        .set_port(LinkBridgePort::new(index).isolated(true).build())
+        .execute()
+        .await
+        .map_err(netlink_error(format!("isolating bridge port {key}")))
+}
+
+/// Inside the namespace: `lo` up, `eth0` with exactly our address, up, and a
+/// default route via the gateway. Returns false when `eth0` is missing or is
+/// not the peer of `host_index`.
+async fn configure_sandbox_side(
+    cfg: &NetConfig,
+    ip: Ipv4Addr,
+    netns_path: &Path,
+    host_index: u32,
+) -> Result<bool> {
+    let prefix_len = cfg.subnet().prefix_len();
+    let gateway = cfg.gateway();
+    let work: NetlinkWork<bool> = Box::new(move |handle| {
+        Box::pin(async move {
+            let Some(eth0) = link::get_by_name(&handle, SANDBOX_IFNAME).await? else {
+                return Ok(false);
+            };
+            if link::peer_index(&eth0) != Some(host_index) {
+                link::delete_index(&handle, eth0.header.index, SANDBOX_IFNAME).await?;
+                return Ok(false);
+            }
+            let index = eth0.header.index;
+            if let Some(lo) = link::get_by_name(&handle, "lo").await? {
+                if !link::is_up(&lo) {
+                    handle
+                        .link()
+                        .set(LinkUnspec::new_with_index(lo.header.index).up().build())
+                        .execute()
+                        .await
+                        .map_err(netlink_error("bringing lo up"))?;
+                }
+            }
+            let addresses: Vec<AddressMessage> = handle
+                .address()
+                .get()
+                .set_link_index_filter(index)
+                .execute()
+                .try_collect()
+                .await
+                .map_err(netlink_error("listing eth0 addresses"))?;
+            let mut have_ours = false;
+            for address in addresses {
+                let is_ours = address.header.prefix_len == prefix_len
+                    && address
+                        .attributes
+                        .iter()
+                        .any(|a| matches!(a, AddressAttribute::Local(IpAddr::V4(v)) if *v == ip));
+                let is_v4 = address.header.family == rtnetlink::packet_route::AddressFamily::Inet;
+                if is_ours {
+                    have_ours = true;
+                } else if is_v4 {
+                    // A different address from an earlier spec of this owner.
+                    handle
+                        .address()
+                        .del(address)
+                        .execute()
+                        .await
+                        .map_err(netlink_error("removing a stale eth0 address"))?;
+                }
+            }
+            if !have_ours {
+                match handle
+                    .address()
+                    .add(index, IpAddr::V4(ip), prefix_len)
+                    .execute()
+                    .await
+                {
+                    Ok(()) => {}
+                    Err(e) if link::errno(&e) == Some(EEXIST) => {}
+                    Err(e) => return Err(netlink_error(format!("adding {ip} to eth0"))(e)),
+                }
+            }
+            if !link::is_up(&eth0) {
+                handle
+                    .link()
+                    .set(LinkUnspec::new_with_index(index).up().build())
+                    .execute()
+                    .await
+                    .map_err(netlink_error("bringing eth0 up"))?;
+            }
+            let route = RouteMessageBuilder::<Ipv4Addr>::new()
+                .output_interface(index)
+                .gateway(gateway)
+                .build();
+            handle
+                .route()
+                .add(route)
+                .replace()
+                .execute()
+                .await
+                .map_err(netlink_error(format!("default route via {gateway}")))?;
+            Ok(true)
+        })
+    });
+    nsfs::in_netns(netns_path, work).await
+}
+
+/// Removes the endpoint of `owner`; whatever part of it is already gone is fine.
+pub async fn delete_endpoint(cfg: &NetConfig, owner: &str) -> Result<()> {
+    delete_endpoint_by_key(cfg, &cfg.endpoint_key(owner)).await
+}
+
+/// Removes an endpoint by its key (as found by [`list_kernel_objects`]).
+pub async fn delete_endpoint_by_key(cfg: &NetConfig, key: &str) -> Result<()> {
+    if !cfg.is_endpoint_key(key) {
+        return Err(Error::InvalidEndpoint(format!(
+            "{key:?} is not an endpoint key of prefix {}",
+            cfg.prefix()
+        )));
+    }
+    let handle = link::connect()?;
+    // Veth first: a namespace dies asynchronously after its last unmount, and
+    // its veth with it; deleting explicitly makes the name free right away.
+    link::delete_by_name(&handle, key).await?;
+    nsfs::remove_netns(&cfg.netns_path(key))
+}
+
+/// Lists this prefix's bridge, tables, host veths and netns files.
+pub async fn list_kernel_objects(cfg: &NetConfig) -> Result<KernelObjects> {
+    let handle = link::connect()?;
+    let bridge_name = cfg.bridge_name();
+    let mut bridge = false;
+    let mut found: BTreeMap<String, KernelEndpoint> = BTreeMap::new();
+    for l in link::all_links(&handle).await? {
+        let Some(name) = link::name(&l) else { continue };
+        if name == bridge_name {
+            bridge = true;
+        } else if cfg.is_endpoint_key(name) {
+            found.insert(
+                name.to_string(),
+                KernelEndpoint {
+                    key: name.to_string(),
+                    owner: link::alias(&l)
+                        .filter(|a| !a.is_empty())
+                        .map(str::to_string),
+                    host_veth: true,
+                    netns_file: false,
+                    netns_mounted: false,
+                },
+            );
+        }
+    }
+    match std::fs::read_dir(cfg.runtime_dir()) {
+        Ok(entries) => {
+            for entry in entries.flatten() {
+                let Some(name) = entry.file_name().to_str().map(str::to_string) else {
+                    continue;
+                };
+                if cfg.is_endpoint_key(&name) {
+                    let mounted = nsfs::is_netns_mount(&entry.path());
+                    let endpoint = found.entry(name.clone()).or_insert_with(|| KernelEndpoint {
+                        key: name,
+                        owner: None,
+                        host_veth: false,
+                        netns_file: false,
+                        netns_mounted: false,
+                    });
+                    endpoint.netns_file = true;
+                    endpoint.netns_mounted = mounted;
+                }
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(io_error(
+                format!("reading {}", cfg.runtime_dir().display()),
+                e,
+            ))
+        }
+    }
+    Ok(KernelObjects {
+        bridge,
+        tables: rules::tables_exist(cfg).await?,
+        endpoints: found.into_values().collect(),
+    })
+}
+
+/// Removes every endpoint of the prefix, the bridge and both tables.
+/// `ip_forward` is left on: other software may rely on it.
+pub async fn uninstall(cfg: &NetConfig) -> Result<()> {
+    for endpoint in list_kernel_objects(cfg).await?.endpoints {
+        delete_endpoint_by_key(cfg, &endpoint.key).await?;
+    }
+    let handle = link::connect()?;
+    link::delete_by_name(&handle, &cfg.bridge_name()).await?;
+    rules::delete_tables(cfg).await
+}

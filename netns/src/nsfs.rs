@@ -1,0 +1,125 @@
+//! Network namespaces pinned by bind mounts, and running netlink work inside them.
+//!
+//! Anything that changes a thread's namespace runs on a fresh OS thread that
+//! exits afterwards, so no pooled (tokio) thread is ever left in a sandbox's
+//! namespace.
+
+use std::fs::{File, OpenOptions};
+use std::future::Future;
+use std::io;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sched::{setns, unshare, CloneFlags};
+
+use crate::{Error, Result};
+
+/// `f_type` of the nsfs pseudo file system (linux/magic.h).
+const NSFS_MAGIC: i64 = 0x6e73_6673;
+
+fn io_error(context: impl Into<String>, source: impl Into<io::Error>) -> Error {
+    Error::Io {
+        context: context.into(),
+        source: source.into(),
+    }
+}
+
+/// True when `path` is a mounted namespace file.
+// `f_type`'s integer type differs between architectures, hence the cast.
+#[allow(clippy::unnecessary_cast)]
+pub fn is_netns_mount(path: &Path) -> bool {
+    nix::sys::statfs::statfs(path)
+        .map(|fs| fs.filesystem_type().0 as i64 == NSFS_MAGIC)
+        .unwrap_or(false)
+}
+
+/// Runs `work` on a new OS thread and waits for it without blocking the runtime.
+async fn on_fresh_thread<T: Send + 'static>(
+    what: &str,
+    work: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("miren-netns".into())
+        .spawn(move || {
+            let _ = tx.send(work());
+        })
+        .map_err(|e| io_error(format!("spawning thread for {what}"), e))?;
+    rx.await
+        .map_err(|_| Error::ThreadPanicked(what.to_string()))?
+}
+
+/// Makes sure `path` is a bind mount of a network namespace, creating a new
+/// namespace if it is missing. An empty file left by an interrupted call is reused.
+pub async fn ensure_netns(path: &Path) -> Result<()> {
+    if is_netns_mount(path) {
+        return Ok(());
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| io_error(format!("creating {}", dir.display()), e))?;
+    }
+    OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o444)
+        .open(path)
+        .map_err(|e| io_error(format!("creating {}", path.display()), e))?;
+    let target: PathBuf = path.to_path_buf();
+    on_fresh_thread("creating a network namespace", move || {
+        unshare(CloneFlags::CLONE_NEWNET).map_err(|e| io_error("unshare(CLONE_NEWNET)", e))?;
+        mount(
+            Some("/proc/thread-self/ns/net"),
+            &target,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(|e| io_error(format!("bind-mounting netns on {}", target.display()), e))
+    })
+    .await
+}
+
+/// Unmounts and removes a namespace file; missing or unmounted is fine.
+pub fn remove_netns(path: &Path) -> Result<()> {
+    // Loop: two racing creates could have stacked two mounts.
+    for _ in 0..8 {
+        if !is_netns_mount(path) {
+            break;
+        }
+        match umount2(path, MntFlags::MNT_DETACH) {
+            Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {}
+            Err(e) => return Err(io_error(format!("unmounting {}", path.display()), e)),
+        }
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_error(format!("removing {}", path.display()), e)),
+    }
+}
+
+pub type NetlinkWork<T> =
+    Box<dyn FnOnce(rtnetlink::Handle) -> Pin<Box<dyn Future<Output = Result<T>> + Send>> + Send>;
+
+/// Runs netlink work with a connection opened inside the namespace at `path`.
+pub async fn in_netns<T: Send + 'static>(path: &Path, work: NetlinkWork<T>) -> Result<T> {
+    let ns_file =
+        File::open(path).map_err(|e| io_error(format!("opening {}", path.display()), e))?;
+    let what = format!("netlink work in {}", path.display());
+    on_fresh_thread(&what.clone(), move || {
+        setns(&ns_file, CloneFlags::CLONE_NEWNET).map_err(|e| io_error(what.clone(), e))?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+            .map_err(|e| io_error("building a runtime", e))?;
+        runtime.block_on(async move {
+            let handle = crate::link::connect()?;
+            work(handle).await
+        })
+    })
+    .await
+}

@@ -1,0 +1,187 @@
+//! Real-kernel tests (root only): traffic between endpoints and from the host.
+
+mod common;
+
+use common::{can_talk, Outside, Server, TestNet};
+use miren_netns::{
+    apply_rules, create_endpoint, ensure_bridge_and_table, EndpointSpec, PublishedPort,
+};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn same_app_talks_other_app_only_when_allowed() {
+    let net = TestNet::new("10.231.0.0/24");
+    let cfg = &net.cfg;
+    ensure_bridge_and_table(cfg).await.expect("ensure");
+
+    let web = EndpointSpec::new("web-1", "shop", net.ip(2));
+    let worker = EndpointSpec::new("worker-1", "shop", net.ip(3));
+    let mut intruder = EndpointSpec::new("other-1", "blog", net.ip(4));
+    let web_ep = create_endpoint(cfg, &web).await.expect("web");
+    let worker_ep = create_endpoint(cfg, &worker).await.expect("worker");
+    let intruder_ep = create_endpoint(cfg, &intruder).await.expect("intruder");
+    apply_rules(cfg, &[web.clone(), worker.clone(), intruder.clone()])
+        .await
+        .expect("rules");
+
+    let _server = Server::start(&web_ep.netns_path, 8080);
+    assert!(
+        can_talk(Some(&worker_ep.netns_path), web.ip, 8080),
+        "same app must connect"
+    );
+    assert!(
+        !can_talk(Some(&intruder_ep.netns_path), web.ip, 8080),
+        "other app must be blocked"
+    );
+    // The gateway (host) can reach endpoints, and the blocked app still reaches the gateway side.
+    assert!(can_talk(None, web.ip, 8080), "host reaches endpoint");
+
+    let mut web_allowing = web.clone();
+    web_allowing.allow_from = vec!["blog".into()];
+    apply_rules(cfg, &[web_allowing, worker.clone(), intruder.clone()])
+        .await
+        .expect("rules with allow_from");
+    assert!(
+        can_talk(Some(&intruder_ep.netns_path), web.ip, 8080),
+        "allow_from must let the other app in"
+    );
+    // allow_from is one-way: web's app may not open connections to blog.
+    let _intruder_server = Server::start(&intruder_ep.netns_path, 8081);
+    assert!(!can_talk(Some(&worker_ep.netns_path), intruder.ip, 8081));
+
+    // A sandbox that takes an address of the allowed app is cut off by the
+    // ARP and IP source checks. "ghost" is in the rules but not in the kernel,
+    // so without those checks the spoofer would get replies too.
+    intruder.allow_from.clear();
+    let ghost = EndpointSpec::new("ghost-1", "shop", net.ip(5));
+    apply_rules(cfg, &[web, worker, intruder, ghost.clone()])
+        .await
+        .expect("rules");
+    let ns = intruder_ep.netns_path.to_string_lossy().to_string();
+    let spoofed = format!("{}/24", ghost.ip);
+    for args in [
+        vec!["addr", "flush", "dev", "eth0"],
+        vec!["addr", "add", spoofed.as_str(), "dev", "eth0"],
+    ] {
+        let status = std::process::Command::new("nsenter")
+            .arg(format!("--net={ns}"))
+            .arg("ip")
+            .args(&args)
+            .status()
+            .expect("nsenter ip");
+        assert!(status.success());
+    }
+    assert!(!can_talk(Some(&intruder_ep.netns_path), net.ip(2), 8080));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn published_port_reachable_from_host_loopback() {
+    let net = TestNet::new("10.232.0.0/24");
+    let cfg = &net.cfg;
+    ensure_bridge_and_table(cfg).await.expect("ensure");
+    let host_port = 20000 + (common::random_u64() % 20000) as u16;
+    let mut spec = EndpointSpec::new("db-1", "db", net.ip(10));
+    let any_port = host_port + 1;
+    spec.publish = vec![
+        PublishedPort::loopback(host_port, 5432),
+        PublishedPort {
+            host_ip: std::net::Ipv4Addr::UNSPECIFIED,
+            host_port: any_port,
+            endpoint_port: 5432,
+        },
+    ];
+    let endpoint = create_endpoint(cfg, &spec).await.expect("endpoint");
+    apply_rules(cfg, std::slice::from_ref(&spec))
+        .await
+        .expect("rules");
+
+    let _server = Server::start(&endpoint.netns_path, 5432);
+    assert!(
+        can_talk(None, std::net::Ipv4Addr::LOCALHOST, host_port),
+        "127.0.0.1:{host_port} must reach the endpoint"
+    );
+    // 0.0.0.0 means every local address, e.g. the gateway's.
+    assert!(can_talk(None, cfg.gateway(), any_port));
+    assert!(!can_talk(None, std::net::Ipv4Addr::LOCALHOST, any_port + 1));
+    spec.publish.clear();
+    apply_rules(cfg, &[spec]).await.expect("rules");
+    assert!(!can_talk(None, std::net::Ipv4Addr::LOCALHOST, host_port));
+}
+
+/// The bridge has route_localnet=1 (for published ports); a sandbox that
+/// routes 127.0.0.0/8 to the gateway must still not reach host-only services.
+/// UDP, because one datagram is all such an attack needs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sandbox_cannot_reach_host_loopback_services() {
+    let net = TestNet::new("10.230.0.0/24");
+    let cfg = &net.cfg;
+    ensure_bridge_and_table(cfg).await.expect("ensure");
+    let spec = EndpointSpec::new("curious-1", "curious", net.ip(2));
+    let endpoint = create_endpoint(cfg, &spec).await.expect("endpoint");
+    apply_rules(cfg, &[spec]).await.expect("rules");
+
+    let host_service = std::net::UdpSocket::bind("127.0.0.1:0").expect("host socket");
+    let port = host_service.local_addr().expect("addr").port();
+    let ns = endpoint.netns_path.to_string_lossy().to_string();
+    let gateway = cfg.gateway().to_string();
+    let script = format!(
+        "set -e; echo 1 > /proc/sys/net/ipv4/conf/eth0/route_localnet; \
+         ip route del local 127.0.0.0/8 dev lo table local; \
+         ip route del local 127.0.0.1 dev lo table local; \
+         ip route add 127.0.0.0/8 via {gateway} dev eth0; \
+         for i in 1 2 3; do echo probe > /dev/udp/127.0.0.1/{port}; sleep 0.1; done"
+    );
+    let status = std::process::Command::new("nsenter")
+        .arg(format!("--net={ns}"))
+        .args(["bash", "-c", &script])
+        .status()
+        .expect("nsenter bash");
+    assert!(status.success(), "probing from the sandbox");
+    host_service
+        .set_read_timeout(Some(std::time::Duration::from_millis(500)))
+        .expect("timeout");
+    let mut buf = [0u8; 16];
+    assert!(
+        host_service.recv(&mut buf).is_err(),
+        "a sandbox reached a host loopback service"
+    );
+}
+
+/// Egress is masqueraded to the host's address; the outside cannot open
+/// connections into an endpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn egress_is_masqueraded_and_inbound_is_refused() {
+    let net = TestNet::new("10.228.0.0/24");
+    let cfg = &net.cfg;
+    let outside = Outside::new(cfg.prefix(), std::net::Ipv4Addr::new(10, 229, 0, 0));
+    ensure_bridge_and_table(cfg).await.expect("ensure");
+    let spec = EndpointSpec::new("app-1", "app", net.ip(2));
+    let endpoint = create_endpoint(cfg, &spec).await.expect("endpoint");
+    apply_rules(cfg, std::slice::from_ref(&spec))
+        .await
+        .expect("rules");
+
+    let server = Server::start(&outside.netns_path, 9000);
+    assert!(
+        can_talk(Some(&endpoint.netns_path), outside.ip, 9000),
+        "egress"
+    );
+    let seen = server.last_peer.lock().expect("lock").map(|a| a.ip());
+    assert_eq!(
+        seen,
+        Some(std::net::IpAddr::V4(outside.host_ip)),
+        "masqueraded"
+    );
+
+    let status = std::process::Command::new("ip")
+        .args(["-n", &outside.name, "route", "add"])
+        .arg(cfg.subnet().to_string())
+        .args(["via", &outside.host_ip.to_string()])
+        .status()
+        .expect("ip route");
+    assert!(status.success());
+    let _endpoint_server = Server::start(&endpoint.netns_path, 9001);
+    assert!(
+        !can_talk(Some(&outside.netns_path), spec.ip, 9001),
+        "the outside must not open connections into an endpoint"
+    );
+}

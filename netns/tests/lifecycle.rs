@@ -1,0 +1,232 @@
+//! Real-kernel tests (root only): cleanup, idempotency, two agents side by side.
+
+mod common;
+
+use common::{can_talk, host_links_with_prefix, mounts_under, nft_table, Server, TestNet};
+use miren_netns::{
+    apply_rules, create_endpoint, delete_endpoint, delete_endpoint_by_key, ensure_bridge_and_table,
+    list_kernel_objects, uninstall, EndpointSpec,
+};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_endpoints_leave_nothing_behind() {
+    let net = TestNet::new("10.233.0.0/24");
+    let cfg = &net.cfg;
+    ensure_bridge_and_table(cfg).await.expect("ensure");
+    let specs: Vec<EndpointSpec> = (0..200)
+        .map(|i| {
+            EndpointSpec::new(
+                format!("sandbox-{i}"),
+                format!("app-{}", i % 7),
+                net.ip(2 + i),
+            )
+        })
+        .collect();
+    for spec in &specs {
+        create_endpoint(cfg, spec).await.expect("create");
+    }
+    apply_rules(cfg, &specs).await.expect("rules for 200");
+    let listed = list_kernel_objects(cfg).await.expect("list");
+    assert_eq!(listed.endpoints.len(), 200);
+    assert!(listed
+        .endpoints
+        .iter()
+        .all(|e| e.host_veth && e.netns_file && e.netns_mounted && e.owner.is_some()));
+    assert_eq!(mounts_under(cfg.runtime_dir()), 200);
+    let table = nft_table("inet", cfg.prefix()).expect("inet table");
+    assert_eq!(table.matches("chain to-").count(), 200);
+
+    for spec in &specs {
+        delete_endpoint(cfg, &spec.owner).await.expect("delete");
+    }
+    apply_rules(cfg, &[]).await.expect("empty rules");
+
+    let listed = list_kernel_objects(cfg).await.expect("list");
+    assert!(listed.endpoints.is_empty(), "{:?}", listed.endpoints);
+    assert!(listed.bridge && listed.tables);
+    let prefix_dash = format!("{}-", cfg.prefix());
+    assert!(host_links_with_prefix(&prefix_dash).is_empty());
+    assert_eq!(mounts_under(cfg.runtime_dir()), 0);
+    for family in ["inet", "bridge"] {
+        let table = nft_table(family, cfg.prefix()).expect("table kept until uninstall");
+        // Only the catch-all wildcard for unknown ports may still name the prefix.
+        let without_wildcard = table.replace(&format!("{prefix_dash}*"), "");
+        assert!(
+            !without_wildcard.contains(&prefix_dash),
+            "{family} table still names endpoints:\n{table}"
+        );
+    }
+
+    uninstall(cfg).await.expect("uninstall");
+    let listed = list_kernel_objects(cfg).await.expect("list");
+    assert!(!listed.bridge && !listed.tables && listed.endpoints.is_empty());
+    assert!(host_links_with_prefix(cfg.prefix()).is_empty());
+    assert!(nft_table("inet", cfg.prefix()).is_none());
+    assert!(nft_table("bridge", cfg.prefix()).is_none());
+    uninstall(cfg).await.expect("uninstall twice");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_and_delete_are_idempotent_and_complete_half_made_endpoints() {
+    let net = TestNet::new("10.234.0.0/24");
+    let cfg = &net.cfg;
+    ensure_bridge_and_table(cfg).await.expect("ensure");
+    ensure_bridge_and_table(cfg).await.expect("ensure twice");
+    let server_spec = EndpointSpec::new("server", "app", net.ip(2));
+    let client_spec = EndpointSpec::new("client", "app", net.ip(3));
+    let server = create_endpoint(cfg, &server_spec).await.expect("server");
+    assert_eq!(
+        create_endpoint(cfg, &server_spec).await.expect("again"),
+        server
+    );
+    apply_rules(cfg, &[server_spec.clone(), client_spec.clone()])
+        .await
+        .expect("rules");
+
+    // Killed after creating the netns file but before mounting it.
+    let client_key = cfg.endpoint_key(&client_spec.owner);
+    std::fs::write(cfg.netns_path(&client_key), b"").expect("empty netns file");
+    let client = create_endpoint(cfg, &client_spec).await.expect("completes");
+    let _listener = Server::start(&server.netns_path, 7000);
+    assert!(can_talk(Some(&client.netns_path), server_spec.ip, 7000));
+
+    // Veth lost (e.g. killed mid-create, or deleted by hand): create repairs it.
+    let handle_gone = std::process::Command::new("ip")
+        .args(["link", "del", &client.key])
+        .status()
+        .expect("ip link del");
+    assert!(handle_gone.success());
+    assert!(!can_talk(Some(&client.netns_path), server_spec.ip, 7000));
+    create_endpoint(cfg, &client_spec)
+        .await
+        .expect("repairs veth");
+    assert!(can_talk(Some(&client.netns_path), server_spec.ip, 7000));
+
+    // Killed after the veth was made but before it was attached and configured.
+    let ns = client.netns_path.to_string_lossy().to_string();
+    for args in [
+        vec!["link", "set", client.key.as_str(), "nomaster"],
+        vec!["link", "set", client.key.as_str(), "down"],
+    ] {
+        assert!(std::process::Command::new("ip")
+            .args(&args)
+            .status()
+            .expect("ip")
+            .success());
+    }
+    for args in [
+        vec!["addr", "flush", "dev", "eth0"],
+        vec!["link", "set", "eth0", "down"],
+        vec!["link", "set", "lo", "down"],
+    ] {
+        let status = std::process::Command::new("nsenter")
+            .arg(format!("--net={ns}"))
+            .arg("ip")
+            .args(&args)
+            .status()
+            .expect("nsenter ip");
+        assert!(status.success());
+    }
+    assert!(!can_talk(Some(&client.netns_path), server_spec.ip, 7000));
+    create_endpoint(cfg, &client_spec)
+        .await
+        .expect("completes attach and config");
+    assert!(can_talk(Some(&client.netns_path), server_spec.ip, 7000));
+
+    // Address changed by a new spec for the same owner: replaced, not added.
+    let mut moved = client_spec.clone();
+    moved.ip = net.ip(9);
+    create_endpoint(cfg, &moved).await.expect("new address");
+    apply_rules(cfg, &[server_spec.clone(), moved.clone()])
+        .await
+        .expect("rules");
+    assert!(can_talk(Some(&client.netns_path), server_spec.ip, 7000));
+
+    // Reconciliation: a netns file with no veth is listed and removable by key.
+    delete_endpoint(cfg, &moved.owner).await.expect("delete");
+    delete_endpoint(cfg, &moved.owner)
+        .await
+        .expect("delete twice");
+    std::fs::write(cfg.netns_path(&client_key), b"").expect("stray file");
+    let listed = list_kernel_objects(cfg).await.expect("list");
+    let stray = listed
+        .endpoints
+        .iter()
+        .find(|e| e.key == client_key)
+        .expect("stray listed");
+    assert!(stray.netns_file && !stray.netns_mounted && !stray.host_veth);
+    let owned = listed
+        .endpoints
+        .iter()
+        .find(|e| e.key == server.key)
+        .expect("server listed");
+    assert_eq!(owned.owner.as_deref(), Some("server"));
+    delete_endpoint_by_key(cfg, &client_key)
+        .await
+        .expect("delete stray");
+    assert!(!cfg.netns_path(&client_key).exists());
+    assert!(delete_endpoint_by_key(cfg, "eth0").await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_configs_side_by_side() {
+    let first = TestNet::new("10.235.0.0/24");
+    let mut second = TestNet::new("10.236.0.0/24");
+    while second.cfg.prefix() == first.cfg.prefix() {
+        second = TestNet::new("10.236.0.0/24");
+    }
+    let mut endpoints = Vec::new();
+    for net in [&first, &second] {
+        ensure_bridge_and_table(&net.cfg).await.expect("ensure");
+        // Same owner and app names in both: only the prefix tells them apart.
+        let a = EndpointSpec::new("a", "app", net.ip(2));
+        let b = EndpointSpec::new("b", "app", net.ip(3));
+        let ea = create_endpoint(&net.cfg, &a).await.expect("a");
+        let eb = create_endpoint(&net.cfg, &b).await.expect("b");
+        apply_rules(&net.cfg, &[a, b]).await.expect("rules");
+        endpoints.push((ea, eb));
+    }
+    let (first_a, first_b) = &endpoints[0];
+    let (second_a, _second_b) = &endpoints[1];
+    assert_ne!(first_a.netns_path, second_a.netns_path);
+
+    let _server = Server::start(&first_a.netns_path, 6000);
+    assert!(can_talk(Some(&first_b.netns_path), first_a.ip, 6000));
+    assert!(
+        !can_talk(Some(&second_a.netns_path), first_a.ip, 6000),
+        "another agent's endpoint must not get in"
+    );
+
+    uninstall(&second.cfg).await.expect("uninstall second");
+    assert!(can_talk(Some(&first_b.netns_path), first_a.ip, 6000));
+    let listed = list_kernel_objects(&first.cfg).await.expect("list first");
+    assert!(listed.bridge && listed.tables);
+    assert_eq!(listed.endpoints.len(), 2);
+}
+
+#[test]
+fn guard_removes_everything_when_a_test_panics() {
+    let (made_tx, made_rx) = std::sync::mpsc::channel();
+    let outcome = std::thread::spawn(move || {
+        let net = TestNet::new("10.237.0.0/24");
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            ensure_bridge_and_table(&net.cfg).await.expect("ensure");
+            let spec = EndpointSpec::new("doomed", "app", net.ip(2));
+            create_endpoint(&net.cfg, &spec).await.expect("endpoint");
+            apply_rules(&net.cfg, &[spec]).await.expect("rules");
+        });
+        made_tx.send(net.cfg.clone()).expect("send config");
+        panic!("deliberate panic with a live endpoint");
+    })
+    .join();
+    assert!(outcome.is_err(), "the worker must have panicked");
+    let cfg = made_rx.recv().expect("config of the panicked test");
+    assert!(host_links_with_prefix(cfg.prefix()).is_empty());
+    assert!(nft_table("inet", cfg.prefix()).is_none());
+    assert!(nft_table("bridge", cfg.prefix()).is_none());
+    assert!(!cfg.runtime_dir().exists());
+}
