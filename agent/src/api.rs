@@ -21,12 +21,15 @@ use utoipa_axum::routes;
 use crate::disks::{DiskService, DEFAULT_LEASE_TIMEOUT};
 use crate::error::ApiError;
 use crate::model::{
-    AcquireLease, AgentInfo, CreateDisk, Disk, ErrorBody, Lease, ReleaseResult, ResizeDisk,
+    AcquireLease, AgentInfo, CreateDisk, CreateEndpoint, Disk, Endpoint, EndpointDeleted,
+    ErrorBody, Lease, NetGcReport, ReleaseResult, ResizeDisk,
 };
+use crate::net::NetService;
 
 #[derive(Clone)]
 pub struct AppState {
     pub disks: Arc<DiskService>,
+    pub net: Arc<NetService>,
     pub socket_gid: Option<u32>,
 }
 
@@ -96,6 +99,9 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(acquire_lease, release_lease))
         .routes(routes!(list_leases))
         .routes(routes!(ensure_local_storage))
+        .routes(routes!(list_endpoints, create_endpoint))
+        .routes(routes!(get_endpoint, delete_endpoint))
+        .routes(routes!(gc_endpoints))
 }
 
 /// The OpenAPI document of every route, generated from the code.
@@ -343,6 +349,61 @@ async fn ensure_local_storage(
         .map(Json)
 }
 
+#[utoipa::path(get, path = "/v1/endpoints", tag = "network",
+    responses((status = 200, description = "Every network endpoint", body = [Endpoint])))]
+async fn list_endpoints(State(state): State<AppState>) -> Result<Json<Vec<Endpoint>>, ApiError> {
+    state.net.list().map(Json)
+}
+
+#[utoipa::path(post, path = "/v1/endpoints", tag = "network", request_body = CreateEndpoint,
+    responses(
+        (status = 201, description = "Netns, veth, address, route and rules in place", body = Endpoint),
+        (status = 400, body = ErrorBody),
+        (status = 409, description = "The owner has a different endpoint, or the host port is taken", body = ErrorBody),
+        (status = 507, description = "The subnet has no free address", body = ErrorBody)))]
+async fn create_endpoint(
+    State(state): State<AppState>,
+    Body(req): Body<CreateEndpoint>,
+) -> Result<(StatusCode, Json<Endpoint>), ApiError> {
+    // Runs to its end even if the client hangs up, like every mutation.
+    let endpoint = tokio::spawn(async move { state.net.create(&req).await })
+        .await
+        .map_err(|e| ApiError::internal(format!("operation failed to run: {e}")))??;
+    Ok((StatusCode::CREATED, Json(endpoint)))
+}
+
+#[utoipa::path(get, path = "/v1/endpoints/{owner}", tag = "network",
+    params(("owner" = String, Path, description = "The endpoint's owner")),
+    responses((status = 200, body = Endpoint), (status = 404, body = ErrorBody)))]
+async fn get_endpoint(
+    State(state): State<AppState>,
+    PathParam(owner): PathParam<String>,
+) -> Result<Json<Endpoint>, ApiError> {
+    state.net.get(&owner).map(Json)
+}
+
+#[utoipa::path(delete, path = "/v1/endpoints/{owner}", tag = "network",
+    params(("owner" = String, Path, description = "The endpoint's owner")),
+    responses((status = 200, description = "Deleted, or there was nothing to delete", body = EndpointDeleted)))]
+async fn delete_endpoint(
+    State(state): State<AppState>,
+    PathParam(owner): PathParam<String>,
+) -> Result<Json<EndpointDeleted>, ApiError> {
+    tokio::spawn(async move { state.net.delete(&owner).await })
+        .await
+        .map_err(|e| ApiError::internal(format!("operation failed to run: {e}")))?
+        .map(Json)
+}
+
+#[utoipa::path(post, path = "/v1/endpoints/gc", tag = "network",
+    responses((status = 200, description = "What the reconciliation released, removed and repaired", body = NetGcReport)))]
+async fn gc_endpoints(State(state): State<AppState>) -> Result<Json<NetGcReport>, ApiError> {
+    tokio::spawn(async move { state.net.gc().await })
+        .await
+        .map_err(|e| ApiError::internal(format!("operation failed to run: {e}")))?
+        .map(Json)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -374,6 +435,9 @@ mod tests {
             "/v1/disks/{disk}/lease",
             "/v1/leases",
             "/v1/local-storage/{app}",
+            "/v1/endpoints",
+            "/v1/endpoints/{owner}",
+            "/v1/endpoints/gc",
         ] {
             assert!(doc.paths.paths.contains_key(path), "{path} missing");
         }

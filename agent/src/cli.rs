@@ -12,7 +12,8 @@ use serde::Serialize;
 use crate::client::Client;
 use crate::config::{self, AgentConfig};
 use crate::model::{
-    AcquireLease, AgentInfo, CreateDisk, Disk, FilesystemKind, Lease, ReleaseResult, ResizeDisk,
+    AcquireLease, AgentInfo, CreateDisk, CreateEndpoint, Disk, Endpoint, EndpointDeleted,
+    FilesystemKind, Lease, NetGcReport, PublishPort, ReleaseResult, ResizeDisk,
 };
 
 #[derive(Parser, Debug)]
@@ -50,6 +51,15 @@ pub struct AgentArgs {
     /// How often leases of holders that are gone are reclaimed (e.g. 30s, 1m).
     #[arg(long, env = "MIREN_RECLAIM_INTERVAL", default_value = "30s", value_parser = parse_duration)]
     pub reclaim_interval: Duration,
+    /// Subnet sandboxes get their addresses from (the gateway is its first address).
+    #[arg(long, env = "MIREN_SUBNET", default_value = crate::net::DEFAULT_SUBNET)]
+    pub subnet: String,
+    /// Runtime directory for state that ends with a reboot (network namespaces).
+    #[arg(long, env = "MIREN_RUN_DIR", default_value = config::DEFAULT_RUN_DIR)]
+    pub run_dir: PathBuf,
+    /// Remove every endpoint, the bridge and the nftables tables of this agent, then exit.
+    #[arg(long)]
+    pub uninstall_network: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -59,8 +69,81 @@ pub enum DebugCommand {
         #[command(subcommand)]
         command: DiskCommand,
     },
+    /// Network endpoints: a netns, a veth on the agent's bridge, an address.
+    Net {
+        #[command(subcommand)]
+        command: NetCommand,
+    },
     /// Show which agent answers on the socket.
     Info,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum NetCommand {
+    /// Create an endpoint and print it as JSON.
+    Create {
+        #[arg(long)]
+        owner: String,
+        #[arg(long)]
+        app: String,
+        /// Other apps that may connect to this endpoint (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        allow_from: Vec<String>,
+        /// Publish a TCP port on the host: HOSTPORT:PORT (127.0.0.1) or IP:HOSTPORT:PORT.
+        #[arg(long, value_parser = parse_publish)]
+        publish: Vec<PublishPort>,
+    },
+    /// List endpoints.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one endpoint.
+    Status {
+        #[arg(long)]
+        owner: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete an endpoint and release its address.
+    Delete {
+        #[arg(long)]
+        owner: String,
+    },
+    /// Run the reconciliation now and print what it released.
+    Gc {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn parse_publish(s: &str) -> Result<PublishPort, String> {
+    let parts: Vec<&str> = s.split(':').collect();
+    let port = |p: &str| {
+        p.parse::<u16>()
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| format!("`{p}` in `{s}` is not a port (1-65535)"))
+    };
+    match parts.as_slice() {
+        [host_port, port_in] => Ok(PublishPort {
+            host_ip: None,
+            host_port: port(host_port)?,
+            port: port(port_in)?,
+        }),
+        [ip, host_port, port_in] => {
+            ip.parse::<std::net::Ipv4Addr>()
+                .map_err(|_| format!("`{ip}` is not an IPv4 address"))?;
+            Ok(PublishPort {
+                host_ip: Some(ip.to_string()),
+                host_port: port(host_port)?,
+                port: port(port_in)?,
+            })
+        }
+        _ => Err(format!(
+            "`{s}`: write HOSTPORT:PORT or IP:HOSTPORT:PORT, e.g. 8080:80"
+        )),
+    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -198,12 +281,23 @@ pub fn agent_config(args: &AgentArgs, socket: PathBuf) -> Result<AgentConfig> {
     } else {
         std::env::current_dir()?.join(&args.data_dir)
     };
+    let absolute = |p: &PathBuf| -> Result<PathBuf> {
+        Ok(if p.is_absolute() {
+            p.clone()
+        } else {
+            std::env::current_dir()?.join(p)
+        })
+    };
+    crate::net::net_config(&args.name_prefix, &args.subnet, &args.run_dir)
+        .map_err(anyhow::Error::msg)?;
     Ok(AgentConfig {
         data_dir,
         socket,
         name_prefix: args.name_prefix.clone(),
         socket_gid,
         reclaim_interval: args.reclaim_interval,
+        subnet: args.subnet.clone(),
+        run_dir: absolute(&args.run_dir)?,
     })
 }
 
@@ -214,7 +308,155 @@ pub async fn run_debug(client: &Client, command: DebugCommand) -> Result<()> {
             print_json(&info)
         }
         DebugCommand::Disk { command } => run_disk(client, command).await,
+        DebugCommand::Net { command } => run_net(client, command).await,
     }
+}
+
+async fn run_net(client: &Client, command: NetCommand) -> Result<()> {
+    match command {
+        NetCommand::Create {
+            owner,
+            app,
+            allow_from,
+            publish,
+        } => {
+            let req = CreateEndpoint {
+                owner,
+                app,
+                allow_from,
+                publish,
+            };
+            let endpoint: Endpoint = client
+                .call(Method::POST, "/v1/endpoints", Some(&req))
+                .await?;
+            print_json(&endpoint)
+        }
+        NetCommand::List { json } => {
+            let endpoints: Vec<Endpoint> = client.get("/v1/endpoints").await?;
+            if json {
+                return print_json(&endpoints);
+            }
+            let rows = endpoints
+                .iter()
+                .map(|e| {
+                    let publish: Vec<String> = e
+                        .publish
+                        .iter()
+                        .map(|p| {
+                            format!(
+                                "{}:{}->{}",
+                                p.host_ip.as_deref().unwrap_or("127.0.0.1"),
+                                p.host_port,
+                                p.port
+                            )
+                        })
+                        .collect();
+                    vec![
+                        e.owner.clone(),
+                        e.app.clone(),
+                        e.ip.clone(),
+                        e.veth.clone(),
+                        e.status.clone(),
+                        if e.allow_from.is_empty() {
+                            "-".into()
+                        } else {
+                            e.allow_from.join(",")
+                        },
+                        if publish.is_empty() {
+                            "-".into()
+                        } else {
+                            publish.join(",")
+                        },
+                    ]
+                })
+                .collect();
+            print_table(
+                &[
+                    "OWNER",
+                    "APP",
+                    "IP",
+                    "VETH",
+                    "STATUS",
+                    "ALLOW FROM",
+                    "PUBLISH",
+                ],
+                rows,
+            );
+            Ok(())
+        }
+        NetCommand::Status { owner, json } => {
+            let endpoint: Endpoint = client
+                .get(&format!("/v1/endpoints/{}", encode(&owner)))
+                .await?;
+            if json {
+                return print_json(&endpoint);
+            }
+            for (key, value) in [
+                ("owner", endpoint.owner.clone()),
+                ("app", endpoint.app.clone()),
+                ("ip", endpoint.ip.clone()),
+                ("gateway", endpoint.gateway.clone()),
+                ("veth", endpoint.veth.clone()),
+                ("netns", endpoint.netns_path.clone()),
+                ("status", endpoint.status.clone()),
+                ("allow from", endpoint.allow_from.join(",")),
+            ] {
+                println!("{:<11} {value}", format!("{key}:"));
+            }
+            Ok(())
+        }
+        NetCommand::Delete { owner } => {
+            let deleted: EndpointDeleted = client
+                .call(
+                    Method::DELETE,
+                    &format!("/v1/endpoints/{}", encode(&owner)),
+                    None::<&()>,
+                )
+                .await?;
+            if deleted.deleted {
+                println!("deleted the endpoint of {owner}");
+            } else {
+                println!("{owner} had no endpoint; nothing to do");
+            }
+            Ok(())
+        }
+        NetCommand::Gc { json } => {
+            let report: NetGcReport = client
+                .call(Method::POST, "/v1/endpoints/gc", None::<&()>)
+                .await?;
+            if json {
+                return print_json(&report);
+            }
+            let show = |what: &str, items: &[String]| {
+                if items.is_empty() {
+                    println!("{what}: nothing");
+                } else {
+                    println!("{what}: {}", items.join(", "));
+                }
+            };
+            show("released", &report.released);
+            show("removed", &report.removed);
+            show("repaired", &report.repaired);
+            if !report.failed.is_empty() {
+                show("failed", &report.failed);
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Owners may contain `:` (pid:N); keep path segments unambiguous.
+fn encode(segment: &str) -> String {
+    segment
+        .bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
 }
 
 async fn run_disk(client: &Client, command: DiskCommand) -> Result<()> {

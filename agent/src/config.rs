@@ -4,6 +4,7 @@ use std::time::Duration;
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/miren";
 pub const DEFAULT_SOCKET: &str = "/run/miren/agent.sock";
 pub const DEFAULT_NAME_PREFIX: &str = "miren";
+pub const DEFAULT_RUN_DIR: &str = "/run/miren";
 
 /// Everything one agent instance owns. Two agents with different values never touch each
 /// other's resources: every path lives under `data_dir` and every kernel-visible name starts
@@ -16,6 +17,10 @@ pub struct AgentConfig {
     /// Group (besides root) allowed to use the socket.
     pub socket_gid: Option<u32>,
     pub reclaim_interval: Duration,
+    /// Sandbox subnet (CIDR); the gateway is its first address, on the agent's bridge.
+    pub subnet: String,
+    /// Runtime state that must not survive a reboot (netns bind mounts).
+    pub run_dir: PathBuf,
 }
 
 impl AgentConfig {

@@ -15,6 +15,7 @@ use tracing::{info, warn};
 use crate::config::AgentConfig;
 use crate::error::ApiError;
 use crate::model::{self, CreateDisk, Disk, Lease, LeaseInfo, ReleaseResult};
+use crate::owner::{holder_is_gone, parse_holder};
 use crate::state::{DiskRow, DiskStatus, LeaseAttempt, LeaseRow, Store};
 use crate::util::{new_id, now_rfc3339};
 
@@ -46,52 +47,6 @@ impl KernelView {
     }
     fn mount_at(&self, target: &Path) -> Option<&MountEntry> {
         self.mounts.iter().rev().find(|m| m.target == target)
-    }
-}
-
-/// Who a lease holder is, as far as the agent can check that it still exists.
-enum Holder {
-    /// `pid:N`: alive while process N (with the start time seen at acquire) runs.
-    Process { pid: i64, start_time: i64 },
-    /// Any other string: held until released.
-    Named,
-}
-
-fn parse_holder(holder: &str) -> Result<Holder, ApiError> {
-    if holder.trim().is_empty() || holder.len() > 256 {
-        return Err(ApiError::invalid(
-            "a lease holder must be a non-empty string of at most 256 bytes (e.g. a sandbox id, or pid:1234)",
-        ));
-    }
-    let Some(pid) = holder.strip_prefix("pid:") else {
-        return Ok(Holder::Named);
-    };
-    let pid: i64 = pid.parse().ok().filter(|p| *p > 0).ok_or_else(|| {
-        ApiError::invalid(format!(
-            "lease holder `{holder}` is not a valid pid holder; write pid:N with N a process id"
-        ))
-    })?;
-    let start_time = process_start_time(pid).ok_or_else(|| {
-        ApiError::invalid(format!(
-            "lease holder `{holder}`: no process {pid} is running"
-        ))
-    })?;
-    Ok(Holder::Process { pid, start_time })
-}
-
-/// Start time (clock ticks since boot) of a process, from /proc/PID/stat field 22. The pair
-/// (pid, start time) names a process uniquely even when pids are reused.
-fn process_start_time(pid: i64) -> Option<i64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may contain spaces and parentheses: skip past the last ')'.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(19)?.parse().ok()
-}
-
-fn holder_is_gone(lease: &LeaseRow) -> bool {
-    match (lease.holder_pid, lease.holder_start_time) {
-        (Some(pid), Some(start)) => process_start_time(pid) != Some(start),
-        _ => false,
     }
 }
 
@@ -517,10 +472,7 @@ impl DiskService {
     ) -> Result<Lease, ApiError> {
         let parsed = parse_holder(holder)?;
         let row = self.find(id_or_name)?;
-        let (holder_pid, holder_start_time) = match parsed {
-            Holder::Process { pid, start_time } => (Some(pid), Some(start_time)),
-            Holder::Named => (None, None),
-        };
+        let (holder_pid, holder_start_time) = parsed.pid_and_start();
         let wanted = LeaseRow {
             disk_id: row.id.clone(),
             holder: holder.to_string(),
@@ -539,7 +491,9 @@ impl DiskService {
                     info!(disk = %row.name, holder = %lease.holder, "lease acquired");
                     return Ok(self.lease_view(&row, lease));
                 }
-                LeaseAttempt::HeldBy(current) if holder_is_gone(&current) => {
+                LeaseAttempt::HeldBy(current)
+                    if holder_is_gone(current.holder_pid, current.holder_start_time) =>
+                {
                     self.reclaim(&row.name, &current)?;
                     continue;
                 }
@@ -620,7 +574,7 @@ impl DiskService {
     pub fn reclaim_dead_holders(&self) -> Result<usize, ApiError> {
         let mut reclaimed = 0;
         for lease in self.store.leases()? {
-            if holder_is_gone(&lease) {
+            if holder_is_gone(lease.holder_pid, lease.holder_start_time) {
                 let name = self
                     .store
                     .disk(&lease.disk_id)?
@@ -670,20 +624,4 @@ fn dir_allocated_bytes(dir: &Path) -> u64 {
         }
     }
     total
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn holders() {
-        assert!(matches!(parse_holder("sandbox-1"), Ok(Holder::Named)));
-        assert!(parse_holder("").is_err());
-        assert!(parse_holder("pid:abc").is_err());
-        assert!(parse_holder("pid:0").is_err());
-        let me = format!("pid:{}", std::process::id());
-        assert!(matches!(parse_holder(&me), Ok(Holder::Process { .. })));
-        assert!(process_start_time(std::process::id() as i64).is_some());
-    }
 }

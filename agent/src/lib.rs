@@ -8,6 +8,8 @@ pub mod config;
 pub mod disks;
 pub mod error;
 pub mod model;
+pub mod net;
+pub mod owner;
 pub mod server;
 pub mod state;
 pub mod util;

@@ -34,6 +34,9 @@ fn run_agent(args: &cli::AgentArgs, socket: std::path::PathBuf) -> anyhow::Resul
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    if args.uninstall_network {
+        return runtime.block_on(miren_agent::server::uninstall_network(cfg));
+    }
     runtime.block_on(miren_agent::server::run(cfg))
 }
 

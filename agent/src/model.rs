@@ -124,3 +124,64 @@ pub struct AgentInfo {
     pub name_prefix: String,
     pub pid: u32,
 }
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PublishPort {
+    /// Host address to listen on (default 127.0.0.1; 0.0.0.0 for every local address).
+    #[serde(default)]
+    pub host_ip: Option<String>,
+    pub host_port: u16,
+    /// TCP port inside the sandbox.
+    pub port: u16,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateEndpoint {
+    /// Who the endpoint belongs to: a sandbox id, or `pid:N` to tie it to a process.
+    pub owner: String,
+    /// The app whose endpoints may reach this one.
+    pub app: String,
+    /// Other apps allowed to reach this endpoint.
+    #[serde(default)]
+    pub allow_from: Vec<String>,
+    #[serde(default)]
+    pub publish: Vec<PublishPort>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Endpoint {
+    pub owner: String,
+    pub app: String,
+    pub ip: String,
+    pub gateway: String,
+    /// Bind-mounted network namespace a sandbox joins by path.
+    pub netns_path: String,
+    /// Host end of the veth pair (inside, it is `eth0`).
+    pub veth: String,
+    pub allow_from: Vec<String>,
+    pub publish: Vec<PublishPort>,
+    /// `creating`, `ready`, `deleting` or `failed`.
+    pub status: String,
+    pub created_at: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct EndpointDeleted {
+    pub owner: String,
+    /// False when there was no endpoint (deleting is idempotent).
+    pub deleted: bool,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+pub struct NetGcReport {
+    /// Owners whose endpoints were released (owner gone, or a create/delete cut short).
+    pub released: Vec<String>,
+    /// Kernel objects (veth / netns keys) that no endpoint owned, removed.
+    pub removed: Vec<String>,
+    /// Endpoints whose kernel side was missing and has been recreated.
+    pub repaired: Vec<String>,
+    /// Endpoints that could not be repaired.
+    pub failed: Vec<String>,
+}

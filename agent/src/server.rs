@@ -14,15 +14,39 @@ use tracing::{info, warn};
 use crate::api::{self, AppState, PeerCred};
 use crate::config::AgentConfig;
 use crate::disks::DiskService;
+use crate::net::NetService;
 use crate::state::Store;
 
 /// How long in-flight requests (a lease wait, say) get to finish after SIGTERM.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
-pub async fn run(cfg: AgentConfig) -> Result<()> {
+fn require_root() -> Result<()> {
     if !nix::unistd::Uid::effective().is_root() {
-        bail!("miren agent must run as root: it attaches loop devices and mounts filesystems");
+        bail!("miren agent must run as root: it attaches loop devices, mounts filesystems and configures the network");
     }
+    Ok(())
+}
+
+/// `miren agent --uninstall-network`: removes every endpoint, the bridge and the nftables
+/// tables, with the agent stopped (it takes the data dir's lock).
+pub async fn uninstall_network(cfg: AgentConfig) -> Result<()> {
+    require_root()?;
+    fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("creating data dir {}", cfg.data_dir.display()))?;
+    let _lock = lock_data_dir(&cfg)?;
+    let store = Arc::new(Store::open(&cfg.db_path()).map_err(anyhow::Error::msg)?);
+    let net_cfg = crate::net::net_config(&cfg.name_prefix, &cfg.subnet, &cfg.run_dir)
+        .map_err(anyhow::Error::msg)?;
+    let removed = NetService::uninstall(net_cfg, store).await?;
+    println!(
+        "removed {removed} endpoint(s), the bridge {}0 and the nftables tables {}",
+        cfg.name_prefix, cfg.name_prefix
+    );
+    Ok(())
+}
+
+pub async fn run(cfg: AgentConfig) -> Result<()> {
+    require_root()?;
     fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating data dir {}", cfg.data_dir.display()))?;
     fs::set_permissions(&cfg.data_dir, fs::Permissions::from_mode(0o700))
@@ -30,7 +54,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     let _lock = lock_data_dir(&cfg)?;
 
     let store = Arc::new(Store::open(&cfg.db_path()).map_err(anyhow::Error::msg)?);
-    let disks = Arc::new(DiskService::new(cfg.clone(), store).map_err(anyhow::Error::msg)?);
+    let disks = Arc::new(DiskService::new(cfg.clone(), store.clone()).map_err(anyhow::Error::msg)?);
     {
         let disks = disks.clone();
         tokio::task::spawn_blocking(move || -> Result<()> {
@@ -44,14 +68,31 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         .await??;
     }
 
+    let net_cfg = crate::net::net_config(&cfg.name_prefix, &cfg.subnet, &cfg.run_dir)
+        .map_err(anyhow::Error::msg)?;
+    let net = Arc::new(
+        NetService::start(net_cfg, store.clone())
+            .await
+            .context("setting up the network (bridge, nftables)")?,
+    );
+    let report = net.gc().await.context("reconciling network endpoints")?;
+    if !(report.released.is_empty() && report.removed.is_empty() && report.repaired.is_empty()) {
+        info!(?report, "network reconciled");
+    }
+
     let listener = bind_socket(&cfg)?;
     let state = AppState {
         disks: disks.clone(),
+        net: net.clone(),
         socket_gid: cfg.socket_gid,
     };
     let app = api::router(state).into_make_service_with_connect_info::<PeerCred>();
 
-    let reclaimer = tokio::spawn(reclaim_periodically(disks.clone(), cfg.reclaim_interval));
+    let reclaimer = tokio::spawn(reclaim_periodically(
+        disks.clone(),
+        net.clone(),
+        cfg.reclaim_interval,
+    ));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let server = axum::serve(listener, app).with_graceful_shutdown({
         let mut stop_rx = stop_rx.clone();
@@ -95,11 +136,18 @@ async fn shutdown_signal() -> &'static str {
     }
 }
 
-async fn reclaim_periodically(disks: Arc<DiskService>, every: Duration) {
+async fn reclaim_periodically(disks: Arc<DiskService>, net: Arc<NetService>, every: Duration) {
     let mut ticker = tokio::time::interval(every);
     ticker.tick().await;
     loop {
         ticker.tick().await;
+        match net.gc().await {
+            Ok(report) if !report.released.is_empty() || !report.removed.is_empty() => {
+                info!(?report, "periodic network reconciliation");
+            }
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "periodic network reconciliation failed"),
+        }
         let disks = disks.clone();
         match tokio::task::spawn_blocking(move || disks.reclaim_dead_holders()).await {
             Ok(Err(e)) => warn!(error = %e, "periodic lease reclaim failed"),

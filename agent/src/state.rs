@@ -2,6 +2,8 @@
 //! what *should* exist; the kernel says what does. Every change is one transaction, so a
 //! kill -9 leaves either the old or the new row, and reconciliation closes the gap.
 
+use std::collections::HashSet;
+use std::net::Ipv4Addr;
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 
@@ -34,6 +36,22 @@ const MIGRATIONS: &[&str] = &[
     CREATE TABLE local_storage (
         app TEXT PRIMARY KEY,
         created_at TEXT NOT NULL
+    );",
+    // 2: network endpoints and the IPAM cursor.
+    "CREATE TABLE endpoints (
+        owner TEXT PRIMARY KEY,
+        app TEXT NOT NULL,
+        ip TEXT NOT NULL UNIQUE,
+        allow_from TEXT NOT NULL,
+        publish TEXT NOT NULL,
+        status TEXT NOT NULL,
+        owner_pid INTEGER,
+        owner_start_time INTEGER,
+        created_at TEXT NOT NULL
+    );
+    CREATE TABLE ipam (
+        subnet TEXT PRIMARY KEY,
+        last_ip TEXT NOT NULL
     );",
 ];
 
@@ -446,6 +464,158 @@ impl Store {
         let mut stmt = conn.prepare("SELECT app, created_at FROM local_storage ORDER BY app")?;
         let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+}
+
+/// A network endpoint as recorded: `creating` and `deleting` mark operations in flight.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EndpointRow {
+    pub owner: String,
+    pub app: String,
+    pub ip: Ipv4Addr,
+    pub allow_from: Vec<String>,
+    /// Published ports as `host_ip:host_port:port`.
+    pub publish: Vec<String>,
+    pub status: String,
+    pub owner_pid: Option<i64>,
+    pub owner_start_time: Option<i64>,
+    pub created_at: String,
+}
+
+const ENDPOINT_COLUMNS: &str =
+    "owner, app, ip, allow_from, publish, status, owner_pid, owner_start_time, created_at";
+
+fn endpoint_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<EndpointRow> {
+    let ip: String = row.get(2)?;
+    let list = |i: usize| -> rusqlite::Result<Vec<String>> {
+        let text: String = row.get(i)?;
+        Ok(serde_json::from_str(&text).unwrap_or_default())
+    };
+    Ok(EndpointRow {
+        owner: row.get(0)?,
+        app: row.get(1)?,
+        ip: ip.parse().map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(2, rusqlite::types::Type::Text, Box::new(e))
+        })?,
+        allow_from: list(3)?,
+        publish: list(4)?,
+        status: row.get(5)?,
+        owner_pid: row.get(6)?,
+        owner_start_time: row.get(7)?,
+        created_at: row.get(8)?,
+    })
+}
+
+impl Store {
+    /// Allocates an address and records the endpoint as `creating`, in one transaction: an
+    /// address is never handed out twice, and allocation continues after the last address
+    /// handed out, so a just-released address is not reused while caches may remember it.
+    pub fn insert_creating_endpoint(
+        &self,
+        endpoint: &EndpointRow,
+        subnet_key: &str,
+        candidates: impl Fn(Option<Ipv4Addr>, &HashSet<Ipv4Addr>) -> Option<Ipv4Addr>,
+    ) -> Result<EndpointRow, ApiError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let existing = tx
+            .query_row(
+                &format!("SELECT {ENDPOINT_COLUMNS} FROM endpoints WHERE owner = ?1"),
+                [&endpoint.owner],
+                endpoint_from_row,
+            )
+            .optional()?;
+        if let Some(existing) = existing {
+            return Err(ApiError::conflict(format!(
+                "owner `{}` already has an endpoint ({}, app {}); delete it first or use another owner",
+                existing.owner, existing.ip, existing.app
+            )));
+        }
+        let used: HashSet<Ipv4Addr> = {
+            let mut stmt = tx.prepare("SELECT ip FROM endpoints")?;
+            let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+            rows.filter_map(|r| r.ok().and_then(|ip| ip.parse().ok()))
+                .collect()
+        };
+        let last: Option<Ipv4Addr> = tx
+            .query_row(
+                "SELECT last_ip FROM ipam WHERE subnet = ?1",
+                [subnet_key],
+                |r| r.get::<_, String>(0),
+            )
+            .optional()?
+            .and_then(|ip| ip.parse().ok());
+        let ip = candidates(last, &used).ok_or_else(|| {
+            ApiError::new(
+                axum::http::StatusCode::INSUFFICIENT_STORAGE,
+                "subnet_exhausted",
+                format!(
+                    "no free address left in {subnet_key} ({} in use); delete endpoints or start the agent with a larger --subnet",
+                    used.len()
+                ),
+            )
+        })?;
+        let row = EndpointRow {
+            ip,
+            status: "creating".into(),
+            ..endpoint.clone()
+        };
+        tx.execute(
+            &format!("INSERT INTO endpoints ({ENDPOINT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"),
+            params![
+                row.owner,
+                row.app,
+                row.ip.to_string(),
+                serde_json::to_string(&row.allow_from).unwrap_or_else(|_| "[]".into()),
+                serde_json::to_string(&row.publish).unwrap_or_else(|_| "[]".into()),
+                row.status,
+                row.owner_pid,
+                row.owner_start_time,
+                row.created_at
+            ],
+        )?;
+        tx.execute(
+            "INSERT INTO ipam (subnet, last_ip) VALUES (?1, ?2)
+             ON CONFLICT(subnet) DO UPDATE SET last_ip = excluded.last_ip",
+            params![subnet_key, row.ip.to_string()],
+        )?;
+        tx.commit()?;
+        Ok(row)
+    }
+
+    pub fn set_endpoint_status(&self, owner: &str, status: &str) -> Result<(), ApiError> {
+        self.conn().execute(
+            "UPDATE endpoints SET status = ?2 WHERE owner = ?1",
+            params![owner, status],
+        )?;
+        Ok(())
+    }
+
+    pub fn endpoint(&self, owner: &str) -> Result<Option<EndpointRow>, ApiError> {
+        Ok(self
+            .conn()
+            .query_row(
+                &format!("SELECT {ENDPOINT_COLUMNS} FROM endpoints WHERE owner = ?1"),
+                [owner],
+                endpoint_from_row,
+            )
+            .optional()?)
+    }
+
+    pub fn endpoints(&self) -> Result<Vec<EndpointRow>, ApiError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {ENDPOINT_COLUMNS} FROM endpoints ORDER BY owner"
+        ))?;
+        let rows = stmt.query_map([], endpoint_from_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Releases the endpoint's address. Idempotent: releasing twice is fine.
+    pub fn remove_endpoint(&self, owner: &str) -> Result<(), ApiError> {
+        self.conn()
+            .execute("DELETE FROM endpoints WHERE owner = ?1", [owner])?;
+        Ok(())
     }
 }
 

@@ -52,8 +52,11 @@ pub fn random_hex(len: usize) -> String {
 pub struct TestAgent {
     pub root: PathBuf,
     pub data_dir: PathBuf,
+    pub run_dir: PathBuf,
     pub socket: PathBuf,
     pub prefix: String,
+    /// A /24 no other test agent of this run uses.
+    pub subnet: String,
     pub log: PathBuf,
     extra_env: Vec<(String, String)>,
     extra_args: Vec<String>,
@@ -81,6 +84,8 @@ impl AgentBuilder {
         fs::create_dir_all(&root).expect("test root");
         let mut agent = TestAgent {
             data_dir: root.join("data"),
+            run_dir: root.join("run"),
+            subnet: unique_subnet(),
             socket: root.join("agent.sock"),
             log: root.join("agent.log"),
             prefix: format!("mrtst{}", &id[..3]),
@@ -122,6 +127,10 @@ impl TestAgent {
             .arg(&self.socket)
             .arg("--name-prefix")
             .arg(&self.prefix)
+            .arg("--subnet")
+            .arg(&self.subnet)
+            .arg("--run-dir")
+            .arg(&self.run_dir)
             .args(&self.extra_args)
             .env_remove("NOTIFY_SOCKET")
             .stdin(Stdio::null())
@@ -345,10 +354,63 @@ impl TestAgent {
     }
 }
 
+impl TestAgent {
+    /// The agent's own way to remove its endpoints, bridge and nftables tables.
+    pub fn uninstall_network(&self) -> Output {
+        Command::new(miren_bin())
+            .args(["agent", "--uninstall-network", "--data-dir"])
+            .arg(&self.data_dir)
+            .arg("--socket")
+            .arg(&self.socket)
+            .args([
+                "--name-prefix",
+                &self.prefix,
+                "--subnet",
+                &self.subnet,
+                "--run-dir",
+            ])
+            .arg(&self.run_dir)
+            .output()
+            .expect("run miren agent --uninstall-network")
+    }
+}
+
 impl Drop for TestAgent {
     fn drop(&mut self) {
         self.kill9();
+        let _ = self.uninstall_network();
+        remove_network_leftovers(&self.prefix);
         remove_everything_under(&self.root);
+    }
+}
+
+/// Subnets for test agents: 10.250-254.x.0/24, different for every agent of a test process
+/// (and very likely across processes, which start from their pid).
+pub fn unique_subnet() -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed) + std::process::id() * 7;
+    format!("10.{}.{}.0/24", 250 + (n / 256) % 5, n % 256)
+}
+
+/// Links and nftables tables named with `prefix`, in case the agent could not remove them.
+pub fn remove_network_leftovers(prefix: &str) {
+    if let Ok(out) = Command::new("ip").args(["-o", "link", "show"]).output() {
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let Some(name) = line.split(": ").nth(1) else {
+                continue;
+            };
+            let name = name.split('@').next().unwrap_or("");
+            if name.starts_with(prefix) {
+                let _ = Command::new("ip").args(["link", "delete", name]).status();
+            }
+        }
+    }
+    for family in ["inet", "bridge"] {
+        let _ = Command::new("nft")
+            .args(["delete", "table", family, prefix])
+            .stderr(Stdio::null())
+            .status();
     }
 }
 

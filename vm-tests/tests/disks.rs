@@ -571,8 +571,19 @@ fn two_agents_side_by_side_never_see_each_others_disks() {
 
 #[test]
 fn a_missing_mkfs_tool_names_the_package_and_leaves_nothing() {
-    // Without the sbin directories on PATH, the agent cannot find mkfs.*.
-    let agent = TestAgent::builder().env("PATH", "/usr/bin:/bin").start();
+    // A PATH with nft (the network needs it) but without the sbin directories holding mkfs.*.
+    let tools = std::env::temp_dir().join(format!("mrtst-tools-{}", random_hex(6)));
+    fs::create_dir_all(&tools).unwrap();
+    std::os::unix::fs::symlink("/usr/sbin/nft", tools.join("nft")).unwrap();
+    struct RemoveDir(std::path::PathBuf);
+    impl Drop for RemoveDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+    let _tools_guard = RemoveDir(tools.clone());
+    let path = format!("/usr/bin:/bin:{}", tools.display());
+    let agent = TestAgent::builder().env("PATH", &path).start();
     let err = agent.fails(&[
         "debug",
         "disk",
@@ -738,7 +749,9 @@ fn systemd_readiness_and_clean_shutdown() {
         .arg(&agent.data_dir)
         .arg("--socket")
         .arg(&agent.socket)
-        .args(["--name-prefix", &agent.prefix])
+        .args(["--name-prefix", &agent.prefix, "--subnet", &agent.subnet])
+        .arg("--run-dir")
+        .arg(&agent.run_dir)
         .env("NOTIFY_SOCKET", &notify_path)
         .stderr(Stdio::null())
         .spawn()
@@ -768,7 +781,9 @@ fn a_second_agent_on_the_same_data_dir_is_refused() {
         .arg(&agent.data_dir)
         .arg("--socket")
         .arg(agent.root.join("other.sock"))
-        .args(["--name-prefix", &agent.prefix])
+        .args(["--name-prefix", &agent.prefix, "--subnet", &agent.subnet])
+        .arg("--run-dir")
+        .arg(&agent.run_dir)
         .output()
         .unwrap();
     assert!(!out.status.success());

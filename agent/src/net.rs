@@ -1,0 +1,382 @@
+//! Network endpoints as the agent manages them: addresses come from an IPAM in the state
+//! store, kernel objects from `miren_netns`. As with disks, intent is recorded first, the
+//! kernel changed next, the outcome recorded last; `gc` finishes or undoes what a crash cut
+//! short and removes whatever the kernel has that no endpoint owns.
+
+use std::collections::HashSet;
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+
+use miren_netns::{self as netns, EndpointSpec, NetConfig, PublishedPort, Subnet};
+use tokio::sync::Mutex;
+use tracing::{info, warn};
+
+use crate::error::ApiError;
+use crate::model::{CreateEndpoint, Endpoint, EndpointDeleted, NetGcReport, PublishPort};
+use crate::owner::{holder_is_gone, parse_holder};
+use crate::state::{EndpointRow, Store};
+use crate::util::now_rfc3339;
+
+pub const DEFAULT_SUBNET: &str = "10.117.0.0/16";
+
+pub struct NetService {
+    cfg: NetConfig,
+    store: Arc<Store>,
+    /// Endpoint changes are serialized: each ends with a full, atomic rules apply, and two
+    /// applies racing would let the older list win.
+    lock: Mutex<()>,
+}
+
+impl From<netns::Error> for ApiError {
+    fn from(err: netns::Error) -> Self {
+        match err {
+            netns::Error::SubnetExhausted { .. } => ApiError::new(
+                axum::http::StatusCode::INSUFFICIENT_STORAGE,
+                "subnet_exhausted",
+                err.to_string(),
+            ),
+            netns::Error::InvalidEndpoint(_) | netns::Error::InvalidSubnet(_) => {
+                ApiError::invalid(err.to_string())
+            }
+            _ => ApiError::internal(format!("network: {err}")),
+        }
+    }
+}
+
+pub fn net_config(
+    prefix: &str,
+    subnet: &str,
+    run_dir: &std::path::Path,
+) -> Result<NetConfig, String> {
+    let subnet: Subnet = subnet
+        .parse()
+        .map_err(|e| format!("--subnet `{subnet}`: {e}"))?;
+    NetConfig::new(prefix, subnet, run_dir.join("netns")).map_err(|e| e.to_string())
+}
+
+fn validate_owner(owner: &str) -> Result<(), ApiError> {
+    let ok = !owner.is_empty()
+        && owner.len() <= 128
+        && owner
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._:-".contains(c));
+    if !ok {
+        return Err(ApiError::invalid(format!(
+            "owner `{owner}` is invalid: use 1-128 letters, digits, `.`, `_`, `:` or `-` (a sandbox id, or pid:N)"
+        )));
+    }
+    Ok(())
+}
+
+fn validate_app(what: &str, app: &str) -> Result<(), ApiError> {
+    miren_disks::validate_name(app).map_err(|e| {
+        ApiError::invalid(format!(
+            "{what}: {}",
+            e.to_string().replace("disk name", "app name")
+        ))
+    })
+}
+
+fn publish_key(p: &PublishedPort) -> String {
+    format!("{}:{}:{}", p.host_ip, p.host_port, p.endpoint_port)
+}
+
+fn parse_publish_key(s: &str) -> Option<PublishedPort> {
+    let mut parts = s.rsplitn(3, ':');
+    let endpoint_port = parts.next()?.parse().ok()?;
+    let host_port = parts.next()?.parse().ok()?;
+    let host_ip = parts.next()?.parse().ok()?;
+    Some(PublishedPort {
+        host_ip,
+        host_port,
+        endpoint_port,
+    })
+}
+
+fn spec_of(row: &EndpointRow) -> EndpointSpec {
+    let mut spec = EndpointSpec::new(row.owner.clone(), row.app.clone(), row.ip);
+    spec.allow_from = row.allow_from.clone();
+    spec.publish = row
+        .publish
+        .iter()
+        .filter_map(|p| parse_publish_key(p))
+        .collect();
+    spec
+}
+
+impl NetService {
+    /// Makes sure the bridge and the agent's nftables tables exist, then returns the service.
+    pub async fn start(cfg: NetConfig, store: Arc<Store>) -> Result<NetService, ApiError> {
+        netns::ensure_bridge_and_table(&cfg).await?;
+        let resolv = netns::resolv_conf_from_host();
+        if let Some(warning) = resolv.warning {
+            warn!("{warning}");
+        }
+        Ok(NetService {
+            cfg,
+            store,
+            lock: Mutex::new(()),
+        })
+    }
+
+    pub fn config(&self) -> &NetConfig {
+        &self.cfg
+    }
+
+    fn view(&self, row: &EndpointRow) -> Endpoint {
+        let key = self.cfg.endpoint_key(&row.owner);
+        Endpoint {
+            owner: row.owner.clone(),
+            app: row.app.clone(),
+            ip: row.ip.to_string(),
+            gateway: self.cfg.gateway().to_string(),
+            netns_path: self.cfg.netns_path(&key).display().to_string(),
+            veth: key,
+            allow_from: row.allow_from.clone(),
+            publish: row
+                .publish
+                .iter()
+                .filter_map(|p| parse_publish_key(p))
+                .map(|p| PublishPort {
+                    host_ip: Some(p.host_ip.to_string()),
+                    host_port: p.host_port,
+                    port: p.endpoint_port,
+                })
+                .collect(),
+            status: row.status.clone(),
+            created_at: row.created_at.clone(),
+        }
+    }
+
+    pub fn list(&self) -> Result<Vec<Endpoint>, ApiError> {
+        Ok(self
+            .store
+            .endpoints()?
+            .iter()
+            .map(|r| self.view(r))
+            .collect())
+    }
+
+    pub fn get(&self, owner: &str) -> Result<Endpoint, ApiError> {
+        let row = self.store.endpoint(owner)?.ok_or_else(|| {
+            ApiError::not_found(format!(
+                "no endpoint for owner `{owner}`; `miren debug net list` shows them all"
+            ))
+        })?;
+        Ok(self.view(&row))
+    }
+
+    /// Rules for every endpoint not being deleted, applied atomically.
+    async fn apply(&self) -> Result<(), ApiError> {
+        let specs: Vec<EndpointSpec> = self
+            .store
+            .endpoints()?
+            .iter()
+            .filter(|r| r.status != "deleting")
+            .map(spec_of)
+            .collect();
+        netns::apply_rules(&self.cfg, &specs).await?;
+        Ok(())
+    }
+
+    fn next_address(&self, last: Option<Ipv4Addr>, used: &HashSet<Ipv4Addr>) -> Option<Ipv4Addr> {
+        let subnet = self.cfg.subnet();
+        let (first, end) = subnet.usable_range();
+        let (first, end) = (u32::from(first), u32::from(end));
+        let span = end - first + 1;
+        let start = last
+            .map(u32::from)
+            .filter(|l| (first..=end).contains(l))
+            .map_or(first, |l| if l == end { first } else { l + 1 });
+        (0..span)
+            .map(|i| Ipv4Addr::from(first + (start - first + i) % span))
+            .find(|ip| subnet.is_assignable(*ip) && !used.contains(ip))
+    }
+
+    pub async fn create(&self, req: &CreateEndpoint) -> Result<Endpoint, ApiError> {
+        validate_owner(&req.owner)?;
+        validate_app("app", &req.app)?;
+        for app in &req.allow_from {
+            validate_app("allow_from", app)?;
+        }
+        let mut publish = Vec::new();
+        for p in &req.publish {
+            let host_ip: Ipv4Addr = p
+                .host_ip
+                .as_deref()
+                .unwrap_or("127.0.0.1")
+                .parse()
+                .map_err(|_| ApiError::invalid("publish host_ip must be an IPv4 address"))?;
+            if p.host_port == 0 || p.port == 0 {
+                return Err(ApiError::invalid(
+                    "published ports must be between 1 and 65535",
+                ));
+            }
+            publish.push(PublishedPort {
+                host_ip,
+                host_port: p.host_port,
+                endpoint_port: p.port,
+            });
+        }
+        let owner = parse_holder(&req.owner)?;
+        let (owner_pid, owner_start_time) = owner.pid_and_start();
+        let _guard = self.lock.lock().await;
+
+        if let Some(existing) = self.store.endpoint(&req.owner)? {
+            let same = existing.app == req.app
+                && existing.allow_from == req.allow_from
+                && existing.publish == publish.iter().map(publish_key).collect::<Vec<_>>();
+            if same && existing.status == "ready" {
+                return Ok(self.view(&existing)); // a retried create
+            }
+        }
+        for other in self.store.endpoints()? {
+            for p in other.publish.iter().filter_map(|p| parse_publish_key(p)) {
+                if publish.iter().any(|q| {
+                    q.host_port == p.host_port
+                        && (q.host_ip == p.host_ip
+                            || q.host_ip.is_unspecified()
+                            || p.host_ip.is_unspecified())
+                }) {
+                    return Err(ApiError::conflict(format!(
+                        "host port {}:{} is already published by `{}`; pick another host port",
+                        p.host_ip, p.host_port, other.owner
+                    )));
+                }
+            }
+        }
+        let wanted = EndpointRow {
+            owner: req.owner.clone(),
+            app: req.app.clone(),
+            ip: Ipv4Addr::UNSPECIFIED,
+            allow_from: req.allow_from.clone(),
+            publish: publish.iter().map(publish_key).collect(),
+            status: "creating".into(),
+            owner_pid,
+            owner_start_time,
+            created_at: now_rfc3339(),
+        };
+        let subnet_key = self.cfg.subnet().to_string();
+        let row = self
+            .store
+            .insert_creating_endpoint(&wanted, &subnet_key, |last, used| {
+                self.next_address(last, used)
+            })?;
+        let made = async {
+            netns::create_endpoint(&self.cfg, &spec_of(&row)).await?;
+            self.apply().await
+        }
+        .await;
+        if let Err(err) = made {
+            warn!(owner = %row.owner, error = %err, "endpoint create failed; removing what it made");
+            if netns::delete_endpoint(&self.cfg, &row.owner).await.is_ok() {
+                self.store.remove_endpoint(&row.owner)?;
+                let _ = self.apply().await;
+            }
+            return Err(err);
+        }
+        self.store.set_endpoint_status(&row.owner, "ready")?;
+        info!(owner = %row.owner, app = %row.app, ip = %row.ip, "endpoint created");
+        self.get(&row.owner)
+    }
+
+    pub async fn delete(&self, owner: &str) -> Result<EndpointDeleted, ApiError> {
+        let _guard = self.lock.lock().await;
+        let Some(row) = self.store.endpoint(owner)? else {
+            return Ok(EndpointDeleted {
+                owner: owner.to_string(),
+                deleted: false,
+            });
+        };
+        self.remove(&row).await?;
+        info!(owner = %row.owner, ip = %row.ip, "endpoint deleted");
+        Ok(EndpointDeleted {
+            owner: owner.to_string(),
+            deleted: true,
+        })
+    }
+
+    /// Kernel objects first, then the address: an address is free only once nothing uses it.
+    async fn remove(&self, row: &EndpointRow) -> Result<(), ApiError> {
+        self.store.set_endpoint_status(&row.owner, "deleting")?;
+        netns::delete_endpoint(&self.cfg, &row.owner).await?;
+        self.store.remove_endpoint(&row.owner)?;
+        self.apply().await
+    }
+
+    /// Reconciliation: finishes or undoes interrupted creates and deletes, releases endpoints
+    /// whose owner is gone, removes kernel objects no endpoint owns, recreates what the kernel
+    /// lost, and re-applies the rules.
+    pub async fn gc(&self) -> Result<NetGcReport, ApiError> {
+        let _guard = self.lock.lock().await;
+        netns::ensure_bridge_and_table(&self.cfg).await?;
+        let mut report = NetGcReport::default();
+        for row in self.store.endpoints()? {
+            let interrupted = row.status == "creating" || row.status == "deleting";
+            let orphaned = holder_is_gone(row.owner_pid, row.owner_start_time);
+            if interrupted || orphaned {
+                self.store.set_endpoint_status(&row.owner, "deleting")?;
+                netns::delete_endpoint(&self.cfg, &row.owner).await?;
+                self.store.remove_endpoint(&row.owner)?;
+                let why = if orphaned {
+                    "owner gone"
+                } else {
+                    "interrupted"
+                };
+                info!(owner = %row.owner, ip = %row.ip, why, "released endpoint");
+                report.released.push(row.owner.clone());
+            }
+        }
+        let rows = self.store.endpoints()?;
+        let keys: HashSet<String> = rows
+            .iter()
+            .map(|r| self.cfg.endpoint_key(&r.owner))
+            .collect();
+        let kernel = netns::list_kernel_objects(&self.cfg).await?;
+        for object in &kernel.endpoints {
+            if !keys.contains(&object.key) {
+                netns::delete_endpoint_by_key(&self.cfg, &object.key).await?;
+                warn!(key = %object.key, owner = ?object.owner, "removed network objects no endpoint owns");
+                report.removed.push(object.key.clone());
+            }
+        }
+        for row in &rows {
+            let key = self.cfg.endpoint_key(&row.owner);
+            let whole = kernel
+                .endpoints
+                .iter()
+                .any(|o| o.key == key && o.host_veth && o.netns_mounted);
+            if whole && row.status == "ready" {
+                continue;
+            }
+            match netns::create_endpoint(&self.cfg, &spec_of(row)).await {
+                Ok(_) => {
+                    self.store.set_endpoint_status(&row.owner, "ready")?;
+                    info!(owner = %row.owner, "recreated an endpoint the kernel had lost");
+                    report.repaired.push(row.owner.clone());
+                }
+                Err(err) => {
+                    warn!(owner = %row.owner, error = %err, "could not recreate endpoint");
+                    self.store.set_endpoint_status(&row.owner, "failed")?;
+                    report.failed.push(row.owner.clone());
+                }
+            }
+        }
+        self.apply().await?;
+        Ok(report)
+    }
+
+    /// `miren agent --uninstall-network`: every endpoint, the bridge and the tables.
+    pub async fn uninstall(cfg: NetConfig, store: Arc<Store>) -> Result<usize, ApiError> {
+        let rows = store.endpoints()?;
+        for row in &rows {
+            netns::delete_endpoint(&cfg, &row.owner).await?;
+            store.remove_endpoint(&row.owner)?;
+        }
+        for object in netns::list_kernel_objects(&cfg).await?.endpoints {
+            netns::delete_endpoint_by_key(&cfg, &object.key).await?;
+        }
+        netns::uninstall(&cfg).await?;
+        Ok(rows.len())
+    }
+}

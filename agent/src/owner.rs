@@ -1,0 +1,76 @@
+//! Who holds a lease or owns an endpoint, and whether it still exists. A holder written
+//! `pid:N` is tied to process N (and its start time, so a reused pid does not count); any other
+//! string is an opaque name that exists until it is released.
+
+use std::fs;
+
+use crate::error::ApiError;
+
+pub enum Holder {
+    Process { pid: i64, start_time: i64 },
+    Named,
+}
+
+impl Holder {
+    pub fn pid_and_start(&self) -> (Option<i64>, Option<i64>) {
+        match self {
+            Holder::Process { pid, start_time } => (Some(*pid), Some(*start_time)),
+            Holder::Named => (None, None),
+        }
+    }
+}
+
+pub fn parse_holder(holder: &str) -> Result<Holder, ApiError> {
+    if holder.trim().is_empty() || holder.len() > 256 {
+        return Err(ApiError::invalid(
+            "a holder must be a non-empty string of at most 256 bytes (e.g. a sandbox id, or pid:1234)",
+        ));
+    }
+    let Some(pid) = holder.strip_prefix("pid:") else {
+        return Ok(Holder::Named);
+    };
+    let pid: i64 = pid.parse().ok().filter(|p| *p > 0).ok_or_else(|| {
+        ApiError::invalid(format!(
+            "`{holder}` is not a valid pid holder; write pid:N with N a process id"
+        ))
+    })?;
+    let start_time = process_start_time(pid)
+        .ok_or_else(|| ApiError::invalid(format!("`{holder}`: no process {pid} is running")))?;
+    Ok(Holder::Process { pid, start_time })
+}
+
+/// Start time (clock ticks since boot) of a process, from /proc/PID/stat field 22.
+pub fn process_start_time(pid: i64) -> Option<i64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may contain spaces and parentheses: skip past the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// True when a `pid:N` holder's process is gone; opaque holders never are.
+pub fn holder_is_gone(pid: Option<i64>, start_time: Option<i64>) -> bool {
+    match (pid, start_time) {
+        (Some(pid), Some(start)) => process_start_time(pid) != Some(start),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn holders() {
+        assert!(matches!(parse_holder("sandbox-1"), Ok(Holder::Named)));
+        assert!(parse_holder("").is_err());
+        assert!(parse_holder("pid:abc").is_err());
+        assert!(parse_holder("pid:0").is_err());
+        let me = format!("pid:{}", std::process::id());
+        let Ok(Holder::Process { pid, start_time }) = parse_holder(&me) else {
+            panic!("own pid not found")
+        };
+        assert!(!holder_is_gone(Some(pid), Some(start_time)));
+        assert!(holder_is_gone(Some(pid), Some(start_time + 1)));
+        assert!(!holder_is_gone(None, None));
+    }
+}
