@@ -67,8 +67,7 @@ fn backup(img: &Path, out: &str) -> Result<(), BoxErr> {
         write_snapshot(img, &meta, io::stdout().lock(), &opts, &mut NoProgress)?
     } else {
         let f = OpenOptions::new().write(true).create_new(true).open(out)?;
-        let s = write_snapshot(img, &meta, &f, &opts, &mut NoProgress)?;
-        s
+        write_snapshot(img, &meta, &f, &opts, &mut NoProgress)?
     };
     eprintln!(
         "backup: {} chunks, read {} stored {} wrote {} bytes, image {}",
