@@ -27,17 +27,27 @@ fn can_run() -> bool {
 }
 
 fn mkfs_ext4(img: &Path, size: u64) {
+    mkfs("ext4", img, size);
+}
+
+fn mkfs(fs: &str, img: &Path, size: u64) {
     sparse_file(img, size, &[]);
-    run(
-        "mkfs.ext4",
-        &[
-            "-q",
-            "-F",
-            "-E",
-            "lazy_itable_init=1,lazy_journal_init=1",
-            img.to_str().expect("utf8"),
-        ],
-    );
+    let p = img.to_str().expect("utf8");
+    match fs {
+        "ext4" => run(
+            "mkfs.ext4",
+            &[
+                "-q",
+                "-F",
+                "-E",
+                "lazy_itable_init=1,lazy_journal_init=1",
+                p,
+            ],
+        ),
+        "xfs" => run("mkfs.xfs", &["-q", "-f", p]),
+        "btrfs" => run("mkfs.btrfs", &["-q", "-f", p]),
+        other => panic!("no mkfs for {other}"),
+    };
 }
 
 /// Writes a tree of files and returns relative path -> contents.
@@ -80,10 +90,31 @@ fn check_tree(root: &Path, files: &BTreeMap<PathBuf, Vec<u8>>) {
 }
 
 fn fsck_clean(img: &Path) {
-    run("fsck.ext4", &["-n", "-f", img.to_str().expect("utf8")]);
+    fsck("ext4", img);
+}
+
+/// Read-only filesystem check; panics if the checker finds problems.
+fn fsck(fs: &str, img: &Path) {
+    let p = img.to_str().expect("utf8");
+    match fs {
+        "ext4" => run("fsck.ext4", &["-n", "-f", p]),
+        "xfs" => run("xfs_repair", &["-n", "-f", p]),
+        "btrfs" => run("btrfs", &["check", "--readonly", p]),
+        other => panic!("no fsck for {other}"),
+    };
 }
 
 fn snapshot_restore_check(work: &Path, img: &Path, files: &BTreeMap<PathBuf, Vec<u8>>, tag: &str) {
+    snapshot_restore_check_fs("ext4", work, img, files, tag)
+}
+
+fn snapshot_restore_check_fs(
+    fs: &str,
+    work: &Path,
+    img: &Path,
+    files: &BTreeMap<PathBuf, Vec<u8>>,
+    tag: &str,
+) {
     let (snap, sum) = snapshot_bytes(img, &Default::default());
     let snap_path = work.join(format!("{tag}.snap"));
     std::fs::write(&snap_path, &snap).expect("write snap");
@@ -109,7 +140,7 @@ fn snapshot_restore_check(work: &Path, img: &Path, files: &BTreeMap<PathBuf, Vec
         "{tag}: source alloc {a}, restored alloc {b}, stored {}",
         sum.data_bytes_stored
     );
-    fsck_clean(&restored);
+    fsck(fs, &restored);
 
     let mut m = LoopMount::new(&restored, &work.join(format!("{tag}-mnt")), true);
     check_tree(&m.mnt, files);
@@ -240,4 +271,29 @@ fn capture_extents_of_plain_sparse_file() {
     assert!(same_bytes(&src, &dst));
     let (a, b) = (allocated(&src), allocated(&dst));
     assert!(b.abs_diff(a) * 100 <= a, "capture alloc {b} vs {a}");
+}
+
+/// Same round trip on xfs and btrfs when their tools are installed (Debian: xfsprogs, btrfs-progs).
+#[test]
+fn xfs_and_btrfs_round_trip() {
+    if !can_run() {
+        return;
+    }
+    for (fs, mkfs_tool, fsck_tool, size) in [
+        ("xfs", "mkfs.xfs", "xfs_repair", 512 * M),
+        ("btrfs", "mkfs.btrfs", "btrfs", 256 * M),
+    ] {
+        if !have(mkfs_tool) || !have(fsck_tool) {
+            eprintln!("skipping {fs}: {mkfs_tool} or {fsck_tool} missing");
+            continue;
+        }
+        let work = tempdir();
+        let img = work.path().join(format!("{fs}.img"));
+        mkfs(fs, &img, size);
+        let mut m = LoopMount::new(&img, &work.path().join("mnt"), false);
+        let files = populate(&m.mnt, 31);
+        m.unmount();
+        fsck(fs, &img);
+        snapshot_restore_check_fs(fs, work.path(), &img, &files, fs);
+    }
 }

@@ -242,7 +242,7 @@ impl LoopMount {
             mounted: false,
             attached: true,
         };
-        let opts = if read_only { "ro,noload" } else { "rw" };
+        let opts = if read_only { "ro" } else { "rw" };
         run("mount", &["-o", opts, &g.dev, mnt.to_str().expect("utf8")]);
         g.mounted = true;
         g
