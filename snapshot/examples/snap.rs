@@ -62,7 +62,15 @@ fn backup(img: &Path, out: &str) -> Result<(), BoxErr> {
         created_at: SystemTime::now(),
         agent_version: env!("CARGO_PKG_VERSION").into(),
     };
-    let opts = WriteOptions::default();
+    // Knobs for experiments: SNAP_LEVEL (zstd level), SNAP_THREADS (0 = all cores).
+    let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse().ok());
+    let mut opts = WriteOptions::default();
+    if let Some(l) = env("SNAP_LEVEL") {
+        opts.level = l;
+    }
+    if let Some(t) = env("SNAP_THREADS") {
+        opts.threads = t as usize;
+    }
     let s = if out == "-" {
         write_snapshot(img, &meta, io::stdout().lock(), &opts, &mut NoProgress)?
     } else {

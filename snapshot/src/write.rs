@@ -22,7 +22,7 @@ use crate::Progress;
 pub struct WriteOptions {
     /// zstd level (1 is fast and usually enough for disk images).
     pub level: i32,
-    /// Compression threads; 0 means one per core.
+    /// Compression threads; 0 means one per core plus one.
     pub threads: usize,
     /// Logical bytes per chunk: a power of two from 64 KiB to 64 MiB.
     pub window_size: u32,
@@ -66,11 +66,13 @@ struct Encoded {
     data: Vec<u8>,
 }
 
+/// `n`, or for 0 one thread per core plus one: a thread waiting on a cold-cache read then
+/// does not leave a core idle.
 pub(crate) fn threads_or_cores(n: usize) -> usize {
     if n > 0 {
         n
     } else {
-        std::thread::available_parallelism().map_or(2, |n| n.get())
+        std::thread::available_parallelism().map_or(2, |n| n.get()) + 1
     }
 }
 
