@@ -330,3 +330,69 @@ fn random_mutations_never_panic_or_escape() {
     eprintln!("mutations: {errors} rejected, {benign} benign");
     assert!(errors > 0);
 }
+
+/// Rewrites a record's payload field and fixes up the record's own check, as if the writer had
+/// produced a wrong checksum: only the deeper check can catch it.
+fn patch_record(
+    snap: &[u8],
+    frame_start: usize,
+    frame_len: usize,
+    at: usize,
+    bytes: &[u8],
+) -> Vec<u8> {
+    let mut out = snap.to_vec();
+    let p = frame_start + 8;
+    out[p + at..p + at + bytes.len()].copy_from_slice(bytes);
+    let end = frame_start + frame_len;
+    let h = blake3::hash(&out[p..end - 32]);
+    out[end - 32..end].copy_from_slice(h.as_bytes());
+    out
+}
+
+#[test]
+fn wrong_window_and_image_checksums_are_caught() {
+    let work = tempdir();
+    let (snap, _) = fixture(work.path());
+    let c = chunk_frames(&snap);
+    let rdir = tempdir();
+
+    // Window checksum of chunk 6 wrong, its header check consistent: the data check fails.
+    let (hs, hl, _, _) = c[6];
+    let bad = patch_record(&snap, hs, hl, 16, &[0xAB; 32]);
+    let e = expect_err(&bad, rdir.path());
+    assert!(e.to_string().contains("checksum mismatch"), "{e}");
+    assert_eq!(
+        e.bad_chunk(),
+        Some((6, Some(chunk_window(&snap, hs) * (64 << 10)))),
+        "{e}"
+    );
+
+    // Whole-image checksum wrong in an otherwise consistent trailer.
+    let (_, ts, tl) = *frames(&snap).last().expect("trailer");
+    let bad = patch_record(&snap, ts, tl, 24, &[0xCD; 32]);
+    let e = expect_err(&bad, rdir.path());
+    assert!(matches!(e, Error::CorruptTrailer { .. }), "{e}");
+    assert!(e.to_string().contains("whole-image checksum"), "{e}");
+}
+
+#[test]
+fn plain_zstd_test_catches_damaged_data_too() {
+    if !have("zstd") {
+        eprintln!("skipping: zstd binary missing");
+        return;
+    }
+    let work = tempdir();
+    let (snap, _) = fixture(work.path());
+    let (_, _, ds, dl) = chunk_frames(&snap)[2];
+    let mut bad = snap.clone();
+    bad[ds + dl / 2] ^= 0x20;
+    let p = work.path().join("bad.zst");
+    std::fs::write(&p, &bad).expect("write");
+    let st = std::process::Command::new("zstd")
+        .arg("-qt")
+        .arg(&p)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("run zstd");
+    assert!(!st.success(), "zstd -t accepted damaged data");
+}
