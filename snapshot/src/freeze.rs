@@ -3,6 +3,7 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
@@ -21,7 +22,11 @@ pub struct FreezeGuard {
 
 /// Freezes the filesystem mounted at `mount_path`: flushes it and blocks new writes until
 /// thawed. Keep the guard only as long as the point-in-time copy takes.
+///
+/// Refuses paths that are not mount points and the root filesystem: FIFREEZE freezes whatever
+/// filesystem holds the path, and freezing the node's own root would hang the agent.
 pub fn freeze(mount_path: &Path) -> Result<FreezeGuard> {
+    check_mount_point(mount_path)?;
     let dir = open_dir(mount_path)?;
     if let Err(e) = ioctl(&dir, FIFREEZE) {
         if e.raw_os_error() == Some(libc::EBUSY) {
@@ -78,6 +83,27 @@ pub fn thaw(mount_path: &Path) -> Result<bool> {
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(false),
         Err(e) => Err(Error::io(format!("thaw {}", mount_path.display()), e)),
     }
+}
+
+fn check_mount_point(p: &Path) -> Result<()> {
+    let stat =
+        |q: &Path| std::fs::metadata(q).map_err(|e| Error::io(format!("stat {}", q.display()), e));
+    let me = stat(p)?;
+    let parent = stat(&p.join(".."))?;
+    // Same device and inode as "..": this is "/" (of our mount namespace).
+    if me.dev() == parent.dev() && me.ino() == parent.ino() {
+        return Err(Error::InvalidInput(format!(
+            "refusing to freeze {}: it is the root filesystem",
+            p.display()
+        )));
+    }
+    if me.dev() == parent.dev() {
+        return Err(Error::InvalidInput(format!(
+            "refusing to freeze {}: it is not a mount point (pass the disk's mount path)",
+            p.display()
+        )));
+    }
+    Ok(())
 }
 
 fn open_dir(p: &Path) -> Result<File> {

@@ -174,6 +174,13 @@ fn freeze_blocks_writes_and_guard_thaws() {
     let mnt = m.mnt.clone();
 
     assert!(!thaw(&mnt).expect("thaw of a thawed fs is fine"));
+    // Never the node's root or a plain directory (that would freeze the filesystem holding it).
+    assert!(matches!(
+        freeze(Path::new("/")),
+        Err(Error::InvalidInput(_))
+    ));
+    assert!(matches!(freeze(work.path()), Err(Error::InvalidInput(_))));
+    assert!(matches!(freeze(&mnt.join("nope")), Err(Error::Io { .. })));
     let guard = freeze(&mnt).expect("freeze");
     assert!(matches!(freeze(&mnt), Err(Error::AlreadyFrozen { .. })));
 

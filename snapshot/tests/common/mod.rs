@@ -251,8 +251,24 @@ impl LoopMount {
     pub fn unmount(&mut self) {
         if self.mounted {
             let _ = miren_snapshot::thaw(&self.mnt);
-            run("umount", &[self.mnt.to_str().expect("utf8")]);
-            self.mounted = false;
+            let m = self.mnt.to_str().expect("utf8");
+            // A child forked by a parallel test can hold an fd into the mount for a moment
+            // (until its exec closes it); retry briefly on "busy".
+            for _ in 0..50 {
+                let o = Command::new("umount").arg(m).output().expect("run umount");
+                if o.status.success() {
+                    self.mounted = false;
+                    break;
+                }
+                assert!(
+                    String::from_utf8_lossy(&o.stderr).contains("busy"),
+                    "umount {m} failed: {}",
+                    String::from_utf8_lossy(&o.stderr)
+                );
+                eprintln!("umount {m}: busy, retrying");
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            assert!(!self.mounted, "{m} stayed busy");
         }
         if self.attached {
             run("losetup", &["-d", &self.dev]);
