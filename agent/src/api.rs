@@ -22,7 +22,7 @@ use crate::disks::{DiskService, DEFAULT_LEASE_TIMEOUT};
 use crate::error::ApiError;
 use crate::model::{
     AcquireLease, AgentInfo, CreateDisk, CreateEndpoint, Disk, Endpoint, EndpointDeleted,
-    ErrorBody, Lease, NetGcReport, ReleaseResult, ResizeDisk,
+    ErrorBody, Lease, NetGcReport, ReleaseResult, ResizeDisk, RestoreQuery, RestoreResult,
 };
 use crate::net::NetService;
 
@@ -67,6 +67,16 @@ pub struct Body<T>(pub T);
 #[from_request(via(axum::extract::Path), rejection(ApiError))]
 pub struct PathParam<T>(pub T);
 
+#[derive(FromRequestParts)]
+#[from_request(via(axum::extract::Query), rejection(ApiError))]
+pub struct QueryParam<T>(pub T);
+
+impl From<axum::extract::rejection::QueryRejection> for ApiError {
+    fn from(rejection: axum::extract::rejection::QueryRejection) -> Self {
+        ApiError::invalid(format!("invalid query: {}", rejection.body_text()))
+    }
+}
+
 impl From<JsonRejection> for ApiError {
     fn from(rejection: JsonRejection) -> Self {
         ApiError::invalid(format!("invalid request body: {}", rejection.body_text()))
@@ -102,6 +112,8 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(list_endpoints, create_endpoint))
         .routes(routes!(get_endpoint, delete_endpoint))
         .routes(routes!(gc_endpoints))
+        .routes(routes!(backup_disk))
+        .routes(routes!(restore_disk))
 }
 
 /// The OpenAPI document of every route, generated from the code.
@@ -404,6 +416,108 @@ async fn gc_endpoints(State(state): State<AppState>) -> Result<Json<NetGcReport>
         .map(Json)
 }
 
+/// Headers of a backup response.
+pub const FREEZE_SECONDS_HEADER: &str = "x-miren-freeze-seconds";
+pub const DATA_BYTES_HEADER: &str = "x-miren-data-bytes";
+pub const DISK_SIZE_HEADER: &str = "x-miren-disk-size";
+
+#[utoipa::path(post, path = "/v1/disks/{disk}/backup", tag = "backups",
+    params(("disk" = String, Path, description = "Disk id (disk_...) or name")),
+    responses(
+        (status = 200, description = "The snapshot, streamed: a sequence of zstd frames (docs/snapshot-format.md). A mounted, writable filesystem is frozen only while its data is copied aside; the header x-miren-freeze-seconds says for how long, x-miren-data-bytes how much data is to come uncompressed.",
+            content_type = "application/octet-stream", body = Vec<u8>),
+        (status = 404, body = ErrorBody),
+        (status = 409, description = "The disk is busy (resizing, deleting, another backup)", body = ErrorBody)))]
+async fn backup_disk(
+    State(state): State<AppState>,
+    PathParam(disk): PathParam<String>,
+) -> Result<Response, ApiError> {
+    let disks = state.disks.clone();
+    let capture = blocking(move || disks.capture_for_backup(&disk)).await?;
+    let mut headers = axum::http::HeaderMap::new();
+    let header = |v: String| axum::http::HeaderValue::from_str(&v).ok();
+    if let Some(secs) = capture
+        .freeze_seconds
+        .and_then(|s| header(format!("{s:.6}")))
+    {
+        headers.insert(FREEZE_SECONDS_HEADER, secs);
+    }
+    if let Some(v) = header(capture.copied_bytes.to_string()) {
+        headers.insert(DATA_BYTES_HEADER, v);
+    }
+    if let Some(v) = header(capture.meta.size_bytes.to_string()) {
+        headers.insert(DISK_SIZE_HEADER, v);
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    tokio::task::spawn_blocking(move || {
+        let mut out = crate::stream::ChannelWriter::new(tx.clone());
+        let written = miren_snapshot::write_snapshot(
+            &capture.path,
+            &capture.meta,
+            &mut out,
+            &miren_snapshot::WriteOptions::default(),
+            &mut miren_snapshot::NoProgress,
+        )
+        .map_err(|e| e.to_string())
+        .and_then(|summary| {
+            std::io::Write::flush(&mut out).map_err(|e| e.to_string())?;
+            Ok(summary)
+        });
+        match written {
+            Ok(summary) => {
+                info!(disk = %capture.meta.name, bytes = summary.compressed_bytes_written, checksum = %summary.image_checksum, "backup streamed")
+            }
+            Err(e) => {
+                warn!(disk = %capture.meta.name, error = %e, "backup stream failed");
+                // An error frame aborts the response, so the client never mistakes a
+                // truncated stream for a whole snapshot.
+                let _ = tx.blocking_send(Err(std::io::Error::other(e)));
+            }
+        }
+        drop(capture);
+    });
+    let body = axum::body::Body::new(http_body_util::StreamBody::new(
+        tokio_stream::wrappers::ReceiverStream::new(rx),
+    ));
+    let mut response = Response::new(body);
+    *response.headers_mut() = headers;
+    response.headers_mut().insert(
+        axum::http::header::CONTENT_TYPE,
+        axum::http::HeaderValue::from_static("application/octet-stream"),
+    );
+    Ok(response)
+}
+
+#[utoipa::path(post, path = "/v1/disks/restore", tag = "backups", params(RestoreQuery),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "A snapshot written by a backup"),
+    responses(
+        (status = 200, description = "Restored: verified completely, then swapped in", body = RestoreResult),
+        (status = 400, description = "Not a snapshot, corrupt (the first bad chunk is named), or a newer format", body = ErrorBody),
+        (status = 409, description = "The disk exists (use force) or is leased", body = ErrorBody),
+        (status = 507, description = "No space left for the new image", body = ErrorBody)))]
+async fn restore_disk(
+    State(state): State<AppState>,
+    QueryParam(query): QueryParam<RestoreQuery>,
+    body: axum::body::Body,
+) -> Result<Json<RestoreResult>, ApiError> {
+    let mut input = crate::stream::forward_body(body);
+    let disks = state.disks.clone();
+    let restored = blocking(move || {
+        let result = disks.restore(&mut input, query.name, query.force);
+        if result.is_err() {
+            input.drain();
+        }
+        result
+    })
+    .await?;
+    Ok(Json(RestoreResult {
+        disk: restored.disk,
+        replaced: restored.replaced,
+        image_checksum: restored.image_checksum,
+        data_bytes: restored.data_bytes,
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -438,6 +552,8 @@ mod tests {
             "/v1/endpoints",
             "/v1/endpoints/{owner}",
             "/v1/endpoints/gc",
+            "/v1/disks/{disk}/backup",
+            "/v1/disks/restore",
         ] {
             assert!(doc.paths.paths.contains_key(path), "{path} missing");
         }

@@ -30,11 +30,68 @@ pub struct Cli {
 pub enum Command {
     /// Run the node agent in the foreground.
     Agent(AgentArgs),
+    /// Disk backups: run on the node that has the disk.
+    Disk {
+        #[command(subcommand)]
+        command: DiskBackupCommand,
+    },
     /// Low-level commands for operators.
     Debug {
         #[command(subcommand)]
         command: DebugCommand,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DiskBackupCommand {
+    /// Write a consistent, compressed, checksummed snapshot of a disk.
+    Backup {
+        #[arg(short = 'n', long = "name")]
+        name: String,
+        /// Output file or directory; `-` for stdout. Default: NAME-YYYYMMDD-HHMMSS.miren.zst here.
+        #[arg(short = 'o', long = "output")]
+        output: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Recreate a disk from a snapshot (verified completely before anything changes).
+    Restore {
+        /// Snapshot file; `-` for stdin.
+        #[arg(short = 's', long = "snapshot")]
+        snapshot: String,
+        /// Restore under this name instead of the one recorded in the snapshot.
+        #[arg(short = 'n', long = "name")]
+        name: Option<String>,
+        /// Replace the contents of an existing disk (refused while it is leased).
+        #[arg(long)]
+        force: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check a whole snapshot (structure and every checksum) without restoring it.
+    Verify {
+        #[arg(short = 's', long = "snapshot")]
+        snapshot: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub async fn run_disk_backup(client: &Client, command: DiskBackupCommand) -> Result<()> {
+    match command {
+        DiskBackupCommand::Backup { name, output, json } => {
+            crate::snapshot_cli::backup(client, &name, output.as_deref(), json).await
+        }
+        DiskBackupCommand::Restore {
+            snapshot,
+            name,
+            force,
+            json,
+        } => crate::snapshot_cli::restore(client, &snapshot, name.as_deref(), force, json).await,
+        DiskBackupCommand::Verify { snapshot, json } => {
+            crate::snapshot_cli::verify(&snapshot, json)
+        }
+    }
 }
 
 #[derive(Args, Debug)]

@@ -62,6 +62,52 @@ impl Client {
             .map_err(|e| ClientError::Protocol(format!("unexpected response: {e}")))
     }
 
+    /// Sends a request with a streaming body; returns the response (errors already mapped).
+    pub async fn send<B>(
+        &self,
+        method: Method,
+        path: &str,
+        body: B,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, ClientError>
+    where
+        B: hyper::body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let stream =
+            UnixStream::connect(&self.socket)
+                .await
+                .map_err(|source| ClientError::Connect {
+                    socket: self.socket.clone(),
+                    source,
+                })?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        tokio::spawn(conn);
+        let request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "miren-agent")
+            .header("content-type", "application/octet-stream")
+            .body(body)
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| ClientError::Protocol(format!("the agent closed the connection: {e}")))?;
+        if response.status().is_success() {
+            return Ok(response);
+        }
+        let status = response.status();
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| ClientError::Protocol(e.to_string()))?
+            .to_bytes();
+        Err(error_from(status, &bytes))
+    }
+
     pub async fn raw<B: Serialize>(
         &self,
         method: Method,
@@ -104,16 +150,20 @@ impl Client {
         if status.is_success() {
             return Ok(bytes);
         }
-        match serde_json::from_slice::<ErrorBody>(&bytes) {
-            Ok(err) => Err(ClientError::Api {
-                status,
-                code: err.code,
-                message: err.message,
-            }),
-            Err(_) => Err(ClientError::Protocol(format!(
-                "agent answered {status}: {}",
-                String::from_utf8_lossy(&bytes)
-            ))),
-        }
+        Err(error_from(status, &bytes))
+    }
+}
+
+fn error_from(status: StatusCode, bytes: &[u8]) -> ClientError {
+    match serde_json::from_slice::<ErrorBody>(bytes) {
+        Ok(err) => ClientError::Api {
+            status,
+            code: err.code,
+            message: err.message,
+        },
+        Err(_) => ClientError::Protocol(format!(
+            "agent answered {status}: {}",
+            String::from_utf8_lossy(bytes)
+        )),
     }
 }

@@ -51,6 +51,10 @@ impl KernelView {
 }
 
 impl DiskService {
+    pub(crate) fn store(&self) -> &Store {
+        &self.store
+    }
+
     pub fn new(cfg: AgentConfig, store: Arc<Store>) -> Result<DiskService, String> {
         for dir in [cfg.images_dir(), cfg.mounts_dir(), cfg.local_dir()] {
             fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
@@ -128,7 +132,7 @@ impl DiskService {
     }
 
     /// Removes everything a disk has on the host: mount, loop devices, image. Safe to repeat.
-    fn teardown(&self, row: &DiskRow) -> Result<(), ApiError> {
+    pub(crate) fn teardown(&self, row: &DiskRow) -> Result<(), ApiError> {
         let image = self.cfg.image_path(&row.id);
         let mount_path = self.cfg.mount_path(&row.id);
         kernel::unmount(&mount_path)?;
@@ -235,7 +239,7 @@ impl DiskService {
     /// Makes sure the disk is attached exactly once and mounted at its mount path; returns the
     /// loop device. An existing loop device of the image is always reused: mounting the same
     /// filesystem through a second device would corrupt it.
-    fn ensure_attached(&self, row: &DiskRow) -> Result<PathBuf, ApiError> {
+    pub(crate) fn ensure_attached(&self, row: &DiskRow) -> Result<PathBuf, ApiError> {
         let fs = parse_fs(&row.filesystem)?;
         let image = self.cfg.image_path(&row.id);
         let mount_path = self.cfg.mount_path(&row.id);
@@ -303,6 +307,7 @@ impl DiskService {
                     info!(disk = %row.name, size_gb = row.size_gb, "finished an interrupted resize");
                     self.store.set_status(&row.id, DiskStatus::Ready, None)
                 }),
+                DiskStatus::Restoring => self.finish_interrupted_restore(row),
                 DiskStatus::Ready | DiskStatus::Error => {
                     self.ensure_attached(row).and_then(|_| {
                         if row.status == DiskStatus::Error {
@@ -321,7 +326,8 @@ impl DiskService {
                 }
             }
         }
-        self.remove_strays()
+        self.remove_strays()?;
+        self.recover_backups()
     }
 
     /// Mounts, mount points and loop devices under our directories that no disk owns.
@@ -356,6 +362,12 @@ impl DiskService {
         if let Ok(entries) = fs::read_dir(self.cfg.images_dir()) {
             for entry in entries.flatten() {
                 let name = entry.file_name().to_string_lossy().into_owned();
+                if name.starts_with("restore-") && name.ends_with(".img.tmp") {
+                    // A restore that never reached its swap: every restoring row was settled above.
+                    warn!(image = %entry.path().display(), "removing an unfinished restore");
+                    kernel::remove_image(&entry.path())?;
+                    continue;
+                }
                 let Some(id) = name.strip_suffix(".img") else {
                     continue;
                 };

@@ -2,6 +2,7 @@
 //! CLI that drives it over a Unix socket.
 
 pub mod api;
+pub mod backup;
 pub mod cli;
 pub mod client;
 pub mod config;
@@ -11,5 +12,7 @@ pub mod model;
 pub mod net;
 pub mod owner;
 pub mod server;
+pub mod snapshot_cli;
 pub mod state;
+pub mod stream;
 pub mod util;

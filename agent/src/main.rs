@@ -8,6 +8,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Agent(args) => run_agent(&args, cli.socket),
+        Command::Disk { command } => run_client(
+            |client| async move { cli::run_disk_backup(&client, command).await },
+            &cli.socket,
+        ),
         Command::Debug { command } => run_client(
             |client| async move { cli::run_debug(&client, command).await },
             &cli.socket,

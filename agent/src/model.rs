@@ -185,3 +185,23 @@ pub struct NetGcReport {
     /// Endpoints that could not be repaired.
     pub failed: Vec<String>,
 }
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct RestoreResult {
+    pub disk: Disk,
+    /// True when an existing disk's contents were replaced (`force`).
+    pub replaced: bool,
+    /// Whole-image checksum of the restored image (see docs/snapshot-format.md).
+    pub image_checksum: String,
+    /// Non-zero image bytes the snapshot held.
+    pub data_bytes: u64,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, utoipa::IntoParams)]
+pub struct RestoreQuery {
+    /// Disk to restore into (default: the name recorded in the snapshot).
+    pub name: Option<String>,
+    /// Replace an existing disk's contents (never while it is leased).
+    #[serde(default)]
+    pub force: bool,
+}

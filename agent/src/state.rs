@@ -53,6 +53,12 @@ const MIGRATIONS: &[&str] = &[
         subnet TEXT PRIMARY KEY,
         last_ip TEXT NOT NULL
     );",
+    // 3: restores in flight. The new image is fully written and verified beside the old one
+    // before the row says `restoring`; after a crash, the presence of that file tells whether
+    // the swap happened.
+    "ALTER TABLE disks ADD COLUMN restore_image TEXT;
+     ALTER TABLE disks ADD COLUMN restore_size_gb INTEGER;
+     ALTER TABLE disks ADD COLUMN restore_filesystem TEXT;",
 ];
 
 /// Lifecycle of a disk row. `Creating` and `Deleting` mark operations in flight: after a crash,
@@ -63,6 +69,7 @@ pub enum DiskStatus {
     Ready,
     Resizing,
     Deleting,
+    Restoring,
     Error,
 }
 
@@ -73,6 +80,7 @@ impl DiskStatus {
             DiskStatus::Ready => "ready",
             DiskStatus::Resizing => "resizing",
             DiskStatus::Deleting => "deleting",
+            DiskStatus::Restoring => "restoring",
             DiskStatus::Error => "error",
         }
     }
@@ -82,6 +90,7 @@ impl DiskStatus {
             "ready" => DiskStatus::Ready,
             "resizing" => DiskStatus::Resizing,
             "deleting" => DiskStatus::Deleting,
+            "restoring" => DiskStatus::Restoring,
             _ => DiskStatus::Error,
         }
     }
@@ -464,6 +473,97 @@ impl Store {
         let mut stmt = conn.prepare("SELECT app, created_at FROM local_storage ORDER BY app")?;
         let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+}
+
+/// A restore waiting to be swapped in: the verified image beside the old one, and what the
+/// disk becomes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PendingRestore {
+    pub image: String,
+    pub size_gb: u64,
+    pub filesystem: String,
+}
+
+impl Store {
+    /// Marks an existing disk `restoring`, refusing while it is leased (in the same
+    /// transaction, so no lease can be granted meanwhile).
+    pub fn begin_restore(&self, id: &str, pending: &PendingRestore) -> Result<(), ApiError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let disk = tx
+            .query_row(
+                &format!("SELECT {DISK_COLUMNS} FROM disks WHERE id = ?1"),
+                [id],
+                disk_from_row,
+            )
+            .optional()?
+            .ok_or_else(|| ApiError::not_found(format!("disk {id} does not exist")))?;
+        let holder: Option<(String, String)> = tx
+            .query_row(
+                "SELECT holder, acquired_at FROM leases WHERE disk_id = ?1",
+                [id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        if let Some((holder, since)) = holder {
+            return Err(ApiError::conflict(format!(
+                "disk `{}` is in use by `{holder}` (since {since}); stop the app that holds it, then restore",
+                disk.name
+            )));
+        }
+        if !matches!(disk.status, DiskStatus::Ready | DiskStatus::Error) {
+            return Err(ApiError::busy(format!(
+                "disk `{}` is {}; retry when that finishes",
+                disk.name,
+                disk.status.as_str()
+            )));
+        }
+        tx.execute(
+            "UPDATE disks SET status = 'restoring', restore_image = ?2, restore_size_gb = ?3,
+             restore_filesystem = ?4 WHERE id = ?1",
+            params![
+                id,
+                pending.image,
+                pending.size_gb as i64,
+                pending.filesystem
+            ],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn pending_restore(&self, id: &str) -> Result<Option<PendingRestore>, ApiError> {
+        let row: Option<(Option<String>, Option<i64>, Option<String>)> = self
+            .conn()
+            .query_row(
+                "SELECT restore_image, restore_size_gb, restore_filesystem FROM disks WHERE id = ?1",
+                [id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()?;
+        Ok(match row {
+            Some((Some(image), Some(size_gb), Some(filesystem))) => Some(PendingRestore {
+                image,
+                size_gb: size_gb as u64,
+                filesystem,
+            }),
+            _ => None,
+        })
+    }
+
+    /// Ends a restore: with `applied`, the disk takes the restored size and filesystem.
+    pub fn end_restore(&self, id: &str, applied: bool) -> Result<(), ApiError> {
+        let sql = if applied {
+            "UPDATE disks SET size_gb = restore_size_gb, filesystem = restore_filesystem,
+             status = 'ready', error = NULL, restore_image = NULL, restore_size_gb = NULL,
+             restore_filesystem = NULL WHERE id = ?1 AND restore_image IS NOT NULL"
+        } else {
+            "UPDATE disks SET status = 'ready', restore_image = NULL, restore_size_gb = NULL,
+             restore_filesystem = NULL WHERE id = ?1"
+        };
+        self.conn().execute(sql, [id])?;
+        Ok(())
     }
 }
 

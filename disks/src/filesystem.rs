@@ -44,7 +44,9 @@ impl Filesystem {
     pub(crate) fn mount_options(self) -> &'static str {
         match self {
             Filesystem::Ext4 => "discard,noinit_itable",
-            Filesystem::Xfs => "discard",
+            // A restored copy has its source's UUID; XFS refuses a second mount of a UUID
+            // unless told that is fine (it is: our filesystems are single-device).
+            Filesystem::Xfs => "discard,nouuid",
             Filesystem::Btrfs => "discard=async",
         }
     }

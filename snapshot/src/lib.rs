@@ -17,6 +17,7 @@ mod error;
 mod extents;
 mod format;
 mod freeze;
+mod observe;
 mod read;
 mod write;
 
@@ -24,6 +25,7 @@ pub use error::{Error, Result};
 pub use extents::capture_extents;
 pub use format::{Filesystem, SnapshotInfo, SnapshotMeta, FORMAT_VERSION};
 pub use freeze::{freeze, thaw, FreezeGuard};
+pub use observe::{StreamObserver, TrailerSummary};
 pub use read::{ReadSummary, SnapshotReader};
 pub use write::{write_snapshot, Summary, WriteOptions};
 

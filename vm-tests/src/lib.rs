@@ -66,6 +66,7 @@ pub struct TestAgent {
 pub struct AgentBuilder {
     env: Vec<(String, String)>,
     args: Vec<String>,
+    data_dir: Option<PathBuf>,
 }
 
 impl AgentBuilder {
@@ -77,13 +78,18 @@ impl AgentBuilder {
         self.args.push(arg.into());
         self
     }
+    /// Keep the data dir somewhere else (e.g. on a small filesystem to fill up).
+    pub fn data_dir(mut self, dir: &Path) -> Self {
+        self.data_dir = Some(dir.to_path_buf());
+        self
+    }
     pub fn start(self) -> TestAgent {
         require_root();
         let id = random_hex(6);
         let root = PathBuf::from(format!("/tmp/mrtst-{id}"));
         fs::create_dir_all(&root).expect("test root");
         let mut agent = TestAgent {
-            data_dir: root.join("data"),
+            data_dir: self.data_dir.unwrap_or_else(|| root.join("data")),
             run_dir: root.join("run"),
             subnet: unique_subnet(),
             socket: root.join("agent.sock"),
@@ -104,6 +110,7 @@ impl TestAgent {
         AgentBuilder {
             env: Vec::new(),
             args: Vec::new(),
+            data_dir: None,
         }
     }
 
@@ -380,6 +387,52 @@ impl Drop for TestAgent {
         self.kill9();
         let _ = self.uninstall_network();
         remove_network_leftovers(&self.prefix);
+        if !self.data_dir.starts_with(&self.root) {
+            remove_everything_under(&self.data_dir);
+        }
+        remove_everything_under(&self.root);
+    }
+}
+
+/// A small loop-backed ext4 filesystem, to run out of space on purpose.
+pub struct SmallFs {
+    pub root: PathBuf,
+    pub mount: PathBuf,
+}
+
+impl SmallFs {
+    pub fn new(size_mb: u64) -> SmallFs {
+        require_root();
+        let root = PathBuf::from(format!("/tmp/mrtst-fs-{}", random_hex(6)));
+        let mount = root.join("mnt");
+        fs::create_dir_all(&mount).expect("small fs dir");
+        let image = root.join("fs.img");
+        let fs = SmallFs { root, mount };
+        let run = |args: &[&str]| {
+            let out = Command::new(args[0])
+                .args(&args[1..])
+                .output()
+                .expect("run");
+            assert!(
+                out.status.success(),
+                "{args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout).trim().to_string()
+        };
+        let image_s = image.display().to_string();
+        run(&["truncate", "-s", &format!("{size_mb}M"), &image_s]);
+        let dev = run(&["losetup", "-f", "--show", &image_s]);
+        run(&["mkfs.ext4", "-q", "-F", &dev]);
+        run(&["mount", &dev, &fs.mount.display().to_string()]);
+        // The mount holds the device; let the kernel detach it when unmounted.
+        run(&["losetup", "-d", &dev]);
+        fs
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
         remove_everything_under(&self.root);
     }
 }

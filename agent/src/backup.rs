@@ -1,0 +1,353 @@
+//! Disk backups and restores. A backup freezes the mounted filesystem only while the image's
+//! allocated extents are copied aside, then compresses from the copy. A restore writes and
+//! verifies a complete new image beside the old one and only then swaps it in with a rename.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Read;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
+
+use axum::http::StatusCode;
+use miren_disks::{self as kernel, Filesystem, GIB};
+use miren_snapshot::{self as snapshot, SnapshotMeta, SnapshotReader};
+use tracing::{info, warn};
+
+use crate::disks::{DiskService, MAX_SIZE_GB};
+use crate::error::ApiError;
+use crate::model::Disk;
+use crate::state::{DiskRow, DiskStatus, PendingRestore};
+use crate::util::{new_id, now_rfc3339};
+
+/// A point-in-time copy of a disk's image, removed when dropped.
+pub struct Capture {
+    pub path: PathBuf,
+    pub meta: SnapshotMeta,
+    /// How long the filesystem was frozen, when it was mounted writable.
+    pub freeze_seconds: Option<f64>,
+    pub copied_bytes: u64,
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
+pub struct Restored {
+    pub disk: Disk,
+    pub replaced: bool,
+    pub image_checksum: String,
+    pub data_bytes: u64,
+}
+
+fn snapshot_fs(fs: Filesystem) -> snapshot::Filesystem {
+    match fs {
+        Filesystem::Ext4 => snapshot::Filesystem::Ext4,
+        Filesystem::Xfs => snapshot::Filesystem::Xfs,
+        Filesystem::Btrfs => snapshot::Filesystem::Btrfs,
+    }
+}
+
+impl From<snapshot::Error> for ApiError {
+    fn from(err: snapshot::Error) -> Self {
+        if err.is_corruption() || matches!(err, snapshot::Error::UnsupportedVersion { .. }) {
+            return ApiError::invalid(format!("{err}; nothing was changed"));
+        }
+        match &err {
+            snapshot::Error::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => {
+                ApiError::new(
+                    StatusCode::INSUFFICIENT_STORAGE,
+                    "no_space",
+                    format!("{err}: free space on the node and retry; nothing was changed"),
+                )
+            }
+            snapshot::Error::AlreadyFrozen { .. } => ApiError::busy(format!(
+                "{err}; another backup is running, retry when it ends"
+            )),
+            _ => ApiError::internal(err.to_string()),
+        }
+    }
+}
+
+impl DiskService {
+    pub(crate) fn tmp_dir(&self) -> PathBuf {
+        self.cfg.data_dir.join("tmp")
+    }
+
+    /// Copies the disk's data aside, consistently: a mounted, writable filesystem is frozen
+    /// (FIFREEZE) for exactly as long as the copy of its allocated extents takes.
+    pub fn capture_for_backup(&self, id_or_name: &str) -> Result<Capture, ApiError> {
+        let row = self.find(id_or_name)?;
+        if row.status != DiskStatus::Ready {
+            return Err(ApiError::busy(format!(
+                "disk `{}` is {}; back it up once that finishes",
+                row.name,
+                row.status.as_str()
+            )));
+        }
+        let fs: Filesystem = row.filesystem.parse().map_err(ApiError::internal)?;
+        let image = self.cfg.image_path(&row.id);
+        let mount_path = self.cfg.mount_path(&row.id);
+        fs::create_dir_all(self.tmp_dir()).map_err(|e| {
+            ApiError::internal(format!("creating {}: {e}", self.tmp_dir().display()))
+        })?;
+        let path = self.tmp_dir().join(format!(
+            "backup-{}-{}.img",
+            row.id,
+            crate::util::new_id("t")
+        ));
+        let mounted = kernel::mount_point_of(&mount_path)?.is_some();
+        let mut capture = Capture {
+            path,
+            meta: SnapshotMeta {
+                name: row.name.clone(),
+                size_bytes: row.size_gb * GIB,
+                filesystem: snapshot_fs(fs),
+                block_size: kernel::BLOCK_SIZE,
+                created_at: SystemTime::now(),
+                agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            },
+            freeze_seconds: None,
+            copied_bytes: 0,
+        };
+        if mounted && !row.read_only {
+            let started = Instant::now();
+            let frozen = snapshot::freeze(&mount_path)?;
+            // The guard thaws on every path out of here, errors and panics included.
+            let copied = snapshot::capture_extents(&image, &capture.path);
+            let thawed = frozen.thaw();
+            capture.freeze_seconds = Some(started.elapsed().as_secs_f64());
+            capture.copied_bytes = copied?;
+            thawed?;
+        } else {
+            capture.copied_bytes = snapshot::capture_extents(&image, &capture.path)?;
+        }
+        info!(disk = %row.name, bytes = capture.copied_bytes, freeze_seconds = ?capture.freeze_seconds, "captured disk for backup");
+        Ok(capture)
+    }
+
+    /// Thaws any of our filesystems a previous agent left frozen mid-backup, and removes
+    /// leftover captures. Runs at start.
+    pub(crate) fn recover_backups(&self) -> Result<(), ApiError> {
+        for row in self.store().disks()? {
+            let mount_path = self.cfg.mount_path(&row.id);
+            if kernel::mount_point_of(&mount_path)?.is_some() {
+                match snapshot::thaw(&mount_path) {
+                    Ok(true) => {
+                        warn!(disk = %row.name, "thawed a filesystem a previous agent left frozen")
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        warn!(disk = %row.name, error = %e, "could not check for a frozen filesystem")
+                    }
+                }
+            }
+        }
+        if let Ok(entries) = fs::read_dir(self.tmp_dir()) {
+            for entry in entries.flatten() {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+        Ok(())
+    }
+
+    /// Restores a snapshot into a new disk, or (with `force`) over an existing one that is not
+    /// leased. Nothing changes unless the whole snapshot arrived and checked out.
+    pub fn restore(
+        &self,
+        input: impl Read,
+        name: Option<String>,
+        force: bool,
+    ) -> Result<Restored, ApiError> {
+        let (reader, meta) = SnapshotReader::open(input)?;
+        let name = name.unwrap_or_else(|| meta.name.clone());
+        kernel::validate_name(&name).map_err(|e| ApiError::invalid(e.to_string()))?;
+        let fs: Filesystem = match &meta.filesystem {
+            snapshot::Filesystem::Ext4 => Filesystem::Ext4,
+            snapshot::Filesystem::Xfs => Filesystem::Xfs,
+            snapshot::Filesystem::Btrfs => Filesystem::Btrfs,
+            snapshot::Filesystem::Other(other) => {
+                return Err(ApiError::invalid(format!(
+                    "the snapshot holds a `{other}` filesystem, which this agent cannot mount"
+                )))
+            }
+        };
+        if meta.size_bytes == 0 || meta.size_bytes % GIB != 0 || meta.size_bytes / GIB > MAX_SIZE_GB
+        {
+            return Err(ApiError::invalid(format!(
+                "the snapshot's image is {} bytes, not a whole number of GiB up to {MAX_SIZE_GB}; it was not written by miren",
+                meta.size_bytes
+            )));
+        }
+        let size_gb = meta.size_bytes / GIB;
+        let existing = self.store().disk_by_name(&name)?;
+        if let Some(disk) = &existing {
+            if !force {
+                return Err(ApiError::conflict(format!(
+                    "disk `{}` already exists; pass --force to replace its contents with the snapshot (they are lost), or restore under a new name with -n",
+                    disk.name
+                )));
+            }
+            if let Some(lease) = self.store().lease(&disk.id)? {
+                return Err(ApiError::conflict(format!(
+                    "disk `{}` is in use by `{}` (since {}); stop the app that holds it, then restore",
+                    disk.name, lease.holder, lease.acquired_at
+                )));
+            }
+        }
+
+        // The new image, written and checked beside the old one.
+        let tmp = self
+            .cfg
+            .images_dir()
+            .join(format!("restore-{}.img.tmp", new_id("r")));
+        let file = OpenOptions::new()
+            .write(true)
+            .read(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(|e| ApiError::internal(format!("creating {}: {e}", tmp.display())))?;
+        let written = reader
+            .restore_into(&file, &mut snapshot::NoProgress)
+            .map_err(ApiError::from)
+            .and_then(|summary| {
+                file.sync_all()
+                    .map_err(|e| ApiError::internal(format!("syncing {}: {e}", tmp.display())))?;
+                Ok(summary)
+            });
+        drop(file);
+        let summary = match written {
+            Ok(summary) => summary,
+            Err(err) => {
+                let _ = fs::remove_file(&tmp);
+                return Err(err);
+            }
+        };
+
+        let result = match existing {
+            None => self.restore_as_new(&tmp, &name, size_gb, fs),
+            Some(disk) => self.restore_over(&disk, &tmp, size_gb, fs),
+        };
+        let _ = fs::remove_file(&tmp);
+        let (disk, replaced) = result?;
+        info!(disk = %disk.name, replaced, checksum = %summary.image_checksum, "disk restored from snapshot");
+        Ok(Restored {
+            disk,
+            replaced,
+            image_checksum: summary.image_checksum,
+            data_bytes: summary.data_bytes,
+        })
+    }
+
+    fn restore_as_new(
+        &self,
+        tmp: &Path,
+        name: &str,
+        size_gb: u64,
+        fs: Filesystem,
+    ) -> Result<(Disk, bool), ApiError> {
+        let row = DiskRow {
+            id: new_id("disk"),
+            name: name.to_string(),
+            size_gb,
+            filesystem: fs.as_str().to_string(),
+            read_only: false,
+            status: DiskStatus::Creating,
+            error: None,
+            created_at: now_rfc3339(),
+        };
+        self.store().insert_creating_disk(&row)?;
+        let image = self.cfg.image_path(&row.id);
+        let made =
+            rename_durably(tmp, &image).and_then(|()| self.ensure_attached(&row).map(|_| ()));
+        if let Err(err) = made {
+            // Still `creating`: the teardown (or the next start's reconciliation) removes it.
+            if self.teardown(&row).is_ok() {
+                self.store().remove_disk(&row.id)?;
+            }
+            return Err(err);
+        }
+        self.store().set_status(&row.id, DiskStatus::Ready, None)?;
+        Ok((self.view_one(&self.find(&row.id)?)?, false))
+    }
+
+    fn restore_over(
+        &self,
+        disk: &DiskRow,
+        tmp: &Path,
+        size_gb: u64,
+        fs: Filesystem,
+    ) -> Result<(Disk, bool), ApiError> {
+        let pending = PendingRestore {
+            image: tmp.display().to_string(),
+            size_gb,
+            filesystem: fs.as_str().to_string(),
+        };
+        self.store().begin_restore(&disk.id, &pending)?;
+        if let Err(err) = self.swap_in(disk, &pending) {
+            self.finish_interrupted_restore(disk)?;
+            return Err(err);
+        }
+        Ok((self.view_one(&self.find(&disk.id)?)?, true))
+    }
+
+    /// Unmount, rename the verified image over the old one (atomic), record, mount.
+    fn swap_in(&self, disk: &DiskRow, pending: &PendingRestore) -> Result<(), ApiError> {
+        let image = self.cfg.image_path(&disk.id);
+        kernel::unmount(&self.cfg.mount_path(&disk.id))?;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !kernel::loops_backed_by(&image)?.is_empty() {
+            if Instant::now() >= deadline {
+                return Err(ApiError::busy(format!(
+                    "disk `{}` is still in use outside its mount; stop whatever uses it and retry",
+                    disk.name
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        rename_durably(Path::new(&pending.image), &image)?;
+        self.store().end_restore(&disk.id, true)?;
+        let row = self.find(&disk.id)?;
+        self.ensure_attached(&row)?;
+        Ok(())
+    }
+
+    /// After a failure or a crash mid-restore: if the new image is still beside the old one,
+    /// the swap never happened and the old disk comes back as it was; otherwise the swap
+    /// happened and the restore is recorded. Either way the disk ends up attached.
+    pub(crate) fn finish_interrupted_restore(&self, disk: &DiskRow) -> Result<(), ApiError> {
+        match self.store().pending_restore(&disk.id)? {
+            Some(pending) if Path::new(&pending.image).exists() => {
+                let _ = fs::remove_file(&pending.image);
+                self.store().end_restore(&disk.id, false)?;
+                info!(disk = %disk.name, "restore did not complete; the disk is as it was");
+            }
+            Some(_) => {
+                self.store().end_restore(&disk.id, true)?;
+                info!(disk = %disk.name, "finished a restore interrupted after its swap");
+            }
+            None => self.store().end_restore(&disk.id, false)?,
+        }
+        let row = self.find(&disk.id)?;
+        self.ensure_attached(&row)?;
+        Ok(())
+    }
+}
+
+fn rename_durably(from: &Path, to: &Path) -> Result<(), ApiError> {
+    fs::rename(from, to).map_err(|e| {
+        ApiError::internal(format!(
+            "moving {} to {}: {e}",
+            from.display(),
+            to.display()
+        ))
+    })?;
+    if let Some(dir) = to.parent() {
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| ApiError::internal(format!("syncing {}: {e}", dir.display())))?;
+    }
+    Ok(())
+}

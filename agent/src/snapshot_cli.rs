@@ -1,0 +1,374 @@
+//! `miren disk backup | restore | verify`: run on the node. The agent captures and compresses
+//! (it owns the disks and always thaws what it froze); the CLI moves bytes between the socket
+//! and files or pipes, shows progress on a terminal, and never leaves a file under the final
+//! name unless it is complete and synced.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, IsTerminal, Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use anyhow::{anyhow, bail, Context, Result};
+use http_body_util::{BodyExt, Empty, StreamBody};
+use hyper::body::{Bytes, Frame};
+use hyper::Method;
+use indicatif::{ProgressBar, ProgressStyle};
+use miren_snapshot::{SnapshotReader, StreamObserver};
+use serde::Serialize;
+
+use crate::api::{DATA_BYTES_HEADER, DISK_SIZE_HEADER, FREEZE_SECONDS_HEADER};
+use crate::cli::human_bytes;
+use crate::client::Client;
+use crate::model::RestoreResult;
+
+fn progress_bar(total: Option<u64>, what: &str) -> ProgressBar {
+    if !io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = match total {
+        Some(total) => ProgressBar::new(total).with_style(
+            ProgressStyle::with_template(
+                "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        ),
+        None => ProgressBar::new_spinner().with_style(
+            ProgressStyle::with_template("{msg} {spinner} {bytes} {bytes_per_sec} {elapsed}")
+                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+        ),
+    };
+    bar.set_message(what.to_string());
+    bar
+}
+
+/// Default file name: NAME-YYYYMMDD-HHMMSS.miren.zst, in UTC.
+pub fn default_file_name(disk: &str, at: SystemTime) -> String {
+    let stamp = humantime::format_rfc3339_seconds(at).to_string(); // 2026-03-24T12:00:00Z
+    let digits: String = stamp.chars().filter(|c| c.is_ascii_digit()).collect();
+    format!("{disk}-{}-{}.miren.zst", &digits[..8], &digits[8..14])
+}
+
+#[derive(Serialize)]
+struct BackupSummary {
+    file: String,
+    disk: String,
+    size_bytes: u64,
+    data_bytes: u64,
+    snapshot_bytes: u64,
+    image_checksum: String,
+    freeze_seconds: Option<f64>,
+}
+
+/// Removes a partial output on drop unless it was completed.
+struct PartialFile {
+    path: PathBuf,
+    done: bool,
+}
+
+impl Drop for PartialFile {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}
+
+pub async fn backup(client: &Client, disk: &str, output: Option<&str>, json: bool) -> Result<()> {
+    miren_disks::validate_name(disk)?;
+    let to_stdout = output == Some("-");
+    let final_path = match output {
+        Some("-") => None,
+        Some(path) if Path::new(path).is_dir() => {
+            Some(Path::new(path).join(default_file_name(disk, SystemTime::now())))
+        }
+        Some(path) => Some(PathBuf::from(path)),
+        None => Some(PathBuf::from(default_file_name(disk, SystemTime::now()))),
+    };
+    let response = client
+        .send(
+            Method::POST,
+            &format!("/v1/disks/{disk}/backup"),
+            Empty::<Bytes>::new(),
+        )
+        .await?;
+    let header = |name: &str| {
+        response
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let freeze_seconds = header(FREEZE_SECONDS_HEADER).and_then(|v| v.parse::<f64>().ok());
+    let data_total = header(DATA_BYTES_HEADER).and_then(|v| v.parse::<u64>().ok());
+    let size_bytes = header(DISK_SIZE_HEADER)
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+
+    let (mut sink, partial): (Box<dyn Write>, Option<PartialFile>) = match &final_path {
+        None => (Box::new(io::stdout().lock()), None),
+        Some(path) => {
+            let partial = partial_name(path);
+            let file = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&partial)
+                .with_context(|| format!("creating {}", partial.display()))?;
+            (
+                Box::new(file),
+                Some(PartialFile {
+                    path: partial,
+                    done: false,
+                }),
+            )
+        }
+    };
+    let bar = progress_bar(data_total, &format!("backing up {disk}"));
+    let mut observer = StreamObserver::new();
+    let mut written = 0u64;
+    let mut body = response.into_body();
+    let copy = async {
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| anyhow!("the backup stream broke off: {e}"))?;
+            if let Ok(data) = frame.into_data() {
+                sink.write_all(&data).context("writing the snapshot")?;
+                observer.feed(&data);
+                written += data.len() as u64;
+                bar.set_position(observer.data_bytes());
+            }
+        }
+        Ok::<(), anyhow::Error>(())
+    };
+    tokio::select! {
+        result = copy => result?,
+        _ = tokio::signal::ctrl_c() => bail!("interrupted; no snapshot was written"),
+    }
+    bar.finish_and_clear();
+    let trailer = observer.trailer().cloned().ok_or_else(|| {
+        anyhow!("the agent ended the backup stream early; no snapshot was written")
+    })?;
+    sink.flush().context("writing the snapshot")?;
+    drop(sink);
+    if let (Some(path), Some(mut partial)) = (&final_path, partial) {
+        File::open(&partial.path)
+            .and_then(|f| f.sync_all())
+            .context("syncing the snapshot")?;
+        fs::rename(&partial.path, path)
+            .with_context(|| format!("moving the snapshot to {}", path.display()))?;
+        partial.done = true;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            let _ = File::open(dir).and_then(|d| d.sync_all());
+        }
+    }
+    let summary = BackupSummary {
+        file: final_path
+            .as_ref()
+            .map_or("-".into(), |p| p.display().to_string()),
+        disk: disk.to_string(),
+        size_bytes,
+        data_bytes: trailer.data_bytes,
+        snapshot_bytes: written,
+        image_checksum: trailer.image_checksum.clone(),
+        freeze_seconds,
+    };
+    // With the snapshot on stdout, everything else goes to stderr.
+    let mut report: Box<dyn Write> = if to_stdout {
+        Box::new(io::stderr())
+    } else {
+        Box::new(io::stdout())
+    };
+    if json {
+        writeln!(report, "{}", serde_json::to_string_pretty(&summary)?)?;
+    } else {
+        writeln!(report, "{}", summary.file)?;
+        writeln!(
+            report,
+            "disk {}: {} image, {} of data, {} snapshot",
+            disk,
+            human_bytes(size_bytes),
+            human_bytes(trailer.data_bytes),
+            human_bytes(written)
+        )?;
+        writeln!(report, "checksum blake3:{}", trailer.image_checksum)?;
+        match freeze_seconds {
+            Some(s) => writeln!(report, "filesystem frozen for {s:.3} s")?,
+            None => writeln!(report, "not mounted writable: no freeze needed")?,
+        }
+    }
+    Ok(())
+}
+
+fn partial_name(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "snapshot".into());
+    path.with_file_name(format!(".{name}.partial-{}", std::process::id()))
+}
+
+fn open_input(source: &str) -> Result<(Box<dyn Read + Send>, Option<u64>)> {
+    if source == "-" {
+        return Ok((Box::new(io::stdin()), None));
+    }
+    let file = File::open(source).with_context(|| format!("opening {source}"))?;
+    let len = file.metadata().ok().map(|m| m.len());
+    Ok((Box::new(file), len))
+}
+
+pub async fn restore(
+    client: &Client,
+    source: &str,
+    name: Option<&str>,
+    force: bool,
+    json: bool,
+) -> Result<()> {
+    if let Some(name) = name {
+        miren_disks::validate_name(name)?;
+    }
+    let (mut input, len) = open_input(source)?;
+    let bar = progress_bar(len, "restoring");
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, io::Error>>(8);
+    let reader_bar = bar.clone();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            match input.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    reader_bar.inc(n as u64);
+                    if tx
+                        .blocking_send(Ok(Frame::data(Bytes::copy_from_slice(&buf[..n]))))
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(e));
+                    break;
+                }
+            }
+        }
+    });
+    let body = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    let mut path = format!("/v1/disks/restore?force={force}");
+    if let Some(name) = name {
+        path.push_str(&format!("&name={name}"));
+    }
+    let request = async {
+        let response = client.send(Method::POST, &path, body).await?;
+        let bytes = response.into_body().collect().await?.to_bytes();
+        Ok::<RestoreResult, anyhow::Error>(serde_json::from_slice(&bytes)?)
+    };
+    let result = tokio::select! {
+        result = request => result?,
+        _ = tokio::signal::ctrl_c() => bail!("interrupted; the agent discards the partial upload and leaves the disk as it was"),
+    };
+    bar.finish_and_clear();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&result)?);
+    } else {
+        println!(
+            "{} disk {} ({}) from {}: {} of data, checksum blake3:{}",
+            if result.replaced {
+                "replaced"
+            } else {
+                "restored"
+            },
+            result.disk.name,
+            result.disk.id,
+            source,
+            human_bytes(result.data_bytes),
+            result.image_checksum
+        );
+        if result.replaced {
+            println!("restart the app that uses it to pick up the restored data");
+        }
+    }
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct VerifySummary {
+    disk: String,
+    size_bytes: u64,
+    filesystem: String,
+    created_at: String,
+    agent_version: String,
+    format_version: u16,
+    chunks: u64,
+    data_bytes: u64,
+    image_checksum: String,
+}
+
+/// Checks a whole snapshot without the agent and without restoring anything.
+pub fn verify(source: &str, json: bool) -> Result<()> {
+    let (input, len) = open_input(source)?;
+    let bar = progress_bar(len, "verifying");
+    let counting = CountingReader {
+        inner: input,
+        bar: bar.clone(),
+    };
+    let (reader, meta) = SnapshotReader::open(io::BufReader::with_capacity(1 << 20, counting))
+        .map_err(|e| anyhow!("{source} is not a usable snapshot: {e}"))?;
+    let info = reader.info();
+    let summary = reader
+        .verify(&mut miren_snapshot::NoProgress)
+        .map_err(|e| anyhow!("{source} is damaged: {e}"))?;
+    bar.finish_and_clear();
+    let out = VerifySummary {
+        disk: meta.name.clone(),
+        size_bytes: meta.size_bytes,
+        filesystem: meta.filesystem.to_string(),
+        created_at: humantime::format_rfc3339_seconds(meta.created_at).to_string(),
+        agent_version: meta.agent_version.clone(),
+        format_version: info.format_version,
+        chunks: summary.chunks,
+        data_bytes: summary.data_bytes,
+        image_checksum: summary.image_checksum,
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!(
+            "{source}: OK. disk {}, {} {} image taken {} by miren {}; {} chunks, {} of data, checksum blake3:{}",
+            out.disk,
+            human_bytes(out.size_bytes),
+            out.filesystem,
+            out.created_at,
+            out.agent_version,
+            out.chunks,
+            human_bytes(out.data_bytes),
+            out.image_checksum
+        );
+    }
+    Ok(())
+}
+
+struct CountingReader {
+    inner: Box<dyn Read + Send>,
+    bar: ProgressBar,
+}
+
+impl Read for CountingReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.bar.inc(n as u64);
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_names_are_utc_stamped() {
+        let at = humantime::parse_rfc3339("2026-03-24T12:00:00Z").unwrap();
+        assert_eq!(
+            default_file_name("pg-data", at),
+            "pg-data-20260324-120000.miren.zst"
+        );
+    }
+}
