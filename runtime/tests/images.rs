@@ -119,6 +119,34 @@ async fn pull_by_tag_and_digest_through_mirror() {
 }
 
 #[tokio::test]
+async fn pull_with_credentials() {
+    let mut reg = Registry::start();
+    let layout = tempdir();
+    write_layout(layout.path(), "v1", &[(base_layer(), Comp::Gzip)], &["sh"]);
+    reg.push(layout.path(), "v1", "mrtst/private");
+    reg.restart_with_auth();
+
+    let data = tempdir();
+    let store = ImageStore::open(data.path()).expect("open");
+    let mut o = opts(&reg);
+    let err = store
+        .pull("mrtst/private:v1", &o)
+        .await
+        .expect_err("anonymous must fail");
+    assert!(matches!(err, Error::Registry { .. }), "got {err:?}");
+    o.credentials.insert(&reg.addr, USER, "wrong");
+    assert!(store.pull("mrtst/private:v1", &o).await.is_err());
+    // Credentials go with the host contacted: the mirror.
+    o.credentials.insert(&reg.addr, USER, PASSWORD);
+    let rec = store
+        .pull("mrtst/private:v1", &o)
+        .await
+        .expect("pull with credentials");
+    assert_eq!(rec.reference, "docker.io/mrtst/private:v1");
+    assert!(!format!("{:?}", o.credentials).contains(PASSWORD));
+}
+
+#[tokio::test]
 async fn digest_mismatch_is_detected() {
     let reg = Registry::start();
     let layout = tempdir();

@@ -146,6 +146,12 @@ pub struct Registry {
     child: Child,
 }
 
+/// User and password of [`Registry::start_with_auth`].
+pub const USER: &str = "mrtst";
+pub const PASSWORD: &str = "mrtst-secret";
+// bcrypt of PASSWORD (docker-registry's htpasswd wants bcrypt).
+const PASSWORD_BCRYPT: &str = "$2b$05$yCYHbhTKist3xxMpN1BvZ.9K8IWqh/IWxmnSpzz1Xc6a3B03R0lKm";
+
 impl Registry {
     pub fn start() -> Registry {
         let dir = tempdir();
@@ -163,23 +169,62 @@ impl Registry {
             ),
         )
         .expect("config");
-        let child = Command::new("docker-registry")
-            .arg("serve")
-            .arg(&cfg)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("docker-registry (apt-get install docker-registry) must be installed");
+        let child = Self::spawn(dir.path());
         let r = Registry { addr, dir, child };
+        r.wait_up();
+        r
+    }
+
+    fn spawn(dir: &Path) -> Child {
+        Command::new("docker-registry")
+            .arg("serve")
+            .arg(dir.join("config.yml"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("registry.log")).expect("log"))
+            .spawn()
+            .expect("docker-registry (apt-get install docker-registry) must be installed")
+    }
+
+    fn wait_up(&self) {
         let t = Instant::now();
-        while !r.up() {
+        while !self.up() {
             assert!(
                 t.elapsed() < Duration::from_secs(10),
                 "registry did not start"
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        r
+    }
+
+    /// Restarts on the same port and storage, now wanting basic auth as
+    /// USER / PASSWORD. (Push first: skopeo's pushes to an htpasswd
+    /// registry failed here when run from the tests.)
+    pub fn restart_with_auth(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let pw = self.dir.path().join("htpasswd");
+        std::fs::write(&pw, format!("{USER}:{PASSWORD_BCRYPT}\n")).expect("htpasswd");
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.dir.path().join("config.yml"))
+            .expect("config");
+        write!(
+            f,
+            "auth:\n  htpasswd:\n    realm: mrtst\n    path: {}\n",
+            pw.display()
+        )
+        .expect("config");
+        // The port may take a moment to be free again.
+        let t = Instant::now();
+        while TcpStream::connect(&self.addr).is_ok() {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "old registry still up"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.child = Self::spawn(self.dir.path());
+        self.wait_up();
     }
 
     fn up(&self) -> bool {
@@ -190,7 +235,7 @@ impl Registry {
         let mut out = String::new();
         s.write_all(req.as_bytes()).is_ok()
             && s.read_to_string(&mut out).is_ok()
-            && out.split_whitespace().nth(1) == Some("200")
+            && matches!(out.split_whitespace().nth(1), Some("200" | "401"))
     }
 
     /// Pushes `layout`'s image `tag` as `repo:tag` with skopeo.
@@ -206,7 +251,13 @@ impl Registry {
             .arg(format!("docker://{}/{repo}:{tag}", self.addr))
             .status()
             .expect("skopeo (apt-get install skopeo) must be installed");
-        assert!(st.success(), "skopeo copy failed");
+        if !st.success() {
+            let log =
+                std::fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default();
+            let cfg =
+                std::fs::read_to_string(self.dir.path().join("config.yml")).unwrap_or_default();
+            panic!("skopeo copy failed\n{cfg}\n{log}");
+        }
     }
 
     /// The registry's stored file for a blob.
