@@ -265,10 +265,9 @@ fn unpack_entry<R: Read>(
 
     let h = e.header().clone();
     let mode = h.mode().ctx(|| format!("mode of {}", raw.display()))? & 0o7777;
-    let uid = u32::try_from(h.uid().ctx(|| format!("uid of {}", raw.display()))?)
-        .map_err(|_| unsafe_entry("uid out of range"))?;
-    let gid = u32::try_from(h.gid().ctx(|| format!("gid of {}", raw.display()))?)
-        .map_err(|_| unsafe_entry("gid out of range"))?;
+    // Empty numeric fields read as 0, as Go's archive/tar does.
+    let uid = u32::try_from(h.uid().unwrap_or(0)).map_err(|_| unsafe_entry("uid out of range"))?;
+    let gid = u32::try_from(h.gid().unwrap_or(0)).map_err(|_| unsafe_entry("gid out of range"))?;
     let mtime = h.mtime().unwrap_or(0);
     let mut xattrs = Vec::new();
     if let Ok(Some(exts)) = e.pax_extensions() {
@@ -296,7 +295,8 @@ fn unpack_entry<R: Read>(
             lchown(&full, uid, gid)?;
             dirs.push((full.clone(), mode, mtime));
         }
-        EntryType::Regular | EntryType::Continuous => {
+        // The tar crate expands GNU sparse entries when read.
+        EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
             clear(&full, false)?;
             // create_new + O_NOFOLLOW: never write through a planted symlink.
             let mut f = fs::OpenOptions::new()
@@ -383,6 +383,81 @@ fn unpack_entry<R: Read>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn hdr(kind: EntryType, size: u64) -> tar::Header {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_mode(0o644);
+        h.set_size(size);
+        h
+    }
+
+    fn unpack_bytes(tar: Vec<u8>) -> (tempfile::TempDir, Result<String>) {
+        let d = tempfile::Builder::new()
+            .prefix("mrtst")
+            .tempdir()
+            .expect("tempdir");
+        let blob = d.path().join("blob");
+        fs::write(&blob, tar).expect("write");
+        let dest = d.path().join("root");
+        fs::create_dir(&dest).expect("mkdir");
+        let r = unpack_layer(&blob, &dest);
+        (d, r)
+    }
+
+    fn xattr(p: &Path, name: &str) -> Option<Vec<u8>> {
+        let c = cpath(p).ok()?;
+        let n = CString::new(name).ok()?;
+        let mut buf = [0u8; 64];
+        // SAFETY: valid strings and buffer.
+        let r =
+            unsafe { libc::lgetxattr(c.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        usize::try_from(r).ok().map(|n| buf[..n].to_vec())
+    }
+
+    #[test]
+    fn hard_links_stay_inside() {
+        let mut b = tar::Builder::new(Vec::new());
+        b.append_data(&mut hdr(EntryType::Regular, 2), "a", &b"hi"[..])
+            .expect("tar");
+        b.append_link(&mut hdr(EntryType::Link, 0), "b", "./a")
+            .expect("tar");
+        let (d, r) = unpack_bytes(b.into_inner().expect("tar"));
+        r.expect("unpack");
+        let root = d.path().join("root");
+        let (ma, mb) = (
+            fs::metadata(root.join("a")).expect("a"),
+            fs::metadata(root.join("b")).expect("b"),
+        );
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(ma.ino(), mb.ino());
+
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = hdr(EntryType::Link, 0);
+        h.set_path("evil").expect("path");
+        h.as_old_mut().linkname[..9].copy_from_slice(b"../../etc");
+        h.set_cksum();
+        b.append(&h, &[][..]).expect("tar");
+        let (_d, r) = unpack_bytes(b.into_inner().expect("tar"));
+        assert!(matches!(r, Err(Error::UnsafeEntry { .. })), "{r:?}");
+    }
+
+    #[test]
+    fn overlay_xattrs_from_layers_are_dropped() {
+        let mut b = tar::Builder::new(Vec::new());
+        b.append_pax_extensions([
+            ("SCHILY.xattr.trusted.overlay.redirect", &b"/etc"[..]),
+            ("SCHILY.xattr.user.mrtst", &b"1"[..]),
+        ])
+        .expect("pax");
+        b.append_data(&mut hdr(EntryType::Directory, 0), "d", &[][..])
+            .expect("tar");
+        let (d, r) = unpack_bytes(b.into_inner().expect("tar"));
+        r.expect("unpack");
+        let dir = d.path().join("root/d");
+        assert_eq!(xattr(&dir, "user.mrtst").as_deref(), Some(&b"1"[..]));
+        assert_eq!(xattr(&dir, "trusted.overlay.redirect"), None);
+    }
 
     #[test]
     fn sanitize_paths() {

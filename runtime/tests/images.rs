@@ -344,12 +344,16 @@ fn kill_child_import_forever() {
     };
     let tarball = std::env::var("MRTST_KILL_TAR").expect("tar");
     let store = ImageStore::open(&dir).expect("open");
-    for i in 0.. {
-        // Each round a new tarball digest? No: same tarball, so remove and GC
-        // to make it unpack again.
-        let _ = store.import_rootfs_tar(std::path::Path::new(&tarball), &format!("big:{i}"), None);
-        let _ = store.remove(&format!("big:{i}"));
+    // Bounded, in case the parent died without killing us.
+    let t0 = std::time::Instant::now();
+    let mut i = 0;
+    while t0.elapsed() < std::time::Duration::from_secs(120) {
+        // Same tarball each round: remove and GC so it unpacks again.
+        let r = format!("big:{i}");
+        let _ = store.import_rootfs_tar(std::path::Path::new(&tarball), &r, None);
+        let _ = store.remove(&r);
         let _ = store.gc();
+        i += 1;
     }
 }
 
