@@ -119,6 +119,46 @@ async fn pull_by_tag_and_digest_through_mirror() {
 }
 
 #[tokio::test]
+async fn multi_arch_index_resolves_to_this_platform() {
+    let reg = Registry::start();
+    let layout = tempdir();
+    let (index, mds) = write_index_layout(layout.path(), "multi", &["arm64", "amd64"]);
+    reg.push(layout.path(), "multi", "mrtst/multi");
+
+    let data = tempdir();
+    let store = ImageStore::open(data.path()).expect("open");
+    let rec = store
+        .pull("mrtst/multi:multi", &opts(&reg))
+        .await
+        .expect("pull");
+    assert_eq!(rec.index_digest.as_deref(), Some(index.as_str()));
+    assert_eq!(rec.manifest_digest, mds[1]); // amd64, this machine
+    let dirs = store.layer_dirs(&rec).expect("dirs");
+    assert_eq!(std::fs::read(dirs[0].join("arch")).expect("arch"), b"amd64");
+
+    // By the index digest, and from the layout directly: same choice.
+    let rec = store
+        .pull(&format!("mrtst/multi@{index}"), &opts(&reg))
+        .await
+        .expect("pull");
+    assert_eq!(rec.manifest_digest, mds[1]);
+    let rec = store
+        .import_oci_layout(layout.path(), "local/multi:multi")
+        .expect("import");
+    assert_eq!(rec.manifest_digest, mds[1]);
+    assert_eq!(rec.index_digest.as_deref(), Some(index.as_str()));
+
+    // No image for the asked platform.
+    let mut o = opts(&reg);
+    o.platform.architecture = "riscv64".into();
+    let err = store
+        .pull("mrtst/multi:multi", &o)
+        .await
+        .expect_err("no riscv64");
+    assert!(matches!(err, Error::NoPlatform(_)), "{err:?}");
+}
+
+#[tokio::test]
 async fn pull_with_credentials() {
     let mut reg = Registry::start();
     let layout = tempdir();

@@ -139,6 +139,43 @@ pub fn write_layout(dir: &Path, tag: &str, layers: &[(Vec<u8>, Comp)], cmd: &[&s
     md
 }
 
+/// Writes a layout whose `tag` is a multi-arch index over one single-layer
+/// image per architecture; returns (index digest, manifest digests by arch).
+pub fn write_index_layout(dir: &Path, tag: &str, archs: &[&str]) -> (String, Vec<String>) {
+    let mut entries = Vec::new();
+    let mut mds = Vec::new();
+    for arch in archs {
+        // Reuse write_layout for the blobs, then lift its manifest into the index.
+        let layer = Tar::default().file("arch", arch.as_bytes()).bytes();
+        let md = write_layout(dir, tag, &[(layer, Comp::Gzip)], &["sh"]);
+        let size = std::fs::metadata(dir.join("blobs/sha256").join(&md[7..]))
+            .expect("manifest")
+            .len();
+        entries.push(serde_json::json!({
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": md, "size": size,
+            "platform": {"architecture": arch, "os": "linux"},
+        }));
+        mds.push(md);
+    }
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": entries,
+    })
+    .to_string();
+    let id = sha(index.as_bytes());
+    std::fs::write(dir.join("blobs/sha256").join(&id[7..]), &index).expect("index blob");
+    let top = serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [{"mediaType": "application/vnd.oci.image.index.v1+json", "digest": id,
+                       "size": index.len(),
+                       "annotations": {"org.opencontainers.image.ref.name": tag}}],
+    });
+    std::fs::write(dir.join("index.json"), top.to_string()).expect("index.json");
+    (id, mds)
+}
+
 /// docker-registry on 127.0.0.1:<free port>, storage in a temp dir; killed on drop.
 pub struct Registry {
     pub addr: String,
@@ -238,11 +275,13 @@ impl Registry {
             && matches!(out.split_whitespace().nth(1), Some("200" | "401"))
     }
 
-    /// Pushes `layout`'s image `tag` as `repo:tag` with skopeo.
+    /// Pushes `layout`'s image `tag` as `repo:tag` with skopeo (`--all`:
+    /// an index goes with all its images).
     pub fn push(&self, layout: &Path, tag: &str, repo: &str) {
         let st = Command::new("skopeo")
             .args([
                 "copy",
+                "--all",
                 "--quiet",
                 "--preserve-digests",
                 "--dest-tls-verify=false",
