@@ -74,7 +74,11 @@ if [ "$1" = 'postgres' ] && [ ! -s "$PGDATA/PG_VERSION" ]; then
 	fi
 	for f in /docker-entrypoint-initdb.d/*; do
 		case "$f" in
-		*.sh) echo "running $f"; . "$f" ;;
+		*.sh)
+			echo "running $f"
+			# shellcheck disable=SC1090 # init scripts are the user's
+			. "$f"
+			;;
 		*.sql) echo "running $f"; "${psql_cmd[@]}" --dbname "$POSTGRES_DB" -f "$f" ;;
 		*.sql.gz) echo "running $f"; gunzip -c "$f" | "${psql_cmd[@]}" --dbname "$POSTGRES_DB" ;;
 		*) if [ -e "$f" ]; then echo "ignoring $f"; fi ;;
