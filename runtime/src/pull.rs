@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use futures_util::StreamExt;
+use futures_util::{StreamExt, TryStreamExt};
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
@@ -271,9 +271,12 @@ impl ImageStore {
         };
         self.put_blob_bytes(&bytes, Some(&digest), "manifest")?;
         remote.blob(self, &manifest.config, None).await?;
-        for l in &manifest.layers {
-            remote.blob(self, l, opts.progress.as_ref()).await?;
-        }
+        // A few layers at a time, like docker's default of 3.
+        futures_util::stream::iter(&manifest.layers)
+            .map(|l| remote.blob(self, l, opts.progress.as_ref()))
+            .buffer_unordered(3)
+            .try_collect::<Vec<()>>()
+            .await?;
         let store = self.clone();
         let name = r.whole();
         let source = host;
