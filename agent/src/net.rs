@@ -25,6 +25,8 @@ pub struct NetService {
     /// Endpoint changes are serialized: each ends with a full, atomic rules apply, and two
     /// applies racing would let the older list win.
     lock: Mutex<()>,
+    /// Set after deletes: their rules are dropped by a background apply (see `remove`).
+    rules_stale: tokio::sync::Notify,
 }
 
 impl From<netns::Error> for ApiError {
@@ -105,18 +107,33 @@ fn spec_of(row: &EndpointRow) -> EndpointSpec {
 }
 
 impl NetService {
-    /// Makes sure the bridge and the agent's nftables tables exist, then returns the service.
-    pub async fn start(cfg: NetConfig, store: Arc<Store>) -> Result<NetService, ApiError> {
+    /// Makes sure the bridge and the agent's nftables tables exist, then returns the service
+    /// with its background rules applier running.
+    pub async fn start(cfg: NetConfig, store: Arc<Store>) -> Result<Arc<NetService>, ApiError> {
         netns::ensure_bridge_and_table(&cfg).await?;
         let resolv = netns::resolv_conf_from_host();
         if let Some(warning) = resolv.warning {
             warn!("{warning}");
         }
-        Ok(NetService {
+        let service = Arc::new(NetService {
             cfg,
             store,
             lock: Mutex::new(()),
-        })
+            rules_stale: tokio::sync::Notify::new(),
+        });
+        // Lives as long as the agent, like the service itself.
+        let applier = service.clone();
+        tokio::spawn(async move {
+            let service = applier;
+            loop {
+                service.rules_stale.notified().await;
+                let _guard = service.lock.lock().await;
+                if let Err(e) = service.apply().await {
+                    warn!(error = %e, "applying network rules after deletes failed; gc retries");
+                }
+            }
+        });
+        Ok(service)
     }
 
     pub fn config(&self) -> &NetConfig {
@@ -297,11 +314,15 @@ impl NetService {
     }
 
     /// Kernel objects first, then the address: an address is free only once nothing uses it.
+    /// The rules follow in the background: rules left for a freed address admit nothing,
+    /// because every create applies the whole ruleset before its endpoint carries traffic
+    /// (and the IPAM does not hand a freed address out again right away).
     async fn remove(&self, row: &EndpointRow) -> Result<(), ApiError> {
         self.store.set_endpoint_status(&row.owner, "deleting")?;
         netns::delete_endpoint(&self.cfg, &row.owner).await?;
         self.store.remove_endpoint(&row.owner)?;
-        self.apply().await
+        self.rules_stale.notify_one();
+        Ok(())
     }
 
     /// Reconciliation: finishes or undoes interrupted creates and deletes, releases endpoints

@@ -70,11 +70,9 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
 
     let net_cfg = crate::net::net_config(&cfg.name_prefix, &cfg.subnet, &cfg.run_dir)
         .map_err(anyhow::Error::msg)?;
-    let net = Arc::new(
-        NetService::start(net_cfg, store.clone())
-            .await
-            .context("setting up the network (bridge, nftables)")?,
-    );
+    let net = NetService::start(net_cfg, store.clone())
+        .await
+        .context("setting up the network (bridge, nftables)")?;
     let report = net.gc().await.context("reconciling network endpoints")?;
     if !(report.released.is_empty() && report.removed.is_empty() && report.repaired.is_empty()) {
         info!(?report, "network reconciled");

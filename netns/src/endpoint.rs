@@ -377,10 +377,20 @@ pub async fn delete_endpoint_by_key(cfg: &NetConfig, key: &str) -> Result<()> {
         )));
     }
     let handle = link::connect()?;
-    // Veth first: a namespace dies asynchronously after its last unmount, and
-    // its veth with it; deleting explicitly makes the name free right away.
-    link::delete_by_name(&handle, key).await?;
-    nsfs::remove_netns(&cfg.netns_path(key))
+    let host_veth = link::get_by_name(&handle, key).await?;
+    nsfs::remove_netns(&cfg.netns_path(key))?;
+    // Deleting a veth waits for an RCU grace period (tens of ms here), most of an endpoint's
+    // teardown, so it happens after we return. By index, not name: a new endpoint may reuse
+    // the name at once (create replaces a leftover veth of that name itself). Until it is
+    // gone the veth carries nothing: its namespace is unmounted and the bridge table drops
+    // ports no endpoint owns once the rules are next applied.
+    if let Some(veth) = host_veth {
+        let index = veth.header.index;
+        tokio::spawn(async move {
+            let _ = link::delete_index(&handle, index, "veth of a deleted endpoint").await;
+        });
+    }
+    Ok(())
 }
 
 /// Lists this prefix's bridge, tables, host veths and netns files.

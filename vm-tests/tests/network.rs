@@ -110,14 +110,26 @@ fn endpoints(agent: &TestAgent) -> Vec<Value> {
 }
 
 /// Kernel objects match the agent's list exactly; every address is unique and in the subnet.
+/// Veths of deleted endpoints go away in the background (deleting one waits for an RCU grace
+/// period), and so do their rules: give both a bounded moment.
 fn assert_net_converged(agent: &TestAgent) {
     let list = endpoints(agent);
-    let veths: HashSet<String> = host_veths(&agent.prefix).into_iter().collect();
     let expected: HashSet<String> = list
         .iter()
         .map(|e| e["veth"].as_str().unwrap().to_string())
         .collect();
-    assert_eq!(veths, expected, "veths differ from endpoints");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let veths: HashSet<String> = host_veths(&agent.prefix).into_iter().collect();
+        if veths == expected {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "veths {veths:?} differ from endpoints {expected:?}"
+        );
+        sleep(Duration::from_millis(20));
+    }
     assert_eq!(
         netns_mounts(agent),
         list.len(),
@@ -227,19 +239,25 @@ fn two_hundred_endpoints_leave_nothing_behind() {
         agent.ok(&["debug", "net", "delete", "--owner", &format!("e{i}")]);
     }
     assert!(endpoints(&agent).is_empty());
-    assert!(host_veths(&agent.prefix).is_empty(), "veths left");
     assert_eq!(netns_mounts(&agent), 0, "netns mounts left");
-    let rules = Command::new("nft")
-        .args(["list", "table", "inet", &agent.prefix])
-        .output()
-        .unwrap();
-    let rules = String::from_utf8_lossy(&rules.stdout);
-    for ip in &ips {
-        assert!(
-            !rules.contains(&format!("{ip} ")) && !rules.contains(&format!("{ip},")),
-            "rule for {ip} left"
-        );
-    }
+    assert_net_converged(&agent);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let rules = loop {
+        let out = Command::new("nft")
+            .args(["list", "table", "inet", &agent.prefix])
+            .output()
+            .unwrap();
+        let rules = String::from_utf8_lossy(&out.stdout).into_owned();
+        let left: Vec<&String> = ips
+            .iter()
+            .filter(|ip| rules.contains(&format!("{ip} ")) || rules.contains(&format!("{ip},")))
+            .collect();
+        if left.is_empty() {
+            break rules;
+        }
+        assert!(Instant::now() < deadline, "rules left for {left:?}");
+        sleep(Duration::from_millis(50));
+    };
     // the table itself stays until --uninstall-network
     assert!(rules.contains("table inet"));
 }
