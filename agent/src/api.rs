@@ -30,6 +30,7 @@ use crate::net::NetService;
 pub struct AppState {
     pub disks: Arc<DiskService>,
     pub net: Arc<NetService>,
+    pub images: Arc<crate::images::ImageService>,
     pub socket_gid: Option<u32>,
 }
 
@@ -114,6 +115,10 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(gc_endpoints))
         .routes(routes!(backup_disk))
         .routes(routes!(restore_disk))
+        .routes(routes!(list_images, remove_image))
+        .routes(routes!(pull_image))
+        .routes(routes!(import_image))
+        .routes(routes!(gc_images))
 }
 
 /// The OpenAPI document of every route, generated from the code.
@@ -518,6 +523,107 @@ async fn restore_disk(
     }))
 }
 
+#[utoipa::path(get, path = "/v1/images", tag = "images",
+    responses((status = 200, description = "Images on this node", body = [crate::model::ImageSummary])))]
+async fn list_images(
+    State(state): State<AppState>,
+) -> Result<Json<Vec<crate::model::ImageSummary>>, ApiError> {
+    blocking(move || state.images.list()).await.map(Json)
+}
+
+#[utoipa::path(delete, path = "/v1/images", tag = "images", params(crate::model::ImageQuery),
+    responses((status = 200, description = "Removed, or it was not here", body = crate::model::ImageRemoved)))]
+async fn remove_image(
+    State(state): State<AppState>,
+    QueryParam(query): QueryParam<crate::model::ImageQuery>,
+) -> Result<Json<crate::model::ImageRemoved>, ApiError> {
+    let reference = query.reference.clone();
+    let removed = blocking(move || state.images.remove(&query.reference)).await?;
+    Ok(Json(crate::model::ImageRemoved { reference, removed }))
+}
+
+#[utoipa::path(post, path = "/v1/images/pull", tag = "images", request_body = crate::model::PullImage,
+    responses(
+        (status = 200, description = "NDJSON, one PullEvent per line: progress while blobs download, then the image or an error", content_type = "application/x-ndjson", body = [crate::model::PullEvent]),
+        (status = 400, description = "Not a valid reference", body = ErrorBody)))]
+async fn pull_image(
+    State(state): State<AppState>,
+    Body(req): Body<crate::model::PullImage>,
+) -> Result<Response, ApiError> {
+    use crate::model::PullEvent;
+    miren_runtime::normalize_reference(&req.reference)?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<
+        Result<hyper::body::Frame<hyper::body::Bytes>, std::io::Error>,
+    >(64);
+    let line = ndjson_line;
+    let progress_tx = tx.clone();
+    let progress: miren_runtime::ProgressFn = Arc::new(move |p: &miren_runtime::Progress| {
+        // Progress is best effort: a slow reader misses a few updates, never blocks the pull.
+        let _ = progress_tx.try_send(line(&PullEvent::Progress {
+            digest: p.digest.clone(),
+            done: p.done,
+            total: p.total,
+        }));
+    });
+    let credentials = req.username.clone().zip(req.password.clone());
+    tokio::spawn(async move {
+        let event = match state
+            .images
+            .pull(&req.reference, credentials, Some(progress))
+            .await
+        {
+            Ok(image) => {
+                info!(reference = %image.reference, digest = %image.manifest_digest, "image pulled");
+                PullEvent::Image(image)
+            }
+            Err(err) => PullEvent::Error(ErrorBody {
+                code: err.code.to_string(),
+                message: err.message,
+            }),
+        };
+        let _ = tx.send(line(&event)).await;
+    });
+    let mut response = Response::new(axum::body::Body::new(http_body_util::StreamBody::new(
+        tokio_stream::wrappers::ReceiverStream::new(rx),
+    )));
+    response.headers_mut().insert(
+        axum::http::header::CONTENT_TYPE,
+        axum::http::HeaderValue::from_static("application/x-ndjson"),
+    );
+    Ok(response)
+}
+
+fn ndjson_line(
+    event: &crate::model::PullEvent,
+) -> Result<hyper::body::Frame<hyper::body::Bytes>, std::io::Error> {
+    let mut bytes = serde_json::to_vec(event).unwrap_or_default();
+    bytes.push(b'\n');
+    Ok(hyper::body::Frame::data(hyper::body::Bytes::from(bytes)))
+}
+
+#[utoipa::path(post, path = "/v1/images/import", tag = "images", request_body = crate::model::ImportImage,
+    responses((status = 200, body = crate::model::ImageSummary), (status = 400, body = ErrorBody)))]
+async fn import_image(
+    State(state): State<AppState>,
+    Body(req): Body<crate::model::ImportImage>,
+) -> Result<Json<crate::model::ImageSummary>, ApiError> {
+    blocking(move || {
+        state
+            .images
+            .import(std::path::Path::new(&req.path), &req.reference)
+    })
+    .await
+    .map(Json)
+}
+
+#[utoipa::path(post, path = "/v1/images/gc", tag = "images",
+    responses((status = 200, body = crate::model::ImageGcReport)))]
+async fn gc_images(
+    State(state): State<AppState>,
+) -> Result<Json<crate::model::ImageGcReport>, ApiError> {
+    blocking(move || state.images.gc()).await.map(Json)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -554,6 +660,10 @@ mod tests {
             "/v1/endpoints/gc",
             "/v1/disks/{disk}/backup",
             "/v1/disks/restore",
+            "/v1/images",
+            "/v1/images/pull",
+            "/v1/images/import",
+            "/v1/images/gc",
         ] {
             assert!(doc.paths.paths.contains_key(path), "{path} missing");
         }

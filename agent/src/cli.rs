@@ -35,11 +35,47 @@ pub enum Command {
         #[command(subcommand)]
         command: DiskBackupCommand,
     },
+    /// OCI images on this node.
+    Image {
+        #[command(subcommand)]
+        command: ImageCommand,
+    },
     /// Low-level commands for operators.
     Debug {
         #[command(subcommand)]
         command: DebugCommand,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ImageCommand {
+    /// Pull an image (through the agent's mirrors), verifying every digest.
+    Pull {
+        reference: String,
+        #[arg(long)]
+        username: Option<String>,
+        /// Read the registry password from stdin.
+        #[arg(long, requires = "username")]
+        password_stdin: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List images.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove an image (its blobs and layers go at the next gc).
+    Rm { reference: String },
+    /// Import an OCI image layout directory, an OCI archive, or a rootfs tarball.
+    Import {
+        reference: String,
+        path: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove blobs and unpacked layers no image uses.
+    Gc,
 }
 
 #[derive(Subcommand, Debug)]
@@ -117,6 +153,17 @@ pub struct AgentArgs {
     /// Remove every endpoint, the bridge and the nftables tables of this agent, then exit.
     #[arg(long)]
     pub uninstall_network: bool,
+    /// Fetch a registry's images from a mirror: REGISTRY=MIRROR (repeatable), e.g.
+    /// docker.io=127.0.0.1:5123. The reference the user wrote is kept.
+    #[arg(
+        long = "image-mirror",
+        env = "MIREN_IMAGE_MIRROR",
+        value_delimiter = ','
+    )]
+    pub image_mirror: Vec<String>,
+    /// Allow plain-HTTP mirrors that are not on loopback.
+    #[arg(long, env = "MIREN_ALLOW_INSECURE_MIRRORS")]
+    pub allow_insecure_mirrors: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -347,6 +394,8 @@ pub fn agent_config(args: &AgentArgs, socket: PathBuf) -> Result<AgentConfig> {
     };
     crate::net::net_config(&args.name_prefix, &args.subnet, &args.run_dir)
         .map_err(anyhow::Error::msg)?;
+    miren_runtime::Mirrors::parse(&args.image_mirror, args.allow_insecure_mirrors)
+        .map_err(|e| anyhow::anyhow!("--image-mirror: {e}"))?;
     Ok(AgentConfig {
         data_dir,
         socket,
@@ -355,6 +404,8 @@ pub fn agent_config(args: &AgentArgs, socket: PathBuf) -> Result<AgentConfig> {
         reclaim_interval: args.reclaim_interval,
         subnet: args.subnet.clone(),
         run_dir: absolute(&args.run_dir)?,
+        image_mirrors: args.image_mirror.clone(),
+        allow_insecure_mirrors: args.allow_insecure_mirrors,
     })
 }
 

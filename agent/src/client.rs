@@ -67,6 +67,7 @@ impl Client {
         &self,
         method: Method,
         path: &str,
+        content_type: &str,
         body: B,
     ) -> Result<hyper::Response<hyper::body::Incoming>, ClientError>
     where
@@ -88,7 +89,7 @@ impl Client {
             .method(method)
             .uri(path)
             .header("host", "miren-agent")
-            .header("content-type", "application/octet-stream")
+            .header("content-type", content_type)
             .body(body)
             .map_err(|e| ClientError::Protocol(e.to_string()))?;
         let response = sender

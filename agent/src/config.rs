@@ -21,6 +21,9 @@ pub struct AgentConfig {
     pub subnet: String,
     /// Runtime state that must not survive a reboot (netns bind mounts).
     pub run_dir: PathBuf,
+    /// `REGISTRY=MIRROR` rewrites of where images are fetched from.
+    pub image_mirrors: Vec<String>,
+    pub allow_insecure_mirrors: bool,
 }
 
 impl AgentConfig {

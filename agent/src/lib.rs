@@ -8,6 +8,8 @@ pub mod client;
 pub mod config;
 pub mod disks;
 pub mod error;
+pub mod image_cli;
+pub mod images;
 pub mod model;
 pub mod net;
 pub mod owner;

@@ -12,6 +12,10 @@ fn main() -> ExitCode {
             |client| async move { cli::run_disk_backup(&client, command).await },
             &cli.socket,
         ),
+        Command::Image { command } => run_client(
+            |client| async move { miren_agent::image_cli::run(&client, command).await },
+            &cli.socket,
+        ),
         Command::Debug { command } => run_client(
             |client| async move { cli::run_debug(&client, command).await },
             &cli.socket,

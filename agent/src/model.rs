@@ -205,3 +205,71 @@ pub struct RestoreQuery {
     #[serde(default)]
     pub force: bool,
 }
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ImageSummary {
+    /// Normalized reference, e.g. `docker.io/library/postgres:17`.
+    pub reference: String,
+    pub manifest_digest: String,
+    pub config_digest: String,
+    pub layers: usize,
+    /// Sum of the (compressed) layer blobs.
+    pub size_bytes: u64,
+    pub entrypoint: Vec<String>,
+    pub cmd: Vec<String>,
+    /// Registry host it came from (after mirrors), or `import:<path>`.
+    pub source: String,
+    pub stored_at: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PullImage {
+    /// Docker Hub style (`postgres:17`), a full reference, or `...@sha256:...`.
+    pub reference: String,
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ImportImage {
+    pub reference: String,
+    /// On the node: an OCI image-layout directory, an OCI archive, or a rootfs tarball.
+    pub path: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ImageRemoved {
+    pub reference: String,
+    pub removed: bool,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+pub struct ImageGcReport {
+    pub blobs_removed: usize,
+    pub layers_removed: usize,
+    pub bytes_freed: u64,
+}
+
+/// One line of a pull's NDJSON response: progress while blobs download, then the image or
+/// an error.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum PullEvent {
+    Progress {
+        digest: String,
+        done: u64,
+        total: u64,
+    },
+    Image(ImageSummary),
+    Error(ErrorBody),
+}
+
+#[derive(Debug, Clone, Default, Deserialize, utoipa::IntoParams)]
+pub struct ImageQuery {
+    /// The image reference.
+    pub reference: String,
+}

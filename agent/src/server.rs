@@ -78,10 +78,17 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         info!(?report, "network reconciled");
     }
 
+    let mirrors = miren_runtime::Mirrors::parse(&cfg.image_mirrors, cfg.allow_insecure_mirrors)
+        .map_err(|e| anyhow::anyhow!("--image-mirror: {e}"))?;
+    let images = Arc::new(
+        crate::images::ImageService::open(&cfg.data_dir, mirrors).map_err(anyhow::Error::msg)?,
+    );
+
     let listener = bind_socket(&cfg)?;
     let state = AppState {
         disks: disks.clone(),
         net: net.clone(),
+        images,
         socket_gid: cfg.socket_gid,
     };
     let app = api::router(state).into_make_service_with_connect_info::<PeerCred>();

@@ -89,6 +89,7 @@ pub async fn backup(client: &Client, disk: &str, output: Option<&str>, json: boo
         .send(
             Method::POST,
             &format!("/v1/disks/{disk}/backup"),
+            "application/octet-stream",
             Empty::<Bytes>::new(),
         )
         .await?;
@@ -257,7 +258,9 @@ pub async fn restore(
         path.push_str(&format!("&name={name}"));
     }
     let request = async {
-        let response = client.send(Method::POST, &path, body).await?;
+        let response = client
+            .send(Method::POST, &path, "application/octet-stream", body)
+            .await?;
         let bytes = response.into_body().collect().await?.to_bytes();
         Ok::<RestoreResult, anyhow::Error>(serde_json::from_slice(&bytes)?)
     };

@@ -272,8 +272,12 @@ impl ImageStore {
         self.put_blob_bytes(&bytes, Some(&digest), "manifest")?;
         remote.blob(self, &manifest.config, None).await?;
         // A few layers at a time, like docker's default of 3.
-        futures_util::stream::iter(&manifest.layers)
-            .map(|l| remote.blob(self, l, opts.progress.as_ref()))
+        // Owned descriptors: a closure over `&Descriptor` returning a future is higher-ranked,
+        // and rustc then cannot prove the whole pull `Send` (the agent spawns it).
+        let remote = &remote;
+        let progress = opts.progress.as_ref();
+        futures_util::stream::iter(manifest.layers.iter().cloned())
+            .map(move |l| async move { remote.blob(self, &l, progress).await })
             .buffer_unordered(3)
             .try_collect::<Vec<()>>()
             .await?;
