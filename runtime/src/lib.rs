@@ -1,1 +1,3 @@
-//! placeholder
+//! Container runtime: image handling and sandboxes.
+
+pub mod sandbox;
