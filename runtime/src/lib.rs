@@ -1,9 +1,8 @@
-//! Image half of miren's runtime: pull from OCI registries (through
-//! mirrors), verify every digest, store blobs content-addressed, unpack each
-//! layer once for overlayfs, import local images, list, remove and GC.
-//!
-//! Everything lives under `<data>/images`; see [`ImageStore`] and
-//! `docs/images.md` for the layout.
+//! miren's container runtime. Images: pull from OCI registries (through mirrors), verify
+//! every digest, store blobs content-addressed, unpack each layer once for overlayfs, import
+//! local images, list, remove and GC; everything lives under `<data>/images` (see
+//! [`ImageStore`] and `docs/images.md`). Sandboxes: OCI containers run with youki's
+//! libcontainer by one small supervisor process each (see [`sandbox`] and `docs/sandbox.md`).
 
 mod digest;
 mod error;
@@ -13,6 +12,8 @@ mod oci;
 mod pull;
 mod store;
 mod unpack;
+
+pub mod sandbox;
 
 pub use digest::digest_hex;
 pub use error::{Error, Result};

@@ -1,0 +1,131 @@
+//! Cgroup paths of a sandbox and cleanup that does not depend on libcontainer's state.
+//!
+//! On this project's hosts cgroups are hybrid: v1 controllers under /sys/fs/cgroup/<ctrl>
+//! (managed by libcontainer) and a controller-less cgroup2 at /sys/fs/cgroup/unified,
+//! which we use ourselves for `cgroup.kill` and to find every process of a sandbox.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use super::SandboxSpec;
+
+const ROOT: &str = "/sys/fs/cgroup";
+
+/// The `cgroupsPath` given to libcontainer.
+pub(crate) fn cgroups_path(spec: &SandboxSpec) -> String {
+    format!("/{}/{}", spec.cgroup_prefix, spec.id)
+}
+
+/// True if /sys/fs/cgroup is itself a cgroup2 mount (pure v2 host).
+fn pure_v2() -> bool {
+    Path::new(ROOT).join("cgroup.controllers").exists()
+}
+
+/// The hybrid-mode cgroup2 directory we manage ourselves (None on v1-only or pure v2).
+pub(crate) fn unified_dir(spec: &SandboxSpec) -> Option<PathBuf> {
+    let u = Path::new(ROOT).join("unified");
+    if pure_v2() || !u.join("cgroup.procs").exists() {
+        return None;
+    }
+    Some(u.join(&spec.cgroup_prefix).join(&spec.id))
+}
+
+/// Every directory this sandbox may have, one per mounted hierarchy.
+pub(crate) fn all_dirs(spec: &SandboxSpec) -> Vec<PathBuf> {
+    let rel = Path::new(&spec.cgroup_prefix).join(&spec.id);
+    if pure_v2() {
+        return vec![Path::new(ROOT).join(rel)];
+    }
+    let Ok(entries) = fs::read_dir(ROOT) else {
+        return vec![];
+    };
+    entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.join("cgroup.procs").exists())
+        .map(|p| p.join(&rel))
+        .collect()
+}
+
+/// OOM kills recorded for this sandbox's memory cgroup (v1 `memory.oom_control` or v2
+/// `memory.events`).
+pub(crate) fn oom_kills(spec: &SandboxSpec) -> u64 {
+    let rel = Path::new(&spec.cgroup_prefix).join(&spec.id);
+    let (file, key) = if pure_v2() {
+        (Path::new(ROOT).join(rel).join("memory.events"), "oom_kill")
+    } else {
+        (
+            Path::new(ROOT)
+                .join("memory")
+                .join(rel)
+                .join("memory.oom_control"),
+            "oom_kill",
+        )
+    };
+    fs::read_to_string(file)
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                let (k, v) = l.split_once(' ')?;
+                (k == key).then(|| v.trim().parse().ok()).flatten()
+            })
+        })
+        .unwrap_or(0)
+}
+
+fn procs(dir: &Path) -> Vec<i32> {
+    fs::read_to_string(dir.join("cgroup.procs"))
+        .map(|s| s.lines().filter_map(|l| l.trim().parse().ok()).collect())
+        .unwrap_or_default()
+}
+
+/// Pids in any of the sandbox's cgroups.
+pub(crate) fn all_procs(spec: &SandboxSpec) -> Vec<i32> {
+    let mut v: Vec<i32> = all_dirs(spec).iter().flat_map(|d| procs(d)).collect();
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
+/// SIGKILLs every process in the sandbox's cgroups until they are empty (or `timeout`).
+pub(crate) fn kill_all(spec: &SandboxSpec, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(u) = unified_dir(spec) {
+            let _ = fs::write(u.join("cgroup.kill"), "1");
+        }
+        let pids = all_procs(spec);
+        if pids.is_empty() {
+            return true;
+        }
+        for p in pids {
+            let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Kills what is left and removes the sandbox's leaf cgroups (not the shared prefix).
+pub(crate) fn remove_all(spec: &SandboxSpec) -> std::io::Result<()> {
+    kill_all(spec, Duration::from_secs(5));
+    let mut last = Ok(());
+    for d in all_dirs(spec) {
+        // A just-killed task can keep the cgroup busy for a moment.
+        for attempt in 0..50 {
+            match fs::remove_dir(&d) {
+                Ok(()) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                Err(e) if attempt == 49 => last = Err(e),
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    }
+    last
+}

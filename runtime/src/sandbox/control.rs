@@ -1,0 +1,201 @@
+//! Agent-side helpers: everything works from the state dir alone and is idempotent.
+
+use std::fs;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use libcontainer::container::Container;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use super::status::{read_status, same_process, write_atomic, write_status};
+use super::supervisor::StopRequest;
+use super::{cgroup, read_spec, SandboxError, SandboxSpec, State, Status};
+use super::{PID_FILE, ROOTFS_DIR, SPEC_FILE, STOP_FILE, YOUKI_DIR};
+
+/// Validates `spec` and writes it to `<state_dir>/spec.json` (creating the dir).
+pub fn create(state_dir: &Path, spec: &SandboxSpec) -> Result<(), SandboxError> {
+    spec.validate()?;
+    fs::create_dir_all(state_dir)
+        .map_err(|e| SandboxError::io(format!("mkdir {}", state_dir.display()), e))?;
+    let json = serde_json::to_vec_pretty(spec)
+        .map_err(|e| SandboxError::InvalidSpec(format!("serialize: {e}")))?;
+    write_atomic(&state_dir.join(SPEC_FILE), &json)
+}
+
+/// Runs the supervisor command (e.g. `miren supervise --state-dir DIR`) and waits for
+/// its launcher half, which exits once the container runs or failed to start. The
+/// supervisor itself keeps running detached. Blocking: call from a blocking context.
+pub fn launch(mut cmd: Command, state_dir: &Path) -> Result<Status, SandboxError> {
+    let st = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map_err(|e| SandboxError::io("spawn supervisor", e))?;
+    let status = status(state_dir);
+    if !st.success() {
+        let why = status
+            .ok()
+            .and_then(|s| s.error)
+            .unwrap_or_else(|| format!("supervisor launcher {st}"));
+        return Err(SandboxError::StartFailed(why));
+    }
+    status
+}
+
+/// The last recorded status, with `supervisor_alive` checked against /proc.
+pub fn status(state_dir: &Path) -> Result<Status, SandboxError> {
+    let mut s = read_status(state_dir)?
+        .ok_or_else(|| SandboxError::NoStatus(state_dir.display().to_string()))?;
+    s.supervisor_alive = same_process(s.supervisor_pid, s.supervisor_start_time);
+    Ok(s)
+}
+
+/// Asks the supervisor to stop: SIGTERM to the container, SIGKILL after `grace`, then it
+/// deletes the container (cgroups, overlay mount) and exits. Waits for that. If the
+/// supervisor is gone (or does not finish in time) the cleanup is done here.
+pub fn stop(state_dir: &Path, grace: Duration) -> Result<Status, SandboxError> {
+    let st = match status(state_dir) {
+        Ok(s) => s,
+        Err(SandboxError::NoStatus(_)) => {
+            cleanup_without_supervisor(state_dir)?;
+            return Err(SandboxError::NotRunning);
+        }
+        Err(e) => return Err(e),
+    };
+    if st.supervisor_alive {
+        let req = serde_json::to_vec(&StopRequest {
+            grace_ms: grace.as_millis() as u64,
+        })
+        .map_err(|e| SandboxError::InvalidSpec(e.to_string()))?;
+        write_atomic(&state_dir.join(STOP_FILE), &req)?;
+        let _ = kill(Pid::from_raw(st.supervisor_pid), Signal::SIGTERM);
+        let deadline = Instant::now() + grace + Duration::from_secs(10);
+        while same_process(st.supervisor_pid, st.supervisor_start_time) {
+            if Instant::now() >= deadline {
+                let _ = kill(Pid::from_raw(st.supervisor_pid), Signal::SIGKILL);
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    cleanup_without_supervisor(state_dir)?;
+    let mut st = status(state_dir)?;
+    if matches!(
+        st.state,
+        State::Creating | State::Running | State::Restarting
+    ) {
+        // The supervisor died before recording the end.
+        st.state = State::Exited;
+        st.error
+            .get_or_insert_with(|| "supervisor gone; container killed".into());
+        write_status(state_dir, &st)?;
+    }
+    Ok(st)
+}
+
+/// Stops (without grace) and removes everything: processes, cgroups, the overlay
+/// mount and the state dir. Safe to repeat and after a SIGKILLed supervisor.
+pub fn delete(state_dir: &Path) -> Result<(), SandboxError> {
+    if !state_dir.exists() {
+        return Ok(());
+    }
+    if let Ok(st) = status(state_dir) {
+        if st.supervisor_alive {
+            let _ = kill(Pid::from_raw(st.supervisor_pid), Signal::SIGKILL);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while same_process(st.supervisor_pid, st.supervisor_start_time)
+                && Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    }
+    cleanup_without_supervisor(state_dir)?;
+    fs::remove_dir_all(state_dir)
+        .map_err(|e| SandboxError::io(format!("remove {}", state_dir.display()), e))
+}
+
+/// What the supervisor's teardown does, for when it cannot: kill by cgroup (and the
+/// recorded init pid), drop libcontainer state, remove cgroups, unmount the rootfs.
+fn cleanup_without_supervisor(state_dir: &Path) -> Result<(), SandboxError> {
+    if let Ok(Some(st)) = read_status(state_dir) {
+        if same_process(st.supervisor_pid, st.supervisor_start_time) {
+            // Still running (e.g. refused to die within the deadline): leave it alone.
+            return Err(SandboxError::Timeout("supervisor still running".into()));
+        }
+        if let (Some(p), Some(t)) = (st.pid, st.pid_start_time) {
+            if same_process(p, t) {
+                let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
+            }
+        }
+    }
+    if let Ok(spec) = read_spec(state_dir) {
+        cgroup::kill_all(&spec, Duration::from_secs(5));
+        let cdir = state_dir.join(YOUKI_DIR).join(&spec.id);
+        if cdir.exists() {
+            if let Ok(mut c) = Container::load(cdir.clone()) {
+                let _ = c.delete(true);
+            }
+            let _ = fs::remove_dir_all(&cdir);
+        }
+        cgroup::remove_all(&spec).map_err(|e| SandboxError::io("remove cgroups", e))?;
+    }
+    let rootfs = state_dir.join(ROOTFS_DIR);
+    if is_mounted(&rootfs) {
+        unmount(&rootfs)?;
+    }
+    let _ = fs::remove_file(state_dir.join(PID_FILE));
+    Ok(())
+}
+
+/// True if `path` is a mount point in our mount namespace (per /proc/self/mountinfo).
+pub(crate) fn is_mounted(path: &Path) -> bool {
+    let Ok(path) = fs::canonicalize(path) else {
+        return false;
+    };
+    let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let want = path.to_string_lossy();
+    info.lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .any(|m| unescape_mountinfo(m) == want)
+}
+
+fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len() + 0
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Unmounts `path` (all stacked mounts); lazily if it is still busy.
+pub(crate) fn unmount(path: &Path) -> Result<(), SandboxError> {
+    use nix::mount::{umount2, MntFlags};
+    while is_mounted(path) {
+        if let Err(e) = umount2(path, MntFlags::empty()) {
+            if e == nix::errno::Errno::EBUSY {
+                umount2(path, MntFlags::MNT_DETACH)
+                    .map_err(|e| SandboxError::sys(format!("umount {}", path.display()), e))?;
+            } else {
+                return Err(SandboxError::sys(format!("umount {}", path.display()), e));
+            }
+        }
+    }
+    Ok(())
+}

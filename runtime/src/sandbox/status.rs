@@ -1,0 +1,106 @@
+//! `status.json`: the supervisor's durable record of the sandbox, and small file helpers.
+
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use super::{SandboxError, STATUS_FILE};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    /// Supervisor is setting up or creating the container.
+    Creating,
+    Running,
+    /// Exited and waiting out the restart backoff.
+    Restarting,
+    /// Exited for good (or stopped); `exit_code` is set.
+    Exited,
+    /// Could not be created or started; `error` says why.
+    Failed,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    pub state: State,
+    /// Supervisor pid and its start time (clock ticks since boot, from /proc/pid/stat) so
+    /// a reused pid is never mistaken for it.
+    pub supervisor_pid: i32,
+    pub supervisor_start_time: u64,
+    /// Host pid of the container's init for the current/last run.
+    pub pid: Option<i32>,
+    pub pid_start_time: Option<u64>,
+    /// 0-255; 128+signal for a signal death (137 for SIGKILL).
+    pub exit_code: Option<i32>,
+    pub oom_killed: bool,
+    /// Number of restarts done by the restart policy.
+    pub restarts: u32,
+    /// Unix milliseconds.
+    pub started_at: Option<u64>,
+    pub finished_at: Option<u64>,
+    pub error: Option<String>,
+    /// Not stored: filled in by [`super::status`] from /proc.
+    #[serde(skip)]
+    pub supervisor_alive: bool,
+}
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Writes `path` via temp file + fsync + rename + directory fsync, so a crash leaves
+/// either the old or the new content.
+pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> Result<(), SandboxError> {
+    let io = |e| SandboxError::io(format!("write {}", path.display()), e);
+    let tmp = path.with_extension("tmp");
+    let mut f = File::create(&tmp).map_err(io)?;
+    f.write_all(data).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    fs::rename(&tmp, path).map_err(io)?;
+    if let Some(dir) = path.parent() {
+        File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+    }
+    Ok(())
+}
+
+pub(crate) fn write_status(state_dir: &Path, st: &Status) -> Result<(), SandboxError> {
+    let json = serde_json::to_vec_pretty(st)
+        .map_err(|e| SandboxError::InvalidSpec(format!("status json: {e}")))?;
+    write_atomic(&state_dir.join(STATUS_FILE), &json)
+}
+
+pub(crate) fn read_status(state_dir: &Path) -> Result<Option<Status>, SandboxError> {
+    let path = state_dir.join(STATUS_FILE);
+    match fs::read(&path) {
+        Ok(b) => serde_json::from_slice(&b)
+            .map(Some)
+            .map_err(|e| SandboxError::Corrupt(format!("{}: {e}", path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(SandboxError::io(format!("read {}", path.display()), e)),
+    }
+}
+
+/// Start time (field 22 of /proc/pid/stat) of a live, non-zombie process.
+pub(crate) fn proc_start_time(pid: i32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // comm may contain spaces and parens: fields start after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let mut fields = rest.split(' ');
+    let state = fields.next()?;
+    if state == "Z" || state == "X" {
+        return None;
+    }
+    // `rest` starts at field 3 (state); start time is field 22.
+    fields.nth(18)?.parse().ok()
+}
+
+/// True if `pid` is alive and is the same process that was recorded.
+pub(crate) fn same_process(pid: i32, start_time: u64) -> bool {
+    pid > 0 && proc_start_time(pid) == Some(start_time)
+}
