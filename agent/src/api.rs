@@ -31,6 +31,7 @@ pub struct AppState {
     pub disks: Arc<DiskService>,
     pub net: Arc<NetService>,
     pub images: Arc<crate::images::ImageService>,
+    pub sandboxes: Arc<crate::sandboxes::SandboxService>,
     pub socket_gid: Option<u32>,
 }
 
@@ -119,6 +120,11 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(pull_image))
         .routes(routes!(import_image))
         .routes(routes!(gc_images))
+        .routes(routes!(list_sandboxes, run_sandbox))
+        .routes(routes!(get_sandbox, delete_sandbox))
+        .routes(routes!(stop_sandbox))
+        .routes(routes!(exec_sandbox))
+        .routes(routes!(sandbox_logs))
 }
 
 /// The OpenAPI document of every route, generated from the code.
@@ -624,6 +630,168 @@ async fn gc_images(
     blocking(move || state.images.gc()).await.map(Json)
 }
 
+#[utoipa::path(get, path = "/v1/sandboxes", tag = "sandboxes",
+    responses((status = 200, body = [crate::model::Sandbox])))]
+async fn list_sandboxes(
+    State(state): State<AppState>,
+) -> Result<Json<Vec<crate::model::Sandbox>>, ApiError> {
+    blocking(move || state.sandboxes.list()).await.map(Json)
+}
+
+#[utoipa::path(post, path = "/v1/sandboxes", tag = "sandboxes", request_body = crate::model::RunSandbox,
+    responses(
+        (status = 201, description = "Running (its supervisor started the container)", body = crate::model::Sandbox),
+        (status = 400, body = ErrorBody),
+        (status = 409, description = "Name taken, or a disk's lease timed out", body = ErrorBody),
+        (status = 422, description = "The container did not start", body = ErrorBody)))]
+async fn run_sandbox(
+    State(state): State<AppState>,
+    Body(req): Body<crate::model::RunSandbox>,
+) -> Result<(StatusCode, Json<crate::model::Sandbox>), ApiError> {
+    let sandbox = tokio::spawn(async move { state.sandboxes.run(req).await })
+        .await
+        .map_err(|e| ApiError::internal(format!("operation failed to run: {e}")))??;
+    Ok((StatusCode::CREATED, Json(sandbox)))
+}
+
+#[utoipa::path(get, path = "/v1/sandboxes/{sandbox}", tag = "sandboxes",
+    params(("sandbox" = String, Path, description = "Sandbox id or name")),
+    responses((status = 200, body = crate::model::Sandbox), (status = 404, body = ErrorBody)))]
+async fn get_sandbox(
+    State(state): State<AppState>,
+    PathParam(sandbox): PathParam<String>,
+) -> Result<Json<crate::model::Sandbox>, ApiError> {
+    blocking(move || state.sandboxes.get(&sandbox))
+        .await
+        .map(Json)
+}
+
+#[utoipa::path(delete, path = "/v1/sandboxes/{sandbox}", tag = "sandboxes",
+    params(("sandbox" = String, Path, description = "Sandbox id or name")),
+    responses((status = 204, description = "Stopped and removed with its leases, endpoint, cgroup and overlay"), (status = 404, body = ErrorBody)))]
+async fn delete_sandbox(
+    State(state): State<AppState>,
+    PathParam(sandbox): PathParam<String>,
+) -> Result<StatusCode, ApiError> {
+    tokio::spawn(async move { state.sandboxes.delete(&sandbox).await })
+        .await
+        .map_err(|e| ApiError::internal(format!("operation failed to run: {e}")))??;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(post, path = "/v1/sandboxes/{sandbox}/stop", tag = "sandboxes",
+    params(("sandbox" = String, Path, description = "Sandbox id or name"), crate::model::StopQuery),
+    responses((status = 200, description = "SIGTERM, the grace period, then SIGKILL", body = crate::model::Sandbox), (status = 404, body = ErrorBody)))]
+async fn stop_sandbox(
+    State(state): State<AppState>,
+    PathParam(sandbox): PathParam<String>,
+    QueryParam(query): QueryParam<crate::model::StopQuery>,
+) -> Result<Json<crate::model::Sandbox>, ApiError> {
+    let grace = query
+        .grace_secs
+        .filter(|s| s.is_finite() && *s >= 0.0 && *s <= 3600.0)
+        .map(Duration::from_secs_f64);
+    tokio::spawn(async move { state.sandboxes.stop(&sandbox, grace).await })
+        .await
+        .map_err(|e| ApiError::internal(format!("operation failed to run: {e}")))?
+        .map(Json)
+}
+
+#[utoipa::path(post, path = "/v1/sandboxes/{sandbox}/exec", tag = "sandboxes", request_body = crate::model::ExecRequest,
+    params(("sandbox" = String, Path, description = "Sandbox id or name")),
+    responses((status = 200, description = "The command ran; its exit code and output", body = crate::model::ExecResult), (status = 409, description = "Not running", body = ErrorBody)))]
+async fn exec_sandbox(
+    State(state): State<AppState>,
+    PathParam(sandbox): PathParam<String>,
+    Body(req): Body<crate::model::ExecRequest>,
+) -> Result<Json<crate::model::ExecResult>, ApiError> {
+    state
+        .sandboxes
+        .exec(&sandbox, req.args, req.env)
+        .await
+        .map(Json)
+}
+
+#[utoipa::path(get, path = "/v1/sandboxes/{sandbox}/logs", tag = "sandboxes",
+    params(("sandbox" = String, Path, description = "Sandbox id or name"), crate::model::LogsQuery),
+    responses((status = 200, description = "stdout, then stderr; with follow, new output as it comes", content_type = "text/plain", body = String)))]
+async fn sandbox_logs(
+    State(state): State<AppState>,
+    PathParam(sandbox): PathParam<String>,
+    QueryParam(query): QueryParam<crate::model::LogsQuery>,
+) -> Result<Response, ApiError> {
+    let (stdout, stderr) = {
+        let sandboxes = state.sandboxes.clone();
+        let name = sandbox.clone();
+        blocking(move || sandboxes.log_files(&name)).await?
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel::<
+        Result<hyper::body::Frame<hyper::body::Bytes>, std::io::Error>,
+    >(16);
+    tokio::spawn(async move {
+        let send = |bytes: Vec<u8>| {
+            let tx = tx.clone();
+            async move {
+                tx.send(Ok(hyper::body::Frame::data(hyper::body::Bytes::from(
+                    bytes,
+                ))))
+                .await
+                .is_ok()
+            }
+        };
+        for file in stdout.iter().chain(stderr.iter()) {
+            if let Ok(bytes) = tokio::fs::read(file).await {
+                if !bytes.is_empty() && !send(bytes).await {
+                    return;
+                }
+            }
+        }
+        if !query.follow {
+            return;
+        }
+        // Follow the current files; a rotation shows up as a file shorter than what we sent.
+        let current = [stdout.last().cloned(), stderr.last().cloned()];
+        let mut offsets = [0u64; 2];
+        for (i, f) in current.iter().enumerate() {
+            offsets[i] = f
+                .as_ref()
+                .and_then(|f| std::fs::metadata(f).ok())
+                .map_or(0, |m| m.len());
+        }
+        loop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if state.sandboxes.get(&sandbox).is_err() {
+                return; // deleted
+            }
+            for (i, f) in current.iter().enumerate() {
+                let Some(f) = f else { continue };
+                let Ok(bytes) = tokio::fs::read(f).await else {
+                    continue;
+                };
+                let len = bytes.len() as u64;
+                if len < offsets[i] {
+                    offsets[i] = 0;
+                }
+                if len > offsets[i] {
+                    let new = bytes[offsets[i] as usize..].to_vec();
+                    offsets[i] = len;
+                    if !send(new).await {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    let mut response = Response::new(axum::body::Body::new(http_body_util::StreamBody::new(
+        tokio_stream::wrappers::ReceiverStream::new(rx),
+    )));
+    response.headers_mut().insert(
+        axum::http::header::CONTENT_TYPE,
+        axum::http::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    Ok(response)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -664,6 +832,10 @@ mod tests {
             "/v1/images/pull",
             "/v1/images/import",
             "/v1/images/gc",
+            "/v1/sandboxes",
+            "/v1/sandboxes/{sandbox}",
+            "/v1/sandboxes/{sandbox}/exec",
+            "/v1/sandboxes/{sandbox}/logs",
         ] {
             assert!(doc.paths.paths.contains_key(path), "{path} missing");
         }

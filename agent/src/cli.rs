@@ -35,6 +35,17 @@ pub enum Command {
         #[command(subcommand)]
         command: DiskBackupCommand,
     },
+    /// Sandboxes: OCI containers, each run by its own supervisor.
+    Sandbox {
+        #[command(subcommand)]
+        command: SandboxCommand,
+    },
+    /// (internal) Run one sandbox's supervisor; started by the agent.
+    #[command(hide = true)]
+    Supervise {
+        #[arg(long)]
+        state_dir: PathBuf,
+    },
     /// OCI images on this node.
     Image {
         #[command(subcommand)]
@@ -45,6 +56,81 @@ pub enum Command {
         #[command(subcommand)]
         command: DebugCommand,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SandboxCommand {
+    /// Start a sandbox from an image and print its id.
+    Run {
+        #[arg(long)]
+        image: String,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        app: Option<String>,
+        /// KEY=VALUE (repeatable).
+        #[arg(long)]
+        env: Vec<String>,
+        /// Memory limit, e.g. 256M.
+        #[arg(long)]
+        memory: Option<String>,
+        #[arg(long)]
+        cpus: Option<f64>,
+        #[arg(long)]
+        pids: Option<i64>,
+        /// NAME:/path[:ro] (repeatable): a disk, leased for the sandbox's life.
+        #[arg(long)]
+        disk: Vec<String>,
+        #[arg(long, value_parser = parse_duration)]
+        lease_timeout: Option<Duration>,
+        /// Mount the app's local storage directory here.
+        #[arg(long)]
+        local_dir: Option<String>,
+        /// A private tmpfs at this path (repeatable).
+        #[arg(long)]
+        tmpfs: Vec<String>,
+        #[arg(long, value_parser = ["no", "on-failure", "always"])]
+        restart: Option<String>,
+        /// Publish a TCP port on the host: HOSTPORT:PORT (127.0.0.1) or IP:HOSTPORT:PORT.
+        #[arg(long, value_parser = parse_publish)]
+        publish: Vec<PublishPort>,
+        #[arg(long)]
+        json: bool,
+        /// Command and arguments (default: the image's entrypoint and cmd).
+        #[arg(last = true)]
+        cmd: Vec<String>,
+    },
+    /// List sandboxes.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one sandbox.
+    Status {
+        sandbox: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a sandbox's output.
+    Logs {
+        sandbox: String,
+        #[arg(short = 'f', long)]
+        follow: bool,
+    },
+    /// Run a command inside a running sandbox.
+    Exec {
+        sandbox: String,
+        #[arg(last = true, required = true)]
+        cmd: Vec<String>,
+    },
+    /// Stop a sandbox: SIGTERM, a grace period, SIGKILL.
+    Stop {
+        sandbox: String,
+        #[arg(long, value_parser = parse_duration)]
+        grace: Option<Duration>,
+    },
+    /// Stop a sandbox and remove everything it had.
+    Delete { sandbox: String },
 }
 
 #[derive(Subcommand, Debug)]

@@ -15,7 +15,7 @@ use tracing::{info, warn};
 use crate::config::AgentConfig;
 use crate::error::ApiError;
 use crate::model::{self, CreateDisk, Disk, Lease, LeaseInfo, ReleaseResult};
-use crate::owner::{holder_is_gone, parse_holder};
+use crate::owner::parse_holder;
 use crate::state::{DiskRow, DiskStatus, LeaseAttempt, LeaseRow, Store};
 use crate::util::{new_id, now_rfc3339};
 
@@ -504,7 +504,11 @@ impl DiskService {
                     return Ok(self.lease_view(&row, lease));
                 }
                 LeaseAttempt::HeldBy(current)
-                    if holder_is_gone(current.holder_pid, current.holder_start_time) =>
+                    if !self.store.holder_exists(
+                        &current.holder,
+                        current.holder_pid,
+                        current.holder_start_time,
+                    ) =>
                 {
                     self.reclaim(&row.name, &current)?;
                     continue;
@@ -531,6 +535,11 @@ impl DiskService {
                 }
             }
         }
+    }
+
+    /// Wakes lease waiters after leases were released behind this service's back.
+    pub fn notify_lease_released(&self) {
+        self.lease_released.notify_waiters();
     }
 
     pub fn release_lease(&self, id_or_name: &str) -> Result<ReleaseResult, ApiError> {
@@ -586,7 +595,10 @@ impl DiskService {
     pub fn reclaim_dead_holders(&self) -> Result<usize, ApiError> {
         let mut reclaimed = 0;
         for lease in self.store.leases()? {
-            if holder_is_gone(lease.holder_pid, lease.holder_start_time) {
+            if !self
+                .store
+                .holder_exists(&lease.holder, lease.holder_pid, lease.holder_start_time)
+            {
                 let name = self
                     .store
                     .disk(&lease.disk_id)?

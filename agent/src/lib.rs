@@ -13,6 +13,8 @@ pub mod images;
 pub mod model;
 pub mod net;
 pub mod owner;
+pub mod sandbox_cli;
+pub mod sandboxes;
 pub mod server;
 pub mod snapshot_cli;
 pub mod state;

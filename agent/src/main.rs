@@ -6,7 +6,33 @@ use miren_agent::client::Client;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The supervisor must stay single-threaded (libcontainer clones with raw clone3 and its
+    // container init is our child): no runtime, no threads, before this call.
+    if let Command::Supervise { state_dir } = &cli.command {
+        return match miren_runtime::sandbox::supervise(state_dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("error: {err}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    if let Command::Sandbox { command } = cli.command {
+        let socket = cli.socket.clone();
+        let result = run_client(
+            |client| async move { miren_agent::sandbox_cli::run(&client, command).await },
+            &socket,
+        );
+        return match result {
+            Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+            Err(err) => {
+                eprintln!("error: {err:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let result = match cli.command {
+        Command::Supervise { .. } | Command::Sandbox { .. } => Ok(()),
         Command::Agent(args) => run_agent(&args, cli.socket),
         Command::Disk { command } => run_client(
             |client| async move { cli::run_disk_backup(&client, command).await },
@@ -48,10 +74,10 @@ fn run_agent(args: &cli::AgentArgs, socket: std::path::PathBuf) -> anyhow::Resul
     runtime.block_on(miren_agent::server::run(cfg))
 }
 
-fn run_client<F, Fut>(f: F, socket: &std::path::Path) -> anyhow::Result<()>
+fn run_client<T, F, Fut>(f: F, socket: &std::path::Path) -> anyhow::Result<T>
 where
     F: FnOnce(Client) -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<()>>,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
 {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -273,3 +273,92 @@ pub struct ImageQuery {
     /// The image reference.
     pub reference: String,
 }
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RunSandbox {
+    /// Image reference; pulled through the agent's mirrors if it is not on the node.
+    pub image: String,
+    #[serde(default)]
+    pub name: Option<String>,
+    /// The app the sandbox belongs to (network isolation, local storage); default: its name.
+    #[serde(default)]
+    pub app: Option<String>,
+    /// `K=V`, applied over the image's environment.
+    #[serde(default)]
+    pub env: Vec<String>,
+    /// Memory limit, e.g. `256M`, `1G`.
+    #[serde(default)]
+    pub memory: Option<String>,
+    #[serde(default)]
+    pub cpus: Option<f64>,
+    #[serde(default)]
+    pub pids: Option<i64>,
+    /// `NAME:/path[:ro]`: a disk, leased for the sandbox's life.
+    #[serde(default)]
+    pub disks: Vec<String>,
+    /// How long to wait for each disk's lease, in seconds (default 300).
+    #[serde(default)]
+    pub lease_timeout_secs: Option<f64>,
+    /// Where the app's local storage directory appears inside.
+    #[serde(default)]
+    pub local_dir: Option<String>,
+    #[serde(default)]
+    pub tmpfs: Vec<String>,
+    /// `no` (default), `on-failure` or `always`.
+    #[serde(default)]
+    pub restart: Option<String>,
+    #[serde(default)]
+    pub publish: Vec<PublishPort>,
+    /// Command and arguments; default: the image's entrypoint and cmd.
+    #[serde(default)]
+    pub cmd: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Sandbox {
+    pub id: String,
+    pub name: String,
+    pub app: String,
+    pub image: String,
+    /// `creating`, `running`, `exited` or `failed` (`deleting` while it goes).
+    pub state: String,
+    pub pid: Option<i32>,
+    pub ip: Option<String>,
+    pub exit_code: Option<i32>,
+    pub oom_killed: bool,
+    pub restarts: u32,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub disks: Vec<String>,
+    pub error: Option<String>,
+    pub created_at: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExecRequest {
+    pub args: Vec<String>,
+    #[serde(default)]
+    pub env: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ExecResult {
+    pub exit_code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, utoipa::IntoParams)]
+pub struct StopQuery {
+    /// Seconds between SIGTERM and SIGKILL (default: the sandbox's, 10).
+    pub grace_secs: Option<f64>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, utoipa::IntoParams)]
+pub struct LogsQuery {
+    /// Keep streaming what the sandbox writes.
+    #[serde(default)]
+    pub follow: bool,
+}

@@ -13,7 +13,7 @@ use tracing::{info, warn};
 
 use crate::error::ApiError;
 use crate::model::{CreateEndpoint, Endpoint, EndpointDeleted, NetGcReport, PublishPort};
-use crate::owner::{holder_is_gone, parse_holder};
+use crate::owner::parse_holder;
 use crate::state::{EndpointRow, Store};
 use crate::util::now_rfc3339;
 
@@ -334,7 +334,10 @@ impl NetService {
         let mut report = NetGcReport::default();
         for row in self.store.endpoints()? {
             let interrupted = row.status == "creating" || row.status == "deleting";
-            let orphaned = holder_is_gone(row.owner_pid, row.owner_start_time);
+            let orphaned =
+                !self
+                    .store
+                    .holder_exists(&row.owner, row.owner_pid, row.owner_start_time);
             if interrupted || orphaned {
                 self.store.set_endpoint_status(&row.owner, "deleting")?;
                 netns::delete_endpoint(&self.cfg, &row.owner).await?;

@@ -84,11 +84,24 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         crate::images::ImageService::open(&cfg.data_dir, mirrors).map_err(anyhow::Error::msg)?,
     );
 
+    let sandboxes = Arc::new(crate::sandboxes::SandboxService::new(
+        cfg.clone(),
+        store.clone(),
+        disks.clone(),
+        net.clone(),
+        images.clone(),
+    ));
+    sandboxes
+        .reconcile()
+        .await
+        .context("reconciling sandboxes")?;
+
     let listener = bind_socket(&cfg)?;
     let state = AppState {
         disks: disks.clone(),
         net: net.clone(),
         images,
+        sandboxes,
         socket_gid: cfg.socket_gid,
     };
     let app = api::router(state).into_make_service_with_connect_info::<PeerCred>();

@@ -59,6 +59,17 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE disks ADD COLUMN restore_image TEXT;
      ALTER TABLE disks ADD COLUMN restore_size_gb INTEGER;
      ALTER TABLE disks ADD COLUMN restore_filesystem TEXT;",
+    // 4: sandboxes. The supervisor's files in the state dir say how the sandbox runs; the row
+    // says it exists (and whether a run or delete was cut short).
+    "CREATE TABLE sandboxes (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        app TEXT NOT NULL,
+        image TEXT NOT NULL,
+        status TEXT NOT NULL,
+        disks TEXT NOT NULL,
+        created_at TEXT NOT NULL
+    );",
 ];
 
 /// Lifecycle of a disk row. `Creating` and `Deleting` mark operations in flight: after a crash,
@@ -564,6 +575,133 @@ impl Store {
         };
         self.conn().execute(sql, [id])?;
         Ok(())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SandboxRow {
+    pub id: String,
+    pub name: String,
+    pub app: String,
+    pub image: String,
+    /// `creating`, `created` or `deleting`.
+    pub status: String,
+    /// Names of the disks whose leases the sandbox holds.
+    pub disks: Vec<String>,
+    pub created_at: String,
+}
+
+fn sandbox_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<SandboxRow> {
+    let disks: String = row.get(5)?;
+    Ok(SandboxRow {
+        id: row.get(0)?,
+        name: row.get(1)?,
+        app: row.get(2)?,
+        image: row.get(3)?,
+        status: row.get(4)?,
+        disks: serde_json::from_str(&disks).unwrap_or_default(),
+        created_at: row.get(6)?,
+    })
+}
+
+const SANDBOX_COLUMNS: &str = "id, name, app, image, status, disks, created_at";
+
+impl Store {
+    pub fn insert_sandbox(&self, row: &SandboxRow) -> Result<(), ApiError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let existing: Option<String> = tx
+            .query_row(
+                "SELECT id FROM sandboxes WHERE name = ?1",
+                [&row.name],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if let Some(id) = existing {
+            return Err(ApiError::conflict(format!(
+                "a sandbox named `{}` already exists ({id}); pick another name or delete it first",
+                row.name
+            )));
+        }
+        tx.execute(
+            &format!(
+                "INSERT INTO sandboxes ({SANDBOX_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"
+            ),
+            params![
+                row.id,
+                row.name,
+                row.app,
+                row.image,
+                row.status,
+                serde_json::to_string(&row.disks).unwrap_or_else(|_| "[]".into()),
+                row.created_at
+            ],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn set_sandbox_status(&self, id: &str, status: &str) -> Result<(), ApiError> {
+        self.conn().execute(
+            "UPDATE sandboxes SET status = ?2 WHERE id = ?1",
+            params![id, status],
+        )?;
+        Ok(())
+    }
+
+    pub fn sandbox(&self, id_or_name: &str) -> Result<Option<SandboxRow>, ApiError> {
+        Ok(self
+            .conn()
+            .query_row(
+                &format!("SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE id = ?1 OR name = ?1"),
+                [id_or_name],
+                sandbox_from_row,
+            )
+            .optional()?)
+    }
+
+    pub fn sandboxes(&self) -> Result<Vec<SandboxRow>, ApiError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {SANDBOX_COLUMNS} FROM sandboxes ORDER BY created_at, name"
+        ))?;
+        let rows = stmt.query_map([], sandbox_from_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn remove_sandbox(&self, id: &str) -> Result<(), ApiError> {
+        self.conn()
+            .execute("DELETE FROM sandboxes WHERE id = ?1", [id])?;
+        Ok(())
+    }
+
+    /// Whether a lease holder or endpoint owner still exists: sandbox ids (`sbx_...`) exist
+    /// while their row does; `pid:N` while the process does; other names always.
+    pub fn holder_exists(&self, holder: &str, pid: Option<i64>, start: Option<i64>) -> bool {
+        if crate::owner::holder_is_gone(pid, start) {
+            return false;
+        }
+        if holder.starts_with("sbx_") {
+            return self
+                .conn()
+                .query_row(
+                    "SELECT 1 FROM sandboxes WHERE id = ?1",
+                    [holder],
+                    |_| Ok(()),
+                )
+                .optional()
+                .map(|r| r.is_some())
+                .unwrap_or(true);
+        }
+        true
+    }
+
+    /// Leases held by `holder` (disk ids).
+    pub fn leases_of(&self, holder: &str) -> Result<Vec<String>, ApiError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT disk_id FROM leases WHERE holder = ?1")?;
+        let rows = stmt.query_map([holder], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 }
 

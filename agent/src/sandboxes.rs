@@ -1,0 +1,589 @@
+//! Sandboxes as the agent manages them. The sandbox's own supervisor (`miren supervise`, see
+//! `miren_runtime::sandbox`) runs it and records how it runs in its state dir, so the agent can
+//! die and come back without the sandbox noticing. The agent's row says the sandbox exists; its
+//! disk leases and network endpoint are held under the sandbox id, and are freed when the row
+//! goes (or by reconciliation if a run or delete was cut short).
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use miren_runtime::sandbox::{self, Mount, Resources, RestartPolicy, SandboxSpec, State, User};
+use tracing::{info, warn};
+
+use crate::config::AgentConfig;
+use crate::disks::{DiskService, DEFAULT_LEASE_TIMEOUT};
+use crate::error::ApiError;
+use crate::images::ImageService;
+use crate::model::{CreateEndpoint, ExecResult, RunSandbox, Sandbox};
+use crate::net::NetService;
+use crate::state::{SandboxRow, Store};
+use crate::util::{new_id, now_rfc3339};
+
+pub struct SandboxService {
+    cfg: AgentConfig,
+    store: Arc<Store>,
+    disks: Arc<DiskService>,
+    net: Arc<NetService>,
+    images: Arc<ImageService>,
+}
+
+impl From<sandbox::SandboxError> for ApiError {
+    fn from(err: sandbox::SandboxError) -> Self {
+        match err {
+            sandbox::SandboxError::InvalidSpec(_) => ApiError::invalid(err.to_string()),
+            sandbox::SandboxError::NotRunning => ApiError::conflict(format!(
+                "{err}; start a new sandbox with `miren sandbox run`"
+            )),
+            _ => ApiError::internal(err.to_string()),
+        }
+    }
+}
+
+/// `256M`, `1G`, `512k`, `1048576` -> bytes.
+pub fn parse_memory(s: &str) -> Result<u64, ApiError> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| ApiError::invalid(format!("memory `{s}`: write a size like 256M or 1G")))?;
+    let factor = match unit.to_ascii_lowercase().trim_end_matches('b') {
+        "" => 1,
+        "k" => 1 << 10,
+        "m" => 1 << 20,
+        "g" => 1 << 30,
+        _ => {
+            return Err(ApiError::invalid(format!(
+                "memory `{s}`: use a K, M or G suffix"
+            )))
+        }
+    };
+    let bytes = n.checked_mul(factor).unwrap_or(u64::MAX);
+    if bytes < 4 << 20 {
+        return Err(ApiError::invalid(format!(
+            "memory `{s}` is below the 4M a sandbox needs"
+        )));
+    }
+    Ok(bytes)
+}
+
+fn restart_policy(s: Option<&str>) -> Result<RestartPolicy, ApiError> {
+    Ok(match s.unwrap_or("no") {
+        "no" => RestartPolicy::No,
+        "on-failure" => RestartPolicy::OnFailure {
+            max_retries: None,
+            backoff: Default::default(),
+        },
+        "always" => RestartPolicy::Always {
+            backoff: Default::default(),
+        },
+        other => {
+            return Err(ApiError::invalid(format!(
+                "restart policy `{other}`: choose no, on-failure or always"
+            )))
+        }
+    })
+}
+
+fn container_path(what: &str, path: &str) -> Result<String, ApiError> {
+    if !path.starts_with('/') || path.split('/').any(|c| c == "..") {
+        return Err(ApiError::invalid(format!(
+            "{what} `{path}` must be an absolute path inside the sandbox, without `..`"
+        )));
+    }
+    Ok(path.to_string())
+}
+
+/// `NAME:/path[:ro]`.
+fn parse_disk(spec: &str) -> Result<(String, String, bool), ApiError> {
+    let parts: Vec<&str> = spec.split(':').collect();
+    let (name, path, ro) = match parts.as_slice() {
+        [name, path] => (*name, *path, false),
+        [name, path, "ro"] => (*name, *path, true),
+        [name, path, "rw"] => (*name, *path, false),
+        _ => {
+            return Err(ApiError::invalid(format!(
+                "disk `{spec}`: write NAME:/path or NAME:/path:ro"
+            )))
+        }
+    };
+    miren_disks::validate_name(name).map_err(|e| ApiError::invalid(e.to_string()))?;
+    Ok((name.to_string(), container_path("disk mount", path)?, ro))
+}
+
+/// Resolves the image's `user` (a name, uid, or uid:gid) against its layers' /etc/passwd.
+fn resolve_user(user: &str, layers_top_first: &[PathBuf]) -> Result<User, ApiError> {
+    if user.is_empty() {
+        return Ok(User::default());
+    }
+    if let Ok(parsed) = user.parse::<User>() {
+        return Ok(parsed);
+    }
+    let (name, group) = user.split_once(':').unwrap_or((user, ""));
+    let passwd = layers_top_first
+        .iter()
+        .map(|l| l.join("etc/passwd"))
+        .find(|p| p.exists())
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .unwrap_or_default();
+    let entry = passwd
+        .lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .find(|f| f.first() == Some(&name) && f.len() > 3)
+        .ok_or_else(|| {
+            ApiError::invalid(format!(
+                "the image's user `{name}` is not in its /etc/passwd"
+            ))
+        })?;
+    let uid = entry[2].parse().unwrap_or(0);
+    let gid = if group.is_empty() {
+        entry[3].parse().unwrap_or(0)
+    } else {
+        group.parse().unwrap_or(0)
+    };
+    Ok(User { uid, gid })
+}
+
+fn ms_to_rfc3339(ms: Option<u64>) -> Option<String> {
+    ms.map(|ms| {
+        humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(ms))
+            .to_string()
+    })
+}
+
+impl SandboxService {
+    pub fn new(
+        cfg: AgentConfig,
+        store: Arc<Store>,
+        disks: Arc<DiskService>,
+        net: Arc<NetService>,
+        images: Arc<ImageService>,
+    ) -> SandboxService {
+        SandboxService {
+            cfg,
+            store,
+            disks,
+            net,
+            images,
+        }
+    }
+
+    fn state_dir(&self, id: &str) -> PathBuf {
+        self.cfg.data_dir.join("sandboxes").join(id)
+    }
+
+    fn find(&self, id_or_name: &str) -> Result<SandboxRow, ApiError> {
+        self.store.sandbox(id_or_name)?.ok_or_else(|| {
+            ApiError::not_found(format!(
+                "no sandbox `{id_or_name}`; `miren sandbox list` shows them"
+            ))
+        })
+    }
+
+    pub async fn run(&self, req: RunSandbox) -> Result<Sandbox, ApiError> {
+        let id = new_id("sbx");
+        let name = req.name.clone().unwrap_or_else(|| id.replace('_', "-"));
+        miren_disks::validate_name(&name)
+            .map_err(|e| ApiError::invalid(e.to_string().replace("disk name", "sandbox name")))?;
+        let app = req.app.clone().unwrap_or_else(|| name.clone());
+        miren_disks::validate_name(&app)
+            .map_err(|e| ApiError::invalid(e.to_string().replace("disk name", "app name")))?;
+        miren_runtime::normalize_reference(&req.image)?;
+        let disks: Vec<(String, String, bool)> = req
+            .disks
+            .iter()
+            .map(|d| parse_disk(d))
+            .collect::<Result<_, _>>()?;
+        let memory_bytes = req.memory.as_deref().map(parse_memory).transpose()?;
+        if let Some(cpus) = req.cpus {
+            if !(cpus > 0.0 && cpus <= 1024.0) {
+                return Err(ApiError::invalid(format!(
+                    "cpus must be above 0, got {cpus}"
+                )));
+            }
+        }
+        if req.pids.is_some_and(|p| p < 1) {
+            return Err(ApiError::invalid("pids must be at least 1"));
+        }
+        let restart = restart_policy(req.restart.as_deref())?;
+        let tmpfs: Vec<String> = req
+            .tmpfs
+            .iter()
+            .map(|t| container_path("tmpfs", t))
+            .collect::<Result<_, _>>()?;
+        let local_dir = req
+            .local_dir
+            .as_deref()
+            .map(|p| container_path("local dir", p))
+            .transpose()?;
+        for kv in &req.env {
+            if !kv.contains('=') || kv.starts_with('=') {
+                return Err(ApiError::invalid(format!("env `{kv}`: write KEY=VALUE")));
+            }
+        }
+
+        let row = SandboxRow {
+            id: id.clone(),
+            name: name.clone(),
+            app: app.clone(),
+            image: req.image.clone(),
+            status: "creating".into(),
+            disks: disks.iter().map(|d| d.0.clone()).collect(),
+            created_at: now_rfc3339(),
+        };
+        self.store.insert_sandbox(&row)?;
+        match self
+            .start(&row, &req, &disks, memory_bytes, restart, tmpfs, local_dir)
+            .await
+        {
+            Ok(()) => {
+                self.store.set_sandbox_status(&id, "created")?;
+                info!(sandbox = %name, id = %id, image = %req.image, "sandbox started");
+                self.get(&id)
+            }
+            Err(err) => {
+                warn!(sandbox = %name, error = %err, "sandbox run failed; removing what it made");
+                if let Err(e) = self.teardown(&row).await {
+                    warn!(sandbox = %name, error = %e, "cleanup after a failed run failed; reconciliation retries");
+                    return Err(err);
+                }
+                self.store.remove_sandbox(&id)?;
+                Err(err)
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn start(
+        &self,
+        row: &SandboxRow,
+        req: &RunSandbox,
+        disks: &[(String, String, bool)],
+        memory_bytes: Option<u64>,
+        restart: RestartPolicy,
+        tmpfs: Vec<String>,
+        local_dir: Option<String>,
+    ) -> Result<(), ApiError> {
+        let record = match self.images.store().get(&req.image)? {
+            Some(record) => record,
+            None => {
+                info!(image = %req.image, "pulling the image for a sandbox");
+                self.images.pull(&req.image, None, None).await?;
+                self.images.store().get(&req.image)?.ok_or_else(|| {
+                    ApiError::internal(format!("{} vanished right after its pull", req.image))
+                })?
+            }
+        };
+        let mut layers = self.images.store().layer_dirs(&record)?;
+        layers.reverse(); // overlayfs wants the top-most layer first
+        let config = &record.config;
+        let args: Vec<String> = config
+            .entrypoint
+            .iter()
+            .chain(if req.cmd.is_empty() {
+                &config.cmd
+            } else {
+                &req.cmd
+            })
+            .cloned()
+            .collect();
+        if args.is_empty() {
+            return Err(ApiError::invalid(format!(
+                "{} has no entrypoint or cmd; give the command after `--`",
+                req.image
+            )));
+        }
+        let base_env =
+            vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string()];
+        let env = sandbox::merge_env([
+            base_env.as_slice(),
+            config.env.as_slice(),
+            req.env.as_slice(),
+        ]);
+        let user = resolve_user(&config.user, &layers)?;
+
+        let endpoint = self
+            .net
+            .create(&CreateEndpoint {
+                owner: row.id.clone(),
+                app: row.app.clone(),
+                allow_from: Vec::new(),
+                publish: req.publish.clone(),
+            })
+            .await?;
+        let ip: std::net::Ipv4Addr = endpoint
+            .ip
+            .parse()
+            .map_err(|_| ApiError::internal("endpoint without an address"))?;
+        let hostname: String = row.name.chars().take(63).collect();
+
+        let mut mounts = Vec::new();
+        let timeout = req
+            .lease_timeout_secs
+            .filter(|s| s.is_finite() && *s >= 0.0)
+            .map_or(DEFAULT_LEASE_TIMEOUT, Duration::from_secs_f64);
+        for (disk, path, read_only) in disks {
+            self.disks.acquire_lease(disk, &row.id, timeout).await?;
+            let view = self.disks.view_one(&self.disks.find(disk)?)?;
+            let source = view.mount_path.ok_or_else(|| {
+                ApiError::busy(format!(
+                    "disk `{disk}` is not mounted; see `miren debug disk status -n {disk}`"
+                ))
+            })?;
+            mounts.push(Mount::Bind {
+                source: PathBuf::from(source),
+                destination: path.clone(),
+                read_only: *read_only || view.read_only,
+            });
+        }
+        if let Some(path) = local_dir {
+            let local = self.disks.ensure_local_storage(&row.app)?;
+            mounts.push(Mount::Bind {
+                source: PathBuf::from(local.mount_path.unwrap_or_default()),
+                destination: path,
+                read_only: false,
+            });
+        }
+        for destination in tmpfs {
+            mounts.push(Mount::Tmpfs {
+                destination,
+                size_bytes: None,
+            });
+        }
+
+        let spec = SandboxSpec {
+            id: row.id.clone(),
+            name: row.name.clone(),
+            hostname: hostname.clone(),
+            lower_dirs: layers,
+            args,
+            env,
+            cwd: if config.working_dir.is_empty() {
+                "/".into()
+            } else {
+                config.working_dir.clone()
+            },
+            user,
+            mounts,
+            resources: Resources {
+                memory_bytes,
+                cpus: req.cpus,
+                pids: req.pids,
+            },
+            netns: Some(PathBuf::from(&endpoint.netns_path)),
+            hosts: Some(miren_netns::hosts_file(&hostname, ip, &[])),
+            resolv_conf: Some(miren_netns::resolv_conf_from_host().content),
+            restart,
+            logs: Default::default(),
+            cgroup_prefix: self.cfg.name_prefix.clone(),
+            stop_grace_ms: 10_000,
+        };
+        let state_dir = self.state_dir(&row.id);
+        let exe = std::env::current_exe()
+            .map_err(|e| ApiError::internal(format!("finding the miren binary: {e}")))?;
+        tokio::task::spawn_blocking(move || -> Result<(), ApiError> {
+            sandbox::create(&state_dir, &spec)?;
+            let mut cmd = std::process::Command::new(exe);
+            cmd.arg("supervise").arg("--state-dir").arg(&state_dir);
+            sandbox::launch(cmd, &state_dir).map_err(|e| {
+                ApiError::new(
+                    axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+                    "start_failed",
+                    format!("the sandbox did not start: {e}"),
+                )
+            })?;
+            Ok(())
+        })
+        .await
+        .map_err(|e| ApiError::internal(format!("starting the sandbox: {e}")))??;
+        Ok(())
+    }
+
+    /// Everything a sandbox has: its supervisor and container, state dir, disk leases and
+    /// network endpoint. Safe to repeat.
+    async fn teardown(&self, row: &SandboxRow) -> Result<(), ApiError> {
+        let state_dir = self.state_dir(&row.id);
+        tokio::task::spawn_blocking(move || sandbox::delete(&state_dir))
+            .await
+            .map_err(|e| ApiError::internal(format!("deleting the sandbox: {e}")))??;
+        for disk_id in self.store.leases_of(&row.id)? {
+            self.store.release_lease(&disk_id, Some(&row.id))?;
+        }
+        self.disks.notify_lease_released();
+        self.net.delete(&row.id).await?;
+        Ok(())
+    }
+
+    fn view(&self, row: &SandboxRow, ips: &std::collections::HashMap<String, String>) -> Sandbox {
+        let status = sandbox::status(&self.state_dir(&row.id));
+        let (state, pid, exit_code, oom, restarts, started, finished, mut error) = match &status {
+            Ok(s) => {
+                let state = match (s.state, s.supervisor_alive) {
+                    (_, _) if row.status == "creating" => "creating",
+                    (_, _) if row.status == "deleting" => "deleting",
+                    (State::Creating, true) => "creating",
+                    (State::Running, true) => "running",
+                    (State::Restarting, true) | (State::Exited, _) => "exited",
+                    (State::Failed, _) => "failed",
+                    (_, false) => "failed",
+                };
+                (
+                    state,
+                    s.pid.filter(|_| state == "running"),
+                    s.exit_code,
+                    s.oom_killed,
+                    s.restarts,
+                    ms_to_rfc3339(s.started_at),
+                    ms_to_rfc3339(s.finished_at),
+                    s.error.clone(),
+                )
+            }
+            Err(_) if row.status == "creating" => {
+                ("creating", None, None, false, 0, None, None, None)
+            }
+            Err(e) => (
+                "failed",
+                None,
+                None,
+                false,
+                0,
+                None,
+                None,
+                Some(e.to_string()),
+            ),
+        };
+        if state == "failed" && error.is_none() {
+            error = Some("its supervisor is gone (the host restarted, or it was killed)".into());
+        }
+        Sandbox {
+            id: row.id.clone(),
+            name: row.name.clone(),
+            app: row.app.clone(),
+            image: row.image.clone(),
+            state: state.into(),
+            pid,
+            ip: ips.get(&row.id).cloned(),
+            exit_code,
+            oom_killed: oom,
+            restarts,
+            started_at: started,
+            finished_at: finished,
+            disks: row.disks.clone(),
+            error,
+            created_at: row.created_at.clone(),
+        }
+    }
+
+    fn ips(&self) -> std::collections::HashMap<String, String> {
+        self.net
+            .list()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|e| (e.owner, e.ip))
+            .collect()
+    }
+
+    pub fn get(&self, id_or_name: &str) -> Result<Sandbox, ApiError> {
+        let row = self.find(id_or_name)?;
+        Ok(self.view(&row, &self.ips()))
+    }
+
+    pub fn list(&self) -> Result<Vec<Sandbox>, ApiError> {
+        let ips = self.ips();
+        Ok(self
+            .store
+            .sandboxes()?
+            .iter()
+            .map(|r| self.view(r, &ips))
+            .collect())
+    }
+
+    pub async fn stop(
+        &self,
+        id_or_name: &str,
+        grace: Option<Duration>,
+    ) -> Result<Sandbox, ApiError> {
+        let row = self.find(id_or_name)?;
+        let state_dir = self.state_dir(&row.id);
+        let grace = grace.unwrap_or(Duration::from_secs(10));
+        tokio::task::spawn_blocking(move || sandbox::stop(&state_dir, grace))
+            .await
+            .map_err(|e| ApiError::internal(format!("stopping the sandbox: {e}")))??;
+        info!(sandbox = %row.name, "sandbox stopped");
+        self.get(&row.id)
+    }
+
+    pub async fn delete(&self, id_or_name: &str) -> Result<(), ApiError> {
+        let row = self.find(id_or_name)?;
+        self.store.set_sandbox_status(&row.id, "deleting")?;
+        self.teardown(&row).await?;
+        self.store.remove_sandbox(&row.id)?;
+        info!(sandbox = %row.name, id = %row.id, "sandbox deleted");
+        Ok(())
+    }
+
+    pub async fn exec(
+        &self,
+        id_or_name: &str,
+        args: Vec<String>,
+        env: Vec<String>,
+    ) -> Result<ExecResult, ApiError> {
+        if args.is_empty() {
+            return Err(ApiError::invalid("give the command to run after `--`"));
+        }
+        let row = self.find(id_or_name)?;
+        let state_dir = self.state_dir(&row.id);
+        let out = tokio::task::spawn_blocking(move || sandbox::exec(&state_dir, &args, &env))
+            .await
+            .map_err(|e| ApiError::internal(format!("exec: {e}")))??;
+        Ok(ExecResult {
+            exit_code: out.exit_code,
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        })
+    }
+
+    /// The sandbox's log files, oldest rotation first: (stdout files, stderr files).
+    pub fn log_files(&self, id_or_name: &str) -> Result<(Vec<PathBuf>, Vec<PathBuf>), ApiError> {
+        let row = self.find(id_or_name)?;
+        let dir = self.state_dir(&row.id);
+        let rotated = |base: &str| -> Vec<PathBuf> {
+            let mut files: Vec<PathBuf> = (1..=16)
+                .rev()
+                .map(|n| dir.join(format!("{base}.{n}")))
+                .filter(|p| p.exists())
+                .collect();
+            files.push(dir.join(base));
+            files
+        };
+        Ok((rotated(sandbox::STDOUT_LOG), rotated(sandbox::STDERR_LOG)))
+    }
+
+    /// Finishes or undoes runs and deletes a crash cut short. Running sandboxes are left alone:
+    /// their supervisors never depended on the agent.
+    pub async fn reconcile(&self) -> Result<(), ApiError> {
+        for row in self.store.sandboxes()? {
+            if row.status == "creating" || row.status == "deleting" {
+                info!(sandbox = %row.name, status = %row.status, "finishing a sandbox operation cut short");
+                self.teardown(&row).await?;
+                self.store.remove_sandbox(&row.id)?;
+            }
+        }
+        // State dirs no row owns (a crash between creating the dir and the row, or after
+        // removing the row): their supervisors and containers go too.
+        let known: HashSet<String> = self.store.sandboxes()?.into_iter().map(|r| r.id).collect();
+        let root = self.cfg.data_dir.join("sandboxes");
+        if let Ok(entries) = std::fs::read_dir(&root) {
+            for entry in entries.flatten() {
+                let id = entry.file_name().to_string_lossy().into_owned();
+                if !known.contains(&id) {
+                    warn!(state_dir = %entry.path().display(), "removing a sandbox no row owns");
+                    let dir = entry.path();
+                    let _ = tokio::task::spawn_blocking(move || sandbox::delete(&dir)).await;
+                }
+            }
+        }
+        Ok(())
+    }
+}
