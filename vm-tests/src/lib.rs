@@ -498,3 +498,40 @@ pub fn read_all(mut r: impl Read) -> String {
     let _ = r.read_to_string(&mut s);
     s
 }
+
+/// Files and directories (`path`, `Some(contents)` or `None` for a directory, symlink target)
+/// of a tiny busybox root filesystem, from Debian's busybox-static: enough for sandbox tests.
+pub fn busybox_rootfs_tar(out: &Path) {
+    let root = out.with_extension("d");
+    let _ = fs::remove_dir_all(&root);
+    for dir in ["bin", "etc", "tmp", "proc", "sys", "dev", "data", "www"] {
+        fs::create_dir_all(root.join(dir)).expect("rootfs dir");
+    }
+    fs::copy("/bin/busybox", root.join("bin/busybox"))
+        .expect("/bin/busybox (apt-get install busybox-static)");
+    let list = Command::new("/bin/busybox")
+        .arg("--list")
+        .output()
+        .expect("busybox --list");
+    for applet in String::from_utf8_lossy(&list.stdout).lines() {
+        if applet != "busybox" {
+            let _ = std::os::unix::fs::symlink("busybox", root.join("bin").join(applet));
+        }
+    }
+    fs::write(
+        root.join("etc/passwd"),
+        "root:x:0:0:root:/:/bin/sh\nnobody:x:65534:65534::/:/bin/sh\n",
+    )
+    .expect("passwd");
+    fs::write(root.join("etc/group"), "root:x:0:\nnogroup:x:65534:\n").expect("group");
+    let status = Command::new("tar")
+        .arg("-cf")
+        .arg(out)
+        .arg("-C")
+        .arg(&root)
+        .arg(".")
+        .status()
+        .expect("tar");
+    assert!(status.success());
+    let _ = fs::remove_dir_all(&root);
+}

@@ -1,0 +1,343 @@
+//! Sandboxes through the agent: real libcontainer containers, supervisors, cgroups, overlays,
+//! network endpoints and disks.
+
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use miren_vm_tests::{busybox_rootfs_tar, TestAgent};
+use serde_json::Value;
+
+const IMAGE: &str = "local/busybox:test";
+
+fn agent_with_busybox() -> TestAgent {
+    let agent = TestAgent::start();
+    let tar = agent.root.join("busybox.tar");
+    busybox_rootfs_tar(&tar);
+    agent.ok(&["image", "import", IMAGE, tar.to_str().unwrap()]);
+    agent
+}
+
+fn run(agent: &TestAgent, extra: &[&str], cmd: &str) -> String {
+    let mut args = vec!["sandbox", "run", "--image", IMAGE];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&["--", "sh", "-c", cmd]);
+    agent.ok(&args).trim().to_string()
+}
+
+fn status(agent: &TestAgent, id: &str) -> Value {
+    agent.json(&["sandbox", "status", id, "--json"])
+}
+
+fn wait_state(agent: &TestAgent, id: &str, state: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = status(agent, id);
+        if s["state"] == state {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "{id} never reached {state}: {s}");
+        sleep(Duration::from_millis(50));
+    }
+}
+
+fn logs(agent: &TestAgent, id: &str) -> String {
+    agent.ok(&["sandbox", "logs", id])
+}
+
+/// Nothing of any sandbox is left: no state dirs, cgroups, overlay mounts, endpoints, leases.
+fn assert_nothing_left(agent: &TestAgent) {
+    let sandboxes = agent.data_dir.join("sandboxes");
+    let left = fs::read_dir(&sandboxes).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(left, 0, "sandbox state dirs left");
+    let overlays: Vec<_> = miren_disks::mounts_under(&sandboxes).unwrap();
+    assert!(overlays.is_empty(), "mounts left: {overlays:?}");
+    for hierarchy in ["memory", "pids", "cpu,cpuacct", "unified"] {
+        let dir = Path::new("/sys/fs/cgroup")
+            .join(hierarchy)
+            .join(&agent.prefix);
+        let children = fs::read_dir(&dir)
+            .map(|d| {
+                d.filter(|e| e.as_ref().is_ok_and(|e| e.path().is_dir()))
+                    .count()
+            })
+            .unwrap_or(0);
+        assert_eq!(children, 0, "cgroups left under {}", dir.display());
+    }
+    let endpoints = agent.json(&["debug", "net", "list", "--json"]);
+    assert!(
+        endpoints.as_array().unwrap().is_empty(),
+        "endpoints left: {endpoints}"
+    );
+    let leases = agent.json(&["debug", "disk", "lease-list", "--json"]);
+    assert!(
+        leases.as_array().unwrap().is_empty(),
+        "leases left: {leases}"
+    );
+}
+
+#[test]
+fn run_logs_exit_codes_and_delete_leaves_nothing() {
+    let agent = agent_with_busybox();
+    let id = run(
+        &agent,
+        &["--name", "talker"],
+        "echo to-stdout; echo to-stderr >&2; exit 3",
+    );
+    assert!(id.starts_with("sbx_"), "{id}");
+    let s = wait_state(&agent, "talker", "exited");
+    assert_eq!(s["exit_code"], 3);
+    assert_eq!(s["name"], "talker");
+    assert_eq!(s["image"], IMAGE);
+    assert!(s["ip"].is_string());
+    for field in ["id", "app", "pid", "oom_killed", "restarts", "started_at"] {
+        assert!(s.get(field).is_some(), "{field} missing: {s}");
+    }
+    let out = logs(&agent, "talker");
+    assert!(
+        out.contains("to-stdout") && out.contains("to-stderr"),
+        "{out}"
+    );
+    let ok = run(
+        &agent,
+        &["--env", "GREETING=hi there"],
+        "echo \"$GREETING\" from $(hostname)",
+    );
+    wait_state(&agent, &ok, "exited");
+    assert_eq!(status(&agent, &ok)["exit_code"], 0);
+    assert!(logs(&agent, &ok).contains("hi there from"));
+    let listed = agent.json(&["sandbox", "list", "--json"]);
+    assert_eq!(listed.as_array().unwrap().len(), 2);
+    agent.ok(&["sandbox", "delete", "talker"]);
+    agent.ok(&["sandbox", "delete", &ok]);
+    let err = agent.fails(&["sandbox", "status", "talker"]);
+    assert!(err.contains("no sandbox"), "{err}");
+    assert_nothing_left(&agent);
+}
+
+#[test]
+fn stop_sends_sigterm_then_sigkill_after_the_grace() {
+    let agent = agent_with_busybox();
+    // Traps SIGTERM and exits 0: stopped within the grace.
+    let polite = run(
+        &agent,
+        &[],
+        "trap 'exit 0' TERM; while true; do sleep 0.1; done",
+    );
+    wait_state(&agent, &polite, "running");
+    agent.ok(&["sandbox", "stop", &polite, "--grace", "5s"]);
+    assert_eq!(status(&agent, &polite)["exit_code"], 0);
+    // Ignores SIGTERM: killed after the grace.
+    let stubborn = run(&agent, &[], "trap '' TERM; while true; do sleep 0.1; done");
+    wait_state(&agent, &stubborn, "running");
+    agent.ok(&["sandbox", "stop", &stubborn, "--grace", "300ms"]);
+    assert_eq!(status(&agent, &stubborn)["exit_code"], 137);
+    agent.ok(&["sandbox", "delete", &polite]);
+    agent.ok(&["sandbox", "delete", &stubborn]);
+    assert_nothing_left(&agent);
+}
+
+#[test]
+fn a_memory_limit_holds_and_the_oom_kill_is_reported() {
+    let agent = agent_with_busybox();
+    let id = run(
+        &agent,
+        &["--memory", "32M"],
+        "dd if=/dev/zero of=/dev/null bs=100M count=1",
+    );
+    let s = wait_state(&agent, &id, "exited");
+    assert_eq!(s["exit_code"], 137, "{s}");
+    assert_eq!(s["oom_killed"], true, "{s}");
+    agent.ok(&["sandbox", "delete", &id]);
+    assert_nothing_left(&agent);
+}
+
+#[test]
+fn on_failure_restarts_with_backoff() {
+    let agent = agent_with_busybox();
+    let id = run(&agent, &["--restart", "on-failure"], "echo attempt; exit 1");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while status(&agent, &id)["restarts"].as_u64().unwrap_or(0) < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "never restarted 3 times: {}",
+            status(&agent, &id)
+        );
+        sleep(Duration::from_millis(100));
+    }
+    assert!(logs(&agent, &id).matches("attempt").count() >= 3);
+    agent.ok(&["sandbox", "delete", &id]);
+    assert_nothing_left(&agent);
+}
+
+#[test]
+fn a_disk_keeps_its_data_and_is_refused_to_a_second_sandbox_while_leased() {
+    let agent = agent_with_busybox();
+    agent.ok(&[
+        "debug",
+        "disk",
+        "create",
+        "-n",
+        "app-data",
+        "--size-gb",
+        "1",
+    ]);
+    let writer = run(
+        &agent,
+        &["--name", "writer", "--disk", "app-data:/data"],
+        "echo persisted > /data/file; sleep 1000",
+    );
+    wait_state(&agent, &writer, "running");
+    let lease = agent.json(&["debug", "disk", "status", "-n", "app-data", "--json"]);
+    assert_eq!(lease["lease"]["holder"], writer.as_str());
+    let err = agent.fails(&[
+        "sandbox",
+        "run",
+        "--image",
+        IMAGE,
+        "--name",
+        "second",
+        "--disk",
+        "app-data:/data",
+        "--lease-timeout",
+        "1s",
+        "--",
+        "true",
+    ]);
+    assert!(err.contains(&writer), "{err}");
+    assert!(agent
+        .fails(&["sandbox", "status", "second"])
+        .contains("no sandbox"));
+    agent.ok(&["sandbox", "delete", "writer"]);
+    let reader = run(
+        &agent,
+        &["--name", "reader", "--disk", "app-data:/data:ro"],
+        "cat /data/file; touch /data/x || echo read-only",
+    );
+    wait_state(&agent, &reader, "exited");
+    let out = logs(&agent, &reader);
+    assert!(
+        out.contains("persisted") && out.contains("read-only"),
+        "{out}"
+    );
+    agent.ok(&["sandbox", "delete", &reader]);
+    assert_nothing_left(&agent);
+}
+
+#[test]
+fn sandboxes_of_an_app_talk_and_a_published_port_reaches_the_host() {
+    let agent = agent_with_busybox();
+    let port = 21000 + (std::process::id() % 20000) as u16;
+    let web = run(
+        &agent,
+        &[
+            "--name",
+            "web",
+            "--app",
+            "shop",
+            "--publish",
+            &format!("{port}:8080"),
+        ],
+        "echo hello-from-web > /www/index.html; httpd -f -p 8080 -h /www",
+    );
+    let web_status = wait_state(&agent, &web, "running");
+    let ip = web_status["ip"].as_str().unwrap().to_string();
+    let client = run(
+        &agent,
+        &["--app", "shop"],
+        &format!("for i in 1 2 3 4 5 6 7 8 9 10; do wget -q -O - http://{ip}:8080/ && exit 0; sleep 0.3; done; exit 1"),
+    );
+    let s = wait_state(&agent, &client, "exited");
+    assert_eq!(s["exit_code"], 0, "{}", logs(&agent, &client));
+    assert!(logs(&agent, &client).contains("hello-from-web"));
+    let outsider = run(
+        &agent,
+        &["--app", "other"],
+        &format!("wget -q -T 2 -O - http://{ip}:8080/"),
+    );
+    let s = wait_state(&agent, &outsider, "exited");
+    assert_ne!(
+        s["exit_code"],
+        0,
+        "another app reached shop: {}",
+        logs(&agent, &outsider)
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = Command::new("curl")
+            .args(["-s", "-m", "2"])
+            .arg(format!("http://127.0.0.1:{port}/"))
+            .output()
+            .unwrap();
+        if String::from_utf8_lossy(&out.stdout).contains("hello-from-web") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "published port not reachable");
+        sleep(Duration::from_millis(100));
+    }
+    for id in [&web, &client, &outsider] {
+        agent.ok(&["sandbox", "delete", id]);
+    }
+    assert_nothing_left(&agent);
+}
+
+#[test]
+fn sandboxes_survive_a_kill_9_of_the_agent_and_are_readopted() {
+    let mut agent = agent_with_busybox();
+    let id = run(
+        &agent,
+        &["--name", "survivor"],
+        "trap 'echo got-term; exit 7' TERM; i=0; while true; do echo tick $i; i=$((i+1)); sleep 0.1; done",
+    );
+    let before = wait_state(&agent, &id, "running");
+    let pid = before["pid"].as_i64().unwrap();
+    agent.kill9();
+    sleep(Duration::from_millis(500));
+    assert!(
+        Path::new(&format!("/proc/{pid}")).exists(),
+        "the sandbox died with the agent"
+    );
+    agent.spawn();
+    let after = status(&agent, &id);
+    assert_eq!(after["state"], "running");
+    assert_eq!(after["pid"], pid);
+    let ticks = |text: &str| text.matches("tick").count();
+    let first = ticks(&logs(&agent, &id));
+    sleep(Duration::from_millis(500));
+    assert!(ticks(&logs(&agent, &id)) > first, "logs stopped flowing");
+    agent.ok(&["sandbox", "stop", &id, "--grace", "5s"]);
+    let s = status(&agent, &id);
+    assert_eq!(s["exit_code"], 7, "{s}");
+    assert!(logs(&agent, &id).contains("got-term"));
+    agent.ok(&["sandbox", "delete", &id]);
+    assert_nothing_left(&agent);
+}
+
+#[test]
+fn bad_sandbox_requests_are_refused_and_leave_nothing() {
+    let agent = agent_with_busybox();
+    for (args, expect) in [
+        (vec!["--memory", "lots"], "memory"),
+        (vec!["--disk", "nope"], "NAME:/path"),
+        (vec!["--disk", "missing-disk:/data"], "no disk"),
+        (vec!["--tmpfs", "relative/path"], "absolute"),
+        (vec!["--name", "bad_name"], "_"),
+        (vec!["--env", "NOEQUALS"], "KEY=VALUE"),
+    ] {
+        let mut full = vec!["sandbox", "run", "--image", IMAGE];
+        full.extend(args.iter().copied());
+        full.extend(["--", "true"]);
+        let err = agent.fails(&full);
+        assert!(err.contains(expect), "{args:?}: {err}");
+    }
+    let err = agent.fails(&["sandbox", "run", "--image", "local/none:1", "--", "true"]);
+    assert!(err.contains("error"), "{err}");
+    assert!(agent
+        .json(&["sandbox", "list", "--json"])
+        .as_array()
+        .unwrap()
+        .is_empty());
+    assert_nothing_left(&agent);
+}
