@@ -387,6 +387,7 @@ impl Drop for TestAgent {
         self.kill9();
         let _ = self.uninstall_network();
         remove_network_leftovers(&self.prefix);
+        remove_cgroups(&self.prefix);
         if !self.data_dir.starts_with(&self.root) {
             remove_everything_under(&self.data_dir);
         }
@@ -444,6 +445,29 @@ pub fn unique_subnet() -> String {
     static NEXT: AtomicU32 = AtomicU32::new(0);
     let n = NEXT.fetch_add(1, Ordering::Relaxed) + std::process::id() * 7;
     format!("10.{}.{}.0/24", 250 + (n / 256) % 5, n % 256)
+}
+
+/// The agent's cgroup parent `<prefix>` (and anything left below it) in every hierarchy.
+pub fn remove_cgroups(prefix: &str) {
+    let Ok(hierarchies) = fs::read_dir("/sys/fs/cgroup") else { return };
+    for h in hierarchies.flatten() {
+        let top = h.path().join(prefix);
+        if !top.is_dir() {
+            continue;
+        }
+        // Deepest first: a cgroup directory can only go once it has no children.
+        let mut dirs = vec![top.clone()];
+        let mut i = 0;
+        while i < dirs.len() {
+            if let Ok(entries) = fs::read_dir(&dirs[i]) {
+                dirs.extend(entries.flatten().map(|e| e.path()).filter(|p| p.is_dir()));
+            }
+            i += 1;
+        }
+        for dir in dirs.iter().rev() {
+            let _ = fs::remove_dir(dir);
+        }
+    }
 }
 
 /// Links and nftables tables named with `prefix`, in case the agent could not remove them.
