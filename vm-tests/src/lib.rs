@@ -449,7 +449,9 @@ pub fn unique_subnet() -> String {
 
 /// The agent's cgroup parent `<prefix>` (and anything left below it) in every hierarchy.
 pub fn remove_cgroups(prefix: &str) {
-    let Ok(hierarchies) = fs::read_dir("/sys/fs/cgroup") else { return };
+    let Ok(hierarchies) = fs::read_dir("/sys/fs/cgroup") else {
+        return;
+    };
     for h in hierarchies.flatten() {
         let top = h.path().join(prefix);
         if !top.is_dir() {

@@ -341,3 +341,97 @@ fn bad_sandbox_requests_are_refused_and_leave_nothing() {
         .is_empty());
     assert_nothing_left(&agent);
 }
+
+/// The real PostgreSQL 17 test image (scripts/images), pulled through a mirror as from Docker
+/// Hub, its data on a miren disk, reached over a published port with psql. Runs when
+/// MIREN_IMAGE_MIRROR is set (scripts/test sets it).
+#[test]
+fn postgres_from_the_mirror_on_a_disk_answers_psql() {
+    let Ok(mirror) = std::env::var("MIREN_IMAGE_MIRROR") else {
+        eprintln!("skipped: MIREN_IMAGE_MIRROR is not set (run scripts/images)");
+        return;
+    };
+    let agent = TestAgent::builder()
+        .arg("--image-mirror")
+        .arg(&mirror)
+        .start();
+    agent.ok(&["debug", "disk", "create", "-n", "pgdata", "--size-gb", "1"]);
+    let port = 23000 + (std::process::id() % 20000) as u16;
+    let id = agent.ok(&[
+        "sandbox",
+        "run",
+        "--image",
+        "postgres:17",
+        "--name",
+        "pg",
+        "--env",
+        "POSTGRES_PASSWORD=s3cret",
+        "--env",
+        "PGDATA=/var/lib/postgresql/data/pgdata",
+        "--disk",
+        "pgdata:/var/lib/postgresql/data",
+        "--publish",
+        &format!("{port}:5432"),
+    ]);
+    let psql = |password: &str, sql: &str| {
+        Command::new("psql")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "-U",
+                "postgres",
+                "-tAc",
+                sql,
+            ])
+            .env("PGPASSWORD", password)
+            .env("PGCONNECT_TIMEOUT", "2")
+            .output()
+            .expect("psql (apt-get install postgresql-client)")
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !psql("s3cret", "select 1").status.success() {
+        assert!(
+            Instant::now() < deadline,
+            "postgres never answered:\n{}",
+            logs(&agent, "pg")
+        );
+        sleep(Duration::from_millis(100));
+    }
+    psql("s3cret", "create table t(a int); insert into t values (42)");
+    assert!(
+        !psql("wrong", "select 1").status.success(),
+        "a wrong password got in"
+    );
+    // The data lives on the disk: a new sandbox on the same disk sees it.
+    agent.ok(&["sandbox", "delete", id.trim()]);
+    agent.ok(&[
+        "sandbox",
+        "run",
+        "--image",
+        "postgres:17",
+        "--name",
+        "pg2",
+        "--env",
+        "POSTGRES_PASSWORD=s3cret",
+        "--env",
+        "PGDATA=/var/lib/postgresql/data/pgdata",
+        "--disk",
+        "pgdata:/var/lib/postgresql/data",
+        "--publish",
+        &format!("{port}:5432"),
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = psql("s3cret", "select a from t");
+        if out.status.success() {
+            assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "42");
+            break;
+        }
+        assert!(Instant::now() < deadline, "postgres never came back");
+        sleep(Duration::from_millis(100));
+    }
+    agent.ok(&["sandbox", "delete", "pg2"]);
+    assert_nothing_left(&agent);
+}
