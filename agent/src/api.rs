@@ -627,7 +627,12 @@ async fn import_image(
 async fn gc_images(
     State(state): State<AppState>,
 ) -> Result<Json<crate::model::ImageGcReport>, ApiError> {
-    blocking(move || state.images.gc()).await.map(Json)
+    blocking(move || {
+        let in_use = state.sandboxes.layers_in_use();
+        state.images.gc(&in_use)
+    })
+    .await
+    .map(Json)
 }
 
 #[utoipa::path(get, path = "/v1/sandboxes", tag = "sandboxes",

@@ -117,8 +117,9 @@ impl ImageService {
         Ok(summary(&record))
     }
 
-    pub fn gc(&self) -> Result<ImageGcReport, ApiError> {
-        let report = self.store.gc()?;
+    /// Removes blobs and layers no image uses, keeping `in_use` (sandboxes' lower layers).
+    pub fn gc(&self, in_use: &[std::path::PathBuf]) -> Result<ImageGcReport, ApiError> {
+        let report = self.store.gc_keeping(in_use)?;
         Ok(ImageGcReport {
             blobs_removed: report.blobs_removed,
             layers_removed: report.layers_removed,

@@ -544,6 +544,21 @@ impl SandboxService {
         })
     }
 
+    /// Layer directories the sandboxes' overlays are built on: image GC must keep them.
+    pub fn layers_in_use(&self) -> Vec<PathBuf> {
+        let mut dirs = Vec::new();
+        for row in self.store.sandboxes().unwrap_or_default() {
+            let spec = self.state_dir(&row.id).join(sandbox::SPEC_FILE);
+            let Ok(text) = std::fs::read(&spec) else {
+                continue;
+            };
+            if let Ok(spec) = serde_json::from_slice::<SandboxSpec>(&text) {
+                dirs.extend(spec.lower_dirs);
+            }
+        }
+        dirs
+    }
+
     /// The sandbox's log files, oldest rotation first: (stdout files, stderr files).
     pub fn log_files(&self, id_or_name: &str) -> Result<(Vec<PathBuf>, Vec<PathBuf>), ApiError> {
         let row = self.find(id_or_name)?;

@@ -483,6 +483,12 @@ impl ImageStore {
     /// Layers of removed images still used by running containers are the
     /// caller's business: keep their records until the containers are gone.
     pub fn gc(&self) -> Result<GcReport> {
+        self.gc_keeping(&[])
+    }
+
+    /// Like [`ImageStore::gc`], also keeping the unpacked layer directories in `in_use` (the
+    /// lower layers of running sandboxes, whose image record may be gone or re-tagged).
+    pub fn gc_keeping(&self, in_use: &[PathBuf]) -> Result<GcReport> {
         let _l = self.lock(true, true)?;
         let mut rep = GcReport {
             temp_removed: self.clean_tmp()?,
@@ -501,6 +507,12 @@ impl ImageStore {
                 layers.insert(l.diff_id.clone());
             }
         }
+        let ldir = self.root.join("layers");
+        for dir in in_use.iter().filter(|d| d.parent() == Some(ldir.as_path())) {
+            if let Some(name) = dir.file_name() {
+                layers.insert(format!("sha256:{}", name.to_string_lossy()));
+            }
+        }
         let bdir = self.root.join("blobs/sha256");
         for e in fs::read_dir(&bdir).ctx(|| format!("read {}", bdir.display()))? {
             let e = e.ctx(|| format!("read {}", bdir.display()))?;
@@ -512,7 +524,6 @@ impl ImageStore {
                 rep.bytes_freed += len;
             }
         }
-        let ldir = self.root.join("layers");
         for e in fs::read_dir(&ldir).ctx(|| format!("read {}", ldir.display()))? {
             let e = e.ctx(|| format!("read {}", ldir.display()))?;
             let name = format!("sha256:{}", e.file_name().to_string_lossy());

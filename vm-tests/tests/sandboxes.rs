@@ -435,3 +435,33 @@ fn postgres_from_the_mirror_on_a_disk_answers_psql() {
     agent.ok(&["sandbox", "delete", "pg2"]);
     assert_nothing_left(&agent);
 }
+
+#[test]
+fn image_gc_keeps_the_layers_of_running_sandboxes() {
+    let agent = agent_with_busybox();
+    let id = run(
+        &agent,
+        &[],
+        "while true; do cat /bin/busybox > /dev/null; sleep 0.1; done",
+    );
+    wait_state(&agent, &id, "running");
+    agent.ok(&["image", "rm", IMAGE]);
+    agent.ok(&["image", "gc"]);
+    // The overlay still has its lower layer: the sandbox keeps running and can exec files.
+    sleep(Duration::from_millis(300));
+    assert_eq!(status(&agent, &id)["state"], "running");
+    let layers = agent.data_dir.join("images/layers");
+    assert_eq!(
+        fs::read_dir(&layers).unwrap().count(),
+        1,
+        "the running sandbox's layer was collected"
+    );
+    agent.ok(&["sandbox", "delete", &id]);
+    agent.ok(&["image", "gc"]);
+    assert_eq!(
+        fs::read_dir(&layers).unwrap().count(),
+        0,
+        "unused layer kept"
+    );
+    assert_nothing_left(&agent);
+}
