@@ -58,6 +58,8 @@ pub enum Command {
     },
 }
 
+// Parsed once per process; boxing the big `run` arguments would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum SandboxCommand {
     /// Start a sandbox from an image and print its id.

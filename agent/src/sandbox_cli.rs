@@ -108,10 +108,9 @@ pub async fn run(client: &Client, command: SandboxCommand) -> Result<i32> {
                 println!("{}", serde_json::to_string_pretty(&sandboxes)?);
                 return Ok(0);
             }
-            println!(
-                "{:<22} {:<20} {:<14} {:<9} {:>5} {:<15} {}",
-                "ID", "NAME", "APP", "STATE", "EXIT", "IP", "IMAGE"
-            );
+            let (id, name, app, state, exit, ip, image) =
+                ("ID", "NAME", "APP", "STATE", "EXIT", "IP", "IMAGE");
+            println!("{id:<22} {name:<20} {app:<14} {state:<9} {exit:>5} {ip:<15} {image}");
             for s in sandboxes {
                 println!(
                     "{:<22} {:<20} {:<14} {:<9} {:>5} {:<15} {}",

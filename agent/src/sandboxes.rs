@@ -59,7 +59,7 @@ pub fn parse_memory(s: &str) -> Result<u64, ApiError> {
             )))
         }
     };
-    let bytes = n.checked_mul(factor).unwrap_or(u64::MAX);
+    let bytes = n.saturating_mul(factor);
     if bytes < 4 << 20 {
         return Err(ApiError::invalid(format!(
             "memory `{s}` is below the 4M a sandbox needs"
