@@ -582,7 +582,10 @@ async fn run_net(client: &Client, command: NetCommand) -> Result<()> {
         }
         NetCommand::Status { owner, json } => {
             let endpoint: Endpoint = client
-                .get(&format!("/v1/endpoints/{}", encode(&owner)))
+                .get(&format!(
+                    "/v1/endpoints/{}",
+                    crate::util::percent_encode(&owner)
+                ))
                 .await?;
             if json {
                 return print_json(&endpoint);
@@ -605,7 +608,7 @@ async fn run_net(client: &Client, command: NetCommand) -> Result<()> {
             let deleted: EndpointDeleted = client
                 .call(
                     Method::DELETE,
-                    &format!("/v1/endpoints/{}", encode(&owner)),
+                    &format!("/v1/endpoints/{}", crate::util::percent_encode(&owner)),
                     None::<&()>,
                 )
                 .await?;
@@ -639,20 +642,6 @@ async fn run_net(client: &Client, command: NetCommand) -> Result<()> {
             Ok(())
         }
     }
-}
-
-/// Owners may contain `:` (pid:N); keep path segments unambiguous.
-fn encode(segment: &str) -> String {
-    segment
-        .bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-._".contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
 }
 
 async fn run_disk(client: &Client, command: DiskCommand) -> Result<()> {

@@ -115,43 +115,24 @@ impl Client {
         path: &str,
         body: Option<&B>,
     ) -> Result<Bytes, ClientError> {
-        let stream =
-            UnixStream::connect(&self.socket)
-                .await
-                .map_err(|source| ClientError::Connect {
-                    socket: self.socket.clone(),
-                    source,
-                })?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| ClientError::Protocol(e.to_string()))?;
-        tokio::spawn(conn);
         let payload = match body {
             Some(b) => serde_json::to_vec(b).map_err(|e| ClientError::Protocol(e.to_string()))?,
             None => Vec::new(),
         };
-        let request = Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", "miren-agent")
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(payload)))
-            .map_err(|e| ClientError::Protocol(e.to_string()))?;
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|e| ClientError::Protocol(format!("the agent closed the connection: {e}")))?;
-        let status = response.status();
-        let bytes = response
+        let response = self
+            .send(
+                method,
+                path,
+                "application/json",
+                Full::new(Bytes::from(payload)),
+            )
+            .await?;
+        Ok(response
             .into_body()
             .collect()
             .await
             .map_err(|e| ClientError::Protocol(e.to_string()))?
-            .to_bytes();
-        if status.is_success() {
-            return Ok(bytes);
-        }
-        Err(error_from(status, &bytes))
+            .to_bytes())
     }
 }
 

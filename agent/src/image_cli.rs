@@ -13,18 +13,6 @@ use crate::cli::{human_bytes, ImageCommand};
 use crate::client::Client;
 use crate::model::{ImageGcReport, ImageRemoved, ImageSummary, ImportImage, PullEvent, PullImage};
 
-fn query_encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
-}
-
 fn print_summary(image: &ImageSummary) {
     println!(
         "{} {} ({} layers, {})",
@@ -150,7 +138,10 @@ pub async fn run(client: &Client, command: ImageCommand) -> Result<()> {
             let removed: ImageRemoved = client
                 .call(
                     Method::DELETE,
-                    &format!("/v1/images?reference={}", query_encode(&reference)),
+                    &format!(
+                        "/v1/images?reference={}",
+                        crate::util::percent_encode(&reference)
+                    ),
                     None::<&()>,
                 )
                 .await?;

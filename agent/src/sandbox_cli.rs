@@ -10,18 +10,6 @@ use crate::cli::SandboxCommand;
 use crate::client::Client;
 use crate::model::{ExecRequest, ExecResult, RunSandbox, Sandbox};
 
-fn segment(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-._".contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
-}
-
 fn print_sandbox(s: &Sandbox) {
     let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
     for (key, value) in [
@@ -127,7 +115,10 @@ pub async fn run(client: &Client, command: SandboxCommand) -> Result<i32> {
         }
         SandboxCommand::Status { sandbox, json } => {
             let s: Sandbox = client
-                .get(&format!("/v1/sandboxes/{}", segment(&sandbox)))
+                .get(&format!(
+                    "/v1/sandboxes/{}",
+                    crate::util::percent_encode(&sandbox)
+                ))
                 .await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&s)?);
@@ -137,7 +128,10 @@ pub async fn run(client: &Client, command: SandboxCommand) -> Result<i32> {
             Ok(0)
         }
         SandboxCommand::Logs { sandbox, follow } => {
-            let path = format!("/v1/sandboxes/{}/logs?follow={follow}", segment(&sandbox));
+            let path = format!(
+                "/v1/sandboxes/{}/logs?follow={follow}",
+                crate::util::percent_encode(&sandbox)
+            );
             let response = client
                 .send(
                     Method::GET,
@@ -165,7 +159,10 @@ pub async fn run(client: &Client, command: SandboxCommand) -> Result<i32> {
             let result: ExecResult = client
                 .call(
                     Method::POST,
-                    &format!("/v1/sandboxes/{}/exec", segment(&sandbox)),
+                    &format!(
+                        "/v1/sandboxes/{}/exec",
+                        crate::util::percent_encode(&sandbox)
+                    ),
                     Some(&req),
                 )
                 .await?;
@@ -174,7 +171,10 @@ pub async fn run(client: &Client, command: SandboxCommand) -> Result<i32> {
             Ok(result.exit_code)
         }
         SandboxCommand::Stop { sandbox, grace } => {
-            let mut path = format!("/v1/sandboxes/{}/stop", segment(&sandbox));
+            let mut path = format!(
+                "/v1/sandboxes/{}/stop",
+                crate::util::percent_encode(&sandbox)
+            );
             if let Some(grace) = grace {
                 path.push_str(&format!("?grace_secs={}", grace.as_secs_f64()));
             }
@@ -190,7 +190,7 @@ pub async fn run(client: &Client, command: SandboxCommand) -> Result<i32> {
             let _: () = client
                 .call(
                     Method::DELETE,
-                    &format!("/v1/sandboxes/{}", segment(&sandbox)),
+                    &format!("/v1/sandboxes/{}", crate::util::percent_encode(&sandbox)),
                     None::<&()>,
                 )
                 .await?;

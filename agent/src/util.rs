@@ -21,3 +21,17 @@ pub fn new_id(kind: &str) -> String {
 pub fn now_rfc3339() -> String {
     humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
 }
+
+/// Percent-encodes everything but RFC 3986's unreserved characters, for path segments and
+/// query values (owners like `pid:12`, image references like `ghcr.io/org/app:1`).
+pub fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
