@@ -385,6 +385,10 @@ impl TestAgent {
 impl Drop for TestAgent {
     fn drop(&mut self) {
         self.kill9();
+        // Sandboxes outlive their agent by design: a test that failed before deleting its
+        // sandboxes leaves supervisors and containers running. Kill them by state dir and
+        // by cgroup.
+        kill_processes_under(&self.data_dir, &self.prefix);
         let _ = self.uninstall_network();
         remove_network_leftovers(&self.prefix);
         remove_cgroups(&self.prefix);
@@ -445,6 +449,58 @@ pub fn unique_subnet() -> String {
     static NEXT: AtomicU32 = AtomicU32::new(0);
     let n = NEXT.fetch_add(1, Ordering::Relaxed) + std::process::id() * 7;
     format!("10.{}.{}.0/24", 250 + (n / 256) % 5, n % 256)
+}
+
+/// Kills `miren supervise` processes whose state dir is under `data_dir`, and every process
+/// in the cgroups under `<prefix>`.
+pub fn kill_processes_under(data_dir: &Path, prefix: &str) {
+    let mut victims = Vec::new();
+    if let Ok(procs) = fs::read_dir("/proc") {
+        for p in procs.flatten() {
+            let Ok(pid) = p.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let Ok(cmdline) = fs::read(p.path().join("cmdline")) else {
+                continue;
+            };
+            let args: Vec<String> = cmdline
+                .split(|b| *b == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            if args.iter().any(|a| a == "supervise")
+                && args.iter().any(|a| Path::new(a).starts_with(data_dir))
+            {
+                victims.push(pid);
+            }
+        }
+    }
+    if let Ok(hierarchies) = fs::read_dir("/sys/fs/cgroup") {
+        for h in hierarchies.flatten() {
+            let mut dirs = vec![h.path().join(prefix)];
+            while let Some(dir) = dirs.pop() {
+                if let Ok(procs) = fs::read_to_string(dir.join("cgroup.procs")) {
+                    victims.extend(procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
+                }
+                if let Ok(entries) = fs::read_dir(&dir) {
+                    dirs.extend(entries.flatten().map(|e| e.path()).filter(|p| p.is_dir()));
+                }
+            }
+        }
+    }
+    for pid in &victims {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(*pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while victims
+        .iter()
+        .any(|p| Path::new(&format!("/proc/{p}")).exists())
+        && Instant::now() < deadline
+    {
+        sleep(Duration::from_millis(10));
+    }
 }
 
 /// The agent's cgroup parent `<prefix>` (and anything left below it) in every hierarchy.

@@ -465,3 +465,23 @@ fn image_gc_keeps_the_layers_of_running_sandboxes() {
     );
     assert_nothing_left(&agent);
 }
+
+/// The harness itself: a test that fails before deleting its sandboxes must still leave no
+/// supervisor, container or cgroup behind (supervisors outlive agents by design).
+#[test]
+fn a_dropped_test_agent_takes_its_sandboxes_with_it() {
+    let agent = agent_with_busybox();
+    let id = run(&agent, &[], "sleep 1000");
+    let s = wait_state(&agent, &id, "running");
+    let pid = s["pid"].as_i64().unwrap();
+    let prefix = agent.prefix.clone();
+    drop(agent);
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "container survived its test"
+    );
+    for hierarchy in ["memory", "pids", "unified"] {
+        let dir = Path::new("/sys/fs/cgroup").join(hierarchy).join(&prefix);
+        assert!(!dir.exists(), "{} left behind", dir.display());
+    }
+}
