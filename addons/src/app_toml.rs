@@ -461,7 +461,11 @@ impl<'t> Ctx<'t> {
                     // `version = 16` is as clear as `version = "16"`; accept both.
                     let text = match value {
                         DeValue::String(s) => Some(s.to_string()),
-                        DeValue::Integer(i) => Some(i.as_str().to_string()),
+                        // Through u64 so `0x11` means 17, as TOML says.
+                        DeValue::Integer(i) => Some(
+                            u64::from_str_radix(i.as_str(), i.radix())
+                                .map_or_else(|_| i.as_str().to_string(), |n| n.to_string()),
+                        ),
                         other => {
                             let msg = format!(
                                 "expected a version such as \"17\" or an image reference, found {}",

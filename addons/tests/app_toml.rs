@@ -54,27 +54,33 @@ fn seed_bun_example_without_an_image_says_what_to_do() {
 
 #[test]
 fn seed_bun_example_with_an_image_parses_exactly() {
-    let text = SEED_BUN.replace(
-        "[services.web]\n",
-        "[services.web]\nimage = \"oven/bun:1\"\n",
-    );
-    assert_eq!(
-        parse(&text),
-        AppConfig {
-            name: "my-app".into(),
-            services: vec![ServiceConfig {
-                name: "web".into(),
-                image: "oven/bun:1".into(),
-                command: Some(Command {
-                    raw: "bun run index.ts".into(),
-                    argv: argv(&["bun", "run", "index.ts"]),
-                }),
-                env: vec![],
-                disks: vec![],
-            }],
-            addons: vec![pg(Variant::Shared, ResolvedVersion::Major(17), false)],
-        }
-    );
+    // The announcement names the app `my-app`, the docs `my-bun-app`; otherwise identical.
+    for name in ["my-app", "my-bun-app"] {
+        let text = SEED_BUN
+            .replace(
+                "[services.web]\n",
+                "[services.web]\nimage = \"oven/bun:1\"\n",
+            )
+            .replace("\"my-app\"", &format!("{name:?}"));
+        assert_eq!(parse(&text), bun_app(name));
+    }
+}
+
+fn bun_app(name: &str) -> AppConfig {
+    AppConfig {
+        name: name.into(),
+        services: vec![ServiceConfig {
+            name: "web".into(),
+            image: "oven/bun:1".into(),
+            command: Some(Command {
+                raw: "bun run index.ts".into(),
+                argv: argv(&["bun", "run", "index.ts"]),
+            }),
+            env: vec![],
+            disks: vec![],
+        }],
+        addons: vec![pg(Variant::Shared, ResolvedVersion::Major(17), false)],
+    }
 }
 
 #[test]
@@ -117,6 +123,12 @@ fn seed_addon_forms_parse() {
             "[addons.miren-postgresql]\nvariant = \"small\"\nversion = \"ghcr.io/my-org/postgres-with-pgvector:17.2\"\n",
             Variant::Small,
             ResolvedVersion::Image("ghcr.io/my-org/postgres-with-pgvector:17.2".into()),
+            true,
+        ),
+        (
+            "[addons.miren-postgresql]\nversion = 0x12\n",
+            Variant::Small,
+            ResolvedVersion::Major(18),
             true,
         ),
         (
