@@ -882,7 +882,8 @@ pub fn command_argv(raw: &str) -> Result<Vec<String>, String> {
     let mut chars = raw.chars();
     while let Some(c) = chars.next() {
         match c {
-            c if c.is_whitespace() => {
+            // sh splits on IFS (space, tab; newline is sent to sh above), not on any Unicode space.
+            ' ' | '\t' => {
                 if in_word {
                     words.push(std::mem::take(&mut word));
                     in_word = false;

@@ -597,6 +597,7 @@ fn commands_split_like_sh_or_run_under_it() {
             &["npm", "start", "--", "--port=3000"],
         ),
         ("a ''", &["a", ""]),
+        ("a\tb\u{a0}c", &["a", "b\u{a0}c"]),
         ("echo $HOME", &["sh", "-c", "echo $HOME"]),
         ("a && b", &["sh", "-c", "a && b"]),
         ("a | b", &["sh", "-c", "a | b"]),
