@@ -10,7 +10,6 @@ use toml::de::{DeTable, DeValue};
 use toml::Spanned;
 
 use crate::catalogue::{validate_image_ref, AddonKind, ResolvedAddon, ResolvedVersion, Variant};
-use crate::env::POSTGRES_ENV_KEYS;
 use crate::ident::validate_name;
 
 /// Largest `size_gb`: 1 PiB. Keeps `size_gb << 30` far inside u64 and SQLite's i64.
@@ -321,7 +320,7 @@ impl<'t> Ctx<'t> {
                 message,
             });
         } else {
-            self.err(&t.span.clone(), field, message);
+            self.err(&t.span, field, message);
         }
     }
 
@@ -507,7 +506,7 @@ impl<'t> Ctx<'t> {
         };
         if t.table.is_empty() {
             self.err(
-                &t.span.clone(),
+                &t.span,
                 "services".into(),
                 "no services; add at least one, e.g. [services.web] with image = \"...\"",
             );
@@ -580,9 +579,7 @@ impl<'t> Ctx<'t> {
 
         let injected: Vec<(&str, AddonKind)> = addons
             .iter()
-            .flat_map(|a| match a.kind {
-                AddonKind::Postgresql => POSTGRES_ENV_KEYS.iter().map(move |k| (*k, a.kind)),
-            })
+            .flat_map(|a| a.kind.env_keys().iter().map(move |k| (*k, a.kind)))
             .collect();
         let mut env: Vec<EnvEntry> = Vec::new();
         for et in self.array_of_tables(t, "env") {

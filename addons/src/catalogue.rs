@@ -148,6 +148,13 @@ impl AddonKind {
         self.spec().image_repository
     }
 
+    /// The variables an instance injects into its app (see `env`).
+    pub fn env_keys(self) -> &'static [&'static str] {
+        match self {
+            AddonKind::Postgresql => crate::env::POSTGRES_ENV_KEYS,
+        }
+    }
+
     pub fn parse(name: &str) -> Result<AddonKind, CatalogueError> {
         AddonKind::ALL
             .iter()

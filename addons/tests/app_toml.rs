@@ -461,6 +461,27 @@ fn missing_and_mistyped_top_level_fields() {
 }
 
 #[test]
+fn mistyped_addons_and_empty_services() {
+    let base = "name = \"a\"\n[services.web]\nimage = \"x\"\n";
+    assert_eq!(
+        error(&format!("{base}[addons.miren-postgresql]\nversion = 1.5\n")),
+        ".miren/app.toml line 5: addons.miren-postgresql.version: expected a version such as \"17\" or an image reference, found a float"
+    );
+    assert_eq!(
+        error(&format!("{base}[addons]\nmiren-postgresql = \"small\"\n")),
+        ".miren/app.toml line 5: addons.miren-postgresql: expected a table with optional variant and version, found a string"
+    );
+    assert_eq!(
+        error(&format!("{base}[addons.miren-postgresql]\nvariant = 1\n")),
+        ".miren/app.toml line 5: addons.miren-postgresql.variant: expected a string, found an integer"
+    );
+    assert_eq!(
+        error("name = \"a\"\n[services]\n"),
+        ".miren/app.toml line 2: services: no services; add at least one, e.g. [services.web] with image = \"...\""
+    );
+}
+
+#[test]
 fn toml_syntax_errors_give_the_line() {
     let err = error("name = \"a\"\n[services.web]\nimage = x\n");
     assert!(
