@@ -286,8 +286,11 @@ impl<'t> Ctx<'t> {
     fn check_fields(&mut self, t: &Tbl<'_, '_>, allowed: &[&str]) {
         for (k, _) in t.entries() {
             if !allowed.contains(&k.get_ref().as_ref()) {
+                let hint = closest(k.get_ref(), allowed)
+                    .map(|c| format!(" did you mean `{c}`?"))
+                    .unwrap_or_default();
                 let msg = format!(
-                    "unknown field; valid fields here are: {}",
+                    "unknown field;{hint} valid fields here are: {}",
                     allowed.join(", ")
                 );
                 self.err(&k.span(), t.field(k.get_ref()), msg);
@@ -822,6 +825,31 @@ impl<'t> Ctx<'t> {
             lease_timeout,
         })
     }
+}
+
+/// The allowed name within two edits (typos like `sizegb`, `mountpath`, `varient`), if any.
+fn closest<'a>(word: &str, allowed: &[&'a str]) -> Option<&'a str> {
+    allowed
+        .iter()
+        .map(|a| (edit_distance(word, a), *a))
+        .filter(|(d, _)| *d <= 2)
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, a)| a)
+}
+
+/// Levenshtein distance over chars; inputs are short field names.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let substitute = prev[j] + usize::from(ca != *cb);
+            cur.push(substitute.min(prev[j + 1] + 1).min(cur[j] + 1));
+        }
+        prev = cur;
+    }
+    prev[b.len()]
 }
 
 /// POSIX-style names, so every shell and runtime can pass them on.

@@ -348,7 +348,7 @@ fn unknown_fields_are_named_with_the_valid_ones() {
         ),
         (
             &format!("{DISK_HEAD}size_gb = 1\nsizegb = 2\n"),
-            ".miren/app.toml line 9: services.web.disks[0].sizegb: unknown field; valid fields here are: name, provider, mount_path, size_gb, filesystem, read_only, lease_timeout",
+            ".miren/app.toml line 9: services.web.disks[0].sizegb: unknown field; did you mean `size_gb`? valid fields here are: name, provider, mount_path, size_gb, filesystem, read_only, lease_timeout",
         ),
         (
             "name = \"a\"\n[services.web]\nimage = \"x\"\n[addons.miren-postgresql]\nvariant = \"small\"\nsize = \"big\"\n",
@@ -358,6 +358,25 @@ fn unknown_fields_are_named_with_the_valid_ones() {
     for (text, want) in cases {
         assert_eq!(error(text), want);
     }
+}
+
+#[test]
+fn unknown_fields_suggest_a_close_one() {
+    let base = "name = \"a\"\n[services.web]\nimage = \"x\"\n";
+    let err = error(&format!(
+        "{base}[addons.miren-postgresql]\nvarient = \"small\"\n"
+    ));
+    assert!(
+        err.contains("addons.miren-postgresql.varient: unknown field; did you mean `variant`?"),
+        "{err}"
+    );
+    let err = error("name = \"a\"\n[services.web]\nimag = \"x\"\n");
+    assert!(
+        err.contains("services.web.imag: unknown field; did you mean `image`?"),
+        "{err}"
+    );
+    let err = error(&format!("{DISK_HEAD}size_gb = 1\nmountpath = \"/x\"\n"));
+    assert!(err.contains("did you mean `mount_path`?"), "{err}");
 }
 
 #[test]
