@@ -1,0 +1,654 @@
+//! What addons exist, their variants and versions, and how a request resolves to an image.
+
+use std::fmt;
+
+/// Every addon this build knows. Data lives in `AddonKind::spec`, so adding MySQL is one arm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum AddonKind {
+    Postgresql,
+}
+
+/// How an addon is laid out on a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Variant {
+    /// One server per app, with its own disk.
+    Small,
+    /// One server per node; each app gets its own database and role inside it.
+    Shared,
+}
+
+/// Whether a variant's server belongs to one app or is shared by every app on the node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Tenancy {
+    Dedicated,
+    SharedPerNode,
+}
+
+/// A version request after resolution.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ResolvedVersion {
+    /// A major version from the catalogue, run from the addon's stock image.
+    Major(u8),
+    /// A full OCI image reference given by the user, run as given.
+    Image(String),
+}
+
+/// A fully resolved addon request: what to run and how.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ResolvedAddon {
+    pub kind: AddonKind,
+    pub variant: Variant,
+    pub version: ResolvedVersion,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CatalogueError {
+    #[error("unknown addon `{name}`; available addons: {}", .valid.join(", "))]
+    UnknownAddon {
+        name: String,
+        valid: Vec<&'static str>,
+    },
+    #[error("addon {addon} has no variant `{variant}`; choose one of: {}", .valid.join(", "))]
+    UnknownVariant {
+        addon: &'static str,
+        variant: String,
+        valid: Vec<String>,
+    },
+    #[error(
+        "addon {addon} has no version `{version}`; choose one of: {}, or a full image reference such as `ghcr.io/my-org/postgres-with-pgvector:17.2`",
+        .valid.join(", ")
+    )]
+    UnknownVersion {
+        addon: &'static str,
+        version: String,
+        valid: Vec<String>,
+    },
+    #[error("version `{version}` looks like an image reference but is not a valid one: {reason}")]
+    BadImageRef { version: String, reason: String },
+}
+
+/// Static facts about one variant, for `miren addon variants NAME`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VariantInfo {
+    pub variant: Variant,
+    pub name: &'static str,
+    pub description: &'static str,
+    pub is_default: bool,
+    pub tenancy: Tenancy,
+    /// Size of the data disk (GiB). For `SharedPerNode` it is the one disk of the node's server.
+    pub disk_size_gb: u64,
+    pub disk_filesystem: &'static str,
+}
+
+/// Static facts about one addon, for `miren addon list-available` and `variants`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AddonInfo {
+    pub kind: AddonKind,
+    pub name: &'static str,
+    pub description: &'static str,
+    pub variants: Vec<VariantInfo>,
+    pub versions: &'static [u8],
+    pub default_version: u8,
+    /// Repository of the stock image; a catalogue version `N` runs `<repository>:N`.
+    pub image_repository: &'static str,
+}
+
+struct AddonSpec {
+    name: &'static str,
+    description: &'static str,
+    variants: &'static [Variant],
+    default_variant: Variant,
+    versions: &'static [u8],
+    default_version: u8,
+    image_repository: &'static str,
+}
+
+impl AddonKind {
+    pub const ALL: &'static [AddonKind] = &[AddonKind::Postgresql];
+
+    fn spec(self) -> &'static AddonSpec {
+        match self {
+            AddonKind::Postgresql => &AddonSpec {
+                name: "miren-postgresql",
+                description: "Managed PostgreSQL database",
+                variants: &[Variant::Small, Variant::Shared],
+                default_variant: Variant::Small,
+                versions: &[14, 15, 16, 17, 18],
+                default_version: 17,
+                image_repository: "postgres",
+            },
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        self.spec().name
+    }
+
+    pub fn description(self) -> &'static str {
+        self.spec().description
+    }
+
+    pub fn variants(self) -> &'static [Variant] {
+        self.spec().variants
+    }
+
+    pub fn default_variant(self) -> Variant {
+        self.spec().default_variant
+    }
+
+    pub fn versions(self) -> &'static [u8] {
+        self.spec().versions
+    }
+
+    pub fn default_version(self) -> u8 {
+        self.spec().default_version
+    }
+
+    pub fn image_repository(self) -> &'static str {
+        self.spec().image_repository
+    }
+
+    /// The variables an instance injects into its app (see `env`).
+    pub fn env_keys(self) -> &'static [&'static str] {
+        match self {
+            AddonKind::Postgresql => crate::env::POSTGRES_ENV_KEYS,
+        }
+    }
+
+    pub fn parse(name: &str) -> Result<AddonKind, CatalogueError> {
+        AddonKind::ALL
+            .iter()
+            .copied()
+            .find(|k| k.name() == name)
+            .ok_or_else(|| CatalogueError::UnknownAddon {
+                name: name.to_string(),
+                valid: AddonKind::ALL.iter().map(|k| k.name()).collect(),
+            })
+    }
+
+    /// Variant names with the default marked, for error messages.
+    fn variant_choices(self) -> Vec<String> {
+        self.variants()
+            .iter()
+            .map(|v| {
+                if *v == self.default_variant() {
+                    format!("{} (default)", v.name())
+                } else {
+                    v.name().to_string()
+                }
+            })
+            .collect()
+    }
+
+    fn version_choices(self) -> Vec<String> {
+        self.versions()
+            .iter()
+            .map(|v| {
+                if *v == self.default_version() {
+                    format!("{v} (default)")
+                } else {
+                    v.to_string()
+                }
+            })
+            .collect()
+    }
+
+    pub fn parse_variant(self, name: &str) -> Result<Variant, CatalogueError> {
+        self.variants()
+            .iter()
+            .copied()
+            .find(|v| v.name() == name)
+            .ok_or_else(|| CatalogueError::UnknownVariant {
+                addon: self.name(),
+                variant: name.to_string(),
+                valid: self.variant_choices(),
+            })
+    }
+
+    /// A catalogue major (`"17"`), or anything containing `/`, `:` or `@` as an image reference.
+    pub fn parse_version(self, version: &str) -> Result<ResolvedVersion, CatalogueError> {
+        if version.contains(['/', ':', '@']) {
+            return match validate_image_ref(version) {
+                Ok(()) => Ok(ResolvedVersion::Image(version.to_string())),
+                Err(reason) => Err(CatalogueError::BadImageRef {
+                    version: version.to_string(),
+                    reason,
+                }),
+            };
+        }
+        // Only canonical spellings: "017" or "+17" would be surprising aliases.
+        self.versions()
+            .iter()
+            .copied()
+            .find(|v| v.to_string() == version)
+            .map(ResolvedVersion::Major)
+            .ok_or_else(|| CatalogueError::UnknownVersion {
+                addon: self.name(),
+                version: version.to_string(),
+                valid: self.version_choices(),
+            })
+    }
+
+    pub fn info(self) -> AddonInfo {
+        AddonInfo {
+            kind: self,
+            name: self.name(),
+            description: self.description(),
+            variants: self
+                .variants()
+                .iter()
+                .map(|v| v.info(*v == self.default_variant()))
+                .collect(),
+            versions: self.versions(),
+            default_version: self.default_version(),
+            image_repository: self.image_repository(),
+        }
+    }
+}
+
+impl Variant {
+    pub fn name(self) -> &'static str {
+        match self {
+            Variant::Small => "small",
+            Variant::Shared => "shared",
+        }
+    }
+
+    /// Worded for PostgreSQL, the only addon so far; move into `AddonSpec` when MySQL lands.
+    pub fn description(self) -> &'static str {
+        match self {
+            Variant::Small => "Dedicated PostgreSQL server (1 GB storage)",
+            Variant::Shared => "Multi-app shared PostgreSQL server",
+        }
+    }
+
+    pub fn tenancy(self) -> Tenancy {
+        match self {
+            Variant::Small => Tenancy::Dedicated,
+            Variant::Shared => Tenancy::SharedPerNode,
+        }
+    }
+
+    /// GiB, the unit of `size_gb` everywhere in miren.
+    pub fn disk_size_gb(self) -> u64 {
+        match self {
+            Variant::Small => 1,
+            Variant::Shared => 10,
+        }
+    }
+
+    fn info(self, is_default: bool) -> VariantInfo {
+        VariantInfo {
+            variant: self,
+            name: self.name(),
+            description: self.description(),
+            is_default,
+            tenancy: self.tenancy(),
+            disk_size_gb: self.disk_size_gb(),
+            disk_filesystem: "ext4",
+        }
+    }
+}
+
+impl ResolvedVersion {
+    /// The image to run: `postgres:17` for a catalogue major, the user's reference otherwise.
+    pub fn image_ref(&self, kind: AddonKind) -> String {
+        match self {
+            ResolvedVersion::Major(major) => format!("{}:{major}", kind.image_repository()),
+            ResolvedVersion::Image(image) => image.clone(),
+        }
+    }
+}
+
+impl ResolvedAddon {
+    pub fn image_ref(&self) -> String {
+        self.version.image_ref(self.kind)
+    }
+}
+
+impl fmt::Display for AddonKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl fmt::Display for Variant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The built-in catalogue. A value rather than free functions so a cluster can later offer
+/// a subset without changing callers.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Catalogue;
+
+impl Catalogue {
+    pub fn builtin() -> Catalogue {
+        Catalogue
+    }
+
+    pub fn addons(&self) -> Vec<AddonInfo> {
+        AddonKind::ALL.iter().map(|k| k.info()).collect()
+    }
+
+    /// The view behind `miren addon variants NAME`.
+    pub fn describe(&self, addon: &str) -> Result<AddonInfo, CatalogueError> {
+        Ok(AddonKind::parse(addon)?.info())
+    }
+
+    /// Resolve `addon`, with defaults for a missing variant or version.
+    pub fn resolve(
+        &self,
+        addon: &str,
+        variant: Option<&str>,
+        version: Option<&str>,
+    ) -> Result<ResolvedAddon, CatalogueError> {
+        let kind = AddonKind::parse(addon)?;
+        let variant = match variant {
+            Some(v) => kind.parse_variant(v)?,
+            None => kind.default_variant(),
+        };
+        let version = match version {
+            Some(v) => kind.parse_version(v)?,
+            None => ResolvedVersion::Major(kind.default_version()),
+        };
+        Ok(ResolvedAddon {
+            kind,
+            variant,
+            version,
+        })
+    }
+}
+
+/// Checks the distribution reference grammar: `[host[:port]/]path[:tag][@algo:hex]`.
+/// Errors say what is wrong in words, since users type these by hand.
+pub fn validate_image_ref(reference: &str) -> Result<(), String> {
+    if reference.is_empty() {
+        return Err("it is empty".into());
+    }
+    if reference.len() > 512 {
+        return Err("it is longer than 512 characters".into());
+    }
+    let (rest, digest) = match reference.split_once('@') {
+        Some((rest, digest)) => (rest, Some(digest)),
+        None => (reference, None),
+    };
+    if let Some(digest) = digest {
+        validate_digest(digest)?;
+    }
+    // A tag is the part after the last `:` that follows the last `/` (a `:` before a `/` is a port).
+    let last_slash = rest.rfind('/').map_or(0, |i| i + 1);
+    let (name, tag) = match rest[last_slash..].rfind(':') {
+        Some(i) => (&rest[..last_slash + i], Some(&rest[last_slash + i + 1..])),
+        None => (rest, None),
+    };
+    if let Some(tag) = tag {
+        let ok = !tag.is_empty()
+            && tag.len() <= 128
+            && tag
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
+            && tag
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+        if !ok {
+            return Err(format!(
+                "tag `{tag}` must be 1-128 letters, digits, `_`, `.` or `-`, not starting with `.` or `-`"
+            ));
+        }
+    }
+    if name.is_empty() {
+        return Err("it has no repository name".into());
+    }
+    if name.len() > 255 {
+        return Err("the repository name is longer than 255 characters".into());
+    }
+    let mut components: Vec<&str> = name.split('/').collect();
+    // As in Docker: the first component is a registry host if it looks like one.
+    if components.len() > 1 {
+        let first = components[0];
+        if first.contains(['.', ':'])
+            || first == "localhost"
+            || first.chars().any(|c| c.is_ascii_uppercase())
+        {
+            validate_host(first)?;
+            components.remove(0);
+        }
+    }
+    for component in components {
+        validate_path_component(component)?;
+    }
+    Ok(())
+}
+
+fn validate_host(host: &str) -> Result<(), String> {
+    let (hostname, port) = if let Some(stripped) = host.strip_prefix('[') {
+        // [IPv6]:port
+        let (addr, after) = stripped
+            .split_once(']')
+            .ok_or_else(|| format!("registry `{host}` has an unclosed `[`"))?;
+        if addr.is_empty() || !addr.chars().all(|c| c.is_ascii_hexdigit() || c == ':') {
+            return Err(format!("registry `{host}` is not a valid IPv6 address"));
+        }
+        match after {
+            "" => return Ok(()),
+            _ => match after.strip_prefix(':') {
+                Some(port) => ("ipv6", Some(port)),
+                None => return Err(format!("registry `{host}` has junk after `]`")),
+            },
+        }
+    } else {
+        match host.split_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (host, None),
+        }
+    };
+    if let Some(port) = port {
+        if port.is_empty()
+            || !port.chars().all(|c| c.is_ascii_digit())
+            || port.parse::<u16>().is_err()
+        {
+            return Err(format!("registry `{host}` has an invalid port `{port}`"));
+        }
+    }
+    let labels_ok = hostname.split('.').all(|label| {
+        !label.is_empty()
+            && !label.starts_with('-')
+            && !label.ends_with('-')
+            && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+    });
+    if !labels_ok {
+        return Err(format!("registry `{host}` is not a valid host name"));
+    }
+    Ok(())
+}
+
+/// `[a-z0-9]+` joined by `.`, `_`, `__` or runs of `-`.
+fn validate_path_component(component: &str) -> Result<(), String> {
+    let err = || {
+        Err(format!(
+            "repository path component `{component}` must be lowercase letters and digits, separated by `.`, `_`, `__` or `-`"
+        ))
+    };
+    let bytes = component.as_bytes();
+    let alnum = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+    if bytes.is_empty() || !alnum(bytes[0]) || !alnum(bytes[bytes.len() - 1]) {
+        return err();
+    }
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if alnum(b) {
+            i += 1;
+            continue;
+        }
+        // A separator: measure its run and check it is one of the allowed forms.
+        let start = i;
+        while i < bytes.len() && !alnum(bytes[i]) {
+            i += 1;
+        }
+        let sep = &component[start..i];
+        let ok = sep == "." || sep == "_" || sep == "__" || sep.chars().all(|c| c == '-');
+        if !ok {
+            return err();
+        }
+    }
+    Ok(())
+}
+
+fn validate_digest(digest: &str) -> Result<(), String> {
+    let (algorithm, encoded) = digest
+        .split_once(':')
+        .ok_or_else(|| format!("digest `{digest}` must look like `sha256:<64 hex digits>`"))?;
+    let algo_ok = !algorithm.is_empty()
+        && algorithm
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "+._-".contains(c));
+    let encoded_ok = !encoded.is_empty()
+        && encoded
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "=_-".contains(c));
+    if !algo_ok || !encoded_ok {
+        return Err(format!(
+            "digest `{digest}` must look like `sha256:<64 hex digits>`"
+        ));
+    }
+    if algorithm == "sha256"
+        && !(encoded.len() == 64
+            && encoded
+                .chars()
+                .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c)))
+    {
+        return Err(format!(
+            "digest `{digest}`: sha256 needs 64 lowercase hex digits"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_small_and_17() {
+        let r = Catalogue::builtin()
+            .resolve("miren-postgresql", None, None)
+            .unwrap();
+        assert_eq!(r.variant, Variant::Small);
+        assert_eq!(r.version, ResolvedVersion::Major(17));
+        assert_eq!(r.image_ref(), "postgres:17");
+    }
+
+    #[test]
+    fn every_catalogue_version_maps_to_a_stock_image() {
+        for v in ["14", "15", "16", "17", "18"] {
+            let r = Catalogue::builtin()
+                .resolve("miren-postgresql", Some("shared"), Some(v))
+                .unwrap();
+            assert_eq!(r.variant, Variant::Shared);
+            assert_eq!(r.image_ref(), format!("postgres:{v}"));
+        }
+    }
+
+    #[test]
+    fn image_references_are_used_as_given() {
+        for image in [
+            "ghcr.io/my-org/postgres-with-pgvector:17.2",
+            "postgres:16",
+            "library/postgres",
+            "localhost:5000/pg",
+            "registry.example.com:5000/team/pg:17-alpine",
+            "[fd00::1]:5000/pg:17",
+            "postgres@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+            "pgvector/pgvector:pg17",
+        ] {
+            let r = Catalogue::builtin()
+                .resolve("miren-postgresql", None, Some(image))
+                .unwrap_or_else(|e| panic!("{image}: {e}"));
+            assert_eq!(r.version, ResolvedVersion::Image(image.to_string()));
+            assert_eq!(r.image_ref(), image);
+        }
+    }
+
+    #[test]
+    fn bad_image_references_say_why() {
+        for bad in [
+            ":17",
+            "postgres:",
+            "Postgres:17",
+            "ghcr.io/My-Org/pg:1",
+            "pg:-x",
+            "pg@sha256:abc",
+            "pg@nocolon",
+            "a//b:1",
+            "host:99999/pg",
+            "pg:has space",
+        ] {
+            let err = Catalogue::builtin()
+                .resolve("miren-postgresql", None, Some(bad))
+                .unwrap_err();
+            assert!(
+                matches!(err, CatalogueError::BadImageRef { .. }),
+                "{bad}: {err}"
+            );
+            assert!(err.to_string().contains(bad), "{err}");
+        }
+    }
+
+    #[test]
+    fn unknown_names_list_the_choices() {
+        let c = Catalogue::builtin();
+        let err = c.resolve("mysql", None, None).unwrap_err().to_string();
+        assert!(
+            err.contains("`mysql`") && err.contains("miren-postgresql"),
+            "{err}"
+        );
+
+        let err = c
+            .resolve("miren-postgresql", Some("large"), None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`large`") && err.contains("small (default), shared"),
+            "{err}"
+        );
+
+        for v in ["13", "19", "17.2", "017", "latest", ""] {
+            let err = c
+                .resolve("miren-postgresql", None, Some(v))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("14, 15, 16, 17 (default), 18") && err.contains("image reference"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn variants_view_describes_both() {
+        let info = Catalogue::builtin().describe("miren-postgresql").unwrap();
+        assert_eq!(info.description, "Managed PostgreSQL database");
+        let small = &info.variants[0];
+        assert_eq!(small.name, "small");
+        assert!(small.is_default);
+        assert_eq!(
+            small.description,
+            "Dedicated PostgreSQL server (1 GB storage)"
+        );
+        assert_eq!((small.tenancy, small.disk_size_gb), (Tenancy::Dedicated, 1));
+        let shared = &info.variants[1];
+        assert_eq!(shared.name, "shared");
+        assert!(!shared.is_default);
+        assert_eq!(shared.description, "Multi-app shared PostgreSQL server");
+        assert_eq!(
+            (shared.tenancy, shared.disk_size_gb),
+            (Tenancy::SharedPerNode, 10)
+        );
+        assert_eq!(info.default_version, 17);
+        assert!(Catalogue::builtin().describe("redis").is_err());
+    }
+}

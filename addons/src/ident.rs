@@ -1,0 +1,235 @@
+//! Names: the app/service/disk rule, and PostgreSQL role/database names derived from app names.
+
+/// Longest app, service or disk name (a DNS label, so it can become a hostname or a path).
+pub const MAX_NAME_LEN: usize = 63;
+
+/// PostgreSQL truncates identifiers past NAMEDATALEN - 1 bytes; we never produce longer ones.
+pub const MAX_PG_IDENT_LEN: usize = 63;
+
+/// Names an app's role or database may never take: the server's own roles and databases, and
+/// the names PostgreSQL reserves or treats specially for roles.
+pub const RESERVED_PG_NAMES: &[&str] = &[
+    "postgres",
+    "template0",
+    "template1",
+    "public",
+    "none",
+    "all",
+    "user",
+    "current_user",
+    "current_role",
+    "session_user",
+    "miren",
+];
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NameError {
+    #[error("must not be empty; use letters, digits and hyphens, e.g. `web`")]
+    Empty,
+    #[error("`{0}` is {1} characters long; the limit is 63")]
+    TooLong(String, usize),
+    #[error("`{0}` must start with a letter or digit")]
+    BadStart(String),
+    #[error("`{name}` contains `{ch}`; only letters, digits and hyphens are allowed")]
+    BadChar { name: String, ch: char },
+}
+
+/// Apps, services and disks: letters, digits and hyphens, 1-63 characters, starting with a
+/// letter or digit. The same rule as the agent's disk names, so any of them can name a disk.
+pub fn validate_name(name: &str) -> Result<(), NameError> {
+    let len = name.chars().count();
+    if len == 0 {
+        return Err(NameError::Empty);
+    }
+    if len > MAX_NAME_LEN {
+        return Err(NameError::TooLong(name.to_string(), len));
+    }
+    if let Some(ch) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || *c == '-'))
+    {
+        return Err(NameError::BadChar {
+            name: name.to_string(),
+            ch,
+        });
+    }
+    if name.starts_with('-') {
+        return Err(NameError::BadStart(name.to_string()));
+    }
+    Ok(())
+}
+
+/// The role and database an app gets on a PostgreSQL server.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PgIdentifiers {
+    pub role: String,
+    pub database: String,
+}
+
+impl PgIdentifiers {
+    /// Derives both names from the app name; total for any input.
+    ///
+    /// A name that is already a clean identifier (`^[a-z][a-z0-9]*$`, at most 63 bytes, not
+    /// reserved) is used as is, so `myapp` gets `myapp`. Anything else is normalized (lowercase,
+    /// other characters to `_`, `app_` before a leading non-letter or `pg_`, truncated) and gets `_` plus 8
+    /// hex digits of a hash of the *original* name. Clean names contain no `_` and suffixed
+    /// ones always do, so the two sets cannot meet; two different originals that normalize
+    /// alike (`My-App`, `my-app`) differ in their hash. The suffix only prevents accidents:
+    /// provisioning must still refuse a role that exists and was not made for this app.
+    pub fn for_app(app_name: &str) -> PgIdentifiers {
+        let ident = pg_identifier(app_name);
+        PgIdentifiers {
+            role: ident.clone(),
+            database: ident,
+        }
+    }
+}
+
+fn is_clean(name: &str) -> bool {
+    name.len() <= MAX_PG_IDENT_LEN
+        && name.chars().next().is_some_and(|c| c.is_ascii_lowercase())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && !RESERVED_PG_NAMES.contains(&name)
+}
+
+fn pg_identifier(app_name: &str) -> String {
+    if is_clean(app_name) {
+        return app_name.to_string();
+    }
+    let mut base: String = app_name
+        .chars()
+        .map(|c| {
+            let c = c.to_ascii_lowercase();
+            if c.is_ascii_lowercase() || c.is_ascii_digit() {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    // PostgreSQL reserves role names starting with `pg_`.
+    if !base.starts_with(|c: char| c.is_ascii_lowercase()) || base.starts_with("pg_") {
+        base.insert_str(0, "app_");
+    }
+    let suffix = format!("_{:08x}", fnv1a64(app_name.as_bytes()) as u32);
+    // Every char is ASCII here, so byte truncation stays on a char boundary.
+    base.truncate(MAX_PG_IDENT_LEN - suffix.len());
+    base.push_str(&suffix);
+    base
+}
+
+/// FNV-1a: tiny and specified, so the derived names never change between releases.
+fn fnv1a64(bytes: &[u8]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        hash ^= u64::from(*b);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    hash
+}
+
+/// True for a valid identifier as this crate produces them; used by tests and callers that
+/// want to check a stored name before putting it in SQL.
+pub fn is_valid_pg_identifier(ident: &str) -> bool {
+    !ident.is_empty()
+        && ident.len() <= MAX_PG_IDENT_LEN
+        && ident.starts_with(|c: char| c.is_ascii_lowercase())
+        && ident
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && !RESERVED_PG_NAMES.contains(&ident)
+        && !ident.starts_with("pg_")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    #[test]
+    fn names_follow_the_rule() {
+        for ok in ["a", "A1", "my-app", "0day", &"x".repeat(63)] {
+            assert_eq!(validate_name(ok), Ok(()), "{ok}");
+        }
+        let long = "x".repeat(64);
+        for bad in ["", "-a", "a_b", "a.b", "a b", "é", "a\n", "a/b", &long] {
+            assert!(validate_name(bad).is_err(), "{bad:?}");
+        }
+        let err = validate_name("a_b").unwrap_err().to_string();
+        assert!(
+            err.contains("`_`") && err.contains("letters, digits and hyphens"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn clean_names_are_kept() {
+        let ids = PgIdentifiers::for_app("myapp");
+        assert_eq!(ids.role, "myapp");
+        assert_eq!(ids.database, "myapp");
+        assert_eq!(PgIdentifiers::for_app("app2").role, "app2");
+    }
+
+    #[test]
+    fn other_names_are_normalized_with_a_suffix() {
+        let id = PgIdentifiers::for_app("my-app").role;
+        assert!(
+            id.starts_with("my_app_") && id.len() == "my_app_".len() + 8,
+            "{id}"
+        );
+        let id = PgIdentifiers::for_app("0day").role;
+        assert!(id.starts_with("app_0day_"), "{id}");
+        // Stable across releases: stored names must keep matching.
+        assert_eq!(PgIdentifiers::for_app("my-app").role, "my_app_a85c37a9");
+    }
+
+    #[test]
+    fn reserved_names_never_come_out() {
+        for name in RESERVED_PG_NAMES {
+            let id = PgIdentifiers::for_app(name).role;
+            assert_ne!(&id, name);
+            assert!(is_valid_pg_identifier(&id), "{id}");
+        }
+        for name in ["pg_foo", "pg-foo", "Postgres", "TEMPLATE1"] {
+            let id = PgIdentifiers::for_app(name).role;
+            assert!(is_valid_pg_identifier(&id), "{name} -> {id}");
+        }
+    }
+
+    #[test]
+    fn nasty_names_give_valid_distinct_identifiers() {
+        let long_a = format!("{}a", "x".repeat(70));
+        let long_b = format!("{}b", "x".repeat(70));
+        let nasty = [
+            "",
+            "-",
+            "My-App",
+            "my-app",
+            "MY-APP",
+            "my_app",
+            "my app",
+            "x'; DROP ROLE postgres; --",
+            "\"quoted\"",
+            "日本語",
+            "é",
+            "9",
+            &long_a,
+            &long_b,
+            "a\0b",
+        ];
+        let mut seen = HashSet::new();
+        for name in nasty {
+            let id = PgIdentifiers::for_app(name).role;
+            assert!(is_valid_pg_identifier(&id), "{name:?} -> {id}");
+            assert!(seen.insert(id.clone()), "{name:?} collided on {id}");
+        }
+    }
+
+    #[test]
+    fn fnv_matches_the_reference_vectors() {
+        assert_eq!(fnv1a64(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a64(b"a"), 0xaf63_dc4c_8601_ec8c);
+    }
+}
