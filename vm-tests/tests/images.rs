@@ -114,3 +114,56 @@ fn import_a_rootfs_tarball_and_an_oci_layout() {
     let err = agent.fails(&["image", "import", "local/x:1", "/nonexistent/path"]);
     assert!(err.contains("does not exist"), "{err}");
 }
+
+#[test]
+fn pull_with_credentials() {
+    let mut registry = Registry::start();
+    let layout = registry.dir.path().join("layout");
+    write_layout(
+        &layout,
+        "1",
+        &[(layer("private"), Comp::Gzip)],
+        &["/bin/hello"],
+    );
+    registry.push(&layout, "1", "team/private");
+    registry.restart_with_auth();
+    let mirror = format!("docker.io={}", registry.addr);
+    let agent = TestAgent::builder()
+        .arg("--image-mirror")
+        .arg(&mirror)
+        .start();
+    let err = agent.fails(&["image", "pull", "team/private:1"]);
+    assert!(err.contains("registry"), "{err}");
+    let mut pull = agent
+        .command(&[
+            "image",
+            "pull",
+            "team/private:1",
+            "--username",
+            common::USER,
+            "--password-stdin",
+            "--json",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    pull.stdin
+        .take()
+        .unwrap()
+        .write_all(common::PASSWORD.as_bytes())
+        .unwrap();
+    let out = pull.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let image: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(image["reference"], "docker.io/team/private:1");
+    assert!(
+        !agent.log_text().contains(common::PASSWORD),
+        "the password reached the log"
+    );
+}

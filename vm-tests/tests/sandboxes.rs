@@ -485,3 +485,105 @@ fn a_dropped_test_agent_takes_its_sandboxes_with_it() {
         assert!(!dir.exists(), "{} left behind", dir.display());
     }
 }
+
+fn tree_digest(dir: &Path) -> String {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg("cd \"$1\" && find . -print0 | sort -z | xargs -0 stat -c '%n %s %a %u %g %Y' && find . -type f -print0 | sort -z | xargs -0 sha256sum")
+        .arg("sh")
+        .arg(dir)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn isolation_defaults_hold() {
+    let agent = agent_with_busybox();
+    let layers = agent.data_dir.join("images/layers");
+    let before = tree_digest(&layers);
+    // Root in the sandbox tries to raise its own limit, mount, unshare, and scribble over
+    // every directory it can reach.
+    let id = run(
+        &agent,
+        &["--memory", "64M"],
+        "for f in /sys/fs/cgroup/memory/memory.limit_in_bytes /sys/fs/cgroup/memory.max; do \
+           (echo 1073741824 > $f) 2>/dev/null && echo raised-$f; done; \
+         mount -t tmpfs none /mnt 2>/dev/null && echo mounted; \
+         unshare -n true 2>/dev/null && echo unshared; \
+         for d in / /bin /etc /tmp /data /www /usr; do echo x > $d/scribble 2>/dev/null; done; \
+         rm -f /bin/busybox-gone /bin/ls 2>/dev/null; echo done",
+    );
+    wait_state(&agent, &id, "exited");
+    let out = logs(&agent, &id);
+    assert!(out.contains("done"), "{out}");
+    assert!(
+        !out.contains("raised"),
+        "the sandbox raised its own cgroup limit: {out}"
+    );
+    assert!(!out.contains("mounted"), "mount was allowed: {out}");
+    assert!(!out.contains("unshared"), "unshare was allowed: {out}");
+    assert_eq!(
+        tree_digest(&layers),
+        before,
+        "the shared image layers changed"
+    );
+    // and its own writes are really there, in its overlay
+    let second = run(&agent, &[], "ls /bin/ls >/dev/null 2>&1 && echo ls-present");
+    wait_state(&agent, &second, "exited");
+    assert!(
+        logs(&agent, &second).contains("ls-present"),
+        "another sandbox saw the deletion"
+    );
+    agent.ok(&["sandbox", "delete", &id]);
+    agent.ok(&["sandbox", "delete", &second]);
+    assert_nothing_left(&agent);
+}
+
+#[test]
+fn pids_cpus_tmpfs_and_local_storage() {
+    let agent = agent_with_busybox();
+    let id = run(
+        &agent,
+        &["--name", "limited", "--app", "site", "--pids", "16", "--cpus", "0.5", "--tmpfs", "/scratch", "--local-dir", "/local"],
+        "( for i in $(seq 40); do sleep 2 & done ) 2>&1 | grep -qi fork && echo fork-refused; sleep 3; \
+         grep ' /scratch ' /proc/mounts | cut -d' ' -f3; \
+         echo from-sandbox > /local/shared; sleep 1000",
+    );
+    let s = wait_state(&agent, &id, "running");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !logs(&agent, &id).contains("tmpfs") {
+        assert!(Instant::now() < deadline, "{}", logs(&agent, &id));
+        sleep(Duration::from_millis(50));
+    }
+    assert!(
+        logs(&agent, &id).contains("fork-refused"),
+        "40 processes fit under --pids 16"
+    );
+    let pids_max = fs::read_to_string(format!(
+        "/sys/fs/cgroup/pids/{}/{}/pids.max",
+        agent.prefix,
+        s["id"].as_str().unwrap()
+    ))
+    .unwrap_or_default();
+    assert_eq!(pids_max.trim(), "16");
+    let quota = fs::read_to_string(format!(
+        "/sys/fs/cgroup/cpu,cpuacct/{}/{}/cpu.cfs_quota_us",
+        agent.prefix,
+        s["id"].as_str().unwrap()
+    ))
+    .or_else(|_| {
+        fs::read_to_string(format!(
+            "/sys/fs/cgroup/cpu/{}/{}/cpu.cfs_quota_us",
+            agent.prefix,
+            s["id"].as_str().unwrap()
+        ))
+    })
+    .unwrap_or_default();
+    assert_eq!(quota.trim(), "50000", "cpu quota");
+    let local = agent.json(&["debug", "disk", "local", "-a", "site", "--json"]);
+    let shared = Path::new(local["mount_path"].as_str().unwrap()).join("shared");
+    assert_eq!(fs::read_to_string(shared).unwrap(), "from-sandbox\n");
+    agent.ok(&["sandbox", "delete", &id]);
+    assert_nothing_left(&agent);
+}
