@@ -280,8 +280,8 @@ use sandbox_common::*;
 
 #[test]
 fn merge_env_replaces_in_place() {
-    let image = vec!["PATH=/usr/bin".to_string(), "A=1".to_string()];
-    let mine = vec!["A=2".to_string(), "B=3".to_string(), "PATH=/x".to_string()];
+    let image = ["PATH=/usr/bin".to_string(), "A=1".to_string()];
+    let mine = ["A=2".to_string(), "B=3".to_string(), "PATH=/x".to_string()];
     assert_eq!(
         sandbox::merge_env([&image[..], &mine[..]]),
         vec!["PATH=/x", "A=2", "B=3"]
