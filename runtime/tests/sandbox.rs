@@ -728,3 +728,47 @@ fn bad_args_fail_to_start() {
     assert!(f.cgroup_dirs(&spec).is_empty());
     assert!(mounts_under(&dir.to_string_lossy()).is_empty());
 }
+
+#[test]
+fn exec_in_running_sandbox() {
+    if !is_root() {
+        return;
+    }
+    let mut f = Fixture::new();
+    let mut spec = f.spec("ex", "echo 1 > /tmp/marker; sleep 1000");
+    spec.env.push("FROM_SPEC=yes".into());
+    spec.resources.memory_bytes = Some(64 << 20);
+    let dir = f.start(&spec);
+    let st = wait_for(&dir, Duration::from_secs(5), |s| s.state == State::Running);
+    let exe = sandbox_common::supervisor_bin().with_file_name("sandbox-exec");
+    let out = Command::new(&exe)
+        .arg(&dir)
+        .args(["/bin/sh", "-c", "cat /tmp/marker; echo $FROM_SPEC $EXEC_MARK; hostname; cat /proc/self/cgroup | grep memory; echo oops >&2; exit 5"])
+        .output()
+        .expect("run sandbox-exec");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(5),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("1\nyes 1\nex\n"), "{stdout}");
+    // Inside the cgroup namespace the container's own cgroup is "/": anything else
+    // (e.g. "/..") would mean the command runs outside the sandbox's cgroup.
+    assert!(stdout.contains(":memory:/\n"), "same cgroup: {stdout}");
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "oops\n");
+    // The sandbox itself is unaffected.
+    assert!(sandbox_common::alive(st.pid.expect("pid")));
+    sandbox::stop(&dir, Duration::from_millis(100)).expect("stop");
+    let out = Command::new(&exe)
+        .arg(&dir)
+        .arg("true")
+        .output()
+        .expect("run");
+    assert_eq!(
+        out.status.code(),
+        Some(125),
+        "exec into a stopped sandbox fails"
+    );
+}
