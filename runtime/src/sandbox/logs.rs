@@ -25,12 +25,30 @@ impl RotatingLog {
         })
     }
 
-    /// Appends `buf`; rotates first if it would take the file past the cap. A single
-    /// chunk (at most one pipe read) may overshoot an empty file's cap.
-    pub(crate) fn write(&mut self, buf: &[u8]) -> std::io::Result<()> {
-        if self.size > 0 && self.size + buf.len() as u64 > self.max_bytes {
+    /// Appends `buf`, rotating whenever the file would exceed the cap. Splits at the last
+    /// newline that fits, so lines stay whole unless one line is longer than the cap.
+    pub(crate) fn write(&mut self, mut buf: &[u8]) -> std::io::Result<()> {
+        while !buf.is_empty() {
+            let room = self.max_bytes.saturating_sub(self.size) as usize;
+            if buf.len() <= room {
+                self.append(buf)?;
+                return Ok(());
+            }
+            let cut = match buf[..room].iter().rposition(|&b| b == b'\n') {
+                Some(i) => i + 1,
+                // No whole line fits: start a fresh file, or split a line that is
+                // longer than the cap.
+                None if self.size > 0 => 0,
+                None => room.max(1),
+            };
+            self.append(&buf[..cut])?;
+            buf = &buf[cut..];
             self.rotate()?;
         }
+        Ok(())
+    }
+
+    fn append(&mut self, buf: &[u8]) -> std::io::Result<()> {
         self.file.write_all(buf)?;
         self.size += buf.len() as u64;
         Ok(())

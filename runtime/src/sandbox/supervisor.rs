@@ -112,6 +112,8 @@ struct Supervisor {
     stderr: RotatingLog,
     /// Set once SIGTERM arrived: SIGKILL deadline.
     stopping: Option<Instant>,
+    /// Last status written, to skip redundant fsyncs.
+    saved: Option<Status>,
 }
 
 impl Supervisor {
@@ -146,6 +148,7 @@ impl Supervisor {
             .as_bytes(),
         )?;
         write_status(&dir, &status)?;
+        let saved = Some(status.clone());
         let logio = |e| SandboxError::io("open logs", e);
         let stdout = RotatingLog::open(
             &dir.join(STDOUT_LOG),
@@ -169,12 +172,17 @@ impl Supervisor {
             stdout,
             stderr,
             stopping: None,
+            saved,
         })
     }
 
-    fn save(&self) {
-        if let Err(e) = write_status(&self.dir, &self.status) {
-            eprintln!("write status: {e}");
+    fn save(&mut self) {
+        if self.saved.as_ref() == Some(&self.status) {
+            return;
+        }
+        match write_status(&self.dir, &self.status) {
+            Ok(()) => self.saved = Some(self.status.clone()),
+            Err(e) => eprintln!("write status: {e}"),
         }
     }
 

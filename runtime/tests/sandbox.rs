@@ -1,0 +1,774 @@
+//! Sandbox tests against the real kernel. Run as root:
+//! `cargo test -p miren-runtime --test sandbox`
+
+#[allow(dead_code)]
+mod sandbox_common {
+    //! Shared fixture for the sandbox tests (included with `mod`): a busybox rootfs, specs
+    //! named `mrtst<hex>`, and a Drop guard that removes every process, mount and cgroup.
+
+    use std::collections::hash_map::DefaultHasher;
+    use std::fs;
+    use std::hash::{Hash, Hasher};
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use std::path::{Path, PathBuf};
+    use std::process::Command;
+    use std::time::{Duration, Instant};
+
+    use miren_runtime::sandbox::{
+        self, LogConfig, RestartPolicy, SandboxSpec, State, Status, User,
+    };
+
+    pub fn is_root() -> bool {
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        if !root {
+            eprintln!("skipping: sandbox tests need root");
+        }
+        root
+    }
+
+    fn random_hex() -> String {
+        let mut b = [0u8; 4];
+        let f = fs::File::open("/dev/urandom")
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b));
+        f.expect("read /dev/urandom");
+        b.iter().map(|x| format!("{x:02x}")).collect()
+    }
+
+    /// The `supervise` stand-in built by cargo next to the test binary.
+    pub fn supervisor_bin() -> PathBuf {
+        let exe = std::env::current_exe().expect("current_exe");
+        let p = exe
+            .parent()
+            .and_then(|d| d.parent())
+            .expect("target dir")
+            .join("examples/sandbox-supervise");
+        assert!(
+            p.exists(),
+            "{} missing: run `cargo test` (builds examples)",
+            p.display()
+        );
+        p
+    }
+
+    pub struct Fixture {
+        pub prefix: String,
+        pub tmp: tempfile::TempDir,
+        pub lower: PathBuf,
+        sandboxes: Vec<PathBuf>,
+    }
+
+    impl Fixture {
+        pub fn new() -> Fixture {
+            let prefix = format!("mrtst{}", random_hex());
+            let tmp = tempfile::Builder::new()
+                .prefix(&prefix)
+                .tempdir_in("/tmp")
+                .expect("tempdir");
+            let lower = tmp.path().join("lower");
+            let bin = lower.join("bin");
+            fs::create_dir_all(&bin).expect("mkdir");
+            fs::copy("/bin/busybox", bin.join("busybox"))
+                .expect("busybox-static must be installed");
+            let list = Command::new("/bin/busybox")
+                .arg("--list")
+                .output()
+                .expect("busybox --list");
+            for name in String::from_utf8_lossy(&list.stdout).lines() {
+                if name != "busybox" {
+                    std::os::unix::fs::symlink("busybox", bin.join(name)).expect("symlink");
+                }
+            }
+            for d in ["etc", "tmp", "root", "proc", "sys", "dev"] {
+                fs::create_dir_all(lower.join(d)).expect("mkdir");
+            }
+            fs::set_permissions(lower.join("tmp"), fs::Permissions::from_mode(0o1777))
+                .expect("chmod");
+            fs::write(lower.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").expect("passwd");
+            Fixture {
+                prefix,
+                tmp,
+                lower,
+                sandboxes: vec![],
+            }
+        }
+
+        pub fn spec(&self, name: &str, script: &str) -> SandboxSpec {
+            SandboxSpec {
+                id: format!("{}-{name}", self.prefix),
+                name: name.into(),
+                hostname: name.into(),
+                lower_dirs: vec![self.lower.clone()],
+                args: vec!["/bin/sh".into(), "-c".into(), script.into()],
+                env: vec!["PATH=/bin".into(), "HOME=/root".into()],
+                cwd: "/".into(),
+                user: User { uid: 0, gid: 0 },
+                mounts: vec![],
+                resources: Default::default(),
+                netns: None,
+                hosts: Some("127.0.0.1 localhost\n".into()),
+                resolv_conf: Some("nameserver 127.0.0.1\n".into()),
+                restart: RestartPolicy::No,
+                logs: LogConfig::default(),
+                cgroup_prefix: self.prefix.clone(),
+                stop_grace_ms: 2000,
+            }
+        }
+
+        /// Writes the spec and launches the supervisor; returns the state dir.
+        pub fn start(&mut self, spec: &SandboxSpec) -> PathBuf {
+            let dir = self.prepare(spec);
+            let mut cmd = Command::new(supervisor_bin());
+            cmd.arg(&dir);
+            sandbox::launch(cmd, &dir).expect("launch");
+            dir
+        }
+
+        pub fn prepare(&mut self, spec: &SandboxSpec) -> PathBuf {
+            let dir = self.tmp.path().join("sandboxes").join(&spec.name);
+            sandbox::create(&dir, spec).expect("create");
+            self.sandboxes.push(dir.clone());
+            dir
+        }
+
+        /// Cgroup directories of a sandbox that still exist.
+        pub fn cgroup_dirs(&self, spec: &SandboxSpec) -> Vec<PathBuf> {
+            fs::read_dir("/sys/fs/cgroup")
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.path().join(&self.prefix).join(&spec.id))
+                .filter(|p| p.exists())
+                .collect()
+        }
+    }
+
+    impl Drop for Fixture {
+        fn drop(&mut self) {
+            for d in &self.sandboxes {
+                if let Err(e) = sandbox::delete(d) {
+                    eprintln!("cleanup delete {}: {e}", d.display());
+                }
+            }
+            // Belt and braces for a failed test: kill, rmdir, unmount by prefix.
+            for root in fs::read_dir("/sys/fs/cgroup")
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let p = root.path().join(&self.prefix);
+                let Ok(children) = fs::read_dir(&p) else {
+                    continue;
+                };
+                for c in children.flatten().filter(|c| c.path().is_dir()) {
+                    let _ = fs::write(c.path().join("cgroup.kill"), "1");
+                    if let Ok(procs) = fs::read_to_string(c.path().join("cgroup.procs")) {
+                        for pid in procs.lines().filter_map(|l| l.parse::<i32>().ok()) {
+                            // SAFETY: plain kill(2).
+                            unsafe { libc::kill(pid, libc::SIGKILL) };
+                        }
+                    }
+                    for _ in 0..50 {
+                        if fs::remove_dir(c.path()).is_ok() {
+                            break;
+                        }
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                }
+                let _ = fs::remove_dir(&p);
+            }
+            let tmp = self.tmp.path().to_string_lossy().into_owned();
+            for m in mounts_under(&tmp).into_iter().rev() {
+                let _ = nix::mount::umount2(Path::new(&m), nix::mount::MntFlags::MNT_DETACH);
+            }
+        }
+    }
+
+    pub fn mounts_under(prefix: &str) -> Vec<String> {
+        fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
+            .filter(|m| m.starts_with(prefix))
+            .collect()
+    }
+
+    pub fn wait_for(dir: &Path, timeout: Duration, pred: impl Fn(&Status) -> bool) -> Status {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(s) = sandbox::status(dir) {
+                if pred(&s) {
+                    return s;
+                }
+                if Instant::now() >= deadline {
+                    panic!("timed out waiting; last status {s:?}");
+                }
+            } else if Instant::now() >= deadline {
+                panic!("timed out waiting; no status");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits until the sandbox is finished and its supervisor has exited.
+    pub fn wait_done(dir: &Path) -> Status {
+        wait_for(dir, Duration::from_secs(20), |s| {
+            matches!(s.state, State::Exited | State::Failed) && !s.supervisor_alive
+        })
+    }
+
+    pub fn alive(pid: i32) -> bool {
+        fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| {
+                let st = s.rsplit_once(") ").map(|(_, r)| r.chars().next());
+                !matches!(st, Some(Some('Z')) | Some(Some('X')))
+            })
+            .unwrap_or(false)
+    }
+
+    /// Listing of a directory tree: names, types, modes, owners, sizes, mtimes, content
+    /// hashes, link targets (one line per entry, so a failure shows what changed).
+    pub fn tree_listing(root: &Path) -> Vec<String> {
+        fn walk(p: &Path, out: &mut Vec<String>) {
+            let md = fs::symlink_metadata(p).expect("stat");
+            let mut extra = String::new();
+            if md.file_type().is_symlink() {
+                extra = fs::read_link(p).expect("readlink").display().to_string();
+            } else if md.is_file() {
+                let mut h = DefaultHasher::new();
+                fs::read(p).expect("read").hash(&mut h);
+                extra = format!("{:x}", h.finish());
+            }
+            out.push(format!(
+                "{} {:o} {}:{} {} {}.{} {extra}",
+                p.display(),
+                md.mode(),
+                md.uid(),
+                md.gid(),
+                md.size(),
+                md.mtime(),
+                md.mtime_nsec()
+            ));
+            if md.is_dir() {
+                let mut names: Vec<_> = fs::read_dir(p)
+                    .expect("readdir")
+                    .flatten()
+                    .map(|e| e.path())
+                    .collect();
+                names.sort();
+                for n in names {
+                    walk(&n, out);
+                }
+            }
+        }
+        let mut out = vec![];
+        walk(root, &mut out);
+        out
+    }
+
+    pub fn read(dir: &Path, file: &str) -> String {
+        fs::read_to_string(dir.join(file)).unwrap_or_default()
+    }
+}
+
+use std::fs;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use miren_runtime::sandbox::{self, Backoff, LogConfig, Mount, Resources, RestartPolicy, State};
+use sandbox_common::*;
+
+#[test]
+fn merge_env_replaces_in_place() {
+    let image = ["PATH=/usr/bin".to_string(), "A=1".to_string()];
+    let mine = ["A=2".to_string(), "B=3".to_string(), "PATH=/x".to_string()];
+    assert_eq!(
+        sandbox::merge_env([&image[..], &mine[..]]),
+        vec!["PATH=/x", "A=2", "B=3"]
+    );
+}
+
+#[test]
+fn exit_codes() {
+    if !is_root() {
+        return;
+    }
+    let mut f = Fixture::new();
+    for (name, script, want) in [("t", "true", 0), ("f", "false", 1), ("e3", "exit 3", 3)] {
+        let spec = f.spec(name, script);
+        let dir = f.start(&spec);
+        let st = wait_done(&dir);
+        assert_eq!(st.state, State::Exited, "{name}: {st:?}");
+        assert_eq!(st.exit_code, Some(want), "{name}");
+        assert!(!st.oom_killed);
+        assert!(st.started_at.is_some() && st.finished_at.is_some());
+        // Nothing left behind by the supervisor's own teardown.
+        assert!(f.cgroup_dirs(&spec).is_empty(), "{name}: cgroups left");
+        assert!(
+            mounts_under(&dir.to_string_lossy()).is_empty(),
+            "{name}: mount left"
+        );
+    }
+}
+
+#[test]
+fn logs_and_rotation() {
+    if !is_root() {
+        return;
+    }
+    let mut f = Fixture::new();
+    let mut spec = f.spec("logs", "echo to-out; echo to-err >&2; i=0; while [ $i -lt 300 ]; do echo line-$i-xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx; i=$((i+1)); done");
+    spec.logs = LogConfig {
+        max_bytes: 4096,
+        max_files: 2,
+    };
+    let dir = f.start(&spec);
+    assert_eq!(wait_done(&dir).exit_code, Some(0));
+    assert!(read(&dir, "stderr.log").contains("to-err"));
+    let cur = read(&dir, "stdout.log");
+    let one = read(&dir, "stdout.log.1");
+    let two = read(&dir, "stdout.log.2");
+    assert!(cur.contains("line-299-"), "last line in current file");
+    assert!(!one.is_empty() && !two.is_empty(), "two rotated files");
+    assert!(!dir.join("stdout.log.3").exists(), "only max_files kept");
+    for s in [&cur, &one, &two] {
+        assert!(s.len() <= 4096, "size capped: {}", s.len());
+    }
+    // Rotation keeps order: .2 older than .1 older than current.
+    let first = |s: &str| {
+        s.lines()
+            .next()
+            .and_then(|l| l.split('-').nth(1))
+            .and_then(|n| n.parse::<i32>().ok())
+    };
+    assert!(first(&two) < first(&one) && first(&one) < first(&cur));
+}
+
+#[test]
+fn sigkill_reports_137() {
+    if !is_root() {
+        return;
+    }
+    let mut f = Fixture::new();
+    let spec = f.spec("k", "sleep 1000");
+    let dir = f.start(&spec);
+    let st = wait_for(&dir, Duration::from_secs(5), |s| s.state == State::Running);
+    let pid = st.pid.expect("pid");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL)
+        .expect("kill");
+    let st = wait_done(&dir);
+    assert_eq!(st.exit_code, Some(137));
+    assert!(!st.oom_killed);
+}
+
+#[test]
+fn memory_limit_oom_kills() {
+    if !is_root() {
+        return;
+    }
+    let mut f = Fixture::new();
+    let mut spec = f.spec("oom", "");
+    // awk doubles a string until the cgroup limit stops it.
+    spec.args = vec![
+        "/bin/awk".into(),
+        "BEGIN { s = \"x\"; while (1) s = s s }".into(),
+    ];
+    spec.resources = Resources {
+        memory_bytes: Some(32 << 20),
+        cpus: Some(0.5),
+        pids: Some(64),
+    };
+    let dir = f.start(&spec);
+    let st = wait_done(&dir);
+    assert_eq!(
+        st.exit_code,
+        Some(137),
+        "{st:?} {}",
+        read(&dir, "stderr.log")
+    );
+    assert!(st.oom_killed, "{st:?}");
+}
+
+#[test]
+fn isolation_defaults() {
+    if !is_root() {
+        return;
+    }
+    let mut f = Fixture::new();
+    let script = r#"
+        grep -E '^(CapEff|NoNewPrivs|Seccomp):' /proc/self/status
+        ls /sys/fs/cgroup 2>/dev/null | grep -q . && echo CGROUP-VISIBLE
+        echo 1073741824 > /sys/fs/cgroup/memory/memory.limit_in_bytes 2>/dev/null && echo WROTE-CGROUP
+        touch /sys/kernel/x 2>/dev/null && echo WROTE-SYS
+        echo 1 > /proc/sys/kernel/panic 2>/dev/null && echo WROTE-PROCSYS
+        mount -t tmpfs t /mnt 2>/dev/null && echo MOUNT-OK
+        mount -t cgroup -o memory cgroup /mnt 2>/dev/null && echo CGMOUNT-OK
+        unshare -m true 2>/dev/null && echo UNSHARE-OK
+        unshare -U true 2>/dev/null && echo USERNS-OK
+        unshare -U -r true 2>/dev/null && echo USERNS-OK
+        cat /proc/kcore >/dev/null 2>&1 && head -c1 /proc/kcore | grep -q . && echo KCORE
+        hostname
+        cat /etc/hosts
+        echo done
+    "#;
+    let mut spec = f.spec("iso", script);
+    spec.resources.memory_bytes = Some(64 << 20);
+    let dir = f.start(&spec);
+    let st = wait_done(&dir);
+    let out = read(&dir, "stdout.log");
+    assert_eq!(st.exit_code, Some(0), "{out}");
+    assert!(out.contains("done"), "{out}");
+    for bad in [
+        "CGROUP-VISIBLE",
+        "WROTE-",
+        "MOUNT-OK",
+        "CGMOUNT-OK",
+        "UNSHARE-OK",
+        "USERNS-OK",
+        "KCORE",
+    ] {
+        assert!(!out.contains(bad), "{bad} in:\n{out}");
+    }
+    assert!(
+        out.contains("CapEff:\t00000000a80425fb"),
+        "docker default caps:\n{out}"
+    );
+    assert!(out.contains("NoNewPrivs:\t1"), "{out}");
+    assert!(out.contains("Seccomp:\t2"), "{out}");
+    assert!(
+        out.contains("127.0.0.1 localhost") && out.contains("iso"),
+        "{out}"
+    );
+}
+
+#[test]
+fn seccomp_denies_as_root_with_caps() {
+    if !is_root() {
+        return;
+    }
+    // Even a process holding CAP_SYS_ADMIN would be stopped by seccomp; here we check
+    // the errno: EPERM from the filter, not a missing binary.
+    let mut f = Fixture::new();
+    let spec = f.spec(
+        "sc",
+        "unshare -m true; echo rc=$?; mount -t proc p /mnt; echo rc=$?",
+    );
+    let dir = f.start(&spec);
+    wait_done(&dir);
+    let out = read(&dir, "stdout.log");
+    let err = read(&dir, "stderr.log");
+    assert!(out.contains("rc=1\nrc=") && !out.contains("rc=0"), "{out}");
+    assert!(err.contains("Operation not permitted"), "{err}");
+}
+
+#[test]
+fn lower_layer_untouched() {
+    if !is_root() {
+        return;
+    }
+    let mut f = Fixture::new();
+    let before = tree_listing(&f.lower);
+    let script = r#"
+        for d in / /bin /etc /tmp /root; do echo x > $d/new-file; mkdir $d/new-dir; done
+        echo changed > /etc/passwd; chmod 700 /bin; chown 1:1 /etc
+        rm /bin/ls /bin/cat; ln -sf /nowhere /bin/sh2; touch -d 2000-01-01 /bin/busybox
+        mv /tmp /tmp2; echo y >> /bin/busybox
+        echo ok
+    "#;
+    let spec = f.spec("lw", script);
+    let dir = f.start(&spec);
+    let st = wait_done(&dir);
+    assert_eq!(
+        read(&dir, "stdout.log").trim(),
+        "ok",
+        "{}",
+        read(&dir, "stderr.log")
+    );
+    assert_eq!(st.exit_code, Some(0));
+    let after = tree_listing(&f.lower);
+    let changed: Vec<_> = after.iter().filter(|l| !before.contains(l)).collect();
+    let gone: Vec<_> = before.iter().filter(|l| !after.contains(l)).collect();
+    assert!(
+        changed.is_empty() && gone.is_empty(),
+        "lower changed: {changed:?} gone: {gone:?}"
+    );
+    // The writes went to this sandbox's upper dir.
+    assert!(dir.join("upper/etc/new-file").exists());
+}
+
+#[test]
+fn restart_on_failure_with_backoff() {
+    if !is_root() {
+        return;
+    }
+    let mut f = Fixture::new();
+    let mut spec = f.spec("rs", "echo run; exit 1");
+    spec.restart = RestartPolicy::OnFailure {
+        max_retries: Some(3),
+        backoff: Backoff {
+            initial_ms: 100,
+            max_ms: 250,
+            reset_after_ms: 10_000,
+        },
+    };
+    let t0 = Instant::now();
+    let dir = f.start(&spec);
+    let st = wait_done(&dir);
+    let took = t0.elapsed();
+    assert_eq!(st.restarts, 3, "{st:?}");
+    assert_eq!(st.exit_code, Some(1));
+    assert_eq!(read(&dir, "stdout.log").matches("run").count(), 4);
+    // 100 + 200 + 250 (capped) ms of backoff.
+    assert!(took >= Duration::from_millis(550), "{took:?}");
+
+    // A zero exit is not restarted under on-failure.
+    let mut ok = f.spec("rs0", "exit 0");
+    ok.restart = spec.restart.clone();
+    let dir = f.start(&ok);
+    assert_eq!(wait_done(&dir).restarts, 0);
+}
+
+#[test]
+fn restart_always_until_stopped() {
+    if !is_root() {
+        return;
+    }
+    let mut f = Fixture::new();
+    let mut spec = f.spec("ra", "exit 0");
+    spec.restart = RestartPolicy::Always {
+        backoff: Backoff {
+            initial_ms: 20,
+            max_ms: 40,
+            reset_after_ms: 10_000,
+        },
+    };
+    let dir = f.start(&spec);
+    wait_for(&dir, Duration::from_secs(10), |s| s.restarts >= 3);
+    let st = sandbox::stop(&dir, Duration::from_secs(1)).expect("stop");
+    assert_eq!(st.state, State::Exited);
+    assert!(!st.supervisor_alive);
+    let n = st.restarts;
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        sandbox::status(&dir).expect("status").restarts,
+        n,
+        "no restart after stop"
+    );
+}
+
+#[test]
+fn stop_with_grace_then_kill() {
+    if !is_root() {
+        return;
+    }
+    let mut f = Fixture::new();
+    // PID 1 without a handler ignores SIGTERM: only the SIGKILL after the grace works.
+    let deaf = f.spec("deaf", "");
+    let mut deaf = deaf;
+    deaf.args = vec!["/bin/sleep".into(), "1000".into()];
+    let dir = f.start(&deaf);
+    let t0 = Instant::now();
+    let st = sandbox::stop(&dir, Duration::from_millis(500)).expect("stop");
+    assert!(t0.elapsed() >= Duration::from_millis(500));
+    assert_eq!(st.exit_code, Some(137));
+    assert!(f.cgroup_dirs(&deaf).is_empty());
+    assert!(mounts_under(&dir.to_string_lossy()).is_empty());
+
+    // A container that handles SIGTERM exits with its own code, well before the grace.
+    let polite = f.spec(
+        "polite",
+        "trap 'echo bye; exit 7' TERM; while true; do sleep 0.05; done",
+    );
+    let dir = f.start(&polite);
+    let t0 = Instant::now();
+    let st = sandbox::stop(&dir, Duration::from_secs(10)).expect("stop");
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    assert_eq!(st.exit_code, Some(7));
+    assert!(read(&dir, "stdout.log").contains("bye"));
+    // Stop again: idempotent.
+    sandbox::stop(&dir, Duration::from_secs(1)).expect("second stop");
+}
+
+#[test]
+fn survives_death_of_launching_parent() {
+    if !is_root() {
+        return;
+    }
+    let mut f = Fixture::new();
+    let spec = f.spec("orphan", "while true; do echo tick; sleep 0.05; done");
+    let dir = f.prepare(&spec);
+    // A stand-in agent: launches the supervisor, then lingers; its stdout is a pipe we
+    // close when we kill it.
+    let mut agent = Command::new("/bin/sh")
+        .arg("-c")
+        .arg(format!(
+            "{} {} && echo launched; sleep 1000",
+            supervisor_bin().display(),
+            dir.display()
+        ))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn agent");
+    let st = wait_for(&dir, Duration::from_secs(10), |s| s.state == State::Running);
+    let agent_pgid =
+        nix::unistd::getpgid(Some(nix::unistd::Pid::from_raw(agent.id() as i32))).expect("pgid");
+    let sup = nix::unistd::Pid::from_raw(st.supervisor_pid);
+    assert_ne!(nix::unistd::getpgid(Some(sup)).expect("pgid"), agent_pgid);
+    assert_eq!(
+        nix::unistd::getsid(Some(sup)).expect("sid"),
+        sup,
+        "own session"
+    );
+    agent.kill().expect("kill -9 agent");
+    let _ = agent.wait();
+    drop(agent);
+    std::thread::sleep(Duration::from_millis(300));
+    let st2 = sandbox::status(&dir).expect("status");
+    assert!(
+        st2.supervisor_alive && st2.state == State::Running,
+        "{st2:?}"
+    );
+    assert!(alive(st.pid.expect("pid")));
+    let n = read(&dir, "stdout.log").matches("tick").count();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        read(&dir, "stdout.log").matches("tick").count() > n,
+        "still logging"
+    );
+    sandbox::stop(&dir, Duration::from_millis(100)).expect("stop");
+}
+
+#[test]
+fn delete_after_supervisor_sigkill_leaves_nothing() {
+    if !is_root() {
+        return;
+    }
+    let mut f = Fixture::new();
+    let spec = f.spec("del", "sleep 1000 & sleep 1000");
+    let dir = f.start(&spec);
+    let st = wait_for(&dir, Duration::from_secs(5), |s| s.state == State::Running);
+    let init = st.pid.expect("pid");
+    assert!(!f.cgroup_dirs(&spec).is_empty());
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(st.supervisor_pid),
+        nix::sys::signal::SIGKILL,
+    )
+    .expect("kill supervisor");
+    std::thread::sleep(Duration::from_millis(100));
+    let st = sandbox::status(&dir).expect("status");
+    assert!(!st.supervisor_alive);
+    assert!(
+        alive(init),
+        "container outlives its supervisor until deleted"
+    );
+    sandbox::delete(&dir).expect("delete");
+    sandbox::delete(&dir).expect("delete is idempotent");
+    assert!(!dir.exists());
+    assert!(!alive(init));
+    assert!(
+        f.cgroup_dirs(&spec).is_empty(),
+        "{:?}",
+        f.cgroup_dirs(&spec)
+    );
+    assert!(mounts_under(&dir.to_string_lossy()).is_empty());
+}
+
+#[test]
+fn binds_and_tmpfs() {
+    if !is_root() {
+        return;
+    }
+    let mut f = Fixture::new();
+    let data = f.tmp.path().join("data");
+    fs::create_dir_all(&data).expect("mkdir");
+    fs::write(data.join("in"), "hello").expect("write");
+    let mut spec = f.spec("mnt", "cat /data/in; echo out > /data/out; echo t > /scratch/t && grep -q ' /scratch tmpfs' /proc/mounts && echo TMPFS; echo z > /ro/z 2>/dev/null || echo RO");
+    spec.mounts = vec![
+        Mount::Bind {
+            source: data.clone(),
+            destination: "/data".into(),
+            read_only: false,
+        },
+        Mount::Bind {
+            source: data.clone(),
+            destination: "/ro".into(),
+            read_only: true,
+        },
+        Mount::Tmpfs {
+            destination: "/scratch".into(),
+            size_bytes: Some(1 << 20),
+        },
+    ];
+    let dir = f.start(&spec);
+    wait_done(&dir);
+    let out = read(&dir, "stdout.log");
+    assert!(
+        out.contains("hello") && out.contains("TMPFS") && out.contains("RO"),
+        "{out}{}",
+        read(&dir, "stderr.log")
+    );
+    assert_eq!(fs::read_to_string(data.join("out")).expect("out"), "out\n");
+}
+
+#[test]
+fn bad_args_fail_to_start() {
+    if !is_root() {
+        return;
+    }
+    let mut f = Fixture::new();
+    let mut spec = f.spec("bad", "");
+    spec.args = vec!["/no/such/binary".into()];
+    let dir = f.prepare(&spec);
+    let mut cmd = Command::new(supervisor_bin());
+    cmd.arg(&dir);
+    let r = sandbox::launch(cmd, &dir);
+    let st = wait_done(&dir);
+    // libcontainer reports a missing executable either at create or as exit 127.
+    assert!(r.is_err() || st.exit_code == Some(127), "{r:?} {st:?}");
+    assert!(f.cgroup_dirs(&spec).is_empty());
+    assert!(mounts_under(&dir.to_string_lossy()).is_empty());
+}
+
+#[test]
+fn exec_in_running_sandbox() {
+    if !is_root() {
+        return;
+    }
+    let mut f = Fixture::new();
+    let mut spec = f.spec("ex", "echo 1 > /tmp/marker; sleep 1000");
+    spec.env.push("FROM_SPEC=yes".into());
+    spec.resources.memory_bytes = Some(64 << 20);
+    let dir = f.start(&spec);
+    let st = wait_for(&dir, Duration::from_secs(5), |s| s.state == State::Running);
+    let exe = sandbox_common::supervisor_bin().with_file_name("sandbox-exec");
+    let out = Command::new(&exe)
+        .arg(&dir)
+        .args(["/bin/sh", "-c", "cat /tmp/marker; echo $FROM_SPEC $EXEC_MARK; hostname; cat /proc/self/cgroup | grep memory; echo oops >&2; exit 5"])
+        .output()
+        .expect("run sandbox-exec");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(5),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("1\nyes 1\nex\n"), "{stdout}");
+    // Inside the cgroup namespace the container's own cgroup is "/": anything else
+    // (e.g. "/..") would mean the command runs outside the sandbox's cgroup.
+    assert!(stdout.contains(":memory:/\n"), "same cgroup: {stdout}");
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "oops\n");
+    // The sandbox itself is unaffected.
+    assert!(sandbox_common::alive(st.pid.expect("pid")));
+    sandbox::stop(&dir, Duration::from_millis(100)).expect("stop");
+    let out = Command::new(&exe)
+        .arg(&dir)
+        .arg("true")
+        .output()
+        .expect("run");
+    assert_eq!(
+        out.status.code(),
+        Some(125),
+        "exec into a stopped sandbox fails"
+    );
+}
