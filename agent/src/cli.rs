@@ -46,6 +46,16 @@ pub enum Command {
         #[arg(long)]
         state_dir: PathBuf,
     },
+    /// (internal) Run a command inside a sandbox; started by the agent for `sandbox exec`.
+    #[command(hide = true)]
+    ExecIn {
+        #[arg(long)]
+        state_dir: PathBuf,
+        #[arg(long)]
+        env: Vec<String>,
+        #[arg(last = true, required = true)]
+        cmd: Vec<String>,
+    },
     /// OCI images on this node.
     Image {
         #[command(subcommand)]

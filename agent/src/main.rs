@@ -17,6 +17,26 @@ fn main() -> ExitCode {
             }
         };
     }
+    // Same for exec: the command becomes this process's child, so no other threads here.
+    if let Command::ExecIn {
+        state_dir,
+        env,
+        cmd,
+    } = &cli.command
+    {
+        use std::io::Write;
+        return match miren_runtime::sandbox::exec(state_dir, cmd, env) {
+            Ok(out) => {
+                let _ = std::io::stdout().write_all(&out.stdout);
+                let _ = std::io::stderr().write_all(&out.stderr);
+                ExitCode::from(out.exit_code.clamp(0, 255) as u8)
+            }
+            Err(err) => {
+                eprintln!("{}{err}", miren_agent::sandboxes::EXEC_ERROR_MARK);
+                ExitCode::from(125)
+            }
+        };
+    }
     if let Command::Sandbox { command } = cli.command {
         let socket = cli.socket.clone();
         let result = run_client(
@@ -32,7 +52,7 @@ fn main() -> ExitCode {
         };
     }
     let result = match cli.command {
-        Command::Supervise { .. } | Command::Sandbox { .. } => Ok(()),
+        Command::Supervise { .. } | Command::ExecIn { .. } | Command::Sandbox { .. } => Ok(()),
         Command::Agent(args) => run_agent(&args, cli.socket),
         Command::Disk { command } => run_client(
             |client| async move { cli::run_disk_backup(&client, command).await },

@@ -21,6 +21,9 @@ use crate::net::NetService;
 use crate::state::{SandboxRow, Store};
 use crate::util::{new_id, now_rfc3339};
 
+/// First bytes on stderr of `miren exec-in` when the exec itself failed (not the command).
+pub const EXEC_ERROR_MARK: &str = "miren-exec-error: ";
+
 pub struct SandboxService {
     cfg: AgentConfig,
     store: Arc<Store>,
@@ -523,6 +526,8 @@ impl SandboxService {
         Ok(())
     }
 
+    /// Runs a command inside a running sandbox through `miren exec-in`: the command becomes
+    /// its caller's child, and libcontainer must not fork from this multi-threaded process.
     pub async fn exec(
         &self,
         id_or_name: &str,
@@ -533,14 +538,32 @@ impl SandboxService {
             return Err(ApiError::invalid("give the command to run after `--`"));
         }
         let row = self.find(id_or_name)?;
-        let state_dir = self.state_dir(&row.id);
-        let out = tokio::task::spawn_blocking(move || sandbox::exec(&state_dir, &args, &env))
+        let exe = std::env::current_exe()
+            .map_err(|e| ApiError::internal(format!("finding the miren binary: {e}")))?;
+        let mut cmd = tokio::process::Command::new(exe);
+        cmd.arg("exec-in")
+            .arg("--state-dir")
+            .arg(self.state_dir(&row.id));
+        for kv in &env {
+            cmd.arg("--env").arg(kv);
+        }
+        cmd.arg("--").args(&args).stdin(std::process::Stdio::null());
+        let out = cmd
+            .output()
             .await
-            .map_err(|e| ApiError::internal(format!("exec: {e}")))??;
+            .map_err(|e| ApiError::internal(format!("starting exec: {e}")))?;
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        if let Some(message) = stderr.strip_prefix(EXEC_ERROR_MARK) {
+            return Err(ApiError::conflict(format!(
+                "cannot exec in sandbox `{}`: {}",
+                row.name,
+                message.trim()
+            )));
+        }
         Ok(ExecResult {
-            exit_code: out.exit_code,
+            exit_code: out.status.code().unwrap_or(128),
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            stderr,
         })
     }
 

@@ -587,3 +587,43 @@ fn pids_cpus_tmpfs_and_local_storage() {
     agent.ok(&["sandbox", "delete", &id]);
     assert_nothing_left(&agent);
 }
+
+#[test]
+fn exec_runs_inside_the_sandbox_with_its_exit_code_and_output() {
+    let agent = agent_with_busybox();
+    let id = run(
+        &agent,
+        &["--name", "target", "--env", "WHO=sandbox"],
+        "echo marker > /tmp/inside; sleep 1000",
+    );
+    wait_state(&agent, &id, "running");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = agent.cli(&[
+            "sandbox",
+            "exec",
+            "target",
+            "--",
+            "sh",
+            "-c",
+            "cat /tmp/inside; hostname; echo oops >&2; exit 5",
+        ]);
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        if stdout.contains("marker") {
+            assert_eq!(out.status.code(), Some(5));
+            assert!(stdout.contains("target"), "{stdout}");
+            assert!(String::from_utf8_lossy(&out.stderr).contains("oops"));
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "exec never saw the sandbox's files: {out:?}"
+        );
+        sleep(Duration::from_millis(100));
+    }
+    agent.ok(&["sandbox", "stop", "target", "--grace", "0s"]);
+    let err = agent.fails(&["sandbox", "exec", "target", "--", "true"]);
+    assert!(err.contains("cannot exec"), "{err}");
+    agent.ok(&["sandbox", "delete", "target"]);
+    assert_nothing_left(&agent);
+}
