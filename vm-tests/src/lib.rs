@@ -220,6 +220,16 @@ impl TestAgent {
         cmd
     }
 
+    /// Starts a CLI command in the background with its output discarded: a client that the
+    /// kill -9 tests leave hanging when they kill the agent under it.
+    pub fn spawn_cli(&self, args: &[&str]) -> Child {
+        self.command(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("run miren")
+    }
+
     pub fn cli(&self, args: &[&str]) -> Output {
         self.command(args).output().expect("run miren")
     }

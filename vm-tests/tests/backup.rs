@@ -470,19 +470,14 @@ fn kill_9_during_backup_thaws_and_during_restore_keeps_the_old_disk() {
 
     for delay_ms in [5u64, 30, 80, 150, 300] {
         // backup: kill somewhere in freeze, capture or compression
-        let client = agent
-            .command(&[
-                "disk",
-                "backup",
-                "-n",
-                "busy",
-                "-o",
-                agent.root.join("k.zst").to_str().unwrap(),
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let client = agent.spawn_cli(&[
+            "disk",
+            "backup",
+            "-n",
+            "busy",
+            "-o",
+            agent.root.join("k.zst").to_str().unwrap(),
+        ]);
         sleep(Duration::from_millis(delay_ms));
         agent.kill9();
         let _ = ChildGuard(client);
@@ -509,12 +504,7 @@ fn kill_9_during_backup_thaws_and_during_restore_keeps_the_old_disk() {
         agent.assert_converged();
 
         // restore over the disk: either nothing happened, or all of it
-        let client = agent
-            .command(&["disk", "restore", "-s", snap.to_str().unwrap(), "--force"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let client = agent.spawn_cli(&["disk", "restore", "-s", snap.to_str().unwrap(), "--force"]);
         sleep(Duration::from_millis(delay_ms * 2));
         agent.kill9();
         let _ = ChildGuard(client);

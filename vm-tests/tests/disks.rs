@@ -470,34 +470,20 @@ fn kill_9_during_creates_and_deletes_converges_with_nothing_leaked() {
         for i in 0..3 {
             let fs_type = ["ext4", "xfs", "btrfs"][(round + i) % 3];
             let name = format!("r{round}-{i}");
-            clients.push(
-                agent
-                    .command(&[
-                        "debug",
-                        "disk",
-                        "create",
-                        "-n",
-                        &name,
-                        "--size-gb",
-                        "1",
-                        "--filesystem",
-                        fs_type,
-                    ])
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .unwrap(),
-            );
+            clients.push(agent.spawn_cli(&[
+                "debug",
+                "disk",
+                "create",
+                "-n",
+                &name,
+                "--size-gb",
+                "1",
+                "--filesystem",
+                fs_type,
+            ]));
         }
         for name in existing.iter().take(2) {
-            clients.push(
-                agent
-                    .command(&["debug", "disk", "delete", "-n", name])
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .unwrap(),
-            );
+            clients.push(agent.spawn_cli(&["debug", "disk", "delete", "-n", name]));
         }
         sleep(Duration::from_millis(*delay));
         agent.kill9();

@@ -278,26 +278,12 @@ fn kill_9_during_creates_and_deletes_then_gc_leaks_nothing() {
         for i in 0..4 {
             let owner = format!("r{round}-{i}");
             round_owners.push(owner.clone());
-            clients.push(
-                agent
-                    .command(&[
-                        "debug", "net", "create", "--owner", &owner, "--app", "churn",
-                    ])
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .unwrap(),
-            );
+            clients.push(agent.spawn_cli(&[
+                "debug", "net", "create", "--owner", &owner, "--app", "churn",
+            ]));
         }
         for owner in existing.iter().take(3) {
-            clients.push(
-                agent
-                    .command(&["debug", "net", "delete", "--owner", owner])
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .unwrap(),
-            );
+            clients.push(agent.spawn_cli(&["debug", "net", "delete", "--owner", owner]));
         }
         sleep(Duration::from_millis(*delay));
         agent.kill9();
