@@ -32,6 +32,8 @@ pub struct AppState {
     pub net: Arc<NetService>,
     pub images: Arc<crate::images::ImageService>,
     pub sandboxes: Arc<crate::sandboxes::SandboxService>,
+    pub addons: Arc<crate::addons::AddonService>,
+    pub apps: Arc<crate::apps::AppService>,
     pub socket_gid: Option<u32>,
 }
 
@@ -125,6 +127,15 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(stop_sandbox))
         .routes(routes!(exec_sandbox))
         .routes(routes!(sandbox_logs))
+        .routes(routes!(addon_catalog))
+        .routes(routes!(create_addon))
+        .routes(routes!(list_addons))
+        .routes(routes!(get_addon, destroy_addon))
+        .routes(routes!(app_env))
+        .routes(routes!(deploy_app))
+        .routes(routes!(list_apps))
+        .routes(routes!(get_app, delete_app))
+        .routes(routes!(restart_app))
 }
 
 /// The OpenAPI document of every route, generated from the code.
@@ -866,4 +877,172 @@ mod tests {
             None
         ));
     }
+}
+
+/// Runs `f` on its own task, so a client that hangs up does not cut an operation short.
+async fn detached<T: Send + 'static>(
+    f: impl std::future::Future<Output = Result<T, ApiError>> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::spawn(f)
+        .await
+        .map_err(|e| ApiError::internal(format!("operation failed to run: {e}")))?
+}
+
+#[utoipa::path(get, path = "/v1/addons/catalog", tag = "addons",
+    responses((status = 200, description = "Every addon this agent offers, with variants and versions", body = [crate::model::AddonCatalogEntry])))]
+async fn addon_catalog() -> Json<Vec<crate::model::AddonCatalogEntry>> {
+    Json(crate::addons::catalogue())
+}
+
+#[utoipa::path(post, path = "/v1/addons", tag = "addons", request_body = crate::model::CreateAddon,
+    responses(
+        (status = 201, description = "Recorded and provisioning; with `wait`, `active` or `error`", body = crate::model::Addon),
+        (status = 400, description = "Unknown addon, variant or version (the message lists the valid ones)", body = ErrorBody),
+        (status = 409, description = "The app has this addon with another variant or pinned version, or the shared server runs another version", body = ErrorBody)))]
+async fn create_addon(
+    State(state): State<AppState>,
+    Body(req): Body<crate::model::CreateAddon>,
+) -> Result<(StatusCode, Json<crate::model::Addon>), ApiError> {
+    let addon = detached(async move {
+        let (addon, mut done) = state.addons.create(&req, "cli").await?;
+        if !req.wait {
+            return Ok(addon);
+        }
+        let _ = done.wait_for(|d| *d).await;
+        let addon = state.addons.get(&addon.app, &addon.name)?;
+        if addon.status == crate::addons::store::ACTIVE {
+            state.apps.addons_changed(&addon.app).await?;
+        }
+        Ok(addon)
+    })
+    .await?;
+    Ok((StatusCode::CREATED, Json(addon)))
+}
+
+#[utoipa::path(get, path = "/v1/apps/{app}/addons", tag = "addons",
+    params(("app" = String, Path, description = "App name")),
+    responses((status = 200, body = [crate::model::Addon])))]
+async fn list_addons(
+    State(state): State<AppState>,
+    PathParam(app): PathParam<String>,
+) -> Result<Json<Vec<crate::model::Addon>>, ApiError> {
+    blocking(move || state.addons.list(&app)).await.map(Json)
+}
+
+#[utoipa::path(get, path = "/v1/apps/{app}/addons/{addon}", tag = "addons",
+    params(("app" = String, Path, description = "App name"), ("addon" = String, Path, description = "Addon name, e.g. miren-postgresql")),
+    responses((status = 200, body = crate::model::Addon), (status = 404, body = ErrorBody)))]
+async fn get_addon(
+    State(state): State<AppState>,
+    PathParam((app, addon)): PathParam<(String, String)>,
+) -> Result<Json<crate::model::Addon>, ApiError> {
+    blocking(move || state.addons.get(&app, &addon))
+        .await
+        .map(Json)
+}
+
+#[utoipa::path(delete, path = "/v1/apps/{app}/addons/{addon}", tag = "addons",
+    params(("app" = String, Path, description = "App name"), ("addon" = String, Path, description = "Addon name, e.g. miren-postgresql")),
+    responses(
+        (status = 200, description = "Its server or database, role, disk and data are gone", body = crate::model::AddonDestroyed),
+        (status = 409, description = "Removal failed; the reason says why, and destroying again retries", body = ErrorBody)))]
+async fn destroy_addon(
+    State(state): State<AppState>,
+    PathParam((app, addon)): PathParam<(String, String)>,
+) -> Result<Json<crate::model::AddonDestroyed>, ApiError> {
+    detached(async move {
+        let (name, _) = crate::addons::split_addon_arg(&addon);
+        let kind = miren_addons::AddonKind::parse(name)?.name().to_string();
+        let Some(mut done) = state.addons.destroy(&app, &kind)? else {
+            return Ok(crate::model::AddonDestroyed {
+                name: kind,
+                app,
+                deleted: false,
+            });
+        };
+        let _ = done.wait_for(|d| *d).await;
+        if let Ok(left) = state.addons.get(&app, &kind) {
+            return Err(ApiError::conflict(format!(
+                "{kind} of app `{app}` is not fully removed yet: {}",
+                left.reason.unwrap_or_else(|| left.status.clone())
+            )));
+        }
+        state.apps.addons_changed(&app).await?;
+        Ok(crate::model::AddonDestroyed {
+            name: kind,
+            app,
+            deleted: true,
+        })
+    })
+    .await
+    .map(Json)
+}
+
+#[utoipa::path(get, path = "/v1/apps/{app}/env", tag = "apps",
+    params(("app" = String, Path, description = "App name"), crate::model::EnvQuery),
+    responses((status = 200, description = "What the app's services get: addon variables, then app.toml's", body = [crate::model::EnvVarView])))]
+async fn app_env(
+    State(state): State<AppState>,
+    PathParam(app): PathParam<String>,
+    QueryParam(query): QueryParam<crate::model::EnvQuery>,
+) -> Result<Json<Vec<crate::model::EnvVarView>>, ApiError> {
+    blocking(move || state.apps.env(&app, query.reveal))
+        .await
+        .map(Json)
+}
+
+#[utoipa::path(post, path = "/v1/deploy", tag = "apps", request_body = crate::model::DeployApp,
+    responses(
+        (status = 200, description = "Disks and addons ready, services running", body = crate::model::App),
+        (status = 400, description = "app.toml is invalid (each problem with its line and field)", body = ErrorBody),
+        (status = 409, description = "An addon did not become active (the services were not started)", body = ErrorBody)))]
+async fn deploy_app(
+    State(state): State<AppState>,
+    Body(req): Body<crate::model::DeployApp>,
+) -> Result<Json<crate::model::App>, ApiError> {
+    detached(async move { state.apps.deploy(req).await })
+        .await
+        .map(Json)
+}
+
+#[utoipa::path(get, path = "/v1/apps", tag = "apps",
+    responses((status = 200, body = [crate::model::App])))]
+async fn list_apps(
+    State(state): State<AppState>,
+) -> Result<Json<Vec<crate::model::App>>, ApiError> {
+    blocking(move || state.apps.list()).await.map(Json)
+}
+
+#[utoipa::path(get, path = "/v1/apps/{app}", tag = "apps",
+    params(("app" = String, Path, description = "App name")),
+    responses((status = 200, body = crate::model::App), (status = 404, body = ErrorBody)))]
+async fn get_app(
+    State(state): State<AppState>,
+    PathParam(app): PathParam<String>,
+) -> Result<Json<crate::model::App>, ApiError> {
+    blocking(move || state.apps.get(&app)).await.map(Json)
+}
+
+#[utoipa::path(delete, path = "/v1/apps/{app}", tag = "apps",
+    params(("app" = String, Path, description = "App name")),
+    responses((status = 200, description = "Services removed; disks and addons kept", body = crate::model::AppDeleted), (status = 404, body = ErrorBody)))]
+async fn delete_app(
+    State(state): State<AppState>,
+    PathParam(app): PathParam<String>,
+) -> Result<Json<crate::model::AppDeleted>, ApiError> {
+    detached(async move { state.apps.delete(&app).await })
+        .await
+        .map(Json)
+}
+
+#[utoipa::path(post, path = "/v1/apps/{app}/restart", tag = "apps",
+    params(("app" = String, Path, description = "App name")),
+    responses((status = 200, description = "Services recreated with the current addon variables", body = crate::model::App), (status = 409, body = ErrorBody)))]
+async fn restart_app(
+    State(state): State<AppState>,
+    PathParam(app): PathParam<String>,
+) -> Result<Json<crate::model::App>, ApiError> {
+    detached(async move { state.apps.restart(&app).await })
+        .await
+        .map(Json)
 }

@@ -56,6 +56,33 @@ pub enum Command {
         #[arg(last = true, required = true)]
         cmd: Vec<String>,
     },
+    /// Deploy the app in DIR/.miren/app.toml: disks, addons, then its services.
+    Deploy {
+        /// The app's directory (holding .miren/app.toml).
+        #[arg(short = 'C', long = "dir", default_value = ".")]
+        dir: PathBuf,
+        /// Forward a host port to a service: [SERVICE=][IP:]HOSTPORT:PORT (service `web` by
+        /// default), e.g. web=8080:3000.
+        #[arg(long, value_parser = parse_service_publish)]
+        publish: Vec<crate::model::ServicePublish>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Managed addons (PostgreSQL) attached to apps.
+    Addon {
+        #[command(subcommand)]
+        command: AddonCommand,
+    },
+    /// The environment an app's services get.
+    Env {
+        #[command(subcommand)]
+        command: EnvCommand,
+    },
+    /// Deployed apps.
+    App {
+        #[command(subcommand)]
+        command: AppCommand,
+    },
     /// OCI images on this node.
     Image {
         #[command(subcommand)]
@@ -66,6 +93,99 @@ pub enum Command {
         #[command(subcommand)]
         command: DebugCommand,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AddonCommand {
+    /// The addons this node offers.
+    ListAvailable {
+        #[arg(long)]
+        json: bool,
+    },
+    /// An addon's variants and their defaults.
+    Variants {
+        addon: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Attach an addon to an app and wait until it is active: ADDON[:VARIANT], e.g.
+    /// miren-postgresql:shared.
+    Create {
+        addon: String,
+        #[arg(short = 'a', long)]
+        app: String,
+        /// A major version from the catalogue (e.g. 16), or a full image reference.
+        #[arg(long)]
+        version: Option<String>,
+        /// Return once recorded instead of waiting for `active`.
+        #[arg(long)]
+        no_wait: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// An app's addons and their status.
+    List {
+        #[arg(short = 'a', long)]
+        app: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove an addon and DELETE ITS DATA (asks on a terminal unless --yes).
+    Destroy {
+        addon: String,
+        #[arg(short = 'a', long)]
+        app: String,
+        #[arg(short = 'y', long)]
+        yes: bool,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum EnvCommand {
+    /// Variables the app's services get (secrets masked unless --reveal).
+    List {
+        #[arg(short = 'a', long)]
+        app: String,
+        #[arg(long)]
+        reveal: bool,
+        /// An object of names to values.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AppCommand {
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    Status {
+        app: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Recreate the app's services (with the addons' current variables).
+    Restart { app: String },
+    /// Remove the app's services; its disks and addons (and their data) stay.
+    Delete { app: String },
+}
+
+fn parse_service_publish(s: &str) -> Result<crate::model::ServicePublish, String> {
+    let (service, rest) = match s.split_once('=') {
+        Some((service, rest)) => (service, rest),
+        None => ("web", s),
+    };
+    miren_addons::validate_name(service).map_err(|e| format!("`{s}`: service: {e}"))?;
+    let port = parse_publish(rest)?;
+    Ok(crate::model::ServicePublish {
+        service: service.to_string(),
+        host_ip: port.host_ip,
+        host_port: port.host_port,
+        port: port.port,
+    })
 }
 
 // Parsed once per process; boxing the big `run` arguments would buy nothing.
@@ -870,7 +990,7 @@ fn print_disk(d: &Disk) {
     }
 }
 
-fn print_table(headers: &[&str], rows: Vec<Vec<String>>) {
+pub(crate) fn print_table(headers: &[&str], rows: Vec<Vec<String>>) {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
     for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {

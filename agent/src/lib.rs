@@ -1,7 +1,10 @@
 //! The miren node agent: a root daemon that turns declarations into Linux primitives, and the
 //! CLI that drives it over a Unix socket.
 
+pub mod addons;
 pub mod api;
+pub mod app_cli;
+pub mod apps;
 pub mod backup;
 pub mod cli;
 pub mod client;

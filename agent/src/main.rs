@@ -37,6 +37,24 @@ fn main() -> ExitCode {
             }
         };
     }
+    if matches!(
+        cli.command,
+        Command::Deploy { .. } | Command::Addon { .. } | Command::Env { .. } | Command::App { .. }
+    ) {
+        let socket = cli.socket.clone();
+        let command = cli.command;
+        let result = run_client(
+            |client| async move { miren_agent::app_cli::run(&client, command).await },
+            &socket,
+        );
+        return match result {
+            Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+            Err(err) => {
+                eprintln!("error: {err:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if let Command::Sandbox { command } = cli.command {
         let socket = cli.socket.clone();
         let result = run_client(
@@ -52,7 +70,13 @@ fn main() -> ExitCode {
         };
     }
     let result = match cli.command {
-        Command::Supervise { .. } | Command::ExecIn { .. } | Command::Sandbox { .. } => Ok(()),
+        Command::Supervise { .. }
+        | Command::ExecIn { .. }
+        | Command::Sandbox { .. }
+        | Command::Deploy { .. }
+        | Command::Addon { .. }
+        | Command::Env { .. }
+        | Command::App { .. } => Ok(()),
         Command::Agent(args) => run_agent(&args, cli.socket),
         Command::Disk { command } => run_client(
             |client| async move { cli::run_disk_backup(&client, command).await },

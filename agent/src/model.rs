@@ -310,6 +310,9 @@ pub struct RunSandbox {
     pub restart: Option<String>,
     #[serde(default)]
     pub publish: Vec<PublishPort>,
+    /// Other apps whose sandboxes may reach this one (an addon server admits its apps).
+    #[serde(default)]
+    pub allow_from: Vec<String>,
     /// Command and arguments; default: the image's entrypoint and cmd.
     #[serde(default)]
     pub cmd: Vec<String>,
@@ -361,4 +364,147 @@ pub struct LogsQuery {
     /// Keep streaming what the sandbox writes.
     #[serde(default)]
     pub follow: bool,
+}
+
+/// `POST /v1/addons`: attach an addon to an app.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateAddon {
+    pub app: String,
+    /// `miren-postgresql`, or `miren-postgresql:VARIANT`.
+    pub addon: String,
+    /// Overrides a variant given in `addon`; default: the addon's default variant.
+    #[serde(default)]
+    pub variant: Option<String>,
+    /// A catalogue major (`17`) or a full image reference; default: the catalogue default.
+    #[serde(default)]
+    pub version: Option<String>,
+    /// Answer once the addon is `active` or `error` instead of right away.
+    #[serde(default)]
+    pub wait: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Addon {
+    /// The addon, e.g. `miren-postgresql`.
+    pub name: String,
+    pub app: String,
+    pub variant: String,
+    /// A catalogue major, or the image reference it was asked for with.
+    pub version: String,
+    pub image: String,
+    /// `pending`, `provisioning`, `active`, `error` or `deprovisioning`; a destroyed addon
+    /// is gone.
+    pub status: String,
+    /// Why it is in `error` (or why its last step is being retried).
+    pub reason: Option<String>,
+    /// The sandbox the addon's server runs in.
+    pub server: String,
+    /// `cli` or `deploy`: a redeploy removes only addons a deploy made.
+    pub source: String,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AddonDestroyed {
+    pub name: String,
+    pub app: String,
+    /// True once everything is removed; false if the addon did not exist.
+    pub deleted: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AddonVariantInfo {
+    pub name: String,
+    pub description: String,
+    pub default: bool,
+    /// `dedicated` (a server per app) or `shared` (one server per node).
+    pub tenancy: String,
+    pub disk_size_gb: u64,
+    pub disk_filesystem: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AddonCatalogEntry {
+    pub name: String,
+    pub description: String,
+    pub variants: Vec<AddonVariantInfo>,
+    pub versions: Vec<String>,
+    pub default_version: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct EnvVarView {
+    pub name: String,
+    /// `********` for a sensitive value unless revealed.
+    pub value: String,
+    pub sensitive: bool,
+    /// Where it comes from: an addon's name, or `app.toml`.
+    pub source: String,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct EnvQuery {
+    /// Show sensitive values.
+    #[serde(default)]
+    pub reveal: bool,
+}
+
+/// A host port forwarded to one of an app's services.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ServicePublish {
+    pub service: String,
+    #[serde(default)]
+    pub host_ip: Option<String>,
+    pub host_port: u16,
+    pub port: u16,
+}
+
+/// `POST /v1/deploy`: the text of an app's `.miren/app.toml`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DeployApp {
+    pub app_toml: String,
+    /// Where the file came from, for error messages.
+    #[serde(default)]
+    pub source: Option<String>,
+    #[serde(default)]
+    pub publish: Vec<ServicePublish>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AppServiceView {
+    pub name: String,
+    pub sandbox: String,
+    pub image: String,
+    /// The sandbox's state, absent while it does not exist.
+    pub state: Option<String>,
+    pub ip: Option<String>,
+    pub restarts: Option<u32>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct App {
+    pub name: String,
+    /// `deploying`, `running`, `error`.
+    pub status: String,
+    pub reason: Option<String>,
+    pub services: Vec<AppServiceView>,
+    pub addons: Vec<Addon>,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AppDeleted {
+    pub name: String,
+    /// Sandboxes removed.
+    pub sandboxes: Vec<String>,
+    /// Addons kept (their data stays until `miren addon destroy`).
+    pub addons_kept: Vec<String>,
+    /// Disks kept.
+    pub disks_kept: Vec<String>,
 }

@@ -297,6 +297,26 @@ impl NetService {
         self.get(&row.owner)
     }
 
+    /// Replaces the apps allowed to reach `owner`'s endpoint; the rules are applied before it
+    /// returns, so an app removed here is refused from then on.
+    pub async fn set_allow_from(&self, owner: &str, apps: &[String]) -> Result<(), ApiError> {
+        for app in apps {
+            validate_app("allow_from", app)?;
+        }
+        let _guard = self.lock.lock().await;
+        let row = self
+            .store
+            .endpoint(owner)?
+            .ok_or_else(|| ApiError::not_found(format!("no endpoint for owner `{owner}`")))?;
+        if row.allow_from == apps {
+            return Ok(());
+        }
+        self.store.set_endpoint_allow_from(owner, apps)?;
+        self.apply().await?;
+        info!(owner = %owner, allow_from = ?apps, "endpoint admits new apps");
+        Ok(())
+    }
+
     pub async fn delete(&self, owner: &str) -> Result<EndpointDeleted, ApiError> {
         let _guard = self.lock.lock().await;
         let Some(row) = self.store.endpoint(owner)? else {

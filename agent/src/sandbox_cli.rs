@@ -78,6 +78,7 @@ pub async fn run(client: &Client, command: SandboxCommand) -> Result<i32> {
                 tmpfs,
                 restart,
                 publish,
+                allow_from: Vec::new(),
                 cmd,
             };
             let sandbox: Sandbox = client

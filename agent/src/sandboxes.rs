@@ -311,7 +311,7 @@ impl SandboxService {
             .create(&CreateEndpoint {
                 owner: row.id.clone(),
                 app: row.app.clone(),
-                allow_from: Vec::new(),
+                allow_from: req.allow_from.clone(),
                 publish: req.publish.clone(),
             })
             .await?;

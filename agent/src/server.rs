@@ -95,6 +95,18 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         .reconcile()
         .await
         .context("reconciling sandboxes")?;
+    let addons = crate::addons::AddonService::new(
+        store.clone(),
+        disks.clone(),
+        net.clone(),
+        sandboxes.clone(),
+    );
+    let apps = crate::apps::AppService::new(
+        store.clone(),
+        disks.clone(),
+        sandboxes.clone(),
+        addons.clone(),
+    );
 
     let listener = bind_socket(&cfg)?;
     let state = AppState {
@@ -102,8 +114,13 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         net: net.clone(),
         images,
         sandboxes,
+        addons: addons.clone(),
+        apps: apps.clone(),
         socket_gid: cfg.socket_gid,
     };
+    // Addons and deploys a previous agent left mid-way continue in the background.
+    addons.resume().context("resuming addons")?;
+    apps.resume().context("resuming deploys")?;
     let app = api::router(state).into_make_service_with_connect_info::<PeerCred>();
 
     let reclaimer = tokio::spawn(reclaim_periodically(

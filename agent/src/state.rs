@@ -4,6 +4,7 @@
 
 use std::collections::HashSet;
 use std::net::Ipv4Addr;
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 
@@ -68,6 +69,43 @@ const MIGRATIONS: &[&str] = &[
         image TEXT NOT NULL,
         status TEXT NOT NULL,
         disks TEXT NOT NULL,
+        created_at TEXT NOT NULL
+    );",
+    // 5: apps (the last deployed declaration), addons attached to apps (with their
+    // credentials), and the per-node servers shared addons live on. An addon row exists
+    // before anything is made for it and goes only after everything is removed, so a crash
+    // can never orphan a sandbox, disk, database or role.
+    "CREATE TABLE apps (
+        name TEXT PRIMARY KEY,
+        spec TEXT NOT NULL,
+        status TEXT NOT NULL,
+        reason TEXT,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL
+    );
+    CREATE TABLE addons (
+        app TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        variant TEXT NOT NULL,
+        version TEXT NOT NULL,
+        image TEXT NOT NULL,
+        source TEXT NOT NULL,
+        status TEXT NOT NULL,
+        reason TEXT,
+        db_user TEXT NOT NULL,
+        db_password TEXT NOT NULL,
+        db_name TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL,
+        PRIMARY KEY (app, kind)
+    );
+    CREATE TABLE addon_servers (
+        kind TEXT PRIMARY KEY,
+        version TEXT NOT NULL,
+        image TEXT NOT NULL,
+        status TEXT NOT NULL,
+        admin_user TEXT NOT NULL,
+        admin_password TEXT NOT NULL,
         created_at TEXT NOT NULL
     );",
 ];
@@ -175,12 +213,23 @@ impl Store {
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(|e| format!("configuring state store: {e}"))?;
         migrate(&conn)?;
+        // The store holds addon credentials: only root may read it (and its WAL files).
+        for suffix in ["", "-wal", "-shm"] {
+            let mut file = path.as_os_str().to_owned();
+            file.push(suffix);
+            if let Err(e) = std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600))
+            {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    return Err(format!("securing state store {}: {e}", path.display()));
+                }
+            }
+        }
         Ok(Store {
             conn: Mutex::new(conn),
         })
     }
 
-    fn conn(&self) -> MutexGuard<'_, Connection> {
+    pub(crate) fn conn(&self) -> MutexGuard<'_, Connection> {
         // A panic while holding the lock cannot leave SQLite half-written (transactions roll
         // back on drop), so a poisoned lock is safe to reuse.
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
@@ -819,6 +868,21 @@ impl Store {
         )?;
         tx.commit()?;
         Ok(row)
+    }
+
+    pub fn set_endpoint_allow_from(
+        &self,
+        owner: &str,
+        allow_from: &[String],
+    ) -> Result<bool, ApiError> {
+        let changed = self.conn().execute(
+            "UPDATE endpoints SET allow_from = ?2 WHERE owner = ?1",
+            params![
+                owner,
+                serde_json::to_string(allow_from).unwrap_or_else(|_| "[]".into())
+            ],
+        )?;
+        Ok(changed > 0)
     }
 
     pub fn set_endpoint_status(&self, owner: &str, status: &str) -> Result<(), ApiError> {

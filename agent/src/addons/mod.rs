@@ -1,0 +1,929 @@
+//! Managed addons on the node's own primitives: a PostgreSQL server is a sandbox running the
+//! addon's image, with its data on a miren disk and a network endpoint that admits only the
+//! apps attached to it.
+//!
+//! Provisioning and deprovisioning are step sequences driven by the addon's row: the row is
+//! written before anything is made and removed after everything is gone, every step looks
+//! before it acts (a disk or sandbox by its deterministic name, a role by `pg_roles`), and one
+//! task per addon drives it. An agent killed at any point resumes each addon from its row on
+//! start-up; a failed provisioning removes what it made and leaves the row in `error`, which
+//! can always be destroyed. Everything about the shared server (joining, leaving, creating and
+//! removing it) happens under one lock, with the membership in the store.
+
+pub mod postgres;
+pub mod store;
+
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use miren_addons::{
+    AddonKind, Catalogue, CatalogueError, Credentials, PostgresConnection, ResolvedVersion, Variant,
+};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::disks::DiskService;
+use crate::error::ApiError;
+use crate::model::{
+    Addon, AddonCatalogEntry, AddonVariantInfo, CreateAddon, CreateDisk, EnvVarView,
+    FilesystemKind, RunSandbox, Sandbox,
+};
+use crate::net::NetService;
+use crate::sandboxes::SandboxService;
+use crate::state::Store;
+use crate::util::now_rfc3339;
+use store::{AddonRow, Inserted, ServerRow, ACTIVE, DEPROVISIONING, ERROR, PENDING, PROVISIONING};
+
+/// Where the official postgres image keeps its data; the disk is mounted here.
+const PG_DATA_MOUNT: &str = "/var/lib/postgresql/data";
+/// A subdirectory, because initdb refuses a mount point's non-empty root (`lost+found`).
+const PG_DATA_DIR: &str = "/var/lib/postgresql/data/pgdata";
+/// The shared server's sandbox and disk.
+const SHARED_SERVER: &str = "addon-pg";
+/// How long a new server may take to accept its first `SELECT 1` (initdb included).
+const READY_TIMEOUT: Duration = Duration::from_secs(120);
+/// Restarts after which a server that never became ready is declared broken.
+const MAX_START_RESTARTS: u32 = 3;
+
+impl From<CatalogueError> for ApiError {
+    fn from(err: CatalogueError) -> Self {
+        ApiError::invalid(err.to_string())
+    }
+}
+
+/// Why a provisioning step stopped.
+enum StepError {
+    /// The addon is no longer being provisioned (a destroy arrived): stop quietly.
+    Superseded,
+    Failed(String),
+}
+
+impl From<ApiError> for StepError {
+    fn from(err: ApiError) -> Self {
+        StepError::Failed(err.message)
+    }
+}
+
+type Key = (String, String);
+
+pub struct AddonService {
+    store: Arc<Store>,
+    disks: Arc<DiskService>,
+    net: Arc<NetService>,
+    sandboxes: Arc<SandboxService>,
+    /// One driver task per addon; its channel turns true when it has nothing left to do.
+    tasks: Mutex<HashMap<Key, watch::Sender<bool>>>,
+    /// Serializes everything that touches a shared server's lifecycle or membership.
+    shared: tokio::sync::Mutex<()>,
+}
+
+fn fnv1a32(bytes: &[u8]) -> u32 {
+    let mut hash: u32 = 0x811c9dc5;
+    for b in bytes {
+        hash ^= u32::from(*b);
+        hash = hash.wrapping_mul(0x01000193);
+    }
+    hash
+}
+
+/// The sandbox and disk name of an app's dedicated server: `addon-pg-<app>`, shortened with a
+/// hash when it would pass the 63-character name limit.
+pub fn small_server_name(app: &str) -> String {
+    const PREFIX: &str = "addon-pg-";
+    if PREFIX.len() + app.len() <= 63 {
+        return format!("{PREFIX}{app}");
+    }
+    let keep = 63 - PREFIX.len() - 9;
+    format!(
+        "{PREFIX}{}-{:08x}",
+        &app[..keep].trim_end_matches('-'),
+        fnv1a32(app.as_bytes())
+    )
+}
+
+pub fn server_name(variant: &str, app: &str) -> String {
+    if variant == Variant::Shared.name() {
+        SHARED_SERVER.to_string()
+    } else {
+        small_server_name(app)
+    }
+}
+
+fn credentials(row: &AddonRow) -> Credentials {
+    Credentials {
+        user: row.db_user.clone(),
+        password: row.db_password.clone(),
+        database: row.db_name.clone(),
+    }
+}
+
+fn needs_work(status: &str) -> bool {
+    matches!(status, PENDING | PROVISIONING | DEPROVISIONING)
+}
+
+pub fn view(row: &AddonRow) -> Addon {
+    Addon {
+        name: row.kind.clone(),
+        app: row.app.clone(),
+        variant: row.variant.clone(),
+        version: row.version.clone(),
+        image: row.image.clone(),
+        status: row.status.clone(),
+        reason: row.reason.clone(),
+        server: server_name(&row.variant, &row.app),
+        source: row.source.clone(),
+        created_at: row.created_at.clone(),
+        updated_at: row.updated_at.clone(),
+    }
+}
+
+pub fn catalogue() -> Vec<AddonCatalogEntry> {
+    Catalogue::builtin()
+        .addons()
+        .into_iter()
+        .map(|info| AddonCatalogEntry {
+            name: info.name.to_string(),
+            description: info.description.to_string(),
+            variants: info
+                .variants
+                .iter()
+                .map(|v| AddonVariantInfo {
+                    name: v.name.to_string(),
+                    description: v.description.to_string(),
+                    default: v.is_default,
+                    tenancy: match v.tenancy {
+                        miren_addons::Tenancy::Dedicated => "dedicated".into(),
+                        miren_addons::Tenancy::SharedPerNode => "shared".into(),
+                    },
+                    disk_size_gb: v.disk_size_gb,
+                    disk_filesystem: v.disk_filesystem.to_string(),
+                })
+                .collect(),
+            versions: info.versions.iter().map(|v| v.to_string()).collect(),
+            default_version: info.default_version.to_string(),
+        })
+        .collect()
+}
+
+/// `miren-postgresql:small` -> (`miren-postgresql`, Some(`small`)).
+pub fn split_addon_arg(arg: &str) -> (&str, Option<&str>) {
+    match arg.split_once(':') {
+        Some((name, variant)) => (name, Some(variant)),
+        None => (arg, None),
+    }
+}
+
+impl AddonService {
+    pub fn new(
+        store: Arc<Store>,
+        disks: Arc<DiskService>,
+        net: Arc<NetService>,
+        sandboxes: Arc<SandboxService>,
+    ) -> Arc<AddonService> {
+        Arc::new(AddonService {
+            store,
+            disks,
+            net,
+            sandboxes,
+            tasks: Mutex::new(HashMap::new()),
+            shared: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    fn find(&self, app: &str, kind: &str) -> Result<AddonRow, ApiError> {
+        self.store.addon(app, kind)?.ok_or_else(|| {
+            ApiError::not_found(format!(
+                "app `{app}` has no {kind} addon; `miren addon list -a {app}` shows its addons"
+            ))
+        })
+    }
+
+    pub fn get(&self, app: &str, kind: &str) -> Result<Addon, ApiError> {
+        Ok(view(&self.find(app, kind)?))
+    }
+
+    pub fn list(&self, app: &str) -> Result<Vec<Addon>, ApiError> {
+        Ok(self.store.addons_of(app)?.iter().map(view).collect())
+    }
+
+    /// Records the addon and starts provisioning it. A create repeated with the same request
+    /// returns the existing addon (and retries it if it is in `error`); a different request
+    /// for an addon the app has is refused: variants and pinned versions never change
+    /// underneath an app.
+    pub async fn create(
+        self: &Arc<Self>,
+        req: &CreateAddon,
+        source: &str,
+    ) -> Result<(Addon, watch::Receiver<bool>), ApiError> {
+        miren_addons::validate_name(&req.app)
+            .map_err(|e| ApiError::invalid(format!("app name: {e}")))?;
+        let (name, variant_in_name) = split_addon_arg(&req.addon);
+        let variant = req.variant.as_deref().or(variant_in_name);
+        let mut resolved = Catalogue::builtin().resolve(name, variant, req.version.as_deref())?;
+        let kind = resolved.kind.name();
+        // An addon joining the shared server without a pinned version runs what it runs.
+        if resolved.variant == Variant::Shared && req.version.is_none() {
+            if let Some(image) = self.store.shared_image(kind)? {
+                resolved.version = match image.strip_prefix("postgres:").map(str::parse::<u8>) {
+                    Some(Ok(major)) => ResolvedVersion::Major(major),
+                    _ => ResolvedVersion::Image(image),
+                };
+            }
+        }
+        let version = match &resolved.version {
+            ResolvedVersion::Major(m) => m.to_string(),
+            ResolvedVersion::Image(image) => image.clone(),
+        };
+        let image = resolved.image_ref();
+        let creds = Credentials::generate(&req.app)
+            .map_err(|e| ApiError::internal(format!("generating a password: {e}")))?;
+        let now = now_rfc3339();
+        let row = AddonRow {
+            app: req.app.clone(),
+            kind: kind.to_string(),
+            variant: resolved.variant.name().to_string(),
+            version: version.clone(),
+            image: image.clone(),
+            source: source.to_string(),
+            status: PENDING.into(),
+            reason: None,
+            db_user: creds.user,
+            db_password: creds.password,
+            db_name: creds.database,
+            created_at: now.clone(),
+            updated_at: now,
+        };
+        let inserted = self.store.insert_addon(&row, |running| {
+            ApiError::conflict(format!(
+                "the shared {kind} server on this node runs {running}, not {image}; ask for that version (or leave it out), or use `{kind}:small` for a server of your own"
+            ))
+        })?;
+        let row = match inserted {
+            Inserted::New(row) => {
+                info!(app = %row.app, addon = %row.kind, variant = %row.variant, image = %row.image, "addon created");
+                row
+            }
+            Inserted::Existing(existing) => {
+                if existing.variant != row.variant {
+                    return Err(ApiError::conflict(format!(
+                        "app `{}` already has {kind} as `{}`; variants cannot be changed in place: back up its data, `miren addon destroy {kind} -a {}` (this deletes the data), then create it again",
+                        row.app, existing.variant, row.app
+                    )));
+                }
+                if req.version.is_some() && existing.image != row.image {
+                    return Err(ApiError::conflict(format!(
+                        "app `{}` already has {kind} running {}; a version is never changed underneath an app: destroy it and create it again to change it",
+                        row.app, existing.image
+                    )));
+                }
+                if existing.status == ERROR {
+                    self.store
+                        .transition_addon(&existing.app, kind, &[ERROR], PENDING, None)?;
+                }
+                existing
+            }
+        };
+        let done = self.kick(&row.app, &row.kind);
+        Ok((self.get(&row.app, &row.kind)?, done))
+    }
+
+    /// Starts removing an addon (from any status). The receiver turns true when the driver is
+    /// done: the row is gone, or removal failed and says why in `reason`.
+    pub fn destroy(
+        self: &Arc<Self>,
+        app: &str,
+        kind_arg: &str,
+    ) -> Result<Option<watch::Receiver<bool>>, ApiError> {
+        let (name, _) = split_addon_arg(kind_arg);
+        let kind = AddonKind::parse(name)?.name();
+        if self.store.addon(app, kind)?.is_none() {
+            return Ok(None);
+        }
+        self.store.transition_addon(
+            app,
+            kind,
+            &[PENDING, PROVISIONING, ACTIVE, ERROR, DEPROVISIONING],
+            DEPROVISIONING,
+            None,
+        )?;
+        info!(app = %app, addon = %kind, "addon destroy requested");
+        Ok(Some(self.kick(app, kind)))
+    }
+
+    /// Resumes every addon a previous agent left mid-way.
+    pub fn resume(self: &Arc<Self>) -> Result<(), ApiError> {
+        for row in self.store.all_addons()? {
+            if needs_work(&row.status) {
+                info!(app = %row.app, addon = %row.kind, status = %row.status, "resuming addon");
+                self.kick(&row.app, &row.kind);
+            }
+        }
+        // A shared server whose removal was cut short, or that lost its last member.
+        for server in self.store.servers()? {
+            let this = self.clone();
+            tokio::spawn(async move {
+                let _guard = this.shared.lock().await;
+                if let Err(e) = this.remove_server_if_unused(&server.kind).await {
+                    warn!(addon = %server.kind, error = %e, "removing the unused shared server failed");
+                }
+            });
+        }
+        Ok(())
+    }
+
+    /// Ensures a driver runs for the addon; the receiver turns true once it has nothing to do.
+    fn kick(self: &Arc<Self>, app: &str, kind: &str) -> watch::Receiver<bool> {
+        let key = (app.to_string(), kind.to_string());
+        let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(tx) = tasks.get(&key) {
+            return tx.subscribe();
+        }
+        let (tx, rx) = watch::channel(false);
+        tasks.insert(key.clone(), tx);
+        let this = self.clone();
+        tokio::spawn(async move { this.drive(key).await });
+        rx
+    }
+
+    async fn drive(self: Arc<Self>, key: Key) {
+        let (app, kind) = (&key.0, &key.1);
+        loop {
+            let row = match self.store.addon(app, kind) {
+                Ok(row) => row,
+                Err(e) => {
+                    warn!(app = %app, addon = %kind, error = %e, "reading the addon failed; the next start retries");
+                    None
+                }
+            };
+            let mut failed_removal = false;
+            match row {
+                Some(row) if row.status == PENDING || row.status == PROVISIONING => {
+                    self.provision(row).await;
+                    continue;
+                }
+                Some(row) if row.status == DEPROVISIONING => {
+                    if let Err(reason) = self.deprovision(&row).await {
+                        warn!(app = %app, addon = %kind, reason = %reason, "addon removal failed; destroy again to retry");
+                        let _ = self.store.set_addon_reason(
+                            app,
+                            kind,
+                            Some(&format!("removal failed, destroy again to retry: {reason}")),
+                        );
+                        failed_removal = true;
+                    } else {
+                        continue;
+                    }
+                }
+                _ => {}
+            }
+            // Done, unless a create or destroy arrived meanwhile (checked under the lock a
+            // `kick` takes, so none is lost).
+            let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+            let again = !failed_removal
+                && matches!(self.store.addon(app, kind), Ok(Some(r)) if needs_work(&r.status));
+            if again {
+                continue;
+            }
+            if let Some(tx) = tasks.remove(&key) {
+                tx.send_replace(true);
+            }
+            return;
+        }
+    }
+
+    async fn provision(&self, row: AddonRow) {
+        let (app, kind) = (row.app.as_str(), row.kind.as_str());
+        match self
+            .store
+            .transition_addon(app, kind, &[PENDING, PROVISIONING], PROVISIONING, None)
+        {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(e) => {
+                warn!(app = %app, error = %e, "recording provisioning failed");
+                return;
+            }
+        }
+        let started = Instant::now();
+        let result = if row.variant == Variant::Shared.name() {
+            self.provision_shared(&row).await
+        } else {
+            self.provision_small(&row).await
+        };
+        match result {
+            Ok(()) => {
+                if let Ok(true) =
+                    self.store
+                        .transition_addon(app, kind, &[PROVISIONING], ACTIVE, None)
+                {
+                    info!(app = %app, addon = %kind, variant = %row.variant, seconds = started.elapsed().as_secs_f64(), "addon active");
+                }
+            }
+            Err(StepError::Superseded) => {}
+            Err(StepError::Failed(reason)) => {
+                warn!(app = %app, addon = %kind, reason = %reason, "provisioning failed; removing what it made");
+                let reason = match self.remove_resources(&row).await {
+                    Ok(()) => reason,
+                    Err(e) => format!(
+                        "{reason} (cleaning up also failed: {e}; `miren addon destroy {kind} -a {app}` retries it)"
+                    ),
+                };
+                let _ =
+                    self.store
+                        .transition_addon(app, kind, &[PROVISIONING], ERROR, Some(&reason));
+                if row.variant == Variant::Shared.name() {
+                    let _guard = self.shared.lock().await;
+                    if let Err(e) = self.remove_server_if_unused(kind).await {
+                        warn!(addon = %kind, error = %e, "removing the unused shared server failed");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Fails with `Superseded` once the addon is no longer being provisioned.
+    fn still_wanted(&self, row: &AddonRow) -> Result<(), StepError> {
+        match self.store.addon(&row.app, &row.kind)? {
+            Some(r) if r.status == PROVISIONING => Ok(()),
+            _ => Err(StepError::Superseded),
+        }
+    }
+
+    async fn provision_small(&self, row: &AddonRow) -> Result<(), StepError> {
+        let name = small_server_name(&row.app);
+        self.ensure_disk(&name, Variant::Small.disk_size_gb())
+            .await?;
+        self.still_wanted(row)?;
+        let env = vec![
+            format!("POSTGRES_USER={}", row.db_user),
+            format!("POSTGRES_PASSWORD={}", row.db_password),
+            format!("POSTGRES_DB={}", row.db_name),
+        ];
+        let ip = self
+            .ensure_server_sandbox(&name, &row.image, env, vec![row.app.clone()])
+            .await?;
+        self.still_wanted(row)?;
+        self.wait_ready(
+            &name,
+            &postgres::Login {
+                host: ip,
+                user: &row.db_user,
+                password: &row.db_password,
+                database: &row.db_name,
+            },
+        )
+        .await
+    }
+
+    async fn provision_shared(&self, row: &AddonRow) -> Result<(), StepError> {
+        let _guard = self.shared.lock().await;
+        self.still_wanted(row)?;
+        let (server, ip) = self.ensure_shared_server(&row.kind, row).await?;
+        self.sync_shared_allow_from(&row.kind).await?;
+        self.still_wanted(row)?;
+        let admin = postgres::connect(&postgres::Login {
+            host: ip,
+            user: &server.admin_user,
+            password: &server.admin_password,
+            database: "postgres",
+        })
+        .await
+        .map_err(|e| {
+            StepError::Failed(format!(
+                "connecting to the shared server: {}",
+                postgres::describe(&e)
+            ))
+        })?;
+        postgres::ensure_tenant(&admin, &row.db_user, &row.db_password, &row.db_name)
+            .await
+            .map_err(|e| {
+                StepError::Failed(format!(
+                    "creating the role and database: {}",
+                    postgres::describe(&e)
+                ))
+            })?;
+        self.wait_ready(
+            SHARED_SERVER,
+            &postgres::Login {
+                host: ip,
+                user: &row.db_user,
+                password: &row.db_password,
+                database: &row.db_name,
+            },
+        )
+        .await
+    }
+
+    /// The shared server, running and ready, created if this is its first member. Call with
+    /// the shared lock held.
+    async fn ensure_shared_server(
+        &self,
+        kind: &str,
+        member: &AddonRow,
+    ) -> Result<(ServerRow, Ipv4Addr), StepError> {
+        if let Some(server) = self.store.server(kind)? {
+            if server.status == "deleting" {
+                self.finish_server_removal(kind).await?;
+            }
+        }
+        let server = match self.store.server(kind)? {
+            Some(server) => server,
+            None => {
+                let password = miren_addons::generate_password()
+                    .map_err(|e| StepError::Failed(format!("generating a password: {e}")))?;
+                let server = ServerRow {
+                    kind: kind.to_string(),
+                    version: member.version.clone(),
+                    image: member.image.clone(),
+                    status: "provisioning".into(),
+                    admin_user: "postgres".into(),
+                    admin_password: password,
+                    created_at: now_rfc3339(),
+                };
+                self.store.insert_server(&server)?;
+                info!(addon = %kind, image = %server.image, "creating the shared server");
+                server
+            }
+        };
+        if server.image != member.image {
+            return Err(StepError::Failed(format!(
+                "the shared {kind} server runs {}, not {}; ask for that version, or use `{kind}:small`",
+                server.image, member.image
+            )));
+        }
+        self.ensure_disk(SHARED_SERVER, Variant::Shared.disk_size_gb())
+            .await?;
+        let env = vec![
+            format!("POSTGRES_USER={}", server.admin_user),
+            format!("POSTGRES_PASSWORD={}", server.admin_password),
+        ];
+        let members = self.store.shared_members(kind)?;
+        let ip = self
+            .ensure_server_sandbox(SHARED_SERVER, &server.image, env, members)
+            .await?;
+        self.wait_ready(
+            SHARED_SERVER,
+            &postgres::Login {
+                host: ip,
+                user: &server.admin_user,
+                password: &server.admin_password,
+                database: "postgres",
+            },
+        )
+        .await?;
+        if server.status != "active" {
+            self.store.set_server_status(kind, "active")?;
+        }
+        Ok((server, ip))
+    }
+
+    /// Lets exactly the shared server's members reach it.
+    async fn sync_shared_allow_from(&self, kind: &str) -> Result<(), ApiError> {
+        let members = self.store.shared_members(kind)?;
+        if let Ok(sandbox) = self.sandboxes.get(SHARED_SERVER) {
+            self.net.set_allow_from(&sandbox.id, &members).await?;
+        }
+        Ok(())
+    }
+
+    /// Removes the shared server if no addon uses it. Call with the shared lock held.
+    async fn remove_server_if_unused(&self, kind: &str) -> Result<(), ApiError> {
+        let deleting = matches!(self.store.server(kind)?, Some(s) if s.status == "deleting");
+        if deleting || self.store.begin_server_removal_if_unused(kind)? {
+            self.finish_server_removal(kind).await?;
+        }
+        Ok(())
+    }
+
+    async fn finish_server_removal(&self, kind: &str) -> Result<(), ApiError> {
+        info!(addon = %kind, "removing the shared server: its last app left");
+        self.remove_sandbox(SHARED_SERVER).await?;
+        self.remove_disk(SHARED_SERVER).await?;
+        self.store.remove_server(kind)?;
+        Ok(())
+    }
+
+    async fn deprovision(&self, row: &AddonRow) -> Result<(), String> {
+        self.remove_resources(row)
+            .await
+            .map_err(|e| e.to_string())?;
+        if row.variant == Variant::Shared.name() {
+            let _guard = self.shared.lock().await;
+            self.store
+                .remove_addon(&row.app, &row.kind)
+                .map_err(|e| e.to_string())?;
+            self.sync_shared_allow_from(&row.kind)
+                .await
+                .map_err(|e| e.to_string())?;
+            self.remove_server_if_unused(&row.kind)
+                .await
+                .map_err(|e| e.to_string())?;
+        } else {
+            self.store
+                .remove_addon(&row.app, &row.kind)
+                .map_err(|e| e.to_string())?;
+        }
+        info!(app = %row.app, addon = %row.kind, "addon deleted");
+        Ok(())
+    }
+
+    /// Everything the addon has: its server (small) or its database and role (shared).
+    /// Safe to repeat; the row itself stays.
+    async fn remove_resources(&self, row: &AddonRow) -> Result<(), ApiError> {
+        if row.variant != Variant::Shared.name() {
+            let name = small_server_name(&row.app);
+            self.remove_sandbox(&name).await?;
+            self.remove_disk(&name).await?;
+            return Ok(());
+        }
+        let _guard = self.shared.lock().await;
+        let Some(server) = self.store.server(&row.kind)? else {
+            return Ok(()); // no server, so no database or role either
+        };
+        if server.status != "active" {
+            // Tenants are only made on a server that became ready (`active`).
+            return Ok(());
+        }
+        // The server may be down (or mid-creation): bring it up to drop the tenant.
+        let (_, ip) = self
+            .ensure_shared_server(
+                &row.kind,
+                &AddonRow {
+                    image: server.image.clone(),
+                    ..row.clone()
+                },
+            )
+            .await
+            .map_err(|e| match e {
+                StepError::Failed(m) => ApiError::busy(format!("the shared server: {m}")),
+                StepError::Superseded => ApiError::busy("the shared server is going away"),
+            })?;
+        let admin = postgres::connect(&postgres::Login {
+            host: ip,
+            user: &server.admin_user,
+            password: &server.admin_password,
+            database: "postgres",
+        })
+        .await
+        .map_err(|e| {
+            ApiError::busy(format!(
+                "connecting to the shared server: {}",
+                postgres::describe(&e)
+            ))
+        })?;
+        postgres::drop_tenant(&admin, &row.db_user, &row.db_name)
+            .await
+            .map_err(|e| {
+                ApiError::busy(format!(
+                    "dropping database `{}` and role `{}`: {}",
+                    row.db_name,
+                    row.db_user,
+                    postgres::describe(&e)
+                ))
+            })?;
+        Ok(())
+    }
+
+    async fn ensure_disk(&self, name: &str, size_gb: u64) -> Result<(), ApiError> {
+        let disks = self.disks.clone();
+        let name = name.to_string();
+        tokio::task::spawn_blocking(move || -> Result<(), ApiError> {
+            match disks.find(&name) {
+                Ok(_) => Ok(()),
+                Err(e) if e.code == "not_found" => disks
+                    .create(&CreateDisk {
+                        name,
+                        size_gb,
+                        filesystem: Some(FilesystemKind::Ext4),
+                        read_only: false,
+                    })
+                    .map(|_| ()),
+                Err(e) => Err(e),
+            }
+        })
+        .await
+        .map_err(|e| ApiError::internal(format!("creating a disk: {e}")))?
+    }
+
+    async fn remove_disk(&self, name: &str) -> Result<(), ApiError> {
+        let disks = self.disks.clone();
+        let name = name.to_string();
+        tokio::task::spawn_blocking(move || match disks.delete(&name) {
+            Err(e) if e.code == "not_found" => Ok(()),
+            other => other,
+        })
+        .await
+        .map_err(|e| ApiError::internal(format!("deleting a disk: {e}")))?
+    }
+
+    async fn remove_sandbox(&self, name: &str) -> Result<(), ApiError> {
+        match self.sandboxes.delete(name).await {
+            Err(e) if e.code == "not_found" => Ok(()),
+            other => other,
+        }
+    }
+
+    /// The server's sandbox, running: kept if it is (or is restarting), replaced if it failed.
+    async fn ensure_server_sandbox(
+        &self,
+        name: &str,
+        image: &str,
+        env: Vec<String>,
+        allow_from: Vec<String>,
+    ) -> Result<Ipv4Addr, ApiError> {
+        let sandbox = match self.sandboxes.get(name) {
+            Ok(s) if s.state != "failed" => s,
+            found => {
+                if let Ok(failed) = found {
+                    warn!(sandbox = %name, error = ?failed.error, "replacing a failed addon server");
+                    self.sandboxes.delete(&failed.id).await?;
+                }
+                let mut env = env;
+                env.push(format!("PGDATA={PG_DATA_DIR}"));
+                self.sandboxes
+                    .run(RunSandbox {
+                        image: image.to_string(),
+                        name: Some(name.to_string()),
+                        app: Some(name.to_string()),
+                        env,
+                        disks: vec![format!("{name}:{PG_DATA_MOUNT}")],
+                        lease_timeout_secs: Some(30.0),
+                        restart: Some("always".into()),
+                        allow_from,
+                        ..Default::default()
+                    })
+                    .await?
+            }
+        };
+        sandbox_ip(&sandbox)
+    }
+
+    /// Polls `SELECT 1` as `login` until it works, the server gives up, or the timeout passes.
+    async fn wait_ready(
+        &self,
+        sandbox: &str,
+        login: &postgres::Login<'_>,
+    ) -> Result<(), StepError> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let mut last_check = Instant::now();
+        loop {
+            let err = match postgres::select_one(login).await {
+                Ok(()) => return Ok(()),
+                Err(e) => postgres::describe(&e),
+            };
+            if last_check.elapsed() > Duration::from_millis(500) {
+                last_check = Instant::now();
+                let state = self.sandboxes.get(sandbox)?;
+                if state.state == "failed" || state.restarts >= MAX_START_RESTARTS {
+                    return Err(StepError::Failed(format!(
+                        "the PostgreSQL server in sandbox `{sandbox}` keeps exiting ({}); its last output: {}",
+                        state.exit_code.map_or("no exit code".into(), |c| format!("exit code {c}")),
+                        self.log_tail(sandbox, 5)
+                    )));
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(StepError::Failed(format!(
+                    "PostgreSQL in sandbox `{sandbox}` did not answer `SELECT 1` within {}s ({err}); its last output: {}",
+                    READY_TIMEOUT.as_secs(),
+                    self.log_tail(sandbox, 5)
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(15)).await;
+        }
+    }
+
+    fn log_tail(&self, sandbox: &str, lines: usize) -> String {
+        let Ok((stdout, stderr)) = self.sandboxes.log_files(sandbox) else {
+            return "(no logs)".into();
+        };
+        let mut text = String::new();
+        for file in stdout.iter().chain(stderr.iter()) {
+            if let Ok(content) = std::fs::read_to_string(file) {
+                text.push_str(&content);
+            }
+        }
+        let tail: Vec<&str> = text.lines().rev().take(lines).collect();
+        if tail.is_empty() {
+            return "(nothing)".into();
+        }
+        tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+    }
+
+    /// The variables an app's active addons inject.
+    pub fn env_of(&self, app: &str) -> Result<Vec<(miren_addons::EnvVar, String)>, ApiError> {
+        let mut vars = Vec::new();
+        for row in self.store.addons_of(app)? {
+            if row.status != ACTIVE {
+                continue;
+            }
+            let server = server_name(&row.variant, &row.app);
+            let sandbox = self.sandboxes.get(&server)?;
+            let ip = sandbox_ip(&sandbox)?;
+            let conn = PostgresConnection::new(ip.to_string(), postgres::PORT, &credentials(&row));
+            vars.extend(conn.env_vars().into_iter().map(|v| (v, row.kind.clone())));
+        }
+        Ok(vars)
+    }
+
+    pub fn env_view(&self, app: &str, reveal: bool) -> Result<Vec<EnvVarView>, ApiError> {
+        Ok(self
+            .env_of(app)?
+            .into_iter()
+            .map(|(var, source)| EnvVarView {
+                name: var.key.to_string(),
+                value: if reveal {
+                    var.value.clone()
+                } else {
+                    var.display_value().to_string()
+                },
+                sensitive: var.sensitive,
+                source,
+            })
+            .collect())
+    }
+
+    /// Addons the app has that are not `active`, as `name (status: reason)`.
+    pub fn not_active(&self, app: &str) -> Result<Vec<String>, ApiError> {
+        Ok(self
+            .store
+            .addons_of(app)?
+            .into_iter()
+            .filter(|r| r.status != ACTIVE)
+            .map(|r| match r.reason {
+                Some(reason) => format!("{} ({}: {reason})", r.kind, r.status),
+                None => format!("{} ({})", r.kind, r.status),
+            })
+            .collect())
+    }
+
+    /// Whether the tenant of a shared addon still has a database or role (tests, leftovers).
+    pub async fn shared_tenant_exists(
+        &self,
+        kind: &str,
+        role: &str,
+        database: &str,
+    ) -> Result<bool, ApiError> {
+        let Some(server) = self.store.server(kind)? else {
+            return Ok(false);
+        };
+        let sandbox = self.sandboxes.get(SHARED_SERVER)?;
+        let ip = sandbox_ip(&sandbox)?;
+        let admin = postgres::connect(&postgres::Login {
+            host: ip,
+            user: &server.admin_user,
+            password: &server.admin_password,
+            database: "postgres",
+        })
+        .await
+        .map_err(|e| ApiError::busy(postgres::describe(&e)))?;
+        postgres::tenant_exists(&admin, role, database)
+            .await
+            .map_err(|e| ApiError::busy(postgres::describe(&e)))
+    }
+}
+
+fn sandbox_ip(sandbox: &Sandbox) -> Result<Ipv4Addr, ApiError> {
+    sandbox
+        .ip
+        .as_deref()
+        .and_then(|ip| ip.parse().ok())
+        .ok_or_else(|| {
+            ApiError::internal(format!(
+                "addon server `{}` has no network address",
+                sandbox.name
+            ))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_names_fit_the_name_rule() {
+        assert_eq!(small_server_name("myapp"), "addon-pg-myapp");
+        let long = "a".repeat(63);
+        let name = small_server_name(&long);
+        assert!(name.len() <= 63, "{name}");
+        assert!(miren_addons::validate_name(&name).is_ok());
+        assert_ne!(name, small_server_name(&format!("{}b", "a".repeat(62))));
+        assert_eq!(server_name("shared", "x"), "addon-pg");
+        // No app's dedicated server can be called like the shared one.
+        assert_ne!(server_name("small", ""), server_name("shared", "x"));
+    }
+
+    #[test]
+    fn addon_args_split_into_name_and_variant() {
+        assert_eq!(
+            split_addon_arg("miren-postgresql:shared"),
+            ("miren-postgresql", Some("shared"))
+        );
+        assert_eq!(
+            split_addon_arg("miren-postgresql"),
+            ("miren-postgresql", None)
+        );
+    }
+}

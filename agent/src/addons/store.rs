@@ -1,0 +1,587 @@
+//! Addon, shared-server and app rows. Status changes are compare-and-set, so a destroy that
+//! lands while a provisioning step runs is never overwritten by that step's success.
+
+use rusqlite::{params, OptionalExtension, TransactionBehavior};
+
+use crate::error::ApiError;
+use crate::state::Store;
+use crate::util::now_rfc3339;
+
+/// Where an addon is in its life. `deleted` is the absence of the row.
+pub const PENDING: &str = "pending";
+pub const PROVISIONING: &str = "provisioning";
+pub const ACTIVE: &str = "active";
+pub const ERROR: &str = "error";
+pub const DEPROVISIONING: &str = "deprovisioning";
+
+/// Statuses in which an addon counts as a member of its shared server (keeps it alive).
+pub const MEMBER_STATUSES: &[&str] = &[PENDING, PROVISIONING, ACTIVE, DEPROVISIONING];
+
+#[derive(Clone, PartialEq, Eq)]
+pub struct AddonRow {
+    pub app: String,
+    pub kind: String,
+    pub variant: String,
+    /// As the user asked: a catalogue major (`17`) or an image reference.
+    pub version: String,
+    pub image: String,
+    /// `cli` or `deploy`: a redeploy only removes addons a deploy made.
+    pub source: String,
+    pub status: String,
+    pub reason: Option<String>,
+    pub db_user: String,
+    pub db_password: String,
+    pub db_name: String,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+/// Never prints the password.
+impl std::fmt::Debug for AddonRow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AddonRow")
+            .field("app", &self.app)
+            .field("kind", &self.kind)
+            .field("variant", &self.variant)
+            .field("image", &self.image)
+            .field("status", &self.status)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Clone)]
+pub struct ServerRow {
+    pub kind: String,
+    pub version: String,
+    pub image: String,
+    /// `provisioning`, `active` or `deleting`.
+    pub status: String,
+    pub admin_user: String,
+    pub admin_password: String,
+    pub created_at: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct AppRow {
+    pub name: String,
+    /// JSON of `apps::AppSpec`.
+    pub spec: String,
+    /// `deploying`, `running`, `error` or `stopped`.
+    pub status: String,
+    pub reason: Option<String>,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+const ADDON_COLUMNS: &str = "app, kind, variant, version, image, source, status, reason, \
+     db_user, db_password, db_name, created_at, updated_at";
+
+fn addon_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AddonRow> {
+    Ok(AddonRow {
+        app: r.get(0)?,
+        kind: r.get(1)?,
+        variant: r.get(2)?,
+        version: r.get(3)?,
+        image: r.get(4)?,
+        source: r.get(5)?,
+        status: r.get(6)?,
+        reason: r.get(7)?,
+        db_user: r.get(8)?,
+        db_password: r.get(9)?,
+        db_name: r.get(10)?,
+        created_at: r.get(11)?,
+        updated_at: r.get(12)?,
+    })
+}
+
+const SERVER_COLUMNS: &str = "kind, version, image, status, admin_user, admin_password, created_at";
+
+fn server_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ServerRow> {
+    Ok(ServerRow {
+        kind: r.get(0)?,
+        version: r.get(1)?,
+        image: r.get(2)?,
+        status: r.get(3)?,
+        admin_user: r.get(4)?,
+        admin_password: r.get(5)?,
+        created_at: r.get(6)?,
+    })
+}
+
+const APP_COLUMNS: &str = "name, spec, status, reason, created_at, updated_at";
+
+fn app_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AppRow> {
+    Ok(AppRow {
+        name: r.get(0)?,
+        spec: r.get(1)?,
+        status: r.get(2)?,
+        reason: r.get(3)?,
+        created_at: r.get(4)?,
+        updated_at: r.get(5)?,
+    })
+}
+
+/// What inserting an addon found.
+pub enum Inserted {
+    New(AddonRow),
+    /// The app already has this addon (a retried create): the existing row.
+    Existing(AddonRow),
+}
+
+fn member_list() -> String {
+    MEMBER_STATUSES
+        .iter()
+        .map(|s| format!("'{s}'"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+impl Store {
+    /// Records a new addon in `pending`, in one transaction with the shared-server checks: an
+    /// app has at most one addon of a kind, and every member of a kind's shared server runs
+    /// the same image (`shared_image_conflict` is called with the image already in use).
+    pub fn insert_addon(
+        &self,
+        row: &AddonRow,
+        shared_image_conflict: impl Fn(&str) -> ApiError,
+    ) -> Result<Inserted, ApiError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        if let Some(existing) = tx
+            .query_row(
+                &format!("SELECT {ADDON_COLUMNS} FROM addons WHERE app = ?1 AND kind = ?2"),
+                params![row.app, row.kind],
+                addon_from_row,
+            )
+            .optional()?
+        {
+            return Ok(Inserted::Existing(existing));
+        }
+        if row.variant == "shared" {
+            let in_use: Option<String> = tx
+                .query_row(
+                    &format!(
+                        "SELECT image FROM addon_servers WHERE kind = ?1 AND status != 'deleting'
+                         UNION ALL
+                         SELECT image FROM addons WHERE kind = ?1 AND variant = 'shared'
+                           AND status IN ({})
+                         LIMIT 1",
+                        member_list()
+                    ),
+                    [&row.kind],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if let Some(image) = in_use.filter(|image| *image != row.image) {
+                return Err(shared_image_conflict(&image));
+            }
+        }
+        tx.execute(
+            &format!(
+                "INSERT INTO addons ({ADDON_COLUMNS})
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"
+            ),
+            params![
+                row.app,
+                row.kind,
+                row.variant,
+                row.version,
+                row.image,
+                row.source,
+                row.status,
+                row.reason,
+                row.db_user,
+                row.db_password,
+                row.db_name,
+                row.created_at,
+                row.updated_at
+            ],
+        )?;
+        tx.commit()?;
+        Ok(Inserted::New(row.clone()))
+    }
+
+    /// The image a kind's shared server runs or is about to run, if any.
+    pub fn shared_image(&self, kind: &str) -> Result<Option<String>, ApiError> {
+        Ok(self
+            .conn()
+            .query_row(
+                &format!(
+                    "SELECT image FROM addon_servers WHERE kind = ?1 AND status != 'deleting'
+                     UNION ALL
+                     SELECT image FROM addons WHERE kind = ?1 AND variant = 'shared'
+                       AND status IN ({})
+                     LIMIT 1",
+                    member_list()
+                ),
+                [kind],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    pub fn addon(&self, app: &str, kind: &str) -> Result<Option<AddonRow>, ApiError> {
+        Ok(self
+            .conn()
+            .query_row(
+                &format!("SELECT {ADDON_COLUMNS} FROM addons WHERE app = ?1 AND kind = ?2"),
+                params![app, kind],
+                addon_from_row,
+            )
+            .optional()?)
+    }
+
+    pub fn addons_of(&self, app: &str) -> Result<Vec<AddonRow>, ApiError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {ADDON_COLUMNS} FROM addons WHERE app = ?1 ORDER BY kind"
+        ))?;
+        let rows = stmt.query_map([app], addon_from_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn all_addons(&self) -> Result<Vec<AddonRow>, ApiError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {ADDON_COLUMNS} FROM addons ORDER BY app, kind"
+        ))?;
+        let rows = stmt.query_map([], addon_from_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Moves an addon to `to` if it is in one of `from`; false if it was not (or is gone).
+    pub fn transition_addon(
+        &self,
+        app: &str,
+        kind: &str,
+        from: &[&str],
+        to: &str,
+        reason: Option<&str>,
+    ) -> Result<bool, ApiError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let status: Option<String> = tx
+            .query_row(
+                "SELECT status FROM addons WHERE app = ?1 AND kind = ?2",
+                params![app, kind],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let moved = match status {
+            Some(s) if from.contains(&s.as_str()) => {
+                tx.execute(
+                    "UPDATE addons SET status = ?3, reason = ?4, updated_at = ?5
+                     WHERE app = ?1 AND kind = ?2",
+                    params![app, kind, to, reason, now_rfc3339()],
+                )?;
+                true
+            }
+            _ => false,
+        };
+        tx.commit()?;
+        Ok(moved)
+    }
+
+    /// Records why a step is being retried without changing the status.
+    pub fn set_addon_reason(
+        &self,
+        app: &str,
+        kind: &str,
+        reason: Option<&str>,
+    ) -> Result<(), ApiError> {
+        self.conn().execute(
+            "UPDATE addons SET reason = ?3, updated_at = ?4 WHERE app = ?1 AND kind = ?2",
+            params![app, kind, reason, now_rfc3339()],
+        )?;
+        Ok(())
+    }
+
+    pub fn remove_addon(&self, app: &str, kind: &str) -> Result<(), ApiError> {
+        self.conn().execute(
+            "DELETE FROM addons WHERE app = ?1 AND kind = ?2",
+            params![app, kind],
+        )?;
+        Ok(())
+    }
+
+    /// Apps whose addon of `kind` lives on the shared server and keeps it alive.
+    pub fn shared_members(&self, kind: &str) -> Result<Vec<String>, ApiError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!(
+            "SELECT app FROM addons WHERE kind = ?1 AND variant = 'shared' AND status IN ({})
+             ORDER BY app",
+            member_list()
+        ))?;
+        let rows = stmt.query_map([kind], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn server(&self, kind: &str) -> Result<Option<ServerRow>, ApiError> {
+        Ok(self
+            .conn()
+            .query_row(
+                &format!("SELECT {SERVER_COLUMNS} FROM addon_servers WHERE kind = ?1"),
+                [kind],
+                server_from_row,
+            )
+            .optional()?)
+    }
+
+    pub fn servers(&self) -> Result<Vec<ServerRow>, ApiError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!("SELECT {SERVER_COLUMNS} FROM addon_servers"))?;
+        let rows = stmt.query_map([], server_from_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn insert_server(&self, row: &ServerRow) -> Result<(), ApiError> {
+        self.conn().execute(
+            &format!(
+                "INSERT INTO addon_servers ({SERVER_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"
+            ),
+            params![
+                row.kind,
+                row.version,
+                row.image,
+                row.status,
+                row.admin_user,
+                row.admin_password,
+                row.created_at
+            ],
+        )?;
+        Ok(())
+    }
+
+    pub fn set_server_status(&self, kind: &str, status: &str) -> Result<(), ApiError> {
+        self.conn().execute(
+            "UPDATE addon_servers SET status = ?2 WHERE kind = ?1",
+            params![kind, status],
+        )?;
+        Ok(())
+    }
+
+    /// Marks the server `deleting` if no addon is a member any more, in one transaction with
+    /// the membership count, so a create that just joined is never left without a server.
+    pub fn begin_server_removal_if_unused(&self, kind: &str) -> Result<bool, ApiError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let members: i64 = tx.query_row(
+            &format!(
+                "SELECT COUNT(*) FROM addons WHERE kind = ?1 AND variant = 'shared'
+                 AND status IN ({})",
+                member_list()
+            ),
+            [kind],
+            |r| r.get(0),
+        )?;
+        let exists = tx
+            .query_row(
+                "SELECT 1 FROM addon_servers WHERE kind = ?1",
+                [kind],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some();
+        let remove = members == 0 && exists;
+        if remove {
+            tx.execute(
+                "UPDATE addon_servers SET status = 'deleting' WHERE kind = ?1",
+                [kind],
+            )?;
+        }
+        tx.commit()?;
+        Ok(remove)
+    }
+
+    pub fn remove_server(&self, kind: &str) -> Result<(), ApiError> {
+        self.conn()
+            .execute("DELETE FROM addon_servers WHERE kind = ?1", [kind])?;
+        Ok(())
+    }
+
+    pub fn app(&self, name: &str) -> Result<Option<AppRow>, ApiError> {
+        Ok(self
+            .conn()
+            .query_row(
+                &format!("SELECT {APP_COLUMNS} FROM apps WHERE name = ?1"),
+                [name],
+                app_from_row,
+            )
+            .optional()?)
+    }
+
+    pub fn apps(&self) -> Result<Vec<AppRow>, ApiError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!("SELECT {APP_COLUMNS} FROM apps ORDER BY name"))?;
+        let rows = stmt.query_map([], app_from_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Inserts or replaces an app's declaration, keeping its creation time.
+    pub fn put_app(&self, name: &str, spec: &str, status: &str) -> Result<(), ApiError> {
+        let now = now_rfc3339();
+        self.conn().execute(
+            "INSERT INTO apps (name, spec, status, reason, created_at, updated_at)
+             VALUES (?1, ?2, ?3, NULL, ?4, ?4)
+             ON CONFLICT(name) DO UPDATE SET spec = ?2, status = ?3, reason = NULL, updated_at = ?4",
+            params![name, spec, status, now],
+        )?;
+        Ok(())
+    }
+
+    pub fn set_app_status(
+        &self,
+        name: &str,
+        status: &str,
+        reason: Option<&str>,
+    ) -> Result<(), ApiError> {
+        self.conn().execute(
+            "UPDATE apps SET status = ?2, reason = ?3, updated_at = ?4 WHERE name = ?1",
+            params![name, status, reason, now_rfc3339()],
+        )?;
+        Ok(())
+    }
+
+    pub fn remove_app(&self, name: &str) -> Result<(), ApiError> {
+        self.conn()
+            .execute("DELETE FROM apps WHERE name = ?1", [name])?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("state.db")).unwrap();
+        (dir, store)
+    }
+
+    fn row(app: &str, variant: &str, image: &str) -> AddonRow {
+        AddonRow {
+            app: app.into(),
+            kind: "miren-postgresql".into(),
+            variant: variant.into(),
+            version: "17".into(),
+            image: image.into(),
+            source: "cli".into(),
+            status: PENDING.into(),
+            reason: None,
+            db_user: app.into(),
+            db_password: "secret".into(),
+            db_name: app.into(),
+            created_at: now_rfc3339(),
+            updated_at: now_rfc3339(),
+        }
+    }
+
+    fn conflict(image: &str) -> ApiError {
+        ApiError::conflict(format!("runs {image}"))
+    }
+
+    #[test]
+    fn a_retried_insert_returns_the_existing_row() {
+        let (_d, s) = store();
+        assert!(matches!(
+            s.insert_addon(&row("a", "small", "postgres:17"), conflict)
+                .unwrap(),
+            Inserted::New(_)
+        ));
+        match s
+            .insert_addon(&row("a", "small", "postgres:16"), conflict)
+            .unwrap()
+        {
+            Inserted::Existing(r) => assert_eq!(r.image, "postgres:17"),
+            Inserted::New(_) => panic!("inserted twice"),
+        }
+    }
+
+    #[test]
+    fn shared_members_must_agree_on_the_image() {
+        let (_d, s) = store();
+        s.insert_addon(&row("a", "shared", "postgres:17"), conflict)
+            .unwrap();
+        let err = s
+            .insert_addon(&row("b", "shared", "postgres:16"), conflict)
+            .err()
+            .unwrap();
+        assert!(err.message.contains("postgres:17"), "{err}");
+        // A small addon of another version is fine.
+        s.insert_addon(&row("b", "small", "postgres:16"), conflict)
+            .unwrap();
+        // Once the only member is in error, the server's image no longer binds anyone.
+        assert!(s
+            .transition_addon("a", "miren-postgresql", &[PENDING], ERROR, Some("x"))
+            .unwrap());
+        s.insert_addon(&row("c", "shared", "postgres:16"), conflict)
+            .unwrap();
+    }
+
+    #[test]
+    fn transitions_are_compare_and_set() {
+        let (_d, s) = store();
+        s.insert_addon(&row("a", "small", "postgres:17"), conflict)
+            .unwrap();
+        assert!(s
+            .transition_addon("a", "miren-postgresql", &[PENDING], PROVISIONING, None)
+            .unwrap());
+        assert!(s
+            .transition_addon(
+                "a",
+                "miren-postgresql",
+                &[PROVISIONING],
+                DEPROVISIONING,
+                None
+            )
+            .unwrap());
+        // The provisioning step finishing late must not resurrect the addon.
+        assert!(!s
+            .transition_addon("a", "miren-postgresql", &[PROVISIONING], ACTIVE, None)
+            .unwrap());
+        assert_eq!(
+            s.addon("a", "miren-postgresql").unwrap().unwrap().status,
+            DEPROVISIONING
+        );
+    }
+
+    #[test]
+    fn the_server_is_removed_only_without_members() {
+        let (_d, s) = store();
+        s.insert_server(&ServerRow {
+            kind: "miren-postgresql".into(),
+            version: "17".into(),
+            image: "postgres:17".into(),
+            status: "active".into(),
+            admin_user: "postgres".into(),
+            admin_password: "x".into(),
+            created_at: now_rfc3339(),
+        })
+        .unwrap();
+        s.insert_addon(&row("a", "shared", "postgres:17"), conflict)
+            .unwrap();
+        assert!(!s
+            .begin_server_removal_if_unused("miren-postgresql")
+            .unwrap());
+        s.remove_addon("a", "miren-postgresql").unwrap();
+        assert!(s
+            .begin_server_removal_if_unused("miren-postgresql")
+            .unwrap());
+        assert_eq!(
+            s.server("miren-postgresql").unwrap().unwrap().status,
+            "deleting"
+        );
+    }
+
+    #[test]
+    fn the_store_file_is_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let (d, _s) = store();
+        let mode = std::fs::metadata(d.path().join("state.db"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "{mode:o}");
+    }
+}

@@ -1,0 +1,634 @@
+//! Apps: what `miren deploy` declared (`.miren/app.toml`), made real. A deploy records the
+//! declaration, creates missing disks, provisions the declared addons and removes the ones a
+//! previous deploy made that are no longer declared, waits until every addon is `active`, and
+//! only then (re)starts the services with the addons' variables in their environment.
+//!
+//! The declaration is stored before anything is made, with the app in `deploying`; an agent
+//! killed mid-deploy finishes it on start-up.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use crate::addons::{self, AddonService};
+use crate::disks::DiskService;
+use crate::error::ApiError;
+use crate::model::{
+    App, AppDeleted, AppServiceView, CreateAddon, CreateDisk, DeployApp, FilesystemKind,
+    PublishPort, RunSandbox,
+};
+use crate::sandboxes::SandboxService;
+use crate::state::Store;
+
+/// The port a service listens on unless its env sets `PORT`.
+pub const DEFAULT_PORT: u16 = 3000;
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct AppSpec {
+    pub services: Vec<ServiceSpec>,
+    pub addons: Vec<AddonSpec>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ServiceSpec {
+    pub name: String,
+    pub image: String,
+    /// Empty: the image's entrypoint and cmd.
+    pub command: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub disks: Vec<DiskSpec>,
+    pub publish: Vec<PublishPort>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DiskSpec {
+    pub name: String,
+    pub mount_path: String,
+    pub read_only: bool,
+    /// The app's local storage directory instead of a miren disk.
+    pub local: bool,
+    pub size_gb: u64,
+    pub filesystem: String,
+    pub lease_timeout_secs: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AddonSpec {
+    pub kind: String,
+    pub variant: String,
+    /// Only when app.toml pins one.
+    pub version: Option<String>,
+}
+
+/// `<app>-<service>`, shortened with a hash past 63 characters.
+pub fn service_sandbox_name(app: &str, service: &str) -> String {
+    let name = format!("{app}-{service}");
+    if name.len() <= 63 {
+        return name;
+    }
+    let mut hash: u32 = 0x811c9dc5;
+    for b in name.bytes() {
+        hash = (hash ^ u32::from(b)).wrapping_mul(0x01000193);
+    }
+    format!("{}-{hash:08x}", name[..54].trim_end_matches('-'))
+}
+
+fn spec_from_config(
+    config: &miren_addons::AppConfig,
+    publish: &[crate::model::ServicePublish],
+) -> AppSpec {
+    AppSpec {
+        services: config
+            .services
+            .iter()
+            .map(|s| ServiceSpec {
+                name: s.name.clone(),
+                image: s.image.clone(),
+                command: s
+                    .command
+                    .as_ref()
+                    .map(|c| c.argv.clone())
+                    .unwrap_or_default(),
+                env: s
+                    .env
+                    .iter()
+                    .map(|e| (e.key.clone(), e.value.clone()))
+                    .collect(),
+                disks: s
+                    .disks
+                    .iter()
+                    .map(|d| match &d.provider {
+                        miren_addons::DiskProvider::Miren {
+                            size_gb,
+                            filesystem,
+                            lease_timeout,
+                        } => DiskSpec {
+                            name: d.name.clone(),
+                            mount_path: d.mount_path.clone(),
+                            read_only: d.read_only,
+                            local: false,
+                            size_gb: *size_gb,
+                            filesystem: filesystem.name().to_string(),
+                            lease_timeout_secs: lease_timeout.map(|t| t.as_secs_f64()),
+                        },
+                        miren_addons::DiskProvider::Local => DiskSpec {
+                            name: d.name.clone(),
+                            mount_path: d.mount_path.clone(),
+                            read_only: d.read_only,
+                            local: true,
+                            size_gb: 0,
+                            filesystem: String::new(),
+                            lease_timeout_secs: None,
+                        },
+                    })
+                    .collect(),
+                publish: publish
+                    .iter()
+                    .filter(|p| p.service == s.name)
+                    .map(|p| PublishPort {
+                        host_ip: p.host_ip.clone(),
+                        host_port: p.host_port,
+                        port: p.port,
+                    })
+                    .collect(),
+            })
+            .collect(),
+        addons: config
+            .addons
+            .iter()
+            .map(|a| AddonSpec {
+                kind: a.kind.name().to_string(),
+                variant: a.variant.name().to_string(),
+                version: a.version_pinned.then(|| match &a.version {
+                    miren_addons::ResolvedVersion::Major(m) => m.to_string(),
+                    miren_addons::ResolvedVersion::Image(i) => i.clone(),
+                }),
+            })
+            .collect(),
+    }
+}
+
+pub struct AppService {
+    store: Arc<Store>,
+    disks: Arc<DiskService>,
+    sandboxes: Arc<SandboxService>,
+    addons: Arc<AddonService>,
+    /// One deploy, restart or delete at a time per app.
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl AppService {
+    pub fn new(
+        store: Arc<Store>,
+        disks: Arc<DiskService>,
+        sandboxes: Arc<SandboxService>,
+        addons: Arc<AddonService>,
+    ) -> Arc<AppService> {
+        Arc::new(AppService {
+            store,
+            disks,
+            sandboxes,
+            addons,
+            locks: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn lock_of(&self, app: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(app.to_string())
+            .or_default()
+            .clone()
+    }
+
+    fn spec_of(&self, app: &str) -> Result<AppSpec, ApiError> {
+        let row = self.store.app(app)?.ok_or_else(|| {
+            ApiError::not_found(format!(
+                "no app `{app}`; `miren app list` shows the apps, `miren deploy` creates one"
+            ))
+        })?;
+        serde_json::from_str(&row.spec)
+            .map_err(|e| ApiError::internal(format!("app `{app}`: stored declaration: {e}")))
+    }
+
+    pub async fn deploy(&self, req: DeployApp) -> Result<App, ApiError> {
+        let source = req.source.as_deref().unwrap_or(".miren/app.toml");
+        let config = miren_addons::parse_app_toml(&req.app_toml, source)
+            .map_err(|e| ApiError::invalid(e.to_string()))?;
+        for p in &req.publish {
+            if config.service(&p.service).is_none() {
+                let names: Vec<&str> = config.services.iter().map(|s| s.name.as_str()).collect();
+                return Err(ApiError::invalid(format!(
+                    "--publish names service `{}`, which {source} does not declare; its services: {}",
+                    p.service,
+                    names.join(", ")
+                )));
+            }
+        }
+        let spec = spec_from_config(&config, &req.publish);
+        let app = config.name.clone();
+        // Refuse what would change an addon underneath the app before anything is recorded.
+        for wanted in &spec.addons {
+            if let Some(existing) = self.store.addon(&app, &wanted.kind)? {
+                if existing.variant != wanted.variant {
+                    return Err(ApiError::conflict(format!(
+                        "{source}: [addons.{kind}] asks for variant `{}`, but app `{app}` has it as `{}`; variants cannot be changed in place: back up its data, `miren addon destroy {kind} -a {app}`, then deploy again",
+                        wanted.variant,
+                        existing.variant,
+                        kind = wanted.kind
+                    )));
+                }
+            }
+        }
+        let lock = self.lock_of(&app);
+        let _guard = lock.lock().await;
+        let old = self.spec_of(&app).ok();
+        let text = serde_json::to_string(&spec)
+            .map_err(|e| ApiError::internal(format!("recording the app: {e}")))?;
+        self.store.put_app(&app, &text, "deploying")?;
+        info!(app = %app, services = spec.services.len(), addons = spec.addons.len(), "deploying");
+        self.converge(&app, &spec, old.as_ref()).await?;
+        self.get(&app)
+    }
+
+    /// Finishes deploys a previous agent was killed in.
+    pub fn resume(self: &Arc<Self>) -> Result<(), ApiError> {
+        for row in self.store.apps()? {
+            if row.status != "deploying" {
+                continue;
+            }
+            let this = self.clone();
+            tokio::spawn(async move {
+                let lock = this.lock_of(&row.name);
+                let _guard = lock.lock().await;
+                info!(app = %row.name, "finishing a deploy cut short");
+                match this.spec_of(&row.name) {
+                    Ok(spec) => {
+                        if let Err(e) = this.converge(&row.name, &spec, None).await {
+                            warn!(app = %row.name, error = %e, "finishing the deploy failed");
+                        }
+                    }
+                    Err(e) => warn!(app = %row.name, error = %e, "finishing the deploy failed"),
+                }
+            });
+        }
+        Ok(())
+    }
+
+    /// Records the outcome on the app row.
+    async fn converge(
+        &self,
+        app: &str,
+        spec: &AppSpec,
+        old: Option<&AppSpec>,
+    ) -> Result<(), ApiError> {
+        match self.converge_steps(app, spec, old).await {
+            Ok(()) => {
+                self.store.set_app_status(app, "running", None)?;
+                info!(app = %app, "deployed");
+                Ok(())
+            }
+            Err(e) => {
+                self.store.set_app_status(app, "error", Some(&e.message))?;
+                Err(e)
+            }
+        }
+    }
+
+    async fn converge_steps(
+        &self,
+        app: &str,
+        spec: &AppSpec,
+        old: Option<&AppSpec>,
+    ) -> Result<(), ApiError> {
+        // Disks first: they are cheap, and an addon failing should not hide a bad disk.
+        for service in &spec.services {
+            for disk in service.disks.iter().filter(|d| !d.local) {
+                self.ensure_disk(disk).await?;
+            }
+        }
+
+        let mut pending = Vec::new();
+        for wanted in &spec.addons {
+            let (_, done) = self
+                .addons
+                .create(
+                    &CreateAddon {
+                        app: app.to_string(),
+                        addon: wanted.kind.clone(),
+                        variant: Some(wanted.variant.clone()),
+                        version: wanted.version.clone(),
+                        wait: true,
+                    },
+                    "deploy",
+                )
+                .await?;
+            pending.push(done);
+        }
+        for row in self.store.addons_of(app)? {
+            let declared = spec.addons.iter().any(|a| a.kind == row.kind);
+            if !declared && row.source == "deploy" {
+                info!(app = %app, addon = %row.kind, "no longer declared: deprovisioning");
+                if let Some(done) = self.addons.destroy(app, &row.kind)? {
+                    pending.push(done);
+                }
+            }
+        }
+        for mut done in pending {
+            let _ = done.wait_for(|d| *d).await;
+        }
+        let not_ready = self.addons.not_active(app)?;
+        if !not_ready.is_empty() {
+            return Err(ApiError::conflict(format!(
+                "app `{app}` was not started: its addons are not all active: {}. Fix the cause and deploy again, or remove the addon",
+                not_ready.join("; ")
+            )));
+        }
+
+        // Services of the previous declaration that are gone now.
+        if let Some(old) = old {
+            for service in &old.services {
+                if !spec.services.iter().any(|s| s.name == service.name) {
+                    self.remove_service(app, &service.name).await?;
+                }
+            }
+        }
+        self.start_services(app, spec).await
+    }
+
+    async fn ensure_disk(&self, disk: &DiskSpec) -> Result<(), ApiError> {
+        let disks = self.disks.clone();
+        let disk = disk.clone();
+        tokio::task::spawn_blocking(move || -> Result<(), ApiError> {
+            match disks.find(&disk.name) {
+                Ok(_) => Ok(()),
+                Err(e) if e.code == "not_found" => {
+                    let filesystem = match disk.filesystem.as_str() {
+                        "xfs" => FilesystemKind::Xfs,
+                        "btrfs" => FilesystemKind::Btrfs,
+                        _ => FilesystemKind::Ext4,
+                    };
+                    disks
+                        .create(&CreateDisk {
+                            name: disk.name.clone(),
+                            size_gb: disk.size_gb,
+                            filesystem: Some(filesystem),
+                            read_only: false,
+                        })
+                        .map(|_| ())
+                }
+                Err(e) => Err(e),
+            }
+        })
+        .await
+        .map_err(|e| ApiError::internal(format!("creating a disk: {e}")))?
+    }
+
+    async fn remove_service(&self, app: &str, service: &str) -> Result<(), ApiError> {
+        match self
+            .sandboxes
+            .delete(&service_sandbox_name(app, service))
+            .await
+        {
+            Err(e) if e.code == "not_found" => Ok(()),
+            other => other,
+        }
+    }
+
+    /// (Re)starts every service with the addons' current variables.
+    async fn start_services(&self, app: &str, spec: &AppSpec) -> Result<(), ApiError> {
+        let addon_env: Vec<String> = self
+            .addons
+            .env_of(app)?
+            .into_iter()
+            .map(|(var, _)| format!("{}={}", var.key, var.value))
+            .collect();
+        for service in &spec.services {
+            self.remove_service(app, &service.name).await?;
+            let mut env = addon_env.clone();
+            if !service.env.iter().any(|(k, _)| k == "PORT") {
+                env.push(format!("PORT={DEFAULT_PORT}"));
+            }
+            env.extend(service.env.iter().map(|(k, v)| format!("{k}={v}")));
+            let disks = service
+                .disks
+                .iter()
+                .filter(|d| !d.local)
+                .map(|d| {
+                    format!(
+                        "{}:{}{}",
+                        d.name,
+                        d.mount_path,
+                        if d.read_only { ":ro" } else { "" }
+                    )
+                })
+                .collect();
+            let lease_timeout_secs = service
+                .disks
+                .iter()
+                .filter_map(|d| d.lease_timeout_secs)
+                .reduce(f64::max);
+            let local_dir = service
+                .disks
+                .iter()
+                .find(|d| d.local)
+                .map(|d| d.mount_path.clone());
+            let sandbox = self
+                .sandboxes
+                .run(RunSandbox {
+                    image: service.image.clone(),
+                    name: Some(service_sandbox_name(app, &service.name)),
+                    app: Some(app.to_string()),
+                    env,
+                    disks,
+                    lease_timeout_secs,
+                    local_dir,
+                    restart: Some("always".into()),
+                    publish: service.publish.clone(),
+                    cmd: service.command.clone(),
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| {
+                    ApiError::new(
+                        e.status,
+                        e.code,
+                        format!("service `{}`: {}", service.name, e.message),
+                    )
+                })?;
+            info!(app = %app, service = %service.name, sandbox = %sandbox.id, "service started");
+        }
+        Ok(())
+    }
+
+    pub async fn restart(&self, app: &str) -> Result<App, ApiError> {
+        let lock = self.lock_of(app);
+        let _guard = lock.lock().await;
+        let spec = self.spec_of(app)?;
+        let not_ready = self.addons.not_active(app)?;
+        if !not_ready.is_empty() {
+            return Err(ApiError::conflict(format!(
+                "app `{app}` cannot start until its addons are active: {}",
+                not_ready.join("; ")
+            )));
+        }
+        self.start_services(app, &spec).await?;
+        self.store.set_app_status(app, "running", None)?;
+        info!(app = %app, "restarted");
+        self.get(app)
+    }
+
+    /// Restarts a running app after an addon was attached or removed outside a deploy, so
+    /// its services see the new variables.
+    pub async fn addons_changed(&self, app: &str) -> Result<(), ApiError> {
+        match self.store.app(app)? {
+            Some(row) if row.status == "running" => {
+                info!(app = %app, "addons changed: restarting the app's services");
+                self.restart(app).await.map(|_| ())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Removes the app's services and its record. Disks and addons stay, with their data.
+    pub async fn delete(&self, app: &str) -> Result<AppDeleted, ApiError> {
+        let lock = self.lock_of(app);
+        let _guard = lock.lock().await;
+        let spec = self.spec_of(app)?;
+        let mut removed = Vec::new();
+        for service in &spec.services {
+            let name = service_sandbox_name(app, &service.name);
+            if self.sandboxes.get(&name).is_ok() {
+                self.remove_service(app, &service.name).await?;
+                removed.push(name);
+            }
+        }
+        self.store.remove_app(app)?;
+        info!(app = %app, "app deleted; its disks and addons stay");
+        let mut disks_kept: Vec<String> = spec
+            .services
+            .iter()
+            .flat_map(|s| s.disks.iter().filter(|d| !d.local).map(|d| d.name.clone()))
+            .collect();
+        disks_kept.dedup();
+        Ok(AppDeleted {
+            name: app.to_string(),
+            sandboxes: removed,
+            addons_kept: self
+                .store
+                .addons_of(app)?
+                .into_iter()
+                .map(|r| r.kind)
+                .collect(),
+            disks_kept,
+        })
+    }
+
+    pub fn get(&self, app: &str) -> Result<App, ApiError> {
+        let row = self.store.app(app)?.ok_or_else(|| {
+            ApiError::not_found(format!(
+                "no app `{app}`; `miren app list` shows the apps, `miren deploy` creates one"
+            ))
+        })?;
+        let spec: AppSpec = serde_json::from_str(&row.spec).unwrap_or_default();
+        let services = spec
+            .services
+            .iter()
+            .map(|s| {
+                let name = service_sandbox_name(app, &s.name);
+                let sandbox = self.sandboxes.get(&name).ok();
+                AppServiceView {
+                    name: s.name.clone(),
+                    sandbox: name,
+                    image: s.image.clone(),
+                    state: sandbox.as_ref().map(|x| x.state.clone()),
+                    ip: sandbox.as_ref().and_then(|x| x.ip.clone()),
+                    restarts: sandbox.as_ref().map(|x| x.restarts),
+                }
+            })
+            .collect();
+        Ok(App {
+            name: row.name.clone(),
+            status: row.status.clone(),
+            reason: row.reason.clone(),
+            services,
+            addons: self
+                .store
+                .addons_of(app)?
+                .iter()
+                .map(addons::view)
+                .collect(),
+            created_at: row.created_at,
+            updated_at: row.updated_at,
+        })
+    }
+
+    pub fn list(&self) -> Result<Vec<App>, ApiError> {
+        self.store
+            .apps()?
+            .iter()
+            .map(|row| self.get(&row.name))
+            .collect()
+    }
+
+    /// The app's environment as its services get it: addon variables, then app.toml's.
+    pub fn env(&self, app: &str, reveal: bool) -> Result<Vec<crate::model::EnvVarView>, ApiError> {
+        let mut vars = self.addons.env_view(app, reveal)?;
+        if let Ok(spec) = self.spec_of(app) {
+            for service in &spec.services {
+                for (key, value) in &service.env {
+                    if !vars.iter().any(|v| &v.name == key) {
+                        vars.push(crate::model::EnvVarView {
+                            name: key.clone(),
+                            value: value.clone(),
+                            sensitive: false,
+                            source: format!("app.toml (services.{})", service.name),
+                        });
+                    }
+                }
+            }
+        }
+        Ok(vars)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn service_names_fit() {
+        assert_eq!(service_sandbox_name("my-app", "web"), "my-app-web");
+        let long = service_sandbox_name(&"a".repeat(60), "worker");
+        assert!(long.len() <= 63, "{long}");
+        assert_ne!(long, service_sandbox_name(&"a".repeat(60), "worker2"));
+    }
+
+    #[test]
+    fn a_declaration_becomes_a_spec() {
+        let config = miren_addons::parse_app_toml(
+            r#"
+name = "shop"
+[services.web]
+image = "oven/bun:1"
+command = "bun run index.ts"
+[[services.web.env]]
+key = "MODE"
+value = "prod"
+[[services.web.disks]]
+name = "shop-data"
+mount_path = "/data"
+size_gb = 2
+[addons.miren-postgresql]
+variant = "shared"
+"#,
+            "app.toml",
+        )
+        .unwrap();
+        let spec = spec_from_config(
+            &config,
+            &[crate::model::ServicePublish {
+                service: "web".into(),
+                host_ip: None,
+                host_port: 8080,
+                port: 3000,
+            }],
+        );
+        let web = &spec.services[0];
+        assert_eq!(web.command, ["bun", "run", "index.ts"]);
+        assert_eq!(web.env, [("MODE".to_string(), "prod".to_string())]);
+        assert_eq!(web.disks[0].size_gb, 2);
+        assert_eq!(web.publish[0].host_port, 8080);
+        assert_eq!(
+            spec.addons,
+            [AddonSpec {
+                kind: "miren-postgresql".into(),
+                variant: "shared".into(),
+                version: None
+            }]
+        );
+    }
+}
