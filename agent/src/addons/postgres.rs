@@ -35,10 +35,10 @@ pub async fn connect(login: &Login<'_>) -> Result<Client, tokio_postgres::Error>
 }
 
 /// `SELECT 1` as `login`: the readiness check, with the credentials the app will use.
-pub async fn select_one(login: &Login<'_>) -> Result<(), tokio_postgres::Error> {
+pub async fn select_one(login: &Login<'_>) -> Result<Client, tokio_postgres::Error> {
     let client = connect(login).await?;
     client.simple_query("SELECT 1").await?;
-    Ok(())
+    Ok(client)
 }
 
 /// `"name"`, for identifiers (ours are `[a-z0-9_]`, but quote anyway).
