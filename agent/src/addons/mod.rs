@@ -255,35 +255,50 @@ impl AddonService {
             created_at: now.clone(),
             updated_at: now,
         };
-        let inserted = self.store.insert_addon(&row, |running| {
-            ApiError::conflict(format!(
-                "the shared {kind} server on this node runs {running}, not {image}; ask for that version (or leave it out), or use `{kind}:small` for a server of your own"
-            ))
-        })?;
-        let row = match inserted {
-            Inserted::New(row) => {
-                info!(app = %row.app, addon = %row.kind, variant = %row.variant, image = %row.image, "addon created");
-                row
-            }
-            Inserted::Existing(existing) => {
-                if existing.variant != row.variant {
+        let row = loop {
+            let inserted = self.store.insert_addon(&row, |running| {
+                ApiError::conflict(format!(
+                    "the shared {kind} server on this node runs {running}, not {image}; ask for that version (or leave it out), or use `{kind}:small` for a server of your own"
+                ))
+            })?;
+            let existing = match inserted {
+                Inserted::New(row) => {
+                    info!(app = %row.app, addon = %row.kind, variant = %row.variant, image = %row.image, "addon created");
+                    break row;
+                }
+                Inserted::Existing(existing) => existing,
+            };
+            if existing.status == DEPROVISIONING {
+                // A destroy is finishing: let it, then create afresh.
+                let mut done = self.kick(&existing.app, kind);
+                let _ = done.wait_for(|d| *d).await;
+                if let Some(left) = self.store.addon(&existing.app, kind)? {
                     return Err(ApiError::conflict(format!(
-                        "app `{}` already has {kind} as `{}`; variants cannot be changed in place: back up its data, `miren addon destroy {kind} -a {}` (this deletes the data), then create it again",
-                        row.app, existing.variant, row.app
+                        "{kind} of app `{}` is still being removed ({}); run `miren addon destroy {kind} -a {}` again, then create it",
+                        left.app,
+                        left.reason.unwrap_or_else(|| left.status.clone()),
+                        left.app
                     )));
                 }
-                if req.version.is_some() && existing.image != row.image {
-                    return Err(ApiError::conflict(format!(
-                        "app `{}` already has {kind} running {}; a version is never changed underneath an app: destroy it and create it again to change it",
-                        row.app, existing.image
-                    )));
-                }
-                if existing.status == ERROR {
-                    self.store
-                        .transition_addon(&existing.app, kind, &[ERROR], PENDING, None)?;
-                }
-                existing
+                continue;
             }
+            if existing.variant != row.variant {
+                return Err(ApiError::conflict(format!(
+                    "app `{}` already has {kind} as `{}`; variants cannot be changed in place: back up its data, `miren addon destroy {kind} -a {}` (this deletes the data), then create it again",
+                    row.app, existing.variant, row.app
+                )));
+            }
+            if req.version.is_some() && existing.image != row.image {
+                return Err(ApiError::conflict(format!(
+                    "app `{}` already has {kind} running {}; a version is never changed underneath an app: destroy it and create it again to change it",
+                    row.app, existing.image
+                )));
+            }
+            if existing.status == ERROR {
+                self.store
+                    .transition_addon(&existing.app, kind, &[ERROR], PENDING, None)?;
+            }
+            break existing;
         };
         let done = self.kick(&row.app, &row.kind);
         Ok((self.get(&row.app, &row.kind)?, done))
@@ -315,6 +330,25 @@ impl AddonService {
     /// Resumes every addon a previous agent left mid-way.
     pub fn resume(self: &Arc<Self>) -> Result<(), ApiError> {
         for row in self.store.all_addons()? {
+            if row.status == ACTIVE {
+                // A server whose supervisor is gone (the host restarted) or that was deleted
+                // underneath: provisioning again is idempotent and brings it back, data intact.
+                let server = server_name(&row.variant, &row.app);
+                let healthy = matches!(self.sandboxes.get(&server), Ok(s) if s.state != "failed");
+                if !healthy
+                    && self.store.transition_addon(
+                        &row.app,
+                        &row.kind,
+                        &[ACTIVE],
+                        PROVISIONING,
+                        Some("its server was down; starting it again"),
+                    )?
+                {
+                    warn!(app = %row.app, addon = %row.kind, server = %server, "addon server is down; starting it again");
+                    self.kick(&row.app, &row.kind);
+                }
+                continue;
+            }
             if needs_work(&row.status) {
                 info!(app = %row.app, addon = %row.kind, status = %row.status, "resuming addon");
                 self.kick(&row.app, &row.kind);
