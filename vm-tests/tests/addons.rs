@@ -576,6 +576,31 @@ fn shared_variant_isolates_apps_and_versions_are_checked() {
         text(&out)
     );
 
+    // An image that cannot be pulled: the create fails with the reason, leaves nothing made,
+    // and the addon in `error` can be destroyed.
+    let out = agent.cli(&[
+        "addon",
+        "create",
+        PG,
+        "-a",
+        "erin",
+        "--version",
+        "docker.io/library/no-such-postgres:1",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let failed = pg_status(&agent, "erin").expect("the failed addon");
+    assert_eq!(failed["status"], "error", "{failed}");
+    assert!(
+        failed["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("no-such-postgres")),
+        "{failed}"
+    );
+    assert!(!sandbox_names(&agent).contains("addon-pg-erin"));
+    assert!(!disk_names(&agent).contains("addon-pg-erin"));
+    agent.ok(&["addon", "destroy", PG, "-a", "erin", "--yes"]);
+    assert!(pg_status(&agent, "erin").is_none());
+
     for app in ["alice", "bob", "carol", "outsider"] {
         assert!(
             sandbox_names(&agent).contains("addon-pg"),
