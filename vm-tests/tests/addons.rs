@@ -966,3 +966,49 @@ fn kill_9_during_creates_and_destroys_converges_and_leaves_nothing() {
             .count()
     );
 }
+
+/// A deploy cut short by kill -9 while its addon provisions is finished by the next agent:
+/// the service starts only once the addon is active, with its variables.
+#[test]
+fn a_deploy_killed_while_its_addon_provisions_is_finished_after_restart() {
+    let Some(mut agent) = pg_agent() else { return };
+    let dir = agent.root.join("cut");
+    write_app(&dir, &psql_app("cut", Some("small")));
+    let args = ["deploy", "-C", dir.to_str().unwrap()].map(String::from);
+    kill_during(&mut agent, &args, Duration::from_millis(1500));
+    let status = pg_status(&agent, "cut").expect("the deploy recorded the addon");
+    assert_ne!(status["status"], "error", "{status}");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let running = sandbox_names(&agent).contains("cut-web");
+        let addon = pg_status(&agent, "cut").expect("the addon");
+        if running {
+            assert_eq!(addon["status"], "active", "service started first: {addon}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the deploy was never finished: {addon}\n{}",
+            agent.log_text()
+        );
+        sleep(Duration::from_millis(50));
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let app = agent.json(&["app", "status", "cut", "--json"]);
+        if app["status"] == "running" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{app}");
+        sleep(Duration::from_millis(50));
+    }
+    let out = exec_sh(&agent, "cut-web", "psql \"$DATABASE_URL\" -tAc 'select 7'");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains('7'),
+        "{}",
+        text(&out)
+    );
+    agent.ok(&["app", "delete", "cut"]);
+    agent.ok(&["addon", "destroy", PG, "-a", "cut", "--yes"]);
+    assert_nothing_left(&agent);
+}
