@@ -44,6 +44,8 @@ const PG_DATA_DIR: &str = "/var/lib/postgresql/data/pgdata";
 const SHARED_SERVER: &str = "addon-pg";
 /// How long a new server may take to accept its first `SELECT 1` (initdb included).
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
+/// Attempts at removing an addon before the driver gives up until the next destroy or start.
+const REMOVAL_ATTEMPTS: u32 = 5;
 /// Restarts after which a server that never became ready is declared broken.
 const MAX_START_RESTARTS: u32 = 3;
 
@@ -383,6 +385,7 @@ impl AddonService {
 
     async fn drive(self: Arc<Self>, key: Key) {
         let (app, kind) = (&key.0, &key.1);
+        let mut removal_failures = 0u32;
         loop {
             let row = match self.store.addon(app, kind) {
                 Ok(row) => row,
@@ -399,7 +402,20 @@ impl AddonService {
                 }
                 Some(row) if row.status == DEPROVISIONING => {
                     if let Err(reason) = self.deprovision(&row).await {
-                        warn!(app = %app, addon = %kind, reason = %reason, "addon removal failed; destroy again to retry");
+                        removal_failures += 1;
+                        if removal_failures < REMOVAL_ATTEMPTS {
+                            // Usually transient (a server restarting, a lease being let go).
+                            let pause = Duration::from_millis(500 << removal_failures);
+                            warn!(app = %app, addon = %kind, reason = %reason, retry_in = ?pause, "addon removal failed; retrying");
+                            let _ = self.store.set_addon_reason(
+                                app,
+                                kind,
+                                Some(&format!("removal failed, retrying: {reason}")),
+                            );
+                            tokio::time::sleep(pause).await;
+                            continue;
+                        }
+                        warn!(app = %app, addon = %kind, reason = %reason, "addon removal failed; destroy again (or restart the agent) to retry");
                         let _ = self.store.set_addon_reason(
                             app,
                             kind,
@@ -622,6 +638,19 @@ impl AddonService {
             )
             .await?;
         if server.status != "active" {
+            // Tenants get their own database; the maintenance ones are for the agent only.
+            admin
+                .batch_execute(
+                    "REVOKE CONNECT ON DATABASE postgres FROM PUBLIC; \
+                     REVOKE CONNECT ON DATABASE template1 FROM PUBLIC",
+                )
+                .await
+                .map_err(|e| {
+                    StepError::Failed(format!(
+                        "securing the shared server: {}",
+                        postgres::describe(&e)
+                    ))
+                })?;
             self.sync_disk(SHARED_SERVER).await?;
             self.store.set_server_status(kind, "active")?;
         }
