@@ -264,6 +264,11 @@ async fn run_addon(client: &Client, command: AddonCommand) -> Result<i32> {
                     "what it made was removed; fix the cause and run the create again, or `miren addon destroy {} -a {app}`",
                     created.name
                 );
+            } else if no_wait {
+                println!(
+                    "{}:{} ({}) for app `{app}`: {}; `miren addon list -a {app}` shows when it is active, and `miren app restart {app}` then gives running services its variables",
+                    created.name, created.variant, created.version, created.status
+                );
             } else {
                 println!(
                     "{}:{} ({}) for app `{app}`: {} in {:.2}s",

@@ -320,7 +320,12 @@ impl AppService {
         for mut done in pending {
             let _ = done.wait_for(|d| *d).await;
         }
-        let not_ready = self.addons.not_active(app)?;
+        let mut not_ready = self.addons.not_active(app)?;
+        for wanted in &spec.addons {
+            if self.store.addon(app, &wanted.kind)?.is_none() {
+                not_ready.push(format!("{} (removed while the deploy waited)", wanted.kind));
+            }
+        }
         if !not_ready.is_empty() {
             return Err(ApiError::conflict(format!(
                 "app `{app}` was not started: its addons are not all active: {}. Fix the cause and deploy again, or remove the addon",

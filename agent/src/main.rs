@@ -107,6 +107,7 @@ fn run_agent(args: &cli::AgentArgs, socket: std::path::PathBuf) -> anyhow::Resul
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cfg = cli::agent_config(args, socket)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -44,6 +44,8 @@ const PG_DATA_DIR: &str = "/var/lib/postgresql/data/pgdata";
 const SHARED_SERVER: &str = "addon-pg";
 /// How long a new server may take to accept its first `SELECT 1` (initdb included).
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
+/// Attempts at removing an addon before the driver gives up until the next destroy or start.
+const REMOVAL_ATTEMPTS: u32 = 5;
 /// Restarts after which a server that never became ready is declared broken.
 const MAX_START_RESTARTS: u32 = 3;
 
@@ -255,35 +257,50 @@ impl AddonService {
             created_at: now.clone(),
             updated_at: now,
         };
-        let inserted = self.store.insert_addon(&row, |running| {
-            ApiError::conflict(format!(
-                "the shared {kind} server on this node runs {running}, not {image}; ask for that version (or leave it out), or use `{kind}:small` for a server of your own"
-            ))
-        })?;
-        let row = match inserted {
-            Inserted::New(row) => {
-                info!(app = %row.app, addon = %row.kind, variant = %row.variant, image = %row.image, "addon created");
-                row
-            }
-            Inserted::Existing(existing) => {
-                if existing.variant != row.variant {
+        let row = loop {
+            let inserted = self.store.insert_addon(&row, |running| {
+                ApiError::conflict(format!(
+                    "the shared {kind} server on this node runs {running}, not {image}; ask for that version (or leave it out), or use `{kind}:small` for a server of your own"
+                ))
+            })?;
+            let existing = match inserted {
+                Inserted::New(row) => {
+                    info!(app = %row.app, addon = %row.kind, variant = %row.variant, image = %row.image, "addon created");
+                    break row;
+                }
+                Inserted::Existing(existing) => existing,
+            };
+            if existing.status == DEPROVISIONING {
+                // A destroy is finishing: let it, then create afresh.
+                let mut done = self.kick(&existing.app, kind);
+                let _ = done.wait_for(|d| *d).await;
+                if let Some(left) = self.store.addon(&existing.app, kind)? {
                     return Err(ApiError::conflict(format!(
-                        "app `{}` already has {kind} as `{}`; variants cannot be changed in place: back up its data, `miren addon destroy {kind} -a {}` (this deletes the data), then create it again",
-                        row.app, existing.variant, row.app
+                        "{kind} of app `{}` is still being removed ({}); run `miren addon destroy {kind} -a {}` again, then create it",
+                        left.app,
+                        left.reason.unwrap_or_else(|| left.status.clone()),
+                        left.app
                     )));
                 }
-                if req.version.is_some() && existing.image != row.image {
-                    return Err(ApiError::conflict(format!(
-                        "app `{}` already has {kind} running {}; a version is never changed underneath an app: destroy it and create it again to change it",
-                        row.app, existing.image
-                    )));
-                }
-                if existing.status == ERROR {
-                    self.store
-                        .transition_addon(&existing.app, kind, &[ERROR], PENDING, None)?;
-                }
-                existing
+                continue;
             }
+            if existing.variant != row.variant {
+                return Err(ApiError::conflict(format!(
+                    "app `{}` already has {kind} as `{}`; variants cannot be changed in place: back up its data, `miren addon destroy {kind} -a {}` (this deletes the data), then create it again",
+                    row.app, existing.variant, row.app
+                )));
+            }
+            if req.version.is_some() && existing.image != row.image {
+                return Err(ApiError::conflict(format!(
+                    "app `{}` already has {kind} running {}; a version is never changed underneath an app: destroy it and create it again to change it",
+                    row.app, existing.image
+                )));
+            }
+            if existing.status == ERROR {
+                self.store
+                    .transition_addon(&existing.app, kind, &[ERROR], PENDING, None)?;
+            }
+            break existing;
         };
         let done = self.kick(&row.app, &row.kind);
         Ok((self.get(&row.app, &row.kind)?, done))
@@ -315,6 +332,25 @@ impl AddonService {
     /// Resumes every addon a previous agent left mid-way.
     pub fn resume(self: &Arc<Self>) -> Result<(), ApiError> {
         for row in self.store.all_addons()? {
+            if row.status == ACTIVE {
+                // A server whose supervisor is gone (the host restarted) or that was deleted
+                // underneath: provisioning again is idempotent and brings it back, data intact.
+                let server = server_name(&row.variant, &row.app);
+                let healthy = matches!(self.sandboxes.get(&server), Ok(s) if s.state != "failed");
+                if !healthy
+                    && self.store.transition_addon(
+                        &row.app,
+                        &row.kind,
+                        &[ACTIVE],
+                        PROVISIONING,
+                        Some("its server was down; starting it again"),
+                    )?
+                {
+                    warn!(app = %row.app, addon = %row.kind, server = %server, "addon server is down; starting it again");
+                    self.kick(&row.app, &row.kind);
+                }
+                continue;
+            }
             if needs_work(&row.status) {
                 info!(app = %row.app, addon = %row.kind, status = %row.status, "resuming addon");
                 self.kick(&row.app, &row.kind);
@@ -349,6 +385,7 @@ impl AddonService {
 
     async fn drive(self: Arc<Self>, key: Key) {
         let (app, kind) = (&key.0, &key.1);
+        let mut removal_failures = 0u32;
         loop {
             let row = match self.store.addon(app, kind) {
                 Ok(row) => row,
@@ -365,7 +402,20 @@ impl AddonService {
                 }
                 Some(row) if row.status == DEPROVISIONING => {
                     if let Err(reason) = self.deprovision(&row).await {
-                        warn!(app = %app, addon = %kind, reason = %reason, "addon removal failed; destroy again to retry");
+                        removal_failures += 1;
+                        if removal_failures < REMOVAL_ATTEMPTS {
+                            // Usually transient (a server restarting, a lease being let go).
+                            let pause = Duration::from_millis(500 << removal_failures);
+                            warn!(app = %app, addon = %kind, reason = %reason, retry_in = ?pause, "addon removal failed; retrying");
+                            let _ = self.store.set_addon_reason(
+                                app,
+                                kind,
+                                Some(&format!("removal failed, retrying: {reason}")),
+                            );
+                            tokio::time::sleep(pause).await;
+                            continue;
+                        }
+                        warn!(app = %app, addon = %kind, reason = %reason, "addon removal failed; destroy again (or restart the agent) to retry");
                         let _ = self.store.set_addon_reason(
                             app,
                             kind,
@@ -474,28 +524,36 @@ impl AddonService {
                 database: &row.db_name,
             },
         )
+        .await?;
+        self.sync_disk(&name).await?;
+        Ok(())
+    }
+
+    /// Flushes a server's disk: initdb ran with `--no-sync` (an fsync per file, ~1000 files,
+    /// costs seconds on a loop device), so one `syncfs` makes the new cluster durable before
+    /// the addon is called `active`.
+    async fn sync_disk(&self, name: &str) -> Result<(), ApiError> {
+        let disk = self.disks.view_one(&self.disks.find(name)?)?;
+        let Some(mount) = disk.mount_path else {
+            return Err(ApiError::busy(format!("disk `{name}` is not mounted")));
+        };
+        tokio::task::spawn_blocking(move || -> Result<(), ApiError> {
+            let dir = std::fs::File::open(&mount)
+                .map_err(|e| ApiError::internal(format!("opening {mount}: {e}")))?;
+            nix::unistd::syncfs(&dir)
+                .map_err(|e| ApiError::internal(format!("syncing {mount}: {e}")))
+        })
         .await
+        .map_err(|e| ApiError::internal(format!("syncing a disk: {e}")))?
     }
 
     async fn provision_shared(&self, row: &AddonRow) -> Result<(), StepError> {
         let _guard = self.shared.lock().await;
         self.still_wanted(row)?;
-        let (server, ip) = self.ensure_shared_server(&row.kind, row).await?;
+        let (_, admin) = self.ensure_shared_server(&row.kind, row).await?;
         self.sync_shared_allow_from(&row.kind).await?;
         self.still_wanted(row)?;
-        let admin = postgres::connect(&postgres::Login {
-            host: ip,
-            user: &server.admin_user,
-            password: &server.admin_password,
-            database: "postgres",
-        })
-        .await
-        .map_err(|e| {
-            StepError::Failed(format!(
-                "connecting to the shared server: {}",
-                postgres::describe(&e)
-            ))
-        })?;
+        let ip = self.server_ip(SHARED_SERVER)?;
         postgres::ensure_tenant(&admin, &row.db_user, &row.db_password, &row.db_name)
             .await
             .map_err(|e| {
@@ -513,7 +571,12 @@ impl AddonService {
                 database: &row.db_name,
             },
         )
-        .await
+        .await?;
+        Ok(())
+    }
+
+    fn server_ip(&self, sandbox: &str) -> Result<Ipv4Addr, ApiError> {
+        sandbox_ip(&self.sandboxes.get(sandbox)?)
     }
 
     /// The shared server, running and ready, created if this is its first member. Call with
@@ -522,7 +585,7 @@ impl AddonService {
         &self,
         kind: &str,
         member: &AddonRow,
-    ) -> Result<(ServerRow, Ipv4Addr), StepError> {
+    ) -> Result<(ServerRow, tokio_postgres::Client), StepError> {
         if let Some(server) = self.store.server(kind)? {
             if server.status == "deleting" {
                 self.finish_server_removal(kind).await?;
@@ -563,20 +626,35 @@ impl AddonService {
         let ip = self
             .ensure_server_sandbox(SHARED_SERVER, &server.image, env, members)
             .await?;
-        self.wait_ready(
-            SHARED_SERVER,
-            &postgres::Login {
-                host: ip,
-                user: &server.admin_user,
-                password: &server.admin_password,
-                database: "postgres",
-            },
-        )
-        .await?;
+        let admin = self
+            .wait_ready(
+                SHARED_SERVER,
+                &postgres::Login {
+                    host: ip,
+                    user: &server.admin_user,
+                    password: &server.admin_password,
+                    database: "postgres",
+                },
+            )
+            .await?;
         if server.status != "active" {
+            // Tenants get their own database; the maintenance ones are for the agent only.
+            admin
+                .batch_execute(
+                    "REVOKE CONNECT ON DATABASE postgres FROM PUBLIC; \
+                     REVOKE CONNECT ON DATABASE template1 FROM PUBLIC",
+                )
+                .await
+                .map_err(|e| {
+                    StepError::Failed(format!(
+                        "securing the shared server: {}",
+                        postgres::describe(&e)
+                    ))
+                })?;
+            self.sync_disk(SHARED_SERVER).await?;
             self.store.set_server_status(kind, "active")?;
         }
-        Ok((server, ip))
+        Ok((server, admin))
     }
 
     /// Lets exactly the shared server's members reach it.
@@ -647,7 +725,7 @@ impl AddonService {
             return Ok(());
         }
         // The server may be down (or mid-creation): bring it up to drop the tenant.
-        let (_, ip) = self
+        let (_, admin) = self
             .ensure_shared_server(
                 &row.kind,
                 &AddonRow {
@@ -660,19 +738,6 @@ impl AddonService {
                 StepError::Failed(m) => ApiError::busy(format!("the shared server: {m}")),
                 StepError::Superseded => ApiError::busy("the shared server is going away"),
             })?;
-        let admin = postgres::connect(&postgres::Login {
-            host: ip,
-            user: &server.admin_user,
-            password: &server.admin_password,
-            database: "postgres",
-        })
-        .await
-        .map_err(|e| {
-            ApiError::busy(format!(
-                "connecting to the shared server: {}",
-                postgres::describe(&e)
-            ))
-        })?;
         postgres::drop_tenant(&admin, &row.db_user, &row.db_name)
             .await
             .map_err(|e| {
@@ -742,6 +807,9 @@ impl AddonService {
                 }
                 let mut env = env;
                 env.push(format!("PGDATA={PG_DATA_DIR}"));
+                env.push("POSTGRES_HOST_AUTH_METHOD=scram-sha-256".into());
+                // Durability comes from one syncfs of the disk once the server is ready.
+                env.push("POSTGRES_INITDB_ARGS=--no-sync".into());
                 self.sandboxes
                     .run(RunSandbox {
                         image: image.to_string(),
@@ -760,17 +828,18 @@ impl AddonService {
         sandbox_ip(&sandbox)
     }
 
-    /// Polls `SELECT 1` as `login` until it works, the server gives up, or the timeout passes.
+    /// Polls `SELECT 1` as `login` until it works, the server gives up, or the timeout passes;
+    /// returns the session that answered.
     async fn wait_ready(
         &self,
         sandbox: &str,
         login: &postgres::Login<'_>,
-    ) -> Result<(), StepError> {
+    ) -> Result<tokio_postgres::Client, StepError> {
         let deadline = Instant::now() + READY_TIMEOUT;
         let mut last_check = Instant::now();
         loop {
             let err = match postgres::select_one(login).await {
-                Ok(()) => return Ok(()),
+                Ok(client) => return Ok(client),
                 Err(e) => postgres::describe(&e),
             };
             if last_check.elapsed() > Duration::from_millis(500) {

@@ -35,10 +35,10 @@ pub async fn connect(login: &Login<'_>) -> Result<Client, tokio_postgres::Error>
 }
 
 /// `SELECT 1` as `login`: the readiness check, with the credentials the app will use.
-pub async fn select_one(login: &Login<'_>) -> Result<(), tokio_postgres::Error> {
+pub async fn select_one(login: &Login<'_>) -> Result<Client, tokio_postgres::Error> {
     let client = connect(login).await?;
     client.simple_query("SELECT 1").await?;
-    Ok(())
+    Ok(client)
 }
 
 /// `"name"`, for identifiers (ours are `[a-z0-9_]`, but quote anyway).
@@ -50,9 +50,61 @@ fn literal(value: &str) -> String {
     format!("'{}'", value.replace('\'', "''"))
 }
 
+/// How long a tenant statement is retried while it collides with another session's.
+const CONCURRENT_RETRY: Duration = Duration::from_secs(30);
+
+/// Whether `err` is a collision with a concurrent session changing the same catalog rows:
+/// typically the session of an agent that was killed mid-statement, which the server keeps
+/// running until the statement ends (`tuple concurrently deleted` from a second `DROP
+/// DATABASE`, a duplicate key from a second `CREATE ROLE`). The same statement succeeds, or
+/// finds its work done, once that session is over.
+fn is_concurrent_change(err: &tokio_postgres::Error) -> bool {
+    use tokio_postgres::error::SqlState;
+    matches!(err.code(), Some(code) if [
+        SqlState::INTERNAL_ERROR, // tuple concurrently updated / deleted
+        SqlState::UNIQUE_VIOLATION,
+        SqlState::DUPLICATE_OBJECT,
+        SqlState::DUPLICATE_DATABASE,
+        SqlState::OBJECT_IN_USE,
+        SqlState::T_R_SERIALIZATION_FAILURE,
+        SqlState::T_R_DEADLOCK_DETECTED,
+    ]
+    .contains(code))
+}
+
+/// Runs an idempotent tenant step again while it collides with a concurrent session.
+async fn retry_concurrent<F, Fut>(mut step: F) -> Result<(), tokio_postgres::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), tokio_postgres::Error>>,
+{
+    let deadline = tokio::time::Instant::now() + CONCURRENT_RETRY;
+    let mut pause = Duration::from_millis(50);
+    loop {
+        match step().await {
+            Err(e) if is_concurrent_change(&e) && tokio::time::Instant::now() < deadline => {
+                tracing::info!(error = %describe(&e), "a concurrent session changes the same tenant; retrying");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(1));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Makes `role` (able to log in with `password`) and `database` owned by it, reachable by no
-/// other role. Converges from any partial earlier run.
+/// other role. Converges from any partial earlier run, also one still running in a session of
+/// a killed agent.
 pub async fn ensure_tenant(
+    admin: &Client,
+    role: &str,
+    password: &str,
+    database: &str,
+) -> Result<(), tokio_postgres::Error> {
+    retry_concurrent(|| ensure_tenant_once(admin, role, password, database)).await
+}
+
+async fn ensure_tenant_once(
     admin: &Client,
     role: &str,
     password: &str,
@@ -96,8 +148,16 @@ pub async fn ensure_tenant(
 }
 
 /// Ends every session of the tenant, then drops its database and role. Converges from any
-/// partial earlier run.
+/// partial earlier run, also one still running in a session of a killed agent.
 pub async fn drop_tenant(
+    admin: &Client,
+    role: &str,
+    database: &str,
+) -> Result<(), tokio_postgres::Error> {
+    retry_concurrent(|| drop_tenant_once(admin, role, database)).await
+}
+
+async fn drop_tenant_once(
     admin: &Client,
     role: &str,
     database: &str,
