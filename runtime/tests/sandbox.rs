@@ -112,6 +112,7 @@ mod sandbox_common {
                 logs: LogConfig::default(),
                 cgroup_prefix: self.prefix.clone(),
                 stop_grace_ms: 2000,
+                start_gate: false,
             }
         }
 
