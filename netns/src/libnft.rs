@@ -11,13 +11,19 @@ const NFT_CTX_DEFAULT: u32 = 0;
 /// `NFT_CTX_OUTPUT_JSON`: with it set, input is parsed as JSON as well (what `nft -j` does).
 const NFT_CTX_OUTPUT_JSON: c_uint = 1 << 4;
 
+type CtxNew = unsafe extern "C" fn(u32) -> *mut c_void;
+type SetFlags = unsafe extern "C" fn(*mut c_void, c_uint);
+type CtxInt = unsafe extern "C" fn(*mut c_void) -> c_int;
+type CtxStr = unsafe extern "C" fn(*mut c_void) -> *const c_char;
+type RunCmd = unsafe extern "C" fn(*mut c_void, *const c_char) -> c_int;
+
 struct Api {
-    ctx_new: unsafe extern "C" fn(u32) -> *mut c_void,
-    output_set_flags: unsafe extern "C" fn(*mut c_void, c_uint),
-    buffer_output: unsafe extern "C" fn(*mut c_void) -> c_int,
-    buffer_error: unsafe extern "C" fn(*mut c_void) -> c_int,
-    get_error_buffer: unsafe extern "C" fn(*mut c_void) -> *const c_char,
-    run_cmd_from_buffer: unsafe extern "C" fn(*mut c_void, *const c_char) -> c_int,
+    ctx_new: CtxNew,
+    output_set_flags: SetFlags,
+    buffer_output: CtxInt,
+    buffer_error: CtxInt,
+    get_error_buffer: CtxStr,
+    run_cmd_from_buffer: RunCmd,
 }
 
 /// One context for the whole process, used under a lock: libnftables' first `nft_ctx_new`
@@ -42,21 +48,21 @@ fn load() -> Option<Context> {
             return None;
         }
         macro_rules! sym {
-            ($name:literal) => {{
+            ($name:literal, $ty:ty) => {{
                 let p = libc::dlsym(lib, $name.as_ptr());
                 if p.is_null() {
                     return None;
                 }
-                std::mem::transmute::<*mut c_void, _>(p)
+                std::mem::transmute::<*mut c_void, $ty>(p)
             }};
         }
         let api = Api {
-            ctx_new: sym!(c"nft_ctx_new"),
-            output_set_flags: sym!(c"nft_ctx_output_set_flags"),
-            buffer_output: sym!(c"nft_ctx_buffer_output"),
-            buffer_error: sym!(c"nft_ctx_buffer_error"),
-            get_error_buffer: sym!(c"nft_ctx_get_error_buffer"),
-            run_cmd_from_buffer: sym!(c"nft_run_cmd_from_buffer"),
+            ctx_new: sym!(c"nft_ctx_new", CtxNew),
+            output_set_flags: sym!(c"nft_ctx_output_set_flags", SetFlags),
+            buffer_output: sym!(c"nft_ctx_buffer_output", CtxInt),
+            buffer_error: sym!(c"nft_ctx_buffer_error", CtxInt),
+            get_error_buffer: sym!(c"nft_ctx_get_error_buffer", CtxStr),
+            run_cmd_from_buffer: sym!(c"nft_run_cmd_from_buffer", RunCmd),
         };
         let ctx = (api.ctx_new)(NFT_CTX_DEFAULT);
         if ctx.is_null() {
