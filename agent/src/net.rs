@@ -19,12 +19,24 @@ use crate::util::now_rfc3339;
 
 pub const DEFAULT_SUBNET: &str = "10.117.0.0/16";
 
+/// An endpoint recorded with its address (see [`NetService::reserve`]): nothing exists in the
+/// kernel yet, and other endpoint changes wait until it is passed to [`NetService::realize`]
+/// (or dropped).
+pub struct ReservedEndpoint {
+    /// What the endpoint will be: address, gateway, netns path.
+    pub endpoint: Endpoint,
+    row: EndpointRow,
+    /// Already complete (a retried create).
+    made: bool,
+    _guard: tokio::sync::OwnedMutexGuard<()>,
+}
+
 pub struct NetService {
     cfg: NetConfig,
     store: Arc<Store>,
     /// Endpoint changes are serialized: each ends with a full, atomic rules apply, and two
     /// applies racing would let the older list win.
-    lock: Mutex<()>,
+    lock: Arc<Mutex<()>>,
     /// Set after deletes: their rules are dropped by a background apply (see `remove`).
     rules_stale: tokio::sync::Notify,
 }
@@ -118,7 +130,7 @@ impl NetService {
         let service = Arc::new(NetService {
             cfg,
             store,
-            lock: Mutex::new(()),
+            lock: Arc::new(Mutex::new(())),
             rules_stale: tokio::sync::Notify::new(),
         });
         // Lives as long as the agent, like the service itself.
@@ -211,6 +223,14 @@ impl NetService {
     }
 
     pub async fn create(&self, req: &CreateEndpoint) -> Result<Endpoint, ApiError> {
+        let reserved = self.reserve(req).await?;
+        self.realize(reserved).await
+    }
+
+    /// The first half of [`Self::create`]: checks the request and records the endpoint as
+    /// `creating` with its address, holding the endpoint lock until [`Self::realize`] made it, so
+    /// a caller knows the address and netns path while the kernel work is still to come.
+    pub async fn reserve(&self, req: &CreateEndpoint) -> Result<ReservedEndpoint, ApiError> {
         validate_owner(&req.owner)?;
         validate_app("app", &req.app)?;
         for app in &req.allow_from {
@@ -237,14 +257,20 @@ impl NetService {
         }
         let owner = parse_holder(&req.owner)?;
         let (owner_pid, owner_start_time) = owner.pid_and_start();
-        let _guard = self.lock.lock().await;
+        let guard = self.lock.clone().lock_owned().await;
 
         if let Some(existing) = self.store.endpoint(&req.owner)? {
             let same = existing.app == req.app
                 && existing.allow_from == req.allow_from
                 && existing.publish == publish.iter().map(publish_key).collect::<Vec<_>>();
             if same && existing.status == "ready" {
-                return Ok(self.view(&existing)); // a retried create
+                // A retried create.
+                return Ok(ReservedEndpoint {
+                    endpoint: self.view(&existing),
+                    row: existing,
+                    made: true,
+                    _guard: guard,
+                });
             }
         }
         for other in self.store.endpoints()? {
@@ -279,8 +305,23 @@ impl NetService {
             .insert_creating_endpoint(&wanted, &subnet_key, |last, used| {
                 self.next_address(last, used)
             })?;
+        Ok(ReservedEndpoint {
+            endpoint: self.view(&row),
+            row,
+            made: false,
+            _guard: guard,
+        })
+    }
+
+    /// The second half of [`Self::create`]: netns, veth, address, routes, then the rules of
+    /// every endpoint, then `ready`. On failure it removes what it made, and the row.
+    pub async fn realize(&self, reserved: ReservedEndpoint) -> Result<Endpoint, ApiError> {
+        if reserved.made {
+            return Ok(reserved.endpoint);
+        }
+        let row = &reserved.row;
         let made = async {
-            netns::create_endpoint(&self.cfg, &spec_of(&row)).await?;
+            netns::create_endpoint(&self.cfg, &spec_of(row)).await?;
             self.apply().await
         }
         .await;
@@ -294,7 +335,9 @@ impl NetService {
         }
         self.store.set_endpoint_status(&row.owner, "ready")?;
         info!(owner = %row.owner, app = %row.app, ip = %row.ip, "endpoint created");
-        self.get(&row.owner)
+        let mut endpoint = reserved.endpoint;
+        endpoint.status = "ready".into();
+        Ok(endpoint)
     }
 
     /// Replaces the apps allowed to reach `owner`'s endpoint; the rules are applied before it

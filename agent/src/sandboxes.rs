@@ -306,15 +306,21 @@ impl SandboxService {
         ]);
         let user = resolve_user(&config.user, &layers)?;
 
-        let endpoint = self
+        // The endpoint's address and netns path are known at once; its kernel side is made
+        // while the supervisor prepares the sandbox, which waits for it before it creates
+        // the container (`start_gate`).
+        let reserved = self
             .net
-            .create(&CreateEndpoint {
+            .reserve(&CreateEndpoint {
                 owner: row.id.clone(),
                 app: row.app.clone(),
                 allow_from: req.allow_from.clone(),
                 publish: req.publish.clone(),
             })
             .await?;
+        let endpoint = reserved.endpoint.clone();
+        let net = self.net.clone();
+        let realized = tokio::spawn(async move { net.realize(reserved).await });
         let ip: std::net::Ipv4Addr = endpoint
             .ip
             .parse()
@@ -381,15 +387,30 @@ impl SandboxService {
             logs: Default::default(),
             cgroup_prefix: self.cfg.name_prefix.clone(),
             stop_grace_ms: 10_000,
+            start_gate: true,
         };
         let state_dir = self.state_dir(&row.id);
         let exe = std::env::current_exe()
             .map_err(|e| ApiError::internal(format!("finding the miren binary: {e}")))?;
-        tokio::task::spawn_blocking(move || -> Result<(), ApiError> {
+        let launch = tokio::task::spawn_blocking(move || -> Result<_, ApiError> {
             sandbox::create(&state_dir, &spec)?;
             let mut cmd = std::process::Command::new(exe);
             cmd.arg("supervise").arg("--state-dir").arg(&state_dir);
-            sandbox::launch(cmd, &state_dir).map_err(|e| {
+            Ok(sandbox::spawn(cmd, &state_dir)?)
+        })
+        .await
+        .map_err(|e| ApiError::internal(format!("starting the sandbox: {e}")))?;
+        let network = realized
+            .await
+            .map_err(|e| ApiError::internal(format!("creating the endpoint: {e}")))
+            .and_then(|r| r);
+        let launch = launch?;
+        tokio::task::spawn_blocking(move || -> Result<(), ApiError> {
+            if let Err(err) = network {
+                launch.cancel();
+                return Err(err);
+            }
+            launch.open_gate().map_err(|e| {
                 ApiError::new(
                     axum::http::StatusCode::UNPROCESSABLE_ENTITY,
                     "start_failed",

@@ -10,6 +10,7 @@
 
 mod endpoint;
 mod files;
+mod libnft;
 mod link;
 mod nsfs;
 mod rules;
@@ -63,6 +64,8 @@ pub enum Error {
     },
     #[error("nftables: {0}")]
     Nftables(#[from] nftables::helper::NftablesError),
+    #[error("nftables: {0}")]
+    Libnftables(String),
     #[error("worker thread for {0} panicked")]
     ThreadPanicked(String),
 }

@@ -317,8 +317,13 @@ pub fn ruleset_json(cfg: &NetConfig, endpoints: &[EndpointSpec]) -> Result<Value
 }
 
 async fn nft_apply(payload: String) -> Result<()> {
-    tokio::task::spawn_blocking(move || {
-        nftables::helper::apply_ruleset_raw(&payload, None::<&str>, std::iter::empty::<&str>())
+    tokio::task::spawn_blocking(move || match crate::libnft::apply_json(&payload) {
+        Some(result) => result.map_err(Error::Libnftables),
+        None => {
+            nftables::helper::apply_ruleset_raw(&payload, None::<&str>, std::iter::empty::<&str>())
+                .map(drop)
+                .map_err(Error::from)
+        }
     })
     .await
     .map_err(|_| Error::ThreadPanicked("nft".into()))??;

@@ -112,6 +112,7 @@ mod sandbox_common {
                 logs: LogConfig::default(),
                 cgroup_prefix: self.prefix.clone(),
                 stop_grace_ms: 2000,
+                start_gate: false,
             }
         }
 
@@ -602,7 +603,7 @@ fn survives_death_of_launching_parent() {
     let mut agent = Command::new("/bin/sh")
         .arg("-c")
         .arg(format!(
-            "{} {} && echo launched; sleep 1000",
+            "{} {} && echo launched; exec sleep 1000",
             supervisor_bin().display(),
             dir.display()
         ))

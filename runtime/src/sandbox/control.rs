@@ -9,40 +9,86 @@ use libcontainer::container::Container;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-use super::status::{read_status, same_process, write_atomic, write_status};
+use super::status::{read_status, same_process, write_replace, write_status};
 use super::supervisor::StopRequest;
 use super::{cgroup, read_spec, SandboxError, SandboxSpec, State, Status};
 use super::{PID_FILE, ROOTFS_DIR, SPEC_FILE, STOP_FILE, YOUKI_DIR};
 
-/// Validates `spec` and writes it to `<state_dir>/spec.json` (creating the dir).
+/// Validates `spec` and writes it to `<state_dir>/spec.json` (creating the dir). Not forced
+/// to disk: a sandbox does not outlive a host crash (nothing restarts a supervisor), and a
+/// state dir whose spec was lost is still deleted whole.
 pub fn create(state_dir: &Path, spec: &SandboxSpec) -> Result<(), SandboxError> {
     spec.validate()?;
     fs::create_dir_all(state_dir)
         .map_err(|e| SandboxError::io(format!("mkdir {}", state_dir.display()), e))?;
     let json = serde_json::to_vec_pretty(spec)
         .map_err(|e| SandboxError::InvalidSpec(format!("serialize: {e}")))?;
-    write_atomic(&state_dir.join(SPEC_FILE), &json)
+    write_replace(&state_dir.join(SPEC_FILE), &json)
 }
 
 /// Runs the supervisor command (e.g. `miren supervise --state-dir DIR`) and waits for
 /// its launcher half, which exits once the container runs or failed to start. The
 /// supervisor itself keeps running detached. Blocking: call from a blocking context.
-pub fn launch(mut cmd: Command, state_dir: &Path) -> Result<Status, SandboxError> {
-    let st = cmd
-        .stdin(Stdio::null())
+pub fn launch(cmd: Command, state_dir: &Path) -> Result<Status, SandboxError> {
+    spawn(cmd, state_dir)?.open_gate()
+}
+
+/// Starts the supervisor command without waiting for it. With `start_gate` in the spec, the
+/// supervisor prepares the sandbox meanwhile but creates the container only after
+/// [`Launch::open_gate`]; [`Launch::cancel`] makes it fail and clean up instead.
+pub fn spawn(mut cmd: Command, state_dir: &Path) -> Result<Launch, SandboxError> {
+    let mut child = cmd
+        .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
-        .status()
+        .spawn()
         .map_err(|e| SandboxError::io("spawn supervisor", e))?;
-    let status = status(state_dir);
-    if !st.success() {
-        let why = status
-            .ok()
-            .and_then(|s| s.error)
-            .unwrap_or_else(|| format!("supervisor launcher {st}"));
-        return Err(SandboxError::StartFailed(why));
+    Ok(Launch {
+        gate: child.stdin.take(),
+        child,
+        state_dir: state_dir.to_path_buf(),
+    })
+}
+
+/// A supervisor launcher started by [`spawn`].
+pub struct Launch {
+    child: std::process::Child,
+    gate: Option<std::process::ChildStdin>,
+    state_dir: std::path::PathBuf,
+}
+
+impl Launch {
+    /// Lets a gated supervisor start the container, then waits as [`launch`] does.
+    pub fn open_gate(mut self) -> Result<Status, SandboxError> {
+        if let Some(mut gate) = self.gate.take() {
+            // A broken pipe means the supervisor is gone already: `wait` reports it.
+            let _ = std::io::Write::write_all(&mut gate, b"1");
+        }
+        self.wait()
     }
-    status
+
+    /// Tells a gated supervisor not to start, and waits for it to give up.
+    pub fn cancel(mut self) {
+        self.gate = None;
+        let _ = self.wait();
+    }
+
+    fn wait(mut self) -> Result<Status, SandboxError> {
+        self.gate = None;
+        let st = self
+            .child
+            .wait()
+            .map_err(|e| SandboxError::io("wait for the supervisor launcher", e))?;
+        let status = status(&self.state_dir);
+        if !st.success() {
+            let why = status
+                .ok()
+                .and_then(|s| s.error)
+                .unwrap_or_else(|| format!("supervisor launcher {st}"));
+            return Err(SandboxError::StartFailed(why));
+        }
+        status
+    }
 }
 
 /// The last recorded status, with `supervisor_alive` checked against /proc.
@@ -70,7 +116,7 @@ pub fn stop(state_dir: &Path, grace: Duration) -> Result<Status, SandboxError> {
             grace_ms: grace.as_millis() as u64,
         })
         .map_err(|e| SandboxError::InvalidSpec(e.to_string()))?;
-        write_atomic(&state_dir.join(STOP_FILE), &req)?;
+        write_replace(&state_dir.join(STOP_FILE), &req)?;
         let _ = kill(Pid::from_raw(st.supervisor_pid), Signal::SIGTERM);
         let deadline = Instant::now() + grace + Duration::from_secs(10);
         while same_process(st.supervisor_pid, st.supervisor_start_time) {
@@ -103,7 +149,16 @@ pub fn delete(state_dir: &Path) -> Result<(), SandboxError> {
         return Ok(());
     }
     if let Ok(st) = status(state_dir) {
-        if st.supervisor_alive {
+        if st.supervisor_alive && matches!(st.state, State::Exited | State::Failed) {
+            // It recorded the end and is tearing down (cgroups, overlay): let it finish.
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while same_process(st.supervisor_pid, st.supervisor_start_time)
+                && Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        if same_process(st.supervisor_pid, st.supervisor_start_time) {
             let _ = kill(Pid::from_raw(st.supervisor_pid), Signal::SIGKILL);
             let deadline = Instant::now() + Duration::from_secs(5);
             while same_process(st.supervisor_pid, st.supervisor_start_time)

@@ -15,7 +15,7 @@ mod spec;
 mod status;
 mod supervisor;
 
-pub use control::{create, delete, launch, status, stop};
+pub use control::{create, delete, launch, spawn, status, stop, Launch};
 pub use exec::{exec, ExecOutput};
 pub use oci::{DEFAULT_CAPS, DENIED_SYSCALLS};
 pub use spec::{merge_env, Backoff, LogConfig, Mount, Resources, RestartPolicy, SandboxSpec, User};

@@ -46,6 +46,11 @@ pub struct SandboxSpec {
     /// Time between SIGTERM and SIGKILL when stopping.
     #[serde(default = "default_grace_ms")]
     pub stop_grace_ms: u64,
+    /// The supervisor prepares everything (overlay, bundle) but creates the container only
+    /// once the one who launched it says so through the launch's stdin (see
+    /// [`super::Launch`]): the agent sets up the sandbox's network endpoint meanwhile.
+    #[serde(default)]
+    pub start_gate: bool,
 }
 
 fn default_grace_ms() -> u64 {

@@ -54,25 +54,40 @@ pub(crate) fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Writes `path` via temp file + fsync + rename + directory fsync, so a crash leaves
-/// either the old or the new content.
-pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> Result<(), SandboxError> {
+/// Writes `path` via temp file + rename: readers see the old or the new content, never a
+/// partial one, but nothing is forced to disk. For files whose loss in a host crash does not
+/// matter (every process they describe dies with the host).
+pub(crate) fn write_replace(path: &Path, data: &[u8]) -> Result<(), SandboxError> {
+    write_file(path, data, false)
+}
+
+/// Temp file + rename; with `durable`, fsync before the rename and of the directory after it,
+/// so a crash leaves either the old or the new content.
+fn write_file(path: &Path, data: &[u8], durable: bool) -> Result<(), SandboxError> {
     let io = |e| SandboxError::io(format!("write {}", path.display()), e);
     let tmp = path.with_extension("tmp");
     let mut f = File::create(&tmp).map_err(io)?;
     f.write_all(data).map_err(io)?;
-    f.sync_all().map_err(io)?;
+    if durable {
+        f.sync_all().map_err(io)?;
+    }
     fs::rename(&tmp, path).map_err(io)?;
-    if let Some(dir) = path.parent() {
-        File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+    if durable {
+        if let Some(dir) = path.parent() {
+            File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+        }
     }
     Ok(())
 }
 
+/// Records `st`. Only the end of a sandbox (`exited`, `failed`: the exit code, the error) is
+/// forced to disk; the states in between describe processes that a host crash ends anyway, and
+/// after one the supervisor is seen dead whatever the file says.
 pub(crate) fn write_status(state_dir: &Path, st: &Status) -> Result<(), SandboxError> {
     let json = serde_json::to_vec_pretty(st)
         .map_err(|e| SandboxError::InvalidSpec(format!("status json: {e}")))?;
-    write_atomic(&state_dir.join(STATUS_FILE), &json)
+    let durable = matches!(st.state, State::Exited | State::Failed);
+    write_file(&state_dir.join(STATUS_FILE), &json, durable)
 }
 
 pub(crate) fn read_status(state_dir: &Path) -> Result<Option<Status>, SandboxError> {

@@ -22,7 +22,7 @@ use serde::Deserialize;
 
 use super::control::{is_mounted, unmount};
 use super::logs::RotatingLog;
-use super::status::{now_ms, proc_start_time, read_status, write_atomic, write_status};
+use super::status::{now_ms, proc_start_time, read_status, write_replace, write_status};
 use super::{cgroup, oci, read_spec, RestartPolicy, SandboxError, SandboxSpec, State, Status};
 use super::{
     BUNDLE_DIR, HOSTS_FILE, PID_FILE, RESOLV_FILE, ROOTFS_DIR, STDERR_LOG, STDOUT_LOG, STOP_FILE,
@@ -114,10 +114,21 @@ struct Supervisor {
     stopping: Option<Instant>,
     /// Last status written, to skip redundant fsyncs.
     saved: Option<Status>,
+    /// With `spec.start_gate`: the launch's stdin, read once before the first start.
+    gate: Option<File>,
 }
 
 impl Supervisor {
     fn new(dir: PathBuf, spec: SandboxSpec, ready: OwnedFd) -> Result<Self, SandboxError> {
+        let gate = if spec.start_gate {
+            // Kept (close-on-exec) before stdin becomes /dev/null.
+            let fd = nix::fcntl::fcntl(std::io::stdin(), nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(3))
+                .map_err(|e| SandboxError::sys("dup stdin", e))?;
+            // SAFETY: a descriptor fcntl just made for us alone.
+            Some(unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+        } else {
+            None
+        };
         detach_and_redirect(&dir)?;
         let (sig_r, sig_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)
             .map_err(|e| SandboxError::sys("pipe", e))?;
@@ -139,7 +150,7 @@ impl Supervisor {
             error: None,
             supervisor_alive: true,
         };
-        write_atomic(
+        write_replace(
             &dir.join(PID_FILE),
             format!(
                 "{} {}\n",
@@ -173,6 +184,7 @@ impl Supervisor {
             stderr,
             stopping: None,
             saved,
+            gate,
         })
     }
 
@@ -194,7 +206,7 @@ impl Supervisor {
 
     /// Whole life of the sandbox; returns the process exit code.
     fn run(&mut self) -> i32 {
-        let code = match self.prepare() {
+        let code = match self.prepare().and_then(|()| self.wait_gate()) {
             Ok(()) => self.run_loop(),
             Err(e) => {
                 self.status.state = State::Failed;
@@ -241,15 +253,35 @@ impl Supervisor {
         )
         .map_err(|e| SandboxError::sys(format!("mount overlay on {}", rootfs.display()), e))?;
         if let Some(h) = &self.spec.hosts {
-            write_atomic(&d.join(HOSTS_FILE), h.as_bytes())?;
+            write_replace(&d.join(HOSTS_FILE), h.as_bytes())?;
         }
         if let Some(r) = &self.spec.resolv_conf {
-            write_atomic(&d.join(RESOLV_FILE), r.as_bytes())?;
+            write_replace(&d.join(RESOLV_FILE), r.as_bytes())?;
         }
         let oci = oci::build(&self.spec, &rootfs, d)?;
         oci.save(d.join(BUNDLE_DIR).join("config.json"))
             .map_err(|e| SandboxError::InvalidSpec(format!("save config.json: {e}")))?;
         Ok(())
+    }
+
+    /// With a start gate: blocks until the launcher's caller writes `1` (go) or closes the
+    /// pipe (cancel: its part of the setup, the network endpoint, failed).
+    fn wait_gate(&mut self) -> Result<(), SandboxError> {
+        let Some(mut gate) = self.gate.take() else {
+            return Ok(());
+        };
+        let mut b = [0u8; 1];
+        loop {
+            match gate.read(&mut b) {
+                Ok(1) if b[0] == b'1' => return Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                _ => {
+                    return Err(SandboxError::StartFailed(
+                        "start cancelled: the agent could not finish setting up the sandbox".into(),
+                    ))
+                }
+            }
+        }
     }
 
     fn run_loop(&mut self) -> i32 {
@@ -271,9 +303,6 @@ impl Supervisor {
             let code = self.pump(&mut run);
             let oom = cgroup::oom_kills(&self.spec) > 0;
             let ran = run.started.elapsed();
-            if let Err(e) = run.container.delete(true) {
-                eprintln!("delete container: {e}");
-            }
             self.status.exit_code = Some(code);
             self.status.oom_killed = oom;
             self.status.finished_at = Some(now_ms());
@@ -290,8 +319,16 @@ impl Supervisor {
                 ),
                 RestartPolicy::Always { backoff } => (true, Some(backoff.clone())),
             };
-            if !restart || self.stopping.is_some() {
+            let last = !restart || self.stopping.is_some();
+            if last {
+                // The exit is known: record it (durably) before the container's cgroups and
+                // state go, which takes a while and changes nothing about the outcome.
                 self.save();
+            }
+            if let Err(e) = run.container.delete(true) {
+                eprintln!("delete container: {e}");
+            }
+            if last {
                 return 0;
             }
             let backoff = backoff.unwrap_or_default();
