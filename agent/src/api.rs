@@ -473,6 +473,7 @@ async fn backup_disk(
     let (tx, rx) = tokio::sync::mpsc::channel(8);
     tokio::task::spawn_blocking(move || {
         let mut out = crate::stream::ChannelWriter::new(tx.clone());
+        let started = std::time::Instant::now();
         let written = miren_snapshot::write_snapshot(
             &capture.path,
             &capture.meta,
@@ -487,7 +488,8 @@ async fn backup_disk(
         });
         match written {
             Ok(summary) => {
-                info!(disk = %capture.meta.name, bytes = summary.compressed_bytes_written, checksum = %summary.image_checksum, "backup streamed")
+                info!(disk = %capture.meta.name, bytes = summary.compressed_bytes_written, checksum = %summary.image_checksum,
+                      stream_seconds = started.elapsed().as_secs_f64(), "backup streamed")
             }
             Err(e) => {
                 warn!(disk = %capture.meta.name, error = %e, "backup stream failed");

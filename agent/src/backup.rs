@@ -111,8 +111,8 @@ impl DiskService {
             freeze_seconds: None,
             copied_bytes: 0,
         };
+        let started = Instant::now();
         if mounted && !row.read_only {
-            let started = Instant::now();
             let frozen = snapshot::freeze(&mount_path)?;
             // The guard thaws on every path out of here, errors and panics included.
             let copied = snapshot::capture_extents(&image, &capture.path);
@@ -123,7 +123,8 @@ impl DiskService {
         } else {
             capture.copied_bytes = snapshot::capture_extents(&image, &capture.path)?;
         }
-        info!(disk = %row.name, bytes = capture.copied_bytes, freeze_seconds = ?capture.freeze_seconds, "captured disk for backup");
+        info!(disk = %row.name, bytes = capture.copied_bytes, freeze_seconds = ?capture.freeze_seconds,
+              capture_seconds = started.elapsed().as_secs_f64(), "captured disk for backup");
         Ok(capture)
     }
 
