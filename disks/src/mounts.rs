@@ -27,13 +27,35 @@ pub fn mount(
     if read_only {
         flags |= MountFlags::RDONLY;
     }
-    Mount::builder()
-        .fstype(fs.as_str())
-        .flags(flags)
-        .data(fs.mount_options())
-        .mount(device, target)
-        .map(|_| ())
-        .map_err(|e| DiskError::io("mounting", target, e))
+    let attempt = || {
+        Mount::builder()
+            .fstype(fs.as_str())
+            .flags(flags)
+            .data(fs.mount_options())
+            .mount(device, target)
+            .map(|_| ())
+    };
+    let mut result = attempt();
+    // A btrfs copy (a restore) has its source's fsid. If udev's `btrfs device scan` registered
+    // the new loop device before the mount, the kernel refuses it as a second device of the
+    // mounted source (EEXIST); forgetting the unmounted registration lets the mount give the
+    // copy a temporary fsid, as it does when nothing raced it.
+    for _ in 0..3 {
+        match &result {
+            Err(e) if fs == Filesystem::Btrfs && e.raw_os_error() == Some(libc::EEXIST) => {
+                let _ = std::process::Command::new("btrfs")
+                    .args(["device", "scan", "--forget"])
+                    .arg(device)
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .status();
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                result = attempt();
+            }
+            _ => break,
+        }
+    }
+    result.map_err(|e| DiskError::io("mounting", target, e))
 }
 
 /// Switches an existing mount between read-only and read-write.
