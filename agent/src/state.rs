@@ -108,6 +108,10 @@ const MIGRATIONS: &[&str] = &[
         admin_password TEXT NOT NULL,
         created_at TEXT NOT NULL
     );",
+    // 6: whether an addon's server ever answered: a data directory left by an initdb cut
+    // short is only discarded for an addon that never did.
+    "ALTER TABLE addons ADD COLUMN ever_active INTEGER NOT NULL DEFAULT 0;
+     UPDATE addons SET ever_active = 1 WHERE status = 'active';",
 ];
 
 /// Lifecycle of a disk row. `Creating` and `Deleting` mark operations in flight: after a crash,

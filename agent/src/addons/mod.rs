@@ -512,7 +512,13 @@ impl AddonService {
             format!("POSTGRES_DB={}", row.db_name),
         ];
         let ip = self
-            .ensure_server_sandbox(&name, &row.image, env, vec![row.app.clone()])
+            .ensure_server_sandbox(
+                &name,
+                &row.image,
+                env,
+                vec![row.app.clone()],
+                !self.store.addon_ever_active(&row.app, &row.kind)?,
+            )
             .await?;
         self.still_wanted(row)?;
         self.wait_ready(
@@ -527,6 +533,32 @@ impl AddonService {
         .await?;
         self.sync_disk(&name).await?;
         Ok(())
+    }
+
+    async fn discard_data_dir(&self, disk: &str) -> Result<(), ApiError> {
+        let view = self.disks.view_one(&self.disks.find(disk)?)?;
+        let Some(mount) = view.mount_path else {
+            return Err(ApiError::busy(format!("disk `{disk}` is not mounted")));
+        };
+        let data = std::path::Path::new(&mount).join(
+            PG_DATA_DIR
+                .strip_prefix(PG_DATA_MOUNT)
+                .unwrap_or("/pgdata")
+                .trim_start_matches('/'),
+        );
+        tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&data) {
+            Ok(()) => {
+                info!(dir = %data.display(), "discarded the data directory of a server that never answered");
+                Ok(())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(ApiError::internal(format!(
+                "removing {}: {e}",
+                data.display()
+            ))),
+        })
+        .await
+        .map_err(|e| ApiError::internal(format!("discarding a data directory: {e}")))?
     }
 
     /// Flushes a server's disk: initdb ran with `--no-sync` (an fsync per file, ~1000 files,
@@ -624,7 +656,13 @@ impl AddonService {
         ];
         let members = self.store.shared_members(kind)?;
         let ip = self
-            .ensure_server_sandbox(SHARED_SERVER, &server.image, env, members)
+            .ensure_server_sandbox(
+                SHARED_SERVER,
+                &server.image,
+                env,
+                members,
+                server.status != "active",
+            )
             .await?;
         let admin = self
             .wait_ready(
@@ -797,6 +835,7 @@ impl AddonService {
         image: &str,
         env: Vec<String>,
         allow_from: Vec<String>,
+        never_ready: bool,
     ) -> Result<Ipv4Addr, ApiError> {
         let sandbox = match self.sandboxes.get(name) {
             Ok(s) if s.state != "failed" => s,
@@ -804,6 +843,12 @@ impl AddonService {
                 if let Ok(failed) = found {
                     warn!(sandbox = %name, error = ?failed.error, "replacing a failed addon server");
                     self.sandboxes.delete(&failed.id).await?;
+                }
+                if never_ready {
+                    // An initdb cut short (the agent killed, the server replaced) leaves a
+                    // data directory the image would try to start instead of initializing:
+                    // a server that never answered has nothing worth keeping there.
+                    self.discard_data_dir(name).await?;
                 }
                 let mut env = env;
                 env.push(format!("PGDATA={PG_DATA_DIR}"));

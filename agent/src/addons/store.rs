@@ -270,7 +270,8 @@ impl Store {
         let moved = match status {
             Some(s) if from.contains(&s.as_str()) => {
                 tx.execute(
-                    "UPDATE addons SET status = ?3, reason = ?4, updated_at = ?5
+                    "UPDATE addons SET status = ?3, reason = ?4, updated_at = ?5,
+                       ever_active = ever_active OR ?3 = 'active'
                      WHERE app = ?1 AND kind = ?2",
                     params![app, kind, to, reason, now_rfc3339()],
                 )?;
@@ -294,6 +295,19 @@ impl Store {
             params![app, kind, reason, now_rfc3339()],
         )?;
         Ok(())
+    }
+
+    /// Whether the addon's server ever answered (its data directory may hold data).
+    pub fn addon_ever_active(&self, app: &str, kind: &str) -> Result<bool, ApiError> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT ever_active FROM addons WHERE app = ?1 AND kind = ?2",
+                params![app, kind],
+                |r| r.get(0),
+            )
+            .optional()?
+            .unwrap_or(false))
     }
 
     pub fn remove_addon(&self, app: &str, kind: &str) -> Result<(), ApiError> {
