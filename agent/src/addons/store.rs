@@ -136,6 +136,17 @@ fn member_list() -> String {
         .join(", ")
 }
 
+/// The image a kind's shared server runs, or its members are about to run it with.
+fn shared_image_query() -> String {
+    format!(
+        "SELECT image FROM addon_servers WHERE kind = ?1 AND status != 'deleting'
+         UNION ALL
+         SELECT image FROM addons WHERE kind = ?1 AND variant = 'shared' AND status IN ({})
+         LIMIT 1",
+        member_list()
+    )
+}
+
 impl Store {
     /// Records a new addon in `pending`, in one transaction with the shared-server checks: an
     /// app has at most one addon of a kind, and every member of a kind's shared server runs
@@ -159,18 +170,7 @@ impl Store {
         }
         if row.variant == "shared" {
             let in_use: Option<String> = tx
-                .query_row(
-                    &format!(
-                        "SELECT image FROM addon_servers WHERE kind = ?1 AND status != 'deleting'
-                         UNION ALL
-                         SELECT image FROM addons WHERE kind = ?1 AND variant = 'shared'
-                           AND status IN ({})
-                         LIMIT 1",
-                        member_list()
-                    ),
-                    [&row.kind],
-                    |r| r.get(0),
-                )
+                .query_row(&shared_image_query(), [&row.kind], |r| r.get(0))
                 .optional()?;
             if let Some(image) = in_use.filter(|image| *image != row.image) {
                 return Err(shared_image_conflict(&image));
@@ -205,18 +205,7 @@ impl Store {
     pub fn shared_image(&self, kind: &str) -> Result<Option<String>, ApiError> {
         Ok(self
             .conn()
-            .query_row(
-                &format!(
-                    "SELECT image FROM addon_servers WHERE kind = ?1 AND status != 'deleting'
-                     UNION ALL
-                     SELECT image FROM addons WHERE kind = ?1 AND variant = 'shared'
-                       AND status IN ({})
-                     LIMIT 1",
-                    member_list()
-                ),
-                [kind],
-                |r| r.get(0),
-            )
+            .query_row(&shared_image_query(), [kind], |r| r.get(0))
             .optional()?)
     }
 
