@@ -68,10 +68,7 @@ pub fn service_sandbox_name(app: &str, service: &str) -> String {
     if name.len() <= 63 {
         return name;
     }
-    let mut hash: u32 = 0x811c9dc5;
-    for b in name.bytes() {
-        hash = (hash ^ u32::from(b)).wrapping_mul(0x01000193);
-    }
+    let hash = addons::fnv1a32(name.as_bytes());
     format!("{}-{hash:08x}", name[..54].trim_end_matches('-'))
 }
 
@@ -346,30 +343,19 @@ impl AppService {
 
     async fn ensure_disk(&self, disk: &DiskSpec) -> Result<(), ApiError> {
         let disks = self.disks.clone();
-        let disk = disk.clone();
-        tokio::task::spawn_blocking(move || -> Result<(), ApiError> {
-            match disks.find(&disk.name) {
-                Ok(_) => Ok(()),
-                Err(e) if e.code == "not_found" => {
-                    let filesystem = match disk.filesystem.as_str() {
-                        "xfs" => FilesystemKind::Xfs,
-                        "btrfs" => FilesystemKind::Btrfs,
-                        _ => FilesystemKind::Ext4,
-                    };
-                    disks
-                        .create(&CreateDisk {
-                            name: disk.name.clone(),
-                            size_gb: disk.size_gb,
-                            filesystem: Some(filesystem),
-                            read_only: false,
-                        })
-                        .map(|_| ())
-                }
-                Err(e) => Err(e),
-            }
-        })
-        .await
-        .map_err(|e| ApiError::internal(format!("creating a disk: {e}")))?
+        let req = CreateDisk {
+            name: disk.name.clone(),
+            size_gb: disk.size_gb,
+            filesystem: Some(match disk.filesystem.as_str() {
+                "xfs" => FilesystemKind::Xfs,
+                "btrfs" => FilesystemKind::Btrfs,
+                _ => FilesystemKind::Ext4,
+            }),
+            read_only: false,
+        };
+        tokio::task::spawn_blocking(move || disks.ensure(&req))
+            .await
+            .map_err(|e| ApiError::internal(format!("creating a disk: {e}")))?
     }
 
     async fn remove_service(&self, app: &str, service: &str) -> Result<(), ApiError> {

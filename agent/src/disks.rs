@@ -156,6 +156,16 @@ impl DiskService {
         Ok(())
     }
 
+    /// Creates the disk unless one of that name exists (kept as it is: size and filesystem
+    /// of an existing disk are never changed here).
+    pub fn ensure(&self, req: &CreateDisk) -> Result<(), ApiError> {
+        match self.find(&req.name) {
+            Ok(_) => Ok(()),
+            Err(e) if e.code == "not_found" => self.create(req).map(|_| ()),
+            Err(e) => Err(e),
+        }
+    }
+
     pub fn delete(&self, id_or_name: &str) -> Result<(), ApiError> {
         let row = self.find(id_or_name)?;
         let row = self.store.begin_delete(&row.id)?;

@@ -81,7 +81,7 @@ pub struct AddonService {
     shared: tokio::sync::Mutex<()>,
 }
 
-fn fnv1a32(bytes: &[u8]) -> u32 {
+pub(crate) fn fnv1a32(bytes: &[u8]) -> u32 {
     let mut hash: u32 = 0x811c9dc5;
     for b in bytes {
         hash ^= u32::from(*b);
@@ -791,23 +791,15 @@ impl AddonService {
 
     async fn ensure_disk(&self, name: &str, size_gb: u64) -> Result<(), ApiError> {
         let disks = self.disks.clone();
-        let name = name.to_string();
-        tokio::task::spawn_blocking(move || -> Result<(), ApiError> {
-            match disks.find(&name) {
-                Ok(_) => Ok(()),
-                Err(e) if e.code == "not_found" => disks
-                    .create(&CreateDisk {
-                        name,
-                        size_gb,
-                        filesystem: Some(FilesystemKind::Ext4),
-                        read_only: false,
-                    })
-                    .map(|_| ()),
-                Err(e) => Err(e),
-            }
-        })
-        .await
-        .map_err(|e| ApiError::internal(format!("creating a disk: {e}")))?
+        let req = CreateDisk {
+            name: name.to_string(),
+            size_gb,
+            filesystem: Some(FilesystemKind::Ext4),
+            read_only: false,
+        };
+        tokio::task::spawn_blocking(move || disks.ensure(&req))
+            .await
+            .map_err(|e| ApiError::internal(format!("creating a disk: {e}")))?
     }
 
     async fn remove_disk(&self, name: &str) -> Result<(), ApiError> {
