@@ -575,16 +575,21 @@ fn stop_with_grace_then_kill() {
     assert!(f.cgroup_dirs(&deaf).is_empty());
     assert!(mounts_under(&dir.to_string_lossy()).is_empty());
 
-    // A container that handles SIGTERM exits with its own code, well before the grace.
+    // A container that handles SIGTERM exits with its own code (7, not the 137
+    // of the SIGKILL after the grace). Stop only once the trap is installed:
+    // before that the shell, as PID 1, would ignore the SIGTERM.
     let polite = f.spec(
         "polite",
-        "trap 'echo bye; exit 7' TERM; while true; do sleep 0.05; done",
+        "trap 'echo bye; exit 7' TERM; echo ready; while true; do sleep 0.05; done",
     );
     let dir = f.start(&polite);
-    let t0 = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !read(&dir, "stdout.log").contains("ready") {
+        assert!(Instant::now() < deadline, "the trap was never installed");
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let st = sandbox::stop(&dir, Duration::from_secs(10)).expect("stop");
-    assert!(t0.elapsed() < Duration::from_secs(5));
-    assert_eq!(st.exit_code, Some(7));
+    assert_eq!(st.exit_code, Some(7), "exited by its handler, not by SIGKILL");
     assert!(read(&dir, "stdout.log").contains("bye"));
     // Stop again: idempotent.
     sandbox::stop(&dir, Duration::from_secs(1)).expect("second stop");
