@@ -125,6 +125,7 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(list_sandboxes, run_sandbox))
         .routes(routes!(get_sandbox, delete_sandbox))
         .routes(routes!(stop_sandbox))
+        .routes(routes!(wait_sandbox))
         .routes(routes!(exec_sandbox))
         .routes(routes!(sandbox_logs))
         .routes(routes!(addon_catalog))
@@ -713,6 +714,27 @@ async fn stop_sandbox(
         .await
         .map_err(|e| ApiError::internal(format!("operation failed to run: {e}")))?
         .map(Json)
+}
+
+#[utoipa::path(post, path = "/v1/sandboxes/{sandbox}/wait", tag = "sandboxes",
+    params(("sandbox" = String, Path, description = "Sandbox id or name"), crate::model::WaitQuery),
+    responses((status = 200, description = "The sandbox is over (exited or failed, no restart to come): its final status", body = crate::model::Sandbox),
+        (status = 404, body = ErrorBody), (status = 408, description = "Still running after timeout_secs", body = ErrorBody)))]
+async fn wait_sandbox(
+    State(state): State<AppState>,
+    PathParam(sandbox): PathParam<String>,
+    QueryParam(query): QueryParam<crate::model::WaitQuery>,
+) -> Result<Json<crate::model::Sandbox>, ApiError> {
+    let timeout = match query.timeout_secs {
+        Some(s) if s.is_finite() && s >= 0.0 => Some(Duration::from_secs_f64(s.min(1e9))),
+        Some(s) => {
+            return Err(ApiError::invalid(format!(
+                "timeout_secs must be a number of seconds, at least 0; got {s}"
+            )))
+        }
+        None => None,
+    };
+    state.sandboxes.wait(&sandbox, timeout).await.map(Json)
 }
 
 #[utoipa::path(post, path = "/v1/sandboxes/{sandbox}/exec", tag = "sandboxes", request_body = crate::model::ExecRequest,

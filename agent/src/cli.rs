@@ -43,8 +43,15 @@ pub enum Command {
     /// (internal) Run one sandbox's supervisor; started by the agent.
     #[command(hide = true)]
     Supervise {
+        #[arg(
+            long,
+            required_unless_present = "sandboxes_dir",
+            conflicts_with = "sandboxes_dir"
+        )]
+        state_dir: Option<PathBuf>,
+        /// A spare: read the sandbox id (a directory under this one) from stdin first.
         #[arg(long)]
-        state_dir: PathBuf,
+        sandboxes_dir: Option<PathBuf>,
     },
     /// (internal) Run a command inside a sandbox; started by the agent for `sandbox exec`.
     #[command(hide = true)]
@@ -254,6 +261,15 @@ pub enum SandboxCommand {
         sandbox: String,
         #[arg(last = true, required = true)]
         cmd: Vec<String>,
+    },
+    /// Wait until a sandbox is over (exited, no restart to come) and print its exit code.
+    Wait {
+        sandbox: String,
+        /// Give up after this long (e.g. 30s, 5m); exits 1 then.
+        #[arg(long, value_parser = parse_duration)]
+        timeout: Option<Duration>,
+        #[arg(long)]
+        json: bool,
     },
     /// Stop a sandbox: SIGTERM, a grace period, SIGKILL.
     Stop {

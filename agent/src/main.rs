@@ -8,8 +8,17 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // The supervisor must stay single-threaded (libcontainer clones with raw clone3 and its
     // container init is our child): no runtime, no threads, before this call.
-    if let Command::Supervise { state_dir } = &cli.command {
-        return match miren_runtime::sandbox::supervise(state_dir) {
+    if let Command::Supervise {
+        state_dir,
+        sandboxes_dir,
+    } = &cli.command
+    {
+        let supervised = match (state_dir, sandboxes_dir) {
+            (Some(dir), _) => miren_runtime::sandbox::supervise(dir),
+            (None, Some(root)) => miren_runtime::sandbox::supervise_spare(root).map(drop),
+            (None, None) => Ok(()), // refused by clap
+        };
+        return match supervised {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => {
                 eprintln!("error: {err}");

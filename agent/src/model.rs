@@ -360,6 +360,12 @@ pub struct StopQuery {
 }
 
 #[derive(Debug, Clone, Default, Deserialize, utoipa::IntoParams)]
+pub struct WaitQuery {
+    /// Give up after this many seconds (408); default: wait as long as it runs.
+    pub timeout_secs: Option<f64>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, utoipa::IntoParams)]
 pub struct LogsQuery {
     /// Keep streaming what the sandbox writes.
     #[serde(default)]

@@ -224,7 +224,7 @@ impl NetService {
 
     pub async fn create(&self, req: &CreateEndpoint) -> Result<Endpoint, ApiError> {
         let reserved = self.reserve(req).await?;
-        self.realize(reserved).await
+        self.realize(reserved, None).await
     }
 
     /// The first half of [`Self::create`]: checks the request and records the endpoint as
@@ -315,12 +315,25 @@ impl NetService {
 
     /// The second half of [`Self::create`]: netns, veth, address, routes, then the rules of
     /// every endpoint, then `ready`. On failure it removes what it made, and the row.
-    pub async fn realize(&self, reserved: ReservedEndpoint) -> Result<Endpoint, ApiError> {
+    /// `netns_ready` hears as soon as the network namespace exists (a container can be
+    /// created in it while the rest is made).
+    pub async fn realize(
+        &self,
+        reserved: ReservedEndpoint,
+        netns_ready: Option<tokio::sync::oneshot::Sender<()>>,
+    ) -> Result<Endpoint, ApiError> {
         if reserved.made {
+            if let Some(tx) = netns_ready {
+                let _ = tx.send(());
+            }
             return Ok(reserved.endpoint);
         }
         let row = &reserved.row;
         let made = async {
+            netns::ensure_netns(std::path::Path::new(&reserved.endpoint.netns_path)).await?;
+            if let Some(tx) = netns_ready {
+                let _ = tx.send(());
+            }
             netns::create_endpoint(&self.cfg, &spec_of(row)).await?;
             self.apply().await
         }

@@ -171,6 +171,26 @@ pub async fn run(client: &Client, command: SandboxCommand) -> Result<i32> {
             eprint!("{}", result.stderr);
             Ok(result.exit_code)
         }
+        SandboxCommand::Wait {
+            sandbox,
+            timeout,
+            json,
+        } => {
+            let mut path = format!(
+                "/v1/sandboxes/{}/wait",
+                crate::util::percent_encode(&sandbox)
+            );
+            if let Some(timeout) = timeout {
+                path.push_str(&format!("?timeout_secs={}", timeout.as_secs_f64()));
+            }
+            let s: Sandbox = client.call(Method::POST, &path, None::<&()>).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                println!("{}", s.exit_code.map_or("-".into(), |c| c.to_string()));
+            }
+            Ok(0)
+        }
         SandboxCommand::Stop { sandbox, grace } => {
             let mut path = format!(
                 "/v1/sandboxes/{}/stop",

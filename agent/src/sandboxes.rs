@@ -5,7 +5,7 @@
 //! goes (or by reconciliation if a run or delete was cut short).
 
 use std::collections::HashSet;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,6 +30,70 @@ pub struct SandboxService {
     disks: Arc<DiskService>,
     net: Arc<NetService>,
     images: Arc<ImageService>,
+    spares: Spares,
+}
+
+/// Supervisors are this binary re-executed. One is kept exec'd ahead of need (a spare,
+/// waiting for a sandbox id on its stdin), so a start does not wait for the exec and the
+/// dynamic loading of a large binary; it is replaced after each use, off the start path.
+#[derive(Clone)]
+struct Spares {
+    exe: Option<PathBuf>,
+    sandboxes_dir: PathBuf,
+    spare: Arc<std::sync::Mutex<Option<sandbox::Spare>>>,
+}
+
+impl Spares {
+    fn exe(&self) -> Result<&Path, ApiError> {
+        self.exe
+            .as_deref()
+            .ok_or_else(|| ApiError::internal("cannot find the miren binary to run supervisors"))
+    }
+
+    fn slot(&self) -> std::sync::MutexGuard<'_, Option<sandbox::Spare>> {
+        self.spare.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The supervisor for `state_dir` (spec written): the spare, or a new one. Blocking.
+    fn launch(&self, state_dir: &Path) -> Result<sandbox::Launch, ApiError> {
+        let spare = self.slot().take();
+        if let Some(spare) = spare {
+            match spare.assign(state_dir) {
+                Ok(launch) => return Ok(launch),
+                Err(gone) => gone.retire(),
+            }
+        }
+        let mut cmd = std::process::Command::new(self.exe()?);
+        cmd.arg("supervise").arg("--state-dir").arg(state_dir);
+        Ok(sandbox::spawn(cmd, state_dir)?)
+    }
+
+    /// Starts a spare unless one is waiting. Blocking.
+    fn replenish(&self) {
+        if self.slot().is_some() {
+            return;
+        }
+        let Ok(exe) = self.exe() else { return };
+        let mut cmd = std::process::Command::new(exe);
+        cmd.arg("supervise")
+            .arg("--sandboxes-dir")
+            .arg(&self.sandboxes_dir);
+        match sandbox::spawn_spare(cmd) {
+            Ok(new) => {
+                if let Some(extra) = self.slot().replace(new) {
+                    extra.retire(); // a racing replenish won
+                }
+            }
+            Err(e) => warn!(error = %e, "starting a spare supervisor failed; starts exec one each"),
+        }
+    }
+
+    fn retire(&self) {
+        let spare = self.slot().take();
+        if let Some(spare) = spare {
+            spare.retire();
+        }
+    }
 }
 
 impl From<sandbox::SandboxError> for ApiError {
@@ -163,13 +227,30 @@ impl SandboxService {
         net: Arc<NetService>,
         images: Arc<ImageService>,
     ) -> SandboxService {
+        let spares = Spares {
+            exe: std::env::current_exe().ok(),
+            sandboxes_dir: cfg.data_dir.join("sandboxes"),
+            spare: Default::default(),
+        };
         SandboxService {
             cfg,
             store,
             disks,
             net,
             images,
+            spares,
         }
+    }
+
+    /// Keeps a spare supervisor waiting (in the background).
+    pub fn replenish_spare(&self) {
+        let spares = self.spares.clone();
+        tokio::task::spawn_blocking(move || spares.replenish());
+    }
+
+    /// Lets the spare supervisor go (at shutdown). Blocking, briefly.
+    pub fn retire_spare(&self) {
+        self.spares.retire();
     }
 
     fn state_dir(&self, id: &str) -> PathBuf {
@@ -235,12 +316,16 @@ impl SandboxService {
             disks: disks.iter().map(|d| d.0.clone()).collect(),
             created_at: now_rfc3339(),
         };
+        // The container's cgroup migration comes a few ms from now: start the grace period
+        // it would wait for (see `prime_cgroup_migrations`) already.
+        tokio::task::spawn_blocking(sandbox::prime_cgroup_migrations);
         self.store.insert_sandbox(&row)?;
         match self
             .start(&row, &req, &disks, memory_bytes, restart, tmpfs, local_dir)
             .await
         {
             Ok(()) => {
+                self.replenish_spare();
                 self.store.set_sandbox_status(&id, "created")?;
                 info!(sandbox = %name, id = %id, image = %req.image, "sandbox started");
                 self.get(&id)
@@ -320,7 +405,11 @@ impl SandboxService {
             .await?;
         let endpoint = reserved.endpoint.clone();
         let net = self.net.clone();
-        let realized = tokio::spawn(async move { net.realize(reserved).await });
+        let (netns_tx, netns_rx) = tokio::sync::oneshot::channel();
+        let realized = tokio::spawn(async move {
+            let r = net.realize(reserved, Some(netns_tx)).await;
+            r
+        });
         let ip: std::net::Ipv4Addr = endpoint
             .ip
             .parse()
@@ -390,16 +479,23 @@ impl SandboxService {
             start_gate: true,
         };
         let state_dir = self.state_dir(&row.id);
-        let exe = std::env::current_exe()
-            .map_err(|e| ApiError::internal(format!("finding the miren binary: {e}")))?;
+        let spares = self.spares.clone();
         let launch = tokio::task::spawn_blocking(move || -> Result<_, ApiError> {
             sandbox::create(&state_dir, &spec)?;
-            let mut cmd = std::process::Command::new(exe);
-            cmd.arg("supervise").arg("--state-dir").arg(&state_dir);
-            Ok(sandbox::spawn(cmd, &state_dir)?)
+            spares.launch(&state_dir)
         })
         .await
-        .map_err(|e| ApiError::internal(format!("starting the sandbox: {e}")))?;
+        .map_err(|e| ApiError::internal(format!("starting the sandbox: {e}")))
+        .and_then(|r| r);
+        // The container is created as soon as its network namespace exists, while the
+        // endpoint is completed; its process starts once the endpoint is ready.
+        let launch = match (launch, netns_rx.await) {
+            (Ok(mut launch), Ok(())) => {
+                launch.allow_create();
+                Ok(launch)
+            }
+            (launch, _) => launch,
+        };
         let network = realized
             .await
             .map_err(|e| ApiError::internal(format!("creating the endpoint: {e}")))
@@ -521,6 +617,29 @@ impl SandboxService {
             .iter()
             .map(|r| self.view(r, &ips))
             .collect())
+    }
+
+    /// Returns once the sandbox is over (its process exited and no restart is to come, or
+    /// it failed), with its final status.
+    pub async fn wait(
+        &self,
+        id_or_name: &str,
+        timeout: Option<Duration>,
+    ) -> Result<Sandbox, ApiError> {
+        let row = self.find(id_or_name)?;
+        let state_dir = self.state_dir(&row.id);
+        tokio::task::spawn_blocking(move || sandbox::wait(&state_dir, timeout))
+            .await
+            .map_err(|e| ApiError::internal(format!("waiting for the sandbox: {e}")))?
+            .map_err(|e| match e {
+                sandbox::SandboxError::Timeout(why) => ApiError::new(
+                    axum::http::StatusCode::REQUEST_TIMEOUT,
+                    "timeout",
+                    format!("{why}; wait longer or stop it with `miren sandbox stop`"),
+                ),
+                e => e.into(),
+            })?;
+        self.get(&row.id)
     }
 
     pub async fn stop(

@@ -95,6 +95,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         .reconcile()
         .await
         .context("reconciling sandboxes")?;
+    sandboxes.replenish_spare();
     let addons = crate::addons::AddonService::new(
         store.clone(),
         disks.clone(),
@@ -113,7 +114,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         disks: disks.clone(),
         net: net.clone(),
         images,
-        sandboxes,
+        sandboxes: sandboxes.clone(),
         addons: addons.clone(),
         apps: apps.clone(),
         socket_gid: cfg.socket_gid,
@@ -151,6 +152,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         }
     }
     reclaimer.abort();
+    let _ = tokio::task::spawn_blocking(move || sandboxes.retire_spare()).await;
     let _ = fs::remove_file(&cfg.socket);
     info!("agent stopped");
     Ok(())

@@ -233,6 +233,22 @@ impl Store {
         })
     }
 
+    /// Runs `work` with commits that are not forced to disk (`synchronous = NORMAL`; in WAL
+    /// mode the next forced commit makes them durable too, in order). Only for rows that
+    /// describe what a host crash ends anyway (sandboxes, network endpoints): a process
+    /// crash loses none of them, a power loss at most the newest few, and reconciliation
+    /// removes whatever those described. Saves an fsync per commit on a sandbox start.
+    fn volatile<T>(
+        &self,
+        work: impl FnOnce(&mut Connection) -> Result<T, ApiError>,
+    ) -> Result<T, ApiError> {
+        let mut conn = self.conn();
+        conn.execute_batch("PRAGMA synchronous = NORMAL")?;
+        let result = work(&mut conn);
+        conn.execute_batch("PRAGMA synchronous = FULL")?;
+        result
+    }
+
     pub(crate) fn conn(&self) -> MutexGuard<'_, Connection> {
         // A panic while holding the lock cannot leave SQLite half-written (transactions roll
         // back on drop), so a poisoned lock is safe to reuse.
@@ -661,45 +677,48 @@ const SANDBOX_COLUMNS: &str = "id, name, app, image, status, disks, created_at";
 
 impl Store {
     pub fn insert_sandbox(&self, row: &SandboxRow) -> Result<(), ApiError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let existing: Option<String> = tx
-            .query_row(
-                "SELECT id FROM sandboxes WHERE name = ?1",
-                [&row.name],
-                |r| r.get(0),
-            )
-            .optional()?;
-        if let Some(id) = existing {
-            return Err(ApiError::conflict(format!(
-                "a sandbox named `{}` already exists ({id}); pick another name or delete it first",
-                row.name
-            )));
-        }
-        tx.execute(
-            &format!(
-                "INSERT INTO sandboxes ({SANDBOX_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"
-            ),
-            params![
-                row.id,
-                row.name,
-                row.app,
-                row.image,
-                row.status,
-                serde_json::to_string(&row.disks).unwrap_or_else(|_| "[]".into()),
-                row.created_at
-            ],
-        )?;
-        tx.commit()?;
-        Ok(())
+        self.volatile(|conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let existing: Option<String> = tx
+                .query_row(
+                    "SELECT id FROM sandboxes WHERE name = ?1",
+                    [&row.name],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if let Some(id) = existing {
+                return Err(ApiError::conflict(format!(
+                    "a sandbox named `{}` already exists ({id}); pick another name or delete it first",
+                    row.name
+                )));
+            }
+            tx.execute(
+                &format!(
+                    "INSERT INTO sandboxes ({SANDBOX_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"
+                ),
+                params![
+                    row.id,
+                    row.name,
+                    row.app,
+                    row.image,
+                    row.status,
+                    serde_json::to_string(&row.disks).unwrap_or_else(|_| "[]".into()),
+                    row.created_at
+                ],
+            )?;
+            tx.commit()?;
+            Ok(())
+        })
     }
 
     pub fn set_sandbox_status(&self, id: &str, status: &str) -> Result<(), ApiError> {
-        self.conn().execute(
-            "UPDATE sandboxes SET status = ?2 WHERE id = ?1",
-            params![id, status],
-        )?;
-        Ok(())
+        self.volatile(|conn| {
+            conn.execute(
+                "UPDATE sandboxes SET status = ?2 WHERE id = ?1",
+                params![id, status],
+            )?;
+            Ok(())
+        })
     }
 
     pub fn sandbox(&self, id_or_name: &str) -> Result<Option<SandboxRow>, ApiError> {
@@ -807,71 +826,72 @@ impl Store {
         subnet_key: &str,
         candidates: impl Fn(Option<Ipv4Addr>, &HashSet<Ipv4Addr>) -> Option<Ipv4Addr>,
     ) -> Result<EndpointRow, ApiError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let existing = tx
-            .query_row(
-                &format!("SELECT {ENDPOINT_COLUMNS} FROM endpoints WHERE owner = ?1"),
-                [&endpoint.owner],
-                endpoint_from_row,
-            )
-            .optional()?;
-        if let Some(existing) = existing {
-            return Err(ApiError::conflict(format!(
-                "owner `{}` already has an endpoint ({}, app {}); delete it first or use another owner",
-                existing.owner, existing.ip, existing.app
-            )));
-        }
-        let used: HashSet<Ipv4Addr> = {
-            let mut stmt = tx.prepare("SELECT ip FROM endpoints")?;
-            let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
-            rows.filter_map(|r| r.ok().and_then(|ip| ip.parse().ok()))
-                .collect()
-        };
-        let last: Option<Ipv4Addr> = tx
-            .query_row(
-                "SELECT last_ip FROM ipam WHERE subnet = ?1",
-                [subnet_key],
-                |r| r.get::<_, String>(0),
-            )
-            .optional()?
-            .and_then(|ip| ip.parse().ok());
-        let ip = candidates(last, &used).ok_or_else(|| {
-            ApiError::new(
-                axum::http::StatusCode::INSUFFICIENT_STORAGE,
-                "subnet_exhausted",
-                format!(
-                    "no free address left in {subnet_key} ({} in use); delete endpoints or start the agent with a larger --subnet",
-                    used.len()
-                ),
-            )
-        })?;
-        let row = EndpointRow {
-            ip,
-            status: "creating".into(),
-            ..endpoint.clone()
-        };
-        tx.execute(
-            &format!("INSERT INTO endpoints ({ENDPOINT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"),
-            params![
-                row.owner,
-                row.app,
-                row.ip.to_string(),
-                serde_json::to_string(&row.allow_from).unwrap_or_else(|_| "[]".into()),
-                serde_json::to_string(&row.publish).unwrap_or_else(|_| "[]".into()),
-                row.status,
-                row.owner_pid,
-                row.owner_start_time,
-                row.created_at
-            ],
-        )?;
-        tx.execute(
-            "INSERT INTO ipam (subnet, last_ip) VALUES (?1, ?2)
-             ON CONFLICT(subnet) DO UPDATE SET last_ip = excluded.last_ip",
-            params![subnet_key, row.ip.to_string()],
-        )?;
-        tx.commit()?;
-        Ok(row)
+        self.volatile(|conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let existing = tx
+                .query_row(
+                    &format!("SELECT {ENDPOINT_COLUMNS} FROM endpoints WHERE owner = ?1"),
+                    [&endpoint.owner],
+                    endpoint_from_row,
+                )
+                .optional()?;
+            if let Some(existing) = existing {
+                return Err(ApiError::conflict(format!(
+                    "owner `{}` already has an endpoint ({}, app {}); delete it first or use another owner",
+                    existing.owner, existing.ip, existing.app
+                )));
+            }
+            let used: HashSet<Ipv4Addr> = {
+                let mut stmt = tx.prepare("SELECT ip FROM endpoints")?;
+                let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+                rows.filter_map(|r| r.ok().and_then(|ip| ip.parse().ok()))
+                    .collect()
+            };
+            let last: Option<Ipv4Addr> = tx
+                .query_row(
+                    "SELECT last_ip FROM ipam WHERE subnet = ?1",
+                    [subnet_key],
+                    |r| r.get::<_, String>(0),
+                )
+                .optional()?
+                .and_then(|ip| ip.parse().ok());
+            let ip = candidates(last, &used).ok_or_else(|| {
+                ApiError::new(
+                    axum::http::StatusCode::INSUFFICIENT_STORAGE,
+                    "subnet_exhausted",
+                    format!(
+                        "no free address left in {subnet_key} ({} in use); delete endpoints or start the agent with a larger --subnet",
+                        used.len()
+                    ),
+                )
+            })?;
+            let row = EndpointRow {
+                ip,
+                status: "creating".into(),
+                ..endpoint.clone()
+            };
+            tx.execute(
+                &format!("INSERT INTO endpoints ({ENDPOINT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"),
+                params![
+                    row.owner,
+                    row.app,
+                    row.ip.to_string(),
+                    serde_json::to_string(&row.allow_from).unwrap_or_else(|_| "[]".into()),
+                    serde_json::to_string(&row.publish).unwrap_or_else(|_| "[]".into()),
+                    row.status,
+                    row.owner_pid,
+                    row.owner_start_time,
+                    row.created_at
+                ],
+            )?;
+            tx.execute(
+                "INSERT INTO ipam (subnet, last_ip) VALUES (?1, ?2)
+                 ON CONFLICT(subnet) DO UPDATE SET last_ip = excluded.last_ip",
+                params![subnet_key, row.ip.to_string()],
+            )?;
+            tx.commit()?;
+            Ok(row)
+        })
     }
 
     pub fn set_endpoint_allow_from(
@@ -890,11 +910,13 @@ impl Store {
     }
 
     pub fn set_endpoint_status(&self, owner: &str, status: &str) -> Result<(), ApiError> {
-        self.conn().execute(
-            "UPDATE endpoints SET status = ?2 WHERE owner = ?1",
-            params![owner, status],
-        )?;
-        Ok(())
+        self.volatile(|conn| {
+            conn.execute(
+                "UPDATE endpoints SET status = ?2 WHERE owner = ?1",
+                params![owner, status],
+            )?;
+            Ok(())
+        })
     }
 
     pub fn endpoint(&self, owner: &str) -> Result<Option<EndpointRow>, ApiError> {

@@ -24,6 +24,7 @@ pub use endpoint::{
     list_kernel_objects, uninstall, Endpoint, KernelEndpoint, KernelObjects,
 };
 pub use files::{hosts_file, resolv_conf, resolv_conf_from_host, ResolvConf};
+pub use nsfs::ensure_netns;
 pub use rules::{apply_rules, ruleset_json};
 pub use subnet::Subnet;
 

@@ -1,14 +1,24 @@
-//! Stand-in for `miren supervise --state-dir DIR` until the agent wires it up.
-//! Usage: sandbox-supervise DIR
+//! The tests' stand-in for `miren supervise`.
+//! Usage: sandbox-supervise STATE_DIR | sandbox-supervise --spare SANDBOXES_DIR
 
+use std::path::Path;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    let Some(dir) = std::env::args_os().nth(1) else {
-        eprintln!("usage: sandbox-supervise STATE_DIR");
-        return ExitCode::from(2);
+    let args: Vec<_> = std::env::args_os().skip(1).collect();
+    let supervised = match args.as_slice() {
+        [flag, root] if flag == "--spare" => {
+            miren_runtime::sandbox::supervise_spare(Path::new(root)).map(drop)
+        }
+        [dir] => miren_runtime::sandbox::supervise(Path::new(dir)),
+        _ => {
+            eprintln!(
+                "usage: sandbox-supervise STATE_DIR | sandbox-supervise --spare SANDBOXES_DIR"
+            );
+            return ExitCode::from(2);
+        }
     };
-    match miren_runtime::sandbox::supervise(std::path::Path::new(&dir)) {
+    match supervised {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("supervise: {e}");

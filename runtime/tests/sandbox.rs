@@ -589,7 +589,11 @@ fn stop_with_grace_then_kill() {
         std::thread::sleep(Duration::from_millis(10));
     }
     let st = sandbox::stop(&dir, Duration::from_secs(10)).expect("stop");
-    assert_eq!(st.exit_code, Some(7), "exited by its handler, not by SIGKILL");
+    assert_eq!(
+        st.exit_code,
+        Some(7),
+        "exited by its handler, not by SIGKILL"
+    );
     assert!(read(&dir, "stdout.log").contains("bye"));
     // Stop again: idempotent.
     sandbox::stop(&dir, Duration::from_secs(1)).expect("second stop");
@@ -777,4 +781,120 @@ fn exec_in_running_sandbox() {
         Some(125),
         "exec into a stopped sandbox fails"
     );
+}
+
+/// Polls `cond` for up to 20 s.
+fn eventually(what: &str, cond: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !cond() {
+        assert!(Instant::now() < deadline, "never happened: {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn a_spare_supervisor_creates_at_the_first_gate_step_and_starts_at_the_second() {
+    if !is_root() {
+        return;
+    }
+    let mut f = Fixture::new();
+    let mut spec = f.spec("gated", "echo started; sleep 1000");
+    spec.start_gate = true;
+    let mut cmd = Command::new(supervisor_bin());
+    cmd.arg("--spare").arg(f.tmp.path().join("sandboxes"));
+    let spare = sandbox::spawn_spare(cmd).expect("spawn a spare");
+    let dir = f.prepare(&spec);
+    let Ok(mut launch) = spare.assign(&dir) else {
+        panic!("a live spare refused its sandbox");
+    };
+    wait_for(&dir, Duration::from_secs(20), |s| {
+        s.state == State::Creating
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        f.cgroup_dirs(&spec).is_empty(),
+        "the container was created before the create step"
+    );
+
+    launch.allow_create();
+    eventually("the container is created (its cgroups exist)", || {
+        !f.cgroup_dirs(&spec).is_empty()
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !read(&dir, "stdout.log").contains("started"),
+        "the process ran before the start step"
+    );
+    assert_eq!(
+        sandbox::status(&dir).expect("status").state,
+        State::Creating
+    );
+
+    let st = launch.open_gate().expect("start");
+    assert_eq!(st.state, State::Running);
+    eventually("the process runs", || {
+        read(&dir, "stdout.log").contains("started")
+    });
+}
+
+#[test]
+fn a_cancelled_gate_removes_the_created_container() {
+    if !is_root() {
+        return;
+    }
+    let mut f = Fixture::new();
+    let mut spec = f.spec("cancelled", "echo started; sleep 1000");
+    spec.start_gate = true;
+    let dir = f.prepare(&spec);
+    let mut cmd = Command::new(supervisor_bin());
+    cmd.arg(&dir);
+    let mut launch = sandbox::spawn(cmd, &dir).expect("spawn");
+    launch.allow_create();
+    eventually("the container is created", || {
+        !f.cgroup_dirs(&spec).is_empty()
+    });
+    launch.cancel();
+    let st = wait_done(&dir);
+    assert_eq!(st.state, State::Failed);
+    assert!(
+        st.error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("cancelled"),
+        "{st:?}"
+    );
+    assert!(!read(&dir, "stdout.log").contains("started"));
+    assert!(f.cgroup_dirs(&spec).is_empty(), "cgroups left behind");
+    assert!(mounts_under(&dir.to_string_lossy()).is_empty());
+    if let Some(pid) = st.pid {
+        assert!(!alive(pid), "the container's init outlived the cancel");
+    }
+}
+
+#[test]
+fn wait_returns_the_recorded_end_and_times_out_while_running() {
+    if !is_root() {
+        return;
+    }
+    let mut f = Fixture::new();
+    let done = f.spec("done", "sleep 0.3; exit 3");
+    let dir = f.start(&done);
+    let st = sandbox::wait(&dir, Some(Duration::from_secs(20))).expect("wait");
+    assert_eq!((st.state, st.exit_code), (State::Exited, Some(3)));
+
+    let forever = f.spec("forever", "sleep 1000");
+    let dir = f.start(&forever);
+    match sandbox::wait(&dir, Some(Duration::from_millis(300))) {
+        Err(sandbox::SandboxError::Timeout(_)) => {}
+        other => panic!("expected a timeout, got {other:?}"),
+    }
+    // Stopped meanwhile: the waiter hears of it.
+    let waiter = {
+        let dir = dir.clone();
+        std::thread::spawn(move || sandbox::wait(&dir, None))
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    sandbox::stop(&dir, Duration::from_millis(100)).expect("stop");
+    let st = waiter.join().expect("waiter").expect("wait");
+    assert_eq!((st.state, st.exit_code), (State::Exited, Some(137)));
 }

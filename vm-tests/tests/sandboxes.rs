@@ -87,7 +87,10 @@ fn run_logs_exit_codes_and_delete_leaves_nothing() {
         "echo to-stdout; echo to-stderr >&2; exit 3",
     );
     assert!(id.starts_with("sbx_"), "{id}");
-    let s = wait_state(&agent, "talker", "exited");
+    // `sandbox wait` returns once the end is on record, with the exit code.
+    assert_eq!(agent.ok(&["sandbox", "wait", "talker"]).trim(), "3");
+    let s = status(&agent, "talker");
+    assert_eq!(s["state"], "exited");
     assert_eq!(s["exit_code"], 3);
     assert_eq!(s["name"], "talker");
     assert_eq!(s["image"], IMAGE);
@@ -105,8 +108,19 @@ fn run_logs_exit_codes_and_delete_leaves_nothing() {
         &["--env", "GREETING=hi there"],
         "echo \"$GREETING\" from $(hostname)",
     );
-    wait_state(&agent, &ok, "exited");
-    assert_eq!(status(&agent, &ok)["exit_code"], 0);
+    let waited = agent.json(&["sandbox", "wait", &ok, "--json"]);
+    assert_eq!(
+        (&waited["state"], &waited["exit_code"]),
+        (&"exited".into(), &0.into())
+    );
+    // A sandbox still running: the wait gives up after --timeout, saying so.
+    let sleeper = run(&agent, &[], "sleep 1000");
+    let err = agent.fails(&["sandbox", "wait", &sleeper, "--timeout", "300ms"]);
+    assert!(
+        err.contains("still") && err.contains("miren sandbox stop"),
+        "{err}"
+    );
+    agent.ok(&["sandbox", "delete", &sleeper]);
     assert!(logs(&agent, &ok).contains("hi there from"));
     let listed = agent.json(&["sandbox", "list", "--json"]);
     assert_eq!(listed.as_array().unwrap().len(), 2);

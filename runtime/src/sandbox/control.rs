@@ -1,6 +1,7 @@
 //! Agent-side helpers: everything works from the state dir alone and is idempotent.
 
 use std::fs;
+use std::os::fd::AsFd;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -34,8 +35,9 @@ pub fn launch(cmd: Command, state_dir: &Path) -> Result<Status, SandboxError> {
 }
 
 /// Starts the supervisor command without waiting for it. With `start_gate` in the spec, the
-/// supervisor prepares the sandbox meanwhile but creates the container only after
-/// [`Launch::open_gate`]; [`Launch::cancel`] makes it fail and clean up instead.
+/// supervisor prepares the sandbox meanwhile, creates the container only after
+/// [`Launch::allow_create`] and starts its process only after [`Launch::open_gate`];
+/// [`Launch::cancel`] makes it fail and clean up instead.
 pub fn spawn(mut cmd: Command, state_dir: &Path) -> Result<Launch, SandboxError> {
     let mut child = cmd
         .stdin(Stdio::piped())
@@ -46,23 +48,88 @@ pub fn spawn(mut cmd: Command, state_dir: &Path) -> Result<Launch, SandboxError>
     Ok(Launch {
         gate: child.stdin.take(),
         child,
+        create_allowed: false,
         state_dir: state_dir.to_path_buf(),
     })
 }
 
-/// A supervisor launcher started by [`spawn`].
+/// Starts a spare supervisor (e.g. `miren supervise --sandboxes-dir ROOT`, see
+/// [`super::supervise_spare`]): exec'd and waiting, so a later start skips that part.
+/// It exits when dropped unused (its stdin closes).
+pub fn spawn_spare(mut cmd: Command) -> Result<Spare, SandboxError> {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| SandboxError::io("spawn a spare supervisor", e))?;
+    let stdin = child.stdin.take();
+    Ok(Spare { child, stdin })
+}
+
+/// A supervisor started by [`spawn_spare`], not yet given a sandbox.
+pub struct Spare {
+    child: std::process::Child,
+    stdin: Option<std::process::ChildStdin>,
+}
+
+impl Spare {
+    /// Hands it the sandbox whose state dir is `state_dir` (a child of the spare's
+    /// sandboxes dir, spec already written by [`create`]). Gives the spare back when it is
+    /// gone, so the caller can [`spawn`] one instead.
+    pub fn assign(mut self, state_dir: &Path) -> Result<Launch, Spare> {
+        let Some(id) = state_dir.file_name().and_then(|n| n.to_str()) else {
+            return Err(self);
+        };
+        if !matches!(self.child.try_wait(), Ok(None)) {
+            return Err(self);
+        }
+        let Some(mut stdin) = self.stdin.take() else {
+            return Err(self);
+        };
+        if std::io::Write::write_all(&mut stdin, format!("{id}\n").as_bytes()).is_err() {
+            return Err(self);
+        }
+        Ok(Launch {
+            child: self.child,
+            gate: Some(stdin),
+            create_allowed: false,
+            state_dir: state_dir.to_path_buf(),
+        })
+    }
+
+    /// Tells it to exit, and reaps it.
+    pub fn retire(mut self) {
+        self.stdin = None;
+        let _ = self.child.wait();
+    }
+}
+
+/// A supervisor launcher started by [`spawn`] or [`Spare::assign`].
 pub struct Launch {
     child: std::process::Child,
     gate: Option<std::process::ChildStdin>,
+    create_allowed: bool,
     state_dir: std::path::PathBuf,
 }
 
 impl Launch {
-    /// Lets a gated supervisor start the container, then waits as [`launch`] does.
-    pub fn open_gate(mut self) -> Result<Status, SandboxError> {
-        if let Some(mut gate) = self.gate.take() {
+    /// Lets a gated supervisor create the container (its network namespace exists), but
+    /// not start its process yet. Does not block.
+    pub fn allow_create(&mut self) {
+        if let (Some(gate), false) = (self.gate.as_mut(), self.create_allowed) {
             // A broken pipe means the supervisor is gone already: `wait` reports it.
-            let _ = std::io::Write::write_all(&mut gate, b"1");
+            let _ = std::io::Write::write_all(gate, &[super::supervisor::GATE_CREATE]);
+        }
+        self.create_allowed = true;
+    }
+
+    /// Lets a gated supervisor create and start the container, then waits as [`launch`]
+    /// does.
+    pub fn open_gate(mut self) -> Result<Status, SandboxError> {
+        self.allow_create();
+        if let Some(mut gate) = self.gate.take() {
+            let _ = std::io::Write::write_all(&mut gate, &[super::supervisor::GATE_START]);
         }
         self.wait()
     }
@@ -97,6 +164,78 @@ pub fn status(state_dir: &Path) -> Result<Status, SandboxError> {
         .ok_or_else(|| SandboxError::NoStatus(state_dir.display().to_string()))?;
     s.supervisor_alive = same_process(s.supervisor_pid, s.supervisor_start_time);
     Ok(s)
+}
+
+/// Inotify instances kept for reuse: closing one waits for an SRCU grace period in the
+/// kernel (fsnotify group teardown, ~10 ms here), removing a watch does not.
+static INOTIFY_POOL: std::sync::Mutex<Vec<nix::sys::inotify::Inotify>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// Waits until the sandbox is over: its supervisor recorded the end (`exited` or `failed`,
+/// no restart to come) or is gone. Woken by the supervisor's status writes (inotify on the
+/// state dir), so it returns as soon as the end is on record. [`SandboxError::Timeout`]
+/// after `timeout`.
+pub fn wait(state_dir: &Path, timeout: Option<Duration>) -> Result<Status, SandboxError> {
+    use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+    let pooled = INOTIFY_POOL.lock().unwrap_or_else(|e| e.into_inner()).pop();
+    let inotify = match pooled {
+        Some(i) => i,
+        None => Inotify::init(InitFlags::IN_CLOEXEC | InitFlags::IN_NONBLOCK)
+            .map_err(|e| SandboxError::sys("inotify_init", e))?,
+    };
+    // Watch before the first look, so no write between the two is missed.
+    let watch = inotify
+        .add_watch(
+            state_dir,
+            AddWatchFlags::IN_MOVED_TO | AddWatchFlags::IN_DELETE_SELF,
+        )
+        .map_err(|e| SandboxError::sys(format!("watch {}", state_dir.display()), e));
+    let result = match watch {
+        Ok(wd) => {
+            let result = wait_watched(state_dir, timeout, &inotify);
+            let _ = inotify.rm_watch(wd); // fails if the dir went, which removed it already
+            result
+        }
+        Err(e) => Err(e),
+    };
+    let mut pool = INOTIFY_POOL.lock().unwrap_or_else(|e| e.into_inner());
+    if pool.len() < 16 {
+        pool.push(inotify);
+    }
+    result
+}
+
+fn wait_watched(
+    state_dir: &Path,
+    timeout: Option<Duration>,
+    inotify: &nix::sys::inotify::Inotify,
+) -> Result<Status, SandboxError> {
+    let deadline = timeout.map(|t| Instant::now() + t);
+    loop {
+        let st = status(state_dir)?;
+        if matches!(st.state, State::Exited | State::Failed) || !st.supervisor_alive {
+            return Ok(st);
+        }
+        let mut wait_ms = 200; // also notices a supervisor that died without a word
+        if let Some(deadline) = deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(SandboxError::Timeout(format!(
+                    "the sandbox is still {:?} after {:?}",
+                    st.state,
+                    timeout.unwrap_or_default()
+                )));
+            }
+            wait_ms = wait_ms.min(left.as_millis().max(1) as u16);
+        }
+        let mut fds = [nix::poll::PollFd::new(
+            inotify.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(wait_ms));
+        // Any event (also a stale one of an earlier user of this instance) means: look again.
+        while inotify.read_events().is_ok_and(|events| !events.is_empty()) {}
+    }
 }
 
 /// Asks the supervisor to stop: SIGTERM to the container, SIGKILL after `grace`, then it

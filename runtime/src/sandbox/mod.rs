@@ -15,12 +15,13 @@ mod spec;
 mod status;
 mod supervisor;
 
-pub use control::{create, delete, launch, spawn, status, stop, Launch};
+pub use cgroup::prime_migrations as prime_cgroup_migrations;
+pub use control::{create, delete, launch, spawn, spawn_spare, status, stop, wait, Launch, Spare};
 pub use exec::{exec, ExecOutput};
 pub use oci::{DEFAULT_CAPS, DENIED_SYSCALLS};
 pub use spec::{merge_env, Backoff, LogConfig, Mount, Resources, RestartPolicy, SandboxSpec, User};
 pub use status::{State, Status};
-pub use supervisor::supervise;
+pub use supervisor::{supervise, supervise_spare};
 
 /// Files and directories inside a sandbox's state dir.
 pub const SPEC_FILE: &str = "spec.json";

@@ -29,6 +29,11 @@ use super::{
     SUPERVISOR_LOG, UPPER_DIR, WORK_DIR, YOUKI_DIR,
 };
 
+/// Gate steps (see [`super::Launch`]): the network namespace exists, so the container may
+/// be created; the endpoint is complete, so its process may start.
+pub(crate) const GATE_CREATE: u8 = b'c';
+pub(crate) const GATE_START: u8 = b's';
+
 /// How long to keep draining log pipes after the init exited.
 const DRAIN: Duration = Duration::from_secs(2);
 
@@ -93,6 +98,36 @@ pub fn supervise(state_dir: &Path) -> Result<(), SandboxError> {
     }
 }
 
+/// Entry point of `miren supervise --sandboxes-dir ROOT`: a spare supervisor, started
+/// ahead of need so a sandbox start does not wait for an exec. It reads one line from
+/// stdin, the id of the sandbox to supervise (its state dir is `ROOT/ID`, spec written),
+/// then goes on as [`supervise`] (stdin stays the start gate). `Ok(false)` when stdin
+/// closed first: the agent is gone or no longer needs this spare.
+pub fn supervise_spare(sandboxes_dir: &Path) -> Result<bool, SandboxError> {
+    use std::os::fd::AsFd;
+    let mut id = Vec::new();
+    let stdin = std::io::stdin();
+    let mut b = [0u8; 1];
+    // Unbuffered, byte by byte: the gate steps that follow the line must stay in the pipe.
+    loop {
+        match nix::unistd::read(stdin.as_fd(), &mut b) {
+            Ok(0) => return Ok(false),
+            Ok(_) if b[0] == b'\n' => break,
+            Ok(_) if id.len() < 255 => id.push(b[0]),
+            Ok(_) => return Err(SandboxError::InvalidSpec("sandbox id too long".into())),
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(SandboxError::sys("read the sandbox id", e)),
+        }
+    }
+    let id = String::from_utf8(id)
+        .ok()
+        .filter(|id| !id.is_empty() && !id.contains('/') && id != "." && id != "..")
+        .ok_or_else(|| {
+            SandboxError::InvalidSpec("a spare supervisor got a bad sandbox id".into())
+        })?;
+    supervise(&sandboxes_dir.join(id)).map(|()| true)
+}
+
 struct Run {
     container: Container,
     pid: Pid,
@@ -114,7 +149,7 @@ struct Supervisor {
     stopping: Option<Instant>,
     /// Last status written, to skip redundant fsyncs.
     saved: Option<Status>,
-    /// With `spec.start_gate`: the launch's stdin, read once before the first start.
+    /// With `spec.start_gate`: the launch's stdin, read before the first create and start.
     gate: Option<File>,
 }
 
@@ -206,7 +241,7 @@ impl Supervisor {
 
     /// Whole life of the sandbox; returns the process exit code.
     fn run(&mut self) -> i32 {
-        let code = match self.prepare().and_then(|()| self.wait_gate()) {
+        let code = match self.prepare() {
             Ok(()) => self.run_loop(),
             Err(e) => {
                 self.status.state = State::Failed;
@@ -264,23 +299,31 @@ impl Supervisor {
         Ok(())
     }
 
-    /// With a start gate: blocks until the launcher's caller writes `1` (go) or closes the
-    /// pipe (cancel: its part of the setup, the network endpoint, failed).
-    fn wait_gate(&mut self) -> Result<(), SandboxError> {
-        let Some(mut gate) = self.gate.take() else {
+    /// With a start gate: blocks until the launcher's caller writes `step`
+    /// ([`GATE_CREATE`], then [`GATE_START`]) or closes the pipe (cancel: its part of the
+    /// setup, the network endpoint, failed). The gate is gone after the start step, so
+    /// restarts never wait.
+    fn pass_gate(&mut self, step: u8) -> Result<(), SandboxError> {
+        let Some(gate) = self.gate.as_mut() else {
             return Ok(());
         };
         let mut b = [0u8; 1];
-        loop {
+        let passed = loop {
             match gate.read(&mut b) {
-                Ok(1) if b[0] == b'1' => return Ok(()),
+                Ok(1) => break b[0] == step,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                _ => {
-                    return Err(SandboxError::StartFailed(
-                        "start cancelled: the agent could not finish setting up the sandbox".into(),
-                    ))
-                }
+                _ => break false,
             }
+        };
+        if !passed || step == GATE_START {
+            self.gate = None;
+        }
+        if passed {
+            Ok(())
+        } else {
+            Err(SandboxError::StartFailed(
+                "start cancelled: the agent could not finish setting up the sandbox".into(),
+            ))
         }
     }
 
@@ -370,6 +413,7 @@ impl Supervisor {
         let (err_r, err_w) =
             nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| SandboxError::sys("pipe", e))?;
         let null = File::open("/dev/null").map_err(|e| SandboxError::io("open /dev/null", e))?;
+        self.pass_gate(GATE_CREATE)?;
         let mut container = ContainerBuilder::new(self.spec.id.clone(), SyscallType::default())
             .with_root_path(root)?
             .with_stdin(null)
@@ -386,6 +430,7 @@ impl Supervisor {
         // From here on a failure must not leave the created init behind.
         let r = self
             .before_start(pid)
+            .and_then(|()| self.pass_gate(GATE_START))
             .and_then(|()| container.start().map_err(SandboxError::from));
         if let Err(e) = r {
             let _ = container.delete(true);
