@@ -242,11 +242,18 @@ impl Store {
         &self,
         work: impl FnOnce(&mut Connection) -> Result<T, ApiError>,
     ) -> Result<T, ApiError> {
-        let mut conn = self.conn();
-        conn.execute_batch("PRAGMA synchronous = NORMAL")?;
-        let result = work(&mut conn);
-        conn.execute_batch("PRAGMA synchronous = FULL")?;
-        result
+        /// Puts `synchronous = FULL` back even if `work` panics.
+        struct Unforced<'a>(MutexGuard<'a, Connection>);
+        impl Drop for Unforced<'_> {
+            fn drop(&mut self) {
+                if let Err(e) = self.0.execute_batch("PRAGMA synchronous = FULL") {
+                    tracing::error!(error = %e, "restoring synchronous = FULL failed");
+                }
+            }
+        }
+        let mut conn = Unforced(self.conn());
+        conn.0.execute_batch("PRAGMA synchronous = NORMAL")?;
+        work(&mut conn.0)
     }
 
     pub(crate) fn conn(&self) -> MutexGuard<'_, Connection> {
@@ -1013,6 +1020,40 @@ mod tests {
         drop(conn);
         let err = Store::open(&path).err().unwrap();
         assert!(err.contains("newer"), "{err}");
+    }
+
+    #[test]
+    fn unforced_commits_leave_later_ones_forced() {
+        let dir = tempfile::Builder::new()
+            .prefix("mrtst-db")
+            .tempdir()
+            .unwrap();
+        let store = Store::open(&dir.path().join("state.db")).unwrap();
+        let synchronous = |store: &Store| -> i64 {
+            store
+                .conn()
+                .query_row("PRAGMA synchronous", [], |r| r.get(0))
+                .unwrap()
+        };
+        assert_eq!(synchronous(&store), 2, "FULL");
+        let row = SandboxRow {
+            id: "sbx_1".into(),
+            name: "one".into(),
+            app: "one".into(),
+            image: "busybox".into(),
+            status: "creating".into(),
+            disks: vec![],
+            created_at: "2026-01-01T00:00:00Z".into(),
+        };
+        store.insert_sandbox(&row).unwrap();
+        assert!(store.insert_sandbox(&row).is_err(), "a name is taken once");
+        store.set_sandbox_status("sbx_1", "created").unwrap();
+        assert_eq!(
+            synchronous(&store),
+            2,
+            "FULL again after unforced commits and errors"
+        );
+        assert_eq!(store.sandbox("one").unwrap().unwrap().status, "created");
     }
 
     #[test]
