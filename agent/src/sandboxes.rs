@@ -63,9 +63,14 @@ impl Spares {
                 Err(gone) => gone.retire(),
             }
         }
+        Ok(sandbox::spawn(self.command(state_dir)?, state_dir)?)
+    }
+
+    /// A fresh supervisor's command for `state_dir`.
+    fn command(&self, state_dir: &Path) -> Result<std::process::Command, ApiError> {
         let mut cmd = std::process::Command::new(self.exe()?);
         cmd.arg("supervise").arg("--state-dir").arg(state_dir);
-        Ok(sandbox::spawn(cmd, state_dir)?)
+        Ok(cmd)
     }
 
     /// Starts a spare unless one is waiting. Blocking.
@@ -759,6 +764,33 @@ impl SandboxService {
                     warn!(state_dir = %entry.path().display(), "removing a sandbox no row owns");
                     let dir = entry.path();
                     let _ = tokio::task::spawn_blocking(move || sandbox::delete(&dir)).await;
+                }
+            }
+        }
+        // A supervisor gone without having recorded an end means the host restarted (or it
+        // was killed): sandboxes whose restart policy asks for it run again, as after any
+        // failure. Their endpoints and disks were restored before this runs.
+        for row in self.store.sandboxes()? {
+            if row.status != "created" {
+                continue;
+            }
+            let dir = self.state_dir(&row.id);
+            let cmd = self.spares.command(&dir)?;
+            let relaunched = tokio::task::spawn_blocking(move || {
+                if !sandbox::needs_relaunch(&dir) {
+                    return Ok(false);
+                }
+                sandbox::relaunch(cmd, &dir).map(|_| true)
+            })
+            .await
+            .map_err(|e| ApiError::internal(format!("restarting a sandbox: {e}")))?;
+            match relaunched {
+                Ok(false) => {}
+                Ok(true) => {
+                    info!(sandbox = %row.name, "started again: its supervisor was gone without an exit on record, and its restart policy asks for another run")
+                }
+                Err(e) => {
+                    warn!(sandbox = %row.name, error = %e, "restarting a sandbox whose supervisor was gone failed; it shows as failed")
                 }
             }
         }

@@ -898,3 +898,55 @@ fn wait_returns_the_recorded_end_and_times_out_while_running() {
     let st = waiter.join().expect("waiter").expect("wait");
     assert_eq!((st.state, st.exit_code), (State::Exited, Some(137)));
 }
+
+#[test]
+fn a_sandbox_whose_supervisor_died_unrecorded_is_relaunched_if_its_policy_asks() {
+    if !is_root() {
+        return;
+    }
+    let mut f = Fixture::new();
+    let mut always = f.spec("always", "echo run; sleep 1000");
+    always.restart = RestartPolicy::Always {
+        backoff: Backoff::default(),
+    };
+    let never = f.spec("never", "echo run; sleep 1000");
+    let mut stopped = f.spec("stopped", "sleep 1000");
+    stopped.restart = always.restart.clone();
+    let dirs: Vec<_> = [&always, &never, &stopped]
+        .iter()
+        .map(|spec| f.start(spec))
+        .collect();
+    sandbox::stop(&dirs[2], Duration::from_millis(100)).expect("stop");
+    assert!(
+        !sandbox::needs_relaunch(&dirs[0]),
+        "a live supervisor is left alone"
+    );
+    // What a host restart does to a running sandbox: supervisor and container gone,
+    // nothing recorded.
+    for dir in &dirs[..2] {
+        let st = wait_for(dir, Duration::from_secs(20), |s| s.state == State::Running);
+        for pid in [st.supervisor_pid, st.pid.expect("pid")] {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        wait_for(dir, Duration::from_secs(20), |s| !s.supervisor_alive);
+    }
+    assert!(sandbox::needs_relaunch(&dirs[0]));
+    assert!(!sandbox::needs_relaunch(&dirs[1]), "restart policy no");
+    assert!(!sandbox::needs_relaunch(&dirs[2]), "its end was recorded");
+
+    let mut cmd = Command::new(supervisor_bin());
+    cmd.arg(&dirs[0]);
+    let st = sandbox::relaunch(cmd, &dirs[0]).expect("relaunch");
+    assert_eq!((st.state, st.restarts), (State::Running, 1));
+    let again = wait_for(&dirs[0], Duration::from_secs(20), |s| {
+        read(&dirs[0], "stdout.log").matches("run").count() == 2 && s.state == State::Running
+    });
+    assert!(again.supervisor_alive);
+    assert!(
+        alive(again.pid.expect("pid")),
+        "the new run's process lives"
+    );
+}

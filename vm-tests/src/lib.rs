@@ -209,6 +209,30 @@ impl TestAgent {
         self.spawn();
     }
 
+    /// What a host restart does to this agent's world, short of rebooting: the agent, every
+    /// supervisor and sandbox process, cgroup, mount, loop device, network namespace, link
+    /// and nftables table of its prefix gone, and its run dir (tmpfs) emptied; its data dir
+    /// (files on disk) stays. Call [`TestAgent::spawn`] to boot it again.
+    pub fn lose_everything_a_host_restart_loses(&mut self) {
+        self.kill9();
+        kill_processes_under(&self.data_dir, &self.prefix);
+        remove_cgroups(&self.prefix);
+        for dir in [&self.data_dir, &self.run_dir] {
+            if let Ok(mounts) = miren_disks::mounts_under(dir) {
+                for m in mounts.iter().rev() {
+                    let _ = nix::mount::umount2(&m.target, nix::mount::MntFlags::MNT_DETACH);
+                }
+            }
+        }
+        if let Ok(loops) = miren_disks::loops_under(&self.data_dir) {
+            for l in loops {
+                let _ = miren_disks::detach(&l.device);
+            }
+        }
+        remove_network_leftovers(&self.prefix);
+        let _ = fs::remove_dir_all(&self.run_dir);
+    }
+
     pub fn log_text(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_default()
     }

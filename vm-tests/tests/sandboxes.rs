@@ -330,6 +330,73 @@ fn sandboxes_survive_a_kill_9_of_the_agent_and_are_readopted() {
 }
 
 #[test]
+fn after_a_host_restart_sandboxes_whose_policy_asks_run_again() {
+    let mut agent = agent_with_busybox();
+    agent.ok(&["debug", "disk", "create", "-n", "keep", "--size-gb", "1"]);
+    let keeper = run(
+        &agent,
+        &[
+            "--name",
+            "keeper",
+            "--restart",
+            "always",
+            "--disk",
+            "keep:/data",
+        ],
+        "echo run >> /data/runs; cat /data/runs | wc -l; sleep 1000",
+    );
+    let plain = run(&agent, &["--name", "plain"], "sleep 1000");
+    let stopped = run(
+        &agent,
+        &["--name", "stopped", "--restart", "always"],
+        "sleep 1000",
+    );
+    let before = wait_state(&agent, &keeper, "running");
+    wait_state(&agent, &plain, "running");
+    agent.ok(&["sandbox", "stop", &stopped, "--grace", "1s"]);
+
+    agent.lose_everything_a_host_restart_loses();
+    agent.spawn();
+
+    // `always`: running again, in the same endpoint, with its disk (and what it wrote).
+    let after = wait_state(&agent, &keeper, "running");
+    assert_ne!(after["pid"], before["pid"]);
+    assert_eq!(after["ip"], before["ip"]);
+    assert_eq!(after["restarts"], 1, "{after}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !logs(&agent, &keeper).contains('2') {
+        assert!(Instant::now() < deadline, "{}", logs(&agent, &keeper));
+        sleep(Duration::from_millis(50));
+    }
+    // Reachable over its endpoint from a sandbox of its app.
+    let ip = after["ip"].as_str().unwrap().to_string();
+    let probe = run(
+        &agent,
+        &["--app", "keeper"],
+        &format!("ping -c 1 -W 5 {ip}"),
+    );
+    assert_eq!(
+        agent.ok(&["sandbox", "wait", &probe]).trim(),
+        "0",
+        "{}",
+        logs(&agent, &probe)
+    );
+    // No restart policy: failed, saying why. A recorded stop stays stopped.
+    let s = status(&agent, &plain);
+    assert_eq!(s["state"], "failed", "{s}");
+    assert!(
+        s["error"].as_str().unwrap().contains("supervisor is gone"),
+        "{s}"
+    );
+    assert_eq!(status(&agent, &stopped)["state"], "exited");
+
+    for id in [&keeper, &plain, &stopped, &probe] {
+        agent.ok(&["sandbox", "delete", id]);
+    }
+    assert_nothing_left(&agent);
+}
+
+#[test]
 fn bad_sandbox_requests_are_refused_and_leave_nothing() {
     let agent = agent_with_busybox();
     for (args, expect) in [

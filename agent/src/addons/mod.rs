@@ -46,7 +46,7 @@ const SHARED_SERVER: &str = "addon-pg";
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
 /// Attempts at removing an addon before the driver gives up until the next destroy or start.
 const REMOVAL_ATTEMPTS: u32 = 5;
-/// Restarts after which a server that never became ready is declared broken.
+/// Restarts while waiting for readiness after which a server is declared broken.
 const MAX_START_RESTARTS: u32 = 3;
 
 impl From<CatalogueError> for ApiError {
@@ -874,6 +874,8 @@ impl AddonService {
     ) -> Result<tokio_postgres::Client, StepError> {
         let deadline = Instant::now() + READY_TIMEOUT;
         let mut last_check = Instant::now();
+        // Restarts from before this wait (earlier crashes, host restarts) do not count.
+        let restarts_before = self.sandboxes.get(sandbox).map_or(0, |s| s.restarts);
         loop {
             let err = match postgres::select_one(login).await {
                 Ok(client) => return Ok(client),
@@ -882,7 +884,9 @@ impl AddonService {
             if last_check.elapsed() > Duration::from_millis(500) {
                 last_check = Instant::now();
                 let state = self.sandboxes.get(sandbox)?;
-                if state.state == "failed" || state.restarts >= MAX_START_RESTARTS {
+                if state.state == "failed"
+                    || state.restarts >= restarts_before.saturating_add(MAX_START_RESTARTS)
+                {
                     return Err(StepError::Failed(format!(
                         "the PostgreSQL server in sandbox `{sandbox}` keeps exiting ({}); its last output: {}",
                         state.exit_code.map_or("no exit code".into(), |c| format!("exit code {c}")),

@@ -238,6 +238,29 @@ fn wait_watched(
     }
 }
 
+/// For a sandbox whose supervisor is gone without having recorded an end (the host restarted,
+/// or it was killed): true if its restart policy asks for another run (`always`, or
+/// `on-failure`: an end nobody recorded is a failure). A recorded end, `stop` included, is
+/// final.
+pub fn needs_relaunch(state_dir: &Path) -> bool {
+    let Ok(st) = status(state_dir) else {
+        return false;
+    };
+    if st.supervisor_alive || matches!(st.state, State::Exited | State::Failed) {
+        return false;
+    }
+    read_spec(state_dir).is_ok_and(|spec| !matches!(spec.restart, super::RestartPolicy::No))
+}
+
+/// Starts a sandbox of [`needs_relaunch`] again with the supervisor command `cmd`: what the
+/// old run left (processes, libcontainer state, cgroups, the overlay mount) goes first; its
+/// logs and writable layer stay. Opens a start gate at once: the caller has the sandbox's
+/// network namespace and disks in place. Blocking.
+pub fn relaunch(cmd: Command, state_dir: &Path) -> Result<Status, SandboxError> {
+    cleanup_without_supervisor(state_dir)?;
+    launch(cmd, state_dir)
+}
+
 /// Asks the supervisor to stop: SIGTERM to the container, SIGKILL after `grace`, then it
 /// deletes the container (cgroups, overlay mount) and exits. Waits for that. If the
 /// supervisor is gone (or does not finish in time) the cleanup is done here.

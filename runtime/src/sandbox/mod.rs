@@ -16,7 +16,10 @@ mod status;
 mod supervisor;
 
 pub use cgroup::prime_migrations as prime_cgroup_migrations;
-pub use control::{create, delete, launch, spawn, spawn_spare, status, stop, wait, Launch, Spare};
+pub use control::{
+    create, delete, launch, needs_relaunch, relaunch, spawn, spawn_spare, status, stop, wait,
+    Launch, Spare,
+};
 pub use exec::{exec, ExecOutput};
 pub use oci::{DEFAULT_CAPS, DENIED_SYSCALLS};
 pub use spec::{merge_env, Backoff, LogConfig, Mount, Resources, RestartPolicy, SandboxSpec, User};

@@ -171,6 +171,12 @@ impl Supervisor {
         install_signal_handlers()?;
 
         let me = std::process::id() as i32;
+        // A status already there is a predecessor's that ended without recording an end
+        // (see `relaunch`): this start counts as one more restart.
+        let restarts = read_status(&dir)
+            .ok()
+            .flatten()
+            .map_or(0, |s| s.restarts.saturating_add(1));
         let status = Status {
             state: State::Creating,
             supervisor_pid: me,
@@ -179,7 +185,7 @@ impl Supervisor {
             pid_start_time: None,
             exit_code: None,
             oom_killed: false,
-            restarts: 0,
+            restarts,
             started_at: None,
             finished_at: None,
             error: None,
