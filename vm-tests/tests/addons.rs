@@ -1012,3 +1012,59 @@ fn a_deploy_killed_while_its_addon_provisions_is_finished_after_restart() {
     agent.ok(&["addon", "destroy", PG, "-a", "cut", "--yes"]);
     assert_nothing_left(&agent);
 }
+
+#[test]
+fn an_app_and_its_addon_come_back_after_a_host_restart_with_their_data() {
+    let Some(mut agent) = pg_agent() else { return };
+    let dir = agent.root.join("boot");
+    write_app(&dir, &psql_app("boot", Some("shared")));
+    deploy(&agent, &dir);
+    let out = exec_sh(
+        &agent,
+        "boot-web",
+        "psql \"$DATABASE_URL\" -v ON_ERROR_STOP=1 -c 'create table kept (v text)' -c \"insert into kept values ('before the restart')\"",
+    );
+    assert!(out.status.success(), "{}", text(&out));
+
+    agent.lose_everything_a_host_restart_loses();
+    agent.spawn();
+
+    // The service and the shared server run again; the row is there, read with the same
+    // credentials from inside the service.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let out = exec_sh(
+            &agent,
+            "boot-web",
+            "psql \"$DATABASE_URL\" -tAc 'select v from kept'",
+        );
+        if text(&out).contains("before the restart") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the app never read its row again: {}\n{}",
+            text(&out),
+            agent.log_text()
+        );
+        sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        agent.json(&["app", "status", "boot", "--json"])["status"],
+        "running"
+    );
+    assert_eq!(
+        pg_status(&agent, "boot").expect("addon")["status"],
+        "active"
+    );
+    let server = agent.json(&["sandbox", "status", "addon-pg", "--json"]);
+    assert_eq!(
+        server["restarts"], 1,
+        "relaunched, not re-provisioned: {server}"
+    );
+
+    agent.ok(&["app", "delete", "boot"]);
+    agent.ok(&["addon", "destroy", PG, "-a", "boot", "--yes"]);
+    shared_server_gone(&agent);
+    assert_nothing_left(&agent);
+}
