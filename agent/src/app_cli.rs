@@ -266,7 +266,7 @@ async fn run_addon(client: &Client, command: AddonCommand) -> Result<i32> {
                 );
             } else if no_wait {
                 println!(
-                    "{}:{} ({}) for app `{app}`: {}; `miren addon list -a {app}` shows when it is active, and `miren app restart {app}` then gives running services its variables",
+                    "{}:{} ({}) for app `{app}`: {}; `miren addon list -a {app}` shows when it is active; a running app is restarted with its variables then",
                     created.name, created.variant, created.version, created.status
                 );
             } else {

@@ -231,9 +231,19 @@ impl AppService {
         self.get(&app)
     }
 
-    /// Finishes deploys a previous agent was killed in.
+    /// Finishes deploys a previous agent was killed in, and restarts running apps whose
+    /// addons changed while it was not looking.
     pub fn resume(self: &Arc<Self>) -> Result<(), ApiError> {
         for row in self.store.apps()? {
+            if row.status == "running" {
+                let this = self.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = this.addons_changed(&row.name).await {
+                        warn!(app = %row.name, error = %e, "restarting the app for its addons' variables failed");
+                    }
+                });
+                continue;
+            }
             if row.status != "deploying" {
                 continue;
             }
@@ -369,14 +379,24 @@ impl AppService {
         }
     }
 
-    /// (Re)starts every service with the addons' current variables.
-    async fn start_services(&self, app: &str, spec: &AppSpec) -> Result<(), ApiError> {
-        let addon_env: Vec<String> = self
+    /// The addons' variables for the app's services, and their digest.
+    fn addon_env(&self, app: &str) -> Result<(Vec<String>, String), ApiError> {
+        use sha2::Digest;
+        let env: Vec<String> = self
             .addons
             .env_of(app)?
             .into_iter()
             .map(|(var, _)| format!("{}={}", var.key, var.value))
             .collect();
+        let mut sorted = env.clone();
+        sorted.sort();
+        let digest = sha2::Sha256::digest(sorted.join("\n").as_bytes());
+        Ok((env, format!("{digest:x}")))
+    }
+
+    /// (Re)starts every service with the addons' current variables.
+    async fn start_services(&self, app: &str, spec: &AppSpec) -> Result<(), ApiError> {
+        let (addon_env, digest) = self.addon_env(app)?;
         for service in &spec.services {
             self.remove_service(app, &service.name).await?;
             let mut env = addon_env.clone();
@@ -432,12 +452,17 @@ impl AppService {
                 })?;
             info!(app = %app, service = %service.name, sandbox = %sandbox.id, "service started");
         }
+        self.store.set_app_addon_env(app, &digest)?;
         Ok(())
     }
 
     pub async fn restart(&self, app: &str) -> Result<App, ApiError> {
         let lock = self.lock_of(app);
         let _guard = lock.lock().await;
+        self.restart_locked(app).await
+    }
+
+    async fn restart_locked(&self, app: &str) -> Result<App, ApiError> {
         let spec = self.spec_of(app)?;
         let not_ready = self.addons.not_active(app)?;
         if !not_ready.is_empty() {
@@ -452,13 +477,23 @@ impl AppService {
         self.get(app)
     }
 
-    /// Restarts a running app after an addon was attached or removed outside a deploy, so
-    /// its services see the new variables.
+    /// Restarts a running app whose services were started with other addon variables than
+    /// its addons have now (an addon attached, removed or moved outside a deploy), so they see
+    /// the new ones. A no-op when nothing changed: safe to call after any addon event.
     pub async fn addons_changed(&self, app: &str) -> Result<(), ApiError> {
+        let lock = self.lock_of(app);
+        let _guard = lock.lock().await;
         match self.store.app(app)? {
             Some(row) if row.status == "running" => {
+                let (_, now) = self.addon_env(app)?;
+                match self.store.app_addon_env(app)? {
+                    Some(then) if then == now => return Ok(()),
+                    // Started by an agent that did not record it (before migration 7).
+                    None => return self.store.set_app_addon_env(app, &now),
+                    Some(_) => {}
+                }
                 info!(app = %app, "addons changed: restarting the app's services");
-                self.restart(app).await.map(|_| ())
+                self.restart_locked(app).await.map(|_| ())
             }
             _ => Ok(()),
         }

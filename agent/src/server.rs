@@ -119,6 +119,23 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         apps: apps.clone(),
         socket_gid: cfg.socket_gid,
     };
+    // An addon settling outside a deploy (in the background, or resumed after a restart)
+    // restarts its app's services if their variables changed.
+    let (settled_tx, mut settled_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    addons.on_settled(settled_tx);
+    {
+        let apps = apps.clone();
+        tokio::spawn(async move {
+            while let Some(app) = settled_rx.recv().await {
+                let apps = apps.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = apps.addons_changed(&app).await {
+                        warn!(app = %app, error = %e, "restarting the app for its addons' variables failed");
+                    }
+                });
+            }
+        });
+    }
     // Addons and deploys a previous agent left mid-way continue in the background.
     addons.resume().context("resuming addons")?;
     apps.resume().context("resuming deploys")?;

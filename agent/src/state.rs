@@ -112,6 +112,9 @@ const MIGRATIONS: &[&str] = &[
     // short is only discarded for an addon that never did.
     "ALTER TABLE addons ADD COLUMN ever_active INTEGER NOT NULL DEFAULT 0;
      UPDATE addons SET ever_active = 1 WHERE status = 'active';",
+    // 7: a digest of the addon variables an app's services were last started with, so a
+    // change made outside a deploy (an addon settling in the background) restarts them.
+    "ALTER TABLE apps ADD COLUMN addon_env TEXT;",
 ];
 
 /// Lifecycle of a disk row. `Creating` and `Deleting` mark operations in flight: after a crash,

@@ -1068,3 +1068,51 @@ fn an_app_and_its_addon_come_back_after_a_host_restart_with_their_data() {
     shared_server_gone(&agent);
     assert_nothing_left(&agent);
 }
+
+#[test]
+fn an_addon_made_without_waiting_reaches_the_running_app_by_itself() {
+    let Some(agent) = pg_agent() else { return };
+    let dir = agent.root.join("later");
+    write_app(&dir, &psql_app("later", None));
+    deploy(&agent, &dir);
+    let before = agent.json(&["sandbox", "status", "later-web", "--json"]);
+    let out = agent.ok(&[
+        "addon",
+        "create",
+        &format!("{PG}:shared"),
+        "-a",
+        "later",
+        "--no-wait",
+    ]);
+    assert!(out.contains("restarted"), "{out}");
+    // No `app restart`: once the addon is active, the service runs again with its variables.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let out = exec_sh(
+            &agent,
+            "later-web",
+            "psql \"$DATABASE_URL\" -tAc 'select 41+1'",
+        );
+        if text(&out).contains("42") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the service never got the addon's variables: {}\n{}",
+            text(&out),
+            agent.log_text()
+        );
+        sleep(Duration::from_millis(200));
+    }
+    let after = agent.json(&["sandbox", "status", "later-web", "--json"]);
+    assert_ne!(after["id"], before["id"], "restarted as a new sandbox");
+    assert_eq!(
+        pg_status(&agent, "later").expect("addon")["status"],
+        "active"
+    );
+
+    agent.ok(&["app", "delete", "later"]);
+    agent.ok(&["addon", "destroy", PG, "-a", "later", "--yes"]);
+    shared_server_gone(&agent);
+    assert_nothing_left(&agent);
+}

@@ -79,6 +79,9 @@ pub struct AddonService {
     tasks: Mutex<HashMap<Key, watch::Sender<bool>>>,
     /// Serializes everything that touches a shared server's lifecycle or membership.
     shared: tokio::sync::Mutex<()>,
+    /// Hears the app of every addon whose driver finished (active, deleted, error), so apps
+    /// can pick up changed variables (see `AppService::addons_changed`).
+    settled: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<String>>,
 }
 
 pub(crate) fn fnv1a32(bytes: &[u8]) -> u32 {
@@ -191,7 +194,13 @@ impl AddonService {
             sandboxes,
             tasks: Mutex::new(HashMap::new()),
             shared: tokio::sync::Mutex::new(()),
+            settled: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Where to report apps whose addon settled (once, at start).
+    pub fn on_settled(&self, tx: tokio::sync::mpsc::UnboundedSender<String>) {
+        let _ = self.settled.set(tx);
     }
 
     fn find(&self, app: &str, kind: &str) -> Result<AddonRow, ApiError> {
@@ -438,6 +447,9 @@ impl AddonService {
             }
             if let Some(tx) = tasks.remove(&key) {
                 tx.send_replace(true);
+            }
+            if let Some(settled) = self.settled.get() {
+                let _ = settled.send(app.clone());
             }
             return;
         }

@@ -432,6 +432,25 @@ impl Store {
         Ok(())
     }
 
+    /// The digest of the addon variables the app's services were last started with.
+    pub fn app_addon_env(&self, name: &str) -> Result<Option<String>, ApiError> {
+        Ok(self
+            .conn()
+            .query_row("SELECT addon_env FROM apps WHERE name = ?1", [name], |r| {
+                r.get::<_, Option<String>>(0)
+            })
+            .optional()?
+            .flatten())
+    }
+
+    pub fn set_app_addon_env(&self, name: &str, digest: &str) -> Result<(), ApiError> {
+        self.conn().execute(
+            "UPDATE apps SET addon_env = ?2 WHERE name = ?1",
+            params![name, digest],
+        )?;
+        Ok(())
+    }
+
     pub fn set_app_status(
         &self,
         name: &str,
