@@ -775,7 +775,13 @@ impl SandboxService {
                 continue;
             }
             let dir = self.state_dir(&row.id);
-            let cmd = self.spares.command(&dir)?;
+            let cmd = match self.spares.command(&dir) {
+                Ok(cmd) => cmd,
+                Err(e) => {
+                    warn!(error = %e, "cannot restart sandboxes whose supervisor is gone");
+                    break;
+                }
+            };
             let relaunched = tokio::task::spawn_blocking(move || {
                 if !sandbox::needs_relaunch(&dir) {
                     return Ok(false);
