@@ -166,6 +166,29 @@ fn exec_sh(agent: &TestAgent, sandbox: &str, script: &str) -> Output {
     agent.cli(&["sandbox", "exec", sandbox, "--", "sh", "-c", script])
 }
 
+/// Runs `sql` with the app's own `DATABASE_URL` inside `sandbox` until its output contains
+/// `expected` (the server may still be starting), for up to two minutes.
+fn eventually_queries(agent: &TestAgent, sandbox: &str, sql: &str, expected: &str) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let out = exec_sh(
+            agent,
+            sandbox,
+            &format!("psql \"$DATABASE_URL\" -tAc '{sql}'"),
+        );
+        if text(&out).contains(expected) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "`{sql}` in {sandbox} never gave {expected}: {}\n{}",
+            text(&out),
+            agent.log_text()
+        );
+        sleep(Duration::from_millis(200));
+    }
+}
+
 /// Nothing of any addon or app is left: no sandbox, disk, loop device, mount, endpoint.
 fn assert_nothing_left(agent: &TestAgent) {
     assert!(
@@ -1031,24 +1054,12 @@ fn an_app_and_its_addon_come_back_after_a_host_restart_with_their_data() {
 
     // The service and the shared server run again; the row is there, read with the same
     // credentials from inside the service.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let out = exec_sh(
-            &agent,
-            "boot-web",
-            "psql \"$DATABASE_URL\" -tAc 'select v from kept'",
-        );
-        if text(&out).contains("before the restart") {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the app never read its row again: {}\n{}",
-            text(&out),
-            agent.log_text()
-        );
-        sleep(Duration::from_millis(200));
-    }
+    eventually_queries(
+        &agent,
+        "boot-web",
+        "select v from kept",
+        "before the restart",
+    );
     assert_eq!(
         agent.json(&["app", "status", "boot", "--json"])["status"],
         "running"
@@ -1086,24 +1097,7 @@ fn an_addon_made_without_waiting_reaches_the_running_app_by_itself() {
     ]);
     assert!(out.contains("restarted"), "{out}");
     // No `app restart`: once the addon is active, the service runs again with its variables.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let out = exec_sh(
-            &agent,
-            "later-web",
-            "psql \"$DATABASE_URL\" -tAc 'select 41+1'",
-        );
-        if text(&out).contains("42") {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the service never got the addon's variables: {}\n{}",
-            text(&out),
-            agent.log_text()
-        );
-        sleep(Duration::from_millis(200));
-    }
+    eventually_queries(&agent, "later-web", "select 41+1", "42");
     let after = agent.json(&["sandbox", "status", "later-web", "--json"]);
     assert_ne!(after["id"], before["id"], "restarted as a new sandbox");
     assert_eq!(

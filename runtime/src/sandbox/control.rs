@@ -38,13 +38,8 @@ pub fn launch(cmd: Command, state_dir: &Path) -> Result<Status, SandboxError> {
 /// supervisor prepares the sandbox meanwhile, creates the container only after
 /// [`Launch::allow_create`] and starts its process only after [`Launch::open_gate`];
 /// [`Launch::cancel`] makes it fail and clean up instead.
-pub fn spawn(mut cmd: Command, state_dir: &Path) -> Result<Launch, SandboxError> {
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| SandboxError::io("spawn supervisor", e))?;
+pub fn spawn(cmd: Command, state_dir: &Path) -> Result<Launch, SandboxError> {
+    let mut child = spawn_gated(cmd, "spawn supervisor")?;
     Ok(Launch {
         gate: child.stdin.take(),
         child,
@@ -56,15 +51,20 @@ pub fn spawn(mut cmd: Command, state_dir: &Path) -> Result<Launch, SandboxError>
 /// Starts a spare supervisor (e.g. `miren supervise --sandboxes-dir ROOT`, see
 /// [`super::supervise_spare`]): exec'd and waiting, so a later start skips that part.
 /// It exits when dropped unused (its stdin closes).
-pub fn spawn_spare(mut cmd: Command) -> Result<Spare, SandboxError> {
-    let mut child = cmd
-        .stdin(Stdio::piped())
+pub fn spawn_spare(cmd: Command) -> Result<Spare, SandboxError> {
+    let mut child = spawn_gated(cmd, "spawn a spare supervisor")?;
+    let stdin = child.stdin.take();
+    Ok(Spare { child, stdin })
+}
+
+/// A supervisor process whose stdin is a pipe from us (the gate), its stdout and stderr
+/// `/dev/null` (it logs to its state dir).
+fn spawn_gated(mut cmd: Command, what: &str) -> Result<std::process::Child, SandboxError> {
+    cmd.stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .map_err(|e| SandboxError::io("spawn a spare supervisor", e))?;
-    let stdin = child.stdin.take();
-    Ok(Spare { child, stdin })
+        .map_err(|e| SandboxError::io(what, e))
 }
 
 /// A supervisor started by [`spawn_spare`], not yet given a sandbox.
