@@ -369,14 +369,9 @@ impl AppService {
     }
 
     async fn remove_service(&self, app: &str, service: &str) -> Result<(), ApiError> {
-        match self
-            .sandboxes
-            .delete(&service_sandbox_name(app, service))
+        self.sandboxes
+            .delete_if_exists(&service_sandbox_name(app, service))
             .await
-        {
-            Err(e) if e.code == "not_found" => Ok(()),
-            other => other,
-        }
     }
 
     /// The addons' variables for the app's services, and their digest.

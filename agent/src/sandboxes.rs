@@ -671,6 +671,15 @@ impl SandboxService {
         Ok(())
     }
 
+    /// [`Self::delete`], where a sandbox already gone is fine (for owners that remove theirs
+    /// by name and may be repeating themselves).
+    pub async fn delete_if_exists(&self, id_or_name: &str) -> Result<(), ApiError> {
+        match self.delete(id_or_name).await {
+            Err(e) if e.code == "not_found" => Ok(()),
+            other => other,
+        }
+    }
+
     /// Runs a command inside a running sandbox through `miren exec-in`: the command becomes
     /// its caller's child, and libcontainer must not fork from this multi-threaded process.
     pub async fn exec(

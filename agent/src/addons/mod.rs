@@ -727,7 +727,7 @@ impl AddonService {
 
     async fn finish_server_removal(&self, kind: &str) -> Result<(), ApiError> {
         info!(addon = %kind, "removing the shared server: its last app left");
-        self.remove_sandbox(SHARED_SERVER).await?;
+        self.sandboxes.delete_if_exists(SHARED_SERVER).await?;
         self.remove_disk(SHARED_SERVER).await?;
         self.store.remove_server(kind)?;
         Ok(())
@@ -762,7 +762,7 @@ impl AddonService {
     async fn remove_resources(&self, row: &AddonRow) -> Result<(), ApiError> {
         if row.variant != Variant::Shared.name() {
             let name = small_server_name(&row.app);
-            self.remove_sandbox(&name).await?;
+            self.sandboxes.delete_if_exists(&name).await?;
             self.remove_disk(&name).await?;
             return Ok(());
         }
@@ -823,13 +823,6 @@ impl AddonService {
         })
         .await
         .map_err(|e| ApiError::internal(format!("deleting a disk: {e}")))?
-    }
-
-    async fn remove_sandbox(&self, name: &str) -> Result<(), ApiError> {
-        match self.sandboxes.delete(name).await {
-            Err(e) if e.code == "not_found" => Ok(()),
-            other => other,
-        }
     }
 
     /// The server's sandbox, running: kept if it is (or is restarting), replaced if it failed.
