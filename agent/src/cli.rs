@@ -375,7 +375,8 @@ pub struct AgentArgs {
     /// Group (name or gid) whose members may use the socket besides root.
     #[arg(long, env = "MIREN_SOCKET_GROUP")]
     pub socket_group: Option<String>,
-    /// How often leases of holders that are gone are reclaimed (e.g. 30s, 1m).
+    /// How often leases of holders that are gone are reclaimed, lost endpoints recreated and
+    /// sandboxes whose supervisor was killed restarted per their policy (e.g. 30s, 1m).
     #[arg(long, env = "MIREN_RECLAIM_INTERVAL", default_value = "30s", value_parser = parse_duration)]
     pub reclaim_interval: Duration,
     /// Subnet sandboxes get their addresses from (the gateway is its first address).

@@ -31,6 +31,8 @@ pub struct SandboxService {
     net: Arc<NetService>,
     images: Arc<ImageService>,
     spares: Spares,
+    /// One stop, delete or relaunch at a time per sandbox id.
+    locks: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// Supervisors are this binary re-executed. One is kept exec'd ahead of need (a spare,
@@ -244,6 +246,7 @@ impl SandboxService {
             net,
             images,
             spares,
+            locks: Default::default(),
         }
     }
 
@@ -256,6 +259,15 @@ impl SandboxService {
     /// Lets the spare supervisor go (at shutdown). Blocking, briefly.
     pub fn retire_spare(&self) {
         self.spares.retire();
+    }
+
+    fn lock_of(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(id.to_string())
+            .or_default()
+            .clone()
     }
 
     fn state_dir(&self, id: &str) -> PathBuf {
@@ -653,6 +665,8 @@ impl SandboxService {
         grace: Option<Duration>,
     ) -> Result<Sandbox, ApiError> {
         let row = self.find(id_or_name)?;
+        let lock = self.lock_of(&row.id);
+        let _guard = lock.lock().await;
         let state_dir = self.state_dir(&row.id);
         let grace = grace.unwrap_or(Duration::from_secs(10));
         tokio::task::spawn_blocking(move || sandbox::stop(&state_dir, grace))
@@ -664,9 +678,15 @@ impl SandboxService {
 
     pub async fn delete(&self, id_or_name: &str) -> Result<(), ApiError> {
         let row = self.find(id_or_name)?;
+        let lock = self.lock_of(&row.id);
+        let _guard = lock.lock().await;
         self.store.set_sandbox_status(&row.id, "deleting")?;
         self.teardown(&row).await?;
         self.store.remove_sandbox(&row.id)?;
+        self.locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&row.id);
         info!(sandbox = %row.name, id = %row.id, "sandbox deleted");
         Ok(())
     }
@@ -776,11 +796,21 @@ impl SandboxService {
                 }
             }
         }
-        // A supervisor gone without having recorded an end means the host restarted (or it
-        // was killed): sandboxes whose restart policy asks for it run again, as after any
-        // failure. Their endpoints and disks were restored before this runs.
+        self.relaunch_dead().await
+    }
+
+    /// A supervisor gone without having recorded an end means the host restarted (or it
+    /// was killed): sandboxes whose restart policy asks for it run again, as after any
+    /// failure. At start, after endpoints and disks are restored, and periodically.
+    pub async fn relaunch_dead(&self) -> Result<(), ApiError> {
         for row in self.store.sandboxes()? {
             if row.status != "created" {
+                continue;
+            }
+            let lock = self.lock_of(&row.id);
+            let _guard = lock.lock().await;
+            // Looked at again under the lock: a delete may have come first.
+            if !matches!(self.store.sandbox(&row.id)?, Some(r) if r.status == "created") {
                 continue;
             }
             let dir = self.state_dir(&row.id);

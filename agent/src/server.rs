@@ -144,6 +144,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     let reclaimer = tokio::spawn(reclaim_periodically(
         disks.clone(),
         net.clone(),
+        sandboxes.clone(),
         cfg.reclaim_interval,
     ));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -190,7 +191,12 @@ async fn shutdown_signal() -> &'static str {
     }
 }
 
-async fn reclaim_periodically(disks: Arc<DiskService>, net: Arc<NetService>, every: Duration) {
+async fn reclaim_periodically(
+    disks: Arc<DiskService>,
+    net: Arc<NetService>,
+    sandboxes: Arc<crate::sandboxes::SandboxService>,
+    every: Duration,
+) {
     let mut ticker = tokio::time::interval(every);
     ticker.tick().await;
     loop {
@@ -207,6 +213,10 @@ async fn reclaim_periodically(disks: Arc<DiskService>, net: Arc<NetService>, eve
             Ok(Err(e)) => warn!(error = %e, "periodic lease reclaim failed"),
             Err(e) => warn!(error = %e, "periodic lease reclaim failed"),
             Ok(Ok(_)) => {}
+        }
+        // A supervisor killed while the agent runs: its sandbox's restart policy still holds.
+        if let Err(e) = sandboxes.relaunch_dead().await {
+            warn!(error = %e, "periodic sandbox relaunch failed");
         }
     }
 }

@@ -708,3 +708,42 @@ fn exec_runs_inside_the_sandbox_with_its_exit_code_and_output() {
     agent.ok(&["sandbox", "delete", "target"]);
     assert_nothing_left(&agent);
 }
+
+#[test]
+fn a_killed_supervisor_is_replaced_while_the_agent_runs_if_the_policy_asks() {
+    let agent = TestAgent::builder()
+        .arg("--reclaim-interval")
+        .arg("1s")
+        .start();
+    let tar = agent.root.join("busybox.tar");
+    busybox_rootfs_tar(&tar);
+    agent.ok(&["image", "import", IMAGE, tar.to_str().unwrap()]);
+    let keeper = run(&agent, &["--restart", "always"], "echo up; sleep 1000");
+    let plain = run(&agent, &[], "sleep 1000");
+    for id in [&keeper, &plain] {
+        wait_state(&agent, id, "running");
+        let dir = agent.data_dir.join("sandboxes").join(id);
+        let pidfile = fs::read_to_string(dir.join("supervisor.pid")).unwrap();
+        let supervisor: i32 = pidfile.split_whitespace().next().unwrap().parse().unwrap();
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(supervisor),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    // The next reclaim pass restarts the one whose policy asks for it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = status(&agent, &keeper);
+        if s["state"] == "running" && s["restarts"] == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never restarted: {s}");
+        sleep(Duration::from_millis(100));
+    }
+    assert_eq!(logs(&agent, &keeper).matches("up").count(), 2);
+    assert_eq!(status(&agent, &plain)["state"], "failed");
+    for id in [&keeper, &plain] {
+        agent.ok(&["sandbox", "delete", id]);
+    }
+    assert_nothing_left(&agent);
+}
