@@ -423,10 +423,7 @@ impl SandboxService {
         let endpoint = reserved.endpoint.clone();
         let net = self.net.clone();
         let (netns_tx, netns_rx) = tokio::sync::oneshot::channel();
-        let realized = tokio::spawn(async move {
-            let r = net.realize(reserved, Some(netns_tx)).await;
-            r
-        });
+        let realized = tokio::spawn(async move { net.realize(reserved, Some(netns_tx)).await });
         let ip: std::net::Ipv4Addr = endpoint
             .ip
             .parse()
@@ -654,6 +651,9 @@ impl SandboxService {
                     "timeout",
                     format!("{why}; wait longer or stop it with `miren sandbox stop`"),
                 ),
+                sandbox::SandboxError::NoStatus(_) => ApiError::not_found(format!(
+                    "sandbox `{id_or_name}` was deleted while waiting for it"
+                )),
                 e => e.into(),
             })?;
         self.get(&row.id)
