@@ -6,8 +6,7 @@
 //! The declaration is stored before anything is made, with the app in `deploying`; an agent
 //! killed mid-deploy finishes it on start-up.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
@@ -153,7 +152,7 @@ pub struct AppService {
     sandboxes: Arc<SandboxService>,
     addons: Arc<AddonService>,
     /// One deploy, restart or delete at a time per app.
-    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    locks: crate::util::KeyedLocks,
 }
 
 impl AppService {
@@ -168,17 +167,8 @@ impl AppService {
             disks,
             sandboxes,
             addons,
-            locks: Mutex::new(HashMap::new()),
+            locks: Default::default(),
         })
-    }
-
-    fn lock_of(&self, app: &str) -> Arc<tokio::sync::Mutex<()>> {
-        self.locks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(app.to_string())
-            .or_default()
-            .clone()
     }
 
     fn spec_of(&self, app: &str) -> Result<AppSpec, ApiError> {
@@ -220,7 +210,7 @@ impl AppService {
                 }
             }
         }
-        let lock = self.lock_of(&app);
+        let lock = self.locks.of(&app);
         let _guard = lock.lock().await;
         let old = self.spec_of(&app).ok();
         let text = serde_json::to_string(&spec)
@@ -249,7 +239,7 @@ impl AppService {
             }
             let this = self.clone();
             tokio::spawn(async move {
-                let lock = this.lock_of(&row.name);
+                let lock = this.locks.of(&row.name);
                 let _guard = lock.lock().await;
                 info!(app = %row.name, "finishing a deploy cut short");
                 match this.spec_of(&row.name) {
@@ -452,7 +442,7 @@ impl AppService {
     }
 
     pub async fn restart(&self, app: &str) -> Result<App, ApiError> {
-        let lock = self.lock_of(app);
+        let lock = self.locks.of(app);
         let _guard = lock.lock().await;
         self.restart_locked(app).await
     }
@@ -476,7 +466,7 @@ impl AppService {
     /// its addons have now (an addon attached, removed or moved outside a deploy), so they see
     /// the new ones. A no-op when nothing changed: safe to call after any addon event.
     pub async fn addons_changed(&self, app: &str) -> Result<(), ApiError> {
-        let lock = self.lock_of(app);
+        let lock = self.locks.of(app);
         let _guard = lock.lock().await;
         match self.store.app(app)? {
             Some(row) if row.status == "running" => {
@@ -496,7 +486,7 @@ impl AppService {
 
     /// Removes the app's services and its record. Disks and addons stay, with their data.
     pub async fn delete(&self, app: &str) -> Result<AppDeleted, ApiError> {
-        let lock = self.lock_of(app);
+        let lock = self.locks.of(app);
         let _guard = lock.lock().await;
         let spec = self.spec_of(app)?;
         let mut removed = Vec::new();

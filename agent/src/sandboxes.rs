@@ -32,7 +32,7 @@ pub struct SandboxService {
     images: Arc<ImageService>,
     spares: Spares,
     /// One stop, delete or relaunch at a time per sandbox id.
-    locks: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    locks: crate::util::KeyedLocks,
 }
 
 /// Supervisors are this binary re-executed. One is kept exec'd ahead of need (a spare,
@@ -259,15 +259,6 @@ impl SandboxService {
     /// Lets the spare supervisor go (at shutdown). Blocking, briefly.
     pub fn retire_spare(&self) {
         self.spares.retire();
-    }
-
-    fn lock_of(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
-        self.locks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(id.to_string())
-            .or_default()
-            .clone()
     }
 
     fn state_dir(&self, id: &str) -> PathBuf {
@@ -665,7 +656,7 @@ impl SandboxService {
         grace: Option<Duration>,
     ) -> Result<Sandbox, ApiError> {
         let row = self.find(id_or_name)?;
-        let lock = self.lock_of(&row.id);
+        let lock = self.locks.of(&row.id);
         let _guard = lock.lock().await;
         let state_dir = self.state_dir(&row.id);
         let grace = grace.unwrap_or(Duration::from_secs(10));
@@ -678,15 +669,12 @@ impl SandboxService {
 
     pub async fn delete(&self, id_or_name: &str) -> Result<(), ApiError> {
         let row = self.find(id_or_name)?;
-        let lock = self.lock_of(&row.id);
+        let lock = self.locks.of(&row.id);
         let _guard = lock.lock().await;
         self.store.set_sandbox_status(&row.id, "deleting")?;
         self.teardown(&row).await?;
         self.store.remove_sandbox(&row.id)?;
-        self.locks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&row.id);
+        self.locks.forget(&row.id);
         info!(sandbox = %row.name, id = %row.id, "sandbox deleted");
         Ok(())
     }
@@ -807,7 +795,7 @@ impl SandboxService {
             if row.status != "created" {
                 continue;
             }
-            let lock = self.lock_of(&row.id);
+            let lock = self.locks.of(&row.id);
             let _guard = lock.lock().await;
             // Looked at again under the lock: a delete may have come first.
             if !matches!(self.store.sandbox(&row.id)?, Some(r) if r.status == "created") {

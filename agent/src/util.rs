@@ -35,3 +35,25 @@ pub fn percent_encode(s: &str) -> String {
         })
         .collect()
 }
+
+/// One async lock per key (an app, a sandbox): operations on the same key run one at a time.
+#[derive(Default)]
+pub struct KeyedLocks(
+    std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<tokio::sync::Mutex<()>>>>,
+);
+
+impl KeyedLocks {
+    pub fn of(&self, key: &str) -> std::sync::Arc<tokio::sync::Mutex<()>> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// Forgets `key` (once what it named is gone); holders of its lock keep it.
+    pub fn forget(&self, key: &str) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).remove(key);
+    }
+}

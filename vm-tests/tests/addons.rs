@@ -166,16 +166,21 @@ fn exec_sh(agent: &TestAgent, sandbox: &str, script: &str) -> Output {
     agent.cli(&["sandbox", "exec", sandbox, "--", "sh", "-c", script])
 }
 
+/// Runs `sql` inside `sandbox` with the app's own `DATABASE_URL` (`psql -tA`).
+fn app_query(agent: &TestAgent, sandbox: &str, sql: &str) -> Output {
+    exec_sh(
+        agent,
+        sandbox,
+        &format!("psql \"$DATABASE_URL\" -tAc '{sql}'"),
+    )
+}
+
 /// Runs `sql` with the app's own `DATABASE_URL` inside `sandbox` until its output contains
 /// `expected` (the server may still be starting), for up to two minutes.
 fn eventually_queries(agent: &TestAgent, sandbox: &str, sql: &str, expected: &str) {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let out = exec_sh(
-            agent,
-            sandbox,
-            &format!("psql \"$DATABASE_URL\" -tAc '{sql}'"),
-        );
+        let out = app_query(agent, sandbox, sql);
         if text(&out).contains(expected) {
             return;
         }
@@ -308,11 +313,7 @@ fn small_variant_deploy_waits_for_the_addon_and_redeploy_and_destroy_remove_its_
     let after = agent.json(&["sandbox", "status", "shop-web", "--json"]);
     assert_ne!(after["id"], before, "restart kept the old sandbox");
     assert_eq!(after["state"], "running");
-    let out = exec_sh(
-        &agent,
-        "shop-web",
-        "psql \"$DATABASE_URL\" -tAc 'select n from visits'",
-    );
+    let out = app_query(&agent, "shop-web", "select n from visits");
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("42"),
         "{}",
@@ -459,11 +460,7 @@ fn shared_variant_isolates_apps_and_versions_are_checked() {
         &bob_url,
         "create table notes(s text); insert into notes values ('bob-only')",
     );
-    let out = exec_sh(
-        &agent,
-        "bob-web",
-        "psql \"$DATABASE_URL\" -tAc 'select s from notes'",
-    );
+    let out = app_query(&agent, "bob-web", "select s from notes");
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("bob-only"),
         "{}",
@@ -1025,7 +1022,7 @@ fn a_deploy_killed_while_its_addon_provisions_is_finished_after_restart() {
         assert!(Instant::now() < deadline, "{app}");
         sleep(Duration::from_millis(50));
     }
-    let out = exec_sh(&agent, "cut-web", "psql \"$DATABASE_URL\" -tAc 'select 7'");
+    let out = app_query(&agent, "cut-web", "select 7");
     assert!(
         String::from_utf8_lossy(&out.stdout).contains('7'),
         "{}",
