@@ -1,0 +1,1 @@
+//! Hostile tests: api (see docs/security.md).

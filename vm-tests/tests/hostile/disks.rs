@@ -1,0 +1,1 @@
+//! Hostile tests: disks (see docs/security.md).

@@ -1,0 +1,1 @@
+//! Hostile tests: exec_limits (see docs/security.md).

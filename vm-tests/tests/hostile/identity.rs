@@ -1,0 +1,1 @@
+//! Hostile tests: identity (see docs/security.md).

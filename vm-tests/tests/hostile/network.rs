@@ -1,0 +1,1 @@
+//! Hostile tests: network (see docs/security.md).

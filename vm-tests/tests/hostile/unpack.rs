@@ -1,0 +1,1 @@
+//! Hostile tests: unpack (see docs/security.md).
