@@ -21,6 +21,11 @@ fn can_run() -> bool {
             .iter()
             .all(|t| have(t));
     if !ok {
+        // Under CI a missing prerequisite is a broken setup, not a reason to pass.
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI: needs root, losetup, mount, mkfs.ext4, fsck.ext4 and zstd (scripts/setup)"
+        );
         eprintln!("skipping: needs root, losetup, mount, mkfs.ext4, fsck.ext4 and zstd");
     }
     ok
@@ -291,6 +296,10 @@ fn xfs_and_btrfs_round_trip() {
         ("btrfs", "mkfs.btrfs", "btrfs", 256 * M),
     ] {
         if !have(mkfs_tool) || !have(fsck_tool) {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "CI: {mkfs_tool} and {fsck_tool} are missing (scripts/setup)"
+            );
             eprintln!("skipping {fs}: {mkfs_tool} or {fsck_tool} missing");
             continue;
         }

@@ -651,3 +651,19 @@ pub fn busybox_rootfs_tar(out: &Path) {
     assert!(status.success());
     let _ = fs::remove_dir_all(&root);
 }
+
+/// The test image mirror (`MIREN_IMAGE_MIRROR`, set by scripts/test), or None when a developer
+/// runs a test without it and the test is skipped. Under CI (`CI` set) a missing mirror is a
+/// broken setup, not a reason to pass: it panics.
+pub fn image_mirror() -> Option<String> {
+    match std::env::var("MIREN_IMAGE_MIRROR") {
+        Ok(mirror) => Some(mirror),
+        Err(_) if std::env::var_os("CI").is_some() => {
+            panic!("MIREN_IMAGE_MIRROR is not set under CI: scripts/test must export it (scripts/images)")
+        }
+        Err(_) => {
+            eprintln!("skipped: MIREN_IMAGE_MIRROR is not set (run scripts/images)");
+            None
+        }
+    }
+}

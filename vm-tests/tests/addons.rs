@@ -21,8 +21,7 @@ const PG: &str = "miren-postgresql";
 /// An agent that pulls through the test mirror, with postgres:17 already pulled; None (and
 /// the test skipped) without a mirror.
 fn pg_agent() -> Option<TestAgent> {
-    let Ok(mirror) = std::env::var("MIREN_IMAGE_MIRROR") else {
-        eprintln!("skipped: MIREN_IMAGE_MIRROR is not set (run scripts/images)");
+    let Some(mirror) = miren_vm_tests::image_mirror() else {
         return None;
     };
     let agent = TestAgent::builder()

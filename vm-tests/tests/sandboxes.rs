@@ -428,8 +428,7 @@ fn bad_sandbox_requests_are_refused_and_leave_nothing() {
 /// MIREN_IMAGE_MIRROR is set (scripts/test sets it).
 #[test]
 fn postgres_from_the_mirror_on_a_disk_answers_psql() {
-    let Ok(mirror) = std::env::var("MIREN_IMAGE_MIRROR") else {
-        eprintln!("skipped: MIREN_IMAGE_MIRROR is not set (run scripts/images)");
+    let Some(mirror) = miren_vm_tests::image_mirror() else {
         return;
     };
     let agent = TestAgent::builder()
