@@ -21,9 +21,7 @@ const PG: &str = "miren-postgresql";
 /// An agent that pulls through the test mirror, with postgres:17 already pulled; None (and
 /// the test skipped) without a mirror.
 fn pg_agent() -> Option<TestAgent> {
-    let Some(mirror) = miren_vm_tests::image_mirror() else {
-        return None;
-    };
+    let mirror = miren_vm_tests::image_mirror()?;
     let agent = TestAgent::builder()
         .arg("--image-mirror")
         .arg(&mirror)
