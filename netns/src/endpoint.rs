@@ -85,7 +85,9 @@ pub async fn ensure_bridge_and_table(cfg: &NetConfig) -> Result<()> {
     let bridge = match link::get_by_name(&handle, &name).await? {
         Some(bridge) => bridge,
         None => {
-            let message = LinkBridge::new(&name).address(bridge_mac(cfg.prefix())).build();
+            let message = LinkBridge::new(&name)
+                .address(bridge_mac(cfg.prefix()))
+                .build();
             match handle.link().add(message).execute().await {
                 Ok(()) => {}
                 Err(e) if link::errno(&e) == Some(EEXIST) => {}

@@ -314,10 +314,19 @@ mod tests {
         let any6 = "   0: 00000000000000000000000000000000:0016 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1 0 100 0 0 10 0";
         let listener = parse_proc_net_line(any6).expect("listener");
         assert_eq!(listener.port, 22);
-        assert!(listener.covers(Ipv4Addr::new(192, 0, 2, 7)), "[::] takes IPv4 too");
+        assert!(
+            listener.covers(Ipv4Addr::new(192, 0, 2, 7)),
+            "[::] takes IPv4 too"
+        );
         let loopback6 = any6.replacen(
             "00000000000000000000000000000000",
-            &format!("{:08X}{:08X}{:08X}{:08X}", 0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])),
+            &format!(
+                "{:08X}{:08X}{:08X}{:08X}",
+                0,
+                0,
+                0,
+                u32::from_ne_bytes([0, 0, 0, 1])
+            ),
             1,
         );
         let listener = parse_proc_net_line(&loopback6).expect("listener");

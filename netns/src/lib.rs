@@ -24,8 +24,8 @@ pub use endpoint::{
     create_endpoint, delete_endpoint, delete_endpoint_by_key, ensure_bridge_and_table,
     list_kernel_objects, uninstall, Endpoint, KernelEndpoint, KernelObjects,
 };
-pub use host::{check_publish, overlaps, PublishRefused};
 pub use files::{hosts_file, resolv_conf, resolv_conf_from_host, ResolvConf};
+pub use host::{check_publish, overlaps, PublishRefused};
 pub use nsfs::ensure_netns;
 pub use rules::{apply_rules, ruleset_json};
 pub use subnet::Subnet;
