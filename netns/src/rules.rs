@@ -228,7 +228,14 @@ pub fn ruleset_json(cfg: &NetConfig, endpoints: &[EndpointSpec]) -> Result<Value
         "forward",
         vec![from_bridge(), to_bridge(), drop_packet()],
     );
-    batch.rule(INET, "forward", vec![from_bridge(), accept()]);
+    // Endpoints are IPv4 only: nothing else from them is routed anywhere, even on a host that
+    // forwards IPv6.
+    batch.rule(
+        INET,
+        "forward",
+        vec![from_bridge(), is(meta("nfproto"), json!("ipv4")), accept()],
+    );
+    batch.rule(INET, "forward", vec![from_bridge(), drop_packet()]);
     batch.rule(INET, "forward", vec![to_bridge(), drop_packet()]);
 
     batch.rule(
