@@ -423,6 +423,22 @@ mod tests {
         let last = &input[1]["add"]["rule"]["expr"];
         assert_eq!(last[0]["match"]["right"], "mt0");
         assert_eq!(last[1], drop_packet());
+        let forward_from_bridge: Vec<&Value> = rules["nftables"]
+            .as_array()
+            .expect("commands")
+            .iter()
+            .filter(|c| c["add"]["rule"]["chain"] == "forward")
+            .map(|c| &c["add"]["rule"]["expr"])
+            .filter(|expr| {
+                expr.as_array().is_some_and(|e| e.len() <= 3)
+                    && expr[0]["match"]["left"] == meta("iifname")
+            })
+            .collect();
+        assert_eq!(
+            forward_from_bridge.last().map(|expr| &expr[1]),
+            Some(&drop_packet()),
+            "only IPv4 is forwarded from the bridge: {forward_from_bridge:?}"
+        );
     }
 
     #[test]

@@ -110,6 +110,21 @@ fn published_ports_cannot_take_over_traffic_meant_for_others() {
         400,
         "inside the sandbox subnet",
     );
+    let err = agent.fails(&[
+        "debug",
+        "net",
+        "create",
+        "--owner",
+        "a1",
+        "--app",
+        "attacker",
+        "--publish",
+        &format!("{victim_ip}:{port}:80"),
+    ]);
+    assert!(
+        err.contains("inside the sandbox subnet"),
+        "the CLI says why: {err}"
+    );
     refused(
         &agent,
         "a2",
