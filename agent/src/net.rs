@@ -52,6 +52,10 @@ impl From<netns::Error> for ApiError {
             netns::Error::InvalidEndpoint(_) | netns::Error::InvalidSubnet(_) => {
                 ApiError::invalid(err.to_string())
             }
+            netns::Error::PublishRefused(ref refused) if refused.is_conflict() => {
+                ApiError::conflict(err.to_string())
+            }
+            netns::Error::PublishRefused(_) => ApiError::invalid(err.to_string()),
             _ => ApiError::internal(format!("network: {err}")),
         }
     }
@@ -243,12 +247,12 @@ impl NetService {
                 .as_deref()
                 .unwrap_or("127.0.0.1")
                 .parse()
-                .map_err(|_| ApiError::invalid("publish host_ip must be an IPv4 address"))?;
-            if p.host_port == 0 || p.port == 0 {
-                return Err(ApiError::invalid(
-                    "published ports must be between 1 and 65535",
-                ));
-            }
+                .map_err(|_| {
+                    ApiError::invalid(format!(
+                        "publish host_ip `{}` is not an IPv4 address (IPv6 is not published): use 127.0.0.1 (the default), 0.0.0.0 or an IPv4 address of a host interface",
+                        p.host_ip.as_deref().unwrap_or_default()
+                    ))
+                })?;
             publish.push(PublishedPort {
                 host_ip,
                 host_port: p.host_port,
@@ -273,14 +277,12 @@ impl NetService {
                 });
             }
         }
+        // Ranges, duplicates, host addresses only, no host listener: a DNAT anywhere else
+        // would take traffic meant for a sandbox, another agent or a host service.
+        netns::check_publish(&self.cfg, &publish).await?;
         for other in self.store.endpoints()? {
             for p in other.publish.iter().filter_map(|p| parse_publish_key(p)) {
-                if publish.iter().any(|q| {
-                    q.host_port == p.host_port
-                        && (q.host_ip == p.host_ip
-                            || q.host_ip.is_unspecified()
-                            || p.host_ip.is_unspecified())
-                }) {
+                if publish.iter().any(|q| netns::overlaps(q, &p)) {
                     return Err(ApiError::conflict(format!(
                         "host port {}:{} is already published by `{}`; pick another host port",
                         p.host_ip, p.host_port, other.owner

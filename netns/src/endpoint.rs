@@ -66,9 +66,9 @@ fn write_sysctl(path: &str, value: &str) -> Result<()> {
 
 /// Locally administered MAC derived from the prefix, so the bridge keeps one
 /// address instead of taking its lowest port's (which would churn ARP caches).
-fn bridge_mac(cfg: &NetConfig) -> Vec<u8> {
+pub(crate) fn bridge_mac(prefix: &str) -> Vec<u8> {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in cfg.prefix().bytes() {
+    for byte in prefix.bytes() {
         hash ^= u64::from(byte);
         hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
     }
@@ -85,7 +85,9 @@ pub async fn ensure_bridge_and_table(cfg: &NetConfig) -> Result<()> {
     let bridge = match link::get_by_name(&handle, &name).await? {
         Some(bridge) => bridge,
         None => {
-            let message = LinkBridge::new(&name).address(bridge_mac(cfg)).build();
+            let message = LinkBridge::new(&name)
+                .address(bridge_mac(cfg.prefix()))
+                .build();
             match handle.link().add(message).execute().await {
                 Ok(()) => {}
                 Err(e) if link::errno(&e) == Some(EEXIST) => {}

@@ -10,6 +10,7 @@
 
 mod endpoint;
 mod files;
+mod host;
 mod libnft;
 mod link;
 mod nsfs;
@@ -24,6 +25,7 @@ pub use endpoint::{
     list_kernel_objects, uninstall, Endpoint, KernelEndpoint, KernelObjects,
 };
 pub use files::{hosts_file, resolv_conf, resolv_conf_from_host, ResolvConf};
+pub use host::{check_publish, overlaps, PublishRefused};
 pub use nsfs::ensure_netns;
 pub use rules::{apply_rules, ruleset_json};
 pub use subnet::Subnet;
@@ -67,6 +69,8 @@ pub enum Error {
     Nftables(#[from] nftables::helper::NftablesError),
     #[error("nftables: {0}")]
     Libnftables(String),
+    #[error(transparent)]
+    PublishRefused(#[from] PublishRefused),
     #[error("worker thread for {0} panicked")]
     ThreadPanicked(String),
 }

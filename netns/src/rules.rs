@@ -151,6 +151,7 @@ pub fn ruleset_json(cfg: &NetConfig, endpoints: &[EndpointSpec]) -> Result<Value
     sorted.sort_by(|a, b| a.owner.cmp(&b.owner));
 
     batch.reset_table(INET);
+    batch.base_chain(INET, "input", "filter", "input", 0);
     batch.base_chain(INET, "forward", "filter", "forward", 0);
     batch.base_chain(INET, "prerouting", "nat", "prerouting", -100);
     batch.base_chain(INET, "output", "nat", "output", -100);
@@ -196,6 +197,15 @@ pub fn ruleset_json(cfg: &NetConfig, endpoints: &[EndpointSpec]) -> Result<Value
 
     let from_bridge = || is(meta("iifname"), json!(bridge));
     let to_bridge = || is(meta("oifname"), json!(bridge));
+    // Sandboxes get nothing from the host itself, on any of its addresses and in either IP
+    // family: only answers to connections the host opened (e.g. to a published port, which
+    // is DNAT'd in prerouting and so forwarded, not input) come in.
+    batch.rule(
+        INET,
+        "input",
+        vec![from_bridge(), ct_established(), accept()],
+    );
+    batch.rule(INET, "input", vec![from_bridge(), drop_packet()]);
     batch.rule(
         INET,
         "forward",
@@ -218,7 +228,14 @@ pub fn ruleset_json(cfg: &NetConfig, endpoints: &[EndpointSpec]) -> Result<Value
         "forward",
         vec![from_bridge(), to_bridge(), drop_packet()],
     );
-    batch.rule(INET, "forward", vec![from_bridge(), accept()]);
+    // Endpoints are IPv4 only: nothing else from them is routed anywhere, even on a host that
+    // forwards IPv6.
+    batch.rule(
+        INET,
+        "forward",
+        vec![from_bridge(), is(meta("nfproto"), json!("ipv4")), accept()],
+    );
+    batch.rule(INET, "forward", vec![from_bridge(), drop_packet()]);
     batch.rule(INET, "forward", vec![to_bridge(), drop_packet()]);
 
     batch.rule(
@@ -389,6 +406,39 @@ mod tests {
         b.ip = Ipv4Addr::new(10, 9, 0, 3);
         assert!(ruleset_json(&cfg, &[a.clone(), b]).is_ok());
         assert!(ruleset_json(&cfg, &[a.clone(), a]).is_err());
+    }
+
+    #[test]
+    fn the_host_admits_only_answers_from_the_bridge() {
+        let cfg =
+            NetConfig::new("mt", "10.9.0.0/24".parse().expect("subnet"), "/run/x").expect("config");
+        let rules = ruleset_json(&cfg, &[]).expect("rules");
+        let input: Vec<&Value> = rules["nftables"]
+            .as_array()
+            .expect("commands")
+            .iter()
+            .filter(|c| c["add"]["rule"]["chain"] == "input")
+            .collect();
+        assert_eq!(input.len(), 2, "{input:?}");
+        let last = &input[1]["add"]["rule"]["expr"];
+        assert_eq!(last[0]["match"]["right"], "mt0");
+        assert_eq!(last[1], drop_packet());
+        let forward_from_bridge: Vec<&Value> = rules["nftables"]
+            .as_array()
+            .expect("commands")
+            .iter()
+            .filter(|c| c["add"]["rule"]["chain"] == "forward")
+            .map(|c| &c["add"]["rule"]["expr"])
+            .filter(|expr| {
+                expr.as_array().is_some_and(|e| e.len() <= 3)
+                    && expr[0]["match"]["left"] == meta("iifname")
+            })
+            .collect();
+        assert_eq!(
+            forward_from_bridge.last().map(|expr| &expr[1]),
+            Some(&drop_packet()),
+            "only IPv4 is forwarded from the bridge: {forward_from_bridge:?}"
+        );
     }
 
     #[test]
