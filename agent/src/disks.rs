@@ -89,6 +89,7 @@ impl DiskService {
             )));
         }
         let fs: Filesystem = req.filesystem.unwrap_or(model::FilesystemKind::Ext4).into();
+        self.check_size_fits(fs, req.size_gb, None)?;
         let row = DiskRow {
             id: new_id("disk"),
             name: req.name.clone(),
@@ -182,16 +183,88 @@ impl DiskService {
             )));
         }
         let row = self.find(id_or_name)?;
+        if size_gb > row.size_gb {
+            // Refused here, before anything is recorded: a size the filesystem or the host
+            // cannot hold would otherwise fail halfway and leave the disk `resizing`.
+            self.check_size_fits(parse_fs(&row.filesystem)?, size_gb, Some(&row))?;
+        }
         let row = self.store.begin_resize(&row.id, size_gb)?;
         if let Err(err) = self.grow(&row) {
-            // Stays `resizing`: a retry or the next reconciliation finishes the growth.
-            self.store
-                .set_status(&row.id, DiskStatus::Resizing, Some(&err.message))?;
+            warn!(disk = %row.name, size_gb, error = %err, "resize failed; rolling it back");
+            self.roll_back_resize(&row, &err)?;
             return Err(err);
         }
         self.store.set_status(&row.id, DiskStatus::Ready, None)?;
         info!(disk = %row.name, size_gb, "disk grown");
         self.view_one(&self.find(&row.id)?)
+    }
+
+    /// Refuses a size beyond what the filesystem (its kind, and for an existing disk its
+    /// superblock's features) or the host filesystem holding the images can hold.
+    pub(crate) fn check_size_fits(
+        &self,
+        fs: Filesystem,
+        size_gb: u64,
+        existing: Option<&DiskRow>,
+    ) -> Result<(), ApiError> {
+        let size_bytes = size_gb * GIB;
+        let mut fs_max = fs.max_size_bytes();
+        if let Some(row) = existing {
+            fs_max =
+                fs_max.min(kernel::read_geometry(fs, &self.cfg.image_path(&row.id))?.max_bytes);
+        }
+        if size_bytes > fs_max {
+            return Err(ApiError::invalid(format!(
+                "size_gb {size_gb} is larger than a {fs} filesystem can be here ({} GiB); choose a smaller size",
+                fs_max / GIB
+            )));
+        }
+        kernel::check_host_file_size(&self.cfg.images_dir(), size_bytes).map_err(|e| {
+            ApiError::invalid(format!(
+                "size_gb {size_gb}: {e}; choose a smaller size or keep the data dir on a filesystem that allows larger files (xfs, btrfs)"
+            ))
+        })
+    }
+
+    /// After a failed growth (`row` carries the size that was asked for): the filesystem's
+    /// superblock says how far it really got. If it grew, the resize is done; otherwise the
+    /// image is cut back to what the filesystem uses and the disk is `ready` at that size, so a
+    /// failed resize never wedges the disk (leases, backups and other resizes work again).
+    fn roll_back_resize(&self, row: &DiskRow, cause: &ApiError) -> Result<(), ApiError> {
+        let fs = parse_fs(&row.filesystem)?;
+        let image = self.cfg.image_path(&row.id);
+        let wanted = row.size_gb * GIB;
+        let fs_size = kernel::read_geometry(fs, &image)?.size_bytes;
+        let size_gb = if fs_size >= wanted {
+            row.size_gb
+        } else {
+            let size_gb = fs_size.div_ceil(GIB).max(1);
+            kernel::roll_back_image_size(&image, size_gb * GIB)?;
+            for lo in kernel::loops_backed_by(&image)? {
+                kernel::refresh_capacity(&lo.device)?;
+            }
+            size_gb
+        };
+        let settled = DiskRow {
+            size_gb,
+            ..row.clone()
+        };
+        let attached = self.ensure_attached(&settled);
+        let note = format!(
+            "the last resize (to {} GiB) failed: {}",
+            row.size_gb, cause.message
+        );
+        self.store.end_resize(
+            &row.id,
+            size_gb,
+            (size_gb != row.size_gb).then_some(note.as_str()),
+        )?;
+        if size_gb == row.size_gb {
+            info!(disk = %row.name, size_gb, "the filesystem had grown before the failure; the resize is complete");
+        } else {
+            info!(disk = %row.name, size_gb, "resize rolled back; the disk is ready at its old size");
+        }
+        attached.map(drop)
     }
 
     /// Grows image, loop device and filesystem, online. Each step is a no-op when already done.
@@ -313,20 +386,26 @@ impl DiskService {
                     self.teardown(row)
                         .and_then(|()| self.store.remove_disk(&row.id))
                 }
-                DiskStatus::Resizing => self.grow(row).and_then(|()| {
-                    info!(disk = %row.name, size_gb = row.size_gb, "finished an interrupted resize");
-                    self.store.set_status(&row.id, DiskStatus::Ready, None)
-                }),
+                // One attempt per start: a growth that fails now is rolled back instead of
+                // being retried at every start for ever.
+                DiskStatus::Resizing => match self.grow(row) {
+                    Ok(()) => {
+                        info!(disk = %row.name, size_gb = row.size_gb, "finished an interrupted resize");
+                        self.store.set_status(&row.id, DiskStatus::Ready, None)
+                    }
+                    Err(err) => {
+                        warn!(disk = %row.name, error = %err, "an interrupted resize cannot finish; rolling it back");
+                        self.roll_back_resize(row, &err)
+                    }
+                },
                 DiskStatus::Restoring => self.finish_interrupted_restore(row),
-                DiskStatus::Ready | DiskStatus::Error => {
-                    self.ensure_attached(row).and_then(|_| {
-                        if row.status == DiskStatus::Error {
-                            self.store.set_status(&row.id, DiskStatus::Ready, None)
-                        } else {
-                            Ok(())
-                        }
-                    })
-                }
+                DiskStatus::Ready | DiskStatus::Error => self.ensure_attached(row).and_then(|_| {
+                    if row.status == DiskStatus::Error {
+                        self.store.set_status(&row.id, DiskStatus::Ready, None)
+                    } else {
+                        Ok(())
+                    }
+                }),
             };
             if let Err(err) = result {
                 warn!(disk = %row.name, error = %err, "reconciliation could not repair this disk");
