@@ -188,11 +188,12 @@ impl DiskService {
             // cannot hold would otherwise fail halfway and leave the disk `resizing`.
             self.check_size_fits(parse_fs(&row.filesystem)?, size_gb, Some(&row))?;
         }
+        let old_size_gb = row.size_gb;
         let row = self.store.begin_resize(&row.id, size_gb)?;
-        if let Err(err) = self.grow(&row) {
-            warn!(disk = %row.name, size_gb, error = %err, "resize failed; rolling it back");
-            self.roll_back_resize(&row, &err)?;
-            return Err(err);
+        if let Err(failed) = self.grow(&row) {
+            warn!(disk = %row.name, size_gb, error = %failed.error, "resize failed; rolling it back");
+            self.roll_back_resize(&row, Some(old_size_gb), &failed)?;
+            return Err(failed.error);
         }
         self.store.set_status(&row.id, DiskStatus::Ready, None)?;
         info!(disk = %row.name, size_gb, "disk grown");
@@ -226,97 +227,118 @@ impl DiskService {
         })
     }
 
-    /// After a failed growth (`row` carries the size that was asked for): the filesystem's
-    /// superblock says how far it really got. If it grew, the resize is done; otherwise the
-    /// image is cut back to what the filesystem uses and the disk is `ready` at that size, so a
-    /// failed resize never wedges the disk (leases, backups and other resizes work again).
-    fn roll_back_resize(&self, row: &DiskRow, cause: &ApiError) -> Result<(), ApiError> {
-        let fs = parse_fs(&row.filesystem)?;
+    /// Settles a failed growth (`row` carries the size that was asked for) as `ready`, so a
+    /// failed resize never wedges the disk (leases, backups and other resizes work again):
+    /// - the image was never extended: the disk is what its image is (the old size);
+    /// - it was, but the filesystem was not touched and the old size is known: the image is cut
+    ///   back to it;
+    /// - the filesystem tool ran (it may have grown part way): nothing is cut, the disk is
+    ///   recorded at its image's size and the error says to run the resize again to finish.
+    fn roll_back_resize(
+        &self,
+        row: &DiskRow,
+        old_size_gb: Option<u64>,
+        failed: &GrowFailure,
+    ) -> Result<(), ApiError> {
         let image = self.cfg.image_path(&row.id);
-        let wanted = row.size_gb * GIB;
-        let fs_size = kernel::read_geometry(fs, &image)?.size_bytes;
-        let size_gb = if fs_size >= wanted {
-            row.size_gb
-        } else {
-            let size_gb = fs_size.div_ceil(GIB).max(1);
-            kernel::roll_back_image_size(&image, size_gb * GIB)?;
-            for lo in kernel::loops_backed_by(&image)? {
-                kernel::refresh_capacity(&lo.device)?;
+        let image_gb = || {
+            fs::metadata(&image)
+                .map(|m| m.len().div_ceil(GIB).max(1))
+                .map_err(|e| ApiError::internal(format!("reading {}: {e}", image.display())))
+        };
+        let size_gb = match (failed.stage, old_size_gb) {
+            (GrowStage::FilesystemUntouched, Some(old)) => {
+                kernel::roll_back_image_size(&image, old * GIB)?;
+                for lo in kernel::loops_backed_by(&image)? {
+                    kernel::refresh_capacity(&lo.device)?;
+                }
+                old
             }
-            size_gb
+            _ => image_gb()?,
         };
         let settled = DiskRow {
             size_gb,
             ..row.clone()
         };
         let attached = self.ensure_attached(&settled);
-        let note = format!(
-            "the last resize (to {} GiB) failed: {}",
-            row.size_gb, cause.message
-        );
-        self.store.end_resize(
-            &row.id,
-            size_gb,
-            (size_gb != row.size_gb).then_some(note.as_str()),
-        )?;
-        if size_gb == row.size_gb {
-            info!(disk = %row.name, size_gb, "the filesystem had grown before the failure; the resize is complete");
+        let note = if size_gb < row.size_gb {
+            format!(
+                "the last resize (to {} GiB) failed and was rolled back: {}",
+                row.size_gb, failed.error.message
+            )
         } else {
-            info!(disk = %row.name, size_gb, "resize rolled back; the disk is ready at its old size");
-        }
+            format!(
+                "the last resize (to {} GiB) failed while growing the filesystem, which may be smaller than the disk: {}. Run `miren debug disk resize -n {} --size-gb {}` again to finish",
+                row.size_gb, failed.error.message, row.name, row.size_gb
+            )
+        };
+        self.store.end_resize(&row.id, size_gb, Some(&note))?;
+        info!(disk = %row.name, size_gb, "failed resize settled; the disk is ready");
         attached.map(drop)
     }
 
     /// Grows image, loop device and filesystem, online. Each step is a no-op when already done.
-    fn grow(&self, row: &DiskRow) -> Result<(), ApiError> {
-        let fs = parse_fs(&row.filesystem)?;
+    /// A failure says how far it got, for `roll_back_resize`.
+    fn grow(&self, row: &DiskRow) -> Result<(), GrowFailure> {
+        let before = |error: ApiError| GrowFailure::at(GrowStage::FilesystemUntouched, error);
+        let fs = parse_fs(&row.filesystem).map_err(before)?;
         let image = self.cfg.image_path(&row.id);
         let mount_path = self.cfg.mount_path(&row.id);
-        kernel::extend_image(&image, row.size_gb * GIB)?;
-        let device = self.ensure_attached(row)?;
-        kernel::refresh_capacity(&device)?;
+        kernel::extend_image(&image, row.size_gb * GIB)
+            .map_err(|e| GrowFailure::at(GrowStage::ImageUnchanged, e.into()))?;
+        let device = self.ensure_attached(row).map_err(before)?;
+        kernel::refresh_capacity(&device).map_err(|e| before(e.into()))?;
         // Online growth needs a writable mount; a read-only disk is writable only meanwhile.
         if row.read_only {
-            kernel::remount(&mount_path, fs, false)?;
+            kernel::remount(&mount_path, fs, false).map_err(|e| before(e.into()))?;
         }
         let grown = kernel::grow_filesystem(fs, &device, &mount_path);
         if row.read_only {
-            kernel::remount(&mount_path, fs, true)?;
+            kernel::remount(&mount_path, fs, true)
+                .map_err(|e| GrowFailure::at(GrowStage::Filesystem, e.into()))?;
         }
         match grown {
+            // The kernel refuses before changing anything.
             Err(kernel::DiskError::OnlineGrowthDenied(_)) => self.grow_offline(row),
-            other => Ok(other?),
+            Err(e) => Err(GrowFailure::at(GrowStage::Filesystem, e.into())),
+            Ok(()) => Ok(()),
         }
     }
 
     /// ext4 without CAP_SYS_RESOURCE can only grow unmounted. That is safe only while no
     /// sandbox holds the disk, and leases are refused while a disk is `resizing`.
-    fn grow_offline(&self, row: &DiskRow) -> Result<(), ApiError> {
-        if let Some(lease) = self.store.lease(&row.id)? {
-            return Err(ApiError::conflict(format!(
+    fn grow_offline(&self, row: &DiskRow) -> Result<(), GrowFailure> {
+        let before = |error: ApiError| GrowFailure::at(GrowStage::FilesystemUntouched, error);
+        if let Some(lease) = self.store.lease(&row.id).map_err(before)? {
+            return Err(before(ApiError::conflict(format!(
                 "disk `{}` is in use by `{}`, and this host does not let the agent grow a mounted ext4 filesystem (it lacks CAP_SYS_RESOURCE). Stop the holder (release the lease) and run the resize again: the disk then grows offline in seconds",
                 row.name, lease.holder
-            )));
+            ))));
         }
         let image = self.cfg.image_path(&row.id);
-        kernel::unmount(&self.cfg.mount_path(&row.id))?;
+        kernel::unmount(&self.cfg.mount_path(&row.id)).map_err(|e| before(e.into()))?;
         // Autoclear detaches the loop device once the mount is gone; if it stays attached,
         // something else still uses the filesystem and it must not be touched offline.
         let deadline = Instant::now() + Duration::from_secs(5);
-        while !kernel::loops_backed_by(&image)?.is_empty() {
+        while !kernel::loops_backed_by(&image)
+            .map_err(|e| before(e.into()))?
+            .is_empty()
+        {
             if Instant::now() >= deadline {
-                self.ensure_attached(row)?;
-                return Err(ApiError::busy(format!(
+                self.ensure_attached(row).map_err(before)?;
+                return Err(before(ApiError::busy(format!(
                     "disk `{}` is still in use outside its mount; stop whatever uses it and retry the resize",
                     row.name
-                )));
+                ))));
             }
             std::thread::sleep(Duration::from_millis(10));
         }
         let grown = kernel::grow_ext4_offline(&image);
-        self.ensure_attached(row)?;
+        let touched = |error: ApiError| GrowFailure::at(GrowStage::Filesystem, error);
+        self.ensure_attached(row).map_err(touched)?;
+        grown.map_err(|e| touched(e.into()))?;
         info!(disk = %row.name, "grew ext4 offline (online growth is not permitted on this host)");
-        Ok(grown?)
+        Ok(())
     }
 
     /// Makes sure the disk is attached exactly once and mounted at its mount path; returns the
@@ -393,9 +415,10 @@ impl DiskService {
                         info!(disk = %row.name, size_gb = row.size_gb, "finished an interrupted resize");
                         self.store.set_status(&row.id, DiskStatus::Ready, None)
                     }
-                    Err(err) => {
-                        warn!(disk = %row.name, error = %err, "an interrupted resize cannot finish; rolling it back");
-                        self.roll_back_resize(row, &err)
+                    Err(failed) => {
+                        warn!(disk = %row.name, error = %failed.error, "an interrupted resize cannot finish; rolling it back");
+                        // The size before it is not recorded: an image is never cut back here.
+                        self.roll_back_resize(row, None, &failed)
                     }
                 },
                 DiskStatus::Restoring => self.finish_interrupted_restore(row),
@@ -698,6 +721,28 @@ impl DiskService {
             }
         }
         Ok(reclaimed)
+    }
+}
+
+/// How far a failed growth got: what `roll_back_resize` may safely undo.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GrowStage {
+    /// The image keeps its size (the host refused it, or we never got that far).
+    ImageUnchanged,
+    /// The image (and loop device) grew, the filesystem was not touched.
+    FilesystemUntouched,
+    /// A filesystem tool ran or the step after it failed: the filesystem may have grown.
+    Filesystem,
+}
+
+struct GrowFailure {
+    stage: GrowStage,
+    error: ApiError,
+}
+
+impl GrowFailure {
+    fn at(stage: GrowStage, error: ApiError) -> GrowFailure {
+        GrowFailure { stage, error }
     }
 }
 
