@@ -23,6 +23,9 @@ use crate::util::{new_id, now_rfc3339};
 pub const MAX_SIZE_GB: u64 = 64 * 1024;
 pub const DEFAULT_LEASE_TIMEOUT: Duration = Duration::from_secs(300);
 
+/// Serializes resizes (rare, and seconds at most).
+static RESIZES: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 pub struct DiskService {
     pub cfg: AgentConfig,
     store: Arc<Store>,
@@ -182,6 +185,9 @@ impl DiskService {
                 "size_gb must be between 1 and {MAX_SIZE_GB}, got {size_gb}"
             )));
         }
+        // One resize at a time: a rollback cuts the image back, which must never race another
+        // resize of the same disk growing it.
+        let _one_at_a_time = RESIZES.lock().unwrap_or_else(|p| p.into_inner());
         let row = self.find(id_or_name)?;
         if size_gb > row.size_gb {
             // Refused here, before anything is recorded: a size the filesystem or the host
