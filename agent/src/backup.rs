@@ -3,9 +3,10 @@
 //! verifies a complete new image beside the old one and only then swaps it in with a rename.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::Read;
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
 use axum::http::StatusCode;
@@ -113,11 +114,14 @@ impl DiskService {
         };
         let started = Instant::now();
         if mounted && !row.read_only {
-            let frozen = snapshot::freeze(&mount_path)?;
-            // The guard thaws on every path out of here, errors and panics included.
+            // The freeze is held by a helper process that thaws when we release it, when we
+            // die (its stdin pipe reaches EOF), or after MAX_FREEZE, whichever comes first.
+            let frozen = HeldFreeze::start(&mount_path)?;
+            let frozen_at = Instant::now();
             let copied = snapshot::capture_extents(&image, &capture.path);
-            let thawed = frozen.thaw();
-            capture.freeze_seconds = Some(started.elapsed().as_secs_f64());
+            hold_for_test(&row.name);
+            let thawed = frozen.release();
+            capture.freeze_seconds = Some(frozen_at.elapsed().as_secs_f64());
             capture.copied_bytes = copied?;
             thawed?;
         } else {
@@ -170,7 +174,8 @@ impl DiskService {
             snapshot::Filesystem::Btrfs => Filesystem::Btrfs,
             snapshot::Filesystem::Other(other) => {
                 return Err(ApiError::invalid(format!(
-                    "the snapshot holds a `{other}` filesystem, which this agent cannot mount"
+                    "the snapshot holds a `{}` filesystem, which this agent cannot mount",
+                    snapshot::printable(other)
                 )))
             }
         };
@@ -182,6 +187,8 @@ impl DiskService {
             )));
         }
         let size_gb = meta.size_bytes / GIB;
+        // Before the image is sized: a size the host cannot hold is the snapshot's problem (400).
+        self.check_size_fits(fs, size_gb, None)?;
         let existing = self.store().disk_by_name(&name)?;
         if let Some(disk) = &existing {
             if !force {
@@ -334,6 +341,116 @@ impl DiskService {
         let row = self.find(&disk.id)?;
         self.ensure_attached(&row)?;
         Ok(())
+    }
+}
+
+/// Test knob, harmless: `MIREN_TEST_FREEZE_HOLD_MS` keeps a backup's filesystem frozen that
+/// much longer after the copy (never beyond MAX_FREEZE, which the helper enforces anyway), so
+/// a test can kill the agent while a freeze is certainly held.
+fn hold_for_test(disk: &str) {
+    let Some(ms) = std::env::var("MIREN_TEST_FREEZE_HOLD_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    else {
+        return;
+    };
+    let hold = Duration::from_millis(ms).min(snapshot::MAX_FREEZE);
+    warn!(disk = %disk, ms = hold.as_millis() as u64, "MIREN_TEST_FREEZE_HOLD_MS: holding the backup freeze (test knob)");
+    std::thread::sleep(hold);
+}
+
+/// A freeze held by `miren freeze-hold`, a child process that owns the FIFREEZE: the thaw no
+/// longer depends on this process living until the copy ends.
+struct HeldFreeze {
+    child: Child,
+    control: Option<ChildStdin>,
+    report: BufReader<ChildStdout>,
+    mount: PathBuf,
+}
+
+impl HeldFreeze {
+    fn start(mount: &Path) -> Result<HeldFreeze, ApiError> {
+        let exe = std::env::current_exe()
+            .map_err(|e| ApiError::internal(format!("finding the miren binary: {e}")))?;
+        let mut child = Command::new(exe)
+            .arg("freeze-hold")
+            .arg("--mount")
+            .arg(mount)
+            .arg("--max-seconds")
+            .arg(snapshot::MAX_FREEZE.as_secs().to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| ApiError::internal(format!("starting the freeze helper: {e}")))?;
+        let (Some(control), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(ApiError::internal("the freeze helper has no pipes"));
+        };
+        let mut held = HeldFreeze {
+            child,
+            control: Some(control),
+            report: BufReader::new(stdout),
+            mount: mount.to_path_buf(),
+        };
+        let line = held.read_line();
+        match line
+            .split_once(' ')
+            .map_or((line.as_str(), ""), |(a, b)| (a, b))
+        {
+            ("frozen", _) => Ok(held),
+            ("busy", msg) => Err(ApiError::busy(format!(
+                "{msg}; another backup is running, retry when it ends"
+            ))),
+            (_, msg) => Err(ApiError::internal(format!(
+                "freezing {} failed: {}",
+                mount.display(),
+                if msg.is_empty() {
+                    "the freeze helper exited"
+                } else {
+                    msg
+                }
+            ))),
+        }
+    }
+
+    fn read_line(&mut self) -> String {
+        let mut line = String::new();
+        let _ = self.report.read_line(&mut line);
+        line.trim_end().to_string()
+    }
+
+    /// Thaws now. An error if the freeze did not last until now (the helper's bound ran out
+    /// or it died): the copy is then not point-in-time and must not be used.
+    fn release(mut self) -> Result<(), ApiError> {
+        if let Some(mut control) = self.control.take() {
+            let _ = control.write_all(b"t");
+        }
+        let line = self.read_line();
+        let _ = self.child.wait();
+        match line.as_str() {
+            "thawed released" => Ok(()),
+            "thawed timeout" => Err(ApiError::internal(format!(
+                "copying the disk took longer than the {} s freeze bound; the filesystem was thawed and the copy discarded. Retry when the disk is less busy",
+                snapshot::MAX_FREEZE.as_secs()
+            ))),
+            other => {
+                // The helper died without saying it thawed: make sure ourselves.
+                let _ = snapshot::thaw(&self.mount);
+                Err(ApiError::internal(format!(
+                    "the freeze helper ended unexpectedly ({other:?}); the filesystem was thawed and the copy discarded"
+                )))
+            }
+        }
+    }
+}
+
+impl Drop for HeldFreeze {
+    fn drop(&mut self) {
+        // Closing the pipe thaws (EOF); reap the helper so it does not linger as a zombie.
+        self.control.take();
+        let _ = self.child.wait();
     }
 }
 

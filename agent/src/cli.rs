@@ -63,6 +63,15 @@ pub enum Command {
         #[arg(last = true, required = true)]
         cmd: Vec<String>,
     },
+    /// (internal) Hold a backup's freeze of a disk's filesystem; started by the agent. Thaws
+    /// when stdin has a byte or reaches EOF (the agent died), or after --max-seconds (<= 30).
+    #[command(hide = true)]
+    FreezeHold {
+        #[arg(long)]
+        mount: PathBuf,
+        #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=30))]
+        max_seconds: u64,
+    },
     /// Deploy the app in DIR/.miren/app.toml: disks, addons, then its services.
     Deploy {
         /// The app's directory (holding .miren/app.toml).

@@ -47,7 +47,7 @@ impl From<DiskError> for ApiError {
                 "missing_tool",
                 err.to_string(),
             ),
-            DiskError::Shrink { .. } => Self::invalid(err.to_string()),
+            DiskError::Shrink { .. } | DiskError::TooLarge { .. } => Self::invalid(err.to_string()),
             DiskError::NoFreeLoop(_) => Self::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "no_loop_device",

@@ -26,6 +26,29 @@ fn main() -> ExitCode {
             }
         };
     }
+    // The freeze helper: single-threaded, its only job is to thaw whatever happens to the agent.
+    if let Command::FreezeHold { mount, max_seconds } = &cli.command {
+        let mut stdout = std::io::stdout().lock();
+        let held = miren_snapshot::hold_freeze(
+            mount,
+            std::time::Duration::from_secs(*max_seconds),
+            &std::io::stdin(),
+            &mut stdout,
+        );
+        return match held {
+            Ok(_) => ExitCode::SUCCESS,
+            Err(err) => {
+                use std::io::Write;
+                let kind = if matches!(err, miren_snapshot::Error::AlreadyFrozen { .. }) {
+                    "busy"
+                } else {
+                    "error"
+                };
+                let _ = writeln!(stdout, "{kind} {err}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     // Same for exec: the command becomes this process's child, so no other threads here.
     if let Command::ExecIn {
         state_dir,
@@ -81,6 +104,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Supervise { .. }
         | Command::ExecIn { .. }
+        | Command::FreezeHold { .. }
         | Command::Sandbox { .. }
         | Command::Deploy { .. }
         | Command::Addon { .. }

@@ -5,6 +5,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, IsTerminal, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
@@ -13,7 +14,7 @@ use http_body_util::{BodyExt, Empty, StreamBody};
 use hyper::body::{Bytes, Frame};
 use hyper::Method;
 use indicatif::{ProgressBar, ProgressStyle};
-use miren_snapshot::{SnapshotReader, StreamObserver};
+use miren_snapshot::{printable, SnapshotReader, StreamObserver};
 use serde::Serialize;
 
 use crate::api::{DATA_BYTES_HEADER, DISK_SIZE_HEADER, FREEZE_SECONDS_HEADER};
@@ -110,9 +111,11 @@ pub async fn backup(client: &Client, disk: &str, output: Option<&str>, json: boo
         None => (Box::new(io::stdout().lock()), None),
         Some(path) => {
             let partial = partial_name(path);
+            // 0600 from the first byte: a backup holds a whole disk's data.
             let file = OpenOptions::new()
                 .write(true)
                 .create_new(true)
+                .mode(0o600)
                 .open(&partial)
                 .with_context(|| format!("creating {}", partial.display()))?;
             (
@@ -320,12 +323,13 @@ pub fn verify(source: &str, json: bool) -> Result<()> {
         .verify(&mut miren_snapshot::NoProgress)
         .map_err(|e| anyhow!("{source} is damaged: {e}"))?;
     bar.finish_and_clear();
+    // Every string a snapshot supplies is untrusted: escaped before it reaches a terminal.
     let out = VerifySummary {
-        disk: meta.name.clone(),
+        disk: printable(&meta.name),
         size_bytes: meta.size_bytes,
         filesystem: meta.filesystem.to_string(),
         created_at: humantime::format_rfc3339_seconds(meta.created_at).to_string(),
-        agent_version: meta.agent_version.clone(),
+        agent_version: printable(&meta.agent_version),
         format_version: info.format_version,
         chunks: summary.chunks,
         data_bytes: summary.data_bytes,

@@ -438,6 +438,15 @@ impl Store {
         })
     }
 
+    /// Ends a resize, successful or rolled back: records the size the disk really has now.
+    pub fn end_resize(&self, id: &str, size_gb: u64, error: Option<&str>) -> Result<(), ApiError> {
+        self.conn().execute(
+            "UPDATE disks SET status = 'ready', size_gb = ?2, error = ?3 WHERE id = ?1 AND status = 'resizing'",
+            params![id, size_gb as i64, error],
+        )?;
+        Ok(())
+    }
+
     /// Grants the lease if the disk is free (or already held by the same holder: retries are
     /// idempotent), otherwise reports the current holder.
     pub fn try_acquire_lease(&self, lease: &LeaseRow) -> Result<LeaseAttempt, ApiError> {

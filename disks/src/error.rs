@@ -27,6 +27,9 @@ pub enum DiskError {
     /// The kernel refuses online ext4 growth without CAP_SYS_RESOURCE (some hosts drop it).
     #[error("the kernel refused to grow the mounted filesystem on {0} (online ext4 growth needs CAP_SYS_RESOURCE)")]
     OnlineGrowthDenied(PathBuf),
+    /// A size beyond what the filesystem or the host can hold; nothing was changed.
+    #[error("{requested} bytes is too large: {reason}")]
+    TooLarge { requested: u64, reason: String },
     #[error("refusing to shrink {path} from {current} to {requested} bytes: disks only grow")]
     Shrink {
         path: PathBuf,

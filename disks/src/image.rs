@@ -46,6 +46,27 @@ pub fn extend_image(path: &Path, size_bytes: u64) -> Result<(), DiskError> {
     Ok(())
 }
 
+/// Cuts the image's apparent size back to `size_bytes` after a growth that did not reach the
+/// filesystem: the caller has checked that the filesystem ends at or before `size_bytes`.
+/// An image already that small is left as it is.
+pub fn roll_back_image_size(path: &Path, size_bytes: u64) -> Result<(), DiskError> {
+    let file = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| DiskError::io("opening image", path, e))?;
+    let current = file
+        .metadata()
+        .map_err(|e| DiskError::io("reading image size", path, e))?
+        .len();
+    if current > size_bytes {
+        file.set_len(size_bytes)
+            .map_err(|e| DiskError::io("rolling back the size of image", path, e))?;
+        file.sync_all()
+            .map_err(|e| DiskError::io("syncing image", path, e))?;
+    }
+    Ok(())
+}
+
 /// Real space the image occupies on the host, as opposed to its apparent size.
 pub fn allocated_bytes(path: &Path) -> Result<u64, DiskError> {
     let meta = fs::metadata(path).map_err(|e| DiskError::io("inspecting image", path, e))?;

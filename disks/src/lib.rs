@@ -8,13 +8,17 @@
 mod error;
 mod filesystem;
 mod image;
+mod limits;
 mod loops;
 mod mounts;
 mod name;
 
 pub use error::DiskError;
 pub use filesystem::{grow_ext4_offline, grow_filesystem, make_filesystem, Filesystem};
-pub use image::{allocated_bytes, create_sparse_image, extend_image, remove_image};
+pub use image::{
+    allocated_bytes, create_sparse_image, extend_image, remove_image, roll_back_image_size,
+};
+pub use limits::{check_host_file_size, read_geometry, FsGeometry};
 pub use loops::{
     all_loops, attach, detach, loops_backed_by, loops_under, refresh_capacity, AttachedLoop,
     LoopInfo,

@@ -10,7 +10,7 @@ pub enum NameError {
     #[error("disk name `{0}` must start with a letter or digit")]
     BadStart(String),
     #[error("disk name `{name}` contains `{ch}`; only letters, digits and hyphens are allowed")]
-    BadChar { name: String, ch: char },
+    BadChar { name: String, ch: String },
 }
 
 /// Names are alphanumeric and hyphens, 1-63 characters, starting with a letter or digit.
@@ -21,21 +21,37 @@ pub fn validate_name(name: &str) -> Result<(), NameError> {
         return Err(NameError::Empty);
     }
     if len > MAX_NAME_LEN {
-        return Err(NameError::TooLong(name.to_string(), len));
+        return Err(NameError::TooLong(printable(name), len));
     }
     if let Some(ch) = name
         .chars()
         .find(|c| !(c.is_ascii_alphanumeric() || *c == '-'))
     {
         return Err(NameError::BadChar {
-            name: name.to_string(),
-            ch,
+            name: printable(name),
+            ch: printable(&ch.to_string()),
         });
     }
     if name.starts_with('-') {
-        return Err(NameError::BadStart(name.to_string()));
+        return Err(NameError::BadStart(printable(name)));
     }
     Ok(())
+}
+
+/// A refused name is echoed in the error; it may come from a snapshot file or a client and
+/// hold terminal escapes, so control and invisible formatting characters are shown escaped.
+fn printable(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        let invisible = matches!(c,
+            '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{FEFF}');
+        if c.is_control() || invisible || c == '\\' {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -73,6 +89,8 @@ mod tests {
             err.contains('_') && err.contains("letters, digits and hyphens"),
             "{err}"
         );
+        let err = validate_name("a\u{1b}[2Jb").unwrap_err().to_string();
+        assert!(!err.contains('\u{1b}') && err.contains("\\u{1b}"), "{err}");
         let err = validate_name(&"y".repeat(64)).unwrap_err().to_string();
         assert!(err.contains("64") && err.contains("63"), "{err}");
     }

@@ -30,6 +30,17 @@ pub(crate) const DEFAULT_WINDOW: u32 = 4 << 20;
 
 pub(crate) const MAX_HEADER_PAYLOAD: u32 = 64 << 10;
 pub(crate) const MAX_STRING: usize = 4096;
+/// Largest image a snapshot may describe: 64 TiB, the agent's largest disk (and below the
+/// ext4, XFS and btrfs maxima). A header declaring more is refused before any work.
+pub const MAX_IMAGE_BYTES: u64 = 64 << 40;
+/// Most windows an image may span: verify and restore hash one 32-byte checksum per window,
+/// stored or not, so this bounds the work a tiny file declaring a huge sparse image can cause
+/// (2^24 windows: 64 TiB at the default 4 MiB window).
+pub const MAX_WINDOWS: u64 = 1 << 24;
+/// Longest disk name, filesystem name and agent version a snapshot may carry.
+pub(crate) const MAX_NAME: usize = 255;
+pub(crate) const MAX_FS_NAME: usize = 32;
+pub(crate) const MAX_VERSION: usize = 64;
 const HASH_LEN: usize = 32;
 const CHUNK_FIXED: usize = 8 + 4 + 4 + HASH_LEN + 4;
 pub(crate) const TRAILER_PAYLOAD: u32 = (8 + 8 + 8 + HASH_LEN + HASH_LEN) as u32;
@@ -66,10 +77,28 @@ impl Filesystem {
     }
 }
 
+/// Shown with [`printable`]: a snapshot's filesystem name is untrusted text.
 impl fmt::Display for Filesystem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+        f.write_str(&printable(self.as_str()))
     }
+}
+
+/// Text from a snapshot (or any untrusted source) made safe to print on a terminal or in a
+/// log: control characters (C0, DEL, C1: terminal escapes, carriage returns, newlines) and the
+/// invisible bidirectional and zero-width formatting characters are shown as `\u{..}`.
+pub fn printable(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        let invisible = matches!(c,
+            '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{FEFF}');
+        if c.is_control() || invisible || c == '\\' {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// What the snapshot says about the disk it was taken from.
@@ -154,6 +183,49 @@ fn split_check(payload: &[u8]) -> Option<&[u8]> {
 fn push_str(v: &mut Vec<u8>, s: &str) {
     v.extend_from_slice(&(s.len() as u16).to_le_bytes());
     v.extend_from_slice(s.as_bytes());
+}
+
+/// Bounds every header field a reader must trust before reading further; `None` if fine,
+/// else what is wrong. Shared by writer and reader so nothing written is refused on read.
+pub(crate) fn check_geometry(
+    meta: &SnapshotMeta,
+    window_size: u32,
+    source_allocated_bytes: u64,
+) -> Option<String> {
+    if meta.size_bytes > MAX_IMAGE_BYTES {
+        return Some(format!(
+            "image size {} bytes is larger than {MAX_IMAGE_BYTES} (64 TiB)",
+            meta.size_bytes
+        ));
+    }
+    let windows = meta.size_bytes.div_ceil(u64::from(window_size.max(1)));
+    if windows > MAX_WINDOWS {
+        return Some(format!(
+            "{windows} windows of {window_size} bytes exceed the limit of {MAX_WINDOWS}; use a larger window"
+        ));
+    }
+    if source_allocated_bytes > meta.size_bytes {
+        return Some("more bytes allocated than the image holds".into());
+    }
+    if !meta.block_size.is_power_of_two() || !(512..=65536).contains(&meta.block_size) {
+        return Some(format!(
+            "block size {} is not a power of two from 512 to 65536",
+            meta.block_size
+        ));
+    }
+    for (what, s, max) in [
+        ("name", meta.name.as_str(), MAX_NAME),
+        ("filesystem", meta.filesystem.as_str(), MAX_FS_NAME),
+        ("agent_version", meta.agent_version.as_str(), MAX_VERSION),
+    ] {
+        if s.len() > max {
+            return Some(format!(
+                "{what} is {} bytes long, at most {max} are allowed",
+                s.len()
+            ));
+        }
+    }
+    None
 }
 
 pub(crate) fn validate_meta(meta: &SnapshotMeta) -> Result<()> {
@@ -247,7 +319,7 @@ pub(crate) fn decode_header(payload: &[u8]) -> Result<Header> {
     if !c.is_empty() {
         return Err(corrupt("unexpected bytes after the header fields"));
     }
-    Ok(Header {
+    let header = Header {
         info: SnapshotInfo {
             format_version: version,
             window_size,
@@ -261,7 +333,11 @@ pub(crate) fn decode_header(payload: &[u8]) -> Result<Header> {
             created_at,
             agent_version,
         },
-    })
+    };
+    if let Some(reason) = check_geometry(&header.meta, window_size, source_allocated_bytes) {
+        return Err(Error::CorruptHeader { reason });
+    }
+    Ok(header)
 }
 
 pub(crate) fn chunk_payload_len(run_count: usize) -> usize {
@@ -419,15 +495,24 @@ impl ImageHasher {
         self.next_window
     }
 
+    /// Hashes the checksums of the absent (all-zero) windows before `window`, many per
+    /// `update` so blake3 hashes them with SIMD: this loop is the only work an absent range
+    /// costs, and [`MAX_WINDOWS`] bounds it.
     fn fill_zeros_to(&mut self, window: u64) {
+        const BATCH: usize = 2048;
         let last = self.windows().saturating_sub(1);
-        while self.next_window < window {
-            let h = if self.next_window == last {
-                self.zero_last
-            } else {
-                self.zero_full
-            };
-            self.hasher.update(h.as_bytes());
+        let full_until = window.min(last);
+        if self.next_window < full_until {
+            let batch: Vec<u8> = self.zero_full.as_bytes().repeat(BATCH);
+            while self.next_window < full_until {
+                let n = (full_until - self.next_window).min(BATCH as u64);
+                self.hasher.update(&batch[..n as usize * HASH_LEN]);
+                self.next_window += n;
+            }
+        }
+        if self.next_window < window {
+            // Only the last window is left, and it may be shorter than the others.
+            self.hasher.update(self.zero_last.as_bytes());
             self.next_window += 1;
         }
     }

@@ -1,10 +1,11 @@
 //! FIFREEZE / FITHAW on a mounted filesystem.
 
 use std::fs::File;
-use std::io;
+use std::io::{self, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 
@@ -117,5 +118,90 @@ fn ioctl(f: &File, req: libc::c_ulong) -> io::Result<()> {
         Err(io::Error::last_os_error())
     } else {
         Ok(())
+    }
+}
+
+/// The longest any freeze is held, whatever happens to the process that asked for it.
+pub const MAX_FREEZE: Duration = Duration::from_secs(30);
+
+/// Why a held freeze ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HoldEnd {
+    /// The parent wrote to the control pipe: its copy is done.
+    Released,
+    /// The control pipe reached EOF: the parent died (or dropped the pipe) mid-freeze.
+    ParentGone,
+    /// `max` passed first; the parent's copy is not point-in-time and must be discarded.
+    TimedOut,
+}
+
+impl HoldEnd {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HoldEnd::Released => "released",
+            HoldEnd::ParentGone => "parent-gone",
+            HoldEnd::TimedOut => "timeout",
+        }
+    }
+}
+
+/// The body of the small helper process that holds a backup's freeze, so that the thaw never
+/// depends on the agent surviving: freezes `mount_path`, writes `frozen` to `report`, then
+/// thaws as soon as `control` (the read end of a pipe from the agent) becomes readable, with
+/// data or with EOF because the agent died, or after `max` (at most [`MAX_FREEZE`]). Writes
+/// `thawed <how>` and returns how it ended.
+pub fn hold_freeze(
+    mount_path: &Path,
+    max: Duration,
+    control: &impl AsRawFd,
+    report: &mut impl Write,
+) -> Result<HoldEnd> {
+    let max = max.min(MAX_FREEZE);
+    let guard = freeze(mount_path)?;
+    let started = Instant::now();
+    let reported = writeln!(report, "frozen").and_then(|()| report.flush());
+    let end = if reported.is_err() {
+        // Nobody is listening: the parent is gone.
+        HoldEnd::ParentGone
+    } else {
+        wait_for_release(control, started + max)
+    };
+    guard.thaw()?;
+    let _ = writeln!(report, "thawed {}", end.as_str()).and_then(|()| report.flush());
+    Ok(end)
+}
+
+fn wait_for_release(control: &impl AsRawFd, deadline: Instant) -> HoldEnd {
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return HoldEnd::TimedOut;
+        }
+        let mut pfd = libc::pollfd {
+            fd: control.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = left.as_millis().clamp(1, i32::MAX as u128) as i32;
+        // SAFETY: one valid pollfd that lives across the call.
+        let r = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if r < 0 {
+            if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            // poll itself failing leaves no way to hear the parent: do not hold on.
+            return HoldEnd::ParentGone;
+        }
+        if r == 0 {
+            continue;
+        }
+        let mut byte = [0u8; 1];
+        // SAFETY: reads at most one byte into a live buffer from a valid fd.
+        let n = unsafe { libc::read(control.as_raw_fd(), byte.as_mut_ptr().cast(), 1) };
+        return if n > 0 {
+            HoldEnd::Released
+        } else {
+            HoldEnd::ParentGone
+        };
     }
 }

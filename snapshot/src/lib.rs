@@ -23,8 +23,10 @@ mod write;
 
 pub use error::{Error, Result};
 pub use extents::capture_extents;
-pub use format::{Filesystem, SnapshotInfo, SnapshotMeta, FORMAT_VERSION};
-pub use freeze::{freeze, thaw, FreezeGuard};
+pub use format::{
+    printable, Filesystem, SnapshotInfo, SnapshotMeta, FORMAT_VERSION, MAX_IMAGE_BYTES, MAX_WINDOWS,
+};
+pub use freeze::{freeze, hold_freeze, thaw, FreezeGuard, HoldEnd, MAX_FREEZE};
 pub use observe::{StreamObserver, TrailerSummary};
 pub use read::{ReadSummary, SnapshotReader};
 pub use write::{write_snapshot, Summary, WriteOptions};

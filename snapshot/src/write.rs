@@ -95,6 +95,9 @@ pub fn write_snapshot<W: Write>(
             "window_size {ws} must be a power of two from {MIN_WINDOW} to {MAX_WINDOW}"
         )));
     }
+    if let Some(reason) = crate::format::check_geometry(meta, ws, 0) {
+        return Err(Error::InvalidInput(reason));
+    }
     let level_range = zstd::compression_level_range();
     if !level_range.contains(&opts.level) {
         return Err(Error::InvalidInput(format!(
