@@ -400,6 +400,8 @@ async fn create_endpoint(
     State(state): State<AppState>,
     Body(req): Body<CreateEndpoint>,
 ) -> Result<(StatusCode, Json<Endpoint>), ApiError> {
+    // Addon servers' endpoints are in the addon name space; nobody else may join it.
+    crate::disks::refuse_reserved("app", &req.app)?;
     // Runs to its end even if the client hangs up, like every mutation.
     let endpoint = tokio::spawn(async move { state.net.create(&req).await })
         .await
