@@ -580,7 +580,7 @@ impl AppService {
                 .store
                 .addons_of(app)?
                 .iter()
-                .map(addons::view)
+                .map(|row| self.addons.view(row))
                 .collect(),
             created_at: row.created_at,
             updated_at: row.updated_at,

@@ -1250,6 +1250,133 @@ mod tests {
         assert!(err.contains("newer"), "{err}");
     }
 
+    /// Migration 8 on a store an agent of schema 7 left, in the state the finding left it:
+    /// services of colliding apps, an app named like an addon server, an app disk named like an
+    /// addon's disk, and disks made by hand.
+    #[test]
+    fn migration_8_fills_owners_from_the_agents_own_names() {
+        let dir = tempfile::Builder::new()
+            .prefix("mrtst-db")
+            .tempdir()
+            .unwrap();
+        let path = dir.path().join("state.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            for sql in &MIGRATIONS[..7] {
+                conn.execute_batch(sql).unwrap();
+            }
+            conn.pragma_update(None, "user_version", 7).unwrap();
+            let spec = |services: &[(&str, &[&str])]| {
+                let services: Vec<serde_json::Value> = services
+                    .iter()
+                    .map(|(name, disks)| {
+                        serde_json::json!({
+                            "name": name,
+                            "disks": disks.iter().map(|d| serde_json::json!({
+                                "name": d, "local": false
+                            })).collect::<Vec<_>>(),
+                        })
+                    })
+                    .collect();
+                serde_json::json!({ "services": services, "addons": [] }).to_string()
+            };
+            for (app, services, at) in [
+                ("shop", spec(&[("web", &["shop-data"])]), "1"),
+                ("mrs-a", spec(&[("b-c", &[])]), "2"),
+                ("victim", spec(&[("web", &[])]), "3"),
+                // The attacker, deployed after: same disk, and a server-like service.
+                (
+                    "addon-pg",
+                    spec(&[("victim", &["addon-pg-victim", "shop-data"])]),
+                    "4",
+                ),
+            ] {
+                conn.execute(
+                    "INSERT INTO apps (name, spec, status, created_at, updated_at)
+                     VALUES (?1, ?2, 'running', ?3, ?3)",
+                    params![app, services, at],
+                )
+                .unwrap();
+            }
+            conn.execute(
+                "INSERT INTO addons (app, kind, variant, version, image, source, status,
+                                     db_user, db_password, db_name, created_at, updated_at)
+                 VALUES ('victim', 'miren-postgresql', 'small', '17', 'postgres:17', 'deploy',
+                         'active', 'victim', 'pw', 'victim', '1', '1')",
+                [],
+            )
+            .unwrap();
+            for (id, name, app) in [
+                ("sbx_1", "shop-web", "shop"),
+                ("sbx_2", "mrs-a-b-c", "mrs-a"),
+                ("sbx_3", "addon-pg-victim", "addon-pg-victim"),
+                ("sbx_4", "victim-web", "victim"),
+                ("sbx_5", "loose", "loose"),
+            ] {
+                conn.execute(
+                    "INSERT INTO sandboxes (id, name, app, image, status, disks, created_at)
+                     VALUES (?1, ?2, ?3, 'x', 'created', '[]', '1')",
+                    params![id, name, app],
+                )
+                .unwrap();
+            }
+            for (id, name) in [
+                ("disk_1", "shop-data"),
+                ("disk_2", "addon-pg-victim"),
+                ("disk_3", "by-hand"),
+            ] {
+                conn.execute(
+                    "INSERT INTO disks (id, name, name_key, size_gb, filesystem, read_only,
+                                        status, created_at)
+                     VALUES (?1, ?2, ?3, 1, 'ext4', 0, 'ready', '1')",
+                    params![id, name, name.to_lowercase()],
+                )
+                .unwrap();
+            }
+        }
+        let store = Store::open(&path).unwrap();
+        let owner = |id: &str| store.sandbox(id).unwrap().unwrap().owner;
+        assert_eq!(owner("sbx_1"), Some(Owner::service("shop", "web")));
+        assert_eq!(owner("sbx_2"), Some(Owner::service("mrs-a", "b-c")));
+        let victims_server = Owner::Addon {
+            app: "victim".into(),
+            kind: "miren-postgresql".into(),
+        };
+        assert_eq!(owner("sbx_3"), Some(victims_server.clone()));
+        assert_eq!(owner("sbx_4"), Some(Owner::service("victim", "web")));
+        assert_eq!(owner("sbx_5"), None);
+        assert_eq!(
+            store.sandbox_of(&victims_server).unwrap().unwrap().id,
+            "sbx_3"
+        );
+        // The first app to declare a disk owns it; the addon owns its own.
+        assert_eq!(
+            store.disk_owner("disk_1").unwrap(),
+            Some(Owner::app("shop"))
+        );
+        assert_eq!(store.disk_owner("disk_2").unwrap(), Some(victims_server));
+        assert_eq!(store.disk_owner("disk_3").unwrap(), None);
+        // A hand-made disk is claimed once, by the first.
+        assert_eq!(
+            store.claim_disk("disk_3", &Owner::app("one")).unwrap(),
+            Some(Owner::app("one"))
+        );
+        assert_eq!(
+            store.claim_disk("disk_3", &Owner::app("two")).unwrap(),
+            Some(Owner::app("one"))
+        );
+        // One sandbox per owner.
+        let mut row = store.sandbox("sbx_1").unwrap().unwrap();
+        row.id = "sbx_9".into();
+        row.name = "shop-web-2".into();
+        let err = store.insert_sandbox(&row).unwrap_err();
+        assert!(
+            err.message.contains("already runs as sandbox `shop-web`"),
+            "{}",
+            err.message
+        );
+    }
+
     #[test]
     fn unforced_commits_leave_later_ones_forced() {
         let dir = tempfile::Builder::new()

@@ -234,11 +234,25 @@ impl AddonService {
     }
 
     pub fn get(&self, app: &str, kind: &str) -> Result<Addon, ApiError> {
-        Ok(view(&self.find(app, kind)?))
+        Ok(self.view(&self.find(app, kind)?))
     }
 
     pub fn list(&self, app: &str) -> Result<Vec<Addon>, ApiError> {
-        Ok(self.store.addons_of(app)?.iter().map(view).collect())
+        Ok(self
+            .store
+            .addons_of(app)?
+            .iter()
+            .map(|row| self.view(row))
+            .collect())
+    }
+
+    /// [`view`], naming the server sandbox the addon really has (found by owner).
+    pub fn view(&self, row: &AddonRow) -> Addon {
+        let mut addon = view(row);
+        if let Ok(Some(sandbox)) = self.store.sandbox_of(&server_owner(row)) {
+            addon.server = sandbox.name;
+        }
+        addon
     }
 
     /// Records the addon and starts provisioning it. A create repeated with the same request
