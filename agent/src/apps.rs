@@ -429,35 +429,48 @@ impl AppService {
                 .find(|d| d.local)
                 .map(|d| d.mount_path.clone());
             let owner = Owner::service(app, &service.name);
-            let name = self
+            let preferred = service_sandbox_name(app, &service.name);
+            let name = self.sandboxes.free_name(&preferred, &owner)?;
+            let req = RunSandbox {
+                image: service.image.clone(),
+                name: Some(name.clone()),
+                app: Some(app.to_string()),
+                env,
+                disks,
+                lease_timeout_secs,
+                local_dir,
+                restart: Some("always".into()),
+                publish: service.publish.clone(),
+                cmd: service.command.clone(),
+                ..Default::default()
+            };
+            let sandbox = match self
                 .sandboxes
-                .free_name(&service_sandbox_name(app, &service.name), &owner)?;
-            let sandbox = self
-                .sandboxes
-                .run_as(
-                    RunSandbox {
-                        image: service.image.clone(),
-                        name: Some(name),
-                        app: Some(app.to_string()),
-                        env,
-                        disks,
-                        lease_timeout_secs,
-                        local_dir,
-                        restart: Some("always".into()),
-                        publish: service.publish.clone(),
-                        cmd: service.command.clone(),
-                        ..Default::default()
-                    },
-                    Some(owner),
-                )
+                .run_as(req.clone(), Some(owner.clone()))
                 .await
-                .map_err(|e| {
-                    ApiError::new(
-                        e.status,
-                        e.code,
-                        format!("service `{}`: {}", service.name, e.message),
-                    )
-                })?;
+            {
+                // Another app's service took the free name meanwhile: the hashed one is ours.
+                Err(e) if e.code == "conflict" && e.message.starts_with("a sandbox named") => {
+                    let hashed = crate::disks::hashed_name(&preferred, &owner.describe());
+                    if hashed == name {
+                        Err(e)
+                    } else {
+                        let req = RunSandbox {
+                            name: Some(hashed),
+                            ..req
+                        };
+                        self.sandboxes.run_as(req, Some(owner)).await
+                    }
+                }
+                other => other,
+            }
+            .map_err(|e| {
+                ApiError::new(
+                    e.status,
+                    e.code,
+                    format!("service `{}`: {}", service.name, e.message),
+                )
+            })?;
             info!(app = %app, service = %service.name, sandbox = %sandbox.id, "service started");
         }
         self.store.set_app_addon_env(app, &digest)?;

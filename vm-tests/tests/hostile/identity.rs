@@ -157,6 +157,32 @@ fn colliding_app_and_service_names_run_side_by_side_and_delete_only_their_own() 
     assert_eq!(who(&agent, &a_name), "mrs-a");
     agent.ok(&["app", "delete", "mrs-a"]);
     assert!(sandboxes(&agent).is_empty(), "{:?}", sandboxes(&agent));
+
+    // Both at once: whichever takes the readable name, the other gets its own.
+    let deploys: Vec<_> = [&first, &second]
+        .iter()
+        .map(|dir| {
+            agent
+                .command(&["deploy", "-C", dir])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("deploy")
+        })
+        .collect();
+    for child in deploys {
+        let out = child.wait_with_output().expect("deploy");
+        assert!(out.status.success(), "{}", text(&out));
+    }
+    let (a_name, a_state) = service_sandbox(&agent, "mrs-a", "b-c");
+    let (b_name, b_state) = service_sandbox(&agent, "mrs-a-b", "c");
+    assert_ne!(a_name, b_name);
+    assert_eq!((a_state.as_str(), b_state.as_str()), ("running", "running"));
+    assert_eq!(who(&agent, &a_name), "mrs-a");
+    assert_eq!(who(&agent, &b_name), "mrs-a-b");
+    agent.ok(&["app", "delete", "mrs-a"]);
+    agent.ok(&["app", "delete", "mrs-a-b"]);
+    assert!(sandboxes(&agent).is_empty(), "{:?}", sandboxes(&agent));
 }
 
 #[test]
