@@ -10,7 +10,7 @@ use toml::de::{DeTable, DeValue};
 use toml::Spanned;
 
 use crate::catalogue::{validate_image_ref, AddonKind, ResolvedAddon, ResolvedVersion, Variant};
-use crate::ident::validate_name;
+use crate::ident::{validate_name, validate_user_name};
 
 /// Largest `size_gb`: 1 PiB. Keeps `size_gb << 30` far inside u64 and SQLite's i64.
 pub const MAX_SIZE_GB: u64 = 1 << 20;
@@ -384,7 +384,7 @@ impl<'t> Ctx<'t> {
 
         let name = match self.string(&root, "name") {
             Some((name, span)) => {
-                if let Err(e) = validate_name(&name) {
+                if let Err(e) = validate_user_name(&name) {
                     self.err(&span, "name".into(), format!("app name {e}"));
                 }
                 Some(name)
@@ -670,7 +670,7 @@ impl<'t> Ctx<'t> {
         self.check_fields(t, DISK_FIELDS);
 
         let name = match self.string(t, "name") {
-            Some((name, span)) => match validate_name(&name) {
+            Some((name, span)) => match validate_user_name(&name) {
                 Ok(()) => Some(name),
                 Err(e) => {
                     self.err(&span, t.field("name"), format!("disk name {e}"));

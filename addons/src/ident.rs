@@ -32,6 +32,8 @@ pub enum NameError {
     BadStart(String),
     #[error("`{name}` contains `{ch}`; only letters, digits and hyphens are allowed")]
     BadChar { name: String, ch: char },
+    #[error("`{0}` is reserved: names that are `addon` or start with `addon-` belong to the agent's addons; pick another name")]
+    Reserved(String),
 }
 
 /// Apps, services and disks: letters, digits and hyphens, 1-63 characters, starting with a
@@ -55,6 +57,32 @@ pub fn validate_name(name: &str) -> Result<(), NameError> {
     }
     if name.starts_with('-') {
         return Err(NameError::BadStart(name.to_string()));
+    }
+    Ok(())
+}
+
+/// Names the agent gives its own things (addon servers' sandboxes, disks and network apps are
+/// `addon-<kind>[-<app>]`; shared servers `addon-<kind>`): no app, sandbox or disk a user names
+/// may take one, so an app can never stand in for an addon. Compared ignoring case, like disk
+/// names.
+pub const RESERVED_NAME_PREFIX: &str = "addon";
+
+/// Whether `name` is in the system's name space: `addon` itself or anything starting with
+/// `addon-`, in any case.
+pub fn is_reserved_name(name: &str) -> bool {
+    let lower = name.to_ascii_lowercase();
+    lower == RESERVED_NAME_PREFIX
+        || lower
+            .strip_prefix(RESERVED_NAME_PREFIX)
+            .is_some_and(|rest| rest.starts_with('-'))
+}
+
+/// [`validate_name`] for a name a user chooses (an app, a sandbox, a disk): also refuses the
+/// names the agent keeps for itself.
+pub fn validate_user_name(name: &str) -> Result<(), NameError> {
+    validate_name(name)?;
+    if is_reserved_name(name) {
+        return Err(NameError::Reserved(name.to_string()));
     }
     Ok(())
 }
@@ -162,6 +190,27 @@ mod tests {
             err.contains("`_`") && err.contains("letters, digits and hyphens"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn the_addon_name_space_is_reserved() {
+        for reserved in ["addon", "addon-pg", "addon-pg-victim", "ADDON-pg", "Addon"] {
+            assert!(is_reserved_name(reserved), "{reserved}");
+            let err = validate_user_name(reserved).unwrap_err();
+            assert_eq!(err, NameError::Reserved(reserved.to_string()));
+            assert!(err.to_string().contains("reserved"), "{err}");
+            // Still a valid name for what the agent makes itself.
+            assert_eq!(validate_name(reserved), Ok(()));
+        }
+        for free in ["addons", "addonpg", "my-addon", "add-on", "pg-addon-x", "a"] {
+            assert!(!is_reserved_name(free), "{free}");
+            assert_eq!(validate_user_name(free), Ok(()), "{free}");
+        }
+        // The ordinary rule still applies first.
+        assert!(matches!(
+            validate_user_name("a_b"),
+            Err(NameError::BadChar { .. })
+        ));
     }
 
     #[test]

@@ -42,4 +42,7 @@ pub use catalogue::{
 };
 pub use credentials::{generate_password, Credentials, RandomError};
 pub use env::{EnvVar, PostgresConnection, MASK};
-pub use ident::{validate_name, NameError, PgIdentifiers};
+pub use ident::{
+    is_reserved_name, validate_name, validate_user_name, NameError, PgIdentifiers,
+    RESERVED_NAME_PREFIX,
+};

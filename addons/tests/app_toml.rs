@@ -710,3 +710,27 @@ version = "ghcr.io/x/pg:17"
         }
     }
 }
+
+#[test]
+fn the_agents_own_names_are_refused_for_apps_and_disks() {
+    for reserved in ["addon", "addon-pg", "Addon-PG-victim"] {
+        let err = error(&format!(
+            "name = {reserved:?}\n[services.web]\nimage = \"x\"\n"
+        ));
+        assert!(
+            err.starts_with(".miren/app.toml line 1: name: app name") && err.contains("reserved"),
+            "{reserved}: {err}"
+        );
+        let err = error(&format!(
+            "name = \"a\"\n[services.web]\nimage = \"x\"\n[[services.web.disks]]\nname = {reserved:?}\nmount_path = \"/d\"\nsize_gb = 1\n"
+        ));
+        assert!(
+            err.starts_with(".miren/app.toml line 5: services.web.disks[0].name: disk name")
+                && err.contains("reserved"),
+            "{reserved}: {err}"
+        );
+    }
+    // A service may be called anything valid: services are found by (app, service).
+    let config = parse("name = \"a\"\n[services.addon-pg]\nimage = \"x\"\n");
+    assert_eq!(config.services[0].name, "addon-pg");
+}

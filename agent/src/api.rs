@@ -400,6 +400,8 @@ async fn create_endpoint(
     State(state): State<AppState>,
     Body(req): Body<CreateEndpoint>,
 ) -> Result<(StatusCode, Json<Endpoint>), ApiError> {
+    // Addon servers' endpoints are in the addon name space; nobody else may join it.
+    crate::disks::refuse_reserved("app", &req.app)?;
     // Runs to its end even if the client hangs up, like every mutation.
     let endpoint = tokio::spawn(async move { state.net.create(&req).await })
         .await
@@ -661,7 +663,7 @@ async fn list_sandboxes(
     responses(
         (status = 201, description = "Running (its supervisor started the container)", body = crate::model::Sandbox),
         (status = 400, body = ErrorBody),
-        (status = 409, description = "Name taken, or a disk's lease timed out", body = ErrorBody),
+        (status = 409, description = "Name taken, a disk belongs to another app or an addon, or a disk's lease timed out", body = ErrorBody),
         (status = 422, description = "The container did not start", body = ErrorBody)))]
 async fn run_sandbox(
     State(state): State<AppState>,
@@ -1019,7 +1021,7 @@ async fn app_env(
     responses(
         (status = 200, description = "Disks and addons ready, services running", body = crate::model::App),
         (status = 400, description = "app.toml is invalid (each problem with its line and field)", body = ErrorBody),
-        (status = 409, description = "An addon did not become active (the services were not started)", body = ErrorBody)))]
+        (status = 409, description = "An addon did not become active (the services were not started), or a declared disk belongs to another app or an addon", body = ErrorBody)))]
 async fn deploy_app(
     State(state): State<AppState>,
     Body(req): Body<crate::model::DeployApp>,

@@ -19,7 +19,7 @@ use crate::model::{
     PublishPort, RunSandbox,
 };
 use crate::sandboxes::SandboxService;
-use crate::state::Store;
+use crate::state::{Owner, Store};
 
 /// The port a service listens on unless its env sets `PORT`.
 pub const DEFAULT_PORT: u16 = 3000;
@@ -61,7 +61,9 @@ pub struct AddonSpec {
     pub version: Option<String>,
 }
 
-/// `<app>-<service>`, shortened with a hash past 63 characters.
+/// The display name a service's sandbox is given when no other sandbox has it:
+/// `<app>-<service>`, shortened with a hash past 63 characters. Only a name: services are found
+/// by (app, service) on the sandbox row, since `a` + `b-c` and `a-b` + `c` read alike.
 pub fn service_sandbox_name(app: &str, service: &str) -> String {
     let name = format!("{app}-{service}");
     if name.len() <= 63 {
@@ -210,6 +212,18 @@ impl AppService {
                 }
             }
         }
+        // Another app's or an addon's disk is refused before anything is recorded.
+        for service in &spec.services {
+            for disk in service.disks.iter().filter(|d| !d.local) {
+                self.disks.check_for_app(&disk.name, &app).map_err(|e| {
+                    ApiError::new(
+                        e.status,
+                        e.code,
+                        format!("{source}: services.{}: {}", service.name, e.message),
+                    )
+                })?;
+            }
+        }
         let lock = self.locks.of(&app);
         let _guard = lock.lock().await;
         let old = self.spec_of(&app).ok();
@@ -284,7 +298,7 @@ impl AppService {
         // Disks first: they are cheap, and an addon failing should not hide a bad disk.
         for service in &spec.services {
             for disk in service.disks.iter().filter(|d| !d.local) {
-                self.ensure_disk(disk).await?;
+                self.ensure_disk(app, disk).await?;
             }
         }
 
@@ -341,7 +355,8 @@ impl AppService {
         self.start_services(app, spec).await
     }
 
-    async fn ensure_disk(&self, disk: &DiskSpec) -> Result<(), ApiError> {
+    /// The app's disk: made for it, or claimed if nobody owns it; another owner's is refused.
+    async fn ensure_disk(&self, app: &str, disk: &DiskSpec) -> Result<(), ApiError> {
         let disks = self.disks.clone();
         let req = CreateDisk {
             name: disk.name.clone(),
@@ -353,14 +368,15 @@ impl AppService {
             }),
             read_only: false,
         };
-        tokio::task::spawn_blocking(move || disks.ensure(&req))
+        let app = app.to_string();
+        tokio::task::spawn_blocking(move || disks.ensure_for_app(&req, &app))
             .await
             .map_err(|e| ApiError::internal(format!("creating a disk: {e}")))?
     }
 
     async fn remove_service(&self, app: &str, service: &str) -> Result<(), ApiError> {
         self.sandboxes
-            .delete_if_exists(&service_sandbox_name(app, service))
+            .delete_owned(&Owner::service(app, service))
             .await
     }
 
@@ -412,29 +428,49 @@ impl AppService {
                 .iter()
                 .find(|d| d.local)
                 .map(|d| d.mount_path.clone());
-            let sandbox = self
+            let owner = Owner::service(app, &service.name);
+            let preferred = service_sandbox_name(app, &service.name);
+            let name = self.sandboxes.free_name(&preferred, &owner)?;
+            let req = RunSandbox {
+                image: service.image.clone(),
+                name: Some(name.clone()),
+                app: Some(app.to_string()),
+                env,
+                disks,
+                lease_timeout_secs,
+                local_dir,
+                restart: Some("always".into()),
+                publish: service.publish.clone(),
+                cmd: service.command.clone(),
+                ..Default::default()
+            };
+            let sandbox = match self
                 .sandboxes
-                .run(RunSandbox {
-                    image: service.image.clone(),
-                    name: Some(service_sandbox_name(app, &service.name)),
-                    app: Some(app.to_string()),
-                    env,
-                    disks,
-                    lease_timeout_secs,
-                    local_dir,
-                    restart: Some("always".into()),
-                    publish: service.publish.clone(),
-                    cmd: service.command.clone(),
-                    ..Default::default()
-                })
+                .run_as(req.clone(), Some(owner.clone()))
                 .await
-                .map_err(|e| {
-                    ApiError::new(
-                        e.status,
-                        e.code,
-                        format!("service `{}`: {}", service.name, e.message),
-                    )
-                })?;
+            {
+                // Another app's service took the free name meanwhile: the hashed one is ours.
+                Err(e) if e.code == "conflict" && e.message.starts_with("a sandbox named") => {
+                    let hashed = crate::disks::hashed_name(&preferred, &owner.describe());
+                    if hashed == name {
+                        Err(e)
+                    } else {
+                        let req = RunSandbox {
+                            name: Some(hashed),
+                            ..req
+                        };
+                        self.sandboxes.run_as(req, Some(owner)).await
+                    }
+                }
+                other => other,
+            }
+            .map_err(|e| {
+                ApiError::new(
+                    e.status,
+                    e.code,
+                    format!("service `{}`: {}", service.name, e.message),
+                )
+            })?;
             info!(app = %app, service = %service.name, sandbox = %sandbox.id, "service started");
         }
         self.store.set_app_addon_env(app, &digest)?;
@@ -491,10 +527,12 @@ impl AppService {
         let spec = self.spec_of(app)?;
         let mut removed = Vec::new();
         for service in &spec.services {
-            let name = service_sandbox_name(app, &service.name);
-            if self.sandboxes.get(&name).is_ok() {
+            if let Some(sandbox) = self
+                .sandboxes
+                .get_owned(&Owner::service(app, &service.name))?
+            {
                 self.remove_service(app, &service.name).await?;
-                removed.push(name);
+                removed.push(sandbox.name);
             }
         }
         self.store.remove_app(app)?;
@@ -529,11 +567,16 @@ impl AppService {
             .services
             .iter()
             .map(|s| {
-                let name = service_sandbox_name(app, &s.name);
-                let sandbox = self.sandboxes.get(&name).ok();
+                let sandbox = self
+                    .sandboxes
+                    .get_owned(&Owner::service(app, &s.name))
+                    .ok()
+                    .flatten();
                 AppServiceView {
                     name: s.name.clone(),
-                    sandbox: name,
+                    sandbox: sandbox
+                        .as_ref()
+                        .map_or_else(|| service_sandbox_name(app, &s.name), |x| x.name.clone()),
                     image: s.image.clone(),
                     state: sandbox.as_ref().map(|x| x.state.clone()),
                     ip: sandbox.as_ref().and_then(|x| x.ip.clone()),
@@ -550,7 +593,7 @@ impl AppService {
                 .store
                 .addons_of(app)?
                 .iter()
-                .map(addons::view)
+                .map(|row| self.addons.view(row))
                 .collect(),
             created_at: row.created_at,
             updated_at: row.updated_at,

@@ -16,7 +16,7 @@ use crate::config::AgentConfig;
 use crate::error::ApiError;
 use crate::model::{self, CreateDisk, Disk, Lease, LeaseInfo, ReleaseResult};
 use crate::owner::parse_holder;
-use crate::state::{DiskRow, DiskStatus, LeaseAttempt, LeaseRow, Store};
+use crate::state::{DiskRow, DiskStatus, LeaseAttempt, LeaseRow, Owner, Store};
 use crate::util::{new_id, now_rfc3339};
 
 /// The largest disk we agree to make: 64 TiB of apparent size.
@@ -83,7 +83,15 @@ impl DiskService {
         })
     }
 
+    /// A disk a user asks for (`debug disk create`): unowned until an app deploys with it, and
+    /// never in the name space of the agent's own disks.
     pub fn create(&self, req: &CreateDisk) -> Result<Disk, ApiError> {
+        kernel::validate_name(&req.name).map_err(|e| ApiError::invalid(e.to_string()))?;
+        refuse_reserved("disk name", &req.name)?;
+        self.create_as(req, None)
+    }
+
+    fn create_as(&self, req: &CreateDisk, owner: Option<&Owner>) -> Result<Disk, ApiError> {
         kernel::validate_name(&req.name).map_err(|e| ApiError::invalid(e.to_string()))?;
         if req.size_gb == 0 || req.size_gb > MAX_SIZE_GB {
             return Err(ApiError::invalid(format!(
@@ -103,7 +111,7 @@ impl DiskService {
             error: None,
             created_at: now_rfc3339(),
         };
-        self.store.insert_creating_disk(&row)?;
+        self.store.insert_creating_disk_owned(&row, owner)?;
         if let Err(err) = self.build(&row, fs) {
             warn!(disk = %row.name, error = %err, "create failed; removing what it made");
             if let Err(cleanup) = self.teardown(&row) {
@@ -167,6 +175,87 @@ impl DiskService {
             Ok(_) => Ok(()),
             Err(e) if e.code == "not_found" => self.create(req).map(|_| ()),
             Err(e) => Err(e),
+        }
+    }
+
+    /// The disk an app names in its app.toml, as the app's: made (owned) if missing, claimed if
+    /// nobody owns it yet, used if the app owns it; refused if another app or an addon does.
+    pub fn ensure_for_app(&self, req: &CreateDisk, app: &str) -> Result<(), ApiError> {
+        let owner = Owner::app(app);
+        let row = match self.find(&req.name) {
+            Ok(row) => row,
+            Err(e) if e.code == "not_found" => {
+                return match self.create_as(req, Some(&owner)) {
+                    Ok(_) => Ok(()),
+                    // Made meanwhile by someone else: look again.
+                    Err(e) if e.code == "conflict" => self.ensure_for_app(req, app),
+                    Err(e) => Err(e),
+                };
+            }
+            Err(e) => Err(e)?,
+        };
+        match self.store.claim_disk(&row.id, &owner)? {
+            Some(now) if now == owner => Ok(()),
+            other => Err(not_yours(&row.name, other.as_ref(), &owner)),
+        }
+    }
+
+    /// Whether `app` may deploy with the disk called `name`: it is missing, nobody owns it, or
+    /// the app does. Checked before a deploy records anything; `ensure_for_app` decides.
+    pub fn check_for_app(&self, name: &str, app: &str) -> Result<(), ApiError> {
+        let row = match self.find(name) {
+            Ok(row) => row,
+            Err(e) if e.code == "not_found" => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let owner = Owner::app(app);
+        match self.store.disk_owner(&row.id)? {
+            None => Ok(()),
+            Some(o) if o == owner => Ok(()),
+            other => Err(not_yours(&row.name, other.as_ref(), &owner)),
+        }
+    }
+
+    /// The disk of an addon's server, returning its name: found by owner whatever it is
+    /// called; otherwise `preferred` is made for it, or adopted if nobody owns it (a disk this
+    /// agent made before owners were recorded, or restored from a backup). If another owner
+    /// has that name, a name with the owner's hash is used instead.
+    pub fn ensure_for_addon(&self, req: &CreateDisk, owner: &Owner) -> Result<String, ApiError> {
+        if let Some(row) = self.store.disk_of(owner)? {
+            return Ok(row.name);
+        }
+        let name = match self.find(&req.name) {
+            Ok(row) => match self.store.claim_disk(&row.id, owner)? {
+                Some(now) if &now == owner => return Ok(row.name),
+                _ => hashed_name(&req.name, &owner.describe()),
+            },
+            Err(e) if e.code == "not_found" => req.name.clone(),
+            Err(e) => Err(e)?,
+        };
+        let req = CreateDisk {
+            name,
+            ..req.clone()
+        };
+        match self.find(&req.name) {
+            Ok(row) if self.store.disk_owner(&row.id)?.as_ref() == Some(owner) => Ok(row.name),
+            Ok(row) => Err(not_yours(
+                &row.name,
+                self.store.disk_owner(&row.id)?.as_ref(),
+                owner,
+            )),
+            Err(e) if e.code == "not_found" => Ok(self.create_as(&req, Some(owner))?.name),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Refuses to give `owner` (the one a sandbox runs for) a disk someone else owns. A disk
+    /// nobody owns may be used by anyone (and is not claimed by that).
+    pub fn check_attach(&self, id_or_name: &str, owner: &Owner) -> Result<(), ApiError> {
+        let row = self.find(id_or_name)?;
+        match self.store.disk_owner(&row.id)? {
+            None => Ok(()),
+            Some(o) if o == owner.as_disk_owner() => Ok(()),
+            other => Err(not_yours(&row.name, other.as_ref(), owner)),
         }
     }
 
@@ -750,6 +839,31 @@ impl GrowFailure {
     fn at(stage: GrowStage, error: ApiError) -> GrowFailure {
         GrowFailure { stage, error }
     }
+}
+
+/// 400 for a name in the agent's own name space (see `miren_addons::is_reserved_name`).
+pub fn refuse_reserved(what: &str, name: &str) -> Result<(), ApiError> {
+    if miren_addons::is_reserved_name(name) {
+        return Err(ApiError::invalid(format!(
+            "{what} `{name}` is reserved: names that are `addon` or start with `addon-` belong to the agent's addons; pick another name"
+        )));
+    }
+    Ok(())
+}
+
+fn not_yours(disk: &str, owner: Option<&Owner>, wanted_by: &Owner) -> ApiError {
+    let owner = owner.map_or("someone else".to_string(), Owner::describe);
+    ApiError::conflict(format!(
+        "disk `{disk}` belongs to {owner}, so {} cannot use it; an app uses its own disks and ones nobody owns yet (made with `miren debug disk create`): pick another disk name",
+        wanted_by.describe()
+    ))
+}
+
+/// `name` with 8 hex digits of a hash of `salt`, within the 63-character name limit.
+pub fn hashed_name(name: &str, salt: &str) -> String {
+    let hash = crate::addons::fnv1a32(format!("{name}\0{salt}").as_bytes());
+    let keep: String = name.chars().take(63 - 9).collect();
+    format!("{}-{hash:08x}", keep.trim_end_matches('-'))
 }
 
 fn round_secs(d: Duration) -> Duration {

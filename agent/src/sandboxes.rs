@@ -18,7 +18,7 @@ use crate::error::ApiError;
 use crate::images::ImageService;
 use crate::model::{CreateEndpoint, ExecResult, RunSandbox, Sandbox};
 use crate::net::NetService;
-use crate::state::{SandboxRow, Store};
+use crate::state::{Owner, SandboxRow, Store};
 use crate::util::{new_id, now_rfc3339};
 
 /// First bytes on stderr of `miren exec-in` when the exec itself failed (not the command).
@@ -273,7 +273,15 @@ impl SandboxService {
         })
     }
 
+    /// A sandbox a user asks for (`sandbox run`): it belongs to no app service or addon, and
+    /// may not take the names the agent keeps for its own.
     pub async fn run(&self, req: RunSandbox) -> Result<Sandbox, ApiError> {
+        self.run_as(req, None).await
+    }
+
+    /// Runs a sandbox for `owner` (an app's service, an addon's server), recorded on its row:
+    /// that, not its name, is how the owner finds it again.
+    pub async fn run_as(&self, req: RunSandbox, owner: Option<Owner>) -> Result<Sandbox, ApiError> {
         let id = new_id("sbx");
         let name = req.name.clone().unwrap_or_else(|| id.replace('_', "-"));
         miren_disks::validate_name(&name)
@@ -281,6 +289,10 @@ impl SandboxService {
         let app = req.app.clone().unwrap_or_else(|| name.clone());
         miren_disks::validate_name(&app)
             .map_err(|e| ApiError::invalid(e.to_string().replace("disk name", "app name")))?;
+        if owner.is_none() {
+            crate::disks::refuse_reserved("sandbox name", &name)?;
+            crate::disks::refuse_reserved("app", &app)?;
+        }
         miren_runtime::normalize_reference(&req.image)?;
         let disks: Vec<(String, String, bool)> = req
             .disks
@@ -315,6 +327,12 @@ impl SandboxService {
             }
         }
 
+        // A disk is used only by its owner (or by anyone while nobody owns it).
+        let uses_disks_as = owner.clone().unwrap_or_else(|| Owner::app(&app));
+        for (disk, _, _) in &disks {
+            self.disks.check_attach(disk, &uses_disks_as)?;
+        }
+
         let row = SandboxRow {
             id: id.clone(),
             name: name.clone(),
@@ -323,6 +341,7 @@ impl SandboxService {
             status: "creating".into(),
             disks: disks.iter().map(|d| d.0.clone()).collect(),
             created_at: now_rfc3339(),
+            owner,
         };
         // The container's cgroup migration comes a few ms from now: start the grace period
         // it would wait for (see `prime_cgroup_migrations`) already.
@@ -612,6 +631,32 @@ impl SandboxService {
     pub fn get(&self, id_or_name: &str) -> Result<Sandbox, ApiError> {
         let row = self.find(id_or_name)?;
         Ok(self.view(&row, &self.ips()))
+    }
+
+    /// The sandbox `owner` runs, if any.
+    pub fn get_owned(&self, owner: &Owner) -> Result<Option<Sandbox>, ApiError> {
+        Ok(self
+            .store
+            .sandbox_of(owner)?
+            .map(|row| self.view(&row, &self.ips())))
+    }
+
+    /// Deletes the sandbox `owner` runs; none is fine (owners repeat themselves).
+    pub async fn delete_owned(&self, owner: &Owner) -> Result<(), ApiError> {
+        match self.store.sandbox_of(owner)? {
+            Some(row) => self.delete_if_exists(&row.id).await,
+            None => Ok(()),
+        }
+    }
+
+    /// A display name for `owner`'s sandbox: `preferred` when no sandbox has it, otherwise
+    /// `preferred` with a hash of the owner, so names stay unique and readable while nothing
+    /// depends on them.
+    pub fn free_name(&self, preferred: &str, owner: &Owner) -> Result<String, ApiError> {
+        if !self.store.sandbox_name_taken(preferred)? {
+            return Ok(preferred.to_string());
+        }
+        Ok(crate::disks::hashed_name(preferred, &owner.describe()))
     }
 
     pub fn list(&self) -> Result<Vec<Sandbox>, ApiError> {

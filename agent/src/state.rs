@@ -115,7 +115,122 @@ const MIGRATIONS: &[&str] = &[
     // 7: a digest of the addon variables an app's services were last started with, so a
     // change made outside a deploy (an addon settling in the background) restarts them.
     "ALTER TABLE apps ADD COLUMN addon_env TEXT;",
+    // 8: structural identity. Who a sandbox or disk belongs to is recorded in columns, never
+    // read out of its name: `app` (app, service; for disks the service is empty), `addon`
+    // (app, addon kind: an app's dedicated server) or `shared` ('', addon kind). No owner:
+    // a plain `sandbox run`, or a disk made with `debug disk create` that no app claimed yet.
+    // Existing rows are filled from the names the agent gave them, which are unambiguous
+    // together with the sandbox's recorded app: an addon server runs as its own app
+    // (`addon-pg-<app>` or `addon-pg`), a service as its app with `<app>-<service>`.
+    "ALTER TABLE sandboxes ADD COLUMN owner_kind TEXT;
+     ALTER TABLE sandboxes ADD COLUMN owner_app TEXT;
+     ALTER TABLE sandboxes ADD COLUMN owner_part TEXT;
+     ALTER TABLE disks ADD COLUMN owner_kind TEXT;
+     ALTER TABLE disks ADD COLUMN owner_app TEXT;
+     ALTER TABLE disks ADD COLUMN owner_part TEXT;
+     UPDATE sandboxes SET owner_kind = 'shared', owner_app = '', owner_part = 'miren-postgresql'
+      WHERE name = 'addon-pg' AND app = 'addon-pg'
+        AND EXISTS (SELECT 1 FROM addon_servers WHERE kind = 'miren-postgresql');
+     UPDATE sandboxes SET owner_app = (SELECT a.app FROM addons a
+        WHERE a.variant = 'small' AND 'addon-pg-' || a.app = sandboxes.name)
+      WHERE owner_kind IS NULL AND app = name;
+     UPDATE sandboxes SET owner_kind = 'addon', owner_part = 'miren-postgresql'
+      WHERE owner_kind IS NULL AND owner_app IS NOT NULL;
+     UPDATE sandboxes SET owner_app = app, owner_part = (
+        SELECT json_extract(s.value, '$.name') FROM apps, json_each(apps.spec, '$.services') s
+         WHERE apps.name = sandboxes.app
+           AND sandboxes.name = apps.name || '-' || json_extract(s.value, '$.name'))
+      WHERE owner_kind IS NULL;
+     UPDATE sandboxes SET owner_kind = 'app' WHERE owner_kind IS NULL AND owner_part IS NOT NULL;
+     UPDATE sandboxes SET owner_app = NULL, owner_part = NULL WHERE owner_kind IS NULL;
+     CREATE UNIQUE INDEX sandboxes_by_owner ON sandboxes (owner_kind, owner_app, owner_part)
+      WHERE owner_kind IS NOT NULL;
+     UPDATE disks SET owner_kind = 'shared', owner_app = '', owner_part = 'miren-postgresql'
+      WHERE name = 'addon-pg'
+        AND EXISTS (SELECT 1 FROM addon_servers WHERE kind = 'miren-postgresql');
+     UPDATE disks SET owner_app = (SELECT a.app FROM addons a
+        WHERE a.variant = 'small' AND 'addon-pg-' || a.app = disks.name)
+      WHERE owner_kind IS NULL;
+     UPDATE disks SET owner_kind = 'addon', owner_part = 'miren-postgresql'
+      WHERE owner_kind IS NULL AND owner_app IS NOT NULL;
+     UPDATE disks SET owner_app = (
+        SELECT apps.name FROM apps, json_each(apps.spec, '$.services') s,
+               json_each(s.value, '$.disks') d
+         WHERE NOT json_extract(d.value, '$.local')
+           AND lower(json_extract(d.value, '$.name')) = disks.name_key
+         ORDER BY apps.created_at, apps.name LIMIT 1)
+      WHERE owner_kind IS NULL;
+     UPDATE disks SET owner_kind = 'app', owner_part = ''
+      WHERE owner_kind IS NULL AND owner_app IS NOT NULL;",
 ];
+
+/// Who a sandbox or disk belongs to, as recorded in its row (never derived from its name).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Owner {
+    /// An app: its service's sandbox, or (with `service` empty) a disk it claimed.
+    App { app: String, service: String },
+    /// An app's dedicated server of an addon kind: its sandbox and its disk.
+    Addon { app: String, kind: String },
+    /// The node's shared server of an addon kind: its sandbox and its disk.
+    Shared { kind: String },
+}
+
+impl Owner {
+    /// An app as a disk owner.
+    pub fn app(app: &str) -> Owner {
+        Owner::App {
+            app: app.to_string(),
+            service: String::new(),
+        }
+    }
+
+    pub fn service(app: &str, service: &str) -> Owner {
+        Owner::App {
+            app: app.to_string(),
+            service: service.to_string(),
+        }
+    }
+
+    fn columns(&self) -> (&'static str, &str, &str) {
+        match self {
+            Owner::App { app, service } => ("app", app, service),
+            Owner::Addon { app, kind } => ("addon", app, kind),
+            Owner::Shared { kind } => ("shared", "", kind),
+        }
+    }
+
+    fn from_columns(
+        kind: Option<String>,
+        app: Option<String>,
+        part: Option<String>,
+    ) -> Option<Owner> {
+        let (app, part) = (app.unwrap_or_default(), part.unwrap_or_default());
+        match kind.as_deref()? {
+            "app" => Some(Owner::App { app, service: part }),
+            "addon" => Some(Owner::Addon { app, kind: part }),
+            "shared" => Some(Owner::Shared { kind: part }),
+            _ => None,
+        }
+    }
+
+    /// The same owner as a disk owner: a service's disks belong to its app.
+    pub fn as_disk_owner(&self) -> Owner {
+        match self {
+            Owner::App { app, .. } => Owner::app(app),
+            other => other.clone(),
+        }
+    }
+
+    /// For messages: `app `x``, `the miren-postgresql addon of app `x``, ...
+    pub fn describe(&self) -> String {
+        match self {
+            Owner::App { app, service } if service.is_empty() => format!("app `{app}`"),
+            Owner::App { app, service } => format!("service `{service}` of app `{app}`"),
+            Owner::Addon { app, kind } => format!("the {kind} addon of app `{app}`"),
+            Owner::Shared { kind } => format!("the shared {kind} server"),
+        }
+    }
+}
 
 /// Lifecycle of a disk row. `Creating` and `Deleting` mark operations in flight: after a crash,
 /// a creating disk is rolled back and a deleting one is finished.
@@ -273,6 +388,15 @@ impl Store {
 
     /// Records a new disk in `creating`, refusing a name that exists in any case.
     pub fn insert_creating_disk(&self, disk: &DiskRow) -> Result<(), ApiError> {
+        self.insert_creating_disk_owned(disk, None)
+    }
+
+    /// [`Self::insert_creating_disk`], owned by `owner` from the start.
+    pub fn insert_creating_disk_owned(
+        &self,
+        disk: &DiskRow,
+        owner: Option<&Owner>,
+    ) -> Result<(), ApiError> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let existing: Option<(String, String)> = tx
@@ -287,9 +411,11 @@ impl Store {
                 "a disk named `{name}` already exists (id {id}); use it, pick another name, or delete it first"
             )));
         }
+        let owner = owner.map(Owner::columns);
         tx.execute(
-            "INSERT INTO disks (id, name, name_key, size_gb, filesystem, read_only, status, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            "INSERT INTO disks (id, name, name_key, size_gb, filesystem, read_only, status, created_at,
+                                owner_kind, owner_app, owner_part)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
             params![
                 disk.id,
                 disk.name,
@@ -298,7 +424,10 @@ impl Store {
                 disk.filesystem,
                 disk.read_only,
                 DiskStatus::Creating.as_str(),
-                disk.created_at
+                disk.created_at,
+                owner.map(|o| o.0),
+                owner.map(|o| o.1),
+                owner.map(|o| o.2),
             ],
         )?;
         tx.commit()?;
@@ -338,6 +467,48 @@ impl Store {
                 disk_from_row,
             )
             .optional()?)
+    }
+
+    /// Who the disk belongs to; None while nobody claimed it.
+    pub fn disk_owner(&self, id: &str) -> Result<Option<Owner>, ApiError> {
+        let cols: Option<(Option<String>, Option<String>, Option<String>)> = self
+            .conn()
+            .query_row(
+                "SELECT owner_kind, owner_app, owner_part FROM disks WHERE id = ?1",
+                [id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()?;
+        Ok(cols.and_then(|(k, a, p)| Owner::from_columns(k, a, p)))
+    }
+
+    /// The disk `owner` has (addons have one each; apps may have several: the oldest).
+    pub fn disk_of(&self, owner: &Owner) -> Result<Option<DiskRow>, ApiError> {
+        let (kind, app, part) = owner.columns();
+        Ok(self
+            .conn()
+            .query_row(
+                &format!(
+                    "SELECT {DISK_COLUMNS} FROM disks
+                     WHERE owner_kind = ?1 AND owner_app = ?2 AND owner_part = ?3
+                     ORDER BY created_at LIMIT 1"
+                ),
+                params![kind, app, part],
+                disk_from_row,
+            )
+            .optional()?)
+    }
+
+    /// Gives an unowned disk to `owner` (in one statement, so two claimants cannot both win);
+    /// returns who owns it afterwards.
+    pub fn claim_disk(&self, id: &str, owner: &Owner) -> Result<Option<Owner>, ApiError> {
+        let (kind, app, part) = owner.columns();
+        self.conn().execute(
+            "UPDATE disks SET owner_kind = ?2, owner_app = ?3, owner_part = ?4
+             WHERE id = ?1 AND owner_kind IS NULL",
+            params![id, kind, app, part],
+        )?;
+        self.disk_owner(id)
     }
 
     pub fn disks(&self) -> Result<Vec<DiskRow>, ApiError> {
@@ -677,6 +848,8 @@ pub struct SandboxRow {
     /// Names of the disks whose leases the sandbox holds.
     pub disks: Vec<String>,
     pub created_at: String,
+    /// Whose it is (an app's service, an addon's server); None for a plain `sandbox run`.
+    pub owner: Option<Owner>,
 }
 
 fn sandbox_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<SandboxRow> {
@@ -689,10 +862,12 @@ fn sandbox_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<SandboxRow> {
         status: row.get(4)?,
         disks: serde_json::from_str(&disks).unwrap_or_default(),
         created_at: row.get(6)?,
+        owner: Owner::from_columns(row.get(7)?, row.get(8)?, row.get(9)?),
     })
 }
 
-const SANDBOX_COLUMNS: &str = "id, name, app, image, status, disks, created_at";
+const SANDBOX_COLUMNS: &str =
+    "id, name, app, image, status, disks, created_at, owner_kind, owner_app, owner_part";
 
 impl Store {
     pub fn insert_sandbox(&self, row: &SandboxRow) -> Result<(), ApiError> {
@@ -711,9 +886,27 @@ impl Store {
                     row.name
                 )));
             }
+            let owner = row.owner.as_ref().map(Owner::columns);
+            if let Some((kind, app, part)) = owner {
+                let existing: Option<String> = tx
+                    .query_row(
+                        "SELECT name FROM sandboxes
+                         WHERE owner_kind = ?1 AND owner_app = ?2 AND owner_part = ?3",
+                        params![kind, app, part],
+                        |r| r.get(0),
+                    )
+                    .optional()?;
+                if let Some(name) = existing {
+                    return Err(ApiError::conflict(format!(
+                        "{} already runs as sandbox `{name}`; delete it first",
+                        row.owner.as_ref().map(Owner::describe).unwrap_or_default()
+                    )));
+                }
+            }
             tx.execute(
                 &format!(
-                    "INSERT INTO sandboxes ({SANDBOX_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"
+                    "INSERT INTO sandboxes ({SANDBOX_COLUMNS})
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"
                 ),
                 params![
                     row.id,
@@ -722,7 +915,10 @@ impl Store {
                     row.image,
                     row.status,
                     serde_json::to_string(&row.disks).unwrap_or_else(|_| "[]".into()),
-                    row.created_at
+                    row.created_at,
+                    owner.map(|o| o.0),
+                    owner.map(|o| o.1),
+                    owner.map(|o| o.2),
                 ],
             )?;
             tx.commit()?;
@@ -749,6 +945,35 @@ impl Store {
                 sandbox_from_row,
             )
             .optional()?)
+    }
+
+    /// The sandbox `owner` runs (an app's service, an addon's server), whatever it is called.
+    pub fn sandbox_of(&self, owner: &Owner) -> Result<Option<SandboxRow>, ApiError> {
+        let (kind, app, part) = owner.columns();
+        Ok(self
+            .conn()
+            .query_row(
+                &format!(
+                    "SELECT {SANDBOX_COLUMNS} FROM sandboxes
+                     WHERE owner_kind = ?1 AND owner_app = ?2 AND owner_part = ?3"
+                ),
+                params![kind, app, part],
+                sandbox_from_row,
+            )
+            .optional()?)
+    }
+
+    /// Whether a sandbox has this name (display names stay unique).
+    pub fn sandbox_name_taken(&self, name: &str) -> Result<bool, ApiError> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT 1 FROM sandboxes WHERE name = ?1",
+                [name],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some())
     }
 
     pub fn sandboxes(&self) -> Result<Vec<SandboxRow>, ApiError> {
@@ -1034,6 +1259,133 @@ mod tests {
         assert!(err.contains("newer"), "{err}");
     }
 
+    /// Migration 8 on a store an agent of schema 7 left, in the state the finding left it:
+    /// services of colliding apps, an app named like an addon server, an app disk named like an
+    /// addon's disk, and disks made by hand.
+    #[test]
+    fn migration_8_fills_owners_from_the_agents_own_names() {
+        let dir = tempfile::Builder::new()
+            .prefix("mrtst-db")
+            .tempdir()
+            .unwrap();
+        let path = dir.path().join("state.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            for sql in &MIGRATIONS[..7] {
+                conn.execute_batch(sql).unwrap();
+            }
+            conn.pragma_update(None, "user_version", 7).unwrap();
+            let spec = |services: &[(&str, &[&str])]| {
+                let services: Vec<serde_json::Value> = services
+                    .iter()
+                    .map(|(name, disks)| {
+                        serde_json::json!({
+                            "name": name,
+                            "disks": disks.iter().map(|d| serde_json::json!({
+                                "name": d, "local": false
+                            })).collect::<Vec<_>>(),
+                        })
+                    })
+                    .collect();
+                serde_json::json!({ "services": services, "addons": [] }).to_string()
+            };
+            for (app, services, at) in [
+                ("shop", spec(&[("web", &["shop-data"])]), "1"),
+                ("mrs-a", spec(&[("b-c", &[])]), "2"),
+                ("victim", spec(&[("web", &[])]), "3"),
+                // The attacker, deployed after: same disk, and a server-like service.
+                (
+                    "addon-pg",
+                    spec(&[("victim", &["addon-pg-victim", "shop-data"])]),
+                    "4",
+                ),
+            ] {
+                conn.execute(
+                    "INSERT INTO apps (name, spec, status, created_at, updated_at)
+                     VALUES (?1, ?2, 'running', ?3, ?3)",
+                    params![app, services, at],
+                )
+                .unwrap();
+            }
+            conn.execute(
+                "INSERT INTO addons (app, kind, variant, version, image, source, status,
+                                     db_user, db_password, db_name, created_at, updated_at)
+                 VALUES ('victim', 'miren-postgresql', 'small', '17', 'postgres:17', 'deploy',
+                         'active', 'victim', 'pw', 'victim', '1', '1')",
+                [],
+            )
+            .unwrap();
+            for (id, name, app) in [
+                ("sbx_1", "shop-web", "shop"),
+                ("sbx_2", "mrs-a-b-c", "mrs-a"),
+                ("sbx_3", "addon-pg-victim", "addon-pg-victim"),
+                ("sbx_4", "victim-web", "victim"),
+                ("sbx_5", "loose", "loose"),
+            ] {
+                conn.execute(
+                    "INSERT INTO sandboxes (id, name, app, image, status, disks, created_at)
+                     VALUES (?1, ?2, ?3, 'x', 'created', '[]', '1')",
+                    params![id, name, app],
+                )
+                .unwrap();
+            }
+            for (id, name) in [
+                ("disk_1", "shop-data"),
+                ("disk_2", "addon-pg-victim"),
+                ("disk_3", "by-hand"),
+            ] {
+                conn.execute(
+                    "INSERT INTO disks (id, name, name_key, size_gb, filesystem, read_only,
+                                        status, created_at)
+                     VALUES (?1, ?2, ?3, 1, 'ext4', 0, 'ready', '1')",
+                    params![id, name, name.to_lowercase()],
+                )
+                .unwrap();
+            }
+        }
+        let store = Store::open(&path).unwrap();
+        let owner = |id: &str| store.sandbox(id).unwrap().unwrap().owner;
+        assert_eq!(owner("sbx_1"), Some(Owner::service("shop", "web")));
+        assert_eq!(owner("sbx_2"), Some(Owner::service("mrs-a", "b-c")));
+        let victims_server = Owner::Addon {
+            app: "victim".into(),
+            kind: "miren-postgresql".into(),
+        };
+        assert_eq!(owner("sbx_3"), Some(victims_server.clone()));
+        assert_eq!(owner("sbx_4"), Some(Owner::service("victim", "web")));
+        assert_eq!(owner("sbx_5"), None);
+        assert_eq!(
+            store.sandbox_of(&victims_server).unwrap().unwrap().id,
+            "sbx_3"
+        );
+        // The first app to declare a disk owns it; the addon owns its own.
+        assert_eq!(
+            store.disk_owner("disk_1").unwrap(),
+            Some(Owner::app("shop"))
+        );
+        assert_eq!(store.disk_owner("disk_2").unwrap(), Some(victims_server));
+        assert_eq!(store.disk_owner("disk_3").unwrap(), None);
+        // A hand-made disk is claimed once, by the first.
+        assert_eq!(
+            store.claim_disk("disk_3", &Owner::app("one")).unwrap(),
+            Some(Owner::app("one"))
+        );
+        assert_eq!(
+            store.claim_disk("disk_3", &Owner::app("two")).unwrap(),
+            Some(Owner::app("one"))
+        );
+        // One sandbox per owner.
+        let mut row = store.sandbox("sbx_1").unwrap().unwrap();
+        row.id = "sbx_9".into();
+        row.name = "shop-web-2".into();
+        let err = store.insert_sandbox(&row).unwrap_err();
+        assert!(
+            err.message.contains("already runs as sandbox `shop-web`"),
+            "{}",
+            err.message
+        );
+    }
+
     #[test]
     fn unforced_commits_leave_later_ones_forced() {
         let dir = tempfile::Builder::new()
@@ -1056,6 +1408,7 @@ mod tests {
             status: "creating".into(),
             disks: vec![],
             created_at: "2026-01-01T00:00:00Z".into(),
+            owner: None,
         };
         store.insert_sandbox(&row).unwrap();
         assert!(store.insert_sandbox(&row).is_err(), "a name is taken once");

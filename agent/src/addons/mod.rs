@@ -32,7 +32,7 @@ use crate::model::{
 };
 use crate::net::NetService;
 use crate::sandboxes::SandboxService;
-use crate::state::Store;
+use crate::state::{Owner, Store};
 use crate::util::now_rfc3339;
 use store::{AddonRow, Inserted, ServerRow, ACTIVE, DEPROVISIONING, ERROR, PENDING, PROVISIONING};
 
@@ -108,6 +108,28 @@ pub fn small_server_name(app: &str) -> String {
     )
 }
 
+/// Who an addon's server (its sandbox and disk) belongs to: the app's own addon, or the node's
+/// shared server of the kind. Servers are found by this, never by name.
+pub fn server_owner(row: &AddonRow) -> Owner {
+    if row.variant == Variant::Shared.name() {
+        Owner::Shared {
+            kind: row.kind.clone(),
+        }
+    } else {
+        Owner::Addon {
+            app: row.app.clone(),
+            kind: row.kind.clone(),
+        }
+    }
+}
+
+fn shared_owner(kind: &str) -> Owner {
+    Owner::Shared {
+        kind: kind.to_string(),
+    }
+}
+
+/// The name an addon's server is given when it is free (see [`SandboxService::free_name`]).
 pub fn server_name(variant: &str, app: &str) -> String {
     if variant == Variant::Shared.name() {
         SHARED_SERVER.to_string()
@@ -212,11 +234,25 @@ impl AddonService {
     }
 
     pub fn get(&self, app: &str, kind: &str) -> Result<Addon, ApiError> {
-        Ok(view(&self.find(app, kind)?))
+        Ok(self.view(&self.find(app, kind)?))
     }
 
     pub fn list(&self, app: &str) -> Result<Vec<Addon>, ApiError> {
-        Ok(self.store.addons_of(app)?.iter().map(view).collect())
+        Ok(self
+            .store
+            .addons_of(app)?
+            .iter()
+            .map(|row| self.view(row))
+            .collect())
+    }
+
+    /// [`view`], naming the server sandbox the addon really has (found by owner).
+    pub fn view(&self, row: &AddonRow) -> Addon {
+        let mut addon = view(row);
+        if let Ok(Some(sandbox)) = self.store.sandbox_of(&server_owner(row)) {
+            addon.server = sandbox.name;
+        }
+        addon
     }
 
     /// Records the addon and starts provisioning it. A create repeated with the same request
@@ -228,7 +264,7 @@ impl AddonService {
         req: &CreateAddon,
         source: &str,
     ) -> Result<(Addon, watch::Receiver<bool>), ApiError> {
-        miren_addons::validate_name(&req.app)
+        miren_addons::validate_user_name(&req.app)
             .map_err(|e| ApiError::invalid(format!("app name: {e}")))?;
         let (name, variant_in_name) = split_addon_arg(&req.addon);
         let variant = req.variant.as_deref().or(variant_in_name);
@@ -345,7 +381,10 @@ impl AddonService {
                 // A server whose supervisor is gone (the host restarted) or that was deleted
                 // underneath: provisioning again is idempotent and brings it back, data intact.
                 let server = server_name(&row.variant, &row.app);
-                let healthy = matches!(self.sandboxes.get(&server), Ok(s) if s.state != "failed");
+                let healthy = matches!(
+                    self.sandboxes.get_owned(&server_owner(&row)),
+                    Ok(Some(s)) if s.state != "failed"
+                );
                 if !healthy
                     && self.store.transition_addon(
                         &row.app,
@@ -515,7 +554,9 @@ impl AddonService {
 
     async fn provision_small(&self, row: &AddonRow) -> Result<(), StepError> {
         let name = small_server_name(&row.app);
-        self.ensure_disk(&name, Variant::Small.disk_size_gb())
+        let owner = server_owner(row);
+        let disk = self
+            .ensure_disk(&owner, &name, Variant::Small.disk_size_gb())
             .await?;
         self.still_wanted(row)?;
         let env = vec![
@@ -523,9 +564,11 @@ impl AddonService {
             format!("POSTGRES_PASSWORD={}", row.db_password),
             format!("POSTGRES_DB={}", row.db_name),
         ];
-        let ip = self
+        let server = self
             .ensure_server_sandbox(
+                &owner,
                 &name,
+                &disk,
                 &row.image,
                 env,
                 vec![row.app.clone()],
@@ -534,16 +577,16 @@ impl AddonService {
             .await?;
         self.still_wanted(row)?;
         self.wait_ready(
-            &name,
+            &server.id,
             &postgres::Login {
-                host: ip,
+                host: sandbox_ip(&server)?,
                 user: &row.db_user,
                 password: &row.db_password,
                 database: &row.db_name,
             },
         )
         .await?;
-        self.sync_disk(&name).await?;
+        self.sync_disk(&disk).await?;
         Ok(())
     }
 
@@ -597,7 +640,7 @@ impl AddonService {
         let (_, admin) = self.ensure_shared_server(&row.kind, row).await?;
         self.sync_shared_allow_from(&row.kind).await?;
         self.still_wanted(row)?;
-        let ip = self.server_ip(SHARED_SERVER)?;
+        let server = self.server(&shared_owner(&row.kind))?;
         postgres::ensure_tenant(&admin, &row.db_user, &row.db_password, &row.db_name)
             .await
             .map_err(|e| {
@@ -607,9 +650,9 @@ impl AddonService {
                 ))
             })?;
         self.wait_ready(
-            SHARED_SERVER,
+            &server.id,
             &postgres::Login {
-                host: ip,
+                host: sandbox_ip(&server)?,
                 user: &row.db_user,
                 password: &row.db_password,
                 database: &row.db_name,
@@ -619,8 +662,14 @@ impl AddonService {
         Ok(())
     }
 
-    fn server_ip(&self, sandbox: &str) -> Result<Ipv4Addr, ApiError> {
-        sandbox_ip(&self.sandboxes.get(sandbox)?)
+    /// The server sandbox `owner` runs.
+    fn server(&self, owner: &Owner) -> Result<Sandbox, ApiError> {
+        self.sandboxes.get_owned(owner)?.ok_or_else(|| {
+            ApiError::busy(format!(
+                "the server of {} is not running; `miren addon list` shows its status",
+                owner.describe()
+            ))
+        })
     }
 
     /// The shared server, running and ready, created if this is its first member. Call with
@@ -660,16 +709,20 @@ impl AddonService {
                 server.image, member.image
             )));
         }
-        self.ensure_disk(SHARED_SERVER, Variant::Shared.disk_size_gb())
+        let owner = shared_owner(kind);
+        let disk = self
+            .ensure_disk(&owner, SHARED_SERVER, Variant::Shared.disk_size_gb())
             .await?;
         let env = vec![
             format!("POSTGRES_USER={}", server.admin_user),
             format!("POSTGRES_PASSWORD={}", server.admin_password),
         ];
         let members = self.store.shared_members(kind)?;
-        let ip = self
+        let sandbox = self
             .ensure_server_sandbox(
+                &owner,
                 SHARED_SERVER,
+                &disk,
                 &server.image,
                 env,
                 members,
@@ -678,9 +731,9 @@ impl AddonService {
             .await?;
         let admin = self
             .wait_ready(
-                SHARED_SERVER,
+                &sandbox.id,
                 &postgres::Login {
-                    host: ip,
+                    host: sandbox_ip(&sandbox)?,
                     user: &server.admin_user,
                     password: &server.admin_password,
                     database: "postgres",
@@ -701,7 +754,7 @@ impl AddonService {
                         postgres::describe(&e)
                     ))
                 })?;
-            self.sync_disk(SHARED_SERVER).await?;
+            self.sync_disk(&disk).await?;
             self.store.set_server_status(kind, "active")?;
         }
         Ok((server, admin))
@@ -710,7 +763,7 @@ impl AddonService {
     /// Lets exactly the shared server's members reach it.
     async fn sync_shared_allow_from(&self, kind: &str) -> Result<(), ApiError> {
         let members = self.store.shared_members(kind)?;
-        if let Ok(sandbox) = self.sandboxes.get(SHARED_SERVER) {
+        if let Some(sandbox) = self.sandboxes.get_owned(&shared_owner(kind))? {
             self.net.set_allow_from(&sandbox.id, &members).await?;
         }
         Ok(())
@@ -727,8 +780,9 @@ impl AddonService {
 
     async fn finish_server_removal(&self, kind: &str) -> Result<(), ApiError> {
         info!(addon = %kind, "removing the shared server: its last app left");
-        self.sandboxes.delete_if_exists(SHARED_SERVER).await?;
-        self.remove_disk(SHARED_SERVER).await?;
+        let owner = shared_owner(kind);
+        self.sandboxes.delete_owned(&owner).await?;
+        self.remove_disk(&owner).await?;
         self.store.remove_server(kind)?;
         Ok(())
     }
@@ -761,9 +815,9 @@ impl AddonService {
     /// Safe to repeat; the row itself stays.
     async fn remove_resources(&self, row: &AddonRow) -> Result<(), ApiError> {
         if row.variant != Variant::Shared.name() {
-            let name = small_server_name(&row.app);
-            self.sandboxes.delete_if_exists(&name).await?;
-            self.remove_disk(&name).await?;
+            let owner = server_owner(row);
+            self.sandboxes.delete_owned(&owner).await?;
+            self.remove_disk(&owner).await?;
             return Ok(());
         }
         let _guard = self.shared.lock().await;
@@ -801,7 +855,13 @@ impl AddonService {
         Ok(())
     }
 
-    async fn ensure_disk(&self, name: &str, size_gb: u64) -> Result<(), ApiError> {
+    /// The server's disk, owned by `owner` (named `name` when free); returns its name.
+    async fn ensure_disk(
+        &self,
+        owner: &Owner,
+        name: &str,
+        size_gb: u64,
+    ) -> Result<String, ApiError> {
         let disks = self.disks.clone();
         let req = CreateDisk {
             name: name.to_string(),
@@ -809,15 +869,19 @@ impl AddonService {
             filesystem: Some(FilesystemKind::Ext4),
             read_only: false,
         };
-        tokio::task::spawn_blocking(move || disks.ensure(&req))
+        let owner = owner.clone();
+        tokio::task::spawn_blocking(move || disks.ensure_for_addon(&req, &owner))
             .await
             .map_err(|e| ApiError::internal(format!("creating a disk: {e}")))?
     }
 
-    async fn remove_disk(&self, name: &str) -> Result<(), ApiError> {
+    /// Deletes `owner`'s disk (and its data), if it has one.
+    async fn remove_disk(&self, owner: &Owner) -> Result<(), ApiError> {
+        let Some(row) = self.store.disk_of(owner)? else {
+            return Ok(());
+        };
         let disks = self.disks.clone();
-        let name = name.to_string();
-        tokio::task::spawn_blocking(move || match disks.delete(&name) {
+        tokio::task::spawn_blocking(move || match disks.delete(&row.id) {
             Err(e) if e.code == "not_found" => Ok(()),
             other => other,
         })
@@ -826,48 +890,66 @@ impl AddonService {
     }
 
     /// The server's sandbox, running: kept if it is (or is restarting), replaced if it failed.
+    /// Found by `owner`; `name` is the display name it gets when free, `disk` its data disk.
+    #[allow(clippy::too_many_arguments)]
     async fn ensure_server_sandbox(
         &self,
+        owner: &Owner,
         name: &str,
+        disk: &str,
         image: &str,
         env: Vec<String>,
         allow_from: Vec<String>,
         never_ready: bool,
-    ) -> Result<Ipv4Addr, ApiError> {
-        let sandbox = match self.sandboxes.get(name) {
-            Ok(s) if s.state != "failed" => s,
+    ) -> Result<Sandbox, ApiError> {
+        let sandbox = match self.sandboxes.get_owned(owner)? {
+            Some(s) if s.state != "failed" => s,
             found => {
-                if let Ok(failed) = found {
-                    warn!(sandbox = %name, error = ?failed.error, "replacing a failed addon server");
+                if let Some(failed) = found {
+                    warn!(sandbox = %failed.name, error = ?failed.error, "replacing a failed addon server");
                     self.sandboxes.delete(&failed.id).await?;
                 }
+                // The server a previous agent ran before owners were recorded: users cannot
+                // name sandboxes in the addon space, so an unowned one there is ours.
+                if let Some(old) = self.store.sandbox(name)? {
+                    if old.owner.is_none() && old.app == old.name {
+                        warn!(sandbox = %name, "replacing an addon server recorded without an owner");
+                        self.sandboxes.delete(&old.id).await?;
+                    }
+                }
+                let name = self.sandboxes.free_name(name, owner)?;
                 if never_ready {
                     // An initdb cut short (the agent killed, the server replaced) leaves a
                     // data directory the image would try to start instead of initializing:
                     // a server that never answered has nothing worth keeping there.
-                    self.discard_data_dir(name).await?;
+                    self.discard_data_dir(disk).await?;
                 }
                 let mut env = env;
                 env.push(format!("PGDATA={PG_DATA_DIR}"));
                 env.push("POSTGRES_HOST_AUTH_METHOD=scram-sha-256".into());
                 // Durability comes from one syncfs of the disk once the server is ready.
                 env.push("POSTGRES_INITDB_ARGS=--no-sync".into());
+                // The network app is the server's own name, in the addon name space no app
+                // can take, so no app's sandboxes count as the server's for isolation.
                 self.sandboxes
-                    .run(RunSandbox {
-                        image: image.to_string(),
-                        name: Some(name.to_string()),
-                        app: Some(name.to_string()),
-                        env,
-                        disks: vec![format!("{name}:{PG_DATA_MOUNT}")],
-                        lease_timeout_secs: Some(30.0),
-                        restart: Some("always".into()),
-                        allow_from,
-                        ..Default::default()
-                    })
+                    .run_as(
+                        RunSandbox {
+                            image: image.to_string(),
+                            name: Some(name.clone()),
+                            app: Some(name.clone()),
+                            env,
+                            disks: vec![format!("{disk}:{PG_DATA_MOUNT}")],
+                            lease_timeout_secs: Some(30.0),
+                            restart: Some("always".into()),
+                            allow_from,
+                            ..Default::default()
+                        },
+                        Some(owner.clone()),
+                    )
                     .await?
             }
         };
-        sandbox_ip(&sandbox)
+        Ok(sandbox)
     }
 
     /// Polls `SELECT 1` as `login` until it works, the server gives up, or the timeout passes;
@@ -934,8 +1016,7 @@ impl AddonService {
             if row.status != ACTIVE {
                 continue;
             }
-            let server = server_name(&row.variant, &row.app);
-            let sandbox = self.sandboxes.get(&server)?;
+            let sandbox = self.server(&server_owner(&row))?;
             let ip = sandbox_ip(&sandbox)?;
             let conn = PostgresConnection::new(ip.to_string(), postgres::PORT, &credentials(&row));
             vars.extend(conn.env_vars().into_iter().map(|v| (v, row.kind.clone())));
@@ -984,7 +1065,7 @@ impl AddonService {
         let Some(server) = self.store.server(kind)? else {
             return Ok(false);
         };
-        let sandbox = self.sandboxes.get(SHARED_SERVER)?;
+        let sandbox = self.server(&shared_owner(kind))?;
         let ip = sandbox_ip(&sandbox)?;
         let admin = postgres::connect(&postgres::Login {
             host: ip,
