@@ -577,7 +577,7 @@ fn property_random_layers_never_change_anything_outside() {
     let seed0: u64 = std::env::var("MRTST_UNPACK_SEED")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(0x6d72_7473_74);
+        .unwrap_or(0x006d_7274_7374);
     let plain = [
         "a", "b", "c", "a/b", "a/c", "b/a", "a/b/c", "c/a/b", "./a", "a/", "x",
     ];
