@@ -636,7 +636,7 @@ fn property_random_layers_never_change_anything_outside() {
             let kind = match rng.below(11) {
                 0 | 1 => Kind::Dir,
                 2 => Kind::File(format!("case {case}").into_bytes()),
-                3 | 4 | 5 => Kind::Symlink(link(&mut rng)),
+                3..=5 => Kind::Symlink(link(&mut rng)),
                 6 => Kind::HardLink(link(&mut rng)),
                 7 => Kind::Fifo,
                 8 => Kind::Char(1, 3),
