@@ -472,8 +472,8 @@ impl LayerDir {
         Ok(())
     }
 
-    /// Applies the recorded directory modes and times, deepest last listed
-    /// first. Each directory is re-opened beneath the root without following
+    /// Applies the recorded directory modes and times, last listed first
+    /// (children are listed after their parents). Each directory is re-opened beneath the root without following
     /// symlinks: one replaced since by a symlink or a file is skipped. When a
     /// directory is listed twice, the later entry wins.
     fn finish_dirs(&mut self) -> Result<()> {
