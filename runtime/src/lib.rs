@@ -4,6 +4,7 @@
 //! [`ImageStore`] and `docs/images.md`). Sandboxes: OCI containers run with youki's
 //! libcontainer by one small supervisor process each (see [`sandbox`] and `docs/sandbox.md`).
 
+mod confined;
 mod digest;
 mod error;
 mod import;

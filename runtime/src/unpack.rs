@@ -2,15 +2,25 @@
 //! whiteouts converted to overlayfs form. Tarballs are outside input: every
 //! path is checked, and nothing is written through a symlink.
 
-use std::ffi::{CString, OsStr};
+use std::ffi::OsStr;
 use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, Read};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Component, Path, PathBuf};
 
+use nix::errno::Errno;
+use nix::fcntl::{openat, AtFlags, OFlag};
+use nix::sys::stat::{
+    fchmod, fchmodat, futimens, mkdirat, mknodat, utimensat, FchmodatFlags, Mode, SFlag,
+    UtimensatFlags,
+};
+use nix::sys::time::TimeSpec;
+use nix::unistd::{fchown, fchownat, linkat, symlinkat, Gid, Uid};
 use tar::EntryType;
 
+use crate::confined;
 use crate::digest::HashReader;
 use crate::error::{io_err, Error, IoContext, Result};
 
@@ -52,25 +62,22 @@ pub(crate) fn decompressed(path: &Path) -> Result<(Box<dyn Read>, Compression)> 
 
 /// Unpacks the layer blob at `blob` into the empty directory `dest` and
 /// returns its diff id (sha256 of the uncompressed tar).
+///
+/// Every filesystem operation is confined beneath `dest`: see [`crate::confined`].
 pub fn unpack_layer(blob: &Path, dest: &Path) -> Result<String> {
     let (reader, _) = decompressed(blob)?;
     let mut hr = HashReader::new(reader);
     {
         let mut ar = tar::Archive::new(&mut hr);
-        let mut dirs = Vec::new();
+        let mut layer = LayerDir::open(dest)?;
         let entries = ar
             .entries()
             .ctx(|| format!("read layer {}", blob.display()))?;
         for entry in entries {
             let mut e = entry.ctx(|| format!("read layer {}", blob.display()))?;
-            unpack_entry(&mut e, dest, &mut dirs)?;
+            layer.unpack_entry(&mut e)?;
         }
-        // Directory modes and times last: children changed their mtimes.
-        for (path, mode, mtime) in dirs.into_iter().rev() {
-            fs::set_permissions(&path, fs::Permissions::from_mode(mode))
-                .ctx(|| format!("chmod {}", path.display()))?;
-            set_mtime(&path, mtime)?;
-        }
+        layer.finish_dirs()?;
     }
     let (diff_id, _) = hr
         .finish()
@@ -128,256 +135,383 @@ pub(crate) fn ensure_dirs(root: &Path, rel: Option<&Path>) -> Result<()> {
     Ok(())
 }
 
-/// Removes whatever is at `path` so an entry can take its place; keeps an
-/// existing directory when the new entry is a directory too.
-fn clear(path: &Path, keep_dir: bool) -> Result<()> {
-    match fs::symlink_metadata(path) {
-        Ok(m) if m.is_dir() => {
-            if !keep_dir {
-                fs::remove_dir_all(path).ctx(|| format!("remove {}", path.display()))?;
-            }
-        }
-        Ok(_) => fs::remove_file(path).ctx(|| format!("remove {}", path.display()))?,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io_err(format!("stat {}", path.display()), e)),
-    }
-    Ok(())
-}
-
-fn cpath(p: &Path) -> Result<CString> {
-    CString::new(p.as_os_str().as_bytes()).map_err(|_| Error::UnsafeEntry {
-        path: p.to_path_buf(),
-        reason: "NUL in path".into(),
-    })
-}
-
-fn check(rc: libc::c_int, what: impl FnOnce() -> String) -> Result<()> {
-    if rc != 0 {
-        return Err(io_err(what(), io::Error::last_os_error()));
-    }
-    Ok(())
-}
-
-fn mknod(path: &Path, kind: libc::mode_t, perm: u32, major: u32, minor: u32) -> Result<()> {
-    let c = cpath(path)?;
-    // SAFETY: c is a valid NUL-terminated path.
-    let rc = unsafe { libc::mknod(c.as_ptr(), kind | perm, libc::makedev(major, minor)) };
-    check(rc, || format!("mknod {}", path.display()))
-}
-
-fn lchown(path: &Path, uid: u32, gid: u32) -> Result<()> {
-    std::os::unix::fs::lchown(path, Some(uid), Some(gid))
-        .ctx(|| format!("chown {}", path.display()))
-}
-
-fn lsetxattr(path: &Path, name: &str, value: &[u8]) -> Result<()> {
-    let c = cpath(path)?;
-    let n = CString::new(name).map_err(|_| Error::UnsafeEntry {
-        path: path.to_path_buf(),
-        reason: "NUL in xattr name".into(),
-    })?;
-    // SAFETY: valid C strings and a live slice.
-    let rc = unsafe {
-        libc::lsetxattr(
-            c.as_ptr(),
-            n.as_ptr(),
-            value.as_ptr().cast(),
-            value.len(),
-            0,
-        )
-    };
-    check(rc, || format!("setxattr {name} on {}", path.display()))
-}
-
-fn set_mtime(path: &Path, mtime: u64) -> Result<()> {
-    let c = cpath(path)?;
-    let secs = libc::time_t::try_from(mtime).unwrap_or(libc::time_t::MAX);
-    let ts = libc::timespec {
-        tv_sec: secs,
-        tv_nsec: 0,
-    };
-    let times = [ts, ts];
-    // SAFETY: valid path and a two-element timespec array.
-    let rc = unsafe {
-        libc::utimensat(
-            libc::AT_FDCWD,
-            c.as_ptr(),
-            times.as_ptr(),
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
-    };
-    check(rc, || format!("utimensat {}", path.display()))
-}
-
 /// xattrs from a layer worth keeping. `trusted.overlay.*` would let a layer
 /// steer overlayfs (redirects, opaque dirs), so those are dropped.
 fn keep_xattr(name: &str) -> bool {
     name == "security.capability" || name.starts_with("user.")
 }
 
-fn unpack_entry<R: Read>(
-    e: &mut tar::Entry<'_, R>,
-    root: &Path,
-    dirs: &mut Vec<(PathBuf, u32, u64)>,
-) -> Result<()> {
-    let raw = e.path().ctx(|| "tar entry path".to_string())?.into_owned();
-    let kind = e.header().entry_type();
-    if matches!(
-        kind,
-        EntryType::XGlobalHeader
-            | EntryType::XHeader
-            | EntryType::GNULongName
-            | EntryType::GNULongLink
-    ) {
-        return Ok(());
-    }
-    let Some(rel) = sanitize(&raw)? else {
-        return Ok(()); // the layer root: dest already exists
-    };
-    let unsafe_entry = |reason: &str| Error::UnsafeEntry {
-        path: raw.clone(),
-        reason: reason.to_string(),
-    };
-    let name = rel
-        .file_name()
-        .ok_or_else(|| unsafe_entry("no file name"))?
-        .to_os_string();
-    let name_bytes = name.as_bytes();
-    let parent = rel.parent().filter(|p| !p.as_os_str().is_empty());
-    ensure_dirs(root, parent)?;
-    let dir = parent.map_or_else(|| root.to_path_buf(), |p| root.join(p));
+fn sys_err(what: impl FnOnce() -> String) -> impl FnOnce(Errno) -> Error {
+    move |e| io_err(what(), io::Error::from(e))
+}
 
-    // OCI whiteouts -> overlayfs: opaque dir xattr, or a 0/0 char device.
-    if name_bytes == b".wh..wh..opq" {
-        return lsetxattr(&dir, "trusted.overlay.opaque", b"y");
-    }
-    if let Some(hidden) = name_bytes.strip_prefix(b".wh.") {
-        if hidden.starts_with(b".wh.") {
-            return Ok(()); // other AUFS metadata; no meaning for overlayfs
-        }
-        if hidden.is_empty() || hidden == b"." || hidden == b".." {
-            return Err(unsafe_entry("bad whiteout name"));
-        }
-        let target = dir.join(OsStr::from_bytes(hidden));
-        clear(&target, false)?;
-        return mknod(&target, libc::S_IFCHR, 0, 0, 0);
+/// The layer directory being filled, held by fd: every operation below
+/// resolves beneath it (see [`crate::confined`]).
+struct LayerDir {
+    path: PathBuf,
+    root: OwnedFd,
+    /// The parent directory of the last entry, reused while consecutive
+    /// entries share it (tars list a directory's children together).
+    parent: Option<(PathBuf, OwnedFd)>,
+    /// Directories' modes and times, applied last: creating children changes
+    /// a directory's mtime, and a read-only mode would stop root-less use.
+    dirs: Vec<(PathBuf, u32, u64)>,
+}
+
+impl LayerDir {
+    fn open(dest: &Path) -> Result<Self> {
+        let root = nix::fcntl::open(
+            dest,
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(sys_err(|| format!("open {}", dest.display())))?;
+        Ok(LayerDir {
+            path: dest.to_path_buf(),
+            root,
+            parent: None,
+            dirs: Vec::new(),
+        })
     }
 
-    let h = e.header().clone();
-    let mode = h.mode().ctx(|| format!("mode of {}", raw.display()))? & 0o7777;
-    // Empty numeric fields read as 0, as Go's archive/tar does.
-    let uid = u32::try_from(h.uid().unwrap_or(0)).map_err(|_| unsafe_entry("uid out of range"))?;
-    let gid = u32::try_from(h.gid().unwrap_or(0)).map_err(|_| unsafe_entry("gid out of range"))?;
-    let mtime = h.mtime().unwrap_or(0);
-    let mut xattrs = Vec::new();
-    if let Ok(Some(exts)) = e.pax_extensions() {
-        for ext in exts.flatten() {
-            if let Ok(key) = ext.key() {
-                if let Some(x) = key.strip_prefix("SCHILY.xattr.") {
-                    if keep_xattr(x) {
-                        xattrs.push((x.to_string(), ext.value_bytes().to_vec()));
+    /// The directory `rel` (empty for the layer root) as an fd, made with
+    /// mode 0755 where missing. A symlink or non-directory on the way is an
+    /// `UnsafeEntry`: that is how a tar escapes its root.
+    fn take_parent(&mut self, rel: &Path, raw: &Path) -> Result<OwnedFd> {
+        if let Some((cached, fd)) = self.parent.take() {
+            if cached == rel {
+                return Ok(fd);
+            }
+        }
+        if rel.as_os_str().is_empty() {
+            return self
+                .root
+                .try_clone()
+                .ctx(|| format!("dup fd of {}", self.path.display()));
+        }
+        let not_a_dir = |at: &Path| Error::UnsafeEntry {
+            path: raw.to_path_buf(),
+            reason: format!(
+                "{} is a symlink or not a directory; a layer may not write through it",
+                at.display()
+            ),
+        };
+        match confined::open_dir(self.root.as_fd(), rel) {
+            Ok(fd) => return Ok(fd),
+            Err(Errno::ENOENT) => {}
+            Err(e) if confined::is_not_a_dir(e) => return Err(not_a_dir(rel)),
+            Err(e) => return Err(sys_err(|| format!("open {}", rel.display()))(e)),
+        }
+        // Some directory is missing: walk down, making the missing ones.
+        let mut cur: Option<OwnedFd> = None;
+        let mut so_far = PathBuf::new();
+        for c in rel.components() {
+            so_far.push(c);
+            let at = cur.as_ref().map_or(self.root.as_fd(), |f| f.as_fd());
+            let name = Path::new(c.as_os_str());
+            let next = match confined::open_dir(at, name) {
+                Ok(fd) => fd,
+                Err(Errno::ENOENT) => {
+                    match mkdirat(at, name, confined::mode(0o755)) {
+                        Ok(()) | Err(Errno::EEXIST) => {}
+                        Err(e) => return Err(sys_err(|| format!("mkdir {}", so_far.display()))(e)),
                     }
+                    confined::open_dir(at, name).map_err(|e| {
+                        if confined::is_not_a_dir(e) {
+                            not_a_dir(&so_far)
+                        } else {
+                            sys_err(|| format!("open {}", so_far.display()))(e)
+                        }
+                    })?
                 }
-            }
-        }
-    }
-    let full = dir.join(&name);
-
-    match kind {
-        EntryType::Directory => {
-            clear(&full, true)?;
-            if fs::symlink_metadata(&full).is_err() {
-                fs::DirBuilder::new()
-                    .mode(0o700)
-                    .create(&full)
-                    .ctx(|| format!("mkdir {}", full.display()))?;
-            }
-            lchown(&full, uid, gid)?;
-            dirs.push((full.clone(), mode, mtime));
-        }
-        // The tar crate expands GNU sparse entries when read.
-        EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
-            clear(&full, false)?;
-            // create_new + O_NOFOLLOW: never write through a planted symlink.
-            let mut f = fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .custom_flags(libc::O_NOFOLLOW)
-                .open(&full)
-                .ctx(|| format!("create {}", full.display()))?;
-            io::copy(e, &mut f).ctx(|| format!("write {}", full.display()))?;
-            drop(f);
-            lchown(&full, uid, gid)?;
-            // chmod after chown: chown clears setuid bits.
-            fs::set_permissions(&full, fs::Permissions::from_mode(mode))
-                .ctx(|| format!("chmod {}", full.display()))?;
-        }
-        EntryType::Symlink => {
-            let target = e
-                .link_name()
-                .ctx(|| format!("link of {}", raw.display()))?
-                .ok_or_else(|| unsafe_entry("symlink without target"))?
-                .into_owned();
-            clear(&full, false)?;
-            // The target is resolved inside the container's root, not here.
-            std::os::unix::fs::symlink(&target, &full)
-                .ctx(|| format!("symlink {}", full.display()))?;
-            lchown(&full, uid, gid)?;
-        }
-        EntryType::Link => {
-            let target = e
-                .link_name()
-                .ctx(|| format!("link of {}", raw.display()))?
-                .ok_or_else(|| unsafe_entry("hard link without target"))?;
-            let target = sanitize(&target)?.ok_or_else(|| unsafe_entry("hard link to root"))?;
-            // The source must be inside the layer, reached without symlinks.
-            let tdir = target.parent().filter(|p| !p.as_os_str().is_empty());
-            if let Some(td) = tdir {
-                let mut cur = root.to_path_buf();
-                for c in td.components() {
-                    cur.push(c);
-                    let m = fs::symlink_metadata(&cur)
-                        .ctx(|| format!("hard link source {}", cur.display()))?;
-                    if !m.is_dir() {
-                        return Err(unsafe_entry("hard link through a non-directory"));
-                    }
-                }
-            }
-            let src = root.join(&target);
-            if src == full {
-                return Ok(());
-            }
-            clear(&full, false)?;
-            fs::hard_link(&src, &full).ctx(|| format!("link {}", full.display()))?;
-            return Ok(()); // shares the source's inode and metadata
-        }
-        EntryType::Char | EntryType::Block | EntryType::Fifo => {
-            let major = h.device_major().ok().flatten().unwrap_or(0);
-            let minor = h.device_minor().ok().flatten().unwrap_or(0);
-            let t = match kind {
-                EntryType::Char => libc::S_IFCHR,
-                EntryType::Block => libc::S_IFBLK,
-                _ => libc::S_IFIFO,
+                Err(e) if confined::is_not_a_dir(e) => return Err(not_a_dir(&so_far)),
+                Err(e) => return Err(sys_err(|| format!("open {}", so_far.display()))(e)),
             };
-            clear(&full, false)?;
-            mknod(&full, t, 0, major, minor)?;
-            lchown(&full, uid, gid)?;
-            fs::set_permissions(&full, fs::Permissions::from_mode(mode))
-                .ctx(|| format!("chmod {}", full.display()))?;
+            cur = Some(next);
         }
-        other => {
-            tracing::debug!(path = %raw.display(), kind = ?other, "skipping tar entry");
+        match cur {
+            Some(fd) => Ok(fd),
+            None => self
+                .root
+                .try_clone()
+                .ctx(|| format!("dup fd of {}", self.path.display())),
+        }
+    }
+
+    fn unpack_entry<R: Read>(&mut self, e: &mut tar::Entry<'_, R>) -> Result<()> {
+        let raw = e.path().ctx(|| "tar entry path".to_string())?.into_owned();
+        let kind = e.header().entry_type();
+        if matches!(
+            kind,
+            EntryType::XGlobalHeader
+                | EntryType::XHeader
+                | EntryType::GNULongName
+                | EntryType::GNULongLink
+        ) {
             return Ok(());
         }
+        let Some(rel) = sanitize(&raw)? else {
+            return Ok(()); // the layer root: dest already exists
+        };
+        let name = rel
+            .file_name()
+            .ok_or_else(|| Error::UnsafeEntry {
+                path: raw.clone(),
+                reason: "no file name".into(),
+            })?
+            .to_os_string();
+        let parent_rel = rel.parent().unwrap_or(Path::new("")).to_path_buf();
+        let dir = self.take_parent(&parent_rel, &raw)?;
+        let res = self.unpack_in(e, dir.as_fd(), Path::new(&name), &rel, &raw, kind);
+        self.parent = Some((parent_rel, dir));
+        res
     }
-    for (k, v) in &xattrs {
-        lsetxattr(&full, k, v)?;
+
+    /// Unpacks one entry named `name` inside the directory `dir`.
+    fn unpack_in<R: Read>(
+        &mut self,
+        e: &mut tar::Entry<'_, R>,
+        dir: BorrowedFd<'_>,
+        name: &Path,
+        rel: &Path,
+        raw: &Path,
+        kind: EntryType,
+    ) -> Result<()> {
+        let unsafe_entry = |reason: &str| Error::UnsafeEntry {
+            path: raw.to_path_buf(),
+            reason: reason.to_string(),
+        };
+        let name_bytes = name.as_os_str().as_bytes();
+
+        // OCI whiteouts -> overlayfs: opaque dir xattr, or a 0/0 char device.
+        if name_bytes == b".wh..wh..opq" {
+            return confined::fsetxattr(dir, "trusted.overlay.opaque", b"y").ctx(|| {
+                format!(
+                    "mark {} opaque",
+                    rel.parent().unwrap_or(Path::new("/")).display()
+                )
+            });
+        }
+        if let Some(hidden) = name_bytes.strip_prefix(b".wh.") {
+            if hidden.starts_with(b".wh.") {
+                return Ok(()); // other AUFS metadata; no meaning for overlayfs
+            }
+            if hidden.is_empty() || hidden == b"." || hidden == b".." {
+                return Err(unsafe_entry("bad whiteout name"));
+            }
+            let hidden = Path::new(OsStr::from_bytes(hidden));
+            clear(dir, hidden, false, raw)?;
+            return mknodat(dir, hidden, SFlag::S_IFCHR, Mode::empty(), 0)
+                .map_err(sys_err(|| format!("whiteout {}", raw.display())));
+        }
+
+        let h = e.header().clone();
+        let mode = h.mode().ctx(|| format!("mode of {}", raw.display()))? & 0o7777;
+        // Empty numeric fields read as 0, as Go's archive/tar does.
+        let uid =
+            u32::try_from(h.uid().unwrap_or(0)).map_err(|_| unsafe_entry("uid out of range"))?;
+        let gid =
+            u32::try_from(h.gid().unwrap_or(0)).map_err(|_| unsafe_entry("gid out of range"))?;
+        let owner = (Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)));
+        let mtime = h.mtime().unwrap_or(0);
+        let mut xattrs = Vec::new();
+        if let Ok(Some(exts)) = e.pax_extensions() {
+            for ext in exts.flatten() {
+                if let Ok(key) = ext.key() {
+                    if let Some(x) = key.strip_prefix("SCHILY.xattr.") {
+                        if keep_xattr(x) {
+                            xattrs.push((x.to_string(), ext.value_bytes().to_vec()));
+                        }
+                    }
+                }
+            }
+        }
+        let chown_at = || {
+            fchownat(dir, name, owner.0, owner.1, AtFlags::AT_SYMLINK_NOFOLLOW)
+                .map_err(sys_err(|| format!("chown {}", raw.display())))
+        };
+        let times_at = || {
+            let t = timespec(mtime);
+            utimensat(dir, name, &t, &t, UtimensatFlags::NoFollowSymlink)
+                .map_err(sys_err(|| format!("utimensat {}", raw.display())))
+        };
+        let set_xattrs = |fd: BorrowedFd<'_>| -> Result<()> {
+            for (k, v) in &xattrs {
+                confined::fsetxattr(fd, k, v)
+                    .ctx(|| format!("setxattr {k} on {}", raw.display()))?;
+            }
+            Ok(())
+        };
+
+        match kind {
+            EntryType::Directory => {
+                clear(dir, name, true, raw)?;
+                match mkdirat(dir, name, confined::mode(0o700)) {
+                    Ok(()) | Err(Errno::EEXIST) => {}
+                    Err(e) => return Err(sys_err(|| format!("mkdir {}", raw.display()))(e)),
+                }
+                chown_at()?;
+                if !xattrs.is_empty() {
+                    let fd = confined::open_dir(dir, name)
+                        .map_err(sys_err(|| format!("open {}", raw.display())))?;
+                    set_xattrs(fd.as_fd())?;
+                }
+                self.dirs.push((rel.to_path_buf(), mode, mtime));
+            }
+            // The tar crate expands GNU sparse entries when read.
+            EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
+                clear(dir, name, false, raw)?;
+                // O_EXCL never follows a symlink, O_NOFOLLOW says so twice.
+                let fd = openat(
+                    dir,
+                    name,
+                    OFlag::O_WRONLY
+                        | OFlag::O_CREAT
+                        | OFlag::O_EXCL
+                        | OFlag::O_NOFOLLOW
+                        | OFlag::O_CLOEXEC,
+                    confined::mode(0o600),
+                )
+                .map_err(sys_err(|| format!("create {}", raw.display())))?;
+                let mut f = File::from(fd);
+                io::copy(e, &mut f).ctx(|| format!("write {}", raw.display()))?;
+                // All on the open file: chown, then chmod (chown clears
+                // setuid bits), then xattrs (chown clears file
+                // capabilities), then times.
+                fchown(&f, owner.0, owner.1)
+                    .map_err(sys_err(|| format!("chown {}", raw.display())))?;
+                fchmod(&f, confined::mode(mode))
+                    .map_err(sys_err(|| format!("chmod {}", raw.display())))?;
+                set_xattrs(f.as_fd())?;
+                let t = timespec(mtime);
+                futimens(&f, &t, &t).map_err(sys_err(|| format!("utimens {}", raw.display())))?;
+            }
+            EntryType::Symlink => {
+                let target = e
+                    .link_name()
+                    .ctx(|| format!("link of {}", raw.display()))?
+                    .ok_or_else(|| unsafe_entry("symlink without target"))?
+                    .into_owned();
+                clear(dir, name, false, raw)?;
+                // The target is resolved inside the container's root, never here.
+                symlinkat(&target, dir, name)
+                    .map_err(sys_err(|| format!("symlink {}", raw.display())))?;
+                chown_at()?;
+                times_at()?;
+            }
+            EntryType::Link => {
+                let target = e
+                    .link_name()
+                    .ctx(|| format!("link of {}", raw.display()))?
+                    .ok_or_else(|| unsafe_entry("hard link without target"))?;
+                let target = sanitize(&target)?.ok_or_else(|| unsafe_entry("hard link to root"))?;
+                if target == rel {
+                    return Ok(());
+                }
+                let tname = target
+                    .file_name()
+                    .ok_or_else(|| unsafe_entry("hard link target has no name"))?;
+                // The source must be inside the layer, reached without symlinks.
+                let tdir_rel = target.parent().unwrap_or(Path::new(""));
+                let tdir = if tdir_rel.as_os_str().is_empty() {
+                    None
+                } else {
+                    Some(
+                        confined::open_dir(self.root.as_fd(), tdir_rel).map_err(|e| {
+                            if confined::is_not_a_dir(e) {
+                                unsafe_entry("hard link target through a symlink or non-directory")
+                            } else {
+                                sys_err(|| format!("hard link target {}", target.display()))(e)
+                            }
+                        })?,
+                    )
+                };
+                let tdir = tdir.as_ref().map_or(self.root.as_fd(), |f| f.as_fd());
+                clear(dir, name, false, raw)?;
+                // Flags 0: a symlink source is linked itself, not followed.
+                linkat(tdir, tname, dir, name, AtFlags::empty()).map_err(sys_err(|| {
+                    format!("link {} to {}", raw.display(), target.display())
+                }))?;
+                // Shares the source's inode and metadata.
+            }
+            EntryType::Char | EntryType::Block | EntryType::Fifo => {
+                let major = h.device_major().ok().flatten().unwrap_or(0);
+                let minor = h.device_minor().ok().flatten().unwrap_or(0);
+                let t = match kind {
+                    // A 0/0 char device is an overlayfs whiteout: harmless.
+                    EntryType::Char if major == 0 && minor == 0 => SFlag::S_IFCHR,
+                    EntryType::Fifo => SFlag::S_IFIFO,
+                    _ => {
+                        // A device node in a layer would open a host device to
+                        // anyone who can reach the layer directory; containers
+                        // get their /dev from the runtime.
+                        tracing::warn!(
+                            path = %raw.display(), kind = ?kind, major, minor,
+                            "skipping device node in image layer"
+                        );
+                        return Ok(());
+                    }
+                };
+                clear(dir, name, false, raw)?;
+                mknodat(dir, name, t, Mode::empty(), 0)
+                    .map_err(sys_err(|| format!("mknod {}", raw.display())))?;
+                chown_at()?;
+                fchmodat(
+                    dir,
+                    name,
+                    confined::mode(mode),
+                    FchmodatFlags::NoFollowSymlink,
+                )
+                .map_err(sys_err(|| format!("chmod {}", raw.display())))?;
+                times_at()?;
+            }
+            other => {
+                tracing::debug!(path = %raw.display(), kind = ?other, "skipping tar entry");
+            }
+        }
+        Ok(())
     }
-    if kind != EntryType::Directory {
-        set_mtime(&full, mtime)?;
+
+    /// Applies the recorded directory modes and times, last listed first
+    /// (children are listed after their parents). Each directory is re-opened beneath the root without following
+    /// symlinks: one replaced since by a symlink or a file is skipped. When a
+    /// directory is listed twice, the later entry wins.
+    fn finish_dirs(&mut self) -> Result<()> {
+        let mut done = std::collections::HashSet::new();
+        for (rel, mode, mtime) in std::mem::take(&mut self.dirs).into_iter().rev() {
+            if !done.insert(rel.clone()) {
+                continue;
+            }
+            let fd = match confined::open_dir(self.root.as_fd(), &rel) {
+                Ok(fd) => fd,
+                Err(e) if e == Errno::ENOENT || confined::is_not_a_dir(e) => continue,
+                Err(e) => return Err(sys_err(|| format!("open {}", rel.display()))(e)),
+            };
+            fchmod(&fd, confined::mode(mode))
+                .map_err(sys_err(|| format!("chmod {}", rel.display())))?;
+            let t = timespec(mtime);
+            futimens(&fd, &t, &t).map_err(sys_err(|| format!("utimens {}", rel.display())))?;
+        }
+        Ok(())
     }
-    Ok(())
+}
+
+fn timespec(mtime: u64) -> TimeSpec {
+    TimeSpec::new(i64::try_from(mtime).unwrap_or(i64::MAX), 0)
+}
+
+/// Removes whatever is at `name` in `dir` so an entry can take its place;
+/// keeps an existing directory when the new entry is a directory too.
+/// Nothing is followed: a symlink is removed, not its target.
+fn clear(dir: BorrowedFd<'_>, name: &Path, keep_dir: bool, raw: &Path) -> Result<()> {
+    let st =
+        confined::lstat_at(dir, name).map_err(sys_err(|| format!("stat {}", raw.display())))?;
+    match st {
+        Some(st) if confined::is_dir(&st) && keep_dir => Ok(()),
+        Some(_) => confined::remove_tree(dir, name)
+            .map_err(sys_err(|| format!("replace {}", raw.display()))),
+        None => Ok(()),
+    }
 }
 
 #[cfg(test)]
@@ -406,8 +540,8 @@ mod tests {
     }
 
     fn xattr(p: &Path, name: &str) -> Option<Vec<u8>> {
-        let c = cpath(p).ok()?;
-        let n = CString::new(name).ok()?;
+        let c = std::ffi::CString::new(p.as_os_str().as_bytes()).ok()?;
+        let n = std::ffi::CString::new(name).ok()?;
         let mut buf = [0u8; 64];
         // SAFETY: valid strings and buffer.
         let r =
