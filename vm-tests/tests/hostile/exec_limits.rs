@@ -1,1 +1,189 @@
 //! Hostile tests: exec_limits (see docs/security.md).
+//!
+//! A process started with `sandbox exec` must be exactly as confined as the sandbox's init
+//! (issue 10, finding 2), and every sandbox is bounded by default: memory, pids, CPU, its
+//! writable layer and its tmpfs mounts (finding 6).
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::Path;
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use miren_vm_tests::{busybox_rootfs_tar, TestAgent};
+use serde_json::Value;
+
+const IMAGE: &str = "local/busybox:test";
+
+fn agent_with_busybox() -> TestAgent {
+    let agent = TestAgent::start();
+    let tar = agent.root.join("busybox.tar");
+    busybox_rootfs_tar(&tar);
+    agent.ok(&["image", "import", IMAGE, tar.to_str().unwrap()]);
+    agent
+}
+
+/// Starts a sandbox running `cmd` and waits until it runs; returns its status.
+fn run_until_running(agent: &TestAgent, extra: &[&str], cmd: &str) -> Value {
+    let mut args = vec!["sandbox", "run", "--image", IMAGE];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&["--", "sh", "-c", cmd]);
+    let id = agent.ok(&args).trim().to_string();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = agent.json(&["sandbox", "status", &id, "--json"]);
+        if s["state"] == "running" && s["pid"].is_u64() {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "{id} never ran: {s}");
+        sleep(Duration::from_millis(50));
+    }
+}
+
+/// `sandbox exec NAME -- sh -c SCRIPT`: (exit code, stdout).
+fn exec(agent: &TestAgent, name: &str, script: &str) -> (i32, String) {
+    let out = agent.cli(&["sandbox", "exec", name, "--", "sh", "-c", script]);
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// `Key:\tvalue` lines of a /proc/<pid>/status.
+fn status_fields(text: &str) -> BTreeMap<String, String> {
+    text.lines()
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect()
+}
+
+/// The part of `text` between `==NAME==` and the next `==` marker line.
+fn section<'a>(text: &'a str, name: &str) -> &'a str {
+    let marker = format!("=={name}==\n");
+    let start = text
+        .find(&marker)
+        .map(|i| i + marker.len())
+        .unwrap_or_else(|| panic!("no section {name} in {text}"));
+    let rest = &text[start..];
+    let end = rest.find("\n==").map_or(rest.len(), |i| i + 1);
+    &rest[..end]
+}
+
+#[test]
+fn exec_gets_exactly_the_confinement_of_the_init() {
+    let agent = agent_with_busybox();
+    let s = run_until_running(&agent, &["--name", "confined"], "sleep 1000");
+    let init = s["pid"].as_u64().unwrap();
+    let host_status = fs::read_to_string(format!("/proc/{init}/status")).unwrap();
+    let host_limits = fs::read_to_string(format!("/proc/{init}/limits")).unwrap();
+
+    let (code, out) = exec(
+        &agent,
+        "confined",
+        "echo ==status==; cat /proc/self/status; \
+         echo ==limits==; cat /proc/self/limits; \
+         echo ==cgroup==; cat /proc/self/cgroup; \
+         echo ==initcgroup==; cat /proc/1/cgroup; \
+         echo ==ns==; for n in /proc/self/ns/*; do echo ${n##*/} $(readlink $n); done; \
+         echo ==end==",
+    );
+    assert_eq!(code, 0, "{out}");
+
+    // Seccomp, no_new_privs, all five capability sets, user and groups.
+    let inside = status_fields(section(&out, "status"));
+    let outside = status_fields(&host_status);
+    assert_eq!(outside["Seccomp"], "2", "the init itself has the filter");
+    for key in [
+        "Seccomp",
+        "Seccomp_filters",
+        "NoNewPrivs",
+        "CapInh",
+        "CapPrm",
+        "CapEff",
+        "CapBnd",
+        "CapAmb",
+        "Uid",
+        "Gid",
+        "Groups",
+    ] {
+        assert_eq!(
+            inside.get(key),
+            outside.get(key),
+            "exec's {key} differs from the init's"
+        );
+    }
+    assert_eq!(section(&out, "limits"), host_limits, "rlimits differ");
+
+    // The same cgroup in every hierarchy (both seen through the sandbox's cgroup namespace).
+    assert_eq!(section(&out, "cgroup"), section(&out, "initcgroup"));
+
+    // Every namespace of the init (inode numbers are the same from anywhere).
+    let mut compared = 0;
+    for line in section(&out, "ns").lines() {
+        let (name, link) = line.split_once(' ').unwrap();
+        let host = fs::read_link(format!("/proc/{init}/ns/{name}")).unwrap();
+        assert_eq!(link, host.to_string_lossy(), "namespace {name}");
+        compared += 1;
+    }
+    assert!(compared >= 7, "too few namespaces compared: {out}");
+
+    // The attack: a user namespace with all capabilities, and mounts in it.
+    let (_, out) = exec(
+        &agent,
+        "confined",
+        "unshare -Urm sh -c 'mount -t tmpfs none /mnt && echo MOUNTED' 2>&1; echo rc=$?; \
+         unshare -m true 2>&1; echo rc2=$?; \
+         mount -t tmpfs none /mnt 2>&1; echo rc3=$?",
+    );
+    assert!(
+        !out.contains("MOUNTED"),
+        "exec made a user namespace and mounted in it: {out}"
+    );
+    for rc in ["rc=0", "rc2=0", "rc3=0"] {
+        assert!(!out.lines().any(|l| l == rc), "{rc}: {out}");
+    }
+
+    // Two execs side by side each get their own confinement (no shared helper state).
+    let a = agent.spawn_cli(&[
+        "sandbox",
+        "exec",
+        "confined",
+        "--",
+        "sh",
+        "-c",
+        "grep Seccomp: /proc/self/status",
+    ]);
+    let b = agent.spawn_cli(&[
+        "sandbox",
+        "exec",
+        "confined",
+        "--",
+        "sh",
+        "-c",
+        "grep Seccomp: /proc/self/status",
+    ]);
+    for child in [a, b] {
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+    }
+    agent.ok(&["sandbox", "delete", "confined"]);
+}
+
+/// The v1 cgroup file `name` of a sandbox (under the first of `controllers` that exists).
+fn cgroup_file(agent: &TestAgent, id: &str, controllers: &[&str], name: &str) -> String {
+    for c in controllers {
+        let p = Path::new("/sys/fs/cgroup")
+            .join(c)
+            .join(&agent.prefix)
+            .join(id)
+            .join(name);
+        if let Ok(text) = fs::read_to_string(&p) {
+            return text.trim().to_string();
+        }
+    }
+    panic!("no {name} for {id} under {controllers:?}");
+}
