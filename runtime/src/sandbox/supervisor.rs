@@ -21,12 +21,13 @@ use nix::unistd::{fork, ForkResult, Pid};
 use serde::Deserialize;
 
 use super::control::{is_mounted, unmount};
+use super::layer;
 use super::logs::RotatingLog;
 use super::status::{now_ms, proc_start_time, read_status, write_replace, write_status};
 use super::{cgroup, oci, read_spec, RestartPolicy, SandboxError, SandboxSpec, State, Status};
 use super::{
     BUNDLE_DIR, HOSTS_FILE, PID_FILE, RESOLV_FILE, ROOTFS_DIR, STDERR_LOG, STDOUT_LOG, STOP_FILE,
-    SUPERVISOR_LOG, UPPER_DIR, WORK_DIR, YOUKI_DIR,
+    SUPERVISOR_LOG, YOUKI_DIR,
 };
 
 /// Gate steps (see [`super::Launch`]): the network namespace exists, so the container may
@@ -265,13 +266,22 @@ impl Supervisor {
     fn prepare(&mut self) -> Result<(), SandboxError> {
         let d = &self.dir;
         let rootfs = d.join(ROOTFS_DIR);
-        for sub in [ROOTFS_DIR, UPPER_DIR, WORK_DIR, BUNDLE_DIR, YOUKI_DIR] {
+        for sub in [ROOTFS_DIR, BUNDLE_DIR, YOUKI_DIR] {
             fs::create_dir_all(d.join(sub))
                 .map_err(|e| SandboxError::io(format!("mkdir {sub}"), e))?;
         }
         // A crashed predecessor may have left its overlay mounted.
         if is_mounted(&rootfs) {
             unmount(&rootfs)?;
+        }
+        let bounded = self.spec.resources.writable_bytes;
+        if let Some(size) = bounded {
+            layer::mount(d, size)?;
+        }
+        let (upper, work) = layer::upper_and_work(d, bounded.is_some());
+        for sub in [&upper, &work] {
+            fs::create_dir_all(sub)
+                .map_err(|e| SandboxError::io(format!("mkdir {}", sub.display()), e))?;
         }
         let lower: Vec<String> = self
             .spec
@@ -282,8 +292,8 @@ impl Supervisor {
         let opts = format!(
             "lowerdir={},upperdir={},workdir={}",
             lower.join(":"),
-            d.join(UPPER_DIR).display(),
-            d.join(WORK_DIR).display()
+            upper.display(),
+            work.display()
         );
         nix::mount::mount(
             Some("overlay"),
@@ -601,6 +611,9 @@ impl Supervisor {
             if let Err(e) = unmount(&rootfs) {
                 eprintln!("{e}");
             }
+        }
+        if let Err(e) = layer::unmount_layer(&self.dir) {
+            eprintln!("{e}");
         }
         let _ = fs::remove_file(self.dir.join(PID_FILE));
         if matches!(

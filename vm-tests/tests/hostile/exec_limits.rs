@@ -187,3 +187,176 @@ fn cgroup_file(agent: &TestAgent, id: &str, controllers: &[&str], name: &str) ->
     }
     panic!("no {name} for {id} under {controllers:?}");
 }
+
+/// Bytes of the filesystem mounted at `path` (its size, not what is used).
+fn fs_size(path: &Path) -> u64 {
+    let out = std::process::Command::new("stat")
+        .args(["-f", "-c", "%b %S"])
+        .arg(path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut it = text.split_whitespace().map(|n| n.parse::<u64>().unwrap());
+    it.next().unwrap() * it.next().unwrap()
+}
+
+/// Bytes the host filesystem holds for `dir`, not crossing into mounts below it.
+fn host_bytes_used(dir: &Path) -> u64 {
+    let out = std::process::Command::new("du")
+        .args(["-sx", "--block-size=1"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// (memory limit, pids.max, CFS quota) of a sandbox, read from its cgroups on the host.
+fn cgroup_limits(agent: &TestAgent, id: &str) -> (String, String, String) {
+    (
+        cgroup_file(agent, id, &["memory"], "memory.limit_in_bytes"),
+        cgroup_file(agent, id, &["pids"], "pids.max"),
+        cgroup_file(agent, id, &["cpu,cpuacct", "cpu"], "cpu.cfs_quota_us"),
+    )
+}
+
+const MIB: u64 = 1 << 20;
+
+#[test]
+fn every_sandbox_is_bounded_by_default_and_overrides_replace_the_bounds() {
+    let agent = agent_with_busybox();
+    let sandboxes = agent.data_dir.join("sandboxes");
+
+    // A plain run: 512M of memory, 1024 tasks, one CPU, a 1G writable layer.
+    let plain = run_until_running(&agent, &["--name", "plain"], "sleep 1000");
+    let plain_id = plain["id"].as_str().unwrap();
+    assert_eq!(
+        cgroup_limits(&agent, plain_id),
+        ((512 * MIB).to_string(), "1024".into(), "100000".into())
+    );
+    let layer = fs_size(&sandboxes.join(plain_id).join("layer"));
+    assert!(
+        layer > 900 * MIB && layer <= 1024 * MIB,
+        "default writable layer is {layer} bytes"
+    );
+
+    // Overrides, and the attacks: fill the root filesystem and two tmpfs mounts.
+    let tuned = run_until_running(
+        &agent,
+        &[
+            "--name",
+            "tuned",
+            "--memory",
+            "256M",
+            "--pids",
+            "64",
+            "--cpus",
+            "0.5",
+            "--writable-size",
+            "32M",
+            "--tmpfs",
+            "/t",
+            "--tmpfs",
+            "/big:8M",
+        ],
+        "sleep 1000",
+    );
+    let tuned_id = tuned["id"].as_str().unwrap();
+    assert_eq!(
+        cgroup_limits(&agent, tuned_id),
+        ((256 * MIB).to_string(), "64".into(), "50000".into())
+    );
+    let state_dir = sandboxes.join(tuned_id);
+    let before = host_bytes_used(&state_dir);
+    let (_, out) = exec(
+        &agent,
+        "tuned",
+        "dd if=/dev/zero of=/fill bs=1M count=100 2>&1; echo rc=$?; \
+         dd if=/dev/zero of=/t/fill bs=1M count=200 2>&1; echo rc=$?; \
+         dd if=/dev/zero of=/big/fill bs=1M count=20 2>&1; echo rc=$?; \
+         grep -E ' /(t|big) ' /proc/mounts",
+    );
+    assert_eq!(out.matches("No space left on device").count(), 3, "{out}");
+    assert!(!out.contains("rc=0"), "{out}");
+    assert!(
+        out.contains(" /t tmpfs ") && out.contains("size=65536k"),
+        "{out}"
+    );
+    assert!(
+        out.contains(" /big tmpfs ") && out.contains("size=8192k"),
+        "{out}"
+    );
+    let grown = host_bytes_used(&state_dir).saturating_sub(before);
+    assert!(
+        grown <= 32 * MIB,
+        "the host filesystem grew by {grown} bytes for a 32M layer"
+    );
+    let (_, out) = exec(&agent, "tuned", "ls -l /fill");
+    assert!(!out.contains(" 104857600 "), "the whole 100M landed: {out}");
+
+    // Bad sizes are refused before anything is made.
+    for (flag, value) in [
+        ("--writable-size", "1K"),
+        ("--writable-size", "lots"),
+        ("--tmpfs", "/x:big"),
+    ] {
+        let err = agent.fails(&[
+            "sandbox", "run", "--image", IMAGE, flag, value, "--", "true",
+        ]);
+        assert!(
+            err.contains("writable_size") || err.contains("tmpfs"),
+            "{err}"
+        );
+    }
+
+    // An app's services: defaults, and app.toml's own limits.
+    let dir = agent.root.join("limited-app");
+    fs::create_dir_all(dir.join(".miren")).unwrap();
+    fs::write(
+        dir.join(".miren/app.toml"),
+        format!(
+            "name = \"limited\"\n\n[services.web]\nimage = \"{IMAGE}\"\ncommand = \"sleep 1000\"\n\n\
+             [services.big]\nimage = \"{IMAGE}\"\ncommand = \"sleep 1000\"\n\
+             memory = \"1G\"\ncpus = 2\npids = 4096\ndisk = \"64M\"\n"
+        ),
+    )
+    .unwrap();
+    agent.ok(&["deploy", "-C", dir.to_str().unwrap()]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let services = loop {
+        let list = agent.json(&["sandbox", "list", "--json"]);
+        let of_app: Vec<Value> = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s["app"] == "limited" && s["state"] == "running")
+            .cloned()
+            .collect();
+        if of_app.len() == 2 {
+            break of_app;
+        }
+        assert!(Instant::now() < deadline, "services never ran: {list}");
+        sleep(Duration::from_millis(100));
+    };
+    for s in &services {
+        let id = s["id"].as_str().unwrap();
+        let layer = fs_size(&sandboxes.join(id).join("layer"));
+        if s["name"].as_str().unwrap().contains("big") {
+            assert_eq!(
+                cgroup_limits(&agent, id),
+                ((1024 * MIB).to_string(), "4096".into(), "200000".into())
+            );
+            assert!(layer > 48 * MIB && layer <= 64 * MIB, "layer {layer}");
+        } else {
+            assert_eq!(
+                cgroup_limits(&agent, id),
+                ((512 * MIB).to_string(), "1024".into(), "100000".into())
+            );
+            assert!(layer > 900 * MIB && layer <= 1024 * MIB, "layer {layer}");
+        }
+    }
+}
