@@ -360,3 +360,52 @@ fn every_sandbox_is_bounded_by_default_and_overrides_replace_the_bounds() {
         }
     }
 }
+
+#[test]
+fn the_bounded_writable_layer_survives_a_host_restart() {
+    let mut agent = agent_with_busybox();
+    let s = run_until_running(
+        &agent,
+        &[
+            "--name",
+            "keeper",
+            "--restart",
+            "always",
+            "--writable-size",
+            "64M",
+        ],
+        "sleep 1000",
+    );
+    let first_pid = s["pid"].as_u64().unwrap();
+    let (code, out) = exec(&agent, "keeper", "echo kept > /kept && sync");
+    assert_eq!(code, 0, "{out}");
+
+    // Every mount and loop device gone, the image file stays on disk.
+    agent.lose_everything_a_host_restart_loses();
+    agent.spawn();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = agent.json(&["sandbox", "status", "keeper", "--json"]);
+        if s["state"] == "running" && s["pid"].as_u64().is_some_and(|p| p != first_pid) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never relaunched: {s}");
+        sleep(Duration::from_millis(100));
+    }
+    let (code, out) = exec(
+        &agent,
+        "keeper",
+        "cat /kept; dd if=/dev/zero of=/fill bs=1M count=100 2>&1",
+    );
+    assert_eq!(code, 1, "{out}");
+    assert!(out.starts_with("kept\n"), "{out}");
+    assert!(
+        out.contains("No space left on device"),
+        "the bound is gone after the restart: {out}"
+    );
+    agent.ok(&["sandbox", "delete", "keeper"]);
+    let loops = miren_disks::loops_under(&agent.data_dir).unwrap();
+    assert!(loops.is_empty(), "loop devices left: {loops:?}");
+    let mounts = miren_disks::mounts_under(&agent.data_dir.join("sandboxes")).unwrap();
+    assert!(mounts.is_empty(), "mounts left: {mounts:?}");
+}
