@@ -30,7 +30,7 @@ pub const DEFAULT_MEMORY_BYTES: u64 = 512 << 20;
 pub const DEFAULT_PIDS: i64 = 1024;
 pub const DEFAULT_CPUS: f64 = 1.0;
 /// The writable layer (container writes to its own root filesystem).
-pub const DEFAULT_WRITABLE_BYTES: u64 = 1 << 30;
+pub use sandbox::DEFAULT_WRITABLE_BYTES;
 /// A `--tmpfs` mount without a size.
 pub const DEFAULT_TMPFS_BYTES: u64 = 64 << 20;
 
@@ -190,7 +190,11 @@ fn parse_size(field: &str, s: &str) -> Result<u64, ApiError> {
         "m" => 20,
         "g" => 30,
         "t" => 40,
-        _ => return Err(ApiError::invalid(format!("{field} `{s}`: write a size like 64M or 2G"))),
+        _ => {
+            return Err(ApiError::invalid(format!(
+                "{field} `{s}`: write a size like 64M or 2G"
+            )))
+        }
     };
     num.parse::<u64>()
         .ok()
@@ -834,6 +838,10 @@ impl SandboxService {
         // State dirs no row owns (a crash between creating the dir and the row, or after
         // removing the row): their supervisors and containers go too.
         let known: HashSet<String> = self.store.sandboxes()?.into_iter().map(|r| r.id).collect();
+        let spare_layers = self.cfg.data_dir.join(sandbox::SPARE_LAYERS_DIR);
+        let _ =
+            tokio::task::spawn_blocking(move || sandbox::remove_stale_spare_layers(&spare_layers))
+                .await;
         let root = self.cfg.data_dir.join("sandboxes");
         if let Ok(entries) = std::fs::read_dir(&root) {
             for entry in entries.flatten() {

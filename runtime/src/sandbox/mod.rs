@@ -22,11 +22,11 @@ pub use control::{
     Launch, Spare,
 };
 pub use exec::{exec, ExecOutput};
-pub use layer::{LAYER_DIR, LAYER_IMAGE};
+pub use layer::{remove_stale_spare_layers, LAYER_DIR, LAYER_IMAGE, SPARE_LAYERS_DIR};
 pub use oci::{DEFAULT_CAPS, DENIED_SYSCALLS};
 pub use spec::{
     merge_env, Backoff, LogConfig, Mount, Resources, RestartPolicy, SandboxSpec, User,
-    MAX_WRITABLE_BYTES, MIN_WRITABLE_BYTES,
+    DEFAULT_WRITABLE_BYTES, MAX_WRITABLE_BYTES, MIN_WRITABLE_BYTES,
 };
 pub use status::{State, Status};
 pub use supervisor::{supervise, supervise_spare};
