@@ -392,6 +392,14 @@ fn the_bounded_writable_layer_survives_a_host_restart() {
         assert!(Instant::now() < deadline, "never relaunched: {s}");
         sleep(Duration::from_millis(100));
     }
+    // The killed spare's ready layer (image and directory) went at the agent's start.
+    for entry in fs::read_dir(agent.data_dir.join("spare-layers")).unwrap() {
+        let pid = entry.unwrap().file_name().to_string_lossy().into_owned();
+        assert!(
+            Path::new("/proc").join(&pid).exists(),
+            "a dead spare's layer is left: {pid}"
+        );
+    }
     let (code, out) = exec(
         &agent,
         "keeper",
@@ -404,7 +412,8 @@ fn the_bounded_writable_layer_survives_a_host_restart() {
         "the bound is gone after the restart: {out}"
     );
     agent.ok(&["sandbox", "delete", "keeper"]);
-    let loops = miren_disks::loops_under(&agent.data_dir).unwrap();
+    // (The waiting spare supervisor's ready layer is under spare-layers/, not here.)
+    let loops = miren_disks::loops_under(&agent.data_dir.join("sandboxes")).unwrap();
     assert!(loops.is_empty(), "loop devices left: {loops:?}");
     let mounts = miren_disks::mounts_under(&agent.data_dir.join("sandboxes")).unwrap();
     assert!(mounts.is_empty(), "mounts left: {mounts:?}");
