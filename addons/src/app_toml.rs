@@ -743,7 +743,7 @@ impl<'t> Ctx<'t> {
                 _ => None,
             };
             match cpus.map(|c| (c * 1000.0).round()) {
-                Some(m) if m >= 1.0 && m <= MAX_MILLICPUS => Some(m as u32),
+                Some(m) if (1.0..=MAX_MILLICPUS).contains(&m) => Some(m as u32),
                 _ => {
                     let found = match v.get_ref() {
                         DeValue::Integer(i) => i.as_str().to_string(),

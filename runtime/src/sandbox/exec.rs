@@ -209,7 +209,7 @@ fn start_tenant(
             as_sibling: false,
             pid_file: None,
         };
-        let pid = container_main_process(&args).map_err(|e| LibcontainerError::MainProcess(e))?;
+        let pid = container_main_process(&args).map_err(LibcontainerError::MainProcess)?;
         drop(args);
         drop((stdin, stdout, stderr));
         NotifySocket::new(notify_path.clone())
