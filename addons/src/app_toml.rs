@@ -28,10 +28,33 @@ pub struct AppConfig {
 pub struct ServiceConfig {
     pub name: String,
     pub image: String,
+    /// `memory`, `cpus`, `pids`, `disk`; unset ones take the agent's defaults.
+    pub limits: ServiceLimits,
     pub command: Option<Command>,
     pub env: Vec<EnvEntry>,
     pub disks: Vec<DiskConfig>,
 }
+
+/// A service's own limits (`None`: the agent's default, see docs/sandbox.md).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServiceLimits {
+    /// `memory = "1G"`, in bytes.
+    pub memory_bytes: Option<u64>,
+    /// `cpus = 2` or `cpus = 0.5`, in thousandths of a CPU.
+    pub millicpus: Option<u32>,
+    /// `pids = 4096`: the most tasks at once.
+    pub pids: Option<u32>,
+    /// `disk = "2G"`: the writable layer (writes to the container's own filesystem), in bytes.
+    pub disk_bytes: Option<u64>,
+}
+
+/// Bounds of the service limits: what a sandbox can start with, and what fits the kernel's
+/// interfaces (ext4's 16 TiB, a sane task count).
+const MIN_MEMORY: u64 = 4 << 20;
+const MIN_DISK: u64 = 16 << 20;
+const MAX_DISK: u64 = 16 << 40;
+const MAX_PIDS: i64 = 4_194_304;
+const MAX_MILLICPUS: f64 = 1_024_000.0;
 
 /// A service's `command`, and the argv it runs as.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -188,8 +211,26 @@ pub fn parse_app_toml(text: &str, path_for_messages: &str) -> Result<AppConfig, 
 
 type Value<'i> = Spanned<DeValue<'i>>;
 
+/// `"512M"`, `"2G"`, `"1024K"`, `"1T"` or plain bytes; None if it is not one or overflows.
+fn parse_size(text: &str) -> Option<u64> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let shift = match unit.to_ascii_lowercase().trim_end_matches('b') {
+        "" => 0,
+        "k" => 10,
+        "m" => 20,
+        "g" => 30,
+        "t" => 40,
+        _ => return None,
+    };
+    num.parse::<u64>().ok()?.checked_mul(1 << shift)
+}
+
 const APP_FIELDS: &[&str] = &["name", "services", "addons"];
-const SERVICE_FIELDS: &[&str] = &["image", "command", "env", "disks"];
+const SERVICE_FIELDS: &[&str] = &[
+    "image", "command", "env", "disks", "memory", "cpus", "pids", "disk",
+];
 const ENV_FIELDS: &[&str] = &["key", "value"];
 const DISK_FIELDS: &[&str] = &[
     "name",
@@ -657,13 +698,108 @@ impl<'t> Ctx<'t> {
             }
         }
 
+        let limits = self.service_limits(t);
+
         Some(ServiceConfig {
             name,
             image: image?,
+            limits,
             command,
             env,
             disks,
         })
+    }
+
+    fn service_limits(&mut self, t: &Tbl<'_, '_>) -> ServiceLimits {
+        let memory_bytes = self.size(t, "memory", MIN_MEMORY, u64::MAX, "512M or 1G");
+        let disk_bytes = self.size(t, "disk", MIN_DISK, MAX_DISK, "1G or 2G");
+        let pids = t.get("pids").and_then(|v| match v.get_ref() {
+            DeValue::Integer(i) => match i64::from_str_radix(i.as_str(), i.radix()) {
+                Ok(n) if (1..=MAX_PIDS).contains(&n) => u32::try_from(n).ok(),
+                _ => {
+                    let msg = format!(
+                        "expected a task count from 1 to {MAX_PIDS}, found {}",
+                        i.as_str()
+                    );
+                    self.err(&v.span(), t.field("pids"), msg);
+                    None
+                }
+            },
+            other => {
+                let msg = format!(
+                    "expected an integer such as 1024, found {}",
+                    type_name(other)
+                );
+                self.err(&v.span(), t.field("pids"), msg);
+                None
+            }
+        });
+        let millicpus = t.get("cpus").and_then(|v| {
+            let cpus = match v.get_ref() {
+                DeValue::Integer(i) => i64::from_str_radix(i.as_str(), i.radix())
+                    .ok()
+                    .map(|n| n as f64),
+                DeValue::Float(f) => f.as_str().parse::<f64>().ok(),
+                _ => None,
+            };
+            match cpus.map(|c| (c * 1000.0).round()) {
+                Some(m) if (1.0..=MAX_MILLICPUS).contains(&m) => Some(m as u32),
+                _ => {
+                    let found = match v.get_ref() {
+                        DeValue::Integer(i) => i.as_str().to_string(),
+                        DeValue::Float(f) => f.as_str().to_string(),
+                        other => type_name(other).to_string(),
+                    };
+                    let msg = format!(
+                        "expected a number of CPUs above 0 such as 2 or 0.5, found {found}"
+                    );
+                    self.err(&v.span(), t.field("cpus"), msg);
+                    None
+                }
+            }
+        });
+        ServiceLimits {
+            memory_bytes,
+            millicpus,
+            pids,
+            disk_bytes,
+        }
+    }
+
+    /// A size string (`"512M"`, `"2G"`; K, M, G, T are powers of 1024) within `min..=max`.
+    fn size(
+        &mut self,
+        t: &Tbl<'_, '_>,
+        key: &str,
+        min: u64,
+        max: u64,
+        example: &str,
+    ) -> Option<u64> {
+        let (text, span) = self.string(t, key)?;
+        match parse_size(&text) {
+            Some(n) if (min..=max).contains(&n) => Some(n),
+            Some(_) => {
+                let msg = format!(
+                    "`{text}` is out of range: give from {}M{}",
+                    min >> 20,
+                    if max == u64::MAX {
+                        String::new()
+                    } else {
+                        format!(" to {}T", max >> 40)
+                    }
+                );
+                self.err(&span, t.field(key), msg);
+                None
+            }
+            None => {
+                let msg = format!(
+                    "`{text}` is not a size; write e.g. \"{}\"",
+                    example.split(' ').next().unwrap_or(example)
+                );
+                self.err(&span, t.field(key), msg);
+                None
+            }
+        }
     }
 
     fn disk(&mut self, t: &Tbl<'_, '_>) -> Option<DiskConfig> {

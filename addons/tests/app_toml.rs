@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use miren_addons::{
     parse_app_toml, AddonConfig, AddonKind, AppConfig, Command, DiskConfig, DiskProvider, EnvEntry,
-    Filesystem, ResolvedVersion, ServiceConfig, Variant,
+    Filesystem, ResolvedVersion, ServiceConfig, ServiceLimits, Variant,
 };
 
 const PATH: &str = ".miren/app.toml";
@@ -72,6 +72,7 @@ fn bun_app(name: &str) -> AppConfig {
         services: vec![ServiceConfig {
             name: "web".into(),
             image: "oven/bun:1".into(),
+            limits: Default::default(),
             command: Some(Command {
                 raw: "bun run index.ts".into(),
                 argv: argv(&["bun", "run", "index.ts"]),
@@ -175,6 +176,7 @@ filesystem = "ext4"
         vec![ServiceConfig {
             name: "db".into(),
             image: "postgres:16".into(),
+            limits: Default::default(),
             command: None,
             env: vec![
                 EnvEntry {
@@ -340,7 +342,7 @@ fn unknown_fields_are_named_with_the_valid_ones() {
         ),
         (
             "name = \"a\"\n[services.web]\nimage = \"x\"\nport = 80\n",
-            ".miren/app.toml line 4: services.web.port: unknown field; valid fields here are: image, command, env, disks",
+            ".miren/app.toml line 4: services.web.port: unknown field; valid fields here are: image, command, env, disks, memory, cpus, pids, disk",
         ),
         (
             "name = \"a\"\n[services.web]\nimage = \"x\"\n[[services.web.env]]\nkey = \"A\"\nvalue = \"b\"\nsecret = true\n",
@@ -733,4 +735,76 @@ fn the_agents_own_names_are_refused_for_apps_and_disks() {
     // A service may be called anything valid: services are found by (app, service).
     let config = parse("name = \"a\"\n[services.addon-pg]\nimage = \"x\"\n");
     assert_eq!(config.services[0].name, "addon-pg");
+}
+
+#[test]
+fn service_limits_parse() {
+    let text = r#"name = "limited"
+[services.web]
+image = "busybox"
+memory = "1G"
+cpus = 2
+pids = 4096
+disk = "2G"
+[services.worker]
+image = "busybox"
+cpus = 0.5
+"#;
+    let services = parse(text).services;
+    assert_eq!(
+        services[0].limits,
+        ServiceLimits {
+            memory_bytes: Some(1 << 30),
+            millicpus: Some(2000),
+            pids: Some(4096),
+            disk_bytes: Some(2 << 30),
+        }
+    );
+    assert_eq!(
+        services[1].limits,
+        ServiceLimits {
+            millicpus: Some(500),
+            ..Default::default()
+        }
+    );
+}
+
+#[test]
+fn bad_service_limits_name_line_and_field() {
+    let text = r#"name = "limited"
+[services.web]
+image = "busybox"
+memory = "lots"
+cpus = 0
+pids = 4611686018427387904
+disk = "1K"
+"#;
+    let err = error(text);
+    let lines: Vec<_> = err.lines().collect();
+    assert_eq!(lines.len(), 4, "{err}");
+    assert!(
+        lines[0].starts_with(".miren/app.toml line 4: services.web.memory: `lots` is not a size"),
+        "{err}"
+    );
+    assert!(
+        lines[1].starts_with(
+            ".miren/app.toml line 5: services.web.cpus: expected a number of CPUs above 0"
+        ),
+        "{err}"
+    );
+    assert!(
+        lines[2].starts_with(
+            ".miren/app.toml line 6: services.web.pids: expected a task count from 1 to"
+        ),
+        "{err}"
+    );
+    assert!(
+        lines[3].starts_with(".miren/app.toml line 7: services.web.disk: `1K` is out of range"),
+        "{err}"
+    );
+    let err = error("name = \"x\"\n[services.web]\nimage = \"busybox\"\npids = \"many\"\n");
+    assert!(
+        err.contains("line 4: services.web.pids: expected an integer such as 1024, found a string"),
+        "{err}"
+    );
 }

@@ -39,6 +39,18 @@ pub struct ServiceSpec {
     pub env: Vec<(String, String)>,
     pub disks: Vec<DiskSpec>,
     pub publish: Vec<PublishPort>,
+    /// app.toml's `memory`, `cpus`, `pids`, `disk`; unset: the sandbox defaults. Absent in
+    /// specs stored before they existed.
+    #[serde(default)]
+    pub limits: ServiceLimitsSpec,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ServiceLimitsSpec {
+    pub memory_bytes: Option<u64>,
+    pub millicpus: Option<u32>,
+    pub pids: Option<u32>,
+    pub disk_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -84,6 +96,12 @@ fn spec_from_config(
             .map(|s| ServiceSpec {
                 name: s.name.clone(),
                 image: s.image.clone(),
+                limits: ServiceLimitsSpec {
+                    memory_bytes: s.limits.memory_bytes,
+                    millicpus: s.limits.millicpus,
+                    pids: s.limits.pids,
+                    disk_bytes: s.limits.disk_bytes,
+                },
                 command: s
                     .command
                     .as_ref()
@@ -442,6 +460,10 @@ impl AppService {
                 restart: Some("always".into()),
                 publish: service.publish.clone(),
                 cmd: service.command.clone(),
+                memory: service.limits.memory_bytes.map(|b| b.to_string()),
+                cpus: service.limits.millicpus.map(|m| f64::from(m) / 1000.0),
+                pids: service.limits.pids.map(i64::from),
+                writable_size: service.limits.disk_bytes.map(|b| b.to_string()),
                 ..Default::default()
             };
             let sandbox = match self

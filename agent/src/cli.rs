@@ -219,13 +219,18 @@ pub enum SandboxCommand {
         /// KEY=VALUE (repeatable).
         #[arg(long)]
         env: Vec<String>,
-        /// Memory limit, e.g. 256M.
+        /// Memory limit, e.g. 256M (default 512M).
         #[arg(long)]
         memory: Option<String>,
+        /// CPUs, e.g. 0.5 (default 1).
         #[arg(long)]
         cpus: Option<f64>,
+        /// Maximum number of tasks (default 1024).
         #[arg(long)]
         pids: Option<i64>,
+        /// Size of the writable layer, the container's own root filesystem writes (default 1G).
+        #[arg(long)]
+        writable_size: Option<String>,
         /// NAME:/path[:ro] (repeatable): a disk, leased for the sandbox's life.
         #[arg(long)]
         disk: Vec<String>,
@@ -234,7 +239,7 @@ pub enum SandboxCommand {
         /// Mount the app's local storage directory here.
         #[arg(long)]
         local_dir: Option<String>,
-        /// A private tmpfs at this path (repeatable).
+        /// A private tmpfs: /path[:size] (repeatable; default size 64M).
         #[arg(long)]
         tmpfs: Vec<String>,
         #[arg(long, value_parser = ["no", "on-failure", "always"])]

@@ -287,11 +287,13 @@ pub struct RunSandbox {
     /// `K=V`, applied over the image's environment.
     #[serde(default)]
     pub env: Vec<String>,
-    /// Memory limit, e.g. `256M`, `1G`.
+    /// Memory limit, e.g. `256M`, `1G`; default 512M.
     #[serde(default)]
     pub memory: Option<String>,
+    /// CPUs (CFS quota); default 1.
     #[serde(default)]
     pub cpus: Option<f64>,
+    /// Maximum number of tasks; default 1024.
     #[serde(default)]
     pub pids: Option<i64>,
     /// `NAME:/path[:ro]`: a disk, leased for the sandbox's life.
@@ -303,8 +305,13 @@ pub struct RunSandbox {
     /// Where the app's local storage directory appears inside.
     #[serde(default)]
     pub local_dir: Option<String>,
+    /// `/path[:size]`: a private tmpfs, 64M unless sized (e.g. `/scratch:256M`).
     #[serde(default)]
     pub tmpfs: Vec<String>,
+    /// Size of the writable layer (writes to the container's own root filesystem), e.g.
+    /// `2G`; default 1G.
+    #[serde(default)]
+    pub writable_size: Option<String>,
     /// `no` (default), `on-failure` or `always`.
     #[serde(default)]
     pub restart: Option<String>,

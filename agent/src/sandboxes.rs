@@ -24,6 +24,16 @@ use crate::util::{new_id, now_rfc3339};
 /// First bytes on stderr of `miren exec-in` when the exec itself failed (not the command).
 pub const EXEC_ERROR_MARK: &str = "miren-exec-error: ";
 
+/// Limits of every sandbox whose request (or app.toml service) does not set its own; see
+/// docs/sandbox.md. Memory and swap: 512 MiB; tasks: 1024; CPU: one core.
+pub const DEFAULT_MEMORY_BYTES: u64 = 512 << 20;
+pub const DEFAULT_PIDS: i64 = 1024;
+pub const DEFAULT_CPUS: f64 = 1.0;
+/// The writable layer (container writes to its own root filesystem).
+pub use sandbox::DEFAULT_WRITABLE_BYTES;
+/// A `--tmpfs` mount without a size.
+pub const DEFAULT_TMPFS_BYTES: u64 = 64 << 20;
+
 pub struct SandboxService {
     cfg: AgentConfig,
     store: Arc<Store>,
@@ -169,6 +179,44 @@ fn container_path(what: &str, path: &str) -> Result<String, ApiError> {
     Ok(path.to_string())
 }
 
+/// A size with an optional K, M, G or T suffix (powers of 1024); `field` names it in the error.
+fn parse_size(field: &str, s: &str) -> Result<u64, ApiError> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let shift = match unit.to_ascii_lowercase().trim_end_matches('b') {
+        "" => 0,
+        "k" => 10,
+        "m" => 20,
+        "g" => 30,
+        "t" => 40,
+        _ => {
+            return Err(ApiError::invalid(format!(
+                "{field} `{s}`: write a size like 64M or 2G"
+            )))
+        }
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1 << shift))
+        .ok_or_else(|| ApiError::invalid(format!("{field} `{s}`: write a size like 64M or 2G")))
+}
+
+/// `/path[:size]`: a private tmpfs, [`DEFAULT_TMPFS_BYTES`] unless sized.
+fn parse_tmpfs(spec: &str) -> Result<(String, u64), ApiError> {
+    let (path, size) = match spec.rsplit_once(':') {
+        Some((path, size)) => (path, parse_size("tmpfs size", size)?),
+        None => (spec, DEFAULT_TMPFS_BYTES),
+    };
+    if size < 4096 {
+        return Err(ApiError::invalid(format!(
+            "tmpfs `{spec}`: give at least 4K (or no size for {}M)",
+            DEFAULT_TMPFS_BYTES >> 20
+        )));
+    }
+    Ok((container_path("tmpfs", path)?, size))
+}
+
 /// `NAME:/path[:ro]`.
 fn parse_disk(spec: &str) -> Result<(String, String, bool), ApiError> {
     let parts: Vec<&str> = spec.split(':').collect();
@@ -299,7 +347,22 @@ impl SandboxService {
             .iter()
             .map(|d| parse_disk(d))
             .collect::<Result<_, _>>()?;
-        let memory_bytes = req.memory.as_deref().map(parse_memory).transpose()?;
+        let memory_bytes = req
+            .memory
+            .as_deref()
+            .map(parse_memory)
+            .transpose()?
+            .unwrap_or(DEFAULT_MEMORY_BYTES);
+        let writable_bytes = match req.writable_size.as_deref() {
+            Some(s) => parse_size("writable_size", s)?,
+            None => DEFAULT_WRITABLE_BYTES,
+        };
+        if !(sandbox::MIN_WRITABLE_BYTES..=sandbox::MAX_WRITABLE_BYTES).contains(&writable_bytes) {
+            return Err(ApiError::invalid(format!(
+                "writable_size `{}`: give between 16M and 16T",
+                req.writable_size.as_deref().unwrap_or_default()
+            )));
+        }
         if let Some(cpus) = req.cpus {
             if !(cpus > 0.0 && cpus <= 1024.0) {
                 return Err(ApiError::invalid(format!(
@@ -310,11 +373,17 @@ impl SandboxService {
         if req.pids.is_some_and(|p| p < 1) {
             return Err(ApiError::invalid("pids must be at least 1"));
         }
+        let resources = Resources {
+            memory_bytes: Some(memory_bytes),
+            cpus: Some(req.cpus.unwrap_or(DEFAULT_CPUS)),
+            pids: Some(req.pids.unwrap_or(DEFAULT_PIDS)),
+            writable_bytes: Some(writable_bytes),
+        };
         let restart = restart_policy(req.restart.as_deref())?;
-        let tmpfs: Vec<String> = req
+        let tmpfs: Vec<(String, u64)> = req
             .tmpfs
             .iter()
-            .map(|t| container_path("tmpfs", t))
+            .map(|t| parse_tmpfs(t))
             .collect::<Result<_, _>>()?;
         let local_dir = req
             .local_dir
@@ -348,7 +417,7 @@ impl SandboxService {
         tokio::task::spawn_blocking(sandbox::prime_cgroup_migrations);
         self.store.insert_sandbox(&row)?;
         match self
-            .start(&row, &req, &disks, memory_bytes, restart, tmpfs, local_dir)
+            .start(&row, &req, &disks, resources, restart, tmpfs, local_dir)
             .await
         {
             Ok(()) => {
@@ -375,9 +444,9 @@ impl SandboxService {
         row: &SandboxRow,
         req: &RunSandbox,
         disks: &[(String, String, bool)],
-        memory_bytes: Option<u64>,
+        resources: Resources,
         restart: RestartPolicy,
-        tmpfs: Vec<String>,
+        tmpfs: Vec<(String, u64)>,
         local_dir: Option<String>,
     ) -> Result<(), ApiError> {
         let record = match self.images.store().get(&req.image)? {
@@ -467,10 +536,10 @@ impl SandboxService {
                 read_only: false,
             });
         }
-        for destination in tmpfs {
+        for (destination, size) in tmpfs {
             mounts.push(Mount::Tmpfs {
                 destination,
-                size_bytes: None,
+                size_bytes: Some(size),
             });
         }
 
@@ -488,11 +557,7 @@ impl SandboxService {
             },
             user,
             mounts,
-            resources: Resources {
-                memory_bytes,
-                cpus: req.cpus,
-                pids: req.pids,
-            },
+            resources,
             netns: Some(PathBuf::from(&endpoint.netns_path)),
             hosts: Some(miren_netns::hosts_file(&hostname, ip, &[])),
             resolv_conf: Some(miren_netns::resolv_conf_from_host().content),
@@ -818,6 +883,10 @@ impl SandboxService {
         // State dirs no row owns (a crash between creating the dir and the row, or after
         // removing the row): their supervisors and containers go too.
         let known: HashSet<String> = self.store.sandboxes()?.into_iter().map(|r| r.id).collect();
+        let spare_layers = self.cfg.data_dir.join(sandbox::SPARE_LAYERS_DIR);
+        let _ =
+            tokio::task::spawn_blocking(move || sandbox::remove_stale_spare_layers(&spare_layers))
+                .await;
         let root = self.cfg.data_dir.join("sandboxes");
         if let Ok(entries) = std::fs::read_dir(&root) {
             for entry in entries.flatten() {

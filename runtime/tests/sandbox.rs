@@ -378,6 +378,7 @@ fn memory_limit_oom_kills() {
         memory_bytes: Some(32 << 20),
         cpus: Some(0.5),
         pids: Some(64),
+        ..Default::default()
     };
     let dir = f.start(&spec);
     let st = wait_done(&dir);

@@ -364,6 +364,7 @@ fn cleanup_without_supervisor(state_dir: &Path) -> Result<(), SandboxError> {
     if is_mounted(&rootfs) {
         unmount(&rootfs)?;
     }
+    super::layer::unmount_layer(state_dir)?;
     let _ = fs::remove_file(state_dir.join(PID_FILE));
     Ok(())
 }

@@ -9,6 +9,7 @@
 mod cgroup;
 mod control;
 mod exec;
+mod layer;
 mod logs;
 mod oci;
 mod spec;
@@ -21,8 +22,12 @@ pub use control::{
     Launch, Spare,
 };
 pub use exec::{exec, ExecOutput};
+pub use layer::{remove_stale_spare_layers, LAYER_DIR, LAYER_IMAGE, SPARE_LAYERS_DIR};
 pub use oci::{DEFAULT_CAPS, DENIED_SYSCALLS};
-pub use spec::{merge_env, Backoff, LogConfig, Mount, Resources, RestartPolicy, SandboxSpec, User};
+pub use spec::{
+    merge_env, Backoff, LogConfig, Mount, Resources, RestartPolicy, SandboxSpec, User,
+    DEFAULT_WRITABLE_BYTES, MAX_WRITABLE_BYTES, MIN_WRITABLE_BYTES,
+};
 pub use status::{State, Status};
 pub use supervisor::{supervise, supervise_spare};
 

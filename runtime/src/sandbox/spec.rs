@@ -94,6 +94,14 @@ pub enum Mount {
     },
 }
 
+/// The writable layer of a sandbox that does not ask for a size (spare supervisors make
+/// theirs of this size ahead of need).
+pub const DEFAULT_WRITABLE_BYTES: u64 = 1 << 30;
+/// The smallest writable layer: ext4 with its journal needs a few MB of its own.
+pub const MIN_WRITABLE_BYTES: u64 = 16 << 20;
+/// ext4's limit with 4 KiB blocks.
+pub const MAX_WRITABLE_BYTES: u64 = 16 << 40;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub struct Resources {
     /// Hard memory limit (swap is limited to the same value, so no extra swap).
@@ -102,6 +110,10 @@ pub struct Resources {
     pub cpus: Option<f64>,
     /// Maximum number of tasks.
     pub pids: Option<i64>,
+    /// Size of the writable layer (the overlay's upper dir, on an ext4 image of its own).
+    /// `None` keeps it in the state dir unbounded: specs written before the bound.
+    #[serde(default)]
+    pub writable_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -236,6 +248,13 @@ impl SandboxSpec {
         if let Some(c) = self.resources.cpus {
             if !(c > 0.0 && c.is_finite()) {
                 return bad(format!("cpus {c}"));
+            }
+        }
+        if let Some(w) = self.resources.writable_bytes {
+            if !(MIN_WRITABLE_BYTES..=MAX_WRITABLE_BYTES).contains(&w) {
+                return bad(format!(
+                    "writable layer size {w}: between {MIN_WRITABLE_BYTES} and {MAX_WRITABLE_BYTES} bytes"
+                ));
             }
         }
         for kv in &self.env {

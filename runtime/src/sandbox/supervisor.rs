@@ -21,12 +21,13 @@ use nix::unistd::{fork, ForkResult, Pid};
 use serde::Deserialize;
 
 use super::control::{is_mounted, unmount};
+use super::layer::{self, SpareLayer};
 use super::logs::RotatingLog;
 use super::status::{now_ms, proc_start_time, read_status, write_replace, write_status};
 use super::{cgroup, oci, read_spec, RestartPolicy, SandboxError, SandboxSpec, State, Status};
 use super::{
     BUNDLE_DIR, HOSTS_FILE, PID_FILE, RESOLV_FILE, ROOTFS_DIR, STDERR_LOG, STDOUT_LOG, STOP_FILE,
-    SUPERVISOR_LOG, UPPER_DIR, WORK_DIR, YOUKI_DIR,
+    SUPERVISOR_LOG, YOUKI_DIR,
 };
 
 /// Gate steps (see [`super::Launch`]): the network namespace exists, so the container may
@@ -62,10 +63,26 @@ pub(crate) struct StopRequest {
 /// running) and should then exit; the forked supervisor runs in its own session and
 /// never returns (it exits the process when the sandbox is done).
 pub fn supervise(state_dir: &Path) -> Result<(), SandboxError> {
-    let state_dir = fs::canonicalize(state_dir)
-        .map_err(|e| SandboxError::io(format!("state dir {}", state_dir.display()), e))?;
-    let spec = read_spec(&state_dir)?;
-    spec.validate()?;
+    supervise_with(state_dir, None)
+}
+
+fn supervise_with(state_dir: &Path, spare_layer: Option<SpareLayer>) -> Result<(), SandboxError> {
+    let checked = fs::canonicalize(state_dir)
+        .map_err(|e| SandboxError::io(format!("state dir {}", state_dir.display()), e))
+        .and_then(|dir| {
+            let spec = read_spec(&dir)?;
+            spec.validate()?;
+            Ok((dir, spec))
+        });
+    let (state_dir, spec) = match checked {
+        Ok(ok) => ok,
+        Err(e) => {
+            if let Some(l) = spare_layer {
+                l.discard();
+            }
+            return Err(e);
+        }
+    };
     let (ready_r, ready_w) =
         nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| SandboxError::sys("pipe", e))?;
     // SAFETY: called in a single-threaded process (documented requirement).
@@ -87,8 +104,14 @@ pub fn supervise(state_dir: &Path) -> Result<(), SandboxError> {
         ForkResult::Child => {
             drop(ready_r);
             let code = match Supervisor::new(state_dir.clone(), spec, ready_w) {
-                Ok(mut s) => s.run(),
+                Ok(mut s) => {
+                    s.spare_layer = spare_layer;
+                    s.run()
+                }
                 Err(e) => {
+                    if let Some(l) = spare_layer {
+                        l.discard();
+                    }
                     eprintln!("supervisor setup: {e}");
                     1
                 }
@@ -104,6 +127,23 @@ pub fn supervise(state_dir: &Path) -> Result<(), SandboxError> {
 /// then goes on as [`supervise`] (stdin stays the start gate). `Ok(false)` when stdin
 /// closed first: the agent is gone or no longer needs this spare.
 pub fn supervise_spare(sandboxes_dir: &Path) -> Result<bool, SandboxError> {
+    // Made while nobody waits for this spare; see `SpareLayer`.
+    let spare_layer = SpareLayer::make(sandboxes_dir, super::DEFAULT_WRITABLE_BYTES);
+    let id = read_assigned_id();
+    let id = match id {
+        Ok(Some(id)) => id,
+        other => {
+            if let Some(l) = spare_layer {
+                l.discard();
+            }
+            return other.map(|_| false);
+        }
+    };
+    supervise_with(&sandboxes_dir.join(id), spare_layer).map(|()| true)
+}
+
+/// The sandbox id a spare is given on stdin; None at EOF.
+fn read_assigned_id() -> Result<Option<String>, SandboxError> {
     use std::os::fd::AsFd;
     let mut id = Vec::new();
     let stdin = std::io::stdin();
@@ -111,7 +151,7 @@ pub fn supervise_spare(sandboxes_dir: &Path) -> Result<bool, SandboxError> {
     // Unbuffered, byte by byte: the gate steps that follow the line must stay in the pipe.
     loop {
         match nix::unistd::read(stdin.as_fd(), &mut b) {
-            Ok(0) => return Ok(false),
+            Ok(0) => return Ok(None),
             Ok(_) if b[0] == b'\n' => break,
             Ok(_) if id.len() < 255 => id.push(b[0]),
             Ok(_) => return Err(SandboxError::InvalidSpec("sandbox id too long".into())),
@@ -125,7 +165,7 @@ pub fn supervise_spare(sandboxes_dir: &Path) -> Result<bool, SandboxError> {
         .ok_or_else(|| {
             SandboxError::InvalidSpec("a spare supervisor got a bad sandbox id".into())
         })?;
-    supervise(&sandboxes_dir.join(id)).map(|()| true)
+    Ok(Some(id))
 }
 
 struct Run {
@@ -151,6 +191,10 @@ struct Supervisor {
     saved: Option<Status>,
     /// With `spec.start_gate`: the launch's stdin, read before the first create and start.
     gate: Option<File>,
+    /// A ready writable layer this supervisor made while it was a spare.
+    spare_layer: Option<SpareLayer>,
+    /// Where that layer was, once taken over: empty directories removed at the end.
+    spare_dir: Option<PathBuf>,
 }
 
 impl Supervisor {
@@ -226,6 +270,8 @@ impl Supervisor {
             stopping: None,
             saved,
             gate,
+            spare_layer: None,
+            spare_dir: None,
         })
     }
 
@@ -265,13 +311,32 @@ impl Supervisor {
     fn prepare(&mut self) -> Result<(), SandboxError> {
         let d = &self.dir;
         let rootfs = d.join(ROOTFS_DIR);
-        for sub in [ROOTFS_DIR, UPPER_DIR, WORK_DIR, BUNDLE_DIR, YOUKI_DIR] {
+        for sub in [ROOTFS_DIR, BUNDLE_DIR, YOUKI_DIR] {
             fs::create_dir_all(d.join(sub))
                 .map_err(|e| SandboxError::io(format!("mkdir {sub}"), e))?;
         }
         // A crashed predecessor may have left its overlay mounted.
         if is_mounted(&rootfs) {
             unmount(&rootfs)?;
+        }
+        let bounded = self.spec.resources.writable_bytes;
+        let spare = self.spare_layer.take();
+        let mut adopted = None;
+        if let Some(size) = bounded {
+            if let Some(l) = spare {
+                let dir = l.dir().to_path_buf();
+                adopted = l.adopt(d, size).then_some(dir);
+            }
+            if adopted.is_none() {
+                layer::mount(d, size)?;
+            }
+        } else if let Some(l) = spare {
+            l.discard();
+        }
+        let (upper, work) = layer::upper_and_work(d, bounded.is_some());
+        for sub in [&upper, &work] {
+            fs::create_dir_all(sub)
+                .map_err(|e| SandboxError::io(format!("mkdir {}", sub.display()), e))?;
         }
         let lower: Vec<String> = self
             .spec
@@ -282,8 +347,8 @@ impl Supervisor {
         let opts = format!(
             "lowerdir={},upperdir={},workdir={}",
             lower.join(":"),
-            d.join(UPPER_DIR).display(),
-            d.join(WORK_DIR).display()
+            upper.display(),
+            work.display()
         );
         nix::mount::mount(
             Some("overlay"),
@@ -299,6 +364,8 @@ impl Supervisor {
         if let Some(r) = &self.spec.resolv_conf {
             write_replace(&d.join(RESOLV_FILE), r.as_bytes())?;
         }
+        self.spare_dir = adopted;
+        let d = &self.dir;
         let oci = oci::build(&self.spec, &rootfs, d)?;
         oci.save(d.join(BUNDLE_DIR).join("config.json"))
             .map_err(|e| SandboxError::InvalidSpec(format!("save config.json: {e}")))?;
@@ -601,6 +668,12 @@ impl Supervisor {
             if let Err(e) = unmount(&rootfs) {
                 eprintln!("{e}");
             }
+        }
+        if let Err(e) = layer::unmount_layer(&self.dir) {
+            eprintln!("{e}");
+        }
+        if let Some(dir) = self.spare_dir.take() {
+            layer::remove_spare_dirs(&dir);
         }
         let _ = fs::remove_file(self.dir.join(PID_FILE));
         if matches!(
