@@ -4,7 +4,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
@@ -115,8 +115,10 @@ impl DiskService {
         let started = Instant::now();
         if mounted && !row.read_only {
             // The freeze is held by a helper process that thaws when we release it, when we
-            // die (its stdin pipe reaches EOF), or after MAX_FREEZE, whichever comes first.
-            let frozen = HeldFreeze::start(&mount_path)?;
+            // die (its stdin pipe reaches EOF), or after a bound that grows with the data to
+            // copy (at most MAX_FREEZE), whichever comes first.
+            let allocated = fs::metadata(&image).map_or(0, |m| m.blocks() * 512);
+            let frozen = HeldFreeze::start(&mount_path, snapshot::freeze_bound(allocated))?;
             let frozen_at = Instant::now();
             let copied = snapshot::capture_extents(&image, &capture.path);
             hold_for_test(&row.name);
@@ -362,6 +364,7 @@ fn hold_for_test(disk: &str) {
 /// A freeze held by `miren freeze-hold`, a child process that owns the FIFREEZE: the thaw no
 /// longer depends on this process living until the copy ends.
 struct HeldFreeze {
+    bound: Duration,
     child: Child,
     control: Option<ChildStdin>,
     report: BufReader<ChildStdout>,
@@ -369,7 +372,7 @@ struct HeldFreeze {
 }
 
 impl HeldFreeze {
-    fn start(mount: &Path) -> Result<HeldFreeze, ApiError> {
+    fn start(mount: &Path, bound: Duration) -> Result<HeldFreeze, ApiError> {
         let exe = std::env::current_exe()
             .map_err(|e| ApiError::internal(format!("finding the miren binary: {e}")))?;
         let mut child = Command::new(exe)
@@ -377,7 +380,7 @@ impl HeldFreeze {
             .arg("--mount")
             .arg(mount)
             .arg("--max-seconds")
-            .arg(snapshot::MAX_FREEZE.as_secs().to_string())
+            .arg(bound.as_secs().to_string())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -389,6 +392,7 @@ impl HeldFreeze {
             return Err(ApiError::internal("the freeze helper has no pipes"));
         };
         let mut held = HeldFreeze {
+            bound,
             child,
             control: Some(control),
             report: BufReader::new(stdout),
@@ -432,8 +436,8 @@ impl HeldFreeze {
         match line.as_str() {
             "thawed released" => Ok(()),
             "thawed timeout" => Err(ApiError::internal(format!(
-                "copying the disk took longer than the {} s freeze bound; the filesystem was thawed and the copy discarded. Retry when the disk is less busy",
-                snapshot::MAX_FREEZE.as_secs()
+                "copying the disk took longer than its {} s freeze bound; the filesystem was thawed and the copy discarded. Retry when the disk is less busy",
+                self.bound.as_secs()
             ))),
             other => {
                 // The helper died without saying it thawed: make sure ourselves.

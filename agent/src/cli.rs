@@ -64,12 +64,12 @@ pub enum Command {
         cmd: Vec<String>,
     },
     /// (internal) Hold a backup's freeze of a disk's filesystem; started by the agent. Thaws
-    /// when stdin has a byte or reaches EOF (the agent died), or after --max-seconds (<= 30).
+    /// when stdin has a byte or reaches EOF (the agent died), or after --max-seconds (<= 600).
     #[command(hide = true)]
     FreezeHold {
         #[arg(long)]
         mount: PathBuf,
-        #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=30))]
+        #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=600))]
         max_seconds: u64,
     },
     /// Deploy the app in DIR/.miren/app.toml: disks, addons, then its services.

@@ -122,7 +122,15 @@ fn ioctl(f: &File, req: libc::c_ulong) -> io::Result<()> {
 }
 
 /// The longest any freeze is held, whatever happens to the process that asked for it.
-pub const MAX_FREEZE: Duration = Duration::from_secs(30);
+pub const MAX_FREEZE: Duration = Duration::from_secs(600);
+
+/// The bound for a freeze that copies `bytes` aside: 30 s, plus one second per 128 MiB (a
+/// copy without reflinks runs at 0.5-1 GB/s here, so that is a 4-8x margin), at most
+/// [`MAX_FREEZE`]. A small disk's freeze is never held long; a large one can still finish.
+pub fn freeze_bound(bytes: u64) -> Duration {
+    let secs = 30 + bytes / (128 << 20);
+    Duration::from_secs(secs).min(MAX_FREEZE)
+}
 
 /// Why a held freeze ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -26,7 +26,7 @@ pub use extents::capture_extents;
 pub use format::{
     printable, Filesystem, SnapshotInfo, SnapshotMeta, FORMAT_VERSION, MAX_IMAGE_BYTES, MAX_WINDOWS,
 };
-pub use freeze::{freeze, hold_freeze, thaw, FreezeGuard, HoldEnd, MAX_FREEZE};
+pub use freeze::{freeze, freeze_bound, hold_freeze, thaw, FreezeGuard, HoldEnd, MAX_FREEZE};
 pub use observe::{StreamObserver, TrailerSummary};
 pub use read::{ReadSummary, SnapshotReader};
 pub use write::{write_snapshot, Summary, WriteOptions};
