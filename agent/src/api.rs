@@ -4,15 +4,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::connect_info::{ConnectInfo, Connected};
+use axum::extract::connect_info::ConnectInfo;
 use axum::extract::rejection::{JsonRejection, PathRejection};
 use axum::extract::{FromRequest, FromRequestParts, Request, State};
 use axum::http::{Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::serve::IncomingStream;
 use axum::{Json, Router};
-use tokio::net::UnixListener;
 use tracing::{info, warn};
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
@@ -35,7 +33,13 @@ pub struct AppState {
     pub addons: Arc<crate::addons::AddonService>,
     pub apps: Arc<crate::apps::AppService>,
     pub socket_gid: Option<u32>,
+    /// Restore uploads running at once (see [`MAX_RESTORES`]).
+    pub restores: Arc<tokio::sync::Semaphore>,
 }
+
+/// Restores that may run at once: each holds a blocking thread and a temporary image while
+/// its snapshot arrives. More are refused with 503 rather than queued on open connections.
+pub const MAX_RESTORES: usize = 4;
 
 /// Credentials of the process on the other end of the socket (SO_PEERCRED).
 #[derive(Clone, Copy, Debug)]
@@ -43,23 +47,6 @@ pub struct PeerCred {
     pub uid: Option<u32>,
     pub gid: Option<u32>,
     pub pid: Option<i32>,
-}
-
-impl Connected<IncomingStream<'_, UnixListener>> for PeerCred {
-    fn connect_info(stream: IncomingStream<'_, UnixListener>) -> Self {
-        match stream.io().peer_cred() {
-            Ok(cred) => PeerCred {
-                uid: Some(cred.uid()),
-                gid: Some(cred.gid()),
-                pid: cred.pid(),
-            },
-            Err(_) => PeerCred {
-                uid: None,
-                gid: None,
-                pid: None,
-            },
-        }
-    }
 }
 
 /// JSON body extractor whose rejections are our JSON errors, not axum's plain text.
@@ -333,6 +320,7 @@ async fn acquire_lease(
     PathParam(disk): PathParam<String>,
     Body(req): Body<AcquireLease>,
 ) -> Result<Json<Lease>, ApiError> {
+    crate::validate::lease(&req)?;
     let timeout = match req.timeout_secs {
         None => DEFAULT_LEASE_TIMEOUT,
         Some(secs) if secs.is_finite() && (0.0..=86_400.0).contains(&secs) => {
@@ -525,13 +513,23 @@ async fn restore_disk(
     QueryParam(query): QueryParam<RestoreQuery>,
     body: axum::body::Body,
 ) -> Result<Json<RestoreResult>, ApiError> {
+    let Ok(slot) = state.restores.clone().try_acquire_owned() else {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too_many_restores",
+            format!("{MAX_RESTORES} restores are already running; retry when one has finished"),
+        ));
+    };
     let mut input = crate::stream::forward_body(body);
+    // No blocking thread for a client that has not sent anything yet.
+    input.wait_for_data().await;
     let disks = state.disks.clone();
     let restored = blocking(move || {
         let result = disks.restore(&mut input, query.name, query.force);
         if result.is_err() {
             input.drain();
         }
+        drop(slot);
         result
     })
     .await?;
@@ -557,6 +555,7 @@ async fn remove_image(
     State(state): State<AppState>,
     QueryParam(query): QueryParam<crate::model::ImageQuery>,
 ) -> Result<Json<crate::model::ImageRemoved>, ApiError> {
+    crate::validate::text("reference", &query.reference, 1024)?;
     let reference = query.reference.clone();
     let removed = blocking(move || state.images.remove(&query.reference)).await?;
     Ok(Json(crate::model::ImageRemoved { reference, removed }))
@@ -571,7 +570,7 @@ async fn pull_image(
     Body(req): Body<crate::model::PullImage>,
 ) -> Result<Response, ApiError> {
     use crate::model::PullEvent;
-    miren_runtime::normalize_reference(&req.reference)?;
+    crate::validate::pull(&req)?;
     let (tx, rx) = tokio::sync::mpsc::channel::<
         Result<hyper::body::Frame<hyper::body::Bytes>, std::io::Error>,
     >(64);
@@ -627,6 +626,7 @@ async fn import_image(
     State(state): State<AppState>,
     Body(req): Body<crate::model::ImportImage>,
 ) -> Result<Json<crate::model::ImageSummary>, ApiError> {
+    crate::validate::import(&req)?;
     blocking(move || {
         state
             .images
@@ -667,6 +667,7 @@ async fn run_sandbox(
     State(state): State<AppState>,
     Body(req): Body<crate::model::RunSandbox>,
 ) -> Result<(StatusCode, Json<crate::model::Sandbox>), ApiError> {
+    crate::validate::run_sandbox(&req)?;
     let sandbox = tokio::spawn(async move { state.sandboxes.run(req).await })
         .await
         .map_err(|e| ApiError::internal(format!("operation failed to run: {e}")))??;
@@ -706,10 +707,8 @@ async fn stop_sandbox(
     PathParam(sandbox): PathParam<String>,
     QueryParam(query): QueryParam<crate::model::StopQuery>,
 ) -> Result<Json<crate::model::Sandbox>, ApiError> {
-    let grace = query
-        .grace_secs
-        .filter(|s| s.is_finite() && *s >= 0.0 && *s <= 3600.0)
-        .map(Duration::from_secs_f64);
+    crate::validate::query_seconds("grace_secs", query.grace_secs, 3600.0)?;
+    let grace = query.grace_secs.map(Duration::from_secs_f64);
     tokio::spawn(async move { state.sandboxes.stop(&sandbox, grace).await })
         .await
         .map_err(|e| ApiError::internal(format!("operation failed to run: {e}")))?
@@ -745,6 +744,7 @@ async fn exec_sandbox(
     PathParam(sandbox): PathParam<String>,
     Body(req): Body<crate::model::ExecRequest>,
 ) -> Result<Json<crate::model::ExecResult>, ApiError> {
+    crate::validate::exec(&req)?;
     state
         .sandboxes
         .exec(&sandbox, req.args, req.env)
@@ -927,6 +927,7 @@ async fn create_addon(
     State(state): State<AppState>,
     Body(req): Body<crate::model::CreateAddon>,
 ) -> Result<(StatusCode, Json<crate::model::Addon>), ApiError> {
+    crate::validate::addon(&req)?;
     let addon = detached(async move {
         let (addon, mut done) = state.addons.create(&req, "cli").await?;
         if !req.wait {
@@ -1024,6 +1025,7 @@ async fn deploy_app(
     State(state): State<AppState>,
     Body(req): Body<crate::model::DeployApp>,
 ) -> Result<Json<crate::model::App>, ApiError> {
+    crate::validate::deploy(&req)?;
     detached(async move { state.apps.deploy(req).await })
         .await
         .map(Json)

@@ -8,6 +8,9 @@ use tokio::sync::mpsc;
 /// Chunk size handed to the HTTP layer: big enough to keep syscalls rare.
 const CHUNK: usize = 1 << 20;
 
+/// An upload that sends nothing for this long is cut off (and its work undone).
+pub const BODY_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 pub type FrameResult = Result<Frame<Bytes>, io::Error>;
 
 /// A `Write` whose bytes become HTTP body frames. Fails with BrokenPipe once the receiver
@@ -54,6 +57,8 @@ impl Write for ChannelWriter {
 pub struct ChannelReader {
     rx: mpsc::Receiver<io::Result<Bytes>>,
     current: Bytes,
+    /// An end or error [`Self::wait_for_data`] saw, handed to the next read.
+    pending: Option<Option<io::Result<Bytes>>>,
 }
 
 impl ChannelReader {
@@ -61,6 +66,18 @@ impl ChannelReader {
         ChannelReader {
             rx,
             current: Bytes::new(),
+            pending: None,
+        }
+    }
+
+    /// Waits (without a thread) until the first bytes, the end, or an error arrived.
+    pub async fn wait_for_data(&mut self) {
+        if !self.current.is_empty() || self.pending.is_some() {
+            return;
+        }
+        match self.rx.recv().await {
+            Some(Ok(bytes)) => self.current = bytes,
+            other => self.pending = Some(other),
         }
     }
 
@@ -79,7 +96,11 @@ impl Read for ChannelReader {
                 self.current = self.current.slice(n..);
                 return Ok(n);
             }
-            match self.rx.blocking_recv() {
+            let next = match self.pending.take() {
+                Some(next) => next,
+                None => self.rx.blocking_recv(),
+            };
+            match next {
                 Some(Ok(bytes)) => self.current = bytes,
                 Some(Err(e)) => return Err(e),
                 None => return Ok(0),
@@ -94,7 +115,23 @@ pub fn forward_body(body: axum::body::Body) -> ChannelReader {
     let (tx, rx) = mpsc::channel(8);
     tokio::spawn(async move {
         let mut body = body;
-        while let Some(frame) = body.frame().await {
+        loop {
+            let frame = match tokio::time::timeout(BODY_IDLE_TIMEOUT, body.frame()).await {
+                Ok(Some(frame)) => frame,
+                Ok(None) => break,
+                Err(_) => {
+                    let _ = tx
+                        .send(Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            format!(
+                                "the upload stalled: nothing arrived for {}s; send the body without pauses",
+                                BODY_IDLE_TIMEOUT.as_secs()
+                            ),
+                        )))
+                        .await;
+                    break;
+                }
+            };
             let item = match frame {
                 Ok(frame) => match frame.into_data() {
                     Ok(data) => Ok(data),

@@ -20,7 +20,7 @@ pub use control::{
     create, delete, launch, needs_relaunch, relaunch, spawn, spawn_spare, status, stop, wait,
     Launch, Spare,
 };
-pub use exec::{exec, ExecOutput};
+pub use exec::{exec, ExecOutput, EXEC_OUTPUT_LIMIT};
 pub use oci::{DEFAULT_CAPS, DENIED_SYSCALLS};
 pub use spec::{merge_env, Backoff, LogConfig, Mount, Resources, RestartPolicy, SandboxSpec, User};
 pub use status::{State, Status};
