@@ -12,9 +12,9 @@ use tokio::signal::unix::{signal, SignalKind};
 use tracing::{info, warn};
 
 use crate::api::{self, AppState, PeerCred};
-use crate::error::ApiError;
 use crate::config::AgentConfig;
 use crate::disks::DiskService;
+use crate::error::ApiError;
 use crate::net::NetService;
 use crate::state::Store;
 
@@ -27,7 +27,11 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Connections served at once; more are answered 503 and closed, so a client opening
 /// connections without end cannot exhaust the agent's file descriptors or memory.
-pub const MAX_CONNECTIONS: usize = 512;
+pub const MAX_CONNECTIONS: usize = 1024;
+
+/// Connections one peer process may hold at once: one client stalling many connections
+/// uses up its own share, and the others' requests still get in.
+pub const MAX_CONNECTIONS_PER_PEER: usize = 128;
 
 fn require_root() -> Result<()> {
     if !nix::unistd::Uid::effective().is_root() {
@@ -283,7 +287,9 @@ async fn serve(
     app: axum::Router,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<()> {
+    raise_open_file_limit();
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let per_peer = PeerConnections::default();
     loop {
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -299,24 +305,39 @@ async fn serve(
         };
         let Some(stream) = stream else { break };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tokio::spawn(refuse_busy(stream));
+            tokio::spawn(refuse_busy(
+                stream,
+                format!("the agent already serves {MAX_CONNECTIONS} connections"),
+            ));
             continue;
         };
         let peer = peer_cred(&stream);
+        let Some(peer_slot) = per_peer.acquire(peer.pid) else {
+            tokio::spawn(refuse_busy(
+                stream,
+                format!(
+                    "process {} already has {MAX_CONNECTIONS_PER_PEER} connections open to the agent",
+                    peer.pid.map_or("unknown".into(), |p| p.to_string())
+                ),
+            ));
+            continue;
+        };
         let app = app.clone();
         let mut stop = stop.clone();
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
-                let mut request = request.map(axum::body::Body::new);
-                request
-                    .extensions_mut()
-                    .insert(axum::extract::ConnectInfo(peer));
-                let mut app = app.clone();
-                async move {
-                    use tower_service::Service;
-                    app.call(request).await
-                }
-            });
+            let service = hyper::service::service_fn(
+                move |request: hyper::Request<hyper::body::Incoming>| {
+                    let mut request = request.map(axum::body::Body::new);
+                    request
+                        .extensions_mut()
+                        .insert(axum::extract::ConnectInfo(peer));
+                    let mut app = app.clone();
+                    async move {
+                        use tower_service::Service;
+                        app.call(request).await
+                    }
+                },
+            );
             let mut builder = hyper::server::conn::http1::Builder::new();
             builder
                 .timer(hyper_util::rt::TokioTimer::new())
@@ -332,6 +353,7 @@ async fn serve(
                 connection.as_mut().graceful_shutdown();
                 let _ = connection.await;
             }
+            drop(peer_slot);
             drop(slot);
         });
     }
@@ -356,15 +378,64 @@ fn peer_cred(stream: &tokio::net::UnixStream) -> PeerCred {
     }
 }
 
-/// Answers a connection over [`MAX_CONNECTIONS`] with a 503 and closes it.
-async fn refuse_busy(mut stream: tokio::net::UnixStream) {
+/// Open connections per peer process (by pid; peers without one share a count).
+#[derive(Clone, Default)]
+struct PeerConnections(Arc<std::sync::Mutex<std::collections::HashMap<Option<i32>, usize>>>);
+
+/// One connection counted against its peer; uncounted when dropped.
+struct PeerSlot {
+    counts: PeerConnections,
+    pid: Option<i32>,
+}
+
+impl PeerConnections {
+    fn acquire(&self, pid: Option<i32>) -> Option<PeerSlot> {
+        let mut counts = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let count = counts.entry(pid).or_default();
+        if *count >= MAX_CONNECTIONS_PER_PEER {
+            return None;
+        }
+        *count += 1;
+        Some(PeerSlot {
+            counts: self.clone(),
+            pid,
+        })
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut counts = self.counts.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = counts.get_mut(&self.pid) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.pid);
+            }
+        }
+    }
+}
+
+/// Room for every connection the agent serves beside its disks and sandboxes: the soft
+/// open-file limit (often 1024) goes up to the hard one.
+fn raise_open_file_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let wanted = hard.min(65_536);
+        if soft < wanted {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, wanted, hard) {
+                warn!(error = %e, "raising the open-file limit failed");
+            }
+        }
+    }
+}
+
+/// Answers a connection over a connection cap with a 503 and closes it.
+async fn refuse_busy(mut stream: tokio::net::UnixStream, why: String) {
     use tokio::io::AsyncWriteExt;
     let error = ApiError::new(
         axum::http::StatusCode::SERVICE_UNAVAILABLE,
         "too_many_connections",
-        format!(
-            "the agent already serves {MAX_CONNECTIONS} connections; close idle ones (or wait for them to finish) and retry"
-        ),
+        format!("{why}; close idle ones (or wait for them to finish) and retry"),
     );
     let body = serde_json::to_string(&crate::model::ErrorBody {
         code: error.code.to_string(),

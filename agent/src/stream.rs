@@ -9,7 +9,7 @@ use tokio::sync::mpsc;
 const CHUNK: usize = 1 << 20;
 
 /// An upload that sends nothing for this long is cut off (and its work undone).
-pub const BODY_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+pub const BODY_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 
 pub type FrameResult = Result<Frame<Bytes>, io::Error>;
 

@@ -87,7 +87,10 @@ fn argument(field: &str, value: &str) -> Result<(), ApiError> {
 fn command(field: &str, args: &[String]) -> Result<(), ApiError> {
     count(field, args.len())?;
     if args.first().is_some_and(String::is_empty) {
-        return Err(invalid(&format!("{field}[0]"), "the program must not be empty"));
+        return Err(invalid(
+            &format!("{field}[0]"),
+            "the program must not be empty",
+        ));
     }
     for (i, arg) in args.iter().enumerate() {
         argument(&format!("{field}[{i}]"), arg)?;
@@ -127,7 +130,10 @@ pub fn container_path(field: &str, path: &str) -> Result<(), ApiError> {
     if !path.starts_with('/') || path.split('/').any(|c| c == "..") {
         return Err(invalid(
             field,
-            format!("`{}` must be an absolute path inside the sandbox, without `..`", path.escape_debug()),
+            format!(
+                "`{}` must be an absolute path inside the sandbox, without `..`",
+                path.escape_debug()
+            ),
         ));
     }
     text(field, path, MAX_PATH)
@@ -167,10 +173,16 @@ fn publish(field: &str, ports: &[PublishPort]) -> Result<(), ApiError> {
             }
         }
         if p.host_port == 0 {
-            return Err(invalid(&format!("{field}[{i}].host_port"), "a port from 1 to 65535"));
+            return Err(invalid(
+                &format!("{field}[{i}].host_port"),
+                "a port from 1 to 65535",
+            ));
         }
         if p.port == 0 {
-            return Err(invalid(&format!("{field}[{i}].port"), "a port from 1 to 65535"));
+            return Err(invalid(
+                &format!("{field}[{i}].port"),
+                "a port from 1 to 65535",
+            ));
         }
     }
     Ok(())
@@ -308,7 +320,12 @@ pub fn deploy(req: &DeployApp) -> Result<(), ApiError> {
                 port: p.port,
             }],
         )
-        .map_err(|e| ApiError::invalid(e.message.replacen("publish[0]", &format!("publish[{i}]"), 1)))?;
+        .map_err(|e| {
+            ApiError::invalid(
+                e.message
+                    .replacen("publish[0]", &format!("publish[{i}]"), 1),
+            )
+        })?;
     }
     Ok(())
 }
