@@ -130,7 +130,77 @@ fn api_router() -> OpenApiRouter<AppState> {
 pub fn openapi() -> utoipa::openapi::OpenApi {
     let (_, mut doc) = api_router().split_for_parts();
     doc.info.version = env!("CARGO_PKG_VERSION").to_string();
+    document_error_statuses(&mut doc);
     doc
+}
+
+/// Error statuses a route can answer with beyond the ones its own annotation names: the ones
+/// every route shares (refused peers, limits, failures), the ones its inputs, lookups and
+/// mutations imply, and those of the sandboxes, images and space it may need. An annotation's
+/// own description of a status wins.
+fn document_error_statuses(doc: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+    // Routes that may start containers (pulling their images) and allocate space or addresses.
+    const STARTS_SANDBOXES: &[&str] = &[
+        "/v1/sandboxes",
+        "/v1/addons",
+        "/v1/deploy",
+        "/v1/apps/{app}/restart",
+    ];
+    const ALLOCATES: &[&str] = &["/v1/disks", "/v1/endpoints", "/v1/disks/restore"];
+    let error = |description: &str| {
+        ResponseBuilder::new()
+            .description(description)
+            .content(
+                "application/json",
+                ContentBuilder::new()
+                    .schema(Some(Ref::from_schema_name("ErrorBody")))
+                    .build(),
+            )
+            .build()
+    };
+    for (path, item) in doc.paths.paths.iter_mut() {
+        let operations = [
+            ("get", item.get.as_mut()),
+            ("put", item.put.as_mut()),
+            ("post", item.post.as_mut()),
+            ("delete", item.delete.as_mut()),
+        ];
+        for (method, operation) in operations {
+            let Some(operation) = operation else { continue };
+            let has_input = operation.request_body.is_some()
+                || operation.parameters.as_ref().is_some_and(|p| !p.is_empty());
+            let mut statuses: Vec<(&str, &str)> = vec![
+                ("403", "The caller is neither root nor in the socket's group"),
+                ("500", "The agent failed; its log says why"),
+                ("503", "The agent is at a connection, restore or loop-device limit; retry later"),
+            ];
+            if has_input {
+                statuses.push(("400", "Invalid request: the message names the field and what to write"));
+            }
+            if path.contains('{') {
+                statuses.push(("404", "No such object; the message names it"));
+            }
+            if method != "get" {
+                statuses.push(("409", "Conflicts with the current state (in use, busy, exists); the message says what to do"));
+            }
+            if method == "post" && STARTS_SANDBOXES.contains(&path.as_str()) {
+                statuses.push(("422", "A container did not start; the message says why"));
+                statuses.push(("502", "The image registry failed or refused the image"));
+                statuses.push(("507", "No space left, or no free address in the subnet"));
+            }
+            if method == "post" && ALLOCATES.contains(&path.as_str()) {
+                statuses.push(("507", "No space left, or no free address in the subnet"));
+            }
+            for (status, description) in statuses {
+                operation
+                    .responses
+                    .responses
+                    .entry(status.to_string())
+                    .or_insert_with(|| error(description).into());
+            }
+        }
+    }
 }
 
 pub fn openapi_json() -> String {
