@@ -171,12 +171,21 @@ fn document_error_statuses(doc: &mut utoipa::openapi::OpenApi) {
             let has_input = operation.request_body.is_some()
                 || operation.parameters.as_ref().is_some_and(|p| !p.is_empty());
             let mut statuses: Vec<(&str, &str)> = vec![
-                ("403", "The caller is neither root nor in the socket's group"),
+                (
+                    "403",
+                    "The caller is neither root nor in the socket's group",
+                ),
                 ("500", "The agent failed; its log says why"),
-                ("503", "The agent is at a connection, restore or loop-device limit; retry later"),
+                (
+                    "503",
+                    "The agent is at a connection, restore or loop-device limit; retry later",
+                ),
             ];
             if has_input {
-                statuses.push(("400", "Invalid request: the message names the field and what to write"));
+                statuses.push((
+                    "400",
+                    "Invalid request: the message names the field and what to write",
+                ));
             }
             if path.contains('{') {
                 statuses.push(("404", "No such object; the message names it"));
