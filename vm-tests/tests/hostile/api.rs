@@ -42,6 +42,25 @@ fn read_until_closed(stream: &mut UnixStream, wait: Duration) -> Option<String> 
     }
 }
 
+/// `GET path` from another process (curl), as a second client would send it: (status, body),
+/// or a panic naming the route if the agent does not answer within `wait` (a starved API
+/// hangs rather than fails).
+fn get_answered(agent: &TestAgent, path: &str, wait: Duration) -> (u16, String) {
+    let out = std::process::Command::new("curl")
+        .args(["-s", "-o", "-", "-w", "\n%{http_code}", "--max-time"])
+        .arg(wait.as_secs().to_string())
+        .arg("--unix-socket")
+        .arg(&agent.socket)
+        .arg(format!("http://agent{path}"))
+        .output()
+        .expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    let code: u16 = code.trim().parse().unwrap_or(0);
+    assert!(code != 0, "GET {path} got no answer: the API is starved");
+    (code, body.to_string())
+}
+
 fn status_kb(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("agent status");
     status
@@ -77,9 +96,9 @@ fn stalled_clients_do_not_starve_the_api() {
         .collect();
 
     // Reads answer while all of that is open.
-    let (code, body) = agent.curl("GET", "/v1/disks", None);
+    let (code, body) = get_answered(&agent, "/v1/disks", HEADER_BOUND_WAIT);
     assert_eq!(code, 200, "GET /v1/disks while clients stall: {body}");
-    let (code, body) = agent.curl("GET", "/v1/sandboxes", None);
+    let (code, body) = get_answered(&agent, "/v1/sandboxes", HEADER_BOUND_WAIT);
     assert_eq!(code, 200, "GET /v1/sandboxes while clients stall: {body}");
 
     // Every upload over the cap was refused right away with a 503 saying why; at most the
