@@ -585,7 +585,9 @@ async fn backup_disk(
     responses(
         (status = 200, description = "Restored: verified completely, then swapped in", body = RestoreResult),
         (status = 400, description = "Not a snapshot, corrupt (the first bad chunk is named), or a newer format", body = ErrorBody),
+        (status = 408, description = "The upload sent nothing for 20 seconds and was cut off", body = ErrorBody),
         (status = 409, description = "The disk exists (use force) or is leased", body = ErrorBody),
+        (status = 503, description = "Too many restores are running; retry when one has finished", body = ErrorBody),
         (status = 507, description = "No space left for the new image", body = ErrorBody)))]
 async fn restore_disk(
     State(state): State<AppState>,
@@ -609,7 +611,17 @@ async fn restore_disk(
             input.drain();
         }
         drop(slot);
-        result
+        match result {
+            Err(_) if input.stalled() => Err(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "upload_stalled",
+                format!(
+                    "the upload sent nothing for {}s and was cut off; nothing was restored. Send the snapshot without pauses",
+                    crate::stream::BODY_IDLE_TIMEOUT.as_secs()
+                ),
+            )),
+            other => other,
+        }
     })
     .await?;
     Ok(Json(RestoreResult {

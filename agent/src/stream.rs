@@ -18,6 +18,8 @@ pub type FrameResult = Result<Frame<Bytes>, io::Error>;
 pub struct ChannelWriter {
     tx: mpsc::Sender<FrameResult>,
     buf: Vec<u8>,
+    /// The runtime the response is served on, to wait for a slow reader with a bound.
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 impl ChannelWriter {
@@ -25,6 +27,7 @@ impl ChannelWriter {
         ChannelWriter {
             tx,
             buf: Vec::with_capacity(CHUNK),
+            runtime: tokio::runtime::Handle::try_current().ok(),
         }
     }
 
@@ -33,9 +36,23 @@ impl ChannelWriter {
             return Ok(());
         }
         let data = Bytes::from(std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK)));
-        self.tx
-            .blocking_send(Ok(Frame::data(data)))
-            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the client went away"))
+        let frame = Ok(Frame::data(data));
+        let gone = |_| io::Error::new(io::ErrorKind::BrokenPipe, "the client went away");
+        let Some(runtime) = &self.runtime else {
+            return self.tx.blocking_send(frame).map_err(gone);
+        };
+        // A client that stops reading does not hold this thread (and a frozen disk's
+        // capture) for ever.
+        match runtime.block_on(tokio::time::timeout(BODY_IDLE_TIMEOUT, self.tx.send(frame))) {
+            Ok(sent) => sent.map_err(gone),
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "the client read nothing for {}s; the download was cut off",
+                    BODY_IDLE_TIMEOUT.as_secs()
+                ),
+            )),
+        }
     }
 }
 
@@ -59,6 +76,8 @@ pub struct ChannelReader {
     current: Bytes,
     /// An end or error [`Self::wait_for_data`] saw, handed to the next read.
     pending: Option<Option<io::Result<Bytes>>>,
+    /// The client stopped sending for [`BODY_IDLE_TIMEOUT`].
+    stalled: bool,
 }
 
 impl ChannelReader {
@@ -67,7 +86,13 @@ impl ChannelReader {
             rx,
             current: Bytes::new(),
             pending: None,
+            stalled: false,
         }
+    }
+
+    /// True once the upload was cut off for sending nothing for [`BODY_IDLE_TIMEOUT`].
+    pub fn stalled(&self) -> bool {
+        self.stalled
     }
 
     /// Waits (without a thread) until the first bytes, the end, or an error arrived.
@@ -102,7 +127,10 @@ impl Read for ChannelReader {
             };
             match next {
                 Some(Ok(bytes)) => self.current = bytes,
-                Some(Err(e)) => return Err(e),
+                Some(Err(e)) => {
+                    self.stalled |= e.kind() == io::ErrorKind::TimedOut;
+                    return Err(e);
+                }
                 None => return Ok(0),
             }
         }

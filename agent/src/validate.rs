@@ -67,7 +67,14 @@ fn non_empty_text(field: &str, value: &str, max: usize) -> Result<(), ApiError> 
 
 /// A name: letters, digits and hyphens, 1-63 characters, not starting with a hyphen.
 pub fn name(field: &str, value: &str) -> Result<(), ApiError> {
-    miren_disks::validate_name(value).map_err(|e| invalid(field, e))
+    miren_disks::validate_name(value).map_err(|e| {
+        // The shared name rules speak of disks; here it is whatever `field` names.
+        let why = e
+            .to_string()
+            .replace("a disk name", "a name")
+            .replace("disk name", "the name");
+        invalid(field, why.escape_debug())
+    })
 }
 
 /// A command-line argument: anything but NUL (the kernel cannot pass it).
@@ -143,6 +150,9 @@ pub fn container_path(field: &str, path: &str) -> Result<(), ApiError> {
 /// here, the rest by the service that parses it.
 fn mount_entry(field: &str, entry: &str, named: bool) -> Result<(), ApiError> {
     text(field, entry, MAX_PATH)?;
+    if named && !entry.contains(':') {
+        return Err(invalid(field, "write NAME:/path or NAME:/path:ro"));
+    }
     let mut parts = entry.splitn(3, ':');
     if named {
         let disk = parts.next().unwrap_or_default();
