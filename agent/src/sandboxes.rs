@@ -736,8 +736,7 @@ impl SandboxService {
             .args(&args)
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .kill_on_drop(true);
+            .stderr(std::process::Stdio::piped());
         let mut child = cmd
             .spawn()
             .map_err(|e| ApiError::internal(format!("starting exec: {e}")))?;
