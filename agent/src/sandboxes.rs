@@ -297,6 +297,8 @@ impl SandboxService {
     }
 
     pub async fn run(&self, req: RunSandbox) -> Result<Sandbox, ApiError> {
+        // Every caller's request (the API's, a deploy's from app.toml, an addon's) is checked.
+        crate::validate::run_sandbox(&req)?;
         let id = new_id("sbx");
         let name = req.name.clone().unwrap_or_else(|| id.replace('_', "-"));
         miren_disks::validate_name(&name)
