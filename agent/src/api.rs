@@ -4,15 +4,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::connect_info::{ConnectInfo, Connected};
+use axum::extract::connect_info::ConnectInfo;
 use axum::extract::rejection::{JsonRejection, PathRejection};
 use axum::extract::{FromRequest, FromRequestParts, Request, State};
 use axum::http::{Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::serve::IncomingStream;
 use axum::{Json, Router};
-use tokio::net::UnixListener;
 use tracing::{info, warn};
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
@@ -35,7 +33,13 @@ pub struct AppState {
     pub addons: Arc<crate::addons::AddonService>,
     pub apps: Arc<crate::apps::AppService>,
     pub socket_gid: Option<u32>,
+    /// Restore uploads running at once (see [`MAX_RESTORES`]).
+    pub restores: Arc<tokio::sync::Semaphore>,
 }
+
+/// Restores that may run at once: each holds a blocking thread and a temporary image while
+/// its snapshot arrives. More are refused with 503 rather than queued on open connections.
+pub const MAX_RESTORES: usize = 4;
 
 /// Credentials of the process on the other end of the socket (SO_PEERCRED).
 #[derive(Clone, Copy, Debug)]
@@ -43,23 +47,6 @@ pub struct PeerCred {
     pub uid: Option<u32>,
     pub gid: Option<u32>,
     pub pid: Option<i32>,
-}
-
-impl Connected<IncomingStream<'_, UnixListener>> for PeerCred {
-    fn connect_info(stream: IncomingStream<'_, UnixListener>) -> Self {
-        match stream.io().peer_cred() {
-            Ok(cred) => PeerCred {
-                uid: Some(cred.uid()),
-                gid: Some(cred.gid()),
-                pid: cred.pid(),
-            },
-            Err(_) => PeerCred {
-                uid: None,
-                gid: None,
-                pid: None,
-            },
-        }
-    }
 }
 
 /// JSON body extractor whose rejections are our JSON errors, not axum's plain text.
@@ -143,7 +130,86 @@ fn api_router() -> OpenApiRouter<AppState> {
 pub fn openapi() -> utoipa::openapi::OpenApi {
     let (_, mut doc) = api_router().split_for_parts();
     doc.info.version = env!("CARGO_PKG_VERSION").to_string();
+    document_error_statuses(&mut doc);
     doc
+}
+
+/// Error statuses a route can answer with beyond the ones its own annotation names: the ones
+/// every route shares (refused peers, limits, failures), the ones its inputs, lookups and
+/// mutations imply, and those of the sandboxes, images and space it may need. An annotation's
+/// own description of a status wins.
+fn document_error_statuses(doc: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+    // Routes that may start containers (pulling their images) and allocate space or addresses.
+    const STARTS_SANDBOXES: &[&str] = &[
+        "/v1/sandboxes",
+        "/v1/addons",
+        "/v1/deploy",
+        "/v1/apps/{app}/restart",
+    ];
+    const ALLOCATES: &[&str] = &["/v1/disks", "/v1/endpoints", "/v1/disks/restore"];
+    let error = |description: &str| {
+        ResponseBuilder::new()
+            .description(description)
+            .content(
+                "application/json",
+                ContentBuilder::new()
+                    .schema(Some(Ref::from_schema_name("ErrorBody")))
+                    .build(),
+            )
+            .build()
+    };
+    for (path, item) in doc.paths.paths.iter_mut() {
+        let operations = [
+            ("get", item.get.as_mut()),
+            ("put", item.put.as_mut()),
+            ("post", item.post.as_mut()),
+            ("delete", item.delete.as_mut()),
+        ];
+        for (method, operation) in operations {
+            let Some(operation) = operation else { continue };
+            let has_input = operation.request_body.is_some()
+                || operation.parameters.as_ref().is_some_and(|p| !p.is_empty());
+            let mut statuses: Vec<(&str, &str)> = vec![
+                (
+                    "403",
+                    "The caller is neither root nor in the socket's group",
+                ),
+                ("500", "The agent failed; its log says why"),
+                (
+                    "503",
+                    "The agent is at a connection, restore or loop-device limit; retry later",
+                ),
+            ];
+            if has_input {
+                statuses.push((
+                    "400",
+                    "Invalid request: the message names the field and what to write",
+                ));
+            }
+            if path.contains('{') {
+                statuses.push(("404", "No such object; the message names it"));
+            }
+            if method != "get" {
+                statuses.push(("409", "Conflicts with the current state (in use, busy, exists); the message says what to do"));
+            }
+            if method == "post" && STARTS_SANDBOXES.contains(&path.as_str()) {
+                statuses.push(("422", "A container did not start; the message says why"));
+                statuses.push(("502", "The image registry failed or refused the image"));
+                statuses.push(("507", "No space left, or no free address in the subnet"));
+            }
+            if method == "post" && ALLOCATES.contains(&path.as_str()) {
+                statuses.push(("507", "No space left, or no free address in the subnet"));
+            }
+            for (status, description) in statuses {
+                operation
+                    .responses
+                    .responses
+                    .entry(status.to_string())
+                    .or_insert_with(|| error(description).into());
+            }
+        }
+    }
 }
 
 pub fn openapi_json() -> String {
@@ -333,6 +399,7 @@ async fn acquire_lease(
     PathParam(disk): PathParam<String>,
     Body(req): Body<AcquireLease>,
 ) -> Result<Json<Lease>, ApiError> {
+    crate::validate::lease(&req)?;
     let timeout = match req.timeout_secs {
         None => DEFAULT_LEASE_TIMEOUT,
         Some(secs) if secs.is_finite() && (0.0..=86_400.0).contains(&secs) => {
@@ -520,21 +587,43 @@ async fn backup_disk(
     responses(
         (status = 200, description = "Restored: verified completely, then swapped in", body = RestoreResult),
         (status = 400, description = "Not a snapshot, corrupt (the first bad chunk is named), or a newer format", body = ErrorBody),
+        (status = 408, description = "The upload sent nothing for 20 seconds and was cut off", body = ErrorBody),
         (status = 409, description = "The disk exists (use force) or is leased", body = ErrorBody),
+        (status = 503, description = "Too many restores are running; retry when one has finished", body = ErrorBody),
         (status = 507, description = "No space left for the new image", body = ErrorBody)))]
 async fn restore_disk(
     State(state): State<AppState>,
     QueryParam(query): QueryParam<RestoreQuery>,
     body: axum::body::Body,
 ) -> Result<Json<RestoreResult>, ApiError> {
+    let Ok(slot) = state.restores.clone().try_acquire_owned() else {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too_many_restores",
+            format!("{MAX_RESTORES} restores are already running; retry when one has finished"),
+        ));
+    };
     let mut input = crate::stream::forward_body(body);
+    // No blocking thread for a client that has not sent anything yet.
+    input.wait_for_data().await;
     let disks = state.disks.clone();
     let restored = blocking(move || {
         let result = disks.restore(&mut input, query.name, query.force);
         if result.is_err() {
             input.drain();
         }
-        result
+        drop(slot);
+        match result {
+            Err(_) if input.stalled() => Err(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "upload_stalled",
+                format!(
+                    "the upload sent nothing for {}s and was cut off; nothing was restored. Send the snapshot without pauses",
+                    crate::stream::BODY_IDLE_TIMEOUT.as_secs()
+                ),
+            )),
+            other => other,
+        }
     })
     .await?;
     Ok(Json(RestoreResult {
@@ -559,6 +648,7 @@ async fn remove_image(
     State(state): State<AppState>,
     QueryParam(query): QueryParam<crate::model::ImageQuery>,
 ) -> Result<Json<crate::model::ImageRemoved>, ApiError> {
+    crate::validate::text("reference", &query.reference, 1024)?;
     let reference = query.reference.clone();
     let removed = blocking(move || state.images.remove(&query.reference)).await?;
     Ok(Json(crate::model::ImageRemoved { reference, removed }))
@@ -573,7 +663,7 @@ async fn pull_image(
     Body(req): Body<crate::model::PullImage>,
 ) -> Result<Response, ApiError> {
     use crate::model::PullEvent;
-    miren_runtime::normalize_reference(&req.reference)?;
+    crate::validate::pull(&req)?;
     let (tx, rx) = tokio::sync::mpsc::channel::<
         Result<hyper::body::Frame<hyper::body::Bytes>, std::io::Error>,
     >(64);
@@ -629,6 +719,7 @@ async fn import_image(
     State(state): State<AppState>,
     Body(req): Body<crate::model::ImportImage>,
 ) -> Result<Json<crate::model::ImageSummary>, ApiError> {
+    crate::validate::import(&req)?;
     blocking(move || {
         state
             .images
@@ -669,6 +760,7 @@ async fn run_sandbox(
     State(state): State<AppState>,
     Body(req): Body<crate::model::RunSandbox>,
 ) -> Result<(StatusCode, Json<crate::model::Sandbox>), ApiError> {
+    crate::validate::run_sandbox(&req)?;
     let sandbox = tokio::spawn(async move { state.sandboxes.run(req).await })
         .await
         .map_err(|e| ApiError::internal(format!("operation failed to run: {e}")))??;
@@ -708,10 +800,8 @@ async fn stop_sandbox(
     PathParam(sandbox): PathParam<String>,
     QueryParam(query): QueryParam<crate::model::StopQuery>,
 ) -> Result<Json<crate::model::Sandbox>, ApiError> {
-    let grace = query
-        .grace_secs
-        .filter(|s| s.is_finite() && *s >= 0.0 && *s <= 3600.0)
-        .map(Duration::from_secs_f64);
+    crate::validate::query_seconds("grace_secs", query.grace_secs, 3600.0)?;
+    let grace = query.grace_secs.map(Duration::from_secs_f64);
     tokio::spawn(async move { state.sandboxes.stop(&sandbox, grace).await })
         .await
         .map_err(|e| ApiError::internal(format!("operation failed to run: {e}")))?
@@ -747,6 +837,7 @@ async fn exec_sandbox(
     PathParam(sandbox): PathParam<String>,
     Body(req): Body<crate::model::ExecRequest>,
 ) -> Result<Json<crate::model::ExecResult>, ApiError> {
+    crate::validate::exec(&req)?;
     state
         .sandboxes
         .exec(&sandbox, req.args, req.env)
@@ -929,6 +1020,7 @@ async fn create_addon(
     State(state): State<AppState>,
     Body(req): Body<crate::model::CreateAddon>,
 ) -> Result<(StatusCode, Json<crate::model::Addon>), ApiError> {
+    crate::validate::addon(&req)?;
     let addon = detached(async move {
         let (addon, mut done) = state.addons.create(&req, "cli").await?;
         if !req.wait {
@@ -1026,6 +1118,7 @@ async fn deploy_app(
     State(state): State<AppState>,
     Body(req): Body<crate::model::DeployApp>,
 ) -> Result<Json<crate::model::App>, ApiError> {
+    crate::validate::deploy(&req)?;
     detached(async move { state.apps.deploy(req).await })
         .await
         .map(Json)

@@ -23,3 +23,4 @@ pub mod snapshot_cli;
 pub mod state;
 pub mod stream;
 pub mod util;
+pub mod validate;

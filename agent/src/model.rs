@@ -356,8 +356,16 @@ pub struct ExecRequest {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ExecResult {
     pub exit_code: i32,
+    /// The first 4 MiB of what the command wrote to stdout.
     pub stdout: String,
+    /// The first 4 MiB of what it wrote to stderr.
     pub stderr: String,
+    /// True when stdout was longer than what `stdout` holds.
+    #[serde(default)]
+    pub stdout_truncated: bool,
+    /// True when stderr was longer than what `stderr` holds.
+    #[serde(default)]
+    pub stderr_truncated: bool,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, utoipa::IntoParams)]

@@ -125,6 +125,29 @@ impl From<sandbox::SandboxError> for ApiError {
     }
 }
 
+/// Reads a stream to its end keeping at most [`sandbox::EXEC_OUTPUT_LIMIT`] bytes; true when
+/// there was more (the rest is read and dropped, so the writer never blocks on us).
+async fn read_bounded(stream: Option<impl tokio::io::AsyncRead + Unpin>) -> (Vec<u8>, bool) {
+    use tokio::io::AsyncReadExt;
+    let mut kept = Vec::new();
+    let mut truncated = false;
+    let Some(mut stream) = stream else {
+        return (kept, truncated);
+    };
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                let room = sandbox::EXEC_OUTPUT_LIMIT.saturating_sub(kept.len());
+                kept.extend_from_slice(&chunk[..n.min(room)]);
+                truncated |= n > room;
+            }
+        }
+    }
+    (kept, truncated)
+}
+
 /// `256M`, `1G`, `512k`, `1048576` -> bytes.
 pub fn parse_memory(s: &str) -> Result<u64, ApiError> {
     let s = s.trim();
@@ -330,6 +353,8 @@ impl SandboxService {
     /// Runs a sandbox for `owner` (an app's service, an addon's server), recorded on its row:
     /// that, not its name, is how the owner finds it again.
     pub async fn run_as(&self, req: RunSandbox, owner: Option<Owner>) -> Result<Sandbox, ApiError> {
+        // Every caller's request (the API's, a deploy's from app.toml, an addon's) is checked.
+        crate::validate::run_sandbox(&req)?;
         let id = new_id("sbx");
         let name = req.name.clone().unwrap_or_else(|| id.replace('_', "-"));
         miren_disks::validate_name(&name)
@@ -819,12 +844,25 @@ impl SandboxService {
         for kv in &env {
             cmd.arg("--env").arg(kv);
         }
-        cmd.arg("--").args(&args).stdin(std::process::Stdio::null());
-        let out = cmd
-            .output()
-            .await
+        cmd.arg("--")
+            .args(&args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = cmd
+            .spawn()
             .map_err(|e| ApiError::internal(format!("starting exec: {e}")))?;
-        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        let (stdout, stderr) = tokio::join!(
+            read_bounded(child.stdout.take()),
+            read_bounded(child.stderr.take())
+        );
+        let status = child
+            .wait()
+            .await
+            .map_err(|e| ApiError::internal(format!("waiting for exec: {e}")))?;
+        let (stdout, stdout_truncated) = stdout;
+        let (stderr, stderr_truncated) = stderr;
+        let stderr = String::from_utf8_lossy(&stderr).into_owned();
         if let Some(message) = stderr.strip_prefix(EXEC_ERROR_MARK) {
             return Err(ApiError::conflict(format!(
                 "cannot exec in sandbox `{}`: {}",
@@ -833,9 +871,11 @@ impl SandboxService {
             )));
         }
         Ok(ExecResult {
-            exit_code: out.status.code().unwrap_or(128),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            exit_code: status.code().unwrap_or(128),
+            stdout: String::from_utf8_lossy(&stdout).into_owned(),
             stderr,
+            stdout_truncated,
+            stderr_truncated,
         })
     }
 

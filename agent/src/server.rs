@@ -14,11 +14,24 @@ use tracing::{info, warn};
 use crate::api::{self, AppState, PeerCred};
 use crate::config::AgentConfig;
 use crate::disks::DiskService;
+use crate::error::ApiError;
 use crate::net::NetService;
 use crate::state::Store;
 
 /// How long in-flight requests (a lease wait, say) get to finish after SIGTERM.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// A client gets this long to send a request's headers (and an idle keep-alive connection
+/// this long to start its next request); then the agent closes the connection.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connections served at once; more are answered 503 and closed, so a client opening
+/// connections without end cannot exhaust the agent's file descriptors or memory.
+pub const MAX_CONNECTIONS: usize = 1024;
+
+/// Connections one peer process may hold at once: one client stalling many connections
+/// uses up its own share, and the others' requests still get in.
+pub const MAX_CONNECTIONS_PER_PEER: usize = 128;
 
 fn require_root() -> Result<()> {
     if !nix::unistd::Uid::effective().is_root() {
@@ -118,6 +131,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         addons: addons.clone(),
         apps: apps.clone(),
         socket_gid: cfg.socket_gid,
+        restores: Arc::new(tokio::sync::Semaphore::new(api::MAX_RESTORES)),
     };
     // An addon settling outside a deploy (in the background, or resumed after a restart)
     // restarts its app's services if their variables changed.
@@ -139,7 +153,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     // Addons and deploys a previous agent left mid-way continue in the background.
     addons.resume().context("resuming addons")?;
     apps.resume().context("resuming deploys")?;
-    let app = api::router(state).into_make_service_with_connect_info::<PeerCred>();
+    let app = api::router(state);
 
     let reclaimer = tokio::spawn(reclaim_periodically(
         disks.clone(),
@@ -148,16 +162,11 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         cfg.reclaim_interval,
     ));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let server = axum::serve(listener, app).with_graceful_shutdown({
-        let mut stop_rx = stop_rx.clone();
-        async move {
-            let _ = stop_rx.wait_for(|stop| *stop).await;
-        }
-    });
+    let server = serve(listener, app, stop_rx.clone());
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     info!(socket = %cfg.socket.display(), data_dir = %cfg.data_dir.display(), prefix = %cfg.name_prefix, "agent ready");
 
-    let mut server = std::pin::pin!(std::future::IntoFuture::into_future(server));
+    let mut server = std::pin::pin!(server);
     tokio::select! {
         result = &mut server => result.context("serving the API")?,
         signal = shutdown_signal() => {
@@ -268,4 +277,178 @@ fn bind_socket(cfg: &AgentConfig) -> Result<UnixListener> {
         .with_context(|| format!("giving {} to group {gid}", cfg.socket.display()))?;
     }
     Ok(listener)
+}
+
+/// Serves HTTP/1.1 on the socket until `stop` turns true, then lets the open connections
+/// finish their requests. Unlike `axum::serve`, it bounds how long a client may take to
+/// send its headers and how many connections are open at once.
+async fn serve(
+    listener: UnixListener,
+    app: axum::Router,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<()> {
+    raise_open_file_limit();
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let per_peer = PeerConnections::default();
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => Some(stream),
+                Err(e) => {
+                    // Out of file descriptors, say: back off instead of spinning.
+                    warn!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = stop.wait_for(|stop| *stop) => None,
+        };
+        let Some(stream) = stream else { break };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tokio::spawn(refuse_busy(
+                stream,
+                format!("the agent already serves {MAX_CONNECTIONS} connections"),
+            ));
+            continue;
+        };
+        let peer = peer_cred(&stream);
+        let Some(peer_slot) = per_peer.acquire(peer.pid) else {
+            tokio::spawn(refuse_busy(
+                stream,
+                format!(
+                    "process {} already has {MAX_CONNECTIONS_PER_PEER} connections open to the agent",
+                    peer.pid.map_or("unknown".into(), |p| p.to_string())
+                ),
+            ));
+            continue;
+        };
+        let app = app.clone();
+        let mut stop = stop.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(
+                move |request: hyper::Request<hyper::body::Incoming>| {
+                    let mut request = request.map(axum::body::Body::new);
+                    request
+                        .extensions_mut()
+                        .insert(axum::extract::ConnectInfo(peer));
+                    let mut app = app.clone();
+                    async move {
+                        use tower_service::Service;
+                        app.call(request).await
+                    }
+                },
+            );
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT);
+            let connection =
+                builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            let mut connection = std::pin::pin!(connection);
+            let stopping = tokio::select! {
+                _ = connection.as_mut() => false,
+                _ = stop.wait_for(|stop| *stop) => true,
+            };
+            if stopping {
+                connection.as_mut().graceful_shutdown();
+                let _ = connection.await;
+            }
+            drop(peer_slot);
+            drop(slot);
+        });
+    }
+    // Every connection holds a slot: having them all back means every connection is done.
+    let _ = slots.acquire_many(MAX_CONNECTIONS as u32).await;
+    Ok(())
+}
+
+/// Credentials of the process on the other end of the socket (SO_PEERCRED).
+fn peer_cred(stream: &tokio::net::UnixStream) -> PeerCred {
+    match stream.peer_cred() {
+        Ok(cred) => PeerCred {
+            uid: Some(cred.uid()),
+            gid: Some(cred.gid()),
+            pid: cred.pid(),
+        },
+        Err(_) => PeerCred {
+            uid: None,
+            gid: None,
+            pid: None,
+        },
+    }
+}
+
+/// Open connections per peer process (by pid; peers without one share a count).
+#[derive(Clone, Default)]
+struct PeerConnections(Arc<std::sync::Mutex<std::collections::HashMap<Option<i32>, usize>>>);
+
+/// One connection counted against its peer; uncounted when dropped.
+struct PeerSlot {
+    counts: PeerConnections,
+    pid: Option<i32>,
+}
+
+impl PeerConnections {
+    fn acquire(&self, pid: Option<i32>) -> Option<PeerSlot> {
+        let mut counts = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let count = counts.entry(pid).or_default();
+        if *count >= MAX_CONNECTIONS_PER_PEER {
+            return None;
+        }
+        *count += 1;
+        Some(PeerSlot {
+            counts: self.clone(),
+            pid,
+        })
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut counts = self.counts.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = counts.get_mut(&self.pid) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.pid);
+            }
+        }
+    }
+}
+
+/// Room for every connection the agent serves beside its disks and sandboxes: the soft
+/// open-file limit (often 1024) goes up to the hard one.
+fn raise_open_file_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let wanted = hard.min(65_536);
+        if soft < wanted {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, wanted, hard) {
+                warn!(error = %e, "raising the open-file limit failed");
+            }
+        }
+    }
+}
+
+/// Answers a connection over a connection cap with a 503 and closes it.
+async fn refuse_busy(mut stream: tokio::net::UnixStream, why: String) {
+    use tokio::io::AsyncWriteExt;
+    let error = ApiError::new(
+        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+        "too_many_connections",
+        format!("{why}; close idle ones (or wait for them to finish) and retry"),
+    );
+    let body = serde_json::to_string(&crate::model::ErrorBody {
+        code: error.code.to_string(),
+        message: error.message,
+    })
+    .unwrap_or_default();
+    let response = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tokio::time::timeout(HEADER_READ_TIMEOUT, async {
+        let _ = stream.write_all(response.as_bytes()).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
 }

@@ -8,6 +8,9 @@ use tokio::sync::mpsc;
 /// Chunk size handed to the HTTP layer: big enough to keep syscalls rare.
 const CHUNK: usize = 1 << 20;
 
+/// An upload that sends nothing for this long is cut off (and its work undone).
+pub const BODY_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
 pub type FrameResult = Result<Frame<Bytes>, io::Error>;
 
 /// A `Write` whose bytes become HTTP body frames. Fails with BrokenPipe once the receiver
@@ -15,6 +18,8 @@ pub type FrameResult = Result<Frame<Bytes>, io::Error>;
 pub struct ChannelWriter {
     tx: mpsc::Sender<FrameResult>,
     buf: Vec<u8>,
+    /// The runtime the response is served on, to wait for a slow reader with a bound.
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 impl ChannelWriter {
@@ -22,6 +27,7 @@ impl ChannelWriter {
         ChannelWriter {
             tx,
             buf: Vec::with_capacity(CHUNK),
+            runtime: tokio::runtime::Handle::try_current().ok(),
         }
     }
 
@@ -30,9 +36,23 @@ impl ChannelWriter {
             return Ok(());
         }
         let data = Bytes::from(std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK)));
-        self.tx
-            .blocking_send(Ok(Frame::data(data)))
-            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the client went away"))
+        let frame = Ok(Frame::data(data));
+        let gone = |_| io::Error::new(io::ErrorKind::BrokenPipe, "the client went away");
+        let Some(runtime) = &self.runtime else {
+            return self.tx.blocking_send(frame).map_err(gone);
+        };
+        // A client that stops reading does not hold this thread (and a frozen disk's
+        // capture) for ever.
+        match runtime.block_on(tokio::time::timeout(BODY_IDLE_TIMEOUT, self.tx.send(frame))) {
+            Ok(sent) => sent.map_err(gone),
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "the client read nothing for {}s; the download was cut off",
+                    BODY_IDLE_TIMEOUT.as_secs()
+                ),
+            )),
+        }
     }
 }
 
@@ -54,6 +74,10 @@ impl Write for ChannelWriter {
 pub struct ChannelReader {
     rx: mpsc::Receiver<io::Result<Bytes>>,
     current: Bytes,
+    /// An end or error [`Self::wait_for_data`] saw, handed to the next read.
+    pending: Option<Option<io::Result<Bytes>>>,
+    /// The client stopped sending for [`BODY_IDLE_TIMEOUT`].
+    stalled: bool,
 }
 
 impl ChannelReader {
@@ -61,6 +85,24 @@ impl ChannelReader {
         ChannelReader {
             rx,
             current: Bytes::new(),
+            pending: None,
+            stalled: false,
+        }
+    }
+
+    /// True once the upload was cut off for sending nothing for [`BODY_IDLE_TIMEOUT`].
+    pub fn stalled(&self) -> bool {
+        self.stalled
+    }
+
+    /// Waits (without a thread) until the first bytes, the end, or an error arrived.
+    pub async fn wait_for_data(&mut self) {
+        if !self.current.is_empty() || self.pending.is_some() {
+            return;
+        }
+        match self.rx.recv().await {
+            Some(Ok(bytes)) => self.current = bytes,
+            other => self.pending = Some(other),
         }
     }
 
@@ -79,9 +121,16 @@ impl Read for ChannelReader {
                 self.current = self.current.slice(n..);
                 return Ok(n);
             }
-            match self.rx.blocking_recv() {
+            let next = match self.pending.take() {
+                Some(next) => next,
+                None => self.rx.blocking_recv(),
+            };
+            match next {
                 Some(Ok(bytes)) => self.current = bytes,
-                Some(Err(e)) => return Err(e),
+                Some(Err(e)) => {
+                    self.stalled |= e.kind() == io::ErrorKind::TimedOut;
+                    return Err(e);
+                }
                 None => return Ok(0),
             }
         }
@@ -94,7 +143,23 @@ pub fn forward_body(body: axum::body::Body) -> ChannelReader {
     let (tx, rx) = mpsc::channel(8);
     tokio::spawn(async move {
         let mut body = body;
-        while let Some(frame) = body.frame().await {
+        loop {
+            let frame = match tokio::time::timeout(BODY_IDLE_TIMEOUT, body.frame()).await {
+                Ok(Some(frame)) => frame,
+                Ok(None) => break,
+                Err(_) => {
+                    let _ = tx
+                        .send(Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            format!(
+                                "the upload stalled: nothing arrived for {}s; send the body without pauses",
+                                BODY_IDLE_TIMEOUT.as_secs()
+                            ),
+                        )))
+                        .await;
+                    break;
+                }
+            };
             let item = match frame {
                 Ok(frame) => match frame.into_data() {
                     Ok(data) => Ok(data),

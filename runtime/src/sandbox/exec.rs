@@ -28,6 +28,10 @@ use super::{cgroup, merge_env, read_spec, status, SandboxError, State, YOUKI_DIR
 /// How long to keep reading after the command exited (its children may hold the pipes).
 const DRAIN: Duration = Duration::from_secs(2);
 
+/// Bytes of each stream an exec keeps; the rest is read and dropped, so a command printing
+/// without end costs no memory. One byte more than this tells a caller the output was cut.
+pub const EXEC_OUTPUT_LIMIT: usize = 4 << 20;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExecOutput {
     /// 128+signal for a signal death.
@@ -37,7 +41,7 @@ pub struct ExecOutput {
 }
 
 /// Runs `args` in the running sandbox and collects its exit code and output (in
-/// memory: meant for short commands). `env` entries (`K=V`) override the sandbox's.
+/// memory, at most [`EXEC_OUTPUT_LIMIT`] + 1 bytes of each stream: meant for short commands). `env` entries (`K=V`) override the sandbox's.
 ///
 /// Like [`super::supervise`], call it from a single-threaded process (e.g. a hidden
 /// `miren exec-helper` subcommand), never from the agent's tokio runtime: libcontainer
@@ -263,7 +267,10 @@ fn collect(pid: Pid, out_r: OwnedFd, err_r: OwnedFd) -> Result<ExecOutput, Sandb
             }
             match nix::unistd::read(f, &mut chunk) {
                 Ok(0) => *fd = None,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                Ok(n) => {
+                    let keep = n.min((EXEC_OUTPUT_LIMIT + 1).saturating_sub(buf.len()));
+                    buf.extend_from_slice(&chunk[..keep]);
+                }
                 Err(nix::errno::Errno::EINTR) => {}
                 Err(_) => *fd = None,
             }

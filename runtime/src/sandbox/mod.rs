@@ -21,7 +21,7 @@ pub use control::{
     create, delete, launch, needs_relaunch, relaunch, spawn, spawn_spare, status, stop, wait,
     Launch, Spare,
 };
-pub use exec::{exec, ExecOutput};
+pub use exec::{exec, ExecOutput, EXEC_OUTPUT_LIMIT};
 pub use layer::{remove_stale_spare_layers, LAYER_DIR, LAYER_IMAGE, SPARE_LAYERS_DIR};
 pub use oci::{DEFAULT_CAPS, DENIED_SYSCALLS};
 pub use spec::{
