@@ -6,7 +6,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::process::{Child, ChildStdin, ChildStdout, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
 use axum::http::StatusCode;
@@ -373,9 +373,7 @@ struct HeldFreeze {
 
 impl HeldFreeze {
     fn start(mount: &Path, bound: Duration) -> Result<HeldFreeze, ApiError> {
-        let exe = std::env::current_exe()
-            .map_err(|e| ApiError::internal(format!("finding the miren binary: {e}")))?;
-        let mut child = Command::new(exe)
+        let mut child = crate::util::own_binary()
             .arg("freeze-hold")
             .arg("--mount")
             .arg(mount)

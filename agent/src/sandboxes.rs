@@ -50,18 +50,11 @@ pub struct SandboxService {
 /// dynamic loading of a large binary; it is replaced after each use, off the start path.
 #[derive(Clone)]
 struct Spares {
-    exe: Option<PathBuf>,
     sandboxes_dir: PathBuf,
     spare: Arc<std::sync::Mutex<Option<sandbox::Spare>>>,
 }
 
 impl Spares {
-    fn exe(&self) -> Result<&Path, ApiError> {
-        self.exe
-            .as_deref()
-            .ok_or_else(|| ApiError::internal("cannot find the miren binary to run supervisors"))
-    }
-
     fn slot(&self) -> std::sync::MutexGuard<'_, Option<sandbox::Spare>> {
         self.spare.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -80,7 +73,7 @@ impl Spares {
 
     /// A fresh supervisor's command for `state_dir`.
     fn command(&self, state_dir: &Path) -> Result<std::process::Command, ApiError> {
-        let mut cmd = std::process::Command::new(self.exe()?);
+        let mut cmd = crate::util::own_binary();
         cmd.arg("supervise").arg("--state-dir").arg(state_dir);
         Ok(cmd)
     }
@@ -90,8 +83,7 @@ impl Spares {
         if self.slot().is_some() {
             return;
         }
-        let Ok(exe) = self.exe() else { return };
-        let mut cmd = std::process::Command::new(exe);
+        let mut cmd = crate::util::own_binary();
         cmd.arg("supervise")
             .arg("--sandboxes-dir")
             .arg(&self.sandboxes_dir);
@@ -306,7 +298,6 @@ impl SandboxService {
         images: Arc<ImageService>,
     ) -> SandboxService {
         let spares = Spares {
-            exe: std::env::current_exe().ok(),
             sandboxes_dir: cfg.data_dir.join("sandboxes"),
             spare: Default::default(),
         };
@@ -835,9 +826,7 @@ impl SandboxService {
             return Err(ApiError::invalid("give the command to run after `--`"));
         }
         let row = self.find(id_or_name)?;
-        let exe = std::env::current_exe()
-            .map_err(|e| ApiError::internal(format!("finding the miren binary: {e}")))?;
-        let mut cmd = tokio::process::Command::new(exe);
+        let mut cmd = tokio::process::Command::from(crate::util::own_binary());
         cmd.arg("exec-in")
             .arg("--state-dir")
             .arg(self.state_dir(&row.id));

@@ -17,6 +17,20 @@ pub fn new_id(kind: &str) -> String {
     format!("{kind}_{hex}")
 }
 
+/// A command that runs this very binary: `/proc/self/exe`, so supervisors, exec helpers and the
+/// freeze helper are the agent's own version even after an upgrade replaced (and so unlinked)
+/// the file it was started from; `current_exe()` would then name a path that no longer exists.
+/// argv[0] stays the path it was started as, so `ps` and `scripts/cleanup` recognise it.
+pub fn own_binary() -> std::process::Command {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = std::process::Command::new("/proc/self/exe");
+    if let Ok(path) = std::env::current_exe() {
+        let shown = path.to_string_lossy();
+        cmd.arg0(shown.trim_end_matches(" (deleted)"));
+    }
+    cmd
+}
+
 /// RFC 3339 UTC timestamp with seconds, as stored and shown everywhere.
 pub fn now_rfc3339() -> String {
     humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
