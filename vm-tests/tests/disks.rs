@@ -217,7 +217,7 @@ fn bad_names_and_sizes_are_refused_before_anything_is_made() {
     assert!(err.contains("ext4"), "{err}");
     assert!(agent.disks().is_empty());
     assert_eq!(fs::read_dir(agent.images_dir()).unwrap().count(), 0);
-    assert!(miren_disks::loops_under(&agent.data_dir)
+    assert!(miren_disks::loops_under(&agent.images_dir())
         .unwrap()
         .is_empty());
     agent.assert_converged();
@@ -505,7 +505,7 @@ fn kill_9_during_creates_and_deletes_converges_with_nothing_leaked() {
         agent.ok(&["debug", "disk", "delete", "-i", d["id"].as_str().unwrap()]);
     }
     agent.assert_converged();
-    assert!(miren_disks::loops_under(&agent.data_dir)
+    assert!(miren_disks::loops_under(&agent.images_dir())
         .unwrap()
         .is_empty());
 }
@@ -587,7 +587,7 @@ fn a_missing_mkfs_tool_names_the_package_and_leaves_nothing() {
     );
     assert!(agent.disks().is_empty());
     assert_eq!(fs::read_dir(agent.images_dir()).unwrap().count(), 0);
-    assert!(miren_disks::loops_under(&agent.data_dir)
+    assert!(miren_disks::loops_under(&agent.images_dir())
         .unwrap()
         .is_empty());
     agent.assert_converged();
