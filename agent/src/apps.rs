@@ -11,6 +11,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
+use crate::addons::store::AppStatus;
 use crate::addons::{self, AddonService};
 use crate::disks::DiskService;
 use crate::error::ApiError;
@@ -247,7 +248,7 @@ impl AppService {
         let old = self.spec_of(&app).ok();
         let text = serde_json::to_string(&spec)
             .map_err(|e| ApiError::internal(format!("recording the app: {e}")))?;
-        self.store.put_app(&app, &text, "deploying")?;
+        self.store.put_app(&app, &text, AppStatus::Deploying)?;
         info!(app = %app, services = spec.services.len(), addons = spec.addons.len(), "deploying");
         self.converge(&app, &spec, old.as_ref()).await?;
         self.get(&app)
@@ -257,7 +258,7 @@ impl AppService {
     /// addons changed while it was not looking.
     pub fn resume(self: &Arc<Self>) -> Result<(), ApiError> {
         for row in self.store.apps()? {
-            if row.status == "running" {
+            if row.status == AppStatus::Running {
                 let this = self.clone();
                 tokio::spawn(async move {
                     if let Err(e) = this.addons_changed(&row.name).await {
@@ -266,7 +267,7 @@ impl AppService {
                 });
                 continue;
             }
-            if row.status != "deploying" {
+            if row.status != AppStatus::Deploying {
                 continue;
             }
             let this = self.clone();
@@ -296,12 +297,13 @@ impl AppService {
     ) -> Result<(), ApiError> {
         match self.converge_steps(app, spec, old).await {
             Ok(()) => {
-                self.store.set_app_status(app, "running", None)?;
+                self.store.set_app_status(app, AppStatus::Running, None)?;
                 info!(app = %app, "deployed");
                 Ok(())
             }
             Err(e) => {
-                self.store.set_app_status(app, "error", Some(&e.message))?;
+                self.store
+                    .set_app_status(app, AppStatus::Error, Some(&e.message))?;
                 Err(e)
             }
         }
@@ -515,7 +517,7 @@ impl AppService {
             )));
         }
         self.start_services(app, &spec).await?;
-        self.store.set_app_status(app, "running", None)?;
+        self.store.set_app_status(app, AppStatus::Running, None)?;
         info!(app = %app, "restarted");
         self.get(app)
     }
@@ -527,7 +529,7 @@ impl AppService {
         let lock = self.locks.of(app);
         let _guard = lock.lock().await;
         match self.store.app(app)? {
-            Some(row) if row.status == "running" => {
+            Some(row) if row.status == AppStatus::Running => {
                 let (_, now) = self.addon_env(app)?;
                 match self.store.app_addon_env(app)? {
                     Some(then) if then == now => return Ok(()),
@@ -600,7 +602,7 @@ impl AppService {
                         .as_ref()
                         .map_or_else(|| service_sandbox_name(app, &s.name), |x| x.name.clone()),
                     image: s.image.clone(),
-                    state: sandbox.as_ref().map(|x| x.state.clone()),
+                    state: sandbox.as_ref().map(|x| x.state),
                     ip: sandbox.as_ref().and_then(|x| x.ip.clone()),
                     restarts: sandbox.as_ref().map(|x| x.restarts),
                 }
@@ -608,7 +610,7 @@ impl AppService {
             .collect();
         Ok(App {
             name: row.name.clone(),
-            status: row.status.clone(),
+            status: row.status.to_string(),
             reason: row.reason.clone(),
             services,
             addons: self

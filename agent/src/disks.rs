@@ -657,7 +657,7 @@ impl DiskService {
             size_gb: None,
             filesystem: None,
             read_only: false,
-            status: "ready".into(),
+            status: DiskStatus::Ready.to_string(),
             error: None,
             allocated_bytes: dir_allocated_bytes(&dir),
             image_path: None,

@@ -11,6 +11,7 @@ use std::sync::{Mutex, MutexGuard};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use crate::error::ApiError;
+pub use crate::status::{DiskStatus, EndpointStatus, SandboxStatus};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
 /// Never edit a shipped entry: append a new one.
@@ -232,41 +233,6 @@ impl Owner {
     }
 }
 
-/// Lifecycle of a disk row. `Creating` and `Deleting` mark operations in flight: after a crash,
-/// a creating disk is rolled back and a deleting one is finished.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DiskStatus {
-    Creating,
-    Ready,
-    Resizing,
-    Deleting,
-    Restoring,
-    Error,
-}
-
-impl DiskStatus {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DiskStatus::Creating => "creating",
-            DiskStatus::Ready => "ready",
-            DiskStatus::Resizing => "resizing",
-            DiskStatus::Deleting => "deleting",
-            DiskStatus::Restoring => "restoring",
-            DiskStatus::Error => "error",
-        }
-    }
-    fn parse(s: &str) -> DiskStatus {
-        match s {
-            "creating" => DiskStatus::Creating,
-            "ready" => DiskStatus::Ready,
-            "resizing" => DiskStatus::Resizing,
-            "deleting" => DiskStatus::Deleting,
-            "restoring" => DiskStatus::Restoring,
-            _ => DiskStatus::Error,
-        }
-    }
-}
-
 #[derive(Debug, Clone)]
 pub struct DiskRow {
     pub id: String,
@@ -308,7 +274,7 @@ fn disk_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<DiskRow> {
         size_gb: row.get::<_, i64>(2)? as u64,
         filesystem: row.get(3)?,
         read_only: row.get(4)?,
-        status: DiskStatus::parse(&row.get::<_, String>(5)?),
+        status: row.get(5)?,
         error: row.get(6)?,
         created_at: row.get(7)?,
     })
@@ -442,7 +408,7 @@ impl Store {
     ) -> Result<(), ApiError> {
         self.conn().execute(
             "UPDATE disks SET status = ?2, error = ?3 WHERE id = ?1",
-            params![id, status.as_str(), error],
+            params![id, status, error],
         )?;
         Ok(())
     }
@@ -557,7 +523,10 @@ impl Store {
                 )))
             }
         }
-        tx.execute("UPDATE disks SET status = 'deleting' WHERE id = ?1", [id])?;
+        tx.execute(
+            "UPDATE disks SET status = ?2 WHERE id = ?1",
+            params![id, DiskStatus::Deleting],
+        )?;
         tx.commit()?;
         Ok(disk)
     }
@@ -598,8 +567,8 @@ impl Store {
             )));
         }
         tx.execute(
-            "UPDATE disks SET status = 'resizing', size_gb = ?2 WHERE id = ?1",
-            params![id, size_gb as i64],
+            "UPDATE disks SET status = ?3, size_gb = ?2 WHERE id = ?1",
+            params![id, size_gb as i64, DiskStatus::Resizing],
         )?;
         tx.commit()?;
         Ok(DiskRow {
@@ -612,8 +581,14 @@ impl Store {
     /// Ends a resize, successful or rolled back: records the size the disk really has now.
     pub fn end_resize(&self, id: &str, size_gb: u64, error: Option<&str>) -> Result<(), ApiError> {
         self.conn().execute(
-            "UPDATE disks SET status = 'ready', size_gb = ?2, error = ?3 WHERE id = ?1 AND status = 'resizing'",
-            params![id, size_gb as i64, error],
+            "UPDATE disks SET status = ?4, size_gb = ?2, error = ?3 WHERE id = ?1 AND status = ?5",
+            params![
+                id,
+                size_gb as i64,
+                error,
+                DiskStatus::Ready,
+                DiskStatus::Resizing
+            ],
         )?;
         Ok(())
     }
@@ -623,14 +598,14 @@ impl Store {
     pub fn try_acquire_lease(&self, lease: &LeaseRow) -> Result<LeaseAttempt, ApiError> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let status: Option<String> = tx
+        let status: Option<DiskStatus> = tx
             .query_row(
                 "SELECT status FROM disks WHERE id = ?1",
                 [&lease.disk_id],
                 |r| r.get(0),
             )
             .optional()?;
-        match status.as_deref().map(DiskStatus::parse) {
+        match status {
             None => {
                 return Err(ApiError::not_found(format!(
                     "disk {} does not exist",
@@ -790,13 +765,14 @@ impl Store {
             )));
         }
         tx.execute(
-            "UPDATE disks SET status = 'restoring', restore_image = ?2, restore_size_gb = ?3,
+            "UPDATE disks SET status = ?5, restore_image = ?2, restore_size_gb = ?3,
              restore_filesystem = ?4 WHERE id = ?1",
             params![
                 id,
                 pending.image,
                 pending.size_gb as i64,
-                pending.filesystem
+                pending.filesystem,
+                DiskStatus::Restoring
             ],
         )?;
         tx.commit()?;
@@ -826,13 +802,13 @@ impl Store {
     pub fn end_restore(&self, id: &str, applied: bool) -> Result<(), ApiError> {
         let sql = if applied {
             "UPDATE disks SET size_gb = restore_size_gb, filesystem = restore_filesystem,
-             status = 'ready', error = NULL, restore_image = NULL, restore_size_gb = NULL,
+             status = ?2, error = NULL, restore_image = NULL, restore_size_gb = NULL,
              restore_filesystem = NULL WHERE id = ?1 AND restore_image IS NOT NULL"
         } else {
-            "UPDATE disks SET status = 'ready', restore_image = NULL, restore_size_gb = NULL,
+            "UPDATE disks SET status = ?2, restore_image = NULL, restore_size_gb = NULL,
              restore_filesystem = NULL WHERE id = ?1"
         };
-        self.conn().execute(sql, [id])?;
+        self.conn().execute(sql, params![id, DiskStatus::Ready])?;
         Ok(())
     }
 }
@@ -844,7 +820,7 @@ pub struct SandboxRow {
     pub app: String,
     pub image: String,
     /// `creating`, `created` or `deleting`.
-    pub status: String,
+    pub status: SandboxStatus,
     /// Names of the disks whose leases the sandbox holds.
     pub disks: Vec<String>,
     pub created_at: String,
@@ -926,7 +902,7 @@ impl Store {
         })
     }
 
-    pub fn set_sandbox_status(&self, id: &str, status: &str) -> Result<(), ApiError> {
+    pub fn set_sandbox_status(&self, id: &str, status: SandboxStatus) -> Result<(), ApiError> {
         self.volatile(|conn| {
             conn.execute(
                 "UPDATE sandboxes SET status = ?2 WHERE id = ?1",
@@ -1030,7 +1006,7 @@ pub struct EndpointRow {
     pub allow_from: Vec<String>,
     /// Published ports as `host_ip:host_port:port`.
     pub publish: Vec<String>,
-    pub status: String,
+    pub status: EndpointStatus,
     pub owner_pid: Option<i64>,
     pub owner_start_time: Option<i64>,
     pub created_at: String,
@@ -1111,7 +1087,7 @@ impl Store {
             })?;
             let row = EndpointRow {
                 ip,
-                status: "creating".into(),
+                status: EndpointStatus::Creating,
                 ..endpoint.clone()
             };
             tx.execute(
@@ -1153,7 +1129,7 @@ impl Store {
         Ok(changed > 0)
     }
 
-    pub fn set_endpoint_status(&self, owner: &str, status: &str) -> Result<(), ApiError> {
+    pub fn set_endpoint_status(&self, owner: &str, status: EndpointStatus) -> Result<(), ApiError> {
         self.volatile(|conn| {
             conn.execute(
                 "UPDATE endpoints SET status = ?2 WHERE owner = ?1",
@@ -1405,20 +1381,25 @@ mod tests {
             name: "one".into(),
             app: "one".into(),
             image: "busybox".into(),
-            status: "creating".into(),
+            status: SandboxStatus::Creating,
             disks: vec![],
             created_at: "2026-01-01T00:00:00Z".into(),
             owner: None,
         };
         store.insert_sandbox(&row).unwrap();
         assert!(store.insert_sandbox(&row).is_err(), "a name is taken once");
-        store.set_sandbox_status("sbx_1", "created").unwrap();
+        store
+            .set_sandbox_status("sbx_1", SandboxStatus::Created)
+            .unwrap();
         assert_eq!(
             synchronous(&store),
             2,
             "FULL again after unforced commits and errors"
         );
-        assert_eq!(store.sandbox("one").unwrap().unwrap().status, "created");
+        assert_eq!(
+            store.sandbox("one").unwrap().unwrap().status,
+            SandboxStatus::Created
+        );
     }
 
     #[test]
