@@ -234,13 +234,9 @@ impl AppService {
         // Another app's or an addon's disk is refused before anything is recorded.
         for service in &spec.services {
             for disk in service.disks.iter().filter(|d| !d.local) {
-                self.disks.check_for_app(&disk.name, &app).map_err(|e| {
-                    ApiError::new(
-                        e.status,
-                        e.code,
-                        format!("{source}: services.{}: {}", service.name, e.message),
-                    )
-                })?;
+                self.disks
+                    .check_for_app(&disk.name, &app)
+                    .map_err(|e| e.with_context(format!("{source}: services.{}", service.name)))?;
             }
         }
         let lock = self.locks.of(&app);
@@ -474,7 +470,7 @@ impl AppService {
                 .await
             {
                 // Another app's service took the free name meanwhile: the hashed one is ours.
-                Err(e) if e.code == "conflict" && e.message.starts_with("a sandbox named") => {
+                Err(e) if e.is_name_taken() => {
                     let hashed = crate::disks::hashed_name(&preferred, &owner.describe());
                     if hashed == name {
                         Err(e)
@@ -488,13 +484,7 @@ impl AppService {
                 }
                 other => other,
             }
-            .map_err(|e| {
-                ApiError::new(
-                    e.status,
-                    e.code,
-                    format!("service `{}`: {}", service.name, e.message),
-                )
-            })?;
+            .map_err(|e| e.with_context(format!("service `{}`", service.name)))?;
             info!(app = %app, service = %service.name, sandbox = %sandbox.id, "service started");
         }
         self.store.set_app_addon_env(app, &digest)?;

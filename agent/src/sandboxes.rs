@@ -818,7 +818,7 @@ impl SandboxService {
     /// by name and may be repeating themselves).
     pub async fn delete_if_exists(&self, id_or_name: &str) -> Result<(), ApiError> {
         match self.delete(id_or_name).await {
-            Err(e) if e.code == "not_found" => Ok(()),
+            Err(e) if e.is_not_found() => Ok(()),
             other => other,
         }
     }

@@ -5,7 +5,7 @@
 use std::collections::HashSet;
 use std::net::Ipv4Addr;
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
@@ -265,6 +265,31 @@ pub struct Store {
     conn: Mutex<Connection>,
 }
 
+/// Why the state store could not be opened. The agent refuses to start on any of these.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreOpenError {
+    #[error("opening state store {}: {error}", path.display())]
+    Open {
+        path: PathBuf,
+        error: rusqlite::Error,
+    },
+    #[error("configuring state store: {0}")]
+    Configure(rusqlite::Error),
+    #[error("reading schema version: {0}")]
+    ReadVersion(rusqlite::Error),
+    #[error(
+        "the state store has schema version {found}, newer than this agent understands ({known}); run the newer miren that wrote it"
+    )]
+    TooNew { found: i64, known: i64 },
+    #[error("applying schema migration {target}: {error}")]
+    Migrate { target: i64, error: rusqlite::Error },
+    #[error("securing state store {}: {error}", path.display())]
+    Secure {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+}
+
 const DISK_COLUMNS: &str = "id, name, size_gb, filesystem, read_only, status, error, created_at";
 
 fn disk_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<DiskRow> {
@@ -291,15 +316,17 @@ fn lease_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<LeaseRow> {
 }
 
 impl Store {
-    pub fn open(path: &Path) -> Result<Store, String> {
-        let conn = Connection::open(path)
-            .map_err(|e| format!("opening state store {}: {e}", path.display()))?;
+    pub fn open(path: &Path) -> Result<Store, StoreOpenError> {
+        let conn = Connection::open(path).map_err(|error| StoreOpenError::Open {
+            path: path.to_path_buf(),
+            error,
+        })?;
         conn.execute_batch(
             "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;",
         )
-        .map_err(|e| format!("configuring state store: {e}"))?;
+        .map_err(StoreOpenError::Configure)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))
-            .map_err(|e| format!("configuring state store: {e}"))?;
+            .map_err(StoreOpenError::Configure)?;
         migrate(&conn)?;
         // The store holds addon credentials: only root may read it (and its WAL files).
         for suffix in ["", "-wal", "-shm"] {
@@ -308,7 +335,10 @@ impl Store {
             if let Err(e) = std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600))
             {
                 if e.kind() != std::io::ErrorKind::NotFound {
-                    return Err(format!("securing state store {}: {e}", path.display()));
+                    return Err(StoreOpenError::Secure {
+                        path: path.to_path_buf(),
+                        error: e,
+                    });
                 }
             }
         }
@@ -857,7 +887,7 @@ impl Store {
                 )
                 .optional()?;
             if let Some(id) = existing {
-                return Err(ApiError::conflict(format!(
+                return Err(ApiError::name_taken(format!(
                     "a sandbox named `{}` already exists ({id}); pick another name or delete it first",
                     row.name
                 )));
@@ -1167,15 +1197,16 @@ impl Store {
     }
 }
 
-fn migrate(conn: &Connection) -> Result<(), String> {
+fn migrate(conn: &Connection) -> Result<(), StoreOpenError> {
     let version: i64 = conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))
-        .map_err(|e| format!("reading schema version: {e}"))?;
+        .map_err(StoreOpenError::ReadVersion)?;
     let known = MIGRATIONS.len() as i64;
     if version > known {
-        return Err(format!(
-            "the state store has schema version {version}, newer than this agent understands ({known}); run the newer miren that wrote it"
-        ));
+        return Err(StoreOpenError::TooNew {
+            found: version,
+            known,
+        });
     }
     for (index, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
         let target = index as i64 + 1;
@@ -1185,7 +1216,7 @@ fn migrate(conn: &Connection) -> Result<(), String> {
             tx.pragma_update(None, "user_version", target)?;
             tx.commit()
         };
-        apply().map_err(|e| format!("applying schema migration {target}: {e}"))?;
+        apply().map_err(|error| StoreOpenError::Migrate { target, error })?;
     }
     Ok(())
 }
@@ -1232,7 +1263,11 @@ mod tests {
         conn.pragma_update(None, "user_version", 99).unwrap();
         drop(conn);
         let err = Store::open(&path).err().unwrap();
-        assert!(err.contains("newer"), "{err}");
+        assert!(
+            matches!(err, StoreOpenError::TooNew { found: 99, .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("run the newer miren"), "{err}");
     }
 
     /// Migration 8 on a store an agent of schema 7 left, in the state the finding left it:

@@ -903,7 +903,7 @@ impl AddonService {
         };
         let disks = self.disks.clone();
         tokio::task::spawn_blocking(move || match disks.delete(&row.id) {
-            Err(e) if e.code == "not_found" => Ok(()),
+            Err(e) if e.is_not_found() => Ok(()),
             other => other,
         })
         .await
