@@ -165,6 +165,14 @@ impl AddonStatus {
         )
     }
 
+    /// Where a provisioning step is owed (not yet started, or cut short).
+    pub const PROVISIONING_OWED: &'static [AddonStatus] =
+        &[AddonStatus::Pending, AddonStatus::Provisioning];
+
+    pub fn needs_provisioning(self) -> bool {
+        AddonStatus::PROVISIONING_OWED.contains(&self)
+    }
+
     /// The addon counts as a member of its shared server (keeps it alive).
     pub fn is_member(self) -> bool {
         self != AddonStatus::Error
@@ -330,6 +338,12 @@ mod tests {
             .map(|s| s.as_str())
             .collect();
         assert_eq!(working, ["pending", "provisioning", "deprovisioning"]);
+        let owed: Vec<_> = AddonStatus::ALL
+            .iter()
+            .filter(|s| s.needs_provisioning())
+            .map(|s| s.as_str())
+            .collect();
+        assert_eq!(owed, ["pending", "provisioning"]);
         let members: Vec<_> = AddonStatus::members().map(|s| s.as_str()).collect();
         assert_eq!(
             members,

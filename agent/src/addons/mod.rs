@@ -367,13 +367,7 @@ impl AddonService {
         self.store.transition_addon(
             app,
             kind,
-            &[
-                AddonStatus::Pending,
-                AddonStatus::Provisioning,
-                AddonStatus::Active,
-                AddonStatus::Error,
-                AddonStatus::Deprovisioning,
-            ],
+            AddonStatus::ALL,
             AddonStatus::Deprovisioning,
             None,
         )?;
@@ -451,10 +445,7 @@ impl AddonService {
             };
             let mut failed_removal = false;
             match row {
-                Some(row)
-                    if row.status == AddonStatus::Pending
-                        || row.status == AddonStatus::Provisioning =>
-                {
+                Some(row) if row.status.needs_provisioning() => {
                     self.provision(row).await;
                     continue;
                 }
@@ -509,7 +500,7 @@ impl AddonService {
         match self.store.transition_addon(
             app,
             kind,
-            &[AddonStatus::Pending, AddonStatus::Provisioning],
+            AddonStatus::PROVISIONING_OWED,
             AddonStatus::Provisioning,
             None,
         ) {
