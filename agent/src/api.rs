@@ -1028,7 +1028,7 @@ async fn create_addon(
         }
         let _ = done.wait_for(|d| *d).await;
         let addon = state.addons.get(&addon.app, &addon.name)?;
-        if addon.status == crate::addons::store::ACTIVE {
+        if addon.status == crate::addons::store::AddonStatus::Active.as_str() {
             state.apps.addons_changed(&addon.app).await?;
         }
         Ok(addon)
@@ -1082,7 +1082,7 @@ async fn destroy_addon(
         if let Ok(left) = state.addons.get(&app, &kind) {
             return Err(ApiError::conflict(format!(
                 "{kind} of app `{app}` is not fully removed yet: {}",
-                left.reason.unwrap_or_else(|| left.status.clone())
+                left.reason.unwrap_or_else(|| left.status.to_string())
             )));
         }
         state.apps.addons_changed(&app).await?;

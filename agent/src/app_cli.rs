@@ -49,7 +49,8 @@ fn print_app(app: &App) {
             vec![
                 s.name.clone(),
                 s.sandbox.clone(),
-                s.state.clone().unwrap_or_else(|| "not started".into()),
+                s.state
+                    .map_or_else(|| "not started".into(), |state| state.to_string()),
                 s.ip.clone().unwrap_or_else(|| "-".into()),
                 s.image.clone(),
             ]
@@ -345,7 +346,7 @@ async fn run_app(client: &Client, command: AppCommand) -> Result<i32> {
                     let running = a
                         .services
                         .iter()
-                        .filter(|s| s.state.as_deref() == Some("running"))
+                        .filter(|s| s.state.is_some_and(|state| state.is_running()))
                         .count();
                     vec![
                         a.name.clone(),

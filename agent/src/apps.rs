@@ -11,6 +11,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
+use crate::addons::store::AppStatus;
 use crate::addons::{self, AddonService};
 use crate::disks::DiskService;
 use crate::error::ApiError;
@@ -233,13 +234,9 @@ impl AppService {
         // Another app's or an addon's disk is refused before anything is recorded.
         for service in &spec.services {
             for disk in service.disks.iter().filter(|d| !d.local) {
-                self.disks.check_for_app(&disk.name, &app).map_err(|e| {
-                    ApiError::new(
-                        e.status,
-                        e.code,
-                        format!("{source}: services.{}: {}", service.name, e.message),
-                    )
-                })?;
+                self.disks
+                    .check_for_app(&disk.name, &app)
+                    .map_err(|e| e.with_context(format!("{source}: services.{}", service.name)))?;
             }
         }
         let lock = self.locks.of(&app);
@@ -247,7 +244,7 @@ impl AppService {
         let old = self.spec_of(&app).ok();
         let text = serde_json::to_string(&spec)
             .map_err(|e| ApiError::internal(format!("recording the app: {e}")))?;
-        self.store.put_app(&app, &text, "deploying")?;
+        self.store.put_app(&app, &text, AppStatus::Deploying)?;
         info!(app = %app, services = spec.services.len(), addons = spec.addons.len(), "deploying");
         self.converge(&app, &spec, old.as_ref()).await?;
         self.get(&app)
@@ -257,7 +254,7 @@ impl AppService {
     /// addons changed while it was not looking.
     pub fn resume(self: &Arc<Self>) -> Result<(), ApiError> {
         for row in self.store.apps()? {
-            if row.status == "running" {
+            if row.status == AppStatus::Running {
                 let this = self.clone();
                 tokio::spawn(async move {
                     if let Err(e) = this.addons_changed(&row.name).await {
@@ -266,7 +263,7 @@ impl AppService {
                 });
                 continue;
             }
-            if row.status != "deploying" {
+            if row.status != AppStatus::Deploying {
                 continue;
             }
             let this = self.clone();
@@ -296,12 +293,13 @@ impl AppService {
     ) -> Result<(), ApiError> {
         match self.converge_steps(app, spec, old).await {
             Ok(()) => {
-                self.store.set_app_status(app, "running", None)?;
+                self.store.set_app_status(app, AppStatus::Running, None)?;
                 info!(app = %app, "deployed");
                 Ok(())
             }
             Err(e) => {
-                self.store.set_app_status(app, "error", Some(&e.message))?;
+                self.store
+                    .set_app_status(app, AppStatus::Error, Some(&e.message))?;
                 Err(e)
             }
         }
@@ -472,7 +470,7 @@ impl AppService {
                 .await
             {
                 // Another app's service took the free name meanwhile: the hashed one is ours.
-                Err(e) if e.code == "conflict" && e.message.starts_with("a sandbox named") => {
+                Err(e) if e.is_name_taken() => {
                     let hashed = crate::disks::hashed_name(&preferred, &owner.describe());
                     if hashed == name {
                         Err(e)
@@ -486,13 +484,7 @@ impl AppService {
                 }
                 other => other,
             }
-            .map_err(|e| {
-                ApiError::new(
-                    e.status,
-                    e.code,
-                    format!("service `{}`: {}", service.name, e.message),
-                )
-            })?;
+            .map_err(|e| e.with_context(format!("service `{}`", service.name)))?;
             info!(app = %app, service = %service.name, sandbox = %sandbox.id, "service started");
         }
         self.store.set_app_addon_env(app, &digest)?;
@@ -515,7 +507,7 @@ impl AppService {
             )));
         }
         self.start_services(app, &spec).await?;
-        self.store.set_app_status(app, "running", None)?;
+        self.store.set_app_status(app, AppStatus::Running, None)?;
         info!(app = %app, "restarted");
         self.get(app)
     }
@@ -527,7 +519,7 @@ impl AppService {
         let lock = self.locks.of(app);
         let _guard = lock.lock().await;
         match self.store.app(app)? {
-            Some(row) if row.status == "running" => {
+            Some(row) if row.status == AppStatus::Running => {
                 let (_, now) = self.addon_env(app)?;
                 match self.store.app_addon_env(app)? {
                     Some(then) if then == now => return Ok(()),
@@ -600,7 +592,7 @@ impl AppService {
                         .as_ref()
                         .map_or_else(|| service_sandbox_name(app, &s.name), |x| x.name.clone()),
                     image: s.image.clone(),
-                    state: sandbox.as_ref().map(|x| x.state.clone()),
+                    state: sandbox.as_ref().map(|x| x.state),
                     ip: sandbox.as_ref().and_then(|x| x.ip.clone()),
                     restarts: sandbox.as_ref().map(|x| x.restarts),
                 }
@@ -608,7 +600,7 @@ impl AppService {
             .collect();
         Ok(App {
             name: row.name.clone(),
-            status: row.status.clone(),
+            status: row.status.to_string(),
             reason: row.reason.clone(),
             services,
             addons: self

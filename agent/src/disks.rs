@@ -53,14 +53,27 @@ impl KernelView {
     }
 }
 
+/// Why the disk service could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DiskServiceError {
+    #[error("creating {}: {error}", dir.display())]
+    CreateDir {
+        dir: std::path::PathBuf,
+        error: std::io::Error,
+    },
+}
+
 impl DiskService {
     pub(crate) fn store(&self) -> &Store {
         &self.store
     }
 
-    pub fn new(cfg: AgentConfig, store: Arc<Store>) -> Result<DiskService, String> {
+    pub fn new(cfg: AgentConfig, store: Arc<Store>) -> Result<DiskService, DiskServiceError> {
         for dir in [cfg.images_dir(), cfg.mounts_dir(), cfg.local_dir()] {
-            fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+            fs::create_dir_all(&dir).map_err(|error| DiskServiceError::CreateDir {
+                dir: dir.clone(),
+                error,
+            })?;
         }
         Ok(DiskService {
             cfg,
@@ -173,7 +186,7 @@ impl DiskService {
     pub fn ensure(&self, req: &CreateDisk) -> Result<(), ApiError> {
         match self.find(&req.name) {
             Ok(_) => Ok(()),
-            Err(e) if e.code == "not_found" => self.create(req).map(|_| ()),
+            Err(e) if e.is_not_found() => self.create(req).map(|_| ()),
             Err(e) => Err(e),
         }
     }
@@ -184,11 +197,11 @@ impl DiskService {
         let owner = Owner::app(app);
         let row = match self.find(&req.name) {
             Ok(row) => row,
-            Err(e) if e.code == "not_found" => {
+            Err(e) if e.is_not_found() => {
                 return match self.create_as(req, Some(&owner)) {
                     Ok(_) => Ok(()),
                     // Made meanwhile by someone else: look again.
-                    Err(e) if e.code == "conflict" => self.ensure_for_app(req, app),
+                    Err(e) if e.is_conflict() => self.ensure_for_app(req, app),
                     Err(e) => Err(e),
                 };
             }
@@ -205,7 +218,7 @@ impl DiskService {
     pub fn check_for_app(&self, name: &str, app: &str) -> Result<(), ApiError> {
         let row = match self.find(name) {
             Ok(row) => row,
-            Err(e) if e.code == "not_found" => return Ok(()),
+            Err(e) if e.is_not_found() => return Ok(()),
             Err(e) => return Err(e),
         };
         let owner = Owner::app(app);
@@ -229,7 +242,7 @@ impl DiskService {
                 Some(now) if &now == owner => return Ok(row.name),
                 _ => hashed_name(&req.name, &owner.describe()),
             },
-            Err(e) if e.code == "not_found" => req.name.clone(),
+            Err(e) if e.is_not_found() => req.name.clone(),
             Err(e) => Err(e)?,
         };
         let req = CreateDisk {
@@ -243,7 +256,7 @@ impl DiskService {
                 self.store.disk_owner(&row.id)?.as_ref(),
                 owner,
             )),
-            Err(e) if e.code == "not_found" => Ok(self.create_as(&req, Some(owner))?.name),
+            Err(e) if e.is_not_found() => Ok(self.create_as(&req, Some(owner))?.name),
             Err(e) => Err(e),
         }
     }
@@ -657,7 +670,7 @@ impl DiskService {
             size_gb: None,
             filesystem: None,
             read_only: false,
-            status: "ready".into(),
+            status: DiskStatus::Ready.to_string(),
             error: None,
             allocated_bytes: dir_allocated_bytes(&dir),
             image_path: None,

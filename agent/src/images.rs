@@ -58,10 +58,16 @@ pub fn summary(record: &ImageRecord) -> ImageSummary {
     }
 }
 
+/// Why the image service could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageServiceError {
+    #[error("opening the image store: {0}")]
+    OpenStore(miren_runtime::Error),
+}
+
 impl ImageService {
-    pub fn open(data_dir: &Path, mirrors: Mirrors) -> Result<ImageService, String> {
-        let store =
-            ImageStore::open(data_dir).map_err(|e| format!("opening the image store: {e}"))?;
+    pub fn open(data_dir: &Path, mirrors: Mirrors) -> Result<ImageService, ImageServiceError> {
+        let store = ImageStore::open(data_dir).map_err(ImageServiceError::OpenStore)?;
         Ok(ImageService { store, mirrors })
     }
 

@@ -21,6 +21,7 @@ pub mod sandboxes;
 pub mod server;
 pub mod snapshot_cli;
 pub mod state;
+pub mod status;
 pub mod stream;
 pub mod util;
 pub mod validate;

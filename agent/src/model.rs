@@ -5,6 +5,8 @@ use miren_disks::Filesystem;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+pub use crate::status::SandboxState;
+
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ErrorBody {
     /// Machine-readable error kind, e.g. `not_found`, `conflict`, `invalid_argument`.
@@ -332,7 +334,8 @@ pub struct Sandbox {
     pub app: String,
     pub image: String,
     /// `creating`, `running`, `exited` or `failed` (`deleting` while it goes).
-    pub state: String,
+    #[schema(value_type = String)]
+    pub state: SandboxState,
     pub pid: Option<i32>,
     pub ip: Option<String>,
     pub exit_code: Option<i32>,
@@ -502,7 +505,8 @@ pub struct AppServiceView {
     pub sandbox: String,
     pub image: String,
     /// The sandbox's state, absent while it does not exist.
-    pub state: Option<String>,
+    #[schema(value_type = Option<String>)]
+    pub state: Option<SandboxState>,
     pub ip: Option<String>,
     pub restarts: Option<u32>,
 }

@@ -14,7 +14,7 @@ use tracing::{info, warn};
 use crate::error::ApiError;
 use crate::model::{CreateEndpoint, Endpoint, EndpointDeleted, NetGcReport, PublishPort};
 use crate::owner::parse_holder;
-use crate::state::{EndpointRow, Store};
+use crate::state::{EndpointRow, EndpointStatus, Store};
 use crate::util::now_rfc3339;
 
 pub const DEFAULT_SUBNET: &str = "10.117.0.0/16";
@@ -176,7 +176,7 @@ impl NetService {
                     port: p.endpoint_port,
                 })
                 .collect(),
-            status: row.status.clone(),
+            status: row.status.to_string(),
             created_at: row.created_at.clone(),
         }
     }
@@ -205,7 +205,7 @@ impl NetService {
             .store
             .endpoints()?
             .iter()
-            .filter(|r| r.status != "deleting")
+            .filter(|r| !r.status.is_going())
             .map(spec_of)
             .collect();
         netns::apply_rules(&self.cfg, &specs).await?;
@@ -267,7 +267,7 @@ impl NetService {
             let same = existing.app == req.app
                 && existing.allow_from == req.allow_from
                 && existing.publish == publish.iter().map(publish_key).collect::<Vec<_>>();
-            if same && existing.status == "ready" {
+            if same && existing.status == EndpointStatus::Ready {
                 // A retried create.
                 return Ok(ReservedEndpoint {
                     endpoint: self.view(&existing),
@@ -296,7 +296,7 @@ impl NetService {
             ip: Ipv4Addr::UNSPECIFIED,
             allow_from: req.allow_from.clone(),
             publish: publish.iter().map(publish_key).collect(),
-            status: "creating".into(),
+            status: EndpointStatus::Creating,
             owner_pid,
             owner_start_time,
             created_at: now_rfc3339(),
@@ -348,10 +348,11 @@ impl NetService {
             }
             return Err(err);
         }
-        self.store.set_endpoint_status(&row.owner, "ready")?;
+        self.store
+            .set_endpoint_status(&row.owner, EndpointStatus::Ready)?;
         info!(owner = %row.owner, app = %row.app, ip = %row.ip, "endpoint created");
         let mut endpoint = reserved.endpoint;
-        endpoint.status = "ready".into();
+        endpoint.status = EndpointStatus::Ready.to_string();
         Ok(endpoint)
     }
 
@@ -396,7 +397,8 @@ impl NetService {
     /// because every create applies the whole ruleset before its endpoint carries traffic
     /// (and the IPAM does not hand a freed address out again right away).
     async fn remove(&self, row: &EndpointRow) -> Result<(), ApiError> {
-        self.store.set_endpoint_status(&row.owner, "deleting")?;
+        self.store
+            .set_endpoint_status(&row.owner, EndpointStatus::Deleting)?;
         netns::delete_endpoint(&self.cfg, &row.owner).await?;
         self.store.remove_endpoint(&row.owner)?;
         self.rules_stale.notify_one();
@@ -411,13 +413,14 @@ impl NetService {
         netns::ensure_bridge_and_table(&self.cfg).await?;
         let mut report = NetGcReport::default();
         for row in self.store.endpoints()? {
-            let interrupted = row.status == "creating" || row.status == "deleting";
+            let interrupted = row.status.in_flight();
             let orphaned =
                 !self
                     .store
                     .holder_exists(&row.owner, row.owner_pid, row.owner_start_time);
             if interrupted || orphaned {
-                self.store.set_endpoint_status(&row.owner, "deleting")?;
+                self.store
+                    .set_endpoint_status(&row.owner, EndpointStatus::Deleting)?;
                 netns::delete_endpoint(&self.cfg, &row.owner).await?;
                 self.store.remove_endpoint(&row.owner)?;
                 let why = if orphaned {
@@ -448,18 +451,20 @@ impl NetService {
                 .endpoints
                 .iter()
                 .any(|o| o.key == key && o.host_veth && o.netns_mounted);
-            if whole && row.status == "ready" {
+            if whole && row.status == EndpointStatus::Ready {
                 continue;
             }
             match netns::create_endpoint(&self.cfg, &spec_of(row)).await {
                 Ok(_) => {
-                    self.store.set_endpoint_status(&row.owner, "ready")?;
+                    self.store
+                        .set_endpoint_status(&row.owner, EndpointStatus::Ready)?;
                     info!(owner = %row.owner, "recreated an endpoint the kernel had lost");
                     report.repaired.push(row.owner.clone());
                 }
                 Err(err) => {
                     warn!(owner = %row.owner, error = %err, "could not recreate endpoint");
-                    self.store.set_endpoint_status(&row.owner, "failed")?;
+                    self.store
+                        .set_endpoint_status(&row.owner, EndpointStatus::Failed)?;
                     report.failed.push(row.owner.clone());
                 }
             }

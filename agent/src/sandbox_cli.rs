@@ -17,7 +17,7 @@ fn print_sandbox(s: &Sandbox) {
         ("name", s.name.clone()),
         ("app", s.app.clone()),
         ("image", s.image.clone()),
-        ("state", s.state.clone()),
+        ("state", s.state.to_string()),
         ("pid", s.pid.map_or("-".into(), |p| p.to_string())),
         ("ip", opt(&s.ip)),
         (

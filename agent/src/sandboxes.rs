@@ -18,7 +18,8 @@ use crate::error::ApiError;
 use crate::images::ImageService;
 use crate::model::{CreateEndpoint, ExecResult, RunSandbox, Sandbox};
 use crate::net::NetService;
-use crate::state::{Owner, SandboxRow, Store};
+use crate::state::{Owner, SandboxRow, SandboxStatus, Store};
+use crate::status::SandboxState;
 use crate::util::{new_id, now_rfc3339};
 
 /// First bytes on stderr of `miren exec-in` when the exec itself failed (not the command).
@@ -423,7 +424,7 @@ impl SandboxService {
             name: name.clone(),
             app: app.clone(),
             image: req.image.clone(),
-            status: "creating".into(),
+            status: SandboxStatus::Creating,
             disks: disks.iter().map(|d| d.0.clone()).collect(),
             created_at: now_rfc3339(),
             owner,
@@ -438,7 +439,7 @@ impl SandboxService {
         {
             Ok(()) => {
                 self.replenish_spare();
-                self.store.set_sandbox_status(&id, "created")?;
+                self.store.set_sandbox_status(&id, SandboxStatus::Created)?;
                 info!(sandbox = %name, id = %id, image = %req.image, "sandbox started");
                 self.get(&id)
             }
@@ -645,17 +646,17 @@ impl SandboxService {
         let (state, pid, exit_code, oom, restarts, started, finished, mut error) = match &status {
             Ok(s) => {
                 let state = match (s.state, s.supervisor_alive) {
-                    (_, _) if row.status == "creating" => "creating",
-                    (_, _) if row.status == "deleting" => "deleting",
-                    (State::Creating, true) => "creating",
-                    (State::Running, true) => "running",
-                    (State::Restarting, true) | (State::Exited, _) => "exited",
-                    (State::Failed, _) => "failed",
-                    (_, false) => "failed",
+                    (_, _) if row.status == SandboxStatus::Creating => SandboxState::Creating,
+                    (_, _) if row.status == SandboxStatus::Deleting => SandboxState::Deleting,
+                    (State::Creating, true) => SandboxState::Creating,
+                    (State::Running, true) => SandboxState::Running,
+                    (State::Restarting, true) | (State::Exited, _) => SandboxState::Exited,
+                    (State::Failed, _) => SandboxState::Failed,
+                    (_, false) => SandboxState::Failed,
                 };
                 (
                     state,
-                    s.pid.filter(|_| state == "running"),
+                    s.pid.filter(|_| state.is_running()),
                     s.exit_code,
                     s.oom_killed,
                     s.restarts,
@@ -664,11 +665,18 @@ impl SandboxService {
                     s.error.clone(),
                 )
             }
-            Err(_) if row.status == "creating" => {
-                ("creating", None, None, false, 0, None, None, None)
-            }
+            Err(_) if row.status == SandboxStatus::Creating => (
+                SandboxState::Creating,
+                None,
+                None,
+                false,
+                0,
+                None,
+                None,
+                None,
+            ),
             Err(e) => (
-                "failed",
+                SandboxState::Failed,
                 None,
                 None,
                 false,
@@ -678,7 +686,7 @@ impl SandboxService {
                 Some(e.to_string()),
             ),
         };
-        if state == "failed" && error.is_none() {
+        if state.is_failed() && error.is_none() {
             error = Some("its supervisor is gone (the host restarted, or it was killed)".into());
         }
         Sandbox {
@@ -686,7 +694,7 @@ impl SandboxService {
             name: row.name.clone(),
             app: row.app.clone(),
             image: row.image.clone(),
-            state: state.into(),
+            state,
             pid,
             ip: ips.get(&row.id).cloned(),
             exit_code,
@@ -797,7 +805,8 @@ impl SandboxService {
         let row = self.find(id_or_name)?;
         let lock = self.locks.of(&row.id);
         let _guard = lock.lock().await;
-        self.store.set_sandbox_status(&row.id, "deleting")?;
+        self.store
+            .set_sandbox_status(&row.id, SandboxStatus::Deleting)?;
         self.teardown(&row).await?;
         self.store.remove_sandbox(&row.id)?;
         self.locks.forget(&row.id);
@@ -809,7 +818,7 @@ impl SandboxService {
     /// by name and may be repeating themselves).
     pub async fn delete_if_exists(&self, id_or_name: &str) -> Result<(), ApiError> {
         match self.delete(id_or_name).await {
-            Err(e) if e.code == "not_found" => Ok(()),
+            Err(e) if e.is_not_found() => Ok(()),
             other => other,
         }
     }
@@ -903,7 +912,7 @@ impl SandboxService {
     /// their supervisors never depended on the agent.
     pub async fn reconcile(&self) -> Result<(), ApiError> {
         for row in self.store.sandboxes()? {
-            if row.status == "creating" || row.status == "deleting" {
+            if row.status.in_flight() {
                 info!(sandbox = %row.name, status = %row.status, "finishing a sandbox operation cut short");
                 self.teardown(&row).await?;
                 self.store.remove_sandbox(&row.id)?;
@@ -935,13 +944,14 @@ impl SandboxService {
     /// failure. At start, after endpoints and disks are restored, and periodically.
     pub async fn relaunch_dead(&self) -> Result<(), ApiError> {
         for row in self.store.sandboxes()? {
-            if row.status != "created" {
+            if row.status != SandboxStatus::Created {
                 continue;
             }
             let lock = self.locks.of(&row.id);
             let _guard = lock.lock().await;
             // Looked at again under the lock: a delete may have come first.
-            if !matches!(self.store.sandbox(&row.id)?, Some(r) if r.status == "created") {
+            if !matches!(self.store.sandbox(&row.id)?, Some(r) if r.status == SandboxStatus::Created)
+            {
                 continue;
             }
             let dir = self.state_dir(&row.id);

@@ -47,7 +47,7 @@ pub async fn uninstall_network(cfg: AgentConfig) -> Result<()> {
     fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating data dir {}", cfg.data_dir.display()))?;
     let _lock = lock_data_dir(&cfg)?;
-    let store = Arc::new(Store::open(&cfg.db_path()).map_err(anyhow::Error::msg)?);
+    let store = Arc::new(Store::open(&cfg.db_path())?);
     let net_cfg = crate::net::net_config(&cfg.name_prefix, &cfg.subnet, &cfg.run_dir)
         .map_err(anyhow::Error::msg)?;
     let removed = NetService::uninstall(net_cfg, store).await?;
@@ -66,8 +66,8 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         .with_context(|| format!("securing data dir {}", cfg.data_dir.display()))?;
     let _lock = lock_data_dir(&cfg)?;
 
-    let store = Arc::new(Store::open(&cfg.db_path()).map_err(anyhow::Error::msg)?);
-    let disks = Arc::new(DiskService::new(cfg.clone(), store.clone()).map_err(anyhow::Error::msg)?);
+    let store = Arc::new(Store::open(&cfg.db_path())?);
+    let disks = Arc::new(DiskService::new(cfg.clone(), store.clone())?);
     {
         let disks = disks.clone();
         tokio::task::spawn_blocking(move || -> Result<()> {
@@ -93,9 +93,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
 
     let mirrors = miren_runtime::Mirrors::parse(&cfg.image_mirrors, cfg.allow_insecure_mirrors)
         .map_err(|e| anyhow::anyhow!("--image-mirror: {e}"))?;
-    let images = Arc::new(
-        crate::images::ImageService::open(&cfg.data_dir, mirrors).map_err(anyhow::Error::msg)?,
-    );
+    let images = Arc::new(crate::images::ImageService::open(&cfg.data_dir, mirrors)?);
 
     let sandboxes = Arc::new(crate::sandboxes::SandboxService::new(
         cfg.clone(),

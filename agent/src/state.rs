@@ -5,12 +5,13 @@
 use std::collections::HashSet;
 use std::net::Ipv4Addr;
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use crate::error::ApiError;
+pub use crate::status::{DiskStatus, EndpointStatus, SandboxStatus};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
 /// Never edit a shipped entry: append a new one.
@@ -232,41 +233,6 @@ impl Owner {
     }
 }
 
-/// Lifecycle of a disk row. `Creating` and `Deleting` mark operations in flight: after a crash,
-/// a creating disk is rolled back and a deleting one is finished.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DiskStatus {
-    Creating,
-    Ready,
-    Resizing,
-    Deleting,
-    Restoring,
-    Error,
-}
-
-impl DiskStatus {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DiskStatus::Creating => "creating",
-            DiskStatus::Ready => "ready",
-            DiskStatus::Resizing => "resizing",
-            DiskStatus::Deleting => "deleting",
-            DiskStatus::Restoring => "restoring",
-            DiskStatus::Error => "error",
-        }
-    }
-    fn parse(s: &str) -> DiskStatus {
-        match s {
-            "creating" => DiskStatus::Creating,
-            "ready" => DiskStatus::Ready,
-            "resizing" => DiskStatus::Resizing,
-            "deleting" => DiskStatus::Deleting,
-            "restoring" => DiskStatus::Restoring,
-            _ => DiskStatus::Error,
-        }
-    }
-}
-
 #[derive(Debug, Clone)]
 pub struct DiskRow {
     pub id: String,
@@ -299,6 +265,31 @@ pub struct Store {
     conn: Mutex<Connection>,
 }
 
+/// Why the state store could not be opened. The agent refuses to start on any of these.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreOpenError {
+    #[error("opening state store {}: {error}", path.display())]
+    Open {
+        path: PathBuf,
+        error: rusqlite::Error,
+    },
+    #[error("configuring state store: {0}")]
+    Configure(rusqlite::Error),
+    #[error("reading schema version: {0}")]
+    ReadVersion(rusqlite::Error),
+    #[error(
+        "the state store has schema version {found}, newer than this agent understands ({known}); run the newer miren that wrote it"
+    )]
+    TooNew { found: i64, known: i64 },
+    #[error("applying schema migration {target}: {error}")]
+    Migrate { target: i64, error: rusqlite::Error },
+    #[error("securing state store {}: {error}", path.display())]
+    Secure {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+}
+
 const DISK_COLUMNS: &str = "id, name, size_gb, filesystem, read_only, status, error, created_at";
 
 fn disk_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<DiskRow> {
@@ -308,7 +299,7 @@ fn disk_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<DiskRow> {
         size_gb: row.get::<_, i64>(2)? as u64,
         filesystem: row.get(3)?,
         read_only: row.get(4)?,
-        status: DiskStatus::parse(&row.get::<_, String>(5)?),
+        status: row.get(5)?,
         error: row.get(6)?,
         created_at: row.get(7)?,
     })
@@ -325,15 +316,17 @@ fn lease_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<LeaseRow> {
 }
 
 impl Store {
-    pub fn open(path: &Path) -> Result<Store, String> {
-        let conn = Connection::open(path)
-            .map_err(|e| format!("opening state store {}: {e}", path.display()))?;
+    pub fn open(path: &Path) -> Result<Store, StoreOpenError> {
+        let conn = Connection::open(path).map_err(|error| StoreOpenError::Open {
+            path: path.to_path_buf(),
+            error,
+        })?;
         conn.execute_batch(
             "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;",
         )
-        .map_err(|e| format!("configuring state store: {e}"))?;
+        .map_err(StoreOpenError::Configure)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))
-            .map_err(|e| format!("configuring state store: {e}"))?;
+            .map_err(StoreOpenError::Configure)?;
         migrate(&conn)?;
         // The store holds addon credentials: only root may read it (and its WAL files).
         for suffix in ["", "-wal", "-shm"] {
@@ -342,7 +335,10 @@ impl Store {
             if let Err(e) = std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600))
             {
                 if e.kind() != std::io::ErrorKind::NotFound {
-                    return Err(format!("securing state store {}: {e}", path.display()));
+                    return Err(StoreOpenError::Secure {
+                        path: path.to_path_buf(),
+                        error: e,
+                    });
                 }
             }
         }
@@ -442,7 +438,7 @@ impl Store {
     ) -> Result<(), ApiError> {
         self.conn().execute(
             "UPDATE disks SET status = ?2, error = ?3 WHERE id = ?1",
-            params![id, status.as_str(), error],
+            params![id, status, error],
         )?;
         Ok(())
     }
@@ -557,7 +553,10 @@ impl Store {
                 )))
             }
         }
-        tx.execute("UPDATE disks SET status = 'deleting' WHERE id = ?1", [id])?;
+        tx.execute(
+            "UPDATE disks SET status = ?2 WHERE id = ?1",
+            params![id, DiskStatus::Deleting],
+        )?;
         tx.commit()?;
         Ok(disk)
     }
@@ -598,8 +597,8 @@ impl Store {
             )));
         }
         tx.execute(
-            "UPDATE disks SET status = 'resizing', size_gb = ?2 WHERE id = ?1",
-            params![id, size_gb as i64],
+            "UPDATE disks SET status = ?3, size_gb = ?2 WHERE id = ?1",
+            params![id, size_gb as i64, DiskStatus::Resizing],
         )?;
         tx.commit()?;
         Ok(DiskRow {
@@ -612,8 +611,14 @@ impl Store {
     /// Ends a resize, successful or rolled back: records the size the disk really has now.
     pub fn end_resize(&self, id: &str, size_gb: u64, error: Option<&str>) -> Result<(), ApiError> {
         self.conn().execute(
-            "UPDATE disks SET status = 'ready', size_gb = ?2, error = ?3 WHERE id = ?1 AND status = 'resizing'",
-            params![id, size_gb as i64, error],
+            "UPDATE disks SET status = ?4, size_gb = ?2, error = ?3 WHERE id = ?1 AND status = ?5",
+            params![
+                id,
+                size_gb as i64,
+                error,
+                DiskStatus::Ready,
+                DiskStatus::Resizing
+            ],
         )?;
         Ok(())
     }
@@ -623,14 +628,14 @@ impl Store {
     pub fn try_acquire_lease(&self, lease: &LeaseRow) -> Result<LeaseAttempt, ApiError> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let status: Option<String> = tx
+        let status: Option<DiskStatus> = tx
             .query_row(
                 "SELECT status FROM disks WHERE id = ?1",
                 [&lease.disk_id],
                 |r| r.get(0),
             )
             .optional()?;
-        match status.as_deref().map(DiskStatus::parse) {
+        match status {
             None => {
                 return Err(ApiError::not_found(format!(
                     "disk {} does not exist",
@@ -790,13 +795,14 @@ impl Store {
             )));
         }
         tx.execute(
-            "UPDATE disks SET status = 'restoring', restore_image = ?2, restore_size_gb = ?3,
+            "UPDATE disks SET status = ?5, restore_image = ?2, restore_size_gb = ?3,
              restore_filesystem = ?4 WHERE id = ?1",
             params![
                 id,
                 pending.image,
                 pending.size_gb as i64,
-                pending.filesystem
+                pending.filesystem,
+                DiskStatus::Restoring
             ],
         )?;
         tx.commit()?;
@@ -826,13 +832,13 @@ impl Store {
     pub fn end_restore(&self, id: &str, applied: bool) -> Result<(), ApiError> {
         let sql = if applied {
             "UPDATE disks SET size_gb = restore_size_gb, filesystem = restore_filesystem,
-             status = 'ready', error = NULL, restore_image = NULL, restore_size_gb = NULL,
+             status = ?2, error = NULL, restore_image = NULL, restore_size_gb = NULL,
              restore_filesystem = NULL WHERE id = ?1 AND restore_image IS NOT NULL"
         } else {
-            "UPDATE disks SET status = 'ready', restore_image = NULL, restore_size_gb = NULL,
+            "UPDATE disks SET status = ?2, restore_image = NULL, restore_size_gb = NULL,
              restore_filesystem = NULL WHERE id = ?1"
         };
-        self.conn().execute(sql, [id])?;
+        self.conn().execute(sql, params![id, DiskStatus::Ready])?;
         Ok(())
     }
 }
@@ -844,7 +850,7 @@ pub struct SandboxRow {
     pub app: String,
     pub image: String,
     /// `creating`, `created` or `deleting`.
-    pub status: String,
+    pub status: SandboxStatus,
     /// Names of the disks whose leases the sandbox holds.
     pub disks: Vec<String>,
     pub created_at: String,
@@ -881,7 +887,7 @@ impl Store {
                 )
                 .optional()?;
             if let Some(id) = existing {
-                return Err(ApiError::conflict(format!(
+                return Err(ApiError::name_taken(format!(
                     "a sandbox named `{}` already exists ({id}); pick another name or delete it first",
                     row.name
                 )));
@@ -926,7 +932,7 @@ impl Store {
         })
     }
 
-    pub fn set_sandbox_status(&self, id: &str, status: &str) -> Result<(), ApiError> {
+    pub fn set_sandbox_status(&self, id: &str, status: SandboxStatus) -> Result<(), ApiError> {
         self.volatile(|conn| {
             conn.execute(
                 "UPDATE sandboxes SET status = ?2 WHERE id = ?1",
@@ -1030,7 +1036,7 @@ pub struct EndpointRow {
     pub allow_from: Vec<String>,
     /// Published ports as `host_ip:host_port:port`.
     pub publish: Vec<String>,
-    pub status: String,
+    pub status: EndpointStatus,
     pub owner_pid: Option<i64>,
     pub owner_start_time: Option<i64>,
     pub created_at: String,
@@ -1111,7 +1117,7 @@ impl Store {
             })?;
             let row = EndpointRow {
                 ip,
-                status: "creating".into(),
+                status: EndpointStatus::Creating,
                 ..endpoint.clone()
             };
             tx.execute(
@@ -1153,7 +1159,7 @@ impl Store {
         Ok(changed > 0)
     }
 
-    pub fn set_endpoint_status(&self, owner: &str, status: &str) -> Result<(), ApiError> {
+    pub fn set_endpoint_status(&self, owner: &str, status: EndpointStatus) -> Result<(), ApiError> {
         self.volatile(|conn| {
             conn.execute(
                 "UPDATE endpoints SET status = ?2 WHERE owner = ?1",
@@ -1191,15 +1197,16 @@ impl Store {
     }
 }
 
-fn migrate(conn: &Connection) -> Result<(), String> {
+fn migrate(conn: &Connection) -> Result<(), StoreOpenError> {
     let version: i64 = conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))
-        .map_err(|e| format!("reading schema version: {e}"))?;
+        .map_err(StoreOpenError::ReadVersion)?;
     let known = MIGRATIONS.len() as i64;
     if version > known {
-        return Err(format!(
-            "the state store has schema version {version}, newer than this agent understands ({known}); run the newer miren that wrote it"
-        ));
+        return Err(StoreOpenError::TooNew {
+            found: version,
+            known,
+        });
     }
     for (index, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
         let target = index as i64 + 1;
@@ -1209,7 +1216,7 @@ fn migrate(conn: &Connection) -> Result<(), String> {
             tx.pragma_update(None, "user_version", target)?;
             tx.commit()
         };
-        apply().map_err(|e| format!("applying schema migration {target}: {e}"))?;
+        apply().map_err(|error| StoreOpenError::Migrate { target, error })?;
     }
     Ok(())
 }
@@ -1256,7 +1263,11 @@ mod tests {
         conn.pragma_update(None, "user_version", 99).unwrap();
         drop(conn);
         let err = Store::open(&path).err().unwrap();
-        assert!(err.contains("newer"), "{err}");
+        assert!(
+            matches!(err, StoreOpenError::TooNew { found: 99, .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("run the newer miren"), "{err}");
     }
 
     /// Migration 8 on a store an agent of schema 7 left, in the state the finding left it:
@@ -1405,20 +1416,25 @@ mod tests {
             name: "one".into(),
             app: "one".into(),
             image: "busybox".into(),
-            status: "creating".into(),
+            status: SandboxStatus::Creating,
             disks: vec![],
             created_at: "2026-01-01T00:00:00Z".into(),
             owner: None,
         };
         store.insert_sandbox(&row).unwrap();
         assert!(store.insert_sandbox(&row).is_err(), "a name is taken once");
-        store.set_sandbox_status("sbx_1", "created").unwrap();
+        store
+            .set_sandbox_status("sbx_1", SandboxStatus::Created)
+            .unwrap();
         assert_eq!(
             synchronous(&store),
             2,
             "FULL again after unforced commits and errors"
         );
-        assert_eq!(store.sandbox("one").unwrap().unwrap().status, "created");
+        assert_eq!(
+            store.sandbox("one").unwrap().unwrap().status,
+            SandboxStatus::Created
+        );
     }
 
     #[test]

@@ -34,7 +34,7 @@ use crate::net::NetService;
 use crate::sandboxes::SandboxService;
 use crate::state::{Owner, Store};
 use crate::util::now_rfc3339;
-use store::{AddonRow, Inserted, ServerRow, ACTIVE, DEPROVISIONING, ERROR, PENDING, PROVISIONING};
+use store::{AddonRow, AddonStatus, Inserted, ServerRow, ServerStatus};
 
 /// Where the official postgres image keeps its data; the disk is mounted here.
 const PG_DATA_MOUNT: &str = "/var/lib/postgresql/data";
@@ -146,10 +146,6 @@ fn credentials(row: &AddonRow) -> Credentials {
     }
 }
 
-fn needs_work(status: &str) -> bool {
-    matches!(status, PENDING | PROVISIONING | DEPROVISIONING)
-}
-
 pub fn view(row: &AddonRow) -> Addon {
     Addon {
         name: row.kind.clone(),
@@ -157,7 +153,7 @@ pub fn view(row: &AddonRow) -> Addon {
         variant: row.variant.clone(),
         version: row.version.clone(),
         image: row.image.clone(),
-        status: row.status.clone(),
+        status: row.status.to_string(),
         reason: row.reason.clone(),
         server: server_name(&row.variant, &row.app),
         source: row.source.clone(),
@@ -294,7 +290,7 @@ impl AddonService {
             version: version.clone(),
             image: image.clone(),
             source: source.to_string(),
-            status: PENDING.into(),
+            status: AddonStatus::Pending,
             reason: None,
             db_user: creds.user,
             db_password: creds.password,
@@ -315,7 +311,7 @@ impl AddonService {
                 }
                 Inserted::Existing(existing) => existing,
             };
-            if existing.status == DEPROVISIONING {
+            if existing.status == AddonStatus::Deprovisioning {
                 // A destroy is finishing: let it, then create afresh.
                 let mut done = self.kick(&existing.app, kind);
                 let _ = done.wait_for(|d| *d).await;
@@ -323,7 +319,7 @@ impl AddonService {
                     return Err(ApiError::conflict(format!(
                         "{kind} of app `{}` is still being removed ({}); run `miren addon destroy {kind} -a {}` again, then create it",
                         left.app,
-                        left.reason.unwrap_or_else(|| left.status.clone()),
+                        left.reason.unwrap_or_else(|| left.status.to_string()),
                         left.app
                     )));
                 }
@@ -341,9 +337,14 @@ impl AddonService {
                     row.app, existing.image
                 )));
             }
-            if existing.status == ERROR {
-                self.store
-                    .transition_addon(&existing.app, kind, &[ERROR], PENDING, None)?;
+            if existing.status == AddonStatus::Error {
+                self.store.transition_addon(
+                    &existing.app,
+                    kind,
+                    &[AddonStatus::Error],
+                    AddonStatus::Pending,
+                    None,
+                )?;
             }
             break existing;
         };
@@ -366,8 +367,8 @@ impl AddonService {
         self.store.transition_addon(
             app,
             kind,
-            &[PENDING, PROVISIONING, ACTIVE, ERROR, DEPROVISIONING],
-            DEPROVISIONING,
+            AddonStatus::ALL,
+            AddonStatus::Deprovisioning,
             None,
         )?;
         info!(app = %app, addon = %kind, "addon destroy requested");
@@ -377,20 +378,20 @@ impl AddonService {
     /// Resumes every addon a previous agent left mid-way.
     pub fn resume(self: &Arc<Self>) -> Result<(), ApiError> {
         for row in self.store.all_addons()? {
-            if row.status == ACTIVE {
+            if row.status == AddonStatus::Active {
                 // A server whose supervisor is gone (the host restarted) or that was deleted
                 // underneath: provisioning again is idempotent and brings it back, data intact.
                 let server = server_name(&row.variant, &row.app);
                 let healthy = matches!(
                     self.sandboxes.get_owned(&server_owner(&row)),
-                    Ok(Some(s)) if s.state != "failed"
+                    Ok(Some(s)) if !s.state.is_failed()
                 );
                 if !healthy
                     && self.store.transition_addon(
                         &row.app,
                         &row.kind,
-                        &[ACTIVE],
-                        PROVISIONING,
+                        &[AddonStatus::Active],
+                        AddonStatus::Provisioning,
                         Some("its server was down; starting it again"),
                     )?
                 {
@@ -399,7 +400,7 @@ impl AddonService {
                 }
                 continue;
             }
-            if needs_work(&row.status) {
+            if row.status.needs_work() {
                 info!(app = %row.app, addon = %row.kind, status = %row.status, "resuming addon");
                 self.kick(&row.app, &row.kind);
             }
@@ -444,11 +445,11 @@ impl AddonService {
             };
             let mut failed_removal = false;
             match row {
-                Some(row) if row.status == PENDING || row.status == PROVISIONING => {
+                Some(row) if row.status.needs_provisioning() => {
                     self.provision(row).await;
                     continue;
                 }
-                Some(row) if row.status == DEPROVISIONING => {
+                Some(row) if row.status == AddonStatus::Deprovisioning => {
                     if let Err(reason) = self.deprovision(&row).await {
                         removal_failures += 1;
                         if removal_failures < REMOVAL_ATTEMPTS {
@@ -480,7 +481,7 @@ impl AddonService {
             // `kick` takes, so none is lost).
             let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
             let again = !failed_removal
-                && matches!(self.store.addon(app, kind), Ok(Some(r)) if needs_work(&r.status));
+                && matches!(self.store.addon(app, kind), Ok(Some(r)) if r.status.needs_work());
             if again {
                 continue;
             }
@@ -496,10 +497,13 @@ impl AddonService {
 
     async fn provision(&self, row: AddonRow) {
         let (app, kind) = (row.app.as_str(), row.kind.as_str());
-        match self
-            .store
-            .transition_addon(app, kind, &[PENDING, PROVISIONING], PROVISIONING, None)
-        {
+        match self.store.transition_addon(
+            app,
+            kind,
+            AddonStatus::PROVISIONING_OWED,
+            AddonStatus::Provisioning,
+            None,
+        ) {
             Ok(true) => {}
             Ok(false) => return,
             Err(e) => {
@@ -515,10 +519,13 @@ impl AddonService {
         };
         match result {
             Ok(()) => {
-                if let Ok(true) =
-                    self.store
-                        .transition_addon(app, kind, &[PROVISIONING], ACTIVE, None)
-                {
+                if let Ok(true) = self.store.transition_addon(
+                    app,
+                    kind,
+                    &[AddonStatus::Provisioning],
+                    AddonStatus::Active,
+                    None,
+                ) {
                     info!(app = %app, addon = %kind, variant = %row.variant, seconds = started.elapsed().as_secs_f64(), "addon active");
                 }
             }
@@ -531,9 +538,13 @@ impl AddonService {
                         "{reason} (cleaning up also failed: {e}; `miren addon destroy {kind} -a {app}` retries it)"
                     ),
                 };
-                let _ =
-                    self.store
-                        .transition_addon(app, kind, &[PROVISIONING], ERROR, Some(&reason));
+                let _ = self.store.transition_addon(
+                    app,
+                    kind,
+                    &[AddonStatus::Provisioning],
+                    AddonStatus::Error,
+                    Some(&reason),
+                );
                 if row.variant == Variant::Shared.name() {
                     let _guard = self.shared.lock().await;
                     if let Err(e) = self.remove_server_if_unused(kind).await {
@@ -547,7 +558,7 @@ impl AddonService {
     /// Fails with `Superseded` once the addon is no longer being provisioned.
     fn still_wanted(&self, row: &AddonRow) -> Result<(), StepError> {
         match self.store.addon(&row.app, &row.kind)? {
-            Some(r) if r.status == PROVISIONING => Ok(()),
+            Some(r) if r.status == AddonStatus::Provisioning => Ok(()),
             _ => Err(StepError::Superseded),
         }
     }
@@ -680,7 +691,7 @@ impl AddonService {
         member: &AddonRow,
     ) -> Result<(ServerRow, tokio_postgres::Client), StepError> {
         if let Some(server) = self.store.server(kind)? {
-            if server.status == "deleting" {
+            if server.status == ServerStatus::Deleting {
                 self.finish_server_removal(kind).await?;
             }
         }
@@ -693,7 +704,7 @@ impl AddonService {
                     kind: kind.to_string(),
                     version: member.version.clone(),
                     image: member.image.clone(),
-                    status: "provisioning".into(),
+                    status: ServerStatus::Provisioning,
                     admin_user: "postgres".into(),
                     admin_password: password,
                     created_at: now_rfc3339(),
@@ -726,7 +737,7 @@ impl AddonService {
                 &server.image,
                 env,
                 members,
-                server.status != "active",
+                server.status != ServerStatus::Active,
             )
             .await?;
         let admin = self
@@ -740,7 +751,7 @@ impl AddonService {
                 },
             )
             .await?;
-        if server.status != "active" {
+        if server.status != ServerStatus::Active {
             // Tenants get their own database; the maintenance ones are for the agent only.
             admin
                 .batch_execute(
@@ -755,7 +766,7 @@ impl AddonService {
                     ))
                 })?;
             self.sync_disk(&disk).await?;
-            self.store.set_server_status(kind, "active")?;
+            self.store.set_server_status(kind, ServerStatus::Active)?;
         }
         Ok((server, admin))
     }
@@ -771,7 +782,8 @@ impl AddonService {
 
     /// Removes the shared server if no addon uses it. Call with the shared lock held.
     async fn remove_server_if_unused(&self, kind: &str) -> Result<(), ApiError> {
-        let deleting = matches!(self.store.server(kind)?, Some(s) if s.status == "deleting");
+        let deleting =
+            matches!(self.store.server(kind)?, Some(s) if s.status == ServerStatus::Deleting);
         if deleting || self.store.begin_server_removal_if_unused(kind)? {
             self.finish_server_removal(kind).await?;
         }
@@ -824,7 +836,7 @@ impl AddonService {
         let Some(server) = self.store.server(&row.kind)? else {
             return Ok(()); // no server, so no database or role either
         };
-        if server.status != "active" {
+        if server.status != ServerStatus::Active {
             // Tenants are only made on a server that became ready (`active`).
             return Ok(());
         }
@@ -882,7 +894,7 @@ impl AddonService {
         };
         let disks = self.disks.clone();
         tokio::task::spawn_blocking(move || match disks.delete(&row.id) {
-            Err(e) if e.code == "not_found" => Ok(()),
+            Err(e) if e.is_not_found() => Ok(()),
             other => other,
         })
         .await
@@ -903,7 +915,7 @@ impl AddonService {
         never_ready: bool,
     ) -> Result<Sandbox, ApiError> {
         let sandbox = match self.sandboxes.get_owned(owner)? {
-            Some(s) if s.state != "failed" => s,
+            Some(s) if !s.state.is_failed() => s,
             found => {
                 if let Some(failed) = found {
                     warn!(sandbox = %failed.name, error = ?failed.error, "replacing a failed addon server");
@@ -971,7 +983,7 @@ impl AddonService {
             if last_check.elapsed() > Duration::from_millis(500) {
                 last_check = Instant::now();
                 let state = self.sandboxes.get(sandbox)?;
-                if state.state == "failed"
+                if state.state.is_failed()
                     || state.restarts >= restarts_before.saturating_add(MAX_START_RESTARTS)
                 {
                     return Err(StepError::Failed(format!(
@@ -1013,7 +1025,7 @@ impl AddonService {
     pub fn env_of(&self, app: &str) -> Result<Vec<(miren_addons::EnvVar, String)>, ApiError> {
         let mut vars = Vec::new();
         for row in self.store.addons_of(app)? {
-            if row.status != ACTIVE {
+            if row.status != AddonStatus::Active {
                 continue;
             }
             let sandbox = self.server(&server_owner(&row))?;
@@ -1047,7 +1059,7 @@ impl AddonService {
             .store
             .addons_of(app)?
             .into_iter()
-            .filter(|r| r.status != ACTIVE)
+            .filter(|r| r.status != AddonStatus::Active)
             .map(|r| match r.reason {
                 Some(reason) => format!("{} ({}: {reason})", r.kind, r.status),
                 None => format!("{} ({})", r.kind, r.status),

@@ -5,17 +5,8 @@ use rusqlite::{params, OptionalExtension, TransactionBehavior};
 
 use crate::error::ApiError;
 use crate::state::Store;
+pub use crate::status::{AddonStatus, AppStatus, ServerStatus};
 use crate::util::now_rfc3339;
-
-/// Where an addon is in its life. `deleted` is the absence of the row.
-pub const PENDING: &str = "pending";
-pub const PROVISIONING: &str = "provisioning";
-pub const ACTIVE: &str = "active";
-pub const ERROR: &str = "error";
-pub const DEPROVISIONING: &str = "deprovisioning";
-
-/// Statuses in which an addon counts as a member of its shared server (keeps it alive).
-pub const MEMBER_STATUSES: &[&str] = &[PENDING, PROVISIONING, ACTIVE, DEPROVISIONING];
 
 #[derive(Clone, PartialEq, Eq)]
 pub struct AddonRow {
@@ -27,7 +18,7 @@ pub struct AddonRow {
     pub image: String,
     /// `cli` or `deploy`: a redeploy only removes addons a deploy made.
     pub source: String,
-    pub status: String,
+    pub status: AddonStatus,
     pub reason: Option<String>,
     pub db_user: String,
     pub db_password: String,
@@ -54,8 +45,7 @@ pub struct ServerRow {
     pub kind: String,
     pub version: String,
     pub image: String,
-    /// `provisioning`, `active` or `deleting`.
-    pub status: String,
+    pub status: ServerStatus,
     pub admin_user: String,
     pub admin_password: String,
     pub created_at: String,
@@ -66,8 +56,7 @@ pub struct AppRow {
     pub name: String,
     /// JSON of `apps::AppSpec`.
     pub spec: String,
-    /// `deploying`, `running`, `error` or `stopped`.
-    pub status: String,
+    pub status: AppStatus,
     pub reason: Option<String>,
     pub created_at: String,
     pub updated_at: String,
@@ -129,8 +118,7 @@ pub enum Inserted {
 }
 
 fn member_list() -> String {
-    MEMBER_STATUSES
-        .iter()
+    AddonStatus::members()
         .map(|s| format!("'{s}'"))
         .collect::<Vec<_>>()
         .join(", ")
@@ -139,10 +127,11 @@ fn member_list() -> String {
 /// The image a kind's shared server runs, or its members are about to run it with.
 fn shared_image_query() -> String {
     format!(
-        "SELECT image FROM addon_servers WHERE kind = ?1 AND status != 'deleting'
+        "SELECT image FROM addon_servers WHERE kind = ?1 AND status != '{}'
          UNION ALL
          SELECT image FROM addons WHERE kind = ?1 AND variant = 'shared' AND status IN ({})
          LIMIT 1",
+        ServerStatus::Deleting,
         member_list()
     )
 }
@@ -243,13 +232,13 @@ impl Store {
         &self,
         app: &str,
         kind: &str,
-        from: &[&str],
-        to: &str,
+        from: &[AddonStatus],
+        to: AddonStatus,
         reason: Option<&str>,
     ) -> Result<bool, ApiError> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let status: Option<String> = tx
+        let status: Option<AddonStatus> = tx
             .query_row(
                 "SELECT status FROM addons WHERE app = ?1 AND kind = ?2",
                 params![app, kind],
@@ -257,12 +246,19 @@ impl Store {
             )
             .optional()?;
         let moved = match status {
-            Some(s) if from.contains(&s.as_str()) => {
+            Some(s) if from.contains(&s) => {
                 tx.execute(
                     "UPDATE addons SET status = ?3, reason = ?4, updated_at = ?5,
-                       ever_active = ever_active OR ?3 = 'active'
+                       ever_active = ever_active OR ?6
                      WHERE app = ?1 AND kind = ?2",
-                    params![app, kind, to, reason, now_rfc3339()],
+                    params![
+                        app,
+                        kind,
+                        to,
+                        reason,
+                        now_rfc3339(),
+                        to == AddonStatus::Active
+                    ],
                 )?;
                 true
             }
@@ -355,7 +351,7 @@ impl Store {
         Ok(())
     }
 
-    pub fn set_server_status(&self, kind: &str, status: &str) -> Result<(), ApiError> {
+    pub fn set_server_status(&self, kind: &str, status: ServerStatus) -> Result<(), ApiError> {
         self.conn().execute(
             "UPDATE addon_servers SET status = ?2 WHERE kind = ?1",
             params![kind, status],
@@ -388,8 +384,8 @@ impl Store {
         let remove = members == 0 && exists;
         if remove {
             tx.execute(
-                "UPDATE addon_servers SET status = 'deleting' WHERE kind = ?1",
-                [kind],
+                "UPDATE addon_servers SET status = ?2 WHERE kind = ?1",
+                params![kind, ServerStatus::Deleting],
             )?;
         }
         tx.commit()?;
@@ -421,7 +417,7 @@ impl Store {
     }
 
     /// Inserts or replaces an app's declaration, keeping its creation time.
-    pub fn put_app(&self, name: &str, spec: &str, status: &str) -> Result<(), ApiError> {
+    pub fn put_app(&self, name: &str, spec: &str, status: AppStatus) -> Result<(), ApiError> {
         let now = now_rfc3339();
         self.conn().execute(
             "INSERT INTO apps (name, spec, status, reason, created_at, updated_at)
@@ -454,7 +450,7 @@ impl Store {
     pub fn set_app_status(
         &self,
         name: &str,
-        status: &str,
+        status: AppStatus,
         reason: Option<&str>,
     ) -> Result<(), ApiError> {
         self.conn().execute(
@@ -489,7 +485,7 @@ mod tests {
             version: "17".into(),
             image: image.into(),
             source: "cli".into(),
-            status: PENDING.into(),
+            status: AddonStatus::Pending,
             reason: None,
             db_user: app.into(),
             db_password: "secret".into(),
@@ -535,7 +531,13 @@ mod tests {
             .unwrap();
         // Once the only member is in error, the server's image no longer binds anyone.
         assert!(s
-            .transition_addon("a", "miren-postgresql", &[PENDING], ERROR, Some("x"))
+            .transition_addon(
+                "a",
+                "miren-postgresql",
+                &[AddonStatus::Pending],
+                AddonStatus::Error,
+                Some("x")
+            )
             .unwrap());
         s.insert_addon(&row("c", "shared", "postgres:16"), conflict)
             .unwrap();
@@ -547,24 +549,36 @@ mod tests {
         s.insert_addon(&row("a", "small", "postgres:17"), conflict)
             .unwrap();
         assert!(s
-            .transition_addon("a", "miren-postgresql", &[PENDING], PROVISIONING, None)
+            .transition_addon(
+                "a",
+                "miren-postgresql",
+                &[AddonStatus::Pending],
+                AddonStatus::Provisioning,
+                None
+            )
             .unwrap());
         assert!(s
             .transition_addon(
                 "a",
                 "miren-postgresql",
-                &[PROVISIONING],
-                DEPROVISIONING,
+                &[AddonStatus::Provisioning],
+                AddonStatus::Deprovisioning,
                 None
             )
             .unwrap());
         // The provisioning step finishing late must not resurrect the addon.
         assert!(!s
-            .transition_addon("a", "miren-postgresql", &[PROVISIONING], ACTIVE, None)
+            .transition_addon(
+                "a",
+                "miren-postgresql",
+                &[AddonStatus::Provisioning],
+                AddonStatus::Active,
+                None
+            )
             .unwrap());
         assert_eq!(
             s.addon("a", "miren-postgresql").unwrap().unwrap().status,
-            DEPROVISIONING
+            AddonStatus::Deprovisioning
         );
     }
 
@@ -575,7 +589,7 @@ mod tests {
             kind: "miren-postgresql".into(),
             version: "17".into(),
             image: "postgres:17".into(),
-            status: "active".into(),
+            status: ServerStatus::Active,
             admin_user: "postgres".into(),
             admin_password: "x".into(),
             created_at: now_rfc3339(),
@@ -592,7 +606,7 @@ mod tests {
             .unwrap());
         assert_eq!(
             s.server("miren-postgresql").unwrap().unwrap().status,
-            "deleting"
+            ServerStatus::Deleting
         );
     }
 

@@ -1,0 +1,377 @@
+//! The lifecycles the agent records, as types. Each stored status keeps the exact lowercase
+//! string it always had in SQLite and in the API; reading a value this agent does not know is
+//! an error that names the column and the value, never a silent default.
+
+use std::fmt;
+use std::str::FromStr;
+
+use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ToSqlOutput, ValueRef};
+use rusqlite::ToSql;
+use serde::{Deserialize, Serialize};
+
+/// A stored status this agent does not know (written by a newer miren, or by hand).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "unknown value `{value}` in column {column}; this agent does not know that state \
+     (was the state store written by a newer miren? run that version, or fix the row)"
+)]
+pub struct UnknownStatus {
+    pub column: &'static str,
+    pub value: String,
+}
+
+/// Declares a status enum stored in one SQLite column: `as_str`, `Display`, `FromStr`,
+/// `ToSql` and a `FromSql` that rejects unknown values.
+macro_rules! stored_status {
+    (
+        $(#[$meta:meta])*
+        $name:ident in $column:literal {
+            $($(#[$vmeta:meta])* $variant:ident => $text:literal,)+
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum $name {
+            $($(#[$vmeta])* $variant,)+
+        }
+
+        impl $name {
+            /// Every state, in declaration order.
+            pub const ALL: &'static [$name] = &[$($name::$variant,)+];
+            /// The `table.column` it is stored in.
+            pub const COLUMN: &'static str = $column;
+
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $text,)+
+                }
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.pad(self.as_str())
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = UnknownStatus;
+            fn from_str(s: &str) -> Result<Self, UnknownStatus> {
+                match s {
+                    $($text => Ok($name::$variant),)+
+                    other => Err(UnknownStatus {
+                        column: $column,
+                        value: other.to_string(),
+                    }),
+                }
+            }
+        }
+
+        impl ToSql for $name {
+            fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+                Ok(ToSqlOutput::from(self.as_str()))
+            }
+        }
+
+        impl FromSql for $name {
+            fn column_result(value: ValueRef<'_>) -> FromSqlResult<Self> {
+                value
+                    .as_str()?
+                    .parse()
+                    .map_err(|e: UnknownStatus| FromSqlError::Other(Box::new(e)))
+            }
+        }
+    };
+}
+
+stored_status! {
+    /// Lifecycle of a disk row. `Creating` and `Deleting` mark operations in flight: after a
+    /// crash, a creating disk is rolled back and a deleting one is finished.
+    DiskStatus in "disks.status" {
+        Creating => "creating",
+        Ready => "ready",
+        Resizing => "resizing",
+        Deleting => "deleting",
+        Restoring => "restoring",
+        Error => "error",
+    }
+}
+
+stored_status! {
+    /// A sandbox row: it exists (`Created`), or a run or delete is under way and may have
+    /// been cut short.
+    SandboxStatus in "sandboxes.status" {
+        Creating => "creating",
+        Created => "created",
+        Deleting => "deleting",
+    }
+}
+
+impl SandboxStatus {
+    /// A run or delete was started and not finished: reconcile must finish or undo it.
+    pub fn in_flight(self) -> bool {
+        matches!(self, SandboxStatus::Creating | SandboxStatus::Deleting)
+    }
+}
+
+stored_status! {
+    /// A network endpoint row.
+    EndpointStatus in "endpoints.status" {
+        Creating => "creating",
+        Ready => "ready",
+        Deleting => "deleting",
+        Failed => "failed",
+    }
+}
+
+impl EndpointStatus {
+    /// A create or delete was started and not finished (the agent died in between).
+    pub fn in_flight(self) -> bool {
+        matches!(self, EndpointStatus::Creating | EndpointStatus::Deleting)
+    }
+
+    /// The endpoint is on its way out and must not be counted or reused.
+    pub fn is_going(self) -> bool {
+        self == EndpointStatus::Deleting
+    }
+}
+
+stored_status! {
+    /// An app's last deploy.
+    AppStatus in "apps.status" {
+        Deploying => "deploying",
+        Running => "running",
+        Error => "error",
+    }
+}
+
+stored_status! {
+    /// Where an addon is in its life. `deleted` is the absence of the row.
+    AddonStatus in "addons.status" {
+        Pending => "pending",
+        Provisioning => "provisioning",
+        Active => "active",
+        Error => "error",
+        Deprovisioning => "deprovisioning",
+    }
+}
+
+impl AddonStatus {
+    /// A step is owed: the driver resumes an addon in this state.
+    pub fn needs_work(self) -> bool {
+        matches!(
+            self,
+            AddonStatus::Pending | AddonStatus::Provisioning | AddonStatus::Deprovisioning
+        )
+    }
+
+    /// Where a provisioning step is owed (not yet started, or cut short).
+    pub const PROVISIONING_OWED: &'static [AddonStatus] =
+        &[AddonStatus::Pending, AddonStatus::Provisioning];
+
+    pub fn needs_provisioning(self) -> bool {
+        AddonStatus::PROVISIONING_OWED.contains(&self)
+    }
+
+    /// The addon counts as a member of its shared server (keeps it alive).
+    pub fn is_member(self) -> bool {
+        self != AddonStatus::Error
+    }
+
+    /// The statuses in which an addon is a member, in declaration order.
+    pub fn members() -> impl Iterator<Item = AddonStatus> {
+        AddonStatus::ALL.iter().copied().filter(|s| s.is_member())
+    }
+}
+
+stored_status! {
+    /// A shared addon server.
+    ServerStatus in "addon_servers.status" {
+        Provisioning => "provisioning",
+        Active => "active",
+        Deleting => "deleting",
+    }
+}
+
+/// A sandbox as the API shows it: its row and its supervisor's report together. Not stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SandboxState {
+    Creating,
+    Running,
+    Exited,
+    Failed,
+    Deleting,
+}
+
+impl SandboxState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SandboxState::Creating => "creating",
+            SandboxState::Running => "running",
+            SandboxState::Exited => "exited",
+            SandboxState::Failed => "failed",
+            SandboxState::Deleting => "deleting",
+        }
+    }
+
+    /// The sandbox can only come back by being replaced (its supervisor gave up or is gone).
+    pub fn is_failed(self) -> bool {
+        self == SandboxState::Failed
+    }
+
+    pub fn is_running(self) -> bool {
+        self == SandboxState::Running
+    }
+}
+
+impl fmt::Display for SandboxState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rusqlite::Connection;
+
+    fn round_trips<T>(all: &[T])
+    where
+        T: ToSql + FromSql + PartialEq + fmt::Debug + Copy,
+    {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute("CREATE TABLE t (status TEXT NOT NULL)", [])
+            .unwrap();
+        for value in all {
+            conn.execute("DELETE FROM t", []).unwrap();
+            conn.execute("INSERT INTO t (status) VALUES (?1)", [value])
+                .unwrap();
+            let back: T = conn
+                .query_row("SELECT status FROM t", [], |r| r.get(0))
+                .unwrap();
+            assert_eq!(back, *value);
+        }
+    }
+
+    fn unknown_is_rejected<T: FromSql + fmt::Debug>(column: &str) {
+        let conn = Connection::open_in_memory().unwrap();
+        let err = conn
+            .query_row("SELECT 'sleeping'", [], |r| r.get::<_, T>(0))
+            .unwrap_err();
+        let message = err.to_string();
+        assert!(message.contains("sleeping"), "{message}");
+        assert!(message.contains(column), "{message}");
+    }
+
+    #[test]
+    fn every_status_round_trips_through_sql() {
+        round_trips(DiskStatus::ALL);
+        round_trips(SandboxStatus::ALL);
+        round_trips(EndpointStatus::ALL);
+        round_trips(AppStatus::ALL);
+        round_trips(AddonStatus::ALL);
+        round_trips(ServerStatus::ALL);
+    }
+
+    #[test]
+    fn the_stored_strings_are_the_ones_on_disk() {
+        // The rows written by earlier versions hold these exact strings.
+        let stored: Vec<&str> = DiskStatus::ALL.iter().map(|s| s.as_str()).collect();
+        assert_eq!(
+            stored,
+            [
+                "creating",
+                "ready",
+                "resizing",
+                "deleting",
+                "restoring",
+                "error"
+            ]
+        );
+        let stored: Vec<&str> = AddonStatus::ALL.iter().map(|s| s.as_str()).collect();
+        assert_eq!(
+            stored,
+            [
+                "pending",
+                "provisioning",
+                "active",
+                "error",
+                "deprovisioning"
+            ]
+        );
+        assert_eq!(SandboxStatus::Created.as_str(), "created");
+        assert_eq!(EndpointStatus::Failed.as_str(), "failed");
+        assert_eq!(AppStatus::Deploying.as_str(), "deploying");
+        assert_eq!(ServerStatus::Deleting.as_str(), "deleting");
+    }
+
+    #[test]
+    fn an_unknown_stored_value_is_an_error_naming_the_column() {
+        unknown_is_rejected::<DiskStatus>("disks.status");
+        unknown_is_rejected::<SandboxStatus>("sandboxes.status");
+        unknown_is_rejected::<EndpointStatus>("endpoints.status");
+        unknown_is_rejected::<AppStatus>("apps.status");
+        unknown_is_rejected::<AddonStatus>("addons.status");
+        unknown_is_rejected::<ServerStatus>("addon_servers.status");
+    }
+
+    #[test]
+    fn from_str_matches_as_str() {
+        for s in AddonStatus::ALL {
+            assert_eq!(s.as_str().parse::<AddonStatus>(), Ok(*s));
+        }
+        assert_eq!(
+            "Ready".parse::<DiskStatus>(),
+            Err(UnknownStatus {
+                column: "disks.status",
+                value: "Ready".into()
+            })
+        );
+    }
+
+    #[test]
+    fn addon_questions() {
+        let working: Vec<_> = AddonStatus::ALL
+            .iter()
+            .filter(|s| s.needs_work())
+            .map(|s| s.as_str())
+            .collect();
+        assert_eq!(working, ["pending", "provisioning", "deprovisioning"]);
+        let owed: Vec<_> = AddonStatus::ALL
+            .iter()
+            .filter(|s| s.needs_provisioning())
+            .map(|s| s.as_str())
+            .collect();
+        assert_eq!(owed, ["pending", "provisioning"]);
+        let members: Vec<_> = AddonStatus::members().map(|s| s.as_str()).collect();
+        assert_eq!(
+            members,
+            ["pending", "provisioning", "active", "deprovisioning"]
+        );
+    }
+
+    #[test]
+    fn display_honours_width_like_a_string() {
+        // The CLI's tables pad these with `{:<9}`.
+        assert_eq!(format!("{:<9}|", SandboxState::Running), "running  |");
+        assert_eq!(format!("{:<9}|", DiskStatus::Ready), "ready    |");
+    }
+
+    #[test]
+    fn sandbox_state_serializes_as_before() {
+        assert_eq!(
+            serde_json::to_string(&SandboxState::Exited).unwrap(),
+            "\"exited\""
+        );
+        for s in [
+            SandboxState::Creating,
+            SandboxState::Running,
+            SandboxState::Exited,
+            SandboxState::Failed,
+            SandboxState::Deleting,
+        ] {
+            assert_eq!(serde_json::to_string(&s).unwrap(), format!("\"{s}\""));
+        }
+    }
+}
