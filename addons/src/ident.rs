@@ -174,6 +174,16 @@ pub fn is_valid_pg_identifier(ident: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Role and database names live in PostgreSQL data directories: they never change.
+    #[test]
+    fn pg_identifiers_are_pinned() {
+        assert_eq!(pg_identifier("myapp"), "myapp");
+        assert_eq!(
+            pg_identifier(&"a-very-long-application-name-".repeat(3)),
+            "a_very_long_application_name_a_very_long_application_n_8efa5a82"
+        );
+    }
     use std::collections::HashSet;
 
     #[test]

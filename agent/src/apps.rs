@@ -655,6 +655,28 @@ impl AppService {
 mod tests {
     use super::*;
 
+    /// Hashed names name sandboxes and disks on disk and in the database: they never change.
+    #[test]
+    fn hashed_names_are_pinned() {
+        let long = "a".repeat(60);
+        assert_eq!(
+            service_sandbox_name(&long, "worker"),
+            "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-076a6cfa"
+        );
+        assert_eq!(
+            crate::disks::hashed_name("data", "app `shop`"),
+            "data-aa85ec62"
+        );
+        assert_eq!(
+            crate::disks::hashed_name(&"d-".repeat(40), "x"),
+            "d-d-d-d-d-d-d-d-d-d-d-d-d-d-d-d-d-d-d-d-d-d-d-d-d-d-d-bea246e5"
+        );
+        assert_eq!(
+            addons::small_server_name(&"b".repeat(63)),
+            "addon-pg-bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-29a2c225"
+        );
+    }
+
     #[test]
     fn service_names_fit() {
         assert_eq!(service_sandbox_name("my-app", "web"), "my-app-web");

@@ -226,6 +226,18 @@ fn base32_hash(text: &str, len: usize) -> String {
 mod tests {
     use super::*;
 
+    /// Endpoint keys name veths and netns files that outlive the agent: they never change.
+    #[test]
+    fn endpoint_keys_and_bridge_macs_are_pinned() {
+        assert_eq!(cfg("miren").endpoint_key("sandbox-42"), "miren-ndrvo44j7");
+        assert_eq!(cfg("mrtst1a2").endpoint_key("pid:1234"), "mrtst1a2-unx5l5");
+        assert_eq!(cfg("m").endpoint_key(""), "m-fzieccs44u4xm");
+        assert_eq!(
+            format!("{:02x?}", crate::endpoint::bridge_mac("miren")),
+            "[02, a5, 28, 5f, 62, cc]"
+        );
+    }
+
     fn cfg(prefix: &str) -> NetConfig {
         NetConfig::new(prefix, "10.88.0.0/16".parse().expect("subnet"), "/run/x")
             .expect("valid config")
