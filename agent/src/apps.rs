@@ -81,7 +81,7 @@ pub fn service_sandbox_name(app: &str, service: &str) -> String {
     if name.len() <= 63 {
         return name;
     }
-    let hash = addons::fnv1a32(name.as_bytes());
+    let hash = miren_sys::fnv::fnv1a32(name.as_bytes());
     format!("{}-{hash:08x}", name[..54].trim_end_matches('-'))
 }
 

@@ -212,11 +212,7 @@ const BASE32: &[u8; 32] = b"abcdefghijklmnopqrstuvwxyz234567";
 
 /// FNV-1a 64, rendered as `len` base32 characters: stable across versions.
 fn base32_hash(text: &str, len: usize) -> String {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in text.bytes() {
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-    }
+    let hash = miren_sys::fnv::fnv1a64(text.as_bytes());
     (0..len)
         .map(|i| char::from(BASE32[((hash >> (5 * i)) & 31) as usize]))
         .collect()

@@ -84,15 +84,6 @@ pub struct AddonService {
     settled: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<String>>,
 }
 
-pub(crate) fn fnv1a32(bytes: &[u8]) -> u32 {
-    let mut hash: u32 = 0x811c9dc5;
-    for b in bytes {
-        hash ^= u32::from(*b);
-        hash = hash.wrapping_mul(0x01000193);
-    }
-    hash
-}
-
 /// The sandbox and disk name of an app's dedicated server: `addon-pg-<app>`, shortened with a
 /// hash when it would pass the 63-character name limit.
 pub fn small_server_name(app: &str) -> String {
@@ -104,7 +95,7 @@ pub fn small_server_name(app: &str) -> String {
     format!(
         "{PREFIX}{}-{:08x}",
         &app[..keep].trim_end_matches('-'),
-        fnv1a32(app.as_bytes())
+        miren_sys::fnv::fnv1a32(app.as_bytes())
     )
 }
 
