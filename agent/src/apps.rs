@@ -11,7 +11,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-use crate::addons::{self, AddonService};
+use crate::addons::AddonService;
 use crate::disks::DiskService;
 use crate::error::ApiError;
 use crate::model::{
@@ -672,7 +672,7 @@ mod tests {
             "d-d-d-d-d-d-d-d-d-d-d-d-d-d-d-d-d-d-d-d-d-d-d-d-d-d-d-bea246e5"
         );
         assert_eq!(
-            addons::small_server_name(&"b".repeat(63)),
+            crate::addons::small_server_name(&"b".repeat(63)),
             "addon-pg-bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-29a2c225"
         );
     }
