@@ -370,49 +370,27 @@ fn cleanup_without_supervisor(state_dir: &Path) -> Result<(), SandboxError> {
     Ok(())
 }
 
-/// True if `path` is a mount point in our mount namespace (per /proc/self/mountinfo).
+/// True if `path` is a mount point in our mount namespace (per /proc/self/mountinfo); a path
+/// that cannot be resolved or read counts as not mounted.
 pub(crate) fn is_mounted(path: &Path) -> bool {
-    let Ok(path) = fs::canonicalize(path) else {
-        return false;
-    };
-    let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
-    };
-    let want = path.to_string_lossy();
-    info.lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .any(|m| unescape_mountinfo(m) == want)
+    miren_sys::mountinfo::is_mount_point(path).unwrap_or(false)
 }
 
-fn unescape_mountinfo(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// Unmounts `path` (all stacked mounts); lazily if it is still busy.
+/// Unmounts `path` (all stacked mounts); lazily if it is still busy: the sandbox's processes are
+/// already gone or going, and its state directory must be removable now.
 pub(crate) fn unmount(path: &Path) -> Result<(), SandboxError> {
-    use nix::mount::{umount2, MntFlags};
+    use miren_sys::unmount::{unmount, Unmounted, WhenBusy};
+    let fail = |e| SandboxError::sys(format!("umount {}", path.display()), e);
     while is_mounted(path) {
-        if let Err(e) = umount2(path, MntFlags::empty()) {
-            if e == nix::errno::Errno::EBUSY {
-                umount2(path, MntFlags::MNT_DETACH)
-                    .map_err(|e| SandboxError::sys(format!("umount {}", path.display()), e))?;
-            } else {
-                return Err(SandboxError::sys(format!("umount {}", path.display()), e));
+        match unmount(path, WhenBusy::Detach) {
+            Ok(Unmounted::Removed) => {}
+            // mountinfo lists it but the kernel says it is not a mount point here: stop rather
+            // than spin (the old loop failed with the same EINVAL).
+            Ok(Unmounted::NotMounted) => return Err(fail(nix::errno::Errno::EINVAL)),
+            Err(e) => {
+                return Err(fail(nix::errno::Errno::from_raw(
+                    e.raw_os_error().unwrap_or(libc::EIO),
+                )))
             }
         }
     }
