@@ -1,7 +1,7 @@
 //! Names: the app/service/disk rule, and PostgreSQL role/database names derived from app names.
 
 /// Longest app, service or disk name (a DNS label, so it can become a hostname or a path).
-pub const MAX_NAME_LEN: usize = 63;
+pub const MAX_NAME_LEN: usize = miren_sys::name::MAX_NAME_LEN;
 
 /// PostgreSQL truncates identifiers past NAMEDATALEN - 1 bytes; we never produce longer ones.
 pub const MAX_PG_IDENT_LEN: usize = 63;
@@ -39,26 +39,16 @@ pub enum NameError {
 /// Apps, services and disks: letters, digits and hyphens, 1-63 characters, starting with a
 /// letter or digit. The same rule as the agent's disk names, so any of them can name a disk.
 pub fn validate_name(name: &str) -> Result<(), NameError> {
-    let len = name.chars().count();
-    if len == 0 {
-        return Err(NameError::Empty);
-    }
-    if len > MAX_NAME_LEN {
-        return Err(NameError::TooLong(name.to_string(), len));
-    }
-    if let Some(ch) = name
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || *c == '-'))
-    {
-        return Err(NameError::BadChar {
+    use miren_sys::name::NameViolation;
+    miren_sys::name::check_name(name).map_err(|violation| match violation {
+        NameViolation::Empty => NameError::Empty,
+        NameViolation::TooLong(len) => NameError::TooLong(name.to_string(), len),
+        NameViolation::BadChar(ch) => NameError::BadChar {
             name: name.to_string(),
             ch,
-        });
-    }
-    if name.starts_with('-') {
-        return Err(NameError::BadStart(name.to_string()));
-    }
-    Ok(())
+        },
+        NameViolation::BadStart => NameError::BadStart(name.to_string()),
+    })
 }
 
 /// Names the agent gives its own things (addon servers' sandboxes, disks and network apps are

@@ -78,11 +78,7 @@ pub struct AddonSpec {
 /// by (app, service) on the sandbox row, since `a` + `b-c` and `a-b` + `c` read alike.
 pub fn service_sandbox_name(app: &str, service: &str) -> String {
     let name = format!("{app}-{service}");
-    if name.len() <= 63 {
-        return name;
-    }
-    let hash = miren_sys::fnv::fnv1a32(name.as_bytes());
-    format!("{}-{hash:08x}", name[..54].trim_end_matches('-'))
+    miren_sys::name::shortened(&name, miren_sys::fnv::fnv1a32(name.as_bytes()))
 }
 
 fn spec_from_config(

@@ -4,6 +4,7 @@
 
 pub mod fnv;
 pub mod mountinfo;
+pub mod name;
 pub mod percent;
 pub mod proc;
 pub mod unmount;
