@@ -19,6 +19,26 @@ pub fn is_same_process(pid: i32, start_time: u64) -> bool {
     self::start_time(pid) == Some(start_time)
 }
 
+/// Supplementary group ids of `pid` (the `Groups:` line of `/proc/PID/status`; SO_PEERCRED
+/// carries only the primary group). `None` when the process or the line is gone.
+pub fn supplementary_groups(pid: i32) -> Option<Vec<u32>> {
+    if pid <= 0 {
+        return None;
+    }
+    parse_groups(&fs::read_to_string(format!("/proc/{pid}/status")).ok()?)
+}
+
+/// The `Groups:` line of a `/proc/PID/status` text; a token that is not a number is skipped.
+pub fn parse_groups(status: &str) -> Option<Vec<u32>> {
+    let groups = status.lines().find_map(|l| l.strip_prefix("Groups:"))?;
+    Some(
+        groups
+            .split_whitespace()
+            .filter_map(|g| g.parse().ok())
+            .collect(),
+    )
+}
+
 /// Field 22 of a `/proc/PID/stat` line, or `None` for a zombie, a dead process or a bad line.
 pub fn parse_start_time(stat: &str) -> Option<u64> {
     // comm (field 2) may contain spaces and parentheses: the fields resume after the last ')'.
@@ -57,6 +77,31 @@ mod tests {
         assert_eq!(parse_start_time(""), None);
         assert_eq!(parse_start_time("12 (x"), None);
         assert_eq!(parse_start_time("12 (x) S 1 2"), None);
+    }
+
+    #[test]
+    fn groups_come_from_the_groups_line() {
+        let status = "Name:\tx\nGid:\t5\t5\t5\t5\nGroups:\t4 24 1000 \nNSpid:\t1\n";
+        assert_eq!(parse_groups(status), Some(vec![4, 24, 1000]));
+        assert_eq!(parse_groups("Groups:\n"), Some(vec![]));
+        assert_eq!(parse_groups("Name:\tx\n"), None);
+    }
+
+    #[test]
+    fn own_groups_match_getgroups() {
+        let me = std::process::id() as i32;
+        let mut from_proc = supplementary_groups(me).expect("our own /proc status");
+        let mut buf = vec![0 as libc::gid_t; 1024];
+        // SAFETY: `buf` holds `buf.len()` gid_t slots and getgroups writes at most that many.
+        let n = unsafe { libc::getgroups(buf.len() as libc::c_int, buf.as_mut_ptr()) };
+        assert!(n >= 0, "getgroups failed");
+        buf.truncate(n as usize);
+        buf.sort_unstable();
+        buf.dedup();
+        from_proc.sort_unstable();
+        from_proc.dedup();
+        assert_eq!(from_proc, buf);
+        assert_eq!(supplementary_groups(0), None);
     }
 
     #[test]
