@@ -129,17 +129,7 @@ fn url_host(host: &str) -> String {
 }
 
 /// Encodes everything but RFC 3986 unreserved characters, byte by byte (UTF-8 included).
-pub fn percent_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
+pub use miren_sys::percent_encode;
 
 #[cfg(test)]
 mod tests {

@@ -294,13 +294,8 @@ fn peer_allowed(peer: &PeerCred, socket_gid: Option<u32>) -> bool {
     }
     // Supplementary groups are not in SO_PEERCRED; read them from the peer's /proc entry.
     peer.pid
-        .and_then(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
-        .and_then(|status| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix("Groups:").map(str::to_string))
-        })
-        .is_some_and(|groups| groups.split_whitespace().any(|g| g == group.to_string()))
+        .and_then(miren_sys::proc::supplementary_groups)
+        .is_some_and(|groups| groups.contains(&group))
 }
 
 /// Disk work blocks (ioctls, mkfs); it runs off the async threads. If the client hangs up, the

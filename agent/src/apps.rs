@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use crate::addons::store::AppStatus;
-use crate::addons::{self, AddonService};
+use crate::addons::AddonService;
 use crate::disks::DiskService;
 use crate::error::ApiError;
 use crate::model::{
@@ -79,11 +79,7 @@ pub struct AddonSpec {
 /// by (app, service) on the sandbox row, since `a` + `b-c` and `a-b` + `c` read alike.
 pub fn service_sandbox_name(app: &str, service: &str) -> String {
     let name = format!("{app}-{service}");
-    if name.len() <= 63 {
-        return name;
-    }
-    let hash = addons::fnv1a32(name.as_bytes());
-    format!("{}-{hash:08x}", name[..54].trim_end_matches('-'))
+    miren_sys::name::shortened(&name, miren_sys::fnv::fnv1a32(name.as_bytes()))
 }
 
 fn spec_from_config(
@@ -646,6 +642,28 @@ impl AppService {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Hashed names name sandboxes and disks on disk and in the database: they never change.
+    #[test]
+    fn hashed_names_are_pinned() {
+        let long = "a".repeat(60);
+        assert_eq!(
+            service_sandbox_name(&long, "worker"),
+            "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-076a6cfa"
+        );
+        assert_eq!(
+            crate::disks::hashed_name("data", "app `shop`"),
+            "data-aa85ec62"
+        );
+        assert_eq!(
+            crate::disks::hashed_name(&"d-".repeat(40), "x"),
+            "d-d-d-d-d-d-d-d-d-d-d-d-d-d-d-d-d-d-d-d-d-d-d-d-d-d-d-bea246e5"
+        );
+        assert_eq!(
+            crate::addons::small_server_name(&"b".repeat(63)),
+            "addon-pg-bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-29a2c225"
+        );
+    }
 
     #[test]
     fn service_names_fit() {

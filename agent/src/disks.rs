@@ -874,9 +874,8 @@ fn not_yours(disk: &str, owner: Option<&Owner>, wanted_by: &Owner) -> ApiError {
 
 /// `name` with 8 hex digits of a hash of `salt`, within the 63-character name limit.
 pub fn hashed_name(name: &str, salt: &str) -> String {
-    let hash = crate::addons::fnv1a32(format!("{name}\0{salt}").as_bytes());
-    let keep: String = name.chars().take(63 - 9).collect();
-    format!("{}-{hash:08x}", keep.trim_end_matches('-'))
+    let hash = miren_sys::fnv::fnv1a32(format!("{name}\0{salt}").as_bytes());
+    miren_sys::name::with_hash_suffix(name, hash)
 }
 
 fn round_secs(d: Duration) -> Duration {

@@ -2,8 +2,6 @@
 //! `pid:N` is tied to process N (and its start time, so a reused pid does not count); any other
 //! string is an opaque name that exists until it is released.
 
-use std::fs;
-
 use crate::error::ApiError;
 
 pub enum Holder {
@@ -39,12 +37,11 @@ pub fn parse_holder(holder: &str) -> Result<Holder, ApiError> {
     Ok(Holder::Process { pid, start_time })
 }
 
-/// Start time (clock ticks since boot) of a process, from /proc/PID/stat field 22.
+/// Start time (clock ticks since boot) of a live process; a zombie has exited and holds
+/// nothing, so it has none (see `miren_sys::proc::start_time`).
 pub fn process_start_time(pid: i64) -> Option<i64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may contain spaces and parentheses: skip past the last ')'.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(19)?.parse().ok()
+    let pid = i32::try_from(pid).ok()?;
+    i64::try_from(miren_sys::proc::start_time(pid)?).ok()
 }
 
 /// True when a `pid:N` holder's process is gone; opaque holders never are.
@@ -72,5 +69,29 @@ mod tests {
         assert!(!holder_is_gone(Some(pid), Some(start_time)));
         assert!(holder_is_gone(Some(pid), Some(start_time + 1)));
         assert!(!holder_is_gone(None, None));
+    }
+
+    /// A process that exited but is not reaped yet (a zombie) holds nothing: its lease is free.
+    #[test]
+    fn a_zombie_holder_is_gone() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawning sleep");
+        let pid = i64::from(child.id());
+        let Ok(Holder::Process { start_time, .. }) = parse_holder(&format!("pid:{pid}")) else {
+            panic!("running child not found")
+        };
+        assert!(!holder_is_gone(Some(pid), Some(start_time)));
+        child.kill().expect("killing sleep");
+        // Not reaped: /proc/PID stays, as a zombie, until wait() below.
+        while std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|stat| !stat.contains(") Z "))
+        {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(holder_is_gone(Some(pid), Some(start_time)));
+        assert!(parse_holder(&format!("pid:{pid}")).is_err());
+        child.wait().expect("reaping sleep");
     }
 }

@@ -38,17 +38,7 @@ pub fn now_rfc3339() -> String {
 
 /// Percent-encodes everything but RFC 3986's unreserved characters, for path segments and
 /// query values (owners like `pid:12`, image references like `ghcr.io/org/app:1`).
-pub fn percent_encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
-}
+pub use miren_sys::percent_encode;
 
 /// One async lock per key (an app, a sandbox): operations on the same key run one at a time.
 #[derive(Default)]

@@ -1,18 +1,13 @@
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use sys_mount::{Mount, MountFlags, UnmountFlags};
+use miren_sys::unmount::WhenBusy;
+use sys_mount::{Mount, MountFlags};
 
 use crate::{DiskError, Filesystem};
 
 /// One line of /proc/self/mountinfo, reduced to what reconciliation needs.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MountEntry {
-    pub target: PathBuf,
-    pub source: String,
-    pub fstype: String,
-    pub read_only: bool,
-}
+pub use miren_sys::mountinfo::MountEntry;
 
 /// Mounts `device` at `target` (created if missing). `discard` lets deleted files give their
 /// space back to the host, which is what keeps a thin-provisioned image thin over time.
@@ -72,11 +67,12 @@ pub fn remount(target: &Path, fs: Filesystem, read_only: bool) -> Result<(), Dis
         .map_err(|e| DiskError::io("remounting", target, e))
 }
 
-/// Unmounts `target`; a path that is not mounted (or gone) is fine.
+/// Unmounts `target`; a path that is not mounted (or gone) is fine. A busy disk is an error,
+/// never detached: a detached mount keeps its filesystem and loop device alive, out of sight,
+/// for as long as some process holds a file under it, and the disk would look free when it is not.
 pub fn unmount(target: &Path) -> Result<(), DiskError> {
-    match sys_mount::unmount(target, UnmountFlags::empty()) {
-        Ok(()) => Ok(()),
-        Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::ENOENT)) => Ok(()),
+    match miren_sys::unmount::unmount(target, WhenBusy::Fail) {
+        Ok(_) => Ok(()),
         Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Err(DiskError::io(
             "unmounting (a process still uses files under it; stop it first)",
             target,
@@ -103,59 +99,6 @@ pub fn mounts_under(dir: &Path) -> Result<Vec<MountEntry>, DiskError> {
 }
 
 fn read_mountinfo() -> Result<Vec<MountEntry>, DiskError> {
-    let path = Path::new("/proc/self/mountinfo");
-    let text = fs::read_to_string(path).map_err(|e| DiskError::io("reading", path, e))?;
-    Ok(text.lines().filter_map(parse_mountinfo_line).collect())
-}
-
-/// Format: `id parent maj:min root target options [optional...] - fstype source superoptions`.
-fn parse_mountinfo_line(line: &str) -> Option<MountEntry> {
-    let (left, right) = line.split_once(" - ")?;
-    let left: Vec<&str> = left.split(' ').collect();
-    let mut right = right.split(' ');
-    let target = unescape(left.get(4)?);
-    let options = left.get(5)?;
-    let fstype = right.next()?.to_string();
-    let source = unescape(right.next()?);
-    Some(MountEntry {
-        target: PathBuf::from(target),
-        source,
-        fstype,
-        read_only: options.split(',').any(|o| o == "ro"),
-    })
-}
-
-/// mountinfo escapes space, tab, newline and backslash as octal (`\040`).
-fn unescape(field: &str) -> String {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\\' && bytes.len() - i >= 4 {
-            if let Ok(v) = u8::from_str_radix(&field[i + 1..i + 4], 8) {
-                out.push(v);
-                i += 4;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_mountinfo_lines() {
-        let line = "36 35 7:3 / /var/lib/mi\\040ren/m ro,relatime shared:1 - ext4 /dev/loop3 ro";
-        let m = parse_mountinfo_line(line).unwrap();
-        assert_eq!(m.target, PathBuf::from("/var/lib/mi ren/m"));
-        assert_eq!(m.source, "/dev/loop3");
-        assert_eq!(m.fstype, "ext4");
-        assert!(m.read_only);
-        assert!(parse_mountinfo_line("garbage").is_none());
-    }
+    miren_sys::mountinfo::read_self()
+        .map_err(|e| DiskError::io("reading", Path::new("/proc/self/mountinfo"), e))
 }

@@ -1,5 +1,7 @@
+use miren_sys::name::NameViolation;
+
 /// Longest disk name accepted (a DNS label, so names can become hostnames and paths safely).
-pub const MAX_NAME_LEN: usize = 63;
+pub const MAX_NAME_LEN: usize = miren_sys::name::MAX_NAME_LEN;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum NameError {
@@ -16,26 +18,15 @@ pub enum NameError {
 /// Names are alphanumeric and hyphens, 1-63 characters, starting with a letter or digit.
 /// Checked before anything is made, so a bad name never reaches the filesystem.
 pub fn validate_name(name: &str) -> Result<(), NameError> {
-    let len = name.chars().count();
-    if len == 0 {
-        return Err(NameError::Empty);
-    }
-    if len > MAX_NAME_LEN {
-        return Err(NameError::TooLong(printable(name), len));
-    }
-    if let Some(ch) = name
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || *c == '-'))
-    {
-        return Err(NameError::BadChar {
+    miren_sys::name::check_name(name).map_err(|violation| match violation {
+        NameViolation::Empty => NameError::Empty,
+        NameViolation::TooLong(len) => NameError::TooLong(printable(name), len),
+        NameViolation::BadChar(ch) => NameError::BadChar {
             name: printable(name),
             ch: printable(&ch.to_string()),
-        });
-    }
-    if name.starts_with('-') {
-        return Err(NameError::BadStart(printable(name)));
-    }
-    Ok(())
+        },
+        NameViolation::BadStart => NameError::BadStart(printable(name)),
+    })
 }
 
 /// A refused name is echoed in the error; it may come from a snapshot file or a client and

@@ -67,12 +67,7 @@ fn write_sysctl(path: &str, value: &str) -> Result<()> {
 /// Locally administered MAC derived from the prefix, so the bridge keeps one
 /// address instead of taking its lowest port's (which would churn ARP caches).
 pub(crate) fn bridge_mac(prefix: &str) -> Vec<u8> {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in prefix.bytes() {
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    let b = hash.to_be_bytes();
+    let b = miren_sys::fnv::fnv1a64(prefix.as_bytes()).to_be_bytes();
     vec![0x02, b[0], b[1], b[2], b[3], b[4]]
 }
 

@@ -212,11 +212,7 @@ const BASE32: &[u8; 32] = b"abcdefghijklmnopqrstuvwxyz234567";
 
 /// FNV-1a 64, rendered as `len` base32 characters: stable across versions.
 fn base32_hash(text: &str, len: usize) -> String {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in text.bytes() {
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-    }
+    let hash = miren_sys::fnv::fnv1a64(text.as_bytes());
     (0..len)
         .map(|i| char::from(BASE32[((hash >> (5 * i)) & 31) as usize]))
         .collect()
@@ -225,6 +221,18 @@ fn base32_hash(text: &str, len: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Endpoint keys name veths and netns files that outlive the agent: they never change.
+    #[test]
+    fn endpoint_keys_and_bridge_macs_are_pinned() {
+        assert_eq!(cfg("miren").endpoint_key("sandbox-42"), "miren-ndrvo44j7");
+        assert_eq!(cfg("mrtst1a2").endpoint_key("pid:1234"), "mrtst1a2-unx5l5");
+        assert_eq!(cfg("m").endpoint_key(""), "m-fzieccs44u4xm");
+        assert_eq!(
+            format!("{:02x?}", crate::endpoint::bridge_mac("miren")),
+            "[02, a5, 28, 5f, 62, cc]"
+        );
+    }
 
     fn cfg(prefix: &str) -> NetConfig {
         NetConfig::new(prefix, "10.88.0.0/16".parse().expect("subnet"), "/run/x")

@@ -11,7 +11,8 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 
-use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use miren_sys::unmount::WhenBusy;
+use nix::mount::{mount, MsFlags};
 use nix::sched::{setns, unshare, CloneFlags};
 
 use crate::{Error, Result};
@@ -90,9 +91,9 @@ pub fn remove_netns(path: &Path) -> Result<()> {
         if !is_netns_mount(path) {
             break;
         }
-        match umount2(path, MntFlags::MNT_DETACH) {
-            Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {}
-            Err(e) => return Err(io_error(format!("unmounting {}", path.display()), e)),
+        // An nsfs bind mount has no filesystem to flush: detach it outright.
+        if let Err(e) = miren_sys::unmount::unmount(path, WhenBusy::DetachAlways) {
+            return Err(io_error(format!("unmounting {}", path.display()), e));
         }
     }
     match std::fs::remove_file(path) {

@@ -218,13 +218,9 @@ mod sandbox_common {
         })
     }
 
+    /// Alive and not a zombie: the same rule the runtime uses.
     pub fn alive(pid: i32) -> bool {
-        fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map(|s| {
-                let st = s.rsplit_once(") ").map(|(_, r)| r.chars().next());
-                !matches!(st, Some(Some('Z')) | Some(Some('X')))
-            })
-            .unwrap_or(false)
+        miren_sys::proc::start_time(pid).is_some()
     }
 
     /// Listing of a directory tree: names, types, modes, owners, sizes, mtimes, content

@@ -84,27 +84,14 @@ pub struct AddonService {
     settled: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<String>>,
 }
 
-pub(crate) fn fnv1a32(bytes: &[u8]) -> u32 {
-    let mut hash: u32 = 0x811c9dc5;
-    for b in bytes {
-        hash ^= u32::from(*b);
-        hash = hash.wrapping_mul(0x01000193);
-    }
-    hash
-}
-
 /// The sandbox and disk name of an app's dedicated server: `addon-pg-<app>`, shortened with a
 /// hash when it would pass the 63-character name limit.
 pub fn small_server_name(app: &str) -> String {
-    const PREFIX: &str = "addon-pg-";
-    if PREFIX.len() + app.len() <= 63 {
-        return format!("{PREFIX}{app}");
-    }
-    let keep = 63 - PREFIX.len() - 9;
-    format!(
-        "{PREFIX}{}-{:08x}",
-        &app[..keep].trim_end_matches('-'),
-        fnv1a32(app.as_bytes())
+    // The hash is of the app alone (not the prefixed name), as it always was: the name is on disk.
+    // App names never start with `-`, so cutting the prefixed name equals cutting the app's part.
+    miren_sys::name::shortened(
+        &format!("addon-pg-{app}"),
+        miren_sys::fnv::fnv1a32(app.as_bytes()),
     )
 }
 

@@ -10,10 +10,11 @@ use libcontainer::container::Container;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-use super::status::{read_status, same_process, write_replace, write_status};
+use super::status::{read_status, write_replace, write_status};
 use super::supervisor::StopRequest;
 use super::{cgroup, read_spec, SandboxError, SandboxSpec, State, Status};
 use super::{PID_FILE, ROOTFS_DIR, SPEC_FILE, STOP_FILE, YOUKI_DIR};
+use miren_sys::proc;
 
 /// Validates `spec` and writes it to `<state_dir>/spec.json` (creating the dir). Not forced
 /// to disk: a sandbox does not outlive a host crash (nothing restarts a supervisor), and a
@@ -162,7 +163,7 @@ impl Launch {
 pub fn status(state_dir: &Path) -> Result<Status, SandboxError> {
     let mut s = read_status(state_dir)?
         .ok_or_else(|| SandboxError::NoStatus(state_dir.display().to_string()))?;
-    s.supervisor_alive = same_process(s.supervisor_pid, s.supervisor_start_time);
+    s.supervisor_alive = proc::is_same_process(s.supervisor_pid, s.supervisor_start_time);
     Ok(s)
 }
 
@@ -281,7 +282,7 @@ pub fn stop(state_dir: &Path, grace: Duration) -> Result<Status, SandboxError> {
         write_replace(&state_dir.join(STOP_FILE), &req)?;
         let _ = kill(Pid::from_raw(st.supervisor_pid), Signal::SIGTERM);
         let deadline = Instant::now() + grace + Duration::from_secs(10);
-        while same_process(st.supervisor_pid, st.supervisor_start_time) {
+        while proc::is_same_process(st.supervisor_pid, st.supervisor_start_time) {
             if Instant::now() >= deadline {
                 let _ = kill(Pid::from_raw(st.supervisor_pid), Signal::SIGKILL);
                 break;
@@ -314,16 +315,16 @@ pub fn delete(state_dir: &Path) -> Result<(), SandboxError> {
         if st.supervisor_alive && matches!(st.state, State::Exited | State::Failed) {
             // It recorded the end and is tearing down (cgroups, overlay): let it finish.
             let deadline = Instant::now() + Duration::from_secs(2);
-            while same_process(st.supervisor_pid, st.supervisor_start_time)
+            while proc::is_same_process(st.supervisor_pid, st.supervisor_start_time)
                 && Instant::now() < deadline
             {
                 std::thread::sleep(Duration::from_millis(1));
             }
         }
-        if same_process(st.supervisor_pid, st.supervisor_start_time) {
+        if proc::is_same_process(st.supervisor_pid, st.supervisor_start_time) {
             let _ = kill(Pid::from_raw(st.supervisor_pid), Signal::SIGKILL);
             let deadline = Instant::now() + Duration::from_secs(5);
-            while same_process(st.supervisor_pid, st.supervisor_start_time)
+            while proc::is_same_process(st.supervisor_pid, st.supervisor_start_time)
                 && Instant::now() < deadline
             {
                 std::thread::sleep(Duration::from_millis(5));
@@ -339,12 +340,12 @@ pub fn delete(state_dir: &Path) -> Result<(), SandboxError> {
 /// recorded init pid), drop libcontainer state, remove cgroups, unmount the rootfs.
 fn cleanup_without_supervisor(state_dir: &Path) -> Result<(), SandboxError> {
     if let Ok(Some(st)) = read_status(state_dir) {
-        if same_process(st.supervisor_pid, st.supervisor_start_time) {
+        if proc::is_same_process(st.supervisor_pid, st.supervisor_start_time) {
             // Still running (e.g. refused to die within the deadline): leave it alone.
             return Err(SandboxError::Timeout("supervisor still running".into()));
         }
         if let (Some(p), Some(t)) = (st.pid, st.pid_start_time) {
-            if same_process(p, t) {
+            if proc::is_same_process(p, t) {
                 let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
             }
         }
@@ -369,49 +370,27 @@ fn cleanup_without_supervisor(state_dir: &Path) -> Result<(), SandboxError> {
     Ok(())
 }
 
-/// True if `path` is a mount point in our mount namespace (per /proc/self/mountinfo).
+/// True if `path` is a mount point in our mount namespace (per /proc/self/mountinfo); a path
+/// that cannot be resolved or read counts as not mounted.
 pub(crate) fn is_mounted(path: &Path) -> bool {
-    let Ok(path) = fs::canonicalize(path) else {
-        return false;
-    };
-    let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
-    };
-    let want = path.to_string_lossy();
-    info.lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .any(|m| unescape_mountinfo(m) == want)
+    miren_sys::mountinfo::is_mount_point(path).unwrap_or(false)
 }
 
-fn unescape_mountinfo(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// Unmounts `path` (all stacked mounts); lazily if it is still busy.
+/// Unmounts `path` (all stacked mounts); lazily if it is still busy: the sandbox's processes are
+/// already gone or going, and its state directory must be removable now.
 pub(crate) fn unmount(path: &Path) -> Result<(), SandboxError> {
-    use nix::mount::{umount2, MntFlags};
+    use miren_sys::unmount::{unmount, Unmounted, WhenBusy};
+    let fail = |e| SandboxError::sys(format!("umount {}", path.display()), e);
     while is_mounted(path) {
-        if let Err(e) = umount2(path, MntFlags::empty()) {
-            if e == nix::errno::Errno::EBUSY {
-                umount2(path, MntFlags::MNT_DETACH)
-                    .map_err(|e| SandboxError::sys(format!("umount {}", path.display()), e))?;
-            } else {
-                return Err(SandboxError::sys(format!("umount {}", path.display()), e));
+        match unmount(path, WhenBusy::Detach) {
+            Ok(Unmounted::Removed) => {}
+            // mountinfo lists it but the kernel says it is not a mount point here: stop rather
+            // than spin (the old loop failed with the same EINVAL).
+            Ok(Unmounted::NotMounted) => return Err(fail(nix::errno::Errno::EINVAL)),
+            Err(e) => {
+                return Err(fail(nix::errno::Errno::from_raw(
+                    e.raw_os_error().unwrap_or(libc::EIO),
+                )))
             }
         }
     }

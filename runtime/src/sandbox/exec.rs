@@ -21,9 +21,9 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use oci_spec::runtime::{LinuxNamespaceBuilder, LinuxNamespaceType, Spec};
 
-use super::status::same_process;
 use super::supervisor::poll_fds;
 use super::{cgroup, merge_env, read_spec, status, SandboxError, State, YOUKI_DIR};
+use miren_sys::proc;
 
 /// How long to keep reading after the command exited (its children may hold the pipes).
 const DRAIN: Duration = Duration::from_secs(2);
@@ -50,7 +50,7 @@ pub fn exec(state_dir: &Path, args: &[String], env: &[String]) -> Result<ExecOut
     let spec = read_spec(state_dir)?;
     let st = status(state_dir)?;
     let running = st.state == State::Running
-        && matches!((st.pid, st.pid_start_time), (Some(p), Some(t)) if same_process(p, t));
+        && matches!((st.pid, st.pid_start_time), (Some(p), Some(t)) if proc::is_same_process(p, t));
     if !running {
         return Err(SandboxError::NotRunning);
     }

@@ -100,22 +100,3 @@ pub(crate) fn read_status(state_dir: &Path) -> Result<Option<Status>, SandboxErr
         Err(e) => Err(SandboxError::io(format!("read {}", path.display()), e)),
     }
 }
-
-/// Start time (field 22 of /proc/pid/stat) of a live, non-zombie process.
-pub(crate) fn proc_start_time(pid: i32) -> Option<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // comm may contain spaces and parens: fields start after the last ')'.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let mut fields = rest.split(' ');
-    let state = fields.next()?;
-    if state == "Z" || state == "X" {
-        return None;
-    }
-    // `rest` starts at field 3 (state); start time is field 22.
-    fields.nth(18)?.parse().ok()
-}
-
-/// True if `pid` is alive and is the same process that was recorded.
-pub(crate) fn same_process(pid: i32, start_time: u64) -> bool {
-    pid > 0 && proc_start_time(pid) == Some(start_time)
-}

@@ -23,12 +23,13 @@ use serde::Deserialize;
 use super::control::{is_mounted, unmount};
 use super::layer::{self, SpareLayer};
 use super::logs::RotatingLog;
-use super::status::{now_ms, proc_start_time, read_status, write_replace, write_status};
+use super::status::{now_ms, read_status, write_replace, write_status};
 use super::{cgroup, oci, read_spec, RestartPolicy, SandboxError, SandboxSpec, State, Status};
 use super::{
     BUNDLE_DIR, HOSTS_FILE, PID_FILE, RESOLV_FILE, ROOTFS_DIR, STDERR_LOG, STDOUT_LOG, STOP_FILE,
     SUPERVISOR_LOG, YOUKI_DIR,
 };
+use miren_sys::proc;
 
 /// Gate steps (see [`super::Launch`]): the network namespace exists, so the container may
 /// be created; the endpoint is complete, so its process may start.
@@ -224,7 +225,7 @@ impl Supervisor {
         let status = Status {
             state: State::Creating,
             supervisor_pid: me,
-            supervisor_start_time: proc_start_time(me).unwrap_or(0),
+            supervisor_start_time: proc::start_time(me).unwrap_or(0),
             pid: None,
             pid_start_time: None,
             exit_code: None,
@@ -515,7 +516,7 @@ impl Supervisor {
         }
         self.status.state = State::Running;
         self.status.pid = Some(pid.as_raw());
-        self.status.pid_start_time = proc_start_time(pid.as_raw());
+        self.status.pid_start_time = proc::start_time(pid.as_raw());
         self.status.exit_code = None;
         self.status.oom_killed = false;
         self.status.error = None;
