@@ -122,14 +122,35 @@ fn supervise_with(state_dir: &Path, spare_layer: Option<SpareLayer>) -> Result<(
     }
 }
 
+/// The nice value a spare makes its writable layer at (the mkfs it runs inherits it).
+const SPARE_LAYER_NICE: i32 = 10;
+
+/// Sets this (single-threaded) process's nice value; whether it took.
+fn set_nice(nice: i32) -> bool {
+    // SAFETY: setpriority only reads its integer arguments; `who` 0 is the calling thread,
+    // which is the whole process here.
+    unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) == 0 }
+}
+
 /// Entry point of `miren supervise --sandboxes-dir ROOT`: a spare supervisor, started
 /// ahead of need so a sandbox start does not wait for an exec. It reads one line from
 /// stdin, the id of the sandbox to supervise (its state dir is `ROOT/ID`, spec written),
 /// then goes on as [`supervise`] (stdin stays the start gate). `Ok(false)` when stdin
 /// closed first: the agent is gone or no longer needs this spare.
 pub fn supervise_spare(sandboxes_dir: &Path) -> Result<bool, SandboxError> {
-    // Made while nobody waits for this spare; see `SpareLayer`.
+    // Made while nobody waits for this spare; see `SpareLayer`. At a low priority: the spare
+    // is exec'd right after a start, and its mkfs must not take the CPU from that sandbox's
+    // first milliseconds (this host has two cores).
+    let lowered = set_nice(SPARE_LAYER_NICE);
     let spare_layer = SpareLayer::make(sandboxes_dir, super::DEFAULT_WRITABLE_BYTES);
+    if lowered && !set_nice(0) {
+        // A sandbox must never inherit the low priority: without a way back (no
+        // CAP_SYS_NICE), this spare retires and the agent starts a fresh supervisor.
+        if let Some(l) = spare_layer {
+            l.discard();
+        }
+        return Ok(false);
+    }
     let id = read_assigned_id();
     let id = match id {
         Ok(Some(id)) => id,

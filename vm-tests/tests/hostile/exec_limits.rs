@@ -79,6 +79,11 @@ fn exec_gets_exactly_the_confinement_of_the_init() {
     let s = run_until_running(&agent, &["--name", "confined"], "sleep 1000");
     let init = s["pid"].as_u64().unwrap();
     let host_status = fs::read_to_string(format!("/proc/{init}/status")).unwrap();
+    // The spare supervisor makes its layer at a low priority; the sandbox never inherits it.
+    let stat = fs::read_to_string(format!("/proc/{init}/stat")).unwrap();
+    let after_comm = &stat[stat.rfind(')').unwrap() + 2..];
+    let nice: i32 = after_comm.split(' ').nth(16).unwrap().parse().unwrap();
+    assert_eq!(nice, 0, "the sandbox's init runs at nice {nice}");
     let host_limits = fs::read_to_string(format!("/proc/{init}/limits")).unwrap();
 
     let (code, out) = exec(
