@@ -211,8 +211,9 @@ pub fn parse_app_toml(text: &str, path_for_messages: &str) -> Result<AppConfig, 
 
 type Value<'i> = Spanned<DeValue<'i>>;
 
-/// `"512M"`, `"2G"`, `"1024K"`, `"1T"` or plain bytes; None if it is not one or overflows.
-fn parse_size(text: &str) -> Option<u64> {
+/// `"512M"`, `"2G"`, `"1024K"`, `"1T"` (powers of 1024, an optional `B`) or plain bytes; None
+/// if it is not one or overflows. The one size grammar: app.toml and the sandbox API share it.
+pub fn parse_size(text: &str) -> Option<u64> {
     let t = text.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);

@@ -197,24 +197,7 @@ fn container_path(what: &str, path: &str) -> Result<String, ApiError> {
 
 /// A size with an optional K, M, G or T suffix (powers of 1024); `field` names it in the error.
 fn parse_size(field: &str, s: &str) -> Result<u64, ApiError> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let shift = match unit.to_ascii_lowercase().trim_end_matches('b') {
-        "" => 0,
-        "k" => 10,
-        "m" => 20,
-        "g" => 30,
-        "t" => 40,
-        _ => {
-            return Err(ApiError::invalid(format!(
-                "{field} `{s}`: write a size like 64M or 2G"
-            )))
-        }
-    };
-    num.parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(1 << shift))
+    miren_addons::app_toml::parse_size(s)
         .ok_or_else(|| ApiError::invalid(format!("{field} `{s}`: write a size like 64M or 2G")))
 }
 
