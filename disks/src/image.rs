@@ -20,8 +20,8 @@ pub fn create_sparse_image(path: &Path, size_bytes: u64) -> Result<(), DiskError
         .map_err(|e| DiskError::io("sizing image", path, e))
 }
 
-/// Grows the image's apparent size. Growing to the current size is a no-op; shrinking is refused.
-pub fn extend_image(path: &Path, size_bytes: u64) -> Result<(), DiskError> {
+/// The image opened for writing, and its apparent size.
+fn open_for_resize(path: &Path) -> Result<(File, u64), DiskError> {
     let file = OpenOptions::new()
         .write(true)
         .open(path)
@@ -30,6 +30,12 @@ pub fn extend_image(path: &Path, size_bytes: u64) -> Result<(), DiskError> {
         .metadata()
         .map_err(|e| DiskError::io("reading image size", path, e))?
         .len();
+    Ok((file, current))
+}
+
+/// Grows the image's apparent size. Growing to the current size is a no-op; shrinking is refused.
+pub fn extend_image(path: &Path, size_bytes: u64) -> Result<(), DiskError> {
+    let (file, current) = open_for_resize(path)?;
     if size_bytes < current {
         return Err(DiskError::Shrink {
             path: path.to_path_buf(),
@@ -50,14 +56,7 @@ pub fn extend_image(path: &Path, size_bytes: u64) -> Result<(), DiskError> {
 /// filesystem: the caller has checked that the filesystem ends at or before `size_bytes`.
 /// An image already that small is left as it is.
 pub fn roll_back_image_size(path: &Path, size_bytes: u64) -> Result<(), DiskError> {
-    let file = OpenOptions::new()
-        .write(true)
-        .open(path)
-        .map_err(|e| DiskError::io("opening image", path, e))?;
-    let current = file
-        .metadata()
-        .map_err(|e| DiskError::io("reading image size", path, e))?
-        .len();
+    let (file, current) = open_for_resize(path)?;
     if current > size_bytes {
         file.set_len(size_bytes)
             .map_err(|e| DiskError::io("rolling back the size of image", path, e))?;
