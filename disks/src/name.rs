@@ -32,17 +32,7 @@ pub fn validate_name(name: &str) -> Result<(), NameError> {
 /// A refused name is echoed in the error; it may come from a snapshot file or a client and
 /// hold terminal escapes, so control and invisible formatting characters are shown escaped.
 fn printable(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        let invisible = matches!(c,
-            '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{FEFF}');
-        if c.is_control() || invisible || c == '\\' {
-            out.extend(c.escape_default());
-        } else {
-            out.push(c);
-        }
-    }
-    out
+    miren_sys::printable(s)
 }
 
 #[cfg(test)]

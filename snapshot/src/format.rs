@@ -88,17 +88,7 @@ impl fmt::Display for Filesystem {
 /// log: control characters (C0, DEL, C1: terminal escapes, carriage returns, newlines) and the
 /// invisible bidirectional and zero-width formatting characters are shown as `\u{..}`.
 pub fn printable(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        let invisible = matches!(c,
-            '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{FEFF}');
-        if c.is_control() || invisible || c == '\\' {
-            out.extend(c.escape_default());
-        } else {
-            out.push(c);
-        }
-    }
-    out
+    miren_sys::printable(s)
 }
 
 /// What the snapshot says about the disk it was taken from.

@@ -6,7 +6,9 @@ pub mod fnv;
 pub mod mountinfo;
 pub mod name;
 pub mod percent;
+pub mod printable;
 pub mod proc;
 pub mod unmount;
 
 pub use percent::percent_encode;
+pub use printable::printable;
