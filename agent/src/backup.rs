@@ -14,7 +14,7 @@ use miren_disks::{self as kernel, Filesystem, GIB};
 use miren_snapshot::{self as snapshot, SnapshotMeta, SnapshotReader};
 use tracing::{info, warn};
 
-use crate::disks::{DiskService, MAX_SIZE_GB};
+use crate::disks::{DiskOperation, DiskService, MAX_SIZE_GB};
 use crate::error::ApiError;
 use crate::model::Disk;
 use crate::state::{DiskRow, DiskStatus, PendingRestore};
@@ -80,6 +80,7 @@ impl DiskService {
     /// (FIFREEZE) for exactly as long as the copy of its allocated extents takes.
     pub fn capture_for_backup(&self, id_or_name: &str) -> Result<Capture, ApiError> {
         let row = self.find(id_or_name)?;
+        let _only = DiskOperation::begin(&row, "backup")?;
         if row.status != DiskStatus::Ready {
             return Err(ApiError::busy(format!(
                 "disk `{}` is {}; back it up once that finishes",
@@ -290,6 +291,7 @@ impl DiskService {
         size_gb: u64,
         fs: Filesystem,
     ) -> Result<(Disk, bool), ApiError> {
+        let _only = DiskOperation::begin(disk, "restore")?;
         let pending = PendingRestore {
             image: tmp.display().to_string(),
             size_gb,

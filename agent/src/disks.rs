@@ -23,8 +23,37 @@ use crate::util::{new_id, now_rfc3339};
 pub const MAX_SIZE_GB: u64 = 64 * 1024;
 pub const DEFAULT_LEASE_TIMEOUT: Duration = Duration::from_secs(300);
 
-/// Serializes resizes (rare, and seconds at most).
-static RESIZES: std::sync::Mutex<()> = std::sync::Mutex::new(());
+/// The operations under way on each disk (by id), one at a time per disk: a backup's freeze
+/// helper, an online grow or a restore's swap hold the mount, and a delete running beside
+/// them would find it busy halfway through.
+static UNDER_WAY: std::sync::Mutex<Vec<(String, &'static str)>> = std::sync::Mutex::new(Vec::new());
+
+/// A disk's one operation under way; ends when dropped.
+pub(crate) struct DiskOperation {
+    id: String,
+}
+
+impl DiskOperation {
+    /// Starts `what` on the disk, or refuses (409 busy) while another operation runs on it.
+    pub(crate) fn begin(row: &DiskRow, what: &'static str) -> Result<DiskOperation, ApiError> {
+        let mut under_way = UNDER_WAY.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, running)) = under_way.iter().find(|(id, _)| *id == row.id) {
+            return Err(ApiError::busy(format!(
+                "disk `{}` is busy: {running} is under way; retry the {what} when it ends",
+                row.name
+            )));
+        }
+        under_way.push((row.id.clone(), what));
+        Ok(DiskOperation { id: row.id.clone() })
+    }
+}
+
+impl Drop for DiskOperation {
+    fn drop(&mut self) {
+        let mut under_way = UNDER_WAY.lock().unwrap_or_else(|p| p.into_inner());
+        under_way.retain(|(id, _)| *id != self.id);
+    }
+}
 
 pub struct DiskService {
     pub cfg: AgentConfig,
@@ -274,7 +303,18 @@ impl DiskService {
 
     pub fn delete(&self, id_or_name: &str) -> Result<(), ApiError> {
         let row = self.find(id_or_name)?;
-        let row = self.store.begin_delete(&row.id)?;
+        let _only = DiskOperation::begin(&row, "delete")?;
+        let before = self.store.begin_delete(&row.id)?;
+        // Unmounting is the step a user's process can refuse (a shell inside the mount); until
+        // it succeeds nothing is gone, so the disk goes back to how it was.
+        if let Err(err) = kernel::unmount(&self.cfg.mount_path(&row.id)) {
+            if before.status != DiskStatus::Deleting {
+                self.store
+                    .set_status(&row.id, before.status, before.error.as_deref())?;
+            }
+            return Err(err.into());
+        }
+        let row = before;
         self.teardown(&row)?;
         self.store.remove_disk(&row.id)?;
         info!(disk = %row.name, id = %row.id, "disk deleted");
@@ -287,10 +327,9 @@ impl DiskService {
                 "size_gb must be between 1 and {MAX_SIZE_GB}, got {size_gb}"
             )));
         }
-        // One resize at a time: a rollback cuts the image back, which must never race another
-        // resize of the same disk growing it.
-        let _one_at_a_time = RESIZES.lock().unwrap_or_else(|p| p.into_inner());
         let row = self.find(id_or_name)?;
+        // A rollback cuts the image back, which must never race another resize growing it.
+        let _only = DiskOperation::begin(&row, "resize")?;
         if size_gb > row.size_gb {
             // Refused here, before anything is recorded: a size the filesystem or the host
             // cannot hold would otherwise fail halfway and leave the disk `resizing`.

@@ -122,6 +122,7 @@ impl From<DiskError> for ApiError {
                 err.to_string(),
             ),
             DiskError::Shrink { .. } | DiskError::TooLarge { .. } => Self::invalid(err.to_string()),
+            DiskError::MountBusy(_) => Self::busy(err.to_string()),
             DiskError::NoFreeLoop(_) => Self::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "no_loop_device",

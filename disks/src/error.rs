@@ -22,6 +22,10 @@ pub enum DiskError {
         #[source]
         source: io::Error,
     },
+    /// The filesystem is still in use (a process has a file or its working directory under
+    /// it); nothing was unmounted.
+    #[error("{0} is still in use: a process has files or its working directory under it; stop it (`fuser -vm {0}` names it) and retry")]
+    MountBusy(PathBuf),
     #[error("no free loop device: {0}; load more with `modprobe loop max_loop=64` or free some with `losetup -d`")]
     NoFreeLoop(io::Error),
     /// The kernel refuses online ext4 growth without CAP_SYS_RESOURCE (some hosts drop it).

@@ -73,11 +73,9 @@ pub fn remount(target: &Path, fs: Filesystem, read_only: bool) -> Result<(), Dis
 pub fn unmount(target: &Path) -> Result<(), DiskError> {
     match miren_sys::unmount::unmount(target, WhenBusy::Fail) {
         Ok(_) => Ok(()),
-        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Err(DiskError::io(
-            "unmounting (a process still uses files under it; stop it first)",
-            target,
-            e,
-        )),
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+            Err(DiskError::MountBusy(target.to_path_buf()))
+        }
         Err(e) => Err(DiskError::io("unmounting", target, e)),
     }
 }

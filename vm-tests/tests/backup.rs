@@ -531,3 +531,68 @@ fn kill_9_during_backup_thaws_and_during_restore_keeps_the_old_disk() {
         assert!(strays.is_empty(), "{strays:?}");
     }
 }
+
+/// One operation at a time per disk: a delete or resize during a backup is refused as busy
+/// (and the backup finishes), and a delete that finds the mount in use changes nothing.
+#[test]
+fn operations_on_one_disk_take_turns_and_a_busy_mount_loses_nothing() {
+    let agent = TestAgent::builder()
+        .env("MIREN_TEST_FREEZE_HOLD_MS", "3000")
+        .start();
+    agent.ok(&["debug", "disk", "create", "-n", "turns", "--size-gb", "1"]);
+    let mount = mount_of(&agent, "turns");
+    fs::write(mount.join("kept"), b"still here").unwrap();
+    let idle = status(&agent, "turns")["status"].clone();
+
+    let out_file = agent.root.join("turns.zst");
+    let mut backup = ChildGuard(agent.spawn_cli(&[
+        "disk",
+        "backup",
+        "-n",
+        "turns",
+        "-o",
+        out_file.to_str().unwrap(),
+    ]));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !agent.log_text().contains("holding the backup freeze") {
+        assert!(
+            Instant::now() < deadline,
+            "no freeze:\n{}",
+            agent.log_text()
+        );
+        sleep(Duration::from_millis(20));
+    }
+    for args in [
+        &["debug", "disk", "delete", "-n", "turns"][..],
+        &["debug", "disk", "resize", "-n", "turns", "--size-gb", "2"][..],
+    ] {
+        let err = agent.fails(args);
+        assert!(
+            err.contains("busy") && err.contains("backup is under way"),
+            "{args:?}: {err}"
+        );
+    }
+    assert!(backup.0.wait().unwrap().success());
+    assert_eq!(status(&agent, "turns")["status"], idle);
+
+    // A process working inside the mount: the delete is refused and the disk stays as it was.
+    let mut squatter = ChildGuard(
+        Command::new("sleep")
+            .arg("600")
+            .current_dir(&mount)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let err = agent.fails(&["debug", "disk", "delete", "-n", "turns"]);
+    assert!(
+        err.contains("still in use") && err.contains("fuser"),
+        "{err}"
+    );
+    assert_eq!(status(&agent, "turns")["status"], idle);
+    assert_eq!(fs::read(mount.join("kept")).unwrap(), b"still here");
+    squatter.0.kill().unwrap();
+    squatter.0.wait().unwrap();
+    agent.ok(&["debug", "disk", "delete", "-n", "turns"]);
+    agent.assert_converged();
+}
