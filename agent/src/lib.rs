@@ -1,27 +1,19 @@
 //! The miren node agent: a root daemon that turns declarations into Linux primitives, and the
 //! CLI that drives it over a Unix socket.
+//!
+//! Layers, each importing only those below it:
+//! - `api`: the HTTP API on the Unix socket. Parses a request into a typed core call and maps the
+//!   result (errors in one place, `api/error.rs`).
+//! - `core`: the services (disks, backups, network, images, sandboxes, apps, addons). No HTTP.
+//! - `store`: the SQLite state. No HTTP, no `/proc`.
+//! - `cli`: the `miren` command line, a client of the API.
+//! - `model`: the API's wire types, shared by `api` and `cli`.
 
-pub mod addons;
 pub mod api;
-pub mod app_cli;
-pub mod apps;
-pub mod backup;
 pub mod cli;
-pub mod client;
 pub mod config;
-pub mod disks;
-pub mod error;
-pub mod image_cli;
-pub mod images;
+pub mod core;
 pub mod model;
-pub mod net;
-pub mod owner;
-pub mod sandbox_cli;
-pub mod sandboxes;
 pub mod server;
-pub mod snapshot_cli;
-pub mod state;
-pub mod status;
-pub mod stream;
+pub mod store;
 pub mod util;
-pub mod validate;

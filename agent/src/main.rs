@@ -1,8 +1,8 @@
 use std::process::ExitCode;
 
 use clap::Parser;
+use miren_agent::cli::client::Client;
 use miren_agent::cli::{self, Cli, Command};
-use miren_agent::client::Client;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -64,7 +64,7 @@ fn main() -> ExitCode {
                 ExitCode::from(out.exit_code.clamp(0, 255) as u8)
             }
             Err(err) => {
-                eprintln!("{}{err}", miren_agent::sandboxes::EXEC_ERROR_MARK);
+                eprintln!("{}{err}", miren_agent::core::sandboxes::EXEC_ERROR_MARK);
                 ExitCode::from(125)
             }
         };
@@ -76,7 +76,7 @@ fn main() -> ExitCode {
         let socket = cli.socket.clone();
         let command = cli.command;
         let result = run_client(
-            |client| async move { miren_agent::app_cli::run(&client, command).await },
+            |client| async move { miren_agent::cli::apps::run(&client, command).await },
             &socket,
         );
         return match result {
@@ -90,7 +90,7 @@ fn main() -> ExitCode {
     if let Command::Sandbox { command } = cli.command {
         let socket = cli.socket.clone();
         let result = run_client(
-            |client| async move { miren_agent::sandbox_cli::run(&client, command).await },
+            |client| async move { miren_agent::cli::sandboxes::run(&client, command).await },
             &socket,
         );
         return match result {
@@ -116,7 +116,7 @@ fn main() -> ExitCode {
             &cli.socket,
         ),
         Command::Image { command } => run_client(
-            |client| async move { miren_agent::image_cli::run(&client, command).await },
+            |client| async move { miren_agent::cli::images::run(&client, command).await },
             &cli.socket,
         ),
         Command::Debug { command } => run_client(

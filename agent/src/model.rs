@@ -5,7 +5,7 @@ use miren_disks::Filesystem;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-pub use crate::status::SandboxState;
+pub use crate::core::status::SandboxState;
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ErrorBody {

@@ -13,10 +13,9 @@ use tracing::{info, warn};
 
 use crate::api::{self, AppState, PeerCred};
 use crate::config::AgentConfig;
-use crate::disks::DiskService;
-use crate::error::ApiError;
-use crate::net::NetService;
-use crate::state::Store;
+use crate::core::disks::DiskService;
+use crate::core::net::NetService;
+use crate::store::Store;
 
 /// How long in-flight requests (a lease wait, say) get to finish after SIGTERM.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -48,7 +47,7 @@ pub async fn uninstall_network(cfg: AgentConfig) -> Result<()> {
         .with_context(|| format!("creating data dir {}", cfg.data_dir.display()))?;
     let _lock = lock_data_dir(&cfg)?;
     let store = Arc::new(Store::open(&cfg.db_path())?);
-    let net_cfg = crate::net::net_config(&cfg.name_prefix, &cfg.subnet, &cfg.run_dir)
+    let net_cfg = crate::core::net::net_config(&cfg.name_prefix, &cfg.subnet, &cfg.run_dir)
         .map_err(anyhow::Error::msg)?;
     let removed = NetService::uninstall(net_cfg, store).await?;
     println!(
@@ -81,7 +80,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         .await??;
     }
 
-    let net_cfg = crate::net::net_config(&cfg.name_prefix, &cfg.subnet, &cfg.run_dir)
+    let net_cfg = crate::core::net::net_config(&cfg.name_prefix, &cfg.subnet, &cfg.run_dir)
         .map_err(anyhow::Error::msg)?;
     let net = NetService::start(net_cfg, store.clone())
         .await
@@ -93,9 +92,12 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
 
     let mirrors = miren_runtime::Mirrors::parse(&cfg.image_mirrors, cfg.allow_insecure_mirrors)
         .map_err(|e| anyhow::anyhow!("--image-mirror: {e}"))?;
-    let images = Arc::new(crate::images::ImageService::open(&cfg.data_dir, mirrors)?);
+    let images = Arc::new(crate::core::images::ImageService::open(
+        &cfg.data_dir,
+        mirrors,
+    )?);
 
-    let sandboxes = Arc::new(crate::sandboxes::SandboxService::new(
+    let sandboxes = Arc::new(crate::core::sandboxes::SandboxService::new(
         cfg.clone(),
         store.clone(),
         disks.clone(),
@@ -107,13 +109,13 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         .await
         .context("reconciling sandboxes")?;
     sandboxes.replenish_spare();
-    let addons = crate::addons::AddonService::new(
+    let addons = crate::core::addons::AddonService::new(
         store.clone(),
         disks.clone(),
         net.clone(),
         sandboxes.clone(),
     );
-    let apps = crate::apps::AppService::new(
+    let apps = crate::core::apps::AppService::new(
         store.clone(),
         disks.clone(),
         sandboxes.clone(),
@@ -201,7 +203,7 @@ async fn shutdown_signal() -> &'static str {
 async fn reclaim_periodically(
     disks: Arc<DiskService>,
     net: Arc<NetService>,
-    sandboxes: Arc<crate::sandboxes::SandboxService>,
+    sandboxes: Arc<crate::core::sandboxes::SandboxService>,
     every: Duration,
 ) {
     let mut ticker = tokio::time::interval(every);
@@ -430,14 +432,9 @@ fn raise_open_file_limit() {
 /// Answers a connection over a connection cap with a 503 and closes it.
 async fn refuse_busy(mut stream: tokio::net::UnixStream, why: String) {
     use tokio::io::AsyncWriteExt;
-    let error = ApiError::new(
-        axum::http::StatusCode::SERVICE_UNAVAILABLE,
-        "too_many_connections",
-        format!("{why}; close idle ones (or wait for them to finish) and retry"),
-    );
     let body = serde_json::to_string(&crate::model::ErrorBody {
-        code: error.code.to_string(),
-        message: error.message,
+        code: "too_many_connections".to_string(),
+        message: format!("{why}; close idle ones (or wait for them to finish) and retry"),
     })
     .unwrap_or_default();
     let response = format!(

@@ -13,13 +13,13 @@ use miren_runtime::sandbox::{self, Mount, Resources, RestartPolicy, SandboxSpec,
 use tracing::{info, warn};
 
 use crate::config::AgentConfig;
-use crate::disks::{DiskService, DEFAULT_LEASE_TIMEOUT};
-use crate::error::ApiError;
-use crate::images::ImageService;
+use crate::core::disks::{DiskService, DEFAULT_LEASE_TIMEOUT};
+use crate::core::error::Error;
+use crate::core::images::ImageService;
+use crate::core::net::NetService;
+use crate::core::status::SandboxState;
 use crate::model::{CreateEndpoint, ExecResult, RunSandbox, Sandbox};
-use crate::net::NetService;
-use crate::state::{Owner, SandboxRow, SandboxStatus, Store};
-use crate::status::SandboxState;
+use crate::store::{Owner, SandboxRow, SandboxStatus, Store};
 use crate::util::{new_id, now_rfc3339};
 
 /// First bytes on stderr of `miren exec-in` when the exec itself failed (not the command).
@@ -61,7 +61,7 @@ impl Spares {
     }
 
     /// The supervisor for `state_dir` (spec written): the spare, or a new one. Blocking.
-    fn launch(&self, state_dir: &Path) -> Result<sandbox::Launch, ApiError> {
+    fn launch(&self, state_dir: &Path) -> Result<sandbox::Launch, Error> {
         let spare = self.slot().take();
         if let Some(spare) = spare {
             match spare.assign(state_dir) {
@@ -73,7 +73,7 @@ impl Spares {
     }
 
     /// A fresh supervisor's command for `state_dir`.
-    fn command(&self, state_dir: &Path) -> Result<std::process::Command, ApiError> {
+    fn command(&self, state_dir: &Path) -> Result<std::process::Command, Error> {
         let mut cmd = crate::util::own_binary();
         cmd.arg("supervise").arg("--state-dir").arg(state_dir);
         Ok(cmd)
@@ -106,14 +106,14 @@ impl Spares {
     }
 }
 
-impl From<sandbox::SandboxError> for ApiError {
+impl From<sandbox::SandboxError> for Error {
     fn from(err: sandbox::SandboxError) -> Self {
         match err {
-            sandbox::SandboxError::InvalidSpec(_) => ApiError::invalid(err.to_string()),
-            sandbox::SandboxError::NotRunning => ApiError::conflict(format!(
+            sandbox::SandboxError::InvalidSpec(_) => Error::invalid(err.to_string()),
+            sandbox::SandboxError::NotRunning => Error::conflict(format!(
                 "{err}; start a new sandbox with `miren sandbox run`"
             )),
-            _ => ApiError::internal(err.to_string()),
+            _ => Error::internal(err.to_string()),
         }
     }
 }
@@ -142,33 +142,33 @@ async fn read_bounded(stream: Option<impl tokio::io::AsyncRead + Unpin>) -> (Vec
 }
 
 /// `256M`, `1G`, `512k`, `1048576` -> bytes.
-pub fn parse_memory(s: &str) -> Result<u64, ApiError> {
+pub fn parse_memory(s: &str) -> Result<u64, Error> {
     let s = s.trim();
     let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
     let n: u64 = num
         .parse()
-        .map_err(|_| ApiError::invalid(format!("memory `{s}`: write a size like 256M or 1G")))?;
+        .map_err(|_| Error::invalid(format!("memory `{s}`: write a size like 256M or 1G")))?;
     let factor = match unit.to_ascii_lowercase().trim_end_matches('b') {
         "" => 1,
         "k" => 1 << 10,
         "m" => 1 << 20,
         "g" => 1 << 30,
         _ => {
-            return Err(ApiError::invalid(format!(
+            return Err(Error::invalid(format!(
                 "memory `{s}`: use a K, M or G suffix"
             )))
         }
     };
     let bytes = n.saturating_mul(factor);
     if bytes < 4 << 20 {
-        return Err(ApiError::invalid(format!(
+        return Err(Error::invalid(format!(
             "memory `{s}` is below the 4M a sandbox needs"
         )));
     }
     Ok(bytes)
 }
 
-fn restart_policy(s: Option<&str>) -> Result<RestartPolicy, ApiError> {
+fn restart_policy(s: Option<&str>) -> Result<RestartPolicy, Error> {
     Ok(match s.unwrap_or("no") {
         "no" => RestartPolicy::No,
         "on-failure" => RestartPolicy::OnFailure {
@@ -179,16 +179,16 @@ fn restart_policy(s: Option<&str>) -> Result<RestartPolicy, ApiError> {
             backoff: Default::default(),
         },
         other => {
-            return Err(ApiError::invalid(format!(
+            return Err(Error::invalid(format!(
                 "restart policy `{other}`: choose no, on-failure or always"
             )))
         }
     })
 }
 
-fn container_path(what: &str, path: &str) -> Result<String, ApiError> {
+fn container_path(what: &str, path: &str) -> Result<String, Error> {
     if !path.starts_with('/') || path.split('/').any(|c| c == "..") {
-        return Err(ApiError::invalid(format!(
+        return Err(Error::invalid(format!(
             "{what} `{path}` must be an absolute path inside the sandbox, without `..`"
         )));
     }
@@ -196,19 +196,19 @@ fn container_path(what: &str, path: &str) -> Result<String, ApiError> {
 }
 
 /// A size with an optional K, M, G or T suffix (powers of 1024); `field` names it in the error.
-fn parse_size(field: &str, s: &str) -> Result<u64, ApiError> {
+fn parse_size(field: &str, s: &str) -> Result<u64, Error> {
     miren_addons::app_toml::parse_size(s)
-        .ok_or_else(|| ApiError::invalid(format!("{field} `{s}`: write a size like 64M or 2G")))
+        .ok_or_else(|| Error::invalid(format!("{field} `{s}`: write a size like 64M or 2G")))
 }
 
 /// `/path[:size]`: a private tmpfs, [`DEFAULT_TMPFS_BYTES`] unless sized.
-fn parse_tmpfs(spec: &str) -> Result<(String, u64), ApiError> {
+fn parse_tmpfs(spec: &str) -> Result<(String, u64), Error> {
     let (path, size) = match spec.rsplit_once(':') {
         Some((path, size)) => (path, parse_size("tmpfs size", size)?),
         None => (spec, DEFAULT_TMPFS_BYTES),
     };
     if size < 4096 {
-        return Err(ApiError::invalid(format!(
+        return Err(Error::invalid(format!(
             "tmpfs `{spec}`: give at least 4K (or no size for {}M)",
             DEFAULT_TMPFS_BYTES >> 20
         )));
@@ -217,24 +217,24 @@ fn parse_tmpfs(spec: &str) -> Result<(String, u64), ApiError> {
 }
 
 /// `NAME:/path[:ro]`.
-fn parse_disk(spec: &str) -> Result<(String, String, bool), ApiError> {
+fn parse_disk(spec: &str) -> Result<(String, String, bool), Error> {
     let parts: Vec<&str> = spec.split(':').collect();
     let (name, path, ro) = match parts.as_slice() {
         [name, path] => (*name, *path, false),
         [name, path, "ro"] => (*name, *path, true),
         [name, path, "rw"] => (*name, *path, false),
         _ => {
-            return Err(ApiError::invalid(format!(
+            return Err(Error::invalid(format!(
                 "disk `{spec}`: write NAME:/path or NAME:/path:ro"
             )))
         }
     };
-    miren_disks::validate_name(name).map_err(|e| ApiError::invalid(e.to_string()))?;
+    miren_disks::validate_name(name).map_err(|e| Error::invalid(e.to_string()))?;
     Ok((name.to_string(), container_path("disk mount", path)?, ro))
 }
 
 /// Resolves the image's `user` (a name, uid, or uid:gid) against its layers' /etc/passwd.
-fn resolve_user(user: &str, layers_top_first: &[PathBuf]) -> Result<User, ApiError> {
+fn resolve_user(user: &str, layers_top_first: &[PathBuf]) -> Result<User, Error> {
     if user.is_empty() {
         return Ok(User::default());
     }
@@ -253,7 +253,7 @@ fn resolve_user(user: &str, layers_top_first: &[PathBuf]) -> Result<User, ApiErr
         .map(|l| l.split(':').collect::<Vec<_>>())
         .find(|f| f.first() == Some(&name) && f.len() > 3)
         .ok_or_else(|| {
-            ApiError::invalid(format!(
+            Error::invalid(format!(
                 "the image's user `{name}` is not in its /etc/passwd"
             ))
         })?;
@@ -311,9 +311,9 @@ impl SandboxService {
         self.cfg.data_dir.join("sandboxes").join(id)
     }
 
-    fn find(&self, id_or_name: &str) -> Result<SandboxRow, ApiError> {
+    fn find(&self, id_or_name: &str) -> Result<SandboxRow, Error> {
         self.store.sandbox(id_or_name)?.ok_or_else(|| {
-            ApiError::not_found(format!(
+            Error::not_found(format!(
                 "no sandbox `{id_or_name}`; `miren sandbox list` shows them"
             ))
         })
@@ -321,25 +321,25 @@ impl SandboxService {
 
     /// A sandbox a user asks for (`sandbox run`): it belongs to no app service or addon, and
     /// may not take the names the agent keeps for its own.
-    pub async fn run(&self, req: RunSandbox) -> Result<Sandbox, ApiError> {
+    pub async fn run(&self, req: RunSandbox) -> Result<Sandbox, Error> {
         self.run_as(req, None).await
     }
 
     /// Runs a sandbox for `owner` (an app's service, an addon's server), recorded on its row:
     /// that, not its name, is how the owner finds it again.
-    pub async fn run_as(&self, req: RunSandbox, owner: Option<Owner>) -> Result<Sandbox, ApiError> {
+    pub async fn run_as(&self, req: RunSandbox, owner: Option<Owner>) -> Result<Sandbox, Error> {
         // Every caller's request (the API's, a deploy's from app.toml, an addon's) is checked.
-        crate::validate::run_sandbox(&req)?;
+        crate::core::validate::run_sandbox(&req)?;
         let id = new_id("sbx");
         let name = req.name.clone().unwrap_or_else(|| id.replace('_', "-"));
         miren_disks::validate_name(&name)
-            .map_err(|e| ApiError::invalid(e.to_string().replace("disk name", "sandbox name")))?;
+            .map_err(|e| Error::invalid(e.to_string().replace("disk name", "sandbox name")))?;
         let app = req.app.clone().unwrap_or_else(|| name.clone());
         miren_disks::validate_name(&app)
-            .map_err(|e| ApiError::invalid(e.to_string().replace("disk name", "app name")))?;
+            .map_err(|e| Error::invalid(e.to_string().replace("disk name", "app name")))?;
         if owner.is_none() {
-            crate::disks::refuse_reserved("sandbox name", &name)?;
-            crate::disks::refuse_reserved("app", &app)?;
+            crate::core::disks::refuse_reserved("sandbox name", &name)?;
+            crate::core::disks::refuse_reserved("app", &app)?;
         }
         miren_runtime::normalize_reference(&req.image)?;
         let disks: Vec<(String, String, bool)> = req
@@ -358,20 +358,18 @@ impl SandboxService {
             None => DEFAULT_WRITABLE_BYTES,
         };
         if !(sandbox::MIN_WRITABLE_BYTES..=sandbox::MAX_WRITABLE_BYTES).contains(&writable_bytes) {
-            return Err(ApiError::invalid(format!(
+            return Err(Error::invalid(format!(
                 "writable_size `{}`: give between 16M and 16T",
                 req.writable_size.as_deref().unwrap_or_default()
             )));
         }
         if let Some(cpus) = req.cpus {
             if !(cpus > 0.0 && cpus <= 1024.0) {
-                return Err(ApiError::invalid(format!(
-                    "cpus must be above 0, got {cpus}"
-                )));
+                return Err(Error::invalid(format!("cpus must be above 0, got {cpus}")));
             }
         }
         if req.pids.is_some_and(|p| p < 1) {
-            return Err(ApiError::invalid("pids must be at least 1"));
+            return Err(Error::invalid("pids must be at least 1"));
         }
         let resources = Resources {
             memory_bytes: Some(memory_bytes),
@@ -392,7 +390,7 @@ impl SandboxService {
             .transpose()?;
         for kv in &req.env {
             if !kv.contains('=') || kv.starts_with('=') {
-                return Err(ApiError::invalid(format!("env `{kv}`: write KEY=VALUE")));
+                return Err(Error::invalid(format!("env `{kv}`: write KEY=VALUE")));
             }
         }
 
@@ -448,14 +446,14 @@ impl SandboxService {
         restart: RestartPolicy,
         tmpfs: Vec<(String, u64)>,
         local_dir: Option<String>,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), Error> {
         let record = match self.images.store().get(&req.image)? {
             Some(record) => record,
             None => {
                 info!(image = %req.image, "pulling the image for a sandbox");
                 self.images.pull(&req.image, None, None).await?;
                 self.images.store().get(&req.image)?.ok_or_else(|| {
-                    ApiError::internal(format!("{} vanished right after its pull", req.image))
+                    Error::internal(format!("{} vanished right after its pull", req.image))
                 })?
             }
         };
@@ -473,7 +471,7 @@ impl SandboxService {
             .cloned()
             .collect();
         if args.is_empty() {
-            return Err(ApiError::invalid(format!(
+            return Err(Error::invalid(format!(
                 "{} has no entrypoint or cmd; give the command after `--`",
                 req.image
             )));
@@ -506,7 +504,7 @@ impl SandboxService {
         let ip: std::net::Ipv4Addr = endpoint
             .ip
             .parse()
-            .map_err(|_| ApiError::internal("endpoint without an address"))?;
+            .map_err(|_| Error::internal("endpoint without an address"))?;
         let hostname: String = row.name.chars().take(63).collect();
 
         let mut mounts = Vec::new();
@@ -518,7 +516,7 @@ impl SandboxService {
             self.disks.acquire_lease(disk, &row.id, timeout).await?;
             let view = self.disks.view_one(&self.disks.find(disk)?)?;
             let source = view.mount_path.ok_or_else(|| {
-                ApiError::busy(format!(
+                Error::busy(format!(
                     "disk `{disk}` is not mounted; see `miren debug disk status -n {disk}`"
                 ))
             })?;
@@ -569,12 +567,12 @@ impl SandboxService {
         };
         let state_dir = self.state_dir(&row.id);
         let spares = self.spares.clone();
-        let launch = tokio::task::spawn_blocking(move || -> Result<_, ApiError> {
+        let launch = tokio::task::spawn_blocking(move || -> Result<_, Error> {
             sandbox::create(&state_dir, &spec)?;
             spares.launch(&state_dir)
         })
         .await
-        .map_err(|e| ApiError::internal(format!("starting the sandbox: {e}")))
+        .map_err(|e| Error::internal(format!("starting the sandbox: {e}")))
         .and_then(|r| r);
         // The container is created as soon as its network namespace exists, while the
         // endpoint is completed; its process starts once the endpoint is ready.
@@ -587,17 +585,17 @@ impl SandboxService {
         };
         let network = realized
             .await
-            .map_err(|e| ApiError::internal(format!("creating the endpoint: {e}")))
+            .map_err(|e| Error::internal(format!("creating the endpoint: {e}")))
             .and_then(|r| r);
         let launch = launch?;
-        tokio::task::spawn_blocking(move || -> Result<(), ApiError> {
+        tokio::task::spawn_blocking(move || -> Result<(), Error> {
             if let Err(err) = network {
                 launch.cancel();
                 return Err(err);
             }
             launch.open_gate().map_err(|e| {
-                ApiError::new(
-                    axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+                Error::new(
+                    crate::core::error::ErrorKind::Unprocessable,
                     "start_failed",
                     format!("the sandbox did not start: {e}"),
                 )
@@ -605,17 +603,17 @@ impl SandboxService {
             Ok(())
         })
         .await
-        .map_err(|e| ApiError::internal(format!("starting the sandbox: {e}")))??;
+        .map_err(|e| Error::internal(format!("starting the sandbox: {e}")))??;
         Ok(())
     }
 
     /// Everything a sandbox has: its supervisor and container, state dir, disk leases and
     /// network endpoint. Safe to repeat.
-    async fn teardown(&self, row: &SandboxRow) -> Result<(), ApiError> {
+    async fn teardown(&self, row: &SandboxRow) -> Result<(), Error> {
         let state_dir = self.state_dir(&row.id);
         tokio::task::spawn_blocking(move || sandbox::delete(&state_dir))
             .await
-            .map_err(|e| ApiError::internal(format!("deleting the sandbox: {e}")))??;
+            .map_err(|e| Error::internal(format!("deleting the sandbox: {e}")))??;
         for disk_id in self.store.leases_of(&row.id)? {
             self.store.release_lease(&disk_id, Some(&row.id))?;
         }
@@ -700,13 +698,13 @@ impl SandboxService {
             .collect()
     }
 
-    pub fn get(&self, id_or_name: &str) -> Result<Sandbox, ApiError> {
+    pub fn get(&self, id_or_name: &str) -> Result<Sandbox, Error> {
         let row = self.find(id_or_name)?;
         Ok(self.view(&row, &self.ips()))
     }
 
     /// The sandbox `owner` runs, if any.
-    pub fn get_owned(&self, owner: &Owner) -> Result<Option<Sandbox>, ApiError> {
+    pub fn get_owned(&self, owner: &Owner) -> Result<Option<Sandbox>, Error> {
         Ok(self
             .store
             .sandbox_of(owner)?
@@ -714,7 +712,7 @@ impl SandboxService {
     }
 
     /// Deletes the sandbox `owner` runs; none is fine (owners repeat themselves).
-    pub async fn delete_owned(&self, owner: &Owner) -> Result<(), ApiError> {
+    pub async fn delete_owned(&self, owner: &Owner) -> Result<(), Error> {
         match self.store.sandbox_of(owner)? {
             Some(row) => self.delete_if_exists(&row.id).await,
             None => Ok(()),
@@ -724,14 +722,17 @@ impl SandboxService {
     /// A display name for `owner`'s sandbox: `preferred` when no sandbox has it, otherwise
     /// `preferred` with a hash of the owner, so names stay unique and readable while nothing
     /// depends on them.
-    pub fn free_name(&self, preferred: &str, owner: &Owner) -> Result<String, ApiError> {
+    pub fn free_name(&self, preferred: &str, owner: &Owner) -> Result<String, Error> {
         if !self.store.sandbox_name_taken(preferred)? {
             return Ok(preferred.to_string());
         }
-        Ok(crate::disks::hashed_name(preferred, &owner.describe()))
+        Ok(crate::core::disks::hashed_name(
+            preferred,
+            &owner.describe(),
+        ))
     }
 
-    pub fn list(&self) -> Result<Vec<Sandbox>, ApiError> {
+    pub fn list(&self) -> Result<Vec<Sandbox>, Error> {
         let ips = self.ips();
         Ok(self
             .store
@@ -747,19 +748,19 @@ impl SandboxService {
         &self,
         id_or_name: &str,
         timeout: Option<Duration>,
-    ) -> Result<Sandbox, ApiError> {
+    ) -> Result<Sandbox, Error> {
         let row = self.find(id_or_name)?;
         let state_dir = self.state_dir(&row.id);
         tokio::task::spawn_blocking(move || sandbox::wait(&state_dir, timeout))
             .await
-            .map_err(|e| ApiError::internal(format!("waiting for the sandbox: {e}")))?
+            .map_err(|e| Error::internal(format!("waiting for the sandbox: {e}")))?
             .map_err(|e| match e {
-                sandbox::SandboxError::Timeout(why) => ApiError::new(
-                    axum::http::StatusCode::REQUEST_TIMEOUT,
+                sandbox::SandboxError::Timeout(why) => Error::new(
+                    crate::core::error::ErrorKind::Timeout,
                     "timeout",
                     format!("{why}; wait longer or stop it with `miren sandbox stop`"),
                 ),
-                sandbox::SandboxError::NoStatus(_) => ApiError::not_found(format!(
+                sandbox::SandboxError::NoStatus(_) => Error::not_found(format!(
                     "sandbox `{id_or_name}` was deleted while waiting for it"
                 )),
                 e => e.into(),
@@ -767,11 +768,7 @@ impl SandboxService {
         self.get(&row.id)
     }
 
-    pub async fn stop(
-        &self,
-        id_or_name: &str,
-        grace: Option<Duration>,
-    ) -> Result<Sandbox, ApiError> {
+    pub async fn stop(&self, id_or_name: &str, grace: Option<Duration>) -> Result<Sandbox, Error> {
         let row = self.find(id_or_name)?;
         let lock = self.locks.of(&row.id);
         let _guard = lock.lock().await;
@@ -779,12 +776,12 @@ impl SandboxService {
         let grace = grace.unwrap_or(Duration::from_secs(10));
         tokio::task::spawn_blocking(move || sandbox::stop(&state_dir, grace))
             .await
-            .map_err(|e| ApiError::internal(format!("stopping the sandbox: {e}")))??;
+            .map_err(|e| Error::internal(format!("stopping the sandbox: {e}")))??;
         info!(sandbox = %row.name, "sandbox stopped");
         self.get(&row.id)
     }
 
-    pub async fn delete(&self, id_or_name: &str) -> Result<(), ApiError> {
+    pub async fn delete(&self, id_or_name: &str) -> Result<(), Error> {
         let row = self.find(id_or_name)?;
         let lock = self.locks.of(&row.id);
         let _guard = lock.lock().await;
@@ -799,7 +796,7 @@ impl SandboxService {
 
     /// [`Self::delete`], where a sandbox already gone is fine (for owners that remove theirs
     /// by name and may be repeating themselves).
-    pub async fn delete_if_exists(&self, id_or_name: &str) -> Result<(), ApiError> {
+    pub async fn delete_if_exists(&self, id_or_name: &str) -> Result<(), Error> {
         match self.delete(id_or_name).await {
             Err(e) if e.is_not_found() => Ok(()),
             other => other,
@@ -813,9 +810,9 @@ impl SandboxService {
         id_or_name: &str,
         args: Vec<String>,
         env: Vec<String>,
-    ) -> Result<ExecResult, ApiError> {
+    ) -> Result<ExecResult, Error> {
         if args.is_empty() {
-            return Err(ApiError::invalid("give the command to run after `--`"));
+            return Err(Error::invalid("give the command to run after `--`"));
         }
         let row = self.find(id_or_name)?;
         let mut cmd = tokio::process::Command::from(crate::util::own_binary());
@@ -832,7 +829,7 @@ impl SandboxService {
             .stderr(std::process::Stdio::piped());
         let mut child = cmd
             .spawn()
-            .map_err(|e| ApiError::internal(format!("starting exec: {e}")))?;
+            .map_err(|e| Error::internal(format!("starting exec: {e}")))?;
         let (stdout, stderr) = tokio::join!(
             read_bounded(child.stdout.take()),
             read_bounded(child.stderr.take())
@@ -840,12 +837,12 @@ impl SandboxService {
         let status = child
             .wait()
             .await
-            .map_err(|e| ApiError::internal(format!("waiting for exec: {e}")))?;
+            .map_err(|e| Error::internal(format!("waiting for exec: {e}")))?;
         let (stdout, stdout_truncated) = stdout;
         let (stderr, stderr_truncated) = stderr;
         let stderr = String::from_utf8_lossy(&stderr).into_owned();
         if let Some(message) = stderr.strip_prefix(EXEC_ERROR_MARK) {
-            return Err(ApiError::conflict(format!(
+            return Err(Error::conflict(format!(
                 "cannot exec in sandbox `{}`: {}",
                 row.name,
                 message.trim()
@@ -876,7 +873,7 @@ impl SandboxService {
     }
 
     /// The sandbox's log files, oldest rotation first: (stdout files, stderr files).
-    pub fn log_files(&self, id_or_name: &str) -> Result<(Vec<PathBuf>, Vec<PathBuf>), ApiError> {
+    pub fn log_files(&self, id_or_name: &str) -> Result<(Vec<PathBuf>, Vec<PathBuf>), Error> {
         let row = self.find(id_or_name)?;
         let dir = self.state_dir(&row.id);
         let rotated = |base: &str| -> Vec<PathBuf> {
@@ -893,7 +890,7 @@ impl SandboxService {
 
     /// Finishes or undoes runs and deletes a crash cut short. Running sandboxes are left alone:
     /// their supervisors never depended on the agent.
-    pub async fn reconcile(&self) -> Result<(), ApiError> {
+    pub async fn reconcile(&self) -> Result<(), Error> {
         for row in self.store.sandboxes()? {
             if row.status.in_flight() {
                 info!(sandbox = %row.name, status = %row.status, "finishing a sandbox operation cut short");
@@ -925,7 +922,7 @@ impl SandboxService {
     /// A supervisor gone without having recorded an end means the host restarted (or it
     /// was killed): sandboxes whose restart policy asks for it run again, as after any
     /// failure. At start, after endpoints and disks are restored, and periodically.
-    pub async fn relaunch_dead(&self) -> Result<(), ApiError> {
+    pub async fn relaunch_dead(&self) -> Result<(), Error> {
         for row in self.store.sandboxes()? {
             if row.status != SandboxStatus::Created {
                 continue;
@@ -952,7 +949,7 @@ impl SandboxService {
                 sandbox::relaunch(cmd, &dir).map(|_| true)
             })
             .await
-            .map_err(|e| ApiError::internal(format!("restarting a sandbox: {e}")))?;
+            .map_err(|e| Error::internal(format!("restarting a sandbox: {e}")))?;
             match relaunched {
                 Ok(false) => {}
                 Ok(true) => {

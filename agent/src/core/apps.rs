@@ -11,16 +11,16 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-use crate::addons::store::AppStatus;
-use crate::addons::AddonService;
-use crate::disks::DiskService;
-use crate::error::ApiError;
+use crate::core::addons::AddonService;
+use crate::core::disks::DiskService;
+use crate::core::error::Error;
+use crate::core::sandboxes::SandboxService;
 use crate::model::{
     App, AppDeleted, AppServiceView, CreateAddon, CreateDisk, DeployApp, FilesystemKind,
     PublishPort, RunSandbox,
 };
-use crate::sandboxes::SandboxService;
-use crate::state::{Owner, Store};
+use crate::store::addons::AppStatus;
+use crate::store::{Owner, Store};
 
 /// The port a service listens on unless its env sets `PORT`.
 pub const DEFAULT_PORT: u16 = 3000;
@@ -188,24 +188,24 @@ impl AppService {
         })
     }
 
-    fn spec_of(&self, app: &str) -> Result<AppSpec, ApiError> {
+    fn spec_of(&self, app: &str) -> Result<AppSpec, Error> {
         let row = self.store.app(app)?.ok_or_else(|| {
-            ApiError::not_found(format!(
+            Error::not_found(format!(
                 "no app `{app}`; `miren app list` shows the apps, `miren deploy` creates one"
             ))
         })?;
         serde_json::from_str(&row.spec)
-            .map_err(|e| ApiError::internal(format!("app `{app}`: stored declaration: {e}")))
+            .map_err(|e| Error::internal(format!("app `{app}`: stored declaration: {e}")))
     }
 
-    pub async fn deploy(&self, req: DeployApp) -> Result<App, ApiError> {
+    pub async fn deploy(&self, req: DeployApp) -> Result<App, Error> {
         let source = req.source.as_deref().unwrap_or(".miren/app.toml");
         let config = miren_addons::parse_app_toml(&req.app_toml, source)
-            .map_err(|e| ApiError::invalid(e.to_string()))?;
+            .map_err(|e| Error::invalid(e.to_string()))?;
         for p in &req.publish {
             if config.service(&p.service).is_none() {
                 let names: Vec<&str> = config.services.iter().map(|s| s.name.as_str()).collect();
-                return Err(ApiError::invalid(format!(
+                return Err(Error::invalid(format!(
                     "--publish names service `{}`, which {source} does not declare; its services: {}",
                     p.service,
                     names.join(", ")
@@ -218,7 +218,7 @@ impl AppService {
         for wanted in &spec.addons {
             if let Some(existing) = self.store.addon(&app, &wanted.kind)? {
                 if existing.variant != wanted.variant {
-                    return Err(ApiError::conflict(format!(
+                    return Err(Error::conflict(format!(
                         "{source}: [addons.{kind}] asks for variant `{}`, but app `{app}` has it as `{}`; variants cannot be changed in place: back up its data, `miren addon destroy {kind} -a {app}`, then deploy again",
                         wanted.variant,
                         existing.variant,
@@ -239,7 +239,7 @@ impl AppService {
         let _guard = lock.lock().await;
         let old = self.spec_of(&app).ok();
         let text = serde_json::to_string(&spec)
-            .map_err(|e| ApiError::internal(format!("recording the app: {e}")))?;
+            .map_err(|e| Error::internal(format!("recording the app: {e}")))?;
         self.store.put_app(&app, &text, AppStatus::Deploying)?;
         info!(app = %app, services = spec.services.len(), addons = spec.addons.len(), "deploying");
         self.converge(&app, &spec, old.as_ref()).await?;
@@ -248,7 +248,7 @@ impl AppService {
 
     /// Finishes deploys a previous agent was killed in, and restarts running apps whose
     /// addons changed while it was not looking.
-    pub fn resume(self: &Arc<Self>) -> Result<(), ApiError> {
+    pub fn resume(self: &Arc<Self>) -> Result<(), Error> {
         for row in self.store.apps()? {
             if row.status == AppStatus::Running {
                 let this = self.clone();
@@ -286,7 +286,7 @@ impl AppService {
         app: &str,
         spec: &AppSpec,
         old: Option<&AppSpec>,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), Error> {
         match self.converge_steps(app, spec, old).await {
             Ok(()) => {
                 self.store.set_app_status(app, AppStatus::Running, None)?;
@@ -306,7 +306,7 @@ impl AppService {
         app: &str,
         spec: &AppSpec,
         old: Option<&AppSpec>,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), Error> {
         // Disks first: they are cheap, and an addon failing should not hide a bad disk.
         for service in &spec.services {
             for disk in service.disks.iter().filter(|d| !d.local) {
@@ -350,7 +350,7 @@ impl AppService {
             }
         }
         if !not_ready.is_empty() {
-            return Err(ApiError::conflict(format!(
+            return Err(Error::conflict(format!(
                 "app `{app}` was not started: its addons are not all active: {}. Fix the cause and deploy again, or remove the addon",
                 not_ready.join("; ")
             )));
@@ -368,7 +368,7 @@ impl AppService {
     }
 
     /// The app's disk: made for it, or claimed if nobody owns it; another owner's is refused.
-    async fn ensure_disk(&self, app: &str, disk: &DiskSpec) -> Result<(), ApiError> {
+    async fn ensure_disk(&self, app: &str, disk: &DiskSpec) -> Result<(), Error> {
         let disks = self.disks.clone();
         let req = CreateDisk {
             name: disk.name.clone(),
@@ -383,17 +383,17 @@ impl AppService {
         let app = app.to_string();
         tokio::task::spawn_blocking(move || disks.ensure_for_app(&req, &app))
             .await
-            .map_err(|e| ApiError::internal(format!("creating a disk: {e}")))?
+            .map_err(|e| Error::internal(format!("creating a disk: {e}")))?
     }
 
-    async fn remove_service(&self, app: &str, service: &str) -> Result<(), ApiError> {
+    async fn remove_service(&self, app: &str, service: &str) -> Result<(), Error> {
         self.sandboxes
             .delete_owned(&Owner::service(app, service))
             .await
     }
 
     /// The addons' variables for the app's services, and their digest.
-    fn addon_env(&self, app: &str) -> Result<(Vec<String>, String), ApiError> {
+    fn addon_env(&self, app: &str) -> Result<(Vec<String>, String), Error> {
         use sha2::Digest;
         let env: Vec<String> = self
             .addons
@@ -408,7 +408,7 @@ impl AppService {
     }
 
     /// (Re)starts every service with the addons' current variables.
-    async fn start_services(&self, app: &str, spec: &AppSpec) -> Result<(), ApiError> {
+    async fn start_services(&self, app: &str, spec: &AppSpec) -> Result<(), Error> {
         let (addon_env, digest) = self.addon_env(app)?;
         for service in &spec.services {
             self.remove_service(app, &service.name).await?;
@@ -467,7 +467,7 @@ impl AppService {
             {
                 // Another app's service took the free name meanwhile: the hashed one is ours.
                 Err(e) if e.is_name_taken() => {
-                    let hashed = crate::disks::hashed_name(&preferred, &owner.describe());
+                    let hashed = crate::core::disks::hashed_name(&preferred, &owner.describe());
                     if hashed == name {
                         Err(e)
                     } else {
@@ -487,17 +487,17 @@ impl AppService {
         Ok(())
     }
 
-    pub async fn restart(&self, app: &str) -> Result<App, ApiError> {
+    pub async fn restart(&self, app: &str) -> Result<App, Error> {
         let lock = self.locks.of(app);
         let _guard = lock.lock().await;
         self.restart_locked(app).await
     }
 
-    async fn restart_locked(&self, app: &str) -> Result<App, ApiError> {
+    async fn restart_locked(&self, app: &str) -> Result<App, Error> {
         let spec = self.spec_of(app)?;
         let not_ready = self.addons.not_active(app)?;
         if !not_ready.is_empty() {
-            return Err(ApiError::conflict(format!(
+            return Err(Error::conflict(format!(
                 "app `{app}` cannot start until its addons are active: {}",
                 not_ready.join("; ")
             )));
@@ -511,7 +511,7 @@ impl AppService {
     /// Restarts a running app whose services were started with other addon variables than
     /// its addons have now (an addon attached, removed or moved outside a deploy), so they see
     /// the new ones. A no-op when nothing changed: safe to call after any addon event.
-    pub async fn addons_changed(&self, app: &str) -> Result<(), ApiError> {
+    pub async fn addons_changed(&self, app: &str) -> Result<(), Error> {
         let lock = self.locks.of(app);
         let _guard = lock.lock().await;
         match self.store.app(app)? {
@@ -531,7 +531,7 @@ impl AppService {
     }
 
     /// Removes the app's services and its record. Disks and addons stay, with their data.
-    pub async fn delete(&self, app: &str) -> Result<AppDeleted, ApiError> {
+    pub async fn delete(&self, app: &str) -> Result<AppDeleted, Error> {
         let lock = self.locks.of(app);
         let _guard = lock.lock().await;
         let spec = self.spec_of(app)?;
@@ -566,9 +566,9 @@ impl AppService {
         })
     }
 
-    pub fn get(&self, app: &str) -> Result<App, ApiError> {
+    pub fn get(&self, app: &str) -> Result<App, Error> {
         let row = self.store.app(app)?.ok_or_else(|| {
-            ApiError::not_found(format!(
+            Error::not_found(format!(
                 "no app `{app}`; `miren app list` shows the apps, `miren deploy` creates one"
             ))
         })?;
@@ -610,7 +610,7 @@ impl AppService {
         })
     }
 
-    pub fn list(&self) -> Result<Vec<App>, ApiError> {
+    pub fn list(&self) -> Result<Vec<App>, Error> {
         self.store
             .apps()?
             .iter()
@@ -619,7 +619,7 @@ impl AppService {
     }
 
     /// The app's environment as its services get it: addon variables, then app.toml's.
-    pub fn env(&self, app: &str, reveal: bool) -> Result<Vec<crate::model::EnvVarView>, ApiError> {
+    pub fn env(&self, app: &str, reveal: bool) -> Result<Vec<crate::model::EnvVarView>, Error> {
         let mut vars = self.addons.env_view(app, reveal)?;
         if let Ok(spec) = self.spec_of(app) {
             for service in &spec.services {
@@ -652,15 +652,15 @@ mod tests {
             "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-076a6cfa"
         );
         assert_eq!(
-            crate::disks::hashed_name("data", "app `shop`"),
+            crate::core::disks::hashed_name("data", "app `shop`"),
             "data-aa85ec62"
         );
         assert_eq!(
-            crate::disks::hashed_name(&"d-".repeat(40), "x"),
+            crate::core::disks::hashed_name(&"d-".repeat(40), "x"),
             "d-d-d-d-d-d-d-d-d-d-d-d-d-d-d-d-d-d-d-d-d-d-d-d-d-d-d-bea246e5"
         );
         assert_eq!(
-            crate::addons::small_server_name(&"b".repeat(63)),
+            crate::core::addons::small_server_name(&"b".repeat(63)),
             "addon-pg-bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-29a2c225"
         );
     }

@@ -9,15 +9,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
-use axum::http::StatusCode;
 use miren_disks::{self as kernel, Filesystem, GIB};
 use miren_snapshot::{self as snapshot, SnapshotMeta, SnapshotReader};
 use tracing::{info, warn};
 
-use crate::disks::{DiskOperation, DiskService, MAX_SIZE_GB};
-use crate::error::ApiError;
+use crate::core::disks::{DiskOperation, DiskService, MAX_SIZE_GB};
+use crate::core::error::{Error, ErrorKind};
 use crate::model::Disk;
-use crate::state::{DiskRow, DiskStatus, PendingRestore};
+use crate::store::{DiskRow, DiskStatus, PendingRestore};
 use crate::util::{new_id, now_rfc3339};
 
 /// A point-in-time copy of a disk's image, removed when dropped.
@@ -50,23 +49,23 @@ fn snapshot_fs(fs: Filesystem) -> snapshot::Filesystem {
     }
 }
 
-impl From<snapshot::Error> for ApiError {
+impl From<snapshot::Error> for Error {
     fn from(err: snapshot::Error) -> Self {
         if err.is_corruption() || matches!(err, snapshot::Error::UnsupportedVersion { .. }) {
-            return ApiError::invalid(format!("{err}; nothing was changed"));
+            return Error::invalid(format!("{err}; nothing was changed"));
         }
         match &err {
             snapshot::Error::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => {
-                ApiError::new(
-                    StatusCode::INSUFFICIENT_STORAGE,
+                Error::new(
+                    ErrorKind::NoSpace,
                     "no_space",
                     format!("{err}: free space on the node and retry; nothing was changed"),
                 )
             }
-            snapshot::Error::AlreadyFrozen { .. } => ApiError::busy(format!(
+            snapshot::Error::AlreadyFrozen { .. } => Error::busy(format!(
                 "{err}; another backup is running, retry when it ends"
             )),
-            _ => ApiError::internal(err.to_string()),
+            _ => Error::internal(err.to_string()),
         }
     }
 }
@@ -78,22 +77,21 @@ impl DiskService {
 
     /// Copies the disk's data aside, consistently: a mounted, writable filesystem is frozen
     /// (FIFREEZE) for exactly as long as the copy of its allocated extents takes.
-    pub fn capture_for_backup(&self, id_or_name: &str) -> Result<Capture, ApiError> {
+    pub fn capture_for_backup(&self, id_or_name: &str) -> Result<Capture, Error> {
         let row = self.find(id_or_name)?;
         let _only = DiskOperation::begin(&row, "backup")?;
         if row.status != DiskStatus::Ready {
-            return Err(ApiError::busy(format!(
+            return Err(Error::busy(format!(
                 "disk `{}` is {}; back it up once that finishes",
                 row.name,
                 row.status.as_str()
             )));
         }
-        let fs: Filesystem = row.filesystem.parse().map_err(ApiError::internal)?;
+        let fs: Filesystem = row.filesystem.parse().map_err(Error::internal)?;
         let image = self.cfg.image_path(&row.id);
         let mount_path = self.cfg.mount_path(&row.id);
-        fs::create_dir_all(self.tmp_dir()).map_err(|e| {
-            ApiError::internal(format!("creating {}: {e}", self.tmp_dir().display()))
-        })?;
+        fs::create_dir_all(self.tmp_dir())
+            .map_err(|e| Error::internal(format!("creating {}: {e}", self.tmp_dir().display())))?;
         let path = self.tmp_dir().join(format!(
             "backup-{}-{}.img",
             row.id,
@@ -137,7 +135,7 @@ impl DiskService {
 
     /// Thaws any of our filesystems a previous agent left frozen mid-backup, and removes
     /// leftover captures. Runs at start.
-    pub(crate) fn recover_backups(&self) -> Result<(), ApiError> {
+    pub(crate) fn recover_backups(&self) -> Result<(), Error> {
         for row in self.store().disks()? {
             let mount_path = self.cfg.mount_path(&row.id);
             if kernel::mount_point_of(&mount_path)?.is_some() {
@@ -167,16 +165,16 @@ impl DiskService {
         input: impl Read,
         name: Option<String>,
         force: bool,
-    ) -> Result<Restored, ApiError> {
+    ) -> Result<Restored, Error> {
         let (reader, meta) = SnapshotReader::open(input)?;
         let name = name.unwrap_or_else(|| meta.name.clone());
-        kernel::validate_name(&name).map_err(|e| ApiError::invalid(e.to_string()))?;
+        kernel::validate_name(&name).map_err(|e| Error::invalid(e.to_string()))?;
         let fs: Filesystem = match &meta.filesystem {
             snapshot::Filesystem::Ext4 => Filesystem::Ext4,
             snapshot::Filesystem::Xfs => Filesystem::Xfs,
             snapshot::Filesystem::Btrfs => Filesystem::Btrfs,
             snapshot::Filesystem::Other(other) => {
-                return Err(ApiError::invalid(format!(
+                return Err(Error::invalid(format!(
                     "the snapshot holds a `{}` filesystem, which this agent cannot mount",
                     snapshot::printable(other)
                 )))
@@ -184,7 +182,7 @@ impl DiskService {
         };
         if meta.size_bytes == 0 || meta.size_bytes % GIB != 0 || meta.size_bytes / GIB > MAX_SIZE_GB
         {
-            return Err(ApiError::invalid(format!(
+            return Err(Error::invalid(format!(
                 "the snapshot's image is {} bytes, not a whole number of GiB up to {MAX_SIZE_GB}; it was not written by miren",
                 meta.size_bytes
             )));
@@ -195,13 +193,13 @@ impl DiskService {
         let existing = self.store().disk_by_name(&name)?;
         if let Some(disk) = &existing {
             if !force {
-                return Err(ApiError::conflict(format!(
+                return Err(Error::conflict(format!(
                     "disk `{}` already exists; pass --force to replace its contents with the snapshot (they are lost), or restore under a new name with -n",
                     disk.name
                 )));
             }
             if let Some(lease) = self.store().lease(&disk.id)? {
-                return Err(ApiError::conflict(format!(
+                return Err(Error::conflict(format!(
                     "disk `{}` is in use by `{}` (since {}); stop the app that holds it, then restore",
                     disk.name, lease.holder, lease.acquired_at
                 )));
@@ -219,13 +217,13 @@ impl DiskService {
             .create_new(true)
             .mode(0o600)
             .open(&tmp)
-            .map_err(|e| ApiError::internal(format!("creating {}: {e}", tmp.display())))?;
+            .map_err(|e| Error::internal(format!("creating {}: {e}", tmp.display())))?;
         let written = reader
             .restore_into(&file, &mut snapshot::NoProgress)
-            .map_err(ApiError::from)
+            .map_err(Error::from)
             .and_then(|summary| {
                 file.sync_all()
-                    .map_err(|e| ApiError::internal(format!("syncing {}: {e}", tmp.display())))?;
+                    .map_err(|e| Error::internal(format!("syncing {}: {e}", tmp.display())))?;
                 Ok(summary)
             });
         drop(file);
@@ -258,7 +256,7 @@ impl DiskService {
         name: &str,
         size_gb: u64,
         fs: Filesystem,
-    ) -> Result<(Disk, bool), ApiError> {
+    ) -> Result<(Disk, bool), Error> {
         let row = DiskRow {
             id: new_id("disk"),
             name: name.to_string(),
@@ -290,7 +288,7 @@ impl DiskService {
         tmp: &Path,
         size_gb: u64,
         fs: Filesystem,
-    ) -> Result<(Disk, bool), ApiError> {
+    ) -> Result<(Disk, bool), Error> {
         let _only = DiskOperation::begin(disk, "restore")?;
         let pending = PendingRestore {
             image: tmp.display().to_string(),
@@ -306,13 +304,13 @@ impl DiskService {
     }
 
     /// Unmount, rename the verified image over the old one (atomic), record, mount.
-    fn swap_in(&self, disk: &DiskRow, pending: &PendingRestore) -> Result<(), ApiError> {
+    fn swap_in(&self, disk: &DiskRow, pending: &PendingRestore) -> Result<(), Error> {
         let image = self.cfg.image_path(&disk.id);
         kernel::unmount(&self.cfg.mount_path(&disk.id))?;
         let deadline = Instant::now() + Duration::from_secs(5);
         while !kernel::loops_backed_by(&image)?.is_empty() {
             if Instant::now() >= deadline {
-                return Err(ApiError::busy(format!(
+                return Err(Error::busy(format!(
                     "disk `{}` is still in use outside its mount; stop whatever uses it and retry",
                     disk.name
                 )));
@@ -329,7 +327,7 @@ impl DiskService {
     /// After a failure or a crash mid-restore: if the new image is still beside the old one,
     /// the swap never happened and the old disk comes back as it was; otherwise the swap
     /// happened and the restore is recorded. Either way the disk ends up attached.
-    pub(crate) fn finish_interrupted_restore(&self, disk: &DiskRow) -> Result<(), ApiError> {
+    pub(crate) fn finish_interrupted_restore(&self, disk: &DiskRow) -> Result<(), Error> {
         match self.store().pending_restore(&disk.id)? {
             Some(pending) if Path::new(&pending.image).exists() => {
                 let _ = fs::remove_file(&pending.image);
@@ -374,7 +372,7 @@ struct HeldFreeze {
 }
 
 impl HeldFreeze {
-    fn start(mount: &Path, bound: Duration) -> Result<HeldFreeze, ApiError> {
+    fn start(mount: &Path, bound: Duration) -> Result<HeldFreeze, Error> {
         let mut child = crate::util::own_binary()
             .arg("freeze-hold")
             .arg("--mount")
@@ -385,11 +383,11 @@ impl HeldFreeze {
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
-            .map_err(|e| ApiError::internal(format!("starting the freeze helper: {e}")))?;
+            .map_err(|e| Error::internal(format!("starting the freeze helper: {e}")))?;
         let (Some(control), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
             let _ = child.kill();
             let _ = child.wait();
-            return Err(ApiError::internal("the freeze helper has no pipes"));
+            return Err(Error::internal("the freeze helper has no pipes"));
         };
         let mut held = HeldFreeze {
             bound,
@@ -404,10 +402,10 @@ impl HeldFreeze {
             .map_or((line.as_str(), ""), |(a, b)| (a, b))
         {
             ("frozen", _) => Ok(held),
-            ("busy", msg) => Err(ApiError::busy(format!(
+            ("busy", msg) => Err(Error::busy(format!(
                 "{msg}; another backup is running, retry when it ends"
             ))),
-            (_, msg) => Err(ApiError::internal(format!(
+            (_, msg) => Err(Error::internal(format!(
                 "freezing {} failed: {}",
                 mount.display(),
                 if msg.is_empty() {
@@ -427,7 +425,7 @@ impl HeldFreeze {
 
     /// Thaws now. An error if the freeze did not last until now (the helper's bound ran out
     /// or it died): the copy is then not point-in-time and must not be used.
-    fn release(mut self) -> Result<(), ApiError> {
+    fn release(mut self) -> Result<(), Error> {
         if let Some(mut control) = self.control.take() {
             let _ = control.write_all(b"t");
         }
@@ -435,14 +433,14 @@ impl HeldFreeze {
         let _ = self.child.wait();
         match line.as_str() {
             "thawed released" => Ok(()),
-            "thawed timeout" => Err(ApiError::internal(format!(
+            "thawed timeout" => Err(Error::internal(format!(
                 "copying the disk took longer than its {} s freeze bound; the filesystem was thawed and the copy discarded. Retry when the disk is less busy",
                 self.bound.as_secs()
             ))),
             other => {
                 // The helper died without saying it thawed: make sure ourselves.
                 let _ = snapshot::thaw(&self.mount);
-                Err(ApiError::internal(format!(
+                Err(Error::internal(format!(
                     "the freeze helper ended unexpectedly ({other:?}); the filesystem was thawed and the copy discarded"
                 )))
             }
@@ -458,9 +456,9 @@ impl Drop for HeldFreeze {
     }
 }
 
-fn rename_durably(from: &Path, to: &Path) -> Result<(), ApiError> {
+fn rename_durably(from: &Path, to: &Path) -> Result<(), Error> {
     fs::rename(from, to).map_err(|e| {
-        ApiError::internal(format!(
+        Error::internal(format!(
             "moving {} to {}: {e}",
             from.display(),
             to.display()
@@ -469,7 +467,7 @@ fn rename_durably(from: &Path, to: &Path) -> Result<(), ApiError> {
     if let Some(dir) = to.parent() {
         File::open(dir)
             .and_then(|d| d.sync_all())
-            .map_err(|e| ApiError::internal(format!("syncing {}: {e}", dir.display())))?;
+            .map_err(|e| Error::internal(format!("syncing {}: {e}", dir.display())))?;
     }
     Ok(())
 }

@@ -2,6 +2,8 @@
 //! what *should* exist; the kernel says what does. Every change is one transaction, so a
 //! kill -9 leaves either the old or the new row, and reconciliation closes the gap.
 
+pub mod addons;
+
 use std::collections::HashSet;
 use std::net::Ipv4Addr;
 use std::os::unix::fs::PermissionsExt;
@@ -10,8 +12,8 @@ use std::sync::{Mutex, MutexGuard};
 
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
-use crate::error::ApiError;
-pub use crate::status::{DiskStatus, EndpointStatus, SandboxStatus};
+use crate::core::error::Error;
+pub use crate::core::status::{DiskStatus, EndpointStatus, SandboxStatus};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
 /// Never edit a shipped entry: append a new one.
@@ -354,8 +356,8 @@ impl Store {
     /// removes whatever those described. Saves an fsync per commit on a sandbox start.
     fn volatile<T>(
         &self,
-        work: impl FnOnce(&mut Connection) -> Result<T, ApiError>,
-    ) -> Result<T, ApiError> {
+        work: impl FnOnce(&mut Connection) -> Result<T, Error>,
+    ) -> Result<T, Error> {
         /// Puts `synchronous = FULL` back even if `work` panics.
         struct Unforced<'a>(MutexGuard<'a, Connection>);
         impl Drop for Unforced<'_> {
@@ -376,14 +378,14 @@ impl Store {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn schema_version(&self) -> Result<i64, ApiError> {
+    pub fn schema_version(&self) -> Result<i64, Error> {
         Ok(self
             .conn()
             .query_row("PRAGMA user_version", [], |r| r.get(0))?)
     }
 
     /// Records a new disk in `creating`, refusing a name that exists in any case.
-    pub fn insert_creating_disk(&self, disk: &DiskRow) -> Result<(), ApiError> {
+    pub fn insert_creating_disk(&self, disk: &DiskRow) -> Result<(), Error> {
         self.insert_creating_disk_owned(disk, None)
     }
 
@@ -392,7 +394,7 @@ impl Store {
         &self,
         disk: &DiskRow,
         owner: Option<&Owner>,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), Error> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let existing: Option<(String, String)> = tx
@@ -403,7 +405,7 @@ impl Store {
             )
             .optional()?;
         if let Some((id, name)) = existing {
-            return Err(ApiError::conflict(format!(
+            return Err(Error::conflict(format!(
                 "a disk named `{name}` already exists (id {id}); use it, pick another name, or delete it first"
             )));
         }
@@ -435,7 +437,7 @@ impl Store {
         id: &str,
         status: DiskStatus,
         error: Option<&str>,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), Error> {
         self.conn().execute(
             "UPDATE disks SET status = ?2, error = ?3 WHERE id = ?1",
             params![id, status, error],
@@ -443,7 +445,7 @@ impl Store {
         Ok(())
     }
 
-    pub fn disk(&self, id: &str) -> Result<Option<DiskRow>, ApiError> {
+    pub fn disk(&self, id: &str) -> Result<Option<DiskRow>, Error> {
         Ok(self
             .conn()
             .query_row(
@@ -454,7 +456,7 @@ impl Store {
             .optional()?)
     }
 
-    pub fn disk_by_name(&self, name: &str) -> Result<Option<DiskRow>, ApiError> {
+    pub fn disk_by_name(&self, name: &str) -> Result<Option<DiskRow>, Error> {
         Ok(self
             .conn()
             .query_row(
@@ -466,7 +468,7 @@ impl Store {
     }
 
     /// Who the disk belongs to; None while nobody claimed it.
-    pub fn disk_owner(&self, id: &str) -> Result<Option<Owner>, ApiError> {
+    pub fn disk_owner(&self, id: &str) -> Result<Option<Owner>, Error> {
         let cols: Option<(Option<String>, Option<String>, Option<String>)> = self
             .conn()
             .query_row(
@@ -479,7 +481,7 @@ impl Store {
     }
 
     /// The disk `owner` has (addons have one each; apps may have several: the oldest).
-    pub fn disk_of(&self, owner: &Owner) -> Result<Option<DiskRow>, ApiError> {
+    pub fn disk_of(&self, owner: &Owner) -> Result<Option<DiskRow>, Error> {
         let (kind, app, part) = owner.columns();
         Ok(self
             .conn()
@@ -497,7 +499,7 @@ impl Store {
 
     /// Gives an unowned disk to `owner` (in one statement, so two claimants cannot both win);
     /// returns who owns it afterwards.
-    pub fn claim_disk(&self, id: &str, owner: &Owner) -> Result<Option<Owner>, ApiError> {
+    pub fn claim_disk(&self, id: &str, owner: &Owner) -> Result<Option<Owner>, Error> {
         let (kind, app, part) = owner.columns();
         self.conn().execute(
             "UPDATE disks SET owner_kind = ?2, owner_app = ?3, owner_part = ?4
@@ -507,7 +509,7 @@ impl Store {
         self.disk_owner(id)
     }
 
-    pub fn disks(&self) -> Result<Vec<DiskRow>, ApiError> {
+    pub fn disks(&self) -> Result<Vec<DiskRow>, Error> {
         let conn = self.conn();
         let mut stmt = conn.prepare(&format!(
             "SELECT {DISK_COLUMNS} FROM disks ORDER BY name_key"
@@ -518,7 +520,7 @@ impl Store {
 
     /// Moves a disk to `deleting`, in the same transaction that checks it is not leased, so a
     /// lease can never be granted on a disk that is going away.
-    pub fn begin_delete(&self, id: &str) -> Result<DiskRow, ApiError> {
+    pub fn begin_delete(&self, id: &str) -> Result<DiskRow, Error> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let disk = tx
@@ -528,7 +530,7 @@ impl Store {
                 disk_from_row,
             )
             .optional()?
-            .ok_or_else(|| ApiError::not_found(format!("disk {id} does not exist")))?;
+            .ok_or_else(|| Error::not_found(format!("disk {id} does not exist")))?;
         let lease = tx
             .query_row(
                 "SELECT disk_id, holder, acquired_at, holder_pid, holder_start_time FROM leases WHERE disk_id = ?1",
@@ -537,7 +539,7 @@ impl Store {
             )
             .optional()?;
         if let Some(lease) = lease {
-            return Err(ApiError::conflict(format!(
+            return Err(Error::conflict(format!(
                 "disk `{}` is leased by `{}` (since {}); stop the holder or run `miren debug disk lease-release -n {}` first",
                 disk.name, lease.holder, lease.acquired_at, disk.name
             )));
@@ -546,7 +548,7 @@ impl Store {
             DiskStatus::Ready | DiskStatus::Error | DiskStatus::Resizing | DiskStatus::Deleting => {
             }
             other => {
-                return Err(ApiError::busy(format!(
+                return Err(Error::busy(format!(
                     "disk `{}` is {}; retry when that finishes",
                     disk.name,
                     other.as_str()
@@ -561,7 +563,7 @@ impl Store {
         Ok(disk)
     }
 
-    pub fn remove_disk(&self, id: &str) -> Result<(), ApiError> {
+    pub fn remove_disk(&self, id: &str) -> Result<(), Error> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         tx.execute("DELETE FROM leases WHERE disk_id = ?1", [id])?;
@@ -572,7 +574,7 @@ impl Store {
 
     /// Records the new size and marks the disk `resizing`; the kernel side follows and
     /// reconciliation finishes it after a crash.
-    pub fn begin_resize(&self, id: &str, size_gb: u64) -> Result<DiskRow, ApiError> {
+    pub fn begin_resize(&self, id: &str, size_gb: u64) -> Result<DiskRow, Error> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let disk = tx
@@ -582,16 +584,16 @@ impl Store {
                 disk_from_row,
             )
             .optional()?
-            .ok_or_else(|| ApiError::not_found(format!("disk {id} does not exist")))?;
+            .ok_or_else(|| Error::not_found(format!("disk {id} does not exist")))?;
         if disk.status != DiskStatus::Ready && disk.status != DiskStatus::Resizing {
-            return Err(ApiError::busy(format!(
+            return Err(Error::busy(format!(
                 "disk `{}` is {}; it can be resized once it is ready",
                 disk.name,
                 disk.status.as_str()
             )));
         }
         if size_gb < disk.size_gb {
-            return Err(ApiError::invalid(format!(
+            return Err(Error::invalid(format!(
                 "disk `{}` is {} GiB; shrinking to {size_gb} GiB is not supported (disks only grow). Back it up and restore into a new, smaller disk instead",
                 disk.name, disk.size_gb
             )));
@@ -609,7 +611,7 @@ impl Store {
     }
 
     /// Ends a resize, successful or rolled back: records the size the disk really has now.
-    pub fn end_resize(&self, id: &str, size_gb: u64, error: Option<&str>) -> Result<(), ApiError> {
+    pub fn end_resize(&self, id: &str, size_gb: u64, error: Option<&str>) -> Result<(), Error> {
         self.conn().execute(
             "UPDATE disks SET status = ?4, size_gb = ?2, error = ?3 WHERE id = ?1 AND status = ?5",
             params![
@@ -625,7 +627,7 @@ impl Store {
 
     /// Grants the lease if the disk is free (or already held by the same holder: retries are
     /// idempotent), otherwise reports the current holder.
-    pub fn try_acquire_lease(&self, lease: &LeaseRow) -> Result<LeaseAttempt, ApiError> {
+    pub fn try_acquire_lease(&self, lease: &LeaseRow) -> Result<LeaseAttempt, Error> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let status: Option<DiskStatus> = tx
@@ -637,7 +639,7 @@ impl Store {
             .optional()?;
         match status {
             None => {
-                return Err(ApiError::not_found(format!(
+                return Err(Error::not_found(format!(
                     "disk {} does not exist",
                     lease.disk_id
                 )))
@@ -645,7 +647,7 @@ impl Store {
             // Not while resizing: ext4 may have to grow unmounted on hosts that forbid online growth.
             Some(DiskStatus::Ready) => {}
             Some(other) => {
-                return Err(ApiError::busy(format!(
+                return Err(Error::busy(format!(
                     "disk {} is {} and cannot be leased",
                     lease.disk_id,
                     other.as_str()
@@ -687,7 +689,7 @@ impl Store {
         &self,
         disk_id: &str,
         only_holder: Option<&str>,
-    ) -> Result<Option<String>, ApiError> {
+    ) -> Result<Option<String>, Error> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let holder: Option<String> = tx
@@ -708,7 +710,7 @@ impl Store {
         Ok(Some(holder))
     }
 
-    pub fn lease(&self, disk_id: &str) -> Result<Option<LeaseRow>, ApiError> {
+    pub fn lease(&self, disk_id: &str) -> Result<Option<LeaseRow>, Error> {
         Ok(self
             .conn()
             .query_row(
@@ -719,7 +721,7 @@ impl Store {
             .optional()?)
     }
 
-    pub fn leases(&self) -> Result<Vec<LeaseRow>, ApiError> {
+    pub fn leases(&self) -> Result<Vec<LeaseRow>, Error> {
         let conn = self.conn();
         let mut stmt = conn.prepare(
             "SELECT l.disk_id, l.holder, l.acquired_at, l.holder_pid, l.holder_start_time
@@ -730,7 +732,7 @@ impl Store {
     }
 
     /// Records an app's local storage; returns its creation time (existing or new).
-    pub fn ensure_local_storage(&self, app: &str, now: &str) -> Result<String, ApiError> {
+    pub fn ensure_local_storage(&self, app: &str, now: &str) -> Result<String, Error> {
         let conn = self.conn();
         conn.execute(
             "INSERT OR IGNORE INTO local_storage (app, created_at) VALUES (?1, ?2)",
@@ -743,7 +745,7 @@ impl Store {
         )?)
     }
 
-    pub fn local_storage(&self) -> Result<Vec<(String, String)>, ApiError> {
+    pub fn local_storage(&self) -> Result<Vec<(String, String)>, Error> {
         let conn = self.conn();
         let mut stmt = conn.prepare("SELECT app, created_at FROM local_storage ORDER BY app")?;
         let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
@@ -763,7 +765,7 @@ pub struct PendingRestore {
 impl Store {
     /// Marks an existing disk `restoring`, refusing while it is leased (in the same
     /// transaction, so no lease can be granted meanwhile).
-    pub fn begin_restore(&self, id: &str, pending: &PendingRestore) -> Result<(), ApiError> {
+    pub fn begin_restore(&self, id: &str, pending: &PendingRestore) -> Result<(), Error> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let disk = tx
@@ -773,7 +775,7 @@ impl Store {
                 disk_from_row,
             )
             .optional()?
-            .ok_or_else(|| ApiError::not_found(format!("disk {id} does not exist")))?;
+            .ok_or_else(|| Error::not_found(format!("disk {id} does not exist")))?;
         let holder: Option<(String, String)> = tx
             .query_row(
                 "SELECT holder, acquired_at FROM leases WHERE disk_id = ?1",
@@ -782,13 +784,13 @@ impl Store {
             )
             .optional()?;
         if let Some((holder, since)) = holder {
-            return Err(ApiError::conflict(format!(
+            return Err(Error::conflict(format!(
                 "disk `{}` is in use by `{holder}` (since {since}); stop the app that holds it, then restore",
                 disk.name
             )));
         }
         if !matches!(disk.status, DiskStatus::Ready | DiskStatus::Error) {
-            return Err(ApiError::busy(format!(
+            return Err(Error::busy(format!(
                 "disk `{}` is {}; retry when that finishes",
                 disk.name,
                 disk.status.as_str()
@@ -809,7 +811,7 @@ impl Store {
         Ok(())
     }
 
-    pub fn pending_restore(&self, id: &str) -> Result<Option<PendingRestore>, ApiError> {
+    pub fn pending_restore(&self, id: &str) -> Result<Option<PendingRestore>, Error> {
         let row: Option<(Option<String>, Option<i64>, Option<String>)> = self
             .conn()
             .query_row(
@@ -829,7 +831,7 @@ impl Store {
     }
 
     /// Ends a restore: with `applied`, the disk takes the restored size and filesystem.
-    pub fn end_restore(&self, id: &str, applied: bool) -> Result<(), ApiError> {
+    pub fn end_restore(&self, id: &str, applied: bool) -> Result<(), Error> {
         let sql = if applied {
             "UPDATE disks SET size_gb = restore_size_gb, filesystem = restore_filesystem,
              status = ?2, error = NULL, restore_image = NULL, restore_size_gb = NULL,
@@ -876,7 +878,7 @@ const SANDBOX_COLUMNS: &str =
     "id, name, app, image, status, disks, created_at, owner_kind, owner_app, owner_part";
 
 impl Store {
-    pub fn insert_sandbox(&self, row: &SandboxRow) -> Result<(), ApiError> {
+    pub fn insert_sandbox(&self, row: &SandboxRow) -> Result<(), Error> {
         self.volatile(|conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let existing: Option<String> = tx
@@ -887,7 +889,7 @@ impl Store {
                 )
                 .optional()?;
             if let Some(id) = existing {
-                return Err(ApiError::name_taken(format!(
+                return Err(Error::name_taken(format!(
                     "a sandbox named `{}` already exists ({id}); pick another name or delete it first",
                     row.name
                 )));
@@ -903,7 +905,7 @@ impl Store {
                     )
                     .optional()?;
                 if let Some(name) = existing {
-                    return Err(ApiError::conflict(format!(
+                    return Err(Error::conflict(format!(
                         "{} already runs as sandbox `{name}`; delete it first",
                         row.owner.as_ref().map(Owner::describe).unwrap_or_default()
                     )));
@@ -932,7 +934,7 @@ impl Store {
         })
     }
 
-    pub fn set_sandbox_status(&self, id: &str, status: SandboxStatus) -> Result<(), ApiError> {
+    pub fn set_sandbox_status(&self, id: &str, status: SandboxStatus) -> Result<(), Error> {
         self.volatile(|conn| {
             conn.execute(
                 "UPDATE sandboxes SET status = ?2 WHERE id = ?1",
@@ -942,7 +944,7 @@ impl Store {
         })
     }
 
-    pub fn sandbox(&self, id_or_name: &str) -> Result<Option<SandboxRow>, ApiError> {
+    pub fn sandbox(&self, id_or_name: &str) -> Result<Option<SandboxRow>, Error> {
         Ok(self
             .conn()
             .query_row(
@@ -954,7 +956,7 @@ impl Store {
     }
 
     /// The sandbox `owner` runs (an app's service, an addon's server), whatever it is called.
-    pub fn sandbox_of(&self, owner: &Owner) -> Result<Option<SandboxRow>, ApiError> {
+    pub fn sandbox_of(&self, owner: &Owner) -> Result<Option<SandboxRow>, Error> {
         let (kind, app, part) = owner.columns();
         Ok(self
             .conn()
@@ -970,7 +972,7 @@ impl Store {
     }
 
     /// Whether a sandbox has this name (display names stay unique).
-    pub fn sandbox_name_taken(&self, name: &str) -> Result<bool, ApiError> {
+    pub fn sandbox_name_taken(&self, name: &str) -> Result<bool, Error> {
         Ok(self
             .conn()
             .query_row(
@@ -982,7 +984,7 @@ impl Store {
             .is_some())
     }
 
-    pub fn sandboxes(&self) -> Result<Vec<SandboxRow>, ApiError> {
+    pub fn sandboxes(&self) -> Result<Vec<SandboxRow>, Error> {
         let conn = self.conn();
         let mut stmt = conn.prepare(&format!(
             "SELECT {SANDBOX_COLUMNS} FROM sandboxes ORDER BY created_at, name"
@@ -991,7 +993,7 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    pub fn remove_sandbox(&self, id: &str) -> Result<(), ApiError> {
+    pub fn remove_sandbox(&self, id: &str) -> Result<(), Error> {
         self.conn()
             .execute("DELETE FROM sandboxes WHERE id = ?1", [id])?;
         Ok(())
@@ -1000,7 +1002,7 @@ impl Store {
     /// Whether a lease holder or endpoint owner still exists: sandbox ids (`sbx_...`) exist
     /// while their row does; `pid:N` while the process does; other names always.
     pub fn holder_exists(&self, holder: &str, pid: Option<i64>, start: Option<i64>) -> bool {
-        if crate::owner::holder_is_gone(pid, start) {
+        if crate::core::owner::holder_is_gone(pid, start) {
             return false;
         }
         if holder.starts_with("sbx_") {
@@ -1019,7 +1021,7 @@ impl Store {
     }
 
     /// Leases held by `holder` (disk ids).
-    pub fn leases_of(&self, holder: &str) -> Result<Vec<String>, ApiError> {
+    pub fn leases_of(&self, holder: &str) -> Result<Vec<String>, Error> {
         let conn = self.conn();
         let mut stmt = conn.prepare("SELECT disk_id FROM leases WHERE holder = ?1")?;
         let rows = stmt.query_map([holder], |r| r.get(0))?;
@@ -1075,7 +1077,7 @@ impl Store {
         endpoint: &EndpointRow,
         subnet_key: &str,
         candidates: impl Fn(Option<Ipv4Addr>, &HashSet<Ipv4Addr>) -> Option<Ipv4Addr>,
-    ) -> Result<EndpointRow, ApiError> {
+    ) -> Result<EndpointRow, Error> {
         self.volatile(|conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let existing = tx
@@ -1086,7 +1088,7 @@ impl Store {
                 )
                 .optional()?;
             if let Some(existing) = existing {
-                return Err(ApiError::conflict(format!(
+                return Err(Error::conflict(format!(
                     "owner `{}` already has an endpoint ({}, app {}); delete it first or use another owner",
                     existing.owner, existing.ip, existing.app
                 )));
@@ -1106,8 +1108,8 @@ impl Store {
                 .optional()?
                 .and_then(|ip| ip.parse().ok());
             let ip = candidates(last, &used).ok_or_else(|| {
-                ApiError::new(
-                    axum::http::StatusCode::INSUFFICIENT_STORAGE,
+                Error::new(
+                    crate::core::error::ErrorKind::NoSpace,
                     "subnet_exhausted",
                     format!(
                         "no free address left in {subnet_key} ({} in use); delete endpoints or start the agent with a larger --subnet",
@@ -1148,7 +1150,7 @@ impl Store {
         &self,
         owner: &str,
         allow_from: &[String],
-    ) -> Result<bool, ApiError> {
+    ) -> Result<bool, Error> {
         let changed = self.conn().execute(
             "UPDATE endpoints SET allow_from = ?2 WHERE owner = ?1",
             params![
@@ -1159,7 +1161,7 @@ impl Store {
         Ok(changed > 0)
     }
 
-    pub fn set_endpoint_status(&self, owner: &str, status: EndpointStatus) -> Result<(), ApiError> {
+    pub fn set_endpoint_status(&self, owner: &str, status: EndpointStatus) -> Result<(), Error> {
         self.volatile(|conn| {
             conn.execute(
                 "UPDATE endpoints SET status = ?2 WHERE owner = ?1",
@@ -1169,7 +1171,7 @@ impl Store {
         })
     }
 
-    pub fn endpoint(&self, owner: &str) -> Result<Option<EndpointRow>, ApiError> {
+    pub fn endpoint(&self, owner: &str) -> Result<Option<EndpointRow>, Error> {
         Ok(self
             .conn()
             .query_row(
@@ -1180,7 +1182,7 @@ impl Store {
             .optional()?)
     }
 
-    pub fn endpoints(&self) -> Result<Vec<EndpointRow>, ApiError> {
+    pub fn endpoints(&self) -> Result<Vec<EndpointRow>, Error> {
         let conn = self.conn();
         let mut stmt = conn.prepare(&format!(
             "SELECT {ENDPOINT_COLUMNS} FROM endpoints ORDER BY owner"
@@ -1190,7 +1192,7 @@ impl Store {
     }
 
     /// Releases the endpoint's address. Idempotent: releasing twice is fine.
-    pub fn remove_endpoint(&self, owner: &str) -> Result<(), ApiError> {
+    pub fn remove_endpoint(&self, owner: &str) -> Result<(), Error> {
         self.conn()
             .execute("DELETE FROM endpoints WHERE owner = ?1", [owner])?;
         Ok(())

@@ -2,7 +2,7 @@
 //! `pid:N` is tied to process N (and its start time, so a reused pid does not count); any other
 //! string is an opaque name that exists until it is released.
 
-use crate::error::ApiError;
+use crate::core::error::Error;
 
 pub enum Holder {
     Process { pid: i64, start_time: i64 },
@@ -18,9 +18,9 @@ impl Holder {
     }
 }
 
-pub fn parse_holder(holder: &str) -> Result<Holder, ApiError> {
+pub fn parse_holder(holder: &str) -> Result<Holder, Error> {
     if holder.trim().is_empty() || holder.len() > 256 {
-        return Err(ApiError::invalid(
+        return Err(Error::invalid(
             "a holder must be a non-empty string of at most 256 bytes (e.g. a sandbox id, or pid:1234)",
         ));
     }
@@ -28,12 +28,12 @@ pub fn parse_holder(holder: &str) -> Result<Holder, ApiError> {
         return Ok(Holder::Named);
     };
     let pid: i64 = pid.parse().ok().filter(|p| *p > 0).ok_or_else(|| {
-        ApiError::invalid(format!(
+        Error::invalid(format!(
             "`{holder}` is not a valid pid holder; write pid:N with N a process id"
         ))
     })?;
     let start_time = process_start_time(pid)
-        .ok_or_else(|| ApiError::invalid(format!("`{holder}`: no process {pid} is running")))?;
+        .ok_or_else(|| Error::invalid(format!("`{holder}`: no process {pid} is running")))?;
     Ok(Holder::Process { pid, start_time })
 }
 

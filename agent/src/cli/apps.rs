@@ -6,8 +6,8 @@ use std::time::Instant;
 use anyhow::{anyhow, bail, Context, Result};
 use hyper::Method;
 
+use crate::cli::client::Client;
 use crate::cli::{print_table, AddonCommand, AppCommand, Command, EnvCommand};
-use crate::client::Client;
 use crate::model::{
     Addon, AddonCatalogEntry, AddonDestroyed, App, AppDeleted, CreateAddon, DeployApp, EnvVarView,
 };

@@ -2,7 +2,7 @@
 //! checked here, before anything is recorded or handed to the kernel or libcontainer, and a
 //! bad one is a 400 that names the field (`env[2]`, `cmd[0]`, `memory`, ...).
 
-use crate::error::ApiError;
+use crate::core::error::Error;
 use crate::model::{
     AcquireLease, CreateAddon, DeployApp, ExecRequest, ImportImage, PublishPort, PullImage,
     RunSandbox,
@@ -27,11 +27,11 @@ const MAX_WAIT_SECS: f64 = 86_400.0;
 /// Largest app.toml a deploy takes.
 const MAX_APP_TOML: usize = 1 << 20;
 
-fn invalid(field: &str, why: impl std::fmt::Display) -> ApiError {
-    ApiError::invalid(format!("{field}: {why}"))
+fn invalid(field: &str, why: impl std::fmt::Display) -> Error {
+    Error::invalid(format!("{field}: {why}"))
 }
 
-fn count(field: &str, items: usize) -> Result<(), ApiError> {
+fn count(field: &str, items: usize) -> Result<(), Error> {
     if items > MAX_ITEMS {
         return Err(invalid(
             field,
@@ -42,7 +42,7 @@ fn count(field: &str, items: usize) -> Result<(), ApiError> {
 }
 
 /// Printable text: no control characters (newlines, escapes, NUL), at most `max` bytes.
-pub fn text(field: &str, value: &str, max: usize) -> Result<(), ApiError> {
+pub fn text(field: &str, value: &str, max: usize) -> Result<(), Error> {
     if value.len() > max {
         return Err(invalid(
             field,
@@ -58,7 +58,7 @@ pub fn text(field: &str, value: &str, max: usize) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn non_empty_text(field: &str, value: &str, max: usize) -> Result<(), ApiError> {
+fn non_empty_text(field: &str, value: &str, max: usize) -> Result<(), Error> {
     if value.is_empty() {
         return Err(invalid(field, "must not be empty"));
     }
@@ -66,7 +66,7 @@ fn non_empty_text(field: &str, value: &str, max: usize) -> Result<(), ApiError> 
 }
 
 /// A name: letters, digits and hyphens, 1-63 characters, not starting with a hyphen.
-pub fn name(field: &str, value: &str) -> Result<(), ApiError> {
+pub fn name(field: &str, value: &str) -> Result<(), Error> {
     miren_disks::validate_name(value).map_err(|e| {
         // The shared name rules speak of disks; here it is whatever `field` names.
         let why = e
@@ -78,7 +78,7 @@ pub fn name(field: &str, value: &str) -> Result<(), ApiError> {
 }
 
 /// A command-line argument: anything but NUL (the kernel cannot pass it).
-fn argument(field: &str, value: &str) -> Result<(), ApiError> {
+fn argument(field: &str, value: &str) -> Result<(), Error> {
     if value.contains('\0') {
         return Err(invalid(field, "NUL bytes cannot be passed to a process"));
     }
@@ -91,7 +91,7 @@ fn argument(field: &str, value: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn command(field: &str, args: &[String]) -> Result<(), ApiError> {
+fn command(field: &str, args: &[String]) -> Result<(), Error> {
     count(field, args.len())?;
     if args.first().is_some_and(String::is_empty) {
         return Err(invalid(
@@ -106,7 +106,7 @@ fn command(field: &str, args: &[String]) -> Result<(), ApiError> {
 }
 
 /// `KEY=VALUE` with a POSIX name (`[A-Za-z_][A-Za-z0-9_]*`) and a value without NUL.
-pub fn env(field: &str, entries: &[String]) -> Result<(), ApiError> {
+pub fn env(field: &str, entries: &[String]) -> Result<(), Error> {
     count(field, entries.len())?;
     for (i, entry) in entries.iter().enumerate() {
         let field = format!("{field}[{i}]");
@@ -133,7 +133,7 @@ pub fn env(field: &str, entries: &[String]) -> Result<(), ApiError> {
 }
 
 /// An absolute path inside a sandbox: no `..`, no NUL or other control characters.
-pub fn container_path(field: &str, path: &str) -> Result<(), ApiError> {
+pub fn container_path(field: &str, path: &str) -> Result<(), Error> {
     if !path.starts_with('/') || path.split('/').any(|c| c == "..") {
         return Err(invalid(
             field,
@@ -148,7 +148,7 @@ pub fn container_path(field: &str, path: &str) -> Result<(), ApiError> {
 
 /// `NAME:/path[:OPTIONS]` (a disk) or `/path[:OPTIONS]` (a tmpfs): the path part is checked
 /// here, the rest by the service that parses it.
-fn mount_entry(field: &str, entry: &str, named: bool) -> Result<(), ApiError> {
+fn mount_entry(field: &str, entry: &str, named: bool) -> Result<(), Error> {
     text(field, entry, MAX_PATH)?;
     if named && !entry.contains(':') {
         return Err(invalid(field, "write NAME:/path or NAME:/path:ro"));
@@ -161,7 +161,7 @@ fn mount_entry(field: &str, entry: &str, named: bool) -> Result<(), ApiError> {
     container_path(field, parts.next().unwrap_or_default())
 }
 
-fn seconds(field: &str, value: Option<f64>, max: f64) -> Result<(), ApiError> {
+fn seconds(field: &str, value: Option<f64>, max: f64) -> Result<(), Error> {
     match value {
         Some(s) if !(s.is_finite() && (0.0..=max).contains(&s)) => Err(invalid(
             field,
@@ -171,7 +171,7 @@ fn seconds(field: &str, value: Option<f64>, max: f64) -> Result<(), ApiError> {
     }
 }
 
-fn publish(field: &str, ports: &[PublishPort]) -> Result<(), ApiError> {
+fn publish(field: &str, ports: &[PublishPort]) -> Result<(), Error> {
     count(field, ports.len())?;
     for (i, p) in ports.iter().enumerate() {
         if let Some(ip) = &p.host_ip {
@@ -198,13 +198,13 @@ fn publish(field: &str, ports: &[PublishPort]) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn image_reference(field: &str, reference: &str) -> Result<(), ApiError> {
+fn image_reference(field: &str, reference: &str) -> Result<(), Error> {
     non_empty_text(field, reference, MAX_TEXT)?;
     miren_runtime::normalize_reference(reference).map_err(|e| invalid(field, e))?;
     Ok(())
 }
 
-pub fn run_sandbox(req: &RunSandbox) -> Result<(), ApiError> {
+pub fn run_sandbox(req: &RunSandbox) -> Result<(), Error> {
     image_reference("image", &req.image)?;
     if let Some(n) = &req.name {
         name("name", n)?;
@@ -215,7 +215,7 @@ pub fn run_sandbox(req: &RunSandbox) -> Result<(), ApiError> {
     env("env", &req.env)?;
     if let Some(memory) = &req.memory {
         text("memory", memory, 64)?;
-        let bytes = crate::sandboxes::parse_memory(memory)?;
+        let bytes = crate::core::sandboxes::parse_memory(memory)?;
         if bytes > MAX_MEMORY {
             return Err(invalid(
                 "memory",
@@ -262,7 +262,7 @@ pub fn run_sandbox(req: &RunSandbox) -> Result<(), ApiError> {
     command("cmd", &req.cmd)
 }
 
-pub fn exec(req: &ExecRequest) -> Result<(), ApiError> {
+pub fn exec(req: &ExecRequest) -> Result<(), Error> {
     if req.args.is_empty() {
         return Err(invalid("args", "give the command to run"));
     }
@@ -270,12 +270,12 @@ pub fn exec(req: &ExecRequest) -> Result<(), ApiError> {
     env("env", &req.env)
 }
 
-pub fn lease(req: &AcquireLease) -> Result<(), ApiError> {
+pub fn lease(req: &AcquireLease) -> Result<(), Error> {
     non_empty_text("holder", &req.holder, 256)?;
     seconds("timeout_secs", req.timeout_secs, MAX_WAIT_SECS)
 }
 
-pub fn pull(req: &PullImage) -> Result<(), ApiError> {
+pub fn pull(req: &PullImage) -> Result<(), Error> {
     image_reference("reference", &req.reference)?;
     if let Some(user) = &req.username {
         text("username", user, MAX_TEXT)?;
@@ -286,7 +286,7 @@ pub fn pull(req: &PullImage) -> Result<(), ApiError> {
     Ok(())
 }
 
-pub fn import(req: &ImportImage) -> Result<(), ApiError> {
+pub fn import(req: &ImportImage) -> Result<(), Error> {
     image_reference("reference", &req.reference)?;
     if !req.path.starts_with('/') {
         return Err(invalid("path", "an absolute path on the node"));
@@ -294,7 +294,7 @@ pub fn import(req: &ImportImage) -> Result<(), ApiError> {
     text("path", &req.path, MAX_PATH)
 }
 
-pub fn addon(req: &CreateAddon) -> Result<(), ApiError> {
+pub fn addon(req: &CreateAddon) -> Result<(), Error> {
     name("app", &req.app)?;
     non_empty_text("addon", &req.addon, MAX_TEXT)?;
     if let Some(variant) = &req.variant {
@@ -306,7 +306,7 @@ pub fn addon(req: &CreateAddon) -> Result<(), ApiError> {
     Ok(())
 }
 
-pub fn deploy(req: &DeployApp) -> Result<(), ApiError> {
+pub fn deploy(req: &DeployApp) -> Result<(), Error> {
     if req.app_toml.len() > MAX_APP_TOML {
         return Err(invalid(
             "app_toml",
@@ -331,7 +331,7 @@ pub fn deploy(req: &DeployApp) -> Result<(), ApiError> {
             }],
         )
         .map_err(|e| {
-            ApiError::invalid(
+            Error::invalid(
                 e.message
                     .replacen("publish[0]", &format!("publish[{i}]"), 1),
             )
@@ -341,7 +341,7 @@ pub fn deploy(req: &DeployApp) -> Result<(), ApiError> {
 }
 
 /// A query's wait in seconds.
-pub fn query_seconds(field: &str, value: Option<f64>, max: f64) -> Result<(), ApiError> {
+pub fn query_seconds(field: &str, value: Option<f64>, max: f64) -> Result<(), Error> {
     seconds(field, value, max)
 }
 
@@ -358,7 +358,7 @@ mod tests {
 
     fn refused(req: RunSandbox, field: &str) {
         let err = run_sandbox(&req).expect_err(field);
-        assert_eq!(err.status, axum::http::StatusCode::BAD_REQUEST);
+        assert_eq!(err.kind, crate::core::error::ErrorKind::Invalid);
         assert!(err.message.starts_with(field), "{field}: {}", err.message);
     }
 

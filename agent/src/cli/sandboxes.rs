@@ -6,8 +6,8 @@ use anyhow::{anyhow, Result};
 use http_body_util::BodyExt;
 use hyper::Method;
 
+use crate::cli::client::Client;
 use crate::cli::SandboxCommand;
-use crate::client::Client;
 use crate::model::{ExecRequest, ExecResult, RunSandbox, Sandbox};
 
 fn print_sandbox(s: &Sandbox) {

@@ -1,6 +1,9 @@
 //! The agent's HTTP/1.1 + JSON API over its Unix socket. Routes are declared once, with their
 //! OpenAPI description next to them; `openapi()` builds the document from the same router.
 
+pub mod error;
+pub mod stream;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,22 +19,22 @@ use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::disks::{DiskService, DEFAULT_LEASE_TIMEOUT};
-use crate::error::ApiError;
+use crate::core::disks::{DiskService, DEFAULT_LEASE_TIMEOUT};
+use crate::core::error::{Error, ErrorKind};
+use crate::core::net::NetService;
 use crate::model::{
     AcquireLease, AgentInfo, CreateDisk, CreateEndpoint, Disk, Endpoint, EndpointDeleted,
     ErrorBody, Lease, NetGcReport, ReleaseResult, ResizeDisk, RestoreQuery, RestoreResult,
 };
-use crate::net::NetService;
 
 #[derive(Clone)]
 pub struct AppState {
     pub disks: Arc<DiskService>,
     pub net: Arc<NetService>,
-    pub images: Arc<crate::images::ImageService>,
-    pub sandboxes: Arc<crate::sandboxes::SandboxService>,
-    pub addons: Arc<crate::addons::AddonService>,
-    pub apps: Arc<crate::apps::AppService>,
+    pub images: Arc<crate::core::images::ImageService>,
+    pub sandboxes: Arc<crate::core::sandboxes::SandboxService>,
+    pub addons: Arc<crate::core::addons::AddonService>,
+    pub apps: Arc<crate::core::apps::AppService>,
     pub socket_gid: Option<u32>,
     /// Restore uploads running at once (see [`MAX_RESTORES`]).
     pub restores: Arc<tokio::sync::Semaphore>,
@@ -51,32 +54,32 @@ pub struct PeerCred {
 
 /// JSON body extractor whose rejections are our JSON errors, not axum's plain text.
 #[derive(FromRequest)]
-#[from_request(via(axum::Json), rejection(ApiError))]
+#[from_request(via(axum::Json), rejection(Error))]
 pub struct Body<T>(pub T);
 
 #[derive(FromRequestParts)]
-#[from_request(via(axum::extract::Path), rejection(ApiError))]
+#[from_request(via(axum::extract::Path), rejection(Error))]
 pub struct PathParam<T>(pub T);
 
 #[derive(FromRequestParts)]
-#[from_request(via(axum::extract::Query), rejection(ApiError))]
+#[from_request(via(axum::extract::Query), rejection(Error))]
 pub struct QueryParam<T>(pub T);
 
-impl From<axum::extract::rejection::QueryRejection> for ApiError {
+impl From<axum::extract::rejection::QueryRejection> for Error {
     fn from(rejection: axum::extract::rejection::QueryRejection) -> Self {
-        ApiError::invalid(format!("invalid query: {}", rejection.body_text()))
+        Error::invalid(format!("invalid query: {}", rejection.body_text()))
     }
 }
 
-impl From<JsonRejection> for ApiError {
+impl From<JsonRejection> for Error {
     fn from(rejection: JsonRejection) -> Self {
-        ApiError::invalid(format!("invalid request body: {}", rejection.body_text()))
+        Error::invalid(format!("invalid request body: {}", rejection.body_text()))
     }
 }
 
-impl From<PathRejection> for ApiError {
+impl From<PathRejection> for Error {
     fn from(rejection: PathRejection) -> Self {
-        ApiError::invalid(format!("invalid path: {}", rejection.body_text()))
+        Error::invalid(format!("invalid path: {}", rejection.body_text()))
     }
 }
 
@@ -232,10 +235,10 @@ pub fn router(state: AppState) -> Router {
             }),
         )
         .fallback(|| async {
-            ApiError::not_found("no such route; GET /openapi.json lists every route")
+            Error::not_found("no such route; GET /openapi.json lists every route")
         })
         .method_not_allowed_fallback(|| async {
-            ApiError::new(
+            error::respond(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method_not_allowed",
                 "this route does not take that method; GET /openapi.json lists every route",
@@ -244,7 +247,7 @@ pub fn router(state: AppState) -> Router {
         .layer(middleware::from_fn_with_state(state.clone(), authorize))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(
             |_: Box<dyn std::any::Any + Send>| {
-                ApiError::internal("the agent hit a bug handling this request; see its log")
+                Error::internal("the agent hit a bug handling this request; see its log")
                     .into_response()
             },
         ))
@@ -265,8 +268,8 @@ async fn authorize(
             .socket_gid
             .map(|g| format!("in group {g}"))
             .unwrap_or_else(|| "root".into());
-        return ApiError::new(
-            StatusCode::FORBIDDEN,
+        return Error::new(
+            ErrorKind::Forbidden,
             "forbidden",
             format!(
                 "uid {} may not use the miren agent: only root or users {group} may; run as root or ask an operator to add you to the socket group",
@@ -301,11 +304,11 @@ fn peer_allowed(peer: &PeerCred, socket_gid: Option<u32>) -> bool {
 /// Disk work blocks (ioctls, mkfs); it runs off the async threads. If the client hangs up, the
 /// operation still runs to its end, so the state store never sees half an operation.
 async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
-) -> Result<T, ApiError> {
+    f: impl FnOnce() -> Result<T, Error> + Send + 'static,
+) -> Result<T, Error> {
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| ApiError::internal(format!("operation failed to run: {e}")))?
+        .map_err(|e| Error::internal(format!("operation failed to run: {e}")))?
 }
 
 #[utoipa::path(get, path = "/v1/info", tag = "agent",
@@ -321,7 +324,7 @@ async fn agent_info(State(state): State<AppState>) -> Json<AgentInfo> {
 
 #[utoipa::path(get, path = "/v1/disks", tag = "disks",
     responses((status = 200, description = "Every disk and local storage directory", body = [Disk])))]
-async fn list_disks(State(state): State<AppState>) -> Result<Json<Vec<Disk>>, ApiError> {
+async fn list_disks(State(state): State<AppState>) -> Result<Json<Vec<Disk>>, Error> {
     blocking(move || state.disks.list()).await.map(Json)
 }
 
@@ -333,7 +336,7 @@ async fn list_disks(State(state): State<AppState>) -> Result<Json<Vec<Disk>>, Ap
 async fn create_disk(
     State(state): State<AppState>,
     Body(req): Body<CreateDisk>,
-) -> Result<(StatusCode, Json<Disk>), ApiError> {
+) -> Result<(StatusCode, Json<Disk>), Error> {
     let disk = blocking(move || state.disks.create(&req)).await?;
     Ok((StatusCode::CREATED, Json(disk)))
 }
@@ -344,7 +347,7 @@ async fn create_disk(
 async fn get_disk(
     State(state): State<AppState>,
     PathParam(disk): PathParam<String>,
-) -> Result<Json<Disk>, ApiError> {
+) -> Result<Json<Disk>, Error> {
     blocking(move || {
         let row = state.disks.find(&disk)?;
         state.disks.view_one(&row)
@@ -362,7 +365,7 @@ async fn get_disk(
 async fn delete_disk(
     State(state): State<AppState>,
     PathParam(disk): PathParam<String>,
-) -> Result<StatusCode, ApiError> {
+) -> Result<StatusCode, Error> {
     blocking(move || state.disks.delete(&disk)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -377,7 +380,7 @@ async fn resize_disk(
     State(state): State<AppState>,
     PathParam(disk): PathParam<String>,
     Body(req): Body<ResizeDisk>,
-) -> Result<Json<Disk>, ApiError> {
+) -> Result<Json<Disk>, Error> {
     blocking(move || state.disks.resize(&disk, req.size_gb))
         .await
         .map(Json)
@@ -393,15 +396,15 @@ async fn acquire_lease(
     State(state): State<AppState>,
     PathParam(disk): PathParam<String>,
     Body(req): Body<AcquireLease>,
-) -> Result<Json<Lease>, ApiError> {
-    crate::validate::lease(&req)?;
+) -> Result<Json<Lease>, Error> {
+    crate::core::validate::lease(&req)?;
     let timeout = match req.timeout_secs {
         None => DEFAULT_LEASE_TIMEOUT,
         Some(secs) if secs.is_finite() && (0.0..=86_400.0).contains(&secs) => {
             Duration::from_secs_f64(secs)
         }
         Some(secs) => {
-            return Err(ApiError::invalid(format!(
+            return Err(Error::invalid(format!(
                 "timeout_secs must be between 0 and 86400, got {secs}"
             )))
         }
@@ -421,7 +424,7 @@ async fn acquire_lease(
 async fn release_lease(
     State(state): State<AppState>,
     PathParam(disk): PathParam<String>,
-) -> Result<Json<ReleaseResult>, ApiError> {
+) -> Result<Json<ReleaseResult>, Error> {
     blocking(move || state.disks.release_lease(&disk))
         .await
         .map(Json)
@@ -429,7 +432,7 @@ async fn release_lease(
 
 #[utoipa::path(get, path = "/v1/leases", tag = "leases",
     responses((status = 200, description = "Every lease held", body = [Lease])))]
-async fn list_leases(State(state): State<AppState>) -> Result<Json<Vec<Lease>>, ApiError> {
+async fn list_leases(State(state): State<AppState>) -> Result<Json<Vec<Lease>>, Error> {
     blocking(move || state.disks.leases()).await.map(Json)
 }
 
@@ -440,7 +443,7 @@ async fn list_leases(State(state): State<AppState>) -> Result<Json<Vec<Lease>>, 
 async fn ensure_local_storage(
     State(state): State<AppState>,
     PathParam(app): PathParam<String>,
-) -> Result<Json<Disk>, ApiError> {
+) -> Result<Json<Disk>, Error> {
     blocking(move || state.disks.ensure_local_storage(&app))
         .await
         .map(Json)
@@ -448,7 +451,7 @@ async fn ensure_local_storage(
 
 #[utoipa::path(get, path = "/v1/endpoints", tag = "network",
     responses((status = 200, description = "Every network endpoint", body = [Endpoint])))]
-async fn list_endpoints(State(state): State<AppState>) -> Result<Json<Vec<Endpoint>>, ApiError> {
+async fn list_endpoints(State(state): State<AppState>) -> Result<Json<Vec<Endpoint>>, Error> {
     state.net.list().map(Json)
 }
 
@@ -461,13 +464,13 @@ async fn list_endpoints(State(state): State<AppState>) -> Result<Json<Vec<Endpoi
 async fn create_endpoint(
     State(state): State<AppState>,
     Body(req): Body<CreateEndpoint>,
-) -> Result<(StatusCode, Json<Endpoint>), ApiError> {
+) -> Result<(StatusCode, Json<Endpoint>), Error> {
     // Addon servers' endpoints are in the addon name space; nobody else may join it.
-    crate::disks::refuse_reserved("app", &req.app)?;
+    crate::core::disks::refuse_reserved("app", &req.app)?;
     // Runs to its end even if the client hangs up, like every mutation.
     let endpoint = tokio::spawn(async move { state.net.create(&req).await })
         .await
-        .map_err(|e| ApiError::internal(format!("operation failed to run: {e}")))??;
+        .map_err(|e| Error::internal(format!("operation failed to run: {e}")))??;
     Ok((StatusCode::CREATED, Json(endpoint)))
 }
 
@@ -477,7 +480,7 @@ async fn create_endpoint(
 async fn get_endpoint(
     State(state): State<AppState>,
     PathParam(owner): PathParam<String>,
-) -> Result<Json<Endpoint>, ApiError> {
+) -> Result<Json<Endpoint>, Error> {
     state.net.get(&owner).map(Json)
 }
 
@@ -487,19 +490,19 @@ async fn get_endpoint(
 async fn delete_endpoint(
     State(state): State<AppState>,
     PathParam(owner): PathParam<String>,
-) -> Result<Json<EndpointDeleted>, ApiError> {
+) -> Result<Json<EndpointDeleted>, Error> {
     tokio::spawn(async move { state.net.delete(&owner).await })
         .await
-        .map_err(|e| ApiError::internal(format!("operation failed to run: {e}")))?
+        .map_err(|e| Error::internal(format!("operation failed to run: {e}")))?
         .map(Json)
 }
 
 #[utoipa::path(post, path = "/v1/endpoints/gc", tag = "network",
     responses((status = 200, description = "What the reconciliation released, removed and repaired", body = NetGcReport)))]
-async fn gc_endpoints(State(state): State<AppState>) -> Result<Json<NetGcReport>, ApiError> {
+async fn gc_endpoints(State(state): State<AppState>) -> Result<Json<NetGcReport>, Error> {
     tokio::spawn(async move { state.net.gc().await })
         .await
-        .map_err(|e| ApiError::internal(format!("operation failed to run: {e}")))?
+        .map_err(|e| Error::internal(format!("operation failed to run: {e}")))?
         .map(Json)
 }
 
@@ -518,7 +521,7 @@ pub const DISK_SIZE_HEADER: &str = "x-miren-disk-size";
 async fn backup_disk(
     State(state): State<AppState>,
     PathParam(disk): PathParam<String>,
-) -> Result<Response, ApiError> {
+) -> Result<Response, Error> {
     let disks = state.disks.clone();
     let capture = blocking(move || disks.capture_for_backup(&disk)).await?;
     let mut headers = axum::http::HeaderMap::new();
@@ -537,7 +540,7 @@ async fn backup_disk(
     }
     let (tx, rx) = tokio::sync::mpsc::channel(8);
     tokio::task::spawn_blocking(move || {
-        let mut out = crate::stream::ChannelWriter::new(tx.clone());
+        let mut out = crate::api::stream::ChannelWriter::new(tx.clone());
         let started = std::time::Instant::now();
         let written = miren_snapshot::write_snapshot(
             &capture.path,
@@ -590,15 +593,15 @@ async fn restore_disk(
     State(state): State<AppState>,
     QueryParam(query): QueryParam<RestoreQuery>,
     body: axum::body::Body,
-) -> Result<Json<RestoreResult>, ApiError> {
+) -> Result<Json<RestoreResult>, Error> {
     let Ok(slot) = state.restores.clone().try_acquire_owned() else {
-        return Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
+        return Err(Error::new(
+            ErrorKind::Unavailable,
             "too_many_restores",
             format!("{MAX_RESTORES} restores are already running; retry when one has finished"),
         ));
     };
-    let mut input = crate::stream::forward_body(body);
+    let mut input = crate::api::stream::forward_body(body);
     // No blocking thread for a client that has not sent anything yet.
     input.wait_for_data().await;
     let disks = state.disks.clone();
@@ -609,12 +612,12 @@ async fn restore_disk(
         }
         drop(slot);
         match result {
-            Err(_) if input.stalled() => Err(ApiError::new(
-                StatusCode::REQUEST_TIMEOUT,
+            Err(_) if input.stalled() => Err(Error::new(
+                ErrorKind::Timeout,
                 "upload_stalled",
                 format!(
                     "the upload sent nothing for {}s and was cut off; nothing was restored. Send the snapshot without pauses",
-                    crate::stream::BODY_IDLE_TIMEOUT.as_secs()
+                    crate::api::stream::BODY_IDLE_TIMEOUT.as_secs()
                 ),
             )),
             other => other,
@@ -633,7 +636,7 @@ async fn restore_disk(
     responses((status = 200, description = "Images on this node", body = [crate::model::ImageSummary])))]
 async fn list_images(
     State(state): State<AppState>,
-) -> Result<Json<Vec<crate::model::ImageSummary>>, ApiError> {
+) -> Result<Json<Vec<crate::model::ImageSummary>>, Error> {
     blocking(move || state.images.list()).await.map(Json)
 }
 
@@ -642,8 +645,8 @@ async fn list_images(
 async fn remove_image(
     State(state): State<AppState>,
     QueryParam(query): QueryParam<crate::model::ImageQuery>,
-) -> Result<Json<crate::model::ImageRemoved>, ApiError> {
-    crate::validate::text("reference", &query.reference, 1024)?;
+) -> Result<Json<crate::model::ImageRemoved>, Error> {
+    crate::core::validate::text("reference", &query.reference, 1024)?;
     let reference = query.reference.clone();
     let removed = blocking(move || state.images.remove(&query.reference)).await?;
     Ok(Json(crate::model::ImageRemoved { reference, removed }))
@@ -656,9 +659,9 @@ async fn remove_image(
 async fn pull_image(
     State(state): State<AppState>,
     Body(req): Body<crate::model::PullImage>,
-) -> Result<Response, ApiError> {
+) -> Result<Response, Error> {
     use crate::model::PullEvent;
-    crate::validate::pull(&req)?;
+    crate::core::validate::pull(&req)?;
     let (tx, rx) = tokio::sync::mpsc::channel::<
         Result<hyper::body::Frame<hyper::body::Bytes>, std::io::Error>,
     >(64);
@@ -713,8 +716,8 @@ fn ndjson_line(
 async fn import_image(
     State(state): State<AppState>,
     Body(req): Body<crate::model::ImportImage>,
-) -> Result<Json<crate::model::ImageSummary>, ApiError> {
-    crate::validate::import(&req)?;
+) -> Result<Json<crate::model::ImageSummary>, Error> {
+    crate::core::validate::import(&req)?;
     blocking(move || {
         state
             .images
@@ -728,7 +731,7 @@ async fn import_image(
     responses((status = 200, body = crate::model::ImageGcReport)))]
 async fn gc_images(
     State(state): State<AppState>,
-) -> Result<Json<crate::model::ImageGcReport>, ApiError> {
+) -> Result<Json<crate::model::ImageGcReport>, Error> {
     blocking(move || {
         let in_use = state.sandboxes.layers_in_use();
         state.images.gc(&in_use)
@@ -741,7 +744,7 @@ async fn gc_images(
     responses((status = 200, body = [crate::model::Sandbox])))]
 async fn list_sandboxes(
     State(state): State<AppState>,
-) -> Result<Json<Vec<crate::model::Sandbox>>, ApiError> {
+) -> Result<Json<Vec<crate::model::Sandbox>>, Error> {
     blocking(move || state.sandboxes.list()).await.map(Json)
 }
 
@@ -754,11 +757,11 @@ async fn list_sandboxes(
 async fn run_sandbox(
     State(state): State<AppState>,
     Body(req): Body<crate::model::RunSandbox>,
-) -> Result<(StatusCode, Json<crate::model::Sandbox>), ApiError> {
-    crate::validate::run_sandbox(&req)?;
+) -> Result<(StatusCode, Json<crate::model::Sandbox>), Error> {
+    crate::core::validate::run_sandbox(&req)?;
     let sandbox = tokio::spawn(async move { state.sandboxes.run(req).await })
         .await
-        .map_err(|e| ApiError::internal(format!("operation failed to run: {e}")))??;
+        .map_err(|e| Error::internal(format!("operation failed to run: {e}")))??;
     Ok((StatusCode::CREATED, Json(sandbox)))
 }
 
@@ -768,7 +771,7 @@ async fn run_sandbox(
 async fn get_sandbox(
     State(state): State<AppState>,
     PathParam(sandbox): PathParam<String>,
-) -> Result<Json<crate::model::Sandbox>, ApiError> {
+) -> Result<Json<crate::model::Sandbox>, Error> {
     blocking(move || state.sandboxes.get(&sandbox))
         .await
         .map(Json)
@@ -780,10 +783,10 @@ async fn get_sandbox(
 async fn delete_sandbox(
     State(state): State<AppState>,
     PathParam(sandbox): PathParam<String>,
-) -> Result<StatusCode, ApiError> {
+) -> Result<StatusCode, Error> {
     tokio::spawn(async move { state.sandboxes.delete(&sandbox).await })
         .await
-        .map_err(|e| ApiError::internal(format!("operation failed to run: {e}")))??;
+        .map_err(|e| Error::internal(format!("operation failed to run: {e}")))??;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -794,12 +797,12 @@ async fn stop_sandbox(
     State(state): State<AppState>,
     PathParam(sandbox): PathParam<String>,
     QueryParam(query): QueryParam<crate::model::StopQuery>,
-) -> Result<Json<crate::model::Sandbox>, ApiError> {
-    crate::validate::query_seconds("grace_secs", query.grace_secs, 3600.0)?;
+) -> Result<Json<crate::model::Sandbox>, Error> {
+    crate::core::validate::query_seconds("grace_secs", query.grace_secs, 3600.0)?;
     let grace = query.grace_secs.map(Duration::from_secs_f64);
     tokio::spawn(async move { state.sandboxes.stop(&sandbox, grace).await })
         .await
-        .map_err(|e| ApiError::internal(format!("operation failed to run: {e}")))?
+        .map_err(|e| Error::internal(format!("operation failed to run: {e}")))?
         .map(Json)
 }
 
@@ -811,11 +814,11 @@ async fn wait_sandbox(
     State(state): State<AppState>,
     PathParam(sandbox): PathParam<String>,
     QueryParam(query): QueryParam<crate::model::WaitQuery>,
-) -> Result<Json<crate::model::Sandbox>, ApiError> {
+) -> Result<Json<crate::model::Sandbox>, Error> {
     let timeout = match query.timeout_secs {
         Some(s) if s.is_finite() && s >= 0.0 => Some(Duration::from_secs_f64(s.min(1e9))),
         Some(s) => {
-            return Err(ApiError::invalid(format!(
+            return Err(Error::invalid(format!(
                 "timeout_secs must be a number of seconds, at least 0; got {s}"
             )))
         }
@@ -831,8 +834,8 @@ async fn exec_sandbox(
     State(state): State<AppState>,
     PathParam(sandbox): PathParam<String>,
     Body(req): Body<crate::model::ExecRequest>,
-) -> Result<Json<crate::model::ExecResult>, ApiError> {
-    crate::validate::exec(&req)?;
+) -> Result<Json<crate::model::ExecResult>, Error> {
+    crate::core::validate::exec(&req)?;
     state
         .sandboxes
         .exec(&sandbox, req.args, req.env)
@@ -847,7 +850,7 @@ async fn sandbox_logs(
     State(state): State<AppState>,
     PathParam(sandbox): PathParam<String>,
     QueryParam(query): QueryParam<crate::model::LogsQuery>,
-) -> Result<Response, ApiError> {
+) -> Result<Response, Error> {
     let (stdout, stderr) = {
         let sandboxes = state.sandboxes.clone();
         let name = sandbox.clone();
@@ -993,17 +996,17 @@ mod tests {
 
 /// Runs `f` on its own task, so a client that hangs up does not cut an operation short.
 async fn detached<T: Send + 'static>(
-    f: impl std::future::Future<Output = Result<T, ApiError>> + Send + 'static,
-) -> Result<T, ApiError> {
+    f: impl std::future::Future<Output = Result<T, Error>> + Send + 'static,
+) -> Result<T, Error> {
     tokio::spawn(f)
         .await
-        .map_err(|e| ApiError::internal(format!("operation failed to run: {e}")))?
+        .map_err(|e| Error::internal(format!("operation failed to run: {e}")))?
 }
 
 #[utoipa::path(get, path = "/v1/addons/catalog", tag = "addons",
     responses((status = 200, description = "Every addon this agent offers, with variants and versions", body = [crate::model::AddonCatalogEntry])))]
 async fn addon_catalog() -> Json<Vec<crate::model::AddonCatalogEntry>> {
-    Json(crate::addons::catalogue())
+    Json(crate::core::addons::catalogue())
 }
 
 #[utoipa::path(post, path = "/v1/addons", tag = "addons", request_body = crate::model::CreateAddon,
@@ -1014,8 +1017,8 @@ async fn addon_catalog() -> Json<Vec<crate::model::AddonCatalogEntry>> {
 async fn create_addon(
     State(state): State<AppState>,
     Body(req): Body<crate::model::CreateAddon>,
-) -> Result<(StatusCode, Json<crate::model::Addon>), ApiError> {
-    crate::validate::addon(&req)?;
+) -> Result<(StatusCode, Json<crate::model::Addon>), Error> {
+    crate::core::validate::addon(&req)?;
     let addon = detached(async move {
         let (addon, mut done) = state.addons.create(&req, "cli").await?;
         if !req.wait {
@@ -1023,7 +1026,7 @@ async fn create_addon(
         }
         let _ = done.wait_for(|d| *d).await;
         let addon = state.addons.get(&addon.app, &addon.name)?;
-        if addon.status == crate::addons::store::AddonStatus::Active.as_str() {
+        if addon.status == crate::store::addons::AddonStatus::Active.as_str() {
             state.apps.addons_changed(&addon.app).await?;
         }
         Ok(addon)
@@ -1038,7 +1041,7 @@ async fn create_addon(
 async fn list_addons(
     State(state): State<AppState>,
     PathParam(app): PathParam<String>,
-) -> Result<Json<Vec<crate::model::Addon>>, ApiError> {
+) -> Result<Json<Vec<crate::model::Addon>>, Error> {
     blocking(move || state.addons.list(&app)).await.map(Json)
 }
 
@@ -1048,7 +1051,7 @@ async fn list_addons(
 async fn get_addon(
     State(state): State<AppState>,
     PathParam((app, addon)): PathParam<(String, String)>,
-) -> Result<Json<crate::model::Addon>, ApiError> {
+) -> Result<Json<crate::model::Addon>, Error> {
     blocking(move || state.addons.get(&app, &addon))
         .await
         .map(Json)
@@ -1062,9 +1065,9 @@ async fn get_addon(
 async fn destroy_addon(
     State(state): State<AppState>,
     PathParam((app, addon)): PathParam<(String, String)>,
-) -> Result<Json<crate::model::AddonDestroyed>, ApiError> {
+) -> Result<Json<crate::model::AddonDestroyed>, Error> {
     detached(async move {
-        let (name, _) = crate::addons::split_addon_arg(&addon);
+        let (name, _) = crate::core::addons::split_addon_arg(&addon);
         let kind = miren_addons::AddonKind::parse(name)?.name().to_string();
         let Some(mut done) = state.addons.destroy(&app, &kind)? else {
             return Ok(crate::model::AddonDestroyed {
@@ -1075,7 +1078,7 @@ async fn destroy_addon(
         };
         let _ = done.wait_for(|d| *d).await;
         if let Ok(left) = state.addons.get(&app, &kind) {
-            return Err(ApiError::conflict(format!(
+            return Err(Error::conflict(format!(
                 "{kind} of app `{app}` is not fully removed yet: {}",
                 left.reason.unwrap_or_else(|| left.status.to_string())
             )));
@@ -1098,7 +1101,7 @@ async fn app_env(
     State(state): State<AppState>,
     PathParam(app): PathParam<String>,
     QueryParam(query): QueryParam<crate::model::EnvQuery>,
-) -> Result<Json<Vec<crate::model::EnvVarView>>, ApiError> {
+) -> Result<Json<Vec<crate::model::EnvVarView>>, Error> {
     blocking(move || state.apps.env(&app, query.reveal))
         .await
         .map(Json)
@@ -1112,8 +1115,8 @@ async fn app_env(
 async fn deploy_app(
     State(state): State<AppState>,
     Body(req): Body<crate::model::DeployApp>,
-) -> Result<Json<crate::model::App>, ApiError> {
-    crate::validate::deploy(&req)?;
+) -> Result<Json<crate::model::App>, Error> {
+    crate::core::validate::deploy(&req)?;
     detached(async move { state.apps.deploy(req).await })
         .await
         .map(Json)
@@ -1121,9 +1124,7 @@ async fn deploy_app(
 
 #[utoipa::path(get, path = "/v1/apps", tag = "apps",
     responses((status = 200, body = [crate::model::App])))]
-async fn list_apps(
-    State(state): State<AppState>,
-) -> Result<Json<Vec<crate::model::App>>, ApiError> {
+async fn list_apps(State(state): State<AppState>) -> Result<Json<Vec<crate::model::App>>, Error> {
     blocking(move || state.apps.list()).await.map(Json)
 }
 
@@ -1133,7 +1134,7 @@ async fn list_apps(
 async fn get_app(
     State(state): State<AppState>,
     PathParam(app): PathParam<String>,
-) -> Result<Json<crate::model::App>, ApiError> {
+) -> Result<Json<crate::model::App>, Error> {
     blocking(move || state.apps.get(&app)).await.map(Json)
 }
 
@@ -1143,7 +1144,7 @@ async fn get_app(
 async fn delete_app(
     State(state): State<AppState>,
     PathParam(app): PathParam<String>,
-) -> Result<Json<crate::model::AppDeleted>, ApiError> {
+) -> Result<Json<crate::model::AppDeleted>, Error> {
     detached(async move { state.apps.delete(&app).await })
         .await
         .map(Json)
@@ -1155,7 +1156,7 @@ async fn delete_app(
 async fn restart_app(
     State(state): State<AppState>,
     PathParam(app): PathParam<String>,
-) -> Result<Json<crate::model::App>, ApiError> {
+) -> Result<Json<crate::model::App>, Error> {
     detached(async move { state.apps.restart(&app).await })
         .await
         .map(Json)

@@ -9,8 +9,8 @@ use hyper::body::Bytes;
 use hyper::Method;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
+use crate::cli::client::Client;
 use crate::cli::{human_bytes, ImageCommand};
-use crate::client::Client;
 use crate::model::{ImageGcReport, ImageRemoved, ImageSummary, ImportImage, PullEvent, PullImage};
 
 fn print_summary(image: &ImageSummary) {

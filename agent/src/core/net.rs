@@ -11,10 +11,10 @@ use miren_netns::{self as netns, EndpointSpec, NetConfig, PublishedPort, Subnet}
 use tokio::sync::Mutex;
 use tracing::{info, warn};
 
-use crate::error::ApiError;
+use crate::core::error::Error;
+use crate::core::owner::parse_holder;
 use crate::model::{CreateEndpoint, Endpoint, EndpointDeleted, NetGcReport, PublishPort};
-use crate::owner::parse_holder;
-use crate::state::{EndpointRow, EndpointStatus, Store};
+use crate::store::{EndpointRow, EndpointStatus, Store};
 use crate::util::now_rfc3339;
 
 pub const DEFAULT_SUBNET: &str = "10.117.0.0/16";
@@ -41,22 +41,22 @@ pub struct NetService {
     rules_stale: tokio::sync::Notify,
 }
 
-impl From<netns::Error> for ApiError {
+impl From<netns::Error> for Error {
     fn from(err: netns::Error) -> Self {
         match err {
-            netns::Error::SubnetExhausted { .. } => ApiError::new(
-                axum::http::StatusCode::INSUFFICIENT_STORAGE,
+            netns::Error::SubnetExhausted { .. } => Error::new(
+                crate::core::error::ErrorKind::NoSpace,
                 "subnet_exhausted",
                 err.to_string(),
             ),
             netns::Error::InvalidEndpoint(_) | netns::Error::InvalidSubnet(_) => {
-                ApiError::invalid(err.to_string())
+                Error::invalid(err.to_string())
             }
             netns::Error::PublishRefused(ref refused) if refused.is_conflict() => {
-                ApiError::conflict(err.to_string())
+                Error::conflict(err.to_string())
             }
-            netns::Error::PublishRefused(_) => ApiError::invalid(err.to_string()),
-            _ => ApiError::internal(format!("network: {err}")),
+            netns::Error::PublishRefused(_) => Error::invalid(err.to_string()),
+            _ => Error::internal(format!("network: {err}")),
         }
     }
 }
@@ -72,23 +72,23 @@ pub fn net_config(
     NetConfig::new(prefix, subnet, run_dir.join("netns")).map_err(|e| e.to_string())
 }
 
-fn validate_owner(owner: &str) -> Result<(), ApiError> {
+fn validate_owner(owner: &str) -> Result<(), Error> {
     let ok = !owner.is_empty()
         && owner.len() <= 128
         && owner
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || "._:-".contains(c));
     if !ok {
-        return Err(ApiError::invalid(format!(
+        return Err(Error::invalid(format!(
             "owner `{owner}` is invalid: use 1-128 letters, digits, `.`, `_`, `:` or `-` (a sandbox id, or pid:N)"
         )));
     }
     Ok(())
 }
 
-fn validate_app(what: &str, app: &str) -> Result<(), ApiError> {
+fn validate_app(what: &str, app: &str) -> Result<(), Error> {
     miren_disks::validate_name(app).map_err(|e| {
-        ApiError::invalid(format!(
+        Error::invalid(format!(
             "{what}: {}",
             e.to_string().replace("disk name", "app name")
         ))
@@ -125,7 +125,7 @@ fn spec_of(row: &EndpointRow) -> EndpointSpec {
 impl NetService {
     /// Makes sure the bridge and the agent's nftables tables exist, then returns the service
     /// with its background rules applier running.
-    pub async fn start(cfg: NetConfig, store: Arc<Store>) -> Result<Arc<NetService>, ApiError> {
+    pub async fn start(cfg: NetConfig, store: Arc<Store>) -> Result<Arc<NetService>, Error> {
         netns::ensure_bridge_and_table(&cfg).await?;
         let resolv = netns::resolv_conf_from_host();
         if let Some(warning) = resolv.warning {
@@ -181,7 +181,7 @@ impl NetService {
         }
     }
 
-    pub fn list(&self) -> Result<Vec<Endpoint>, ApiError> {
+    pub fn list(&self) -> Result<Vec<Endpoint>, Error> {
         Ok(self
             .store
             .endpoints()?
@@ -190,9 +190,9 @@ impl NetService {
             .collect())
     }
 
-    pub fn get(&self, owner: &str) -> Result<Endpoint, ApiError> {
+    pub fn get(&self, owner: &str) -> Result<Endpoint, Error> {
         let row = self.store.endpoint(owner)?.ok_or_else(|| {
-            ApiError::not_found(format!(
+            Error::not_found(format!(
                 "no endpoint for owner `{owner}`; `miren debug net list` shows them all"
             ))
         })?;
@@ -200,7 +200,7 @@ impl NetService {
     }
 
     /// Rules for every endpoint not being deleted, applied atomically.
-    async fn apply(&self) -> Result<(), ApiError> {
+    async fn apply(&self) -> Result<(), Error> {
         let specs: Vec<EndpointSpec> = self
             .store
             .endpoints()?
@@ -226,7 +226,7 @@ impl NetService {
             .find(|ip| subnet.is_assignable(*ip) && !used.contains(ip))
     }
 
-    pub async fn create(&self, req: &CreateEndpoint) -> Result<Endpoint, ApiError> {
+    pub async fn create(&self, req: &CreateEndpoint) -> Result<Endpoint, Error> {
         let reserved = self.reserve(req).await?;
         self.realize(reserved, None).await
     }
@@ -234,7 +234,7 @@ impl NetService {
     /// The first half of [`Self::create`]: checks the request and records the endpoint as
     /// `creating` with its address, holding the endpoint lock until [`Self::realize`] made it, so
     /// a caller knows the address and netns path while the kernel work is still to come.
-    pub async fn reserve(&self, req: &CreateEndpoint) -> Result<ReservedEndpoint, ApiError> {
+    pub async fn reserve(&self, req: &CreateEndpoint) -> Result<ReservedEndpoint, Error> {
         validate_owner(&req.owner)?;
         validate_app("app", &req.app)?;
         for app in &req.allow_from {
@@ -248,7 +248,7 @@ impl NetService {
                 .unwrap_or("127.0.0.1")
                 .parse()
                 .map_err(|_| {
-                    ApiError::invalid(format!(
+                    Error::invalid(format!(
                         "publish host_ip `{}` is not an IPv4 address (IPv6 is not published): use 127.0.0.1 (the default), 0.0.0.0 or an IPv4 address of a host interface",
                         p.host_ip.as_deref().unwrap_or_default()
                     ))
@@ -283,7 +283,7 @@ impl NetService {
         for other in self.store.endpoints()? {
             for p in other.publish.iter().filter_map(|p| parse_publish_key(p)) {
                 if publish.iter().any(|q| netns::overlaps(q, &p)) {
-                    return Err(ApiError::conflict(format!(
+                    return Err(Error::conflict(format!(
                         "host port {}:{} is already published by `{}`; pick another host port",
                         p.host_ip, p.host_port, other.owner
                     )));
@@ -323,7 +323,7 @@ impl NetService {
         &self,
         reserved: ReservedEndpoint,
         netns_ready: Option<tokio::sync::oneshot::Sender<()>>,
-    ) -> Result<Endpoint, ApiError> {
+    ) -> Result<Endpoint, Error> {
         if reserved.made {
             if let Some(tx) = netns_ready {
                 let _ = tx.send(());
@@ -358,7 +358,7 @@ impl NetService {
 
     /// Replaces the apps allowed to reach `owner`'s endpoint; the rules are applied before it
     /// returns, so an app removed here is refused from then on.
-    pub async fn set_allow_from(&self, owner: &str, apps: &[String]) -> Result<(), ApiError> {
+    pub async fn set_allow_from(&self, owner: &str, apps: &[String]) -> Result<(), Error> {
         for app in apps {
             validate_app("allow_from", app)?;
         }
@@ -366,7 +366,7 @@ impl NetService {
         let row = self
             .store
             .endpoint(owner)?
-            .ok_or_else(|| ApiError::not_found(format!("no endpoint for owner `{owner}`")))?;
+            .ok_or_else(|| Error::not_found(format!("no endpoint for owner `{owner}`")))?;
         if row.allow_from == apps {
             return Ok(());
         }
@@ -376,7 +376,7 @@ impl NetService {
         Ok(())
     }
 
-    pub async fn delete(&self, owner: &str) -> Result<EndpointDeleted, ApiError> {
+    pub async fn delete(&self, owner: &str) -> Result<EndpointDeleted, Error> {
         let _guard = self.lock.lock().await;
         let Some(row) = self.store.endpoint(owner)? else {
             return Ok(EndpointDeleted {
@@ -396,7 +396,7 @@ impl NetService {
     /// The rules follow in the background: rules left for a freed address admit nothing,
     /// because every create applies the whole ruleset before its endpoint carries traffic
     /// (and the IPAM does not hand a freed address out again right away).
-    async fn remove(&self, row: &EndpointRow) -> Result<(), ApiError> {
+    async fn remove(&self, row: &EndpointRow) -> Result<(), Error> {
         self.store
             .set_endpoint_status(&row.owner, EndpointStatus::Deleting)?;
         netns::delete_endpoint(&self.cfg, &row.owner).await?;
@@ -408,7 +408,7 @@ impl NetService {
     /// Reconciliation: finishes or undoes interrupted creates and deletes, releases endpoints
     /// whose owner is gone, removes kernel objects no endpoint owns, recreates what the kernel
     /// lost, and re-applies the rules.
-    pub async fn gc(&self) -> Result<NetGcReport, ApiError> {
+    pub async fn gc(&self) -> Result<NetGcReport, Error> {
         let _guard = self.lock.lock().await;
         netns::ensure_bridge_and_table(&self.cfg).await?;
         let mut report = NetGcReport::default();
@@ -474,7 +474,7 @@ impl NetService {
     }
 
     /// `miren agent --uninstall-network`: every endpoint, the bridge and the tables.
-    pub async fn uninstall(cfg: NetConfig, store: Arc<Store>) -> Result<usize, ApiError> {
+    pub async fn uninstall(cfg: NetConfig, store: Arc<Store>) -> Result<usize, Error> {
         let rows = store.endpoints()?;
         for row in &rows {
             netns::delete_endpoint(&cfg, &row.owner).await?;

@@ -11,7 +11,6 @@
 //! removing it) happens under one lock, with the membership in the store.
 
 pub mod postgres;
-pub mod store;
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
@@ -24,17 +23,17 @@ use miren_addons::{
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::disks::DiskService;
-use crate::error::ApiError;
+use crate::core::disks::DiskService;
+use crate::core::error::Error;
+use crate::core::net::NetService;
+use crate::core::sandboxes::SandboxService;
 use crate::model::{
     Addon, AddonCatalogEntry, AddonVariantInfo, CreateAddon, CreateDisk, EnvVarView,
     FilesystemKind, RunSandbox, Sandbox,
 };
-use crate::net::NetService;
-use crate::sandboxes::SandboxService;
-use crate::state::{Owner, Store};
+use crate::store::addons::{AddonRow, AddonStatus, Inserted, ServerRow, ServerStatus};
+use crate::store::{Owner, Store};
 use crate::util::now_rfc3339;
-use store::{AddonRow, AddonStatus, Inserted, ServerRow, ServerStatus};
 
 /// Where the official postgres image keeps its data; the disk is mounted here.
 const PG_DATA_MOUNT: &str = "/var/lib/postgresql/data";
@@ -49,9 +48,9 @@ const REMOVAL_ATTEMPTS: u32 = 5;
 /// Restarts while waiting for readiness after which a server is declared broken.
 const MAX_START_RESTARTS: u32 = 3;
 
-impl From<CatalogueError> for ApiError {
+impl From<CatalogueError> for Error {
     fn from(err: CatalogueError) -> Self {
-        ApiError::invalid(err.to_string())
+        Error::invalid(err.to_string())
     }
 }
 
@@ -62,8 +61,8 @@ enum StepError {
     Failed(String),
 }
 
-impl From<ApiError> for StepError {
-    fn from(err: ApiError) -> Self {
+impl From<Error> for StepError {
+    fn from(err: Error) -> Self {
         StepError::Failed(err.message)
     }
 }
@@ -208,19 +207,19 @@ impl AddonService {
         let _ = self.settled.set(tx);
     }
 
-    fn find(&self, app: &str, kind: &str) -> Result<AddonRow, ApiError> {
+    fn find(&self, app: &str, kind: &str) -> Result<AddonRow, Error> {
         self.store.addon(app, kind)?.ok_or_else(|| {
-            ApiError::not_found(format!(
+            Error::not_found(format!(
                 "app `{app}` has no {kind} addon; `miren addon list -a {app}` shows its addons"
             ))
         })
     }
 
-    pub fn get(&self, app: &str, kind: &str) -> Result<Addon, ApiError> {
+    pub fn get(&self, app: &str, kind: &str) -> Result<Addon, Error> {
         Ok(self.view(&self.find(app, kind)?))
     }
 
-    pub fn list(&self, app: &str) -> Result<Vec<Addon>, ApiError> {
+    pub fn list(&self, app: &str) -> Result<Vec<Addon>, Error> {
         Ok(self
             .store
             .addons_of(app)?
@@ -246,9 +245,9 @@ impl AddonService {
         self: &Arc<Self>,
         req: &CreateAddon,
         source: &str,
-    ) -> Result<(Addon, watch::Receiver<bool>), ApiError> {
+    ) -> Result<(Addon, watch::Receiver<bool>), Error> {
         miren_addons::validate_user_name(&req.app)
-            .map_err(|e| ApiError::invalid(format!("app name: {e}")))?;
+            .map_err(|e| Error::invalid(format!("app name: {e}")))?;
         let (name, variant_in_name) = split_addon_arg(&req.addon);
         let variant = req.variant.as_deref().or(variant_in_name);
         let mut resolved = Catalogue::builtin().resolve(name, variant, req.version.as_deref())?;
@@ -268,7 +267,7 @@ impl AddonService {
         };
         let image = resolved.image_ref();
         let creds = Credentials::generate(&req.app)
-            .map_err(|e| ApiError::internal(format!("generating a password: {e}")))?;
+            .map_err(|e| Error::internal(format!("generating a password: {e}")))?;
         let now = now_rfc3339();
         let row = AddonRow {
             app: req.app.clone(),
@@ -287,7 +286,7 @@ impl AddonService {
         };
         let row = loop {
             let inserted = self.store.insert_addon(&row, |running| {
-                ApiError::conflict(format!(
+                Error::conflict(format!(
                     "the shared {kind} server on this node runs {running}, not {image}; ask for that version (or leave it out), or use `{kind}:small` for a server of your own"
                 ))
             })?;
@@ -303,7 +302,7 @@ impl AddonService {
                 let mut done = self.kick(&existing.app, kind);
                 let _ = done.wait_for(|d| *d).await;
                 if let Some(left) = self.store.addon(&existing.app, kind)? {
-                    return Err(ApiError::conflict(format!(
+                    return Err(Error::conflict(format!(
                         "{kind} of app `{}` is still being removed ({}); run `miren addon destroy {kind} -a {}` again, then create it",
                         left.app,
                         left.reason.unwrap_or_else(|| left.status.to_string()),
@@ -313,13 +312,13 @@ impl AddonService {
                 continue;
             }
             if existing.variant != row.variant {
-                return Err(ApiError::conflict(format!(
+                return Err(Error::conflict(format!(
                     "app `{}` already has {kind} as `{}`; variants cannot be changed in place: back up its data, `miren addon destroy {kind} -a {}` (this deletes the data), then create it again",
                     row.app, existing.variant, row.app
                 )));
             }
             if req.version.is_some() && existing.image != row.image {
-                return Err(ApiError::conflict(format!(
+                return Err(Error::conflict(format!(
                     "app `{}` already has {kind} running {}; a version is never changed underneath an app: destroy it and create it again to change it",
                     row.app, existing.image
                 )));
@@ -345,7 +344,7 @@ impl AddonService {
         self: &Arc<Self>,
         app: &str,
         kind_arg: &str,
-    ) -> Result<Option<watch::Receiver<bool>>, ApiError> {
+    ) -> Result<Option<watch::Receiver<bool>>, Error> {
         let (name, _) = split_addon_arg(kind_arg);
         let kind = AddonKind::parse(name)?.name();
         if self.store.addon(app, kind)?.is_none() {
@@ -363,7 +362,7 @@ impl AddonService {
     }
 
     /// Resumes every addon a previous agent left mid-way.
-    pub fn resume(self: &Arc<Self>) -> Result<(), ApiError> {
+    pub fn resume(self: &Arc<Self>) -> Result<(), Error> {
         for row in self.store.all_addons()? {
             if row.status == AddonStatus::Active {
                 // A server whose supervisor is gone (the host restarted) or that was deleted
@@ -588,10 +587,10 @@ impl AddonService {
         Ok(())
     }
 
-    async fn discard_data_dir(&self, disk: &str) -> Result<(), ApiError> {
+    async fn discard_data_dir(&self, disk: &str) -> Result<(), Error> {
         let view = self.disks.view_one(&self.disks.find(disk)?)?;
         let Some(mount) = view.mount_path else {
-            return Err(ApiError::busy(format!("disk `{disk}` is not mounted")));
+            return Err(Error::busy(format!("disk `{disk}` is not mounted")));
         };
         let data = std::path::Path::new(&mount).join(
             PG_DATA_DIR
@@ -605,31 +604,30 @@ impl AddonService {
                 Ok(())
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(ApiError::internal(format!(
+            Err(e) => Err(Error::internal(format!(
                 "removing {}: {e}",
                 data.display()
             ))),
         })
         .await
-        .map_err(|e| ApiError::internal(format!("discarding a data directory: {e}")))?
+        .map_err(|e| Error::internal(format!("discarding a data directory: {e}")))?
     }
 
     /// Flushes a server's disk: initdb ran with `--no-sync` (an fsync per file, ~1000 files,
     /// costs seconds on a loop device), so one `syncfs` makes the new cluster durable before
     /// the addon is called `active`.
-    async fn sync_disk(&self, name: &str) -> Result<(), ApiError> {
+    async fn sync_disk(&self, name: &str) -> Result<(), Error> {
         let disk = self.disks.view_one(&self.disks.find(name)?)?;
         let Some(mount) = disk.mount_path else {
-            return Err(ApiError::busy(format!("disk `{name}` is not mounted")));
+            return Err(Error::busy(format!("disk `{name}` is not mounted")));
         };
-        tokio::task::spawn_blocking(move || -> Result<(), ApiError> {
+        tokio::task::spawn_blocking(move || -> Result<(), Error> {
             let dir = std::fs::File::open(&mount)
-                .map_err(|e| ApiError::internal(format!("opening {mount}: {e}")))?;
-            nix::unistd::syncfs(&dir)
-                .map_err(|e| ApiError::internal(format!("syncing {mount}: {e}")))
+                .map_err(|e| Error::internal(format!("opening {mount}: {e}")))?;
+            nix::unistd::syncfs(&dir).map_err(|e| Error::internal(format!("syncing {mount}: {e}")))
         })
         .await
-        .map_err(|e| ApiError::internal(format!("syncing a disk: {e}")))?
+        .map_err(|e| Error::internal(format!("syncing a disk: {e}")))?
     }
 
     async fn provision_shared(&self, row: &AddonRow) -> Result<(), StepError> {
@@ -661,9 +659,9 @@ impl AddonService {
     }
 
     /// The server sandbox `owner` runs.
-    fn server(&self, owner: &Owner) -> Result<Sandbox, ApiError> {
+    fn server(&self, owner: &Owner) -> Result<Sandbox, Error> {
         self.sandboxes.get_owned(owner)?.ok_or_else(|| {
-            ApiError::busy(format!(
+            Error::busy(format!(
                 "the server of {} is not running; `miren addon list` shows its status",
                 owner.describe()
             ))
@@ -759,7 +757,7 @@ impl AddonService {
     }
 
     /// Lets exactly the shared server's members reach it.
-    async fn sync_shared_allow_from(&self, kind: &str) -> Result<(), ApiError> {
+    async fn sync_shared_allow_from(&self, kind: &str) -> Result<(), Error> {
         let members = self.store.shared_members(kind)?;
         if let Some(sandbox) = self.sandboxes.get_owned(&shared_owner(kind))? {
             self.net.set_allow_from(&sandbox.id, &members).await?;
@@ -768,7 +766,7 @@ impl AddonService {
     }
 
     /// Removes the shared server if no addon uses it. Call with the shared lock held.
-    async fn remove_server_if_unused(&self, kind: &str) -> Result<(), ApiError> {
+    async fn remove_server_if_unused(&self, kind: &str) -> Result<(), Error> {
         let deleting =
             matches!(self.store.server(kind)?, Some(s) if s.status == ServerStatus::Deleting);
         if deleting || self.store.begin_server_removal_if_unused(kind)? {
@@ -777,7 +775,7 @@ impl AddonService {
         Ok(())
     }
 
-    async fn finish_server_removal(&self, kind: &str) -> Result<(), ApiError> {
+    async fn finish_server_removal(&self, kind: &str) -> Result<(), Error> {
         info!(addon = %kind, "removing the shared server: its last app left");
         let owner = shared_owner(kind);
         self.sandboxes.delete_owned(&owner).await?;
@@ -812,7 +810,7 @@ impl AddonService {
 
     /// Everything the addon has: its server (small) or its database and role (shared).
     /// Safe to repeat; the row itself stays.
-    async fn remove_resources(&self, row: &AddonRow) -> Result<(), ApiError> {
+    async fn remove_resources(&self, row: &AddonRow) -> Result<(), Error> {
         if row.variant != Variant::Shared.name() {
             let owner = server_owner(row);
             self.sandboxes.delete_owned(&owner).await?;
@@ -838,13 +836,13 @@ impl AddonService {
             )
             .await
             .map_err(|e| match e {
-                StepError::Failed(m) => ApiError::busy(format!("the shared server: {m}")),
-                StepError::Superseded => ApiError::busy("the shared server is going away"),
+                StepError::Failed(m) => Error::busy(format!("the shared server: {m}")),
+                StepError::Superseded => Error::busy("the shared server is going away"),
             })?;
         postgres::drop_tenant(&admin, &row.db_user, &row.db_name)
             .await
             .map_err(|e| {
-                ApiError::busy(format!(
+                Error::busy(format!(
                     "dropping database `{}` and role `{}`: {}",
                     row.db_name,
                     row.db_user,
@@ -855,12 +853,7 @@ impl AddonService {
     }
 
     /// The server's disk, owned by `owner` (named `name` when free); returns its name.
-    async fn ensure_disk(
-        &self,
-        owner: &Owner,
-        name: &str,
-        size_gb: u64,
-    ) -> Result<String, ApiError> {
+    async fn ensure_disk(&self, owner: &Owner, name: &str, size_gb: u64) -> Result<String, Error> {
         let disks = self.disks.clone();
         let req = CreateDisk {
             name: name.to_string(),
@@ -871,11 +864,11 @@ impl AddonService {
         let owner = owner.clone();
         tokio::task::spawn_blocking(move || disks.ensure_for_addon(&req, &owner))
             .await
-            .map_err(|e| ApiError::internal(format!("creating a disk: {e}")))?
+            .map_err(|e| Error::internal(format!("creating a disk: {e}")))?
     }
 
     /// Deletes `owner`'s disk (and its data), if it has one.
-    async fn remove_disk(&self, owner: &Owner) -> Result<(), ApiError> {
+    async fn remove_disk(&self, owner: &Owner) -> Result<(), Error> {
         let Some(row) = self.store.disk_of(owner)? else {
             return Ok(());
         };
@@ -885,7 +878,7 @@ impl AddonService {
             other => other,
         })
         .await
-        .map_err(|e| ApiError::internal(format!("deleting a disk: {e}")))?
+        .map_err(|e| Error::internal(format!("deleting a disk: {e}")))?
     }
 
     /// The server's sandbox, running: kept if it is (or is restarting), replaced if it failed.
@@ -900,7 +893,7 @@ impl AddonService {
         env: Vec<String>,
         allow_from: Vec<String>,
         never_ready: bool,
-    ) -> Result<Sandbox, ApiError> {
+    ) -> Result<Sandbox, Error> {
         let sandbox = match self.sandboxes.get_owned(owner)? {
             Some(s) if !s.state.is_failed() => s,
             found => {
@@ -1009,7 +1002,7 @@ impl AddonService {
     }
 
     /// The variables an app's active addons inject.
-    pub fn env_of(&self, app: &str) -> Result<Vec<(miren_addons::EnvVar, String)>, ApiError> {
+    pub fn env_of(&self, app: &str) -> Result<Vec<(miren_addons::EnvVar, String)>, Error> {
         let mut vars = Vec::new();
         for row in self.store.addons_of(app)? {
             if row.status != AddonStatus::Active {
@@ -1023,7 +1016,7 @@ impl AddonService {
         Ok(vars)
     }
 
-    pub fn env_view(&self, app: &str, reveal: bool) -> Result<Vec<EnvVarView>, ApiError> {
+    pub fn env_view(&self, app: &str, reveal: bool) -> Result<Vec<EnvVarView>, Error> {
         Ok(self
             .env_of(app)?
             .into_iter()
@@ -1041,7 +1034,7 @@ impl AddonService {
     }
 
     /// Addons the app has that are not `active`, as `name (status: reason)`.
-    pub fn not_active(&self, app: &str) -> Result<Vec<String>, ApiError> {
+    pub fn not_active(&self, app: &str) -> Result<Vec<String>, Error> {
         Ok(self
             .store
             .addons_of(app)?
@@ -1060,7 +1053,7 @@ impl AddonService {
         kind: &str,
         role: &str,
         database: &str,
-    ) -> Result<bool, ApiError> {
+    ) -> Result<bool, Error> {
         let Some(server) = self.store.server(kind)? else {
             return Ok(false);
         };
@@ -1073,20 +1066,20 @@ impl AddonService {
             database: "postgres",
         })
         .await
-        .map_err(|e| ApiError::busy(postgres::describe(&e)))?;
+        .map_err(|e| Error::busy(postgres::describe(&e)))?;
         postgres::tenant_exists(&admin, role, database)
             .await
-            .map_err(|e| ApiError::busy(postgres::describe(&e)))
+            .map_err(|e| Error::busy(postgres::describe(&e)))
     }
 }
 
-fn sandbox_ip(sandbox: &Sandbox) -> Result<Ipv4Addr, ApiError> {
+fn sandbox_ip(sandbox: &Sandbox) -> Result<Ipv4Addr, Error> {
     sandbox
         .ip
         .as_deref()
         .and_then(|ip| ip.parse().ok())
         .ok_or_else(|| {
-            ApiError::internal(format!(
+            Error::internal(format!(
                 "addon server `{}` has no network address",
                 sandbox.name
             ))

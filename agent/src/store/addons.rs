@@ -3,9 +3,9 @@
 
 use rusqlite::{params, OptionalExtension, TransactionBehavior};
 
-use crate::error::ApiError;
-use crate::state::Store;
-pub use crate::status::{AddonStatus, AppStatus, ServerStatus};
+use crate::core::error::Error;
+pub use crate::core::status::{AddonStatus, AppStatus, ServerStatus};
+use crate::store::Store;
 use crate::util::now_rfc3339;
 
 #[derive(Clone, PartialEq, Eq)]
@@ -143,8 +143,8 @@ impl Store {
     pub fn insert_addon(
         &self,
         row: &AddonRow,
-        shared_image_conflict: impl Fn(&str) -> ApiError,
-    ) -> Result<Inserted, ApiError> {
+        shared_image_conflict: impl Fn(&str) -> Error,
+    ) -> Result<Inserted, Error> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         if let Some(existing) = tx
@@ -191,14 +191,14 @@ impl Store {
     }
 
     /// The image a kind's shared server runs or is about to run, if any.
-    pub fn shared_image(&self, kind: &str) -> Result<Option<String>, ApiError> {
+    pub fn shared_image(&self, kind: &str) -> Result<Option<String>, Error> {
         Ok(self
             .conn()
             .query_row(&shared_image_query(), [kind], |r| r.get(0))
             .optional()?)
     }
 
-    pub fn addon(&self, app: &str, kind: &str) -> Result<Option<AddonRow>, ApiError> {
+    pub fn addon(&self, app: &str, kind: &str) -> Result<Option<AddonRow>, Error> {
         Ok(self
             .conn()
             .query_row(
@@ -209,7 +209,7 @@ impl Store {
             .optional()?)
     }
 
-    pub fn addons_of(&self, app: &str) -> Result<Vec<AddonRow>, ApiError> {
+    pub fn addons_of(&self, app: &str) -> Result<Vec<AddonRow>, Error> {
         let conn = self.conn();
         let mut stmt = conn.prepare(&format!(
             "SELECT {ADDON_COLUMNS} FROM addons WHERE app = ?1 ORDER BY kind"
@@ -218,7 +218,7 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    pub fn all_addons(&self) -> Result<Vec<AddonRow>, ApiError> {
+    pub fn all_addons(&self) -> Result<Vec<AddonRow>, Error> {
         let conn = self.conn();
         let mut stmt = conn.prepare(&format!(
             "SELECT {ADDON_COLUMNS} FROM addons ORDER BY app, kind"
@@ -235,7 +235,7 @@ impl Store {
         from: &[AddonStatus],
         to: AddonStatus,
         reason: Option<&str>,
-    ) -> Result<bool, ApiError> {
+    ) -> Result<bool, Error> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let status: Option<AddonStatus> = tx
@@ -274,7 +274,7 @@ impl Store {
         app: &str,
         kind: &str,
         reason: Option<&str>,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), Error> {
         self.conn().execute(
             "UPDATE addons SET reason = ?3, updated_at = ?4 WHERE app = ?1 AND kind = ?2",
             params![app, kind, reason, now_rfc3339()],
@@ -283,7 +283,7 @@ impl Store {
     }
 
     /// Whether the addon's server ever answered (its data directory may hold data).
-    pub fn addon_ever_active(&self, app: &str, kind: &str) -> Result<bool, ApiError> {
+    pub fn addon_ever_active(&self, app: &str, kind: &str) -> Result<bool, Error> {
         Ok(self
             .conn()
             .query_row(
@@ -295,7 +295,7 @@ impl Store {
             .unwrap_or(false))
     }
 
-    pub fn remove_addon(&self, app: &str, kind: &str) -> Result<(), ApiError> {
+    pub fn remove_addon(&self, app: &str, kind: &str) -> Result<(), Error> {
         self.conn().execute(
             "DELETE FROM addons WHERE app = ?1 AND kind = ?2",
             params![app, kind],
@@ -304,7 +304,7 @@ impl Store {
     }
 
     /// Apps whose addon of `kind` lives on the shared server and keeps it alive.
-    pub fn shared_members(&self, kind: &str) -> Result<Vec<String>, ApiError> {
+    pub fn shared_members(&self, kind: &str) -> Result<Vec<String>, Error> {
         let conn = self.conn();
         let mut stmt = conn.prepare(&format!(
             "SELECT app FROM addons WHERE kind = ?1 AND variant = 'shared' AND status IN ({})
@@ -315,7 +315,7 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    pub fn server(&self, kind: &str) -> Result<Option<ServerRow>, ApiError> {
+    pub fn server(&self, kind: &str) -> Result<Option<ServerRow>, Error> {
         Ok(self
             .conn()
             .query_row(
@@ -326,14 +326,14 @@ impl Store {
             .optional()?)
     }
 
-    pub fn servers(&self) -> Result<Vec<ServerRow>, ApiError> {
+    pub fn servers(&self) -> Result<Vec<ServerRow>, Error> {
         let conn = self.conn();
         let mut stmt = conn.prepare(&format!("SELECT {SERVER_COLUMNS} FROM addon_servers"))?;
         let rows = stmt.query_map([], server_from_row)?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    pub fn insert_server(&self, row: &ServerRow) -> Result<(), ApiError> {
+    pub fn insert_server(&self, row: &ServerRow) -> Result<(), Error> {
         self.conn().execute(
             &format!(
                 "INSERT INTO addon_servers ({SERVER_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"
@@ -351,7 +351,7 @@ impl Store {
         Ok(())
     }
 
-    pub fn set_server_status(&self, kind: &str, status: ServerStatus) -> Result<(), ApiError> {
+    pub fn set_server_status(&self, kind: &str, status: ServerStatus) -> Result<(), Error> {
         self.conn().execute(
             "UPDATE addon_servers SET status = ?2 WHERE kind = ?1",
             params![kind, status],
@@ -361,7 +361,7 @@ impl Store {
 
     /// Marks the server `deleting` if no addon is a member any more, in one transaction with
     /// the membership count, so a create that just joined is never left without a server.
-    pub fn begin_server_removal_if_unused(&self, kind: &str) -> Result<bool, ApiError> {
+    pub fn begin_server_removal_if_unused(&self, kind: &str) -> Result<bool, Error> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let members: i64 = tx.query_row(
@@ -392,13 +392,13 @@ impl Store {
         Ok(remove)
     }
 
-    pub fn remove_server(&self, kind: &str) -> Result<(), ApiError> {
+    pub fn remove_server(&self, kind: &str) -> Result<(), Error> {
         self.conn()
             .execute("DELETE FROM addon_servers WHERE kind = ?1", [kind])?;
         Ok(())
     }
 
-    pub fn app(&self, name: &str) -> Result<Option<AppRow>, ApiError> {
+    pub fn app(&self, name: &str) -> Result<Option<AppRow>, Error> {
         Ok(self
             .conn()
             .query_row(
@@ -409,7 +409,7 @@ impl Store {
             .optional()?)
     }
 
-    pub fn apps(&self) -> Result<Vec<AppRow>, ApiError> {
+    pub fn apps(&self) -> Result<Vec<AppRow>, Error> {
         let conn = self.conn();
         let mut stmt = conn.prepare(&format!("SELECT {APP_COLUMNS} FROM apps ORDER BY name"))?;
         let rows = stmt.query_map([], app_from_row)?;
@@ -417,7 +417,7 @@ impl Store {
     }
 
     /// Inserts or replaces an app's declaration, keeping its creation time.
-    pub fn put_app(&self, name: &str, spec: &str, status: AppStatus) -> Result<(), ApiError> {
+    pub fn put_app(&self, name: &str, spec: &str, status: AppStatus) -> Result<(), Error> {
         let now = now_rfc3339();
         self.conn().execute(
             "INSERT INTO apps (name, spec, status, reason, created_at, updated_at)
@@ -429,7 +429,7 @@ impl Store {
     }
 
     /// The digest of the addon variables the app's services were last started with.
-    pub fn app_addon_env(&self, name: &str) -> Result<Option<String>, ApiError> {
+    pub fn app_addon_env(&self, name: &str) -> Result<Option<String>, Error> {
         Ok(self
             .conn()
             .query_row("SELECT addon_env FROM apps WHERE name = ?1", [name], |r| {
@@ -439,7 +439,7 @@ impl Store {
             .flatten())
     }
 
-    pub fn set_app_addon_env(&self, name: &str, digest: &str) -> Result<(), ApiError> {
+    pub fn set_app_addon_env(&self, name: &str, digest: &str) -> Result<(), Error> {
         self.conn().execute(
             "UPDATE apps SET addon_env = ?2 WHERE name = ?1",
             params![name, digest],
@@ -452,7 +452,7 @@ impl Store {
         name: &str,
         status: AppStatus,
         reason: Option<&str>,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), Error> {
         self.conn().execute(
             "UPDATE apps SET status = ?2, reason = ?3, updated_at = ?4 WHERE name = ?1",
             params![name, status, reason, now_rfc3339()],
@@ -460,7 +460,7 @@ impl Store {
         Ok(())
     }
 
-    pub fn remove_app(&self, name: &str) -> Result<(), ApiError> {
+    pub fn remove_app(&self, name: &str) -> Result<(), Error> {
         self.conn()
             .execute("DELETE FROM apps WHERE name = ?1", [name])?;
         Ok(())
@@ -495,8 +495,8 @@ mod tests {
         }
     }
 
-    fn conflict(image: &str) -> ApiError {
-        ApiError::conflict(format!("runs {image}"))
+    fn conflict(image: &str) -> Error {
+        Error::conflict(format!("runs {image}"))
     }
 
     #[test]

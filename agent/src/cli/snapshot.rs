@@ -18,8 +18,8 @@ use miren_snapshot::{printable, SnapshotReader, StreamObserver};
 use serde::Serialize;
 
 use crate::api::{DATA_BYTES_HEADER, DISK_SIZE_HEADER, FREEZE_SECONDS_HEADER};
+use crate::cli::client::Client;
 use crate::cli::human_bytes;
-use crate::client::Client;
 use crate::model::RestoreResult;
 
 fn progress_bar(total: Option<u64>, what: &str) -> ProgressBar {

@@ -1,6 +1,12 @@
 //! The `miren` command line. `miren agent` runs the daemon; everything else is a client of its
 //! socket. Command names and flags are a contract with operators and scripts: keep them.
 
+pub mod apps;
+pub mod client;
+pub mod images;
+pub mod sandboxes;
+pub mod snapshot;
+
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -9,7 +15,7 @@ use clap::{Args, Parser, Subcommand};
 use hyper::Method;
 use serde::Serialize;
 
-use crate::client::Client;
+use crate::cli::client::Client;
 use crate::config::{self, AgentConfig};
 use crate::model::{
     AcquireLease, AgentInfo, CreateDisk, CreateEndpoint, Disk, Endpoint, EndpointDeleted,
@@ -364,16 +370,16 @@ pub enum DiskBackupCommand {
 pub async fn run_disk_backup(client: &Client, command: DiskBackupCommand) -> Result<()> {
     match command {
         DiskBackupCommand::Backup { name, output, json } => {
-            crate::snapshot_cli::backup(client, &name, output.as_deref(), json).await
+            crate::cli::snapshot::backup(client, &name, output.as_deref(), json).await
         }
         DiskBackupCommand::Restore {
             snapshot,
             name,
             force,
             json,
-        } => crate::snapshot_cli::restore(client, &snapshot, name.as_deref(), force, json).await,
+        } => crate::cli::snapshot::restore(client, &snapshot, name.as_deref(), force, json).await,
         DiskBackupCommand::Verify { snapshot, json } => {
-            crate::snapshot_cli::verify(&snapshot, json)
+            crate::cli::snapshot::verify(&snapshot, json)
         }
     }
 }
@@ -394,7 +400,7 @@ pub struct AgentArgs {
     #[arg(long, env = "MIREN_RECLAIM_INTERVAL", default_value = "30s", value_parser = parse_duration)]
     pub reclaim_interval: Duration,
     /// Subnet sandboxes get their addresses from (the gateway is its first address).
-    #[arg(long, env = "MIREN_SUBNET", default_value = crate::net::DEFAULT_SUBNET)]
+    #[arg(long, env = "MIREN_SUBNET", default_value = crate::core::net::DEFAULT_SUBNET)]
     pub subnet: String,
     /// Runtime directory for state that ends with a reboot (network namespaces).
     #[arg(long, env = "MIREN_RUN_DIR", default_value = config::DEFAULT_RUN_DIR)]
@@ -641,7 +647,7 @@ pub fn agent_config(args: &AgentArgs, socket: PathBuf) -> Result<AgentConfig> {
             std::env::current_dir()?.join(p)
         })
     };
-    crate::net::net_config(&args.name_prefix, &args.subnet, &args.run_dir)
+    crate::core::net::net_config(&args.name_prefix, &args.subnet, &args.run_dir)
         .map_err(anyhow::Error::msg)?;
     miren_runtime::Mirrors::parse(&args.image_mirror, args.allow_insecure_mirrors)
         .map_err(|e| anyhow::anyhow!("--image-mirror: {e}"))?;

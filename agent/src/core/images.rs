@@ -5,7 +5,7 @@ use std::path::Path;
 
 use miren_runtime::{Credentials, ImageRecord, ImageStore, Mirrors, ProgressFn, PullOptions};
 
-use crate::error::ApiError;
+use crate::core::error::Error;
 use crate::model::{ImageGcReport, ImageSummary};
 
 pub struct ImageService {
@@ -13,30 +13,30 @@ pub struct ImageService {
     mirrors: Mirrors,
 }
 
-impl From<miren_runtime::Error> for ApiError {
+impl From<miren_runtime::Error> for Error {
     fn from(err: miren_runtime::Error) -> Self {
         use miren_runtime::Error as E;
         match &err {
             E::InvalidReference { .. } | E::InvalidMirror { .. } | E::InvalidDigest(_) => {
-                ApiError::invalid(err.to_string())
+                Error::invalid(err.to_string())
             }
-            E::NotFound(_) => ApiError::not_found(format!(
+            E::NotFound(_) => Error::not_found(format!(
                 "{err}; `miren image list` shows the images on this node"
             )),
-            E::Registry { .. } => ApiError::new(
-                axum::http::StatusCode::BAD_GATEWAY,
+            E::Registry { .. } => Error::new(
+                crate::core::error::ErrorKind::Upstream,
                 "registry",
                 format!("{err}; check the reference, the credentials and --image-mirror"),
             ),
-            E::DigestMismatch { .. } | E::SizeMismatch { .. } => ApiError::new(
-                axum::http::StatusCode::BAD_GATEWAY,
+            E::DigestMismatch { .. } | E::SizeMismatch { .. } => Error::new(
+                crate::core::error::ErrorKind::Upstream,
                 "digest_mismatch",
                 format!("{err}; the registry served corrupt content, nothing was stored"),
             ),
             E::BadImage(_) | E::NoPlatform(_) | E::UnsafeEntry { .. } => {
-                ApiError::invalid(err.to_string())
+                Error::invalid(err.to_string())
             }
-            _ => ApiError::internal(err.to_string()),
+            _ => Error::internal(err.to_string()),
         }
     }
 }
@@ -80,7 +80,7 @@ impl ImageService {
         reference: &str,
         credentials: Option<(String, String)>,
         progress: Option<ProgressFn>,
-    ) -> Result<ImageSummary, ApiError> {
+    ) -> Result<ImageSummary, Error> {
         let r = miren_runtime::normalize_reference(reference)?;
         let mut creds = Credentials::default();
         if let Some((user, password)) = credentials {
@@ -98,23 +98,23 @@ impl ImageService {
         Ok(summary(&record))
     }
 
-    pub fn list(&self) -> Result<Vec<ImageSummary>, ApiError> {
+    pub fn list(&self) -> Result<Vec<ImageSummary>, Error> {
         Ok(self.store.list()?.iter().map(summary).collect())
     }
 
-    pub fn remove(&self, reference: &str) -> Result<bool, ApiError> {
+    pub fn remove(&self, reference: &str) -> Result<bool, Error> {
         Ok(self.store.remove(reference)?)
     }
 
-    pub fn import(&self, path: &Path, reference: &str) -> Result<ImageSummary, ApiError> {
+    pub fn import(&self, path: &Path, reference: &str) -> Result<ImageSummary, Error> {
         if !path.is_absolute() {
-            return Err(ApiError::invalid(format!(
+            return Err(Error::invalid(format!(
                 "{} must be an absolute path on the node",
                 path.display()
             )));
         }
         if !path.exists() {
-            return Err(ApiError::invalid(format!(
+            return Err(Error::invalid(format!(
                 "{} does not exist on the node",
                 path.display()
             )));
@@ -124,7 +124,7 @@ impl ImageService {
     }
 
     /// Removes blobs and layers no image uses, keeping `in_use` (sandboxes' lower layers).
-    pub fn gc(&self, in_use: &[std::path::PathBuf]) -> Result<ImageGcReport, ApiError> {
+    pub fn gc(&self, in_use: &[std::path::PathBuf]) -> Result<ImageGcReport, Error> {
         let report = self.store.gc_keeping(in_use)?;
         Ok(ImageGcReport {
             blobs_removed: report.blobs_removed,

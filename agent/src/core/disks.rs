@@ -13,10 +13,10 @@ use tokio::sync::Notify;
 use tracing::{info, warn};
 
 use crate::config::AgentConfig;
-use crate::error::ApiError;
+use crate::core::error::Error;
+use crate::core::owner::parse_holder;
 use crate::model::{self, CreateDisk, Disk, Lease, LeaseInfo, ReleaseResult};
-use crate::owner::parse_holder;
-use crate::state::{DiskRow, DiskStatus, LeaseAttempt, LeaseRow, Owner, Store};
+use crate::store::{DiskRow, DiskStatus, LeaseAttempt, LeaseRow, Owner, Store};
 use crate::util::{new_id, now_rfc3339};
 
 /// The largest disk we agree to make: 64 TiB of apparent size.
@@ -35,10 +35,10 @@ pub(crate) struct DiskOperation {
 
 impl DiskOperation {
     /// Starts `what` on the disk, or refuses (409 busy) while another operation runs on it.
-    pub(crate) fn begin(row: &DiskRow, what: &'static str) -> Result<DiskOperation, ApiError> {
+    pub(crate) fn begin(row: &DiskRow, what: &'static str) -> Result<DiskOperation, Error> {
         let mut under_way = UNDER_WAY.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((_, running)) = under_way.iter().find(|(id, _)| *id == row.id) {
-            return Err(ApiError::busy(format!(
+            return Err(Error::busy(format!(
                 "disk `{}` is busy: {running} is under way; retry the {what} when it ends",
                 row.name
             )));
@@ -68,7 +68,7 @@ struct KernelView {
 }
 
 impl KernelView {
-    fn read(cfg: &AgentConfig) -> Result<KernelView, ApiError> {
+    fn read(cfg: &AgentConfig) -> Result<KernelView, Error> {
         Ok(KernelView {
             loops: kernel::loops_under(&cfg.images_dir())?,
             mounts: kernel::mounts_under(&cfg.mounts_dir())?,
@@ -112,14 +112,14 @@ impl DiskService {
     }
 
     /// Looks a disk up by id (`disk_...`) or by name (ignoring case).
-    pub fn find(&self, id_or_name: &str) -> Result<DiskRow, ApiError> {
+    pub fn find(&self, id_or_name: &str) -> Result<DiskRow, Error> {
         let row = if id_or_name.starts_with("disk_") {
             self.store.disk(id_or_name)?
         } else {
             self.store.disk_by_name(id_or_name)?
         };
         row.ok_or_else(|| {
-            ApiError::not_found(format!(
+            Error::not_found(format!(
                 "no disk `{id_or_name}`; `miren debug disk list` shows the disks this agent has"
             ))
         })
@@ -127,16 +127,16 @@ impl DiskService {
 
     /// A disk a user asks for (`debug disk create`): unowned until an app deploys with it, and
     /// never in the name space of the agent's own disks.
-    pub fn create(&self, req: &CreateDisk) -> Result<Disk, ApiError> {
-        kernel::validate_name(&req.name).map_err(|e| ApiError::invalid(e.to_string()))?;
+    pub fn create(&self, req: &CreateDisk) -> Result<Disk, Error> {
+        kernel::validate_name(&req.name).map_err(|e| Error::invalid(e.to_string()))?;
         refuse_reserved("disk name", &req.name)?;
         self.create_as(req, None)
     }
 
-    fn create_as(&self, req: &CreateDisk, owner: Option<&Owner>) -> Result<Disk, ApiError> {
-        kernel::validate_name(&req.name).map_err(|e| ApiError::invalid(e.to_string()))?;
+    fn create_as(&self, req: &CreateDisk, owner: Option<&Owner>) -> Result<Disk, Error> {
+        kernel::validate_name(&req.name).map_err(|e| Error::invalid(e.to_string()))?;
         if req.size_gb == 0 || req.size_gb > MAX_SIZE_GB {
-            return Err(ApiError::invalid(format!(
+            return Err(Error::invalid(format!(
                 "size_gb must be between 1 and {MAX_SIZE_GB}, got {}",
                 req.size_gb
             )));
@@ -170,7 +170,7 @@ impl DiskService {
     }
 
     /// Image, loop device, filesystem, mount: each step undone by `teardown`.
-    fn build(&self, row: &DiskRow, fs: Filesystem) -> Result<(), ApiError> {
+    fn build(&self, row: &DiskRow, fs: Filesystem) -> Result<(), Error> {
         let image = self.cfg.image_path(&row.id);
         kernel::create_sparse_image(&image, row.size_gb * GIB)?;
         // Held open until mounted: if we die before that, autoclear detaches the device.
@@ -186,7 +186,7 @@ impl DiskService {
     }
 
     /// Removes everything a disk has on the host: mount, loop devices, image. Safe to repeat.
-    pub(crate) fn teardown(&self, row: &DiskRow) -> Result<(), ApiError> {
+    pub(crate) fn teardown(&self, row: &DiskRow) -> Result<(), Error> {
         let image = self.cfg.image_path(&row.id);
         let mount_path = self.cfg.mount_path(&row.id);
         kernel::unmount(&mount_path)?;
@@ -199,7 +199,7 @@ impl DiskService {
         let deadline = Instant::now() + Duration::from_secs(10);
         while !kernel::loops_backed_by(&image)?.is_empty() {
             if Instant::now() >= deadline {
-                return Err(ApiError::busy(format!(
+                return Err(Error::busy(format!(
                     "disk `{}`: its loop device is still in use; stop whatever holds it and retry",
                     row.name
                 )));
@@ -212,7 +212,7 @@ impl DiskService {
 
     /// Creates the disk unless one of that name exists (kept as it is: size and filesystem
     /// of an existing disk are never changed here).
-    pub fn ensure(&self, req: &CreateDisk) -> Result<(), ApiError> {
+    pub fn ensure(&self, req: &CreateDisk) -> Result<(), Error> {
         match self.find(&req.name) {
             Ok(_) => Ok(()),
             Err(e) if e.is_not_found() => self.create(req).map(|_| ()),
@@ -222,7 +222,7 @@ impl DiskService {
 
     /// The disk an app names in its app.toml, as the app's: made (owned) if missing, claimed if
     /// nobody owns it yet, used if the app owns it; refused if another app or an addon does.
-    pub fn ensure_for_app(&self, req: &CreateDisk, app: &str) -> Result<(), ApiError> {
+    pub fn ensure_for_app(&self, req: &CreateDisk, app: &str) -> Result<(), Error> {
         let owner = Owner::app(app);
         let row = match self.find(&req.name) {
             Ok(row) => row,
@@ -244,7 +244,7 @@ impl DiskService {
 
     /// Whether `app` may deploy with the disk called `name`: it is missing, nobody owns it, or
     /// the app does. Checked before a deploy records anything; `ensure_for_app` decides.
-    pub fn check_for_app(&self, name: &str, app: &str) -> Result<(), ApiError> {
+    pub fn check_for_app(&self, name: &str, app: &str) -> Result<(), Error> {
         let row = match self.find(name) {
             Ok(row) => row,
             Err(e) if e.is_not_found() => return Ok(()),
@@ -262,7 +262,7 @@ impl DiskService {
     /// called; otherwise `preferred` is made for it, or adopted if nobody owns it (a disk this
     /// agent made before owners were recorded, or restored from a backup). If another owner
     /// has that name, a name with the owner's hash is used instead.
-    pub fn ensure_for_addon(&self, req: &CreateDisk, owner: &Owner) -> Result<String, ApiError> {
+    pub fn ensure_for_addon(&self, req: &CreateDisk, owner: &Owner) -> Result<String, Error> {
         if let Some(row) = self.store.disk_of(owner)? {
             return Ok(row.name);
         }
@@ -292,7 +292,7 @@ impl DiskService {
 
     /// Refuses to give `owner` (the one a sandbox runs for) a disk someone else owns. A disk
     /// nobody owns may be used by anyone (and is not claimed by that).
-    pub fn check_attach(&self, id_or_name: &str, owner: &Owner) -> Result<(), ApiError> {
+    pub fn check_attach(&self, id_or_name: &str, owner: &Owner) -> Result<(), Error> {
         let row = self.find(id_or_name)?;
         match self.store.disk_owner(&row.id)? {
             None => Ok(()),
@@ -301,7 +301,7 @@ impl DiskService {
         }
     }
 
-    pub fn delete(&self, id_or_name: &str) -> Result<(), ApiError> {
+    pub fn delete(&self, id_or_name: &str) -> Result<(), Error> {
         let row = self.find(id_or_name)?;
         let _only = DiskOperation::begin(&row, "delete")?;
         let before = self.store.begin_delete(&row.id)?;
@@ -321,9 +321,9 @@ impl DiskService {
         Ok(())
     }
 
-    pub fn resize(&self, id_or_name: &str, size_gb: u64) -> Result<Disk, ApiError> {
+    pub fn resize(&self, id_or_name: &str, size_gb: u64) -> Result<Disk, Error> {
         if size_gb == 0 || size_gb > MAX_SIZE_GB {
-            return Err(ApiError::invalid(format!(
+            return Err(Error::invalid(format!(
                 "size_gb must be between 1 and {MAX_SIZE_GB}, got {size_gb}"
             )));
         }
@@ -354,7 +354,7 @@ impl DiskService {
         fs: Filesystem,
         size_gb: u64,
         existing: Option<&DiskRow>,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), Error> {
         let size_bytes = size_gb * GIB;
         let mut fs_max = fs.max_size_bytes();
         if let Some(row) = existing {
@@ -362,13 +362,13 @@ impl DiskService {
                 fs_max.min(kernel::read_geometry(fs, &self.cfg.image_path(&row.id))?.max_bytes);
         }
         if size_bytes > fs_max {
-            return Err(ApiError::invalid(format!(
+            return Err(Error::invalid(format!(
                 "size_gb {size_gb} is larger than a {fs} filesystem can be here ({} GiB); choose a smaller size",
                 fs_max / GIB
             )));
         }
         kernel::check_host_file_size(&self.cfg.images_dir(), size_bytes).map_err(|e| {
-            ApiError::invalid(format!(
+            Error::invalid(format!(
                 "size_gb {size_gb}: {e}; choose a smaller size or keep the data dir on a filesystem that allows larger files (xfs, btrfs)"
             ))
         })
@@ -386,12 +386,12 @@ impl DiskService {
         row: &DiskRow,
         old_size_gb: Option<u64>,
         failed: &GrowFailure,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), Error> {
         let image = self.cfg.image_path(&row.id);
         let image_gb = || {
             fs::metadata(&image)
                 .map(|m| m.len().div_ceil(GIB).max(1))
-                .map_err(|e| ApiError::internal(format!("reading {}: {e}", image.display())))
+                .map_err(|e| Error::internal(format!("reading {}: {e}", image.display())))
         };
         let size_gb = match (failed.stage, old_size_gb) {
             (GrowStage::FilesystemUntouched, Some(old)) => {
@@ -427,7 +427,7 @@ impl DiskService {
     /// Grows image, loop device and filesystem, online. Each step is a no-op when already done.
     /// A failure says how far it got, for `roll_back_resize`.
     fn grow(&self, row: &DiskRow) -> Result<(), GrowFailure> {
-        let before = |error: ApiError| GrowFailure::at(GrowStage::FilesystemUntouched, error);
+        let before = |error: Error| GrowFailure::at(GrowStage::FilesystemUntouched, error);
         let fs = parse_fs(&row.filesystem).map_err(before)?;
         let image = self.cfg.image_path(&row.id);
         let mount_path = self.cfg.mount_path(&row.id);
@@ -455,9 +455,9 @@ impl DiskService {
     /// ext4 without CAP_SYS_RESOURCE can only grow unmounted. That is safe only while no
     /// sandbox holds the disk, and leases are refused while a disk is `resizing`.
     fn grow_offline(&self, row: &DiskRow) -> Result<(), GrowFailure> {
-        let before = |error: ApiError| GrowFailure::at(GrowStage::FilesystemUntouched, error);
+        let before = |error: Error| GrowFailure::at(GrowStage::FilesystemUntouched, error);
         if let Some(lease) = self.store.lease(&row.id).map_err(before)? {
-            return Err(before(ApiError::conflict(format!(
+            return Err(before(Error::conflict(format!(
                 "disk `{}` is in use by `{}`, and this host does not let the agent grow a mounted ext4 filesystem (it lacks CAP_SYS_RESOURCE). Stop the holder (release the lease) and run the resize again: the disk then grows offline in seconds",
                 row.name, lease.holder
             ))));
@@ -473,7 +473,7 @@ impl DiskService {
         {
             if Instant::now() >= deadline {
                 self.ensure_attached(row).map_err(before)?;
-                return Err(before(ApiError::busy(format!(
+                return Err(before(Error::busy(format!(
                     "disk `{}` is still in use outside its mount; stop whatever uses it and retry the resize",
                     row.name
                 ))));
@@ -481,7 +481,7 @@ impl DiskService {
             std::thread::sleep(Duration::from_millis(10));
         }
         let grown = kernel::grow_ext4_offline(&image);
-        let touched = |error: ApiError| GrowFailure::at(GrowStage::Filesystem, error);
+        let touched = |error: Error| GrowFailure::at(GrowStage::Filesystem, error);
         self.ensure_attached(row).map_err(touched)?;
         grown.map_err(|e| touched(e.into()))?;
         info!(disk = %row.name, "grew ext4 offline (online growth is not permitted on this host)");
@@ -491,12 +491,12 @@ impl DiskService {
     /// Makes sure the disk is attached exactly once and mounted at its mount path; returns the
     /// loop device. An existing loop device of the image is always reused: mounting the same
     /// filesystem through a second device would corrupt it.
-    pub(crate) fn ensure_attached(&self, row: &DiskRow) -> Result<PathBuf, ApiError> {
+    pub(crate) fn ensure_attached(&self, row: &DiskRow) -> Result<PathBuf, Error> {
         let fs = parse_fs(&row.filesystem)?;
         let image = self.cfg.image_path(&row.id);
         let mount_path = self.cfg.mount_path(&row.id);
         if !image.exists() {
-            return Err(ApiError::internal(format!(
+            return Err(Error::internal(format!(
                 "disk `{}` has lost its image file {}; restore it from a backup or delete the disk",
                 row.name,
                 image.display()
@@ -541,7 +541,7 @@ impl DiskService {
     /// Brings the kernel in line with the state store after a start or a crash: rolls back
     /// creates, finishes deletes and resizes, re-attaches what should be attached, and removes
     /// loop devices and mounts of disks that no longer exist.
-    pub fn reconcile(&self) -> Result<(), ApiError> {
+    pub fn reconcile(&self) -> Result<(), Error> {
         let rows = self.store.disks()?;
         for row in &rows {
             let result = match row.status {
@@ -590,7 +590,7 @@ impl DiskService {
     }
 
     /// Mounts, mount points and loop devices under our directories that no disk owns.
-    fn remove_strays(&self) -> Result<(), ApiError> {
+    fn remove_strays(&self) -> Result<(), Error> {
         let known: HashSet<String> = self.store.disks()?.into_iter().map(|d| d.id).collect();
         let owner_of = |file_stem: &str| -> Option<String> {
             let id = file_stem
@@ -650,7 +650,7 @@ impl DiskService {
         Ok(())
     }
 
-    pub fn list(&self) -> Result<Vec<Disk>, ApiError> {
+    pub fn list(&self) -> Result<Vec<Disk>, Error> {
         let kernel = KernelView::read(&self.cfg)?;
         let mut disks = self
             .store
@@ -664,11 +664,11 @@ impl DiskService {
         Ok(disks)
     }
 
-    pub fn view_one(&self, row: &DiskRow) -> Result<Disk, ApiError> {
+    pub fn view_one(&self, row: &DiskRow) -> Result<Disk, Error> {
         self.view(row, &KernelView::read(&self.cfg)?)
     }
 
-    fn view(&self, row: &DiskRow, kernel: &KernelView) -> Result<Disk, ApiError> {
+    fn view(&self, row: &DiskRow, kernel: &KernelView) -> Result<Disk, Error> {
         let image = self.cfg.image_path(&row.id);
         let mount_path = self.cfg.mount_path(&row.id);
         let device = kernel.loop_of(&image).map(|l| l.device.clone());
@@ -722,13 +722,12 @@ impl DiskService {
 
     /// An app's local storage: a plain directory shared by all of its sandboxes, made on first
     /// use. No size, no lease.
-    pub fn ensure_local_storage(&self, app: &str) -> Result<Disk, ApiError> {
-        kernel::validate_name(app).map_err(|e| {
-            ApiError::invalid(format!("app name: {e}").replace("disk name", "name"))
-        })?;
+    pub fn ensure_local_storage(&self, app: &str) -> Result<Disk, Error> {
+        kernel::validate_name(app)
+            .map_err(|e| Error::invalid(format!("app name: {e}").replace("disk name", "name")))?;
         let dir = self.cfg.local_dir().join(app);
         fs::create_dir_all(&dir).map_err(|e| {
-            ApiError::internal(format!("creating local storage {}: {e}", dir.display()))
+            Error::internal(format!("creating local storage {}: {e}", dir.display()))
         })?;
         let created_at = self.store.ensure_local_storage(app, &now_rfc3339())?;
         Ok(self.local_view(app, created_at))
@@ -740,7 +739,7 @@ impl DiskService {
         id_or_name: &str,
         holder: &str,
         timeout: Duration,
-    ) -> Result<Lease, ApiError> {
+    ) -> Result<Lease, Error> {
         let parsed = parse_holder(holder)?;
         let row = self.find(id_or_name)?;
         let (holder_pid, holder_start_time) = parsed.pid_and_start();
@@ -775,8 +774,8 @@ impl DiskService {
                 LeaseAttempt::HeldBy(current) => {
                     let now = Instant::now();
                     if now >= deadline {
-                        return Err(ApiError::new(
-                            axum::http::StatusCode::CONFLICT,
+                        return Err(Error::new(
+                            crate::core::error::ErrorKind::Conflict,
                             "lease_timeout",
                             format!(
                                 "disk `{}` is leased by `{}` (since {}); waited {} for it to be released. Stop that holder, release it with `miren debug disk lease-release -n {}`, or wait longer with --timeout",
@@ -801,7 +800,7 @@ impl DiskService {
         self.lease_released.notify_waiters();
     }
 
-    pub fn release_lease(&self, id_or_name: &str) -> Result<ReleaseResult, ApiError> {
+    pub fn release_lease(&self, id_or_name: &str) -> Result<ReleaseResult, Error> {
         let row = self.find(id_or_name)?;
         let released = self.store.release_lease(&row.id, None)?;
         if let Some(holder) = &released {
@@ -814,7 +813,7 @@ impl DiskService {
         })
     }
 
-    pub fn leases(&self) -> Result<Vec<Lease>, ApiError> {
+    pub fn leases(&self) -> Result<Vec<Lease>, Error> {
         let names: std::collections::HashMap<String, DiskRow> = self
             .store
             .disks()?
@@ -838,7 +837,7 @@ impl DiskService {
         }
     }
 
-    fn reclaim(&self, disk_name: &str, lease: &LeaseRow) -> Result<(), ApiError> {
+    fn reclaim(&self, disk_name: &str, lease: &LeaseRow) -> Result<(), Error> {
         if self
             .store
             .release_lease(&lease.disk_id, Some(&lease.holder))?
@@ -851,7 +850,7 @@ impl DiskService {
     }
 
     /// Releases every lease whose holder is gone. Run at start and periodically.
-    pub fn reclaim_dead_holders(&self) -> Result<usize, ApiError> {
+    pub fn reclaim_dead_holders(&self) -> Result<usize, Error> {
         let mut reclaimed = 0;
         for lease in self.store.leases()? {
             if !self
@@ -884,28 +883,28 @@ enum GrowStage {
 
 struct GrowFailure {
     stage: GrowStage,
-    error: ApiError,
+    error: Error,
 }
 
 impl GrowFailure {
-    fn at(stage: GrowStage, error: ApiError) -> GrowFailure {
+    fn at(stage: GrowStage, error: Error) -> GrowFailure {
         GrowFailure { stage, error }
     }
 }
 
 /// 400 for a name in the agent's own name space (see `miren_addons::is_reserved_name`).
-pub fn refuse_reserved(what: &str, name: &str) -> Result<(), ApiError> {
+pub fn refuse_reserved(what: &str, name: &str) -> Result<(), Error> {
     if miren_addons::is_reserved_name(name) {
-        return Err(ApiError::invalid(format!(
+        return Err(Error::invalid(format!(
             "{what} `{name}` is reserved: names that are `addon` or start with `addon-` belong to the agent's addons; pick another name"
         )));
     }
     Ok(())
 }
 
-fn not_yours(disk: &str, owner: Option<&Owner>, wanted_by: &Owner) -> ApiError {
+fn not_yours(disk: &str, owner: Option<&Owner>, wanted_by: &Owner) -> Error {
     let owner = owner.map_or("someone else".to_string(), Owner::describe);
-    ApiError::conflict(format!(
+    Error::conflict(format!(
         "disk `{disk}` belongs to {owner}, so {} cannot use it; an app uses its own disks and ones nobody owns yet (made with `miren debug disk create`): pick another disk name",
         wanted_by.describe()
     ))
@@ -921,18 +920,15 @@ fn round_secs(d: Duration) -> Duration {
     Duration::from_secs(d.as_secs_f64().round() as u64)
 }
 
-fn parse_fs(s: &str) -> Result<Filesystem, ApiError> {
-    s.parse::<Filesystem>().map_err(ApiError::internal)
+fn parse_fs(s: &str) -> Result<Filesystem, Error> {
+    s.parse::<Filesystem>().map_err(Error::internal)
 }
 
-fn remove_dir_if_present(dir: &Path) -> Result<(), ApiError> {
+fn remove_dir_if_present(dir: &Path) -> Result<(), Error> {
     match fs::remove_dir(dir) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(ApiError::internal(format!(
-            "removing {}: {e}",
-            dir.display()
-        ))),
+        Err(e) => Err(Error::internal(format!("removing {}: {e}", dir.display()))),
     }
 }
 
