@@ -94,24 +94,8 @@ pub enum DiskProvider {
     Local,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Filesystem {
-    Ext4,
-    Xfs,
-    Btrfs,
-}
-
-impl Filesystem {
-    pub const ALL: &'static [Filesystem] = &[Filesystem::Ext4, Filesystem::Xfs, Filesystem::Btrfs];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Filesystem::Ext4 => "ext4",
-            Filesystem::Xfs => "xfs",
-            Filesystem::Btrfs => "btrfs",
-        }
-    }
-}
+/// The one filesystem type, the disks crate's: app.toml names it, the agent makes it.
+pub use miren_disks::Filesystem;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AddonConfig {
@@ -921,7 +905,7 @@ impl<'t> Ctx<'t> {
         let filesystem = match self.string(t, "filesystem") {
             None if t.get("filesystem").is_some() => None,
             None => Some(Filesystem::Ext4),
-            Some((fs, span)) => match Filesystem::ALL.iter().find(|f| f.name() == fs) {
+            Some((fs, span)) => match Filesystem::ALL.iter().find(|f| f.as_str() == fs) {
                 Some(f) => Some(*f),
                 None => {
                     let msg = format!(

@@ -7,6 +7,9 @@
 //! killed mid-deploy finishes it on start-up.
 
 use std::sync::Arc;
+use std::time::Duration;
+
+use miren_disks::Filesystem;
 
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
@@ -14,13 +17,13 @@ use tracing::{info, warn};
 use crate::core::addons::AddonService;
 use crate::core::disks::DiskService;
 use crate::core::error::Error;
-use crate::core::sandboxes::SandboxService;
+use crate::core::sandboxes::{DiskMount, SandboxRequest, SandboxService};
 use crate::model::{
-    App, AppDeleted, AppServiceView, CreateAddon, CreateDisk, DeployApp, FilesystemKind,
-    PublishPort, RunSandbox,
+    App, AppDeleted, AppServiceView, CreateAddon, CreateDisk, DeployApp, PublishPort,
 };
 use crate::store::addons::AppStatus;
 use crate::store::{Owner, Store};
+use miren_runtime::sandbox::RestartPolicy;
 
 /// The port a service listens on unless its env sets `PORT`.
 pub const DEFAULT_PORT: u16 = 3000;
@@ -62,8 +65,24 @@ pub struct DiskSpec {
     /// The app's local storage directory instead of a miren disk.
     pub local: bool,
     pub size_gb: u64,
-    pub filesystem: String,
+    /// None for local storage (stored as `""` before this was a type).
+    #[serde(deserialize_with = "filesystem_or_none")]
+    pub filesystem: Option<Filesystem>,
     pub lease_timeout_secs: Option<f64>,
+}
+
+/// Reads a stored filesystem: a name, `""` or null (local storage).
+fn filesystem_or_none<'de, D: serde::Deserializer<'de>>(
+    de: D,
+) -> Result<Option<Filesystem>, D::Error> {
+    match Option::<String>::deserialize(de)?.as_deref() {
+        None | Some("") => Ok(None),
+        Some(name) => Filesystem::ALL
+            .into_iter()
+            .find(|fs| fs.as_str() == name)
+            .map(Some)
+            .ok_or_else(|| serde::de::Error::custom(format!("unknown filesystem `{name}`"))),
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -123,7 +142,7 @@ fn spec_from_config(
                             read_only: d.read_only,
                             local: false,
                             size_gb: *size_gb,
-                            filesystem: filesystem.name().to_string(),
+                            filesystem: Some(*filesystem),
                             lease_timeout_secs: lease_timeout.map(|t| t.as_secs_f64()),
                         },
                         miren_addons::DiskProvider::Local => DiskSpec {
@@ -132,7 +151,7 @@ fn spec_from_config(
                             read_only: d.read_only,
                             local: true,
                             size_gb: 0,
-                            filesystem: String::new(),
+                            filesystem: None,
                             lease_timeout_secs: None,
                         },
                     })
@@ -373,11 +392,7 @@ impl AppService {
         let req = CreateDisk {
             name: disk.name.clone(),
             size_gb: disk.size_gb,
-            filesystem: Some(match disk.filesystem.as_str() {
-                "xfs" => FilesystemKind::Xfs,
-                "btrfs" => FilesystemKind::Btrfs,
-                _ => FilesystemKind::Ext4,
-            }),
+            filesystem: Some(disk.filesystem.unwrap_or_default().into()),
             read_only: false,
         };
         let app = app.to_string();
@@ -421,48 +436,55 @@ impl AppService {
                 .disks
                 .iter()
                 .filter(|d| !d.local)
-                .map(|d| {
-                    format!(
-                        "{}:{}{}",
-                        d.name,
-                        d.mount_path,
-                        if d.read_only { ":ro" } else { "" }
-                    )
+                .map(|d| DiskMount {
+                    disk: d.name.clone(),
+                    path: d.mount_path.clone(),
+                    read_only: d.read_only,
                 })
                 .collect();
-            let lease_timeout_secs = service
+            let owner = Owner::service(app, &service.name);
+            let preferred = service_sandbox_name(app, &service.name);
+            let name = self.sandboxes.free_name(&preferred, &owner)?;
+            let mut req = SandboxRequest::new(service.image.clone());
+            req.name = Some(name.clone());
+            req.app = Some(app.to_string());
+            req.env = env;
+            req.disks = disks;
+            if let Some(secs) = service
                 .disks
                 .iter()
                 .filter_map(|d| d.lease_timeout_secs)
-                .reduce(f64::max);
-            let local_dir = service
+                .reduce(f64::max)
+                .filter(|s| s.is_finite() && *s >= 0.0)
+            {
+                req.lease_timeout = Duration::from_secs_f64(secs);
+            }
+            req.local_dir = service
                 .disks
                 .iter()
                 .find(|d| d.local)
                 .map(|d| d.mount_path.clone());
-            let owner = Owner::service(app, &service.name);
-            let preferred = service_sandbox_name(app, &service.name);
-            let name = self.sandboxes.free_name(&preferred, &owner)?;
-            let req = RunSandbox {
-                image: service.image.clone(),
-                name: Some(name.clone()),
-                app: Some(app.to_string()),
-                env,
-                disks,
-                lease_timeout_secs,
-                local_dir,
-                restart: Some("always".into()),
-                publish: service.publish.clone(),
-                cmd: service.command.clone(),
-                memory: service.limits.memory_bytes.map(|b| b.to_string()),
-                cpus: service.limits.millicpus.map(|m| f64::from(m) / 1000.0),
-                pids: service.limits.pids.map(i64::from),
-                writable_size: service.limits.disk_bytes.map(|b| b.to_string()),
-                ..Default::default()
+            req.restart = RestartPolicy::Always {
+                backoff: Default::default(),
             };
+            req.publish = service.publish.clone();
+            req.cmd = service.command.clone();
+            let limits = &service.limits;
+            if let Some(bytes) = limits.memory_bytes {
+                req.resources.memory_bytes = Some(bytes);
+            }
+            if let Some(millicpus) = limits.millicpus {
+                req.resources.cpus = Some(f64::from(millicpus) / 1000.0);
+            }
+            if let Some(pids) = limits.pids {
+                req.resources.pids = Some(i64::from(pids));
+            }
+            if let Some(bytes) = limits.disk_bytes {
+                req.resources.writable_bytes = Some(bytes);
+            }
             let sandbox = match self
                 .sandboxes
-                .run_as(req.clone(), Some(owner.clone()))
+                .run_request(req.clone(), Some(owner.clone()))
                 .await
             {
                 // Another app's service took the free name meanwhile: the hashed one is ours.
@@ -471,11 +493,8 @@ impl AppService {
                     if hashed == name {
                         Err(e)
                     } else {
-                        let req = RunSandbox {
-                            name: Some(hashed),
-                            ..req
-                        };
-                        self.sandboxes.run_as(req, Some(owner)).await
+                        req.name = Some(hashed);
+                        self.sandboxes.run_request(req, Some(owner)).await
                     }
                 }
                 other => other,
@@ -644,6 +663,33 @@ mod tests {
     use super::*;
 
     /// Hashed names name sandboxes and disks on disk and in the database: they never change.
+    #[test]
+    fn stored_disk_specs_read_in_every_form_they_were_written() {
+        let read = |fs: &str| -> Option<Filesystem> {
+            let json = format!(
+                r#"{{"name":"d","mount_path":"/d","read_only":false,"local":false,"size_gb":1,"filesystem":{fs},"lease_timeout_secs":null}}"#
+            );
+            serde_json::from_str::<DiskSpec>(&json).unwrap().filesystem
+        };
+        assert_eq!(read(r#""xfs""#), Some(Filesystem::Xfs));
+        // Local storage was stored with an empty name; now it is null.
+        assert_eq!(read(r#""""#), None);
+        assert_eq!(read("null"), None);
+        let json = r#"{"name":"d","mount_path":"/d","read_only":false,"local":false,"size_gb":1,"filesystem":"zfs","lease_timeout_secs":null}"#;
+        assert!(serde_json::from_str::<DiskSpec>(json).is_err());
+        let written = serde_json::to_string(&DiskSpec {
+            name: "d".into(),
+            mount_path: "/d".into(),
+            read_only: false,
+            local: false,
+            size_gb: 1,
+            filesystem: Some(Filesystem::Btrfs),
+            lease_timeout_secs: None,
+        })
+        .unwrap();
+        assert!(written.contains(r#""filesystem":"btrfs""#), "{written}");
+    }
+
     #[test]
     fn hashed_names_are_pinned() {
         let long = "a".repeat(60);

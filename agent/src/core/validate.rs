@@ -17,9 +17,9 @@ const MAX_ITEMS: usize = 4096;
 /// Longest single argument or environment entry (the kernel's MAX_ARG_STRLEN).
 const MAX_ARG: usize = 128 * 1024;
 /// Highest memory limit a sandbox may ask for (1 TiB).
-const MAX_MEMORY: u64 = 1 << 40;
+pub(crate) const MAX_MEMORY: u64 = 1 << 40;
 /// Highest pids limit (the kernel's PID_MAX_LIMIT).
-const MAX_PIDS: i64 = 4 << 20;
+pub(crate) const MAX_PIDS: i64 = 4 << 20;
 /// Most CPUs a sandbox may ask for.
 const MAX_CPUS: f64 = 1024.0;
 /// Longest wait a request may ask for, in seconds (a day).
@@ -91,7 +91,7 @@ fn argument(field: &str, value: &str) -> Result<(), Error> {
     Ok(())
 }
 
-fn command(field: &str, args: &[String]) -> Result<(), Error> {
+pub(crate) fn command(field: &str, args: &[String]) -> Result<(), Error> {
     count(field, args.len())?;
     if args.first().is_some_and(String::is_empty) {
         return Err(invalid(
@@ -171,7 +171,7 @@ fn seconds(field: &str, value: Option<f64>, max: f64) -> Result<(), Error> {
     }
 }
 
-fn publish(field: &str, ports: &[PublishPort]) -> Result<(), Error> {
+pub(crate) fn publish(field: &str, ports: &[PublishPort]) -> Result<(), Error> {
     count(field, ports.len())?;
     for (i, p) in ports.iter().enumerate() {
         if let Some(ip) = &p.host_ip {
@@ -198,7 +198,7 @@ fn publish(field: &str, ports: &[PublishPort]) -> Result<(), Error> {
     Ok(())
 }
 
-fn image_reference(field: &str, reference: &str) -> Result<(), Error> {
+pub(crate) fn image_reference(field: &str, reference: &str) -> Result<(), Error> {
     non_empty_text(field, reference, MAX_TEXT)?;
     miren_runtime::normalize_reference(reference).map_err(|e| invalid(field, e))?;
     Ok(())

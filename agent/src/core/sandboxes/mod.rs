@@ -9,11 +9,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use miren_runtime::sandbox::{self, Mount, Resources, RestartPolicy, SandboxSpec, State, User};
+use miren_runtime::sandbox::{self, Mount, SandboxSpec, State, User};
 use tracing::{info, warn};
 
 use crate::config::AgentConfig;
-use crate::core::disks::{DiskService, DEFAULT_LEASE_TIMEOUT};
+use crate::core::disks::DiskService;
 use crate::core::error::Error;
 use crate::core::images::ImageService;
 use crate::core::net::NetService;
@@ -25,15 +25,11 @@ use crate::util::{new_id, now_rfc3339};
 /// First bytes on stderr of `miren exec-in` when the exec itself failed (not the command).
 pub const EXEC_ERROR_MARK: &str = "miren-exec-error: ";
 
-/// Limits of every sandbox whose request (or app.toml service) does not set its own; see
-/// docs/sandbox.md. Memory and swap: 512 MiB; tasks: 1024; CPU: one core.
-pub const DEFAULT_MEMORY_BYTES: u64 = 512 << 20;
-pub const DEFAULT_PIDS: i64 = 1024;
-pub const DEFAULT_CPUS: f64 = 1.0;
-/// The writable layer (container writes to its own root filesystem).
-pub use sandbox::DEFAULT_WRITABLE_BYTES;
-/// A `--tmpfs` mount without a size.
-pub const DEFAULT_TMPFS_BYTES: u64 = 64 << 20;
+mod request;
+pub use request::{
+    parse_memory, DiskMount, SandboxRequest, TmpfsMount, DEFAULT_CPUS, DEFAULT_MEMORY_BYTES,
+    DEFAULT_PIDS, DEFAULT_TMPFS_BYTES, DEFAULT_WRITABLE_BYTES,
+};
 
 pub struct SandboxService {
     cfg: AgentConfig,
@@ -141,98 +137,6 @@ async fn read_bounded(stream: Option<impl tokio::io::AsyncRead + Unpin>) -> (Vec
     (kept, truncated)
 }
 
-/// `256M`, `1G`, `512k`, `1048576` -> bytes.
-pub fn parse_memory(s: &str) -> Result<u64, Error> {
-    let s = s.trim();
-    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num
-        .parse()
-        .map_err(|_| Error::invalid(format!("memory `{s}`: write a size like 256M or 1G")))?;
-    let factor = match unit.to_ascii_lowercase().trim_end_matches('b') {
-        "" => 1,
-        "k" => 1 << 10,
-        "m" => 1 << 20,
-        "g" => 1 << 30,
-        _ => {
-            return Err(Error::invalid(format!(
-                "memory `{s}`: use a K, M or G suffix"
-            )))
-        }
-    };
-    let bytes = n.saturating_mul(factor);
-    if bytes < 4 << 20 {
-        return Err(Error::invalid(format!(
-            "memory `{s}` is below the 4M a sandbox needs"
-        )));
-    }
-    Ok(bytes)
-}
-
-fn restart_policy(s: Option<&str>) -> Result<RestartPolicy, Error> {
-    Ok(match s.unwrap_or("no") {
-        "no" => RestartPolicy::No,
-        "on-failure" => RestartPolicy::OnFailure {
-            max_retries: None,
-            backoff: Default::default(),
-        },
-        "always" => RestartPolicy::Always {
-            backoff: Default::default(),
-        },
-        other => {
-            return Err(Error::invalid(format!(
-                "restart policy `{other}`: choose no, on-failure or always"
-            )))
-        }
-    })
-}
-
-fn container_path(what: &str, path: &str) -> Result<String, Error> {
-    if !path.starts_with('/') || path.split('/').any(|c| c == "..") {
-        return Err(Error::invalid(format!(
-            "{what} `{path}` must be an absolute path inside the sandbox, without `..`"
-        )));
-    }
-    Ok(path.to_string())
-}
-
-/// A size with an optional K, M, G or T suffix (powers of 1024); `field` names it in the error.
-fn parse_size(field: &str, s: &str) -> Result<u64, Error> {
-    miren_addons::app_toml::parse_size(s)
-        .ok_or_else(|| Error::invalid(format!("{field} `{s}`: write a size like 64M or 2G")))
-}
-
-/// `/path[:size]`: a private tmpfs, [`DEFAULT_TMPFS_BYTES`] unless sized.
-fn parse_tmpfs(spec: &str) -> Result<(String, u64), Error> {
-    let (path, size) = match spec.rsplit_once(':') {
-        Some((path, size)) => (path, parse_size("tmpfs size", size)?),
-        None => (spec, DEFAULT_TMPFS_BYTES),
-    };
-    if size < 4096 {
-        return Err(Error::invalid(format!(
-            "tmpfs `{spec}`: give at least 4K (or no size for {}M)",
-            DEFAULT_TMPFS_BYTES >> 20
-        )));
-    }
-    Ok((container_path("tmpfs", path)?, size))
-}
-
-/// `NAME:/path[:ro]`.
-fn parse_disk(spec: &str) -> Result<(String, String, bool), Error> {
-    let parts: Vec<&str> = spec.split(':').collect();
-    let (name, path, ro) = match parts.as_slice() {
-        [name, path] => (*name, *path, false),
-        [name, path, "ro"] => (*name, *path, true),
-        [name, path, "rw"] => (*name, *path, false),
-        _ => {
-            return Err(Error::invalid(format!(
-                "disk `{spec}`: write NAME:/path or NAME:/path:ro"
-            )))
-        }
-    };
-    miren_disks::validate_name(name).map_err(|e| Error::invalid(e.to_string()))?;
-    Ok((name.to_string(), container_path("disk mount", path)?, ro))
-}
-
 /// Resolves the image's `user` (a name, uid, or uid:gid) against its layers' /etc/passwd.
 fn resolve_user(user: &str, layers_top_first: &[PathBuf]) -> Result<User, Error> {
     if user.is_empty() {
@@ -328,8 +232,17 @@ impl SandboxService {
     /// Runs a sandbox for `owner` (an app's service, an addon's server), recorded on its row:
     /// that, not its name, is how the owner finds it again.
     pub async fn run_as(&self, req: RunSandbox, owner: Option<Owner>) -> Result<Sandbox, Error> {
-        // Every caller's request (the API's, a deploy's from app.toml, an addon's) is checked.
-        crate::core::validate::run_sandbox(&req)?;
+        self.run_request(SandboxRequest::from_api(req)?, owner)
+            .await
+    }
+
+    /// Runs a typed request for `owner`. Every request, however it was built, is checked first.
+    pub async fn run_request(
+        &self,
+        req: SandboxRequest,
+        owner: Option<Owner>,
+    ) -> Result<Sandbox, Error> {
+        req.check()?;
         let id = new_id("sbx");
         let name = req.name.clone().unwrap_or_else(|| id.replace('_', "-"));
         miren_disks::validate_name(&name)
@@ -342,62 +255,11 @@ impl SandboxService {
             crate::core::disks::refuse_reserved("app", &app)?;
         }
         miren_runtime::normalize_reference(&req.image)?;
-        let disks: Vec<(String, String, bool)> = req
-            .disks
-            .iter()
-            .map(|d| parse_disk(d))
-            .collect::<Result<_, _>>()?;
-        let memory_bytes = req
-            .memory
-            .as_deref()
-            .map(parse_memory)
-            .transpose()?
-            .unwrap_or(DEFAULT_MEMORY_BYTES);
-        let writable_bytes = match req.writable_size.as_deref() {
-            Some(s) => parse_size("writable_size", s)?,
-            None => DEFAULT_WRITABLE_BYTES,
-        };
-        if !(sandbox::MIN_WRITABLE_BYTES..=sandbox::MAX_WRITABLE_BYTES).contains(&writable_bytes) {
-            return Err(Error::invalid(format!(
-                "writable_size `{}`: give between 16M and 16T",
-                req.writable_size.as_deref().unwrap_or_default()
-            )));
-        }
-        if let Some(cpus) = req.cpus {
-            if !(cpus > 0.0 && cpus <= 1024.0) {
-                return Err(Error::invalid(format!("cpus must be above 0, got {cpus}")));
-            }
-        }
-        if req.pids.is_some_and(|p| p < 1) {
-            return Err(Error::invalid("pids must be at least 1"));
-        }
-        let resources = Resources {
-            memory_bytes: Some(memory_bytes),
-            cpus: Some(req.cpus.unwrap_or(DEFAULT_CPUS)),
-            pids: Some(req.pids.unwrap_or(DEFAULT_PIDS)),
-            writable_bytes: Some(writable_bytes),
-        };
-        let restart = restart_policy(req.restart.as_deref())?;
-        let tmpfs: Vec<(String, u64)> = req
-            .tmpfs
-            .iter()
-            .map(|t| parse_tmpfs(t))
-            .collect::<Result<_, _>>()?;
-        let local_dir = req
-            .local_dir
-            .as_deref()
-            .map(|p| container_path("local dir", p))
-            .transpose()?;
-        for kv in &req.env {
-            if !kv.contains('=') || kv.starts_with('=') {
-                return Err(Error::invalid(format!("env `{kv}`: write KEY=VALUE")));
-            }
-        }
 
         // A disk is used only by its owner (or by anyone while nobody owns it).
         let uses_disks_as = owner.clone().unwrap_or_else(|| Owner::app(&app));
-        for (disk, _, _) in &disks {
-            self.disks.check_attach(disk, &uses_disks_as)?;
+        for mount in &req.disks {
+            self.disks.check_attach(&mount.disk, &uses_disks_as)?;
         }
 
         let row = SandboxRow {
@@ -406,7 +268,7 @@ impl SandboxService {
             app: app.clone(),
             image: req.image.clone(),
             status: SandboxStatus::Creating,
-            disks: disks.iter().map(|d| d.0.clone()).collect(),
+            disks: req.disks.iter().map(|d| d.disk.clone()).collect(),
             created_at: now_rfc3339(),
             owner,
         };
@@ -414,10 +276,7 @@ impl SandboxService {
         // it would wait for (see `prime_cgroup_migrations`) already.
         tokio::task::spawn_blocking(sandbox::prime_cgroup_migrations);
         self.store.insert_sandbox(&row)?;
-        match self
-            .start(&row, &req, &disks, resources, restart, tmpfs, local_dir)
-            .await
-        {
+        match self.start(&row, &req).await {
             Ok(()) => {
                 self.replenish_spare();
                 self.store.set_sandbox_status(&id, SandboxStatus::Created)?;
@@ -436,17 +295,7 @@ impl SandboxService {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    async fn start(
-        &self,
-        row: &SandboxRow,
-        req: &RunSandbox,
-        disks: &[(String, String, bool)],
-        resources: Resources,
-        restart: RestartPolicy,
-        tmpfs: Vec<(String, u64)>,
-        local_dir: Option<String>,
-    ) -> Result<(), Error> {
+    async fn start(&self, row: &SandboxRow, req: &SandboxRequest) -> Result<(), Error> {
         let record = match self.images.store().get(&req.image)? {
             Some(record) => record,
             None => {
@@ -508,12 +357,15 @@ impl SandboxService {
         let hostname: String = row.name.chars().take(63).collect();
 
         let mut mounts = Vec::new();
-        let timeout = req
-            .lease_timeout_secs
-            .filter(|s| s.is_finite() && *s >= 0.0)
-            .map_or(DEFAULT_LEASE_TIMEOUT, Duration::from_secs_f64);
-        for (disk, path, read_only) in disks {
-            self.disks.acquire_lease(disk, &row.id, timeout).await?;
+        for DiskMount {
+            disk,
+            path,
+            read_only,
+        } in &req.disks
+        {
+            self.disks
+                .acquire_lease(disk, &row.id, req.lease_timeout)
+                .await?;
             let view = self.disks.view_one(&self.disks.find(disk)?)?;
             let source = view.mount_path.ok_or_else(|| {
                 Error::busy(format!(
@@ -526,7 +378,7 @@ impl SandboxService {
                 read_only: *read_only || view.read_only,
             });
         }
-        if let Some(path) = local_dir {
+        if let Some(path) = req.local_dir.clone() {
             let local = self.disks.ensure_local_storage(&row.app)?;
             mounts.push(Mount::Bind {
                 source: PathBuf::from(local.mount_path.unwrap_or_default()),
@@ -534,10 +386,10 @@ impl SandboxService {
                 read_only: false,
             });
         }
-        for (destination, size) in tmpfs {
+        for tmpfs in &req.tmpfs {
             mounts.push(Mount::Tmpfs {
-                destination,
-                size_bytes: Some(size),
+                destination: tmpfs.path.clone(),
+                size_bytes: Some(tmpfs.size_bytes),
             });
         }
 
@@ -555,11 +407,11 @@ impl SandboxService {
             },
             user,
             mounts,
-            resources,
+            resources: req.resources.clone(),
             netns: Some(PathBuf::from(&endpoint.netns_path)),
             hosts: Some(miren_netns::hosts_file(&hostname, ip, &[])),
             resolv_conf: Some(miren_netns::resolv_conf_from_host().content),
-            restart,
+            restart: req.restart.clone(),
             logs: Default::default(),
             cgroup_prefix: self.cfg.name_prefix.clone(),
             stop_grace_ms: 10_000,
