@@ -411,7 +411,11 @@ async fn acquire_lease(
     };
     state
         .disks
-        .acquire_lease(&disk, &req.holder, timeout)
+        .acquire_lease(
+            &disk,
+            &crate::core::owner::Holder::parse(&req.holder)?,
+            timeout,
+        )
         .await
         .map(Json)
 }

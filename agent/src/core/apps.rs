@@ -467,7 +467,11 @@ impl AppService {
             req.restart = RestartPolicy::Always {
                 backoff: Default::default(),
             };
-            req.publish = service.publish.clone();
+            req.publish = service
+                .publish
+                .iter()
+                .map(crate::core::net::published_port)
+                .collect::<Result<_, _>>()?;
             req.cmd = service.command.clone();
             let limits = &service.limits;
             if let Some(bytes) = limits.memory_bytes {

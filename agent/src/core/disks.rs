@@ -14,7 +14,7 @@ use tracing::{info, warn};
 
 use crate::config::AgentConfig;
 use crate::core::error::Error;
-use crate::core::owner::parse_holder;
+use crate::core::owner::Holder;
 use crate::model::{self, CreateDisk, Disk, Lease, LeaseInfo, ReleaseResult};
 use crate::store::{DiskRow, DiskStatus, LeaseAttempt, LeaseRow, Owner, Store};
 use crate::util::{new_id, now_rfc3339};
@@ -737,15 +737,14 @@ impl DiskService {
     pub async fn acquire_lease(
         &self,
         id_or_name: &str,
-        holder: &str,
+        holder: &Holder,
         timeout: Duration,
     ) -> Result<Lease, Error> {
-        let parsed = parse_holder(holder)?;
         let row = self.find(id_or_name)?;
-        let (holder_pid, holder_start_time) = parsed.pid_and_start();
+        let (holder_pid, holder_start_time) = holder.pid_and_start();
         let wanted = LeaseRow {
             disk_id: row.id.clone(),
-            holder: holder.to_string(),
+            holder: holder.as_str().to_string(),
             acquired_at: now_rfc3339(),
             holder_pid,
             holder_start_time,

@@ -12,7 +12,7 @@ use tokio::sync::Mutex;
 use tracing::{info, warn};
 
 use crate::core::error::Error;
-use crate::core::owner::parse_holder;
+use crate::core::owner::Holder;
 use crate::model::{CreateEndpoint, Endpoint, EndpointDeleted, NetGcReport, PublishPort};
 use crate::store::{EndpointRow, EndpointStatus, Store};
 use crate::util::now_rfc3339;
@@ -92,6 +92,57 @@ fn validate_app(what: &str, app: &str) -> Result<(), Error> {
             "{what}: {}",
             e.to_string().replace("disk name", "app name")
         ))
+    })
+}
+
+/// An endpoint as core asks for it: owner parsed, published ports typed.
+#[derive(Debug, Clone)]
+pub struct EndpointRequest {
+    pub owner: Holder,
+    pub app: String,
+    pub allow_from: Vec<String>,
+    pub publish: Vec<PublishedPort>,
+}
+
+impl EndpointRequest {
+    /// The API's request, checked and parsed.
+    pub fn from_api(req: &CreateEndpoint) -> Result<EndpointRequest, Error> {
+        validate_owner(&req.owner)?;
+        validate_app("app", &req.app)?;
+        for app in &req.allow_from {
+            validate_app("allow_from", app)?;
+        }
+        let publish = req
+            .publish
+            .iter()
+            .map(published_port)
+            .collect::<Result<_, _>>()?;
+        Ok(EndpointRequest {
+            owner: Holder::parse(&req.owner)?,
+            app: req.app.clone(),
+            allow_from: req.allow_from.clone(),
+            publish,
+        })
+    }
+}
+
+/// A port to publish as the API writes it, typed (the host address defaults to loopback).
+pub fn published_port(p: &PublishPort) -> Result<PublishedPort, Error> {
+    let host_ip: Ipv4Addr = p
+        .host_ip
+        .as_deref()
+        .unwrap_or("127.0.0.1")
+        .parse()
+        .map_err(|_| {
+            Error::invalid(format!(
+                "publish host_ip `{}` is not an IPv4 address (IPv6 is not published): use 127.0.0.1 (the default), 0.0.0.0 or an IPv4 address of a host interface",
+                p.host_ip.as_deref().unwrap_or_default()
+            ))
+        })?;
+    Ok(PublishedPort {
+        host_ip,
+        host_port: p.host_port,
+        endpoint_port: p.port,
     })
 }
 
@@ -227,43 +278,23 @@ impl NetService {
     }
 
     pub async fn create(&self, req: &CreateEndpoint) -> Result<Endpoint, Error> {
-        let reserved = self.reserve(req).await?;
+        let reserved = self.reserve(EndpointRequest::from_api(req)?).await?;
         self.realize(reserved, None).await
     }
 
     /// The first half of [`Self::create`]: checks the request and records the endpoint as
     /// `creating` with its address, holding the endpoint lock until [`Self::realize`] made it, so
     /// a caller knows the address and netns path while the kernel work is still to come.
-    pub async fn reserve(&self, req: &CreateEndpoint) -> Result<ReservedEndpoint, Error> {
-        validate_owner(&req.owner)?;
+    pub async fn reserve(&self, req: EndpointRequest) -> Result<ReservedEndpoint, Error> {
         validate_app("app", &req.app)?;
         for app in &req.allow_from {
             validate_app("allow_from", app)?;
         }
-        let mut publish = Vec::new();
-        for p in &req.publish {
-            let host_ip: Ipv4Addr = p
-                .host_ip
-                .as_deref()
-                .unwrap_or("127.0.0.1")
-                .parse()
-                .map_err(|_| {
-                    Error::invalid(format!(
-                        "publish host_ip `{}` is not an IPv4 address (IPv6 is not published): use 127.0.0.1 (the default), 0.0.0.0 or an IPv4 address of a host interface",
-                        p.host_ip.as_deref().unwrap_or_default()
-                    ))
-                })?;
-            publish.push(PublishedPort {
-                host_ip,
-                host_port: p.host_port,
-                endpoint_port: p.port,
-            });
-        }
-        let owner = parse_holder(&req.owner)?;
-        let (owner_pid, owner_start_time) = owner.pid_and_start();
+        let publish = &req.publish;
+        let (owner_pid, owner_start_time) = req.owner.pid_and_start();
         let guard = self.lock.clone().lock_owned().await;
 
-        if let Some(existing) = self.store.endpoint(&req.owner)? {
+        if let Some(existing) = self.store.endpoint(req.owner.as_str())? {
             let same = existing.app == req.app
                 && existing.allow_from == req.allow_from
                 && existing.publish == publish.iter().map(publish_key).collect::<Vec<_>>();
@@ -279,7 +310,7 @@ impl NetService {
         }
         // Ranges, duplicates, host addresses only, no host listener: a DNAT anywhere else
         // would take traffic meant for a sandbox, another agent or a host service.
-        netns::check_publish(&self.cfg, &publish).await?;
+        netns::check_publish(&self.cfg, publish).await?;
         for other in self.store.endpoints()? {
             for p in other.publish.iter().filter_map(|p| parse_publish_key(p)) {
                 if publish.iter().any(|q| netns::overlaps(q, &p)) {
@@ -291,7 +322,7 @@ impl NetService {
             }
         }
         let wanted = EndpointRow {
-            owner: req.owner.clone(),
+            owner: req.owner.as_str().to_string(),
             app: req.app.clone(),
             ip: Ipv4Addr::UNSPECIFIED,
             allow_from: req.allow_from.clone(),

@@ -4,37 +4,66 @@
 
 use crate::core::error::Error;
 
-pub enum Holder {
+/// A holder, parsed once where it enters (the API) or made directly (a sandbox id).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Holder {
+    text: String,
+    kind: HolderKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HolderKind {
     Process { pid: i64, start_time: i64 },
     Named,
 }
 
 impl Holder {
-    pub fn pid_and_start(&self) -> (Option<i64>, Option<i64>) {
-        match self {
-            Holder::Process { pid, start_time } => (Some(*pid), Some(*start_time)),
-            Holder::Named => (None, None),
+    /// A holder named by the agent itself (a sandbox id): opaque, nothing to parse or check.
+    pub fn named(name: impl Into<String>) -> Holder {
+        Holder {
+            text: name.into(),
+            kind: HolderKind::Named,
         }
     }
-}
 
-pub fn parse_holder(holder: &str) -> Result<Holder, Error> {
-    if holder.trim().is_empty() || holder.len() > 256 {
-        return Err(Error::invalid(
-            "a holder must be a non-empty string of at most 256 bytes (e.g. a sandbox id, or pid:1234)",
-        ));
+    /// A holder a client wrote: `pid:N` ties it to process N as it runs now; anything else is
+    /// an opaque name.
+    pub fn parse(holder: &str) -> Result<Holder, Error> {
+        if holder.trim().is_empty() || holder.len() > 256 {
+            return Err(Error::invalid(
+                "a holder must be a non-empty string of at most 256 bytes (e.g. a sandbox id, or pid:1234)",
+            ));
+        }
+        let Some(pid) = holder.strip_prefix("pid:") else {
+            return Ok(Holder::named(holder));
+        };
+        let pid: i64 = pid.parse().ok().filter(|p| *p > 0).ok_or_else(|| {
+            Error::invalid(format!(
+                "`{holder}` is not a valid pid holder; write pid:N with N a process id"
+            ))
+        })?;
+        let start_time = process_start_time(pid)
+            .ok_or_else(|| Error::invalid(format!("`{holder}`: no process {pid} is running")))?;
+        Ok(Holder {
+            text: holder.to_string(),
+            kind: HolderKind::Process { pid, start_time },
+        })
     }
-    let Some(pid) = holder.strip_prefix("pid:") else {
-        return Ok(Holder::Named);
-    };
-    let pid: i64 = pid.parse().ok().filter(|p| *p > 0).ok_or_else(|| {
-        Error::invalid(format!(
-            "`{holder}` is not a valid pid holder; write pid:N with N a process id"
-        ))
-    })?;
-    let start_time = process_start_time(pid)
-        .ok_or_else(|| Error::invalid(format!("`{holder}`: no process {pid} is running")))?;
-    Ok(Holder::Process { pid, start_time })
+
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    pub fn kind(&self) -> HolderKind {
+        self.kind
+    }
+
+    pub fn pid_and_start(&self) -> (Option<i64>, Option<i64>) {
+        match self.kind {
+            HolderKind::Process { pid, start_time } => (Some(pid), Some(start_time)),
+            HolderKind::Named => (None, None),
+        }
+    }
 }
 
 /// Start time (clock ticks since boot) of a live process; a zombie has exited and holds
@@ -58,12 +87,16 @@ mod tests {
 
     #[test]
     fn holders() {
-        assert!(matches!(parse_holder("sandbox-1"), Ok(Holder::Named)));
-        assert!(parse_holder("").is_err());
-        assert!(parse_holder("pid:abc").is_err());
-        assert!(parse_holder("pid:0").is_err());
+        let named = Holder::parse("sandbox-1").unwrap();
+        assert_eq!(named, Holder::named("sandbox-1"));
+        assert_eq!(named.kind(), HolderKind::Named);
+        assert!(Holder::parse("").is_err());
+        assert!(Holder::parse("pid:abc").is_err());
+        assert!(Holder::parse("pid:0").is_err());
         let me = format!("pid:{}", std::process::id());
-        let Ok(Holder::Process { pid, start_time }) = parse_holder(&me) else {
+        let parsed = Holder::parse(&me).unwrap();
+        assert_eq!(parsed.as_str(), me);
+        let HolderKind::Process { pid, start_time } = parsed.kind() else {
             panic!("own pid not found")
         };
         assert!(!holder_is_gone(Some(pid), Some(start_time)));
@@ -79,7 +112,9 @@ mod tests {
             .spawn()
             .expect("spawning sleep");
         let pid = i64::from(child.id());
-        let Ok(Holder::Process { start_time, .. }) = parse_holder(&format!("pid:{pid}")) else {
+        let Ok(HolderKind::Process { start_time, .. }) =
+            Holder::parse(&format!("pid:{pid}")).map(|h| h.kind())
+        else {
             panic!("running child not found")
         };
         assert!(!holder_is_gone(Some(pid), Some(start_time)));
@@ -91,7 +126,7 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
         assert!(holder_is_gone(Some(pid), Some(start_time)));
-        assert!(parse_holder(&format!("pid:{pid}")).is_err());
+        assert!(Holder::parse(&format!("pid:{pid}")).is_err());
         child.wait().expect("reaping sleep");
     }
 }

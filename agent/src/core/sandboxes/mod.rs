@@ -16,9 +16,10 @@ use crate::config::AgentConfig;
 use crate::core::disks::DiskService;
 use crate::core::error::Error;
 use crate::core::images::ImageService;
-use crate::core::net::NetService;
+use crate::core::net::{EndpointRequest, NetService};
+use crate::core::owner::Holder;
 use crate::core::status::SandboxState;
-use crate::model::{CreateEndpoint, ExecResult, RunSandbox, Sandbox};
+use crate::model::{ExecResult, RunSandbox, Sandbox};
 use crate::store::{Owner, SandboxRow, SandboxStatus, Store};
 use crate::util::{new_id, now_rfc3339};
 
@@ -339,8 +340,8 @@ impl SandboxService {
         // the container (`start_gate`).
         let reserved = self
             .net
-            .reserve(&CreateEndpoint {
-                owner: row.id.clone(),
+            .reserve(EndpointRequest {
+                owner: Holder::named(&row.id),
                 app: row.app.clone(),
                 allow_from: req.allow_from.clone(),
                 publish: req.publish.clone(),
@@ -364,7 +365,7 @@ impl SandboxService {
         } in &req.disks
         {
             self.disks
-                .acquire_lease(disk, &row.id, req.lease_timeout)
+                .acquire_lease(disk, &Holder::named(&row.id), req.lease_timeout)
                 .await?;
             let view = self.disks.view_one(&self.disks.find(disk)?)?;
             let source = view.mount_path.ok_or_else(|| {

@@ -8,7 +8,10 @@ use miren_runtime::sandbox::{self, Resources, RestartPolicy};
 use crate::core::disks::DEFAULT_LEASE_TIMEOUT;
 use crate::core::error::Error;
 use crate::core::validate;
-use crate::model::{PublishPort, RunSandbox};
+use miren_netns::PublishedPort;
+
+use crate::core::net::published_port;
+use crate::model::RunSandbox;
 
 /// Limits of every sandbox whose request (or app.toml service) does not set its own; see
 /// docs/sandbox.md. Memory and swap: 512 MiB; tasks: 1024; CPU: one core.
@@ -53,7 +56,7 @@ pub struct SandboxRequest {
     pub local_dir: Option<String>,
     pub tmpfs: Vec<TmpfsMount>,
     pub restart: RestartPolicy,
-    pub publish: Vec<PublishPort>,
+    pub publish: Vec<PublishedPort>,
     /// Other apps whose sandboxes may reach this one.
     pub allow_from: Vec<String>,
     /// Command and arguments; empty: the image's entrypoint and cmd.
@@ -142,7 +145,11 @@ impl SandboxRequest {
             name: req.name,
             app: req.app,
             env: req.env,
-            publish: req.publish,
+            publish: req
+                .publish
+                .iter()
+                .map(published_port)
+                .collect::<Result<_, _>>()?,
             allow_from: req.allow_from,
             cmd: req.cmd,
         };
@@ -167,7 +174,6 @@ impl SandboxRequest {
             }
         }
         validate::command("cmd", &self.cmd)?;
-        validate::publish("publish", &self.publish)?;
         for (i, app) in self.allow_from.iter().enumerate() {
             validate::name(&format!("allow_from[{i}]"), app)?;
         }
