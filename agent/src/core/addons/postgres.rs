@@ -416,6 +416,8 @@ mod tests {
             ]
         );
         assert_eq!(small.port, 5432);
+        // Servers' names are on disk and in the database: they never change.
+        assert_eq!(Postgres.server_base_name(), "addon-pg");
         let data = small.data.unwrap();
         assert_eq!(data.mount_path, "/var/lib/postgresql/data");
         assert_eq!(data.size_gb, 1);
