@@ -14,12 +14,13 @@ use miren_disks::Filesystem;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
+use crate::core::addons::provider::BoxFuture;
 use crate::core::addons::AddonService;
 use crate::core::disks::DiskService;
 use crate::core::error::Error;
 use crate::core::sandboxes::{DiskMount, SandboxRequest, SandboxService};
 use crate::model::{
-    App, AppDeleted, AppServiceView, CreateAddon, CreateDisk, DeployApp, PublishPort,
+    App, AppDeleted, AppServiceView, CreateAddon, CreateDisk, DeployApp, PublishPort, Sandbox,
 };
 use crate::store::addons::AppStatus;
 use crate::store::{Owner, Store};
@@ -182,10 +183,64 @@ fn spec_from_config(
     }
 }
 
+/// The disks an app declares, as deploys use them: the disk service (fakes in unit tests).
+pub trait AppDisks: Send + Sync {
+    /// The app's disk: made for it, or claimed if nobody owns it; another owner's is refused.
+    fn ensure_for_app(&self, req: &CreateDisk, app: &str) -> Result<(), Error>;
+    /// Refuses a disk another app or an addon owns, before anything is recorded.
+    fn check_for_app(&self, name: &str, app: &str) -> Result<(), Error>;
+}
+
+impl AppDisks for DiskService {
+    fn ensure_for_app(&self, req: &CreateDisk, app: &str) -> Result<(), Error> {
+        DiskService::ensure_for_app(self, req, app)
+    }
+
+    fn check_for_app(&self, name: &str, app: &str) -> Result<(), Error> {
+        DiskService::check_for_app(self, name, app)
+    }
+}
+
+/// The sandboxes that run an app's services, found by owner: the sandbox service (fakes in
+/// unit tests).
+pub trait ServiceSandboxes: Send + Sync {
+    fn run_request(
+        &self,
+        req: SandboxRequest,
+        owner: Option<Owner>,
+    ) -> BoxFuture<'_, Result<Sandbox, Error>>;
+    fn get_owned(&self, owner: &Owner) -> Result<Option<Sandbox>, Error>;
+    /// None is fine.
+    fn delete_owned<'a>(&'a self, owner: &'a Owner) -> BoxFuture<'a, Result<(), Error>>;
+    fn free_name(&self, preferred: &str, owner: &Owner) -> Result<String, Error>;
+}
+
+impl ServiceSandboxes for SandboxService {
+    fn run_request(
+        &self,
+        req: SandboxRequest,
+        owner: Option<Owner>,
+    ) -> BoxFuture<'_, Result<Sandbox, Error>> {
+        Box::pin(SandboxService::run_request(self, req, owner))
+    }
+
+    fn get_owned(&self, owner: &Owner) -> Result<Option<Sandbox>, Error> {
+        SandboxService::get_owned(self, owner)
+    }
+
+    fn delete_owned<'a>(&'a self, owner: &'a Owner) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(SandboxService::delete_owned(self, owner))
+    }
+
+    fn free_name(&self, preferred: &str, owner: &Owner) -> Result<String, Error> {
+        SandboxService::free_name(self, preferred, owner)
+    }
+}
+
 pub struct AppService {
     store: Arc<Store>,
-    disks: Arc<DiskService>,
-    sandboxes: Arc<SandboxService>,
+    disks: Arc<dyn AppDisks>,
+    sandboxes: Arc<dyn ServiceSandboxes>,
     addons: Arc<AddonService>,
     /// One deploy, restart or delete at a time per app.
     locks: crate::util::KeyedLocks,
@@ -194,8 +249,8 @@ pub struct AppService {
 impl AppService {
     pub fn new(
         store: Arc<Store>,
-        disks: Arc<DiskService>,
-        sandboxes: Arc<SandboxService>,
+        disks: Arc<dyn AppDisks>,
+        sandboxes: Arc<dyn ServiceSandboxes>,
         addons: Arc<AddonService>,
     ) -> Arc<AppService> {
         Arc::new(AppService {
@@ -663,6 +718,10 @@ impl AppService {
 }
 
 #[cfg(test)]
+#[path = "apps_tests.rs"]
+mod convergence_tests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -710,7 +769,7 @@ mod tests {
             "d-d-d-d-d-d-d-d-d-d-d-d-d-d-d-d-d-d-d-d-d-d-d-d-d-d-d-bea246e5"
         );
         assert_eq!(
-            crate::core::addons::small_server_name(&"b".repeat(63)),
+            crate::core::addons::dedicated_server_name("addon-pg", &"b".repeat(63)),
             "addon-pg-bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-29a2c225"
         );
     }

@@ -20,9 +20,13 @@ pub struct AddonRow {
     pub source: String,
     pub status: AddonStatus,
     pub reason: Option<String>,
-    pub db_user: String,
-    pub db_password: String,
-    pub db_name: String,
+    /// The app's login: a role, a user, or empty for an addon without credentials.
+    pub user: String,
+    pub password: String,
+    /// Its database (PostgreSQL, MySQL) or vhost (RabbitMQ); empty if the kind has none.
+    pub database: String,
+    /// Whatever else a provider keeps about the addon (a JSON object, `{}` for most).
+    pub extra: serde_json::Map<String, serde_json::Value>,
     pub created_at: String,
     pub updated_at: String,
 }
@@ -63,7 +67,24 @@ pub struct AppRow {
 }
 
 const ADDON_COLUMNS: &str = "app, kind, variant, version, image, source, status, reason, \
-     db_user, db_password, db_name, created_at, updated_at";
+     user, password, \"database\", extra, created_at, updated_at";
+
+/// Migration 9: the credential columns stop being PostgreSQL's (`db_user`, `db_password`,
+/// `db_name`), so every addon kind fits: `database` is a database or a vhost, and `extra`
+/// holds whatever else a provider needs. Existing rows keep their values.
+pub const MIGRATION_GENERIC_CREDENTIALS: &str = "ALTER TABLE addons RENAME COLUMN db_user TO user;
+     ALTER TABLE addons RENAME COLUMN db_password TO password;
+     ALTER TABLE addons RENAME COLUMN db_name TO \"database\";
+     ALTER TABLE addons ADD COLUMN extra TEXT NOT NULL DEFAULT '{}';";
+
+fn extra_from_sql(
+    index: usize,
+    text: String,
+) -> rusqlite::Result<serde_json::Map<String, serde_json::Value>> {
+    serde_json::from_str(&text).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(index, rusqlite::types::Type::Text, Box::new(e))
+    })
+}
 
 fn addon_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AddonRow> {
     Ok(AddonRow {
@@ -75,11 +96,12 @@ fn addon_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AddonRow> {
         source: r.get(5)?,
         status: r.get(6)?,
         reason: r.get(7)?,
-        db_user: r.get(8)?,
-        db_password: r.get(9)?,
-        db_name: r.get(10)?,
-        created_at: r.get(11)?,
-        updated_at: r.get(12)?,
+        user: r.get(8)?,
+        password: r.get(9)?,
+        database: r.get(10)?,
+        extra: extra_from_sql(11, r.get(11)?)?,
+        created_at: r.get(12)?,
+        updated_at: r.get(13)?,
     })
 }
 
@@ -168,7 +190,7 @@ impl Store {
         tx.execute(
             &format!(
                 "INSERT INTO addons ({ADDON_COLUMNS})
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"
             ),
             params![
                 row.app,
@@ -179,9 +201,10 @@ impl Store {
                 row.source,
                 row.status,
                 row.reason,
-                row.db_user,
-                row.db_password,
-                row.db_name,
+                row.user,
+                row.password,
+                row.database,
+                serde_json::Value::Object(row.extra.clone()).to_string(),
                 row.created_at,
                 row.updated_at
             ],
@@ -487,9 +510,10 @@ mod tests {
             source: "cli".into(),
             status: AddonStatus::Pending,
             reason: None,
-            db_user: app.into(),
-            db_password: "secret".into(),
-            db_name: app.into(),
+            user: app.into(),
+            password: "secret".into(),
+            database: app.into(),
+            extra: Default::default(),
             created_at: now_rfc3339(),
             updated_at: now_rfc3339(),
         }
@@ -607,6 +631,52 @@ mod tests {
         assert_eq!(
             s.server("miren-postgresql").unwrap().unwrap().status,
             ServerStatus::Deleting
+        );
+    }
+
+    /// Migration 9 renames the credential columns and keeps every value.
+    #[test]
+    fn migration_9_keeps_the_credentials() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        {
+            let conn = rusqlite::Connection::open(&path).unwrap();
+            for sql in &super::super::MIGRATIONS[..8] {
+                conn.execute_batch(sql).unwrap();
+            }
+            conn.pragma_update(None, "user_version", 8).unwrap();
+            conn.execute(
+                "INSERT INTO addons (app, kind, variant, version, image, source, status,
+                                     db_user, db_password, db_name, created_at, updated_at)
+                 VALUES ('shop', 'miren-postgresql', 'shared', '17', 'postgres:17', 'deploy',
+                         'active', 'shop_role', 'pw', 'shop_db', '1', '1')",
+                [],
+            )
+            .unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        let row = store.addon("shop", "miren-postgresql").unwrap().unwrap();
+        assert_eq!(
+            (
+                row.user.as_str(),
+                row.password.as_str(),
+                row.database.as_str()
+            ),
+            ("shop_role", "pw", "shop_db")
+        );
+        assert!(row.extra.is_empty());
+        assert_eq!(row.status, AddonStatus::Active);
+    }
+
+    #[test]
+    fn extra_round_trips() {
+        let (_d, s) = store();
+        let mut r = row("a", "small", "postgres:17");
+        r.extra.insert("vhost".into(), serde_json::json!("a"));
+        s.insert_addon(&r, conflict).unwrap();
+        assert_eq!(
+            s.addon("a", "miren-postgresql").unwrap().unwrap().extra,
+            r.extra
         );
     }
 

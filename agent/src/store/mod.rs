@@ -165,6 +165,8 @@ const MIGRATIONS: &[&str] = &[
       WHERE owner_kind IS NULL;
      UPDATE disks SET owner_kind = 'app', owner_part = ''
       WHERE owner_kind IS NULL AND owner_app IS NOT NULL;",
+    // 9: generic addon credentials (store/addons.rs).
+    addons::MIGRATION_GENERIC_CREDENTIALS,
 ];
 
 /// Who a sandbox or disk belongs to, as recorded in its row (never derived from its name).

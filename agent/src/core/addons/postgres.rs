@@ -1,12 +1,162 @@
-//! Talking to the PostgreSQL servers the agent runs: readiness, and the role and database each
-//! app gets on the shared server. Every statement is safe to repeat.
+//! PostgreSQL, the first addon provider: the official postgres image's contract, readiness,
+//! and the role and database each app gets on the shared server. Every statement is safe to
+//! repeat.
 
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
+use miren_addons::{AddonKind, Credentials, EnvVar, PostgresConnection, Variant};
 use tokio_postgres::{Client, NoTls};
 
+use super::provider::{AddonProvider, BoxFuture, DataDisk, ServerConnection, ServerSpec};
+use crate::core::error::Error;
+
 pub const PORT: u16 = 5432;
+
+/// Where the official postgres image keeps its data; the disk is mounted here.
+const PG_DATA_MOUNT: &str = "/var/lib/postgresql/data";
+/// A subdirectory, because initdb refuses a mount point's non-empty root (`lost+found`).
+const PG_DATA_DIR: &str = "/var/lib/postgresql/data/pgdata";
+/// `PG_DATA_DIR` relative to the disk's root.
+const PG_DATA_SUBDIR: &str = "pgdata";
+/// The image's superuser, and the maintenance database the agent logs in to as it.
+const ADMIN_USER: &str = "postgres";
+const ADMIN_DATABASE: &str = "postgres";
+
+/// The `miren-postgresql` addon.
+pub struct Postgres;
+
+impl AddonProvider for Postgres {
+    fn kind(&self) -> AddonKind {
+        AddonKind::Postgresql
+    }
+
+    fn display_name(&self) -> &'static str {
+        "PostgreSQL"
+    }
+
+    fn readiness_check(&self) -> &'static str {
+        "`SELECT 1`"
+    }
+
+    fn server_base_name(&self) -> &'static str {
+        "addon-pg"
+    }
+
+    fn app_credentials(&self, app: &str) -> Result<Credentials, Error> {
+        Credentials::generate(app)
+            .map_err(|e| Error::internal(format!("generating a password: {e}")))
+    }
+
+    fn admin_credentials(&self) -> Result<Credentials, Error> {
+        let password = miren_addons::generate_password()
+            .map_err(|e| Error::internal(format!("generating a password: {e}")))?;
+        Ok(self.admin_login(ADMIN_USER, &password))
+    }
+
+    fn admin_login(&self, user: &str, password: &str) -> Credentials {
+        Credentials {
+            user: user.to_string(),
+            password: password.to_string(),
+            database: ADMIN_DATABASE.to_string(),
+        }
+    }
+
+    fn server(&self, variant: Variant, login: &Credentials) -> ServerSpec {
+        let mut env = vec![
+            format!("POSTGRES_USER={}", login.user),
+            format!("POSTGRES_PASSWORD={}", login.password),
+        ];
+        if variant != Variant::Shared {
+            env.push(format!("POSTGRES_DB={}", login.database));
+        }
+        env.push(format!("PGDATA={PG_DATA_DIR}"));
+        env.push("POSTGRES_HOST_AUTH_METHOD=scram-sha-256".into());
+        // Durability comes from one syncfs of the disk once the server is ready.
+        env.push("POSTGRES_INITDB_ARGS=--no-sync".into());
+        ServerSpec {
+            command: Vec::new(),
+            env,
+            port: PORT,
+            data: Some(DataDisk {
+                mount_path: PG_DATA_MOUNT,
+                size_gb: variant.disk_size_gb(),
+                discard_if_never_ready: Some(PG_DATA_SUBDIR),
+            }),
+        }
+    }
+
+    fn env_vars(&self, host: Ipv4Addr, login: &Credentials) -> Vec<EnvVar> {
+        PostgresConnection::new(host.to_string(), PORT, login).env_vars()
+    }
+
+    fn connect<'a>(
+        &'a self,
+        host: Ipv4Addr,
+        login: &'a Credentials,
+    ) -> BoxFuture<'a, Result<Box<dyn ServerConnection>, String>> {
+        Box::pin(async move {
+            let client = select_one(&Login {
+                host,
+                user: &login.user,
+                password: &login.password,
+                database: &login.database,
+            })
+            .await
+            .map_err(|e| describe(&e))?;
+            Ok(Box::new(Session(client)) as Box<dyn ServerConnection>)
+        })
+    }
+}
+
+/// A logged-in session with a PostgreSQL server.
+struct Session(Client);
+
+impl ServerConnection for Session {
+    fn prepare_shared(&self) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async move {
+            // Tenants get their own database; the maintenance ones are for the agent only.
+            self.0
+                .batch_execute(
+                    "REVOKE CONNECT ON DATABASE postgres FROM PUBLIC; \
+                     REVOKE CONNECT ON DATABASE template1 FROM PUBLIC",
+                )
+                .await
+                .map_err(|e| format!("securing the shared server: {}", describe(&e)))
+        })
+    }
+
+    fn ensure_tenant<'a>(&'a self, tenant: &'a Credentials) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            ensure_tenant(&self.0, &tenant.user, &tenant.password, &tenant.database)
+                .await
+                .map_err(|e| format!("creating the role and database: {}", describe(&e)))
+        })
+    }
+
+    fn drop_tenant<'a>(&'a self, tenant: &'a Credentials) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            drop_tenant(&self.0, &tenant.user, &tenant.database)
+                .await
+                .map_err(|e| {
+                    format!(
+                        "dropping database `{}` and role `{}`: {}",
+                        tenant.database,
+                        tenant.user,
+                        describe(&e)
+                    )
+                })
+        })
+    }
+
+    fn tenant_exists<'a>(&'a self, tenant: &'a Credentials) -> BoxFuture<'a, Result<bool, String>> {
+        Box::pin(async move {
+            tenant_exists(&self.0, &tenant.user, &tenant.database)
+                .await
+                .map_err(|e| describe(&e))
+        })
+    }
+}
 
 /// Who to log in as.
 pub struct Login<'a> {
@@ -245,6 +395,45 @@ pub fn describe(err: &tokio_postgres::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_dedicated_server_follows_the_image_contract() {
+        let login = Credentials {
+            user: "shop".into(),
+            password: "pw".into(),
+            database: "shopdb".into(),
+        };
+        let small = Postgres.server(Variant::Small, &login);
+        assert_eq!(
+            small.env,
+            [
+                "POSTGRES_USER=shop",
+                "POSTGRES_PASSWORD=pw",
+                "POSTGRES_DB=shopdb",
+                "PGDATA=/var/lib/postgresql/data/pgdata",
+                "POSTGRES_HOST_AUTH_METHOD=scram-sha-256",
+                "POSTGRES_INITDB_ARGS=--no-sync",
+            ]
+        );
+        assert_eq!(small.port, 5432);
+        // Servers' names are on disk and in the database: they never change.
+        assert_eq!(Postgres.server_base_name(), "addon-pg");
+        let data = small.data.unwrap();
+        assert_eq!(data.mount_path, "/var/lib/postgresql/data");
+        assert_eq!(data.size_gb, 1);
+        // The discarded directory is PGDATA, seen from the disk's root.
+        assert_eq!(
+            format!(
+                "{}/{}",
+                data.mount_path,
+                data.discard_if_never_ready.unwrap()
+            ),
+            PG_DATA_DIR
+        );
+        let shared = Postgres.server(Variant::Shared, &Postgres.admin_login("postgres", "x"));
+        assert!(!shared.env.iter().any(|e| e.starts_with("POSTGRES_DB=")));
+        assert_eq!(shared.data.unwrap().size_gb, 10);
+    }
 
     #[test]
     fn quoting_doubles_the_quote_characters() {

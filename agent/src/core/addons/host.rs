@@ -1,0 +1,296 @@
+//! The node as the addon driver uses it: disks, sandboxes and their network. [`NodeHost`] is
+//! the real one; unit tests drive the addon lifecycle with a fake, without root.
+
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+
+use tracing::{info, warn};
+
+use super::provider::BoxFuture;
+use crate::core::disks::DiskService;
+use crate::core::error::Error;
+use crate::core::net::NetService;
+use crate::core::sandboxes::SandboxService;
+use crate::model::{CreateDisk, FilesystemKind, RunSandbox, Sandbox};
+use crate::store::{Owner, Store};
+
+/// What the driver needs to know of a server's sandbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerSandbox {
+    pub id: String,
+    pub name: String,
+    pub ip: Option<Ipv4Addr>,
+    /// Gave up (or its supervisor is gone): replaced, not waited for.
+    pub failed: bool,
+    pub restarts: u32,
+    pub exit_code: Option<i32>,
+}
+
+impl ServerSandbox {
+    pub fn from_sandbox(sandbox: &Sandbox) -> ServerSandbox {
+        ServerSandbox {
+            id: sandbox.id.clone(),
+            name: sandbox.name.clone(),
+            ip: sandbox.ip.as_deref().and_then(|ip| ip.parse().ok()),
+            failed: sandbox.state.is_failed(),
+            restarts: sandbox.restarts,
+            exit_code: sandbox.exit_code,
+        }
+    }
+
+    pub fn ip(&self) -> Result<Ipv4Addr, Error> {
+        self.ip.ok_or_else(|| {
+            Error::internal(format!(
+                "addon server `{}` has no network address",
+                self.name
+            ))
+        })
+    }
+}
+
+/// A server sandbox to run: `image` with `env`, `disk` mounted at `mount_path`, restart
+/// `always`, reachable by the apps in `allow_from` only.
+#[derive(Debug, Clone)]
+pub struct ServerLaunch {
+    /// The display name it gets when free.
+    pub name: String,
+    pub image: String,
+    pub command: Vec<String>,
+    pub env: Vec<String>,
+    /// (disk name, mount path in the sandbox).
+    pub disk: Option<(String, String)>,
+    pub allow_from: Vec<String>,
+}
+
+/// Disks, sandboxes and network as the addon driver uses them. Lookups are by owner, never by
+/// name; every call is safe to repeat.
+pub trait AddonHost: Send + Sync {
+    /// The disk `owner` has, made (ext4, `size_gb`) or adopted under `name` if it has none;
+    /// returns its name.
+    fn ensure_disk<'a>(
+        &'a self,
+        owner: &'a Owner,
+        name: &'a str,
+        size_gb: u64,
+    ) -> BoxFuture<'a, Result<String, Error>>;
+
+    /// Deletes `owner`'s disk and its data, if it has one.
+    fn remove_disk<'a>(&'a self, owner: &'a Owner) -> BoxFuture<'a, Result<(), Error>>;
+
+    /// Removes `dir` (relative to the disk's root) from a mounted disk, if it is there.
+    fn discard_dir<'a>(&'a self, disk: &'a str, dir: &'a str) -> BoxFuture<'a, Result<(), Error>>;
+
+    /// Flushes a mounted disk to stable storage (`syncfs`).
+    fn sync_disk<'a>(&'a self, disk: &'a str) -> BoxFuture<'a, Result<(), Error>>;
+
+    /// The sandbox `owner` runs, if any.
+    fn server_sandbox(&self, owner: &Owner) -> Result<Option<ServerSandbox>, Error>;
+
+    /// A sandbox by id, as it is now.
+    fn sandbox(&self, id: &str) -> Result<ServerSandbox, Error>;
+
+    /// Removes the unowned sandbox an agent from before migration 8 ran under `name`, if any.
+    fn remove_unowned_server<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), Error>>;
+
+    /// Runs a server sandbox for `owner`.
+    fn run_server<'a>(
+        &'a self,
+        owner: &'a Owner,
+        launch: ServerLaunch,
+    ) -> BoxFuture<'a, Result<ServerSandbox, Error>>;
+
+    fn delete_sandbox<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), Error>>;
+
+    /// Deletes the sandbox `owner` runs; none is fine.
+    fn delete_owned<'a>(&'a self, owner: &'a Owner) -> BoxFuture<'a, Result<(), Error>>;
+
+    /// Lets exactly `apps` reach the sandbox.
+    fn set_allow_from<'a>(
+        &'a self,
+        sandbox_id: &'a str,
+        apps: &'a [String],
+    ) -> BoxFuture<'a, Result<(), Error>>;
+
+    /// The last `lines` lines of the sandbox's output, joined by ` | `, for error reasons.
+    fn log_tail(&self, sandbox_id: &str, lines: usize) -> String;
+}
+
+/// The real node: the agent's disk, sandbox and network services.
+pub struct NodeHost {
+    pub store: Arc<Store>,
+    pub disks: Arc<DiskService>,
+    pub net: Arc<NetService>,
+    pub sandboxes: Arc<SandboxService>,
+}
+
+impl NodeHost {
+    fn mount_of(&self, disk: &str) -> Result<String, Error> {
+        let view = self.disks.view_one(&self.disks.find(disk)?)?;
+        view.mount_path
+            .ok_or_else(|| Error::busy(format!("disk `{disk}` is not mounted")))
+    }
+}
+
+impl AddonHost for NodeHost {
+    fn ensure_disk<'a>(
+        &'a self,
+        owner: &'a Owner,
+        name: &'a str,
+        size_gb: u64,
+    ) -> BoxFuture<'a, Result<String, Error>> {
+        Box::pin(async move {
+            let disks = self.disks.clone();
+            let req = CreateDisk {
+                name: name.to_string(),
+                size_gb,
+                filesystem: Some(FilesystemKind::Ext4),
+                read_only: false,
+            };
+            let owner = owner.clone();
+            tokio::task::spawn_blocking(move || disks.ensure_for_addon(&req, &owner))
+                .await
+                .map_err(|e| Error::internal(format!("creating a disk: {e}")))?
+        })
+    }
+
+    fn remove_disk<'a>(&'a self, owner: &'a Owner) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async move {
+            let Some(row) = self.store.disk_of(owner)? else {
+                return Ok(());
+            };
+            let disks = self.disks.clone();
+            tokio::task::spawn_blocking(move || match disks.delete(&row.id) {
+                Err(e) if e.is_not_found() => Ok(()),
+                other => other,
+            })
+            .await
+            .map_err(|e| Error::internal(format!("deleting a disk: {e}")))?
+        })
+    }
+
+    fn discard_dir<'a>(&'a self, disk: &'a str, dir: &'a str) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async move {
+            let data = std::path::Path::new(&self.mount_of(disk)?).join(dir);
+            tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&data) {
+                Ok(()) => {
+                    info!(dir = %data.display(), "discarded the data directory of a server that never answered");
+                    Ok(())
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(Error::internal(format!(
+                    "removing {}: {e}",
+                    data.display()
+                ))),
+            })
+            .await
+            .map_err(|e| Error::internal(format!("discarding a data directory: {e}")))?
+        })
+    }
+
+    fn sync_disk<'a>(&'a self, disk: &'a str) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async move {
+            let mount = self.mount_of(disk)?;
+            tokio::task::spawn_blocking(move || -> Result<(), Error> {
+                let dir = std::fs::File::open(&mount)
+                    .map_err(|e| Error::internal(format!("opening {mount}: {e}")))?;
+                nix::unistd::syncfs(&dir)
+                    .map_err(|e| Error::internal(format!("syncing {mount}: {e}")))
+            })
+            .await
+            .map_err(|e| Error::internal(format!("syncing a disk: {e}")))?
+        })
+    }
+
+    fn server_sandbox(&self, owner: &Owner) -> Result<Option<ServerSandbox>, Error> {
+        Ok(self
+            .sandboxes
+            .get_owned(owner)?
+            .as_ref()
+            .map(ServerSandbox::from_sandbox))
+    }
+
+    fn sandbox(&self, id: &str) -> Result<ServerSandbox, Error> {
+        Ok(ServerSandbox::from_sandbox(&self.sandboxes.get(id)?))
+    }
+
+    fn remove_unowned_server<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async move {
+            // Users cannot name sandboxes in the addon space, so an unowned one there is ours.
+            if let Some(old) = self.store.sandbox(name)? {
+                if old.owner.is_none() && old.app == old.name {
+                    warn!(sandbox = %name, "replacing an addon server recorded without an owner");
+                    self.sandboxes.delete(&old.id).await?;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn run_server<'a>(
+        &'a self,
+        owner: &'a Owner,
+        launch: ServerLaunch,
+    ) -> BoxFuture<'a, Result<ServerSandbox, Error>> {
+        Box::pin(async move {
+            let name = self.sandboxes.free_name(&launch.name, owner)?;
+            // The network app is the server's own name, in the addon name space no app can
+            // take, so no app's sandboxes count as the server's for isolation.
+            let sandbox = self
+                .sandboxes
+                .run_as(
+                    RunSandbox {
+                        image: launch.image,
+                        name: Some(name.clone()),
+                        app: Some(name),
+                        env: launch.env,
+                        cmd: launch.command,
+                        disks: launch
+                            .disk
+                            .map(|(disk, path)| format!("{disk}:{path}"))
+                            .into_iter()
+                            .collect(),
+                        lease_timeout_secs: Some(30.0),
+                        restart: Some("always".into()),
+                        allow_from: launch.allow_from,
+                        ..Default::default()
+                    },
+                    Some(owner.clone()),
+                )
+                .await?;
+            Ok(ServerSandbox::from_sandbox(&sandbox))
+        })
+    }
+
+    fn delete_sandbox<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(self.sandboxes.delete(id))
+    }
+
+    fn delete_owned<'a>(&'a self, owner: &'a Owner) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(self.sandboxes.delete_owned(owner))
+    }
+
+    fn set_allow_from<'a>(
+        &'a self,
+        sandbox_id: &'a str,
+        apps: &'a [String],
+    ) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(self.net.set_allow_from(sandbox_id, apps))
+    }
+
+    fn log_tail(&self, sandbox_id: &str, lines: usize) -> String {
+        let Ok((stdout, stderr)) = self.sandboxes.log_files(sandbox_id) else {
+            return "(no logs)".into();
+        };
+        let mut text = String::new();
+        for file in stdout.iter().chain(stderr.iter()) {
+            if let Ok(content) = std::fs::read_to_string(file) {
+                text.push_str(&content);
+            }
+        }
+        let tail: Vec<&str> = text.lines().rev().take(lines).collect();
+        if tail.is_empty() {
+            return "(nothing)".into();
+        }
+        tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+    }
+}

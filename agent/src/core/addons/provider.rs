@@ -1,0 +1,129 @@
+//! What a kind of addon is, as the generic driver (`super`) sees it. The driver owns rows,
+//! steps, resumption and the shared server's membership; a provider says what server to run
+//! and how to talk to it. Adding an addon kind is a provider file here plus its catalogue
+//! entry in `miren-addons`, and one line in [`builtin`].
+
+use std::future::Future;
+use std::net::Ipv4Addr;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use miren_addons::{AddonKind, Credentials, EnvVar, Variant};
+
+use crate::core::error::Error;
+
+/// A boxed future, so the traits below can be used as `dyn` (providers are picked at runtime).
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// The server an addon runs: the image's contract, made concrete for one login.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerSpec {
+    /// Empty: the image's entrypoint and cmd.
+    pub command: Vec<String>,
+    /// `KEY=value` for the image (secrets included: the sandbox's env is not shown anywhere).
+    pub env: Vec<String>,
+    /// Where the server listens, on its sandbox's address.
+    pub port: u16,
+    /// Its data disk; `None` for a server that keeps nothing (memcached).
+    pub data: Option<DataDisk>,
+}
+
+/// A server's data disk (ext4, leased by the server's sandbox).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DataDisk {
+    /// Where the disk is mounted in the server's sandbox.
+    pub mount_path: &'static str,
+    pub size_gb: u64,
+    /// A directory, relative to the disk's root, that a server which never answered left
+    /// half-made (an initdb cut short) and must start without.
+    pub discard_if_never_ready: Option<&'static str>,
+}
+
+/// A kind of addon.
+pub trait AddonProvider: Send + Sync {
+    /// Its catalogue entry (variants, versions, images) is `kind()`'s in `miren-addons`.
+    fn kind(&self) -> AddonKind;
+
+    /// The product's name in messages (`PostgreSQL`).
+    fn display_name(&self) -> &'static str;
+
+    /// The readiness check in messages (`` `SELECT 1` ``).
+    fn readiness_check(&self) -> &'static str;
+
+    /// The sandbox and disk name of the node's shared server, and the prefix of an app's
+    /// dedicated one (`addon-pg`). In the reserved `addon` name space.
+    fn server_base_name(&self) -> &'static str;
+
+    /// A fresh login for an app (empty strings for a kind without credentials).
+    fn app_credentials(&self, app: &str) -> Result<Credentials, Error>;
+
+    /// A fresh administrator login for a shared server.
+    fn admin_credentials(&self) -> Result<Credentials, Error>;
+
+    /// The administrator login a shared server was made with (its row keeps user and password).
+    fn admin_login(&self, user: &str, password: &str) -> Credentials;
+
+    /// The server a variant runs, its image set up for `login` (the app's on a dedicated
+    /// server, the administrator's on a shared one).
+    fn server(&self, variant: Variant, login: &Credentials) -> ServerSpec;
+
+    /// The variables an app gets to reach its addon at `host`.
+    fn env_vars(&self, host: Ipv4Addr, login: &Credentials) -> Vec<EnvVar>;
+
+    /// Logs in to the server at `host` as `login` and checks that it answers: the readiness
+    /// check, made with the credentials the app will use. `Err` is the reason, for logs.
+    fn connect<'a>(
+        &'a self,
+        host: Ipv4Addr,
+        login: &'a Credentials,
+    ) -> BoxFuture<'a, Result<Box<dyn ServerConnection>, String>>;
+
+    /// Replaces an app's password on its server (a hook for later; no kind does it yet).
+    fn rotate_credentials<'a>(
+        &'a self,
+        _admin: &'a dyn ServerConnection,
+        _login: &'a Credentials,
+    ) -> BoxFuture<'a, Result<Credentials, String>> {
+        let kind = self.kind().name();
+        Box::pin(async move { Err(format!("{kind} cannot rotate credentials yet")) })
+    }
+}
+
+/// A session with a running server, logged in as the administrator (shared servers) or an
+/// app. Every step converges from any partial earlier run; errors are messages for the
+/// addon's `reason`.
+pub trait ServerConnection: Send + Sync {
+    /// Runs once, when a new shared server first answers (locks the maintenance databases).
+    fn prepare_shared(&self) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    /// Makes an app's tenant on a shared server (role and database, user and vhost).
+    fn ensure_tenant<'a>(&'a self, tenant: &'a Credentials) -> BoxFuture<'a, Result<(), String>>;
+
+    /// Removes an app's tenant and ends its sessions.
+    fn drop_tenant<'a>(&'a self, tenant: &'a Credentials) -> BoxFuture<'a, Result<(), String>>;
+
+    /// Whether anything of the tenant is left (tests and leftovers checks).
+    fn tenant_exists<'a>(&'a self, tenant: &'a Credentials) -> BoxFuture<'a, Result<bool, String>>;
+}
+
+/// The providers this build has, one per catalogue entry.
+pub fn builtin() -> Vec<Arc<dyn AddonProvider>> {
+    vec![Arc::new(super::postgres::Postgres)]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_catalogue_entry_has_exactly_one_provider() {
+        let providers = builtin();
+        for kind in AddonKind::ALL {
+            let count = providers.iter().filter(|p| p.kind() == *kind).count();
+            assert_eq!(count, 1, "{}", kind.name());
+        }
+        assert_eq!(providers.len(), AddonKind::ALL.len());
+    }
+}

@@ -1,0 +1,237 @@
+//! Deploy convergence on a fake node: addons added, kept and removed across redeploys, and
+//! services held until every addon is active. Root-free, real SQLite store.
+
+use std::sync::{Arc, Mutex};
+
+use super::*;
+use crate::core::addons::fakes::Bench;
+use crate::core::status::SandboxState;
+
+const KIND: &str = "miren-postgresql";
+
+/// Disks are not declared in these tests.
+struct NoDisks;
+
+impl AppDisks for NoDisks {
+    fn ensure_for_app(&self, _req: &CreateDisk, _app: &str) -> Result<(), Error> {
+        Ok(())
+    }
+
+    fn check_for_app(&self, _name: &str, _app: &str) -> Result<(), Error> {
+        Ok(())
+    }
+}
+
+/// Service sandboxes in memory: (owner, request) of each running one.
+#[derive(Default)]
+struct FakeSandboxes {
+    running: Mutex<Vec<(Owner, SandboxRequest)>>,
+    started: Mutex<u32>,
+}
+
+impl FakeSandboxes {
+    fn env_of(&self, service: &str) -> Option<Vec<String>> {
+        self.running
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(o, _)| *o == Owner::service("shop", service))
+            .map(|(_, req)| req.env.clone())
+    }
+}
+
+fn sandbox(name: &str) -> Sandbox {
+    Sandbox {
+        id: format!("sbx_{name}"),
+        name: name.into(),
+        app: "shop".into(),
+        image: "oven/bun:1".into(),
+        state: SandboxState::Running,
+        pid: None,
+        ip: None,
+        exit_code: None,
+        oom_killed: false,
+        restarts: 0,
+        started_at: None,
+        finished_at: None,
+        disks: vec![],
+        error: None,
+        created_at: String::new(),
+    }
+}
+
+impl ServiceSandboxes for FakeSandboxes {
+    fn run_request(
+        &self,
+        req: SandboxRequest,
+        owner: Option<Owner>,
+    ) -> BoxFuture<'_, Result<Sandbox, Error>> {
+        Box::pin(async move {
+            let owner = owner.expect("services have owners");
+            let name = req.name.clone().unwrap_or_default();
+            let mut running = self.running.lock().unwrap();
+            running.retain(|(o, _)| *o != owner);
+            running.push((owner, req));
+            *self.started.lock().unwrap() += 1;
+            Ok(sandbox(&name))
+        })
+    }
+
+    fn get_owned(&self, owner: &Owner) -> Result<Option<Sandbox>, Error> {
+        Ok(self
+            .running
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(o, _)| o == owner)
+            .map(|(_, req)| sandbox(req.name.as_deref().unwrap_or_default())))
+    }
+
+    fn delete_owned<'a>(&'a self, owner: &'a Owner) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async move {
+            self.running.lock().unwrap().retain(|(o, _)| o != owner);
+            Ok(())
+        })
+    }
+
+    fn free_name(&self, preferred: &str, _owner: &Owner) -> Result<String, Error> {
+        Ok(preferred.to_string())
+    }
+}
+
+struct World {
+    bench: Bench,
+    sandboxes: Arc<FakeSandboxes>,
+    apps: Arc<AppService>,
+}
+
+fn world() -> World {
+    let bench = Bench::new();
+    let sandboxes = Arc::new(FakeSandboxes::default());
+    let apps = AppService::new(
+        bench.store.clone(),
+        Arc::new(NoDisks),
+        sandboxes.clone(),
+        bench.addons.clone(),
+    );
+    World {
+        bench,
+        sandboxes,
+        apps,
+    }
+}
+
+fn app_toml(addon: Option<&str>) -> DeployApp {
+    let mut text = "name = \"shop\"\n[services.web]\nimage = \"oven/bun:1\"\n".to_string();
+    if let Some(variant) = addon {
+        text.push_str(&format!("[addons.{KIND}]\nvariant = \"{variant}\"\n"));
+    }
+    serde_json::from_value(serde_json::json!({ "app_toml": text })).unwrap()
+}
+
+#[tokio::test]
+async fn a_deploy_adds_keeps_and_removes_its_addon() {
+    let w = world();
+    let app = w.apps.deploy(app_toml(Some("small"))).await.unwrap();
+    assert_eq!(app.status, "running");
+    assert_eq!(app.addons.len(), 1);
+    assert_eq!(app.addons[0].status, "active");
+    let env = w.sandboxes.env_of("web").unwrap();
+    assert!(
+        env.iter().any(|e| e.starts_with("FAKE_URL=fake://u_shop:")),
+        "{env:?}"
+    );
+    assert!(env.contains(&"PORT=3000".to_string()), "{env:?}");
+    let first = w.bench.store.addon("shop", KIND).unwrap().unwrap();
+    assert_eq!(first.source, "deploy");
+
+    // Redeployed as it is: the same addon, same credentials, same server.
+    w.apps.deploy(app_toml(Some("small"))).await.unwrap();
+    let kept = w.bench.store.addon("shop", KIND).unwrap().unwrap();
+    assert_eq!(
+        (kept.password.as_str(), kept.created_at.as_str()),
+        (first.password.as_str(), first.created_at.as_str())
+    );
+    assert_eq!(
+        w.bench.host.node().launches.len(),
+        1,
+        "the server is not started again"
+    );
+
+    // No longer declared: removed, and the services restarted without its variables.
+    let app = w.apps.deploy(app_toml(None)).await.unwrap();
+    assert!(app.addons.is_empty());
+    assert!(w.bench.store.addon("shop", KIND).unwrap().is_none());
+    assert!(w.bench.host.node().sandboxes.is_empty());
+    let env = w.sandboxes.env_of("web").unwrap();
+    assert!(!env.iter().any(|e| e.starts_with("FAKE_URL=")), "{env:?}");
+}
+
+#[tokio::test]
+async fn an_addon_made_with_the_cli_survives_a_deploy_without_it() {
+    let w = world();
+    let (_, mut done) = w
+        .bench
+        .addons
+        .create(
+            &CreateAddon {
+                app: "shop".into(),
+                addon: KIND.into(),
+                variant: None,
+                version: None,
+                wait: true,
+            },
+            "cli",
+        )
+        .await
+        .unwrap();
+    done.wait_for(|d| *d).await.unwrap();
+    w.apps.deploy(app_toml(None)).await.unwrap();
+    assert!(w.bench.store.addon("shop", KIND).unwrap().is_some());
+}
+
+#[tokio::test]
+async fn services_are_held_until_every_addon_is_active() {
+    let w = world();
+    *w.bench.host.fail_run.lock().unwrap() = Some("no space left".into());
+    let err = w.apps.deploy(app_toml(Some("small"))).await.err().unwrap();
+    assert!(
+        err.message
+            .contains("was not started: its addons are not all active")
+            && err.message.contains("no space left"),
+        "{err}"
+    );
+    assert_eq!(
+        *w.sandboxes.started.lock().unwrap(),
+        0,
+        "no service started"
+    );
+    let app = w.apps.get("shop").unwrap();
+    assert_eq!(app.status, "error");
+    assert!(app.reason.unwrap().contains("no space left"));
+    // A restart is refused as long as the addon is not active.
+    assert!(w.apps.restart("shop").await.is_err());
+    assert_eq!(*w.sandboxes.started.lock().unwrap(), 0);
+
+    // Fixed: deploying again provisions the addon and starts the service.
+    *w.bench.host.fail_run.lock().unwrap() = None;
+    let app = w.apps.deploy(app_toml(Some("small"))).await.unwrap();
+    assert_eq!(app.status, "running");
+    assert_eq!(*w.sandboxes.started.lock().unwrap(), 1);
+}
+
+#[tokio::test]
+async fn an_addon_change_outside_a_deploy_restarts_the_services() {
+    let w = world();
+    w.apps.deploy(app_toml(Some("small"))).await.unwrap();
+    assert_eq!(*w.sandboxes.started.lock().unwrap(), 1);
+    // Nothing changed: nothing restarts.
+    w.apps.addons_changed("shop").await.unwrap();
+    assert_eq!(*w.sandboxes.started.lock().unwrap(), 1);
+    let mut done = w.bench.addons.destroy("shop", KIND).unwrap().unwrap();
+    done.wait_for(|d| *d).await.unwrap();
+    w.apps.addons_changed("shop").await.unwrap();
+    assert_eq!(*w.sandboxes.started.lock().unwrap(), 2);
+    let env = w.sandboxes.env_of("web").unwrap();
+    assert!(!env.iter().any(|e| e.starts_with("FAKE_URL=")), "{env:?}");
+}
