@@ -10,9 +10,10 @@ use super::provider::BoxFuture;
 use crate::core::disks::DiskService;
 use crate::core::error::Error;
 use crate::core::net::NetService;
-use crate::core::sandboxes::SandboxService;
-use crate::model::{CreateDisk, FilesystemKind, RunSandbox, Sandbox};
+use crate::core::sandboxes::{DiskMount, SandboxRequest, SandboxService};
+use crate::model::{CreateDisk, FilesystemKind, Sandbox};
 use crate::store::{Owner, Store};
+use miren_runtime::sandbox::RestartPolicy;
 
 /// What the driver needs to know of a server's sandbox.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -235,28 +236,26 @@ impl AddonHost for NodeHost {
             let name = self.sandboxes.free_name(&launch.name, owner)?;
             // The network app is the server's own name, in the addon name space no app can
             // take, so no app's sandboxes count as the server's for isolation.
-            let sandbox = self
-                .sandboxes
-                .run_as(
-                    RunSandbox {
-                        image: launch.image,
-                        name: Some(name.clone()),
-                        app: Some(name),
-                        env: launch.env,
-                        cmd: launch.command,
-                        disks: launch
-                            .disk
-                            .map(|(disk, path)| format!("{disk}:{path}"))
-                            .into_iter()
-                            .collect(),
-                        lease_timeout_secs: Some(30.0),
-                        restart: Some("always".into()),
-                        allow_from: launch.allow_from,
-                        ..Default::default()
-                    },
-                    Some(owner.clone()),
-                )
-                .await?;
+            let mut req = SandboxRequest::new(launch.image);
+            req.name = Some(name.clone());
+            req.app = Some(name);
+            req.env = launch.env;
+            req.cmd = launch.command;
+            req.disks = launch
+                .disk
+                .map(|(disk, path)| DiskMount {
+                    disk,
+                    path,
+                    read_only: false,
+                })
+                .into_iter()
+                .collect();
+            req.lease_timeout = std::time::Duration::from_secs(30);
+            req.restart = RestartPolicy::Always {
+                backoff: Default::default(),
+            };
+            req.allow_from = launch.allow_from;
+            let sandbox = self.sandboxes.run_request(req, Some(owner.clone())).await?;
             Ok(ServerSandbox::from_sandbox(&sandbox))
         })
     }
