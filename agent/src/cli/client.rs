@@ -46,7 +46,7 @@ pub enum ClientError {
     /// A streamed response broke off; the caller says which stream.
     #[error("{0}")]
     Stream(String),
-    /// A line of a streamed response was not an event.
+    /// A line of a streamed response (or a restore's answer) was not what the API sends.
     #[error("{0}")]
     Event(serde_json::Error),
 }
@@ -410,7 +410,14 @@ impl Client {
         let response = self
             .send(Route::RestoreDisk, &path, "application/octet-stream", body)
             .await?;
-        decode(read_all(response).await?)
+        // The answer comes once the whole upload is checked: errors reading it are shown bare.
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| ClientError::Stream(e.to_string()))?
+            .to_bytes();
+        serde_json::from_slice(&bytes).map_err(ClientError::Event)
     }
 
     // --- network endpoints

@@ -209,12 +209,12 @@ where
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use std::time::Duration;
 
-    use crate::cli::debug::DebugCommand;
-    use crate::cli::disks::DiskCommand;
     use clap::CommandFactory;
+
+    use super::*;
+    use crate::cli::disks::DiskCommand;
 
     #[test]
     fn cli_is_consistent() {
