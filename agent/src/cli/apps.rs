@@ -1,37 +1,69 @@
-//! `miren deploy`, `miren addon ...`, `miren env ...` and `miren app ...`.
+//! `miren deploy` and `miren app ...`: deployed apps.
 
-use std::io::{BufRead, IsTerminal, Write};
+use std::path::Path;
 use std::time::Instant;
 
-use anyhow::{anyhow, bail, Context, Result};
-use hyper::Method;
+use anyhow::{Context, Result};
+use clap::Subcommand;
 
+use crate::cli::addons::print_addons;
 use crate::cli::client::Client;
-use crate::cli::{print_table, AddonCommand, AppCommand, Command, EnvCommand};
-use crate::model::{
-    Addon, AddonCatalogEntry, AddonDestroyed, App, AppDeleted, CreateAddon, DeployApp, EnvVarView,
-};
-use crate::util::percent_encode;
+use crate::cli::output::{print_json, print_table};
+use crate::model::{App, DeployApp, ServicePublish};
 
-fn json<T: serde::Serialize>(value: &T) -> Result<()> {
-    println!("{}", serde_json::to_string_pretty(value)?);
-    Ok(())
+#[derive(Subcommand, Debug)]
+pub enum AppCommand {
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    Status {
+        app: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Recreate the app's services (with the addons' current variables).
+    Restart { app: String },
+    /// Remove the app's services; its disks and addons (and their data) stay.
+    Delete { app: String },
 }
 
-fn print_addons(addons: &[Addon]) {
-    let rows = addons
-        .iter()
-        .map(|a| {
-            vec![
-                a.name.clone(),
-                a.variant.clone(),
-                a.version.clone(),
-                a.status.clone(),
-                a.reason.clone().unwrap_or_else(|| "-".into()),
-            ]
-        })
-        .collect();
-    print_table(&["NAME", "VARIANT", "VERSION", "STATUS", "REASON"], rows);
+/// Deploys DIR/.miren/app.toml; returns the process exit code.
+pub async fn deploy(
+    client: &Client,
+    dir: &Path,
+    publish: Vec<ServicePublish>,
+    as_json: bool,
+) -> Result<i32> {
+    let path = dir.join(".miren").join("app.toml");
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "reading {}: run `miren deploy` in the app's directory or pass -C DIR",
+            path.display()
+        )
+    })?;
+    let started = Instant::now();
+    if !as_json {
+        eprintln!("deploying {} ...", path.display());
+    }
+    let req = DeployApp {
+        app_toml: text,
+        source: Some(path.display().to_string()),
+        publish,
+    };
+    let app = client.deploy(&req).await?;
+    if as_json {
+        print_json(&app)?;
+    } else {
+        print_app(&app);
+        println!();
+        println!(
+            "deployed {} in {:.1}s",
+            app.name,
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(0)
 }
 
 fn print_app(app: &App) {
@@ -63,281 +95,12 @@ fn print_app(app: &App) {
     }
 }
 
-/// Asks on a terminal; scripts (no terminal) pass --yes or are not asked.
-fn confirm(question: &str) -> Result<bool> {
-    if !std::io::stdin().is_terminal() {
-        return Ok(true);
-    }
-    eprint!("{question} [y/N] ");
-    std::io::stderr().flush()?;
-    let mut answer = String::new();
-    std::io::stdin().lock().read_line(&mut answer)?;
-    Ok(matches!(answer.trim(), "y" | "Y" | "yes" | "YES" | "Yes"))
-}
-
-/// Returns the process exit code: 1 when an addon ends in `error` or a deploy fails.
-pub async fn run(client: &Client, command: Command) -> Result<i32> {
-    match command {
-        Command::Deploy {
-            dir,
-            publish,
-            json: as_json,
-        } => {
-            let path = dir.join(".miren").join("app.toml");
-            let text = std::fs::read_to_string(&path).with_context(|| {
-                format!(
-                    "reading {}: run `miren deploy` in the app's directory or pass -C DIR",
-                    path.display()
-                )
-            })?;
-            let started = Instant::now();
-            if !as_json {
-                eprintln!("deploying {} ...", path.display());
-            }
-            let app: App = client
-                .call(
-                    Method::POST,
-                    "/v1/deploy",
-                    Some(&DeployApp {
-                        app_toml: text,
-                        source: Some(path.display().to_string()),
-                        publish,
-                    }),
-                )
-                .await?;
-            if as_json {
-                json(&app)?;
-            } else {
-                print_app(&app);
-                println!();
-                println!(
-                    "deployed {} in {:.1}s",
-                    app.name,
-                    started.elapsed().as_secs_f64()
-                );
-            }
-            Ok(0)
-        }
-        Command::Addon { command } => run_addon(client, command).await,
-        Command::Env {
-            command:
-                EnvCommand::List {
-                    app,
-                    reveal,
-                    json: as_json,
-                },
-        } => {
-            let vars: Vec<EnvVarView> = client
-                .get(&format!(
-                    "/v1/apps/{}/env?reveal={reveal}",
-                    percent_encode(&app)
-                ))
-                .await?;
-            if as_json {
-                let object: serde_json::Map<String, serde_json::Value> = vars
-                    .into_iter()
-                    .map(|v| (v.name, serde_json::Value::String(v.value)))
-                    .collect();
-                json(&object)?;
-            } else if vars.is_empty() {
-                println!("app `{app}` has no variables yet (addons inject theirs once active)");
-            } else {
-                let rows = vars
-                    .into_iter()
-                    .map(|v| {
-                        vec![
-                            v.name,
-                            v.value,
-                            if v.sensitive {
-                                "yes".into()
-                            } else {
-                                "no".into()
-                            },
-                            v.source,
-                        ]
-                    })
-                    .collect();
-                print_table(&["NAME", "VALUE", "SENSITIVE", "SOURCE"], rows);
-            }
-            Ok(0)
-        }
-        Command::App { command } => run_app(client, command).await,
-        _ => Err(anyhow!("not an app command")),
-    }
-}
-
-async fn run_addon(client: &Client, command: AddonCommand) -> Result<i32> {
-    match command {
-        AddonCommand::ListAvailable { json: as_json } => {
-            let catalog: Vec<AddonCatalogEntry> = client.get("/v1/addons/catalog").await?;
-            if as_json {
-                json(&catalog)?;
-                return Ok(0);
-            }
-            let rows = catalog
-                .iter()
-                .map(|a| {
-                    vec![
-                        a.name.clone(),
-                        a.description.clone(),
-                        a.variants
-                            .iter()
-                            .map(|v| v.name.clone())
-                            .collect::<Vec<_>>()
-                            .join(", "),
-                        format!("{} (default {})", a.versions.join(", "), a.default_version),
-                    ]
-                })
-                .collect();
-            print_table(&["NAME", "DESCRIPTION", "VARIANTS", "VERSIONS"], rows);
-            Ok(0)
-        }
-        AddonCommand::Variants {
-            addon,
-            json: as_json,
-        } => {
-            let catalog: Vec<AddonCatalogEntry> = client.get("/v1/addons/catalog").await?;
-            let Some(entry) = catalog.into_iter().find(|a| a.name == addon) else {
-                let names: Vec<String> = client
-                    .get::<Vec<AddonCatalogEntry>>("/v1/addons/catalog")
-                    .await?
-                    .into_iter()
-                    .map(|a| a.name)
-                    .collect();
-                bail!(
-                    "unknown addon `{addon}`; available addons: {}",
-                    names.join(", ")
-                );
-            };
-            if as_json {
-                json(&entry.variants)?;
-                return Ok(0);
-            }
-            let rows = entry
-                .variants
-                .iter()
-                .map(|v| {
-                    vec![
-                        v.name.clone(),
-                        v.description.clone(),
-                        if v.default { "yes".into() } else { "".into() },
-                        format!("{} GiB {}", v.disk_size_gb, v.disk_filesystem),
-                        format!("PostgreSQL {}", entry.default_version),
-                    ]
-                })
-                .collect();
-            print_table(
-                &["VARIANT", "DESCRIPTION", "DEFAULT", "DISK", "VERSION"],
-                rows,
-            );
-            Ok(0)
-        }
-        AddonCommand::Create {
-            addon,
-            app,
-            version,
-            no_wait,
-            json: as_json,
-        } => {
-            let started = Instant::now();
-            let created: Addon = client
-                .call(
-                    Method::POST,
-                    "/v1/addons",
-                    Some(&CreateAddon {
-                        app: app.clone(),
-                        addon,
-                        variant: None,
-                        version,
-                        wait: !no_wait,
-                    }),
-                )
-                .await?;
-            if as_json {
-                json(&created)?;
-            } else if created.status == "error" {
-                eprintln!(
-                    "error: {} for app `{app}` failed: {}",
-                    created.name,
-                    created.reason.as_deref().unwrap_or("no reason recorded")
-                );
-                eprintln!(
-                    "what it made was removed; fix the cause and run the create again, or `miren addon destroy {} -a {app}`",
-                    created.name
-                );
-            } else if no_wait {
-                println!(
-                    "{}:{} ({}) for app `{app}`: {}; `miren addon list -a {app}` shows when it is active; a running app is restarted with its variables then",
-                    created.name, created.variant, created.version, created.status
-                );
-            } else {
-                println!(
-                    "{}:{} ({}) for app `{app}`: {} in {:.2}s",
-                    created.name,
-                    created.variant,
-                    created.version,
-                    created.status,
-                    started.elapsed().as_secs_f64()
-                );
-            }
-            Ok(if created.status == "error" { 1 } else { 0 })
-        }
-        AddonCommand::List { app, json: as_json } => {
-            let addons: Vec<Addon> = client
-                .get(&format!("/v1/apps/{}/addons", percent_encode(&app)))
-                .await?;
-            if as_json {
-                json(&addons)?;
-            } else if addons.is_empty() {
-                println!("app `{app}` has no addons");
-            } else {
-                print_addons(&addons);
-            }
-            Ok(0)
-        }
-        AddonCommand::Destroy {
-            addon,
-            app,
-            yes,
-            json: as_json,
-        } => {
-            if !yes
-                && !confirm(&format!(
-                    "Destroy {addon} of app `{app}`? Its database and all its data are deleted; this cannot be undone."
-                ))?
-            {
-                eprintln!("nothing was destroyed");
-                return Ok(1);
-            }
-            let destroyed: AddonDestroyed = client
-                .call::<(), _>(
-                    Method::DELETE,
-                    &format!(
-                        "/v1/apps/{}/addons/{}",
-                        percent_encode(&app),
-                        percent_encode(&addon)
-                    ),
-                    None,
-                )
-                .await?;
-            if as_json {
-                json(&destroyed)?;
-            } else if destroyed.deleted {
-                println!("{} of app `{app}`: deleted", destroyed.name);
-            } else {
-                println!("app `{app}` has no {} addon; nothing to do", destroyed.name);
-            }
-            Ok(0)
-        }
-    }
-}
-
-async fn run_app(client: &Client, command: AppCommand) -> Result<i32> {
+pub async fn run(client: &Client, command: AppCommand) -> Result<i32> {
     match command {
         AppCommand::List { json: as_json } => {
-            let apps: Vec<App> = client.get("/v1/apps").await?;
+            let apps = client.apps().await?;
             if as_json {
-                json(&apps)?;
+                print_json(&apps)?;
                 return Ok(0);
             }
             let rows = apps
@@ -364,35 +127,21 @@ async fn run_app(client: &Client, command: AppCommand) -> Result<i32> {
             Ok(0)
         }
         AppCommand::Status { app, json: as_json } => {
-            let app: App = client
-                .get(&format!("/v1/apps/{}", percent_encode(&app)))
-                .await?;
+            let app = client.app(&app).await?;
             if as_json {
-                json(&app)?;
+                print_json(&app)?;
             } else {
                 print_app(&app);
             }
             Ok(0)
         }
         AppCommand::Restart { app } => {
-            let app: App = client
-                .call::<(), _>(
-                    Method::POST,
-                    &format!("/v1/apps/{}/restart", percent_encode(&app)),
-                    None,
-                )
-                .await?;
+            let app = client.restart_app(&app).await?;
             print_app(&app);
             Ok(0)
         }
         AppCommand::Delete { app } => {
-            let deleted: AppDeleted = client
-                .call::<(), _>(
-                    Method::DELETE,
-                    &format!("/v1/apps/{}", percent_encode(&app)),
-                    None,
-                )
-                .await?;
+            let deleted = client.delete_app(&app).await?;
             println!(
                 "app `{}` deleted ({} sandbox(es) removed)",
                 deleted.name,

@@ -1,16 +1,29 @@
-//! The CLI's side of the socket: HTTP/1.1 requests with JSON bodies.
+//! The CLI's side of the socket: one typed method per API route. This is the only CLI file that
+//! speaks HTTP (methods, paths, statuses, bodies); the command files call methods with model
+//! types. Path segments and query values are percent-encoded here, in one place.
 
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
-use http_body_util::{BodyExt, Full};
-use hyper::body::Bytes;
+use http_body_util::{BodyExt, Empty, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
+use miren_sys::percent_encode;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::net::UnixStream;
 
-use crate::model::ErrorBody;
+pub use hyper::body::Bytes;
+
+use crate::api::{DATA_BYTES_HEADER, DISK_SIZE_HEADER, FREEZE_SECONDS_HEADER};
+use crate::model::{
+    AcquireLease, Addon, AddonCatalogEntry, AddonDestroyed, AgentInfo, App, AppDeleted,
+    CreateAddon, CreateDisk, CreateEndpoint, DeployApp, Disk, Endpoint, EndpointDeleted,
+    EnvVarView, ErrorBody, ExecRequest, ExecResult, ImageGcReport, ImageRemoved, ImageSummary,
+    ImportImage, Lease, NetGcReport, PullEvent, PullImage, ReleaseResult, ResizeDisk,
+    RestoreResult, RunSandbox, Sandbox,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -23,17 +36,263 @@ pub enum ClientError {
     /// The agent answered with an error; its message is meant for the user as is.
     #[error("{message}")]
     Api {
-        status: StatusCode,
+        /// The HTTP status, e.g. 404.
+        status: u16,
         code: String,
         message: String,
     },
     #[error("talking to the agent: {0}")]
     Protocol(String),
+    /// A streamed response broke off; the caller says which stream.
+    #[error("{0}")]
+    Stream(String),
+    /// A line of a streamed response (or a restore's answer) was not what the API sends.
+    #[error("{0}")]
+    Event(serde_json::Error),
+}
+
+/// Every API route the CLI calls: its method and its path template as in `docs/openapi.json`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    Info,
+    ListDisks,
+    CreateDisk,
+    Disk,
+    DeleteDisk,
+    ResizeDisk,
+    AcquireLease,
+    ReleaseLease,
+    ListLeases,
+    LocalStorage,
+    BackupDisk,
+    RestoreDisk,
+    ListEndpoints,
+    CreateEndpoint,
+    Endpoint,
+    DeleteEndpoint,
+    NetGc,
+    ListImages,
+    PullImage,
+    ImportImage,
+    RemoveImage,
+    ImageGc,
+    ListSandboxes,
+    RunSandbox,
+    Sandbox,
+    DeleteSandbox,
+    SandboxLogs,
+    ExecSandbox,
+    StopSandbox,
+    WaitSandbox,
+    Deploy,
+    ListApps,
+    App,
+    DeleteApp,
+    RestartApp,
+    AppEnv,
+    AppAddons,
+    AppAddon,
+    DestroyAddon,
+    CreateAddon,
+    AddonCatalog,
+}
+
+impl Route {
+    pub const ALL: [Route; 41] = [
+        Route::Info,
+        Route::ListDisks,
+        Route::CreateDisk,
+        Route::Disk,
+        Route::DeleteDisk,
+        Route::ResizeDisk,
+        Route::AcquireLease,
+        Route::ReleaseLease,
+        Route::ListLeases,
+        Route::LocalStorage,
+        Route::BackupDisk,
+        Route::RestoreDisk,
+        Route::ListEndpoints,
+        Route::CreateEndpoint,
+        Route::Endpoint,
+        Route::DeleteEndpoint,
+        Route::NetGc,
+        Route::ListImages,
+        Route::PullImage,
+        Route::ImportImage,
+        Route::RemoveImage,
+        Route::ImageGc,
+        Route::ListSandboxes,
+        Route::RunSandbox,
+        Route::Sandbox,
+        Route::DeleteSandbox,
+        Route::SandboxLogs,
+        Route::ExecSandbox,
+        Route::StopSandbox,
+        Route::WaitSandbox,
+        Route::Deploy,
+        Route::ListApps,
+        Route::App,
+        Route::DeleteApp,
+        Route::RestartApp,
+        Route::AppEnv,
+        Route::AppAddons,
+        Route::AppAddon,
+        Route::DestroyAddon,
+        Route::CreateAddon,
+        Route::AddonCatalog,
+    ];
+
+    /// The HTTP method, upper case.
+    pub fn method(self) -> &'static str {
+        use Route::*;
+        match self {
+            Info | ListDisks | Disk | ListLeases | ListEndpoints | Endpoint | ListImages
+            | ListSandboxes | Sandbox | SandboxLogs | ListApps | App | AppEnv | AppAddons
+            | AppAddon | AddonCatalog => "GET",
+            CreateDisk | ResizeDisk | AcquireLease | BackupDisk | RestoreDisk | CreateEndpoint
+            | NetGc | PullImage | ImportImage | ImageGc | RunSandbox | ExecSandbox
+            | StopSandbox | WaitSandbox | Deploy | RestartApp | CreateAddon => "POST",
+            LocalStorage => "PUT",
+            DeleteDisk | ReleaseLease | DeleteEndpoint | RemoveImage | DeleteSandbox
+            | DeleteApp | DestroyAddon => "DELETE",
+        }
+    }
+
+    /// The path, with `{name}` where a segment goes.
+    pub fn template(self) -> &'static str {
+        use Route::*;
+        match self {
+            Info => "/v1/info",
+            ListDisks | CreateDisk => "/v1/disks",
+            Disk | DeleteDisk => "/v1/disks/{disk}",
+            ResizeDisk => "/v1/disks/{disk}/resize",
+            AcquireLease | ReleaseLease => "/v1/disks/{disk}/lease",
+            ListLeases => "/v1/leases",
+            LocalStorage => "/v1/local-storage/{app}",
+            BackupDisk => "/v1/disks/{disk}/backup",
+            RestoreDisk => "/v1/disks/restore",
+            ListEndpoints | CreateEndpoint => "/v1/endpoints",
+            Endpoint | DeleteEndpoint => "/v1/endpoints/{owner}",
+            NetGc => "/v1/endpoints/gc",
+            ListImages | RemoveImage => "/v1/images",
+            PullImage => "/v1/images/pull",
+            ImportImage => "/v1/images/import",
+            ImageGc => "/v1/images/gc",
+            ListSandboxes | RunSandbox => "/v1/sandboxes",
+            Sandbox | DeleteSandbox => "/v1/sandboxes/{sandbox}",
+            SandboxLogs => "/v1/sandboxes/{sandbox}/logs",
+            ExecSandbox => "/v1/sandboxes/{sandbox}/exec",
+            StopSandbox => "/v1/sandboxes/{sandbox}/stop",
+            WaitSandbox => "/v1/sandboxes/{sandbox}/wait",
+            Deploy => "/v1/deploy",
+            ListApps => "/v1/apps",
+            App | DeleteApp => "/v1/apps/{app}",
+            RestartApp => "/v1/apps/{app}/restart",
+            AppEnv => "/v1/apps/{app}/env",
+            AppAddons => "/v1/apps/{app}/addons",
+            AppAddon | DestroyAddon => "/v1/apps/{app}/addons/{addon}",
+            CreateAddon => "/v1/addons",
+            AddonCatalog => "/v1/addons/catalog",
+        }
+    }
+
+    fn http_method(self) -> Method {
+        match self.method() {
+            "GET" => Method::GET,
+            "PUT" => Method::PUT,
+            "DELETE" => Method::DELETE,
+            _ => Method::POST,
+        }
+    }
+
+    /// The request target: the template with each `{..}` replaced by the next segment
+    /// (percent-encoded), then the query with its values percent-encoded.
+    pub fn path(self, segments: &[&str], query: &[(&str, String)]) -> String {
+        let mut path = String::new();
+        let mut segments = segments.iter();
+        let mut rest = self.template();
+        while let Some(start) = rest.find('{') {
+            path.push_str(&rest[..start]);
+            let end = rest[start..]
+                .find('}')
+                .map_or(rest.len(), |e| start + e + 1);
+            path.push_str(&percent_encode(
+                segments.next().copied().unwrap_or_default(),
+            ));
+            rest = &rest[end..];
+        }
+        path.push_str(rest);
+        for (i, (key, value)) in query.iter().enumerate() {
+            path.push(if i == 0 { '?' } else { '&' });
+            path.push_str(key);
+            path.push('=');
+            path.push_str(&percent_encode(value));
+        }
+        path
+    }
+}
+
+/// A streamed response body (logs, a backup).
+pub struct ByteStream {
+    body: Incoming,
+}
+
+impl ByteStream {
+    /// The next chunk, or `None` at the end.
+    pub async fn chunk(&mut self) -> Option<Result<Bytes, ClientError>> {
+        loop {
+            match self.body.frame().await? {
+                Ok(frame) => {
+                    if let Ok(data) = frame.into_data() {
+                        return Some(Ok(data));
+                    }
+                }
+                Err(e) => return Some(Err(ClientError::Stream(e.to_string()))),
+            }
+        }
+    }
+}
+
+/// A backup's snapshot stream and what the agent said about it up front.
+pub struct BackupStream {
+    /// How long the filesystem was frozen; `None` when it was not mounted writable.
+    pub freeze_seconds: Option<f64>,
+    /// Non-zero bytes of the image, for a progress bar.
+    pub data_bytes: Option<u64>,
+    /// The disk image's size.
+    pub size_bytes: Option<u64>,
+    pub snapshot: ByteStream,
+}
+
+/// A pull's NDJSON events.
+pub struct PullStream {
+    body: ByteStream,
+    pending: Vec<u8>,
+}
+
+impl PullStream {
+    /// The next event, or `None` when the agent ended the stream.
+    pub async fn next_event(&mut self) -> Option<Result<PullEvent, ClientError>> {
+        loop {
+            if let Some(end) = self.pending.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = self.pending.drain(..=end).collect();
+                return Some(serde_json::from_slice(&line).map_err(ClientError::Event));
+            }
+            match self.body.chunk().await? {
+                Ok(data) => self.pending.extend_from_slice(&data),
+                Err(e) => return Some(Err(e)),
+            }
+        }
+    }
 }
 
 pub struct Client {
     socket: PathBuf,
 }
+
+type Result<T, E = ClientError> = std::result::Result<T, E>;
+
+const NO_BODY: Option<&()> = None;
 
 impl Client {
     pub fn new(socket: &Path) -> Client {
@@ -42,34 +301,330 @@ impl Client {
         }
     }
 
-    pub async fn get<R: DeserializeOwned>(&self, path: &str) -> Result<R, ClientError> {
-        self.call(Method::GET, path, None::<&()>).await
+    // --- system
+
+    pub async fn info(&self) -> Result<AgentInfo> {
+        self.call(Route::Info, &[], &[], NO_BODY).await
     }
 
-    pub async fn call<B: Serialize, R: DeserializeOwned>(
-        &self,
-        method: Method,
-        path: &str,
-        body: Option<&B>,
-    ) -> Result<R, ClientError> {
-        let bytes = self.raw(method, path, body).await?;
-        let bytes = if bytes.is_empty() {
-            Bytes::from_static(b"null")
-        } else {
-            bytes
+    // --- disks and leases
+
+    pub async fn disks(&self) -> Result<Vec<Disk>> {
+        self.call(Route::ListDisks, &[], &[], NO_BODY).await
+    }
+
+    pub async fn create_disk(&self, req: &CreateDisk) -> Result<Disk> {
+        self.call(Route::CreateDisk, &[], &[], Some(req)).await
+    }
+
+    /// `disk` is an id or a name.
+    pub async fn disk(&self, disk: &str) -> Result<Disk> {
+        self.call(Route::Disk, &[disk], &[], NO_BODY).await
+    }
+
+    pub async fn delete_disk(&self, disk: &str) -> Result<()> {
+        self.call(Route::DeleteDisk, &[disk], &[], NO_BODY).await
+    }
+
+    pub async fn resize_disk(&self, disk: &str, req: &ResizeDisk) -> Result<Disk> {
+        self.call(Route::ResizeDisk, &[disk], &[], Some(req)).await
+    }
+
+    pub async fn acquire_lease(&self, disk: &str, req: &AcquireLease) -> Result<Lease> {
+        self.call(Route::AcquireLease, &[disk], &[], Some(req))
+            .await
+    }
+
+    pub async fn release_lease(&self, disk: &str) -> Result<ReleaseResult> {
+        self.call(Route::ReleaseLease, &[disk], &[], NO_BODY).await
+    }
+
+    pub async fn leases(&self) -> Result<Vec<Lease>> {
+        self.call(Route::ListLeases, &[], &[], NO_BODY).await
+    }
+
+    pub async fn local_storage(&self, app: &str) -> Result<Disk> {
+        self.call(Route::LocalStorage, &[app], &[], NO_BODY).await
+    }
+
+    pub async fn backup_disk(&self, disk: &str) -> Result<BackupStream> {
+        let path = Route::BackupDisk.path(&[disk], &[]);
+        let response = self
+            .send(
+                Route::BackupDisk,
+                &path,
+                "application/octet-stream",
+                Empty::<Bytes>::new(),
+            )
+            .await?;
+        let header = |name: &str| {
+            response
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
         };
-        serde_json::from_slice(&bytes)
-            .map_err(|e| ClientError::Protocol(format!("unexpected response: {e}")))
+        Ok(BackupStream {
+            freeze_seconds: header(FREEZE_SECONDS_HEADER).and_then(|v| v.parse().ok()),
+            data_bytes: header(DATA_BYTES_HEADER).and_then(|v| v.parse().ok()),
+            size_bytes: header(DISK_SIZE_HEADER).and_then(|v| v.parse().ok()),
+            snapshot: ByteStream {
+                body: response.into_body(),
+            },
+        })
     }
 
-    /// Sends a request with a streaming body; returns the response (errors already mapped).
-    pub async fn send<B>(
+    /// Uploads a snapshot read from `snapshot` (on a thread of its own: stdin or a file).
+    pub async fn restore_disk(
         &self,
-        method: Method,
+        name: Option<&str>,
+        force: bool,
+        mut snapshot: impl Read + Send + 'static,
+    ) -> Result<RestoreResult> {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, io::Error>>(8);
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                match snapshot.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        let frame = Frame::data(Bytes::copy_from_slice(&buf[..n]));
+                        if tx.blocking_send(Ok(frame)).is_err() {
+                            break;
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        let _ = tx.blocking_send(Err(e));
+                        break;
+                    }
+                }
+            }
+        });
+        let body = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        let mut query = vec![("force", force.to_string())];
+        if let Some(name) = name {
+            query.push(("name", name.to_string()));
+        }
+        let path = Route::RestoreDisk.path(&[], &query);
+        let response = self
+            .send(Route::RestoreDisk, &path, "application/octet-stream", body)
+            .await?;
+        // The answer comes once the whole upload is checked: errors reading it are shown bare.
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| ClientError::Stream(e.to_string()))?
+            .to_bytes();
+        serde_json::from_slice(&bytes).map_err(ClientError::Event)
+    }
+
+    // --- network endpoints
+
+    pub async fn endpoints(&self) -> Result<Vec<Endpoint>> {
+        self.call(Route::ListEndpoints, &[], &[], NO_BODY).await
+    }
+
+    pub async fn create_endpoint(&self, req: &CreateEndpoint) -> Result<Endpoint> {
+        self.call(Route::CreateEndpoint, &[], &[], Some(req)).await
+    }
+
+    pub async fn endpoint(&self, owner: &str) -> Result<Endpoint> {
+        self.call(Route::Endpoint, &[owner], &[], NO_BODY).await
+    }
+
+    pub async fn delete_endpoint(&self, owner: &str) -> Result<EndpointDeleted> {
+        self.call(Route::DeleteEndpoint, &[owner], &[], NO_BODY)
+            .await
+    }
+
+    pub async fn net_gc(&self) -> Result<NetGcReport> {
+        self.call(Route::NetGc, &[], &[], NO_BODY).await
+    }
+
+    // --- images
+
+    pub async fn images(&self) -> Result<Vec<ImageSummary>> {
+        self.call(Route::ListImages, &[], &[], NO_BODY).await
+    }
+
+    pub async fn pull_image(&self, req: &PullImage) -> Result<PullStream> {
+        let payload = serde_json::to_vec(req).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let path = Route::PullImage.path(&[], &[]);
+        let response = self
+            .send(
+                Route::PullImage,
+                &path,
+                "application/json",
+                Full::new(Bytes::from(payload)),
+            )
+            .await?;
+        Ok(PullStream {
+            body: ByteStream {
+                body: response.into_body(),
+            },
+            pending: Vec::new(),
+        })
+    }
+
+    pub async fn import_image(&self, req: &ImportImage) -> Result<ImageSummary> {
+        self.call(Route::ImportImage, &[], &[], Some(req)).await
+    }
+
+    pub async fn remove_image(&self, reference: &str) -> Result<ImageRemoved> {
+        let query = [("reference", reference.to_string())];
+        self.call(Route::RemoveImage, &[], &query, NO_BODY).await
+    }
+
+    pub async fn image_gc(&self) -> Result<ImageGcReport> {
+        self.call(Route::ImageGc, &[], &[], NO_BODY).await
+    }
+
+    // --- sandboxes
+
+    pub async fn sandboxes(&self) -> Result<Vec<Sandbox>> {
+        self.call(Route::ListSandboxes, &[], &[], NO_BODY).await
+    }
+
+    pub async fn run_sandbox(&self, req: &RunSandbox) -> Result<Sandbox> {
+        self.call(Route::RunSandbox, &[], &[], Some(req)).await
+    }
+
+    /// `sandbox` is an id or a name.
+    pub async fn sandbox(&self, sandbox: &str) -> Result<Sandbox> {
+        self.call(Route::Sandbox, &[sandbox], &[], NO_BODY).await
+    }
+
+    pub async fn delete_sandbox(&self, sandbox: &str) -> Result<()> {
+        self.call(Route::DeleteSandbox, &[sandbox], &[], NO_BODY)
+            .await
+    }
+
+    /// The sandbox's output so far, and with `follow` what it writes next.
+    pub async fn sandbox_logs(&self, sandbox: &str, follow: bool) -> Result<ByteStream> {
+        let path = Route::SandboxLogs.path(&[sandbox], &[("follow", follow.to_string())]);
+        let response = self
+            .send(
+                Route::SandboxLogs,
+                &path,
+                "application/json",
+                Empty::<Bytes>::new(),
+            )
+            .await?;
+        Ok(ByteStream {
+            body: response.into_body(),
+        })
+    }
+
+    pub async fn exec_sandbox(&self, sandbox: &str, req: &ExecRequest) -> Result<ExecResult> {
+        self.call(Route::ExecSandbox, &[sandbox], &[], Some(req))
+            .await
+    }
+
+    /// `grace`: seconds between SIGTERM and SIGKILL (default: the sandbox's).
+    pub async fn stop_sandbox(&self, sandbox: &str, grace_secs: Option<f64>) -> Result<Sandbox> {
+        let query: Vec<_> = grace_secs
+            .map(|s| ("grace_secs", s.to_string()))
+            .into_iter()
+            .collect();
+        self.call(Route::StopSandbox, &[sandbox], &query, NO_BODY)
+            .await
+    }
+
+    /// Waits until the sandbox is over; the agent answers 408 after `timeout_secs`.
+    pub async fn wait_sandbox(&self, sandbox: &str, timeout_secs: Option<f64>) -> Result<Sandbox> {
+        let query: Vec<_> = timeout_secs
+            .map(|s| ("timeout_secs", s.to_string()))
+            .into_iter()
+            .collect();
+        self.call(Route::WaitSandbox, &[sandbox], &query, NO_BODY)
+            .await
+    }
+
+    // --- apps, env and addons
+
+    pub async fn deploy(&self, req: &DeployApp) -> Result<App> {
+        self.call(Route::Deploy, &[], &[], Some(req)).await
+    }
+
+    pub async fn apps(&self) -> Result<Vec<App>> {
+        self.call(Route::ListApps, &[], &[], NO_BODY).await
+    }
+
+    pub async fn app(&self, app: &str) -> Result<App> {
+        self.call(Route::App, &[app], &[], NO_BODY).await
+    }
+
+    pub async fn delete_app(&self, app: &str) -> Result<AppDeleted> {
+        self.call(Route::DeleteApp, &[app], &[], NO_BODY).await
+    }
+
+    pub async fn restart_app(&self, app: &str) -> Result<App> {
+        self.call(Route::RestartApp, &[app], &[], NO_BODY).await
+    }
+
+    pub async fn app_env(&self, app: &str, reveal: bool) -> Result<Vec<EnvVarView>> {
+        let query = [("reveal", reveal.to_string())];
+        self.call(Route::AppEnv, &[app], &query, NO_BODY).await
+    }
+
+    pub async fn app_addons(&self, app: &str) -> Result<Vec<Addon>> {
+        self.call(Route::AppAddons, &[app], &[], NO_BODY).await
+    }
+
+    pub async fn app_addon(&self, app: &str, addon: &str) -> Result<Addon> {
+        self.call(Route::AppAddon, &[app, addon], &[], NO_BODY)
+            .await
+    }
+
+    pub async fn destroy_addon(&self, app: &str, addon: &str) -> Result<AddonDestroyed> {
+        self.call(Route::DestroyAddon, &[app, addon], &[], NO_BODY)
+            .await
+    }
+
+    pub async fn create_addon(&self, req: &CreateAddon) -> Result<Addon> {
+        self.call(Route::CreateAddon, &[], &[], Some(req)).await
+    }
+
+    pub async fn addon_catalog(&self) -> Result<Vec<AddonCatalogEntry>> {
+        self.call(Route::AddonCatalog, &[], &[], NO_BODY).await
+    }
+
+    // --- transport
+
+    /// A JSON request and a JSON answer (an empty answer reads as `null`, i.e. `()`).
+    async fn call<B: Serialize, R: DeserializeOwned>(
+        &self,
+        route: Route,
+        segments: &[&str],
+        query: &[(&str, String)],
+        body: Option<&B>,
+    ) -> Result<R> {
+        let payload = match body {
+            Some(b) => serde_json::to_vec(b).map_err(|e| ClientError::Protocol(e.to_string()))?,
+            None => Vec::new(),
+        };
+        let path = route.path(segments, query);
+        let response = self
+            .send(
+                route,
+                &path,
+                "application/json",
+                Full::new(Bytes::from(payload)),
+            )
+            .await?;
+        decode(read_all(response).await?)
+    }
+
+    /// Sends a request; returns the response of a success, or the agent's error.
+    async fn send<B>(
+        &self,
+        route: Route,
         path: &str,
         content_type: &str,
         body: B,
-    ) -> Result<hyper::Response<hyper::body::Incoming>, ClientError>
+    ) -> Result<hyper::Response<Incoming>>
     where
         B: hyper::body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -86,7 +641,7 @@ impl Client {
             .map_err(|e| ClientError::Protocol(e.to_string()))?;
         tokio::spawn(conn);
         let request = Request::builder()
-            .method(method)
+            .method(route.http_method())
             .uri(path)
             .header("host", "miren-agent")
             .header("content-type", content_type)
@@ -100,46 +655,34 @@ impl Client {
             return Ok(response);
         }
         let status = response.status();
-        let bytes = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| ClientError::Protocol(e.to_string()))?
-            .to_bytes();
+        let bytes = read_all(response).await?;
         Err(error_from(status, &bytes))
     }
+}
 
-    pub async fn raw<B: Serialize>(
-        &self,
-        method: Method,
-        path: &str,
-        body: Option<&B>,
-    ) -> Result<Bytes, ClientError> {
-        let payload = match body {
-            Some(b) => serde_json::to_vec(b).map_err(|e| ClientError::Protocol(e.to_string()))?,
-            None => Vec::new(),
-        };
-        let response = self
-            .send(
-                method,
-                path,
-                "application/json",
-                Full::new(Bytes::from(payload)),
-            )
-            .await?;
-        Ok(response
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| ClientError::Protocol(e.to_string()))?
-            .to_bytes())
-    }
+async fn read_all(response: hyper::Response<Incoming>) -> Result<Bytes> {
+    Ok(response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| ClientError::Protocol(e.to_string()))?
+        .to_bytes())
+}
+
+fn decode<R: DeserializeOwned>(bytes: Bytes) -> Result<R> {
+    let bytes = if bytes.is_empty() {
+        Bytes::from_static(b"null")
+    } else {
+        bytes
+    };
+    serde_json::from_slice(&bytes)
+        .map_err(|e| ClientError::Protocol(format!("unexpected response: {e}")))
 }
 
 fn error_from(status: StatusCode, bytes: &[u8]) -> ClientError {
     match serde_json::from_slice::<ErrorBody>(bytes) {
         Ok(err) => ClientError::Api {
-            status,
+            status: status.as_u16(),
             code: err.code,
             message: err.message,
         },
@@ -147,5 +690,43 @@ fn error_from(status: StatusCode, bytes: &[u8]) -> ClientError {
             "agent answered {status}: {}",
             String::from_utf8_lossy(bytes)
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_encode_segments_and_query_values() {
+        assert_eq!(Route::Disk.path(&["pg-data"], &[]), "/v1/disks/pg-data");
+        assert_eq!(
+            Route::DestroyAddon.path(&["shop", "miren-postgresql"], &[]),
+            "/v1/apps/shop/addons/miren-postgresql"
+        );
+        assert_eq!(
+            Route::Endpoint.path(&["pid:12"], &[]),
+            "/v1/endpoints/pid%3A12"
+        );
+        assert_eq!(
+            Route::RemoveImage.path(&[], &[("reference", "ghcr.io/org/app:1".into())]),
+            "/v1/images?reference=ghcr.io%2Forg%2Fapp%3A1"
+        );
+        assert_eq!(
+            Route::RestoreDisk.path(&[], &[("force", "false".into()), ("name", "d1".into())]),
+            "/v1/disks/restore?force=false&name=d1"
+        );
+        assert_eq!(
+            Route::WaitSandbox.path(&["sb"], &[("timeout_secs", 1.5f64.to_string())]),
+            "/v1/sandboxes/sb/wait?timeout_secs=1.5"
+        );
+    }
+
+    #[test]
+    fn every_route_is_listed_once() {
+        for (i, route) in Route::ALL.iter().enumerate() {
+            assert!(!Route::ALL[..i].contains(route), "{route:?} twice");
+            assert!(route.template().starts_with("/v1/"));
+        }
     }
 }

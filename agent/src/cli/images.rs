@@ -2,16 +2,46 @@
 
 use std::collections::HashMap;
 use std::io::{self, IsTerminal, Read};
+use std::path::PathBuf;
 
 use anyhow::{anyhow, bail, Context, Result};
-use http_body_util::{BodyExt, Full};
-use hyper::body::Bytes;
-use hyper::Method;
+use clap::Subcommand;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
-use crate::cli::client::Client;
-use crate::cli::{human_bytes, ImageCommand};
-use crate::model::{ImageGcReport, ImageRemoved, ImageSummary, ImportImage, PullEvent, PullImage};
+use crate::cli::client::{Client, ClientError};
+use crate::cli::output::{human_bytes, print_json};
+use crate::model::{ImageSummary, ImportImage, PullEvent, PullImage};
+
+#[derive(Subcommand, Debug)]
+pub enum ImageCommand {
+    /// Pull an image (through the agent's mirrors), verifying every digest.
+    Pull {
+        reference: String,
+        #[arg(long)]
+        username: Option<String>,
+        /// Read the registry password from stdin.
+        #[arg(long, requires = "username")]
+        password_stdin: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List images.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove an image (its blobs and layers go at the next gc).
+    Rm { reference: String },
+    /// Import an OCI image layout directory, an OCI archive, or a rootfs tarball.
+    Import {
+        reference: String,
+        path: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove blobs and unpacked layers no image uses.
+    Gc,
+}
 
 fn print_summary(image: &ImageSummary) {
     println!(
@@ -45,73 +75,18 @@ pub async fn run(client: &Client, command: ImageCommand) -> Result<()> {
                 username,
                 password,
             };
-            let body = Full::new(Bytes::from(serde_json::to_vec(&req)?));
-            let response = client
-                .send(Method::POST, "/v1/images/pull", "application/json", body)
-                .await?;
-            let bars = if io::stderr().is_terminal() {
-                Some(MultiProgress::new())
-            } else {
-                None
-            };
-            let mut per_blob: HashMap<String, ProgressBar> = HashMap::new();
-            let style = ProgressStyle::with_template(
-                "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
-            )
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> ");
-            let mut body = response.into_body();
-            let mut pending = Vec::new();
-            let mut result = None;
-            while let Some(frame) = body.frame().await {
-                let frame = frame.map_err(|e| anyhow!("the pull broke off: {e}"))?;
-                let Ok(data) = frame.into_data() else {
-                    continue;
-                };
-                pending.extend_from_slice(&data);
-                while let Some(end) = pending.iter().position(|b| *b == b'\n') {
-                    let line: Vec<u8> = pending.drain(..=end).collect();
-                    match serde_json::from_slice::<PullEvent>(&line)? {
-                        PullEvent::Progress {
-                            digest,
-                            done,
-                            total,
-                        } => {
-                            if let Some(multi) = &bars {
-                                let bar = per_blob.entry(digest.clone()).or_insert_with(|| {
-                                    let bar = multi.add(ProgressBar::new(total));
-                                    bar.set_style(style.clone());
-                                    let short = digest.trim_start_matches("sha256:");
-                                    bar.set_message(short.chars().take(12).collect::<String>());
-                                    bar
-                                });
-                                bar.set_length(total);
-                                bar.set_position(done);
-                            }
-                        }
-                        PullEvent::Image(image) => result = Some(image),
-                        PullEvent::Error(err) => bail!("{}", err.message),
-                    }
-                }
-            }
-            for bar in per_blob.values() {
-                bar.finish_and_clear();
-            }
-            let image =
-                result.ok_or_else(|| anyhow!("the agent ended the pull without a result"))?;
+            let image = pull(client, &req).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&image)?);
+                print_json(&image)?;
             } else {
                 print!("pulled ");
                 print_summary(&image);
             }
-            Ok(())
         }
         ImageCommand::List { json } => {
-            let images: Vec<ImageSummary> = client.get("/v1/images").await?;
+            let images = client.images().await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&images)?);
-                return Ok(());
+                return print_json(&images);
             }
             println!(
                 "{:<50} {:<20} {:>7} {:>10}",
@@ -132,25 +107,14 @@ pub async fn run(client: &Client, command: ImageCommand) -> Result<()> {
                     human_bytes(image.size_bytes)
                 );
             }
-            Ok(())
         }
         ImageCommand::Rm { reference } => {
-            let removed: ImageRemoved = client
-                .call(
-                    Method::DELETE,
-                    &format!(
-                        "/v1/images?reference={}",
-                        crate::util::percent_encode(&reference)
-                    ),
-                    None::<&()>,
-                )
-                .await?;
+            let removed = client.remove_image(&reference).await?;
             if removed.removed {
                 println!("removed {}", removed.reference);
             } else {
                 println!("{} was not on this node; nothing to do", removed.reference);
             }
-            Ok(())
         }
         ImageCommand::Import {
             reference,
@@ -163,28 +127,72 @@ pub async fn run(client: &Client, command: ImageCommand) -> Result<()> {
                 reference,
                 path: path.display().to_string(),
             };
-            let image: ImageSummary = client
-                .call(Method::POST, "/v1/images/import", Some(&req))
-                .await?;
+            let image = client.import_image(&req).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&image)?);
+                print_json(&image)?;
             } else {
                 print!("imported ");
                 print_summary(&image);
             }
-            Ok(())
         }
         ImageCommand::Gc => {
-            let report: ImageGcReport = client
-                .call(Method::POST, "/v1/images/gc", None::<&()>)
-                .await?;
+            let report = client.image_gc().await?;
             println!(
                 "removed {} blobs and {} layers, freed {}",
                 report.blobs_removed,
                 report.layers_removed,
                 human_bytes(report.bytes_freed)
             );
-            Ok(())
         }
     }
+    Ok(())
+}
+
+/// Follows a pull's events, with a bar per blob on a terminal, to its image.
+async fn pull(client: &Client, req: &PullImage) -> Result<ImageSummary> {
+    let mut events = client.pull_image(req).await?;
+    let bars = if io::stderr().is_terminal() {
+        Some(MultiProgress::new())
+    } else {
+        None
+    };
+    let mut per_blob: HashMap<String, ProgressBar> = HashMap::new();
+    let style = ProgressStyle::with_template(
+        "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+    )
+    .unwrap_or_else(|_| ProgressStyle::default_bar())
+    .progress_chars("=> ");
+    let mut result = None;
+    while let Some(event) = events.next_event().await {
+        let event = match event {
+            Ok(event) => event,
+            Err(e @ ClientError::Stream(_)) => bail!("the pull broke off: {e}"),
+            Err(e) => return Err(e.into()),
+        };
+        match event {
+            PullEvent::Progress {
+                digest,
+                done,
+                total,
+            } => {
+                if let Some(multi) = &bars {
+                    let bar = per_blob.entry(digest.clone()).or_insert_with(|| {
+                        let bar = multi.add(ProgressBar::new(total));
+                        bar.set_style(style.clone());
+                        let short = digest.trim_start_matches("sha256:");
+                        bar.set_message(short.chars().take(12).collect::<String>());
+                        bar
+                    });
+                    bar.set_length(total);
+                    bar.set_position(done);
+                }
+            }
+            PullEvent::Image(image) => result = Some(image),
+            PullEvent::Error(err) => bail!("{}", err.message),
+        }
+    }
+    for bar in per_blob.values() {
+        bar.finish_and_clear();
+    }
+    result.ok_or_else(|| anyhow!("the agent ended the pull without a result"))
 }

@@ -1,14 +1,106 @@
 //! `miren sandbox ...`.
 
 use std::io::Write;
+use std::time::Duration;
 
 use anyhow::{anyhow, Result};
-use http_body_util::BodyExt;
-use hyper::Method;
+use clap::Subcommand;
 
 use crate::cli::client::Client;
-use crate::cli::SandboxCommand;
-use crate::model::{ExecRequest, ExecResult, RunSandbox, Sandbox};
+use crate::cli::output::{print_field, print_json};
+use crate::cli::parse::{parse_duration, parse_publish};
+use crate::model::{ExecRequest, PublishPort, RunSandbox, Sandbox};
+
+// Parsed once per process; boxing the big `run` arguments would buy nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Subcommand, Debug)]
+pub enum SandboxCommand {
+    /// Start a sandbox from an image and print its id.
+    Run {
+        #[arg(long)]
+        image: String,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        app: Option<String>,
+        /// KEY=VALUE (repeatable).
+        #[arg(long)]
+        env: Vec<String>,
+        /// Memory limit, e.g. 256M (default 512M).
+        #[arg(long)]
+        memory: Option<String>,
+        /// CPUs, e.g. 0.5 (default 1).
+        #[arg(long)]
+        cpus: Option<f64>,
+        /// Maximum number of tasks (default 1024).
+        #[arg(long)]
+        pids: Option<i64>,
+        /// Size of the writable layer, the container's own root filesystem writes (default 1G).
+        #[arg(long)]
+        writable_size: Option<String>,
+        /// NAME:/path[:ro] (repeatable): a disk, leased for the sandbox's life.
+        #[arg(long)]
+        disk: Vec<String>,
+        #[arg(long, value_parser = parse_duration)]
+        lease_timeout: Option<Duration>,
+        /// Mount the app's local storage directory here.
+        #[arg(long)]
+        local_dir: Option<String>,
+        /// A private tmpfs: /path[:size] (repeatable; default size 64M).
+        #[arg(long)]
+        tmpfs: Vec<String>,
+        #[arg(long, value_parser = ["no", "on-failure", "always"])]
+        restart: Option<String>,
+        /// Publish a TCP port on the host: HOSTPORT:PORT (127.0.0.1) or IP:HOSTPORT:PORT.
+        #[arg(long, value_parser = parse_publish)]
+        publish: Vec<PublishPort>,
+        #[arg(long)]
+        json: bool,
+        /// Command and arguments (default: the image's entrypoint and cmd).
+        #[arg(last = true)]
+        cmd: Vec<String>,
+    },
+    /// List sandboxes.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one sandbox.
+    Status {
+        sandbox: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a sandbox's output.
+    Logs {
+        sandbox: String,
+        #[arg(short = 'f', long)]
+        follow: bool,
+    },
+    /// Run a command inside a running sandbox.
+    Exec {
+        sandbox: String,
+        #[arg(last = true, required = true)]
+        cmd: Vec<String>,
+    },
+    /// Wait until a sandbox is over (exited, no restart to come) and print its exit code.
+    Wait {
+        sandbox: String,
+        /// Give up after this long (e.g. 30s, 5m); exits 1 then.
+        #[arg(long, value_parser = parse_duration)]
+        timeout: Option<Duration>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop a sandbox: SIGTERM, a grace period, SIGKILL.
+    Stop {
+        sandbox: String,
+        #[arg(long, value_parser = parse_duration)]
+        grace: Option<Duration>,
+    },
+    /// Stop a sandbox and remove everything it had.
+    Delete { sandbox: String },
+}
 
 fn print_sandbox(s: &Sandbox) {
     let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
@@ -20,10 +112,7 @@ fn print_sandbox(s: &Sandbox) {
         ("state", s.state.to_string()),
         ("pid", s.pid.map_or("-".into(), |p| p.to_string())),
         ("ip", opt(&s.ip)),
-        (
-            "exit code",
-            s.exit_code.map_or("-".into(), |c| c.to_string()),
-        ),
+        ("exit code", exit_code(s)),
         ("oom killed", s.oom_killed.to_string()),
         ("restarts", s.restarts.to_string()),
         ("started", opt(&s.started_at)),
@@ -37,11 +126,15 @@ fn print_sandbox(s: &Sandbox) {
             },
         ),
     ] {
-        println!("{:<11} {value}", format!("{key}:"));
+        print_field(key, &value);
     }
     if let Some(e) = &s.error {
-        println!("{:<11} {e}", "error:");
+        print_field("error", e);
     }
+}
+
+fn exit_code(s: &Sandbox) -> String {
+    s.exit_code.map_or("-".into(), |c| c.to_string())
 }
 
 /// Returns the process exit code (exec passes the command's through).
@@ -83,20 +176,17 @@ pub async fn run(client: &Client, command: SandboxCommand) -> Result<i32> {
                 allow_from: Vec::new(),
                 cmd,
             };
-            let sandbox: Sandbox = client
-                .call(Method::POST, "/v1/sandboxes", Some(&req))
-                .await?;
+            let sandbox = client.run_sandbox(&req).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&sandbox)?);
+                print_json(&sandbox)?;
             } else {
                 println!("{}", sandbox.id);
             }
-            Ok(0)
         }
         SandboxCommand::List { json } => {
-            let sandboxes: Vec<Sandbox> = client.get("/v1/sandboxes").await?;
+            let sandboxes = client.sandboxes().await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&sandboxes)?);
+                print_json(&sandboxes)?;
                 return Ok(0);
             }
             let (id, name, app, state, exit, ip, image) =
@@ -109,116 +199,63 @@ pub async fn run(client: &Client, command: SandboxCommand) -> Result<i32> {
                     s.name,
                     s.app,
                     s.state,
-                    s.exit_code.map_or("-".into(), |c| c.to_string()),
+                    exit_code(&s),
                     s.ip.clone().unwrap_or_else(|| "-".into()),
                     s.image
                 );
             }
-            Ok(0)
         }
         SandboxCommand::Status { sandbox, json } => {
-            let s: Sandbox = client
-                .get(&format!(
-                    "/v1/sandboxes/{}",
-                    crate::util::percent_encode(&sandbox)
-                ))
-                .await?;
+            let s = client.sandbox(&sandbox).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&s)?);
+                print_json(&s)?;
             } else {
                 print_sandbox(&s);
             }
-            Ok(0)
         }
         SandboxCommand::Logs { sandbox, follow } => {
-            let path = format!(
-                "/v1/sandboxes/{}/logs?follow={follow}",
-                crate::util::percent_encode(&sandbox)
-            );
-            let response = client
-                .send(
-                    Method::GET,
-                    &path,
-                    "application/json",
-                    http_body_util::Empty::<hyper::body::Bytes>::new(),
-                )
-                .await?;
-            let mut body = response.into_body();
+            let mut logs = client.sandbox_logs(&sandbox, follow).await?;
             let mut out = std::io::stdout();
-            while let Some(frame) = body.frame().await {
-                let frame = frame.map_err(|e| anyhow!("the log stream broke off: {e}"))?;
-                if let Ok(data) = frame.into_data() {
-                    out.write_all(&data)?;
-                    out.flush()?;
-                }
+            while let Some(chunk) = logs.chunk().await {
+                let data = chunk.map_err(|e| anyhow!("the log stream broke off: {e}"))?;
+                out.write_all(&data)?;
+                out.flush()?;
             }
-            Ok(0)
         }
         SandboxCommand::Exec { sandbox, cmd } => {
             let req = ExecRequest {
                 args: cmd,
                 env: Vec::new(),
             };
-            let result: ExecResult = client
-                .call(
-                    Method::POST,
-                    &format!(
-                        "/v1/sandboxes/{}/exec",
-                        crate::util::percent_encode(&sandbox)
-                    ),
-                    Some(&req),
-                )
-                .await?;
+            let result = client.exec_sandbox(&sandbox, &req).await?;
             print!("{}", result.stdout);
             eprint!("{}", result.stderr);
-            Ok(result.exit_code)
+            return Ok(result.exit_code);
         }
         SandboxCommand::Wait {
             sandbox,
             timeout,
             json,
         } => {
-            let mut path = format!(
-                "/v1/sandboxes/{}/wait",
-                crate::util::percent_encode(&sandbox)
-            );
-            if let Some(timeout) = timeout {
-                path.push_str(&format!("?timeout_secs={}", timeout.as_secs_f64()));
-            }
-            let s: Sandbox = client.call(Method::POST, &path, None::<&()>).await?;
+            let s = client
+                .wait_sandbox(&sandbox, timeout.map(|t| t.as_secs_f64()))
+                .await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&s)?);
+                print_json(&s)?;
             } else {
-                println!("{}", s.exit_code.map_or("-".into(), |c| c.to_string()));
+                println!("{}", exit_code(&s));
             }
-            Ok(0)
         }
         SandboxCommand::Stop { sandbox, grace } => {
-            let mut path = format!(
-                "/v1/sandboxes/{}/stop",
-                crate::util::percent_encode(&sandbox)
-            );
-            if let Some(grace) = grace {
-                path.push_str(&format!("?grace_secs={}", grace.as_secs_f64()));
-            }
-            let s: Sandbox = client.call(Method::POST, &path, None::<&()>).await?;
-            println!(
-                "stopped {} (exit code {})",
-                s.name,
-                s.exit_code.map_or("-".into(), |c| c.to_string())
-            );
-            Ok(0)
+            let s = client
+                .stop_sandbox(&sandbox, grace.map(|g| g.as_secs_f64()))
+                .await?;
+            println!("stopped {} (exit code {})", s.name, exit_code(&s));
         }
         SandboxCommand::Delete { sandbox } => {
-            let _: () = client
-                .call(
-                    Method::DELETE,
-                    &format!("/v1/sandboxes/{}", crate::util::percent_encode(&sandbox)),
-                    None::<&()>,
-                )
-                .await?;
+            client.delete_sandbox(&sandbox).await?;
             println!("deleted {sandbox}");
-            Ok(0)
         }
     }
+    Ok(0)
 }

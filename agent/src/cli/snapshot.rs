@@ -10,17 +10,63 @@ use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use anyhow::{anyhow, bail, Context, Result};
-use http_body_util::{BodyExt, Empty, StreamBody};
-use hyper::body::{Bytes, Frame};
-use hyper::Method;
+use clap::Subcommand;
 use indicatif::{ProgressBar, ProgressStyle};
 use miren_snapshot::{printable, SnapshotReader, StreamObserver};
 use serde::Serialize;
 
-use crate::api::{DATA_BYTES_HEADER, DISK_SIZE_HEADER, FREEZE_SECONDS_HEADER};
 use crate::cli::client::Client;
-use crate::cli::human_bytes;
-use crate::model::RestoreResult;
+use crate::cli::output::human_bytes;
+
+#[derive(Subcommand, Debug)]
+pub enum DiskBackupCommand {
+    /// Write a consistent, compressed, checksummed snapshot of a disk.
+    Backup {
+        #[arg(short = 'n', long = "name")]
+        name: String,
+        /// Output file or directory; `-` for stdout. Default: NAME-YYYYMMDD-HHMMSS.miren.zst here.
+        #[arg(short = 'o', long = "output")]
+        output: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Recreate a disk from a snapshot (verified completely before anything changes).
+    Restore {
+        /// Snapshot file; `-` for stdin.
+        #[arg(short = 's', long = "snapshot")]
+        snapshot: String,
+        /// Restore under this name instead of the one recorded in the snapshot.
+        #[arg(short = 'n', long = "name")]
+        name: Option<String>,
+        /// Replace the contents of an existing disk (refused while it is leased).
+        #[arg(long)]
+        force: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check a whole snapshot (structure and every checksum) without restoring it.
+    Verify {
+        #[arg(short = 's', long = "snapshot")]
+        snapshot: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub async fn run(client: &Client, command: DiskBackupCommand) -> Result<()> {
+    match command {
+        DiskBackupCommand::Backup { name, output, json } => {
+            backup(client, &name, output.as_deref(), json).await
+        }
+        DiskBackupCommand::Restore {
+            snapshot,
+            name,
+            force,
+            json,
+        } => restore(client, &snapshot, name.as_deref(), force, json).await,
+        DiskBackupCommand::Verify { snapshot, json } => verify(&snapshot, json),
+    }
+}
 
 fn progress_bar(total: Option<u64>, what: &str) -> ProgressBar {
     if !io::stderr().is_terminal() {
@@ -86,26 +132,10 @@ pub async fn backup(client: &Client, disk: &str, output: Option<&str>, json: boo
         Some(path) => Some(PathBuf::from(path)),
         None => Some(PathBuf::from(default_file_name(disk, SystemTime::now()))),
     };
-    let response = client
-        .send(
-            Method::POST,
-            &format!("/v1/disks/{disk}/backup"),
-            "application/octet-stream",
-            Empty::<Bytes>::new(),
-        )
-        .await?;
-    let header = |name: &str| {
-        response
-            .headers()
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string)
-    };
-    let freeze_seconds = header(FREEZE_SECONDS_HEADER).and_then(|v| v.parse::<f64>().ok());
-    let data_total = header(DATA_BYTES_HEADER).and_then(|v| v.parse::<u64>().ok());
-    let size_bytes = header(DISK_SIZE_HEADER)
-        .and_then(|v| v.parse::<u64>().ok())
-        .unwrap_or(0);
+    let mut backup = client.backup_disk(disk).await?;
+    let freeze_seconds = backup.freeze_seconds;
+    let data_total = backup.data_bytes;
+    let size_bytes = backup.size_bytes.unwrap_or(0);
 
     let (mut sink, partial): (Box<dyn Write>, Option<PartialFile>) = match &final_path {
         None => (Box::new(io::stdout().lock()), None),
@@ -130,16 +160,13 @@ pub async fn backup(client: &Client, disk: &str, output: Option<&str>, json: boo
     let bar = progress_bar(data_total, &format!("backing up {disk}"));
     let mut observer = StreamObserver::new();
     let mut written = 0u64;
-    let mut body = response.into_body();
     let copy = async {
-        while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(|e| anyhow!("the backup stream broke off: {e}"))?;
-            if let Ok(data) = frame.into_data() {
-                sink.write_all(&data).context("writing the snapshot")?;
-                observer.feed(&data);
-                written += data.len() as u64;
-                bar.set_position(observer.data_bytes());
-            }
+        while let Some(chunk) = backup.snapshot.chunk().await {
+            let data = chunk.map_err(|e| anyhow!("the backup stream broke off: {e}"))?;
+            sink.write_all(&data).context("writing the snapshot")?;
+            observer.feed(&data);
+            written += data.len() as u64;
+            bar.set_position(observer.data_bytes());
         }
         Ok::<(), anyhow::Error>(())
     };
@@ -229,44 +256,13 @@ pub async fn restore(
     if let Some(name) = name {
         miren_disks::validate_name(name)?;
     }
-    let (mut input, len) = open_input(source)?;
+    let (input, len) = open_input(source)?;
     let bar = progress_bar(len, "restoring");
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, io::Error>>(8);
-    let reader_bar = bar.clone();
-    std::thread::spawn(move || {
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            match input.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => {
-                    reader_bar.inc(n as u64);
-                    if tx
-                        .blocking_send(Ok(Frame::data(Bytes::copy_from_slice(&buf[..n]))))
-                        .is_err()
-                    {
-                        break;
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    let _ = tx.blocking_send(Err(e));
-                    break;
-                }
-            }
-        }
-    });
-    let body = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
-    let mut path = format!("/v1/disks/restore?force={force}");
-    if let Some(name) = name {
-        path.push_str(&format!("&name={name}"));
-    }
-    let request = async {
-        let response = client
-            .send(Method::POST, &path, "application/octet-stream", body)
-            .await?;
-        let bytes = response.into_body().collect().await?.to_bytes();
-        Ok::<RestoreResult, anyhow::Error>(serde_json::from_slice(&bytes)?)
+    let counting = CountingReader {
+        inner: input,
+        bar: bar.clone(),
     };
+    let request = client.restore_disk(name, force, counting);
     let result = tokio::select! {
         result = request => result?,
         _ = tokio::signal::ctrl_c() => bail!("interrupted; the agent discards the partial upload and leaves the disk as it was"),

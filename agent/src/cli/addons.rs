@@ -1,0 +1,231 @@
+//! `miren addon ...`: managed addons (PostgreSQL) attached to apps.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use clap::Subcommand;
+
+use crate::cli::client::Client;
+use crate::cli::output::{print_json, print_table};
+use crate::model::{Addon, CreateAddon};
+
+#[derive(Subcommand, Debug)]
+pub enum AddonCommand {
+    /// The addons this node offers.
+    ListAvailable {
+        #[arg(long)]
+        json: bool,
+    },
+    /// An addon's variants and their defaults.
+    Variants {
+        addon: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Attach an addon to an app and wait until it is active: ADDON[:VARIANT], e.g.
+    /// miren-postgresql:shared.
+    Create {
+        addon: String,
+        #[arg(short = 'a', long)]
+        app: String,
+        /// A major version from the catalogue (e.g. 16), or a full image reference.
+        #[arg(long)]
+        version: Option<String>,
+        /// Return once recorded instead of waiting for `active`.
+        #[arg(long)]
+        no_wait: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// An app's addons and their status.
+    List {
+        #[arg(short = 'a', long)]
+        app: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove an addon and DELETE ITS DATA (asks on a terminal unless --yes).
+    Destroy {
+        addon: String,
+        #[arg(short = 'a', long)]
+        app: String,
+        #[arg(short = 'y', long)]
+        yes: bool,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub(crate) fn print_addons(addons: &[Addon]) {
+    let rows = addons
+        .iter()
+        .map(|a| {
+            vec![
+                a.name.clone(),
+                a.variant.clone(),
+                a.version.clone(),
+                a.status.clone(),
+                a.reason.clone().unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    print_table(&["NAME", "VARIANT", "VERSION", "STATUS", "REASON"], rows);
+}
+
+/// Asks on a terminal; scripts (no terminal) pass --yes or are not asked.
+fn confirm(question: &str) -> Result<bool> {
+    if !std::io::stdin().is_terminal() {
+        return Ok(true);
+    }
+    eprint!("{question} [y/N] ");
+    std::io::stderr().flush()?;
+    let mut answer = String::new();
+    std::io::stdin().lock().read_line(&mut answer)?;
+    Ok(matches!(answer.trim(), "y" | "Y" | "yes" | "YES" | "Yes"))
+}
+
+/// Returns the process exit code: 1 when an addon ends in `error` or a destroy is declined.
+pub async fn run(client: &Client, command: AddonCommand) -> Result<i32> {
+    match command {
+        AddonCommand::ListAvailable { json: as_json } => {
+            let catalog = client.addon_catalog().await?;
+            if as_json {
+                print_json(&catalog)?;
+                return Ok(0);
+            }
+            let rows = catalog
+                .iter()
+                .map(|a| {
+                    vec![
+                        a.name.clone(),
+                        a.description.clone(),
+                        a.variants
+                            .iter()
+                            .map(|v| v.name.clone())
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                        format!("{} (default {})", a.versions.join(", "), a.default_version),
+                    ]
+                })
+                .collect();
+            print_table(&["NAME", "DESCRIPTION", "VARIANTS", "VERSIONS"], rows);
+            Ok(0)
+        }
+        AddonCommand::Variants {
+            addon,
+            json: as_json,
+        } => {
+            let catalog = client.addon_catalog().await?;
+            let names: Vec<String> = catalog.iter().map(|a| a.name.clone()).collect();
+            let Some(entry) = catalog.into_iter().find(|a| a.name == addon) else {
+                bail!(
+                    "unknown addon `{addon}`; available addons: {}",
+                    names.join(", ")
+                );
+            };
+            if as_json {
+                print_json(&entry.variants)?;
+                return Ok(0);
+            }
+            let rows = entry
+                .variants
+                .iter()
+                .map(|v| {
+                    vec![
+                        v.name.clone(),
+                        v.description.clone(),
+                        if v.default { "yes".into() } else { "".into() },
+                        format!("{} GiB {}", v.disk_size_gb, v.disk_filesystem),
+                        format!("PostgreSQL {}", entry.default_version),
+                    ]
+                })
+                .collect();
+            print_table(
+                &["VARIANT", "DESCRIPTION", "DEFAULT", "DISK", "VERSION"],
+                rows,
+            );
+            Ok(0)
+        }
+        AddonCommand::Create {
+            addon,
+            app,
+            version,
+            no_wait,
+            json: as_json,
+        } => {
+            let started = Instant::now();
+            let req = CreateAddon {
+                app: app.clone(),
+                addon,
+                variant: None,
+                version,
+                wait: !no_wait,
+            };
+            let created = client.create_addon(&req).await?;
+            if as_json {
+                print_json(&created)?;
+            } else if created.status == "error" {
+                eprintln!(
+                    "error: {} for app `{app}` failed: {}",
+                    created.name,
+                    created.reason.as_deref().unwrap_or("no reason recorded")
+                );
+                eprintln!(
+                    "what it made was removed; fix the cause and run the create again, or `miren addon destroy {} -a {app}`",
+                    created.name
+                );
+            } else if no_wait {
+                println!(
+                    "{}:{} ({}) for app `{app}`: {}; `miren addon list -a {app}` shows when it is active; a running app is restarted with its variables then",
+                    created.name, created.variant, created.version, created.status
+                );
+            } else {
+                println!(
+                    "{}:{} ({}) for app `{app}`: {} in {:.2}s",
+                    created.name,
+                    created.variant,
+                    created.version,
+                    created.status,
+                    started.elapsed().as_secs_f64()
+                );
+            }
+            Ok(if created.status == "error" { 1 } else { 0 })
+        }
+        AddonCommand::List { app, json: as_json } => {
+            let addons = client.app_addons(&app).await?;
+            if as_json {
+                print_json(&addons)?;
+            } else if addons.is_empty() {
+                println!("app `{app}` has no addons");
+            } else {
+                print_addons(&addons);
+            }
+            Ok(0)
+        }
+        AddonCommand::Destroy {
+            addon,
+            app,
+            yes,
+            json: as_json,
+        } => {
+            if !yes
+                && !confirm(&format!(
+                    "Destroy {addon} of app `{app}`? Its database and all its data are deleted; this cannot be undone."
+                ))?
+            {
+                eprintln!("nothing was destroyed");
+                return Ok(1);
+            }
+            let destroyed = client.destroy_addon(&app, &addon).await?;
+            if as_json {
+                print_json(&destroyed)?;
+            } else if destroyed.deleted {
+                println!("{} of app `{app}`: deleted", destroyed.name);
+            } else {
+                println!("app `{app}` has no {} addon; nothing to do", destroyed.name);
+            }
+            Ok(0)
+        }
+    }
+}
