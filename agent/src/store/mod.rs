@@ -507,8 +507,7 @@ mod tests {
         let store = Store::open(&dir.path().join("state.db")).unwrap();
         let synchronous = |store: &Store| -> i64 {
             store
-                .conn()
-                .query_row("PRAGMA synchronous", [], |r| r.get(0))
+                .with_conn(|conn| conn.query_row("PRAGMA synchronous", [], |r| r.get(0)))
                 .unwrap()
         };
         assert_eq!(synchronous(&store), 2, "FULL");
