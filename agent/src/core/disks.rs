@@ -14,7 +14,7 @@ use tracing::{info, warn};
 
 use crate::config::AgentConfig;
 use crate::core::error::Error;
-use crate::core::owner::Holder;
+use crate::core::owner::{self, Holder};
 use crate::model::{self, CreateDisk, Disk, Lease, LeaseInfo, ReleaseResult};
 use crate::store::{DiskRow, DiskStatus, LeaseAttempt, LeaseRow, Owner, Store};
 use crate::util::{new_id, now_rfc3339};
@@ -456,7 +456,7 @@ impl DiskService {
     /// sandbox holds the disk, and leases are refused while a disk is `resizing`.
     fn grow_offline(&self, row: &DiskRow) -> Result<(), GrowFailure> {
         let before = |error: Error| GrowFailure::at(GrowStage::FilesystemUntouched, error);
-        if let Some(lease) = self.store.lease(&row.id).map_err(before)? {
+        if let Some(lease) = self.store.lease(&row.id).map_err(|e| before(e.into()))? {
             return Err(before(Error::conflict(format!(
                 "disk `{}` is in use by `{}`, and this host does not let the agent grow a mounted ext4 filesystem (it lacks CAP_SYS_RESOURCE). Stop the holder (release the lease) and run the resize again: the disk then grows offline in seconds",
                 row.name, lease.holder
@@ -548,19 +548,19 @@ impl DiskService {
                 DiskStatus::Creating => {
                     info!(disk = %row.name, "rolling back a create interrupted by a restart");
                     self.teardown(row)
-                        .and_then(|()| self.store.remove_disk(&row.id))
+                        .and_then(|()| Ok(self.store.remove_disk(&row.id)?))
                 }
                 DiskStatus::Deleting => {
                     info!(disk = %row.name, "finishing a delete interrupted by a restart");
                     self.teardown(row)
-                        .and_then(|()| self.store.remove_disk(&row.id))
+                        .and_then(|()| Ok(self.store.remove_disk(&row.id)?))
                 }
                 // One attempt per start: a growth that fails now is rolled back instead of
                 // being retried at every start for ever.
                 DiskStatus::Resizing => match self.grow(row) {
                     Ok(()) => {
                         info!(disk = %row.name, size_gb = row.size_gb, "finished an interrupted resize");
-                        self.store.set_status(&row.id, DiskStatus::Ready, None)
+                        Ok(self.store.set_status(&row.id, DiskStatus::Ready, None)?)
                     }
                     Err(failed) => {
                         warn!(disk = %row.name, error = %failed.error, "an interrupted resize cannot finish; rolling it back");
@@ -571,7 +571,7 @@ impl DiskService {
                 DiskStatus::Restoring => self.finish_interrupted_restore(row),
                 DiskStatus::Ready | DiskStatus::Error => self.ensure_attached(row).and_then(|_| {
                     if row.status == DiskStatus::Error {
-                        self.store.set_status(&row.id, DiskStatus::Ready, None)
+                        Ok(self.store.set_status(&row.id, DiskStatus::Ready, None)?)
                     } else {
                         Ok(())
                     }
@@ -765,6 +765,7 @@ impl DiskService {
                         &current.holder,
                         current.holder_pid,
                         current.holder_start_time,
+                        owner::holder_is_gone,
                     ) =>
                 {
                     self.reclaim(&row.name, &current)?;
@@ -852,10 +853,12 @@ impl DiskService {
     pub fn reclaim_dead_holders(&self) -> Result<usize, Error> {
         let mut reclaimed = 0;
         for lease in self.store.leases()? {
-            if !self
-                .store
-                .holder_exists(&lease.holder, lease.holder_pid, lease.holder_start_time)
-            {
+            if !self.store.holder_exists(
+                &lease.holder,
+                lease.holder_pid,
+                lease.holder_start_time,
+                owner::holder_is_gone,
+            ) {
                 let name = self
                     .store
                     .disk(&lease.disk_id)?

@@ -445,10 +445,12 @@ impl NetService {
         let mut report = NetGcReport::default();
         for row in self.store.endpoints()? {
             let interrupted = row.status.in_flight();
-            let orphaned =
-                !self
-                    .store
-                    .holder_exists(&row.owner, row.owner_pid, row.owner_start_time);
+            let orphaned = !self.store.holder_exists(
+                &row.owner,
+                row.owner_pid,
+                row.owner_start_time,
+                crate::core::owner::holder_is_gone,
+            );
             if interrupted || orphaned {
                 self.store
                     .set_endpoint_status(&row.owner, EndpointStatus::Deleting)?;

@@ -1,6 +1,7 @@
-//! Who holds a lease or owns an endpoint, and whether it still exists. A holder written
-//! `pid:N` is tied to process N (and its start time, so a reused pid does not count); any other
-//! string is an opaque name that exists until it is released.
+//! Who holds a lease or owns an endpoint, and whether it still exists; and who a sandbox or
+//! disk belongs to ([`Owner`]). A holder written `pid:N` is tied to process N (and its start
+//! time, so a reused pid does not count); any other string is an opaque name that exists until
+//! it is released. The /proc reads live here, not in the store.
 
 use crate::core::error::Error;
 
@@ -78,6 +79,52 @@ pub fn holder_is_gone(pid: Option<i64>, start_time: Option<i64>) -> bool {
     match (pid, start_time) {
         (Some(pid), Some(start)) => process_start_time(pid) != Some(start),
         _ => false,
+    }
+}
+
+/// Who a sandbox or disk belongs to, as recorded in its row (never derived from its name).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Owner {
+    /// An app: its service's sandbox, or (with `service` empty) a disk it claimed.
+    App { app: String, service: String },
+    /// An app's dedicated server of an addon kind: its sandbox and its disk.
+    Addon { app: String, kind: String },
+    /// The node's shared server of an addon kind: its sandbox and its disk.
+    Shared { kind: String },
+}
+
+impl Owner {
+    /// An app as a disk owner.
+    pub fn app(app: &str) -> Owner {
+        Owner::App {
+            app: app.to_string(),
+            service: String::new(),
+        }
+    }
+
+    pub fn service(app: &str, service: &str) -> Owner {
+        Owner::App {
+            app: app.to_string(),
+            service: service.to_string(),
+        }
+    }
+
+    /// The same owner as a disk owner: a service's disks belong to its app.
+    pub fn as_disk_owner(&self) -> Owner {
+        match self {
+            Owner::App { app, .. } => Owner::app(app),
+            other => other.clone(),
+        }
+    }
+
+    /// For messages: `app `x``, `the miren-postgresql addon of app `x``, ...
+    pub fn describe(&self) -> String {
+        match self {
+            Owner::App { app, service } if service.is_empty() => format!("app `{app}`"),
+            Owner::App { app, service } => format!("service `{service}` of app `{app}`"),
+            Owner::Addon { app, kind } => format!("the {kind} addon of app `{app}`"),
+            Owner::Shared { kind } => format!("the shared {kind} server"),
+        }
     }
 }
 

@@ -5,8 +5,6 @@
 use std::fmt;
 use std::str::FromStr;
 
-use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ToSqlOutput, ValueRef};
-use rusqlite::ToSql;
 use serde::{Deserialize, Serialize};
 
 /// A stored status this agent does not know (written by a newer miren, or by hand).
@@ -20,8 +18,8 @@ pub struct UnknownStatus {
     pub value: String,
 }
 
-/// Declares a status enum stored in one SQLite column: `as_str`, `Display`, `FromStr`,
-/// `ToSql` and a `FromSql` that rejects unknown values.
+/// Declares a status enum stored in one SQLite column: `as_str`, `Display` and a `FromStr`
+/// that rejects unknown values (the store's SQL conversion, in `store/sql.rs`, uses both).
 macro_rules! stored_status {
     (
         $(#[$meta:meta])*
@@ -64,21 +62,6 @@ macro_rules! stored_status {
                         value: other.to_string(),
                     }),
                 }
-            }
-        }
-
-        impl ToSql for $name {
-            fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
-                Ok(ToSqlOutput::from(self.as_str()))
-            }
-        }
-
-        impl FromSql for $name {
-            fn column_result(value: ValueRef<'_>) -> FromSqlResult<Self> {
-                value
-                    .as_str()?
-                    .parse()
-                    .map_err(|e: UnknownStatus| FromSqlError::Other(Box::new(e)))
             }
         }
     };
@@ -234,46 +217,6 @@ impl fmt::Display for SandboxState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rusqlite::Connection;
-
-    fn round_trips<T>(all: &[T])
-    where
-        T: ToSql + FromSql + PartialEq + fmt::Debug + Copy,
-    {
-        let conn = Connection::open_in_memory().unwrap();
-        conn.execute("CREATE TABLE t (status TEXT NOT NULL)", [])
-            .unwrap();
-        for value in all {
-            conn.execute("DELETE FROM t", []).unwrap();
-            conn.execute("INSERT INTO t (status) VALUES (?1)", [value])
-                .unwrap();
-            let back: T = conn
-                .query_row("SELECT status FROM t", [], |r| r.get(0))
-                .unwrap();
-            assert_eq!(back, *value);
-        }
-    }
-
-    fn unknown_is_rejected<T: FromSql + fmt::Debug>(column: &str) {
-        let conn = Connection::open_in_memory().unwrap();
-        let err = conn
-            .query_row("SELECT 'sleeping'", [], |r| r.get::<_, T>(0))
-            .unwrap_err();
-        let message = err.to_string();
-        assert!(message.contains("sleeping"), "{message}");
-        assert!(message.contains(column), "{message}");
-    }
-
-    #[test]
-    fn every_status_round_trips_through_sql() {
-        round_trips(DiskStatus::ALL);
-        round_trips(SandboxStatus::ALL);
-        round_trips(EndpointStatus::ALL);
-        round_trips(AppStatus::ALL);
-        round_trips(AddonStatus::ALL);
-        round_trips(ServerStatus::ALL);
-    }
-
     #[test]
     fn the_stored_strings_are_the_ones_on_disk() {
         // The rows written by earlier versions hold these exact strings.
@@ -304,16 +247,6 @@ mod tests {
         assert_eq!(EndpointStatus::Failed.as_str(), "failed");
         assert_eq!(AppStatus::Deploying.as_str(), "deploying");
         assert_eq!(ServerStatus::Deleting.as_str(), "deleting");
-    }
-
-    #[test]
-    fn an_unknown_stored_value_is_an_error_naming_the_column() {
-        unknown_is_rejected::<DiskStatus>("disks.status");
-        unknown_is_rejected::<SandboxStatus>("sandboxes.status");
-        unknown_is_rejected::<EndpointStatus>("endpoints.status");
-        unknown_is_rejected::<AppStatus>("apps.status");
-        unknown_is_rejected::<AddonStatus>("addons.status");
-        unknown_is_rejected::<ServerStatus>("addon_servers.status");
     }
 
     #[test]

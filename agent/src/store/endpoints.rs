@@ -1,0 +1,177 @@
+//! Network endpoints and the IPAM cursor. A host crash ends every endpoint, so their commits
+//! are not forced to disk (see [`Store::volatile`]).
+
+use std::collections::HashSet;
+use std::net::Ipv4Addr;
+
+use rusqlite::{params, OptionalExtension, TransactionBehavior};
+
+use crate::core::status::EndpointStatus;
+use crate::store::error::{StoreError, StoreResult};
+use crate::store::Store;
+
+/// A network endpoint as recorded: `creating` and `deleting` mark operations in flight.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EndpointRow {
+    pub owner: String,
+    pub app: String,
+    pub ip: Ipv4Addr,
+    pub allow_from: Vec<String>,
+    /// Published ports as `host_ip:host_port:port`.
+    pub publish: Vec<String>,
+    pub status: EndpointStatus,
+    pub owner_pid: Option<i64>,
+    pub owner_start_time: Option<i64>,
+    pub created_at: String,
+}
+
+const ENDPOINT_COLUMNS: &str =
+    "owner, app, ip, allow_from, publish, status, owner_pid, owner_start_time, created_at";
+
+fn endpoint_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<EndpointRow> {
+    let ip: String = row.get(2)?;
+    let list = |i: usize| -> rusqlite::Result<Vec<String>> {
+        let text: String = row.get(i)?;
+        Ok(serde_json::from_str(&text).unwrap_or_default())
+    };
+    Ok(EndpointRow {
+        owner: row.get(0)?,
+        app: row.get(1)?,
+        ip: ip.parse().map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(2, rusqlite::types::Type::Text, Box::new(e))
+        })?,
+        allow_from: list(3)?,
+        publish: list(4)?,
+        status: row.get(5)?,
+        owner_pid: row.get(6)?,
+        owner_start_time: row.get(7)?,
+        created_at: row.get(8)?,
+    })
+}
+
+impl Store {
+    /// Allocates an address and records the endpoint as `creating`, in one transaction: an
+    /// address is never handed out twice, and allocation continues after the last address
+    /// handed out, so a just-released address is not reused while caches may remember it.
+    pub fn insert_creating_endpoint(
+        &self,
+        endpoint: &EndpointRow,
+        subnet_key: &str,
+        candidates: impl Fn(Option<Ipv4Addr>, &HashSet<Ipv4Addr>) -> Option<Ipv4Addr>,
+    ) -> StoreResult<EndpointRow> {
+        self.volatile(|conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let existing = tx
+                .query_row(
+                    &format!("SELECT {ENDPOINT_COLUMNS} FROM endpoints WHERE owner = ?1"),
+                    [&endpoint.owner],
+                    endpoint_from_row,
+                )
+                .optional()?;
+            if let Some(existing) = existing {
+                return Err(StoreError::EndpointExists {
+                    owner: existing.owner,
+                    ip: existing.ip,
+                    app: existing.app,
+                });
+            }
+            let used: HashSet<Ipv4Addr> = {
+                let mut stmt = tx.prepare("SELECT ip FROM endpoints")?;
+                let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+                rows.filter_map(|r| r.ok().and_then(|ip| ip.parse().ok()))
+                    .collect()
+            };
+            let last: Option<Ipv4Addr> = tx
+                .query_row(
+                    "SELECT last_ip FROM ipam WHERE subnet = ?1",
+                    [subnet_key],
+                    |r| r.get::<_, String>(0),
+                )
+                .optional()?
+                .and_then(|ip| ip.parse().ok());
+            let ip = candidates(last, &used).ok_or_else(|| StoreError::SubnetExhausted {
+                subnet: subnet_key.to_string(),
+                in_use: used.len(),
+            })?;
+            let row = EndpointRow {
+                ip,
+                status: EndpointStatus::Creating,
+                ..endpoint.clone()
+            };
+            tx.execute(
+                &format!("INSERT INTO endpoints ({ENDPOINT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"),
+                params![
+                    row.owner,
+                    row.app,
+                    row.ip.to_string(),
+                    serde_json::to_string(&row.allow_from).unwrap_or_else(|_| "[]".into()),
+                    serde_json::to_string(&row.publish).unwrap_or_else(|_| "[]".into()),
+                    row.status,
+                    row.owner_pid,
+                    row.owner_start_time,
+                    row.created_at
+                ],
+            )?;
+            tx.execute(
+                "INSERT INTO ipam (subnet, last_ip) VALUES (?1, ?2)
+                 ON CONFLICT(subnet) DO UPDATE SET last_ip = excluded.last_ip",
+                params![subnet_key, row.ip.to_string()],
+            )?;
+            tx.commit()?;
+            Ok(row)
+        })
+    }
+
+    pub fn set_endpoint_allow_from(&self, owner: &str, allow_from: &[String]) -> StoreResult<bool> {
+        self.with_conn(|conn| {
+            let changed = conn.execute(
+                "UPDATE endpoints SET allow_from = ?2 WHERE owner = ?1",
+                params![
+                    owner,
+                    serde_json::to_string(allow_from).unwrap_or_else(|_| "[]".into())
+                ],
+            )?;
+            Ok(changed > 0)
+        })
+    }
+
+    pub fn set_endpoint_status(&self, owner: &str, status: EndpointStatus) -> StoreResult<()> {
+        self.volatile(|conn| {
+            conn.execute(
+                "UPDATE endpoints SET status = ?2 WHERE owner = ?1",
+                params![owner, status],
+            )?;
+            Ok(())
+        })
+    }
+
+    pub fn endpoint(&self, owner: &str) -> StoreResult<Option<EndpointRow>> {
+        self.with_conn(|conn| {
+            Ok(conn
+                .query_row(
+                    &format!("SELECT {ENDPOINT_COLUMNS} FROM endpoints WHERE owner = ?1"),
+                    [owner],
+                    endpoint_from_row,
+                )
+                .optional()?)
+        })
+    }
+
+    pub fn endpoints(&self) -> StoreResult<Vec<EndpointRow>> {
+        self.with_conn(|conn| {
+            let mut stmt = conn.prepare(&format!(
+                "SELECT {ENDPOINT_COLUMNS} FROM endpoints ORDER BY owner"
+            ))?;
+            let rows = stmt.query_map([], endpoint_from_row)?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    /// Releases the endpoint's address. Idempotent: releasing twice is fine.
+    pub fn remove_endpoint(&self, owner: &str) -> StoreResult<()> {
+        self.with_conn(|conn| {
+            conn.execute("DELETE FROM endpoints WHERE owner = ?1", [owner])?;
+            Ok(())
+        })
+    }
+}

@@ -1,0 +1,54 @@
+//! How an [`Owner`] is stored: three nullable columns `owner_kind`, `owner_app`, `owner_part`
+//! on `sandboxes` and `disks` (migration 8). No owner is three NULLs.
+
+use crate::store::Owner;
+
+/// `(owner_kind, owner_app, owner_part)` for an owner.
+pub(crate) fn owner_columns(owner: &Owner) -> (&'static str, &str, &str) {
+    match owner {
+        Owner::App { app, service } => ("app", app, service),
+        Owner::Addon { app, kind } => ("addon", app, kind),
+        Owner::Shared { kind } => ("shared", "", kind),
+    }
+}
+
+/// The owner recorded in a row's columns; None for no owner (or a kind this agent does not
+/// know, which it then treats as unowned).
+pub(crate) fn owner_from_columns(
+    kind: Option<String>,
+    app: Option<String>,
+    part: Option<String>,
+) -> Option<Owner> {
+    let (app, part) = (app.unwrap_or_default(), part.unwrap_or_default());
+    match kind.as_deref()? {
+        "app" => Some(Owner::App { app, service: part }),
+        "addon" => Some(Owner::Addon { app, kind: part }),
+        "shared" => Some(Owner::Shared { kind: part }),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owners_round_trip_through_their_columns() {
+        for owner in [
+            Owner::app("shop"),
+            Owner::service("shop", "web"),
+            Owner::Addon {
+                app: "shop".into(),
+                kind: "miren-postgresql".into(),
+            },
+            Owner::Shared {
+                kind: "miren-postgresql".into(),
+            },
+        ] {
+            let (kind, app, part) = owner_columns(&owner);
+            let back = owner_from_columns(Some(kind.into()), Some(app.into()), Some(part.into()));
+            assert_eq!(back, Some(owner));
+        }
+        assert_eq!(owner_from_columns(None, None, None), None);
+    }
+}
