@@ -598,7 +598,7 @@ impl AppService {
                 match self.store.app_addon_env(app)? {
                     Some(then) if then == now => return Ok(()),
                     // Started by an agent that did not record it (before migration 7).
-                    None => return self.store.set_app_addon_env(app, &now),
+                    None => return Ok(self.store.set_app_addon_env(app, &now)?),
                     Some(_) => {}
                 }
                 info!(app = %app, "addons changed: restarting the app's services");

@@ -3,9 +3,8 @@
 
 use rusqlite::{params, OptionalExtension, TransactionBehavior};
 
-use crate::core::error::Error;
 pub use crate::core::status::{AddonStatus, AppStatus, ServerStatus};
-use crate::store::Store;
+use crate::store::{Store, StoreResult};
 use crate::util::now_rfc3339;
 
 #[derive(Clone, PartialEq, Eq)]
@@ -133,10 +132,13 @@ fn app_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AppRow> {
 }
 
 /// What inserting an addon found.
+#[derive(Debug)]
 pub enum Inserted {
     New(AddonRow),
     /// The app already has this addon (a retried create): the existing row.
     Existing(AddonRow),
+    /// Not recorded: the kind's shared server runs (or is about to run) this other image.
+    SharedImageInUse(String),
 }
 
 fn member_list() -> String {
@@ -161,93 +163,94 @@ fn shared_image_query() -> String {
 impl Store {
     /// Records a new addon in `pending`, in one transaction with the shared-server checks: an
     /// app has at most one addon of a kind, and every member of a kind's shared server runs
-    /// the same image (`shared_image_conflict` is called with the image already in use).
-    pub fn insert_addon(
-        &self,
-        row: &AddonRow,
-        shared_image_conflict: impl Fn(&str) -> Error,
-    ) -> Result<Inserted, Error> {
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        if let Some(existing) = tx
-            .query_row(
-                &format!("SELECT {ADDON_COLUMNS} FROM addons WHERE app = ?1 AND kind = ?2"),
-                params![row.app, row.kind],
-                addon_from_row,
-            )
-            .optional()?
-        {
-            return Ok(Inserted::Existing(existing));
-        }
-        if row.variant == "shared" {
-            let in_use: Option<String> = tx
-                .query_row(&shared_image_query(), [&row.kind], |r| r.get(0))
-                .optional()?;
-            if let Some(image) = in_use.filter(|image| *image != row.image) {
-                return Err(shared_image_conflict(&image));
+    /// the same image.
+    pub fn insert_addon(&self, row: &AddonRow) -> StoreResult<Inserted> {
+        self.with_conn(|conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            if let Some(existing) = tx
+                .query_row(
+                    &format!("SELECT {ADDON_COLUMNS} FROM addons WHERE app = ?1 AND kind = ?2"),
+                    params![row.app, row.kind],
+                    addon_from_row,
+                )
+                .optional()?
+            {
+                return Ok(Inserted::Existing(existing));
             }
-        }
-        tx.execute(
-            &format!(
-                "INSERT INTO addons ({ADDON_COLUMNS})
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"
-            ),
-            params![
-                row.app,
-                row.kind,
-                row.variant,
-                row.version,
-                row.image,
-                row.source,
-                row.status,
-                row.reason,
-                row.user,
-                row.password,
-                row.database,
-                serde_json::Value::Object(row.extra.clone()).to_string(),
-                row.created_at,
-                row.updated_at
-            ],
-        )?;
-        tx.commit()?;
-        Ok(Inserted::New(row.clone()))
+            if row.variant == "shared" {
+                let in_use: Option<String> = tx
+                    .query_row(&shared_image_query(), [&row.kind], |r| r.get(0))
+                    .optional()?;
+                if let Some(image) = in_use.filter(|image| *image != row.image) {
+                    return Ok(Inserted::SharedImageInUse(image));
+                }
+            }
+            tx.execute(
+                &format!(
+                    "INSERT INTO addons ({ADDON_COLUMNS})
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"
+                ),
+                params![
+                    row.app,
+                    row.kind,
+                    row.variant,
+                    row.version,
+                    row.image,
+                    row.source,
+                    row.status,
+                    row.reason,
+                    row.user,
+                    row.password,
+                    row.database,
+                    serde_json::Value::Object(row.extra.clone()).to_string(),
+                    row.created_at,
+                    row.updated_at
+                ],
+            )?;
+            tx.commit()?;
+            Ok(Inserted::New(row.clone()))
+        })
     }
 
     /// The image a kind's shared server runs or is about to run, if any.
-    pub fn shared_image(&self, kind: &str) -> Result<Option<String>, Error> {
-        Ok(self
-            .conn()
-            .query_row(&shared_image_query(), [kind], |r| r.get(0))
-            .optional()?)
+    pub fn shared_image(&self, kind: &str) -> StoreResult<Option<String>> {
+        self.with_conn(|conn| {
+            Ok(conn
+                .query_row(&shared_image_query(), [kind], |r| r.get(0))
+                .optional()?)
+        })
     }
 
-    pub fn addon(&self, app: &str, kind: &str) -> Result<Option<AddonRow>, Error> {
-        Ok(self
-            .conn()
-            .query_row(
-                &format!("SELECT {ADDON_COLUMNS} FROM addons WHERE app = ?1 AND kind = ?2"),
-                params![app, kind],
-                addon_from_row,
-            )
-            .optional()?)
+    pub fn addon(&self, app: &str, kind: &str) -> StoreResult<Option<AddonRow>> {
+        self.with_conn(|conn| {
+            Ok(conn
+                .query_row(
+                    &format!("SELECT {ADDON_COLUMNS} FROM addons WHERE app = ?1 AND kind = ?2"),
+                    params![app, kind],
+                    addon_from_row,
+                )
+                .optional()?)
+        })
     }
 
-    pub fn addons_of(&self, app: &str) -> Result<Vec<AddonRow>, Error> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare(&format!(
-            "SELECT {ADDON_COLUMNS} FROM addons WHERE app = ?1 ORDER BY kind"
-        ))?;
-        let rows = stmt.query_map([app], addon_from_row)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+    pub fn addons_of(&self, app: &str) -> StoreResult<Vec<AddonRow>> {
+        self.with_conn(|conn| {
+            let mut stmt = conn.prepare(&format!(
+                "SELECT {ADDON_COLUMNS} FROM addons WHERE app = ?1 ORDER BY kind"
+            ))?;
+            let rows = stmt.query_map([app], addon_from_row)?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
     }
 
-    pub fn all_addons(&self) -> Result<Vec<AddonRow>, Error> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare(&format!(
-            "SELECT {ADDON_COLUMNS} FROM addons ORDER BY app, kind"
-        ))?;
-        let rows = stmt.query_map([], addon_from_row)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+    pub fn all_addons(&self) -> StoreResult<Vec<AddonRow>> {
+        self.with_conn(|conn| {
+            let mut stmt = conn.prepare(&format!(
+                "SELECT {ADDON_COLUMNS} FROM addons ORDER BY app, kind"
+            ))?;
+            let rows = stmt.query_map([], addon_from_row)?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
     }
 
     /// Moves an addon to `to` if it is in one of `from`; false if it was not (or is gone).
@@ -258,216 +261,234 @@ impl Store {
         from: &[AddonStatus],
         to: AddonStatus,
         reason: Option<&str>,
-    ) -> Result<bool, Error> {
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let status: Option<AddonStatus> = tx
-            .query_row(
-                "SELECT status FROM addons WHERE app = ?1 AND kind = ?2",
-                params![app, kind],
-                |r| r.get(0),
-            )
-            .optional()?;
-        let moved = match status {
-            Some(s) if from.contains(&s) => {
-                tx.execute(
-                    "UPDATE addons SET status = ?3, reason = ?4, updated_at = ?5,
-                       ever_active = ever_active OR ?6
-                     WHERE app = ?1 AND kind = ?2",
-                    params![
-                        app,
-                        kind,
-                        to,
-                        reason,
-                        now_rfc3339(),
-                        to == AddonStatus::Active
-                    ],
-                )?;
-                true
-            }
-            _ => false,
-        };
-        tx.commit()?;
-        Ok(moved)
+    ) -> StoreResult<bool> {
+        self.with_conn(|conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let status: Option<AddonStatus> = tx
+                .query_row(
+                    "SELECT status FROM addons WHERE app = ?1 AND kind = ?2",
+                    params![app, kind],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            let moved = match status {
+                Some(s) if from.contains(&s) => {
+                    tx.execute(
+                        "UPDATE addons SET status = ?3, reason = ?4, updated_at = ?5,
+                           ever_active = ever_active OR ?6
+                         WHERE app = ?1 AND kind = ?2",
+                        params![
+                            app,
+                            kind,
+                            to,
+                            reason,
+                            now_rfc3339(),
+                            to == AddonStatus::Active
+                        ],
+                    )?;
+                    true
+                }
+                _ => false,
+            };
+            tx.commit()?;
+            Ok(moved)
+        })
     }
 
     /// Records why a step is being retried without changing the status.
-    pub fn set_addon_reason(
-        &self,
-        app: &str,
-        kind: &str,
-        reason: Option<&str>,
-    ) -> Result<(), Error> {
-        self.conn().execute(
-            "UPDATE addons SET reason = ?3, updated_at = ?4 WHERE app = ?1 AND kind = ?2",
-            params![app, kind, reason, now_rfc3339()],
-        )?;
-        Ok(())
+    pub fn set_addon_reason(&self, app: &str, kind: &str, reason: Option<&str>) -> StoreResult<()> {
+        self.with_conn(|conn| {
+            conn.execute(
+                "UPDATE addons SET reason = ?3, updated_at = ?4 WHERE app = ?1 AND kind = ?2",
+                params![app, kind, reason, now_rfc3339()],
+            )?;
+            Ok(())
+        })
     }
 
     /// Whether the addon's server ever answered (its data directory may hold data).
-    pub fn addon_ever_active(&self, app: &str, kind: &str) -> Result<bool, Error> {
-        Ok(self
-            .conn()
-            .query_row(
-                "SELECT ever_active FROM addons WHERE app = ?1 AND kind = ?2",
-                params![app, kind],
-                |r| r.get(0),
-            )
-            .optional()?
-            .unwrap_or(false))
+    pub fn addon_ever_active(&self, app: &str, kind: &str) -> StoreResult<bool> {
+        self.with_conn(|conn| {
+            Ok(conn
+                .query_row(
+                    "SELECT ever_active FROM addons WHERE app = ?1 AND kind = ?2",
+                    params![app, kind],
+                    |r| r.get(0),
+                )
+                .optional()?
+                .unwrap_or(false))
+        })
     }
 
-    pub fn remove_addon(&self, app: &str, kind: &str) -> Result<(), Error> {
-        self.conn().execute(
-            "DELETE FROM addons WHERE app = ?1 AND kind = ?2",
-            params![app, kind],
-        )?;
-        Ok(())
+    pub fn remove_addon(&self, app: &str, kind: &str) -> StoreResult<()> {
+        self.with_conn(|conn| {
+            conn.execute(
+                "DELETE FROM addons WHERE app = ?1 AND kind = ?2",
+                params![app, kind],
+            )?;
+            Ok(())
+        })
     }
 
     /// Apps whose addon of `kind` lives on the shared server and keeps it alive.
-    pub fn shared_members(&self, kind: &str) -> Result<Vec<String>, Error> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare(&format!(
-            "SELECT app FROM addons WHERE kind = ?1 AND variant = 'shared' AND status IN ({})
-             ORDER BY app",
-            member_list()
-        ))?;
-        let rows = stmt.query_map([kind], |r| r.get(0))?;
-        Ok(rows.collect::<Result<_, _>>()?)
+    pub fn shared_members(&self, kind: &str) -> StoreResult<Vec<String>> {
+        self.with_conn(|conn| {
+            let mut stmt = conn.prepare(&format!(
+                "SELECT app FROM addons WHERE kind = ?1 AND variant = 'shared' AND status IN ({})
+                 ORDER BY app",
+                member_list()
+            ))?;
+            let rows = stmt.query_map([kind], |r| r.get(0))?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
     }
 
-    pub fn server(&self, kind: &str) -> Result<Option<ServerRow>, Error> {
-        Ok(self
-            .conn()
-            .query_row(
-                &format!("SELECT {SERVER_COLUMNS} FROM addon_servers WHERE kind = ?1"),
-                [kind],
-                server_from_row,
-            )
-            .optional()?)
+    pub fn server(&self, kind: &str) -> StoreResult<Option<ServerRow>> {
+        self.with_conn(|conn| {
+            Ok(conn
+                .query_row(
+                    &format!("SELECT {SERVER_COLUMNS} FROM addon_servers WHERE kind = ?1"),
+                    [kind],
+                    server_from_row,
+                )
+                .optional()?)
+        })
     }
 
-    pub fn servers(&self) -> Result<Vec<ServerRow>, Error> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare(&format!("SELECT {SERVER_COLUMNS} FROM addon_servers"))?;
-        let rows = stmt.query_map([], server_from_row)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+    pub fn servers(&self) -> StoreResult<Vec<ServerRow>> {
+        self.with_conn(|conn| {
+            let mut stmt = conn.prepare(&format!("SELECT {SERVER_COLUMNS} FROM addon_servers"))?;
+            let rows = stmt.query_map([], server_from_row)?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
     }
 
-    pub fn insert_server(&self, row: &ServerRow) -> Result<(), Error> {
-        self.conn().execute(
-            &format!(
-                "INSERT INTO addon_servers ({SERVER_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"
-            ),
-            params![
-                row.kind,
-                row.version,
-                row.image,
-                row.status,
-                row.admin_user,
-                row.admin_password,
-                row.created_at
-            ],
-        )?;
-        Ok(())
+    pub fn insert_server(&self, row: &ServerRow) -> StoreResult<()> {
+        self.with_conn(|conn| {
+            conn.execute(
+                &format!(
+                    "INSERT INTO addon_servers ({SERVER_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"
+                ),
+                params![
+                    row.kind,
+                    row.version,
+                    row.image,
+                    row.status,
+                    row.admin_user,
+                    row.admin_password,
+                    row.created_at
+                ],
+            )?;
+            Ok(())
+        })
     }
 
-    pub fn set_server_status(&self, kind: &str, status: ServerStatus) -> Result<(), Error> {
-        self.conn().execute(
-            "UPDATE addon_servers SET status = ?2 WHERE kind = ?1",
-            params![kind, status],
-        )?;
-        Ok(())
+    pub fn set_server_status(&self, kind: &str, status: ServerStatus) -> StoreResult<()> {
+        self.with_conn(|conn| {
+            conn.execute(
+                "UPDATE addon_servers SET status = ?2 WHERE kind = ?1",
+                params![kind, status],
+            )?;
+            Ok(())
+        })
     }
 
     /// Marks the server `deleting` if no addon is a member any more, in one transaction with
     /// the membership count, so a create that just joined is never left without a server.
-    pub fn begin_server_removal_if_unused(&self, kind: &str) -> Result<bool, Error> {
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let members: i64 = tx.query_row(
-            &format!(
-                "SELECT COUNT(*) FROM addons WHERE kind = ?1 AND variant = 'shared'
-                 AND status IN ({})",
-                member_list()
-            ),
-            [kind],
-            |r| r.get(0),
-        )?;
-        let exists = tx
-            .query_row(
-                "SELECT 1 FROM addon_servers WHERE kind = ?1",
+    pub fn begin_server_removal_if_unused(&self, kind: &str) -> StoreResult<bool> {
+        self.with_conn(|conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let members: i64 = tx.query_row(
+                &format!(
+                    "SELECT COUNT(*) FROM addons WHERE kind = ?1 AND variant = 'shared'
+                     AND status IN ({})",
+                    member_list()
+                ),
                 [kind],
-                |_| Ok(()),
-            )
-            .optional()?
-            .is_some();
-        let remove = members == 0 && exists;
-        if remove {
-            tx.execute(
-                "UPDATE addon_servers SET status = ?2 WHERE kind = ?1",
-                params![kind, ServerStatus::Deleting],
+                |r| r.get(0),
             )?;
-        }
-        tx.commit()?;
-        Ok(remove)
+            let exists = tx
+                .query_row(
+                    "SELECT 1 FROM addon_servers WHERE kind = ?1",
+                    [kind],
+                    |_| Ok(()),
+                )
+                .optional()?
+                .is_some();
+            let remove = members == 0 && exists;
+            if remove {
+                tx.execute(
+                    "UPDATE addon_servers SET status = ?2 WHERE kind = ?1",
+                    params![kind, ServerStatus::Deleting],
+                )?;
+            }
+            tx.commit()?;
+            Ok(remove)
+        })
     }
 
-    pub fn remove_server(&self, kind: &str) -> Result<(), Error> {
-        self.conn()
-            .execute("DELETE FROM addon_servers WHERE kind = ?1", [kind])?;
-        Ok(())
+    pub fn remove_server(&self, kind: &str) -> StoreResult<()> {
+        self.with_conn(|conn| {
+            conn.execute("DELETE FROM addon_servers WHERE kind = ?1", [kind])?;
+            Ok(())
+        })
     }
 
-    pub fn app(&self, name: &str) -> Result<Option<AppRow>, Error> {
-        Ok(self
-            .conn()
-            .query_row(
-                &format!("SELECT {APP_COLUMNS} FROM apps WHERE name = ?1"),
-                [name],
-                app_from_row,
-            )
-            .optional()?)
+    pub fn app(&self, name: &str) -> StoreResult<Option<AppRow>> {
+        self.with_conn(|conn| {
+            Ok(conn
+                .query_row(
+                    &format!("SELECT {APP_COLUMNS} FROM apps WHERE name = ?1"),
+                    [name],
+                    app_from_row,
+                )
+                .optional()?)
+        })
     }
 
-    pub fn apps(&self) -> Result<Vec<AppRow>, Error> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare(&format!("SELECT {APP_COLUMNS} FROM apps ORDER BY name"))?;
-        let rows = stmt.query_map([], app_from_row)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+    pub fn apps(&self) -> StoreResult<Vec<AppRow>> {
+        self.with_conn(|conn| {
+            let mut stmt =
+                conn.prepare(&format!("SELECT {APP_COLUMNS} FROM apps ORDER BY name"))?;
+            let rows = stmt.query_map([], app_from_row)?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
     }
 
     /// Inserts or replaces an app's declaration, keeping its creation time.
-    pub fn put_app(&self, name: &str, spec: &str, status: AppStatus) -> Result<(), Error> {
-        let now = now_rfc3339();
-        self.conn().execute(
-            "INSERT INTO apps (name, spec, status, reason, created_at, updated_at)
-             VALUES (?1, ?2, ?3, NULL, ?4, ?4)
-             ON CONFLICT(name) DO UPDATE SET spec = ?2, status = ?3, reason = NULL, updated_at = ?4",
-            params![name, spec, status, now],
-        )?;
-        Ok(())
+    pub fn put_app(&self, name: &str, spec: &str, status: AppStatus) -> StoreResult<()> {
+        self.with_conn(|conn| {
+            let now = now_rfc3339();
+            conn.execute(
+                "INSERT INTO apps (name, spec, status, reason, created_at, updated_at)
+                 VALUES (?1, ?2, ?3, NULL, ?4, ?4)
+                 ON CONFLICT(name) DO UPDATE SET spec = ?2, status = ?3, reason = NULL, updated_at = ?4",
+                params![name, spec, status, now],
+            )?;
+            Ok(())
+        })
     }
 
     /// The digest of the addon variables the app's services were last started with.
-    pub fn app_addon_env(&self, name: &str) -> Result<Option<String>, Error> {
-        Ok(self
-            .conn()
-            .query_row("SELECT addon_env FROM apps WHERE name = ?1", [name], |r| {
-                r.get::<_, Option<String>>(0)
-            })
-            .optional()?
-            .flatten())
+    pub fn app_addon_env(&self, name: &str) -> StoreResult<Option<String>> {
+        self.with_conn(|conn| {
+            Ok(conn
+                .query_row("SELECT addon_env FROM apps WHERE name = ?1", [name], |r| {
+                    r.get::<_, Option<String>>(0)
+                })
+                .optional()?
+                .flatten())
+        })
     }
 
-    pub fn set_app_addon_env(&self, name: &str, digest: &str) -> Result<(), Error> {
-        self.conn().execute(
-            "UPDATE apps SET addon_env = ?2 WHERE name = ?1",
-            params![name, digest],
-        )?;
-        Ok(())
+    pub fn set_app_addon_env(&self, name: &str, digest: &str) -> StoreResult<()> {
+        self.with_conn(|conn| {
+            conn.execute(
+                "UPDATE apps SET addon_env = ?2 WHERE name = ?1",
+                params![name, digest],
+            )?;
+            Ok(())
+        })
     }
 
     pub fn set_app_status(
@@ -475,18 +496,21 @@ impl Store {
         name: &str,
         status: AppStatus,
         reason: Option<&str>,
-    ) -> Result<(), Error> {
-        self.conn().execute(
-            "UPDATE apps SET status = ?2, reason = ?3, updated_at = ?4 WHERE name = ?1",
-            params![name, status, reason, now_rfc3339()],
-        )?;
-        Ok(())
+    ) -> StoreResult<()> {
+        self.with_conn(|conn| {
+            conn.execute(
+                "UPDATE apps SET status = ?2, reason = ?3, updated_at = ?4 WHERE name = ?1",
+                params![name, status, reason, now_rfc3339()],
+            )?;
+            Ok(())
+        })
     }
 
-    pub fn remove_app(&self, name: &str) -> Result<(), Error> {
-        self.conn()
-            .execute("DELETE FROM apps WHERE name = ?1", [name])?;
-        Ok(())
+    pub fn remove_app(&self, name: &str) -> StoreResult<()> {
+        self.with_conn(|conn| {
+            conn.execute("DELETE FROM apps WHERE name = ?1", [name])?;
+            Ok(())
+        })
     }
 }
 
@@ -519,40 +543,29 @@ mod tests {
         }
     }
 
-    fn conflict(image: &str) -> Error {
-        Error::conflict(format!("runs {image}"))
-    }
-
     #[test]
     fn a_retried_insert_returns_the_existing_row() {
         let (_d, s) = store();
         assert!(matches!(
-            s.insert_addon(&row("a", "small", "postgres:17"), conflict)
-                .unwrap(),
+            s.insert_addon(&row("a", "small", "postgres:17")).unwrap(),
             Inserted::New(_)
         ));
-        match s
-            .insert_addon(&row("a", "small", "postgres:16"), conflict)
-            .unwrap()
-        {
+        match s.insert_addon(&row("a", "small", "postgres:16")).unwrap() {
             Inserted::Existing(r) => assert_eq!(r.image, "postgres:17"),
-            Inserted::New(_) => panic!("inserted twice"),
+            other => panic!("not the existing row: {other:?}"),
         }
     }
 
     #[test]
     fn shared_members_must_agree_on_the_image() {
         let (_d, s) = store();
-        s.insert_addon(&row("a", "shared", "postgres:17"), conflict)
-            .unwrap();
-        let err = s
-            .insert_addon(&row("b", "shared", "postgres:16"), conflict)
-            .err()
-            .unwrap();
-        assert!(err.message.contains("postgres:17"), "{err}");
+        s.insert_addon(&row("a", "shared", "postgres:17")).unwrap();
+        assert!(matches!(
+            s.insert_addon(&row("b", "shared", "postgres:16")).unwrap(),
+            Inserted::SharedImageInUse(image) if image == "postgres:17"
+        ));
         // A small addon of another version is fine.
-        s.insert_addon(&row("b", "small", "postgres:16"), conflict)
-            .unwrap();
+        s.insert_addon(&row("b", "small", "postgres:16")).unwrap();
         // Once the only member is in error, the server's image no longer binds anyone.
         assert!(s
             .transition_addon(
@@ -563,15 +576,13 @@ mod tests {
                 Some("x")
             )
             .unwrap());
-        s.insert_addon(&row("c", "shared", "postgres:16"), conflict)
-            .unwrap();
+        s.insert_addon(&row("c", "shared", "postgres:16")).unwrap();
     }
 
     #[test]
     fn transitions_are_compare_and_set() {
         let (_d, s) = store();
-        s.insert_addon(&row("a", "small", "postgres:17"), conflict)
-            .unwrap();
+        s.insert_addon(&row("a", "small", "postgres:17")).unwrap();
         assert!(s
             .transition_addon(
                 "a",
@@ -619,8 +630,7 @@ mod tests {
             created_at: now_rfc3339(),
         })
         .unwrap();
-        s.insert_addon(&row("a", "shared", "postgres:17"), conflict)
-            .unwrap();
+        s.insert_addon(&row("a", "shared", "postgres:17")).unwrap();
         assert!(!s
             .begin_server_removal_if_unused("miren-postgresql")
             .unwrap());
@@ -673,7 +683,7 @@ mod tests {
         let (_d, s) = store();
         let mut r = row("a", "small", "postgres:17");
         r.extra.insert("vhost".into(), serde_json::json!("a"));
-        s.insert_addon(&r, conflict).unwrap();
+        s.insert_addon(&r).unwrap();
         assert_eq!(
             s.addon("a", "miren-postgresql").unwrap().unwrap().extra,
             r.extra

@@ -293,13 +293,6 @@ impl Store {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The locked connection, for `store/addons.rs` only until it moves to
-    /// [`Store::with_conn`]: work done through this guard runs on the caller's thread, async
-    /// worker or not.
-    pub(crate) fn conn(&self) -> MutexGuard<'_, Connection> {
-        self.lock()
-    }
-
     pub fn schema_version(&self) -> StoreResult<i64> {
         self.with_conn(|conn| Ok(conn.query_row("PRAGMA user_version", [], |r| r.get(0))?))
     }
@@ -310,15 +303,6 @@ impl Store {
 fn on_multi_thread_runtime() -> bool {
     tokio::runtime::Handle::try_current()
         .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
-}
-
-/// For `store/addons.rs`, whose methods still return `core::error::Error` and `?` SQLite
-/// errors straight into it: the same message as [`StoreError::Sql`]. Goes when that file
-/// returns [`StoreError`].
-impl From<rusqlite::Error> for crate::core::error::Error {
-    fn from(err: rusqlite::Error) -> Self {
-        StoreError::Sql(err).into()
-    }
 }
 
 fn migrate(conn: &Connection) -> Result<(), StoreOpenError> {

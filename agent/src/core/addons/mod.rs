@@ -302,12 +302,12 @@ impl AddonService {
             updated_at: now,
         };
         let row = loop {
-            let inserted = self.store.insert_addon(&row, |running| {
-                Error::conflict(format!(
-                    "the shared {kind} server on this node runs {running}, not {image}; ask for that version (or leave it out), or use `{kind}:small` for a server of your own"
-                ))
-            })?;
-            let existing = match inserted {
+            let existing = match self.store.insert_addon(&row)? {
+                Inserted::SharedImageInUse(running) => {
+                    return Err(Error::conflict(format!(
+                        "the shared {kind} server on this node runs {running}, not {image}; ask for that version (or leave it out), or use `{kind}:small` for a server of your own"
+                    )))
+                }
                 Inserted::New(row) => {
                     info!(app = %row.app, addon = %row.kind, variant = %row.variant, image = %row.image, "addon created");
                     break row;

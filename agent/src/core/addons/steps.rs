@@ -30,6 +30,12 @@ impl From<Error> for StepError {
     }
 }
 
+impl From<crate::store::StoreError> for StepError {
+    fn from(err: crate::store::StoreError) -> Self {
+        Error::from(err).into()
+    }
+}
+
 /// The server sandbox to make sure of: who owns it, what it runs, and for whom.
 struct ServerWanted<'a> {
     owner: &'a Owner,
