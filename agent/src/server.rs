@@ -123,6 +123,8 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         addons.clone(),
     );
 
+    let addons_of_apps = crate::core::app_addons::AddonsOfApps::new(addons.clone(), apps.clone());
+
     let listener = bind_socket(&cfg)?;
     let state = AppState {
         disks: disks.clone(),
@@ -131,27 +133,11 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         sandboxes: sandboxes.clone(),
         addons: addons.clone(),
         apps: apps.clone(),
-        addons_of_apps: crate::core::app_addons::AddonsOfApps::new(addons.clone(), apps.clone()),
+        addons_of_apps: addons_of_apps.clone(),
         socket_gid: cfg.socket_gid,
         restores: Arc::new(tokio::sync::Semaphore::new(api::MAX_RESTORES)),
     };
-    // An addon settling outside a deploy (in the background, or resumed after a restart)
-    // restarts its app's services if their variables changed.
-    let (settled_tx, mut settled_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
-    addons.on_settled(settled_tx);
-    {
-        let apps = apps.clone();
-        tokio::spawn(async move {
-            while let Some(app) = settled_rx.recv().await {
-                let apps = apps.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = apps.addons_changed(&app).await {
-                        warn!(app = %app, error = %e, "restarting the app for its addons' variables failed");
-                    }
-                });
-            }
-        });
-    }
+    addons_of_apps.restart_apps_when_addons_settle();
     // Addons and deploys a previous agent left mid-way continue in the background.
     addons.resume().context("resuming addons")?;
     apps.resume().context("resuming deploys")?;

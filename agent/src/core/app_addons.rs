@@ -3,6 +3,8 @@
 
 use std::sync::Arc;
 
+use tracing::warn;
+
 use crate::core::addons::{split_addon_arg, AddonService};
 use crate::core::apps::AppService;
 use crate::core::error::Error;
@@ -18,6 +20,24 @@ pub struct AddonsOfApps {
 impl AddonsOfApps {
     pub fn new(addons: Arc<AddonService>, apps: Arc<AppService>) -> Arc<Self> {
         Arc::new(AddonsOfApps { addons, apps })
+    }
+
+    /// From now on, an addon settling outside a request (in the background, or resumed after
+    /// a restart) restarts its app's services if their variables changed.
+    pub fn restart_apps_when_addons_settle(&self) {
+        let (settled_tx, mut settled_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+        self.addons.on_settled(settled_tx);
+        let apps = self.apps.clone();
+        tokio::spawn(async move {
+            while let Some(app) = settled_rx.recv().await {
+                let apps = apps.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = apps.addons_changed(&app).await {
+                        warn!(app = %app, error = %e, "restarting the app for its addons' variables failed");
+                    }
+                });
+            }
+        });
     }
 
     /// Records the addon and starts provisioning it. With `req.wait`, returns once it has
