@@ -14,6 +14,7 @@ use tracing::{info, warn};
 use crate::api::{self, AppState, PeerCred};
 use crate::config::AgentConfig;
 use crate::core::disks::DiskService;
+use crate::core::error::{Error, ErrorKind};
 use crate::core::net::NetService;
 use crate::store::Store;
 
@@ -122,6 +123,8 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         addons.clone(),
     );
 
+    let addons_of_apps = crate::core::app_addons::AddonsOfApps::new(addons.clone(), apps.clone());
+
     let listener = bind_socket(&cfg)?;
     let state = AppState {
         disks: disks.clone(),
@@ -130,26 +133,11 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         sandboxes: sandboxes.clone(),
         addons: addons.clone(),
         apps: apps.clone(),
+        addons_of_apps: addons_of_apps.clone(),
         socket_gid: cfg.socket_gid,
         restores: Arc::new(tokio::sync::Semaphore::new(api::MAX_RESTORES)),
     };
-    // An addon settling outside a deploy (in the background, or resumed after a restart)
-    // restarts its app's services if their variables changed.
-    let (settled_tx, mut settled_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
-    addons.on_settled(settled_tx);
-    {
-        let apps = apps.clone();
-        tokio::spawn(async move {
-            while let Some(app) = settled_rx.recv().await {
-                let apps = apps.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = apps.addons_changed(&app).await {
-                        warn!(app = %app, error = %e, "restarting the app for its addons' variables failed");
-                    }
-                });
-            }
-        });
-    }
+    addons_of_apps.restart_apps_when_addons_settle();
     // Addons and deploys a previous agent left mid-way continue in the background.
     addons.resume().context("resuming addons")?;
     apps.resume().context("resuming deploys")?;
@@ -429,21 +417,53 @@ fn raise_open_file_limit() {
     }
 }
 
+/// The bytes of an error response for a connection that HTTP never serves: the status comes
+/// from the one mapping in `api::error`.
+fn raw_error_response(error: &Error) -> String {
+    let status = api::error::status_of(error.kind);
+    let body = serde_json::to_string(&crate::model::ErrorBody {
+        code: error.code.to_string(),
+        message: error.message.clone(),
+    })
+    .unwrap_or_default();
+    format!(
+        "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or(""),
+        body.len()
+    )
+}
+
 /// Answers a connection over a connection cap with a 503 and closes it.
 async fn refuse_busy(mut stream: tokio::net::UnixStream, why: String) {
     use tokio::io::AsyncWriteExt;
-    let body = serde_json::to_string(&crate::model::ErrorBody {
-        code: "too_many_connections".to_string(),
-        message: format!("{why}; close idle ones (or wait for them to finish) and retry"),
-    })
-    .unwrap_or_default();
-    let response = format!(
-        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
+    let error = Error::new(
+        ErrorKind::Unavailable,
+        "too_many_connections",
+        format!("{why}; close idle ones (or wait for them to finish) and retry"),
     );
+    let response = raw_error_response(&error);
     let _ = tokio::time::timeout(HEADER_READ_TIMEOUT, async {
         let _ = stream.write_all(response.as_bytes()).await;
         let _ = stream.shutdown().await;
     })
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_connection_gets_a_503_with_the_error_body() {
+        let error = Error::new(
+            ErrorKind::Unavailable,
+            "too_many_connections",
+            "full; retry",
+        );
+        assert_eq!(
+            raw_error_response(&error),
+            "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: 55\r\nconnection: close\r\n\r\n{\"code\":\"too_many_connections\",\"message\":\"full; retry\"}"
+        );
+    }
 }

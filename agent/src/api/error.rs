@@ -24,12 +24,21 @@ pub fn status_of(kind: ErrorKind) -> StatusCode {
 
 /// A response of the API's error shape for what only the HTTP layer knows (a method a route
 /// does not take).
-pub fn respond(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+fn respond(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
     let body = ErrorBody {
         code: code.to_string(),
         message: message.into(),
     };
     (status, axum::Json(body)).into_response()
+}
+
+/// The answer to a method a route does not take: only the HTTP layer knows this error.
+pub fn method_not_allowed() -> Response {
+    respond(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this route does not take that method; GET /openapi.json lists every route",
+    )
 }
 
 impl IntoResponse for Error {

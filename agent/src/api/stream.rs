@@ -1,9 +1,15 @@
-//! Bridges between blocking snapshot code (std `Read`/`Write`) and HTTP bodies.
+//! Bridges between core work (std `Read`/`Write`, channels of chunks) and HTTP bodies.
 
 use std::io::{self, Read, Write};
 
+use axum::http::{header, HeaderValue};
+use axum::response::Response;
 use hyper::body::{Bytes, Frame};
 use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
+
+use crate::core::error::Error;
 
 /// Chunk size handed to the HTTP layer: big enough to keep syscalls rare.
 const CHUNK: usize = 1 << 20;
@@ -12,6 +18,41 @@ const CHUNK: usize = 1 << 20;
 pub const BODY_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 
 pub type FrameResult = Result<Frame<Bytes>, io::Error>;
+
+/// A response of `content_type` whose body is `frames`, sent as they come.
+pub fn response(
+    frames: impl Stream<Item = FrameResult> + Send + 'static,
+    content_type: &'static str,
+) -> Response {
+    let mut response = Response::new(axum::body::Body::new(http_body_util::StreamBody::new(
+        frames,
+    )));
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}
+
+/// Body frames of the chunks core work sends into a channel.
+pub fn chunks(rx: mpsc::Receiver<Vec<u8>>) -> impl Stream<Item = FrameResult> {
+    ReceiverStream::new(rx).map(|chunk| Ok(Frame::data(Bytes::from(chunk))))
+}
+
+/// Body frames of what `write` writes, run on a blocking thread. A failure ends the body with
+/// an error frame, which aborts the response: the client never takes a truncated stream for
+/// a whole one.
+pub fn written_by(
+    write: impl FnOnce(&mut ChannelWriter) -> Result<(), Error> + Send + 'static,
+) -> ReceiverStream<FrameResult> {
+    let (tx, rx) = mpsc::channel(8);
+    tokio::task::spawn_blocking(move || {
+        let mut out = ChannelWriter::new(tx.clone());
+        if let Err(e) = write(&mut out) {
+            let _ = tx.blocking_send(Err(io::Error::other(e.message)));
+        }
+    });
+    ReceiverStream::new(rx)
+}
 
 /// A `Write` whose bytes become HTTP body frames. Fails with BrokenPipe once the receiver
 /// (the client's connection) is gone, which stops the work that writes into it.

@@ -2,11 +2,13 @@
 //! [`error::Error`] that says what went wrong and what to do.
 
 pub mod addons;
+pub mod app_addons;
 pub mod apps;
 pub mod backup;
 pub mod disks;
 pub mod error;
 pub mod images;
+pub mod logs;
 pub mod net;
 pub mod owner;
 pub mod sandboxes;

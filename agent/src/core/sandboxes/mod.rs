@@ -710,6 +710,11 @@ impl SandboxService {
         })
     }
 
+    /// Removes the images' blobs and layers that nothing uses, keeping the sandboxes' layers.
+    pub fn gc_images(&self) -> Result<crate::model::ImageGcReport, Error> {
+        self.images.gc(&self.layers_in_use())
+    }
+
     /// Layer directories the sandboxes' overlays are built on: image GC must keep them.
     pub fn layers_in_use(&self) -> Vec<PathBuf> {
         let mut dirs = Vec::new();

@@ -1,0 +1,85 @@
+//! Addons as an app sees them: creating or destroying one changes the variables its services
+//! get, so the app's services are restarted once the addon has settled.
+
+use std::sync::Arc;
+
+use tracing::warn;
+
+use crate::core::addons::{split_addon_arg, AddonService};
+use crate::core::apps::AppService;
+use crate::core::error::Error;
+use crate::model::{Addon, AddonDestroyed, CreateAddon};
+use crate::store::addons::AddonStatus;
+
+/// Addon changes requested for an app, followed through to the app's services.
+pub struct AddonsOfApps {
+    addons: Arc<AddonService>,
+    apps: Arc<AppService>,
+}
+
+impl AddonsOfApps {
+    pub fn new(addons: Arc<AddonService>, apps: Arc<AppService>) -> Arc<Self> {
+        Arc::new(AddonsOfApps { addons, apps })
+    }
+
+    /// From now on, an addon settling outside a request (in the background, or resumed after
+    /// a restart) restarts its app's services if their variables changed.
+    pub fn restart_apps_when_addons_settle(&self) {
+        let (settled_tx, mut settled_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+        self.addons.on_settled(settled_tx);
+        let apps = self.apps.clone();
+        tokio::spawn(async move {
+            while let Some(app) = settled_rx.recv().await {
+                let apps = apps.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = apps.addons_changed(&app).await {
+                        warn!(app = %app, error = %e, "restarting the app for its addons' variables failed");
+                    }
+                });
+            }
+        });
+    }
+
+    /// Records the addon and starts provisioning it. With `req.wait`, returns once it has
+    /// settled; an addon that became active restarts the app's services with its variables.
+    pub async fn create(&self, req: &CreateAddon, source: &str) -> Result<Addon, Error> {
+        let (addon, mut done) = self.addons.create(req, source).await?;
+        if !req.wait {
+            return Ok(addon);
+        }
+        let _ = done.wait_for(|done| *done).await;
+        let addon = self.addons.get(&addon.app, &addon.name)?;
+        if addon.status == AddonStatus::Active.as_str() {
+            self.apps.addons_changed(&addon.app).await?;
+        }
+        Ok(addon)
+    }
+
+    /// Removes the addon (its server or database, role, disk and data), waits for the removal
+    /// to finish, then restarts the app's services without its variables. An addon the app
+    /// does not have is answered with `deleted: false`.
+    pub async fn destroy(&self, app: &str, addon_arg: &str) -> Result<AddonDestroyed, Error> {
+        let (name, _) = split_addon_arg(addon_arg);
+        let kind = miren_addons::AddonKind::parse(name)?.name().to_string();
+        let Some(mut done) = self.addons.destroy(app, &kind)? else {
+            return Ok(AddonDestroyed {
+                name: kind,
+                app: app.to_string(),
+                deleted: false,
+            });
+        };
+        let _ = done.wait_for(|done| *done).await;
+        if let Ok(left) = self.addons.get(app, &kind) {
+            return Err(Error::conflict(format!(
+                "{kind} of app `{app}` is not fully removed yet: {}",
+                left.reason.unwrap_or_else(|| left.status.to_string())
+            )));
+        }
+        self.apps.addons_changed(app).await?;
+        Ok(AddonDestroyed {
+            name: kind,
+            app: app.to_string(),
+            deleted: true,
+        })
+    }
+}
