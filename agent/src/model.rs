@@ -5,6 +5,8 @@ use miren_disks::Filesystem;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use crate::core::status::{AddonStatus, AppStatus, EndpointStatus};
+
 pub use crate::core::status::SandboxState;
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -165,7 +167,8 @@ pub struct Endpoint {
     pub allow_from: Vec<String>,
     pub publish: Vec<PublishPort>,
     /// `creating`, `ready`, `deleting` or `failed`.
-    pub status: String,
+    #[schema(value_type = String)]
+    pub status: EndpointStatus,
     pub created_at: String,
 }
 
@@ -419,7 +422,8 @@ pub struct Addon {
     pub image: String,
     /// `pending`, `provisioning`, `active`, `error` or `deprovisioning`; a destroyed addon
     /// is gone.
-    pub status: String,
+    #[schema(value_type = String)]
+    pub status: AddonStatus,
     /// Why it is in `error` (or why its last step is being retried).
     pub reason: Option<String>,
     /// The sandbox the addon's server runs in.
@@ -515,7 +519,8 @@ pub struct AppServiceView {
 pub struct App {
     pub name: String,
     /// `deploying`, `running`, `error`.
-    pub status: String,
+    #[schema(value_type = String)]
+    pub status: AppStatus,
     pub reason: Option<String>,
     pub services: Vec<AppServiceView>,
     pub addons: Vec<Addon>,

@@ -8,6 +8,7 @@ use clap::Subcommand;
 
 use crate::cli::client::Client;
 use crate::cli::output::{print_json, print_table};
+use crate::core::status::AddonStatus;
 use crate::model::{Addon, CreateAddon};
 
 #[derive(Subcommand, Debug)]
@@ -65,7 +66,7 @@ pub(crate) fn print_addons(addons: &[Addon]) {
                 a.name.clone(),
                 a.variant.clone(),
                 a.version.clone(),
-                a.status.clone(),
+                a.status.to_string(),
                 a.reason.clone().unwrap_or_else(|| "-".into()),
             ]
         })
@@ -165,7 +166,7 @@ pub async fn run(client: &Client, command: AddonCommand) -> Result<i32> {
             let created = client.create_addon(&req).await?;
             if as_json {
                 print_json(&created)?;
-            } else if created.status == "error" {
+            } else if created.status == AddonStatus::Error {
                 eprintln!(
                     "error: {} for app `{app}` failed: {}",
                     created.name,
@@ -190,7 +191,11 @@ pub async fn run(client: &Client, command: AddonCommand) -> Result<i32> {
                     started.elapsed().as_secs_f64()
                 );
             }
-            Ok(if created.status == "error" { 1 } else { 0 })
+            Ok(if created.status == AddonStatus::Error {
+                1
+            } else {
+                0
+            })
         }
         AddonCommand::List { app, json: as_json } => {
             let addons = client.app_addons(&app).await?;

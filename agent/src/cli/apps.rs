@@ -113,7 +113,7 @@ pub async fn run(client: &Client, command: AppCommand) -> Result<i32> {
                         .count();
                     vec![
                         a.name.clone(),
-                        a.status.clone(),
+                        a.status.to_string(),
                         format!("{running}/{} running", a.services.len()),
                         a.addons
                             .iter()

@@ -88,7 +88,7 @@ pub async fn run(client: &Client, command: NetCommand) -> Result<()> {
                         e.app.clone(),
                         e.ip.clone(),
                         e.veth.clone(),
-                        e.status.clone(),
+                        e.status.to_string(),
                         joined_or_dash(&e.allow_from),
                         joined_or_dash(&publish),
                     ]
@@ -120,7 +120,7 @@ pub async fn run(client: &Client, command: NetCommand) -> Result<()> {
                 ("gateway", &endpoint.gateway),
                 ("veth", &endpoint.veth),
                 ("netns", &endpoint.netns_path),
-                ("status", &endpoint.status),
+                ("status", &endpoint.status.to_string()),
                 ("allow from", &endpoint.allow_from.join(",")),
             ] {
                 print_field(key, value);

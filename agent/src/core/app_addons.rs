@@ -49,7 +49,7 @@ impl AddonsOfApps {
         }
         let _ = done.wait_for(|done| *done).await;
         let addon = self.addons.get(&addon.app, &addon.name)?;
-        if addon.status == AddonStatus::Active.as_str() {
+        if addon.status == AddonStatus::Active {
             self.apps.addons_changed(&addon.app).await?;
         }
         Ok(addon)

@@ -227,7 +227,7 @@ impl NetService {
                     port: p.endpoint_port,
                 })
                 .collect(),
-            status: row.status.to_string(),
+            status: row.status,
             created_at: row.created_at.clone(),
         }
     }
@@ -383,7 +383,7 @@ impl NetService {
             .set_endpoint_status(&row.owner, EndpointStatus::Ready)?;
         info!(owner = %row.owner, app = %row.app, ip = %row.ip, "endpoint created");
         let mut endpoint = reserved.endpoint;
-        endpoint.status = EndpointStatus::Ready.to_string();
+        endpoint.status = EndpointStatus::Ready;
         Ok(endpoint)
     }
 

@@ -52,6 +52,19 @@ macro_rules! stored_status {
             }
         }
 
+        // On the wire as in the store: the same string.
+        impl Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(self.as_str())
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+            }
+        }
+
         impl FromStr for $name {
             type Err = UnknownStatus;
             fn from_str(s: &str) -> Result<Self, UnknownStatus> {
@@ -217,6 +230,22 @@ impl fmt::Display for SandboxState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stored_statuses_travel_as_their_stored_strings() {
+        for s in AddonStatus::ALL {
+            let json = serde_json::to_string(s).unwrap();
+            assert_eq!(json, format!("\"{}\"", s.as_str()));
+            assert_eq!(serde_json::from_str::<AddonStatus>(&json).unwrap(), *s);
+        }
+        assert_eq!(serde_json::to_string(&AppStatus::Running).unwrap(), "\"running\"");
+        assert_eq!(
+            serde_json::from_str::<EndpointStatus>("\"ready\"").unwrap(),
+            EndpointStatus::Ready
+        );
+        let err = serde_json::from_str::<AppStatus>("\"sleeping\"").unwrap_err();
+        assert!(err.to_string().contains("sleeping"), "{err}");
+    }
     #[test]
     fn the_stored_strings_are_the_ones_on_disk() {
         // The rows written by earlier versions hold these exact strings.

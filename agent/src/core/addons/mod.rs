@@ -243,7 +243,7 @@ impl AddonService {
             variant: row.variant.clone(),
             version: row.version.clone(),
             image: row.image.clone(),
-            status: row.status.to_string(),
+            status: row.status,
             reason: row.reason.clone(),
             server,
             source: row.source.clone(),

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 
 use super::*;
 use crate::core::addons::fakes::Bench;
-use crate::core::status::SandboxState;
+use crate::core::status::{AddonStatus, SandboxState};
 
 const KIND: &str = "miren-postgresql";
 
@@ -133,9 +133,9 @@ fn app_toml(addon: Option<&str>) -> DeployApp {
 async fn a_deploy_adds_keeps_and_removes_its_addon() {
     let w = world();
     let app = w.apps.deploy(app_toml(Some("small"))).await.unwrap();
-    assert_eq!(app.status, "running");
+    assert_eq!(app.status, AppStatus::Running);
     assert_eq!(app.addons.len(), 1);
-    assert_eq!(app.addons[0].status, "active");
+    assert_eq!(app.addons[0].status, AddonStatus::Active);
     let env = w.sandboxes.env_of("web").unwrap();
     assert!(
         env.iter().any(|e| e.starts_with("FAKE_URL=fake://u_shop:")),
@@ -207,7 +207,7 @@ async fn services_are_held_until_every_addon_is_active() {
         "no service started"
     );
     let app = w.apps.get("shop").unwrap();
-    assert_eq!(app.status, "error");
+    assert_eq!(app.status, AppStatus::Error);
     assert!(app.reason.unwrap().contains("no space left"));
     // A restart is refused as long as the addon is not active.
     assert!(w.apps.restart("shop").await.is_err());
@@ -216,7 +216,7 @@ async fn services_are_held_until_every_addon_is_active() {
     // Fixed: deploying again provisions the addon and starts the service.
     *w.bench.host.fail_run.lock().unwrap() = None;
     let app = w.apps.deploy(app_toml(Some("small"))).await.unwrap();
-    assert_eq!(app.status, "running");
+    assert_eq!(app.status, AppStatus::Running);
     assert_eq!(*w.sandboxes.started.lock().unwrap(), 1);
 }
 

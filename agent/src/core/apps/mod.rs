@@ -526,7 +526,7 @@ impl AppService {
             .collect();
         Ok(App {
             name: row.name.clone(),
-            status: row.status.to_string(),
+            status: row.status,
             reason: row.reason.clone(),
             services,
             addons: self
