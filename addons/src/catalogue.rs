@@ -361,9 +361,20 @@ impl Catalogue {
     }
 }
 
-/// Checks the distribution reference grammar: `[host[:port]/]path[:tag][@algo:hex]`.
-/// Errors say what is wrong in words, since users type these by hand.
+/// Checks a reference with the distribution grammar the image puller uses (`oci-spec`'s, so
+/// app.toml accepts exactly what can be pulled), plus bounds it leaves out (a port above
+/// 65535). When it is refused, [`explain_image_ref`] says what is wrong in words, since users
+/// type these by hand.
 pub fn validate_image_ref(reference: &str) -> Result<(), String> {
+    let explained = explain_image_ref(reference);
+    match reference.parse::<oci_spec::distribution::Reference>() {
+        Ok(_) => explained,
+        Err(e) => Err(explained.err().unwrap_or_else(|| e.to_string())),
+    }
+}
+
+/// `[host[:port]/]path[:tag][@algo:hex]`, piece by piece, for the message.
+fn explain_image_ref(reference: &str) -> Result<(), String> {
     if reference.is_empty() {
         return Err("it is empty".into());
     }
@@ -561,7 +572,6 @@ mod tests {
             "library/postgres",
             "localhost:5000/pg",
             "registry.example.com:5000/team/pg:17-alpine",
-            "[fd00::1]:5000/pg:17",
             "postgres@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
             "pgvector/pgvector:pg17",
         ] {
@@ -586,6 +596,8 @@ mod tests {
             "a//b:1",
             "host:99999/pg",
             "pg:has space",
+            // The puller's grammar has no IPv6 registry hosts: refused here, not at pull time.
+            "[fd00::1]:5000/pg:17",
         ] {
             let err = Catalogue::builtin()
                 .resolve("miren-postgresql", None, Some(bad))

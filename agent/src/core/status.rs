@@ -238,7 +238,10 @@ mod tests {
             assert_eq!(json, format!("\"{}\"", s.as_str()));
             assert_eq!(serde_json::from_str::<AddonStatus>(&json).unwrap(), *s);
         }
-        assert_eq!(serde_json::to_string(&AppStatus::Running).unwrap(), "\"running\"");
+        assert_eq!(
+            serde_json::to_string(&AppStatus::Running).unwrap(),
+            "\"running\""
+        );
         assert_eq!(
             serde_json::from_str::<EndpointStatus>("\"ready\"").unwrap(),
             EndpointStatus::Ready
