@@ -47,6 +47,15 @@ fn logs(agent: &TestAgent, id: &str) -> String {
     agent.ok(&["sandbox", "logs", id])
 }
 
+/// Waits until the sandbox has printed `line`.
+fn wait_for_line(agent: &TestAgent, id: &str, line: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !logs(agent, id).lines().any(|l| l == line) {
+        assert!(Instant::now() < deadline, "{id} never printed {line}");
+        sleep(Duration::from_millis(50));
+    }
+}
+
 /// Nothing of any sandbox is left: no state dirs, cgroups, overlay mounts, endpoints, leases.
 fn assert_nothing_left(agent: &TestAgent) {
     let sandboxes = agent.data_dir.join("sandboxes");
@@ -134,18 +143,24 @@ fn run_logs_exit_codes_and_delete_leaves_nothing() {
 #[test]
 fn stop_sends_sigterm_then_sigkill_after_the_grace() {
     let agent = agent_with_busybox();
-    // Traps SIGTERM and exits 0: stopped within the grace.
+    // Traps SIGTERM and exits 0: stopped within the grace. The stop waits until the trap is
+    // set: the shell is the container's PID 1, and a PID 1 drops a signal it has no handler
+    // for, so a stop that came first would end in the kill.
     let polite = run(
         &agent,
         &[],
-        "trap 'exit 0' TERM; while true; do sleep 0.1; done",
+        "trap 'exit 0' TERM; echo trapped; while true; do sleep 0.1; done",
     );
-    wait_state(&agent, &polite, "running");
+    wait_for_line(&agent, &polite, "trapped");
     agent.ok(&["sandbox", "stop", &polite, "--grace", "5s"]);
     assert_eq!(status(&agent, &polite)["exit_code"], 0);
     // Ignores SIGTERM: killed after the grace.
-    let stubborn = run(&agent, &[], "trap '' TERM; while true; do sleep 0.1; done");
-    wait_state(&agent, &stubborn, "running");
+    let stubborn = run(
+        &agent,
+        &[],
+        "trap '' TERM; echo trapped; while true; do sleep 0.1; done",
+    );
+    wait_for_line(&agent, &stubborn, "trapped");
     agent.ok(&["sandbox", "stop", &stubborn, "--grace", "300ms"]);
     assert_eq!(status(&agent, &stubborn)["exit_code"], 137);
     agent.ok(&["sandbox", "delete", &polite]);
