@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use http_body_util::{BodyExt, Empty, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
-use hyper::{Method, Request, StatusCode};
+use hyper::{Method, Request};
 use hyper_util::rt::TokioIo;
 use miren_sys::percent_encode;
 use serde::de::DeserializeOwned;
@@ -654,7 +654,10 @@ impl Client {
         if response.status().is_success() {
             return Ok(response);
         }
-        let status = response.status();
+        let status = Status {
+            code: response.status().as_u16(),
+            shown: response.status().to_string(),
+        };
         let bytes = read_all(response).await?;
         Err(error_from(status, &bytes))
     }
@@ -679,15 +682,22 @@ fn decode<R: DeserializeOwned>(bytes: Bytes) -> Result<R> {
         .map_err(|e| ClientError::Protocol(format!("unexpected response: {e}")))
 }
 
-fn error_from(status: StatusCode, bytes: &[u8]) -> ClientError {
+/// A response's status as the client reports it: the number, and `404 Not Found` for people.
+struct Status {
+    code: u16,
+    shown: String,
+}
+
+fn error_from(status: Status, bytes: &[u8]) -> ClientError {
     match serde_json::from_slice::<ErrorBody>(bytes) {
         Ok(err) => ClientError::Api {
-            status: status.as_u16(),
+            status: status.code,
             code: err.code,
             message: err.message,
         },
         Err(_) => ClientError::Protocol(format!(
-            "agent answered {status}: {}",
+            "agent answered {}: {}",
+            status.shown,
             String::from_utf8_lossy(bytes)
         )),
     }
