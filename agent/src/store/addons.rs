@@ -214,7 +214,7 @@ impl Store {
 
     /// The image a kind's shared server runs or is about to run, if any.
     pub fn shared_image(&self, kind: &str) -> StoreResult<Option<String>> {
-        self.with_conn(|conn| {
+        self.read(|conn| {
             Ok(conn
                 .query_row(&shared_image_query(), [kind], |r| r.get(0))
                 .optional()?)
@@ -222,7 +222,7 @@ impl Store {
     }
 
     pub fn addon(&self, app: &str, kind: &str) -> StoreResult<Option<AddonRow>> {
-        self.with_conn(|conn| {
+        self.read(|conn| {
             Ok(conn
                 .query_row(
                     &format!("SELECT {ADDON_COLUMNS} FROM addons WHERE app = ?1 AND kind = ?2"),
@@ -234,7 +234,7 @@ impl Store {
     }
 
     pub fn addons_of(&self, app: &str) -> StoreResult<Vec<AddonRow>> {
-        self.with_conn(|conn| {
+        self.read(|conn| {
             let mut stmt = conn.prepare(&format!(
                 "SELECT {ADDON_COLUMNS} FROM addons WHERE app = ?1 ORDER BY kind"
             ))?;
@@ -244,7 +244,7 @@ impl Store {
     }
 
     pub fn all_addons(&self) -> StoreResult<Vec<AddonRow>> {
-        self.with_conn(|conn| {
+        self.read(|conn| {
             let mut stmt = conn.prepare(&format!(
                 "SELECT {ADDON_COLUMNS} FROM addons ORDER BY app, kind"
             ))?;
@@ -308,7 +308,7 @@ impl Store {
 
     /// Whether the addon's server ever answered (its data directory may hold data).
     pub fn addon_ever_active(&self, app: &str, kind: &str) -> StoreResult<bool> {
-        self.with_conn(|conn| {
+        self.read(|conn| {
             Ok(conn
                 .query_row(
                     "SELECT ever_active FROM addons WHERE app = ?1 AND kind = ?2",
@@ -332,7 +332,7 @@ impl Store {
 
     /// Apps whose addon of `kind` lives on the shared server and keeps it alive.
     pub fn shared_members(&self, kind: &str) -> StoreResult<Vec<String>> {
-        self.with_conn(|conn| {
+        self.read(|conn| {
             let mut stmt = conn.prepare(&format!(
                 "SELECT app FROM addons WHERE kind = ?1 AND variant = 'shared' AND status IN ({})
                  ORDER BY app",
@@ -344,7 +344,7 @@ impl Store {
     }
 
     pub fn server(&self, kind: &str) -> StoreResult<Option<ServerRow>> {
-        self.with_conn(|conn| {
+        self.read(|conn| {
             Ok(conn
                 .query_row(
                     &format!("SELECT {SERVER_COLUMNS} FROM addon_servers WHERE kind = ?1"),
@@ -356,7 +356,7 @@ impl Store {
     }
 
     pub fn servers(&self) -> StoreResult<Vec<ServerRow>> {
-        self.with_conn(|conn| {
+        self.read(|conn| {
             let mut stmt = conn.prepare(&format!("SELECT {SERVER_COLUMNS} FROM addon_servers"))?;
             let rows = stmt.query_map([], server_from_row)?;
             Ok(rows.collect::<Result<_, _>>()?)
@@ -435,7 +435,7 @@ impl Store {
     }
 
     pub fn app(&self, name: &str) -> StoreResult<Option<AppRow>> {
-        self.with_conn(|conn| {
+        self.read(|conn| {
             Ok(conn
                 .query_row(
                     &format!("SELECT {APP_COLUMNS} FROM apps WHERE name = ?1"),
@@ -447,7 +447,7 @@ impl Store {
     }
 
     pub fn apps(&self) -> StoreResult<Vec<AppRow>> {
-        self.with_conn(|conn| {
+        self.read(|conn| {
             let mut stmt =
                 conn.prepare(&format!("SELECT {APP_COLUMNS} FROM apps ORDER BY name"))?;
             let rows = stmt.query_map([], app_from_row)?;
@@ -471,7 +471,7 @@ impl Store {
 
     /// The digest of the addon variables the app's services were last started with.
     pub fn app_addon_env(&self, name: &str) -> StoreResult<Option<String>> {
-        self.with_conn(|conn| {
+        self.read(|conn| {
             Ok(conn
                 .query_row("SELECT addon_env FROM apps WHERE name = ?1", [name], |r| {
                     r.get::<_, Option<String>>(0)

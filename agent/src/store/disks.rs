@@ -153,11 +153,11 @@ impl Store {
     }
 
     pub fn disk(&self, id: &str) -> StoreResult<Option<DiskRow>> {
-        self.with_conn(|conn| disk_in(conn, id))
+        self.read(|conn| disk_in(conn, id))
     }
 
     pub fn disk_by_name(&self, name: &str) -> StoreResult<Option<DiskRow>> {
-        self.with_conn(|conn| {
+        self.read(|conn| {
             Ok(conn
                 .query_row(
                     &format!("SELECT {DISK_COLUMNS} FROM disks WHERE name_key = ?1"),
@@ -170,13 +170,13 @@ impl Store {
 
     /// Who the disk belongs to; None while nobody claimed it.
     pub fn disk_owner(&self, id: &str) -> StoreResult<Option<Owner>> {
-        self.with_conn(|conn| disk_owner_in(conn, id))
+        self.read(|conn| disk_owner_in(conn, id))
     }
 
     /// The disk `owner` has (addons have one each; apps may have several: the oldest).
     pub fn disk_of(&self, owner: &Owner) -> StoreResult<Option<DiskRow>> {
         let (kind, app, part) = owner_columns(owner);
-        self.with_conn(|conn| {
+        self.read(|conn| {
             Ok(conn
                 .query_row(
                     &format!(
@@ -206,7 +206,7 @@ impl Store {
     }
 
     pub fn disks(&self) -> StoreResult<Vec<DiskRow>> {
-        self.with_conn(|conn| {
+        self.read(|conn| {
             let mut stmt = conn.prepare(&format!(
                 "SELECT {DISK_COLUMNS} FROM disks ORDER BY name_key"
             ))?;
@@ -386,11 +386,11 @@ impl Store {
     }
 
     pub fn lease(&self, disk_id: &str) -> StoreResult<Option<LeaseRow>> {
-        self.with_conn(|conn| lease_in(conn, disk_id))
+        self.read(|conn| lease_in(conn, disk_id))
     }
 
     pub fn leases(&self) -> StoreResult<Vec<LeaseRow>> {
-        self.with_conn(|conn| {
+        self.read(|conn| {
             let mut stmt = conn.prepare(
                 "SELECT l.disk_id, l.holder, l.acquired_at, l.holder_pid, l.holder_start_time
                  FROM leases l JOIN disks d ON d.id = l.disk_id ORDER BY d.name_key",
@@ -402,7 +402,7 @@ impl Store {
 
     /// Leases held by `holder` (disk ids).
     pub fn leases_of(&self, holder: &str) -> StoreResult<Vec<String>> {
-        self.with_conn(|conn| {
+        self.read(|conn| {
             let mut stmt = conn.prepare("SELECT disk_id FROM leases WHERE holder = ?1")?;
             let rows = stmt.query_map([holder], |r| r.get(0))?;
             Ok(rows.collect::<Result<_, _>>()?)
@@ -425,7 +425,7 @@ impl Store {
     }
 
     pub fn local_storage(&self) -> StoreResult<Vec<(String, String)>> {
-        self.with_conn(|conn| {
+        self.read(|conn| {
             let mut stmt =
                 conn.prepare("SELECT app, created_at FROM local_storage ORDER BY app")?;
             let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
@@ -471,7 +471,7 @@ impl Store {
 
     pub fn pending_restore(&self, id: &str) -> StoreResult<Option<PendingRestore>> {
         let row: Option<(Option<String>, Option<i64>, Option<String>)> =
-            self.with_conn(|conn| -> StoreResult<_> {
+            self.read(|conn| -> StoreResult<_> {
                 Ok(conn
                     .query_row(
                         "SELECT restore_image, restore_size_gb, restore_filesystem FROM disks WHERE id = ?1",

@@ -146,7 +146,7 @@ impl Store {
     }
 
     pub fn endpoint(&self, owner: &str) -> StoreResult<Option<EndpointRow>> {
-        self.with_conn(|conn| {
+        self.read(|conn| {
             Ok(conn
                 .query_row(
                     &format!("SELECT {ENDPOINT_COLUMNS} FROM endpoints WHERE owner = ?1"),
@@ -158,7 +158,7 @@ impl Store {
     }
 
     pub fn endpoints(&self) -> StoreResult<Vec<EndpointRow>> {
-        self.with_conn(|conn| {
+        self.read(|conn| {
             let mut stmt = conn.prepare(&format!(
                 "SELECT {ENDPOINT_COLUMNS} FROM endpoints ORDER BY owner"
             ))?;

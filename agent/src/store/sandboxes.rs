@@ -108,7 +108,7 @@ impl Store {
     }
 
     pub fn sandbox(&self, id_or_name: &str) -> StoreResult<Option<SandboxRow>> {
-        self.with_conn(|conn| {
+        self.read(|conn| {
             Ok(conn
                 .query_row(
                     &format!("SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE id = ?1 OR name = ?1"),
@@ -122,7 +122,7 @@ impl Store {
     /// The sandbox `owner` runs (an app's service, an addon's server), whatever it is called.
     pub fn sandbox_of(&self, owner: &Owner) -> StoreResult<Option<SandboxRow>> {
         let (kind, app, part) = owner_columns(owner);
-        self.with_conn(|conn| {
+        self.read(|conn| {
             Ok(conn
                 .query_row(
                     &format!(
@@ -138,7 +138,7 @@ impl Store {
 
     /// Whether a sandbox has this name (display names stay unique).
     pub fn sandbox_name_taken(&self, name: &str) -> StoreResult<bool> {
-        self.with_conn(|conn| {
+        self.read(|conn| {
             Ok(conn
                 .query_row(
                     "SELECT 1 FROM sandboxes WHERE name = ?1",
@@ -151,7 +151,7 @@ impl Store {
     }
 
     pub fn sandboxes(&self) -> StoreResult<Vec<SandboxRow>> {
-        self.with_conn(|conn| {
+        self.read(|conn| {
             let mut stmt = conn.prepare(&format!(
                 "SELECT {SANDBOX_COLUMNS} FROM sandboxes ORDER BY created_at, name"
             ))?;
