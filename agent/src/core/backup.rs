@@ -110,7 +110,7 @@ impl DiskService {
     pub fn capture_for_backup(&self, id_or_name: &str) -> Result<Capture, Error> {
         let row = self.find(id_or_name)?;
         let _only = DiskOperation::begin(&row, "backup")?;
-        if row.status != DiskStatus::Ready {
+        if !row.status.can_back_up() {
             return Err(Error::busy(format!(
                 "disk `{}` is {}; back it up once that finishes",
                 row.name,

@@ -93,6 +93,35 @@ stored_status! {
     }
 }
 
+/// Which operations a disk's state allows (youki's `can_*` on its container states): the one
+/// answer the store's transactions and the services ask.
+impl DiskStatus {
+    /// A delete may start, or start again after a crash; a resize or failed create is undone.
+    pub fn can_delete(self) -> bool {
+        matches!(
+            self,
+            DiskStatus::Ready | DiskStatus::Error | DiskStatus::Resizing | DiskStatus::Deleting
+        )
+    }
+    /// A resize may start, or a cut-short one be retried.
+    pub fn can_resize(self) -> bool {
+        matches!(self, DiskStatus::Ready | DiskStatus::Resizing)
+    }
+    /// A sandbox may lease it. Not while resizing: ext4 may have to grow unmounted on hosts
+    /// that forbid online growth.
+    pub fn can_lease(self) -> bool {
+        self == DiskStatus::Ready
+    }
+    /// A snapshot may replace its contents.
+    pub fn can_restore(self) -> bool {
+        matches!(self, DiskStatus::Ready | DiskStatus::Error)
+    }
+    /// It may be backed up.
+    pub fn can_back_up(self) -> bool {
+        self == DiskStatus::Ready
+    }
+}
+
 stored_status! {
     /// A sandbox row: it exists (`Created`), or a run or delete is under way and may have
     /// been cut short.
@@ -230,6 +259,22 @@ impl fmt::Display for SandboxState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn what_each_disk_state_allows() {
+        use DiskStatus::*;
+        let allowed = |f: fn(DiskStatus) -> bool| -> Vec<DiskStatus> {
+            DiskStatus::ALL.iter().copied().filter(|s| f(*s)).collect()
+        };
+        assert_eq!(
+            allowed(DiskStatus::can_delete),
+            [Ready, Resizing, Deleting, Error]
+        );
+        assert_eq!(allowed(DiskStatus::can_resize), [Ready, Resizing]);
+        assert_eq!(allowed(DiskStatus::can_lease), [Ready]);
+        assert_eq!(allowed(DiskStatus::can_restore), [Ready, Error]);
+        assert_eq!(allowed(DiskStatus::can_back_up), [Ready]);
+    }
 
     #[test]
     fn stored_statuses_travel_as_their_stored_strings() {

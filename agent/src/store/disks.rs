@@ -229,10 +229,7 @@ impl Store {
                 });
             }
             match disk.status {
-                DiskStatus::Ready
-                | DiskStatus::Error
-                | DiskStatus::Resizing
-                | DiskStatus::Deleting => {}
+                status if status.can_delete() => {}
                 status => {
                     return Err(StoreError::WrongState {
                         disk: disk.name,
@@ -266,7 +263,7 @@ impl Store {
         self.with_conn(|conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let disk = existing_disk_in(&tx, id)?;
-            if disk.status != DiskStatus::Ready && disk.status != DiskStatus::Resizing {
+            if !disk.status.can_resize() {
                 return Err(StoreError::WrongState {
                     disk: disk.name,
                     status: disk.status,
@@ -324,9 +321,7 @@ impl Store {
                 .optional()?;
             match status {
                 None => return Err(StoreError::disk_not_found(&lease.disk_id)),
-                // Not while resizing: ext4 may have to grow unmounted on hosts that forbid
-                // online growth.
-                Some(DiskStatus::Ready) => {}
+                Some(status) if status.can_lease() => {}
                 Some(status) => {
                     return Err(StoreError::WrongState {
                         disk: lease.disk_id.clone(),
@@ -446,7 +441,7 @@ impl Store {
                     op: DiskOp::Restore,
                 });
             }
-            if !matches!(disk.status, DiskStatus::Ready | DiskStatus::Error) {
+            if !disk.status.can_restore() {
                 return Err(StoreError::WrongState {
                     disk: disk.name,
                     status: disk.status,
