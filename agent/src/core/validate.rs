@@ -77,6 +77,13 @@ pub fn name(field: &str, value: &str) -> Result<(), Error> {
     })
 }
 
+/// A name as a [`Name`](miren_sys::name::Name): checked here once, with `field` in the error.
+pub fn to_name(field: &str, value: impl Into<String>) -> Result<miren_sys::name::Name, Error> {
+    let value = value.into();
+    name(field, &value)?;
+    miren_sys::name::Name::new(value).map_err(|v| invalid(field, v))
+}
+
 /// A command-line argument: anything but NUL (the kernel cannot pass it).
 fn argument(field: &str, value: &str) -> Result<(), Error> {
     if value.contains('\0') {

@@ -68,7 +68,7 @@ impl ServiceSandboxes for FakeSandboxes {
     ) -> BoxFuture<'_, Result<Sandbox, Error>> {
         Box::pin(async move {
             let owner = owner.expect("services have owners");
-            let name = req.name.clone().unwrap_or_default();
+            let name = req.name.as_deref().unwrap_or_default().to_string();
             let mut running = self.running.lock().unwrap();
             running.retain(|(o, _)| *o != owner);
             running.push((owner, req));
@@ -94,8 +94,8 @@ impl ServiceSandboxes for FakeSandboxes {
         })
     }
 
-    fn free_name(&self, preferred: &str, _owner: &Owner) -> Result<String, Error> {
-        Ok(preferred.to_string())
+    fn free_name(&self, preferred: &str, _owner: &Owner) -> Result<Name, Error> {
+        crate::core::validate::to_name("sandbox name", preferred)
     }
 }
 

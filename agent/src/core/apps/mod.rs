@@ -25,6 +25,7 @@ use crate::model::{
 use crate::store::addons::AppStatus;
 use crate::store::{Owner, Store};
 use miren_runtime::sandbox::RestartPolicy;
+use miren_sys::name::Name;
 
 /// The port a service listens on unless its env sets `PORT`.
 pub const DEFAULT_PORT: u16 = 3000;
@@ -64,7 +65,7 @@ pub trait ServiceSandboxes: Send + Sync {
     fn get_owned(&self, owner: &Owner) -> Result<Option<Sandbox>, Error>;
     /// None is fine.
     fn delete_owned<'a>(&'a self, owner: &'a Owner) -> BoxFuture<'a, Result<(), Error>>;
-    fn free_name(&self, preferred: &str, owner: &Owner) -> Result<String, Error>;
+    fn free_name(&self, preferred: &str, owner: &Owner) -> Result<Name, Error>;
 }
 
 impl ServiceSandboxes for SandboxService {
@@ -84,7 +85,7 @@ impl ServiceSandboxes for SandboxService {
         Box::pin(SandboxService::delete_owned(self, owner))
     }
 
-    fn free_name(&self, preferred: &str, owner: &Owner) -> Result<String, Error> {
+    fn free_name(&self, preferred: &str, owner: &Owner) -> Result<Name, Error> {
         SandboxService::free_name(self, preferred, owner)
     }
 }
@@ -354,7 +355,7 @@ impl AppService {
             let name = self.sandboxes.free_name(&preferred, &owner)?;
             let mut req = SandboxRequest::new(service.image.clone());
             req.name = Some(name.clone());
-            req.app = Some(app.to_string());
+            req.app = Some(crate::core::validate::to_name("app", app)?);
             req.env = env;
             req.disks = disks;
             if let Some(secs) = service
@@ -400,7 +401,7 @@ impl AppService {
             {
                 // Another app's service took the free name meanwhile: the hashed one is ours.
                 Err(e) if e.is_name_taken() => {
-                    let hashed = crate::core::disks::hashed_name(&preferred, &owner.describe());
+                    let hashed = crate::core::disks::hashed_name(&preferred, &owner.describe())?;
                     if hashed == name {
                         Err(e)
                     } else {
@@ -612,11 +613,11 @@ mod tests {
             "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-076a6cfa"
         );
         assert_eq!(
-            crate::core::disks::hashed_name("data", "app `shop`"),
+            crate::core::disks::hashed_name("data", "app `shop`").unwrap(),
             "data-aa85ec62"
         );
         assert_eq!(
-            crate::core::disks::hashed_name(&"d-".repeat(40), "x"),
+            crate::core::disks::hashed_name(&"d-".repeat(40), "x").unwrap(),
             "d-d-d-d-d-d-d-d-d-d-d-d-d-d-d-d-d-d-d-d-d-d-d-d-d-d-d-bea246e5"
         );
         assert_eq!(

@@ -21,6 +21,7 @@ use crate::core::owner::{self, Holder};
 use crate::model::{self, CreateDisk, Disk, Lease, LeaseInfo, ReleaseResult};
 use crate::store::{DiskRow, DiskStatus, LeaseAttempt, LeaseRow, Owner, Store};
 use crate::util::{new_id, now_rfc3339};
+use miren_sys::name::Name;
 
 /// The largest disk we agree to make: 64 TiB of apparent size.
 pub const MAX_SIZE_GB: u64 = 64 * 1024;
@@ -272,7 +273,7 @@ impl DiskService {
         let name = match self.find(&req.name) {
             Ok(row) => match self.store.claim_disk(&row.id, owner)? {
                 Some(now) if &now == owner => return Ok(row.name),
-                _ => hashed_name(&req.name, &owner.describe()),
+                _ => hashed_name(&req.name, &owner.describe())?.into_string(),
             },
             Err(e) if e.is_not_found() => req.name.clone(),
             Err(e) => Err(e)?,
@@ -589,9 +590,10 @@ fn not_yours(disk: &str, owner: Option<&Owner>, wanted_by: &Owner) -> Error {
 }
 
 /// `name` with 8 hex digits of a hash of `salt`, within the 63-character name limit.
-pub fn hashed_name(name: &str, salt: &str) -> String {
+pub fn hashed_name(name: &str, salt: &str) -> Result<Name, Error> {
     let hash = miren_sys::fnv::fnv1a32(format!("{name}\0{salt}").as_bytes());
-    miren_sys::name::with_hash_suffix(name, hash)
+    Name::with_hash_suffix(name, hash)
+        .map_err(|e| Error::invalid(format!("name `{name}` with a hash {e}")))
 }
 
 fn round_secs(d: Duration) -> Duration {

@@ -19,9 +19,11 @@ use crate::core::images::ImageService;
 use crate::core::net::{EndpointRequest, NetService};
 use crate::core::owner::Holder;
 use crate::core::status::SandboxState;
+use crate::core::validate;
 use crate::model::{ExecResult, RunSandbox, Sandbox};
 use crate::store::{Owner, SandboxRow, SandboxStatus, Store};
 use crate::util::{new_id, now_rfc3339};
+use miren_sys::name::Name;
 
 /// First bytes on stderr of `miren exec-in` when the exec itself failed (not the command).
 pub const EXEC_ERROR_MARK: &str = "miren-exec-error: ";
@@ -213,12 +215,13 @@ impl SandboxService {
     ) -> Result<Sandbox, Error> {
         req.check()?;
         let id = new_id("sbx");
-        let name = req.name.clone().unwrap_or_else(|| id.replace('_', "-"));
-        miren_disks::validate_name(&name)
-            .map_err(|e| Error::invalid(e.to_string().replace("disk name", "sandbox name")))?;
+        let name = match &req.name {
+            Some(name) => name.clone(),
+            // Ids are `sbx_` and hex: with a hyphen, a name by the rule.
+            None => Name::new(id.replace('_', "-"))
+                .map_err(|e| Error::internal(format!("sandbox id `{id}` as a name: {e}")))?,
+        };
         let app = req.app.clone().unwrap_or_else(|| name.clone());
-        miren_disks::validate_name(&app)
-            .map_err(|e| Error::invalid(e.to_string().replace("disk name", "app name")))?;
         if owner.is_none() {
             crate::core::disks::refuse_reserved("sandbox name", &name)?;
             crate::core::disks::refuse_reserved("app", &app)?;
@@ -233,8 +236,8 @@ impl SandboxService {
 
         let row = SandboxRow {
             id: id.clone(),
-            name: name.clone(),
-            app: app.clone(),
+            name: name.to_string(),
+            app: app.to_string(),
             image: req.image.clone(),
             status: SandboxStatus::Creating,
             disks: req.disks.iter().map(|d| d.disk.clone()).collect(),
@@ -379,14 +382,11 @@ impl SandboxService {
     /// A display name for `owner`'s sandbox: `preferred` when no sandbox has it, otherwise
     /// `preferred` with a hash of the owner, so names stay unique and readable while nothing
     /// depends on them.
-    pub fn free_name(&self, preferred: &str, owner: &Owner) -> Result<String, Error> {
+    pub fn free_name(&self, preferred: &str, owner: &Owner) -> Result<Name, Error> {
         if !self.store.sandbox_name_taken(preferred)? {
-            return Ok(preferred.to_string());
+            return validate::to_name("sandbox name", preferred);
         }
-        Ok(crate::core::disks::hashed_name(
-            preferred,
-            &owner.describe(),
-        ))
+        crate::core::disks::hashed_name(preferred, &owner.describe())
     }
 
     pub fn list(&self) -> Result<Vec<Sandbox>, Error> {

@@ -9,6 +9,7 @@ use crate::core::disks::DEFAULT_LEASE_TIMEOUT;
 use crate::core::error::Error;
 use crate::core::validate;
 use miren_netns::PublishedPort;
+use miren_sys::name::Name;
 
 use crate::core::net::published_port;
 use crate::model::RunSandbox;
@@ -43,9 +44,9 @@ pub struct TmpfsMount {
 pub struct SandboxRequest {
     /// An image reference; pulled if it is not on the node.
     pub image: String,
-    pub name: Option<String>,
+    pub name: Option<Name>,
     /// The app it belongs to (network isolation, local storage); default: its name.
-    pub app: Option<String>,
+    pub app: Option<Name>,
     /// `K=V` (the OCI form), applied over the image's environment.
     pub env: Vec<String>,
     pub resources: Resources,
@@ -142,8 +143,8 @@ impl SandboxRequest {
             local_dir,
             tmpfs,
             image: req.image,
-            name: req.name,
-            app: req.app,
+            name: req.name.map(|n| validate::to_name("name", n)).transpose()?,
+            app: req.app.map(|a| validate::to_name("app", a)).transpose()?,
             env: req.env,
             publish: req
                 .publish
@@ -161,12 +162,6 @@ impl SandboxRequest {
     /// app.toml, an addon's), passes here before anything is recorded.
     pub fn check(&self) -> Result<(), Error> {
         validate::image_reference("image", &self.image)?;
-        if let Some(name) = &self.name {
-            validate::name("name", name)?;
-        }
-        if let Some(app) = &self.app {
-            validate::name("app", app)?;
-        }
         validate::env("env", &self.env)?;
         for kv in &self.env {
             if !kv.contains('=') || kv.starts_with('=') {
