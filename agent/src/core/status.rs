@@ -170,6 +170,17 @@ stored_status! {
     }
 }
 
+impl AppStatus {
+    /// A deploy was started and not finished (the agent died in between): resume it.
+    pub fn needs_work(self) -> bool {
+        self == AppStatus::Deploying
+    }
+    /// Its services run, so they can be restarted (for new addon variables, or by hand).
+    pub fn can_restart(self) -> bool {
+        self == AppStatus::Running
+    }
+}
+
 stored_status! {
     /// Where an addon is in its life. `deleted` is the absence of the row.
     AddonStatus in "addons.status" {
@@ -215,6 +226,17 @@ stored_status! {
         Provisioning => "provisioning",
         Active => "active",
         Deleting => "deleting",
+    }
+}
+
+impl ServerStatus {
+    /// It answers its members (provisioned, not being removed).
+    pub fn serves(self) -> bool {
+        self == ServerStatus::Active
+    }
+    /// It is being removed: nobody may join it until that ends.
+    pub fn is_going(self) -> bool {
+        self == ServerStatus::Deleting
     }
 }
 

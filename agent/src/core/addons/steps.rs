@@ -193,7 +193,7 @@ impl AddonService {
     ) -> Result<(ServerRow, Box<dyn ServerConnection>), StepError> {
         let provider = self.provider(kind)?.clone();
         if let Some(server) = self.store.server(kind)? {
-            if server.status == ServerStatus::Deleting {
+            if server.status.is_going() {
                 self.finish_server_removal(kind).await?;
             }
         }
@@ -236,13 +236,13 @@ impl AddonService {
                     variant: Variant::Shared,
                     login: &login,
                     allow_from: self.store.shared_members(kind)?,
-                    never_ready: server.status != ServerStatus::Active,
+                    never_ready: !server.status.serves(),
                 },
                 || Ok(()),
             )
             .await?;
         let admin = self.wait_ready(provider.as_ref(), &sandbox, &login).await?;
-        if server.status != ServerStatus::Active {
+        if !server.status.serves() {
             admin.prepare_shared().await.map_err(StepError::Failed)?;
             self.sync_data(&sandbox).await?;
             self.store.set_server_status(kind, ServerStatus::Active)?;
@@ -261,8 +261,7 @@ impl AddonService {
 
     /// Removes the shared server if no addon uses it. Call with the shared lock held.
     pub(super) async fn remove_server_if_unused(&self, kind: &str) -> Result<(), Error> {
-        let deleting =
-            matches!(self.store.server(kind)?, Some(s) if s.status == ServerStatus::Deleting);
+        let deleting = matches!(self.store.server(kind)?, Some(s) if s.status.is_going());
         if deleting || self.store.begin_server_removal_if_unused(kind)? {
             self.finish_server_removal(kind).await?;
         }
@@ -315,7 +314,7 @@ impl AddonService {
         let Some(server) = self.store.server(&row.kind)? else {
             return Ok(()); // no server, so no tenant either
         };
-        if server.status != ServerStatus::Active {
+        if !server.status.serves() {
             // Tenants are only made on a server that became ready (`active`).
             return Ok(());
         }

@@ -177,7 +177,7 @@ impl AppService {
     /// addons changed while it was not looking.
     pub fn resume(self: &Arc<Self>) -> Result<(), Error> {
         for row in self.store.apps()? {
-            if row.status == AppStatus::Running {
+            if row.status.can_restart() {
                 let this = self.clone();
                 tokio::spawn(async move {
                     if let Err(e) = this.addons_changed(&row.name).await {
@@ -186,7 +186,7 @@ impl AppService {
                 });
                 continue;
             }
-            if row.status != AppStatus::Deploying {
+            if !row.status.needs_work() {
                 continue;
             }
             let this = self.clone();
@@ -446,7 +446,7 @@ impl AppService {
         let lock = self.locks.of(app);
         let _guard = lock.lock().await;
         match self.store.app(app)? {
-            Some(row) if row.status == AppStatus::Running => {
+            Some(row) if row.status.can_restart() => {
                 let (_, now) = self.addon_env(app)?;
                 match self.store.app_addon_env(app)? {
                     Some(then) if then == now => return Ok(()),
