@@ -237,6 +237,19 @@ impl TestAgent {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Waits (up to a minute) until the agent's log says `text`.
+    pub fn wait_for_log(&self, text: &str) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !self.log_text().contains(text) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the agent never logged {text:?}:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
     /// A `miren` client command pointed at this agent.
     pub fn command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(miren_bin());

@@ -553,15 +553,7 @@ fn operations_on_one_disk_take_turns_and_a_busy_mount_loses_nothing() {
         "-o",
         out_file.to_str().unwrap(),
     ]));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !agent.log_text().contains("holding the backup freeze") {
-        assert!(
-            Instant::now() < deadline,
-            "no freeze:\n{}",
-            agent.log_text()
-        );
-        sleep(Duration::from_millis(20));
-    }
+    agent.wait_for_log("holding the backup freeze");
     for args in [
         &["debug", "disk", "delete", "-n", "turns"][..],
         &["debug", "disk", "resize", "-n", "turns", "--size-gb", "2"][..],

@@ -409,15 +409,7 @@ fn backups_are_private_and_a_killed_agent_never_leaves_a_filesystem_frozen() {
         "-o",
         out_file.to_str().unwrap(),
     ]));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !agent.log_text().contains("holding the backup freeze") {
-        assert!(
-            Instant::now() < deadline,
-            "no freeze:\n{}",
-            agent.log_text()
-        );
-        sleep(Duration::from_millis(20));
-    }
+    agent.wait_for_log("holding the backup freeze");
     // The agent's point-in-time copy is private from its first byte.
     let captures: Vec<_> = fs::read_dir(agent.data_dir.join("tmp"))
         .unwrap()
