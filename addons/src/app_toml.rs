@@ -116,7 +116,7 @@ impl AddonConfig {
     }
 
     pub fn image_ref(&self) -> String {
-        self.version.image_ref(self.kind)
+        self.version.image_ref()
     }
 }
 
@@ -455,10 +455,15 @@ impl<'t> Ctx<'t> {
             return Vec::new();
         };
         let mut out = Vec::new();
+        // Every named kind with where it was named, for the clash check below.
+        let mut named = Vec::new();
         for (k, v) in t.entries() {
             let path = t.field(k.get_ref());
             let kind = match AddonKind::parse(k.get_ref()) {
-                Ok(kind) => Some(kind),
+                Ok(kind) => {
+                    named.push((kind, k.span(), path.clone()));
+                    Some(kind)
+                }
                 Err(e) => {
                     self.err(&k.span(), path.clone(), e.to_string());
                     None
@@ -484,7 +489,7 @@ impl<'t> Ctx<'t> {
 
             let version_value = at.get("version");
             let version = match version_value.map(|v| (v.get_ref(), v.span())) {
-                None => Some(ResolvedVersion::Major(kind.default_version())),
+                None => Some(ResolvedVersion::Catalogue(kind.default_version())),
                 Some((value, span)) => {
                     // `version = 16` is as clear as `version = "16"`; accept both.
                     let text = match value {
@@ -520,6 +525,12 @@ impl<'t> Ctx<'t> {
                     version,
                     version_pinned: version_value.is_some(),
                 });
+            }
+        }
+        let kinds: Vec<AddonKind> = named.iter().map(|(kind, _, _)| *kind).collect();
+        if let Some(clash) = crate::env::env_clash(&kinds) {
+            if let Some((_, span, path)) = named.iter().find(|(kind, _, _)| *kind == clash.second) {
+                self.err(span, path.clone(), clash.to_string());
             }
         }
         out

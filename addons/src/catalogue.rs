@@ -2,10 +2,14 @@
 
 use std::fmt;
 
-/// Every addon this build knows. Data lives in `AddonKind::spec`, so adding MySQL is one arm.
+/// Every addon this build knows. Data lives in `AddonKind::spec`, so a kind is one arm.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum AddonKind {
     Postgresql,
+    Mysql,
+    Valkey,
+    Memcache,
+    Rabbitmq,
 }
 
 /// How an addon is laid out on a node.
@@ -24,11 +28,36 @@ pub enum Tenancy {
     SharedPerNode,
 }
 
+/// One version the catalogue offers: its name in app.toml and the stock image it runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct CatalogueVersion {
+    /// As written in app.toml and `--version`: `17`, `mariadb-11`, `1.6`.
+    pub name: &'static str,
+    /// The official image's repository (`postgres`, `mariadb`, `valkey/valkey`).
+    pub repository: &'static str,
+    pub tag: &'static str,
+}
+
+impl CatalogueVersion {
+    const fn new(name: &'static str, repository: &'static str, tag: &'static str) -> Self {
+        CatalogueVersion {
+            name,
+            repository,
+            tag,
+        }
+    }
+
+    /// `repository:tag`, as pulled (through the agent's registry mirror, if any).
+    pub fn image_ref(&self) -> String {
+        format!("{}:{}", self.repository, self.tag)
+    }
+}
+
 /// A version request after resolution.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum ResolvedVersion {
-    /// A major version from the catalogue, run from the addon's stock image.
-    Major(u8),
+    /// A version from the catalogue, run from its stock image.
+    Catalogue(CatalogueVersion),
     /// A full OCI image reference given by the user, run as given.
     Image(String),
 }
@@ -75,8 +104,9 @@ pub struct VariantInfo {
     pub description: &'static str,
     pub is_default: bool,
     pub tenancy: Tenancy,
-    /// Size of the data disk (GiB). For `SharedPerNode` it is the one disk of the node's server.
-    pub disk_size_gb: u64,
+    /// Size of the data disk (GiB), `None` for a server that keeps nothing. For
+    /// `SharedPerNode` it is the one disk of the node's server.
+    pub disk_size_gb: Option<u64>,
     pub disk_filesystem: &'static str,
 }
 
@@ -87,36 +117,111 @@ pub struct AddonInfo {
     pub name: &'static str,
     pub description: &'static str,
     pub variants: Vec<VariantInfo>,
-    pub versions: &'static [u8],
-    pub default_version: u8,
-    /// Repository of the stock image; a catalogue version `N` runs `<repository>:N`.
-    pub image_repository: &'static str,
+    pub versions: &'static [CatalogueVersion],
+    pub default_version: CatalogueVersion,
 }
 
 struct AddonSpec {
     name: &'static str,
     description: &'static str,
-    variants: &'static [Variant],
-    default_variant: Variant,
-    versions: &'static [u8],
-    default_version: u8,
-    image_repository: &'static str,
+    /// Each variant with its description; the first is the default.
+    variants: &'static [(Variant, &'static str)],
+    versions: &'static [CatalogueVersion],
+    default_version: &'static str,
+    /// Whether its server keeps data on a disk (memcached does not).
+    has_disk: bool,
 }
 
+const fn v(name: &'static str, repository: &'static str, tag: &'static str) -> CatalogueVersion {
+    CatalogueVersion::new(name, repository, tag)
+}
+
+static POSTGRESQL: AddonSpec = AddonSpec {
+    name: "miren-postgresql",
+    description: "Managed PostgreSQL database",
+    variants: &[
+        (Variant::Small, "Dedicated PostgreSQL server (1 GB storage)"),
+        (Variant::Shared, "Multi-app shared PostgreSQL server"),
+    ],
+    versions: &[
+        v("14", "postgres", "14"),
+        v("15", "postgres", "15"),
+        v("16", "postgres", "16"),
+        v("17", "postgres", "17"),
+        v("18", "postgres", "18"),
+    ],
+    default_version: "17",
+    has_disk: true,
+};
+
+// MySQL majors pull Oracle's official `mysql` image; MariaDB majors the official
+// `mariadb` image. Both speak the same protocol and image contract.
+static MYSQL: AddonSpec = AddonSpec {
+    name: "miren-mysql",
+    description: "Managed MySQL database (MySQL or MariaDB)",
+    variants: &[
+        (Variant::Small, "Dedicated MySQL server (1 GB storage)"),
+        (Variant::Shared, "Multi-app shared MySQL server"),
+    ],
+    versions: &[
+        v("8", "mysql", "8"),
+        v("9", "mysql", "9"),
+        v("mariadb-10.11", "mariadb", "10.11"),
+        v("mariadb-11", "mariadb", "11"),
+    ],
+    default_version: "9",
+    has_disk: true,
+};
+
+static VALKEY: AddonSpec = AddonSpec {
+    name: "miren-valkey",
+    description: "Managed Valkey (Redis-compatible) key-value store",
+    variants: &[(
+        Variant::Small,
+        "Dedicated Valkey server (1 GB storage, append-only file)",
+    )],
+    versions: &[v("7", "valkey/valkey", "7"), v("8", "valkey/valkey", "8")],
+    default_version: "8",
+    has_disk: true,
+};
+
+static MEMCACHE: AddonSpec = AddonSpec {
+    name: "miren-memcache",
+    description: "Managed Memcached cache",
+    variants: &[(
+        Variant::Small,
+        "Dedicated Memcached server (64 MB of memory, no storage)",
+    )],
+    versions: &[v("1.6", "memcached", "1.6")],
+    default_version: "1.6",
+    has_disk: false,
+};
+
+static RABBITMQ: AddonSpec = AddonSpec {
+    name: "miren-rabbitmq",
+    description: "Managed RabbitMQ message broker",
+    variants: &[(Variant::Small, "Dedicated RabbitMQ server (1 GB storage)")],
+    versions: &[v("3", "rabbitmq", "3"), v("4", "rabbitmq", "4")],
+    default_version: "4",
+    has_disk: true,
+};
+
 impl AddonKind {
-    pub const ALL: &'static [AddonKind] = &[AddonKind::Postgresql];
+    pub const ALL: &'static [AddonKind] = &[
+        AddonKind::Postgresql,
+        AddonKind::Mysql,
+        AddonKind::Valkey,
+        AddonKind::Memcache,
+        AddonKind::Rabbitmq,
+    ];
 
     fn spec(self) -> &'static AddonSpec {
         match self {
-            AddonKind::Postgresql => &AddonSpec {
-                name: "miren-postgresql",
-                description: "Managed PostgreSQL database",
-                variants: &[Variant::Small, Variant::Shared],
-                default_variant: Variant::Small,
-                versions: &[14, 15, 16, 17, 18],
-                default_version: 17,
-                image_repository: "postgres",
-            },
+            AddonKind::Postgresql => &POSTGRESQL,
+            AddonKind::Mysql => &MYSQL,
+            AddonKind::Valkey => &VALKEY,
+            AddonKind::Memcache => &MEMCACHE,
+            AddonKind::Rabbitmq => &RABBITMQ,
         }
     }
 
@@ -128,30 +233,57 @@ impl AddonKind {
         self.spec().description
     }
 
-    pub fn variants(self) -> &'static [Variant] {
-        self.spec().variants
+    pub fn variants(self) -> impl Iterator<Item = Variant> {
+        self.spec().variants.iter().map(|(variant, _)| *variant)
     }
 
     pub fn default_variant(self) -> Variant {
-        self.spec().default_variant
+        self.spec().variants[0].0
     }
 
-    pub fn versions(self) -> &'static [u8] {
+    /// What `variant` of this kind is, in a few words.
+    pub fn variant_description(self, variant: Variant) -> &'static str {
+        self.spec()
+            .variants
+            .iter()
+            .find(|(v, _)| *v == variant)
+            .map_or("", |(_, description)| description)
+    }
+
+    pub fn versions(self) -> &'static [CatalogueVersion] {
         self.spec().versions
     }
 
-    pub fn default_version(self) -> u8 {
-        self.spec().default_version
+    pub fn default_version(self) -> CatalogueVersion {
+        let spec = self.spec();
+        spec.versions
+            .iter()
+            .copied()
+            .find(|v| v.name == spec.default_version)
+            .unwrap_or(spec.versions[0])
     }
 
-    pub fn image_repository(self) -> &'static str {
-        self.spec().image_repository
+    /// Whether its servers keep data on a disk.
+    pub fn has_disk(self) -> bool {
+        self.spec().has_disk
+    }
+
+    /// The catalogue version whose stock image is `image` (`postgres:17` -> `17`), if any.
+    pub fn version_of_image(self, image: &str) -> Option<CatalogueVersion> {
+        self.versions()
+            .iter()
+            .copied()
+            .find(|v| v.image_ref() == image)
     }
 
     /// The variables an instance injects into its app (see `env`).
     pub fn env_keys(self) -> &'static [&'static str] {
         match self {
             AddonKind::Postgresql => crate::env::POSTGRES_ENV_KEYS,
+            AddonKind::Mysql => crate::env::MYSQL_ENV_KEYS,
+            AddonKind::Valkey => crate::env::VALKEY_ENV_KEYS,
+            AddonKind::Memcache => crate::env::MEMCACHE_ENV_KEYS,
+            AddonKind::Rabbitmq => crate::env::RABBITMQ_ENV_KEYS,
         }
     }
 
@@ -169,9 +301,8 @@ impl AddonKind {
     /// Variant names with the default marked, for error messages.
     fn variant_choices(self) -> Vec<String> {
         self.variants()
-            .iter()
             .map(|v| {
-                if *v == self.default_variant() {
+                if v == self.default_variant() {
                     format!("{} (default)", v.name())
                 } else {
                     v.name().to_string()
@@ -185,9 +316,9 @@ impl AddonKind {
             .iter()
             .map(|v| {
                 if *v == self.default_version() {
-                    format!("{v} (default)")
+                    format!("{} (default)", v.name)
                 } else {
-                    v.to_string()
+                    v.name.to_string()
                 }
             })
             .collect()
@@ -195,8 +326,6 @@ impl AddonKind {
 
     pub fn parse_variant(self, name: &str) -> Result<Variant, CatalogueError> {
         self.variants()
-            .iter()
-            .copied()
             .find(|v| v.name() == name)
             .ok_or_else(|| CatalogueError::UnknownVariant {
                 addon: self.name(),
@@ -205,7 +334,8 @@ impl AddonKind {
             })
     }
 
-    /// A catalogue major (`"17"`), or anything containing `/`, `:` or `@` as an image reference.
+    /// A catalogue version (`"17"`, `"mariadb-11"`), or anything containing `/`, `:` or `@`
+    /// as an image reference.
     pub fn parse_version(self, version: &str) -> Result<ResolvedVersion, CatalogueError> {
         if version.contains(['/', ':', '@']) {
             return match validate_image_ref(version) {
@@ -220,8 +350,8 @@ impl AddonKind {
         self.versions()
             .iter()
             .copied()
-            .find(|v| v.to_string() == version)
-            .map(ResolvedVersion::Major)
+            .find(|v| v.name == version)
+            .map(ResolvedVersion::Catalogue)
             .ok_or_else(|| CatalogueError::UnknownVersion {
                 addon: self.name(),
                 version: version.to_string(),
@@ -236,12 +366,18 @@ impl AddonKind {
             description: self.description(),
             variants: self
                 .variants()
-                .iter()
-                .map(|v| v.info(*v == self.default_variant()))
+                .map(|v| VariantInfo {
+                    variant: v,
+                    name: v.name(),
+                    description: self.variant_description(v),
+                    is_default: v == self.default_variant(),
+                    tenancy: v.tenancy(),
+                    disk_size_gb: self.has_disk().then(|| v.disk_size_gb()),
+                    disk_filesystem: if self.has_disk() { "ext4" } else { "" },
+                })
                 .collect(),
             versions: self.versions(),
             default_version: self.default_version(),
-            image_repository: self.image_repository(),
         }
     }
 }
@@ -251,14 +387,6 @@ impl Variant {
         match self {
             Variant::Small => "small",
             Variant::Shared => "shared",
-        }
-    }
-
-    /// Worded for PostgreSQL, the only addon so far; move into `AddonSpec` when MySQL lands.
-    pub fn description(self) -> &'static str {
-        match self {
-            Variant::Small => "Dedicated PostgreSQL server (1 GB storage)",
-            Variant::Shared => "Multi-app shared PostgreSQL server",
         }
     }
 
@@ -276,33 +404,29 @@ impl Variant {
             Variant::Shared => 10,
         }
     }
-
-    fn info(self, is_default: bool) -> VariantInfo {
-        VariantInfo {
-            variant: self,
-            name: self.name(),
-            description: self.description(),
-            is_default,
-            tenancy: self.tenancy(),
-            disk_size_gb: self.disk_size_gb(),
-            disk_filesystem: "ext4",
-        }
-    }
 }
 
 impl ResolvedVersion {
-    /// The image to run: `postgres:17` for a catalogue major, the user's reference otherwise.
-    pub fn image_ref(&self, kind: AddonKind) -> String {
+    /// The image to run: `postgres:17` for a catalogue version, the user's reference otherwise.
+    pub fn image_ref(&self) -> String {
         match self {
-            ResolvedVersion::Major(major) => format!("{}:{major}", kind.image_repository()),
+            ResolvedVersion::Catalogue(version) => version.image_ref(),
             ResolvedVersion::Image(image) => image.clone(),
+        }
+    }
+
+    /// As the user asked and as recorded: a catalogue version's name or the image reference.
+    pub fn name(&self) -> &str {
+        match self {
+            ResolvedVersion::Catalogue(version) => version.name,
+            ResolvedVersion::Image(image) => image,
         }
     }
 }
 
 impl ResolvedAddon {
     pub fn image_ref(&self) -> String {
-        self.version.image_ref(self.kind)
+        self.version.image_ref()
     }
 }
 
@@ -351,7 +475,7 @@ impl Catalogue {
         };
         let version = match version {
             Some(v) => kind.parse_version(v)?,
-            None => ResolvedVersion::Major(kind.default_version()),
+            None => ResolvedVersion::Catalogue(kind.default_version()),
         };
         Ok(ResolvedAddon {
             kind,
@@ -549,7 +673,7 @@ mod tests {
             .resolve("miren-postgresql", None, None)
             .unwrap();
         assert_eq!(r.variant, Variant::Small);
-        assert_eq!(r.version, ResolvedVersion::Major(17));
+        assert_eq!(r.version.name(), "17");
         assert_eq!(r.image_ref(), "postgres:17");
     }
 
@@ -614,6 +738,7 @@ mod tests {
     fn unknown_names_list_the_choices() {
         let c = Catalogue::builtin();
         let err = c.resolve("mysql", None, None).unwrap_err().to_string();
+        assert!(err.contains("miren-mysql, miren-valkey"), "{err}");
         assert!(
             err.contains("`mysql`") && err.contains("miren-postgresql"),
             "{err}"
@@ -651,16 +776,55 @@ mod tests {
             small.description,
             "Dedicated PostgreSQL server (1 GB storage)"
         );
-        assert_eq!((small.tenancy, small.disk_size_gb), (Tenancy::Dedicated, 1));
+        assert_eq!(
+            (small.tenancy, small.disk_size_gb),
+            (Tenancy::Dedicated, Some(1))
+        );
         let shared = &info.variants[1];
         assert_eq!(shared.name, "shared");
         assert!(!shared.is_default);
         assert_eq!(shared.description, "Multi-app shared PostgreSQL server");
         assert_eq!(
             (shared.tenancy, shared.disk_size_gb),
-            (Tenancy::SharedPerNode, 10)
+            (Tenancy::SharedPerNode, Some(10))
         );
-        assert_eq!(info.default_version, 17);
+        assert_eq!(info.default_version.name, "17");
         assert!(Catalogue::builtin().describe("redis").is_err());
+    }
+
+    #[test]
+    fn the_launch_catalogue_resolves_to_the_official_images() {
+        let c = Catalogue::builtin();
+        for (addon, version, image) in [
+            ("miren-mysql", None, "mysql:9"),
+            ("miren-mysql", Some("8"), "mysql:8"),
+            ("miren-mysql", Some("mariadb-11"), "mariadb:11"),
+            ("miren-mysql", Some("mariadb-10.11"), "mariadb:10.11"),
+            ("miren-valkey", None, "valkey/valkey:8"),
+            ("miren-valkey", Some("7"), "valkey/valkey:7"),
+            ("miren-memcache", None, "memcached:1.6"),
+            ("miren-rabbitmq", None, "rabbitmq:4"),
+            ("miren-rabbitmq", Some("3"), "rabbitmq:3"),
+        ] {
+            let r = c.resolve(addon, None, version).unwrap();
+            assert_eq!(r.image_ref(), image);
+            assert_eq!(r.variant, Variant::Small);
+            assert_eq!(
+                r.kind.version_of_image(image).map(|v| v.name),
+                Some(r.version.name())
+            );
+        }
+        assert_eq!(
+            c.resolve("miren-mysql", Some("shared"), None)
+                .unwrap()
+                .variant,
+            Variant::Shared
+        );
+        for single in ["miren-valkey", "miren-memcache", "miren-rabbitmq"] {
+            let err = c.resolve(single, Some("shared"), None).unwrap_err();
+            assert!(err.to_string().contains("small (default)"), "{err}");
+        }
+        let memcache = c.describe("miren-memcache").unwrap();
+        assert_eq!(memcache.variants[0].disk_size_gb, None);
     }
 }

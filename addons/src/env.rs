@@ -2,6 +2,7 @@
 
 use std::fmt;
 
+use crate::catalogue::AddonKind;
 use crate::credentials::Credentials;
 
 /// What a sensitive value shows as. Fixed length, so it leaks nothing about the secret.
@@ -16,6 +17,79 @@ pub const POSTGRES_ENV_KEYS: &[&str] = &[
     "PGPASSWORD",
     "PGDATABASE",
 ];
+
+/// Names MySQL (and MariaDB) inject.
+pub const MYSQL_ENV_KEYS: &[&str] = &[
+    "DATABASE_URL",
+    "MYSQL_HOST",
+    "MYSQL_PORT",
+    "MYSQL_USER",
+    "MYSQL_PASSWORD",
+    "MYSQL_DATABASE",
+];
+
+/// Names Valkey injects: its own, and the same four under the `REDIS_` names clients read.
+pub const VALKEY_ENV_KEYS: &[&str] = &[
+    "VALKEY_URL",
+    "VALKEY_HOST",
+    "VALKEY_PORT",
+    "VALKEY_PASSWORD",
+    "REDIS_URL",
+    "REDIS_HOST",
+    "REDIS_PORT",
+    "REDIS_PASSWORD",
+];
+
+/// Names Memcached injects (it has no credentials).
+pub const MEMCACHE_ENV_KEYS: &[&str] = &["MEMCACHE_URL", "MEMCACHE_HOST", "MEMCACHE_PORT"];
+
+/// Names RabbitMQ injects.
+pub const RABBITMQ_ENV_KEYS: &[&str] = &[
+    "RABBITMQ_URL",
+    "RABBITMQ_HOST",
+    "RABBITMQ_PORT",
+    "RABBITMQ_USER",
+    "RABBITMQ_PASSWORD",
+    "RABBITMQ_VHOST",
+];
+
+/// Two addons of one app that would set the same variables: an error at deploy, since one
+/// would silently overwrite the other.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "addons {first} and {second} both set {}; an app can have only one of them: remove one of the two",
+    .keys.join(", ")
+)]
+pub struct EnvClash {
+    pub first: AddonKind,
+    pub second: AddonKind,
+    pub keys: Vec<&'static str>,
+}
+
+/// The first pair of `kinds` whose variables overlap, if any.
+pub fn env_clash(kinds: &[AddonKind]) -> Option<EnvClash> {
+    for (i, first) in kinds.iter().enumerate() {
+        for second in &kinds[i + 1..] {
+            if first == second {
+                continue;
+            }
+            let keys: Vec<&'static str> = first
+                .env_keys()
+                .iter()
+                .copied()
+                .filter(|k| second.env_keys().contains(k))
+                .collect();
+            if !keys.is_empty() {
+                return Some(EnvClash {
+                    first: *first,
+                    second: *second,
+                    keys,
+                });
+            }
+        }
+    }
+    None
+}
 
 #[derive(Clone, PartialEq, Eq)]
 pub struct EnvVar {
@@ -117,6 +191,92 @@ impl fmt::Debug for PostgresConnection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.redacted_url())
     }
+}
+
+fn var(key: &'static str, value: String, sensitive: bool) -> EnvVar {
+    EnvVar {
+        key,
+        value,
+        sensitive,
+    }
+}
+
+/// `miren-mysql`'s variables: `DATABASE_URL` (`mysql://user:pass@host:port/db`) and `MYSQL_*`.
+pub fn mysql_env(host: &str, port: u16, login: &Credentials) -> Vec<EnvVar> {
+    let url = format!(
+        "mysql://{}:{}@{}:{port}/{}",
+        percent_encode(&login.user),
+        percent_encode(&login.password),
+        url_host(host),
+        percent_encode(&login.database),
+    );
+    vec![
+        var("DATABASE_URL", url, true),
+        var("MYSQL_HOST", host.to_string(), false),
+        var("MYSQL_PORT", port.to_string(), false),
+        var("MYSQL_USER", login.user.clone(), false),
+        var("MYSQL_PASSWORD", login.password.clone(), true),
+        var("MYSQL_DATABASE", login.database.clone(), false),
+    ]
+}
+
+/// `miren-valkey`'s variables: `redis://:pass@host:port` under both the `VALKEY_` and
+/// `REDIS_` names.
+pub fn valkey_env(host: &str, port: u16, password: &str) -> Vec<EnvVar> {
+    let url = format!(
+        "redis://:{}@{}:{port}",
+        percent_encode(password),
+        url_host(host)
+    );
+    let mut vars = Vec::with_capacity(8);
+    for keys in [
+        [
+            "VALKEY_URL",
+            "VALKEY_HOST",
+            "VALKEY_PORT",
+            "VALKEY_PASSWORD",
+        ],
+        ["REDIS_URL", "REDIS_HOST", "REDIS_PORT", "REDIS_PASSWORD"],
+    ] {
+        vars.push(var(keys[0], url.clone(), true));
+        vars.push(var(keys[1], host.to_string(), false));
+        vars.push(var(keys[2], port.to_string(), false));
+        vars.push(var(keys[3], password.to_string(), true));
+    }
+    vars
+}
+
+/// `miren-memcache`'s variables: `memcache://host:port`, host and port.
+pub fn memcache_env(host: &str, port: u16) -> Vec<EnvVar> {
+    vec![
+        var(
+            "MEMCACHE_URL",
+            format!("memcache://{}:{port}", url_host(host)),
+            false,
+        ),
+        var("MEMCACHE_HOST", host.to_string(), false),
+        var("MEMCACHE_PORT", port.to_string(), false),
+    ]
+}
+
+/// `miren-rabbitmq`'s variables: `amqp://user:pass@host:port/vhost` and `RABBITMQ_*`. The
+/// login's `database` is the vhost.
+pub fn rabbitmq_env(host: &str, port: u16, login: &Credentials) -> Vec<EnvVar> {
+    let url = format!(
+        "amqp://{}:{}@{}:{port}/{}",
+        percent_encode(&login.user),
+        percent_encode(&login.password),
+        url_host(host),
+        percent_encode(&login.database),
+    );
+    vec![
+        var("RABBITMQ_URL", url, true),
+        var("RABBITMQ_HOST", host.to_string(), false),
+        var("RABBITMQ_PORT", port.to_string(), false),
+        var("RABBITMQ_USER", login.user.clone(), false),
+        var("RABBITMQ_PASSWORD", login.password.clone(), true),
+        var("RABBITMQ_VHOST", login.database.clone(), false),
+    ]
 }
 
 /// An IPv6 literal needs brackets in a URL; anything else is percent-encoded like the rest.
@@ -252,5 +412,102 @@ mod tests {
         assert_eq!(url.username(), creds.user);
         assert_eq!(url.password(), Some(creds.password.as_str()));
         assert_eq!(&url.path()[1..], creds.database);
+    }
+
+    #[test]
+    fn every_kind_injects_exactly_its_catalogue_keys() {
+        let login = Credentials {
+            user: "shop_1".into(),
+            password: "p@ss/w:rd".into(),
+            database: "miren".into(),
+        };
+        let keys = |vars: Vec<EnvVar>| vars.iter().map(|v| v.key).collect::<Vec<_>>();
+        let host = "10.10.0.7";
+        assert_eq!(
+            keys(PostgresConnection::new(host, 5432, &login).env_vars()),
+            AddonKind::Postgresql.env_keys()
+        );
+        assert_eq!(
+            keys(mysql_env(host, 3306, &login)),
+            AddonKind::Mysql.env_keys()
+        );
+        assert_eq!(
+            keys(valkey_env(host, 6379, &login.password)),
+            AddonKind::Valkey.env_keys()
+        );
+        assert_eq!(
+            keys(memcache_env(host, 11211)),
+            AddonKind::Memcache.env_keys()
+        );
+        assert_eq!(
+            keys(rabbitmq_env(host, 5672, &login)),
+            AddonKind::Rabbitmq.env_keys()
+        );
+    }
+
+    #[test]
+    fn urls_read_like_the_catalogue() {
+        let login = Credentials {
+            user: "shop_1".into(),
+            password: "p@ss".into(),
+            database: "shopdb".into(),
+        };
+        let value = |vars: &[EnvVar], key: &str| {
+            vars.iter()
+                .find(|v| v.key == key)
+                .map(|v| v.value.clone())
+                .unwrap()
+        };
+        let mysql = mysql_env("10.0.0.2", 3306, &login);
+        assert_eq!(
+            value(&mysql, "DATABASE_URL"),
+            "mysql://shop_1:p%40ss@10.0.0.2:3306/shopdb"
+        );
+        let valkey = valkey_env("10.0.0.3", 6379, "p@ss");
+        assert_eq!(
+            value(&valkey, "VALKEY_URL"),
+            "redis://:p%40ss@10.0.0.3:6379"
+        );
+        assert_eq!(value(&valkey, "REDIS_URL"), value(&valkey, "VALKEY_URL"));
+        assert!(valkey
+            .iter()
+            .filter(|v| v.key.ends_with("_URL") || v.key.ends_with("_PASSWORD"))
+            .all(|v| v.sensitive));
+        let memcache = memcache_env("10.0.0.4", 11211);
+        assert_eq!(
+            value(&memcache, "MEMCACHE_URL"),
+            "memcache://10.0.0.4:11211"
+        );
+        let rabbit = rabbitmq_env(
+            "10.0.0.5",
+            5672,
+            &Credentials {
+                database: "miren".into(),
+                ..login
+            },
+        );
+        assert_eq!(
+            value(&rabbit, "RABBITMQ_URL"),
+            "amqp://shop_1:p%40ss@10.0.0.5:5672/miren"
+        );
+    }
+
+    #[test]
+    fn addons_setting_the_same_variable_clash() {
+        use AddonKind::*;
+        let clash = env_clash(&[Postgresql, Valkey, Mysql]).unwrap();
+        assert_eq!((clash.first, clash.second), (Postgresql, Mysql));
+        assert_eq!(clash.keys, ["DATABASE_URL"]);
+        let msg = clash.to_string();
+        assert!(
+            msg.contains("miren-postgresql") && msg.contains("miren-mysql"),
+            "{msg}"
+        );
+        assert_eq!(env_clash(&[Postgresql, Valkey, Memcache, Rabbitmq]), None);
+        let all: usize = [Postgresql, Valkey, Memcache, Rabbitmq]
+            .iter()
+            .map(|k| k.env_keys().len())
+            .sum();
+        assert_eq!(all, 23);
     }
 }

@@ -37,11 +37,14 @@ pub use app_toml::{
     DiskProvider, EnvEntry, Filesystem, Problem, ServiceConfig, ServiceLimits,
 };
 pub use catalogue::{
-    AddonInfo, AddonKind, Catalogue, CatalogueError, ResolvedAddon, ResolvedVersion, Tenancy,
-    Variant, VariantInfo,
+    AddonInfo, AddonKind, Catalogue, CatalogueError, CatalogueVersion, ResolvedAddon,
+    ResolvedVersion, Tenancy, Variant, VariantInfo,
 };
 pub use credentials::{generate_password, Credentials, RandomError};
-pub use env::{EnvVar, PostgresConnection, MASK};
+pub use env::{
+    env_clash, memcache_env, mysql_env, rabbitmq_env, valkey_env, EnvClash, EnvVar,
+    PostgresConnection, MASK,
+};
 pub use ident::{
     is_reserved_name, validate_name, validate_user_name, NameError, PgIdentifiers,
     RESERVED_NAME_PREFIX,

@@ -80,7 +80,7 @@ fn bun_app(name: &str) -> AppConfig {
             env: vec![],
             disks: vec![],
         }],
-        addons: vec![pg(Variant::Shared, ResolvedVersion::Major(17), false)],
+        addons: vec![pg(Variant::Shared, pg_version("17"), false)],
     }
 }
 
@@ -97,7 +97,7 @@ variant = "small"
     assert_eq!(app.name, "myapp");
     assert_eq!(
         app.addons,
-        vec![pg(Variant::Small, ResolvedVersion::Major(17), false)]
+        vec![pg(Variant::Small, pg_version("17"), false)]
     );
     assert_eq!(app.addons[0].image_ref(), "postgres:17");
     assert_eq!(
@@ -113,11 +113,11 @@ variant = "small"
 fn seed_addon_forms_parse() {
     let base = "name = \"a\"\n[services.web]\nimage = \"x\"\n";
     let cases = [
-        ("[addons.miren-postgresql]\n", Variant::Small, ResolvedVersion::Major(17), false),
+        ("[addons.miren-postgresql]\n", Variant::Small, pg_version("17"), false),
         (
             "[addons.miren-postgresql]\nvariant = \"small\"\nversion = \"16\"\n",
             Variant::Small,
-            ResolvedVersion::Major(16),
+            pg_version("16"),
             true,
         ),
         (
@@ -129,13 +129,13 @@ fn seed_addon_forms_parse() {
         (
             "[addons.miren-postgresql]\nversion = 0x12\n",
             Variant::Small,
-            ResolvedVersion::Major(18),
+            pg_version("18"),
             true,
         ),
         (
             "[addons.miren-postgresql]\nversion = 18\n",
             Variant::Small,
-            ResolvedVersion::Major(18),
+            pg_version("18"),
             true,
         ),
     ];
@@ -387,7 +387,7 @@ fn unknown_choices_list_the_valid_ones() {
     let cases = [
         (
             format!("{base}[addons.redis]\n"),
-            ".miren/app.toml line 4: addons.redis: unknown addon `redis`; available addons: miren-postgresql".to_string(),
+            ".miren/app.toml line 4: addons.redis: unknown addon `redis`; available addons: miren-postgresql, miren-mysql, miren-valkey, miren-memcache, miren-rabbitmq".to_string(),
         ),
         (
             format!("{base}[addons.miren-postgresql]\nvariant = \"large\"\n"),
@@ -478,6 +478,46 @@ fn missing_and_mistyped_top_level_fields() {
     assert_eq!(
         error("name = \"a\"\n[services.web]\nimage = \"x\"\n[[services.web.disks]]\nname = \"d\"\nmount_path = \"/d\"\nsize_gb = 1\nread_only = \"yes\"\n"),
         ".miren/app.toml line 8: services.web.disks[0].read_only: expected true or false, found a string"
+    );
+}
+
+fn pg_version(name: &str) -> ResolvedVersion {
+    AddonKind::Postgresql.parse_version(name).unwrap()
+}
+
+#[test]
+fn several_addons_parse_and_clashing_variables_are_refused() {
+    let base = "name = \"a\"\n[services.web]\nimage = \"x\"\n";
+    let app = parse_app_toml(
+        &format!(
+            "{base}[addons.miren-postgresql]\n[addons.miren-valkey]\n[addons.miren-memcache]\n[addons.miren-rabbitmq]\nversion = \"3\"\n"
+        ),
+        ".miren/app.toml",
+    )
+    .unwrap();
+    let images: Vec<String> = app.addons.iter().map(|a| a.image_ref()).collect();
+    assert_eq!(
+        images,
+        [
+            "postgres:17",
+            "valkey/valkey:8",
+            "memcached:1.6",
+            "rabbitmq:3"
+        ]
+    );
+    assert_eq!(
+        error(&format!(
+            "{base}[addons.miren-postgresql]\n[addons.miren-mysql]\nvariant = \"shared\"\n"
+        )),
+        ".miren/app.toml line 5: addons.miren-mysql: addons miren-postgresql and miren-mysql both set DATABASE_URL; an app can have only one of them: remove one of the two"
+    );
+    // A service's own entry naming an addon's variable is refused too.
+    let err = error(&format!(
+        "{base}env = [{{ key = \"REDIS_URL\", value = \"x\" }}]\n[addons.miren-valkey]\n"
+    ));
+    assert!(
+        err.contains("`REDIS_URL` is injected by addon miren-valkey"),
+        "{err}"
     );
 }
 

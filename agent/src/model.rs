@@ -449,8 +449,9 @@ pub struct AddonVariantInfo {
     pub default: bool,
     /// `dedicated` (a server per app) or `shared` (one server per node).
     pub tenancy: String,
-    pub disk_size_gb: u64,
-    pub disk_filesystem: String,
+    /// Its data disk; none for a server that keeps nothing (memcached).
+    pub disk_size_gb: Option<u64>,
+    pub disk_filesystem: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

@@ -137,8 +137,12 @@ pub async fn run(client: &Client, command: AddonCommand) -> Result<i32> {
                         v.name.clone(),
                         v.description.clone(),
                         if v.default { "yes".into() } else { "".into() },
-                        format!("{} GiB {}", v.disk_size_gb, v.disk_filesystem),
-                        format!("PostgreSQL {}", entry.default_version),
+                        match (v.disk_size_gb, &v.disk_filesystem) {
+                            (Some(size), Some(fs)) => format!("{size} GiB {fs}"),
+                            (Some(size), None) => format!("{size} GiB"),
+                            _ => "none".into(),
+                        },
+                        format!("{} (default)", entry.default_version),
                     ]
                 })
                 .collect();

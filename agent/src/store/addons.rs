@@ -139,6 +139,9 @@ pub enum Inserted {
     Existing(AddonRow),
     /// Not recorded: the kind's shared server runs (or is about to run) this other image.
     SharedImageInUse(String),
+    /// Not recorded: the app has this other addon, whose variables the new one would
+    /// overwrite.
+    Clashes(String),
 }
 
 fn member_list() -> String {
@@ -164,7 +167,10 @@ impl Store {
     /// Records a new addon in `pending`, in one transaction with the shared-server checks: an
     /// app has at most one addon of a kind, and every member of a kind's shared server runs
     /// the same image.
-    pub fn insert_addon(&self, row: &AddonRow) -> StoreResult<Inserted> {
+    /// Records a new addon, unless the app has it already, the kind's shared server runs
+    /// another image, or the app has one of `clashing_kinds` (not being removed). One
+    /// transaction, so two concurrent creates cannot both pass the checks.
+    pub fn insert_addon(&self, row: &AddonRow, clashing_kinds: &[&str]) -> StoreResult<Inserted> {
         self.with_conn(|conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             if let Some(existing) = tx
@@ -176,6 +182,18 @@ impl Store {
                 .optional()?
             {
                 return Ok(Inserted::Existing(existing));
+            }
+            for other in clashing_kinds {
+                let present: Option<String> = tx
+                    .query_row(
+                        "SELECT kind FROM addons WHERE app = ?1 AND kind = ?2 AND status <> ?3",
+                        params![row.app, other, AddonStatus::Deprovisioning],
+                        |r| r.get(0),
+                    )
+                    .optional()?;
+                if let Some(kind) = present {
+                    return Ok(Inserted::Clashes(kind));
+                }
             }
             if row.variant == "shared" {
                 let in_use: Option<String> = tx
@@ -547,25 +565,65 @@ mod tests {
     fn a_retried_insert_returns_the_existing_row() {
         let (_d, s) = store();
         assert!(matches!(
-            s.insert_addon(&row("a", "small", "postgres:17")).unwrap(),
+            s.insert_addon(&row("a", "small", "postgres:17"), &[])
+                .unwrap(),
             Inserted::New(_)
         ));
-        match s.insert_addon(&row("a", "small", "postgres:16")).unwrap() {
+        match s
+            .insert_addon(&row("a", "small", "postgres:16"), &[])
+            .unwrap()
+        {
             Inserted::Existing(r) => assert_eq!(r.image, "postgres:17"),
             other => panic!("not the existing row: {other:?}"),
         }
     }
 
     #[test]
+    fn an_addon_whose_variables_clash_is_not_recorded() {
+        let (_d, s) = store();
+        s.insert_addon(&row("a", "small", "postgres:17"), &[])
+            .unwrap();
+        let mut mysql = row("a", "small", "mysql:9");
+        mysql.kind = "miren-mysql".into();
+        assert!(matches!(
+            s.insert_addon(&mysql, &["miren-postgresql"]).unwrap(),
+            Inserted::Clashes(kind) if kind == "miren-postgresql"
+        ));
+        assert!(s.addon("a", "miren-mysql").unwrap().is_none());
+        // Another app, or the clashing addon on its way out, does not stop it.
+        mysql.app = "b".into();
+        assert!(matches!(
+            s.insert_addon(&mysql, &["miren-postgresql"]).unwrap(),
+            Inserted::New(_)
+        ));
+        assert!(s
+            .transition_addon(
+                "a",
+                "miren-postgresql",
+                &[AddonStatus::Pending],
+                AddonStatus::Deprovisioning,
+                None
+            )
+            .unwrap());
+        mysql.app = "a".into();
+        assert!(matches!(
+            s.insert_addon(&mysql, &["miren-postgresql"]).unwrap(),
+            Inserted::New(_)
+        ));
+    }
+
+    #[test]
     fn shared_members_must_agree_on_the_image() {
         let (_d, s) = store();
-        s.insert_addon(&row("a", "shared", "postgres:17")).unwrap();
+        s.insert_addon(&row("a", "shared", "postgres:17"), &[])
+            .unwrap();
         assert!(matches!(
-            s.insert_addon(&row("b", "shared", "postgres:16")).unwrap(),
+            s.insert_addon(&row("b", "shared", "postgres:16"), &[]).unwrap(),
             Inserted::SharedImageInUse(image) if image == "postgres:17"
         ));
         // A small addon of another version is fine.
-        s.insert_addon(&row("b", "small", "postgres:16")).unwrap();
+        s.insert_addon(&row("b", "small", "postgres:16"), &[])
+            .unwrap();
         // Once the only member is in error, the server's image no longer binds anyone.
         assert!(s
             .transition_addon(
@@ -576,13 +634,15 @@ mod tests {
                 Some("x")
             )
             .unwrap());
-        s.insert_addon(&row("c", "shared", "postgres:16")).unwrap();
+        s.insert_addon(&row("c", "shared", "postgres:16"), &[])
+            .unwrap();
     }
 
     #[test]
     fn transitions_are_compare_and_set() {
         let (_d, s) = store();
-        s.insert_addon(&row("a", "small", "postgres:17")).unwrap();
+        s.insert_addon(&row("a", "small", "postgres:17"), &[])
+            .unwrap();
         assert!(s
             .transition_addon(
                 "a",
@@ -630,7 +690,8 @@ mod tests {
             created_at: now_rfc3339(),
         })
         .unwrap();
-        s.insert_addon(&row("a", "shared", "postgres:17")).unwrap();
+        s.insert_addon(&row("a", "shared", "postgres:17"), &[])
+            .unwrap();
         assert!(!s
             .begin_server_removal_if_unused("miren-postgresql")
             .unwrap());
@@ -683,7 +744,7 @@ mod tests {
         let (_d, s) = store();
         let mut r = row("a", "small", "postgres:17");
         r.extra.insert("vhost".into(), serde_json::json!("a"));
-        s.insert_addon(&r).unwrap();
+        s.insert_addon(&r, &[]).unwrap();
         assert_eq!(
             s.addon("a", "miren-postgresql").unwrap().unwrap().extra,
             r.extra

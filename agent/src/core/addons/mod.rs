@@ -131,11 +131,11 @@ pub fn catalogue() -> Vec<AddonCatalogEntry> {
                         miren_addons::Tenancy::SharedPerNode => "shared".into(),
                     },
                     disk_size_gb: v.disk_size_gb,
-                    disk_filesystem: v.disk_filesystem.to_string(),
+                    disk_filesystem: v.disk_size_gb.map(|_| v.disk_filesystem.to_string()),
                 })
                 .collect(),
-            versions: info.versions.iter().map(|v| v.to_string()).collect(),
-            default_version: info.default_version.to_string(),
+            versions: info.versions.iter().map(|v| v.name.to_string()).collect(),
+            default_version: info.default_version.name.to_string(),
         })
         .collect()
 }
@@ -271,18 +271,20 @@ impl AddonService {
         // An addon joining the shared server without a pinned version runs what it runs.
         if resolved.variant == Variant::Shared && req.version.is_none() {
             if let Some(image) = self.store.shared_image(kind)? {
-                let stock = format!("{}:", resolved.kind.image_repository());
-                resolved.version = match image.strip_prefix(stock.as_str()).map(str::parse::<u8>) {
-                    Some(Ok(major)) => ResolvedVersion::Major(major),
-                    _ => ResolvedVersion::Image(image),
+                resolved.version = match resolved.kind.version_of_image(&image) {
+                    Some(version) => ResolvedVersion::Catalogue(version),
+                    None => ResolvedVersion::Image(image),
                 };
             }
         }
-        let version = match &resolved.version {
-            ResolvedVersion::Major(m) => m.to_string(),
-            ResolvedVersion::Image(image) => image.clone(),
-        };
+        let version = resolved.version.name().to_string();
         let image = resolved.image_ref();
+        // The kinds whose variables overlap this one's: the app may have none of them.
+        let clashing: Vec<&str> = miren_addons::AddonKind::ALL
+            .iter()
+            .filter(|other| miren_addons::env_clash(&[resolved.kind, **other]).is_some())
+            .map(|other| other.name())
+            .collect();
         let creds = provider.app_credentials(&req.app)?;
         let now = now_rfc3339();
         let row = AddonRow {
@@ -302,7 +304,20 @@ impl AddonService {
             updated_at: now,
         };
         let row = loop {
-            let existing = match self.store.insert_addon(&row)? {
+            let existing = match self.store.insert_addon(&row, &clashing)? {
+                Inserted::Clashes(other) => {
+                    let keys: Vec<&str> = miren_addons::AddonKind::parse(&other)
+                        .map(|o| miren_addons::env_clash(&[o, resolved.kind]))
+                        .ok()
+                        .flatten()
+                        .map(|c| c.keys)
+                        .unwrap_or_default();
+                    return Err(Error::conflict(format!(
+                        "app `{app}` has {other}, and {kind} would set the same variables ({}); an app can have only one of them: `miren addon destroy {other} -a {app}` first, or keep {other}",
+                        keys.join(", "),
+                        app = row.app,
+                    )));
+                }
                 Inserted::SharedImageInUse(running) => {
                     return Err(Error::conflict(format!(
                         "the shared {kind} server on this node runs {running}, not {image}; ask for that version (or leave it out), or use `{kind}:small` for a server of your own"

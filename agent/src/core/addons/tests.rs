@@ -60,7 +60,7 @@ fn left_row(bench: &Bench, app: &str, variant: &str, status: AddonStatus) {
         created_at: now.clone(),
         updated_at: now,
     };
-    bench.store.insert_addon(&row).unwrap();
+    bench.store.insert_addon(&row, &[]).unwrap();
 }
 
 #[tokio::test]

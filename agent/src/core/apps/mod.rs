@@ -22,7 +22,7 @@ use crate::core::sandboxes::{DiskMount, SandboxRequest, SandboxService};
 use crate::model::{
     App, AppDeleted, AppServiceView, CreateAddon, CreateDisk, DeployApp, PublishPort, Sandbox,
 };
-use crate::store::addons::AppStatus;
+use crate::store::addons::{AddonStatus, AppStatus};
 use crate::store::{Owner, Store};
 use miren_runtime::sandbox::RestartPolicy;
 use miren_sys::name::Name;
@@ -154,6 +154,23 @@ impl AppService {
                 }
             }
         }
+        // Addons the deploy keeps (made with `addon create`) must not set the declared ones'
+        // variables either.
+        let mut kinds: Vec<miren_addons::AddonKind> =
+            config.addons.iter().map(|a| a.kind).collect();
+        for row in self.store.addons_of(&app)? {
+            if row.source != "deploy" && row.status != AddonStatus::Deprovisioning {
+                if let Ok(kind) = miren_addons::AddonKind::parse(&row.kind) {
+                    kinds.push(kind);
+                }
+            }
+        }
+        if let Some(clash) = miren_addons::env_clash(&kinds) {
+            return Err(Error::conflict(format!(
+                "{source}: {clash} (app `{app}` has {} from `miren addon create`; `miren addon destroy {} -a {app}` to replace it)",
+                clash.second, clash.second
+            )));
+        }
         // Another app's or an addon's disk is refused before anything is recorded.
         for service in &spec.services {
             for disk in service.disks.iter().filter(|d| !d.local) {
@@ -242,6 +259,17 @@ impl AppService {
         }
 
         let mut pending = Vec::new();
+        // Removals first, so an addon replacing another that set the same variables (say
+        // MySQL for PostgreSQL) is not refused as a clash with the one going away.
+        for row in self.store.addons_of(app)? {
+            let declared = spec.addons.iter().any(|a| a.kind == row.kind);
+            if !declared && row.source == "deploy" {
+                info!(app = %app, addon = %row.kind, "no longer declared: deprovisioning");
+                if let Some(done) = self.addons.destroy(app, &row.kind)? {
+                    pending.push(done);
+                }
+            }
+        }
         for wanted in &spec.addons {
             let (_, done) = self
                 .addons
@@ -257,15 +285,6 @@ impl AppService {
                 )
                 .await?;
             pending.push(done);
-        }
-        for row in self.store.addons_of(app)? {
-            let declared = spec.addons.iter().any(|a| a.kind == row.kind);
-            if !declared && row.source == "deploy" {
-                info!(app = %app, addon = %row.kind, "no longer declared: deprovisioning");
-                if let Some(done) = self.addons.destroy(app, &row.kind)? {
-                    pending.push(done);
-                }
-            }
         }
         for mut done in pending {
             let _ = done.wait_for(|d| *d).await;

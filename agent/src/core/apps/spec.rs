@@ -148,10 +148,7 @@ pub(super) fn spec_from_config(
             .map(|a| AddonSpec {
                 kind: a.kind.name().to_string(),
                 variant: a.variant.name().to_string(),
-                version: a.version_pinned.then(|| match &a.version {
-                    miren_addons::ResolvedVersion::Major(m) => m.to_string(),
-                    miren_addons::ResolvedVersion::Image(i) => i.clone(),
-                }),
+                version: a.version_pinned.then(|| a.version.name().to_string()),
             })
             .collect(),
     }
