@@ -680,3 +680,11 @@ pub fn image_mirror() -> Option<String> {
         }
     }
 }
+
+/// A TCP port on 127.0.0.1 that nothing listens on now (the kernel's pick), for `--publish`.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("binding 127.0.0.1:0")
+}
