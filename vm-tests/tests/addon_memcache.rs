@@ -437,6 +437,11 @@ fn kill_9_during_memcache_creates_and_destroys_converges_and_leaves_nothing() {
             points += 1;
         }
     }
+    // A host restart: every server is launched again (empty: it has no disk) and answers.
+    agent.lose_everything_a_host_restart_loses();
+    agent.spawn();
+    converged(&agent, &mut known, "after a host restart");
+    assert!(!known.is_empty(), "no server went through the restart");
     for app in known.clone() {
         agent.ok(&["addon", "destroy", MEMCACHE, "-a", &app, "--yes"]);
     }

@@ -141,27 +141,29 @@ fn eventually(agent: &TestAgent, sandbox: &str, args: &str, expected: &str) {
     }
 }
 
-/// RESP from the host: `AUTH password` and `PING`, the server's two answers.
-fn auth_ping(host: &str, password: &str) -> Result<String, String> {
+/// RESP from the host: `AUTH password`, `commands`, `QUIT`; everything the server answered
+/// (it closes the connection after `QUIT`).
+fn resp(host: &str, password: &str, commands: &[&[&str]]) -> Result<String, String> {
     let addr = format!("{host}:6379").parse().map_err(|e| format!("{e}"))?;
     let mut conn =
         TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(|e| e.to_string())?;
     conn.set_read_timeout(Some(Duration::from_secs(2)))
         .map_err(|e| e.to_string())?;
-    let auth = format!(
-        "*2\r\n$4\r\nAUTH\r\n${}\r\n{password}\r\n*1\r\n$4\r\nPING\r\n",
-        password.len()
-    );
-    conn.write_all(auth.as_bytes()).map_err(|e| e.to_string())?;
-    let mut got = String::new();
-    let mut buf = [0u8; 256];
-    while got.matches("\r\n").count() < 2 {
-        let n = conn.read(&mut buf).map_err(|e| e.to_string())?;
-        if n == 0 {
-            break;
+    let mut request = String::new();
+    for command in [&["AUTH", password][..]]
+        .iter()
+        .chain(commands)
+        .chain(&[&["QUIT"][..]])
+    {
+        request.push_str(&format!("*{}\r\n", command.len()));
+        for arg in command.iter() {
+            request.push_str(&format!("${}\r\n{arg}\r\n", arg.len()));
         }
-        got.push_str(&String::from_utf8_lossy(&buf[..n]));
     }
+    conn.write_all(request.as_bytes())
+        .map_err(|e| e.to_string())?;
+    let mut got = String::new();
+    conn.read_to_string(&mut got).map_err(|e| e.to_string())?;
     Ok(got)
 }
 
@@ -451,10 +453,10 @@ fn converged(agent: &TestAgent, known: &mut BTreeSet<String>, context: &str) {
     agent.assert_converged();
     for app in known.iter() {
         let vars = env(agent, app);
-        let answer = auth_ping(&vars["VALKEY_HOST"], &vars["VALKEY_PASSWORD"]);
+        let answer = resp(&vars["VALKEY_HOST"], &vars["VALKEY_PASSWORD"], &[&["PING"]]);
         assert_eq!(
             answer.as_deref(),
-            Ok("+OK\r\n+PONG\r\n"),
+            Ok("+OK\r\n+PONG\r\n+OK\r\n"),
             "{context}: {app}"
         );
     }
@@ -524,6 +526,28 @@ fn kill_9_during_valkey_creates_and_destroys_converges_and_leaves_nothing() {
             points += 1;
         }
     }
+    // A host restart: every server is launched again on its disk, its keys there.
+    let survivor = known.iter().next().cloned().expect("a survivor");
+    let vars = env(&agent, &survivor);
+    let set = resp(
+        &vars["VALKEY_HOST"],
+        &vars["VALKEY_PASSWORD"],
+        &[&["SET", "kept", "across the restart"]],
+    );
+    assert_eq!(set.as_deref(), Ok("+OK\r\n+OK\r\n+OK\r\n"));
+    agent.lose_everything_a_host_restart_loses();
+    agent.spawn();
+    converged(&agent, &mut known, "after a host restart");
+    let vars = env(&agent, &survivor);
+    let got = resp(
+        &vars["VALKEY_HOST"],
+        &vars["VALKEY_PASSWORD"],
+        &[&["GET", "kept"]],
+    );
+    assert_eq!(
+        got.as_deref(),
+        Ok("+OK\r\n$18\r\nacross the restart\r\n+OK\r\n")
+    );
     for app in known.clone() {
         agent.ok(&["addon", "destroy", VALKEY, "-a", &app, "--yes"]);
     }
