@@ -272,7 +272,10 @@ fn memcache_through_app_toml_and_cli_answers_its_app_and_no_other() {
     agent.ok(&["addon", "destroy", MEMCACHE, "-a", "cache", "--yes"]);
     assert!(status(&agent, "cache").is_none());
     assert!(!sandbox_names(&agent).contains("addon-memcache-cache"));
+    let t = Instant::now();
     agent.ok(&["addon", "create", MEMCACHE, "-a", "cache"]);
+    // Context for the bench, not asserted: the image is pulled, the disk is new.
+    eprintln!("addon create to active: {:.2} s", t.elapsed().as_secs_f64());
     let answer = app_nc(&agent, "cache-web", &["get greeting"]);
     assert_eq!(answer, "END\n", "data survived destroy");
     agent.ok(&["addon", "destroy", MEMCACHE, "-a", "cache", "--yes"]);

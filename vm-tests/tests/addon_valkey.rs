@@ -349,7 +349,10 @@ fn valkey_through_app_toml_and_cli_keeps_acked_writes_backs_up_and_admits_only_i
     assert!(status(&agent, "shop").is_none());
     assert!(!disk_names(&agent).contains("addon-valkey-shop"));
     assert!(!sandbox_names(&agent).contains("addon-valkey-shop"));
+    let t = Instant::now();
     agent.ok(&["addon", "create", VALKEY, "-a", "shop"]);
+    // Context for the bench, not asserted: the image is pulled, the disk is new.
+    eprintln!("addon create to active: {:.2} s", t.elapsed().as_secs_f64());
     assert_eq!(app_cli(&agent, "shop-web", "EXISTS durable"), "0");
     assert_ne!(env(&agent, "shop")["VALKEY_PASSWORD"], password);
 

@@ -111,7 +111,7 @@ impl AddonProvider for Valkey {
             let conn = probe(host, &login.password)
                 .await
                 .map_err(|e| describe(&e))?;
-            Ok(Box::new(Session(conn)) as Box<dyn ServerConnection>)
+            Ok(Box::new(Session { _conn: conn }) as Box<dyn ServerConnection>)
         })
     }
 }
@@ -181,8 +181,11 @@ fn describe(err: &redis::RedisError) -> String {
     text
 }
 
-/// A session with an app's Valkey server (dedicated only: no tenants).
-struct Session(#[allow(dead_code)] MultiplexedConnection);
+/// A session with an app's Valkey server (dedicated only: no tenants). The connection that
+/// passed the readiness check is kept for as long as the driver holds the session.
+struct Session {
+    _conn: MultiplexedConnection,
+}
 
 impl ServerConnection for Session {
     fn ensure_tenant<'a>(&'a self, _tenant: &'a Credentials) -> BoxFuture<'a, Result<(), String>> {
