@@ -453,3 +453,66 @@ fn kill_9_during_memcache_creates_and_destroys_converges_and_leaves_nothing() {
     assert!(points >= 9, "only {points} kill points");
     assert_nothing_left(&agent);
 }
+
+/// Every addon's variables reach every service: an app with PostgreSQL, Valkey and Memcached
+/// gets all 17, and a redeploy without the three sections removes all three servers.
+#[test]
+fn postgres_valkey_and_memcache_together_give_the_app_every_variable() {
+    let Some(agent) = memcache_agent() else {
+        return;
+    };
+    let dir = agent.root.join("multi");
+    let mut toml = nc_app("multi", true);
+    toml.push_str("\n[addons.miren-postgresql]\n\n[addons.miren-valkey]\n");
+    write_app(&dir, &toml);
+    deploy(&agent, &dir);
+    let expected = [
+        "DATABASE_URL",
+        "PGHOST",
+        "PGPORT",
+        "PGUSER",
+        "PGPASSWORD",
+        "PGDATABASE",
+        "VALKEY_URL",
+        "VALKEY_HOST",
+        "VALKEY_PORT",
+        "VALKEY_PASSWORD",
+        "REDIS_URL",
+        "REDIS_HOST",
+        "REDIS_PORT",
+        "REDIS_PASSWORD",
+        "MEMCACHE_URL",
+        "MEMCACHE_HOST",
+        "MEMCACHE_PORT",
+    ];
+    let vars = env(&agent, "multi");
+    for key in expected {
+        assert!(
+            vars.get(key).is_some_and(|v| !v.is_empty()),
+            "{key} missing: {vars:?}"
+        );
+    }
+    // Inside the service, each one set, with the value `env list` shows.
+    let script = expected
+        .iter()
+        .map(|k| format!("echo \"{k}=${k}\""))
+        .collect::<Vec<_>>()
+        .join("; ");
+    let out = exec_sh(&agent, "multi-web", &script);
+    assert!(out.status.success(), "{}", text(&out));
+    let seen = String::from_utf8_lossy(&out.stdout);
+    for key in expected {
+        assert!(
+            seen.lines().any(|l| l == format!("{key}={}", vars[key])),
+            "{key} in the service: {seen}"
+        );
+    }
+    assert!(app_nc(&agent, "multi-web", &["version"]).contains("VERSION 1.6."));
+
+    write_app(&dir, &nc_app("multi", false));
+    deploy(&agent, &dir);
+    let left = agent.json(&["addon", "list", "-a", "multi", "--json"]);
+    assert_eq!(left.as_array().map(Vec::len), Some(0), "{left}");
+    agent.ok(&["app", "delete", "multi"]);
+    assert_nothing_left(&agent);
+}
