@@ -18,11 +18,13 @@
 #[cfg(test)]
 pub(crate) mod fakes;
 pub mod host;
+mod memcache;
 pub mod postgres;
 pub mod provider;
 mod steps;
 #[cfg(test)]
 mod tests;
+mod valkey;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -110,7 +110,11 @@ pub trait ServerConnection: Send + Sync {
 
 /// The providers this build has, one per catalogue entry.
 pub fn builtin() -> Vec<Arc<dyn AddonProvider>> {
-    vec![Arc::new(super::postgres::Postgres)]
+    vec![
+        Arc::new(super::postgres::Postgres),
+        Arc::new(super::valkey::Valkey),
+        Arc::new(super::memcache::Memcache),
+    ]
 }
 
 #[cfg(test)]
