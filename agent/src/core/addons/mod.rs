@@ -18,6 +18,7 @@
 #[cfg(test)]
 pub(crate) mod fakes;
 pub mod host;
+mod mysql;
 pub mod postgres;
 pub mod provider;
 mod steps;
