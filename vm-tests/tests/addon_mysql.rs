@@ -281,7 +281,7 @@ fn small_through_app_toml_and_the_cli_isolated_backed_up_and_removed() {
     let root = exec_sh(
         &agent,
         "shop-web",
-        "mariadb --connect-timeout=3 -h \"$MYSQL_HOST\" -u root -e 'select 1'",
+        "MYSQL_PWD=\"$MYSQL_PASSWORD\" mariadb --connect-timeout=3 -h \"$MYSQL_HOST\" -u root -e 'select 1'",
     );
     assert_refused(&root, "root over the network", &["Access denied"]);
 
