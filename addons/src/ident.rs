@@ -361,7 +361,10 @@ mod tests {
     #[test]
     fn mysql_identifiers_are_pinned_and_short() {
         let ids = MysqlIdentifiers::for_app("myapp");
-        assert_eq!((ids.user.as_str(), ids.database.as_str()), ("myapp", "myapp"));
+        assert_eq!(
+            (ids.user.as_str(), ids.database.as_str()),
+            ("myapp", "myapp")
+        );
         assert_eq!(MysqlIdentifiers::for_app("my-app").user, "my_app_a85c37a9");
         let long = MysqlIdentifiers::for_app(&"a-very-long-application-name-".repeat(3)).user;
         assert_eq!(long.len(), MAX_MYSQL_USER_LEN, "{long}");
@@ -370,7 +373,10 @@ mod tests {
         let clean_long = "x".repeat(40);
         let id = MysqlIdentifiers::for_app(&clean_long).user;
         assert!(id.len() <= MAX_MYSQL_USER_LEN && id.contains('_'), "{id}");
-        assert_eq!(MysqlIdentifiers::for_app(&"x".repeat(32)).user, "x".repeat(32));
+        assert_eq!(
+            MysqlIdentifiers::for_app(&"x".repeat(32)).user,
+            "x".repeat(32)
+        );
     }
 
     #[test]
@@ -379,9 +385,26 @@ mod tests {
         let long_b = format!("{}b", "x".repeat(40));
         let mut seen = HashSet::new();
         for name in [
-            "", "-", "My-App", "my-app", "MY-APP", "my_app", "my app", "root", "mysql", "sys",
-            "Root", "x'; DROP USER root; --", "`tick`", "日本語", "9", "0day", &long_a,
-            &long_b, "a\0b", "information_schema",
+            "",
+            "-",
+            "My-App",
+            "my-app",
+            "MY-APP",
+            "my_app",
+            "my app",
+            "root",
+            "mysql",
+            "sys",
+            "Root",
+            "x'; DROP USER root; --",
+            "`tick`",
+            "日本語",
+            "9",
+            "0day",
+            &long_a,
+            &long_b,
+            "a\0b",
+            "information_schema",
         ] {
             let id = MysqlIdentifiers::for_app(name).user;
             assert!(is_valid_mysql_identifier(&id), "{name:?} -> {id}");

@@ -143,11 +143,7 @@ fn sql_url(agent: &TestAgent, sandbox: &str, sql: &str) -> Output {
 
 fn sql_ok(agent: &TestAgent, sandbox: &str, sql: &str) -> String {
     let out = sql_vars(agent, sandbox, sql);
-    assert!(
-        out.status.success(),
-        "`{sql}` in {sandbox}: {}",
-        text(&out)
-    );
+    assert!(out.status.success(), "`{sql}` in {sandbox}: {}", text(&out));
     stdout(&out)
 }
 
@@ -270,7 +266,10 @@ fn small_through_app_toml_and_the_cli_isolated_backed_up_and_removed() {
     );
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(sql_ok(&agent, "shop-web", "select n from visits"), "42");
-    assert_eq!(sql_ok(&agent, "shop-web", "select current_user()"), "shop@%");
+    assert_eq!(
+        sql_ok(&agent, "shop-web", "select current_user()"),
+        "shop@%"
+    );
     assert!(sql_ok(&agent, "shop-web", "select version()").contains("MariaDB"));
     let wrong = exec_sh(
         &agent,
@@ -298,7 +297,11 @@ fn small_through_app_toml_and_the_cli_isolated_backed_up_and_removed() {
     assert!(out.contains("active"), "{out}");
     deploy_client_app(&agent, "cli", None);
     assert_eq!(
-        sql_ok(&agent, "cli-web", "select count(*) from information_schema.schemata where schema_name = database()"),
+        sql_ok(
+            &agent,
+            "cli-web",
+            "select count(*) from information_schema.schemata where schema_name = database()"
+        ),
         "1"
     );
     // Another app's sandbox cannot reach a small server at all, credentials or not.
@@ -326,7 +329,11 @@ fn small_through_app_toml_and_the_cli_isolated_backed_up_and_removed() {
     ]);
     sql_ok(&agent, "shop-web", "insert into visits values (43)");
     assert_eq!(
-        sql_ok(&agent, "shop-web", "select group_concat(n order by n) from visits"),
+        sql_ok(
+            &agent,
+            "shop-web",
+            "select group_concat(n order by n) from visits"
+        ),
         "42,43"
     );
     agent.ok(&["sandbox", "delete", "addon-mysql-shop"]);
@@ -412,10 +419,7 @@ fn shared_server_keeps_apps_apart_and_refuses_other_versions() {
         "create table notes (s text); insert into notes values (\"b-only\")",
     );
     // Each user sees and opens its own database only.
-    for (web, own, other, table) in [
-        (&a_web, &a, &b, "notes"),
-        (&b_web, &b, &a, "secrets"),
-    ] {
+    for (web, own, other, table) in [(&a_web, &a, &b, "notes"), (&b_web, &b, &a, "secrets")] {
         let seen: BTreeSet<String> = sql_ok(&agent, web, "show databases")
             .lines()
             .map(String::from)
@@ -438,7 +442,11 @@ fn shared_server_keeps_apps_apart_and_refuses_other_versions() {
                 "MYSQL_PWD=\"$MYSQL_PASSWORD\" mariadb --connect-timeout=3 -h \"$MYSQL_HOST\" -u \"$MYSQL_USER\" {db} -e 'select 1'"
             ),
         );
-        assert_refused(&login, "logging in to the other database", &["Access denied"]);
+        assert_refused(
+            &login,
+            "logging in to the other database",
+            &["Access denied"],
+        );
     }
     let (users, dbs) = tenants(&agent);
     let want: BTreeSet<String> = [a["MYSQL_USER"].clone(), twin.clone()].into();
@@ -478,7 +486,10 @@ fn shared_server_keeps_apps_apart_and_refuses_other_versions() {
             .unwrap(),
     );
     wait_for("the session to start", Duration::from_secs(30), || {
-        root_sql(&agent, "select count(*) from information_schema.processlist where info like \"select sleep%\"") == "1"
+        root_sql(
+            &agent,
+            "select count(*) from information_schema.processlist where info like \"select sleep%\"",
+        ) == "1"
     });
     agent.ok(&["addon", "destroy", MY, "-a", "web-a", "--yes"]);
     wait_for("the session to end", Duration::from_secs(30), || {
@@ -595,7 +606,10 @@ fn converged(agent: &TestAgent, known: &mut BTreeMap<String, String>, context: &
             &server,
             &format!(
                 "MYSQL_PWD={} mariadb -N -h {} -u {} {} -e 'select 1'",
-                vars["MYSQL_PASSWORD"], vars["MYSQL_HOST"], vars["MYSQL_USER"], vars["MYSQL_DATABASE"]
+                vars["MYSQL_PASSWORD"],
+                vars["MYSQL_HOST"],
+                vars["MYSQL_USER"],
+                vars["MYSQL_DATABASE"]
             ),
         );
         assert_eq!(stdout(&out), "1", "{context}: {app}: {}", text(&out));
@@ -662,9 +676,15 @@ fn kill_9_during_creates_and_destroys_converges_and_leaves_nothing() {
     }
     assert!(known.is_empty(), "{known:?}");
     assert_nothing_left(&agent);
+    // Kills landed mid-work: the next agent had provisioning or removal to finish.
+    let resumed = agent.log_text().matches("resuming addon").count();
     eprintln!(
-        "{} kill points in {:.0}s",
+        "{} kill points in {:.0}s; {resumed} addons resumed",
         plan.len(),
         started.elapsed().as_secs_f64()
+    );
+    assert!(
+        resumed > 0,
+        "no kill landed while an addon was being worked on"
     );
 }

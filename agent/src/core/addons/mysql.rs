@@ -193,7 +193,12 @@ fn literal(value: &str) -> String {
 /// A database name in `GRANT ... ON db.*`, where `_` and `%` are wildcards: `my_app` would
 /// also match another app's `myxapp`.
 fn grant_db(name: &str) -> String {
-    ident(&name.replace('\\', "\\\\").replace('_', "\\_").replace('%', "\\%"))
+    ident(
+        &name
+            .replace('\\', "\\\\")
+            .replace('_', "\\_")
+            .replace('%', "\\%"),
+    )
 }
 
 /// `'user'@'%'`.
