@@ -467,6 +467,30 @@ fn shared_server_keeps_apps_apart_and_refuses_other_versions() {
         assert!(my_status(&agent, "carol").is_none());
     }
 
+    // The other MariaDB of the catalogue, as a small server of its own beside the shared one.
+    let old = agent.json(&[
+        "addon",
+        "create",
+        MY,
+        "-a",
+        "old",
+        "--version",
+        "mariadb-10.11",
+        "--json",
+    ]);
+    assert_eq!(old["status"], "active", "{old}");
+    assert_eq!(old["image"], "mariadb:10.11");
+    let version = agent.ok(&[
+        "sandbox",
+        "exec",
+        "addon-mysql-old",
+        "--",
+        "mariadbd",
+        "--version",
+    ]);
+    assert!(version.contains("10.11."), "{version}");
+    agent.ok(&["addon", "destroy", MY, "-a", "old", "--yes"]);
+
     // Destroy ends the tenant's sessions and drops its database and user; the other app is
     // untouched.
     let mut session = ChildGuard(
