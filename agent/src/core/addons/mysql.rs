@@ -150,7 +150,7 @@ impl ServerConnection for Session {
     fn ensure_tenant<'a>(&'a self, tenant: &'a Credentials) -> BoxFuture<'a, Result<(), String>> {
         Box::pin(async move {
             let mut conn = self.0.lock().await;
-            ensure_tenant(&mut conn, tenant)
+            retry_transient(&mut conn, tenant, Step::Ensure)
                 .await
                 .map_err(|e| format!("creating the user and database: {}", describe(&e)))
         })
@@ -159,7 +159,8 @@ impl ServerConnection for Session {
     fn drop_tenant<'a>(&'a self, tenant: &'a Credentials) -> BoxFuture<'a, Result<(), String>> {
         Box::pin(async move {
             let mut conn = self.0.lock().await;
-            drop_tenant(&mut conn, tenant).await.map_err(|e| {
+            let dropped = retry_transient(&mut conn, tenant, Step::Drop).await;
+            dropped.map_err(|e| {
                 format!(
                     "dropping database `{}` and user `{}`: {}",
                     tenant.database,
@@ -177,6 +178,43 @@ impl ServerConnection for Session {
                 .await
                 .map_err(|e| describe(&e))
         })
+    }
+}
+
+/// MySQL's "Lock wait timeout exceeded" and "Deadlock found": another session (say, of an
+/// agent that was killed mid-statement, which the server finishes) held what we need.
+const TRANSIENT: [u16; 2] = [1205, 1213];
+/// How long a tenant step is retried while it collides with another session.
+const TRANSIENT_RETRY: Duration = Duration::from_secs(30);
+
+/// A tenant step, each idempotent.
+#[derive(Clone, Copy)]
+enum Step {
+    Ensure,
+    Drop,
+}
+
+/// Runs a tenant step again while it collides with another session.
+async fn retry_transient(
+    conn: &mut Conn,
+    tenant: &Credentials,
+    step: Step,
+) -> Result<(), mysql_async::Error> {
+    let deadline = tokio::time::Instant::now() + TRANSIENT_RETRY;
+    loop {
+        let result = match step {
+            Step::Ensure => ensure_tenant(conn, tenant).await,
+            Step::Drop => drop_tenant(conn, tenant).await,
+        };
+        match result {
+            Err(mysql_async::Error::Server(e))
+                if TRANSIENT.contains(&e.code) && tokio::time::Instant::now() < deadline =>
+            {
+                tracing::info!(error = %e, "another session holds the same tenant; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            other => return other,
+        }
     }
 }
 
