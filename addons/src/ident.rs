@@ -154,6 +154,94 @@ pub fn is_valid_pg_identifier(ident: &str) -> bool {
         && !ident.starts_with("pg_")
 }
 
+/// MySQL caps user names at 32 characters (MariaDB at 80): we stay within MySQL's.
+pub const MAX_MYSQL_USER_LEN: usize = 32;
+
+/// Names an app's MySQL user or database may never take: the server's own accounts, schemas
+/// and roles, and the agent's.
+pub const RESERVED_MYSQL_NAMES: &[&str] = &[
+    "root",
+    "mysql",
+    "information_schema",
+    "performance_schema",
+    "sys",
+    "test",
+    "public",
+    "none",
+    "current_user",
+    "current_role",
+    "miren",
+];
+
+/// The user and database an app gets on a MySQL (or MariaDB) server.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct MysqlIdentifiers {
+    pub user: String,
+    pub database: String,
+}
+
+impl MysqlIdentifiers {
+    /// Derives both names from the app name; total for any input, at most 32 characters.
+    ///
+    /// The rule of [`PgIdentifiers::for_app`] within MySQL's user name limit: a clean name
+    /// (`^[a-z][a-z0-9]*$`, at most 32 characters, not reserved) is used as is; anything else
+    /// is normalized (lowercase, other characters to `_`, `app_` before a leading non-letter)
+    /// and truncated, and gets `_` plus 8 hex digits of FNV-1a of the *original* name. Clean
+    /// names have no `_` and suffixed ones do, so the two never meet.
+    pub fn for_app(app_name: &str) -> MysqlIdentifiers {
+        let ident = mysql_identifier(app_name);
+        MysqlIdentifiers {
+            user: ident.clone(),
+            database: ident,
+        }
+    }
+}
+
+fn mysql_identifier(app_name: &str) -> String {
+    let clean = app_name.len() <= MAX_MYSQL_USER_LEN
+        && app_name.starts_with(|c: char| c.is_ascii_lowercase())
+        && app_name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && !RESERVED_MYSQL_NAMES.contains(&app_name);
+    if clean {
+        return app_name.to_string();
+    }
+    let mut base: String = app_name
+        .chars()
+        .map(|c| {
+            let c = c.to_ascii_lowercase();
+            if c.is_ascii_lowercase() || c.is_ascii_digit() {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if !base.starts_with(|c: char| c.is_ascii_lowercase()) {
+        base.insert_str(0, "app_");
+    }
+    let suffix = format!(
+        "_{:08x}",
+        miren_sys::fnv::fnv1a64(app_name.as_bytes()) as u32
+    );
+    // Every char is ASCII here, so byte truncation stays on a char boundary.
+    base.truncate(MAX_MYSQL_USER_LEN - suffix.len());
+    base.push_str(&suffix);
+    base
+}
+
+/// True for a MySQL user or database name as this crate produces them.
+pub fn is_valid_mysql_identifier(ident: &str) -> bool {
+    !ident.is_empty()
+        && ident.len() <= MAX_MYSQL_USER_LEN
+        && ident.starts_with(|c: char| c.is_ascii_lowercase())
+        && ident
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && !RESERVED_MYSQL_NAMES.contains(&ident)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -265,6 +353,61 @@ mod tests {
         for name in nasty {
             let id = PgIdentifiers::for_app(name).role;
             assert!(is_valid_pg_identifier(&id), "{name:?} -> {id}");
+            assert!(seen.insert(id.clone()), "{name:?} collided on {id}");
+        }
+    }
+
+    /// MySQL users and databases live in data directories: their names never change.
+    #[test]
+    fn mysql_identifiers_are_pinned_and_short() {
+        let ids = MysqlIdentifiers::for_app("myapp");
+        assert_eq!(
+            (ids.user.as_str(), ids.database.as_str()),
+            ("myapp", "myapp")
+        );
+        assert_eq!(MysqlIdentifiers::for_app("my-app").user, "my_app_a85c37a9");
+        let long = MysqlIdentifiers::for_app(&"a-very-long-application-name-".repeat(3)).user;
+        assert_eq!(long.len(), MAX_MYSQL_USER_LEN, "{long}");
+        assert!(long.starts_with("a_very_long_appli"), "{long}");
+        // A clean name over 32 characters is hashed too, never cut to someone else's name.
+        let clean_long = "x".repeat(40);
+        let id = MysqlIdentifiers::for_app(&clean_long).user;
+        assert!(id.len() <= MAX_MYSQL_USER_LEN && id.contains('_'), "{id}");
+        assert_eq!(
+            MysqlIdentifiers::for_app(&"x".repeat(32)).user,
+            "x".repeat(32)
+        );
+    }
+
+    #[test]
+    fn mysql_identifiers_are_valid_and_distinct() {
+        let long_a = format!("{}a", "x".repeat(40));
+        let long_b = format!("{}b", "x".repeat(40));
+        let mut seen = HashSet::new();
+        for name in [
+            "",
+            "-",
+            "My-App",
+            "my-app",
+            "MY-APP",
+            "my_app",
+            "my app",
+            "root",
+            "mysql",
+            "sys",
+            "Root",
+            "x'; DROP USER root; --",
+            "`tick`",
+            "日本語",
+            "9",
+            "0day",
+            &long_a,
+            &long_b,
+            "a\0b",
+            "information_schema",
+        ] {
+            let id = MysqlIdentifiers::for_app(name).user;
+            assert!(is_valid_mysql_identifier(&id), "{name:?} -> {id}");
             assert!(seen.insert(id.clone()), "{name:?} collided on {id}");
         }
     }

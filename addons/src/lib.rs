@@ -46,6 +46,6 @@ pub use env::{
     PostgresConnection, MASK,
 };
 pub use ident::{
-    is_reserved_name, validate_name, validate_user_name, NameError, PgIdentifiers,
-    RESERVED_NAME_PREFIX,
+    is_reserved_name, validate_name, validate_user_name, MysqlIdentifiers, NameError,
+    PgIdentifiers, RESERVED_NAME_PREFIX,
 };

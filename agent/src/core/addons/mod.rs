@@ -19,6 +19,7 @@
 pub(crate) mod fakes;
 pub mod host;
 mod memcache;
+mod mysql;
 pub mod postgres;
 pub mod provider;
 mod steps;

@@ -114,6 +114,7 @@ pub fn builtin() -> Vec<Arc<dyn AddonProvider>> {
         Arc::new(super::postgres::Postgres),
         Arc::new(super::valkey::Valkey),
         Arc::new(super::memcache::Memcache),
+        Arc::new(super::mysql::Mysql),
     ]
 }
 

@@ -1,0 +1,391 @@
+//! MySQL (and MariaDB): the official `mysql` and `mariadb` images' shared contract, readiness,
+//! and the database and user each app gets on the shared server. Every statement is safe to
+//! repeat.
+
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use miren_addons::{AddonKind, Credentials, EnvVar, MysqlIdentifiers, Variant};
+use mysql_async::prelude::Queryable;
+use mysql_async::{Conn, OptsBuilder};
+use tokio::sync::Mutex;
+
+use super::provider::{AddonProvider, BoxFuture, DataDisk, ServerConnection, ServerSpec};
+use crate::core::error::Error;
+
+pub const PORT: u16 = 3306;
+
+/// Where both official images keep their data; the disk is mounted here.
+const DATA_MOUNT: &str = "/var/lib/mysql";
+/// The data directory, a subdirectory: MySQL's `--initialize` refuses a non-empty one, and a
+/// fresh ext4 root has `lost+found`. Both official entrypoints take it from the server's
+/// options.
+const DATA_DIR_OPTION: &str = "--datadir=/var/lib/mysql/data";
+/// The data directory relative to the disk's root.
+const DATA_SUBDIR: &str = "data";
+/// The administrator of a shared server.
+const ADMIN_USER: &str = "root";
+/// How long one login attempt may take before it counts as not ready.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// MySQL's "Unknown thread id": a session that ended before we could kill it.
+const ER_NO_SUCH_THREAD: u16 = 1094;
+
+/// The `miren-mysql` addon.
+pub struct Mysql;
+
+impl AddonProvider for Mysql {
+    fn kind(&self) -> AddonKind {
+        AddonKind::Mysql
+    }
+
+    fn display_name(&self) -> &'static str {
+        "MySQL"
+    }
+
+    fn readiness_check(&self) -> &'static str {
+        "`SELECT 1`"
+    }
+
+    fn server_base_name(&self) -> &'static str {
+        "addon-mysql"
+    }
+
+    fn app_credentials(&self, app: &str) -> Result<Credentials, Error> {
+        let ids = MysqlIdentifiers::for_app(app);
+        Ok(Credentials {
+            user: ids.user,
+            password: password()?,
+            database: ids.database,
+        })
+    }
+
+    fn admin_credentials(&self) -> Result<Credentials, Error> {
+        Ok(self.admin_login(ADMIN_USER, &password()?))
+    }
+
+    fn admin_login(&self, user: &str, password: &str) -> Credentials {
+        // No database: the administrator works across all of them.
+        Credentials {
+            user: user.to_string(),
+            password: password.to_string(),
+            database: String::new(),
+        }
+    }
+
+    fn server(&self, variant: Variant, login: &Credentials) -> ServerSpec {
+        // The `MYSQL_*` names: the official mysql image reads only those, the official
+        // mariadb image reads them as twins of its `MARIADB_*` ones.
+        let mut env = Vec::new();
+        if variant == Variant::Shared {
+            // The agent logs in as root from the host; the network admits members only.
+            env.push(format!("MYSQL_ROOT_PASSWORD={}", login.password));
+        } else {
+            // The app never needs root: a random password, and only inside the sandbox.
+            env.push("MYSQL_RANDOM_ROOT_PASSWORD=yes".into());
+            env.push("MYSQL_ROOT_HOST=localhost".into());
+            env.push(format!("MYSQL_DATABASE={}", login.database));
+            env.push(format!("MYSQL_USER={}", login.user));
+            env.push(format!("MYSQL_PASSWORD={}", login.password));
+        }
+        // Time zone tables cost seconds at init and nothing here needs them.
+        env.push("MYSQL_INITDB_SKIP_TZINFO=1".into());
+        ServerSpec {
+            command: vec![DATA_DIR_OPTION.to_string()],
+            env,
+            port: PORT,
+            data: Some(DataDisk {
+                mount_path: DATA_MOUNT,
+                size_gb: variant.disk_size_gb(),
+                discard_if_never_ready: Some(DATA_SUBDIR),
+            }),
+        }
+    }
+
+    fn env_vars(&self, host: Ipv4Addr, login: &Credentials) -> Vec<EnvVar> {
+        miren_addons::mysql_env(&host.to_string(), PORT, login)
+    }
+
+    fn connect<'a>(
+        &'a self,
+        host: Ipv4Addr,
+        login: &'a Credentials,
+    ) -> BoxFuture<'a, Result<Box<dyn ServerConnection>, String>> {
+        Box::pin(async move {
+            let conn = select_one(host, login).await?;
+            Ok(Box::new(Session(Mutex::new(conn))) as Box<dyn ServerConnection>)
+        })
+    }
+}
+
+fn password() -> Result<String, Error> {
+    miren_addons::generate_password()
+        .map_err(|e| Error::internal(format!("generating a password: {e}")))
+}
+
+/// Logs in to `host` as `login` (on its database, if it has one) and runs `SELECT 1`: the
+/// readiness check, with the credentials the app will use.
+pub async fn select_one(host: Ipv4Addr, login: &Credentials) -> Result<Conn, String> {
+    let opts = OptsBuilder::default()
+        .ip_or_hostname(host.to_string())
+        .tcp_port(PORT)
+        .user(Some(login.user.as_str()))
+        .pass(Some(login.password.as_str()))
+        .db_name((!login.database.is_empty()).then_some(login.database.as_str()))
+        .prefer_socket(false)
+        .stmt_cache_size(0);
+    let mut conn = tokio::time::timeout(CONNECT_TIMEOUT, Conn::new(opts))
+        .await
+        .map_err(|_| format!("no answer within {}s", CONNECT_TIMEOUT.as_secs()))?
+        .map_err(|e| describe(&e))?;
+    conn.query_drop("SELECT 1")
+        .await
+        .map_err(|e| describe(&e))?;
+    Ok(conn)
+}
+
+/// A logged-in session with a MySQL server (queries need the connection exclusively).
+struct Session(Mutex<Conn>);
+
+impl ServerConnection for Session {
+    fn ensure_tenant<'a>(&'a self, tenant: &'a Credentials) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            let mut conn = self.0.lock().await;
+            retry_transient(&mut conn, tenant, Step::Ensure)
+                .await
+                .map_err(|e| format!("creating the user and database: {}", describe(&e)))
+        })
+    }
+
+    fn drop_tenant<'a>(&'a self, tenant: &'a Credentials) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            let mut conn = self.0.lock().await;
+            let dropped = retry_transient(&mut conn, tenant, Step::Drop).await;
+            dropped.map_err(|e| {
+                format!(
+                    "dropping database `{}` and user `{}`: {}",
+                    tenant.database,
+                    tenant.user,
+                    describe(&e)
+                )
+            })
+        })
+    }
+
+    fn tenant_exists<'a>(&'a self, tenant: &'a Credentials) -> BoxFuture<'a, Result<bool, String>> {
+        Box::pin(async move {
+            let mut conn = self.0.lock().await;
+            tenant_exists(&mut conn, tenant)
+                .await
+                .map_err(|e| describe(&e))
+        })
+    }
+}
+
+/// MySQL's "Lock wait timeout exceeded" and "Deadlock found": another session (say, of an
+/// agent that was killed mid-statement, which the server finishes) held what we need.
+const TRANSIENT: [u16; 2] = [1205, 1213];
+/// How long a tenant step is retried while it collides with another session.
+const TRANSIENT_RETRY: Duration = Duration::from_secs(30);
+
+/// A tenant step, each idempotent.
+#[derive(Clone, Copy)]
+enum Step {
+    Ensure,
+    Drop,
+}
+
+/// Runs a tenant step again while it collides with another session.
+async fn retry_transient(
+    conn: &mut Conn,
+    tenant: &Credentials,
+    step: Step,
+) -> Result<(), mysql_async::Error> {
+    let deadline = tokio::time::Instant::now() + TRANSIENT_RETRY;
+    loop {
+        let result = match step {
+            Step::Ensure => ensure_tenant(conn, tenant).await,
+            Step::Drop => drop_tenant(conn, tenant).await,
+        };
+        match result {
+            Err(mysql_async::Error::Server(e))
+                if TRANSIENT.contains(&e.code) && tokio::time::Instant::now() < deadline =>
+            {
+                tracing::info!(error = %e, "another session holds the same tenant; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// `` `name` ``, for identifiers (ours are `[a-z0-9_]`, but quote anyway).
+fn ident(name: &str) -> String {
+    format!("`{}`", name.replace('`', "``"))
+}
+
+/// A string literal, under either setting of `NO_BACKSLASH_ESCAPES` for our values.
+fn literal(value: &str) -> String {
+    format!("'{}'", value.replace('\\', "\\\\").replace('\'', "''"))
+}
+
+/// A database name in `GRANT ... ON db.*`, where `_` and `%` are wildcards: `my_app` would
+/// also match another app's `myxapp`.
+fn grant_db(name: &str) -> String {
+    ident(
+        &name
+            .replace('\\', "\\\\")
+            .replace('_', "\\_")
+            .replace('%', "\\%"),
+    )
+}
+
+/// `'user'@'%'`.
+fn account(user: &str) -> String {
+    format!("{}@'%'", literal(user))
+}
+
+/// Makes the tenant's database and `'user'@'%'` (with the recorded password, even if an
+/// earlier run set another) with every privilege on that database and nothing else.
+async fn ensure_tenant(conn: &mut Conn, tenant: &Credentials) -> Result<(), mysql_async::Error> {
+    let user = account(&tenant.user);
+    let password = literal(&tenant.password);
+    conn.query_drop(format!(
+        "CREATE DATABASE IF NOT EXISTS {}",
+        ident(&tenant.database)
+    ))
+    .await?;
+    conn.query_drop(format!(
+        "CREATE USER IF NOT EXISTS {user} IDENTIFIED BY {password}"
+    ))
+    .await?;
+    conn.query_drop(format!("ALTER USER {user} IDENTIFIED BY {password}"))
+        .await?;
+    conn.query_drop(format!(
+        "GRANT ALL PRIVILEGES ON {}.* TO {user}",
+        grant_db(&tenant.database)
+    ))
+    .await?;
+    Ok(())
+}
+
+/// Locks the tenant out, ends its sessions, then drops its database: a session in the
+/// database would hold `DROP DATABASE` up.
+async fn drop_tenant(conn: &mut Conn, tenant: &Credentials) -> Result<(), mysql_async::Error> {
+    conn.query_drop(format!("DROP USER IF EXISTS {}", account(&tenant.user)))
+        .await?;
+    let sessions: Vec<u64> = conn
+        .exec(
+            "SELECT ID FROM information_schema.PROCESSLIST \
+             WHERE (USER = ? OR DB = ?) AND ID <> CONNECTION_ID()",
+            (tenant.user.as_str(), tenant.database.as_str()),
+        )
+        .await?;
+    for id in sessions {
+        match conn.query_drop(format!("KILL CONNECTION {id}")).await {
+            Err(mysql_async::Error::Server(e)) if e.code == ER_NO_SUCH_THREAD => {}
+            other => other?,
+        }
+    }
+    conn.query_drop(format!(
+        "DROP DATABASE IF EXISTS {}",
+        ident(&tenant.database)
+    ))
+    .await?;
+    Ok(())
+}
+
+/// Whether the tenant's user or database still exists.
+async fn tenant_exists(conn: &mut Conn, tenant: &Credentials) -> Result<bool, mysql_async::Error> {
+    let found: Option<u64> = conn
+        .exec_first(
+            "SELECT (SELECT COUNT(*) FROM mysql.user WHERE User = ?) + \
+             (SELECT COUNT(*) FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = ?)",
+            (tenant.user.as_str(), tenant.database.as_str()),
+        )
+        .await?;
+    Ok(found.unwrap_or(0) > 0)
+}
+
+/// An error's text, with the server's message if any.
+pub fn describe(err: &mysql_async::Error) -> String {
+    match err {
+        mysql_async::Error::Server(e) => format!("ERROR {} ({}): {}", e.code, e.state, e.message),
+        other => {
+            let mut text = other.to_string();
+            let mut source = std::error::Error::source(other);
+            while let Some(s) = source {
+                text.push_str(": ");
+                text.push_str(&s.to_string());
+                source = s.source();
+            }
+            text
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dedicated_server_follows_the_image_contract() {
+        let login = Credentials {
+            user: "shop".into(),
+            password: "pw".into(),
+            database: "shopdb".into(),
+        };
+        let small = Mysql.server(Variant::Small, &login);
+        assert_eq!(
+            small.env,
+            [
+                "MYSQL_RANDOM_ROOT_PASSWORD=yes",
+                "MYSQL_ROOT_HOST=localhost",
+                "MYSQL_DATABASE=shopdb",
+                "MYSQL_USER=shop",
+                "MYSQL_PASSWORD=pw",
+                "MYSQL_INITDB_SKIP_TZINFO=1",
+            ]
+        );
+        assert_eq!(small.command, ["--datadir=/var/lib/mysql/data"]);
+        assert_eq!(small.port, 3306);
+        // Servers' names are on disk and in the database: they never change.
+        assert_eq!(Mysql.server_base_name(), "addon-mysql");
+        let data = small.data.unwrap();
+        assert_eq!(data.size_gb, 1);
+        // The discarded directory is the data directory, seen from the disk's root.
+        assert_eq!(
+            format!(
+                "--datadir={}/{}",
+                data.mount_path,
+                data.discard_if_never_ready.unwrap()
+            ),
+            DATA_DIR_OPTION
+        );
+        let admin = Mysql.admin_login("root", "secret");
+        assert_eq!(admin.database, "");
+        let shared = Mysql.server(Variant::Shared, &admin);
+        assert_eq!(
+            shared.env,
+            ["MYSQL_ROOT_PASSWORD=secret", "MYSQL_INITDB_SKIP_TZINFO=1"]
+        );
+        assert_eq!(shared.data.unwrap().size_gb, 10);
+    }
+
+    #[test]
+    fn app_logins_fit_mysql() {
+        let login = Mysql.app_credentials(&"long-app-name-".repeat(4)).unwrap();
+        assert!(login.user.len() <= 32, "{}", login.user);
+        assert_eq!(login.user, login.database);
+        assert_eq!(login.password.len(), 32);
+    }
+
+    #[test]
+    fn quoting_and_grant_wildcards() {
+        assert_eq!(ident("a`b"), "`a``b`");
+        assert_eq!(literal("it's\\"), "'it''s\\\\'");
+        assert_eq!(account("shop"), "'shop'@'%'");
+        // `my_app` in a GRANT would also match `myxapp`.
+        assert_eq!(grant_db("my_app_1"), "`my\\_app\\_1`");
+        assert_eq!(grant_db("a%"), "`a\\%`");
+    }
+}
