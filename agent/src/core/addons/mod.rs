@@ -20,6 +20,7 @@ pub(crate) mod fakes;
 pub mod host;
 pub mod postgres;
 pub mod provider;
+pub mod rabbitmq;
 mod steps;
 #[cfg(test)]
 mod tests;

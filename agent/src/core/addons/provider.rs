@@ -110,7 +110,10 @@ pub trait ServerConnection: Send + Sync {
 
 /// The providers this build has, one per catalogue entry.
 pub fn builtin() -> Vec<Arc<dyn AddonProvider>> {
-    vec![Arc::new(super::postgres::Postgres)]
+    vec![
+        Arc::new(super::postgres::Postgres),
+        Arc::new(super::rabbitmq::Rabbitmq),
+    ]
 }
 
 #[cfg(test)]
