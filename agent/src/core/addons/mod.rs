@@ -22,6 +22,7 @@ mod memcache;
 mod mysql;
 pub mod postgres;
 pub mod provider;
+pub mod rabbitmq;
 mod steps;
 #[cfg(test)]
 mod tests;

@@ -115,6 +115,7 @@ pub fn builtin() -> Vec<Arc<dyn AddonProvider>> {
         Arc::new(super::valkey::Valkey),
         Arc::new(super::memcache::Memcache),
         Arc::new(super::mysql::Mysql),
+        Arc::new(super::rabbitmq::Rabbitmq),
     ]
 }
 
