@@ -403,7 +403,7 @@ pub struct CreateAddon {
     /// Overrides a variant given in `addon`; default: the addon's default variant.
     #[serde(default)]
     pub variant: Option<String>,
-    /// A catalogue major (`17`) or a full image reference; default: the catalogue default.
+    /// A catalogue version (`17`, `mariadb-11`) or a full image reference; default: the catalogue default.
     #[serde(default)]
     pub version: Option<String>,
     /// Answer once the addon is `active` or `error` instead of right away.
@@ -417,7 +417,7 @@ pub struct Addon {
     pub name: String,
     pub app: String,
     pub variant: String,
-    /// A catalogue major, or the image reference it was asked for with.
+    /// A catalogue version, or the image reference it was asked for with.
     pub version: String,
     pub image: String,
     /// `pending`, `provisioning`, `active`, `error` or `deprovisioning`; a destroyed addon

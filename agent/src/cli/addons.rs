@@ -1,4 +1,4 @@
-//! `miren addon ...`: managed addons (PostgreSQL) attached to apps.
+//! `miren addon ...`: managed addons (PostgreSQL, MySQL, Valkey, Memcached, RabbitMQ) attached to apps.
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::time::Instant;
@@ -30,7 +30,7 @@ pub enum AddonCommand {
         addon: String,
         #[arg(short = 'a', long)]
         app: String,
-        /// A major version from the catalogue (e.g. 16), or a full image reference.
+        /// A version from the catalogue (e.g. 16, mariadb-11), or a full image reference.
         #[arg(long)]
         version: Option<String>,
         /// Return once recorded instead of waiting for `active`.

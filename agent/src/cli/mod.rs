@@ -109,7 +109,7 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Managed addons (PostgreSQL) attached to apps.
+    /// Managed addons (PostgreSQL, MySQL, Valkey, Memcached, RabbitMQ) attached to apps.
     Addon {
         #[command(subcommand)]
         command: AddonCommand,
