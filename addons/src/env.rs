@@ -66,6 +66,14 @@ pub struct EnvClash {
     pub keys: Vec<&'static str>,
 }
 
+/// The kinds that cannot be on one app with `kind`: their variables overlap its.
+pub fn clashing_kinds(kind: AddonKind) -> impl Iterator<Item = AddonKind> {
+    AddonKind::ALL
+        .iter()
+        .copied()
+        .filter(move |other| env_clash(&[kind, *other]).is_some())
+}
+
 /// The first pair of `kinds` whose variables overlap, if any.
 pub fn env_clash(kinds: &[AddonKind]) -> Option<EnvClash> {
     for (i, first) in kinds.iter().enumerate() {
@@ -504,6 +512,8 @@ mod tests {
             "{msg}"
         );
         assert_eq!(env_clash(&[Postgresql, Valkey, Memcache, Rabbitmq]), None);
+        assert_eq!(clashing_kinds(Mysql).collect::<Vec<_>>(), [Postgresql]);
+        assert_eq!(clashing_kinds(Valkey).count(), 0);
         let all: usize = [Postgresql, Valkey, Memcache, Rabbitmq]
             .iter()
             .map(|k| k.env_keys().len())

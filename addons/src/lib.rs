@@ -42,7 +42,7 @@ pub use catalogue::{
 };
 pub use credentials::{generate_password, Credentials, RandomError};
 pub use env::{
-    env_clash, memcache_env, mysql_env, rabbitmq_env, valkey_env, EnvClash, EnvVar,
+    clashing_kinds, env_clash, memcache_env, mysql_env, rabbitmq_env, valkey_env, EnvClash, EnvVar,
     PostgresConnection, MASK,
 };
 pub use ident::{

@@ -293,3 +293,36 @@ fn the_orders_example_uses_mysql_valkey_and_rabbitmq_together() {
     );
     assert_nothing_left(&agent);
 }
+
+#[test]
+fn a_redeploy_may_swap_postgres_for_mysql() {
+    let Some(agent) = agent() else { return };
+    let dir = agent.root.join("swap");
+    let app = |addon: &str| {
+        format!(
+            "name = \"swap\"\n[services.web]\nimage = \"busybox:latest\"\ncommand = \"sleep 3600\"\n{addon}"
+        )
+    };
+    write_app(&dir, &app("[addons.miren-postgresql]\n"));
+    agent.ok(&["deploy", "-C", dir.to_str().unwrap()]);
+    assert!(env(&agent, "swap")["DATABASE_URL"].starts_with("postgres://"));
+    // The one going away does not clash with the one coming.
+    write_app(
+        &dir,
+        &app("[addons.miren-mysql]\nversion = \"mariadb-11\"\n"),
+    );
+    agent.ok(&["deploy", "-C", dir.to_str().unwrap()]);
+    assert_eq!(
+        addon_names(&agent, "swap"),
+        BTreeSet::from(["miren-mysql".to_string()])
+    );
+    let vars = env(&agent, "swap");
+    assert!(vars["DATABASE_URL"].starts_with("mysql://"), "{vars:?}");
+    assert!(!vars.contains_key("PGHOST"), "{vars:?}");
+    assert_eq!(
+        sandbox_env(&agent, "swap-web")["DATABASE_URL"],
+        vars["DATABASE_URL"]
+    );
+    destroy_all(&agent, "swap", &["miren-mysql"]);
+    assert_nothing_left(&agent);
+}

@@ -284,10 +284,8 @@ impl AddonService {
         let version = resolved.version.name().to_string();
         let image = resolved.image_ref();
         // The kinds whose variables overlap this one's: the app may have none of them.
-        let clashing: Vec<&str> = miren_addons::AddonKind::ALL
-            .iter()
-            .filter(|other| miren_addons::env_clash(&[resolved.kind, **other]).is_some())
-            .map(|other| other.name())
+        let clashing: Vec<&str> = miren_addons::clashing_kinds(resolved.kind)
+            .map(AddonKind::name)
             .collect();
         let creds = provider.app_credentials(&req.app)?;
         let now = now_rfc3339();
@@ -310,15 +308,13 @@ impl AddonService {
         let row = loop {
             let existing = match self.store.insert_addon(&row, &clashing)? {
                 Inserted::Clashes(other) => {
-                    let keys: Vec<&str> = miren_addons::AddonKind::parse(&other)
-                        .map(|o| miren_addons::env_clash(&[o, resolved.kind]))
+                    let keys = AddonKind::parse(&other)
                         .ok()
-                        .flatten()
-                        .map(|c| c.keys)
+                        .and_then(|o| miren_addons::env_clash(&[o, resolved.kind]))
+                        .map(|clash| clash.keys.join(", "))
                         .unwrap_or_default();
                     return Err(Error::conflict(format!(
-                        "app `{app}` has {other}, and {kind} would set the same variables ({}); an app can have only one of them: `miren addon destroy {other} -a {app}` first, or keep {other}",
-                        keys.join(", "),
+                        "app `{app}` has {other}, and {kind} would set the same variables ({keys}); an app can have only one of them: `miren addon destroy {other} -a {app}` first, or keep {other}",
                         app = row.app,
                     )));
                 }
