@@ -167,8 +167,9 @@ pub fn shared_server_gone(agent: &TestAgent, sandbox: &str) {
 
 /// Issues the command, kills the agent `delay` later, waits for the client to notice, and
 /// starts the agent again on the same data dir.
-pub fn kill_during(agent: &mut TestAgent, args: &[&str], delay: Duration) {
-    let mut client = ChildGuard(agent.spawn_cli(args));
+pub fn kill_during(agent: &mut TestAgent, args: &[impl AsRef<str>], delay: Duration) {
+    let args: Vec<&str> = args.iter().map(AsRef::as_ref).collect();
+    let mut client = ChildGuard(agent.spawn_cli(&args));
     sleep(delay);
     agent.kill9();
     let deadline = Instant::now() + Duration::from_secs(10);
