@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod addons;
+
 /// The `miren` binary under test: `MIREN_BIN`, or the one next to this test's build.
 pub fn miren_bin() -> PathBuf {
     if let Some(bin) = std::env::var_os("MIREN_BIN") {

@@ -6,106 +6,29 @@
 //!
 //! The tests run when MIREN_IMAGE_MIRROR is set (`export "$(scripts/images | tail -n 1)"`).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::fs;
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::Path;
 use std::process::Output;
-use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use miren_vm_tests::{ChildGuard, TestAgent};
-use serde_json::Value;
+use miren_vm_tests::addons::{
+    active_or_gone, addon_status, agent_with_mirror, assert_nothing_left,
+    assert_running_with_their_endpoints, deploy, disk_names, env, errored, exec_sh, idle_app,
+    kill_during, sandbox_names, server_pid, text, wait_sandboxes_and_disks, write_app,
+};
+use miren_vm_tests::TestAgent;
 
 const MEMCACHE: &str = "miren-memcache";
 const IMAGE: &str = "memcached:1.6";
 /// The app's services: busybox, for its `nc`.
 const CLIENT_IMAGE: &str = "busybox:latest";
 
-fn memcache_agent() -> Option<TestAgent> {
-    let mirror = miren_vm_tests::image_mirror()?;
-    let agent = TestAgent::builder()
-        .arg("--image-mirror")
-        .arg(&mirror)
-        .start();
-    agent.ok(&["image", "pull", IMAGE]);
-    agent.ok(&["image", "pull", CLIENT_IMAGE]);
-    Some(agent)
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-/// The app's Memcached addon as `addon list --json` shows it; None when it has none.
-fn status(agent: &TestAgent, app: &str) -> Option<Value> {
-    agent
-        .json(&["addon", "list", "-a", app, "--json"])
-        .as_array()
-        .expect("addon list is an array")
-        .iter()
-        .find(|a| a["name"] == MEMCACHE)
-        .cloned()
-}
-
-/// `env list --reveal --json`: names to values.
-fn env(agent: &TestAgent, app: &str) -> BTreeMap<String, String> {
-    let v = agent.json(&["env", "list", "-a", app, "--json", "--reveal"]);
-    v.as_object()
-        .expect("env list is an object")
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_str().expect("string value").to_string()))
-        .collect()
-}
-
-fn names(list: &Value) -> BTreeSet<String> {
-    list.as_array()
-        .expect("an array")
-        .iter()
-        .map(|x| x["name"].as_str().expect("name").to_string())
-        .collect()
-}
-
-fn sandboxes(agent: &TestAgent) -> Value {
-    agent.json(&["sandbox", "list", "--json"])
-}
-
-fn sandbox_names(agent: &TestAgent) -> BTreeSet<String> {
-    names(&sandboxes(agent))
-}
-
-fn disk_names(agent: &TestAgent) -> BTreeSet<String> {
-    names(&agent.json(&["debug", "disk", "list", "--json"]))
-}
-
-fn write_app(dir: &Path, toml: &str) {
-    fs::create_dir_all(dir.join(".miren")).unwrap();
-    fs::write(dir.join(".miren/app.toml"), toml).unwrap();
-}
-
 /// An app whose `web` service idles in busybox, so `nc` runs inside it.
 fn nc_app(name: &str, with_addon: bool) -> String {
-    let mut toml = format!(
-        "name = \"{name}\"\n\n[services.web]\nimage = \"{CLIENT_IMAGE}\"\ncommand = \"sleep 1000000\"\n"
-    );
-    if with_addon {
-        toml.push_str(&format!("\n[addons.{MEMCACHE}]\nvariant = \"small\"\n"));
-    }
-    toml
-}
-
-fn deploy(agent: &TestAgent, dir: &Path) -> String {
-    agent.ok(&["deploy", "-C", dir.to_str().unwrap()])
-}
-
-fn exec_sh(agent: &TestAgent, sandbox: &str, script: &str) -> Output {
-    agent.cli(&["sandbox", "exec", sandbox, "--", "sh", "-c", script])
+    let addon = with_addon.then_some((MEMCACHE, "variant = \"small\"\n"));
+    idle_app(name, CLIENT_IMAGE, "sleep 1000000", addon)
 }
 
 /// Memcached's text protocol over busybox `nc` inside `sandbox`, to `target` (a shell word
@@ -157,44 +80,15 @@ fn version(host: &str) -> Result<String, String> {
     Ok(got.trim().to_string())
 }
 
-/// Nothing of any addon or app is left: no sandbox, disk, loop device, mount, endpoint.
-fn assert_nothing_left(agent: &TestAgent) {
-    assert!(
-        sandbox_names(agent).is_empty(),
-        "sandboxes left: {}",
-        sandboxes(agent)
-    );
-    assert!(
-        disk_names(agent).is_empty(),
-        "disks left: {:?}",
-        disk_names(agent)
-    );
-    let endpoints = agent.json(&["debug", "net", "list", "--json"]);
-    assert!(
-        endpoints.as_array().unwrap().is_empty(),
-        "endpoints left: {endpoints}"
-    );
-    let loops = miren_disks::loops_under(&agent.images_dir()).unwrap();
-    assert!(loops.is_empty(), "loop devices left: {loops:?}");
-    agent.assert_converged();
-}
-
-fn server_pid(agent: &TestAgent, sandbox: &str) -> i32 {
-    let s = agent.json(&["sandbox", "status", sandbox, "--json"]);
-    s["pid"]
-        .as_i64()
-        .unwrap_or_else(|| panic!("{sandbox} has no pid: {s}")) as i32
-}
-
 #[test]
 fn memcache_through_app_toml_and_cli_answers_its_app_and_no_other() {
-    let Some(agent) = memcache_agent() else {
+    let Some(agent) = agent_with_mirror(&[IMAGE, CLIENT_IMAGE]) else {
         return;
     };
     let dir = agent.root.join("cache");
     write_app(&dir, &nc_app("cache", true));
     deploy(&agent, &dir);
-    let addon = status(&agent, "cache").expect("the addon");
+    let addon = addon_status(&agent, "cache", MEMCACHE).expect("the addon");
     assert_eq!(addon["status"], "active", "{addon}");
     assert_eq!(addon["variant"], "small");
     assert_eq!(addon["version"], "1.6");
@@ -270,7 +164,7 @@ fn memcache_through_app_toml_and_cli_answers_its_app_and_no_other() {
 
     // Destroy removes the data (the server and its memory); a new addon starts empty.
     agent.ok(&["addon", "destroy", MEMCACHE, "-a", "cache", "--yes"]);
-    assert!(status(&agent, "cache").is_none());
+    assert!(addon_status(&agent, "cache", MEMCACHE).is_none());
     assert!(!sandbox_names(&agent).contains("addon-memcache-cache"));
     let t = Instant::now();
     agent.ok(&["addon", "create", MEMCACHE, "-a", "cache"]);
@@ -283,13 +177,13 @@ fn memcache_through_app_toml_and_cli_answers_its_app_and_no_other() {
     // Declared in app.toml, it goes with its section: server, endpoint and variables.
     deploy(&agent, &dir);
     assert_eq!(
-        status(&agent, "cache").expect("the addon")["status"],
+        addon_status(&agent, "cache", MEMCACHE).expect("the addon")["status"],
         "active"
     );
     let host = env(&agent, "cache")["MEMCACHE_HOST"].clone();
     write_app(&dir, &nc_app("cache", false));
     deploy(&agent, &dir);
-    assert!(status(&agent, "cache").is_none());
+    assert!(addon_status(&agent, "cache", MEMCACHE).is_none());
     assert!(!sandbox_names(&agent).contains("addon-memcache-cache"));
     let out = exec_sh(&agent, "cache-web", "echo \"url=${MEMCACHE_URL:-none}\"");
     assert_eq!(
@@ -310,59 +204,14 @@ fn memcache_through_app_toml_and_cli_answers_its_app_and_no_other() {
 /// each answering `version`.
 fn converged(agent: &TestAgent, known: &mut BTreeSet<String>, context: &str) {
     let deadline = Instant::now() + Duration::from_secs(120);
-    for app in known.clone() {
-        loop {
-            match status(agent, &app) {
-                None => {
-                    known.remove(&app);
-                    break;
-                }
-                Some(a) if a["status"] == "active" => break,
-                Some(a) if a["status"] == "error" => {
-                    panic!("{context}: {app} ended in error: {a}\n{}", agent.log_text())
-                }
-                Some(a) => assert!(
-                    Instant::now() < deadline,
-                    "{context}: {app} stuck: {a}\n{}",
-                    agent.log_text()
-                ),
-            }
-            sleep(Duration::from_millis(50));
-        }
-    }
+    let poll = Duration::from_millis(50);
+    known.retain(|app| active_or_gone(agent, MEMCACHE, app, deadline, poll, context, errored));
     let expected: BTreeSet<String> = known
         .iter()
         .map(|a| format!("addon-memcache-{a}"))
         .collect();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let (s, d) = (sandbox_names(agent), disk_names(agent));
-        if s == expected && d.is_empty() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{context}: sandboxes {s:?} and disks {d:?}, expected {expected:?} and no disks"
-        );
-        sleep(Duration::from_millis(50));
-    }
-    let ids: BTreeSet<String> = sandboxes(agent)
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| {
-            assert_eq!(s["state"], "running", "{context}: {s}");
-            s["id"].as_str().unwrap().to_string()
-        })
-        .collect();
-    let endpoints = agent.json(&["debug", "net", "list", "--json"]);
-    let owners: BTreeSet<String> = endpoints
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["owner"].as_str().unwrap().to_string())
-        .collect();
-    assert_eq!(owners, ids, "{context}: endpoints are not the sandboxes'");
+    wait_sandboxes_and_disks(agent, &expected, &BTreeSet::new(), poll, context);
+    assert_running_with_their_endpoints(agent, context);
     agent.assert_converged();
     for app in known.iter() {
         let vars = env(agent, app);
@@ -376,23 +225,9 @@ fn converged(agent: &TestAgent, known: &mut BTreeSet<String>, context: &str) {
     }
 }
 
-/// Issues the command, kills the agent `delay` later, waits for the client to notice, and
-/// starts the agent again on the same data dir.
-fn kill_during(agent: &mut TestAgent, args: &[&str], delay: Duration) {
-    let mut client = ChildGuard(agent.spawn_cli(args));
-    sleep(delay);
-    agent.kill9();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while client.0.try_wait().unwrap().is_none() && Instant::now() < deadline {
-        sleep(Duration::from_millis(10));
-    }
-    drop(client);
-    agent.spawn();
-}
-
 #[test]
 fn kill_9_during_memcache_creates_and_destroys_converges_and_leaves_nothing() {
-    let Some(mut agent) = memcache_agent() else {
+    let Some(mut agent) = agent_with_mirror(&[IMAGE, CLIENT_IMAGE]) else {
         return;
     };
     let mut known = BTreeSet::new();
@@ -458,7 +293,7 @@ fn kill_9_during_memcache_creates_and_destroys_converges_and_leaves_nothing() {
 /// gets all 17, and a redeploy without the three sections removes all three servers.
 #[test]
 fn postgres_valkey_and_memcache_together_give_the_app_every_variable() {
-    let Some(agent) = memcache_agent() else {
+    let Some(agent) = agent_with_mirror(&[IMAGE, CLIENT_IMAGE]) else {
         return;
     };
     let dir = agent.root.join("multi");

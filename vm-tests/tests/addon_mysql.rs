@@ -6,113 +6,36 @@
 //! The tests run when MIREN_IMAGE_MIRROR is set (`export "$(scripts/images | tail -n 1)"`).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs;
 use std::path::Path;
 use std::process::{Output, Stdio};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
+use miren_vm_tests::addons::{
+    active_or_gone, addon_status, agent_with_mirror, assert_nothing_left,
+    assert_running_with_their_endpoints, deploy, disk_names, env, errored, exec_sh, idle_app,
+    kill_during, sandbox_names, shared_server_gone, stdout, text, wait_for,
+    wait_sandboxes_and_disks, write_app,
+};
 use miren_vm_tests::{ChildGuard, TestAgent};
-use serde_json::Value;
 
 const MY: &str = "miren-mysql";
 const VERSION: &str = "mariadb-11";
 const IMAGE: &str = "mariadb:11";
 const SHARED: &str = "addon-mysql";
 
-/// An agent that pulls through the test mirror, with mariadb:11 already pulled; None (and the
-/// test skipped) without a mirror.
-fn my_agent() -> Option<TestAgent> {
-    let mirror = miren_vm_tests::image_mirror()?;
-    let agent = TestAgent::builder()
-        .arg("--image-mirror")
-        .arg(&mirror)
-        .start();
-    agent.ok(&["image", "pull", IMAGE]);
-    Some(agent)
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-/// The app's MySQL addon as `addon list --json` shows it; None when it has none.
-fn my_status(agent: &TestAgent, app: &str) -> Option<Value> {
-    agent
-        .json(&["addon", "list", "-a", app, "--json"])
-        .as_array()
-        .expect("addon list is an array")
-        .iter()
-        .find(|a| a["name"] == MY)
-        .cloned()
-}
-
-/// `env list --reveal --json`: names to values.
-fn env(agent: &TestAgent, app: &str) -> BTreeMap<String, String> {
-    let v = agent.json(&["env", "list", "-a", app, "--json", "--reveal"]);
-    v.as_object()
-        .expect("env list is an object")
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_str().expect("string value").to_string()))
-        .collect()
-}
-
-fn names(list: &Value) -> BTreeSet<String> {
-    list.as_array()
-        .expect("an array")
-        .iter()
-        .map(|x| x["name"].as_str().expect("name").to_string())
-        .collect()
-}
-
-fn sandbox_names(agent: &TestAgent) -> BTreeSet<String> {
-    names(&agent.json(&["sandbox", "list", "--json"]))
-}
-
-fn disk_names(agent: &TestAgent) -> BTreeSet<String> {
-    names(&agent.json(&["debug", "disk", "list", "--json"]))
-}
-
-fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        sleep(Duration::from_millis(50));
-    }
-}
-
 /// An app whose `web` service idles in a mariadb:11 container (for its `mariadb` client),
 /// with the MySQL addon's section if `variant` is given.
 fn write_client_app(dir: &Path, name: &str, variant: Option<&str>) {
-    let mut toml = format!(
-        "name = \"{name}\"\n\n[services.web]\nimage = \"{IMAGE}\"\ncommand = \"sleep infinity\"\n"
-    );
-    if let Some(variant) = variant {
-        toml.push_str(&format!(
-            "\n[addons.{MY}]\nvariant = \"{variant}\"\nversion = \"{VERSION}\"\n"
-        ));
-    }
-    fs::create_dir_all(dir.join(".miren")).unwrap();
-    fs::write(dir.join(".miren/app.toml"), toml).unwrap();
+    let settings = variant.map(|v| format!("variant = \"{v}\"\nversion = \"{VERSION}\"\n"));
+    let addon = settings.as_deref().map(|s| (MY, s));
+    write_app(dir, &idle_app(name, IMAGE, "sleep infinity", addon));
 }
 
 fn deploy_client_app(agent: &TestAgent, name: &str, variant: Option<&str>) {
     let dir = agent.root.join(name);
     write_client_app(&dir, name, variant);
-    agent.ok(&["deploy", "-C", dir.to_str().unwrap()]);
-}
-
-fn exec_sh(agent: &TestAgent, sandbox: &str, script: &str) -> Output {
-    agent.cli(&["sandbox", "exec", sandbox, "--", "sh", "-c", script])
+    deploy(agent, &dir);
 }
 
 /// `sql` (no single quotes) with the `mariadb` client inside `sandbox`, logged in with the
@@ -202,39 +125,13 @@ fn assert_refused(out: &Output, what: &str, because: &[&str]) {
     );
 }
 
-/// Nothing of any addon or app is left: no sandbox, disk, loop device, mount, endpoint.
-fn assert_nothing_left(agent: &TestAgent) {
-    assert!(
-        sandbox_names(agent).is_empty(),
-        "sandboxes left: {:?}",
-        sandbox_names(agent)
-    );
-    assert!(
-        disk_names(agent).is_empty(),
-        "disks left: {:?}",
-        disk_names(agent)
-    );
-    let endpoints = agent.json(&["debug", "net", "list", "--json"]);
-    assert!(
-        endpoints.as_array().unwrap().is_empty(),
-        "endpoints left: {endpoints}"
-    );
-    let loops = miren_disks::loops_under(&agent.images_dir()).unwrap();
-    assert!(loops.is_empty(), "loop devices left: {loops:?}");
-    agent.assert_converged();
-}
-
-fn shared_server_gone(agent: &TestAgent) {
-    wait_for("the shared server to go", Duration::from_secs(30), || {
-        !sandbox_names(agent).contains(SHARED) && !disk_names(agent).contains(SHARED)
-    });
-}
-
 #[test]
 fn small_through_app_toml_and_the_cli_isolated_backed_up_and_removed() {
-    let Some(mut agent) = my_agent() else { return };
+    let Some(mut agent) = agent_with_mirror(&[IMAGE]) else {
+        return;
+    };
     deploy_client_app(&agent, "shop", Some("small"));
-    let addon = my_status(&agent, "shop").expect("the addon");
+    let addon = addon_status(&agent, "shop", MY).expect("the addon");
     assert_eq!(addon["status"], "active", "{addon}");
     assert_eq!(addon["variant"], "small");
     assert_eq!(addon["version"], VERSION);
@@ -354,13 +251,16 @@ fn small_through_app_toml_and_the_cli_isolated_backed_up_and_removed() {
         "select group_concat(n order by n) from visits",
         "42",
     );
-    assert_eq!(my_status(&agent, "shop").unwrap()["status"], "active");
+    assert_eq!(
+        addon_status(&agent, "shop", MY).unwrap()["status"],
+        "active"
+    );
 
     // A redeploy without the section deprovisions: server, disk and variables go; the
     // CLI-made addon of the other app stays.
     let shop_host = env(&agent, "shop")["MYSQL_HOST"].clone();
     deploy_client_app(&agent, "shop", None);
-    assert!(my_status(&agent, "shop").is_none());
+    assert!(addon_status(&agent, "shop", MY).is_none());
     assert!(!sandbox_names(&agent).contains("addon-mysql-shop"));
     assert!(!disk_names(&agent).contains("addon-mysql-shop"));
     let out = exec_sh(&agent, "shop-web", "echo \"url=${DATABASE_URL:-none}\"");
@@ -371,7 +271,7 @@ fn small_through_app_toml_and_the_cli_isolated_backed_up_and_removed() {
         &format!("mariadb --connect-timeout=2 -h {shop_host} -u shop -e 'select 1'"),
     );
     assert!(!gone.status.success(), "the old server answers");
-    assert_eq!(my_status(&agent, "cli").unwrap()["status"], "active");
+    assert_eq!(addon_status(&agent, "cli", MY).unwrap()["status"], "active");
 
     // Destroy removes the data: the disk is gone, and a new addon starts empty.
     sql_ok(&agent, "cli-web", "create table kept (n int)");
@@ -395,10 +295,15 @@ fn small_through_app_toml_and_the_cli_isolated_backed_up_and_removed() {
 
 #[test]
 fn shared_server_keeps_apps_apart_and_refuses_other_versions() {
-    let Some(agent) = my_agent() else { return };
+    let Some(agent) = agent_with_mirror(&[IMAGE]) else {
+        return;
+    };
     deploy_client_app(&agent, "web-a", Some("shared"));
     let a = env(&agent, "web-a");
-    assert_eq!(my_status(&agent, "web-a").unwrap()["variant"], "shared");
+    assert_eq!(
+        addon_status(&agent, "web-a", MY).unwrap()["variant"],
+        "shared"
+    );
     // A clean app name that `web-a`'s database name matches if its `_` were a wildcard.
     let twin = a["MYSQL_DATABASE"].replace('_', "z");
     assert!(a["MYSQL_USER"].starts_with("web_a_"), "{a:?}");
@@ -464,7 +369,7 @@ fn shared_server_keeps_apps_apart_and_refuses_other_versions() {
             version,
         ]);
         assert!(err.contains(IMAGE), "{err}");
-        assert!(my_status(&agent, "carol").is_none());
+        assert!(addon_status(&agent, "carol", MY).is_none());
     }
 
     // The other MariaDB of the catalogue, as a small server of its own beside the shared one.
@@ -536,7 +441,7 @@ fn shared_server_keeps_apps_apart_and_refuses_other_versions() {
     agent.ok(&["addon", "destroy", MY, "-a", "web-a", "--yes"]);
     assert!(sandbox_names(&agent).contains(SHARED));
     agent.ok(&["addon", "destroy", MY, "-a", &twin, "--yes"]);
-    shared_server_gone(&agent);
+    shared_server_gone(&agent, SHARED);
     agent.ok(&["app", "delete", "web-a"]);
     agent.ok(&["app", "delete", &twin]);
     assert_nothing_left(&agent);
@@ -547,26 +452,8 @@ fn shared_server_keeps_apps_apart_and_refuses_other_versions() {
 /// the shared server exactly their tenants, and each app's login works.
 fn converged(agent: &TestAgent, known: &mut BTreeMap<String, String>, context: &str) {
     let deadline = Instant::now() + Duration::from_secs(120);
-    for app in known.keys().cloned().collect::<Vec<_>>() {
-        loop {
-            match my_status(agent, &app) {
-                None => {
-                    known.remove(&app);
-                    break;
-                }
-                Some(a) if a["status"] == "active" => break,
-                Some(a) if a["status"] == "error" => {
-                    panic!("{context}: {app} ended in error: {a}\n{}", agent.log_text())
-                }
-                Some(a) => assert!(
-                    Instant::now() < deadline,
-                    "{context}: {app} stuck: {a}\n{}",
-                    agent.log_text()
-                ),
-            }
-            sleep(Duration::from_millis(50));
-        }
-    }
+    let poll = Duration::from_millis(50);
+    known.retain(|app, _| active_or_gone(agent, MY, app, deadline, poll, context, errored));
     let mut expected: BTreeSet<String> = known
         .iter()
         .filter(|(_, v)| *v == "small")
@@ -581,36 +468,8 @@ fn converged(agent: &TestAgent, known: &mut BTreeMap<String, String>, context: &
         expected.insert(SHARED.into());
     }
     // A shared server's removal finishes after its last member's row is gone.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let (s, d) = (sandbox_names(agent), disk_names(agent));
-        if s == expected && d == expected {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{context}: sandboxes {s:?} and disks {d:?}, expected {expected:?}"
-        );
-        sleep(Duration::from_millis(50));
-    }
-    let list = agent.json(&["sandbox", "list", "--json"]);
-    let ids: BTreeSet<String> = list
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| {
-            assert_eq!(s["state"], "running", "{context}: {s}");
-            s["id"].as_str().unwrap().to_string()
-        })
-        .collect();
-    let endpoints = agent.json(&["debug", "net", "list", "--json"]);
-    let owners: BTreeSet<String> = endpoints
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["owner"].as_str().unwrap().to_string())
-        .collect();
-    assert_eq!(owners, ids, "{context}: endpoints are not the sandboxes'");
+    wait_sandboxes_and_disks(agent, &expected, &expected, poll, context);
+    assert_running_with_their_endpoints(agent, context);
     agent.assert_converged();
     if !shared.is_empty() {
         let (users, dbs) = tenants(agent);
@@ -640,23 +499,11 @@ fn converged(agent: &TestAgent, known: &mut BTreeMap<String, String>, context: &
     }
 }
 
-/// Issues the command, kills the agent `delay` later, waits for the client to notice, and
-/// starts the agent again on the same data dir.
-fn kill_during(agent: &mut TestAgent, args: &[&str], delay: Duration) {
-    let mut client = ChildGuard(agent.spawn_cli(args));
-    sleep(delay);
-    agent.kill9();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while client.0.try_wait().unwrap().is_none() && Instant::now() < deadline {
-        sleep(Duration::from_millis(10));
-    }
-    drop(client);
-    agent.spawn();
-}
-
 #[test]
 fn kill_9_during_creates_and_destroys_converges_and_leaves_nothing() {
-    let Some(mut agent) = my_agent() else { return };
+    let Some(mut agent) = agent_with_mirror(&[IMAGE]) else {
+        return;
+    };
     let started = Instant::now();
     // (operation, variant, app, delay): creates of small servers and of the shared server
     // (its first member makes it) at points from the request to the init, then destroys.

@@ -7,96 +7,28 @@
 //! The images come from the loopback registry of `scripts/images` (`rabbitmq:4`,
 //! `miren-tests/amqp-tools:trixie`). The tests run when MIREN_IMAGE_MIRROR is set.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::fs;
 use std::path::Path;
 use std::process::Output;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use miren_vm_tests::{ChildGuard, TestAgent};
+use miren_vm_tests::addons::{
+    active_or_gone, addon_status, agent_with_mirror, assert_nothing_left,
+    assert_running_with_their_endpoints, deploy, disk_names, env, errored, idle_app, kill_during,
+    sandbox_names, text, wait_sandboxes_and_disks, write_app,
+};
+use miren_vm_tests::TestAgent;
 use serde_json::Value;
 
 const MQ: &str = "miren-rabbitmq";
 const CLIENT_IMAGE: &str = "miren-tests/amqp-tools:trixie";
 
-/// An agent that pulls through the test mirror, with both images already pulled; None (and
-/// the test skipped) without a mirror.
-fn mq_agent() -> Option<TestAgent> {
-    let mirror = miren_vm_tests::image_mirror()?;
-    let agent = TestAgent::builder()
-        .arg("--image-mirror")
-        .arg(&mirror)
-        .start();
-    agent.ok(&["image", "pull", "rabbitmq:4"]);
-    agent.ok(&["image", "pull", CLIENT_IMAGE]);
-    Some(agent)
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-/// The app's RabbitMQ addon as `addon list --json` shows it; None when it has none.
-fn mq_status(agent: &TestAgent, app: &str) -> Option<Value> {
-    agent
-        .json(&["addon", "list", "-a", app, "--json"])
-        .as_array()
-        .expect("addon list is an array")
-        .iter()
-        .find(|a| a["name"] == MQ)
-        .cloned()
-}
-
-/// `env list --reveal --json`: names to values.
-fn env(agent: &TestAgent, app: &str) -> BTreeMap<String, String> {
-    let v = agent.json(&["env", "list", "-a", app, "--json", "--reveal"]);
-    v.as_object()
-        .expect("env list is an object")
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_str().expect("string value").to_string()))
-        .collect()
-}
-
-fn names(list: &Value) -> BTreeSet<String> {
-    list.as_array()
-        .expect("an array")
-        .iter()
-        .map(|x| x["name"].as_str().expect("name").to_string())
-        .collect()
-}
-
-fn sandbox_names(agent: &TestAgent) -> BTreeSet<String> {
-    names(&agent.json(&["sandbox", "list", "--json"]))
-}
-
-fn disk_names(agent: &TestAgent) -> BTreeSet<String> {
-    names(&agent.json(&["debug", "disk", "list", "--json"]))
-}
-
-fn write_app(dir: &Path, toml: &str) {
-    fs::create_dir_all(dir.join(".miren")).unwrap();
-    fs::write(dir.join(".miren/app.toml"), toml).unwrap();
-}
-
 /// An app whose `web` service idles in the amqp-tools image, so the client runs inside it.
 fn client_app(name: &str, with_addon: bool) -> String {
-    let mut toml = format!(
-        "name = \"{name}\"\n\n[services.web]\nimage = \"{CLIENT_IMAGE}\"\ncommand = \"sleep infinity\"\n"
-    );
-    if with_addon {
-        toml.push_str(&format!("\n[addons.{MQ}]\nvariant = \"small\"\n"));
-    }
-    toml
-}
-
-fn deploy(agent: &TestAgent, dir: &Path) -> String {
-    agent.ok(&["deploy", "-C", dir.to_str().unwrap()])
+    let addon = with_addon.then_some((MQ, "variant = \"small\"\n"));
+    idle_app(name, CLIENT_IMAGE, "sleep infinity", addon)
 }
 
 /// Runs `sh -c script` in a sandbox; the output, whether it worked or not. A service that
@@ -206,7 +138,8 @@ fn queue_length(agent: &TestAgent, sandbox: &str, url: &str, queue: &str) -> Res
 fn wait_active(agent: &TestAgent, app: &str, context: &str) {
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
-        let a = mq_status(agent, app).unwrap_or_else(|| panic!("{context}: {app} has no addon"));
+        let a =
+            addon_status(agent, app, MQ).unwrap_or_else(|| panic!("{context}: {app} has no addon"));
         if a["status"] == "active" {
             return;
         }
@@ -225,31 +158,11 @@ fn url_of(agent: &TestAgent, app: &str) -> String {
         .unwrap_or_else(|| panic!("app {app} has no RABBITMQ_URL"))
 }
 
-/// Nothing of any addon or app is left: no sandbox, disk, loop device, endpoint.
-fn assert_nothing_left(agent: &TestAgent) {
-    assert!(
-        sandbox_names(agent).is_empty(),
-        "sandboxes left: {:?}",
-        sandbox_names(agent)
-    );
-    assert!(
-        disk_names(agent).is_empty(),
-        "disks left: {:?}",
-        disk_names(agent)
-    );
-    let endpoints = agent.json(&["debug", "net", "list", "--json"]);
-    assert!(
-        endpoints.as_array().unwrap().is_empty(),
-        "endpoints left: {endpoints}"
-    );
-    let loops = miren_disks::loops_under(&agent.images_dir()).unwrap();
-    assert!(loops.is_empty(), "loop devices left: {loops:?}");
-    agent.assert_converged();
-}
-
 #[test]
 fn an_app_publishes_and_consumes_and_durable_messages_survive_restarts_and_a_restore() {
-    let Some(mut agent) = mq_agent() else { return };
+    let Some(mut agent) = agent_with_mirror(&["rabbitmq:4", CLIENT_IMAGE]) else {
+        return;
+    };
     let dir = agent.root.join("shop");
     let toml = client_app("shop", true);
     write_app(&dir, &toml);
@@ -259,7 +172,7 @@ fn an_app_publishes_and_consumes_and_durable_messages_survive_restarts_and_a_res
         "deploy with a RabbitMQ addon: {:.1}s",
         started.elapsed().as_secs_f64()
     );
-    let addon = mq_status(&agent, "shop").expect("the addon");
+    let addon = addon_status(&agent, "shop", MQ).expect("the addon");
     assert_eq!(addon["status"], "active", "{addon}");
     assert_eq!(addon["variant"], "small");
     assert_eq!(addon["version"], "4");
@@ -418,7 +331,7 @@ fn an_app_publishes_and_consumes_and_durable_messages_survive_restarts_and_a_res
     // A redeploy without the section deprovisions: server, disk and variables go.
     write_app(&dir, &client_app("shop", false));
     deploy(&agent, &dir);
-    assert!(mq_status(&agent, "shop").is_none());
+    assert!(addon_status(&agent, "shop", MQ).is_none());
     assert!(!sandbox_names(&agent).contains("addon-rabbitmq-shop"));
     assert!(!disk_names(&agent).contains("addon-rabbitmq-shop"));
     let out = exec_ok(&agent, "shop-web", "echo \"url=${RABBITMQ_URL:-none}\"");
@@ -442,7 +355,7 @@ fn an_app_publishes_and_consumes_and_durable_messages_survive_restarts_and_a_res
     // Destroy removes the data: disk gone.
     let destroyed = agent.ok(&["addon", "destroy", MQ, "-a", "shop", "--yes"]);
     assert!(destroyed.contains("deleted"), "{destroyed}");
-    assert!(mq_status(&agent, "shop").is_none());
+    assert!(addon_status(&agent, "shop", MQ).is_none());
     assert!(!disk_names(&agent).contains("addon-rabbitmq-shop"));
     assert!(!sandbox_names(&agent).contains("addon-rabbitmq-shop"));
     agent.ok(&["app", "delete", "shop"]);
@@ -510,79 +423,19 @@ fn wait_running(agent: &TestAgent, sandbox: &str) {
     }
 }
 
-/// Issues the command, kills the agent `delay` later, waits for the client to notice, and
-/// starts the agent again on the same data dir.
-fn kill_during(agent: &mut TestAgent, args: &[&str], delay: Duration) {
-    let mut client = ChildGuard(agent.spawn_cli(args));
-    sleep(delay);
-    agent.kill9();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while client.0.try_wait().unwrap().is_none() && Instant::now() < deadline {
-        sleep(Duration::from_millis(10));
-    }
-    drop(client);
-    agent.spawn();
-}
-
 /// After a restart: every app of `known` has its addon active (or it is gone, and dropped
 /// from `known`), and the node has exactly one server sandbox and disk per survivor, running,
 /// with endpoints that are exactly the sandboxes'.
 fn converged(agent: &TestAgent, known: &mut BTreeSet<String>, context: &str) {
     let deadline = Instant::now() + Duration::from_secs(180);
-    for app in known.clone() {
-        loop {
-            match mq_status(agent, &app) {
-                None => {
-                    known.remove(&app);
-                    break;
-                }
-                Some(a) if a["status"] == "active" => break,
-                Some(a) if a["status"] == "error" => {
-                    panic!("{context}: {app} ended in error: {a}\n{}", agent.log_text())
-                }
-                Some(a) => assert!(
-                    Instant::now() < deadline,
-                    "{context}: {app} stuck: {a}\n{}",
-                    agent.log_text()
-                ),
-            }
-            sleep(Duration::from_millis(100));
-        }
-    }
+    let poll = Duration::from_millis(100);
+    known.retain(|app| active_or_gone(agent, MQ, app, deadline, poll, context, errored));
     let expected: BTreeSet<String> = known
         .iter()
         .map(|a| format!("addon-rabbitmq-{a}"))
         .collect();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let (s, d) = (sandbox_names(agent), disk_names(agent));
-        if s == expected && d == expected {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{context}: sandboxes {s:?} and disks {d:?}, expected {expected:?}"
-        );
-        sleep(Duration::from_millis(100));
-    }
-    let list = agent.json(&["sandbox", "list", "--json"]);
-    let ids: BTreeSet<String> = list
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| {
-            assert_eq!(s["state"], "running", "{context}: {s}");
-            s["id"].as_str().unwrap().to_string()
-        })
-        .collect();
-    let endpoints = agent.json(&["debug", "net", "list", "--json"]);
-    let owners: BTreeSet<String> = endpoints
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["owner"].as_str().unwrap().to_string())
-        .collect();
-    assert_eq!(owners, ids, "{context}: endpoints are not the sandboxes'");
+    wait_sandboxes_and_disks(agent, &expected, &expected, poll, context);
+    assert_running_with_their_endpoints(agent, context);
     agent.assert_converged();
     for app in known.iter() {
         let vars = env(agent, app);
@@ -592,7 +445,9 @@ fn converged(agent: &TestAgent, known: &mut BTreeSet<String>, context: &str) {
 
 #[test]
 fn kill_9_during_creates_and_destroys_converges_and_leaves_nothing() {
-    let Some(mut agent) = mq_agent() else { return };
+    let Some(mut agent) = agent_with_mirror(&["rabbitmq:4", CLIENT_IMAGE]) else {
+        return;
+    };
     let started = Instant::now();
     let mut known = BTreeSet::new();
     let mut points = 0;

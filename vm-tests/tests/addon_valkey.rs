@@ -5,107 +5,27 @@
 //!
 //! The tests run when MIREN_IMAGE_MIRROR is set (`export "$(scripts/images | tail -n 1)"`).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::fs;
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::Path;
-use std::process::Output;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use miren_vm_tests::{ChildGuard, TestAgent};
-use serde_json::Value;
+use miren_vm_tests::addons::{
+    active_or_gone, addon_status, agent_with_mirror, assert_nothing_left,
+    assert_running_with_their_endpoints, deploy, disk_names, env, errored, exec_sh, idle_app,
+    kill_during, sandbox_names, server_pid, stdout, text, wait_sandboxes_and_disks, write_app,
+};
+use miren_vm_tests::TestAgent;
 
 const VALKEY: &str = "miren-valkey";
 const IMAGE: &str = "valkey/valkey:8";
 
-fn valkey_agent() -> Option<TestAgent> {
-    let mirror = miren_vm_tests::image_mirror()?;
-    let agent = TestAgent::builder()
-        .arg("--image-mirror")
-        .arg(&mirror)
-        .start();
-    agent.ok(&["image", "pull", IMAGE]);
-    Some(agent)
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-/// The app's Valkey addon as `addon list --json` shows it; None when it has none.
-fn status(agent: &TestAgent, app: &str) -> Option<Value> {
-    agent
-        .json(&["addon", "list", "-a", app, "--json"])
-        .as_array()
-        .expect("addon list is an array")
-        .iter()
-        .find(|a| a["name"] == VALKEY)
-        .cloned()
-}
-
-/// `env list --reveal --json`: names to values.
-fn env(agent: &TestAgent, app: &str) -> BTreeMap<String, String> {
-    let v = agent.json(&["env", "list", "-a", app, "--json", "--reveal"]);
-    v.as_object()
-        .expect("env list is an object")
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_str().expect("string value").to_string()))
-        .collect()
-}
-
-fn names(list: &Value) -> BTreeSet<String> {
-    list.as_array()
-        .expect("an array")
-        .iter()
-        .map(|x| x["name"].as_str().expect("name").to_string())
-        .collect()
-}
-
-fn sandboxes(agent: &TestAgent) -> Value {
-    agent.json(&["sandbox", "list", "--json"])
-}
-
-fn sandbox_names(agent: &TestAgent) -> BTreeSet<String> {
-    names(&sandboxes(agent))
-}
-
-fn disk_names(agent: &TestAgent) -> BTreeSet<String> {
-    names(&agent.json(&["debug", "disk", "list", "--json"]))
-}
-
-fn write_app(dir: &Path, toml: &str) {
-    fs::create_dir_all(dir.join(".miren")).unwrap();
-    fs::write(dir.join(".miren/app.toml"), toml).unwrap();
-}
-
 /// An app whose `web` service idles in the valkey image, so `valkey-cli` runs inside it.
 fn cli_app(name: &str, with_addon: bool) -> String {
-    let mut toml = format!(
-        "name = \"{name}\"\n\n[services.web]\nimage = \"{IMAGE}\"\ncommand = \"sleep infinity\"\n"
-    );
-    if with_addon {
-        toml.push_str(&format!("\n[addons.{VALKEY}]\nvariant = \"small\"\n"));
-    }
-    toml
-}
-
-fn deploy(agent: &TestAgent, dir: &Path) -> String {
-    agent.ok(&["deploy", "-C", dir.to_str().unwrap()])
-}
-
-fn exec_sh(agent: &TestAgent, sandbox: &str, script: &str) -> Output {
-    agent.cli(&["sandbox", "exec", sandbox, "--", "sh", "-c", script])
+    let addon = with_addon.then_some((VALKEY, "variant = \"small\"\n"));
+    idle_app(name, IMAGE, "sleep infinity", addon)
 }
 
 /// `valkey-cli -u "$VALKEY_URL" ARGS` inside the app's service; its trimmed output.
@@ -167,43 +87,16 @@ fn resp(host: &str, password: &str, commands: &[&[&str]]) -> Result<String, Stri
     Ok(got)
 }
 
-/// Nothing of any addon or app is left: no sandbox, disk, loop device, mount, endpoint.
-fn assert_nothing_left(agent: &TestAgent) {
-    assert!(
-        sandbox_names(agent).is_empty(),
-        "sandboxes left: {}",
-        sandboxes(agent)
-    );
-    assert!(
-        disk_names(agent).is_empty(),
-        "disks left: {:?}",
-        disk_names(agent)
-    );
-    let endpoints = agent.json(&["debug", "net", "list", "--json"]);
-    assert!(
-        endpoints.as_array().unwrap().is_empty(),
-        "endpoints left: {endpoints}"
-    );
-    let loops = miren_disks::loops_under(&agent.images_dir()).unwrap();
-    assert!(loops.is_empty(), "loop devices left: {loops:?}");
-    agent.assert_converged();
-}
-
-fn server_pid(agent: &TestAgent, sandbox: &str) -> i32 {
-    let s = agent.json(&["sandbox", "status", sandbox, "--json"]);
-    s["pid"]
-        .as_i64()
-        .unwrap_or_else(|| panic!("{sandbox} has no pid: {s}")) as i32
-}
-
 #[test]
 fn valkey_through_app_toml_and_cli_keeps_acked_writes_backs_up_and_admits_only_its_app() {
-    let Some(agent) = valkey_agent() else { return };
+    let Some(agent) = agent_with_mirror(&[IMAGE]) else {
+        return;
+    };
     let dir = agent.root.join("shop");
     let toml = cli_app("shop", true);
     write_app(&dir, &toml);
     deploy(&agent, &dir);
-    let addon = status(&agent, "shop").expect("the addon");
+    let addon = addon_status(&agent, "shop", VALKEY).expect("the addon");
     assert_eq!(addon["status"], "active", "{addon}");
     assert_eq!(addon["variant"], "small");
     assert_eq!(addon["version"], "8");
@@ -346,7 +239,7 @@ fn valkey_through_app_toml_and_cli_keeps_acked_writes_backs_up_and_admits_only_i
 
     // Destroy removes the data: disk gone, and a new addon starts empty.
     agent.ok(&["addon", "destroy", VALKEY, "-a", "shop", "--yes"]);
-    assert!(status(&agent, "shop").is_none());
+    assert!(addon_status(&agent, "shop", VALKEY).is_none());
     assert!(!disk_names(&agent).contains("addon-valkey-shop"));
     assert!(!sandbox_names(&agent).contains("addon-valkey-shop"));
     let t = Instant::now();
@@ -381,7 +274,7 @@ fn valkey_through_app_toml_and_cli_keeps_acked_writes_backs_up_and_admits_only_i
     let url = env(&agent, "shop")["VALKEY_URL"].clone();
     write_app(&dir, &cli_app("shop", false));
     deploy(&agent, &dir);
-    assert!(status(&agent, "shop").is_none());
+    assert!(addon_status(&agent, "shop", VALKEY).is_none());
     assert!(!sandbox_names(&agent).contains("addon-valkey-shop"));
     assert!(!disk_names(&agent).contains("addon-valkey-shop"));
     let out = exec_sh(&agent, "shop-web", "echo \"url=${VALKEY_URL:-none}\"");
@@ -403,56 +296,11 @@ fn valkey_through_app_toml_and_cli_keeps_acked_writes_backs_up_and_admits_only_i
 /// each answering `AUTH` + `PING` with its app's password.
 fn converged(agent: &TestAgent, known: &mut BTreeSet<String>, context: &str) {
     let deadline = Instant::now() + Duration::from_secs(120);
-    for app in known.clone() {
-        loop {
-            match status(agent, &app) {
-                None => {
-                    known.remove(&app);
-                    break;
-                }
-                Some(a) if a["status"] == "active" => break,
-                Some(a) if a["status"] == "error" => {
-                    panic!("{context}: {app} ended in error: {a}\n{}", agent.log_text())
-                }
-                Some(a) => assert!(
-                    Instant::now() < deadline,
-                    "{context}: {app} stuck: {a}\n{}",
-                    agent.log_text()
-                ),
-            }
-            sleep(Duration::from_millis(50));
-        }
-    }
+    let poll = Duration::from_millis(50);
+    known.retain(|app| active_or_gone(agent, VALKEY, app, deadline, poll, context, errored));
     let expected: BTreeSet<String> = known.iter().map(|a| format!("addon-valkey-{a}")).collect();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let (s, d) = (sandbox_names(agent), disk_names(agent));
-        if s == expected && d == expected {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{context}: sandboxes {s:?} and disks {d:?}, expected {expected:?}"
-        );
-        sleep(Duration::from_millis(50));
-    }
-    let ids: BTreeSet<String> = sandboxes(agent)
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| {
-            assert_eq!(s["state"], "running", "{context}: {s}");
-            s["id"].as_str().unwrap().to_string()
-        })
-        .collect();
-    let endpoints = agent.json(&["debug", "net", "list", "--json"]);
-    let owners: BTreeSet<String> = endpoints
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["owner"].as_str().unwrap().to_string())
-        .collect();
-    assert_eq!(owners, ids, "{context}: endpoints are not the sandboxes'");
+    wait_sandboxes_and_disks(agent, &expected, &expected, poll, context);
+    assert_running_with_their_endpoints(agent, context);
     agent.assert_converged();
     for app in known.iter() {
         let vars = env(agent, app);
@@ -465,23 +313,9 @@ fn converged(agent: &TestAgent, known: &mut BTreeSet<String>, context: &str) {
     }
 }
 
-/// Issues the command, kills the agent `delay` later, waits for the client to notice, and
-/// starts the agent again on the same data dir.
-fn kill_during(agent: &mut TestAgent, args: &[&str], delay: Duration) {
-    let mut client = ChildGuard(agent.spawn_cli(args));
-    sleep(delay);
-    agent.kill9();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while client.0.try_wait().unwrap().is_none() && Instant::now() < deadline {
-        sleep(Duration::from_millis(10));
-    }
-    drop(client);
-    agent.spawn();
-}
-
 #[test]
 fn kill_9_during_valkey_creates_and_destroys_converges_and_leaves_nothing() {
-    let Some(mut agent) = valkey_agent() else {
+    let Some(mut agent) = agent_with_mirror(&[IMAGE]) else {
         return;
     };
     let mut known = BTreeSet::new();

@@ -7,61 +7,20 @@
 //! (`export "$(scripts/images | tail -n 1)"`; scripts/test sets it).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs;
-use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
+use miren_vm_tests::addons::{
+    active_or_gone, addon_status, addons, agent_with_mirror, assert_nothing_left,
+    assert_running_with_their_endpoints, deploy, disk_names, env, errored, exec_sh, idle_app,
+    kill_during, names, sandbox_names, shared_server_gone, text, wait_sandboxes_and_disks,
+    write_app,
+};
 use miren_vm_tests::{ChildGuard, TestAgent};
 use serde_json::Value;
 
 const PG: &str = "miren-postgresql";
-
-/// An agent that pulls through the test mirror, with postgres:17 already pulled; None (and
-/// the test skipped) without a mirror.
-fn pg_agent() -> Option<TestAgent> {
-    let mirror = miren_vm_tests::image_mirror()?;
-    let agent = TestAgent::builder()
-        .arg("--image-mirror")
-        .arg(&mirror)
-        .start();
-    agent.ok(&["image", "pull", "postgres:17"]);
-    Some(agent)
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-/// The app's addons as `addon list --json` shows them.
-fn addons(agent: &TestAgent, app: &str) -> Vec<Value> {
-    agent
-        .json(&["addon", "list", "-a", app, "--json"])
-        .as_array()
-        .expect("addon list is an array")
-        .clone()
-}
-
-/// The app's PostgreSQL addon status, None when it has none (deleted).
-fn pg_status(agent: &TestAgent, app: &str) -> Option<Value> {
-    addons(agent, app).into_iter().find(|a| a["name"] == PG)
-}
-
-/// `env list --reveal --json`: names to values.
-fn env(agent: &TestAgent, app: &str) -> BTreeMap<String, String> {
-    let v = agent.json(&["env", "list", "-a", app, "--json", "--reveal"]);
-    v.as_object()
-        .expect("env list is an object")
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_str().expect("string value").to_string()))
-        .collect()
-}
 
 fn database_url(agent: &TestAgent, app: &str) -> String {
     env(agent, app)
@@ -109,58 +68,15 @@ fn tenants(agent: &TestAgent) -> (BTreeSet<String>, BTreeSet<String>) {
     (set(&roles), set(&dbs))
 }
 
-fn names(list: &Value) -> BTreeSet<String> {
-    list.as_array()
-        .expect("an array")
-        .iter()
-        .map(|x| x["name"].as_str().expect("name").to_string())
-        .collect()
-}
-
-fn sandboxes(agent: &TestAgent) -> Value {
-    agent.json(&["sandbox", "list", "--json"])
-}
-
-fn sandbox_names(agent: &TestAgent) -> BTreeSet<String> {
-    names(&sandboxes(agent))
-}
-
-fn disk_names(agent: &TestAgent) -> BTreeSet<String> {
-    names(&agent.json(&["debug", "disk", "list", "--json"]))
-}
-
-fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        sleep(Duration::from_millis(50));
-    }
-}
-
-/// Writes `<dir>/.miren/app.toml`.
-fn write_app(dir: &Path, toml: &str) {
-    fs::create_dir_all(dir.join(".miren")).unwrap();
-    fs::write(dir.join(".miren/app.toml"), toml).unwrap();
-}
-
 /// An app whose `web` service is a postgres:17 container idling, so `psql` runs inside it.
 fn psql_app(name: &str, addon: Option<&str>) -> String {
-    let mut toml = format!(
-        "name = \"{name}\"\n\n[services.web]\nimage = \"postgres:17\"\ncommand = \"sleep infinity\"\n"
-    );
-    if let Some(variant) = addon {
-        toml.push_str(&format!("\n[addons.{PG}]\nvariant = \"{variant}\"\n"));
-    }
-    toml
-}
-
-fn deploy(agent: &TestAgent, dir: &Path) -> String {
-    agent.ok(&["deploy", "-C", dir.to_str().unwrap()])
-}
-
-/// Runs `sh -c script` in a sandbox; the output, whether it worked or not.
-fn exec_sh(agent: &TestAgent, sandbox: &str, script: &str) -> Output {
-    agent.cli(&["sandbox", "exec", sandbox, "--", "sh", "-c", script])
+    let settings = addon.map(|variant| format!("variant = \"{variant}\"\n"));
+    idle_app(
+        name,
+        "postgres:17",
+        "sleep infinity",
+        settings.as_deref().map(|s| (PG, s)),
+    )
 }
 
 /// Runs `sql` inside `sandbox` with the app's own `DATABASE_URL` (`psql -tA`).
@@ -191,37 +107,11 @@ fn eventually_queries(agent: &TestAgent, sandbox: &str, sql: &str, expected: &st
     }
 }
 
-/// Nothing of any addon or app is left: no sandbox, disk, loop device, mount, endpoint.
-fn assert_nothing_left(agent: &TestAgent) {
-    assert!(
-        sandbox_names(agent).is_empty(),
-        "sandboxes left: {}",
-        sandboxes(agent)
-    );
-    assert!(
-        disk_names(agent).is_empty(),
-        "disks left: {:?}",
-        disk_names(agent)
-    );
-    let endpoints = agent.json(&["debug", "net", "list", "--json"]);
-    assert!(
-        endpoints.as_array().unwrap().is_empty(),
-        "endpoints left: {endpoints}"
-    );
-    let loops = miren_disks::loops_under(&agent.images_dir()).unwrap();
-    assert!(loops.is_empty(), "loop devices left: {loops:?}");
-    agent.assert_converged();
-}
-
-fn shared_server_gone(agent: &TestAgent) {
-    wait_for("the shared server to go", Duration::from_secs(30), || {
-        !sandbox_names(agent).contains("addon-pg") && !disk_names(agent).contains("addon-pg")
-    });
-}
-
 #[test]
 fn small_variant_deploy_waits_for_the_addon_and_redeploy_and_destroy_remove_its_data() {
-    let Some(agent) = pg_agent() else { return };
+    let Some(agent) = agent_with_mirror(&["postgres:17"]) else {
+        return;
+    };
     let dir = agent.root.join("shop");
     let mut toml = psql_app("shop", Some("small"));
     toml.push_str(
@@ -245,7 +135,8 @@ fn small_variant_deploy_waits_for_the_addon_and_redeploy_and_destroy_remove_its_
         // Sandboxes first: an addon never goes back from active, so a service seen before
         // a not-yet-active addon was started too early.
         let running = sandbox_names(&agent);
-        let status = pg_status(&agent, "shop").map(|a| a["status"].as_str().unwrap().to_string());
+        let status =
+            addon_status(&agent, "shop", PG).map(|a| a["status"].as_str().unwrap().to_string());
         if matches!(status.as_deref(), None | Some("pending" | "provisioning")) {
             seen_unready += 1;
             assert!(
@@ -259,7 +150,7 @@ fn small_variant_deploy_waits_for_the_addon_and_redeploy_and_destroy_remove_its_
     let out = deploying.0.wait_with_output_ref();
     assert!(out.status.success(), "deploy failed: {}", text(&out));
     assert!(seen_unready > 0, "never saw the addon before it was active");
-    let addon = pg_status(&agent, "shop").expect("the addon");
+    let addon = addon_status(&agent, "shop", PG).expect("the addon");
     assert_eq!(addon["status"], "active", "{addon}");
     assert_eq!(addon["variant"], "small");
     assert_eq!(addon["version"], "17");
@@ -335,7 +226,7 @@ fn small_variant_deploy_waits_for_the_addon_and_redeploy_and_destroy_remove_its_
     write_app(&dir, &stripped);
     deploy(&agent, &dir);
     assert!(
-        pg_status(&agent, "shop").is_none(),
+        addon_status(&agent, "shop", PG).is_none(),
         "{:?}",
         addons(&agent, "shop")
     );
@@ -377,7 +268,7 @@ fn small_variant_deploy_waits_for_the_addon_and_redeploy_and_destroy_remove_its_
     // Destroy removes the data: disk gone, and a new addon starts empty.
     let destroyed = agent.ok(&["addon", "destroy", PG, "-a", "shop", "--yes"]);
     assert!(destroyed.contains("deleted"), "{destroyed}");
-    assert!(pg_status(&agent, "shop").is_none());
+    assert!(addon_status(&agent, "shop", PG).is_none());
     assert!(!disk_names(&agent).contains("addon-pg-shop"));
     assert!(!sandbox_names(&agent).contains("addon-pg-shop"));
     // destroying again is a no-op
@@ -397,7 +288,10 @@ fn small_variant_deploy_waits_for_the_addon_and_redeploy_and_destroy_remove_its_
     assert!(deleted.contains("shop-files"), "{deleted}");
     assert!(!sandbox_names(&agent).contains("shop-web"));
     assert!(disk_names(&agent).contains("shop-files"));
-    assert_eq!(pg_status(&agent, "shop").unwrap()["status"], "active");
+    assert_eq!(
+        addon_status(&agent, "shop", PG).unwrap()["status"],
+        "active"
+    );
     psql_ok(&url, "select 1");
     assert!(names(&agent.json(&["app", "list", "--json"])).is_empty());
     agent.fails(&["app", "status", "shop"]);
@@ -435,7 +329,9 @@ impl WaitRef for Child {
 
 #[test]
 fn shared_variant_isolates_apps_and_versions_are_checked() {
-    let Some(agent) = pg_agent() else { return };
+    let Some(agent) = agent_with_mirror(&["postgres:17"]) else {
+        return;
+    };
     // alice by hand, bob by a deploy whose service can run psql.
     let out = agent.ok(&["addon", "create", &format!("{PG}:shared"), "-a", "alice"]);
     assert!(out.contains("active"), "{out}");
@@ -491,12 +387,12 @@ fn shared_variant_isolates_apps_and_versions_are_checked() {
         "15",
     ]);
     assert!(err.contains("postgres:17") && err.contains("15"), "{err}");
-    assert!(pg_status(&agent, "carol").is_none());
+    assert!(addon_status(&agent, "carol", PG).is_none());
     let err = agent.fails(&["addon", "create", PG, "-a", "carol", "--version", "13"]);
     for v in ["14", "15", "16", "17", "18"] {
         assert!(err.contains(v), "{v} missing from {err}");
     }
-    assert!(pg_status(&agent, "carol").is_none());
+    assert!(addon_status(&agent, "carol", PG).is_none());
     let same = agent.ok(&[
         "addon",
         "create",
@@ -605,7 +501,7 @@ fn shared_variant_isolates_apps_and_versions_are_checked() {
         "docker.io/library/no-such-postgres:1",
     ]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-    let failed = pg_status(&agent, "erin").expect("the failed addon");
+    let failed = addon_status(&agent, "erin", PG).expect("the failed addon");
     assert_eq!(failed["status"], "error", "{failed}");
     assert!(
         failed["reason"]
@@ -616,7 +512,7 @@ fn shared_variant_isolates_apps_and_versions_are_checked() {
     assert!(!sandbox_names(&agent).contains("addon-pg-erin"));
     assert!(!disk_names(&agent).contains("addon-pg-erin"));
     agent.ok(&["addon", "destroy", PG, "-a", "erin", "--yes"]);
-    assert!(pg_status(&agent, "erin").is_none());
+    assert!(addon_status(&agent, "erin", PG).is_none());
 
     for app in ["alice", "bob", "carol", "outsider"] {
         assert!(
@@ -625,7 +521,7 @@ fn shared_variant_isolates_apps_and_versions_are_checked() {
         );
         agent.ok(&["addon", "destroy", PG, "-a", app, "--yes"]);
     }
-    shared_server_gone(&agent);
+    shared_server_gone(&agent, "addon-pg");
     agent.ok(&["addon", "destroy", PG, "-a", "dave", "--yes"]);
     agent.ok(&["app", "delete", "bob"]);
     agent.ok(&["app", "delete", "outsider"]);
@@ -672,7 +568,7 @@ fn assert_shared_members(agent: &TestAgent, members: &[&str]) {
     let mut dbs = BTreeSet::new();
     let mut urls = Vec::new();
     for app in members {
-        let addon = pg_status(agent, app).unwrap_or_else(|| panic!("{app} lost its addon"));
+        let addon = addon_status(agent, app, PG).unwrap_or_else(|| panic!("{app} lost its addon"));
         assert_eq!(addon["status"], "active", "{addon}");
         let vars = env(agent, app);
         let url = vars["DATABASE_URL"].clone();
@@ -724,7 +620,9 @@ fn assert_shared_members(agent: &TestAgent, members: &[&str]) {
 
 #[test]
 fn concurrent_creates_and_destroys_on_the_shared_server() {
-    let Some(agent) = pg_agent() else { return };
+    let Some(agent) = agent_with_mirror(&["postgres:17"]) else {
+        return;
+    };
     let apps: Vec<String> = (0..9).map(|i| format!("conc{i}")).collect();
     // Six at once, one of which creates the server while the others wait for it.
     let outs = all_at_once(
@@ -749,7 +647,7 @@ fn concurrent_creates_and_destroys_on_the_shared_server() {
     }
     for app in &apps[..3] {
         assert!(
-            pg_status(&agent, app).is_none(),
+            addon_status(&agent, app, PG).is_none(),
             "{app} still has its addon"
         );
     }
@@ -771,12 +669,12 @@ fn concurrent_creates_and_destroys_on_the_shared_server() {
     for out in &outs {
         assert!(out.status.success(), "{}", text(out));
     }
-    assert!(pg_status(&agent, "late").is_none());
+    assert!(addon_status(&agent, "late", PG).is_none());
     assert_shared_members(&agent, &["later"]);
 
     // Three creates racing on an absent server, then all three destroyed at once.
     agent.ok(&["addon", "destroy", PG, "-a", "later", "--yes"]);
-    shared_server_gone(&agent);
+    shared_server_gone(&agent, "addon-pg");
     let trio = ["tri0", "tri1", "tri2"];
     let outs = all_at_once(&agent, &trio.map(create_shared));
     for out in &outs {
@@ -788,9 +686,9 @@ fn concurrent_creates_and_destroys_on_the_shared_server() {
         assert!(out.status.success(), "{}", text(out));
     }
     for app in trio {
-        assert!(pg_status(&agent, app).is_none());
+        assert!(addon_status(&agent, app, PG).is_none());
     }
-    shared_server_gone(&agent);
+    shared_server_gone(&agent, "addon-pg");
     assert_nothing_left(&agent);
 }
 
@@ -807,31 +705,14 @@ fn addon_args(op: &str, variant: &str, app: &str) -> Vec<String> {
 /// (dropped from `known`), and the node has exactly the resources the survivors need.
 fn converged(agent: &TestAgent, known: &mut BTreeMap<String, String>, context: &str) {
     let deadline = Instant::now() + Duration::from_secs(120);
-    for app in known.keys().cloned().collect::<Vec<_>>() {
-        loop {
-            match pg_status(agent, &app) {
-                None => {
-                    known.remove(&app);
-                    break;
-                }
-                Some(a) if a["status"] == "active" => break,
-                Some(a)
-                    if a["status"] == "error"
-                        || a["reason"]
-                            .as_str()
-                            .is_some_and(|r| r.contains("removal failed")) =>
-                {
-                    panic!("{context}: {app} ended in error: {a}\n{}", agent.log_text())
-                }
-                Some(a) => assert!(
-                    Instant::now() < deadline,
-                    "{context}: {app} stuck: {a}\n{}",
-                    agent.log_text()
-                ),
-            }
-            sleep(Duration::from_millis(50));
-        }
-    }
+    let poll = Duration::from_millis(50);
+    let failed = |a: &Value| {
+        errored(a)
+            || a["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("removal failed"))
+    };
+    known.retain(|app, _| active_or_gone(agent, PG, app, deadline, poll, context, failed));
     let mut expected: BTreeSet<String> = known
         .iter()
         .filter(|(_, v)| *v == "small")
@@ -846,39 +727,12 @@ fn converged(agent: &TestAgent, known: &mut BTreeMap<String, String>, context: &
         expected.insert("addon-pg".into());
     }
     // A shared server's removal finishes after its last member's row is gone.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let (s, d) = (sandbox_names(agent), disk_names(agent));
-        if s == expected && d == expected {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{context}: sandboxes {s:?} and disks {d:?}, expected {expected:?}"
-        );
-        sleep(Duration::from_millis(50));
-    }
-    let list = sandboxes(agent);
-    let ids: BTreeSet<String> = list
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| {
-            assert_eq!(s["state"], "running", "{context}: {s}");
-            s["id"].as_str().unwrap().to_string()
-        })
-        .collect();
-    let endpoints = agent.json(&["debug", "net", "list", "--json"]);
-    let endpoints = endpoints.as_array().unwrap();
-    let owners: BTreeSet<String> = endpoints
-        .iter()
-        .map(|e| e["owner"].as_str().unwrap().to_string())
-        .collect();
+    wait_sandboxes_and_disks(agent, &expected, &expected, poll, context);
+    let endpoints = assert_running_with_their_endpoints(agent, context);
     let ips: BTreeSet<&str> = endpoints
         .iter()
         .map(|e| e["ip"].as_str().unwrap())
         .collect();
-    assert_eq!(owners, ids, "{context}: endpoints are not the sandboxes'");
     assert_eq!(ips.len(), endpoints.len(), "{context}: an address twice");
     agent.assert_converged();
     let mut users = BTreeSet::new();
@@ -900,24 +754,11 @@ fn converged(agent: &TestAgent, known: &mut BTreeMap<String, String>, context: &
     }
 }
 
-/// Issues the command, kills the agent `delay` later, waits for the client to notice, and
-/// starts the agent again on the same data dir.
-fn kill_during(agent: &mut TestAgent, args: &[String], delay: Duration) {
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut client = ChildGuard(agent.spawn_cli(&args));
-    sleep(delay);
-    agent.kill9();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while client.0.try_wait().unwrap().is_none() && Instant::now() < deadline {
-        sleep(Duration::from_millis(10));
-    }
-    drop(client);
-    agent.spawn();
-}
-
 #[test]
 fn kill_9_during_creates_and_destroys_converges_and_leaves_nothing() {
-    let Some(mut agent) = pg_agent() else { return };
+    let Some(mut agent) = agent_with_mirror(&["postgres:17"]) else {
+        return;
+    };
     let started = Instant::now();
     let delays_ms = [
         0, 20, 50, 100, 200, 400, 700, 1000, 1500, 2000, 3000, 10, 35, 75, 150, 300, 550, 850,
@@ -988,17 +829,19 @@ fn kill_9_during_creates_and_destroys_converges_and_leaves_nothing() {
 /// the service starts only once the addon is active, with its variables.
 #[test]
 fn a_deploy_killed_while_its_addon_provisions_is_finished_after_restart() {
-    let Some(mut agent) = pg_agent() else { return };
+    let Some(mut agent) = agent_with_mirror(&["postgres:17"]) else {
+        return;
+    };
     let dir = agent.root.join("cut");
     write_app(&dir, &psql_app("cut", Some("small")));
     let args = ["deploy", "-C", dir.to_str().unwrap()].map(String::from);
     kill_during(&mut agent, &args, Duration::from_millis(1500));
-    let status = pg_status(&agent, "cut").expect("the deploy recorded the addon");
+    let status = addon_status(&agent, "cut", PG).expect("the deploy recorded the addon");
     assert_ne!(status["status"], "error", "{status}");
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let running = sandbox_names(&agent).contains("cut-web");
-        let addon = pg_status(&agent, "cut").expect("the addon");
+        let addon = addon_status(&agent, "cut", PG).expect("the addon");
         if running {
             assert_eq!(addon["status"], "active", "service started first: {addon}");
             break;
@@ -1032,7 +875,9 @@ fn a_deploy_killed_while_its_addon_provisions_is_finished_after_restart() {
 
 #[test]
 fn an_app_and_its_addon_come_back_after_a_host_restart_with_their_data() {
-    let Some(mut agent) = pg_agent() else { return };
+    let Some(mut agent) = agent_with_mirror(&["postgres:17"]) else {
+        return;
+    };
     let dir = agent.root.join("boot");
     write_app(&dir, &psql_app("boot", Some("shared")));
     deploy(&agent, &dir);
@@ -1059,7 +904,7 @@ fn an_app_and_its_addon_come_back_after_a_host_restart_with_their_data() {
         "running"
     );
     assert_eq!(
-        pg_status(&agent, "boot").expect("addon")["status"],
+        addon_status(&agent, "boot", PG).expect("addon")["status"],
         "active"
     );
     let server = agent.json(&["sandbox", "status", "addon-pg", "--json"]);
@@ -1070,13 +915,15 @@ fn an_app_and_its_addon_come_back_after_a_host_restart_with_their_data() {
 
     agent.ok(&["app", "delete", "boot"]);
     agent.ok(&["addon", "destroy", PG, "-a", "boot", "--yes"]);
-    shared_server_gone(&agent);
+    shared_server_gone(&agent, "addon-pg");
     assert_nothing_left(&agent);
 }
 
 #[test]
 fn an_addon_made_without_waiting_reaches_the_running_app_by_itself() {
-    let Some(agent) = pg_agent() else { return };
+    let Some(agent) = agent_with_mirror(&["postgres:17"]) else {
+        return;
+    };
     let dir = agent.root.join("later");
     write_app(&dir, &psql_app("later", None));
     deploy(&agent, &dir);
@@ -1095,12 +942,12 @@ fn an_addon_made_without_waiting_reaches_the_running_app_by_itself() {
     let after = agent.json(&["sandbox", "status", "later-web", "--json"]);
     assert_ne!(after["id"], before["id"], "restarted as a new sandbox");
     assert_eq!(
-        pg_status(&agent, "later").expect("addon")["status"],
+        addon_status(&agent, "later", PG).expect("addon")["status"],
         "active"
     );
 
     agent.ok(&["app", "delete", "later"]);
     agent.ok(&["addon", "destroy", PG, "-a", "later", "--yes"]);
-    shared_server_gone(&agent);
+    shared_server_gone(&agent, "addon-pg");
     assert_nothing_left(&agent);
 }

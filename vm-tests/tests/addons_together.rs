@@ -7,12 +7,11 @@
 //! MIREN_IMAGE_MIRROR is set (scripts/test sets it).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs;
 use std::path::Path;
-use std::process::Output;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
+use miren_vm_tests::addons::{agent_with_mirror, assert_nothing_left, env, names, text, write_app};
 use miren_vm_tests::TestAgent;
 use serde_json::Value;
 
@@ -43,50 +42,8 @@ const FOUR_KINDS_VARIABLES: [&str; 23] = [
     "RABBITMQ_VHOST",
 ];
 
-fn agent() -> Option<TestAgent> {
-    let mirror = miren_vm_tests::image_mirror()?;
-    Some(
-        TestAgent::builder()
-            .arg("--image-mirror")
-            .arg(&mirror)
-            .start(),
-    )
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-fn write_app(dir: &Path, toml: &str) {
-    fs::create_dir_all(dir.join(".miren")).unwrap();
-    fs::write(dir.join(".miren/app.toml"), toml).unwrap();
-}
-
-fn names(list: &Value) -> BTreeSet<String> {
-    list.as_array()
-        .expect("a list")
-        .iter()
-        .map(|v| v["name"].as_str().unwrap_or_default().to_string())
-        .collect()
-}
-
 fn addon_names(agent: &TestAgent, app: &str) -> BTreeSet<String> {
     names(&agent.json(&["addon", "list", "-a", app, "--json"]))
-}
-
-/// `env list --reveal --json`: names to values.
-fn env(agent: &TestAgent, app: &str) -> BTreeMap<String, String> {
-    let v = agent.json(&["env", "list", "-a", app, "--json", "--reveal"]);
-    v.as_object()
-        .expect("env list is an object")
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
-        .collect()
 }
 
 /// The environment a process in `sandbox` gets, as `env` prints it there.
@@ -98,22 +55,6 @@ fn sandbox_env(agent: &TestAgent, sandbox: &str) -> BTreeMap<String, String> {
         .collect()
 }
 
-/// Nothing of any addon or app is left: no sandbox, disk, endpoint or loop device.
-fn assert_nothing_left(agent: &TestAgent) {
-    let sandboxes = agent.json(&["sandbox", "list", "--json"]);
-    assert!(names(&sandboxes).is_empty(), "sandboxes left: {sandboxes}");
-    let disks = names(&agent.json(&["debug", "disk", "list", "--json"]));
-    assert!(disks.is_empty(), "disks left: {disks:?}");
-    let endpoints = agent.json(&["debug", "net", "list", "--json"]);
-    assert!(
-        endpoints.as_array().unwrap().is_empty(),
-        "endpoints left: {endpoints}"
-    );
-    let loops = miren_disks::loops_under(&agent.images_dir()).unwrap();
-    assert!(loops.is_empty(), "loop devices left: {loops:?}");
-    agent.assert_converged();
-}
-
 fn destroy_all(agent: &TestAgent, app: &str, kinds: &[&str]) {
     agent.ok(&["app", "delete", app]);
     for kind in kinds {
@@ -123,7 +64,9 @@ fn destroy_all(agent: &TestAgent, app: &str, kinds: &[&str]) {
 
 #[test]
 fn four_addons_on_one_app_give_every_service_all_23_variables() {
-    let Some(agent) = agent() else { return };
+    let Some(agent) = agent_with_mirror(&[]) else {
+        return;
+    };
     let dir = agent.root.join("many");
     write_app(
         &dir,
@@ -181,7 +124,9 @@ fn four_addons_on_one_app_give_every_service_all_23_variables() {
 
 #[test]
 fn postgres_and_mysql_on_one_app_are_refused_naming_both_and_nothing_is_made() {
-    let Some(agent) = agent() else { return };
+    let Some(agent) = agent_with_mirror(&[]) else {
+        return;
+    };
     let dir = agent.root.join("clash");
     write_app(
         &dir,
@@ -257,7 +202,9 @@ fn http_get(port: u16) -> String {
 
 #[test]
 fn the_orders_example_uses_mysql_valkey_and_rabbitmq_together() {
-    let Some(agent) = agent() else { return };
+    let Some(agent) = agent_with_mirror(&[]) else {
+        return;
+    };
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/python-orders");
     let port = miren_vm_tests::free_port();
     let out = agent.ok(&[
