@@ -243,7 +243,9 @@ fn the_orders_example_uses_mysql_valkey_and_rabbitmq_together() {
 
 #[test]
 fn a_redeploy_may_swap_postgres_for_mysql() {
-    let Some(agent) = agent() else { return };
+    let Some(agent) = agent_with_mirror(&[]) else {
+        return;
+    };
     let dir = agent.root.join("swap");
     let app = |addon: &str| {
         format!(
