@@ -1,4 +1,5 @@
-//! Names: the app/service/disk rule, and PostgreSQL role/database names derived from app names.
+//! Names: the app/service/disk rule, and the PostgreSQL and MySQL user and database names
+//! derived from app names.
 
 /// Longest app, service or disk name (a DNS label, so it can become a hostname or a path).
 pub const MAX_NAME_LEN: usize = miren_sys::name::MAX_NAME_LEN;
@@ -103,55 +104,88 @@ impl PgIdentifiers {
     }
 }
 
-fn is_clean(name: &str) -> bool {
-    name.len() <= MAX_PG_IDENT_LEN
-        && name.chars().next().is_some_and(|c| c.is_ascii_lowercase())
-        && name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
-        && !RESERVED_PG_NAMES.contains(&name)
-}
-
 fn pg_identifier(app_name: &str) -> String {
-    if is_clean(app_name) {
-        return app_name.to_string();
-    }
-    let mut base: String = app_name
-        .chars()
-        .map(|c| {
-            let c = c.to_ascii_lowercase();
-            if c.is_ascii_lowercase() || c.is_ascii_digit() {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    // PostgreSQL reserves role names starting with `pg_`.
-    if !base.starts_with(|c: char| c.is_ascii_lowercase()) || base.starts_with("pg_") {
-        base.insert_str(0, "app_");
-    }
-    let suffix = format!(
-        "_{:08x}",
-        miren_sys::fnv::fnv1a64(app_name.as_bytes()) as u32
-    );
-    // Every char is ASCII here, so byte truncation stays on a char boundary.
-    base.truncate(MAX_PG_IDENT_LEN - suffix.len());
-    base.push_str(&suffix);
-    base
+    PG_RULE.derive(app_name)
 }
 
 /// True for a valid identifier as this crate produces them; used by tests and callers that
 /// want to check a stored name before putting it in SQL.
 pub fn is_valid_pg_identifier(ident: &str) -> bool {
-    !ident.is_empty()
-        && ident.len() <= MAX_PG_IDENT_LEN
-        && ident.starts_with(|c: char| c.is_ascii_lowercase())
-        && ident
+    PG_RULE.is_valid(ident)
+}
+
+/// How a server's user and database names are derived from app names: the same algorithm
+/// for every server, within its length limit and around its reserved names.
+struct IdentRule {
+    max_len: usize,
+    reserved: &'static [&'static str],
+    /// A prefix the server keeps for itself (PostgreSQL's `pg_`).
+    reserved_prefix: Option<&'static str>,
+}
+
+const PG_RULE: IdentRule = IdentRule {
+    max_len: MAX_PG_IDENT_LEN,
+    reserved: RESERVED_PG_NAMES,
+    reserved_prefix: Some("pg_"),
+};
+
+const MYSQL_RULE: IdentRule = IdentRule {
+    max_len: MAX_MYSQL_USER_LEN,
+    reserved: RESERVED_MYSQL_NAMES,
+    reserved_prefix: None,
+};
+
+impl IdentRule {
+    /// `^[a-z][a-z0-9]*$`, within the limit and not reserved: used as is.
+    fn is_clean(&self, name: &str) -> bool {
+        name.len() <= self.max_len
+            && name.starts_with(|c: char| c.is_ascii_lowercase())
+            && name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+            && !self.reserved.contains(&name)
+    }
+
+    fn derive(&self, app_name: &str) -> String {
+        if self.is_clean(app_name) {
+            return app_name.to_string();
+        }
+        let mut base: String = app_name
             .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
-        && !RESERVED_PG_NAMES.contains(&ident)
-        && !ident.starts_with("pg_")
+            .map(|c| {
+                let c = c.to_ascii_lowercase();
+                if c.is_ascii_lowercase() || c.is_ascii_digit() {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        if !base.starts_with(|c: char| c.is_ascii_lowercase())
+            || self.reserved_prefix.is_some_and(|p| base.starts_with(p))
+        {
+            base.insert_str(0, "app_");
+        }
+        let suffix = format!(
+            "_{:08x}",
+            miren_sys::fnv::fnv1a64(app_name.as_bytes()) as u32
+        );
+        // Every char is ASCII here, so byte truncation stays on a char boundary.
+        base.truncate(self.max_len - suffix.len());
+        base.push_str(&suffix);
+        base
+    }
+
+    fn is_valid(&self, ident: &str) -> bool {
+        !ident.is_empty()
+            && ident.len() <= self.max_len
+            && ident.starts_with(|c: char| c.is_ascii_lowercase())
+            && ident
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+            && !self.reserved.contains(&ident)
+            && !self.reserved_prefix.is_some_and(|p| ident.starts_with(p))
+    }
 }
 
 /// MySQL caps user names at 32 characters (MariaDB at 80): we stay within MySQL's.
@@ -198,48 +232,12 @@ impl MysqlIdentifiers {
 }
 
 fn mysql_identifier(app_name: &str) -> String {
-    let clean = app_name.len() <= MAX_MYSQL_USER_LEN
-        && app_name.starts_with(|c: char| c.is_ascii_lowercase())
-        && app_name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
-        && !RESERVED_MYSQL_NAMES.contains(&app_name);
-    if clean {
-        return app_name.to_string();
-    }
-    let mut base: String = app_name
-        .chars()
-        .map(|c| {
-            let c = c.to_ascii_lowercase();
-            if c.is_ascii_lowercase() || c.is_ascii_digit() {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    if !base.starts_with(|c: char| c.is_ascii_lowercase()) {
-        base.insert_str(0, "app_");
-    }
-    let suffix = format!(
-        "_{:08x}",
-        miren_sys::fnv::fnv1a64(app_name.as_bytes()) as u32
-    );
-    // Every char is ASCII here, so byte truncation stays on a char boundary.
-    base.truncate(MAX_MYSQL_USER_LEN - suffix.len());
-    base.push_str(&suffix);
-    base
+    MYSQL_RULE.derive(app_name)
 }
 
 /// True for a MySQL user or database name as this crate produces them.
 pub fn is_valid_mysql_identifier(ident: &str) -> bool {
-    !ident.is_empty()
-        && ident.len() <= MAX_MYSQL_USER_LEN
-        && ident.starts_with(|c: char| c.is_ascii_lowercase())
-        && ident
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
-        && !RESERVED_MYSQL_NAMES.contains(&ident)
+    MYSQL_RULE.is_valid(ident)
 }
 
 #[cfg(test)]
