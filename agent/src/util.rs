@@ -61,3 +61,16 @@ impl KeyedLocks {
         self.0.lock().unwrap_or_else(|p| p.into_inner()).remove(key);
     }
 }
+
+/// An error's text followed by each of its sources' (`a: b: c`): client crates put the
+/// useful part (a refused connection, the server's reply) in a source.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}

@@ -310,16 +310,7 @@ async fn tenant_exists(conn: &mut Conn, tenant: &Credentials) -> Result<bool, my
 pub fn describe(err: &mysql_async::Error) -> String {
     match err {
         mysql_async::Error::Server(e) => format!("ERROR {} ({}): {}", e.code, e.state, e.message),
-        other => {
-            let mut text = other.to_string();
-            let mut source = std::error::Error::source(other);
-            while let Some(s) = source {
-                text.push_str(": ");
-                text.push_str(&s.to_string());
-                source = s.source();
-            }
-            text
-        }
+        other => crate::util::error_chain(other),
     }
 }
 

@@ -176,14 +176,7 @@ impl ServerConnection for Session {
 
 /// An error's text with its sources (refused connections, the broker's reply text).
 fn describe(err: &lapin::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = std::error::Error::source(err);
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
+    crate::util::error_chain(err)
 }
 
 #[cfg(test)]

@@ -171,14 +171,7 @@ fn unexpected(what: &str, got: &str) -> redis::RedisError {
 
 /// An error's text with its causes.
 fn describe(err: &redis::RedisError) -> String {
-    let mut text = err.to_string();
-    let mut source = std::error::Error::source(err);
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
+    crate::util::error_chain(err)
 }
 
 /// A session with an app's Valkey server (dedicated only: no tenants). The connection that
