@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use miren_addons::{AddonKind, Credentials, EnvVar, Variant};
 
-use super::provider::{AddonProvider, BoxFuture, ServerConnection, ServerSpec};
+use super::provider::{AddonProvider, BoxFuture, DedicatedSession, ServerConnection, ServerSpec};
 use crate::core::error::Error;
 
 pub const PORT: u16 = 11211;
@@ -75,7 +75,7 @@ impl AddonProvider for Memcache {
     ) -> BoxFuture<'a, Result<Box<dyn ServerConnection>, String>> {
         Box::pin(async move {
             version(host).await?;
-            Ok(Box::new(Session) as Box<dyn ServerConnection>)
+            Ok(DedicatedSession::boxed("Memcached", ()))
         })
     }
 }
@@ -102,26 +102,6 @@ pub async fn version(host: Ipv4Addr) -> Result<String, String> {
     match tokio::time::timeout(TIMEOUT, check).await {
         Ok(answer) => answer,
         Err(_) => Err(format!("no answer within {}s", TIMEOUT.as_secs())),
-    }
-}
-
-/// Memcached servers are dedicated: no tenants.
-struct Session;
-
-impl ServerConnection for Session {
-    fn ensure_tenant<'a>(&'a self, _tenant: &'a Credentials) -> BoxFuture<'a, Result<(), String>> {
-        Box::pin(async { Err("Memcached servers are dedicated: they have no tenants".into()) })
-    }
-
-    fn drop_tenant<'a>(&'a self, _tenant: &'a Credentials) -> BoxFuture<'a, Result<(), String>> {
-        Box::pin(async { Err("Memcached servers are dedicated: they have no tenants".into()) })
-    }
-
-    fn tenant_exists<'a>(
-        &'a self,
-        _tenant: &'a Credentials,
-    ) -> BoxFuture<'a, Result<bool, String>> {
-        Box::pin(async { Ok(false) })
     }
 }
 

@@ -108,6 +108,50 @@ pub trait ServerConnection: Send + Sync {
     fn tenant_exists<'a>(&'a self, tenant: &'a Credentials) -> BoxFuture<'a, Result<bool, String>>;
 }
 
+/// A session with a server that belongs to one app (Valkey, Memcached, RabbitMQ): it holds
+/// the connection that passed the readiness check for as long as the driver keeps it, and
+/// has no tenants.
+pub struct DedicatedSession<C> {
+    display_name: &'static str,
+    _conn: C,
+}
+
+impl<C: Send + Sync> DedicatedSession<C> {
+    pub fn boxed(display_name: &'static str, conn: C) -> Box<dyn ServerConnection>
+    where
+        C: 'static,
+    {
+        Box::new(DedicatedSession {
+            display_name,
+            _conn: conn,
+        })
+    }
+
+    fn no_tenants(&self) -> String {
+        format!(
+            "{} servers are dedicated: they have no tenants",
+            self.display_name
+        )
+    }
+}
+
+impl<C: Send + Sync> ServerConnection for DedicatedSession<C> {
+    fn ensure_tenant<'a>(&'a self, _tenant: &'a Credentials) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move { Err(self.no_tenants()) })
+    }
+
+    fn drop_tenant<'a>(&'a self, _tenant: &'a Credentials) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move { Err(self.no_tenants()) })
+    }
+
+    fn tenant_exists<'a>(
+        &'a self,
+        _tenant: &'a Credentials,
+    ) -> BoxFuture<'a, Result<bool, String>> {
+        Box::pin(async { Ok(false) })
+    }
+}
+
 /// The providers this build has, one per catalogue entry.
 pub fn builtin() -> Vec<Arc<dyn AddonProvider>> {
     vec![

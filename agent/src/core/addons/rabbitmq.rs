@@ -12,7 +12,9 @@ use lapin::uri::{AMQPAuthority, AMQPQueryString, AMQPScheme, AMQPUri, AMQPUserIn
 use lapin::{Connection, ConnectionProperties};
 use miren_addons::{AddonKind, Credentials, EnvVar, Variant};
 
-use super::provider::{AddonProvider, BoxFuture, DataDisk, ServerConnection, ServerSpec};
+use super::provider::{
+    AddonProvider, BoxFuture, DataDisk, DedicatedSession, ServerConnection, ServerSpec,
+};
 use crate::core::error::Error;
 
 pub const PORT: u16 = 5672;
@@ -104,7 +106,7 @@ impl AddonProvider for Rabbitmq {
                 .await
                 .map_err(|_| format!("no AMQP answer within {}s", ATTEMPT_TIMEOUT.as_secs()))?
                 .map_err(|e| describe(&e))?;
-            Ok(Box::new(Session { _conn: session }) as Box<dyn ServerConnection>)
+            Ok(DedicatedSession::boxed("RabbitMQ", session))
         })
     }
 }
@@ -148,30 +150,6 @@ async fn probe(host: Ipv4Addr, login: &Credentials) -> Result<Connection, lapin:
     // The channel is done; the connection is the session the driver keeps for a moment.
     let _ = channel.close(200, "probe done".into()).await;
     Ok(conn)
-}
-
-/// A logged-in AMQP session (lapin closes it when dropped). RabbitMQ has no shared variant,
-/// so there are no tenants.
-struct Session {
-    /// Held, not used: the session lasts as long as the driver keeps it.
-    _conn: Connection,
-}
-
-impl ServerConnection for Session {
-    fn ensure_tenant<'a>(&'a self, _tenant: &'a Credentials) -> BoxFuture<'a, Result<(), String>> {
-        Box::pin(async { Err("RabbitMQ has no shared variant".to_string()) })
-    }
-
-    fn drop_tenant<'a>(&'a self, _tenant: &'a Credentials) -> BoxFuture<'a, Result<(), String>> {
-        Box::pin(async { Err("RabbitMQ has no shared variant".to_string()) })
-    }
-
-    fn tenant_exists<'a>(
-        &'a self,
-        _tenant: &'a Credentials,
-    ) -> BoxFuture<'a, Result<bool, String>> {
-        Box::pin(async { Err("RabbitMQ has no shared variant".to_string()) })
-    }
 }
 
 /// An error's text with its sources (refused connections, the broker's reply text).

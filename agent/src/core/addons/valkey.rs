@@ -9,7 +9,9 @@ use miren_addons::{AddonKind, Credentials, EnvVar, Variant};
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo};
 
-use super::provider::{AddonProvider, BoxFuture, DataDisk, ServerConnection, ServerSpec};
+use super::provider::{
+    AddonProvider, BoxFuture, DataDisk, DedicatedSession, ServerConnection, ServerSpec,
+};
 use crate::core::error::Error;
 
 pub const PORT: u16 = 6379;
@@ -111,7 +113,7 @@ impl AddonProvider for Valkey {
             let conn = probe(host, &login.password)
                 .await
                 .map_err(|e| describe(&e))?;
-            Ok(Box::new(Session { _conn: conn }) as Box<dyn ServerConnection>)
+            Ok(DedicatedSession::boxed("Valkey", conn))
         })
     }
 }
@@ -172,29 +174,6 @@ fn unexpected(what: &str, got: &str) -> redis::RedisError {
 /// An error's text with its causes.
 fn describe(err: &redis::RedisError) -> String {
     crate::util::error_chain(err)
-}
-
-/// A session with an app's Valkey server (dedicated only: no tenants). The connection that
-/// passed the readiness check is kept for as long as the driver holds the session.
-struct Session {
-    _conn: MultiplexedConnection,
-}
-
-impl ServerConnection for Session {
-    fn ensure_tenant<'a>(&'a self, _tenant: &'a Credentials) -> BoxFuture<'a, Result<(), String>> {
-        Box::pin(async { Err("Valkey servers are dedicated: they have no tenants".into()) })
-    }
-
-    fn drop_tenant<'a>(&'a self, _tenant: &'a Credentials) -> BoxFuture<'a, Result<(), String>> {
-        Box::pin(async { Err("Valkey servers are dedicated: they have no tenants".into()) })
-    }
-
-    fn tenant_exists<'a>(
-        &'a self,
-        _tenant: &'a Credentials,
-    ) -> BoxFuture<'a, Result<bool, String>> {
-        Box::pin(async { Ok(false) })
-    }
 }
 
 #[cfg(test)]
