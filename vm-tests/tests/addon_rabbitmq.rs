@@ -96,13 +96,18 @@ fn consume_one(agent: &TestAgent, sandbox: &str, url: &str, queue: &str) -> Resu
 /// (a server still booting is waited for).
 fn drain(agent: &TestAgent, sandbox: &str, url: &str, queue: &str) -> BTreeSet<String> {
     let mut got = BTreeSet::new();
-    for _ in 0..20 {
+    let mut last = String::new();
+    // A deadline, not a count: a broker still starting after a host restart refuses for a
+    // while, and each refusal must not use up the tries the messages need.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while Instant::now() < deadline {
         let out = exec_sh(
             agent,
             sandbox,
             &format!("timeout 20 amqp-get --url \"{url}\" -q {queue}; echo \" rc=$?\""),
         );
         let said = String::from_utf8_lossy(&out.stdout).to_string();
+        last = text(&out);
         match said.trim().rsplit_once("rc=") {
             Some((body, "0")) => {
                 got.insert(body.trim().to_string());
@@ -112,7 +117,7 @@ fn drain(agent: &TestAgent, sandbox: &str, url: &str, queue: &str) -> BTreeSet<S
             _ => panic!("amqp-get from {queue}: {}", text(&out)),
         }
     }
-    panic!("{queue} never emptied: {got:?}");
+    panic!("{queue} never emptied: {got:?}; the last amqp-get: {last}");
 }
 
 fn set(items: &[&str]) -> BTreeSet<String> {
