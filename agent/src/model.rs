@@ -442,6 +442,40 @@ pub struct AddonDestroyed {
     pub deleted: bool,
 }
 
+/// Which credential a rotation replaces.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum CredentialKind {
+    /// The app's login (what its variables carry).
+    #[default]
+    User,
+    /// The server's administrator.
+    Root,
+}
+
+/// `POST /v1/apps/{app}/addons/{addon}/rotate`: new credentials for an addon.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RotateAddon {
+    #[serde(default)]
+    pub credential: CredentialKind,
+}
+
+/// A finished credential rotation.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AddonRotated {
+    pub name: String,
+    pub app: String,
+    pub credential: CredentialKind,
+    /// The login the app's services now use.
+    pub user: String,
+    /// The login that can no longer log in.
+    pub previous_user: String,
+    /// True when this finished a rotation begun earlier (a failed request, a stopped agent)
+    /// instead of starting a new one.
+    pub resumed: bool,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct AddonVariantInfo {
     pub name: String,

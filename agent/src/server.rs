@@ -141,6 +141,9 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     // Addons and deploys a previous agent left mid-way continue in the background.
     addons.resume().context("resuming addons")?;
     apps.resume().context("resuming deploys")?;
+    addons_of_apps
+        .resume_rotations()
+        .context("resuming credential rotations")?;
     let app = api::router(state);
 
     let reclaimer = tokio::spawn(reclaim_periodically(

@@ -6,7 +6,9 @@ use axum::Json;
 
 use super::{blocking, detached, AppState, Body, PathParam};
 use crate::core::error::Error;
-use crate::model::{Addon, AddonCatalogEntry, AddonDestroyed, CreateAddon, ErrorBody};
+use crate::model::{
+    Addon, AddonCatalogEntry, AddonDestroyed, AddonRotated, CreateAddon, ErrorBody, RotateAddon,
+};
 
 #[utoipa::path(get, path = "/v1/addons/catalog", tag = "addons",
     responses((status = 200, description = "Every addon this agent offers, with variants and versions", body = [crate::model::AddonCatalogEntry])))]
@@ -62,4 +64,26 @@ pub(super) async fn destroy_addon(
     detached(async move { state.addons_of_apps.destroy(&app, &addon).await })
         .await
         .map(Json)
+}
+
+#[utoipa::path(post, path = "/v1/apps/{app}/addons/{addon}/rotate", tag = "addons", request_body = crate::model::RotateAddon,
+    params(("app" = String, Path, description = "App name"), ("addon" = String, Path, description = "Addon name, e.g. miren-postgresql")),
+    responses(
+        (status = 200, description = "The app's services run with the new login and the previous one can no longer log in", body = crate::model::AddonRotated),
+        (status = 404, description = "The app has no such addon", body = ErrorBody),
+        (status = 409, description = "The addon is not active, a rotation of it is running, or its server could not be reached (running the rotation again finishes it)", body = ErrorBody),
+        (status = 422, description = "This addon (or credential) cannot be rotated", body = ErrorBody)))]
+pub(super) async fn rotate_addon(
+    State(state): State<AppState>,
+    PathParam((app, addon)): PathParam<(String, String)>,
+    Body(req): Body<RotateAddon>,
+) -> Result<Json<AddonRotated>, Error> {
+    detached(async move {
+        state
+            .addons_of_apps
+            .rotate(&app, &addon, req.credential)
+            .await
+    })
+    .await
+    .map(Json)
 }

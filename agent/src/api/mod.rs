@@ -139,6 +139,7 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(addons::create_addon))
         .routes(routes!(addons::list_addons))
         .routes(routes!(addons::get_addon, addons::destroy_addon))
+        .routes(routes!(addons::rotate_addon))
         .routes(routes!(apps::app_env))
         .routes(routes!(apps::deploy_app))
         .routes(routes!(apps::list_apps))

@@ -9,7 +9,23 @@ use clap::Subcommand;
 use crate::cli::client::Client;
 use crate::cli::output::{print_json, print_table};
 use crate::core::status::AddonStatus;
-use crate::model::{Addon, CreateAddon};
+use crate::model::{Addon, CreateAddon, CredentialKind, RotateAddon};
+
+/// `--credential`, as clap parses it.
+#[derive(clap::ValueEnum, Debug, Clone, Copy)]
+pub enum CredentialArg {
+    User,
+    Root,
+}
+
+impl From<CredentialArg> for CredentialKind {
+    fn from(arg: CredentialArg) -> Self {
+        match arg {
+            CredentialArg::User => CredentialKind::User,
+            CredentialArg::Root => CredentialKind::Root,
+        }
+    }
+}
 
 #[derive(Subcommand, Debug)]
 pub enum AddonCommand {
@@ -43,6 +59,18 @@ pub enum AddonCommand {
     List {
         #[arg(short = 'a', long)]
         app: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// New credentials for an app's addon: the server accepts a second login, the app's
+    /// services restart with it, then the previous login stops working.
+    Rotate {
+        addon: String,
+        #[arg(short = 'a', long)]
+        app: String,
+        /// `user`: the app's login; `root`: the server's administrator.
+        #[arg(long, value_enum, default_value = "user")]
+        credential: CredentialArg,
         #[arg(long)]
         json: bool,
     },
@@ -209,6 +237,33 @@ pub async fn run(client: &Client, command: AddonCommand) -> Result<i32> {
                 println!("app `{app}` has no addons");
             } else {
                 print_addons(&addons);
+            }
+            Ok(0)
+        }
+        AddonCommand::Rotate {
+            addon,
+            app,
+            credential,
+            json: as_json,
+        } => {
+            let started = Instant::now();
+            let req = RotateAddon {
+                credential: credential.into(),
+            };
+            let rotated = client.rotate_addon(&app, &addon, &req).await?;
+            if as_json {
+                print_json(&rotated)?;
+            } else {
+                if rotated.resumed {
+                    println!("finished the rotation begun earlier");
+                }
+                println!(
+                    "{} of app `{app}`: the app's services now log in as `{}`; `{}` can no longer log in ({:.2}s)",
+                    rotated.name,
+                    rotated.user,
+                    rotated.previous_user,
+                    started.elapsed().as_secs_f64()
+                );
             }
             Ok(0)
         }

@@ -18,11 +18,11 @@ pub use hyper::body::Bytes;
 
 use crate::api::{DATA_BYTES_HEADER, DISK_SIZE_HEADER, FREEZE_SECONDS_HEADER};
 use crate::model::{
-    AcquireLease, Addon, AddonCatalogEntry, AddonDestroyed, AgentInfo, App, AppDeleted,
-    CreateAddon, CreateDisk, CreateEndpoint, DeployApp, Disk, Endpoint, EndpointDeleted,
-    EnvVarView, ErrorBody, ExecRequest, ExecResult, ImageGcReport, ImageRemoved, ImageSummary,
-    ImportImage, Lease, NetGcReport, PullEvent, PullImage, ReleaseResult, ResizeDisk,
-    RestoreResult, RunSandbox, Sandbox,
+    AcquireLease, Addon, AddonCatalogEntry, AddonDestroyed, AddonRotated, AgentInfo, App,
+    AppDeleted, CreateAddon, CreateDisk, CreateEndpoint, DeployApp, Disk, Endpoint,
+    EndpointDeleted, EnvVarView, ErrorBody, ExecRequest, ExecResult, ImageGcReport, ImageRemoved,
+    ImageSummary, ImportImage, Lease, NetGcReport, PullEvent, PullImage, ReleaseResult, ResizeDisk,
+    RestoreResult, RotateAddon, RunSandbox, Sandbox,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -94,11 +94,12 @@ pub enum Route {
     AppAddon,
     DestroyAddon,
     CreateAddon,
+    RotateAddon,
     AddonCatalog,
 }
 
 impl Route {
-    pub const ALL: [Route; 41] = [
+    pub const ALL: [Route; 42] = [
         Route::Info,
         Route::ListDisks,
         Route::CreateDisk,
@@ -139,6 +140,7 @@ impl Route {
         Route::AppAddon,
         Route::DestroyAddon,
         Route::CreateAddon,
+        Route::RotateAddon,
         Route::AddonCatalog,
     ];
 
@@ -151,7 +153,7 @@ impl Route {
             | AppAddon | AddonCatalog => "GET",
             CreateDisk | ResizeDisk | AcquireLease | BackupDisk | RestoreDisk | CreateEndpoint
             | NetGc | PullImage | ImportImage | ImageGc | RunSandbox | ExecSandbox
-            | StopSandbox | WaitSandbox | Deploy | RestartApp | CreateAddon => "POST",
+            | StopSandbox | WaitSandbox | Deploy | RestartApp | CreateAddon | RotateAddon => "POST",
             LocalStorage => "PUT",
             DeleteDisk | ReleaseLease | DeleteEndpoint | RemoveImage | DeleteSandbox
             | DeleteApp | DestroyAddon => "DELETE",
@@ -192,6 +194,7 @@ impl Route {
             AppAddons => "/v1/apps/{app}/addons",
             AppAddon | DestroyAddon => "/v1/apps/{app}/addons/{addon}",
             CreateAddon => "/v1/addons",
+            RotateAddon => "/v1/apps/{app}/addons/{addon}/rotate",
             AddonCatalog => "/v1/addons/catalog",
         }
     }
@@ -580,6 +583,16 @@ impl Client {
 
     pub async fn destroy_addon(&self, app: &str, addon: &str) -> Result<AddonDestroyed> {
         self.call(Route::DestroyAddon, &[app, addon], &[], NO_BODY)
+            .await
+    }
+
+    pub async fn rotate_addon(
+        &self,
+        app: &str,
+        addon: &str,
+        req: &RotateAddon,
+    ) -> Result<AddonRotated> {
+        self.call(Route::RotateAddon, &[app, addon], &[], Some(req))
             .await
     }
 

@@ -3,12 +3,12 @@
 
 use std::sync::Arc;
 
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::core::addons::{split_addon_arg, AddonService};
 use crate::core::apps::AppService;
 use crate::core::error::Error;
-use crate::model::{Addon, AddonDestroyed, CreateAddon};
+use crate::model::{Addon, AddonDestroyed, AddonRotated, CreateAddon, CredentialKind};
 use crate::store::addons::AddonStatus;
 
 /// Addon changes requested for an app, followed through to the app's services.
@@ -81,5 +81,67 @@ impl AddonsOfApps {
             app: app.to_string(),
             deleted: true,
         })
+    }
+
+    /// Rotates the app's credentials for an addon without a moment in which its services hold
+    /// a login the server refuses: the server accepts a second login, the app's services are
+    /// restarted with it, and only then the previous login is retired. A rotation left in
+    /// flight (a failed request, a stopped agent) is finished instead of starting another.
+    pub async fn rotate(
+        &self,
+        app: &str,
+        addon_arg: &str,
+        credential: CredentialKind,
+    ) -> Result<AddonRotated, Error> {
+        if credential == CredentialKind::Root {
+            return Err(Error::new(
+                crate::core::error::ErrorKind::Unprocessable,
+                "cannot_rotate",
+                "rotating a server's administrator credential is not supported yet; `--credential user` rotates the app's login",
+            ));
+        }
+        let run = self.addons.begin_rotation(app, addon_arg)?;
+        self.finish_rotation(app, &run).await?;
+        Ok(AddonRotated {
+            name: run.kind.clone(),
+            app: app.to_string(),
+            credential,
+            user: run.next_user.clone(),
+            previous_user: run.previous_user.clone(),
+            resumed: run.resumed,
+        })
+    }
+
+    async fn finish_rotation(
+        &self,
+        app: &str,
+        run: &crate::core::addons::rotate::RotationRun,
+    ) -> Result<(), Error> {
+        self.addons.add_next_login(app, &run.kind).await?;
+        // Every service runs with the new login before the old one stops working.
+        self.apps.addons_changed(app).await?;
+        self.addons.retire_previous_login(app, &run.kind).await
+    }
+
+    /// Finishes, in the background, every rotation a previous agent left in flight.
+    pub fn resume_rotations(self: &Arc<Self>) -> Result<(), Error> {
+        for (app, kind) in self.addons.pending_rotations()? {
+            let this = self.clone();
+            tokio::spawn(async move {
+                let run = match this.addons.resume_rotation(&app, &kind) {
+                    Ok(Some(run)) => run,
+                    Ok(None) => return,
+                    Err(e) => {
+                        warn!(app = %app, addon = %kind, error = %e, "resuming a credential rotation failed");
+                        return;
+                    }
+                };
+                info!(app = %app, addon = %kind, to = %run.next_user, "finishing a credential rotation a previous agent began");
+                if let Err(e) = this.finish_rotation(&app, &run).await {
+                    warn!(app = %app, addon = %kind, error = %e, "finishing a credential rotation failed; `miren addon rotate` retries it");
+                }
+            });
+        }
+        Ok(())
     }
 }

@@ -23,6 +23,7 @@ mod mysql;
 pub mod postgres;
 pub mod provider;
 pub mod rabbitmq;
+pub mod rotate;
 mod steps;
 #[cfg(test)]
 mod tests;
@@ -71,6 +72,8 @@ pub struct AddonService {
     /// Hears the app of every addon whose driver finished (active, deleted, error), so apps
     /// can pick up changed variables (see `AppService::addons_changed`).
     settled: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<String>>,
+    /// The addons whose credential rotation runs in this agent now.
+    rotating: Arc<Mutex<std::collections::HashSet<Key>>>,
 }
 
 /// The sandbox and disk name of an app's dedicated server: `<base>-<app>` (`addon-pg-shop`),
@@ -182,6 +185,7 @@ impl AddonService {
             tasks: Mutex::new(HashMap::new()),
             shared: tokio::sync::Mutex::new(()),
             settled: std::sync::OnceLock::new(),
+            rotating: rotate::running(),
         })
     }
 

@@ -11,6 +11,8 @@ use tokio_postgres::{Client, NoTls};
 use super::provider::{AddonProvider, BoxFuture, DataDisk, ServerConnection, ServerSpec};
 use crate::core::error::Error;
 
+mod logins;
+
 pub const PORT: u16 = 5432;
 
 /// Where the official postgres image keeps its data; the disk is mounted here.
@@ -90,6 +92,17 @@ impl AddonProvider for Postgres {
         PostgresConnection::new(host.to_string(), PORT, login).env_vars()
     }
 
+    fn next_login(&self, app: &str, current: &Credentials) -> Result<Option<Credentials>, Error> {
+        let owner = miren_addons::PgIdentifiers::for_app(app).role;
+        let password = miren_addons::generate_password()
+            .map_err(|e| Error::internal(format!("generating a password: {e}")))?;
+        Ok(Some(Credentials {
+            user: logins::next_login_name(&owner, &current.user),
+            password,
+            database: current.database.clone(),
+        }))
+    }
+
     fn connect<'a>(
         &'a self,
         host: Ipv4Addr,
@@ -154,6 +167,30 @@ impl ServerConnection for Session {
             tenant_exists(&self.0, &tenant.user, &tenant.database)
                 .await
                 .map_err(|e| describe(&e))
+        })
+    }
+
+    fn add_login<'a>(
+        &'a self,
+        current: &'a Credentials,
+        next: &'a Credentials,
+    ) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            logins::add_login(&self.0, &current.database, &next.user, &next.password)
+                .await
+                .map_err(|e| format!("adding login `{}`: {e}", next.user))
+        })
+    }
+
+    fn retire_login<'a>(
+        &'a self,
+        retired: &'a str,
+        _current: &'a Credentials,
+    ) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            logins::retire_login(&self.0, retired)
+                .await
+                .map_err(|e| format!("retiring login `{retired}`: {}", describe(&e)))
         })
     }
 }
@@ -272,6 +309,18 @@ async fn ensure_tenant_once(
             literal(password)
         ))
         .await?;
+    // After a credential rotation the login is not the owner: the data stays the owner's.
+    if let Some(owner) = logins::owner_of(admin, role, database).await? {
+        if owner != role {
+            return admin
+                .batch_execute(&format!(
+                    "REVOKE ALL ON DATABASE {db} FROM PUBLIC; GRANT CONNECT ON DATABASE {db} TO {owner}",
+                    db = ident(database),
+                    owner = ident(&owner)
+                ))
+                .await;
+        }
+    }
     let db_exists = !admin
         .query("SELECT 1 FROM pg_database WHERE datname = $1", &[&database])
         .await?
@@ -312,6 +361,8 @@ async fn drop_tenant_once(
     role: &str,
     database: &str,
 ) -> Result<(), tokio_postgres::Error> {
+    // The owner and its rotation logins go with the login the row names, in one statement.
+    let roles = logins::tenant_roles(admin, role, database).await?;
     let db_exists = !admin
         .query("SELECT 1 FROM pg_database WHERE datname = $1", &[&database])
         .await?
@@ -323,15 +374,19 @@ async fn drop_tenant_once(
             .batch_execute(&format!(
                 "REVOKE ALL ON DATABASE {} FROM PUBLIC, {}",
                 ident(database),
-                ident(role)
+                roles
+                    .iter()
+                    .map(|r| ident(r))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ))
             .await
             .or_else(ignore_missing_role)?;
         admin
             .query(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-                 WHERE (datname = $1 OR usename = $2) AND pid <> pg_backend_pid()",
-                &[&database, &role],
+                 WHERE (datname = $1 OR usename = ANY($2)) AND pid <> pg_backend_pid()",
+                &[&database, &roles],
             )
             .await?;
         admin
@@ -341,12 +396,19 @@ async fn drop_tenant_once(
     admin
         .query(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-             WHERE usename = $1 AND pid <> pg_backend_pid()",
-            &[&role],
+             WHERE usename = ANY($1) AND pid <> pg_backend_pid()",
+            &[&roles],
         )
         .await?;
     admin
-        .batch_execute(&format!("DROP ROLE IF EXISTS {}", ident(role)))
+        .batch_execute(&format!(
+            "DROP ROLE IF EXISTS {}",
+            roles
+                .iter()
+                .map(|r| ident(r))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))
         .await?;
     Ok(())
 }
@@ -365,11 +427,12 @@ pub async fn tenant_exists(
     role: &str,
     database: &str,
 ) -> Result<bool, tokio_postgres::Error> {
+    let roles = logins::tenant_roles(admin, role, database).await?;
     let rows = admin
         .query(
-            "SELECT 1 FROM pg_roles WHERE rolname = $1
+            "SELECT 1 FROM pg_roles WHERE rolname = ANY($1)
              UNION ALL SELECT 1 FROM pg_database WHERE datname = $2",
-            &[&role, &database],
+            &[&roles, &database],
         )
         .await?;
     Ok(!rows.is_empty())

@@ -78,14 +78,11 @@ pub trait AddonProvider: Send + Sync {
         login: &'a Credentials,
     ) -> BoxFuture<'a, Result<Box<dyn ServerConnection>, String>>;
 
-    /// Replaces an app's password on its server (a hook for later; no kind does it yet).
-    fn rotate_credentials<'a>(
-        &'a self,
-        _admin: &'a dyn ServerConnection,
-        _login: &'a Credentials,
-    ) -> BoxFuture<'a, Result<Credentials, String>> {
-        let kind = self.kind().name();
-        Box::pin(async move { Err(format!("{kind} cannot rotate credentials yet")) })
+    /// The login an app's credentials rotate to from `current`: another login, with a fresh
+    /// password, that reaches the same data (see [`ServerConnection::add_login`]). `None`:
+    /// this kind cannot rotate credentials.
+    fn next_login(&self, _app: &str, _current: &Credentials) -> Result<Option<Credentials>, Error> {
+        Ok(None)
     }
 }
 
@@ -103,6 +100,26 @@ pub trait ServerConnection: Send + Sync {
 
     /// Removes an app's tenant and ends its sessions.
     fn drop_tenant<'a>(&'a self, tenant: &'a Credentials) -> BoxFuture<'a, Result<(), String>>;
+
+    /// Makes `next` a login with exactly `current`'s rights on the same data, beside it
+    /// (credential rotation; both work until one is retired). Safe to repeat.
+    fn add_login<'a>(
+        &'a self,
+        _current: &'a Credentials,
+        _next: &'a Credentials,
+    ) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async { Err("this kind cannot rotate credentials".to_string()) })
+    }
+
+    /// Stops the login `retired` from logging in and ends its sessions; `current` (the one
+    /// that replaced it) keeps working. Safe to repeat.
+    fn retire_login<'a>(
+        &'a self,
+        _retired: &'a str,
+        _current: &'a Credentials,
+    ) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async { Err("this kind cannot rotate credentials".to_string()) })
+    }
 
     /// Whether anything of the tenant is left (tests and leftovers checks).
     fn tenant_exists<'a>(&'a self, tenant: &'a Credentials) -> BoxFuture<'a, Result<bool, String>>;
