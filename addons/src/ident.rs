@@ -114,6 +114,36 @@ pub fn is_valid_pg_identifier(ident: &str) -> bool {
     PG_RULE.is_valid(ident)
 }
 
+/// The login names credential rotations alternate between for the app whose base login (its
+/// PostgreSQL owner role, its MySQL user) is `base` (`n` is 1 or 2): `<base>_r1`, `<base>_r2`,
+/// within `max_len`. Such names cannot be any app's base name (those are clean names without
+/// `_`, or end in `_` and eight hex digits), so they never collide with another app's logins.
+pub fn rotation_login(base: &str, n: u8, max_len: usize) -> String {
+    let suffix = format!("_r{n}");
+    if base.len() + suffix.len() <= max_len {
+        return format!("{base}{suffix}");
+    }
+    // Too long: a shorter stem plus a hash of the whole base name keeps it unique.
+    let hash = format!("_{:08x}", miren_sys::fnv::fnv1a64(base.as_bytes()) as u32);
+    let keep = max_len.saturating_sub(hash.len() + suffix.len());
+    // Base names are ASCII (`[a-z0-9_]`), so byte slicing stays on a char boundary.
+    format!("{}{hash}{suffix}", &base[..keep.min(base.len())])
+}
+
+/// The login a rotation moves `base`'s app to from `current`.
+pub fn next_rotation_login(base: &str, current: &str, max_len: usize) -> String {
+    if current == rotation_login(base, 1, max_len) {
+        rotation_login(base, 2, max_len)
+    } else {
+        rotation_login(base, 1, max_len)
+    }
+}
+
+/// Whether `login` is one of `base`'s rotation logins.
+pub fn is_rotation_login(base: &str, login: &str, max_len: usize) -> bool {
+    login == rotation_login(base, 1, max_len) || login == rotation_login(base, 2, max_len)
+}
+
 /// How a server's user and database names are derived from app names: the same algorithm
 /// for every server, within its length limit and around its reserved names.
 struct IdentRule {
@@ -407,6 +437,32 @@ mod tests {
             let id = MysqlIdentifiers::for_app(name).user;
             assert!(is_valid_mysql_identifier(&id), "{name:?} -> {id}");
             assert!(seen.insert(id.clone()), "{name:?} collided on {id}");
+        }
+    }
+
+    #[test]
+    fn rotation_logins_alternate_fit_and_never_meet_app_names() {
+        for max in [MAX_PG_IDENT_LEN, MAX_MYSQL_USER_LEN] {
+            assert_eq!(rotation_login("shop", 1, max), "shop_r1");
+            assert_eq!(next_rotation_login("shop", "shop", max), "shop_r1");
+            assert_eq!(next_rotation_login("shop", "shop_r1", max), "shop_r2");
+            assert_eq!(next_rotation_login("shop", "shop_r2", max), "shop_r1");
+            let long = "a".repeat(max);
+            let (one, two) = (rotation_login(&long, 1, max), rotation_login(&long, 2, max));
+            assert!(one.len() <= max && two.len() <= max && one != two);
+            assert!(is_rotation_login(&long, &one, max) && is_rotation_login(&long, &two, max));
+            let other = format!("{}b", "a".repeat(max - 1));
+            assert_ne!(rotation_login(&other, 1, max), one);
+        }
+        for app in ["shop", "my-app", "x_r1"] {
+            let pg = PgIdentifiers::for_app(app).role;
+            let login = rotation_login(&pg, 2, MAX_PG_IDENT_LEN);
+            assert!(is_valid_pg_identifier(&login));
+            assert_ne!(PgIdentifiers::for_app(&login).role, login);
+            let my = MysqlIdentifiers::for_app(app).user;
+            let login = rotation_login(&my, 1, MAX_MYSQL_USER_LEN);
+            assert!(is_valid_mysql_identifier(&login));
+            assert_ne!(MysqlIdentifiers::for_app(&login).user, login);
         }
     }
 }

@@ -211,7 +211,13 @@ fn small_and_shared_rotate_without_a_failed_connection() {
         .trim_end_matches("_r2")
         .to_string();
     // Another member keeps the shared server up, so its catalog can be read afterwards.
-    agent.ok(&["addon", "create", "miren-postgresql:shared", "-a", "rot-keeper"]);
+    agent.ok(&[
+        "addon",
+        "create",
+        "miren-postgresql:shared",
+        "-a",
+        "rot-keeper",
+    ]);
     agent.ok(&["addon", "destroy", PG, "-a", "rot-shared", "--yes"]);
     let roles = agent
         .ok(&[
@@ -294,5 +300,103 @@ fn a_rotation_cut_short_by_kill_9_is_finished_at_start() {
     }
     agent.ok(&["app", "delete", "rot-kill"]);
     agent.ok(&["addon", "destroy", PG, "-a", "rot-kill", "--yes"]);
+    agent.assert_converged();
+}
+
+const MY: &str = "miren-mysql";
+
+/// The MySQL twin of [`client_app`]: a `mariadb` client connecting every 20 ms with the app's
+/// `MYSQL_*` variables, on MariaDB 11 (the catalogue's `mariadb-11`) shared.
+fn mysql_client_app(name: &str) -> String {
+    format!(
+        r#"name = "{name}"
+
+[services.web]
+image = "mariadb:11"
+command = '''
+trap 'exit 0' TERM
+while true; do
+  if out=$(MYSQL_PWD="$MYSQL_PASSWORD" mariadb --connect-timeout=3 -N -B -h "$MYSQL_HOST" -u "$MYSQL_USER" "$MYSQL_DATABASE" -e 'select 1' 2>&1); then echo ok >> /log/ok
+  else echo "$(date +%T.%N) $MYSQL_USER: $out" >> /log/fail; fi
+  sleep 0.02
+done'''
+
+[[services.web.disks]]
+name = "{name}-log"
+mount_path = "/log"
+provider = "local"
+
+[addons.{MY}]
+variant = "shared"
+version = "mariadb-11"
+"#
+    )
+}
+
+/// `sql` with the `mariadb` client in the app's service, as `user` with `password`.
+fn mariadb_as(agent: &TestAgent, app: &str, user: &str, password: &str, sql: &str) -> Output {
+    exec_sh(
+        agent,
+        &format!("{app}-web"),
+        &format!(
+            "MYSQL_PWD='{password}' mariadb --connect-timeout=3 -N -B -h \"$MYSQL_HOST\" -u '{user}' \"$MYSQL_DATABASE\" -e '{sql}'"
+        ),
+    )
+}
+
+#[test]
+fn shared_mysql_rotates_without_a_failed_connection() {
+    let Some(agent) = agent_with_mirror(&["mariadb:11"]) else {
+        eprintln!("skipped: MIREN_IMAGE_MIRROR is not set");
+        return;
+    };
+    let app = "rot-my";
+    let dir = tempfile::tempdir().unwrap();
+    write_app(dir.path(), &mysql_client_app(app));
+    deploy(&agent, dir.path());
+    client_makes_progress(&agent, app, 0, 5);
+    let first = env(&agent, app);
+    let base = first["MYSQL_USER"].clone();
+    let ok = |user: &str, password: &str, sql: &str| {
+        let out = mariadb_as(&agent, app, user, password, sql);
+        assert!(out.status.success(), "{sql} as {user}: {}", text(&out));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    ok(
+        &base,
+        &first["MYSQL_PASSWORD"],
+        "create table kept (n int); insert into kept values (1)",
+    );
+    let mut previous = (base.clone(), first["MYSQL_PASSWORD"].clone());
+    for (round, expected) in [format!("{base}_r1"), format!("{base}_r2")]
+        .into_iter()
+        .enumerate()
+    {
+        let rotated = agent.json(&["addon", "rotate", MY, "-a", app, "--json"]);
+        assert_eq!(rotated["user"], expected.as_str(), "{rotated}");
+        let vars = env(&agent, app);
+        assert_eq!(vars["MYSQL_USER"], expected);
+        assert!(vars["DATABASE_URL"].contains(&format!("//{expected}:")));
+        ok(
+            &expected,
+            &vars["MYSQL_PASSWORD"],
+            &format!("insert into kept values ({})", round + 2),
+        );
+        let refused = mariadb_as(&agent, app, &previous.0, &previous.1, "select 1");
+        assert!(!refused.status.success(), "the previous user still logs in");
+        client_makes_progress(&agent, app, 0, 5);
+        let (_, fails) = client_record(&agent, app);
+        assert!(
+            fails.is_empty(),
+            "{app}'s client failed to connect:\n{fails}"
+        );
+        previous = (expected, vars["MYSQL_PASSWORD"].clone());
+    }
+    assert_eq!(
+        ok(&previous.0, &previous.1, "select count(*) from kept"),
+        "3"
+    );
+    agent.ok(&["app", "delete", app]);
+    agent.ok(&["addon", "destroy", MY, "-a", app, "--yes"]);
     agent.assert_converged();
 }

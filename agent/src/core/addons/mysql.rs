@@ -5,6 +5,7 @@
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
+use miren_addons::ident::MAX_MYSQL_USER_LEN;
 use miren_addons::{AddonKind, Credentials, EnvVar, MysqlIdentifiers, Variant};
 use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, OptsBuilder};
@@ -105,6 +106,29 @@ impl AddonProvider for Mysql {
         miren_addons::mysql_env(&host.to_string(), PORT, login)
     }
 
+    /// Shared servers only: on a `small` one root's password is random and stays inside the
+    /// sandbox, and the app's user may not make users.
+    fn next_login(
+        &self,
+        variant: Variant,
+        _app: &str,
+        current: &Credentials,
+    ) -> Result<Option<Credentials>, Error> {
+        if variant != Variant::Shared {
+            return Ok(None);
+        }
+        // The app's first user is named like its database (`MysqlIdentifiers`).
+        Ok(Some(Credentials {
+            user: miren_addons::ident::next_rotation_login(
+                &current.database,
+                &current.user,
+                MAX_MYSQL_USER_LEN,
+            ),
+            password: password()?,
+            database: current.database.clone(),
+        }))
+    }
+
     fn connect<'a>(
         &'a self,
         host: Ipv4Addr,
@@ -179,6 +203,37 @@ impl ServerConnection for Session {
                 .map_err(|e| describe(&e))
         })
     }
+
+    fn add_login<'a>(
+        &'a self,
+        _current: &'a Credentials,
+        next: &'a Credentials,
+    ) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            let mut conn = self.0.lock().await;
+            retry_transient(&mut conn, next, Step::AddLogin)
+                .await
+                .map_err(|e| format!("adding user `{}`: {}", next.user, describe(&e)))
+        })
+    }
+
+    fn retire_login<'a>(
+        &'a self,
+        retired: &'a str,
+        current: &'a Credentials,
+    ) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            let mut conn = self.0.lock().await;
+            let old = Credentials {
+                user: retired.to_string(),
+                password: String::new(),
+                database: current.database.clone(),
+            };
+            retry_transient(&mut conn, &old, Step::Retire)
+                .await
+                .map_err(|e| format!("retiring user `{retired}`: {}", describe(&e)))
+        })
+    }
 }
 
 /// MySQL's "Lock wait timeout exceeded" and "Deadlock found": another session (say, of an
@@ -192,6 +247,8 @@ const TRANSIENT_RETRY: Duration = Duration::from_secs(30);
 enum Step {
     Ensure,
     Drop,
+    AddLogin,
+    Retire,
 }
 
 /// Runs a tenant step again while it collides with another session.
@@ -205,6 +262,8 @@ async fn retry_transient(
         let result = match step {
             Step::Ensure => ensure_tenant(conn, tenant).await,
             Step::Drop => drop_tenant(conn, tenant).await,
+            Step::AddLogin => add_login(conn, tenant).await,
+            Step::Retire => retire_login(conn, &tenant.user).await,
         };
         match result {
             Err(mysql_async::Error::Server(e))
@@ -268,24 +327,85 @@ async fn ensure_tenant(conn: &mut Conn, tenant: &Credentials) -> Result<(), mysq
     Ok(())
 }
 
-/// Locks the tenant out, ends its sessions, then drops its database: a session in the
-/// database would hold `DROP DATABASE` up.
-async fn drop_tenant(conn: &mut Conn, tenant: &Credentials) -> Result<(), mysql_async::Error> {
-    conn.query_drop(format!("DROP USER IF EXISTS {}", account(&tenant.user)))
+/// Every user of the tenant whose database is `database`: the first one (named like the
+/// database) and its two rotation logins.
+fn tenant_users(database: &str) -> [String; 3] {
+    [
+        database.to_string(),
+        miren_addons::ident::rotation_login(database, 1, MAX_MYSQL_USER_LEN),
+        miren_addons::ident::rotation_login(database, 2, MAX_MYSQL_USER_LEN),
+    ]
+}
+
+/// Makes `login` a user (again) with every privilege on its database, beside the current
+/// one (credential rotation). MySQL users own nothing, so both reach the same data.
+async fn add_login(conn: &mut Conn, login: &Credentials) -> Result<(), mysql_async::Error> {
+    let user = account(&login.user);
+    let password = literal(&login.password);
+    conn.query_drop(format!(
+        "CREATE USER IF NOT EXISTS {user} IDENTIFIED BY {password}"
+    ))
+    .await?;
+    conn.query_drop(format!(
+        "ALTER USER {user} IDENTIFIED BY {password} ACCOUNT UNLOCK"
+    ))
+    .await?;
+    conn.query_drop(format!(
+        "GRANT ALL PRIVILEGES ON {}.* TO {user}",
+        grant_db(&login.database)
+    ))
+    .await?;
+    Ok(())
+}
+
+/// Locks `user` (kept, not dropped: views and routines it defined keep their definer) and ends
+/// its sessions.
+async fn retire_login(conn: &mut Conn, user: &str) -> Result<(), mysql_async::Error> {
+    let exists: Option<u64> = conn
+        .exec_first("SELECT COUNT(*) FROM mysql.user WHERE User = ?", (user,))
         .await?;
-    let sessions: Vec<u64> = conn
-        .exec(
-            "SELECT ID FROM information_schema.PROCESSLIST \
-             WHERE (USER = ? OR DB = ?) AND ID <> CONNECTION_ID()",
-            (tenant.user.as_str(), tenant.database.as_str()),
+    if exists.unwrap_or(0) > 0 {
+        conn.query_drop(format!("ALTER USER {} ACCOUNT LOCK", account(user)))
+            .await?;
+    }
+    kill_sessions_of(conn, &[user.to_string()], None).await
+}
+
+/// Ends the sessions of `users` (and in `database`, if given), except our own.
+async fn kill_sessions_of(
+    conn: &mut Conn,
+    users: &[String],
+    database: Option<&str>,
+) -> Result<(), mysql_async::Error> {
+    let listed: Vec<(u64, String, Option<String>)> = conn
+        .query(
+            "SELECT ID, USER, DB FROM information_schema.PROCESSLIST WHERE ID <> CONNECTION_ID()",
         )
         .await?;
-    for id in sessions {
+    for (id, user, db) in listed {
+        let theirs = users.contains(&user) || (database.is_some() && db.as_deref() == database);
+        if !theirs {
+            continue;
+        }
         match conn.query_drop(format!("KILL CONNECTION {id}")).await {
             Err(mysql_async::Error::Server(e)) if e.code == ER_NO_SUCH_THREAD => {}
             other => other?,
         }
     }
+    Ok(())
+}
+
+/// Locks the tenant out, ends its sessions, then drops its database: a session in the
+/// database would hold `DROP DATABASE` up.
+async fn drop_tenant(conn: &mut Conn, tenant: &Credentials) -> Result<(), mysql_async::Error> {
+    let mut users = tenant_users(&tenant.database).to_vec();
+    if !users.contains(&tenant.user) {
+        users.push(tenant.user.clone());
+    }
+    let accounts: Vec<String> = users.iter().map(|u| account(u)).collect();
+    conn.query_drop(format!("DROP USER IF EXISTS {}", accounts.join(", ")))
+        .await?;
+    kill_sessions_of(conn, &users, Some(&tenant.database)).await?;
     conn.query_drop(format!(
         "DROP DATABASE IF EXISTS {}",
         ident(&tenant.database)
@@ -296,11 +416,18 @@ async fn drop_tenant(conn: &mut Conn, tenant: &Credentials) -> Result<(), mysql_
 
 /// Whether the tenant's user or database still exists.
 async fn tenant_exists(conn: &mut Conn, tenant: &Credentials) -> Result<bool, mysql_async::Error> {
+    let [first, r1, r2] = tenant_users(&tenant.database);
     let found: Option<u64> = conn
         .exec_first(
-            "SELECT (SELECT COUNT(*) FROM mysql.user WHERE User = ?) + \
+            "SELECT (SELECT COUNT(*) FROM mysql.user WHERE User IN (?, ?, ?, ?)) + \
              (SELECT COUNT(*) FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = ?)",
-            (tenant.user.as_str(), tenant.database.as_str()),
+            (
+                tenant.user.as_str(),
+                first.as_str(),
+                r1.as_str(),
+                r2.as_str(),
+                tenant.database.as_str(),
+            ),
         )
         .await?;
     Ok(found.unwrap_or(0) > 0)

@@ -92,7 +92,12 @@ impl AddonProvider for Postgres {
         PostgresConnection::new(host.to_string(), PORT, login).env_vars()
     }
 
-    fn next_login(&self, app: &str, current: &Credentials) -> Result<Option<Credentials>, Error> {
+    fn next_login(
+        &self,
+        _variant: Variant,
+        app: &str,
+        current: &Credentials,
+    ) -> Result<Option<Credentials>, Error> {
         let owner = miren_addons::PgIdentifiers::for_app(app).role;
         let password = miren_addons::generate_password()
             .map_err(|e| Error::internal(format!("generating a password: {e}")))?;

@@ -81,7 +81,12 @@ pub trait AddonProvider: Send + Sync {
     /// The login an app's credentials rotate to from `current`: another login, with a fresh
     /// password, that reaches the same data (see [`ServerConnection::add_login`]). `None`:
     /// this kind cannot rotate credentials.
-    fn next_login(&self, _app: &str, _current: &Credentials) -> Result<Option<Credentials>, Error> {
+    fn next_login(
+        &self,
+        _variant: Variant,
+        _app: &str,
+        _current: &Credentials,
+    ) -> Result<Option<Credentials>, Error> {
         Ok(None)
     }
 }

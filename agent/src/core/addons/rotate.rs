@@ -5,7 +5,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use miren_addons::{AddonKind, Credentials};
+use miren_addons::{AddonKind, Credentials, Variant};
 use tracing::info;
 
 use super::{credentials, is_shared, shared_owner, AddonService, Key};
@@ -65,15 +65,21 @@ impl AddonService {
         let guard = self.rotation_guard(app, kind)?;
         let row = self.find(app, kind)?;
         let provider = self.provider(kind)?.clone();
+        let variant = if is_shared(&row) {
+            Variant::Shared
+        } else {
+            Variant::Small
+        };
         let next = provider
-            .next_login(app, &credentials(&row))?
+            .next_login(variant, app, &credentials(&row))?
             .ok_or_else(|| {
                 Error::new(
                     ErrorKind::Unprocessable,
                     "cannot_rotate",
                     format!(
-                        "{} has no credentials to rotate (or cannot rotate them yet)",
-                        provider.display_name()
+                        "{} `{}` cannot rotate its credentials yet (`miren addon rotate` covers PostgreSQL and shared MySQL)",
+                        provider.display_name(),
+                        row.variant
                     ),
                 )
             })?;

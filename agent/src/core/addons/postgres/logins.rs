@@ -11,28 +11,14 @@ use tokio_postgres::Client;
 
 use super::{ident, literal, retry_concurrent};
 
-/// The login roles of `owner` that rotations alternate between (`n` is 1 or 2). Names that
-/// end in `_r1`/`_r2` cannot be an app's owner name (those are clean names without `_`, or end
-/// in `_` and eight hex digits), so they never collide with another app's roles.
+/// The login roles of `owner` that rotations alternate between (`n` is 1 or 2).
 pub fn login_name(owner: &str, n: u8) -> String {
-    let suffix = format!("_r{n}");
-    if owner.len() + suffix.len() <= MAX_PG_IDENT_LEN {
-        return format!("{owner}{suffix}");
-    }
-    // Too long: a shorter stem plus a hash of the whole owner name keeps it unique.
-    let hash = format!("_{:08x}", miren_sys::fnv::fnv1a64(owner.as_bytes()) as u32);
-    let keep = MAX_PG_IDENT_LEN - hash.len() - suffix.len();
-    // Owner names are ASCII (`[a-z0-9_]`), so byte slicing stays on a char boundary.
-    format!("{}{hash}{suffix}", &owner[..keep.min(owner.len())])
+    miren_addons::ident::rotation_login(owner, n, MAX_PG_IDENT_LEN)
 }
 
 /// The login a rotation moves `owner`'s app to from `current_user`.
 pub fn next_login_name(owner: &str, current_user: &str) -> String {
-    if current_user == login_name(owner, 1) {
-        login_name(owner, 2)
-    } else {
-        login_name(owner, 1)
-    }
+    miren_addons::ident::next_rotation_login(owner, current_user, MAX_PG_IDENT_LEN)
 }
 
 /// The role that owns `database` (the app's data), if the database exists.
@@ -51,7 +37,7 @@ async fn database_owner(
 
 /// Whether `login` is one of `owner`'s rotation logins.
 fn is_login_of(owner: &str, login: &str) -> bool {
-    login == login_name(owner, 1) || login == login_name(owner, 2)
+    miren_addons::ident::is_rotation_login(owner, login, MAX_PG_IDENT_LEN)
 }
 
 /// The owner of the data `login` reaches on `database`: the database's owner while it exists;
@@ -183,24 +169,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn logins_alternate_and_stay_within_the_limit() {
+    fn logins_alternate_between_two_names_of_the_owner() {
         assert_eq!(login_name("shop", 1), "shop_r1");
         assert_eq!(next_login_name("shop", "shop"), "shop_r1");
         assert_eq!(next_login_name("shop", "shop_r1"), "shop_r2");
         assert_eq!(next_login_name("shop", "shop_r2"), "shop_r1");
-        let long = "a".repeat(MAX_PG_IDENT_LEN);
-        let (one, two) = (login_name(&long, 1), login_name(&long, 2));
-        assert!(one.len() <= MAX_PG_IDENT_LEN && two.len() <= MAX_PG_IDENT_LEN);
-        assert_ne!(one, two);
-        assert!(is_login_of(&long, &one) && is_login_of(&long, &two));
-        // Two long owners that share the stem still get different logins.
-        let other = format!("{}b", "a".repeat(MAX_PG_IDENT_LEN - 1));
-        assert_ne!(login_name(&long, 1), login_name(&other, 1));
-        // A login is never a name an app's owner could have.
-        for owner in ["shop", "my_app_0badcafe"] {
-            let login = login_name(owner, 2);
-            assert!(miren_addons::ident::is_valid_pg_identifier(&login));
-            assert_ne!(miren_addons::PgIdentifiers::for_app(&login).role, login);
-        }
+        assert!(is_login_of("shop", "shop_r2") && !is_login_of("shop", "shop"));
     }
 }
