@@ -174,7 +174,7 @@ fn rotations_never_fail_a_connection(agent: &TestAgent, app: &str, variant: &str
 
 #[test]
 fn small_and_shared_rotate_without_a_failed_connection() {
-    let Some(agent) = agent_with_mirror(&["postgres:17"]) else {
+    let Some(mut agent) = agent_with_mirror(&["postgres:17"]) else {
         eprintln!("skipped: MIREN_IMAGE_MIRROR is not set");
         return;
     };
@@ -204,6 +204,109 @@ fn small_and_shared_rotate_without_a_failed_connection() {
     }
     let (_, fails) = client_record(&agent, "rot-small");
     assert!(fails.is_empty(), "{fails}");
+
+    // The shared server's administrator rotates too, also when cut short by kill -9; the
+    // agent keeps managing tenants with whichever it holds, and the image's first password
+    // no longer logs in over the network.
+    let first_admin_password = agent
+        .ok(&[
+            "sandbox",
+            "exec",
+            "addon-pg",
+            "--",
+            "printenv",
+            "POSTGRES_PASSWORD",
+        ])
+        .trim()
+        .to_string();
+    let small_root = agent.fails(&[
+        "addon",
+        "rotate",
+        PG,
+        "-a",
+        "rot-small",
+        "--credential",
+        "root",
+    ]);
+    assert!(
+        small_root.contains("its own PostgreSQL server"),
+        "{small_root}"
+    );
+    let rotated = agent.json(&[
+        "addon",
+        "rotate",
+        PG,
+        "-a",
+        "rot-shared",
+        "--credential",
+        "root",
+        "--json",
+    ]);
+    assert_eq!(rotated["user"], "miren_admin_r1", "{rotated}");
+    assert_eq!(rotated["previous_user"], "postgres");
+    let shared_ip = env(&agent, "rot-shared")["PGHOST"].clone();
+    let old_admin = format!("postgres://postgres:{first_admin_password}@{shared_ip}:5432/postgres");
+    assert!(
+        !psql(&old_admin, "select 1").status.success(),
+        "the first administrator password still works"
+    );
+    for delay_ms in [30u64, 250] {
+        miren_vm_tests::addons::kill_during(
+            &mut agent,
+            &[
+                "addon",
+                "rotate",
+                PG,
+                "-a",
+                "rot-shared",
+                "--credential",
+                "root",
+            ],
+            Duration::from_millis(delay_ms),
+        );
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let out = agent.cli(&[
+                "addon",
+                "rotate",
+                PG,
+                "-a",
+                "rot-shared",
+                "--credential",
+                "root",
+                "--json",
+            ]);
+            if out.status.success() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "root rotation after kill -9: {}",
+                text(&out)
+            );
+            sleep(Duration::from_millis(200));
+        }
+    }
+    // Another member keeps the shared server up, so its catalog can be read afterwards; its
+    // tenant is made with the rotated administrator.
+    agent.ok(&[
+        "addon",
+        "create",
+        "miren-postgresql:shared",
+        "-a",
+        "rot-keeper",
+    ]);
+    let admins = agent
+        .ok(&[
+            "sandbox", "exec", "addon-pg", "--", "psql", "-U", "postgres", "-tAc",
+            "select string_agg(rolname, ',' order by rolname) from pg_roles where rolcanlogin and rolname like 'miren_admin%'",
+        ])
+        .trim()
+        .to_string();
+    assert!(
+        admins == "miren_admin_r1" || admins == "miren_admin_r2",
+        "{admins}"
+    );
 
     // Destroying the shared addon drops the owner and both rotation logins.
     let owner = env(&agent, "rot-shared")["PGUSER"]
@@ -396,6 +499,49 @@ fn shared_mysql_rotates_without_a_failed_connection() {
         ok(&previous.0, &previous.1, "select count(*) from kept"),
         "3"
     );
+    // The shared server's root rotates: `root@'%'` is locked, a new administrator makes the
+    // next app's tenant.
+    let root_password = agent
+        .ok(&[
+            "sandbox",
+            "exec",
+            "addon-mysql",
+            "--",
+            "printenv",
+            "MYSQL_ROOT_PASSWORD",
+        ])
+        .trim()
+        .to_string();
+    assert!(mariadb_as(&agent, app, "root", &root_password, "select 1")
+        .status
+        .success());
+    let rotated = agent.json(&[
+        "addon",
+        "rotate",
+        MY,
+        "-a",
+        app,
+        "--credential",
+        "root",
+        "--json",
+    ]);
+    assert_eq!(rotated["user"], "miren_admin_r1", "{rotated}");
+    assert_eq!(rotated["previous_user"], "root");
+    let refused = mariadb_as(&agent, app, "root", &root_password, "select 1");
+    assert!(
+        !refused.status.success(),
+        "root still logs in over the network"
+    );
+    agent.ok(&[
+        "addon",
+        "create",
+        "miren-mysql:shared",
+        "-a",
+        "rot-my-2",
+        "--version",
+        "mariadb-11",
+    ]);
+    agent.ok(&["addon", "destroy", MY, "-a", "rot-my-2", "--yes"]);
     agent.ok(&["app", "delete", app]);
     agent.ok(&["addon", "destroy", MY, "-a", app, "--yes"]);
     agent.assert_converged();

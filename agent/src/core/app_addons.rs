@@ -11,6 +11,10 @@ use crate::core::error::Error;
 use crate::model::{Addon, AddonDestroyed, AddonRotated, CreateAddon, CredentialKind};
 use crate::store::addons::AddonStatus;
 
+/// How often a rotation left in flight is tried at start (every 5 s) before it waits for a
+/// request to retry it.
+const RESUME_ATTEMPTS: u32 = 60;
+
 /// Addon changes requested for an app, followed through to the app's services.
 pub struct AddonsOfApps {
     addons: Arc<AddonService>,
@@ -94,11 +98,16 @@ impl AddonsOfApps {
         credential: CredentialKind,
     ) -> Result<AddonRotated, Error> {
         if credential == CredentialKind::Root {
-            return Err(Error::new(
-                crate::core::error::ErrorKind::Unprocessable,
-                "cannot_rotate",
-                "rotating a server's administrator credential is not supported yet; `--credential user` rotates the app's login",
-            ));
+            // The administrator is the agent's alone: no service of any app uses it.
+            let rotated = self.addons.rotate_admin_of(app, addon_arg).await?;
+            return Ok(AddonRotated {
+                name: rotated.kind,
+                app: app.to_string(),
+                credential,
+                user: rotated.next_user,
+                previous_user: rotated.previous_user,
+                resumed: rotated.resumed,
+            });
         }
         let run = self.addons.begin_rotation(app, addon_arg)?;
         self.finish_rotation(app, &run).await?;
@@ -125,6 +134,24 @@ impl AddonsOfApps {
 
     /// Finishes, in the background, every rotation a previous agent left in flight.
     pub fn resume_rotations(self: &Arc<Self>) -> Result<(), Error> {
+        for kind in self.addons.pending_admin_rotations()? {
+            let addons = self.addons.clone();
+            tokio::spawn(async move {
+                // The shared server may still be starting again (after a host restart).
+                for attempt in 1..=RESUME_ATTEMPTS {
+                    match addons.rotate_admin(&kind).await {
+                        Ok(_) => return,
+                        Err(e) if attempt < RESUME_ATTEMPTS => {
+                            info!(addon = %kind, error = %e, "an administrator rotation waits for its server");
+                            tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+                        }
+                        Err(e) => {
+                            warn!(addon = %kind, error = %e, "finishing an administrator rotation failed; `miren addon rotate --credential root` retries it")
+                        }
+                    }
+                }
+            });
+        }
         for (app, kind) in self.addons.pending_rotations()? {
             let this = self.clone();
             tokio::spawn(async move {

@@ -181,6 +181,8 @@ const MIGRATIONS: &[&str] = &[
       WHERE owner_kind IS NULL AND owner_app IS NOT NULL;",
     // 9: generic addon credentials (store/addons.rs).
     addons::MIGRATION_GENERIC_CREDENTIALS,
+    // 10: a shared server's administrator rotation in flight (store/rotations.rs).
+    rotations::MIGRATION_ADMIN_ROTATION,
 ];
 
 pub struct Store {

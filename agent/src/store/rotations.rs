@@ -6,7 +6,7 @@
 use rusqlite::{params, OptionalExtension, TransactionBehavior};
 use serde::{Deserialize, Serialize};
 
-use crate::core::status::AddonStatus;
+use crate::core::status::{AddonStatus, ServerStatus};
 use crate::store::{Store, StoreResult};
 use crate::util::now_rfc3339;
 
@@ -213,6 +213,137 @@ impl Store {
     }
 }
 
+/// Migration 10: a shared server's administrator rotates like an app's login; the rotation in
+/// flight is kept with the server (JSON of [`Rotation`], NULL when none).
+pub const MIGRATION_ADMIN_ROTATION: &str = "ALTER TABLE addon_servers ADD COLUMN rotation TEXT;";
+
+/// What [`Store::begin_admin_rotation`] found.
+#[derive(Debug)]
+pub enum BeginAdminRotation {
+    Begun(Rotation),
+    Pending(Rotation),
+    /// The server is being made or removed.
+    NotServing(ServerStatus),
+    Gone,
+}
+
+fn admin_rotation_of(text: Option<String>) -> StoreResult<Option<Rotation>> {
+    match text {
+        None => Ok(None),
+        Some(text) => serde_json::from_str(&text).map(Some).map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
+                .into()
+        }),
+    }
+}
+
+fn read_server_rotation(
+    tx: &rusqlite::Transaction<'_>,
+    kind: &str,
+) -> StoreResult<Option<(ServerStatus, Option<Rotation>)>> {
+    let found: Option<(ServerStatus, Option<String>)> = tx
+        .query_row(
+            "SELECT status, rotation FROM addon_servers WHERE kind = ?1",
+            [kind],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    match found {
+        None => Ok(None),
+        Some((status, text)) => Ok(Some((status, admin_rotation_of(text)?))),
+    }
+}
+
+impl Store {
+    /// Records a rotation of the shared server's administrator, if it serves and has none.
+    pub fn begin_admin_rotation(
+        &self,
+        kind: &str,
+        rotation: &Rotation,
+    ) -> StoreResult<BeginAdminRotation> {
+        self.with_conn(|conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let Some((status, pending)) = read_server_rotation(&tx, kind)? else {
+                return Ok(BeginAdminRotation::Gone);
+            };
+            if let Some(pending) = pending {
+                return Ok(BeginAdminRotation::Pending(pending));
+            }
+            if !status.serves() {
+                return Ok(BeginAdminRotation::NotServing(status));
+            }
+            tx.execute(
+                "UPDATE addon_servers SET rotation = ?2 WHERE kind = ?1",
+                params![kind, to_json(rotation)?.to_string()],
+            )?;
+            tx.commit()?;
+            Ok(BeginAdminRotation::Begun(rotation.clone()))
+        })
+    }
+
+    /// The administrator rotation in flight on the shared server of `kind`, if any.
+    pub fn admin_rotation(&self, kind: &str) -> StoreResult<Option<Rotation>> {
+        let text: Option<Option<String>> = self.read(|conn| {
+            Ok::<_, crate::store::StoreError>(
+                conn.query_row(
+                    "SELECT rotation FROM addon_servers WHERE kind = ?1",
+                    [kind],
+                    |r| r.get(0),
+                )
+                .optional()?,
+            )
+        })?;
+        admin_rotation_of(text.flatten())
+    }
+
+    /// Kinds whose shared server has an administrator rotation in flight.
+    pub fn pending_admin_rotations(&self) -> StoreResult<Vec<String>> {
+        self.read(|conn| {
+            let mut stmt =
+                conn.prepare("SELECT kind FROM addon_servers WHERE rotation IS NOT NULL")?;
+            let rows = stmt.query_map([], |r| r.get(0))?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    /// The server accepts the next administrator: the row's administrator becomes it.
+    /// Repeating it changes nothing; false if no rotation is in flight.
+    pub fn switch_to_next_admin(&self, kind: &str) -> StoreResult<bool> {
+        self.with_conn(|conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let Some((_, Some(mut rotation))) = read_server_rotation(&tx, kind)? else {
+                return Ok(false);
+            };
+            if rotation.phase == RotationPhase::AddingLogin {
+                rotation.phase = RotationPhase::RetiringPrevious;
+                tx.execute(
+                    "UPDATE addon_servers SET admin_user = ?2, admin_password = ?3, rotation = ?4
+                     WHERE kind = ?1",
+                    params![
+                        kind,
+                        rotation.next_user,
+                        rotation.next_password,
+                        to_json(&rotation)?.to_string()
+                    ],
+                )?;
+            }
+            tx.commit()?;
+            Ok(true)
+        })
+    }
+
+    /// The administrator rotation is over.
+    pub fn end_admin_rotation(&self, kind: &str) -> StoreResult<()> {
+        self.with_conn(|conn| {
+            conn.execute(
+                "UPDATE addon_servers SET rotation = NULL WHERE kind = ?1",
+                [kind],
+            )?;
+            Ok(())
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -305,5 +436,72 @@ mod tests {
         assert!(store.rotation("a", "miren-postgresql").unwrap().is_none());
         assert!(store.pending_rotations().unwrap().is_empty());
         assert!(!store.switch_to_next_login("a", "miren-postgresql").unwrap());
+    }
+
+    #[test]
+    fn an_administrator_rotation_switches_the_server_row() {
+        use crate::store::addons::ServerRow;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.db")).unwrap();
+        assert!(matches!(
+            store
+                .begin_admin_rotation("miren-postgresql", &rotation())
+                .unwrap(),
+            BeginAdminRotation::Gone
+        ));
+        store
+            .insert_server(&ServerRow {
+                kind: "miren-postgresql".into(),
+                version: "17".into(),
+                image: "postgres:17".into(),
+                status: ServerStatus::Provisioning,
+                admin_user: "postgres".into(),
+                admin_password: "old".into(),
+                created_at: now_rfc3339(),
+            })
+            .unwrap();
+        assert!(matches!(
+            store
+                .begin_admin_rotation("miren-postgresql", &rotation())
+                .unwrap(),
+            BeginAdminRotation::NotServing(ServerStatus::Provisioning)
+        ));
+        store
+            .set_server_status("miren-postgresql", ServerStatus::Active)
+            .unwrap();
+        assert!(matches!(
+            store
+                .begin_admin_rotation("miren-postgresql", &rotation())
+                .unwrap(),
+            BeginAdminRotation::Begun(_)
+        ));
+        assert!(matches!(
+            store
+                .begin_admin_rotation("miren-postgresql", &rotation())
+                .unwrap(),
+            BeginAdminRotation::Pending(_)
+        ));
+        assert_eq!(
+            store.pending_admin_rotations().unwrap(),
+            ["miren-postgresql"]
+        );
+        assert!(store.switch_to_next_admin("miren-postgresql").unwrap());
+        assert!(store.switch_to_next_admin("miren-postgresql").unwrap());
+        let server = store.server("miren-postgresql").unwrap().unwrap();
+        assert_eq!(
+            (server.admin_user.as_str(), server.admin_password.as_str()),
+            ("a_r1", "new")
+        );
+        assert_eq!(
+            store
+                .admin_rotation("miren-postgresql")
+                .unwrap()
+                .unwrap()
+                .phase,
+            RotationPhase::RetiringPrevious
+        );
+        store.end_admin_rotation("miren-postgresql").unwrap();
+        assert!(store.admin_rotation("miren-postgresql").unwrap().is_none());
+        assert!(store.pending_admin_rotations().unwrap().is_empty());
     }
 }

@@ -26,6 +26,8 @@ const DATA_DIR_OPTION: &str = "--datadir=/var/lib/mysql/data";
 const DATA_SUBDIR: &str = "data";
 /// The administrator of a shared server.
 const ADMIN_USER: &str = "root";
+/// The stem of the administrators it rotates between (`miren_admin_r1`, `miren_admin_r2`).
+const ADMIN_STEM: &str = "miren_admin";
 /// How long one login attempt may take before it counts as not ready.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// MySQL's "Unknown thread id": a session that ended before we could kill it.
@@ -104,6 +106,12 @@ impl AddonProvider for Mysql {
 
     fn env_vars(&self, host: Ipv4Addr, login: &Credentials) -> Vec<EnvVar> {
         miren_addons::mysql_env(&host.to_string(), PORT, login)
+    }
+
+    fn next_admin(&self, current: &str) -> Result<Option<Credentials>, Error> {
+        let user =
+            miren_addons::ident::next_rotation_login(ADMIN_STEM, current, MAX_MYSQL_USER_LEN);
+        Ok(Some(self.admin_login(&user, &password()?)))
     }
 
     /// Shared servers only: on a `small` one root's password is random and stays inside the
@@ -214,6 +222,24 @@ impl ServerConnection for Session {
             retry_transient(&mut conn, next, Step::AddLogin)
                 .await
                 .map_err(|e| format!("adding user `{}`: {}", next.user, describe(&e)))
+        })
+    }
+
+    fn add_admin<'a>(&'a self, next: &'a Credentials) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            let mut conn = self.0.lock().await;
+            add_admin(&mut conn, next)
+                .await
+                .map_err(|e| format!("adding administrator `{}`: {}", next.user, describe(&e)))
+        })
+    }
+
+    fn retire_admin<'a>(&'a self, retired: &'a str) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            let mut conn = self.0.lock().await;
+            retire_login(&mut conn, retired)
+                .await
+                .map_err(|e| format!("retiring administrator `{retired}`: {}", describe(&e)))
         })
     }
 
@@ -358,11 +384,33 @@ async fn add_login(conn: &mut Conn, login: &Credentials) -> Result<(), mysql_asy
     Ok(())
 }
 
-/// Locks `user` (kept, not dropped: views and routines it defined keep their definer) and ends
-/// its sessions.
+/// Makes `admin` a user (again) with every privilege on every database, able to grant them.
+async fn add_admin(conn: &mut Conn, admin: &Credentials) -> Result<(), mysql_async::Error> {
+    let user = account(&admin.user);
+    let password = literal(&admin.password);
+    conn.query_drop(format!(
+        "CREATE USER IF NOT EXISTS {user} IDENTIFIED BY {password}"
+    ))
+    .await?;
+    conn.query_drop(format!(
+        "ALTER USER {user} IDENTIFIED BY {password} ACCOUNT UNLOCK"
+    ))
+    .await?;
+    conn.query_drop(format!(
+        "GRANT ALL PRIVILEGES ON *.* TO {user} WITH GRANT OPTION"
+    ))
+    .await?;
+    Ok(())
+}
+
+/// Locks `'user'@'%'` (kept, not dropped: views and routines it defined keep their definer)
+/// and ends its sessions. Accounts of other hosts (root's `localhost`, inside the sandbox) stay.
 async fn retire_login(conn: &mut Conn, user: &str) -> Result<(), mysql_async::Error> {
     let exists: Option<u64> = conn
-        .exec_first("SELECT COUNT(*) FROM mysql.user WHERE User = ?", (user,))
+        .exec_first(
+            "SELECT COUNT(*) FROM mysql.user WHERE User = ? AND Host = '%'",
+            (user,),
+        )
         .await?;
     if exists.unwrap_or(0) > 0 {
         conn.query_drop(format!("ALTER USER {} ACCOUNT LOCK", account(user)))

@@ -92,6 +92,14 @@ impl AddonProvider for Postgres {
         PostgresConnection::new(host.to_string(), PORT, login).env_vars()
     }
 
+    fn next_admin(&self, current: &str) -> Result<Option<Credentials>, Error> {
+        let password = miren_addons::generate_password()
+            .map_err(|e| Error::internal(format!("generating a password: {e}")))?;
+        Ok(Some(
+            self.admin_login(&logins::next_admin_name(current), &password),
+        ))
+    }
+
     fn next_login(
         &self,
         _variant: Variant,
@@ -184,6 +192,22 @@ impl ServerConnection for Session {
             logins::add_login(&self.0, &current.database, &next.user, &next.password)
                 .await
                 .map_err(|e| format!("adding login `{}`: {e}", next.user))
+        })
+    }
+
+    fn add_admin<'a>(&'a self, next: &'a Credentials) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            logins::add_admin(&self.0, &next.user, &next.password)
+                .await
+                .map_err(|e| format!("adding administrator `{}`: {}", next.user, describe(&e)))
+        })
+    }
+
+    fn retire_admin<'a>(&'a self, retired: &'a str) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            logins::retire_admin(&self.0, retired)
+                .await
+                .map_err(|e| format!("retiring administrator `{retired}`: {}", describe(&e)))
         })
     }
 

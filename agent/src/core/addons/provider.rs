@@ -78,6 +78,13 @@ pub trait AddonProvider: Send + Sync {
         login: &'a Credentials,
     ) -> BoxFuture<'a, Result<Box<dyn ServerConnection>, String>>;
 
+    /// The administrator a shared server's administrator `current` rotates to: another
+    /// login, with a fresh password (see [`ServerConnection::add_admin`]). `None`: this kind
+    /// cannot rotate it.
+    fn next_admin(&self, _current: &str) -> Result<Option<Credentials>, Error> {
+        Ok(None)
+    }
+
     /// The login an app's credentials rotate to from `current`: another login, with a fresh
     /// password, that reaches the same data (see [`ServerConnection::add_login`]). `None`:
     /// this kind cannot rotate credentials.
@@ -124,6 +131,17 @@ pub trait ServerConnection: Send + Sync {
         _current: &'a Credentials,
     ) -> BoxFuture<'a, Result<(), String>> {
         Box::pin(async { Err("this kind cannot rotate credentials".to_string()) })
+    }
+
+    /// Makes `next` an administrator of the server beside the current one. Safe to repeat.
+    fn add_admin<'a>(&'a self, _next: &'a Credentials) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async { Err("this kind cannot rotate its administrator".to_string()) })
+    }
+
+    /// Stops the administrator `retired` from logging in over the network and ends its
+    /// sessions. Safe to repeat.
+    fn retire_admin<'a>(&'a self, _retired: &'a str) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async { Err("this kind cannot rotate its administrator".to_string()) })
     }
 
     /// Whether anything of the tenant is left (tests and leftovers checks).

@@ -11,7 +11,7 @@ use tracing::info;
 use super::{credentials, is_shared, shared_owner, AddonService, Key};
 use crate::core::error::{Error, ErrorKind};
 use crate::store::addons::{AddonRow, AddonStatus};
-use crate::store::rotations::{BeginRotation, Rotation, RotationPhase};
+use crate::store::rotations::{BeginAdminRotation, BeginRotation, Rotation, RotationPhase};
 use crate::util::now_rfc3339;
 
 /// Held while a rotation of one addon runs in this agent: a second request for the same addon
@@ -254,6 +254,124 @@ impl AddonService {
         self.store.end_rotation(app, kind)?;
         info!(app = %app, addon = %kind, retired = %rotation.previous_user, "credential rotation finished");
         Ok(())
+    }
+}
+
+/// A finished rotation of a shared server's administrator.
+pub struct AdminRotated {
+    pub kind: String,
+    pub previous_user: String,
+    pub next_user: String,
+    pub resumed: bool,
+}
+
+impl AddonService {
+    /// Rotates the administrator of the shared server the app's addon lives on: a second
+    /// administrator is made, recorded, and then the previous one retired, so the agent always
+    /// holds a login the server accepts. A rotation left in flight is finished instead.
+    pub async fn rotate_admin_of(
+        self: &Arc<Self>,
+        app: &str,
+        kind_arg: &str,
+    ) -> Result<AdminRotated, Error> {
+        let (name, _) = super::split_addon_arg(kind_arg);
+        let kind = AddonKind::parse(name)?.name();
+        let row = self.find(app, kind)?;
+        let provider = self.provider(kind)?.clone();
+        if !is_shared(&row) {
+            return Err(Error::new(
+                ErrorKind::Unprocessable,
+                "cannot_rotate",
+                format!(
+                    "app `{app}` has its own {} server (`{}`): the app's login is all it has to rotate; run `miren addon rotate {kind} -a {app}` (--credential user)",
+                    provider.display_name(),
+                    row.variant
+                ),
+            ));
+        }
+        self.rotate_admin(kind).await
+    }
+
+    /// Rotates (or finishes rotating) the administrator of the shared server of `kind`.
+    pub async fn rotate_admin(self: &Arc<Self>, kind: &str) -> Result<AdminRotated, Error> {
+        let _guard = self.rotation_guard("", kind)?;
+        let provider = self.provider(kind)?.clone();
+        let _shared = self.shared.lock().await;
+        let server = self
+            .store
+            .server(kind)?
+            .ok_or_else(|| Error::not_found(format!("this node has no shared {kind} server")))?;
+        let next = provider.next_admin(&server.admin_user)?.ok_or_else(|| {
+            Error::new(
+                ErrorKind::Unprocessable,
+                "cannot_rotate",
+                format!(
+                    "{} cannot rotate its administrator yet",
+                    provider.display_name()
+                ),
+            )
+        })?;
+        let rotation = Rotation {
+            phase: RotationPhase::AddingLogin,
+            next_user: next.user,
+            next_password: next.password,
+            previous_user: server.admin_user.clone(),
+            started_at: now_rfc3339(),
+        };
+        let (rotation, resumed) = match self.store.begin_admin_rotation(kind, &rotation)? {
+            BeginAdminRotation::Begun(r) => (r, false),
+            BeginAdminRotation::Pending(r) => (r, true),
+            BeginAdminRotation::NotServing(status) => {
+                return Err(Error::conflict(format!(
+                    "the shared {kind} server is {status}; rotate its administrator once it serves"
+                )))
+            }
+            BeginAdminRotation::Gone => {
+                return Err(Error::not_found(format!(
+                    "this node has no shared {kind} server"
+                )))
+            }
+        };
+        info!(addon = %kind, from = %rotation.previous_user, to = %rotation.next_user, resumed, "rotating the shared server's administrator");
+        let ip = self.server(&shared_owner(kind))?.ip()?;
+        let login_as = |user: &str, password: &str| provider.admin_login(user, password);
+        let connect = |login: Credentials| {
+            let provider = provider.clone();
+            async move {
+                provider.connect(ip, &login).await.map_err(|e| {
+                    Error::busy(format!(
+                        "logging in to the shared {} server as its administrator: {e}",
+                        provider.display_name()
+                    ))
+                })
+            }
+        };
+        if rotation.phase == RotationPhase::AddingLogin {
+            let session = connect(login_as(&server.admin_user, &server.admin_password)).await?;
+            let next = login_as(&rotation.next_user, &rotation.next_password);
+            session.add_admin(&next).await.map_err(Error::busy)?;
+            self.store.switch_to_next_admin(kind)?;
+        }
+        if rotation.previous_user != rotation.next_user {
+            let session = connect(login_as(&rotation.next_user, &rotation.next_password)).await?;
+            session
+                .retire_admin(&rotation.previous_user)
+                .await
+                .map_err(Error::busy)?;
+        }
+        self.store.end_admin_rotation(kind)?;
+        info!(addon = %kind, retired = %rotation.previous_user, "administrator rotation finished");
+        Ok(AdminRotated {
+            kind: kind.to_string(),
+            previous_user: rotation.previous_user,
+            next_user: rotation.next_user,
+            resumed,
+        })
+    }
+
+    /// Kinds whose shared server has an administrator rotation in flight.
+    pub fn pending_admin_rotations(&self) -> Result<Vec<String>, Error> {
+        Ok(self.store.pending_admin_rotations()?)
     }
 }
 

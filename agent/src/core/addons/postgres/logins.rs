@@ -154,6 +154,79 @@ pub async fn retire_login(admin: &Client, retired: &str) -> Result<(), tokio_pos
     .await
 }
 
+/// The stem of the administrators a shared server's administrator rotates between
+/// (`miren_admin_r1`, `miren_admin_r2`); `miren` names are reserved for apps.
+const ADMIN_STEM: &str = "miren_admin";
+
+/// The administrator a rotation moves the shared server to from `current`.
+pub fn next_admin_name(current: &str) -> String {
+    miren_addons::ident::next_rotation_login(ADMIN_STEM, current, MAX_PG_IDENT_LEN)
+}
+
+/// Makes `admin` (with `password`) a superuser that can log in.
+pub async fn add_admin(
+    session: &Client,
+    admin: &str,
+    password: &str,
+) -> Result<(), tokio_postgres::Error> {
+    retry_concurrent(|| async {
+        let exists = session
+            .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&admin])
+            .await?
+            .is_some();
+        let verb = if exists { "ALTER" } else { "CREATE" };
+        session
+            .batch_execute(&format!(
+                "{verb} ROLE {} SUPERUSER LOGIN PASSWORD {}",
+                ident(admin),
+                literal(password)
+            ))
+            .await
+    })
+    .await
+}
+
+/// Stops `admin` from logging in over the network (no password: the server admits only
+/// password logins from outside its sandbox) and ends its sessions. The image's bootstrap
+/// superuser keeps its local login (trust, inside the sandbox only); a rotation administrator
+/// also loses `LOGIN`.
+pub async fn retire_admin(session: &Client, admin: &str) -> Result<(), tokio_postgres::Error> {
+    retry_concurrent(|| async {
+        let bootstrap: Option<bool> = session
+            .query_opt(
+                "SELECT oid = 10 FROM pg_roles WHERE rolname = $1",
+                &[&admin],
+            )
+            .await?
+            .map(|row| row.get(0));
+        match bootstrap {
+            Some(true) => {
+                session
+                    .batch_execute(&format!("ALTER ROLE {} PASSWORD NULL", ident(admin)))
+                    .await?
+            }
+            Some(false) => {
+                session
+                    .batch_execute(&format!(
+                        "ALTER ROLE {} NOLOGIN PASSWORD NULL",
+                        ident(admin)
+                    ))
+                    .await?
+            }
+            None => {}
+        }
+        session
+            .query(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                 WHERE usename = $1 AND pid <> pg_backend_pid()",
+                &[&admin],
+            )
+            .await?;
+        Ok(())
+    })
+    .await
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum AddLoginError {
     #[error("database `{0}` does not exist")]
