@@ -32,7 +32,10 @@ printf '"%s" "%s"\n' "${PGBOUNCER_AUTH_USER//\"/\"\"}" "${PGBOUNCER_AUTH_PASSWOR
 	>"$DIR/userlist.txt"
 unset PGBOUNCER_AUTH_PASSWORD
 
-write_ini() { # write_ini NAME PORT MODE POOL_SIZE
+# RESET ALL after every transaction keeps one client's SET from reaching the next client on
+# the same server connection (prepared statements survive it; PgBouncer tracks those);
+# session mode cleans up fully (DISCARD ALL) when a client leaves.
+write_ini() { # write_ini NAME PORT MODE POOL_SIZE RESET_QUERY RESET_ALWAYS
 	cat >"$DIR/$1.ini" <<INI
 [databases]
 * = host=$PGBOUNCER_SERVER_HOST port=$SERVER_PORT
@@ -51,7 +54,8 @@ max_client_conn = $MAX_CLIENT_CONN
 default_pool_size = $4
 max_prepared_statements = $PREPARED
 ignore_startup_parameters = extra_float_digits
-server_reset_query = DISCARD ALL
+server_reset_query = $5
+server_reset_query_always = $6
 log_connections = 0
 log_disconnections = 0
 INI
@@ -62,11 +66,11 @@ if [ $# -gt 0 ]; then
 fi
 
 pids=()
-write_ini transaction "$TX_PORT" transaction "$TX_POOL"
+write_ini transaction "$TX_PORT" transaction "$TX_POOL" "RESET ALL" 1
 pgbouncer "$DIR/transaction.ini" &
 pids+=($!)
 if [ -n "$SESSION_PORT" ]; then
-	write_ini session "$SESSION_PORT" session "$SESSION_POOL"
+	write_ini session "$SESSION_PORT" session "$SESSION_POOL" "DISCARD ALL" 0
 	pgbouncer "$DIR/session.ini" &
 	pids+=($!)
 fi

@@ -33,6 +33,10 @@ pub enum AddonCommand {
         /// A version from the catalogue (e.g. 16, mariadb-11), or a full image reference.
         #[arg(long)]
         version: Option<String>,
+        /// PostgreSQL: what DATABASE_URL points at: transaction (the pooler, default on
+        /// shared), session (the session pooler) or none (the server, default on small).
+        #[arg(long, value_parser = ["transaction", "session", "none"])]
+        pooling: Option<String>,
         /// Return once recorded instead of waiting for `active`.
         #[arg(long)]
         no_wait: bool,
@@ -67,11 +71,15 @@ pub(crate) fn print_addons(addons: &[Addon]) {
                 a.variant.clone(),
                 a.version.clone(),
                 a.status.to_string(),
+                a.pooling.clone().unwrap_or_else(|| "-".into()),
                 a.reason.clone().unwrap_or_else(|| "-".into()),
             ]
         })
         .collect();
-    print_table(&["NAME", "VARIANT", "VERSION", "STATUS", "REASON"], rows);
+    print_table(
+        &["NAME", "VARIANT", "VERSION", "STATUS", "POOLING", "REASON"],
+        rows,
+    );
 }
 
 /// Asks on a terminal; scripts (no terminal) pass --yes or are not asked.
@@ -156,6 +164,7 @@ pub async fn run(client: &Client, command: AddonCommand) -> Result<i32> {
             addon,
             app,
             version,
+            pooling,
             no_wait,
             json: as_json,
         } => {
@@ -165,6 +174,7 @@ pub async fn run(client: &Client, command: AddonCommand) -> Result<i32> {
                 addon,
                 variant: None,
                 version,
+                pooling,
                 wait: !no_wait,
             };
             let created = client.create_addon(&req).await?;
