@@ -24,6 +24,9 @@ const SCHEMA: &str = "miren_pooler";
 /// with the session pooler's 40 stay below PostgreSQL's default `max_connections` (100).
 pub const TRANSACTION_POOL_SIZE: u32 = 20;
 pub const SESSION_POOL_SIZE: u32 = 40;
+// Both pools together stay below the server's default max_connections (100).
+const _: () = assert!(TRANSACTION_POOL_SIZE + SESSION_POOL_SIZE < 100);
+
 /// Clients per pooler; every one needs a file descriptor (the sandbox has the agent's hard
 /// NOFILE limit).
 pub const MAX_CLIENT_CONN: u32 = 2000;
@@ -154,8 +157,6 @@ mod tests {
         assert_eq!(get("PGBOUNCER_SESSION_PORT"), "6433");
         assert_eq!(get("PGBOUNCER_MAX_PREPARED_STATEMENTS"), "200");
         assert!(get("PGBOUNCER_MAX_CLIENT_CONN").parse::<u32>().unwrap() >= 1000);
-        // Both pools together stay below the server's default max_connections (100).
-        assert!(TRANSACTION_POOL_SIZE + SESSION_POOL_SIZE < 100);
         assert!(spec.command.is_empty());
     }
 }
