@@ -408,7 +408,7 @@ pub struct CreateAddon {
     pub version: Option<String>,
     /// PostgreSQL only: what `DATABASE_URL` points at, `transaction`, `session` or `none`;
     /// default: `transaction` on `shared`, `none` on `small`. Changes in place.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pooling: Option<String>,
     /// Answer once the addon is `active` or `error` instead of right away.
     #[serde(default)]

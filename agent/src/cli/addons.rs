@@ -71,15 +71,11 @@ pub(crate) fn print_addons(addons: &[Addon]) {
                 a.variant.clone(),
                 a.version.clone(),
                 a.status.to_string(),
-                a.pooling.clone().unwrap_or_else(|| "-".into()),
                 a.reason.clone().unwrap_or_else(|| "-".into()),
             ]
         })
         .collect();
-    print_table(
-        &["NAME", "VARIANT", "VERSION", "STATUS", "POOLING", "REASON"],
-        rows,
-    );
+    print_table(&["NAME", "VARIANT", "VERSION", "STATUS", "REASON"], rows);
 }
 
 /// Asks on a terminal; scripts (no terminal) pass --yes or are not asked.
