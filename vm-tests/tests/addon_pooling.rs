@@ -336,7 +336,7 @@ fn visits_example_through_the_pooler_and_kill_9_while_the_pooler_is_made() {
     // kill -9 at points of a small addon's creation around the pooler's (it starts once the
     // server answers: about a second in on a quiet machine, later under load).
     let mut known = BTreeSet::new();
-    for (i, ms) in [700u64, 1200, 1900, 2600].into_iter().enumerate() {
+    for (i, ms) in [800u64, 1500, 2400].into_iter().enumerate() {
         let app = format!("k{i}");
         known.insert(app.clone());
         kill_during(
