@@ -9,7 +9,9 @@ use std::time::Duration;
 use toml::de::{DeTable, DeValue};
 use toml::Spanned;
 
-use crate::catalogue::{validate_image_ref, AddonKind, ResolvedAddon, ResolvedVersion, Variant};
+use crate::catalogue::{
+    validate_image_ref, AddonKind, Pooling, ResolvedAddon, ResolvedVersion, Variant,
+};
 use crate::ident::{validate_name, validate_user_name};
 
 /// Largest `size_gb`: 1 PiB. Keeps `size_gb << 30` far inside u64 and SQLite's i64.
@@ -104,6 +106,8 @@ pub struct AddonConfig {
     pub version: ResolvedVersion,
     /// True when `version` was written: a pinned addon is never moved to a newer default.
     pub version_pinned: bool,
+    /// `pooling` (PostgreSQL only); `None`: the variant's default (`Pooling::default_for`).
+    pub pooling: Option<Pooling>,
 }
 
 impl AddonConfig {
@@ -227,7 +231,7 @@ const DISK_FIELDS: &[&str] = &[
     "lease_timeout",
 ];
 const PROVIDERS: &[&str] = &["miren (default)", "local"];
-const ADDON_FIELDS: &[&str] = &["variant", "version"];
+const ADDON_FIELDS: &[&str] = &["variant", "version", "pooling"];
 
 struct Ctx<'t> {
     text: &'t str,
@@ -469,7 +473,11 @@ impl<'t> Ctx<'t> {
                     None
                 }
             };
-            let Some(at) = self.table(v, path, "a table with optional variant and version") else {
+            let Some(at) = self.table(
+                v,
+                path,
+                "a table with optional variant, version and pooling",
+            ) else {
                 continue;
             };
             self.check_fields(&at, ADDON_FIELDS);
@@ -518,12 +526,14 @@ impl<'t> Ctx<'t> {
                     }
                 }
             };
-            if let (Some(variant), Some(version)) = (variant, version) {
+            let pooling = self.addon_pooling(&at, kind);
+            if let (Some(variant), Some(version), Some(pooling)) = (variant, version, pooling) {
                 out.push(AddonConfig {
                     kind,
                     variant,
                     version,
                     version_pinned: version_value.is_some(),
+                    pooling,
                 });
             }
         }
@@ -534,6 +544,22 @@ impl<'t> Ctx<'t> {
             }
         }
         out
+    }
+
+    /// `pooling = "transaction" | "session" | "none"`: Some(None) when absent, None after an
+    /// error (recorded).
+    fn addon_pooling(&mut self, at: &Tbl<'_, '_>, kind: AddonKind) -> Option<Option<Pooling>> {
+        if at.get("pooling").is_none() {
+            return Some(None);
+        }
+        let (s, span) = self.string(at, "pooling")?;
+        match kind.parse_pooling(&s) {
+            Ok(p) => Some(Some(p)),
+            Err(e) => {
+                self.err(&span, at.field("pooling"), e.to_string());
+                None
+            }
+        }
     }
 
     fn services(&mut self, v: &Value<'_>, addons: &[AddonConfig]) -> Vec<ServiceConfig> {

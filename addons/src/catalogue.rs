@@ -94,6 +94,57 @@ pub enum CatalogueError {
     },
     #[error("version `{version}` looks like an image reference but is not a valid one: {reason}")]
     BadImageRef { version: String, reason: String },
+    #[error("unknown pooling `{0}`; choose one of: transaction, session, none")]
+    UnknownPooling(String),
+    #[error("addon {0} has no connection pooler: `pooling` is for miren-postgresql only")]
+    NoPooler(&'static str),
+}
+
+/// What a PostgreSQL addon's `DATABASE_URL` points at: its pooler (PgBouncer) in transaction
+/// or session mode, or the server itself. The other URLs are always injected as well.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Pooling {
+    /// A server connection per transaction: many clients on few server connections; no
+    /// session state (`SET`, `LISTEN`, advisory locks) survives a transaction.
+    Transaction,
+    /// A server connection per client session, kept until the client disconnects.
+    Session,
+    /// The server itself.
+    None,
+}
+
+impl Pooling {
+    pub const ALL: [Pooling; 3] = [Pooling::Transaction, Pooling::Session, Pooling::None];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Pooling::Transaction => "transaction",
+            Pooling::Session => "session",
+            Pooling::None => "none",
+        }
+    }
+
+    pub fn parse(name: &str) -> Result<Pooling, CatalogueError> {
+        Pooling::ALL
+            .into_iter()
+            .find(|p| p.name() == name)
+            .ok_or_else(|| CatalogueError::UnknownPooling(name.to_string()))
+    }
+
+    /// `transaction` on a shared server (many apps, one `max_connections`), `none` on a
+    /// small one (as before pooling existed).
+    pub fn default_for(variant: Variant) -> Pooling {
+        match variant {
+            Variant::Shared => Pooling::Transaction,
+            Variant::Small => Pooling::None,
+        }
+    }
+}
+
+impl std::fmt::Display for Pooling {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 /// Static facts about one variant, for `miren addon variants NAME`.
@@ -274,6 +325,19 @@ impl AddonKind {
             .iter()
             .copied()
             .find(|v| v.image_ref() == image)
+    }
+
+    /// Whether its servers have a connection pooler (and so take `pooling`).
+    pub fn has_pooler(self) -> bool {
+        self == AddonKind::Postgresql
+    }
+
+    /// `pooling` as asked for this kind: an error for a kind without a pooler.
+    pub fn parse_pooling(self, name: &str) -> Result<Pooling, CatalogueError> {
+        if !self.has_pooler() {
+            return Err(CatalogueError::NoPooler(self.name()));
+        }
+        Pooling::parse(name)
     }
 
     /// The variables an instance injects into its app (see `env`).

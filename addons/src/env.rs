@@ -2,15 +2,17 @@
 
 use std::fmt;
 
-use crate::catalogue::AddonKind;
+use crate::catalogue::{AddonKind, Pooling};
 use crate::credentials::Credentials;
 
 /// What a sensitive value shows as. Fixed length, so it leaks nothing about the secret.
 pub const MASK: &str = "********";
 
-/// Names PostgreSQL injects, in the order they are produced.
+/// Names PostgreSQL injects, in the order [`postgres_env`] produces them.
 pub const POSTGRES_ENV_KEYS: &[&str] = &[
     "DATABASE_URL",
+    "DATABASE_URL_SESSION",
+    "DATABASE_URL_DIRECT",
     "PGHOST",
     "PGPORT",
     "PGUSER",
@@ -178,6 +180,16 @@ impl PostgresConnection {
         )
     }
 
+    /// The same login through another host and port (the pooler in front of the server).
+    pub fn via(&self, host: impl Into<String>, port: u16) -> PostgresConnection {
+        PostgresConnection {
+            host: host.into(),
+            port,
+            ..self.clone()
+        }
+    }
+
+    /// The server's own variables, without a pooler: `DATABASE_URL` and `PG*`.
     pub fn env_vars(&self) -> Vec<EnvVar> {
         let var = |key, value, sensitive| EnvVar {
             key,
@@ -199,6 +211,33 @@ impl fmt::Debug for PostgresConnection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.redacted_url())
     }
+}
+
+/// The pooler's transaction-mode port (PgBouncer's usual one).
+pub const POOLER_TRANSACTION_PORT: u16 = 6432;
+/// The pooler's session-mode port.
+pub const POOLER_SESSION_PORT: u16 = 6433;
+
+/// `miren-postgresql`'s variables with its pooler at `pooler_host`: `DATABASE_URL` where
+/// `pooling` says, `DATABASE_URL_SESSION` (the session pooler), `DATABASE_URL_DIRECT` (the
+/// server, for migrations, `LISTEN/NOTIFY`, advisory locks), and `PG*` naming the server.
+pub fn postgres_env(
+    direct: &PostgresConnection,
+    pooler_host: &str,
+    pooling: Pooling,
+) -> Vec<EnvVar> {
+    let transaction = direct.via(pooler_host, POOLER_TRANSACTION_PORT);
+    let session = direct.via(pooler_host, POOLER_SESSION_PORT);
+    let main = match pooling {
+        Pooling::Transaction => &transaction,
+        Pooling::Session => &session,
+        Pooling::None => direct,
+    };
+    let mut vars = direct.env_vars();
+    vars[0] = var("DATABASE_URL", main.database_url(), true);
+    vars.insert(1, var("DATABASE_URL_SESSION", session.database_url(), true));
+    vars.insert(2, var("DATABASE_URL_DIRECT", direct.database_url(), true));
+    vars
 }
 
 fn var(key: &'static str, value: String, sensitive: bool) -> EnvVar {
@@ -338,7 +377,7 @@ mod tests {
             c.database_url(),
             "postgres://myapp:pass@10.10.0.196:5432/myapp"
         );
-        let vars = c.env_vars();
+        let vars = postgres_env(&c, "10.10.0.200", Pooling::None);
         let keys: Vec<_> = vars.iter().map(|v| v.key).collect();
         assert_eq!(keys, POSTGRES_ENV_KEYS);
         let get = |k: &str| vars.iter().find(|v| v.key == k).unwrap();
@@ -348,9 +387,42 @@ mod tests {
         assert_eq!(get("PGPASSWORD").value, "pass");
         assert_eq!(get("PGDATABASE").value, "myapp");
         for v in &vars {
-            let should = matches!(v.key, "DATABASE_URL" | "PGPASSWORD");
+            let should = v.key.starts_with("DATABASE_URL") || v.key == "PGPASSWORD";
             assert_eq!(v.sensitive, should, "{}", v.key);
         }
+    }
+
+    #[test]
+    fn pooling_picks_what_database_url_points_at() {
+        let c = conn("myapp", "pass", "myapp");
+        let url = |pooling| {
+            let vars = postgres_env(&c, "10.10.0.200", pooling);
+            let get = |k: &str| vars.iter().find(|v| v.key == k).unwrap().value.clone();
+            // The other two URLs and PG* never change with the mode.
+            assert_eq!(
+                get("DATABASE_URL_SESSION"),
+                "postgres://myapp:pass@10.10.0.200:6433/myapp"
+            );
+            assert_eq!(
+                get("DATABASE_URL_DIRECT"),
+                "postgres://myapp:pass@10.10.0.196:5432/myapp"
+            );
+            assert_eq!(get("PGHOST"), "10.10.0.196");
+            assert_eq!(get("PGPORT"), "5432");
+            get("DATABASE_URL")
+        };
+        assert_eq!(
+            url(Pooling::Transaction),
+            "postgres://myapp:pass@10.10.0.200:6432/myapp"
+        );
+        assert_eq!(
+            url(Pooling::Session),
+            "postgres://myapp:pass@10.10.0.200:6433/myapp"
+        );
+        assert_eq!(
+            url(Pooling::None),
+            "postgres://myapp:pass@10.10.0.196:5432/myapp"
+        );
     }
 
     #[test]
@@ -432,7 +504,11 @@ mod tests {
         let keys = |vars: Vec<EnvVar>| vars.iter().map(|v| v.key).collect::<Vec<_>>();
         let host = "10.10.0.7";
         assert_eq!(
-            keys(PostgresConnection::new(host, 5432, &login).env_vars()),
+            keys(postgres_env(
+                &PostgresConnection::new(host, 5432, &login),
+                "10.10.0.8",
+                Pooling::Transaction
+            )),
             AddonKind::Postgresql.env_keys()
         );
         assert_eq!(
@@ -518,6 +594,6 @@ mod tests {
             .iter()
             .map(|k| k.env_keys().len())
             .sum();
-        assert_eq!(all, 23);
+        assert_eq!(all, 25);
     }
 }

@@ -37,13 +37,13 @@ pub use app_toml::{
     DiskProvider, EnvEntry, Filesystem, Problem, ServiceConfig, ServiceLimits,
 };
 pub use catalogue::{
-    AddonInfo, AddonKind, Catalogue, CatalogueError, CatalogueVersion, ResolvedAddon,
+    AddonInfo, AddonKind, Catalogue, CatalogueError, CatalogueVersion, Pooling, ResolvedAddon,
     ResolvedVersion, Tenancy, Variant, VariantInfo,
 };
 pub use credentials::{generate_password, Credentials, RandomError};
 pub use env::{
-    clashing_kinds, env_clash, memcache_env, mysql_env, rabbitmq_env, valkey_env, EnvClash, EnvVar,
-    PostgresConnection, MASK,
+    clashing_kinds, env_clash, memcache_env, mysql_env, postgres_env, rabbitmq_env, valkey_env,
+    EnvClash, EnvVar, PostgresConnection, MASK, POOLER_SESSION_PORT, POOLER_TRANSACTION_PORT,
 };
 pub use ident::{
     is_reserved_name, validate_name, validate_user_name, MysqlIdentifiers, NameError,

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use miren_addons::{
     parse_app_toml, AddonConfig, AddonKind, AppConfig, Command, DiskConfig, DiskProvider, EnvEntry,
-    Filesystem, ResolvedVersion, ServiceConfig, ServiceLimits, Variant,
+    Filesystem, Pooling, ResolvedVersion, ServiceConfig, ServiceLimits, Variant,
 };
 
 const PATH: &str = ".miren/app.toml";
@@ -30,7 +30,37 @@ fn pg(variant: Variant, version: ResolvedVersion, pinned: bool) -> AddonConfig {
         variant,
         version,
         version_pinned: pinned,
+        pooling: None,
     }
+}
+
+#[test]
+fn pooling_is_typed_and_postgresql_only() {
+    let toml = |section: &str, body: &str| {
+        format!(
+            "name = \"a\"\n[services.web]\nimage = \"oven/bun:1\"\n[addons.{section}]\n{body}\n"
+        )
+    };
+    let app = parse(&toml(
+        "miren-postgresql",
+        "variant = \"shared\"\npooling = \"session\"",
+    ));
+    assert_eq!(app.addons[0].pooling, Some(Pooling::Session));
+    let app = parse(&toml("miren-postgresql", ""));
+    assert_eq!(app.addons[0].pooling, None);
+    let e = error(&toml("miren-postgresql", "pooling = \"always\""));
+    assert!(
+        e.contains("line 5") && e.contains("addons.miren-postgresql.pooling"),
+        "{e}"
+    );
+    assert!(e.contains("transaction, session, none"), "{e}");
+    let e = error(&toml("miren-valkey", "pooling = \"session\""));
+    assert!(
+        e.contains("line 5") && e.contains("miren-postgresql only"),
+        "{e}"
+    );
+    let e = error(&toml("miren-postgresql", "pooling = 1"));
+    assert!(e.contains("expected a string"), "{e}");
 }
 
 // The Bun example from the addons announcement and docs, verbatim: it has no image.
@@ -354,7 +384,7 @@ fn unknown_fields_are_named_with_the_valid_ones() {
         ),
         (
             "name = \"a\"\n[services.web]\nimage = \"x\"\n[addons.miren-postgresql]\nvariant = \"small\"\nsize = \"big\"\n",
-            ".miren/app.toml line 6: addons.miren-postgresql.size: unknown field; valid fields here are: variant, version",
+            ".miren/app.toml line 6: addons.miren-postgresql.size: unknown field; valid fields here are: variant, version, pooling",
         ),
     ];
     for (text, want) in cases {
@@ -530,7 +560,7 @@ fn mistyped_addons_and_empty_services() {
     );
     assert_eq!(
         error(&format!("{base}[addons]\nmiren-postgresql = \"small\"\n")),
-        ".miren/app.toml line 5: addons.miren-postgresql: expected a table with optional variant and version, found a string"
+        ".miren/app.toml line 5: addons.miren-postgresql: expected a table with optional variant, version and pooling, found a string"
     );
     assert_eq!(
         error(&format!("{base}[addons.miren-postgresql]\nvariant = 1\n")),

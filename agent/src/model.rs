@@ -406,6 +406,10 @@ pub struct CreateAddon {
     /// A catalogue version (`17`, `mariadb-11`) or a full image reference; default: the catalogue default.
     #[serde(default)]
     pub version: Option<String>,
+    /// PostgreSQL only: what `DATABASE_URL` points at, `transaction`, `session` or `none`;
+    /// default: `transaction` on `shared`, `none` on `small`. Changes in place.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pooling: Option<String>,
     /// Answer once the addon is `active` or `error` instead of right away.
     #[serde(default)]
     pub wait: bool,
@@ -428,6 +432,12 @@ pub struct Addon {
     pub reason: Option<String>,
     /// The sandbox the addon's server runs in.
     pub server: String,
+    /// PostgreSQL: what `DATABASE_URL` points at (`transaction`, `session`, `none`); the
+    /// pooler's sandbox is `pooler`. Absent for kinds without a pooler.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pooling: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pooler: Option<String>,
     /// `cli` or `deploy`: a redeploy removes only addons a deploy made.
     pub source: String,
     pub created_at: String,

@@ -58,7 +58,7 @@ fn superuser(agent: &TestAgent, sql: &str) -> String {
 fn tenants(agent: &TestAgent) -> (BTreeSet<String>, BTreeSet<String>) {
     let roles = superuser(
         agent,
-        "select rolname from pg_roles where rolname !~ '^pg_' and rolname <> 'postgres'",
+        "select rolname from pg_roles where rolname !~ '^pg_' and rolname not in ('postgres', 'miren_pooler')",
     );
     let dbs = superuser(
         agent,
@@ -600,7 +600,12 @@ fn assert_shared_members(agent: &TestAgent, members: &[&str]) {
         .iter()
         .map(|a| a.as_str().unwrap().to_string())
         .collect();
-    let want: BTreeSet<String> = members.iter().map(|m| m.to_string()).collect();
+    // ... and the pooler in front of it.
+    let want: BTreeSet<String> = members
+        .iter()
+        .map(|m| m.to_string())
+        .chain(["addon-pg-pool".to_string()])
+        .collect();
     assert_eq!(
         allow, want,
         "the shared server admits other apps than its members"
@@ -726,8 +731,14 @@ fn converged(agent: &TestAgent, known: &mut BTreeMap<String, String>, context: &
     if !shared.is_empty() {
         expected.insert("addon-pg".into());
     }
+    // Every server has its pooler beside it (a sandbox without a disk).
+    let sandboxes = expected
+        .iter()
+        .map(|s| format!("{s}-pool"))
+        .chain(expected.iter().cloned())
+        .collect();
     // A shared server's removal finishes after its last member's row is gone.
-    wait_sandboxes_and_disks(agent, &expected, &expected, poll, context);
+    wait_sandboxes_and_disks(agent, &sandboxes, &expected, poll, context);
     let endpoints = assert_running_with_their_endpoints(agent, context);
     let ips: BTreeSet<&str> = endpoints
         .iter()

@@ -1,5 +1,5 @@
 //! Several addons on one app: every addon's variables reach every service (four kinds at
-//! once give all 23), two kinds that set the same variable are refused before anything is
+//! once give all 25), two kinds that set the same variable are refused before anything is
 //! made, and the second example app (`examples/python-orders`) works on MySQL shared, Valkey
 //! and RabbitMQ together.
 //!
@@ -16,8 +16,10 @@ use miren_vm_tests::TestAgent;
 use serde_json::Value;
 
 /// The variables of PostgreSQL, Valkey, Memcached and RabbitMQ, as apps already read them.
-const FOUR_KINDS_VARIABLES: [&str; 23] = [
+const FOUR_KINDS_VARIABLES: [&str; 25] = [
     "DATABASE_URL",
+    "DATABASE_URL_SESSION",
+    "DATABASE_URL_DIRECT",
     "PGHOST",
     "PGPORT",
     "PGUSER",
@@ -63,7 +65,7 @@ fn destroy_all(agent: &TestAgent, app: &str, kinds: &[&str]) {
 }
 
 #[test]
-fn four_addons_on_one_app_give_every_service_all_23_variables() {
+fn four_addons_on_one_app_give_every_service_all_25_variables() {
     let Some(agent) = agent_with_mirror(&[]) else {
         return;
     };

@@ -49,6 +49,10 @@ pub enum AddonCommand {
         /// A version from the catalogue (e.g. 16, mariadb-11), or a full image reference.
         #[arg(long)]
         version: Option<String>,
+        /// PostgreSQL: what DATABASE_URL points at: transaction (the pooler, default on
+        /// shared), session (the session pooler) or none (the server, default on small).
+        #[arg(long, value_parser = ["transaction", "session", "none"])]
+        pooling: Option<String>,
         /// Return once recorded instead of waiting for `active`.
         #[arg(long)]
         no_wait: bool,
@@ -184,6 +188,7 @@ pub async fn run(client: &Client, command: AddonCommand) -> Result<i32> {
             addon,
             app,
             version,
+            pooling,
             no_wait,
             json: as_json,
         } => {
@@ -193,6 +198,7 @@ pub async fn run(client: &Client, command: AddonCommand) -> Result<i32> {
                 addon,
                 variant: None,
                 version,
+                pooling,
                 wait: !no_wait,
             };
             let created = client.create_addon(&req).await?;

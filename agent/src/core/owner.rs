@@ -91,9 +91,19 @@ pub enum Owner {
     Addon { app: String, kind: String },
     /// The node's shared server of an addon kind: its sandbox and its disk.
     Shared { kind: String },
+    /// The sidecar beside an addon server (`Addon` or `Shared`): PostgreSQL's pooler. A
+    /// sandbox only, no disk; removed with its server.
+    Sidecar { server: Box<Owner> },
 }
 
 impl Owner {
+    /// The sidecar of an addon server.
+    pub fn sidecar_of(server: &Owner) -> Owner {
+        Owner::Sidecar {
+            server: Box::new(server.clone()),
+        }
+    }
+
     /// An app as a disk owner.
     pub fn app(app: &str) -> Owner {
         Owner::App {
@@ -124,6 +134,7 @@ impl Owner {
             Owner::App { app, service } => format!("service `{service}` of app `{app}`"),
             Owner::Addon { app, kind } => format!("the {kind} addon of app `{app}`"),
             Owner::Shared { kind } => format!("the shared {kind} server"),
+            Owner::Sidecar { server } => format!("the sidecar of {}", server.describe()),
         }
     }
 }

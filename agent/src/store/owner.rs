@@ -9,6 +9,12 @@ pub(crate) fn owner_columns(owner: &Owner) -> (&'static str, &str, &str) {
         Owner::App { app, service } => ("app", app, service),
         Owner::Addon { app, kind } => ("addon", app, kind),
         Owner::Shared { kind } => ("shared", "", kind),
+        // Sidecars of other owners are not recorded (only addon servers have them).
+        Owner::Sidecar { server } => match server.as_ref() {
+            Owner::Shared { kind } => ("shared-sidecar", "", kind),
+            Owner::Addon { app, kind } => ("addon-sidecar", app, kind),
+            _ => ("sidecar", "", ""),
+        },
     }
 }
 
@@ -24,6 +30,8 @@ pub(crate) fn owner_from_columns(
         "app" => Some(Owner::App { app, service: part }),
         "addon" => Some(Owner::Addon { app, kind: part }),
         "shared" => Some(Owner::Shared { kind: part }),
+        "addon-sidecar" => Some(Owner::sidecar_of(&Owner::Addon { app, kind: part })),
+        "shared-sidecar" => Some(Owner::sidecar_of(&Owner::Shared { kind: part })),
         _ => None,
     }
 }
@@ -44,6 +52,13 @@ mod tests {
             Owner::Shared {
                 kind: "miren-postgresql".into(),
             },
+            Owner::sidecar_of(&Owner::Addon {
+                app: "shop".into(),
+                kind: "miren-postgresql".into(),
+            }),
+            Owner::sidecar_of(&Owner::Shared {
+                kind: "miren-postgresql".into(),
+            }),
         ] {
             let (kind, app, part) = owner_columns(&owner);
             let back = owner_from_columns(Some(kind.into()), Some(app.into()), Some(part.into()));

@@ -20,10 +20,12 @@ pub(crate) mod fakes;
 pub mod host;
 mod memcache;
 mod mysql;
+mod pooler;
 pub mod postgres;
 pub mod provider;
 pub mod rabbitmq;
 pub mod rotate;
+mod sidecar;
 mod steps;
 #[cfg(test)]
 mod tests;
@@ -33,7 +35,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use miren_addons::{AddonKind, Catalogue, CatalogueError, Credentials, ResolvedVersion, Variant};
+use miren_addons::{
+    AddonKind, Catalogue, CatalogueError, Credentials, Pooling, ResolvedVersion, Variant,
+};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
@@ -108,6 +112,22 @@ fn shared_owner(kind: &str) -> Owner {
     Owner::Shared {
         kind: kind.to_string(),
     }
+}
+
+/// What the addon's `DATABASE_URL` points at: as recorded in `extra`, else the variant's
+/// default (rows from before pooling).
+fn pooling(row: &AddonRow) -> Pooling {
+    row.extra
+        .get("pooling")
+        .and_then(|v| v.as_str())
+        .and_then(|p| Pooling::parse(p).ok())
+        .unwrap_or_else(|| {
+            Pooling::default_for(if is_shared(row) {
+                Variant::Shared
+            } else {
+                Variant::Small
+            })
+        })
 }
 
 /// The app's login, as its row keeps it.
@@ -245,6 +265,14 @@ impl AddonService {
             Ok(Some(sandbox)) => sandbox.name,
             _ => self.server_name(row),
         };
+        let has_pooler = self.provider(&row.kind).is_ok_and(|p| p.has_sidecar());
+        let pooler = match self
+            .store
+            .sandbox_of(&Owner::sidecar_of(&server_owner(row)))
+        {
+            Ok(Some(sandbox)) => Some(sandbox.name),
+            _ => None,
+        };
         Addon {
             name: row.kind.clone(),
             app: row.app.clone(),
@@ -254,6 +282,8 @@ impl AddonService {
             status: row.status,
             reason: row.reason.clone(),
             server,
+            pooling: has_pooler.then(|| pooling(row).name().to_string()),
+            pooler,
             source: row.source.clone(),
             created_at: row.created_at.clone(),
             updated_at: row.updated_at.clone(),
@@ -291,6 +321,16 @@ impl AddonService {
         let clashing: Vec<&str> = miren_addons::clashing_kinds(resolved.kind)
             .map(AddonKind::name)
             .collect();
+        let asked_pooling = req
+            .pooling
+            .as_deref()
+            .map(|p| resolved.kind.parse_pooling(p))
+            .transpose()?;
+        let mut extra = serde_json::Map::new();
+        if resolved.kind.has_pooler() {
+            let mode = asked_pooling.unwrap_or(Pooling::default_for(resolved.variant));
+            extra.insert("pooling".into(), mode.name().into());
+        }
         let creds = provider.app_credentials(&req.app)?;
         let now = now_rfc3339();
         let row = AddonRow {
@@ -305,7 +345,7 @@ impl AddonService {
             user: creds.user,
             password: creds.password,
             database: creds.database,
-            extra: Default::default(),
+            extra,
             created_at: now.clone(),
             updated_at: now,
         };
@@ -359,6 +399,13 @@ impl AddonService {
                     row.app, existing.image
                 )));
             }
+            if let Some(mode) = asked_pooling.filter(|m| *m != pooling(&existing)) {
+                // Only variables change: the app's services pick them up on their next start.
+                let mut extra = existing.extra.clone();
+                extra.insert("pooling".into(), mode.name().into());
+                self.store.set_addon_extra(&existing.app, kind, &extra)?;
+                info!(app = %existing.app, addon = %kind, pooling = %mode, "addon pooling changed");
+            }
             if existing.status == AddonStatus::Error {
                 self.store.transition_addon(
                     &existing.app,
@@ -407,7 +454,9 @@ impl AddonService {
                 let healthy = matches!(
                     self.host.server_sandbox(&server_owner(&row)),
                     Ok(Some(s)) if !s.failed
-                );
+                ) && self
+                    .provider(&row.kind)
+                    .is_ok_and(|p| self.sidecar_healthy(p.as_ref(), &server_owner(&row)));
                 if !healthy
                     && self.store.transition_addon(
                         &row.app,
@@ -525,13 +574,16 @@ impl AddonService {
                 continue;
             }
             let provider = self.provider(&row.kind)?;
-            let ip = self.server(&server_owner(&row))?.ip()?;
-            vars.extend(
-                provider
-                    .env_vars(ip, &credentials(&row))
-                    .into_iter()
-                    .map(|v| (v, row.kind.clone())),
-            );
+            let owner = server_owner(&row);
+            let ip = self.server(&owner)?.ip()?;
+            let login = credentials(&row);
+            let env = if provider.has_sidecar() {
+                let sidecar = self.server(&Owner::sidecar_of(&owner))?.ip()?;
+                provider.env_vars_with_sidecar(ip, sidecar, &login, pooling(&row))
+            } else {
+                provider.env_vars(ip, &login)
+            };
+            vars.extend(env.into_iter().map(|v| (v, row.kind.clone())));
         }
         Ok(vars)
     }

@@ -5,10 +5,12 @@
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use miren_addons::{AddonKind, Credentials, EnvVar, PostgresConnection, Variant};
+use miren_addons::{AddonKind, Credentials, EnvVar, Pooling, PostgresConnection, Variant};
 use tokio_postgres::{Client, NoTls};
 
-use super::provider::{AddonProvider, BoxFuture, DataDisk, ServerConnection, ServerSpec};
+use super::provider::{
+    AddonProvider, BoxFuture, DataDisk, ServerConnection, ServerSpec, SidecarSpec,
+};
 use crate::core::error::Error;
 
 mod logins;
@@ -133,6 +135,41 @@ impl AddonProvider for Postgres {
             Ok(Box::new(Session(client)) as Box<dyn ServerConnection>)
         })
     }
+
+    // Pooling: a PgBouncer beside every server (`pooler.rs`).
+
+    fn has_sidecar(&self) -> bool {
+        true
+    }
+
+    fn sidecar(
+        &self,
+        _variant: Variant,
+        server: Ipv4Addr,
+        admin: &Credentials,
+        secret: &str,
+    ) -> Option<SidecarSpec> {
+        Some(super::pooler::spec(server, admin, secret))
+    }
+
+    fn sidecar_ready<'a>(
+        &'a self,
+        host: Ipv4Addr,
+        login: &'a Credentials,
+    ) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(super::pooler::ready(host, login))
+    }
+
+    fn env_vars_with_sidecar(
+        &self,
+        server: Ipv4Addr,
+        sidecar: Ipv4Addr,
+        login: &Credentials,
+        pooling: Pooling,
+    ) -> Vec<EnvVar> {
+        let direct = PostgresConnection::new(server.to_string(), PORT, login);
+        miren_addons::postgres_env(&direct, &sidecar.to_string(), pooling)
+    }
 }
 
 /// A logged-in session with a PostgreSQL server.
@@ -150,6 +187,14 @@ impl ServerConnection for Session {
                 .await
                 .map_err(|e| format!("securing the shared server: {}", describe(&e)))
         })
+    }
+
+    fn prepare_sidecar<'a>(
+        &'a self,
+        variant: Variant,
+        secret: &'a str,
+    ) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(super::pooler::prepare(&self.0, variant, secret))
     }
 
     fn ensure_tenant<'a>(&'a self, tenant: &'a Credentials) -> BoxFuture<'a, Result<(), String>> {
@@ -289,7 +334,7 @@ fn is_concurrent_change(err: &tokio_postgres::Error) -> bool {
 }
 
 /// Runs an idempotent tenant step again while it collides with a concurrent session.
-async fn retry_concurrent<F, Fut>(mut step: F) -> Result<(), tokio_postgres::Error>
+pub(super) async fn retry_concurrent<F, Fut>(mut step: F) -> Result<(), tokio_postgres::Error>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<(), tokio_postgres::Error>>,

@@ -8,7 +8,7 @@ use std::net::Ipv4Addr;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use miren_addons::{AddonKind, Credentials, EnvVar, Variant};
+use miren_addons::{AddonKind, Credentials, EnvVar, Pooling, Variant};
 
 use crate::core::error::Error;
 
@@ -37,6 +37,19 @@ pub struct DataDisk {
     /// A directory, relative to the disk's root, that a server which never answered left
     /// half-made (an initdb cut short) and must start without.
     pub discard_if_never_ready: Option<&'static str>,
+}
+
+/// A sandbox run beside each server of a kind (PostgreSQL's pooler): no disk, reachable by
+/// the same apps as its server, which admits it in turn.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SidecarSpec {
+    /// Its sandbox's name is the server's plus `-<name_suffix>`.
+    pub name_suffix: &'static str,
+    pub image: String,
+    /// Empty: the image's entrypoint and cmd.
+    pub command: Vec<String>,
+    /// `KEY=value` for the image (secrets included, as for servers).
+    pub env: Vec<String>,
 }
 
 /// A kind of addon.
@@ -78,6 +91,45 @@ pub trait AddonProvider: Send + Sync {
         login: &'a Credentials,
     ) -> BoxFuture<'a, Result<Box<dyn ServerConnection>, String>>;
 
+    /// Whether each server has a sidecar ([`AddonProvider::sidecar`]).
+    fn has_sidecar(&self) -> bool {
+        false
+    }
+
+    /// The sidecar beside a server at `server` whose administrator session ran
+    /// [`ServerConnection::prepare_sidecar`] with `secret` as `admin`; `None` for a kind
+    /// without one.
+    fn sidecar(
+        &self,
+        _variant: Variant,
+        _server: Ipv4Addr,
+        _admin: &Credentials,
+        _secret: &str,
+    ) -> Option<SidecarSpec> {
+        None
+    }
+
+    /// Checks that the sidecar at `host` serves `login` (the sidecar's readiness check).
+    fn sidecar_ready<'a>(
+        &'a self,
+        _host: Ipv4Addr,
+        _login: &'a Credentials,
+    ) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    /// The variables of an addon with a sidecar at `sidecar`, `DATABASE_URL` where `pooling`
+    /// says. Kinds without a sidecar never get here.
+    fn env_vars_with_sidecar(
+        &self,
+        server: Ipv4Addr,
+        _sidecar: Ipv4Addr,
+        login: &Credentials,
+        _pooling: Pooling,
+    ) -> Vec<EnvVar> {
+        self.env_vars(server, login)
+    }
+
     /// The administrator a shared server's administrator `current` rotates to: another
     /// login, with a fresh password (see [`ServerConnection::add_admin`]). `None`: this kind
     /// cannot rotate it.
@@ -104,6 +156,16 @@ pub trait AddonProvider: Send + Sync {
 pub trait ServerConnection: Send + Sync {
     /// Runs once, when a new shared server first answers (locks the maintenance databases).
     fn prepare_shared(&self) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    /// Readies the server for a new sidecar that logs in with `secret` (run before each
+    /// sidecar is started, so an old sidecar's secret stops working). Converges.
+    fn prepare_sidecar<'a>(
+        &'a self,
+        _variant: Variant,
+        _secret: &'a str,
+    ) -> BoxFuture<'a, Result<(), String>> {
         Box::pin(async { Ok(()) })
     }
 

@@ -8,6 +8,7 @@ use tracing::{info, warn};
 
 use super::host::{ServerLaunch, ServerSandbox};
 use super::provider::{AddonProvider, ServerConnection};
+use super::sidecar::SidecarWanted;
 use super::{credentials, is_shared, server_owner, shared_owner, AddonService};
 use crate::core::error::Error;
 use crate::store::addons::{AddonRow, AddonStatus, ServerRow, ServerStatus};
@@ -131,15 +132,30 @@ impl AddonService {
                     image: &row.image,
                     variant: Variant::Small,
                     login: &login,
-                    allow_from: vec![row.app.clone()],
+                    allow_from: self.with_sidecar(&owner, vec![row.app.clone()])?,
                     never_ready: !self.store.addon_ever_active(&row.app, &row.kind)?,
                 },
                 || self.still_wanted(row),
             )
             .await?;
         self.still_wanted(row)?;
-        self.wait_ready(provider.as_ref(), &server, &login).await?;
+        let session = self.wait_ready(provider.as_ref(), &server, &login).await?;
         self.sync_data(&server).await?;
+        self.still_wanted(row)?;
+        // On a small server the app's login is the administrator.
+        self.ensure_sidecar(
+            provider.as_ref(),
+            SidecarWanted {
+                server_owner: &owner,
+                server: &server.sandbox,
+                variant: Variant::Small,
+                admin: session.as_ref(),
+                admin_login: &login,
+                apps: vec![row.app.clone()],
+                login: &login,
+            },
+        )
+        .await?;
         Ok(())
     }
 
@@ -157,7 +173,7 @@ impl AddonService {
         let _guard = self.shared.lock().await;
         self.still_wanted(row)?;
         let provider = self.provider(&row.kind)?.clone();
-        let (_, admin) = self.ensure_shared_server(&row.kind, row).await?;
+        let (server_row, admin) = self.ensure_shared_server(&row.kind, row).await?;
         self.sync_shared_allow_from(&row.kind).await?;
         self.still_wanted(row)?;
         let server = self.server(&shared_owner(&row.kind))?;
@@ -171,6 +187,22 @@ impl AddonService {
             disk: None,
         };
         self.wait_ready(provider.as_ref(), &server, &login).await?;
+        self.still_wanted(row)?;
+        let owner = shared_owner(&row.kind);
+        self.ensure_sidecar(
+            provider.as_ref(),
+            SidecarWanted {
+                server_owner: &owner,
+                server: &server.sandbox,
+                variant: Variant::Shared,
+                admin: admin.as_ref(),
+                admin_login: &provider
+                    .admin_login(&server_row.admin_user, &server_row.admin_password),
+                apps: self.store.shared_members(&row.kind)?,
+                login: &login,
+            },
+        )
+        .await?;
         Ok(())
     }
 
@@ -235,7 +267,7 @@ impl AddonService {
                     image: &server.image,
                     variant: Variant::Shared,
                     login: &login,
-                    allow_from: self.store.shared_members(kind)?,
+                    allow_from: self.with_sidecar(&owner, self.store.shared_members(kind)?)?,
                     never_ready: !server.status.serves(),
                 },
                 || Ok(()),
@@ -253,8 +285,13 @@ impl AddonService {
     /// Lets exactly the shared server's members reach it.
     async fn sync_shared_allow_from(&self, kind: &str) -> Result<(), Error> {
         let members = self.store.shared_members(kind)?;
-        if let Some(sandbox) = self.host.server_sandbox(&shared_owner(kind))? {
-            self.host.set_allow_from(&sandbox.id, &members).await?;
+        let owner = shared_owner(kind);
+        if let Some(sandbox) = self.host.server_sandbox(&owner)? {
+            let allowed = self.with_sidecar(&owner, members.clone())?;
+            self.host.set_allow_from(&sandbox.id, &allowed).await?;
+        }
+        if let Some(sidecar) = self.host.server_sandbox(&Owner::sidecar_of(&owner))? {
+            self.host.set_allow_from(&sidecar.id, &members).await?;
         }
         Ok(())
     }
@@ -271,6 +308,7 @@ impl AddonService {
     async fn finish_server_removal(&self, kind: &str) -> Result<(), Error> {
         info!(addon = %kind, "removing the shared server: its last app left");
         let owner = shared_owner(kind);
+        self.remove_sidecar(&owner).await?;
         self.host.delete_owned(&owner).await?;
         self.host.remove_disk(&owner).await?;
         self.store.remove_server(kind)?;
@@ -306,6 +344,7 @@ impl AddonService {
     async fn remove_resources(&self, row: &AddonRow) -> Result<(), Error> {
         if !is_shared(row) {
             let owner = server_owner(row);
+            self.remove_sidecar(&owner).await?;
             self.host.delete_owned(&owner).await?;
             self.host.remove_disk(&owner).await?;
             return Ok(());
@@ -444,7 +483,7 @@ impl AddonService {
 }
 
 /// A server sandbox and the disk it keeps its data on.
-struct RunningServer {
+pub(super) struct RunningServer {
     sandbox: ServerSandbox,
     disk: Option<String>,
 }

@@ -15,6 +15,7 @@ fn request(app: &str, variant: &str) -> CreateAddon {
         addon: KIND.into(),
         variant: Some(variant.into()),
         version: None,
+        pooling: None,
         wait: true,
     }
 }

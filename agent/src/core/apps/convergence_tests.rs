@@ -179,6 +179,7 @@ async fn an_addon_made_with_the_cli_survives_a_deploy_without_it() {
                 addon: KIND.into(),
                 variant: None,
                 version: None,
+                pooling: None,
                 wait: true,
             },
             "cli",

@@ -279,6 +279,7 @@ impl AppService {
                         addon: wanted.kind.clone(),
                         variant: Some(wanted.variant.clone()),
                         version: wanted.version.clone(),
+                        pooling: wanted.pooling.clone(),
                         wait: true,
                     },
                     "deploy",
@@ -693,7 +694,8 @@ variant = "shared"
             [AddonSpec {
                 kind: "miren-postgresql".into(),
                 variant: "shared".into(),
-                version: None
+                version: None,
+                pooling: None,
             }]
         );
     }

@@ -66,6 +66,9 @@ pub struct AddonSpec {
     pub variant: String,
     /// Only when app.toml pins one.
     pub version: Option<String>,
+    /// Only when app.toml sets one (PostgreSQL's `pooling`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pooling: Option<String>,
 }
 
 /// The display name a service's sandbox is given when no other sandbox has it:
@@ -149,6 +152,7 @@ pub(super) fn spec_from_config(
                 kind: a.kind.name().to_string(),
                 variant: a.variant.name().to_string(),
                 version: a.version_pinned.then(|| a.version.name().to_string()),
+                pooling: a.pooling.map(|p| p.name().to_string()),
             })
             .collect(),
     }

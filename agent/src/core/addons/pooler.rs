@@ -1,0 +1,162 @@
+//! PostgreSQL's pooler: a PgBouncer sandbox beside each server (`miren-addons/pgbouncer`,
+//! built by `scripts/images`; its env contract is in docs/addons.md). Clients log in as
+//! themselves: PgBouncer looks their SCRAM secret up with `auth_query`, through a
+//! `SECURITY DEFINER` function the agent keeps in the server, so there is no user list to
+//! reload and a changed password works at once.
+
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use miren_addons::{Credentials, Variant, POOLER_SESSION_PORT, POOLER_TRANSACTION_PORT};
+use tokio_postgres::{Client, NoTls};
+
+use super::postgres::{describe, PORT};
+use super::provider::SidecarSpec;
+
+/// The pooler image (Debian's PgBouncer 1.24; pulled through the agent's mirror like any).
+pub const IMAGE: &str = "miren-addons/pgbouncer:1.24";
+/// The role PgBouncer runs `auth_query` as. App roles never have a `_` unless it is followed
+/// by 8 hex digits (`PgIdentifiers`), so no app can be called this.
+pub const AUTH_USER: &str = "miren_pooler";
+/// Where the lookup function lives, in the database the agent's session uses.
+const SCHEMA: &str = "miren_pooler";
+/// Server connections per (database, user) in transaction mode: 20 serve 1000 clients, and
+/// with the session pooler's 40 stay below PostgreSQL's default `max_connections` (100).
+pub const TRANSACTION_POOL_SIZE: u32 = 20;
+pub const SESSION_POOL_SIZE: u32 = 40;
+// Both pools together stay below the server's default max_connections (100).
+const _: () = assert!(TRANSACTION_POOL_SIZE + SESSION_POOL_SIZE < 100);
+
+/// Clients per pooler; every one needs a file descriptor (the sandbox has the agent's hard
+/// NOFILE limit).
+pub const MAX_CLIENT_CONN: u32 = 2000;
+/// Prepared statements PgBouncer tracks per server connection, so drivers that prepare
+/// (Bun's `SQL`, asyncpg, Prisma) work in transaction mode.
+pub const MAX_PREPARED_STATEMENTS: u32 = 200;
+
+/// The sandbox beside a server at `server`, whose lookup function `prepare` put in
+/// `admin.database`.
+pub fn spec(server: Ipv4Addr, admin: &Credentials, secret: &str) -> SidecarSpec {
+    SidecarSpec {
+        name_suffix: "pool",
+        image: IMAGE.to_string(),
+        command: Vec::new(),
+        env: vec![
+            format!("PGBOUNCER_SERVER_HOST={server}"),
+            format!("PGBOUNCER_SERVER_PORT={PORT}"),
+            format!("PGBOUNCER_AUTH_USER={AUTH_USER}"),
+            format!("PGBOUNCER_AUTH_PASSWORD={secret}"),
+            format!("PGBOUNCER_AUTH_DBNAME={}", admin.database),
+            format!("PGBOUNCER_AUTH_QUERY=SELECT uname, phash FROM {SCHEMA}.user_lookup($1)"),
+            format!("PGBOUNCER_TRANSACTION_PORT={POOLER_TRANSACTION_PORT}"),
+            format!("PGBOUNCER_SESSION_PORT={POOLER_SESSION_PORT}"),
+            format!("PGBOUNCER_DEFAULT_POOL_SIZE={TRANSACTION_POOL_SIZE}"),
+            format!("PGBOUNCER_SESSION_POOL_SIZE={SESSION_POOL_SIZE}"),
+            format!("PGBOUNCER_MAX_CLIENT_CONN={MAX_CLIENT_CONN}"),
+            format!("PGBOUNCER_MAX_PREPARED_STATEMENTS={MAX_PREPARED_STATEMENTS}"),
+        ],
+    }
+}
+
+/// Makes (or updates) the pooler's role with `secret`, and the lookup function it calls, in
+/// the session's database. On a shared server superusers are never served through the
+/// pooler; on a small one the app's own role is the superuser, so they are. Safe to repeat.
+pub async fn prepare(admin: &Client, variant: Variant, secret: &str) -> Result<(), String> {
+    let database: String = admin
+        .query_one("SELECT current_database()", &[])
+        .await
+        .map_err(|e| describe(&e))?
+        .get(0);
+    let superusers = if variant == Variant::Shared {
+        "AND NOT usesuper"
+    } else {
+        ""
+    };
+    let sql = format!(
+        "DO $$ BEGIN
+           IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{AUTH_USER}') THEN
+             CREATE ROLE {AUTH_USER} LOGIN;
+           END IF;
+         END $$;
+         ALTER ROLE {AUTH_USER} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE PASSWORD {secret};
+         CREATE SCHEMA IF NOT EXISTS {SCHEMA};
+         REVOKE ALL ON SCHEMA {SCHEMA} FROM PUBLIC;
+         CREATE OR REPLACE FUNCTION {SCHEMA}.user_lookup(i_username text, OUT uname text, OUT phash text)
+           RETURNS record LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog AS
+           $f$ SELECT usename::text, passwd::text FROM pg_catalog.pg_shadow
+               WHERE usename = i_username AND usename <> '{AUTH_USER}' {superusers} $f$;
+         REVOKE ALL ON FUNCTION {SCHEMA}.user_lookup(text) FROM PUBLIC;
+         GRANT USAGE ON SCHEMA {SCHEMA} TO {AUTH_USER};
+         GRANT EXECUTE ON FUNCTION {SCHEMA}.user_lookup(text) TO {AUTH_USER};
+         GRANT CONNECT ON DATABASE {database} TO {AUTH_USER};",
+        secret = literal(secret),
+        database = ident(&database),
+    );
+    super::postgres::retry_concurrent(|| admin.batch_execute(&sql))
+        .await
+        .map_err(|e| format!("preparing the pooler's login: {}", describe(&e)))
+}
+
+/// `SELECT 1` through both poolers at `host` as `login`: the pooler's readiness check (it
+/// also proves the auth query works).
+pub async fn ready(host: Ipv4Addr, login: &Credentials) -> Result<(), String> {
+    for port in [POOLER_TRANSACTION_PORT, POOLER_SESSION_PORT] {
+        let (client, connection) = tokio_postgres::Config::new()
+            .host(host.to_string())
+            .port(port)
+            .user(&login.user)
+            .password(&login.password)
+            .dbname(&login.database)
+            .application_name("miren-agent")
+            .connect_timeout(Duration::from_secs(2))
+            .connect(NoTls)
+            .await
+            .map_err(|e| format!("the pooler on port {port}: {}", describe(&e)))?;
+        let conn = tokio::spawn(connection);
+        let result = client.simple_query("SELECT 1").await;
+        drop(client);
+        let _ = conn.await;
+        result.map_err(|e| format!("the pooler on port {port}: {}", describe(&e)))?;
+    }
+    Ok(())
+}
+
+fn ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+fn literal(value: &str) -> String {
+    format!("'{}'", value.replace('\'', "''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pooler_follows_its_image_contract() {
+        let admin = Credentials {
+            user: "postgres".into(),
+            password: "x".into(),
+            database: "postgres".into(),
+        };
+        let spec = spec(Ipv4Addr::new(10, 1, 2, 3), &admin, "s3cret");
+        let get = |k: &str| {
+            spec.env
+                .iter()
+                .find_map(|e| e.strip_prefix(&format!("{k}=")))
+                .unwrap()
+                .to_string()
+        };
+        assert_eq!(spec.image, "miren-addons/pgbouncer:1.24");
+        assert_eq!(get("PGBOUNCER_SERVER_HOST"), "10.1.2.3");
+        assert_eq!(get("PGBOUNCER_AUTH_USER"), "miren_pooler");
+        assert_eq!(get("PGBOUNCER_AUTH_PASSWORD"), "s3cret");
+        assert_eq!(get("PGBOUNCER_AUTH_DBNAME"), "postgres");
+        assert_eq!(get("PGBOUNCER_TRANSACTION_PORT"), "6432");
+        assert_eq!(get("PGBOUNCER_SESSION_PORT"), "6433");
+        assert_eq!(get("PGBOUNCER_MAX_PREPARED_STATEMENTS"), "200");
+        assert!(get("PGBOUNCER_MAX_CLIENT_CONN").parse::<u32>().unwrap() >= 1000);
+        assert!(spec.command.is_empty());
+    }
+}
