@@ -60,7 +60,10 @@ pub fn spec(server: Ipv4Addr, admin: &Credentials, secret: &str) -> SidecarSpec 
 
 /// Makes (or updates) the pooler's role with `secret`, and the lookup function it calls, in
 /// the session's database. On a shared server superusers are never served through the
-/// pooler; on a small one the app's own role is the superuser, so they are. Safe to repeat.
+/// pooler; on a small one the app's own role is the superuser, so they are. The lookup returns a
+/// set: a role that may not log in (a login retired by a rotation: `pg_shadow` lists only roles
+/// that can) gives no row, which PgBouncer answers as a failed login, where a one-record
+/// function's row of NULLs reads to it as "bouncer config error". Safe to repeat.
 pub async fn prepare(admin: &Client, variant: Variant, secret: &str) -> Result<(), String> {
     let database: String = admin
         .query_one("SELECT current_database()", &[])
@@ -81,8 +84,10 @@ pub async fn prepare(admin: &Client, variant: Variant, secret: &str) -> Result<(
          ALTER ROLE {AUTH_USER} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE PASSWORD {secret};
          CREATE SCHEMA IF NOT EXISTS {SCHEMA};
          REVOKE ALL ON SCHEMA {SCHEMA} FROM PUBLIC;
-         CREATE OR REPLACE FUNCTION {SCHEMA}.user_lookup(i_username text, OUT uname text, OUT phash text)
-           RETURNS record LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog AS
+         DROP FUNCTION IF EXISTS {SCHEMA}.user_lookup(text);
+         CREATE FUNCTION {SCHEMA}.user_lookup(i_username text)
+           RETURNS TABLE (uname text, phash text) LANGUAGE sql SECURITY DEFINER
+           SET search_path = pg_catalog AS
            $f$ SELECT usename::text, passwd::text FROM pg_catalog.pg_shadow
                WHERE usename = i_username AND usename <> '{AUTH_USER}' {superusers} $f$;
          REVOKE ALL ON FUNCTION {SCHEMA}.user_lookup(text) FROM PUBLIC;
