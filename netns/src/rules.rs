@@ -290,12 +290,7 @@ impl Batch {
         // The chains the entries' data name must exist for the add half of each removal.
         self.chain(BRIDGE, &from);
         self.chain(INET, &to);
-        self.remove_element(
-            BRIDGE,
-            PORTS_MAP,
-            json!([key, jump(&from)]),
-            json!(key),
-        );
+        self.remove_element(BRIDGE, PORTS_MAP, json!([key, jump(&from)]), json!(key));
         self.remove_element(INET, DEST_MAP, json!([ip, jump(&to)]), ip.clone());
         let set = app_set(&spec.app);
         self.set(INET, &set, json!("ipv4_addr"));
@@ -784,9 +779,9 @@ mod tests {
         for (i, (verb, kind, body)) in cmds.iter().enumerate() {
             if verb == "delete" {
                 assert!(
-                    cmds[..i].iter().any(|(v, k, b)| v == "add"
-                        && k == kind
-                        && b["name"] == body["name"]),
+                    cmds[..i]
+                        .iter()
+                        .any(|(v, k, b)| v == "add" && k == kind && b["name"] == body["name"]),
                     "{kind} {body} deleted without an add before"
                 );
             }

@@ -11,6 +11,7 @@ mod control;
 mod exec;
 mod layer;
 mod logs;
+mod mountns;
 mod oci;
 mod spec;
 mod status;
