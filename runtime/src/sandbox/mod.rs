@@ -11,7 +11,6 @@ mod control;
 mod exec;
 mod layer;
 mod logs;
-mod mountns;
 mod oci;
 mod spec;
 mod status;

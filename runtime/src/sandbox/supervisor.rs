@@ -355,7 +355,6 @@ impl Supervisor {
         } else if let Some(l) = spare {
             l.discard();
         }
-        super::mountns::private_mount_namespace()?;
         let (upper, work) = layer::upper_and_work(d, bounded.is_some());
         for sub in [&upper, &work] {
             fs::create_dir_all(sub)
@@ -510,7 +509,6 @@ impl Supervisor {
             nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| SandboxError::sys("pipe", e))?;
         let null = File::open("/dev/null").map_err(|e| SandboxError::io("open /dev/null", e))?;
         self.pass_gate(GATE_CREATE)?;
-        super::mountns::follow_host_mount(self.spec.netns.as_deref())?;
         let mut container = ContainerBuilder::new(self.spec.id.clone(), SyscallType::default())
             .with_root_path(root)?
             .with_stdin(null)
