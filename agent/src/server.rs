@@ -68,6 +68,8 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
 
     let store = Arc::new(Store::open(&cfg.db_path())?);
     let disks = Arc::new(DiskService::new(cfg.clone(), store.clone())?);
+    // Reconciliation is timed: with many sandboxes it is what a restart waits for.
+    let reconcile_started = std::time::Instant::now();
     {
         let disks = disks.clone();
         tokio::task::spawn_blocking(move || -> Result<()> {
@@ -109,6 +111,11 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         .reconcile()
         .await
         .context("reconciling sandboxes")?;
+    info!(
+        seconds = reconcile_started.elapsed().as_secs_f64(),
+        sandboxes = store.sandboxes().map(|s| s.len()).unwrap_or_default(),
+        "reconciled endpoints and sandboxes"
+    );
     sandboxes.replenish_spare();
     let addons = crate::core::addons::AddonService::new(
         store.clone(),

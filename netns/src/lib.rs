@@ -27,11 +27,16 @@ pub use endpoint::{
 pub use files::{hosts_file, resolv_conf, resolv_conf_from_host, ResolvConf};
 pub use host::{check_publish, overlaps, PublishRefused};
 pub use nsfs::ensure_netns;
-pub use rules::{apply_rules, ruleset_json};
+pub use rules::{
+    add_endpoint_rules, apply_rules, endpoint_removal_json, endpoint_rules_json,
+    remove_endpoint_rules, ruleset_json,
+};
 pub use subnet::Subnet;
 
 /// Linux's IFNAMSIZ minus the terminating NUL.
 pub const MAX_IFNAME_LEN: usize = 15;
+/// Longest app name (in `app` and `allow_from`).
+pub const MAX_APP_LEN: usize = 120;
 /// Longest accepted prefix: leaves room for `-` and a six-character key.
 pub const MAX_PREFIX_LEN: usize = 8;
 
@@ -197,6 +202,13 @@ impl EndpointSpec {
     fn validate(&self, cfg: &NetConfig) -> Result<()> {
         if self.owner.is_empty() || self.owner.len() > 255 {
             return Err(Error::InvalidEndpoint("owner must be 1-255 bytes".into()));
+        }
+        // App names become nftables set and chain names (hex, 255 bytes at most).
+        let app_ok = |app: &String| !app.is_empty() && app.len() <= MAX_APP_LEN;
+        if !app_ok(&self.app) || !self.allow_from.iter().all(app_ok) {
+            return Err(Error::InvalidEndpoint(format!(
+                "app names must be 1-{MAX_APP_LEN} bytes"
+            )));
         }
         if !cfg.subnet.is_assignable(self.ip) {
             return Err(Error::InvalidEndpoint(format!(

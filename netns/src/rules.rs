@@ -1,12 +1,13 @@
-//! The agent's nftables tables, generated whole from the endpoint list and
-//! applied in one `nft -j -f -` transaction.
+//! The agent's nftables tables: generated whole from the endpoint list (start,
+//! reconciliation), or changed by one endpoint's elements and chains (create,
+//! delete); each change is one atomic transaction.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashSet};
 use std::net::Ipv4Addr;
 
 use serde_json::{json, Value};
 
-use crate::{EndpointSpec, Error, NetConfig, Result};
+use crate::{EndpointSpec, Error, NetConfig, PublishedPort, Result};
 
 const INET: &str = "inet";
 const BRIDGE: &str = "bridge";
@@ -126,6 +127,213 @@ fn validate(cfg: &NetConfig, endpoints: &[EndpointSpec]) -> Result<()> {
     Ok(())
 }
 
+// Named sets and maps, so that one endpoint's change is a few elements and chains, whatever
+// the number of endpoints (see docs/netns.md "Incremental updates").
+/// inet: endpoint address -> `jump to-<key>`.
+const DEST_MAP: &str = "dest";
+/// inet: published `host address . host port` -> `jump pub-<key>`.
+const PUB_ADDR_MAP: &str = "pub_addr";
+/// inet: port published on every local address (`0.0.0.0`) -> `jump pub-<key>`.
+const PUB_LOCAL_MAP: &str = "pub_local";
+/// bridge: host veth name -> `jump from-<key>`.
+const PORTS_MAP: &str = "ports";
+
+/// App names are free text: an app's set and chain are named after its bytes in hex, which
+/// keeps two apps apart (a hash could merge them) and fits nftables' 255-byte names.
+fn app_hex(app: &str) -> String {
+    app.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+fn app_set(app: &str) -> String {
+    format!("ips-{}", app_hex(app))
+}
+
+fn app_chain(app: &str) -> String {
+    format!("app-{}", app_hex(app))
+}
+
+/// The apps whose addresses may open connections to `spec`: its own and its `allow_from`.
+fn allowed_apps(spec: &EndpointSpec) -> BTreeSet<&str> {
+    std::iter::once(spec.app.as_str())
+        .chain(spec.allow_from.iter().map(String::as_str))
+        .collect()
+}
+
+fn set_ref(name: &str) -> Value {
+    json!(format!("@{name}"))
+}
+
+fn published_key(port: &PublishedPort) -> Value {
+    json!({ "concat": [port.host_ip.to_string(), port.host_port] })
+}
+
+impl Batch {
+    fn set(&mut self, family: &str, name: &str, kind: Value) {
+        self.commands.push(json!({ "add": { "set": {
+            "family": family, "table": self.table, "name": name, "type": kind,
+        }}}));
+    }
+
+    fn verdict_map(&mut self, family: &str, name: &str, kind: Value) {
+        self.commands.push(json!({ "add": { "map": {
+            "family": family, "table": self.table, "name": name, "type": kind, "map": "verdict",
+        }}}));
+    }
+
+    fn element(&mut self, op: &str, family: &str, set: &str, elem: Value) {
+        self.commands.push(json!({ op: { "element": {
+            "family": family, "table": self.table, "name": set, "elem": [elem],
+        }}}));
+    }
+
+    /// A regular chain, empty whether or not it existed (add + flush).
+    fn fresh_chain(&mut self, family: &str, name: &str) {
+        self.chain(family, name);
+        self.commands.push(json!({ "flush": { "chain": {
+            "family": family, "table": self.table, "name": name,
+        }}}));
+    }
+
+    /// Removes a chain whether or not it exists (add + flush + delete); whatever jumps to it
+    /// must be gone earlier in the batch.
+    fn remove_chain(&mut self, family: &str, name: &str) {
+        self.fresh_chain(family, name);
+        self.commands.push(json!({ "delete": { "chain": {
+            "family": family, "table": self.table, "name": name,
+        }}}));
+    }
+
+    /// Removes a set element or map entry whether or not it exists: add (a no-op when it is
+    /// there with the same data) then delete. `entry` is the element, `[key, data]` for a map.
+    fn remove_element(&mut self, family: &str, set: &str, entry: Value, key: Value) {
+        self.element("add", family, set, entry);
+        self.element("delete", family, set, key);
+    }
+
+    /// An app's address set and its chain (`ip saddr @ips-<app> accept`), rewritten whole.
+    fn app(&mut self, app: &str) {
+        let (set, chain) = (app_set(app), app_chain(app));
+        self.set(INET, &set, json!("ipv4_addr"));
+        self.fresh_chain(INET, &chain);
+        self.rule(
+            INET,
+            &chain,
+            vec![is(payload("ip", "saddr"), set_ref(&set)), accept()],
+        );
+    }
+
+    /// Everything of one endpoint but its apps' chains (see [`Batch::app`]), rewritten whole.
+    /// The map entries come last: until they exist the endpoint's port is dropped by the
+    /// bridge table and nothing is routed to its address.
+    fn endpoint(&mut self, cfg: &NetConfig, spec: &EndpointSpec) {
+        let key = cfg.endpoint_key(&spec.owner);
+        let ip = json!(spec.ip.to_string());
+
+        let to = format!("to-{key}");
+        self.fresh_chain(INET, &to);
+        for app in allowed_apps(spec) {
+            self.rule(INET, &to, vec![jump(&app_chain(app))]);
+        }
+        self.rule(INET, &to, vec![drop_packet()]);
+
+        if !spec.publish.is_empty() {
+            let chain = format!("pub-{key}");
+            self.fresh_chain(INET, &chain);
+            for port in &spec.publish {
+                self.rule(INET, &chain, dnat_rule(spec, port));
+            }
+            for port in &spec.publish {
+                let (map, key) = published_entry(port);
+                self.element("add", INET, map, json!([key, jump(&chain)]));
+            }
+        }
+
+        let from = format!("from-{key}");
+        self.fresh_chain(BRIDGE, &from);
+        self.rule(
+            BRIDGE,
+            &from,
+            vec![
+                is(payload("ether", "type"), json!("ip")),
+                matches("!=", payload("ip", "saddr"), ip.clone()),
+                drop_packet(),
+            ],
+        );
+        self.rule(
+            BRIDGE,
+            &from,
+            vec![
+                is(payload("ether", "type"), json!("arp")),
+                matches("!=", payload("arp", "saddr ip"), ip.clone()),
+                drop_packet(),
+            ],
+        );
+        // Accept here, or the catch-all drop for unknown ports would apply.
+        self.rule(BRIDGE, &from, vec![accept()]);
+
+        self.element("add", INET, &app_set(&spec.app), ip.clone());
+        self.element("add", INET, DEST_MAP, json!([ip, jump(&to)]));
+        self.element("add", BRIDGE, PORTS_MAP, json!([key, jump(&from)]));
+    }
+
+    /// Undoes [`Batch::endpoint`]: map entries first (from then on its port is dropped and its
+    /// address admits nothing), then its chains. Its apps' chains stay (other endpoints may
+    /// jump to them; an empty one admits nothing) until the next full apply.
+    fn remove_endpoint(&mut self, cfg: &NetConfig, spec: &EndpointSpec) {
+        let key = cfg.endpoint_key(&spec.owner);
+        let ip = json!(spec.ip.to_string());
+        let (to, from, publish) = (
+            format!("to-{key}"),
+            format!("from-{key}"),
+            format!("pub-{key}"),
+        );
+        // The chains the entries' data name must exist for the add half of each removal.
+        self.chain(BRIDGE, &from);
+        self.chain(INET, &to);
+        self.remove_element(BRIDGE, PORTS_MAP, json!([key, jump(&from)]), json!(key));
+        self.remove_element(INET, DEST_MAP, json!([ip, jump(&to)]), ip.clone());
+        let set = app_set(&spec.app);
+        self.set(INET, &set, json!("ipv4_addr"));
+        self.remove_element(INET, &set, ip.clone(), ip);
+        if !spec.publish.is_empty() {
+            self.chain(INET, &publish);
+            for port in &spec.publish {
+                let (map, key) = published_entry(port);
+                self.remove_element(INET, map, json!([key.clone(), jump(&publish)]), key);
+            }
+            self.remove_chain(INET, &publish);
+        }
+        self.remove_chain(BRIDGE, &from);
+        self.remove_chain(INET, &to);
+    }
+}
+
+/// Which map publishes `port`, and its key there.
+fn published_entry(port: &PublishedPort) -> (&'static str, Value) {
+    if port.host_ip == Ipv4Addr::UNSPECIFIED {
+        (PUB_LOCAL_MAP, json!(port.host_port))
+    } else {
+        (PUB_ADDR_MAP, published_key(port))
+    }
+}
+
+/// `[ip daddr X | fib daddr type local] tcp dport P dnat to <endpoint>:<port>`.
+fn dnat_rule(spec: &EndpointSpec, port: &PublishedPort) -> Vec<Value> {
+    let destination = if port.host_ip == Ipv4Addr::UNSPECIFIED {
+        is(
+            json!({ "fib": { "result": "type", "flags": ["daddr"] } }),
+            json!("local"),
+        )
+    } else {
+        is(payload("ip", "daddr"), json!(port.host_ip.to_string()))
+    };
+    vec![
+        destination,
+        is(payload("tcp", "dport"), json!(port.host_port)),
+        json!({ "dnat": { "family": "ip", "addr": spec.ip.to_string(), "port": port.endpoint_port } }),
+    ]
+}
+
 /// The complete JSON batch for `endpoints` (exposed for inspection and tests).
 ///
 /// Bridge ports are isolated and the bridge answers every ARP request
@@ -139,6 +347,9 @@ fn validate(cfg: &NetConfig, endpoints: &[EndpointSpec]) -> Result<()> {
 /// `bridge <prefix>` makes addresses trustworthy: a port may only send IPv4
 /// and ARP with its own address, and ports with the prefix that no spec names
 /// (leftovers) are dropped.
+///
+/// Per-endpoint parts live in named maps and sets: [`endpoint_rules_json`] and
+/// [`endpoint_removal_json`] change one endpoint without rewriting the rest.
 pub fn ruleset_json(cfg: &NetConfig, endpoints: &[EndpointSpec]) -> Result<Value> {
     validate(cfg, endpoints)?;
     let bridge = cfg.bridge_name();
@@ -156,44 +367,9 @@ pub fn ruleset_json(cfg: &NetConfig, endpoints: &[EndpointSpec]) -> Result<Value
     batch.base_chain(INET, "prerouting", "nat", "prerouting", -100);
     batch.base_chain(INET, "output", "nat", "output", -100);
     batch.base_chain(INET, "postrouting", "nat", "postrouting", 100);
-
-    let mut ips_by_app: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
-    for spec in &sorted {
-        ips_by_app
-            .entry(spec.app.as_str())
-            .or_default()
-            .insert(spec.ip.to_string());
-    }
-    // App names are free text: chains are numbered instead.
-    let app_chain: BTreeMap<&str, String> = ips_by_app
-        .keys()
-        .enumerate()
-        .map(|(i, app)| (*app, format!("app{i}")))
-        .collect();
-    for (app, ips) in &ips_by_app {
-        let chain = &app_chain[app];
-        batch.chain(INET, chain);
-        batch.rule(
-            INET,
-            chain,
-            vec![is(payload("ip", "saddr"), json!({ "set": ips })), accept()],
-        );
-    }
-    let mut destination_map = Vec::new();
-    for spec in &sorted {
-        let chain = format!("to-{}", cfg.endpoint_key(&spec.owner));
-        batch.chain(INET, &chain);
-        let allowed: BTreeSet<&str> = std::iter::once(spec.app.as_str())
-            .chain(spec.allow_from.iter().map(String::as_str))
-            .collect();
-        for app in allowed {
-            if let Some(app_chain) = app_chain.get(app) {
-                batch.rule(INET, &chain, vec![jump(app_chain)]);
-            }
-        }
-        batch.rule(INET, &chain, vec![drop_packet()]);
-        destination_map.push(json!([spec.ip.to_string(), jump(&chain)]));
-    }
+    batch.verdict_map(INET, DEST_MAP, json!("ipv4_addr"));
+    batch.verdict_map(INET, PUB_ADDR_MAP, json!(["ipv4_addr", "inet_service"]));
+    batch.verdict_map(INET, PUB_LOCAL_MAP, json!("inet_service"));
 
     let from_bridge = || is(meta("iifname"), json!(bridge));
     let to_bridge = || is(meta("oifname"), json!(bridge));
@@ -212,17 +388,15 @@ pub fn ruleset_json(cfg: &NetConfig, endpoints: &[EndpointSpec]) -> Result<Value
         vec![to_bridge(), ct_established(), accept()],
     );
     batch.rule(INET, "forward", vec![to_bridge(), ct_dnat(), accept()]);
-    if !destination_map.is_empty() {
-        batch.rule(
-            INET,
-            "forward",
-            vec![
-                from_bridge(),
-                to_bridge(),
-                json!({ "vmap": { "key": payload("ip", "daddr"), "data": { "set": destination_map } } }),
-            ],
-        );
-    }
+    batch.rule(
+        INET,
+        "forward",
+        vec![
+            from_bridge(),
+            to_bridge(),
+            json!({ "vmap": { "key": payload("ip", "daddr"), "data": set_ref(DEST_MAP) } }),
+        ],
+    );
     batch.rule(
         INET,
         "forward",
@@ -252,56 +426,29 @@ pub fn ruleset_json(cfg: &NetConfig, endpoints: &[EndpointSpec]) -> Result<Value
         "postrouting",
         vec![to_bridge(), ct_dnat(), json!({ "masquerade": null })],
     );
-    for spec in &sorted {
-        for port in &spec.publish {
-            let destination = if port.host_ip == Ipv4Addr::UNSPECIFIED {
+    for chain in ["prerouting", "output"] {
+        let by_address = json!({ "concat": [payload("ip", "daddr"), payload("tcp", "dport")] });
+        batch.rule(
+            INET,
+            chain,
+            vec![json!({ "vmap": { "key": by_address, "data": set_ref(PUB_ADDR_MAP) } })],
+        );
+        batch.rule(
+            INET,
+            chain,
+            vec![
                 is(
                     json!({ "fib": { "result": "type", "flags": ["daddr"] } }),
                     json!("local"),
-                )
-            } else {
-                is(payload("ip", "daddr"), json!(port.host_ip.to_string()))
-            };
-            let expr = vec![
-                destination,
-                is(payload("tcp", "dport"), json!(port.host_port)),
-                json!({ "dnat": { "family": "ip", "addr": spec.ip.to_string(), "port": port.endpoint_port } }),
-            ];
-            batch.rule(INET, "prerouting", expr.clone());
-            batch.rule(INET, "output", expr);
-        }
+                ),
+                json!({ "vmap": { "key": payload("tcp", "dport"), "data": set_ref(PUB_LOCAL_MAP) } }),
+            ],
+        );
     }
 
     batch.reset_table(BRIDGE);
     batch.base_chain(BRIDGE, "prerouting", "filter", "prerouting", -200);
-    let mut source_map = Vec::new();
-    for spec in &sorted {
-        let key = cfg.endpoint_key(&spec.owner);
-        let chain = format!("from-{key}");
-        batch.chain(BRIDGE, &chain);
-        let ip = json!(spec.ip.to_string());
-        batch.rule(
-            BRIDGE,
-            &chain,
-            vec![
-                is(payload("ether", "type"), json!("ip")),
-                matches("!=", payload("ip", "saddr"), ip.clone()),
-                drop_packet(),
-            ],
-        );
-        batch.rule(
-            BRIDGE,
-            &chain,
-            vec![
-                is(payload("ether", "type"), json!("arp")),
-                matches("!=", payload("arp", "saddr ip"), ip),
-                drop_packet(),
-            ],
-        );
-        // Accept here, or the catch-all drop for unknown ports below would apply.
-        batch.rule(BRIDGE, &chain, vec![accept()]);
-        source_map.push(json!([key, jump(&chain)]));
-    }
+    batch.verdict_map(BRIDGE, PORTS_MAP, json!("ifname"));
     let our_ports = json!(format!("{}-*", cfg.prefix()));
     // The bridge has route_localnet=1 for published ports: never let a sandbox
     // address the host's loopback through it (cf. CVE-2020-8558).
@@ -318,18 +465,46 @@ pub fn ruleset_json(cfg: &NetConfig, endpoints: &[EndpointSpec]) -> Result<Value
             drop_packet(),
         ],
     );
-    if !source_map.is_empty() {
-        batch.rule(
-            BRIDGE,
-            "prerouting",
-            vec![json!({ "vmap": { "key": meta("iifname"), "data": { "set": source_map } } })],
-        );
-    }
+    batch.rule(
+        BRIDGE,
+        "prerouting",
+        vec![json!({ "vmap": { "key": meta("iifname"), "data": set_ref(PORTS_MAP) } })],
+    );
     batch.rule(
         BRIDGE,
         "prerouting",
         vec![is(meta("iifname"), our_ports), drop_packet()],
     );
+
+    let apps: BTreeSet<&str> = sorted.iter().flat_map(|s| allowed_apps(s)).collect();
+    for app in apps {
+        batch.app(app);
+    }
+    for spec in &sorted {
+        batch.endpoint(cfg, spec);
+    }
+    Ok(batch.into_json())
+}
+
+/// The batch that adds (or rewrites) one endpoint in tables made by [`ruleset_json`]: its
+/// chains, its apps' chains and sets, and its map entries, in one transaction whose size does
+/// not depend on how many endpoints there are. It fails (and changes nothing) if the tables
+/// are missing or an entry is held by another endpoint: apply the full ruleset then.
+pub fn endpoint_rules_json(cfg: &NetConfig, spec: &EndpointSpec) -> Result<Value> {
+    validate(cfg, std::slice::from_ref(spec))?;
+    let mut batch = Batch::new(cfg.table_name());
+    for app in allowed_apps(spec) {
+        batch.app(app);
+    }
+    batch.endpoint(cfg, spec);
+    Ok(batch.into_json())
+}
+
+/// The batch that removes one endpoint's elements and chains, whether or not they exist.
+pub fn endpoint_removal_json(cfg: &NetConfig, spec: &EndpointSpec) -> Result<Value> {
+    validate(cfg, std::slice::from_ref(spec))?;
+    let mut batch = Batch::new(cfg.table_name());
+    batch.remove_endpoint(cfg, spec);
     Ok(batch.into_json())
 }
 
@@ -348,9 +523,22 @@ async fn nft_apply(payload: String) -> Result<()> {
 }
 
 /// Replaces both tables with the rules for exactly `endpoints`, atomically:
-/// the kernel sees the old ruleset or the new one, never a mix.
+/// the kernel sees the old ruleset or the new one, never a mix. For start and
+/// reconciliation; one endpoint's change is [`add_endpoint_rules`] /
+/// [`remove_endpoint_rules`].
 pub async fn apply_rules(cfg: &NetConfig, endpoints: &[EndpointSpec]) -> Result<()> {
     nft_apply(ruleset_json(cfg, endpoints)?.to_string()).await
+}
+
+/// Admits `spec` (or applies its changed `allow_from`) in one transaction of its own
+/// elements and chains. On an error nothing changed: [`apply_rules`] converges.
+pub async fn add_endpoint_rules(cfg: &NetConfig, spec: &EndpointSpec) -> Result<()> {
+    nft_apply(endpoint_rules_json(cfg, spec)?.to_string()).await
+}
+
+/// Removes `spec`'s elements and chains in one transaction; what is already gone is fine.
+pub async fn remove_endpoint_rules(cfg: &NetConfig, spec: &EndpointSpec) -> Result<()> {
+    nft_apply(endpoint_removal_json(cfg, spec)?.to_string()).await
 }
 
 /// True when both of the prefix's tables exist.
@@ -393,59 +581,5 @@ pub async fn delete_tables(cfg: &NetConfig) -> Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn rejects_duplicates() {
-        let cfg =
-            NetConfig::new("mt", "10.9.0.0/24".parse().expect("subnet"), "/run/x").expect("config");
-        let a = EndpointSpec::new("a", "app", Ipv4Addr::new(10, 9, 0, 2));
-        let mut b = EndpointSpec::new("b", "app", Ipv4Addr::new(10, 9, 0, 2));
-        assert!(ruleset_json(&cfg, &[a.clone(), b.clone()]).is_err());
-        b.ip = Ipv4Addr::new(10, 9, 0, 3);
-        assert!(ruleset_json(&cfg, &[a.clone(), b]).is_ok());
-        assert!(ruleset_json(&cfg, &[a.clone(), a]).is_err());
-    }
-
-    #[test]
-    fn the_host_admits_only_answers_from_the_bridge() {
-        let cfg =
-            NetConfig::new("mt", "10.9.0.0/24".parse().expect("subnet"), "/run/x").expect("config");
-        let rules = ruleset_json(&cfg, &[]).expect("rules");
-        let input: Vec<&Value> = rules["nftables"]
-            .as_array()
-            .expect("commands")
-            .iter()
-            .filter(|c| c["add"]["rule"]["chain"] == "input")
-            .collect();
-        assert_eq!(input.len(), 2, "{input:?}");
-        let last = &input[1]["add"]["rule"]["expr"];
-        assert_eq!(last[0]["match"]["right"], "mt0");
-        assert_eq!(last[1], drop_packet());
-        let forward_from_bridge: Vec<&Value> = rules["nftables"]
-            .as_array()
-            .expect("commands")
-            .iter()
-            .filter(|c| c["add"]["rule"]["chain"] == "forward")
-            .map(|c| &c["add"]["rule"]["expr"])
-            .filter(|expr| {
-                expr.as_array().is_some_and(|e| e.len() <= 3)
-                    && expr[0]["match"]["left"] == meta("iifname")
-            })
-            .collect();
-        assert_eq!(
-            forward_from_bridge.last().map(|expr| &expr[1]),
-            Some(&drop_packet()),
-            "only IPv4 is forwarded from the bridge: {forward_from_bridge:?}"
-        );
-    }
-
-    #[test]
-    fn gateway_is_not_an_endpoint_address() {
-        let cfg =
-            NetConfig::new("mt", "10.9.0.0/24".parse().expect("subnet"), "/run/x").expect("config");
-        let spec = EndpointSpec::new("a", "app", Ipv4Addr::new(10, 9, 0, 1));
-        assert!(ruleset_json(&cfg, &[spec]).is_err());
-    }
-}
+#[path = "rules_tests.rs"]
+mod tests;

@@ -4,7 +4,8 @@ mod common;
 
 use common::{can_talk, Outside, Server, TestNet};
 use miren_netns::{
-    apply_rules, create_endpoint, ensure_bridge_and_table, EndpointSpec, PublishedPort,
+    add_endpoint_rules, apply_rules, create_endpoint, ensure_bridge_and_table,
+    remove_endpoint_rules, EndpointSpec, PublishedPort,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -184,4 +185,75 @@ async fn egress_is_masqueraded_and_inbound_is_refused() {
         !can_talk(Some(&outside.netns_path), spec.ip, 9001),
         "the outside must not open connections into an endpoint"
     );
+}
+
+/// One endpoint's change is its own elements and chains (what the agent does on create and
+/// delete): isolation, allow_from and published ports hold exactly as with a full apply, a
+/// removal is idempotent, and afterwards nothing in the tables names the endpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_endpoint_changes_keep_isolation() {
+    let net = TestNet::new("10.227.0.0/24");
+    let cfg = &net.cfg;
+    ensure_bridge_and_table(cfg).await.expect("ensure");
+    let web = EndpointSpec::new("web-1", "shop", net.ip(2));
+    apply_rules(cfg, std::slice::from_ref(&web))
+        .await
+        .expect("full rules");
+    let web_ep = create_endpoint(cfg, &web).await.expect("web");
+    let worker = EndpointSpec::new("worker-1", "shop", net.ip(3));
+    let mut intruder = EndpointSpec::new("other-1", "blog", net.ip(4));
+    let worker_ep = create_endpoint(cfg, &worker).await.expect("worker");
+    let intruder_ep = create_endpoint(cfg, &intruder).await.expect("intruder");
+    // Fail closed: a port without its elements carries nothing.
+    let _server = Server::start(&web_ep.netns_path, 8080);
+    assert!(!can_talk(Some(&worker_ep.netns_path), web.ip, 8080));
+    add_endpoint_rules(cfg, &worker)
+        .await
+        .expect("worker rules");
+    add_endpoint_rules(cfg, &intruder)
+        .await
+        .expect("intruder rules");
+    assert!(can_talk(Some(&worker_ep.netns_path), web.ip, 8080));
+    assert!(!can_talk(Some(&intruder_ep.netns_path), web.ip, 8080));
+
+    let mut web_allowing = web.clone();
+    web_allowing.allow_from = vec!["blog".into()];
+    add_endpoint_rules(cfg, &web_allowing)
+        .await
+        .expect("allow blog");
+    assert!(can_talk(Some(&intruder_ep.netns_path), web.ip, 8080));
+    add_endpoint_rules(cfg, &web)
+        .await
+        .expect("back to own app");
+    assert!(!can_talk(Some(&intruder_ep.netns_path), web.ip, 8080));
+
+    let host_port = 20000 + (common::random_u64() % 20000) as u16;
+    intruder.publish = vec![PublishedPort::loopback(host_port, 8081)];
+    add_endpoint_rules(cfg, &intruder).await.expect("publish");
+    let _intruder_server = Server::start(&intruder_ep.netns_path, 8081);
+    assert!(can_talk(None, std::net::Ipv4Addr::LOCALHOST, host_port));
+
+    for spec in [&worker, &intruder] {
+        remove_endpoint_rules(cfg, spec).await.expect("remove");
+        remove_endpoint_rules(cfg, spec)
+            .await
+            .expect("remove again is fine");
+    }
+    assert!(!can_talk(Some(&worker_ep.netns_path), web.ip, 8080));
+    assert!(!can_talk(None, std::net::Ipv4Addr::LOCALHOST, host_port));
+    assert!(can_talk(None, web.ip, 8080), "the rest is untouched");
+    for family in ["inet", "bridge"] {
+        let table = common::nft_table(family, cfg.prefix()).expect("table");
+        for spec in [&worker, &intruder] {
+            let key = cfg.endpoint_key(&spec.owner);
+            assert!(
+                !table.contains(&key),
+                "{family} still names {key}:\n{table}"
+            );
+            assert!(!table.contains(&format!("{} ", spec.ip)), "{table}");
+        }
+        if family == "inet" {
+            assert!(table.contains(&cfg.endpoint_key("web-1")));
+        }
+    }
 }

@@ -94,6 +94,13 @@ pub(crate) fn run(args: &AgentArgs, socket: PathBuf) -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cfg = agent_config(args, socket)?;
+    // glibc gives each thread that allocates its own arena (up to 8 per core); with the
+    // runtime's workers and blocking threads taking turns, freed memory stayed spread over
+    // them and the agent's RSS grew with every sandbox started (docs/sandbox.md "Cost").
+    // SAFETY: mallopt only sets an allocator parameter; called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

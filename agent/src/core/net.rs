@@ -34,10 +34,11 @@ pub struct ReservedEndpoint {
 pub struct NetService {
     cfg: NetConfig,
     store: Arc<Store>,
-    /// Endpoint changes are serialized: each ends with a full, atomic rules apply, and two
-    /// applies racing would let the older list win.
+    /// Endpoint changes are serialized: each ends with an atomic rules change (its own
+    /// elements, or a full apply at start, gc and on errors), and two racing would let the
+    /// older state win.
     lock: Arc<Mutex<()>>,
-    /// Set after deletes: their rules are dropped by a background apply (see `remove`).
+    /// Set when removing a deleted endpoint's rules failed: a background full apply follows.
     rules_stale: tokio::sync::Notify,
 }
 
@@ -263,6 +264,18 @@ impl NetService {
         Ok(())
     }
 
+    /// Admits one endpoint (or applies its new `allow_from`) with its own elements and
+    /// chains: the cost does not grow with the number of endpoints. Anything unexpected in
+    /// the tables (missing, an entry held by a leftover) falls back to the full apply, which
+    /// rebuilds them from the store.
+    async fn admit(&self, spec: &EndpointSpec) -> Result<(), Error> {
+        if let Err(e) = netns::add_endpoint_rules(&self.cfg, spec).await {
+            warn!(owner = %spec.owner, error = %e, "adding an endpoint's rules failed; applying all rules");
+            self.apply().await?;
+        }
+        Ok(())
+    }
+
     fn next_address(&self, last: Option<Ipv4Addr>, used: &HashSet<Ipv4Addr>) -> Option<Ipv4Addr> {
         let subnet = self.cfg.subnet();
         let (first, end) = subnet.usable_range();
@@ -311,7 +324,13 @@ impl NetService {
         // Ranges, duplicates, host addresses only, no host listener: a DNAT anywhere else
         // would take traffic meant for a sandbox, another agent or a host service.
         netns::check_publish(&self.cfg, publish).await?;
-        for other in self.store.endpoints()? {
+        // Only a request that publishes reads every endpoint (a start stays O(1) otherwise).
+        let others = if publish.is_empty() {
+            Vec::new()
+        } else {
+            self.store.endpoints()?
+        };
+        for other in others {
             for p in other.publish.iter().filter_map(|p| parse_publish_key(p)) {
                 if publish.iter().any(|q| netns::overlaps(q, &p)) {
                     return Err(Error::conflict(format!(
@@ -367,8 +386,9 @@ impl NetService {
             if let Some(tx) = netns_ready {
                 let _ = tx.send(());
             }
-            netns::create_endpoint(&self.cfg, &spec_of(row)).await?;
-            self.apply().await
+            let spec = spec_of(row);
+            netns::create_endpoint(&self.cfg, &spec).await?;
+            self.admit(&spec).await
         }
         .await;
         if let Err(err) = made {
@@ -402,7 +422,9 @@ impl NetService {
             return Ok(());
         }
         self.store.set_endpoint_allow_from(owner, apps)?;
-        self.apply().await?;
+        let mut spec = spec_of(&row);
+        spec.allow_from = apps.to_vec();
+        self.admit(&spec).await?;
         info!(owner = %owner, allow_from = ?apps, "endpoint admits new apps");
         Ok(())
     }
@@ -423,16 +445,20 @@ impl NetService {
         })
     }
 
-    /// Kernel objects first, then the address: an address is free only once nothing uses it.
-    /// The rules follow in the background: rules left for a freed address admit nothing,
-    /// because every create applies the whole ruleset before its endpoint carries traffic
-    /// (and the IPAM does not hand a freed address out again right away).
+    /// Rules first (from then on the endpoint's port is dropped and its address admits
+    /// nothing), kernel objects next, the address last: an address is free only once nothing
+    /// uses it. Removing the rules is a few elements and chains; if it fails, a full apply
+    /// follows in the background (left entries for a freed address are refused by the next
+    /// create's elements, which then falls back to a full apply too).
     async fn remove(&self, row: &EndpointRow) -> Result<(), Error> {
         self.store
             .set_endpoint_status(&row.owner, EndpointStatus::Deleting)?;
+        if let Err(e) = netns::remove_endpoint_rules(&self.cfg, &spec_of(row)).await {
+            warn!(owner = %row.owner, error = %e, "removing an endpoint's rules failed; applying all rules in the background");
+            self.rules_stale.notify_one();
+        }
         netns::delete_endpoint(&self.cfg, &row.owner).await?;
         self.store.remove_endpoint(&row.owner)?;
-        self.rules_stale.notify_one();
         Ok(())
     }
 

@@ -1,0 +1,255 @@
+//! Unit tests of the ruleset's JSON shape (`rules.rs`).
+use super::*;
+
+#[test]
+fn rejects_duplicates() {
+    let cfg =
+        NetConfig::new("mt", "10.9.0.0/24".parse().expect("subnet"), "/run/x").expect("config");
+    let a = EndpointSpec::new("a", "app", Ipv4Addr::new(10, 9, 0, 2));
+    let mut b = EndpointSpec::new("b", "app", Ipv4Addr::new(10, 9, 0, 2));
+    assert!(ruleset_json(&cfg, &[a.clone(), b.clone()]).is_err());
+    b.ip = Ipv4Addr::new(10, 9, 0, 3);
+    assert!(ruleset_json(&cfg, &[a.clone(), b]).is_ok());
+    assert!(ruleset_json(&cfg, &[a.clone(), a]).is_err());
+}
+
+#[test]
+fn the_host_admits_only_answers_from_the_bridge() {
+    let cfg =
+        NetConfig::new("mt", "10.9.0.0/24".parse().expect("subnet"), "/run/x").expect("config");
+    let rules = ruleset_json(&cfg, &[]).expect("rules");
+    let input: Vec<&Value> = rules["nftables"]
+        .as_array()
+        .expect("commands")
+        .iter()
+        .filter(|c| c["add"]["rule"]["chain"] == "input")
+        .collect();
+    assert_eq!(input.len(), 2, "{input:?}");
+    let last = &input[1]["add"]["rule"]["expr"];
+    assert_eq!(last[0]["match"]["right"], "mt0");
+    assert_eq!(last[1], drop_packet());
+    let forward_from_bridge: Vec<&Value> = rules["nftables"]
+        .as_array()
+        .expect("commands")
+        .iter()
+        .filter(|c| c["add"]["rule"]["chain"] == "forward")
+        .map(|c| &c["add"]["rule"]["expr"])
+        .filter(|expr| {
+            expr.as_array().is_some_and(|e| e.len() <= 3)
+                && expr[0]["match"]["left"] == meta("iifname")
+        })
+        .collect();
+    assert_eq!(
+        forward_from_bridge.last().map(|expr| &expr[1]),
+        Some(&drop_packet()),
+        "only IPv4 is forwarded from the bridge: {forward_from_bridge:?}"
+    );
+}
+
+#[test]
+fn gateway_is_not_an_endpoint_address() {
+    let cfg =
+        NetConfig::new("mt", "10.9.0.0/24".parse().expect("subnet"), "/run/x").expect("config");
+    let spec = EndpointSpec::new("a", "app", Ipv4Addr::new(10, 9, 0, 1));
+    assert!(ruleset_json(&cfg, &[spec]).is_err());
+}
+
+fn cfg() -> NetConfig {
+    NetConfig::new("mt", "10.9.0.0/24".parse().expect("subnet"), "/run/x").expect("config")
+}
+
+/// The commands of `batch` as `(verb, object kind, object)`.
+fn commands(batch: &Value) -> Vec<(String, String, Value)> {
+    batch["nftables"]
+        .as_array()
+        .expect("commands")
+        .iter()
+        .filter_map(|c| c.as_object())
+        .filter_map(|c| c.iter().next())
+        .filter(|(verb, _)| verb.as_str() != "metainfo")
+        .filter_map(|(verb, obj)| {
+            let (kind, body) = obj.as_object()?.iter().next()?;
+            Some((verb.clone(), kind.clone(), body.clone()))
+        })
+        .collect()
+}
+
+#[test]
+fn one_endpoint_is_a_constant_number_of_commands() {
+    let cfg = cfg();
+    let spec = EndpointSpec::new("a", "shop", Ipv4Addr::new(10, 9, 0, 2));
+    let batch = endpoint_rules_json(&cfg, &spec).expect("batch");
+    let cmds = commands(&batch);
+    // No table is reset: the rest of the ruleset stays as it is.
+    assert!(cmds.iter().all(|(_, kind, _)| kind != "table"), "{cmds:?}");
+    let elements: Vec<_> = cmds
+        .iter()
+        .filter(|(verb, kind, _)| verb == "add" && kind == "element")
+        .map(|(_, _, body)| (body["name"].clone(), body["elem"][0].clone()))
+        .collect();
+    let key = cfg.endpoint_key("a");
+    assert_eq!(
+        elements,
+        vec![
+            (json!("ips-73686f70"), json!("10.9.0.2")),
+            (
+                json!("dest"),
+                json!(["10.9.0.2", { "jump": { "target": format!("to-{key}") } }])
+            ),
+            (
+                json!("ports"),
+                json!([key, { "jump": { "target": format!("from-{key}") } }])
+            ),
+        ]
+    );
+    // The map entries come after the chains they name, as the last commands.
+    let last = cmds.len() - 3;
+    assert!(cmds[last..].iter().all(|(_, kind, _)| kind == "element"));
+    assert!(cmds[..last - 1]
+        .iter()
+        .all(|(_, kind, body)| kind != "element" || body["name"] != "dest"));
+
+    // The same size with one endpoint or many: nothing else's rules are in it.
+    let many: Vec<EndpointSpec> = (0..100)
+        .map(|i| EndpointSpec::new(format!("e{i}"), "shop", Ipv4Addr::new(10, 9, 0, 10 + i)))
+        .collect();
+    let full = commands(&ruleset_json(&cfg, &many).expect("full"));
+    let one = commands(&ruleset_json(&cfg, &many[..1]).expect("full"));
+    let per_endpoint = cmds.len() - 4; // without the app's set and chain (add, flush, rule)
+    assert_eq!(full.len() - one.len(), 99 * per_endpoint);
+}
+
+#[test]
+fn allow_from_jumps_to_each_apps_chain() {
+    let cfg = cfg();
+    let mut spec = EndpointSpec::new("a", "db", Ipv4Addr::new(10, 9, 0, 2));
+    spec.allow_from = vec!["web".into(), "db".into()];
+    let cmds = commands(&endpoint_rules_json(&cfg, &spec).expect("batch"));
+    let to = format!("to-{}", cfg.endpoint_key("a"));
+    let rules: Vec<Value> = cmds
+        .iter()
+        .filter(|(verb, kind, body)| verb == "add" && kind == "rule" && body["chain"] == to)
+        .map(|(_, _, body)| body["expr"][0].clone())
+        .collect();
+    assert_eq!(
+        rules,
+        vec![
+            jump(&app_chain("db")),
+            jump(&app_chain("web")),
+            drop_packet()
+        ]
+    );
+    // Both apps' chains and sets exist after the batch, and the chain was flushed first.
+    for app in ["db", "web"] {
+        assert!(cmds.iter().any(|(verb, kind, body)| verb == "add"
+            && kind == "set"
+            && body["name"] == app_set(app)));
+        assert!(cmds.iter().any(|(verb, kind, body)| verb == "flush"
+            && kind == "chain"
+            && body["name"] == app_chain(app)));
+    }
+    // A changed allow_from rewrites the chain: it is flushed before its rules.
+    let flush = cmds
+        .iter()
+        .position(|(verb, _, body)| verb == "flush" && body["name"] == to)
+        .expect("flush");
+    let first_rule = cmds
+        .iter()
+        .position(|(verb, kind, body)| verb == "add" && kind == "rule" && body["chain"] == to)
+        .expect("rule");
+    assert!(flush < first_rule);
+}
+
+#[test]
+fn removal_deletes_entries_before_chains_and_tolerates_absence() {
+    let cfg = cfg();
+    let mut spec = EndpointSpec::new("a", "db", Ipv4Addr::new(10, 9, 0, 2));
+    spec.publish = vec![
+        PublishedPort::loopback(5432, 5432),
+        PublishedPort {
+            host_ip: Ipv4Addr::UNSPECIFIED,
+            host_port: 8080,
+            endpoint_port: 80,
+        },
+    ];
+    let cmds = commands(&endpoint_removal_json(&cfg, &spec).expect("batch"));
+    let deleted: Vec<(String, String)> = cmds
+        .iter()
+        .filter(|(verb, _, _)| verb == "delete")
+        .map(|(_, kind, body)| (kind.clone(), body["name"].as_str().unwrap_or("").into()))
+        .collect();
+    let key = cfg.endpoint_key("a");
+    assert_eq!(
+        deleted,
+        vec![
+            ("element".into(), "ports".into()),
+            ("element".into(), "dest".into()),
+            ("element".into(), "ips-6462".into()),
+            ("element".into(), "pub_addr".into()),
+            ("element".into(), "pub_local".into()),
+            ("chain".into(), format!("pub-{key}")),
+            ("chain".into(), format!("from-{key}")),
+            ("chain".into(), format!("to-{key}")),
+        ]
+    );
+    // Every delete is preceded by an add of the same object: absent is fine.
+    for (i, (verb, kind, body)) in cmds.iter().enumerate() {
+        if verb == "delete" {
+            assert!(
+                cmds[..i]
+                    .iter()
+                    .any(|(v, k, b)| v == "add" && k == kind && b["name"] == body["name"]),
+                "{kind} {body} deleted without an add before"
+            );
+        }
+    }
+    // The published key is `address . port` for one address, the port for 0.0.0.0.
+    let pub_addr = cmds
+        .iter()
+        .find(|(verb, _, body)| verb == "delete" && body["name"] == "pub_addr")
+        .expect("pub_addr");
+    assert_eq!(
+        pub_addr.2["elem"][0],
+        json!({ "concat": ["127.0.0.1", 5432] })
+    );
+    let pub_local = cmds
+        .iter()
+        .find(|(verb, _, body)| verb == "delete" && body["name"] == "pub_local")
+        .expect("pub_local");
+    assert_eq!(pub_local.2["elem"][0], json!(8080));
+}
+
+#[test]
+fn full_ruleset_holds_maps_and_every_endpoint() {
+    let cfg = cfg();
+    let mut a = EndpointSpec::new("a", "shop", Ipv4Addr::new(10, 9, 0, 2));
+    a.publish = vec![PublishedPort::loopback(8080, 80)];
+    let b = EndpointSpec::new("b", "blog", Ipv4Addr::new(10, 9, 0, 3));
+    let cmds = commands(&ruleset_json(&cfg, &[a, b]).expect("full"));
+    let maps: Vec<&str> = cmds
+        .iter()
+        .filter(|(_, kind, _)| kind == "map")
+        .filter_map(|(_, _, body)| body["name"].as_str())
+        .collect();
+    assert_eq!(maps, vec!["dest", "pub_addr", "pub_local", "ports"]);
+    let entries = |name: &str| {
+        cmds.iter()
+            .filter(|(verb, kind, body)| verb == "add" && kind == "element" && body["name"] == name)
+            .count()
+    };
+    assert_eq!((entries("dest"), entries("ports")), (2, 2));
+    assert_eq!((entries("pub_addr"), entries("pub_local")), (1, 0));
+    // The forward chain looks the destination up in the map, not in an inline list.
+    assert!(cmds.iter().any(|(_, kind, body)| kind == "rule"
+        && body["chain"] == "forward"
+        && body["expr"][2]["vmap"]["data"] == "@dest"));
+}
+
+#[test]
+fn app_names_stay_apart_and_bounded() {
+    assert_ne!(app_chain("a-b"), app_chain("a_b"));
+    assert_eq!(app_set("shop"), "ips-73686f70");
+    let long = "x".repeat(crate::MAX_APP_LEN + 1);
+    let spec = EndpointSpec::new("a", long, Ipv4Addr::new(10, 9, 0, 2));
+    assert!(endpoint_rules_json(&cfg(), &spec).is_err());
+}

@@ -1,0 +1,243 @@
+//! Many sandboxes on one agent: after many creates and deletes, and after a kill -9 of the
+//! agent, isolation between apps still holds, the nftables sets and maps hold exactly the
+//! elements of the live endpoints, and deleted sandboxes leave no mount, loop device or
+//! element behind.
+
+use std::collections::BTreeSet;
+use std::process::Command;
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use miren_vm_tests::{busybox_rootfs_tar, TestAgent};
+use serde_json::Value;
+
+const IMAGE: &str = "local/busybox:test";
+const SANDBOXES: usize = 30;
+const APPS: usize = 5;
+
+fn agent_with_busybox() -> TestAgent {
+    let agent = TestAgent::start();
+    let tar = agent.root.join("busybox.tar");
+    busybox_rootfs_tar(&tar);
+    agent.ok(&["image", "import", IMAGE, tar.to_str().unwrap()]);
+    agent
+}
+
+fn run(agent: &TestAgent, extra: &[&str], cmd: &str) -> String {
+    let mut args = vec!["sandbox", "run", "--image", IMAGE];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&["--", "sh", "-c", cmd]);
+    agent.ok(&args).trim().to_string()
+}
+
+fn wait_state(agent: &TestAgent, id: &str, state: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = agent.json(&["sandbox", "status", id, "--json"]);
+        if s["state"] == state {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "{id} never reached {state}: {s}");
+        sleep(Duration::from_millis(50));
+    }
+}
+
+/// Whether a sandbox of `app` fetches the page of the server at `ip` (a throwaway client).
+fn reaches(agent: &TestAgent, app: &str, ip: &str) -> bool {
+    let client = run(
+        agent,
+        &["--app", app],
+        // Busybox's wget crashes with -T here: `timeout` bounds a blocked connect instead.
+        &format!("for i in 1 2 3 4 5 6; do timeout 2 wget -q -O - http://{ip}:8080/ && exit 0; sleep 0.3; done; exit 1"),
+    );
+    let s = wait_state(agent, &client, "exited");
+    let logs = agent.ok(&["sandbox", "logs", &client]);
+    agent.ok(&["sandbox", "delete", &client]);
+    eprintln!("client of {app}: {s} {logs}");
+    s["exit_code"] == 0 && logs.contains("hello-from-web")
+}
+
+fn assert_isolated(agent: &TestAgent, web_ip: &str, port: u16) {
+    assert!(
+        reaches(agent, "shop", web_ip),
+        "shop cannot reach its own web at {web_ip}:\n{}",
+        String::from_utf8_lossy(
+            &Command::new("nft")
+                .args(["list", "table", "inet", &agent.prefix])
+                .output()
+                .unwrap()
+                .stdout
+        )
+    );
+    assert!(!reaches(agent, "app1", web_ip), "app1 reached shop's web");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = Command::new("curl")
+            .args(["-s", "-m", "2"])
+            .arg(format!("http://127.0.0.1:{port}/"))
+            .output()
+            .unwrap();
+        if String::from_utf8_lossy(&out.stdout).contains("hello-from-web") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "published port not reachable");
+        sleep(Duration::from_millis(100));
+    }
+}
+
+/// `nft -j list table` of the agent's `family` table.
+fn table(agent: &TestAgent, family: &str) -> Vec<Value> {
+    let out = Command::new("nft")
+        .args(["-j", "list", "table", family, &agent.prefix])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "nft list table {family}");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["nftables"].as_array().unwrap().clone()
+}
+
+/// Keys of the elements of every set or map named by `wanted`, as strings.
+fn keys(objects: &[Value], kind: &str, wanted: impl Fn(&str) -> bool) -> BTreeSet<String> {
+    let mut keys = BTreeSet::new();
+    for o in objects {
+        let Some(obj) = o.get(kind) else { continue };
+        if !wanted(obj["name"].as_str().unwrap_or("")) {
+            continue;
+        }
+        for e in obj["elem"].as_array().into_iter().flatten() {
+            let key = if kind == "map" { &e[0] } else { e };
+            keys.insert(key.as_str().map_or_else(|| key.to_string(), str::to_string));
+        }
+    }
+    keys
+}
+
+/// The tables name exactly the live endpoints: their addresses in `dest` and the apps' sets,
+/// their veths in `ports`, one `to-` chain each.
+fn assert_elements_match_endpoints(agent: &TestAgent) {
+    let endpoints = agent.json(&["debug", "net", "list", "--json"]);
+    let endpoints = endpoints.as_array().unwrap();
+    let ips: BTreeSet<String> = endpoints
+        .iter()
+        .map(|e| e["ip"].as_str().unwrap().to_string())
+        .collect();
+    let veths: BTreeSet<String> = endpoints
+        .iter()
+        .map(|e| e["veth"].as_str().unwrap().to_string())
+        .collect();
+    let inet = table(agent, "inet");
+    let bridge = table(agent, "bridge");
+    assert_eq!(keys(&inet, "map", |n| n == "dest"), ips, "dest map");
+    assert_eq!(
+        keys(&inet, "set", |n| n.starts_with("ips-")),
+        ips,
+        "app sets"
+    );
+    assert_eq!(keys(&bridge, "map", |n| n == "ports"), veths, "ports map");
+    let chains = |objects: &[Value], start: &str| {
+        objects
+            .iter()
+            .filter_map(|o| o.get("chain")?["name"].as_str().map(str::to_string))
+            .filter(|n| n.starts_with(start))
+            .count()
+    };
+    assert_eq!(chains(&inet, "to-"), endpoints.len(), "to- chains");
+    assert_eq!(chains(&bridge, "from-"), endpoints.len(), "from- chains");
+}
+
+/// Two mounts per live sandbox under the sandboxes dir (its writable layer and its overlay
+/// root), nothing of deleted ones.
+fn assert_host_mounts(agent: &TestAgent) {
+    let live = agent.json(&["sandbox", "list", "--json"]);
+    let live = live.as_array().unwrap().len();
+    let mounts = miren_disks::mounts_under(&agent.data_dir.join("sandboxes")).unwrap();
+    assert_eq!(
+        mounts.len(),
+        2 * live,
+        "host mounts under sandboxes: {mounts:?}"
+    );
+}
+
+#[test]
+fn many_creates_deletes_and_a_kill_9_keep_isolation_and_exact_rules() {
+    let mut agent = agent_with_busybox();
+    let port = 22000 + (std::process::id() % 20000) as u16;
+    let web = run(
+        &agent,
+        &[
+            "--name",
+            "web",
+            "--app",
+            "shop",
+            "--publish",
+            &format!("{port}:8080"),
+        ],
+        "mkdir -p /www; echo hello-from-web > /www/index.html; httpd -f -p 8080 -h /www",
+    );
+    let web_ip = wait_state(&agent, &web, "running")["ip"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_isolated(&agent, &web_ip, port);
+    let sleepers: Vec<String> = (0..SANDBOXES)
+        .map(|i| {
+            run(
+                &agent,
+                &["--app", &format!("app{}", i % APPS)],
+                "sleep 100000",
+            )
+        })
+        .collect();
+    assert_elements_match_endpoints(&agent);
+    assert_host_mounts(&agent);
+    assert_isolated(&agent, &web_ip, port);
+
+    // Every other one goes: their elements and chains with them, the rest untouched.
+    for id in sleepers.iter().step_by(2) {
+        agent.ok(&["sandbox", "delete", id]);
+    }
+    assert_elements_match_endpoints(&agent);
+    assert_host_mounts(&agent);
+    assert_isolated(&agent, &web_ip, port);
+
+    // A kill -9 and a restart: the full apply at start rebuilds exactly the same elements.
+    agent.restart();
+    agent.wait_for_log("reconciled endpoints and sandboxes");
+    assert_elements_match_endpoints(&agent);
+    assert_isolated(&agent, &web_ip, port);
+    let more: Vec<String> = (0..4)
+        .map(|i| run(&agent, &["--app", &format!("app{i}")], "sleep 100000"))
+        .collect();
+    assert_elements_match_endpoints(&agent);
+
+    for id in sleepers.iter().skip(1).step_by(2).chain(&more) {
+        agent.ok(&["sandbox", "delete", id]);
+    }
+    agent.ok(&["sandbox", "delete", &web]);
+    assert_elements_match_endpoints(&agent);
+    assert_host_mounts(&agent);
+    assert!(
+        keys(&table(&agent, "inet"), "map", |n| n.starts_with("pub_")).is_empty(),
+        "a published port outlived its sandbox"
+    );
+    let left = std::fs::read_dir(agent.data_dir.join("sandboxes"))
+        .map(|d| {
+            d.filter(|e| {
+                e.as_ref()
+                    .is_ok_and(|e| !e.file_name().to_string_lossy().starts_with('.'))
+            })
+            .count()
+        })
+        .unwrap_or(0);
+    assert_eq!(left, 0, "sandbox state dirs left");
+    // Every deleted sandbox's layer is gone with its loop device.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let loops = miren_disks::loops_under(&agent.data_dir.join("sandboxes")).unwrap();
+        if loops.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "loop devices left: {loops:?}");
+        sleep(Duration::from_millis(100));
+    }
+}
