@@ -130,6 +130,10 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         cfg.data_dir.clone(),
         cfg.local_dir(),
     );
+    builds
+        .reconcile()
+        .await
+        .context("removing what interrupted builds left")?;
 
     let listener = bind_socket(&cfg)?;
     let state = AppState {

@@ -192,7 +192,9 @@ fn print_app(app: &App) {
         })
         .collect();
     print_table(
-        &["SERVICE", "SANDBOX", "STATE", "IP", "IMAGE", "BUILT", "DIGEST"],
+        &[
+            "SERVICE", "SANDBOX", "STATE", "IP", "IMAGE", "BUILT", "DIGEST",
+        ],
         rows,
     );
     if !app.addons.is_empty() {

@@ -18,10 +18,10 @@ pub use hyper::body::Bytes;
 
 use crate::api::{DATA_BYTES_HEADER, DISK_SIZE_HEADER, FREEZE_SECONDS_HEADER};
 use crate::model::{
-    AcquireLease, Addon, AddonCatalogEntry, BuildQuery, BuildResult, AddonDestroyed, AgentInfo, App, AppDeleted,
-    CreateAddon, CreateDisk, CreateEndpoint, DeployApp, Disk, Endpoint, EndpointDeleted,
-    EnvVarView, ErrorBody, ExecRequest, ExecResult, ImageGcReport, ImageRemoved, ImageSummary,
-    ImportImage, Lease, NetGcReport, PullEvent, PullImage, ReleaseResult, ResizeDisk,
+    AcquireLease, Addon, AddonCatalogEntry, AddonDestroyed, AgentInfo, App, AppDeleted, BuildQuery,
+    BuildResult, CreateAddon, CreateDisk, CreateEndpoint, DeployApp, Disk, Endpoint,
+    EndpointDeleted, EnvVarView, ErrorBody, ExecRequest, ExecResult, ImageGcReport, ImageRemoved,
+    ImageSummary, ImportImage, Lease, NetGcReport, PullEvent, PullImage, ReleaseResult, ResizeDisk,
     RestoreResult, RunSandbox, Sandbox,
 };
 
@@ -576,7 +576,12 @@ impl Client {
         }
         let path = Route::Build.path(&[], &pairs);
         let response = self
-            .send(Route::Build, &path, "application/x-tar", upload_body(source))
+            .send(
+                Route::Build,
+                &path,
+                "application/x-tar",
+                upload_body(source),
+            )
             .await?;
         let bytes = response
             .into_body()

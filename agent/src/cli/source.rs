@@ -76,7 +76,10 @@ pub fn pack_with(dir: &Path, max_bytes: u64, max_entries: u64) -> Result<PackedS
             .with_context(|| format!("reading {}", path.display()))?;
         let kind = meta.file_type();
         if !(kind.is_file() || kind.is_dir() || kind.is_symlink()) {
-            eprintln!("skipping {}: not a file, directory or symlink", rel.display());
+            eprintln!(
+                "skipping {}: not a file, directory or symlink",
+                rel.display()
+            );
             continue;
         }
         files += 1;
@@ -101,9 +104,7 @@ pub fn pack_with(dir: &Path, max_bytes: u64, max_entries: u64) -> Result<PackedS
         tar.append_path_with_name(path, rel)
             .with_context(|| format!("adding {} to the source tar", rel.display()))?;
     }
-    let mut file = tar
-        .into_inner()
-        .context("finishing the source tar")?;
+    let mut file = tar.into_inner().context("finishing the source tar")?;
     file.seek(SeekFrom::Start(0))
         .context("rewinding the source tar")?;
     Ok(PackedSource { file, files, bytes })
@@ -159,7 +160,10 @@ mod tests {
         let f = File::create(dir.path().join("huge.img")).unwrap();
         f.set_len(10 << 30).unwrap(); // sparse: 10 GiB, nothing allocated
         let err = pack(dir.path()).err().unwrap().to_string();
-        assert!(err.contains("size limit of 512.0 MiB at huge.img (10.0 GiB)"), "{err}");
+        assert!(
+            err.contains("size limit of 512.0 MiB at huge.img (10.0 GiB)"),
+            "{err}"
+        );
         assert!(err.contains(".gitignore or .dockerignore"), "{err}");
         for i in 0..4 {
             std::fs::write(dir.path().join(format!("f{i}")), "").unwrap();

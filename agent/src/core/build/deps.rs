@@ -56,7 +56,11 @@ impl BuildService {
             if let Some(layer) = self.images.store().stored_layer(digest.trim())? {
                 steps.push(step(
                     "dependencies",
-                    format!("{} (keyed by {})", first_words(dep.script), keyed.join(", ")),
+                    format!(
+                        "{} (keyed by {})",
+                        first_words(dep.script),
+                        keyed.join(", ")
+                    ),
                     Some(layer.size),
                     true,
                 ));
@@ -70,7 +74,11 @@ impl BuildService {
         write_atomically(&record, layer.digest.as_bytes())?;
         steps.push(step(
             "dependencies",
-            format!("{} (keyed by {})", first_words(dep.script), keyed.join(", ")),
+            format!(
+                "{} (keyed by {})",
+                first_words(dep.script),
+                keyed.join(", ")
+            ),
             Some(layer.size),
             false,
         ));
@@ -122,12 +130,11 @@ impl BuildService {
                         let mut b = tar::Builder::new(w);
                         b.follow_symlinks(false);
                         b.mode(tar::HeaderMode::Deterministic);
-                        b.append_dir_all(&into, &out).map_err(|e| {
-                            miren_runtime::Error::Io {
+                        b.append_dir_all(&into, &out)
+                            .map_err(|e| miren_runtime::Error::Io {
                                 context: format!("tar {}", out.display()),
                                 source: e,
-                            }
-                        })?;
+                            })?;
                         b.finish().map_err(|e| miren_runtime::Error::Io {
                             context: "finish the dependency layer".into(),
                             source: e,
@@ -151,9 +158,8 @@ impl BuildService {
         key: &str,
     ) -> Result<(), Error> {
         let mut run = SandboxRequest::new(image);
-        run.app = Some(
-            Name::new(BUILD_APP).map_err(|e| Error::internal(format!("{BUILD_APP}: {e}")))?,
-        );
+        run.app =
+            Some(Name::new(BUILD_APP).map_err(|e| Error::internal(format!("{BUILD_APP}: {e}")))?);
         run.local_dir = Some("/deps".into());
         run.env = vec![format!("DEPS=/deps/{key}"), "HOME=/tmp".into()];
         run.resources.memory_bytes = Some(BUILD_MEMORY);

@@ -117,7 +117,9 @@ fn source_error(e: SourceError) -> Error {
         SourceError::TooLarge { .. } | SourceError::TooManyEntries { .. } => {
             Error::new(ErrorKind::Unprocessable, "source_too_large", e.to_string())
         }
-        SourceError::Unsafe { .. } => Error::new(ErrorKind::Invalid, "source_refused", e.to_string()),
+        SourceError::Unsafe { .. } => {
+            Error::new(ErrorKind::Invalid, "source_refused", e.to_string())
+        }
         SourceError::Malformed(_) => Error::invalid(e.to_string()),
     }
 }
@@ -145,6 +147,29 @@ impl BuildService {
             local_dir: local_dir.join(BUILD_APP),
             limits: SourceLimits::default(),
         })
+    }
+
+    /// Removes what builds an earlier agent was killed in left: their build sandboxes, their
+    /// output directories and the intermediate images the dependency steps ran on. Runs at
+    /// start, before any build.
+    pub async fn reconcile(&self) -> Result<(), Error> {
+        for sandbox in self.sandboxes.list()? {
+            if sandbox.app == BUILD_APP {
+                info!(sandbox = %sandbox.name, "removing a build sandbox left by an interrupted build");
+                self.sandboxes.delete(&sandbox.id).await?;
+            }
+        }
+        if let Ok(entries) = fs::read_dir(&self.local_dir) {
+            for entry in entries.flatten() {
+                let _ = fs::remove_dir_all(entry.path());
+            }
+        }
+        for image in self.images.store().list()? {
+            if image.reference.starts_with("miren.build/deps:") {
+                self.images.store().remove(&image.reference)?;
+            }
+        }
+        Ok(())
     }
 
     /// Reads and checks the uploaded source (blocking).
@@ -184,7 +209,9 @@ impl BuildService {
             })
             .await?
         };
-        let deps = self.dependencies(&req, def, &base, &tree, &mut steps).await?;
+        let deps = self
+            .dependencies(&req, def, &base, &tree, &mut steps)
+            .await?;
         let key = sha256_hex(&[
             stack.name().as_bytes(),
             base.manifest_digest.as_bytes(),
@@ -227,7 +254,12 @@ impl BuildService {
                     Ok((layer, image))
                 })
                 .await?;
-                steps.push(step("source", layer.digest.clone(), Some(layer.size), false));
+                steps.push(step(
+                    "source",
+                    layer.digest.clone(),
+                    Some(layer.size),
+                    false,
+                ));
                 steps.push(step("image", image.manifest_digest.clone(), None, false));
                 (image, false)
             }
@@ -257,9 +289,10 @@ impl BuildService {
             .pull(reference, None, None)
             .await
             .map_err(|e| e.with_context(format!("pulling the base image {reference}")))?;
-        let record = self.images.store().get(reference)?.ok_or_else(|| {
-            Error::internal(format!("{reference} vanished right after its pull"))
-        })?;
+        let record =
+            self.images.store().get(reference)?.ok_or_else(|| {
+                Error::internal(format!("{reference} vanished right after its pull"))
+            })?;
         Ok((record, false))
     }
 }
