@@ -328,8 +328,13 @@ fn raw_header(name: &str, size: u64, kind: u8) -> Vec<u8> {
     h[100..108].copy_from_slice(b"0000644\0");
     h[108..116].copy_from_slice(b"0000000\0");
     h[116..124].copy_from_slice(b"0000000\0");
-    let size = format!("{size:011o}\0");
-    h[124..136].copy_from_slice(size.as_bytes());
+    if size < 1 << 33 {
+        h[124..136].copy_from_slice(format!("{size:011o}\0").as_bytes());
+    } else {
+        // GNU base-256: past the 8 GiB that 11 octal digits hold.
+        h[124] = 0x80;
+        h[128..136].copy_from_slice(&size.to_be_bytes());
+    }
     h[136..148].copy_from_slice(b"00000000000\0");
     h[156] = kind;
     h[257..263].copy_from_slice(b"ustar\0");

@@ -119,6 +119,7 @@ impl BuildService {
         }
         let out = self.local_dir.join(key);
         let _ = fs::remove_dir_all(&out);
+        *self.running_steps.lock().unwrap_or_else(|e| e.into_inner()) += 1;
         let result = self.run_sandbox(req, dep, &pre_ref, key).await;
         let layer = match result {
             Ok(()) => {
@@ -147,6 +148,13 @@ impl BuildService {
         };
         let _ = fs::remove_dir_all(&out);
         let _ = self.images.store().remove(&pre_ref);
+        {
+            let mut running = self.running_steps.lock().unwrap_or_else(|e| e.into_inner());
+            *running -= 1;
+            if *running == 0 {
+                let _ = self.disks.remove_local_storage_if_empty(BUILD_APP);
+            }
+        }
         layer
     }
 

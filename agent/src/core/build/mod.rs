@@ -78,6 +78,9 @@ impl BuildRequest {
 
 pub struct BuildService {
     images: Arc<ImageService>,
+    disks: Arc<crate::core::disks::DiskService>,
+    /// Dependency steps running; the scratch storage goes when the last one ends.
+    running_steps: std::sync::Mutex<usize>,
     sandboxes: Arc<SandboxService>,
     /// `<data>/builds`: `deps/<key>` names the cached dependency layer of each key.
     dir: PathBuf,
@@ -136,12 +139,15 @@ fn step(step: &str, detail: String, bytes: Option<u64>, cached: bool) -> BuildSt
 impl BuildService {
     pub fn new(
         images: Arc<ImageService>,
+        disks: Arc<crate::core::disks::DiskService>,
         sandboxes: Arc<SandboxService>,
         data_dir: PathBuf,
         local_dir: PathBuf,
     ) -> Arc<BuildService> {
         Arc::new(BuildService {
             images,
+            disks,
+            running_steps: std::sync::Mutex::new(0),
             sandboxes,
             dir: data_dir.join("builds"),
             local_dir: local_dir.join(BUILD_APP),
@@ -164,6 +170,7 @@ impl BuildService {
                 let _ = fs::remove_dir_all(entry.path());
             }
         }
+        self.disks.remove_local_storage_if_empty(BUILD_APP)?;
         for image in self.images.store().list()? {
             if image.reference.starts_with("miren.build/deps:") {
                 self.images.store().remove(&image.reference)?;

@@ -41,7 +41,7 @@ pub const CATALOGUE: &[StackDef] = &[
         deps: &[DependencyStep {
             when: &["bun.lock", "bun.lockb"],
             inputs: &["package.json"],
-            script: "mkdir -p /tmp/b && cp -a package.json bun.lock* /tmp/b/ && cd /tmp/b && bun install --frozen-lockfile && cp -a node_modules/. \"$DEPS\"/",
+            script: "bun install --frozen-lockfile && cp -a node_modules/. \"$DEPS\"/",
             into: "node_modules",
         }],
         env: &[],
@@ -53,7 +53,7 @@ pub const CATALOGUE: &[StackDef] = &[
         deps: &[DependencyStep {
             when: &["package-lock.json"],
             inputs: &["package.json"],
-            script: "mkdir -p /tmp/b && cp -a package.json package-lock.json /tmp/b/ && cd /tmp/b && npm ci --no-audit --no-fund && cp -a node_modules/. \"$DEPS\"/",
+            script: "npm ci --no-audit --no-fund && cp -a node_modules/. \"$DEPS\"/",
             into: "node_modules",
         }],
         env: &[],
