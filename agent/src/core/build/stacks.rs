@@ -139,3 +139,90 @@ pub fn default_command(stack: Stack, tree: &SourceTree) -> Vec<String> {
         ]),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tree(files: &[&str]) -> SourceTree {
+        let mut b = tar::Builder::new(Vec::new());
+        for name in files {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(2);
+            h.set_mode(0o644);
+            h.set_cksum();
+            b.append_data(&mut h, name, &b"{}"[..]).unwrap();
+        }
+        let bytes = b.into_inner().unwrap();
+        let spool = tempfile::tempfile().unwrap();
+        SourceTree::read(&bytes[..], miren_runtime::SourceLimits::default(), spool).unwrap()
+    }
+
+    fn argv(words: &[&str]) -> Vec<String> {
+        words.iter().map(|w| w.to_string()).collect()
+    }
+
+    #[test]
+    fn detection_follows_the_catalogue_order() {
+        let none: Vec<String> = Vec::new();
+        assert_eq!(detect(&tree(&["index.ts"]), &none).unwrap(), Stack::Bun);
+        assert_eq!(
+            detect(&tree(&["package.json", "bun.lock"]), &none).unwrap(),
+            Stack::Bun
+        );
+        assert_eq!(
+            detect(
+                &tree(&["package.json", "server.js"]),
+                &argv(&["bun", "run", "x"])
+            )
+            .unwrap(),
+            Stack::Bun
+        );
+        assert_eq!(
+            detect(&tree(&["package.json", "index.ts"]), &none).unwrap(),
+            Stack::Node
+        );
+        assert_eq!(
+            detect(&tree(&["pyproject.toml"]), &none).unwrap(),
+            Stack::Python
+        );
+        assert_eq!(
+            detect(&tree(&["index.html", "style.css"]), &none).unwrap(),
+            Stack::Static
+        );
+        // A .ts file below the top is not an entry file.
+        assert!(detect(&tree(&["src/x.ts"]), &none).is_err());
+    }
+
+    #[test]
+    fn an_unknown_tree_lists_what_was_looked_for_and_the_fix() {
+        let err = detect(&tree(&["README.md"]), &[]).unwrap_err();
+        assert_eq!(err.code, "stack_unknown");
+        for want in [
+            "bun.lock",
+            "package.json",
+            "requirements.txt",
+            "index.html",
+            "stack = ",
+            "image = ",
+        ] {
+            assert!(err.message.contains(want), "{want}: {}", err.message);
+        }
+    }
+
+    #[test]
+    fn default_commands() {
+        assert_eq!(
+            default_command(Stack::Bun, &tree(&["index.ts"])),
+            argv(&["bun", "run", "index.ts"])
+        );
+        assert_eq!(
+            default_command(Stack::Python, &tree(&["main.py"])),
+            argv(&["python3", "main.py"])
+        );
+        assert_eq!(
+            default_command(Stack::Node, &tree(&[])),
+            argv(&["npm", "start"])
+        );
+    }
+}
