@@ -29,12 +29,83 @@ pub struct AppConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceConfig {
     pub name: String,
-    pub image: String,
+    /// A prebuilt image, or one the agent builds from the app's source.
+    pub image: ImageSource,
     /// `memory`, `cpus`, `pids`, `disk`; unset ones take the agent's defaults.
     pub limits: ServiceLimits,
     pub command: Option<Command>,
     pub env: Vec<EnvEntry>,
     pub disks: Vec<DiskConfig>,
+}
+
+/// What a service runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ImageSource {
+    /// `image = "..."`: a prebuilt OCI image.
+    Image(String),
+    /// No `image`: the agent builds one from the app's source on a stack's base image;
+    /// `stack` and `base` override what detection picks (see docs/builds.md).
+    Build {
+        stack: Option<Stack>,
+        base: Option<String>,
+    },
+}
+
+impl ImageSource {
+    /// The prebuilt image, if this is one.
+    pub fn image(&self) -> Option<&str> {
+        match self {
+            ImageSource::Image(i) => Some(i),
+            ImageSource::Build { .. } => None,
+        }
+    }
+}
+
+impl From<&str> for ImageSource {
+    fn from(image: &str) -> Self {
+        ImageSource::Image(image.to_string())
+    }
+}
+
+/// A build stack: how a source tree becomes an image (catalogue: the agent's `core/build`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Stack {
+    Bun,
+    Node,
+    Python,
+    Static,
+}
+
+impl Stack {
+    pub const ALL: [Stack; 4] = [Stack::Bun, Stack::Node, Stack::Python, Stack::Static];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Stack::Bun => "bun",
+            Stack::Node => "node",
+            Stack::Python => "python",
+            Stack::Static => "static",
+        }
+    }
+
+    pub fn parse(name: &str) -> Result<Stack, String> {
+        Stack::ALL
+            .into_iter()
+            .find(|s| s.name() == name)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Stack::ALL.iter().map(|s| s.name()).collect();
+                format!(
+                    "unknown stack `{name}`; the stacks are: {} (or set image = \"...\" to run a prebuilt image)",
+                    names.join(", ")
+                )
+            })
+    }
+}
+
+impl fmt::Display for Stack {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 /// A service's own limits (`None`: the agent's default, see docs/sandbox.md).
@@ -218,7 +289,7 @@ pub fn parse_size(text: &str) -> Option<u64> {
 
 const APP_FIELDS: &[&str] = &["name", "services", "addons"];
 const SERVICE_FIELDS: &[&str] = &[
-    "image", "command", "env", "disks", "memory", "cpus", "pids", "disk",
+    "image", "stack", "base", "command", "env", "disks", "memory", "cpus", "pids", "disk",
 ];
 const ENV_FIELDS: &[&str] = &["key", "value"];
 const DISK_FIELDS: &[&str] = &[
@@ -438,7 +509,7 @@ impl<'t> Ctx<'t> {
                 self.missing(
                     &root,
                     "services",
-                    "add at least one service, e.g. [services.web] with image = \"...\"",
+                    "add at least one service, e.g. [services.web] with command = \"...\" (built from source) or image = \"...\"",
                 );
                 Vec::new()
             }
@@ -608,29 +679,7 @@ impl<'t> Ctx<'t> {
     ) -> Option<ServiceConfig> {
         self.check_fields(t, SERVICE_FIELDS);
 
-        let image = match self.string(t, "image") {
-            Some((image, span)) => match validate_image_ref(&image) {
-                Ok(()) => Some(image),
-                Err(reason) => {
-                    self.err(
-                        &span,
-                        t.field("image"),
-                        format!("`{image}` is not a valid image reference: {reason}"),
-                    );
-                    None
-                }
-            },
-            None => {
-                if t.get("image").is_none() {
-                    self.missing(
-                        t,
-                        "image",
-                        "every service runs a prebuilt OCI image; add e.g. image = \"oven/bun:1\" (building from source is not supported yet)",
-                    );
-                }
-                None
-            }
-        };
+        let image = self.image_source(t);
 
         let command = match self.string(t, "command") {
             Some((raw, span)) => match command_argv(&raw) {
@@ -730,6 +779,54 @@ impl<'t> Ctx<'t> {
             env,
             disks,
         })
+    }
+
+    /// `image`, or `stack`/`base` (both optional) for a build from source; never both.
+    fn image_source(&mut self, t: &Tbl<'_, '_>) -> Option<ImageSource> {
+        let image_ref = |ctx: &mut Self, key: &str| match ctx.string(t, key) {
+            Some((image, span)) => match validate_image_ref(&image) {
+                Ok(()) => Some(Some(image)),
+                Err(reason) => {
+                    ctx.err(
+                        &span,
+                        t.field(key),
+                        format!("`{image}` is not a valid image reference: {reason}"),
+                    );
+                    None
+                }
+            },
+            None if t.get(key).is_some() => None,
+            None => Some(None),
+        };
+        let image = image_ref(self, "image");
+        let base = image_ref(self, "base");
+        let stack = match self.string(t, "stack") {
+            Some((name, span)) => match Stack::parse(&name) {
+                Ok(stack) => Some(Some(stack)),
+                Err(msg) => {
+                    self.err(&span, t.field("stack"), msg);
+                    None
+                }
+            },
+            None if t.get("stack").is_some() => None,
+            None => Some(None),
+        };
+        if t.get("image").is_some() {
+            for key in ["stack", "base"] {
+                if let Some(v) = t.get(key) {
+                    self.err(
+                        &v.span(),
+                        t.field(key),
+                        format!("`{key}` builds the image from source, `image` names a prebuilt one; keep one of them"),
+                    );
+                }
+            }
+        }
+        match (image?, stack?, base?) {
+            (Some(image), None, None) => Some(ImageSource::Image(image)),
+            (Some(_), _, _) => None,
+            (None, stack, base) => Some(ImageSource::Build { stack, base }),
+        }
     }
 
     fn service_limits(&mut self, t: &Tbl<'_, '_>) -> ServiceLimits {

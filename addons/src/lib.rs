@@ -34,7 +34,7 @@ pub mod ident;
 
 pub use app_toml::{
     command_argv, parse_app_toml, AddonConfig, AppConfig, AppTomlError, Command, DiskConfig,
-    DiskProvider, EnvEntry, Filesystem, Problem, ServiceConfig, ServiceLimits,
+    DiskProvider, EnvEntry, Filesystem, ImageSource, Problem, ServiceConfig, ServiceLimits, Stack,
 };
 pub use catalogue::{
     AddonInfo, AddonKind, Catalogue, CatalogueError, CatalogueVersion, Pooling, ResolvedAddon,

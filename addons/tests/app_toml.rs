@@ -4,7 +4,8 @@ use std::time::Duration;
 
 use miren_addons::{
     parse_app_toml, AddonConfig, AddonKind, AppConfig, Command, DiskConfig, DiskProvider, EnvEntry,
-    Filesystem, Pooling, ResolvedVersion, ServiceConfig, ServiceLimits, Variant,
+    Filesystem, ImageSource, Pooling, ResolvedVersion, ServiceConfig, ServiceLimits, Stack,
+    Variant,
 };
 
 const PATH: &str = ".miren/app.toml";
@@ -73,12 +74,42 @@ variant = "shared"
 "#;
 
 #[test]
-fn seed_bun_example_without_an_image_says_what_to_do() {
+fn seed_bun_example_without_an_image_is_built_from_source() {
+    let mut want = bun_app("my-app");
+    want.services[0].image = ImageSource::Build {
+        stack: None,
+        base: None,
+    };
+    assert_eq!(parse(SEED_BUN), want);
+}
+
+#[test]
+fn stack_and_base_override_detection() {
+    let text = "name = \"a\"\n[services.web]\nstack = \"python\"\nbase = \"python:3.11\"\n";
     assert_eq!(
-        error(SEED_BUN),
-        ".miren/app.toml line 3: services.web.image: missing required field; every service runs \
-         a prebuilt OCI image; add e.g. image = \"oven/bun:1\" (building from source is not \
-         supported yet)"
+        parse(text).services[0].image,
+        ImageSource::Build {
+            stack: Some(Stack::Python),
+            base: Some("python:3.11".into()),
+        }
+    );
+}
+
+#[test]
+fn unknown_stack_names_the_stacks() {
+    assert_eq!(
+        error("name = \"a\"\n[services.web]\nstack = \"cobol\"\n"),
+        ".miren/app.toml line 3: services.web.stack: unknown stack `cobol`; the stacks are: bun, \
+         node, python, static (or set image = \"...\" to run a prebuilt image)"
+    );
+}
+
+#[test]
+fn image_and_stack_exclude_each_other() {
+    assert_eq!(
+        error("name = \"a\"\n[services.web]\nimage = \"x\"\nstack = \"bun\"\n"),
+        ".miren/app.toml line 4: services.web.stack: `stack` builds the image from source, \
+         `image` names a prebuilt one; keep one of them"
     );
 }
 
@@ -372,7 +403,7 @@ fn unknown_fields_are_named_with_the_valid_ones() {
         ),
         (
             "name = \"a\"\n[services.web]\nimage = \"x\"\nport = 80\n",
-            ".miren/app.toml line 4: services.web.port: unknown field; valid fields here are: image, command, env, disks, memory, cpus, pids, disk",
+            ".miren/app.toml line 4: services.web.port: unknown field; valid fields here are: image, stack, base, command, env, disks, memory, cpus, pids, disk",
         ),
         (
             "name = \"a\"\n[services.web]\nimage = \"x\"\n[[services.web.env]]\nkey = \"A\"\nvalue = \"b\"\nsecret = true\n",
@@ -491,7 +522,7 @@ fn missing_and_mistyped_top_level_fields() {
     );
     assert_eq!(
         error("name = \"a\"\n"),
-        ".miren/app.toml: services: missing required field; add at least one service, e.g. [services.web] with image = \"...\""
+        ".miren/app.toml: services: missing required field; add at least one service, e.g. [services.web] with command = \"...\" (built from source) or image = \"...\""
     );
     assert_eq!(
         error("name = 5\n[services.web]\nimage = \"x\"\n"),
@@ -684,13 +715,12 @@ variant = "huge"
 "#;
     let err = parse_app_toml(text, PATH).unwrap_err();
     let lines: Vec<_> = err.problems.iter().map(|p| p.line).collect();
-    assert_eq!(lines, [Some(1), Some(2), Some(4), Some(6)], "{err}");
+    assert_eq!(lines, [Some(1), Some(4), Some(6)], "{err}");
     let fields: Vec<_> = err.problems.iter().map(|p| p.field.as_str()).collect();
     assert_eq!(
         fields,
         [
             "name",
-            "services.web.image",
             "services.web.port",
             "addons.miren-postgresql.variant"
         ]

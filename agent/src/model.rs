@@ -546,6 +546,62 @@ pub struct DeployApp {
     pub source: Option<String>,
     #[serde(default)]
     pub publish: Vec<ServicePublish>,
+    /// Images `POST /v1/builds` built for the services app.toml gives no `image`.
+    #[serde(default)]
+    pub built: Vec<BuiltImage>,
+}
+
+/// A service's image built from source, as a deploy names it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+pub struct BuiltImage {
+    pub service: String,
+    /// The reference the build recorded, e.g. `miren.build/my-app-web:<key>`.
+    pub image: String,
+    /// Its manifest digest.
+    pub digest: String,
+    /// The stack it was built with (`bun`, `node`, `python`, `static`).
+    pub stack: String,
+}
+
+/// `POST /v1/builds`: the body is the app's source as a tar stream.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, utoipa::IntoParams)]
+pub struct BuildQuery {
+    /// The app the image is for.
+    pub app: String,
+    /// The service the image is for.
+    pub service: String,
+    /// app.toml's `stack` (default: detected from the source).
+    pub stack: Option<String>,
+    /// app.toml's `base` (default: the stack's base image).
+    pub base: Option<String>,
+    /// app.toml's `command`, as written (the image's command).
+    pub command: Option<String>,
+}
+
+/// One step of a build.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct BuildStep {
+    /// `source`, `base`, `dependencies`, `image`.
+    pub step: String,
+    pub detail: String,
+    /// Size of the layer it made, if it made one.
+    pub bytes: Option<u64>,
+    /// Reused from an earlier build instead of done again.
+    pub cached: bool,
+}
+
+/// What `POST /v1/builds` made (or found already built).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct BuildResult {
+    pub image: BuiltImage,
+    /// The base image's reference.
+    pub base: String,
+    /// Files and bytes in the source received.
+    pub files: u64,
+    pub source_bytes: u64,
+    pub steps: Vec<BuildStep>,
+    /// True when the image already existed: nothing was built.
+    pub cached: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -553,6 +609,12 @@ pub struct AppServiceView {
     pub name: String,
     pub sandbox: String,
     pub image: String,
+    /// The image's manifest digest, when the agent built it.
+    #[serde(default)]
+    pub image_digest: Option<String>,
+    /// The stack the image was built from source with; absent for prebuilt images.
+    #[serde(default)]
+    pub built_from_source: Option<String>,
     /// The sandbox's state, absent while it does not exist.
     #[schema(value_type = Option<String>)]
     pub state: Option<SandboxState>,

@@ -131,9 +131,21 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     );
 
     let addons_of_apps = crate::core::app_addons::AddonsOfApps::new(addons.clone(), apps.clone());
+    let builds = crate::core::build::BuildService::new(
+        images.clone(),
+        disks.clone(),
+        sandboxes.clone(),
+        cfg.data_dir.clone(),
+        cfg.local_dir(),
+    );
+    builds
+        .reconcile()
+        .await
+        .context("removing what interrupted builds left")?;
 
     let listener = bind_socket(&cfg)?;
     let state = AppState {
+        builds,
         disks: disks.clone(),
         net: net.clone(),
         images,

@@ -4,6 +4,7 @@
 //! [`ImageStore`] and `docs/images.md`). Sandboxes: OCI containers run with youki's
 //! libcontainer by one small supervisor process each (see [`sandbox`] and `docs/sandbox.md`).
 
+mod build;
 mod confined;
 mod digest;
 mod error;
@@ -16,6 +17,7 @@ mod unpack;
 
 pub mod sandbox;
 
+pub use build::{BuildConfig, SourceError, SourceLimits, SourceTree};
 pub use digest::digest_hex;
 pub use error::{Error, Result};
 pub use import::ImportKind;

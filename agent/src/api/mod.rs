@@ -6,6 +6,7 @@
 
 mod addons;
 mod apps;
+mod builds;
 mod disks;
 mod endpoints;
 pub mod error;
@@ -42,6 +43,7 @@ use crate::model::ErrorBody;
 
 #[derive(Clone)]
 pub struct AppState {
+    pub builds: Arc<crate::core::build::BuildService>,
     pub disks: Arc<DiskService>,
     pub net: Arc<NetService>,
     pub images: Arc<ImageService>,
@@ -142,6 +144,7 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(addons::rotate_addon))
         .routes(routes!(apps::app_env))
         .routes(routes!(apps::deploy_app))
+        .routes(routes!(builds::build_source))
         .routes(routes!(apps::list_apps))
         .routes(routes!(apps::get_app, apps::delete_app))
         .routes(routes!(apps::restart_app))

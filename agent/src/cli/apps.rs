@@ -1,15 +1,18 @@
 //! `miren deploy` and `miren app ...`: deployed apps.
 
+use std::io::{Seek, SeekFrom};
 use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::Subcommand;
+use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::cli::addons::print_addons;
 use crate::cli::client::Client;
 use crate::cli::output::{print_json, print_table};
-use crate::model::{App, DeployApp, ServicePublish};
+use crate::cli::source;
+use crate::model::{App, BuildQuery, BuildResult, BuiltImage, DeployApp, ServicePublish};
 
 #[derive(Subcommand, Debug)]
 pub enum AppCommand {
@@ -46,10 +49,17 @@ pub async fn deploy(
     if !as_json {
         eprintln!("deploying {} ...", path.display());
     }
+    // Services without an image are built from the directory first. A file the agent would
+    // refuse is sent as it is: its answer names every problem.
+    let mut built = Vec::new();
+    if let Ok(config) = miren_addons::parse_app_toml(&text, &path.display().to_string()) {
+        built = build_services(client, dir, &config, as_json).await?;
+    }
     let req = DeployApp {
         app_toml: text,
         source: Some(path.display().to_string()),
         publish,
+        built,
     };
     let app = client.deploy(&req).await?;
     if as_json {
@@ -64,6 +74,95 @@ pub async fn deploy(
         );
     }
     Ok(0)
+}
+
+/// Sends the source once per service that has no image and shows each build's steps.
+async fn build_services(
+    client: &Client,
+    dir: &Path,
+    config: &miren_addons::AppConfig,
+    as_json: bool,
+) -> Result<Vec<BuiltImage>> {
+    let wanted: Vec<_> = config
+        .services
+        .iter()
+        .filter_map(|s| match &s.image {
+            miren_addons::ImageSource::Build { stack, base } => Some((s, *stack, base.clone())),
+            miren_addons::ImageSource::Image(_) => None,
+        })
+        .collect();
+    if wanted.is_empty() {
+        return Ok(Vec::new());
+    }
+    let dir = dir.to_path_buf();
+    let mut packed = tokio::task::spawn_blocking(move || source::pack(&dir))
+        .await
+        .context("packing the source")??;
+    let mut built = Vec::new();
+    for (service, stack, base) in wanted {
+        let spinner = (!as_json).then(|| {
+            let bar = ProgressBar::new_spinner();
+            bar.set_style(
+                ProgressStyle::with_template("{spinner} {msg} {elapsed}")
+                    .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+            );
+            bar.set_message(format!(
+                "building {} from source ({} files, {})",
+                service.name,
+                packed.files,
+                source::human_bytes(packed.bytes)
+            ));
+            bar.enable_steady_tick(std::time::Duration::from_millis(120));
+            bar
+        });
+        packed
+            .file
+            .seek(SeekFrom::Start(0))
+            .context("rewinding the source tar")?;
+        let body = packed.file.try_clone().context("reading the source tar")?;
+        let query = BuildQuery {
+            app: config.name.clone(),
+            service: service.name.clone(),
+            stack: stack.map(|s| s.name().to_string()),
+            base,
+            command: service.command.as_ref().map(|c| c.raw.clone()),
+        };
+        let result = client.build_source(&query, body).await;
+        if let Some(bar) = spinner {
+            bar.finish_and_clear();
+        }
+        let result = result.with_context(|| format!("building services.{}", service.name))?;
+        if !as_json {
+            print_build(&result, packed.files, packed.bytes);
+        }
+        built.push(result.image);
+    }
+    Ok(built)
+}
+
+fn print_build(result: &BuildResult, files: u64, bytes: u64) {
+    eprintln!(
+        "built {} from source: stack {}, {files} files ({}){}",
+        result.image.service,
+        result.image.stack,
+        source::human_bytes(bytes),
+        if result.cached {
+            ", unchanged: image reused"
+        } else {
+            ""
+        }
+    );
+    for step in &result.steps {
+        eprintln!(
+            "  {:<13} {:<10} {:<10} {}",
+            step.step,
+            if step.cached { "cached" } else { "done" },
+            step.bytes.map(source::human_bytes).unwrap_or_default(),
+            step.detail
+        );
+    }
+    eprintln!("  image         {}", result.image.image);
+    eprintln!("  digest        {}", result.image.digest);
 }
 
 fn print_app(app: &App) {
@@ -85,10 +184,19 @@ fn print_app(app: &App) {
                     .map_or_else(|| "not started".into(), |state| state.to_string()),
                 s.ip.clone().unwrap_or_else(|| "-".into()),
                 s.image.clone(),
+                s.built_from_source
+                    .as_ref()
+                    .map_or_else(|| "prebuilt".into(), |stack| format!("source ({stack})")),
+                s.image_digest.clone().unwrap_or_else(|| "-".into()),
             ]
         })
         .collect();
-    print_table(&["SERVICE", "SANDBOX", "STATE", "IP", "IMAGE"], rows);
+    print_table(
+        &[
+            "SERVICE", "SANDBOX", "STATE", "IP", "IMAGE", "BUILT", "DIGEST",
+        ],
+        rows,
+    );
     if !app.addons.is_empty() {
         println!();
         print_addons(&app.addons);

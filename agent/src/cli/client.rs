@@ -19,10 +19,10 @@ pub use hyper::body::Bytes;
 use crate::api::{DATA_BYTES_HEADER, DISK_SIZE_HEADER, FREEZE_SECONDS_HEADER};
 use crate::model::{
     AcquireLease, Addon, AddonCatalogEntry, AddonDestroyed, AddonRotated, AgentInfo, App,
-    AppDeleted, CreateAddon, CreateDisk, CreateEndpoint, DeployApp, Disk, Endpoint,
-    EndpointDeleted, EnvVarView, ErrorBody, ExecRequest, ExecResult, ImageGcReport, ImageRemoved,
-    ImageSummary, ImportImage, Lease, NetGcReport, PullEvent, PullImage, ReleaseResult, ResizeDisk,
-    RestoreResult, RotateAddon, RunSandbox, Sandbox,
+    AppDeleted, BuildQuery, BuildResult, CreateAddon, CreateDisk, CreateEndpoint, DeployApp, Disk,
+    Endpoint, EndpointDeleted, EnvVarView, ErrorBody, ExecRequest, ExecResult, ImageGcReport,
+    ImageRemoved, ImageSummary, ImportImage, Lease, NetGcReport, PullEvent, PullImage,
+    ReleaseResult, ResizeDisk, RestoreResult, RotateAddon, RunSandbox, Sandbox,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -85,6 +85,7 @@ pub enum Route {
     StopSandbox,
     WaitSandbox,
     Deploy,
+    Build,
     ListApps,
     App,
     DeleteApp,
@@ -99,7 +100,7 @@ pub enum Route {
 }
 
 impl Route {
-    pub const ALL: [Route; 42] = [
+    pub const ALL: [Route; 43] = [
         Route::Info,
         Route::ListDisks,
         Route::CreateDisk,
@@ -131,6 +132,7 @@ impl Route {
         Route::StopSandbox,
         Route::WaitSandbox,
         Route::Deploy,
+        Route::Build,
         Route::ListApps,
         Route::App,
         Route::DeleteApp,
@@ -153,7 +155,8 @@ impl Route {
             | AppAddon | AddonCatalog => "GET",
             CreateDisk | ResizeDisk | AcquireLease | BackupDisk | RestoreDisk | CreateEndpoint
             | NetGc | PullImage | ImportImage | ImageGc | RunSandbox | ExecSandbox
-            | StopSandbox | WaitSandbox | Deploy | RestartApp | CreateAddon | RotateAddon => "POST",
+            | StopSandbox | WaitSandbox | Deploy | Build | RestartApp | CreateAddon
+            | RotateAddon => "POST",
             LocalStorage => "PUT",
             DeleteDisk | ReleaseLease | DeleteEndpoint | RemoveImage | DeleteSandbox
             | DeleteApp | DestroyAddon => "DELETE",
@@ -187,6 +190,7 @@ impl Route {
             StopSandbox => "/v1/sandboxes/{sandbox}/stop",
             WaitSandbox => "/v1/sandboxes/{sandbox}/wait",
             Deploy => "/v1/deploy",
+            Build => "/v1/builds",
             ListApps => "/v1/apps",
             App | DeleteApp => "/v1/apps/{app}",
             RestartApp => "/v1/apps/{app}/restart",
@@ -289,6 +293,33 @@ impl PullStream {
     }
 }
 
+/// A request body streamed from `reader`, read on a thread of its own.
+fn upload_body(
+    mut reader: impl Read + Send + 'static,
+) -> StreamBody<tokio_stream::wrappers::ReceiverStream<Result<Frame<Bytes>, io::Error>>> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, io::Error>>(8);
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            match reader.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    let frame = Frame::data(Bytes::copy_from_slice(&buf[..n]));
+                    if tx.blocking_send(Ok(frame)).is_err() {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(e));
+                    break;
+                }
+            }
+        }
+    });
+    StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
 pub struct Client {
     socket: PathBuf,
 }
@@ -382,29 +413,9 @@ impl Client {
         &self,
         name: Option<&str>,
         force: bool,
-        mut snapshot: impl Read + Send + 'static,
+        snapshot: impl Read + Send + 'static,
     ) -> Result<RestoreResult> {
-        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, io::Error>>(8);
-        std::thread::spawn(move || {
-            let mut buf = vec![0u8; 1 << 20];
-            loop {
-                match snapshot.read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(n) => {
-                        let frame = Frame::data(Bytes::copy_from_slice(&buf[..n]));
-                        if tx.blocking_send(Ok(frame)).is_err() {
-                            break;
-                        }
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => {
-                        let _ = tx.blocking_send(Err(e));
-                        break;
-                    }
-                }
-            }
-        });
-        let body = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        let body = upload_body(snapshot);
         let mut query = vec![("force", force.to_string())];
         if let Some(name) = name {
             query.push(("name", name.to_string()));
@@ -546,6 +557,44 @@ impl Client {
     }
 
     // --- apps, env and addons
+
+    /// Uploads an app's source (a tar read from `source` on a thread of its own) to be built
+    /// into an image for one service.
+    pub async fn build_source(
+        &self,
+        query: &BuildQuery,
+        source: impl Read + Send + 'static,
+    ) -> Result<BuildResult> {
+        let mut pairs = vec![
+            ("app", query.app.clone()),
+            ("service", query.service.clone()),
+        ];
+        for (key, value) in [
+            ("stack", &query.stack),
+            ("base", &query.base),
+            ("command", &query.command),
+        ] {
+            if let Some(value) = value {
+                pairs.push((key, value.clone()));
+            }
+        }
+        let path = Route::Build.path(&[], &pairs);
+        let response = self
+            .send(
+                Route::Build,
+                &path,
+                "application/x-tar",
+                upload_body(source),
+            )
+            .await?;
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| ClientError::Stream(e.to_string()))?
+            .to_bytes();
+        serde_json::from_slice(&bytes).map_err(ClientError::Event)
+    }
 
     pub async fn deploy(&self, req: &DeployApp) -> Result<App> {
         self.call(Route::Deploy, &[], &[], Some(req)).await

@@ -19,6 +19,7 @@ pub mod output;
 pub mod parse;
 pub mod sandboxes;
 pub mod snapshot;
+pub mod source;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};

@@ -5,6 +5,7 @@ pub mod addons;
 pub mod app_addons;
 pub mod apps;
 pub mod backup;
+pub mod build;
 pub mod disks;
 pub mod error;
 pub mod images;

@@ -419,6 +419,14 @@ impl Store {
         })
     }
 
+    /// Forgets an app's local storage (its directory is the caller's to remove).
+    pub fn remove_local_storage(&self, app: &str) -> StoreResult<()> {
+        self.with_conn(|conn| {
+            conn.execute("DELETE FROM local_storage WHERE app = ?1", [app])?;
+            Ok(())
+        })
+    }
+
     pub fn local_storage(&self) -> StoreResult<Vec<(String, String)>> {
         self.read(|conn| {
             let mut stmt =

@@ -33,7 +33,7 @@ pub const DEFAULT_PORT: u16 = 3000;
 mod spec;
 use spec::spec_from_config;
 pub use spec::{
-    service_sandbox_name, AddonSpec, AppSpec, DiskSpec, ServiceLimitsSpec, ServiceSpec,
+    service_sandbox_name, AddonSpec, AppSpec, BuiltSpec, DiskSpec, ServiceLimitsSpec, ServiceSpec,
 };
 
 /// The disks an app declares, as deploys use them: the disk service (fakes in unit tests).
@@ -139,7 +139,7 @@ impl AppService {
                 )));
             }
         }
-        let spec = spec_from_config(&config, &req.publish);
+        let spec = spec_from_config(&config, &req.publish, &req.built, source)?;
         let app = config.name.clone();
         // Refuse what would change an addon underneath the app before anything is recorded.
         for wanted in &spec.addons {
@@ -539,6 +539,8 @@ impl AppService {
                         .as_ref()
                         .map_or_else(|| service_sandbox_name(app, &s.name), |x| x.name.clone()),
                     image: s.image.clone(),
+                    image_digest: s.built.as_ref().map(|b| b.digest.clone()),
+                    built_from_source: s.built.as_ref().map(|b| b.stack.clone()),
                     state: sandbox.as_ref().map(|x| x.state),
                     ip: sandbox.as_ref().and_then(|x| x.ip.clone()),
                     restarts: sandbox.as_ref().map(|x| x.restarts),
@@ -683,7 +685,10 @@ variant = "shared"
                 host_port: 8080,
                 port: 3000,
             }],
-        );
+            &[],
+            "app.toml",
+        )
+        .unwrap();
         let web = &spec.services[0];
         assert_eq!(web.command, ["bun", "run", "index.ts"]);
         assert_eq!(web.env, [("MODE".to_string(), "prod".to_string())]);

@@ -22,6 +22,16 @@ pub struct ServiceSpec {
     /// specs stored before they existed.
     #[serde(default)]
     pub limits: ServiceLimitsSpec,
+    /// Set when the agent built the image from the app's source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub built: Option<BuiltSpec>,
+}
+
+/// How a service's image was built from source.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct BuiltSpec {
+    pub stack: String,
+    pub digest: String,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -82,14 +92,39 @@ pub fn service_sandbox_name(app: &str, service: &str) -> String {
 pub(super) fn spec_from_config(
     config: &miren_addons::AppConfig,
     publish: &[crate::model::ServicePublish],
-) -> AppSpec {
-    AppSpec {
-        services: config
-            .services
-            .iter()
-            .map(|s| ServiceSpec {
+    built: &[crate::model::BuiltImage],
+    source: &str,
+) -> Result<AppSpec, Error> {
+    let mut services = Vec::new();
+    for s in &config.services {
+        let (image, built) = match &s.image {
+            miren_addons::ImageSource::Image(image) => (image.clone(), None),
+            miren_addons::ImageSource::Build { .. } => {
+                let b = built.iter().find(|b| b.service == s.name).ok_or_else(|| {
+                    Error::invalid(format!(
+                        "{source}: services.{} has no `image` and no image was built for it; run `miren deploy` in the app's directory (it sends the source to be built), or set image = \"...\"",
+                        s.name
+                    ))
+                })?;
+                crate::core::validate::image_reference("built image", &b.image)?;
+                (
+                    b.image.clone(),
+                    Some(BuiltSpec {
+                        stack: b.stack.clone(),
+                        digest: b.digest.clone(),
+                    }),
+                )
+            }
+        };
+        services.push((s, image, built));
+    }
+    Ok(AppSpec {
+        services: services
+            .into_iter()
+            .map(|(s, image, built)| ServiceSpec {
                 name: s.name.clone(),
-                image: s.image.clone(),
+                image,
+                built,
                 limits: ServiceLimitsSpec {
                     memory_bytes: s.limits.memory_bytes,
                     millicpus: s.limits.millicpus,
@@ -155,5 +190,5 @@ pub(super) fn spec_from_config(
                 pooling: a.pooling.map(|p| p.name().to_string()),
             })
             .collect(),
-    }
+    })
 }

@@ -571,6 +571,21 @@ impl DiskService {
     }
 }
 
+impl DiskService {
+    /// Removes an app's local storage if its directory is empty (used for the build
+    /// sandboxes' scratch storage); true when it is gone.
+    pub fn remove_local_storage_if_empty(&self, app: &str) -> Result<bool, Error> {
+        let dir = self.cfg.local_dir().join(app);
+        match fs::remove_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(_) => return Ok(false),
+        }
+        self.store.remove_local_storage(app)?;
+        Ok(true)
+    }
+}
+
 /// 400 for a name in the agent's own name space (see `miren_addons::is_reserved_name`).
 pub fn refuse_reserved(what: &str, name: &str) -> Result<(), Error> {
     if miren_addons::is_reserved_name(name) {
