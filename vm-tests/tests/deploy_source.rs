@@ -307,7 +307,7 @@ fn node_and_python_dependencies_are_installed_and_kill_9_mid_build_leaves_no_hal
             .as_array()
             .unwrap()
             .iter()
-            .any(|s| s["app"] == "miren-build")
+            .any(|s| s["app"] == "addon-build")
         {
             break;
         }

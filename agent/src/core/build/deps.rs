@@ -4,6 +4,7 @@
 //! lockfile and manifest contents).
 
 use super::*;
+use crate::core::owner::Owner;
 
 use miren_runtime::LayerInfo;
 
@@ -177,7 +178,10 @@ impl BuildService {
             "-c".into(),
             format!("set -e; mkdir -p \"$DEPS\"; cd /app; {}", dep.script),
         ];
-        let sandbox = self.sandboxes.run_request(run, None).await?;
+        // Owned by the agent's build app (each build sandbox a service of its own), so the
+        // reserved name is the agent's to use and no user sandbox can take it.
+        let owner = Owner::service(BUILD_APP, &crate::util::new_id("deps"));
+        let sandbox = self.sandboxes.run_request(run, Some(owner)).await?;
         let waited = self.sandboxes.wait(&sandbox.id, Some(DEPS_TIMEOUT)).await;
         let logs = log_tail(&self.sandboxes, &sandbox.id, 20);
         let _ = self.sandboxes.delete(&sandbox.id).await;

@@ -27,8 +27,10 @@ use miren_sys::name::Name;
 
 pub mod stacks;
 
-/// The app whose local storage holds dependency steps' output while they run.
-const BUILD_APP: &str = "miren-build";
+/// The app whose local storage holds dependency steps' output while they run, and whose
+/// endpoints the build sandboxes get. In the agent's reserved `addon-` name space, so no user
+/// app can be it (and share its scratch storage or network).
+const BUILD_APP: &str = "addon-build";
 /// Largest lockfile or manifest read to key the dependency cache.
 const MAX_KEY_FILE: u64 = 64 << 20;
 /// How long a dependency step may run.
@@ -84,7 +86,7 @@ pub struct BuildService {
     sandboxes: Arc<SandboxService>,
     /// `<data>/builds`: `deps/<key>` names the cached dependency layer of each key.
     dir: PathBuf,
-    /// `<local>/miren-build`, where build sandboxes' `/deps` is.
+    /// `<local>/addon-build`, where build sandboxes' `/deps` is.
     local_dir: PathBuf,
     limits: SourceLimits,
 }
