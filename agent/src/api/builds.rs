@@ -9,7 +9,7 @@ use crate::core::error::{Error, ErrorKind};
 use crate::model::{BuildQuery, BuildResult, ErrorBody};
 
 #[utoipa::path(post, path = "/v1/builds", tag = "apps", params(crate::model::BuildQuery),
-    request_body(content = Vec<u8>, content_type = "application/x-tar", description = "The app's source as a tar stream: files, directories and symlinks with relative names"),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "The app's source as a tar stream (ustar or GNU): files, directories and symlinks with relative names"),
     responses(
         (status = 200, description = "The image, built or found already built", body = crate::model::BuildResult),
         (status = 400, description = "A refused entry (`..`, an absolute name, a hard link, a device) or a bad query", body = ErrorBody),

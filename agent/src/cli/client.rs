@@ -583,7 +583,7 @@ impl Client {
             .send(
                 Route::Build,
                 &path,
-                "application/x-tar",
+                "application/octet-stream",
                 upload_body(source),
             )
             .await?;
