@@ -288,19 +288,18 @@ fn converged(agent: &TestAgent, known: &mut BTreeSet<String>, context: &str) {
 
 #[test]
 fn visits_example_through_the_pooler_and_kill_9_while_the_pooler_is_made() {
-    let Some(mut agent) =
-        agent_with_mirror(&["postgres:17", POOLER_IMAGE, "miren-examples/bun-visits:1"])
-    else {
+    let Some(mut agent) = agent_with_mirror(&["postgres:17", POOLER_IMAGE, "oven/bun:1"]) else {
         return;
     };
-    // The seeds' Bun example, unchanged: shared, so its DATABASE_URL is the transaction
-    // pooler by default; Bun's SQL prepares its statements.
-    let example = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../examples/bun-visits/.miren/app.toml"
-    );
+    // The seeds' Bun example, unchanged (built from its source): shared, so its DATABASE_URL
+    // is the transaction pooler by default; Bun's SQL prepares its statements.
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/bun-visits");
     let dir = agent.root.join("visits");
-    write_app(&dir, &std::fs::read_to_string(example).unwrap());
+    write_app(
+        &dir,
+        &std::fs::read_to_string(format!("{example}/.miren/app.toml")).unwrap(),
+    );
+    std::fs::copy(format!("{example}/index.ts"), dir.join("index.ts")).unwrap();
     deploy(&agent, &dir);
     let addon = addon_status(&agent, "my-bun-app", PG).expect("the addon");
     assert_eq!(addon["pooling"], "transaction", "{addon}");
