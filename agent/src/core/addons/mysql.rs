@@ -366,6 +366,23 @@ fn tenant_users(database: &str) -> [String; 3] {
 /// Makes `login` a user (again) with every privilege on its database, beside the current
 /// one (credential rotation). MySQL users own nothing, so both reach the same data.
 async fn add_login(conn: &mut Conn, login: &Credentials) -> Result<(), mysql_async::Error> {
+    let grant = format!("ALL PRIVILEGES ON {}.*", grant_db(&login.database));
+    ensure_unlocked_user(conn, login, &grant, "").await
+}
+
+/// Makes `admin` a user (again) with every privilege on every database, able to grant them.
+async fn add_admin(conn: &mut Conn, admin: &Credentials) -> Result<(), mysql_async::Error> {
+    ensure_unlocked_user(conn, admin, "ALL PRIVILEGES ON *.*", " WITH GRANT OPTION").await
+}
+
+/// `'user'@'%'` with `login`'s password, unlocked, granted `privileges` (`ALL PRIVILEGES ON
+/// db.*`) with `option` appended: made, or set again if an earlier run (or rotation) left it.
+async fn ensure_unlocked_user(
+    conn: &mut Conn,
+    login: &Credentials,
+    privileges: &str,
+    option: &str,
+) -> Result<(), mysql_async::Error> {
     let user = account(&login.user);
     let password = literal(&login.password);
     conn.query_drop(format!(
@@ -376,30 +393,8 @@ async fn add_login(conn: &mut Conn, login: &Credentials) -> Result<(), mysql_asy
         "ALTER USER {user} IDENTIFIED BY {password} ACCOUNT UNLOCK"
     ))
     .await?;
-    conn.query_drop(format!(
-        "GRANT ALL PRIVILEGES ON {}.* TO {user}",
-        grant_db(&login.database)
-    ))
-    .await?;
-    Ok(())
-}
-
-/// Makes `admin` a user (again) with every privilege on every database, able to grant them.
-async fn add_admin(conn: &mut Conn, admin: &Credentials) -> Result<(), mysql_async::Error> {
-    let user = account(&admin.user);
-    let password = literal(&admin.password);
-    conn.query_drop(format!(
-        "CREATE USER IF NOT EXISTS {user} IDENTIFIED BY {password}"
-    ))
-    .await?;
-    conn.query_drop(format!(
-        "ALTER USER {user} IDENTIFIED BY {password} ACCOUNT UNLOCK"
-    ))
-    .await?;
-    conn.query_drop(format!(
-        "GRANT ALL PRIVILEGES ON *.* TO {user} WITH GRANT OPTION"
-    ))
-    .await?;
+    conn.query_drop(format!("GRANT {privileges} TO {user}{option}"))
+        .await?;
     Ok(())
 }
 
