@@ -18,9 +18,7 @@ use std::path::{Component, Path};
 
 use crate::digest::Hasher;
 use crate::error::{IoContext, Result};
-use crate::oci::{
-    synth_config, Descriptor, ImageConfig, Manifest, OCI_CONFIG, OCI_LAYER_TAR, OCI_MANIFEST,
-};
+use crate::oci::{synth_config, Descriptor, ImageConfig, Manifest, OCI_CONFIG, OCI_LAYER_TAR};
 use crate::store::{normalize_reference, ImageRecord, ImageStore, LayerInfo};
 
 /// How much source a build accepts.
@@ -482,14 +480,7 @@ impl ImageStore {
                 })
                 .collect(),
         };
-        let mbytes = serde_json::json!({
-            "schemaVersion": 2,
-            "mediaType": OCI_MANIFEST,
-            "config": manifest.config,
-            "layers": manifest.layers,
-        })
-        .to_string()
-        .into_bytes();
+        let mbytes = manifest.to_oci_json();
         let mdigest = self.put_blob_bytes(&mbytes, None, "manifest")?;
         self.finish_image(&r.whole(), &mdigest, None, &manifest, source)
     }

@@ -10,8 +10,7 @@ use crate::digest::digest_hex;
 use crate::error::{Error, IoContext, Result};
 use crate::oci::{
     parse_manifest, select_platform, synth_config, Descriptor, ImageConfig, Manifest, Parsed,
-    Platform, OCI_CONFIG, OCI_LAYER_GZIP, OCI_LAYER_TAR, OCI_LAYER_ZSTD, OCI_MANIFEST,
-    REF_NAME_ANNOTATION,
+    Platform, OCI_CONFIG, OCI_LAYER_GZIP, OCI_LAYER_TAR, OCI_LAYER_ZSTD, REF_NAME_ANNOTATION,
 };
 use crate::store::{normalize_reference, ImageRecord, ImageStore, MAX_JSON_BLOB};
 use crate::unpack::{decompressed, ensure_dirs, sanitize, sniff, Compression};
@@ -213,14 +212,7 @@ impl ImageStore {
                 annotations: None,
             }],
         };
-        let mbytes = serde_json::json!({
-            "schemaVersion": 2,
-            "mediaType": OCI_MANIFEST,
-            "config": manifest.config,
-            "layers": manifest.layers,
-        })
-        .to_string()
-        .into_bytes();
+        let mbytes = manifest.to_oci_json();
         let mdigest = self.put_blob_bytes(&mbytes, None, "manifest")?;
         self.finish_image(
             &r.whole(),

@@ -113,6 +113,21 @@ pub struct Manifest {
     pub layers: Vec<Descriptor>,
 }
 
+impl Manifest {
+    /// The OCI image manifest document for this config and these layers (images this crate
+    /// writes itself: an import, a build).
+    pub fn to_oci_json(&self) -> Vec<u8> {
+        serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": self.config,
+            "layers": self.layers,
+        })
+        .to_string()
+        .into_bytes()
+    }
+}
+
 pub fn parse_manifest(bytes: &[u8]) -> Result<Parsed> {
     let raw: RawManifest = serde_json::from_slice(bytes)
         .map_err(|e| Error::BadImage(format!("manifest is not valid JSON: {e}")))?;
