@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::Path;
-use std::process::Output;
+use std::process::{Command, Output, Stdio};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
@@ -256,4 +256,21 @@ pub fn assert_running_with_their_endpoints(agent: &TestAgent, context: &str) -> 
         .collect();
     assert_eq!(owners, ids, "{context}: endpoints are not the sandboxes'");
     endpoints
+}
+
+/// `psql URL -tAc SQL` from the host (the agent's host reaches its addon servers and poolers).
+pub fn psql(url: &str, sql: &str) -> Output {
+    Command::new("psql")
+        .args([url, "-v", "ON_ERROR_STOP=1", "-tAc", sql])
+        .env("PGCONNECT_TIMEOUT", "3")
+        .stdin(Stdio::null())
+        .output()
+        .expect("psql (apt-get install postgresql-client)")
+}
+
+/// [`psql`] that must succeed; its output, trimmed.
+pub fn psql_ok(url: &str, sql: &str) -> String {
+    let out = psql(url, sql);
+    assert!(out.status.success(), "psql {sql:?} failed: {}", text(&out));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }

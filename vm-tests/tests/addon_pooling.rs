@@ -11,13 +11,13 @@
 //! MIREN_IMAGE_MIRROR is set. Two tests, one agent each, run in parallel.
 
 use std::collections::BTreeSet;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use miren_vm_tests::addons::{
     active_or_gone, addon_status, agent_with_mirror, assert_nothing_left, deploy, env, errored,
-    exec_sh, idle_app, kill_during, text, wait_sandboxes_and_disks, write_app,
+    exec_sh, idle_app, kill_during, psql, text, wait_sandboxes_and_disks, write_app,
 };
 use miren_vm_tests::TestAgent;
 use serde_json::Value;
@@ -52,16 +52,6 @@ fn in_app_ok(agent: &TestAgent, sandbox: &str, var: &str, sql: &str) -> String {
         text(&out)
     );
     String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-/// `psql URL -tAc SQL` from the host.
-fn psql(url: &str, sql: &str) -> Output {
-    Command::new("psql")
-        .args([url, "-v", "ON_ERROR_STOP=1", "-tAc", sql])
-        .env("PGCONNECT_TIMEOUT", "3")
-        .stdin(Stdio::null())
-        .output()
-        .expect("psql (apt-get install postgresql-client)")
 }
 
 /// The host part of a `postgres://user:pass@host:port/db` URL, and its port.

@@ -6,31 +6,17 @@
 //!
 //! Runs when MIREN_IMAGE_MIRROR is set (`postgres:17` from `scripts/images`).
 
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use miren_vm_tests::addons::{agent_with_mirror, deploy, env, exec_sh, text, wait_for, write_app};
+use miren_vm_tests::addons::{
+    agent_with_mirror, deploy, env, exec_sh, psql, psql_ok, text, wait_for, write_app,
+};
 use miren_vm_tests::TestAgent;
 use serde_json::Value;
 
 const PG: &str = "miren-postgresql";
-
-/// `psql URL -tAc SQL` from the host (the agent's host reaches its addon servers).
-fn psql(url: &str, sql: &str) -> Output {
-    Command::new("psql")
-        .args([url, "-v", "ON_ERROR_STOP=1", "-tAc", sql])
-        .env("PGCONNECT_TIMEOUT", "3")
-        .stdin(Stdio::null())
-        .output()
-        .expect("psql (apt-get install postgresql-client)")
-}
-
-fn psql_ok(url: &str, sql: &str) -> String {
-    let out = psql(url, sql);
-    assert!(out.status.success(), "psql {sql:?} failed: {}", text(&out));
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
 
 /// An app whose `web` service connects with its `DATABASE_URL` every 20 ms and writes each
 /// success to /log/ok and each failure (with psql's message) to /log/fail, on the app's local

@@ -7,15 +7,15 @@
 //! (`export "$(scripts/images | tail -n 1)"`; scripts/test sets it).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Output, Stdio};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use miren_vm_tests::addons::{
     active_or_gone, addon_status, addons, agent_with_mirror, assert_nothing_left,
     assert_running_with_their_endpoints, deploy, disk_names, env, errored, exec_sh, idle_app,
-    kill_during, names, sandbox_names, shared_server_gone, text, wait_sandboxes_and_disks,
-    write_app,
+    kill_during, names, psql, psql_ok, sandbox_names, shared_server_gone, text,
+    wait_sandboxes_and_disks, write_app,
 };
 use miren_vm_tests::{ChildGuard, TestAgent};
 use serde_json::Value;
@@ -26,22 +26,6 @@ fn database_url(agent: &TestAgent, app: &str) -> String {
     env(agent, app)
         .remove("DATABASE_URL")
         .unwrap_or_else(|| panic!("app {app} has no DATABASE_URL"))
-}
-
-/// `psql URL -tAc SQL` from the host.
-fn psql(url: &str, sql: &str) -> Output {
-    Command::new("psql")
-        .args([url, "-v", "ON_ERROR_STOP=1", "-tAc", sql])
-        .env("PGCONNECT_TIMEOUT", "3")
-        .stdin(Stdio::null())
-        .output()
-        .expect("psql (apt-get install postgresql-client)")
-}
-
-fn psql_ok(url: &str, sql: &str) -> String {
-    let out = psql(url, sql);
-    assert!(out.status.success(), "psql {sql:?} failed: {}", text(&out));
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 /// A statement as the shared server's superuser, inside its sandbox (local trust auth).
