@@ -24,6 +24,9 @@ pub struct AgentConfig {
     /// `REGISTRY=MIRROR` rewrites of where images are fetched from.
     pub image_mirrors: Vec<String>,
     pub allow_insecure_mirrors: bool,
+    /// Named places backups and archives go (`core::targets`), besides `local`.
+    pub backup_targets: Vec<crate::core::targets::TargetSpec>,
+    pub default_backup_target: Option<String>,
 }
 
 impl AgentConfig {

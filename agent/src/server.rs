@@ -67,6 +67,14 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     let _lock = lock_data_dir(&cfg)?;
 
     let store = Arc::new(Store::open(&cfg.db_path())?);
+    let targets = Arc::new(
+        crate::core::targets::Targets::open(
+            &cfg.backup_targets,
+            cfg.default_backup_target.as_deref(),
+            &cfg.data_dir,
+        )
+        .map_err(anyhow::Error::msg)?,
+    );
     let disks = Arc::new(DiskService::new(cfg.clone(), store.clone())?);
     // Reconciliation is timed: with many sandboxes it is what a restart waits for.
     let reconcile_started = std::time::Instant::now();
@@ -153,6 +161,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         addons: addons.clone(),
         apps: apps.clone(),
         addons_of_apps: addons_of_apps.clone(),
+        targets: targets.clone(),
         socket_gid: cfg.socket_gid,
         restores: Arc::new(tokio::sync::Semaphore::new(api::MAX_RESTORES)),
     };
@@ -174,6 +183,10 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let server = serve(listener, app, stop_rx.clone());
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    for target in targets.list() {
+        info!(target = target.name(), at = %target.describe(), off_node = target.off_node(),
+              default = target.name() == targets.default_target().name(), "backup target");
+    }
     info!(socket = %cfg.socket.display(), data_dir = %cfg.data_dir.display(), prefix = %cfg.name_prefix, "agent ready");
 
     let mut server = std::pin::pin!(server);

@@ -51,6 +51,8 @@ pub struct AppState {
     pub addons: Arc<AddonService>,
     pub apps: Arc<AppService>,
     pub addons_of_apps: Arc<AddonsOfApps>,
+    /// Where backups can go besides the client's own file (`core::targets`).
+    pub targets: Arc<crate::core::targets::Targets>,
     pub socket_gid: Option<u32>,
     /// Restore uploads running at once (see [`MAX_RESTORES`]).
     pub restores: Arc<tokio::sync::Semaphore>,

@@ -44,6 +44,20 @@ pub struct AgentArgs {
     /// Allow plain-HTTP mirrors that are not on loopback.
     #[arg(long, env = "MIREN_ALLOW_INSECURE_MIRRORS")]
     pub allow_insecure_mirrors: bool,
+    /// A place backups and archives can go: NAME=/dir, NAME=file:///dir or
+    /// NAME=s3://BUCKET[/PREFIX][?endpoint=URL&region=R&credentials=/root-only/file]
+    /// (repeatable). S3 credentials come from that file or the agent's AWS_ACCESS_KEY_ID and
+    /// AWS_SECRET_ACCESS_KEY, never from this flag. `local` (DATA_DIR/backups) always exists.
+    #[arg(
+        long = "backup-target",
+        env = "MIREN_BACKUP_TARGETS",
+        value_delimiter = ','
+    )]
+    pub backup_target: Vec<crate::core::targets::TargetSpec>,
+    /// The target continuous archives and addon backups go to (default: the first
+    /// --backup-target, else `local`).
+    #[arg(long, env = "MIREN_DEFAULT_BACKUP_TARGET")]
+    pub default_backup_target: Option<String>,
 }
 
 pub fn agent_config(args: &AgentArgs, socket: PathBuf) -> Result<AgentConfig> {
@@ -81,6 +95,8 @@ pub fn agent_config(args: &AgentArgs, socket: PathBuf) -> Result<AgentConfig> {
         run_dir: absolute(&args.run_dir)?,
         image_mirrors: args.image_mirror.clone(),
         allow_insecure_mirrors: args.allow_insecure_mirrors,
+        backup_targets: args.backup_target.clone(),
+        default_backup_target: args.default_backup_target.clone(),
     })
 }
 

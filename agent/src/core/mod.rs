@@ -14,4 +14,5 @@ pub mod net;
 pub mod owner;
 pub mod sandboxes;
 pub mod status;
+pub mod targets;
 pub mod validate;
