@@ -209,6 +209,50 @@ pub struct RestoreQuery {
     /// Replace an existing disk's contents (never while it is leased).
     #[serde(default)]
     pub force: bool,
+    /// Read the snapshot from this key of a backup target instead of the request body
+    /// (which must then be empty).
+    pub key: Option<String>,
+    /// The backup target `key` is in (default: the agent's default target).
+    pub target: Option<String>,
+}
+
+/// Back a disk up into a backup target of the agent (`miren agent --backup-target`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BackupToTarget {
+    /// The target's name (default: the agent's default target).
+    pub target: Option<String>,
+    /// Object key in the target, e.g. `orders/pg-data-20261201-120000.miren.zst`; a backup
+    /// is never written over an existing one.
+    pub key: String,
+}
+
+/// A backup stored in a backup target.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TargetBackup {
+    pub disk: String,
+    pub target: String,
+    pub key: String,
+    /// Where the target is (a directory, or `s3://bucket/prefix at endpoint`).
+    pub location: String,
+    /// Whether the target survives the loss of this node.
+    pub off_node: bool,
+    pub size_bytes: u64,
+    pub data_bytes: u64,
+    pub snapshot_bytes: u64,
+    pub image_checksum: String,
+    /// How long the filesystem was frozen; absent when it was not mounted writable.
+    pub freeze_seconds: Option<f64>,
+}
+
+/// One line of a target backup's NDJSON response: progress while the snapshot is written,
+/// then the stored backup or an error (in which case nothing is stored under the key).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum BackupEvent {
+    Progress { done: u64, total: u64 },
+    Stored(TargetBackup),
+    Error(ErrorBody),
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

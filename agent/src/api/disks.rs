@@ -1,18 +1,19 @@
 //! Disks, their leases, apps' local storage, and backups and restores of disks.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::Response;
 use axum::Json;
 
+use super::stream::FrameResult;
 use super::{blocking, stream, AppState, Body, PathParam, QueryParam, MAX_RESTORES};
 use crate::core::disks::DEFAULT_LEASE_TIMEOUT;
 use crate::core::error::{Error, ErrorKind};
 use crate::model::{
-    AcquireLease, CreateDisk, Disk, ErrorBody, Lease, ReleaseResult, ResizeDisk, RestoreQuery,
-    RestoreResult,
+    AcquireLease, BackupEvent, BackupToTarget, CreateDisk, Disk, ErrorBody, Lease, ReleaseResult,
+    ResizeDisk, RestoreQuery, RestoreResult,
 };
 
 #[utoipa::path(get, path = "/v1/disks", tag = "disks",
@@ -178,10 +179,88 @@ pub(super) async fn backup_disk(
         headers.insert(DISK_SIZE_HEADER, v);
     }
     // The capture's copy goes when the snapshot is written (or the client went away).
-    let frames = stream::written_by(move |out| capture.write_snapshot(out).map(|_| ()));
+    let frames = stream::written_by(move |out| {
+        capture
+            .write_snapshot(out, &mut miren_snapshot::NoProgress)
+            .map(|_| ())
+    });
     let mut response = stream::response(frames, "application/octet-stream");
     response.headers_mut().extend(headers);
     Ok(response)
+}
+
+#[utoipa::path(post, path = "/v1/disks/{disk}/backups", tag = "backups", request_body = BackupToTarget,
+    params(("disk" = String, Path, description = "Disk id (disk_...) or name")),
+    responses(
+        (status = 200, description = "NDJSON, one BackupEvent per line: progress while the snapshot is written into the target, then the stored backup, or an error (nothing is then stored under the key). The upload runs to its end even if the client hangs up.",
+            content_type = "application/x-ndjson", body = [BackupEvent]),
+        (status = 400, description = "Invalid key", body = ErrorBody),
+        (status = 404, description = "No such disk or backup target", body = ErrorBody),
+        (status = 409, description = "The key holds a backup already, or the disk is busy", body = ErrorBody),
+        (status = 503, description = "The target did not answer", body = ErrorBody)))]
+pub(super) async fn backup_disk_to_target(
+    State(state): State<AppState>,
+    PathParam(disk): PathParam<String>,
+    Body(req): Body<BackupToTarget>,
+) -> Result<Response, Error> {
+    let target = state.targets.resolve(req.target.as_deref())?;
+    let key = target.path(&req.key)?;
+    crate::core::backup::ensure_key_free(&target, &key).await?;
+    let capture = blocking(move || state.disks.capture_for_backup(&disk)).await?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<FrameResult>(64);
+    let handle = tokio::runtime::Handle::current();
+    tokio::task::spawn_blocking(move || {
+        let mut progress = BackupProgress {
+            tx: tx.clone(),
+            total: capture.copied_bytes,
+            done: 0,
+            sent_at: Instant::now(),
+        };
+        let event = match crate::core::backup::capture_to_target(
+            &capture,
+            &target,
+            &key,
+            handle,
+            &mut progress,
+        ) {
+            Ok(stored) => BackupEvent::Stored(stored),
+            Err(err) => BackupEvent::Error(ErrorBody {
+                code: err.code.to_string(),
+                message: err.message,
+            }),
+        };
+        let _ = tx.blocking_send(stream::ndjson_line(&event));
+    });
+    Ok(stream::response(
+        tokio_stream::wrappers::ReceiverStream::new(rx),
+        "application/x-ndjson",
+    ))
+}
+
+/// Progress lines of a target backup, at most five a second; a slow reader misses some.
+struct BackupProgress {
+    tx: tokio::sync::mpsc::Sender<FrameResult>,
+    total: u64,
+    done: u64,
+    sent_at: Instant,
+}
+
+impl miren_snapshot::Progress for BackupProgress {
+    fn start(&mut self, total_bytes: u64) {
+        self.total = total_bytes;
+    }
+    fn advance(&mut self, bytes: u64) {
+        self.done += bytes;
+        if self.sent_at.elapsed() >= Duration::from_millis(200) {
+            self.sent_at = Instant::now();
+            let _ = self
+                .tx
+                .try_send(stream::ndjson_line(&BackupEvent::Progress {
+                    done: self.done,
+                    total: self.total,
+                }));
+        }
+    }
 }
 
 #[utoipa::path(post, path = "/v1/disks/restore", tag = "backups", params(RestoreQuery),
@@ -205,6 +284,33 @@ pub(super) async fn restore_disk(
             format!("{MAX_RESTORES} restores are already running; retry when one has finished"),
         ));
     };
+    if let Some(key) = &query.key {
+        let target = state.targets.resolve(query.target.as_deref())?;
+        let key = target.path(key)?;
+        let handle = tokio::runtime::Handle::current();
+        let restored = blocking(move || {
+            let input = crate::core::targets::ObjectReader::open(handle, &target, &key)?;
+            let result = state.disks.restore(
+                std::io::BufReader::with_capacity(1 << 20, input),
+                query.name,
+                query.force,
+            );
+            drop(slot);
+            result
+        })
+        .await?;
+        return Ok(Json(RestoreResult {
+            disk: restored.disk,
+            replaced: restored.replaced,
+            image_checksum: restored.image_checksum,
+            data_bytes: restored.data_bytes,
+        }));
+    }
+    if query.target.is_some() {
+        return Err(Error::invalid(
+            "`target` names where `key` is: pass the key of the backup to restore",
+        ));
+    }
     let mut input = stream::forward_body(body);
     // No blocking thread for a client that has not sent anything yet.
     input.wait_for_data().await;

@@ -5,7 +5,6 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::response::Response;
 use axum::Json;
-use hyper::body::{Bytes, Frame};
 use tracing::info;
 
 use super::stream::{self, FrameResult};
@@ -49,7 +48,7 @@ pub(super) async fn pull_image(
     let progress_tx = tx.clone();
     let progress: miren_runtime::ProgressFn = Arc::new(move |p: &miren_runtime::Progress| {
         // Progress is best effort: a slow reader misses a few updates, never blocks the pull.
-        let _ = progress_tx.try_send(ndjson_line(&PullEvent::Progress {
+        let _ = progress_tx.try_send(stream::ndjson_line(&PullEvent::Progress {
             digest: p.digest.clone(),
             done: p.done,
             total: p.total,
@@ -72,18 +71,12 @@ pub(super) async fn pull_image(
                 message: err.message,
             }),
         };
-        let _ = tx.send(ndjson_line(&event)).await;
+        let _ = tx.send(stream::ndjson_line(&event)).await;
     });
     Ok(stream::response(
         tokio_stream::wrappers::ReceiverStream::new(rx),
         "application/x-ndjson",
     ))
-}
-
-fn ndjson_line(event: &PullEvent) -> FrameResult {
-    let mut bytes = serde_json::to_vec(event).unwrap_or_default();
-    bytes.push(b'\n');
-    Ok(Frame::data(Bytes::from(bytes)))
 }
 
 #[utoipa::path(post, path = "/v1/images/import", tag = "images", request_body = crate::model::ImportImage,

@@ -128,6 +128,7 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(endpoints::get_endpoint, endpoints::delete_endpoint))
         .routes(routes!(endpoints::gc_endpoints))
         .routes(routes!(disks::backup_disk))
+        .routes(routes!(disks::backup_disk_to_target))
         .routes(routes!(disks::restore_disk))
         .routes(routes!(images::list_images, images::remove_image))
         .routes(routes!(images::pull_image))

@@ -34,6 +34,13 @@ pub fn response(
 }
 
 /// Body frames of the chunks core work sends into a channel.
+/// One event of an NDJSON response: its JSON and a newline.
+pub fn ndjson_line(event: &impl serde::Serialize) -> FrameResult {
+    let mut bytes = serde_json::to_vec(event).unwrap_or_default();
+    bytes.push(b'\n');
+    Ok(Frame::data(Bytes::from(bytes)))
+}
+
 pub fn chunks(rx: mpsc::Receiver<Vec<u8>>) -> impl Stream<Item = FrameResult> {
     ReceiverStream::new(rx).map(|chunk| Ok(Frame::data(Bytes::from(chunk))))
 }

@@ -19,10 +19,11 @@ pub use hyper::body::Bytes;
 use crate::api::{DATA_BYTES_HEADER, DISK_SIZE_HEADER, FREEZE_SECONDS_HEADER};
 use crate::model::{
     AcquireLease, Addon, AddonCatalogEntry, AddonDestroyed, AddonRotated, AgentInfo, App,
-    AppDeleted, BuildQuery, BuildResult, CreateAddon, CreateDisk, CreateEndpoint, DeployApp, Disk,
-    Endpoint, EndpointDeleted, EnvVarView, ErrorBody, ExecRequest, ExecResult, ImageGcReport,
-    ImageRemoved, ImageSummary, ImportImage, Lease, NetGcReport, PullEvent, PullImage,
-    ReleaseResult, ResizeDisk, RestoreResult, RotateAddon, RunSandbox, Sandbox,
+    AppDeleted, BackupEvent, BackupToTarget, BuildQuery, BuildResult, CreateAddon, CreateDisk,
+    CreateEndpoint, DeployApp, Disk, Endpoint, EndpointDeleted, EnvVarView, ErrorBody, ExecRequest,
+    ExecResult, ImageGcReport, ImageRemoved, ImageSummary, ImportImage, Lease, NetGcReport,
+    PullEvent, PullImage, ReleaseResult, ResizeDisk, RestoreResult, RotateAddon, RunSandbox,
+    Sandbox,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +66,7 @@ pub enum Route {
     ListLeases,
     LocalStorage,
     BackupDisk,
+    BackupDiskToTarget,
     RestoreDisk,
     ListEndpoints,
     CreateEndpoint,
@@ -100,7 +102,7 @@ pub enum Route {
 }
 
 impl Route {
-    pub const ALL: [Route; 43] = [
+    pub const ALL: [Route; 44] = [
         Route::Info,
         Route::ListDisks,
         Route::CreateDisk,
@@ -112,6 +114,7 @@ impl Route {
         Route::ListLeases,
         Route::LocalStorage,
         Route::BackupDisk,
+        Route::BackupDiskToTarget,
         Route::RestoreDisk,
         Route::ListEndpoints,
         Route::CreateEndpoint,
@@ -153,10 +156,10 @@ impl Route {
             Info | ListDisks | Disk | ListLeases | ListEndpoints | Endpoint | ListImages
             | ListSandboxes | Sandbox | SandboxLogs | ListApps | App | AppEnv | AppAddons
             | AppAddon | AddonCatalog => "GET",
-            CreateDisk | ResizeDisk | AcquireLease | BackupDisk | RestoreDisk | CreateEndpoint
-            | NetGc | PullImage | ImportImage | ImageGc | RunSandbox | ExecSandbox
-            | StopSandbox | WaitSandbox | Deploy | Build | RestartApp | CreateAddon
-            | RotateAddon => "POST",
+            CreateDisk | ResizeDisk | AcquireLease | BackupDisk | BackupDiskToTarget
+            | RestoreDisk | CreateEndpoint | NetGc | PullImage | ImportImage | ImageGc
+            | RunSandbox | ExecSandbox | StopSandbox | WaitSandbox | Deploy | Build
+            | RestartApp | CreateAddon | RotateAddon => "POST",
             LocalStorage => "PUT",
             DeleteDisk | ReleaseLease | DeleteEndpoint | RemoveImage | DeleteSandbox
             | DeleteApp | DestroyAddon => "DELETE",
@@ -175,6 +178,7 @@ impl Route {
             ListLeases => "/v1/leases",
             LocalStorage => "/v1/local-storage/{app}",
             BackupDisk => "/v1/disks/{disk}/backup",
+            BackupDiskToTarget => "/v1/disks/{disk}/backups",
             RestoreDisk => "/v1/disks/restore",
             ListEndpoints | CreateEndpoint => "/v1/endpoints",
             Endpoint | DeleteEndpoint => "/v1/endpoints/{owner}",
@@ -271,15 +275,28 @@ pub struct BackupStream {
     pub snapshot: ByteStream,
 }
 
-/// A pull's NDJSON events.
-pub struct PullStream {
+/// An NDJSON response's events (a pull's, a target backup's).
+pub struct EventStream<T> {
     body: ByteStream,
     pending: Vec<u8>,
+    event: std::marker::PhantomData<T>,
 }
 
-impl PullStream {
+pub type PullStream = EventStream<PullEvent>;
+
+impl<T: DeserializeOwned> EventStream<T> {
+    fn new(response: hyper::Response<Incoming>) -> Self {
+        EventStream {
+            body: ByteStream {
+                body: response.into_body(),
+            },
+            pending: Vec::new(),
+            event: std::marker::PhantomData,
+        }
+    }
+
     /// The next event, or `None` when the agent ended the stream.
-    pub async fn next_event(&mut self) -> Option<Result<PullEvent, ClientError>> {
+    pub async fn next_event(&mut self) -> Option<Result<T, ClientError>> {
         loop {
             if let Some(end) = self.pending.iter().position(|b| *b == b'\n') {
                 let line: Vec<u8> = self.pending.drain(..=end).collect();
@@ -408,6 +425,44 @@ impl Client {
         })
     }
 
+    /// Has the agent back the disk up into one of its backup targets.
+    pub async fn backup_disk_to_target(
+        &self,
+        disk: &str,
+        req: &BackupToTarget,
+    ) -> Result<EventStream<BackupEvent>> {
+        let payload = serde_json::to_vec(req).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let path = Route::BackupDiskToTarget.path(&[disk], &[]);
+        let response = self
+            .send(
+                Route::BackupDiskToTarget,
+                &path,
+                "application/json",
+                Full::new(Bytes::from(payload)),
+            )
+            .await?;
+        Ok(EventStream::new(response))
+    }
+
+    /// Has the agent restore a backup it reads from one of its backup targets.
+    pub async fn restore_disk_from_target(
+        &self,
+        name: Option<&str>,
+        force: bool,
+        target: &str,
+        key: &str,
+    ) -> Result<RestoreResult> {
+        let mut query = vec![
+            ("force", force.to_string()),
+            ("target", target.to_string()),
+            ("key", key.to_string()),
+        ];
+        if let Some(name) = name {
+            query.push(("name", name.to_string()));
+        }
+        self.call(Route::RestoreDisk, &[], &query, NO_BODY).await
+    }
+
     /// Uploads a snapshot read from `snapshot` (on a thread of its own: stdin or a file).
     pub async fn restore_disk(
         &self,
@@ -474,12 +529,7 @@ impl Client {
                 Full::new(Bytes::from(payload)),
             )
             .await?;
-        Ok(PullStream {
-            body: ByteStream {
-                body: response.into_body(),
-            },
-            pending: Vec::new(),
-        })
+        Ok(EventStream::new(response))
     }
 
     pub async fn import_image(&self, req: &ImportImage) -> Result<ImageSummary> {

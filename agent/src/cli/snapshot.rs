@@ -17,6 +17,7 @@ use serde::Serialize;
 
 use crate::cli::client::Client;
 use crate::cli::output::human_bytes;
+use crate::model::{BackupEvent, BackupToTarget, RestoreResult};
 
 #[derive(Subcommand, Debug)]
 pub enum DiskBackupCommand {
@@ -24,7 +25,9 @@ pub enum DiskBackupCommand {
     Backup {
         #[arg(short = 'n', long = "name")]
         name: String,
-        /// Output file or directory; `-` for stdout. Default: NAME-YYYYMMDD-HHMMSS.miren.zst here.
+        /// Output file or directory; `-` for stdout; or `s3://TARGET/KEY` for a backup target
+        /// of the agent (`miren agent --backup-target`; a KEY ending in `/`, or none, gets the
+        /// dated name). Default: NAME-YYYYMMDD-HHMMSS.miren.zst here.
         #[arg(short = 'o', long = "output")]
         output: Option<String>,
         #[arg(long)]
@@ -32,7 +35,7 @@ pub enum DiskBackupCommand {
     },
     /// Recreate a disk from a snapshot (verified completely before anything changes).
     Restore {
-        /// Snapshot file; `-` for stdin.
+        /// Snapshot file; `-` for stdin; or `s3://TARGET/KEY` in a backup target of the agent.
         #[arg(short = 's', long = "snapshot")]
         snapshot: String,
         /// Restore under this name instead of the one recorded in the snapshot.
@@ -121,8 +124,30 @@ impl Drop for PartialFile {
     }
 }
 
+/// `s3://TARGET/KEY`: a key in one of the agent's backup targets (whatever the target's kind).
+#[derive(Debug, PartialEq, Eq)]
+struct TargetKey {
+    target: String,
+    key: String,
+}
+
+fn target_key(arg: &str) -> Option<TargetKey> {
+    let rest = arg.strip_prefix("s3://")?;
+    let (target, key) = rest.split_once('/').unwrap_or((rest, ""));
+    Some(TargetKey {
+        target: target.to_string(),
+        key: key.to_string(),
+    })
+}
+
 pub async fn backup(client: &Client, disk: &str, output: Option<&str>, json: bool) -> Result<()> {
     miren_disks::validate_name(disk)?;
+    if let Some(mut to) = output.and_then(target_key) {
+        if to.key.is_empty() || to.key.ends_with('/') {
+            to.key.push_str(&default_file_name(disk, SystemTime::now()));
+        }
+        return backup_to_target(client, disk, to, json).await;
+    }
     let to_stdout = output == Some("-");
     let final_path = match output {
         Some("-") => None,
@@ -229,6 +254,69 @@ pub async fn backup(client: &Client, disk: &str, output: Option<&str>, json: boo
     Ok(())
 }
 
+async fn backup_to_target(client: &Client, disk: &str, to: TargetKey, json: bool) -> Result<()> {
+    let req = BackupToTarget {
+        target: Some(to.target.clone()),
+        key: to.key.clone(),
+    };
+    let mut events = client.backup_disk_to_target(disk, &req).await?;
+    let bar = progress_bar(None, &format!("backing up {disk} to {}", to.target));
+    let stored = loop {
+        let event = tokio::select! {
+            event = events.next_event() => event,
+            _ = tokio::signal::ctrl_c() => bail!(
+                "interrupted; the agent finishes the upload on its own (or stores nothing): \
+                 check with `miren disk restore -s s3://{}/{}` later",
+                to.target, to.key
+            ),
+        };
+        match event {
+            Some(Ok(BackupEvent::Progress { done, total })) => {
+                if bar.length().is_none() && total > 0 {
+                    bar.set_length(total);
+                }
+                bar.set_position(done);
+            }
+            Some(Ok(BackupEvent::Stored(stored))) => break stored,
+            Some(Ok(BackupEvent::Error(err))) => {
+                bar.finish_and_clear();
+                bail!("{} (nothing was stored under {})", err.message, to.key)
+            }
+            Some(Err(e)) => return Err(e.into()),
+            None => bail!(
+                "the agent ended the backup early; nothing was stored under {}",
+                to.key
+            ),
+        }
+    };
+    bar.finish_and_clear();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&stored)?);
+        return Ok(());
+    }
+    println!("s3://{}/{}", stored.target, stored.key);
+    println!(
+        "disk {}: {} image, {} of data, {} snapshot, in {}",
+        stored.disk,
+        human_bytes(stored.size_bytes),
+        human_bytes(stored.data_bytes),
+        human_bytes(stored.snapshot_bytes),
+        stored.location
+    );
+    println!("checksum blake3:{}", stored.image_checksum);
+    match stored.freeze_seconds {
+        Some(s) => println!("filesystem frozen for {s:.3} s"),
+        None => println!("not mounted writable: no freeze needed"),
+    }
+    if !stored.off_node {
+        println!(
+            "note: target `{}` is a directory on this node: the backup does not survive the loss of the node",
+            stored.target
+        );
+    }
+    Ok(())
+}
+
 fn partial_name(path: &Path) -> PathBuf {
     let name = path
         .file_name()
@@ -256,6 +344,20 @@ pub async fn restore(
     if let Some(name) = name {
         miren_disks::validate_name(name)?;
     }
+    if let Some(from) = target_key(source) {
+        if from.key.is_empty() {
+            bail!("`{source}` names no backup: use s3://TARGET/KEY");
+        }
+        let bar = progress_bar(None, &format!("restoring from {}", from.target));
+        bar.enable_steady_tick(std::time::Duration::from_millis(200));
+        let request = client.restore_disk_from_target(name, force, &from.target, &from.key);
+        let result = tokio::select! {
+            result = request => result?,
+            _ = tokio::signal::ctrl_c() => bail!("interrupted; the agent finishes or discards the restore on its own, and changes nothing unless the whole backup checked out"),
+        };
+        bar.finish_and_clear();
+        return print_restored(&result, source, json);
+    }
     let (input, len) = open_input(source)?;
     let bar = progress_bar(len, "restoring");
     let counting = CountingReader {
@@ -268,8 +370,12 @@ pub async fn restore(
         _ = tokio::signal::ctrl_c() => bail!("interrupted; the agent discards the partial upload and leaves the disk as it was"),
     };
     bar.finish_and_clear();
+    print_restored(&result, source, json)
+}
+
+fn print_restored(result: &RestoreResult, source: &str, json: bool) -> Result<()> {
     if json {
-        println!("{}", serde_json::to_string_pretty(&result)?);
+        println!("{}", serde_json::to_string_pretty(result)?);
     } else {
         println!(
             "{} disk {} ({}) from {}: {} of data, checksum blake3:{}",
@@ -365,6 +471,19 @@ impl Read for CountingReader {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn target_keys() {
+        assert_eq!(
+            target_key("s3://offsite/orders/a.miren.zst"),
+            Some(TargetKey {
+                target: "offsite".into(),
+                key: "orders/a.miren.zst".into()
+            })
+        );
+        assert_eq!(target_key("s3://local").map(|t| t.key), Some(String::new()));
+        assert_eq!(target_key("/tmp/a.miren.zst"), None);
+    }
 
     #[test]
     fn file_names_are_utc_stamped() {

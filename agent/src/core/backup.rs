@@ -15,9 +15,11 @@ use tracing::{info, warn};
 
 use crate::core::disks::{DiskOperation, DiskService, MAX_SIZE_GB};
 use crate::core::error::{Error, ErrorKind};
-use crate::model::Disk;
+use crate::core::targets::{ObjectWriter, Target};
+use crate::model::{Disk, TargetBackup};
 use crate::store::{DiskRow, DiskStatus, PendingRestore};
 use crate::util::{new_id, now_rfc3339};
+use object_store::path::Path as ObjectPath;
 
 /// A point-in-time copy of a disk's image, removed when dropped.
 pub struct Capture {
@@ -38,14 +40,18 @@ impl Capture {
     /// Writes the snapshot of the captured image into `out` (a file, a response body) and
     /// flushes it. A failure is logged and returned; whatever was written must then not be
     /// taken for a whole snapshot.
-    pub fn write_snapshot(&self, out: &mut impl Write) -> Result<snapshot::Summary, Error> {
+    pub fn write_snapshot(
+        &self,
+        out: &mut impl Write,
+        progress: &mut impl snapshot::Progress,
+    ) -> Result<snapshot::Summary, Error> {
         let started = Instant::now();
         let written = snapshot::write_snapshot(
             &self.path,
             &self.meta,
             &mut *out,
             &snapshot::WriteOptions::default(),
-            &mut snapshot::NoProgress,
+            progress,
         )
         .map_err(Error::from)
         .and_then(|summary| {
@@ -61,6 +67,56 @@ impl Capture {
             Err(e) => warn!(disk = %self.meta.name, error = %e, "backup stream failed"),
         }
         written
+    }
+}
+
+/// Writes the capture's snapshot into `key` of `target` as one multipart upload: the object
+/// appears only when the whole snapshot is written; on any failure the upload is aborted and
+/// nothing is left under the key. Runs on a blocking thread.
+pub fn capture_to_target(
+    capture: &Capture,
+    target: &Target,
+    key: &ObjectPath,
+    handle: tokio::runtime::Handle,
+    progress: &mut impl snapshot::Progress,
+) -> Result<TargetBackup, Error> {
+    let mut upload = ObjectWriter::create(handle, target, key);
+    let summary = capture.write_snapshot(&mut upload, progress)?;
+    let snapshot_bytes = summary.compressed_bytes_written;
+    upload.finish()?;
+    info!(disk = %capture.meta.name, target = target.name(), %key, bytes = snapshot_bytes, "backup stored in target");
+    Ok(TargetBackup {
+        disk: capture.meta.name.clone(),
+        target: target.name().to_string(),
+        key: key.to_string(),
+        location: target.describe(),
+        off_node: target.off_node(),
+        size_bytes: capture.meta.size_bytes,
+        data_bytes: summary.data_bytes_stored,
+        snapshot_bytes,
+        image_checksum: summary.image_checksum,
+        freeze_seconds: capture.freeze_seconds,
+    })
+}
+
+/// Refuses a key that already holds an object: a backup is never written over another.
+pub async fn ensure_key_free(target: &Target, key: &ObjectPath) -> Result<(), Error> {
+    use object_store::ObjectStoreExt;
+    match target.store().head(key).await {
+        Ok(_) => Err(Error::conflict(format!(
+            "backup target `{}` already holds `{key}`; a backup is never overwritten: choose another key (or leave it out for a dated name)",
+            target.name()
+        ))),
+        Err(object_store::Error::NotFound { .. }) => Ok(()),
+        Err(e) => Err(Error::new(
+            ErrorKind::Unavailable,
+            "target_unreachable",
+            format!(
+                "backup target `{}` ({}) did not answer: {e}; check that it is reachable and retry",
+                target.name(),
+                target.describe()
+            ),
+        )),
     }
 }
 
@@ -530,7 +586,9 @@ mod tests {
             copied_bytes: 8192,
         };
         let mut out = Vec::new();
-        let written = capture.write_snapshot(&mut out).unwrap();
+        let written = capture
+            .write_snapshot(&mut out, &mut snapshot::NoProgress)
+            .unwrap();
         assert_eq!(written.compressed_bytes_written, out.len() as u64);
         let (reader, meta) = SnapshotReader::open(out.as_slice()).unwrap();
         assert_eq!(meta.name, "data");
@@ -568,6 +626,8 @@ mod tests {
             freeze_seconds: None,
             copied_bytes: 0,
         };
-        assert!(capture.write_snapshot(&mut Gone).is_err());
+        assert!(capture
+            .write_snapshot(&mut Gone, &mut snapshot::NoProgress)
+            .is_err());
     }
 }

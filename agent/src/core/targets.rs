@@ -24,6 +24,9 @@ use object_store::ObjectStore;
 
 use crate::core::error::Error;
 
+mod io;
+pub use io::{ObjectReader, ObjectWriter};
+
 /// The name of the target every agent has unless the operator defines one of that name.
 pub const LOCAL_TARGET: &str = "local";
 
@@ -370,6 +373,14 @@ impl Targets {
             .map(|spec| Target::open(spec).map(Arc::new))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Targets { targets, default })
+    }
+
+    /// The named target, or the default one.
+    pub fn resolve(&self, name: Option<&str>) -> Result<Arc<Target>, Error> {
+        match name {
+            Some(name) => self.get(name).cloned(),
+            None => Ok(self.default_target().clone()),
+        }
     }
 
     pub fn default_target(&self) -> &Arc<Target> {
