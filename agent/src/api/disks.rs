@@ -299,12 +299,7 @@ pub(super) async fn restore_disk(
             result
         })
         .await?;
-        return Ok(Json(RestoreResult {
-            disk: restored.disk,
-            replaced: restored.replaced,
-            image_checksum: restored.image_checksum,
-            data_bytes: restored.data_bytes,
-        }));
+        return Ok(Json(restored.into()));
     }
     if query.target.is_some() {
         return Err(Error::invalid(
@@ -333,10 +328,5 @@ pub(super) async fn restore_disk(
         }
     })
     .await?;
-    Ok(Json(RestoreResult {
-        disk: restored.disk,
-        replaced: restored.replaced,
-        image_checksum: restored.image_checksum,
-        data_bytes: restored.data_bytes,
-    }))
+    Ok(Json(restored.into()))
 }

@@ -16,7 +16,7 @@ use tracing::{info, warn};
 use crate::core::disks::{DiskOperation, DiskService, MAX_SIZE_GB};
 use crate::core::error::{Error, ErrorKind};
 use crate::core::targets::{ObjectWriter, Target};
-use crate::model::{Disk, TargetBackup};
+use crate::model::{Disk, RestoreResult, TargetBackup};
 use crate::store::{DiskRow, DiskStatus, PendingRestore};
 use crate::util::{new_id, now_rfc3339};
 use object_store::path::Path as ObjectPath;
@@ -125,6 +125,17 @@ pub struct Restored {
     pub replaced: bool,
     pub image_checksum: String,
     pub data_bytes: u64,
+}
+
+impl From<Restored> for RestoreResult {
+    fn from(r: Restored) -> Self {
+        RestoreResult {
+            disk: r.disk,
+            replaced: r.replaced,
+            image_checksum: r.image_checksum,
+            data_bytes: r.data_bytes,
+        }
+    }
 }
 
 fn snapshot_fs(fs: Filesystem) -> snapshot::Filesystem {
