@@ -631,6 +631,41 @@ pub fn read_all(mut r: impl Read) -> String {
     s
 }
 
+/// The image `TestAgent::start_with_busybox` imports: `busybox_rootfs_tar`'s root filesystem.
+pub const BUSYBOX_IMAGE: &str = "local/busybox:test";
+
+impl TestAgent {
+    /// An agent with the tiny busybox image imported as [`BUSYBOX_IMAGE`].
+    pub fn start_with_busybox() -> TestAgent {
+        let agent = TestAgent::start();
+        let tar = agent.root.join("busybox.tar");
+        busybox_rootfs_tar(&tar);
+        agent.ok(&["image", "import", BUSYBOX_IMAGE, tar.to_str().unwrap()]);
+        agent
+    }
+
+    /// `miren sandbox run --image BUSYBOX_IMAGE EXTRA.. -- sh -c CMD`; returns the sandbox id.
+    pub fn run_busybox(&self, extra: &[&str], cmd: &str) -> String {
+        let mut args = vec!["sandbox", "run", "--image", BUSYBOX_IMAGE];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--", "sh", "-c", cmd]);
+        self.ok(&args).trim().to_string()
+    }
+
+    /// Waits up to 30 s for the sandbox to reach `state`; returns its status.
+    pub fn wait_sandbox_state(&self, id: &str, state: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let s = self.json(&["sandbox", "status", id, "--json"]);
+            if s["state"] == state {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "{id} never reached {state}: {s}");
+            sleep(Duration::from_millis(50));
+        }
+    }
+}
+
 /// Files and directories (`path`, `Some(contents)` or `None` for a directory, symlink target)
 /// of a tiny busybox root filesystem, from Debian's busybox-static: enough for sandbox tests.
 pub fn busybox_rootfs_tar(out: &Path) {

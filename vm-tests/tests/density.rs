@@ -8,49 +8,19 @@ use std::process::Command;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use miren_vm_tests::{busybox_rootfs_tar, TestAgent};
+use miren_vm_tests::TestAgent;
 use serde_json::Value;
 
-const IMAGE: &str = "local/busybox:test";
 const SANDBOXES: usize = 30;
 const APPS: usize = 5;
 
-fn agent_with_busybox() -> TestAgent {
-    let agent = TestAgent::start();
-    let tar = agent.root.join("busybox.tar");
-    busybox_rootfs_tar(&tar);
-    agent.ok(&["image", "import", IMAGE, tar.to_str().unwrap()]);
-    agent
-}
-
-fn run(agent: &TestAgent, extra: &[&str], cmd: &str) -> String {
-    let mut args = vec!["sandbox", "run", "--image", IMAGE];
-    args.extend_from_slice(extra);
-    args.extend_from_slice(&["--", "sh", "-c", cmd]);
-    agent.ok(&args).trim().to_string()
-}
-
-fn wait_state(agent: &TestAgent, id: &str, state: &str) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let s = agent.json(&["sandbox", "status", id, "--json"]);
-        if s["state"] == state {
-            return s;
-        }
-        assert!(Instant::now() < deadline, "{id} never reached {state}: {s}");
-        sleep(Duration::from_millis(50));
-    }
-}
-
 /// Whether a sandbox of `app` fetches the page of the server at `ip` (a throwaway client).
 fn reaches(agent: &TestAgent, app: &str, ip: &str) -> bool {
-    let client = run(
-        agent,
-        &["--app", app],
+    let client = agent.run_busybox(&["--app", app],
         // Busybox's wget crashes with -T here: `timeout` bounds a blocked connect instead.
         &format!("for i in 1 2 3 4 5 6; do timeout 2 wget -q -O - http://{ip}:8080/ && exit 0; sleep 0.3; done; exit 1"),
     );
-    let s = wait_state(agent, &client, "exited");
+    let s = agent.wait_sandbox_state(&client, "exited");
     let logs = agent.ok(&["sandbox", "logs", &client]);
     agent.ok(&["sandbox", "delete", &client]);
     eprintln!("client of {app}: {s} {logs}");
@@ -160,10 +130,9 @@ fn assert_host_mounts(agent: &TestAgent) {
 
 #[test]
 fn many_creates_deletes_and_a_kill_9_keep_isolation_and_exact_rules() {
-    let mut agent = agent_with_busybox();
+    let mut agent = TestAgent::start_with_busybox();
     let port = 22000 + (std::process::id() % 20000) as u16;
-    let web = run(
-        &agent,
+    let web = agent.run_busybox(
         &[
             "--name",
             "web",
@@ -174,19 +143,13 @@ fn many_creates_deletes_and_a_kill_9_keep_isolation_and_exact_rules() {
         ],
         "mkdir -p /www; echo hello-from-web > /www/index.html; httpd -f -p 8080 -h /www",
     );
-    let web_ip = wait_state(&agent, &web, "running")["ip"]
+    let web_ip = agent.wait_sandbox_state(&web, "running")["ip"]
         .as_str()
         .unwrap()
         .to_string();
     assert_isolated(&agent, &web_ip, port);
     let sleepers: Vec<String> = (0..SANDBOXES)
-        .map(|i| {
-            run(
-                &agent,
-                &["--app", &format!("app{}", i % APPS)],
-                "sleep 100000",
-            )
-        })
+        .map(|i| agent.run_busybox(&["--app", &format!("app{}", i % APPS)], "sleep 100000"))
         .collect();
     assert_elements_match_endpoints(&agent);
     assert_host_mounts(&agent);
@@ -206,7 +169,7 @@ fn many_creates_deletes_and_a_kill_9_keep_isolation_and_exact_rules() {
     assert_elements_match_endpoints(&agent);
     assert_isolated(&agent, &web_ip, port);
     let more: Vec<String> = (0..4)
-        .map(|i| run(&agent, &["--app", &format!("app{i}")], "sleep 100000"))
+        .map(|i| agent.run_busybox(&["--app", &format!("app{i}")], "sleep 100000"))
         .collect();
     assert_elements_match_endpoints(&agent);
 

@@ -10,37 +10,10 @@ use std::time::{Duration, Instant};
 use miren_vm_tests::{busybox_rootfs_tar, TestAgent};
 use serde_json::Value;
 
-const IMAGE: &str = "local/busybox:test";
-
-fn agent_with_busybox() -> TestAgent {
-    let agent = TestAgent::start();
-    let tar = agent.root.join("busybox.tar");
-    busybox_rootfs_tar(&tar);
-    agent.ok(&["image", "import", IMAGE, tar.to_str().unwrap()]);
-    agent
-}
-
-fn run(agent: &TestAgent, extra: &[&str], cmd: &str) -> String {
-    let mut args = vec!["sandbox", "run", "--image", IMAGE];
-    args.extend_from_slice(extra);
-    args.extend_from_slice(&["--", "sh", "-c", cmd]);
-    agent.ok(&args).trim().to_string()
-}
+use miren_vm_tests::BUSYBOX_IMAGE as IMAGE;
 
 fn status(agent: &TestAgent, id: &str) -> Value {
     agent.json(&["sandbox", "status", id, "--json"])
-}
-
-fn wait_state(agent: &TestAgent, id: &str, state: &str) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let s = status(agent, id);
-        if s["state"] == state {
-            return s;
-        }
-        assert!(Instant::now() < deadline, "{id} never reached {state}: {s}");
-        sleep(Duration::from_millis(50));
-    }
 }
 
 fn logs(agent: &TestAgent, id: &str) -> String {
@@ -89,9 +62,8 @@ fn assert_nothing_left(agent: &TestAgent) {
 
 #[test]
 fn run_logs_exit_codes_and_delete_leaves_nothing() {
-    let agent = agent_with_busybox();
-    let id = run(
-        &agent,
+    let agent = TestAgent::start_with_busybox();
+    let id = agent.run_busybox(
         &["--name", "talker"],
         "echo to-stdout; echo to-stderr >&2; exit 3",
     );
@@ -112,8 +84,7 @@ fn run_logs_exit_codes_and_delete_leaves_nothing() {
         out.contains("to-stdout") && out.contains("to-stderr"),
         "{out}"
     );
-    let ok = run(
-        &agent,
+    let ok = agent.run_busybox(
         &["--env", "GREETING=hi there"],
         "echo \"$GREETING\" from $(hostname)",
     );
@@ -123,7 +94,7 @@ fn run_logs_exit_codes_and_delete_leaves_nothing() {
         (&"exited".into(), &0.into())
     );
     // A sandbox still running: the wait gives up after --timeout, saying so.
-    let sleeper = run(&agent, &[], "sleep 1000");
+    let sleeper = agent.run_busybox(&[], "sleep 1000");
     let err = agent.fails(&["sandbox", "wait", &sleeper, "--timeout", "300ms"]);
     assert!(
         err.contains("still") && err.contains("miren sandbox stop"),
@@ -142,12 +113,11 @@ fn run_logs_exit_codes_and_delete_leaves_nothing() {
 
 #[test]
 fn stop_sends_sigterm_then_sigkill_after_the_grace() {
-    let agent = agent_with_busybox();
+    let agent = TestAgent::start_with_busybox();
     // Traps SIGTERM and exits 0: stopped within the grace. The stop waits until the trap is
     // set: the shell is the container's PID 1, and a PID 1 drops a signal it has no handler
     // for, so a stop that came first would end in the kill.
-    let polite = run(
-        &agent,
+    let polite = agent.run_busybox(
         &[],
         "trap 'exit 0' TERM; echo trapped; while true; do sleep 0.1; done",
     );
@@ -155,8 +125,7 @@ fn stop_sends_sigterm_then_sigkill_after_the_grace() {
     agent.ok(&["sandbox", "stop", &polite, "--grace", "5s"]);
     assert_eq!(status(&agent, &polite)["exit_code"], 0);
     // Ignores SIGTERM: killed after the grace.
-    let stubborn = run(
-        &agent,
+    let stubborn = agent.run_busybox(
         &[],
         "trap '' TERM; echo trapped; while true; do sleep 0.1; done",
     );
@@ -170,13 +139,12 @@ fn stop_sends_sigterm_then_sigkill_after_the_grace() {
 
 #[test]
 fn a_memory_limit_holds_and_the_oom_kill_is_reported() {
-    let agent = agent_with_busybox();
-    let id = run(
-        &agent,
+    let agent = TestAgent::start_with_busybox();
+    let id = agent.run_busybox(
         &["--memory", "32M"],
         "dd if=/dev/zero of=/dev/null bs=100M count=1",
     );
-    let s = wait_state(&agent, &id, "exited");
+    let s = agent.wait_sandbox_state(&id, "exited");
     assert_eq!(s["exit_code"], 137, "{s}");
     assert_eq!(s["oom_killed"], true, "{s}");
     agent.ok(&["sandbox", "delete", &id]);
@@ -185,8 +153,8 @@ fn a_memory_limit_holds_and_the_oom_kill_is_reported() {
 
 #[test]
 fn on_failure_restarts_with_backoff() {
-    let agent = agent_with_busybox();
-    let id = run(&agent, &["--restart", "on-failure"], "echo attempt; exit 1");
+    let agent = TestAgent::start_with_busybox();
+    let id = agent.run_busybox(&["--restart", "on-failure"], "echo attempt; exit 1");
     let deadline = Instant::now() + Duration::from_secs(30);
     while status(&agent, &id)["restarts"].as_u64().unwrap_or(0) < 3 {
         assert!(
@@ -203,7 +171,7 @@ fn on_failure_restarts_with_backoff() {
 
 #[test]
 fn a_disk_keeps_its_data_and_is_refused_to_a_second_sandbox_while_leased() {
-    let agent = agent_with_busybox();
+    let agent = TestAgent::start_with_busybox();
     agent.ok(&[
         "debug",
         "disk",
@@ -213,12 +181,11 @@ fn a_disk_keeps_its_data_and_is_refused_to_a_second_sandbox_while_leased() {
         "--size-gb",
         "1",
     ]);
-    let writer = run(
-        &agent,
+    let writer = agent.run_busybox(
         &["--name", "writer", "--disk", "app-data:/data"],
         "echo persisted > /data/file; sleep 1000",
     );
-    wait_state(&agent, &writer, "running");
+    agent.wait_sandbox_state(&writer, "running");
     let lease = agent.json(&["debug", "disk", "status", "-n", "app-data", "--json"]);
     assert_eq!(lease["lease"]["holder"], writer.as_str());
     let err = agent.fails(&[
@@ -240,12 +207,11 @@ fn a_disk_keeps_its_data_and_is_refused_to_a_second_sandbox_while_leased() {
         .fails(&["sandbox", "status", "second"])
         .contains("no sandbox"));
     agent.ok(&["sandbox", "delete", "writer"]);
-    let reader = run(
-        &agent,
+    let reader = agent.run_busybox(
         &["--name", "reader", "--disk", "app-data:/data:ro"],
         "cat /data/file; touch /data/x || echo read-only",
     );
-    wait_state(&agent, &reader, "exited");
+    agent.wait_sandbox_state(&reader, "exited");
     let out = logs(&agent, &reader);
     assert!(
         out.contains("persisted") && out.contains("read-only"),
@@ -257,10 +223,9 @@ fn a_disk_keeps_its_data_and_is_refused_to_a_second_sandbox_while_leased() {
 
 #[test]
 fn sandboxes_of_an_app_talk_and_a_published_port_reaches_the_host() {
-    let agent = agent_with_busybox();
+    let agent = TestAgent::start_with_busybox();
     let port = 21000 + (std::process::id() % 20000) as u16;
-    let web = run(
-        &agent,
+    let web = agent.run_busybox(
         &[
             "--name",
             "web",
@@ -271,22 +236,19 @@ fn sandboxes_of_an_app_talk_and_a_published_port_reaches_the_host() {
         ],
         "echo hello-from-web > /www/index.html; httpd -f -p 8080 -h /www",
     );
-    let web_status = wait_state(&agent, &web, "running");
+    let web_status = agent.wait_sandbox_state(&web, "running");
     let ip = web_status["ip"].as_str().unwrap().to_string();
-    let client = run(
-        &agent,
-        &["--app", "shop"],
+    let client = agent.run_busybox(&["--app", "shop"],
         &format!("for i in 1 2 3 4 5 6 7 8 9 10; do wget -q -O - http://{ip}:8080/ && exit 0; sleep 0.3; done; exit 1"),
     );
-    let s = wait_state(&agent, &client, "exited");
+    let s = agent.wait_sandbox_state(&client, "exited");
     assert_eq!(s["exit_code"], 0, "{}", logs(&agent, &client));
     assert!(logs(&agent, &client).contains("hello-from-web"));
-    let outsider = run(
-        &agent,
+    let outsider = agent.run_busybox(
         &["--app", "other"],
         &format!("wget -q -T 2 -O - http://{ip}:8080/"),
     );
-    let s = wait_state(&agent, &outsider, "exited");
+    let s = agent.wait_sandbox_state(&outsider, "exited");
     assert_ne!(
         s["exit_code"],
         0,
@@ -314,13 +276,11 @@ fn sandboxes_of_an_app_talk_and_a_published_port_reaches_the_host() {
 
 #[test]
 fn sandboxes_survive_a_kill_9_of_the_agent_and_are_readopted() {
-    let mut agent = agent_with_busybox();
-    let id = run(
-        &agent,
-        &["--name", "survivor"],
+    let mut agent = TestAgent::start_with_busybox();
+    let id = agent.run_busybox(&["--name", "survivor"],
         "trap 'echo got-term; exit 7' TERM; i=0; while true; do echo tick $i; i=$((i+1)); sleep 0.1; done",
     );
-    let before = wait_state(&agent, &id, "running");
+    let before = agent.wait_sandbox_state(&id, "running");
     let pid = before["pid"].as_i64().unwrap();
     agent.kill9();
     sleep(Duration::from_millis(500));
@@ -346,10 +306,9 @@ fn sandboxes_survive_a_kill_9_of_the_agent_and_are_readopted() {
 
 #[test]
 fn after_a_host_restart_sandboxes_whose_policy_asks_run_again() {
-    let mut agent = agent_with_busybox();
+    let mut agent = TestAgent::start_with_busybox();
     agent.ok(&["debug", "disk", "create", "-n", "keep", "--size-gb", "1"]);
-    let keeper = run(
-        &agent,
+    let keeper = agent.run_busybox(
         &[
             "--name",
             "keeper",
@@ -360,21 +319,17 @@ fn after_a_host_restart_sandboxes_whose_policy_asks_run_again() {
         ],
         "echo run >> /data/runs; cat /data/runs | wc -l; sleep 1000",
     );
-    let plain = run(&agent, &["--name", "plain"], "sleep 1000");
-    let stopped = run(
-        &agent,
-        &["--name", "stopped", "--restart", "always"],
-        "sleep 1000",
-    );
-    let before = wait_state(&agent, &keeper, "running");
-    wait_state(&agent, &plain, "running");
+    let plain = agent.run_busybox(&["--name", "plain"], "sleep 1000");
+    let stopped = agent.run_busybox(&["--name", "stopped", "--restart", "always"], "sleep 1000");
+    let before = agent.wait_sandbox_state(&keeper, "running");
+    agent.wait_sandbox_state(&plain, "running");
     agent.ok(&["sandbox", "stop", &stopped, "--grace", "1s"]);
 
     agent.lose_everything_a_host_restart_loses();
     agent.spawn();
 
     // `always`: running again, in the same endpoint, with its disk (and what it wrote).
-    let after = wait_state(&agent, &keeper, "running");
+    let after = agent.wait_sandbox_state(&keeper, "running");
     assert_ne!(after["pid"], before["pid"]);
     assert_eq!(after["ip"], before["ip"]);
     assert_eq!(after["restarts"], 1, "{after}");
@@ -385,11 +340,7 @@ fn after_a_host_restart_sandboxes_whose_policy_asks_run_again() {
     }
     // Reachable over its endpoint from a sandbox of its app.
     let ip = after["ip"].as_str().unwrap().to_string();
-    let probe = run(
-        &agent,
-        &["--app", "keeper"],
-        &format!("ping -c 1 -W 5 {ip}"),
-    );
+    let probe = agent.run_busybox(&["--app", "keeper"], &format!("ping -c 1 -W 5 {ip}"));
     assert_eq!(
         agent.ok(&["sandbox", "wait", &probe]).trim(),
         "0",
@@ -413,7 +364,7 @@ fn after_a_host_restart_sandboxes_whose_policy_asks_run_again() {
 
 #[test]
 fn bad_sandbox_requests_are_refused_and_leave_nothing() {
-    let agent = agent_with_busybox();
+    let agent = TestAgent::start_with_busybox();
     for (args, expect) in [
         (vec!["--memory", "lots"], "memory"),
         (vec!["--disk", "nope"], "NAME:/path"),
@@ -533,13 +484,12 @@ fn postgres_from_the_mirror_on_a_disk_answers_psql() {
 
 #[test]
 fn image_gc_keeps_the_layers_of_running_sandboxes() {
-    let agent = agent_with_busybox();
-    let id = run(
-        &agent,
+    let agent = TestAgent::start_with_busybox();
+    let id = agent.run_busybox(
         &[],
         "while true; do cat /bin/busybox > /dev/null; sleep 0.1; done",
     );
-    wait_state(&agent, &id, "running");
+    agent.wait_sandbox_state(&id, "running");
     agent.ok(&["image", "rm", IMAGE]);
     agent.ok(&["image", "gc"]);
     // The overlay still has its lower layer: the sandbox keeps running and can exec files.
@@ -565,9 +515,9 @@ fn image_gc_keeps_the_layers_of_running_sandboxes() {
 /// supervisor, container or cgroup behind (supervisors outlive agents by design).
 #[test]
 fn a_dropped_test_agent_takes_its_sandboxes_with_it() {
-    let agent = agent_with_busybox();
-    let id = run(&agent, &[], "sleep 1000");
-    let s = wait_state(&agent, &id, "running");
+    let agent = TestAgent::start_with_busybox();
+    let id = agent.run_busybox(&[], "sleep 1000");
+    let s = agent.wait_sandbox_state(&id, "running");
     let pid = s["pid"].as_i64().unwrap();
     let prefix = agent.prefix.clone();
     drop(agent);
@@ -594,13 +544,12 @@ fn tree_digest(dir: &Path) -> String {
 
 #[test]
 fn isolation_defaults_hold() {
-    let agent = agent_with_busybox();
+    let agent = TestAgent::start_with_busybox();
     let layers = agent.data_dir.join("images/layers");
     let before = tree_digest(&layers);
     // Root in the sandbox tries to raise its own limit, mount, unshare, and scribble over
     // every directory it can reach.
-    let id = run(
-        &agent,
+    let id = agent.run_busybox(
         &["--memory", "64M"],
         "for f in /sys/fs/cgroup/memory/memory.limit_in_bytes /sys/fs/cgroup/memory.max; do \
            (echo 1073741824 > $f) 2>/dev/null && echo raised-$f; done; \
@@ -609,7 +558,7 @@ fn isolation_defaults_hold() {
          for d in / /bin /etc /tmp /data /www /usr; do echo x > $d/scribble 2>/dev/null; done; \
          rm -f /bin/busybox-gone /bin/ls 2>/dev/null; echo done",
     );
-    wait_state(&agent, &id, "exited");
+    agent.wait_sandbox_state(&id, "exited");
     let out = logs(&agent, &id);
     assert!(out.contains("done"), "{out}");
     assert!(
@@ -624,8 +573,8 @@ fn isolation_defaults_hold() {
         "the shared image layers changed"
     );
     // and its own writes are really there, in its overlay
-    let second = run(&agent, &[], "ls /bin/ls >/dev/null 2>&1 && echo ls-present");
-    wait_state(&agent, &second, "exited");
+    let second = agent.run_busybox(&[], "ls /bin/ls >/dev/null 2>&1 && echo ls-present");
+    agent.wait_sandbox_state(&second, "exited");
     assert!(
         logs(&agent, &second).contains("ls-present"),
         "another sandbox saw the deletion"
@@ -637,15 +586,13 @@ fn isolation_defaults_hold() {
 
 #[test]
 fn pids_cpus_tmpfs_and_local_storage() {
-    let agent = agent_with_busybox();
-    let id = run(
-        &agent,
-        &["--name", "limited", "--app", "site", "--pids", "16", "--cpus", "0.5", "--tmpfs", "/scratch", "--local-dir", "/local"],
+    let agent = TestAgent::start_with_busybox();
+    let id = agent.run_busybox(&["--name", "limited", "--app", "site", "--pids", "16", "--cpus", "0.5", "--tmpfs", "/scratch", "--local-dir", "/local"],
         "( for i in $(seq 40); do sleep 2 & done ) 2>&1 | grep -qi fork && echo fork-refused; sleep 3; \
          grep ' /scratch ' /proc/mounts | cut -d' ' -f3; \
          echo from-sandbox > /local/shared; sleep 1000",
     );
-    let s = wait_state(&agent, &id, "running");
+    let s = agent.wait_sandbox_state(&id, "running");
     let deadline = Instant::now() + Duration::from_secs(10);
     while !logs(&agent, &id).contains("tmpfs") {
         assert!(Instant::now() < deadline, "{}", logs(&agent, &id));
@@ -685,13 +632,12 @@ fn pids_cpus_tmpfs_and_local_storage() {
 
 #[test]
 fn exec_runs_inside_the_sandbox_with_its_exit_code_and_output() {
-    let agent = agent_with_busybox();
-    let id = run(
-        &agent,
+    let agent = TestAgent::start_with_busybox();
+    let id = agent.run_busybox(
         &["--name", "target", "--env", "WHO=sandbox"],
         "echo marker > /tmp/inside; sleep 1000",
     );
-    wait_state(&agent, &id, "running");
+    agent.wait_sandbox_state(&id, "running");
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let out = agent.cli(&[
@@ -732,10 +678,10 @@ fn a_killed_supervisor_is_replaced_while_the_agent_runs_if_the_policy_asks() {
     let tar = agent.root.join("busybox.tar");
     busybox_rootfs_tar(&tar);
     agent.ok(&["image", "import", IMAGE, tar.to_str().unwrap()]);
-    let keeper = run(&agent, &["--restart", "always"], "echo up; sleep 1000");
-    let plain = run(&agent, &[], "sleep 1000");
+    let keeper = agent.run_busybox(&["--restart", "always"], "echo up; sleep 1000");
+    let plain = agent.run_busybox(&[], "sleep 1000");
     for id in [&keeper, &plain] {
-        wait_state(&agent, id, "running");
+        agent.wait_sandbox_state(id, "running");
         let dir = agent.data_dir.join("sandboxes").join(id);
         let pidfile = fs::read_to_string(dir.join("supervisor.pid")).unwrap();
         let supervisor: i32 = pidfile.split_whitespace().next().unwrap().parse().unwrap();

@@ -10,18 +10,10 @@ use std::path::Path;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use miren_vm_tests::{busybox_rootfs_tar, TestAgent};
+use miren_vm_tests::TestAgent;
 use serde_json::Value;
 
-const IMAGE: &str = "local/busybox:test";
-
-fn agent_with_busybox() -> TestAgent {
-    let agent = TestAgent::start();
-    let tar = agent.root.join("busybox.tar");
-    busybox_rootfs_tar(&tar);
-    agent.ok(&["image", "import", IMAGE, tar.to_str().unwrap()]);
-    agent
-}
+use miren_vm_tests::BUSYBOX_IMAGE as IMAGE;
 
 /// Starts a sandbox running `cmd` and waits until it runs; returns its status.
 fn run_until_running(agent: &TestAgent, extra: &[&str], cmd: &str) -> Value {
@@ -75,7 +67,7 @@ fn section<'a>(text: &'a str, name: &str) -> &'a str {
 
 #[test]
 fn exec_gets_exactly_the_confinement_of_the_init() {
-    let agent = agent_with_busybox();
+    let agent = TestAgent::start_with_busybox();
     let s = run_until_running(&agent, &["--name", "confined"], "sleep 1000");
     let init = s["pid"].as_u64().unwrap();
     let host_status = fs::read_to_string(format!("/proc/{init}/status")).unwrap();
@@ -233,7 +225,7 @@ const MIB: u64 = 1 << 20;
 
 #[test]
 fn every_sandbox_is_bounded_by_default_and_overrides_replace_the_bounds() {
-    let agent = agent_with_busybox();
+    let agent = TestAgent::start_with_busybox();
     let sandboxes = agent.data_dir.join("sandboxes");
 
     // A plain run: 512M of memory, 1024 tasks, one CPU, a 1G writable layer.
@@ -368,7 +360,7 @@ fn every_sandbox_is_bounded_by_default_and_overrides_replace_the_bounds() {
 
 #[test]
 fn the_bounded_writable_layer_survives_a_host_restart() {
-    let mut agent = agent_with_busybox();
+    let mut agent = TestAgent::start_with_busybox();
     let s = run_until_running(
         &agent,
         &[
