@@ -97,6 +97,51 @@ impl ServiceSandboxes for FakeSandboxes {
     fn free_name(&self, preferred: &str, _owner: &Owner) -> Result<Name, Error> {
         crate::core::validate::to_name("sandbox name", preferred)
     }
+
+    fn probe<'a>(
+        &'a self,
+        _id: &'a str,
+        _ip: Option<std::net::Ipv4Addr>,
+        _probe: &'a ProbeSpec,
+    ) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn restart_process(&self, _id: &str) -> Result<(), Error> {
+        Ok(())
+    }
+
+    fn stop<'a>(&'a self, _id: &'a str, _grace: Duration) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn switch_published<'a>(
+        &'a self,
+        _from: &'a str,
+        _to: &'a str,
+        _publish: &'a [miren_netns::PublishedPort],
+    ) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn promote_next(&self, app: &str, service: &str) -> Result<(), Error> {
+        use crate::core::owner::ReplacingRole;
+        let mut running = self.running.lock().unwrap();
+        let (next, retiring) = (
+            Owner::replacing(app, service, ReplacingRole::Next),
+            Owner::replacing(app, service, ReplacingRole::Retiring),
+        );
+        if running.iter().any(|(o, _)| *o == next) {
+            for (o, _) in running.iter_mut() {
+                if *o == Owner::service(app, service) {
+                    *o = retiring.clone();
+                } else if *o == next {
+                    *o = Owner::service(app, service);
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 struct World {
