@@ -24,11 +24,14 @@ const DRAIN_PAUSE: Duration = Duration::from_secs(1);
 /// SIGTERM to SIGKILL for the previous sandbox.
 const DRAIN_GRACE: Duration = Duration::from_secs(10);
 
-/// Kills the agent at a named point of a switch when `MIREN_CRASH_AT` names it (vm-tests'
-/// kill -9 at each phase; unset in production).
+/// Kills the agent at a named point of a switch when the file `MIREN_CRASH_AT_FILE` names
+/// holds that point's name (vm-tests' kill -9 at each phase; unset in production).
 fn crash_point(point: &str) {
-    if std::env::var("MIREN_CRASH_AT").is_ok_and(|p| p == point) {
-        warn!(point, "MIREN_CRASH_AT: killing the agent");
+    let Some(file) = std::env::var_os("MIREN_CRASH_AT_FILE") else {
+        return;
+    };
+    if std::fs::read_to_string(file).is_ok_and(|p| p.trim() == point) {
+        warn!(point, "MIREN_CRASH_AT_FILE: killing the agent");
         // SAFETY: raising a signal on our own pid; SIGKILL cannot be caught.
         unsafe {
             libc::kill(libc::getpid(), libc::SIGKILL);
