@@ -28,7 +28,7 @@ fn app_toml(name: &str, version: &str, health: &str, extra: &str) -> String {
 
 [services.web]
 image = "{IMAGE}"
-command = "trap 'exit 0' TERM; mkdir -p /www; echo {version} > /www/index.html; httpd -f -p 3000 -h /www & wait"
+command = "trap 'exit 0' TERM; mkdir -p /www; rm -f /www/sick; echo {version} > /www/index.html; httpd -f -p 3000 -h /www & wait"
 {extra}
 [[services.web.env]]
 key = "PORT"
@@ -241,7 +241,7 @@ fn redeploys_under_load_fail_no_request_and_an_unhealthy_version_leaves_the_old_
     write_app(&leased, &app_toml("leased", "l1", GOOD_CHECK, disk));
     let out = deploy(&agent, &leased, lport);
     assert!(out.status.success(), "{}", text(&out));
-    let before = status(&agent, "leased")["services"][0]["sandbox"].clone();
+    let before = app_sandboxes(&agent, "leased")[0]["id"].clone();
     write_app(&leased, &app_toml("leased", "l2", GOOD_CHECK, disk));
     let out = deploy(&agent, &leased, lport);
     assert!(out.status.success(), "{}", text(&out));
@@ -252,7 +252,51 @@ fn redeploys_under_load_fail_no_request_and_an_unhealthy_version_leaves_the_old_
     );
     assert_eq!(get(lport).as_deref(), Ok("l2"));
     assert_eq!(app_sandboxes(&agent, "leased").len(), 1);
-    let _ = before;
+    assert_ne!(app_sandboxes(&agent, "leased")[0]["id"], before);
+
+    // An exec check that starts failing: the service turns unhealthy, shows why, and its
+    // process is restarted (its command removes the marker, so it is healthy again).
+    let sick = agent.root.join("sick");
+    let sport = port_for(3);
+    let toml = app_toml(
+        "sick",
+        "s1",
+        "exec = \"test ! -f /www/sick\"\ninterval = \"300ms\"\nstart_period = \"0s\"\nfailure_threshold = 2\n",
+        "",
+    );
+    write_app(&sick, &toml);
+    let out = deploy(&agent, &sick, sport);
+    assert!(out.status.success(), "{}", text(&out));
+    let sandbox = status(&agent, "sick")["services"][0]["sandbox"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    agent.ok(&["sandbox", "exec", &sandbox, "--", "touch", "/www/sick"]);
+    agent.wait_for_log("service unhealthy: restarting its process");
+    let line = agent
+        .log_text()
+        .lines()
+        .find(|l| l.contains("service unhealthy"))
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        line.contains("test ! -f /www/sick") && line.contains("exited with 1"),
+        "{line}"
+    );
+    wait_for("the unhealthy service restarted", || {
+        status(&agent, "sick")["services"][0]["restarts"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 1
+    });
+    wait_for("healthy again", || {
+        status(&agent, "sick")["services"][0]["health"]["state"] == "healthy"
+    });
+    let shown = agent.ok(&["app", "status", "sick"]);
+    assert!(
+        shown.contains("HEALTH") && shown.contains("healthy"),
+        "{shown}"
+    );
 }
 
 /// The agent killed at each phase of a switch (`MIREN_CRASH_AT_FILE` names the point): while
