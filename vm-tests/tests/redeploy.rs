@@ -180,11 +180,10 @@ fn redeploys_under_load_fail_no_request_and_an_unhealthy_version_leaves_the_old_
     );
     assert_eq!(seen, ["v1", "v2"], "versions seen in order");
     assert_eq!(get(port).as_deref(), Ok("v2"));
-    assert_eq!(
-        app_sandboxes(&agent, "shop").len(),
-        1,
-        "the old sandbox is gone"
-    );
+    // The old one drains in the background: a pause, SIGTERM, then it is removed.
+    wait_for("the old sandbox removed", || {
+        app_sandboxes(&agent, "shop").len() == 1
+    });
     let st = status(&agent, "shop");
     assert_ne!(st["services"][0]["sandbox"], first, "{st}");
 
@@ -227,11 +226,9 @@ fn redeploys_under_load_fail_no_request_and_an_unhealthy_version_leaves_the_old_
     );
     assert_eq!(seen, ["v2"]);
     assert_eq!(get(port).as_deref(), Ok("v2"));
-    assert_eq!(
-        app_sandboxes(&agent, "shop").len(),
-        1,
-        "the unhealthy one is removed"
-    );
+    wait_for("only the serving sandbox left", || {
+        app_sandboxes(&agent, "shop").len() == 1
+    });
 
     // A service with a disk under an exclusive lease is replaced stop-then-start, and the
     // deploy says so.

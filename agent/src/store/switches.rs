@@ -88,6 +88,18 @@ impl Store {
         })
     }
 
+    /// Ends the switch that retired `previous`, not a later one of the same service.
+    pub fn end_switch_of(&self, app: &str, service: &str, previous: &str) -> StoreResult<()> {
+        self.volatile(|conn| {
+            conn.execute(
+                "DELETE FROM service_switches
+                 WHERE app = ?1 AND service = ?2 AND previous_sandbox = ?3",
+                params![app, service, previous],
+            )?;
+            Ok(())
+        })
+    }
+
     pub fn switch_of(&self, app: &str, service: &str) -> StoreResult<Option<SwitchRow>> {
         self.read(|conn| {
             Ok(conn

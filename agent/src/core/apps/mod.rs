@@ -152,7 +152,7 @@ pub struct AppService {
     /// One deploy, restart or delete at a time per app.
     locks: crate::util::KeyedLocks,
     /// The services' health checks, by sandbox id.
-    health: health::HealthBoard,
+    health: Arc<health::HealthBoard>,
 }
 
 impl AppService {

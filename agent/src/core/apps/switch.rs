@@ -268,6 +268,13 @@ impl AppService {
             return Ok(reason.filter(|_| had));
         };
 
+        // A previous switch's sandbox still draining has had its time.
+        self.remove_owned(&Owner::replacing(
+            app,
+            &service.name,
+            ReplacingRole::Retiring,
+        ))
+        .await?;
         self.store.begin_switch(app, &service.name, &previous.id)?;
         crash_point("switch-recorded");
         let publish = req.publish.clone();
@@ -317,22 +324,40 @@ impl AppService {
         self.health.set_serving(next);
         info!(app = %app, service = %service, sandbox = %next, previous = %previous, "switched to the next sandbox; draining the previous one");
         crash_point("draining");
-        self.drain(app, service).await
+        self.drain_in_background(app, service);
+        Ok(())
     }
 
-    /// Stops the retiring sandbox (pause, SIGTERM, SIGKILL after the grace) and removes it.
+    /// Stops the retiring sandbox (pause, SIGTERM, SIGKILL after the grace) and removes it,
+    /// then the switch row.
     async fn drain(&self, app: &str, service: &str) -> Result<(), Error> {
-        let retiring = Owner::replacing(app, service, ReplacingRole::Retiring);
-        if let Some(old) = self.sandboxes.get_owned(&retiring)? {
-            self.health.forget(&old.id);
-            tokio::time::sleep(DRAIN_PAUSE).await;
-            if let Err(e) = self.sandboxes.stop(&old.id, DRAIN_GRACE).await {
-                warn!(sandbox = %old.id, error = %e.message, "stopping the previous sandbox failed; deleting it");
+        drain(
+            self.sandboxes.clone(),
+            self.store.clone(),
+            self.health.clone(),
+            app.to_string(),
+            service.to_string(),
+        )
+        .await
+    }
+
+    /// [`Self::drain`] in the background: the deploy is done once the next sandbox serves
+    /// (the row in `draining` covers an agent killed meanwhile, and a later replacement of the
+    /// service removes a retiring sandbox still there first).
+    fn drain_in_background(&self, app: &str, service: &str) {
+        let task = drain(
+            self.sandboxes.clone(),
+            self.store.clone(),
+            self.health.clone(),
+            app.to_string(),
+            service.to_string(),
+        );
+        let (app, service) = (app.to_string(), service.to_string());
+        tokio::spawn(async move {
+            if let Err(e) = task.await {
+                warn!(app = %app, service = %service, error = %e, "draining the previous sandbox failed; the next start retries");
             }
-            self.remove_owned(&retiring).await?;
-        }
-        self.store.end_switch(app, service)?;
-        Ok(())
+        });
     }
 
     pub(super) async fn remove_owned(&self, owner: &Owner) -> Result<(), Error> {
@@ -402,6 +427,35 @@ impl AppService {
         }
         Ok(())
     }
+}
+
+async fn drain(
+    sandboxes: Arc<dyn ServiceSandboxes>,
+    store: Arc<Store>,
+    health: Arc<super::health::HealthBoard>,
+    app: String,
+    service: String,
+) -> Result<(), Error> {
+    let retiring = Owner::replacing(&app, &service, ReplacingRole::Retiring);
+    let Some(old) = sandboxes.get_owned(&retiring)? else {
+        store.end_switch(&app, &service)?;
+        return Ok(());
+    };
+    health.forget(&old.id);
+    tokio::time::sleep(DRAIN_PAUSE).await;
+    if let Err(e) = sandboxes.stop(&old.id, DRAIN_GRACE).await {
+        warn!(sandbox = %old.id, error = %e.message, "stopping the previous sandbox failed; deleting it");
+    }
+    // Only the sandbox this drain began with: a later switch may have retired another.
+    if sandboxes
+        .get_owned(&retiring)?
+        .is_some_and(|s| s.id == old.id)
+    {
+        sandboxes.delete_owned(&retiring).await?;
+    }
+    store.end_switch_of(&app, &service, &old.id)?;
+    info!(app = %app, service = %service, sandbox = %old.id, "previous sandbox drained and removed");
+    Ok(())
 }
 
 fn ip_of(sandbox: &Sandbox) -> Option<std::net::Ipv4Addr> {
