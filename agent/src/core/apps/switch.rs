@@ -268,13 +268,16 @@ impl AppService {
             return Ok(reason.filter(|_| had));
         };
 
-        // A previous switch's sandbox still draining has had its time.
-        self.remove_owned(&Owner::replacing(
-            app,
-            &service.name,
-            ReplacingRole::Retiring,
-        ))
-        .await?;
+        // A previous switch's sandbox still draining has had its time. Its drain may be
+        // waiting out the grace (holding the sandbox's lock): its process is killed first so
+        // that stop ends now.
+        let retiring = Owner::replacing(app, &service.name, ReplacingRole::Retiring);
+        if let Some(old) = self.sandboxes.get_owned(&retiring)? {
+            if let Err(e) = self.sandboxes.restart_process(&old.id) {
+                warn!(sandbox = %old.id, error = %e.message, "ending a drain early failed");
+            }
+        }
+        self.remove_owned(&retiring).await?;
         self.store.begin_switch(app, &service.name, &previous.id)?;
         crash_point("switch-recorded");
         let publish = req.publish.clone();
