@@ -163,7 +163,7 @@ fn redeploys_under_load_fail_no_request_and_an_unhealthy_version_leaves_the_old_
     wait_for("v1 healthy", || {
         status(&agent, "shop")["services"][0]["health"]["state"] == "healthy"
     });
-    let first = status(&agent, "shop")["services"][0]["sandbox"].clone();
+    let first = app_sandboxes(&agent, "shop")[0]["id"].clone();
 
     // A new version under a request every 10 ms: none fails, and v2 serves after.
     let load = Load::start(port);
@@ -184,8 +184,11 @@ fn redeploys_under_load_fail_no_request_and_an_unhealthy_version_leaves_the_old_
     wait_for("the old sandbox removed", || {
         app_sandboxes(&agent, "shop").len() == 1
     });
-    let st = status(&agent, "shop");
-    assert_ne!(st["services"][0]["sandbox"], first, "{st}");
+    // A new sandbox, under the service's usual name.
+    let now = &app_sandboxes(&agent, "shop")[0];
+    assert_ne!(now["id"], first, "{now}");
+    assert_eq!(now["name"], "shop-web", "{now}");
+    assert_eq!(status(&agent, "shop")["services"][0]["sandbox"], "shop-web");
 
     // `app restart` takes the same path: still no failed request.
     let load = Load::start(port);

@@ -130,14 +130,32 @@ impl Store {
     pub fn promote_next_sandbox(&self, app: &str, service: &str) -> StoreResult<()> {
         self.volatile(|conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let next: Option<String> = tx
-                .query_row(
-                    "SELECT id FROM sandboxes
-                     WHERE owner_kind = 'app-next' AND owner_app = ?1 AND owner_part = ?2",
-                    params![app, service],
-                    |r| r.get(0),
+            let of = |kind: &str| {
+                tx.query_row(
+                    "SELECT id, name FROM sandboxes
+                     WHERE owner_kind = ?1 AND owner_app = ?2 AND owner_part = ?3",
+                    params![kind, app, service],
+                    |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)),
                 )
-                .optional()?;
+                .optional()
+            };
+            let (next, serving) = (of("app-next")?, of("app")?);
+            if let (Some((next_id, next_name)), Some((serving_id, serving_name))) =
+                (&next, &serving)
+            {
+                // Names are display only, but people and scripts use them: the serving
+                // sandbox keeps the service's name (names are unique, hence the detour).
+                for (id, name) in [
+                    (serving_id, &format!("~{serving_id}")),
+                    (next_id, serving_name),
+                    (serving_id, next_name),
+                ] {
+                    tx.execute(
+                        "UPDATE sandboxes SET name = ?2 WHERE id = ?1",
+                        params![id, name],
+                    )?;
+                }
+            }
             if next.is_some() {
                 tx.execute(
                     "UPDATE sandboxes SET owner_kind = 'app-retiring'
