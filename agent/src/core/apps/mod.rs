@@ -391,7 +391,8 @@ impl AppService {
                 }
             }
         }
-        self.start_services(app, spec, old).await
+        self.start_services(app, spec, old, switch::Drain::Background)
+            .await
     }
 
     /// The app's disk: made for it, or claimed if nobody owns it; another owner's is refused.
@@ -451,7 +452,9 @@ impl AppService {
                 not_ready.join("; ")
             )));
         }
-        let notes = self.start_services(app, &spec, None).await?;
+        let notes = self
+            .start_services(app, &spec, None, switch::Drain::Wait)
+            .await?;
         self.store.set_app_status(app, AppStatus::Running, None)?;
         info!(app = %app, "restarted");
         let mut view = self.get(app)?;

@@ -39,6 +39,16 @@ fn crash_point(point: &str) {
     }
 }
 
+/// Whether a replacement returns before or after the previous sandbox is gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Drain {
+    /// A deploy is done once the new version serves.
+    Background,
+    /// A restart for new addon variables (a credential rotation retires the previous login
+    /// next): no sandbox with the previous variables may be left when it returns.
+    Wait,
+}
+
 /// Why a service is replaced stop-then-start, if it is.
 fn recreate_reason(service: &ServiceSpec) -> Option<String> {
     if let Some(disk) = service.disks.iter().find(|d| !d.local) {
@@ -64,6 +74,7 @@ impl AppService {
         app: &str,
         spec: &AppSpec,
         old: Option<&AppSpec>,
+        drain: Drain,
     ) -> Result<Vec<String>, Error> {
         let (addon_env, digest) = self.addon_env(app)?;
         let env_same = self.store.app_addon_env(app)?.as_deref() == Some(digest.as_str());
@@ -80,7 +91,7 @@ impl AppService {
                 continue;
             }
             let req = self.service_request(app, service, &addon_env)?;
-            if let Some(note) = self.replace_service(app, service, req).await? {
+            if let Some(note) = self.replace_service(app, service, req, drain).await? {
                 notes.push(note);
             }
         }
@@ -249,6 +260,7 @@ impl AppService {
         app: &str,
         service: &ServiceSpec,
         req: SandboxRequest,
+        drain: Drain,
     ) -> Result<Option<String>, Error> {
         let owner = Owner::service(app, &service.name);
         let next_owner = Owner::replacing(app, &service.name, ReplacingRole::Next);
@@ -305,7 +317,7 @@ impl AppService {
         self.store
             .set_switch_phase(app, &service.name, SwitchPhase::Switching, Some(&next.id))?;
         crash_point("switching");
-        self.finish_switch(app, &service.name, &previous.id, &next.id, &publish)
+        self.finish_switch(app, &service.name, &previous.id, &next.id, &publish, drain)
             .await?;
         Ok(None)
     }
@@ -318,6 +330,7 @@ impl AppService {
         previous: &str,
         next: &str,
         publish: &[miren_netns::PublishedPort],
+        drain: Drain,
     ) -> Result<(), Error> {
         self.sandboxes
             .switch_published(previous, next, publish)
@@ -327,8 +340,13 @@ impl AppService {
         self.health.set_serving(next);
         info!(app = %app, service = %service, sandbox = %next, previous = %previous, "switched to the next sandbox; draining the previous one");
         crash_point("draining");
-        self.drain_in_background(app, service);
-        Ok(())
+        match drain {
+            Drain::Background => {
+                self.drain_in_background(app, service);
+                Ok(())
+            }
+            Drain::Wait => self.drain(app, service).await,
+        }
     }
 
     /// Stops the retiring sandbox (pause, SIGTERM, SIGKILL after the grace) and removes it,
@@ -409,6 +427,7 @@ impl AppService {
                                         &row.previous_sandbox,
                                         next,
                                         &publish,
+                                        Drain::Wait,
                                     )
                                     .await
                                 }
