@@ -14,6 +14,9 @@ use crate::catalogue::{
 };
 use crate::ident::{validate_name, validate_user_name};
 
+mod health;
+pub use health::{HealthCheck, HealthProbe, ReplaceStrategy};
+
 /// Largest `size_gb`: 1 PiB. Keeps `size_gb << 30` far inside u64 and SQLite's i64.
 pub const MAX_SIZE_GB: u64 = 1 << 20;
 
@@ -36,6 +39,10 @@ pub struct ServiceConfig {
     pub command: Option<Command>,
     pub env: Vec<EnvEntry>,
     pub disks: Vec<DiskConfig>,
+    /// `[services.NAME.health]`; None: the agent's default (see [`HealthCheck::default_tcp`]).
+    pub health: Option<HealthCheck>,
+    /// `strategy`: how a redeploy replaces the service's sandbox.
+    pub strategy: ReplaceStrategy,
 }
 
 /// What a service runs.
@@ -290,6 +297,7 @@ pub fn parse_size(text: &str) -> Option<u64> {
 const APP_FIELDS: &[&str] = &["name", "services", "addons"];
 const SERVICE_FIELDS: &[&str] = &[
     "image", "stack", "base", "command", "env", "disks", "memory", "cpus", "pids", "disk",
+    "health", "strategy",
 ];
 const ENV_FIELDS: &[&str] = &["key", "value"];
 const DISK_FIELDS: &[&str] = &[
@@ -770,6 +778,12 @@ impl<'t> Ctx<'t> {
         }
 
         let limits = self.service_limits(t);
+        let health_ok = t.get("health").is_none();
+        let health = self.service_health(t);
+        let strategy = self.replace_strategy(t);
+        if !health_ok && health.is_none() {
+            return None;
+        }
 
         Some(ServiceConfig {
             name,
@@ -778,6 +792,8 @@ impl<'t> Ctx<'t> {
             command,
             env,
             disks,
+            health,
+            strategy: strategy?,
         })
     }
 

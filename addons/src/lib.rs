@@ -34,7 +34,8 @@ pub mod ident;
 
 pub use app_toml::{
     command_argv, parse_app_toml, AddonConfig, AppConfig, AppTomlError, Command, DiskConfig,
-    DiskProvider, EnvEntry, Filesystem, ImageSource, Problem, ServiceConfig, ServiceLimits, Stack,
+    DiskProvider, EnvEntry, Filesystem, HealthCheck, HealthProbe, ImageSource, Problem,
+    ReplaceStrategy, ServiceConfig, ServiceLimits, Stack,
 };
 pub use catalogue::{
     AddonInfo, AddonKind, Catalogue, CatalogueError, CatalogueVersion, Pooling, ResolvedAddon,

@@ -140,6 +140,8 @@ fn bun_app(name: &str) -> AppConfig {
             }),
             env: vec![],
             disks: vec![],
+            health: None,
+            strategy: Default::default(),
         }],
         addons: vec![pg(Variant::Shared, pg_version("17"), false)],
     }
@@ -259,6 +261,8 @@ filesystem = "ext4"
                     lease_timeout: None,
                 },
             }],
+            health: None,
+            strategy: Default::default(),
         }]
     );
 }
@@ -403,7 +407,7 @@ fn unknown_fields_are_named_with_the_valid_ones() {
         ),
         (
             "name = \"a\"\n[services.web]\nimage = \"x\"\nport = 80\n",
-            ".miren/app.toml line 4: services.web.port: unknown field; valid fields here are: image, stack, base, command, env, disks, memory, cpus, pids, disk",
+            ".miren/app.toml line 4: services.web.port: unknown field; valid fields here are: image, stack, base, command, env, disks, memory, cpus, pids, disk, health, strategy",
         ),
         (
             "name = \"a\"\n[services.web]\nimage = \"x\"\n[[services.web.env]]\nkey = \"A\"\nvalue = \"b\"\nsecret = true\n",

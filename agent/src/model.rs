@@ -664,6 +664,43 @@ pub struct AppServiceView {
     pub state: Option<SandboxState>,
     pub ip: Option<String>,
     pub restarts: Option<u32>,
+    /// The service's health check and what it last found; absent for a service without a
+    /// check (no port and no `[services.NAME.health]`) or without a running sandbox.
+    #[serde(default)]
+    pub health: Option<ServiceHealth>,
+}
+
+/// What a service's health check found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthState {
+    /// Started; no check has passed yet.
+    Starting,
+    /// The last check passed.
+    Healthy,
+    /// `failure_threshold` checks in a row failed (after the start period).
+    Unhealthy,
+}
+
+impl HealthState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HealthState::Starting => "starting",
+            HealthState::Healthy => "healthy",
+            HealthState::Unhealthy => "unhealthy",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ServiceHealth {
+    pub state: HealthState,
+    /// What is checked, e.g. `http GET /healthz on port 3000`.
+    pub check: String,
+    /// The last failed check's output (bounded), until a check passes.
+    pub last_failure: Option<String>,
+    /// Consecutive failed checks.
+    pub failures: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -677,6 +714,10 @@ pub struct App {
     pub addons: Vec<Addon>,
     pub created_at: String,
     pub updated_at: String,
+    /// What this deploy or restart did that the caller should know (a service replaced
+    /// stop-then-start); empty when the app is only read.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

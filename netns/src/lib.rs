@@ -29,7 +29,7 @@ pub use host::{check_publish, overlaps, PublishRefused};
 pub use nsfs::ensure_netns;
 pub use rules::{
     add_endpoint_rules, apply_rules, endpoint_removal_json, endpoint_rules_json,
-    remove_endpoint_rules, ruleset_json,
+    publish_switch_json, remove_endpoint_rules, ruleset_json, switch_published,
 };
 pub use subnet::Subnet;
 

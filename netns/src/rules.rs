@@ -308,6 +308,32 @@ impl Batch {
     }
 }
 
+impl Batch {
+    /// Moves published ports from `from` to `to` (see [`publish_switch_json`]).
+    fn switch_published(&mut self, cfg: &NetConfig, from: &EndpointSpec, to: &EndpointSpec) {
+        let (old, new) = (
+            format!("pub-{}", cfg.endpoint_key(&from.owner)),
+            format!("pub-{}", cfg.endpoint_key(&to.owner)),
+        );
+        self.fresh_chain(INET, &new);
+        for port in &to.publish {
+            self.rule(INET, &new, dnat_rule(to, port));
+        }
+        self.chain(INET, &old);
+        // Each map entry is deleted and added again pointing at the new chain within the
+        // transaction: the kernel never sees the port unmapped.
+        for port in &from.publish {
+            let (map, key) = published_entry(port);
+            self.remove_element(INET, map, json!([key.clone(), jump(&old)]), key);
+        }
+        for port in &to.publish {
+            let (map, key) = published_entry(port);
+            self.element("add", INET, map, json!([key, jump(&new)]));
+        }
+        self.remove_chain(INET, &old);
+    }
+}
+
 /// Which map publishes `port`, and its key there.
 fn published_entry(port: &PublishedPort) -> (&'static str, Value) {
     if port.host_ip == Ipv4Addr::UNSPECIFIED {
@@ -506,6 +532,31 @@ pub fn endpoint_removal_json(cfg: &NetConfig, spec: &EndpointSpec) -> Result<Val
     let mut batch = Batch::new(cfg.table_name());
     batch.remove_endpoint(cfg, spec);
     Ok(batch.into_json())
+}
+
+/// The batch that moves a redeploy's published ports from the endpoint `from` (with the ports
+/// it publishes now) to `to` (with the ports it is to publish) in one transaction: a
+/// connection attempt meets the old mapping or the new one, never none; established
+/// connections keep their conntrack NAT to the old endpoint. It fails (and changes nothing)
+/// if an entry maps elsewhere, e.g. when the switch already happened: apply the full ruleset.
+pub fn publish_switch_json(
+    cfg: &NetConfig,
+    from: &EndpointSpec,
+    to: &EndpointSpec,
+) -> Result<Value> {
+    validate(cfg, std::slice::from_ref(to))?;
+    let mut batch = Batch::new(cfg.table_name());
+    batch.switch_published(cfg, from, to);
+    Ok(batch.into_json())
+}
+
+/// Applies [`publish_switch_json`].
+pub async fn switch_published(
+    cfg: &NetConfig,
+    from: &EndpointSpec,
+    to: &EndpointSpec,
+) -> Result<()> {
+    nft_apply(publish_switch_json(cfg, from, to)?.to_string()).await
 }
 
 async fn nft_apply(payload: String) -> Result<()> {

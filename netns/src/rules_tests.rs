@@ -253,3 +253,54 @@ fn app_names_stay_apart_and_bounded() {
     let spec = EndpointSpec::new("a", long, Ipv4Addr::new(10, 9, 0, 2));
     assert!(endpoint_rules_json(&cfg(), &spec).is_err());
 }
+
+#[test]
+fn a_publish_switch_remaps_each_port_to_the_new_endpoint_in_one_batch() {
+    let cfg = cfg();
+    let mut old = EndpointSpec::new("old", "shop", Ipv4Addr::new(10, 9, 0, 2));
+    old.publish = vec![PublishedPort::loopback(8080, 3000)];
+    let mut new = EndpointSpec::new("new", "shop", Ipv4Addr::new(10, 9, 0, 3));
+    new.publish = old.publish.clone();
+    let cmds = commands(&publish_switch_json(&cfg, &old, &new).expect("batch"));
+    let (old_chain, new_chain) = (
+        format!("pub-{}", cfg.endpoint_key("old")),
+        format!("pub-{}", cfg.endpoint_key("new")),
+    );
+    // The new chain DNATs to the new address before any entry points at it.
+    let dnat = cmds
+        .iter()
+        .position(|(verb, kind, body)| {
+            verb == "add" && kind == "rule" && body["chain"] == new_chain
+        })
+        .expect("dnat rule");
+    assert_eq!(
+        cmds[dnat].2["expr"][2]["dnat"]["addr"],
+        json!("10.9.0.3"),
+        "{:?}",
+        cmds[dnat]
+    );
+    let entries: Vec<(String, Value)> = cmds
+        .iter()
+        .filter(|(_, kind, body)| kind == "element" && body["name"] == "pub_addr")
+        .map(|(verb, _, body)| (verb.clone(), body["elem"][0].clone()))
+        .collect();
+    let key = json!({ "concat": ["127.0.0.1", 8080] });
+    assert_eq!(
+        entries,
+        vec![
+            ("add".into(), json!([key.clone(), jump(&old_chain)])),
+            ("delete".into(), key.clone()),
+            ("add".into(), json!([key, jump(&new_chain)])),
+        ]
+    );
+    assert!(
+        dnat < cmds
+            .iter()
+            .rposition(|(v, _, b)| v == "add" && b["name"] == "pub_addr")
+            .unwrap()
+    );
+    // The old chain goes last, once nothing jumps to it.
+    let last = cmds.last().expect("commands");
+    assert_eq!((last.0.as_str(), last.1.as_str()), ("delete", "chain"));
+    assert_eq!(last.2["name"], json!(old_chain));
+}

@@ -24,7 +24,7 @@ pub(super) async fn app_env(
     responses(
         (status = 200, description = "Disks and addons ready, services running", body = crate::model::App),
         (status = 400, description = "app.toml is invalid (each problem with its line and field)", body = ErrorBody),
-        (status = 409, description = "An addon did not become active (the services were not started), or a declared disk belongs to another app or an addon", body = ErrorBody)))]
+        (status = 409, description = "An addon did not become active (the services were not started), a declared disk belongs to another app or an addon, or a new version did not become healthy (code `unhealthy`: it was removed and the previous one keeps serving)", body = ErrorBody)))]
 pub(super) async fn deploy_app(
     State(state): State<AppState>,
     Body(req): Body<DeployApp>,
@@ -65,7 +65,7 @@ pub(super) async fn delete_app(
 
 #[utoipa::path(post, path = "/v1/apps/{app}/restart", tag = "apps",
     params(("app" = String, Path, description = "App name")),
-    responses((status = 200, description = "Services recreated with the current addon variables", body = crate::model::App), (status = 409, body = ErrorBody)))]
+    responses((status = 200, description = "Services replaced (each beside itself unless it holds a leased disk) with the current addon variables", body = crate::model::App), (status = 409, body = ErrorBody)))]
 pub(super) async fn restart_app(
     State(state): State<AppState>,
     PathParam(app): PathParam<String>,

@@ -183,6 +183,10 @@ fn print_app(app: &App) {
                 s.state
                     .map_or_else(|| "not started".into(), |state| state.to_string()),
                 s.ip.clone().unwrap_or_else(|| "-".into()),
+                s.health
+                    .as_ref()
+                    .map_or("-", |h| h.state.as_str())
+                    .to_string(),
                 s.image.clone(),
                 s.built_from_source
                     .as_ref()
@@ -193,13 +197,30 @@ fn print_app(app: &App) {
         .collect();
     print_table(
         &[
-            "SERVICE", "SANDBOX", "STATE", "IP", "IMAGE", "BUILT", "DIGEST",
+            "SERVICE", "SANDBOX", "STATE", "IP", "HEALTH", "IMAGE", "BUILT", "DIGEST",
         ],
         rows,
     );
+    for s in &app.services {
+        if let Some(h) = &s.health {
+            match &h.last_failure {
+                Some(failure) => println!(
+                    "health of {}: {} ({} failed in a row): {failure}",
+                    s.name, h.check, h.failures
+                ),
+                None => println!("health of {}: {}", s.name, h.check),
+            }
+        }
+    }
     if !app.addons.is_empty() {
         println!();
         print_addons(&app.addons);
+    }
+    if !app.notes.is_empty() {
+        println!();
+        for note in &app.notes {
+            println!("note: {note}");
+        }
     }
 }
 

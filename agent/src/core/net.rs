@@ -429,6 +429,49 @@ impl NetService {
         Ok(())
     }
 
+    /// A redeploy's switch: the ports `from` publishes stop and `to` publishes `publish`
+    /// instead, in one nftables transaction (rows first: the full apply, the fallback here and
+    /// at every gc, converges to them). Repeating it after it happened changes nothing.
+    pub async fn switch_published(
+        &self,
+        from: &str,
+        to: &str,
+        publish: &[PublishedPort],
+    ) -> Result<(), Error> {
+        let _guard = self.lock.lock().await;
+        let old = self
+            .store
+            .endpoint(from)?
+            .ok_or_else(|| Error::not_found(format!("no endpoint for owner `{from}`")))?;
+        let new = self
+            .store
+            .endpoint(to)?
+            .ok_or_else(|| Error::not_found(format!("no endpoint for owner `{to}`")))?;
+        let keys: Vec<String> = publish.iter().map(publish_key).collect();
+        for other in self.store.endpoints()? {
+            if other.owner == old.owner || other.owner == new.owner {
+                continue;
+            }
+            for p in other.publish.iter().filter_map(|p| parse_publish_key(p)) {
+                if publish.iter().any(|q| netns::overlaps(q, &p)) {
+                    return Err(Error::conflict(format!(
+                        "host port {}:{} is already published by `{}`; pick another host port",
+                        p.host_ip, p.host_port, other.owner
+                    )));
+                }
+            }
+        }
+        self.store.move_endpoint_publish(from, to, &keys)?;
+        let mut to_spec = spec_of(&new);
+        to_spec.publish = publish.to_vec();
+        if let Err(e) = netns::switch_published(&self.cfg, &spec_of(&old), &to_spec).await {
+            warn!(from = %from, to = %to, error = %e, "switching published ports failed; applying all rules");
+            self.apply().await?;
+        }
+        info!(from = %from, to = %to, ports = publish.len(), "published ports switched");
+        Ok(())
+    }
+
     pub async fn delete(&self, owner: &str) -> Result<EndpointDeleted, Error> {
         let _guard = self.lock.lock().await;
         let Some(row) = self.store.endpoint(owner)? else {

@@ -94,6 +94,22 @@ pub enum Owner {
     /// The sidecar beside an addon server (`Addon` or `Shared`): PostgreSQL's pooler. A
     /// sandbox only, no disk; removed with its server.
     Sidecar { server: Box<Owner> },
+    /// A service's sandbox while a redeploy replaces it (`core/apps/switch.rs`): the next one
+    /// starting beside the serving one, or the previous one draining after the switch.
+    Replacing {
+        app: String,
+        service: String,
+        role: ReplacingRole,
+    },
+}
+
+/// Which side of a redeploy's switch a [`Owner::Replacing`] sandbox is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ReplacingRole {
+    /// Started beside the serving sandbox; takes over once healthy.
+    Next,
+    /// Served until the switch; drains, then is removed.
+    Retiring,
 }
 
 impl Owner {
@@ -119,10 +135,19 @@ impl Owner {
         }
     }
 
+    /// The sandbox beside `app`'s `service` in a redeploy's `role`.
+    pub fn replacing(app: &str, service: &str, role: ReplacingRole) -> Owner {
+        Owner::Replacing {
+            app: app.to_string(),
+            service: service.to_string(),
+            role,
+        }
+    }
+
     /// The same owner as a disk owner: a service's disks belong to its app.
     pub fn as_disk_owner(&self) -> Owner {
         match self {
-            Owner::App { app, .. } => Owner::app(app),
+            Owner::App { app, .. } | Owner::Replacing { app, .. } => Owner::app(app),
             other => other.clone(),
         }
     }
@@ -135,6 +160,16 @@ impl Owner {
             Owner::Addon { app, kind } => format!("the {kind} addon of app `{app}`"),
             Owner::Shared { kind } => format!("the shared {kind} server"),
             Owner::Sidecar { server } => format!("the sidecar of {}", server.describe()),
+            Owner::Replacing {
+                app,
+                service,
+                role: ReplacingRole::Next,
+            } => format!("the next sandbox of service `{service}` of app `{app}`"),
+            Owner::Replacing {
+                app,
+                service,
+                role: ReplacingRole::Retiring,
+            } => format!("the retiring sandbox of service `{service}` of app `{app}`"),
         }
     }
 }

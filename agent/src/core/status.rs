@@ -182,6 +182,20 @@ impl AppStatus {
 }
 
 stored_status! {
+    /// Where a redeploy's switch of one service stands (`core/apps/switch.rs`).
+    SwitchPhase in "service_switches.phase" {
+        /// Recorded before the next sandbox starts; the previous one serves. Resumed by
+        /// removing the next one.
+        Starting => "starting",
+        /// The next sandbox is healthy; its ports are being switched to it. Resumed by
+        /// finishing the switch.
+        Switching => "switching",
+        /// The next sandbox serves; the previous one drains. Resumed by removing it.
+        Draining => "draining",
+    }
+}
+
+stored_status! {
     /// Where an addon is in its life. `deleted` is the absence of the row.
     AddonStatus in "addons.status" {
         Pending => "pending",

@@ -135,6 +135,32 @@ impl Store {
         })
     }
 
+    /// A redeploy's switch of published ports, in one transaction: `from` publishes nothing
+    /// and `to` publishes `publish` (keys as the `publish` column holds them).
+    pub fn move_endpoint_publish(
+        &self,
+        from: &str,
+        to: &str,
+        publish: &[String],
+    ) -> StoreResult<()> {
+        self.volatile(|conn| {
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            tx.execute(
+                "UPDATE endpoints SET publish = '[]' WHERE owner = ?1",
+                params![from],
+            )?;
+            tx.execute(
+                "UPDATE endpoints SET publish = ?2 WHERE owner = ?1",
+                params![
+                    to,
+                    serde_json::to_string(publish).unwrap_or_else(|_| "[]".into())
+                ],
+            )?;
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
     pub fn set_endpoint_status(&self, owner: &str, status: EndpointStatus) -> StoreResult<()> {
         self.volatile(|conn| {
             conn.execute(

@@ -15,6 +15,7 @@ mod owner;
 pub mod rotations;
 mod sandboxes;
 mod sql;
+pub mod switches;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -183,6 +184,8 @@ const MIGRATIONS: &[&str] = &[
     addons::MIGRATION_GENERIC_CREDENTIALS,
     // 10: a shared server's administrator rotation in flight (store/rotations.rs).
     rotations::MIGRATION_ADMIN_ROTATION,
+    // 11: redeploy switches in flight (store/switches.rs).
+    switches::MIGRATION_SWITCHES,
 ];
 
 pub struct Store {

@@ -1,6 +1,7 @@
 //! How an [`Owner`] is stored: three nullable columns `owner_kind`, `owner_app`, `owner_part`
 //! on `sandboxes` and `disks` (migration 8). No owner is three NULLs.
 
+use crate::core::owner::ReplacingRole;
 use crate::store::Owner;
 
 /// `(owner_kind, owner_app, owner_part)` for an owner.
@@ -9,6 +10,16 @@ pub(crate) fn owner_columns(owner: &Owner) -> (&'static str, &str, &str) {
         Owner::App { app, service } => ("app", app, service),
         Owner::Addon { app, kind } => ("addon", app, kind),
         Owner::Shared { kind } => ("shared", "", kind),
+        Owner::Replacing {
+            app,
+            service,
+            role: ReplacingRole::Next,
+        } => ("app-next", app, service),
+        Owner::Replacing {
+            app,
+            service,
+            role: ReplacingRole::Retiring,
+        } => ("app-retiring", app, service),
         // Sidecars of other owners are not recorded (only addon servers have them).
         Owner::Sidecar { server } => match server.as_ref() {
             Owner::Shared { kind } => ("shared-sidecar", "", kind),
@@ -30,6 +41,8 @@ pub(crate) fn owner_from_columns(
         "app" => Some(Owner::App { app, service: part }),
         "addon" => Some(Owner::Addon { app, kind: part }),
         "shared" => Some(Owner::Shared { kind: part }),
+        "app-next" => Some(Owner::replacing(&app, &part, ReplacingRole::Next)),
+        "app-retiring" => Some(Owner::replacing(&app, &part, ReplacingRole::Retiring)),
         "addon-sidecar" => Some(Owner::sidecar_of(&Owner::Addon { app, kind: part })),
         "shared-sidecar" => Some(Owner::sidecar_of(&Owner::Shared { kind: part })),
         _ => None,
@@ -45,6 +58,8 @@ mod tests {
         for owner in [
             Owner::app("shop"),
             Owner::service("shop", "web"),
+            Owner::replacing("shop", "web", ReplacingRole::Next),
+            Owner::replacing("shop", "web", ReplacingRole::Retiring),
             Owner::Addon {
                 app: "shop".into(),
                 kind: "miren-postgresql".into(),

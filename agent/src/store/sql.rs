@@ -6,7 +6,8 @@ use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ToSqlOutput, ValueRe
 use rusqlite::ToSql;
 
 use crate::core::status::{
-    AddonStatus, AppStatus, DiskStatus, EndpointStatus, SandboxStatus, ServerStatus, UnknownStatus,
+    AddonStatus, AppStatus, DiskStatus, EndpointStatus, SandboxStatus, ServerStatus, SwitchPhase,
+    UnknownStatus,
 };
 
 macro_rules! stored_as_text {
@@ -37,6 +38,7 @@ stored_as_text!(
     AppStatus,
     AddonStatus,
     ServerStatus,
+    SwitchPhase,
 );
 
 #[cfg(test)]

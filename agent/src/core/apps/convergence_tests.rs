@@ -97,6 +97,51 @@ impl ServiceSandboxes for FakeSandboxes {
     fn free_name(&self, preferred: &str, _owner: &Owner) -> Result<Name, Error> {
         crate::core::validate::to_name("sandbox name", preferred)
     }
+
+    fn probe<'a>(
+        &'a self,
+        _id: &'a str,
+        _ip: Option<std::net::Ipv4Addr>,
+        _probe: &'a ProbeSpec,
+    ) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn restart_process(&self, _id: &str) -> Result<(), Error> {
+        Ok(())
+    }
+
+    fn stop<'a>(&'a self, _id: &'a str, _grace: Duration) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn switch_published<'a>(
+        &'a self,
+        _from: &'a str,
+        _to: &'a str,
+        _publish: &'a [miren_netns::PublishedPort],
+    ) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn promote_next(&self, app: &str, service: &str) -> Result<(), Error> {
+        use crate::core::owner::ReplacingRole;
+        let mut running = self.running.lock().unwrap();
+        let (next, retiring) = (
+            Owner::replacing(app, service, ReplacingRole::Next),
+            Owner::replacing(app, service, ReplacingRole::Retiring),
+        );
+        if running.iter().any(|(o, _)| *o == next) {
+            for (o, _) in running.iter_mut() {
+                if *o == Owner::service(app, service) {
+                    *o = retiring.clone();
+                } else if *o == next {
+                    *o = Owner::service(app, service);
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 struct World {
@@ -235,4 +280,132 @@ async fn an_addon_change_outside_a_deploy_restarts_the_services() {
     assert_eq!(*w.sandboxes.started.lock().unwrap(), 2);
     let env = w.sandboxes.env_of("web").unwrap();
     assert!(!env.iter().any(|e| e.starts_with("FAKE_URL=")), "{env:?}");
+}
+
+fn web_toml(extra: &str) -> DeployApp {
+    let text = format!(
+        "name = \"shop\"\n[services.web]\nimage = \"oven/bun:1\"\n{extra}\n[services.worker]\nimage = \"oven/bun:1\"\n"
+    );
+    serde_json::from_value(serde_json::json!({ "app_toml": text })).unwrap()
+}
+
+/// A redeploy replaces only the changed service, beside itself: the next sandbox is started,
+/// promoted, and the switch row is gone once the previous one drained.
+#[tokio::test]
+async fn a_redeploy_replaces_only_the_changed_service_beside_itself() {
+    let w = world();
+    w.apps.deploy(web_toml("")).await.unwrap();
+    assert_eq!(*w.sandboxes.started.lock().unwrap(), 2);
+    let app = w
+        .apps
+        .deploy(web_toml(
+            "[[services.web.env]]\nkey = \"V\"\nvalue = \"2\"\n",
+        ))
+        .await
+        .unwrap();
+    assert!(app.notes.is_empty(), "{:?}", app.notes);
+    assert_eq!(
+        *w.sandboxes.started.lock().unwrap(),
+        3,
+        "only web started again"
+    );
+    assert!(w.sandboxes.env_of("web").unwrap().contains(&"V=2".into()));
+    let owners: Vec<Owner> = w
+        .sandboxes
+        .running
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(o, _)| o.clone())
+        .collect();
+    assert!(!owners.contains(&Owner::replacing(
+        "shop",
+        "web",
+        crate::core::owner::ReplacingRole::Next
+    )));
+    // The previous sandbox drains in the background, then the row goes.
+    for _ in 0..100 {
+        if w.bench.store.switch_of("shop", "web").unwrap().is_none() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(w.bench.store.switch_of("shop", "web").unwrap(), None);
+
+    // `strategy = "recreate"` is stop-then-start, and the deploy says so.
+    let app = w
+        .apps
+        .deploy(web_toml("strategy = \"recreate\""))
+        .await
+        .unwrap();
+    assert!(
+        app.notes
+            .iter()
+            .any(|n| n.contains("replaced stop-then-start")),
+        "{:?}",
+        app.notes
+    );
+}
+
+/// Switches an agent was killed in: before `switching` the next sandbox goes, from then on
+/// the switch is finished.
+#[tokio::test]
+async fn switches_cut_short_are_undone_or_finished() {
+    use crate::core::owner::ReplacingRole;
+    use crate::core::status::SwitchPhase;
+    let w = world();
+    w.apps.deploy(web_toml("")).await.unwrap();
+    let next = Owner::replacing("shop", "web", ReplacingRole::Next);
+    let run_next = || async {
+        w.sandboxes
+            .run_request(SandboxRequest::new("oven/bun:1"), Some(next.clone()))
+            .await
+            .unwrap()
+    };
+    // Cut short while starting: the next sandbox is removed, the serving one stays.
+    run_next().await;
+    w.bench
+        .store
+        .begin_switch("shop", "web", "sbx_prev")
+        .unwrap();
+    w.apps.resume_switches().await.unwrap();
+    assert!(w.sandboxes.get_owned(&next).unwrap().is_none());
+    assert!(w
+        .sandboxes
+        .get_owned(&Owner::service("shop", "web"))
+        .unwrap()
+        .is_some());
+    assert_eq!(w.bench.store.switch_of("shop", "web").unwrap(), None);
+
+    // Cut short while switching: finished; the next one serves, the previous one is gone.
+    let serving = w
+        .sandboxes
+        .get_owned(&Owner::service("shop", "web"))
+        .unwrap()
+        .unwrap();
+    let started = run_next().await;
+    w.bench
+        .store
+        .begin_switch("shop", "web", &serving.id)
+        .unwrap();
+    w.bench
+        .store
+        .set_switch_phase("shop", "web", SwitchPhase::Switching, Some(&started.id))
+        .unwrap();
+    w.apps.resume_switches().await.unwrap();
+    for _ in 0..100 {
+        if w.bench.store.switch_of("shop", "web").unwrap().is_none() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(w.bench.store.switch_of("shop", "web").unwrap(), None);
+    assert!(w.sandboxes.get_owned(&next).unwrap().is_none());
+    let retiring = Owner::replacing("shop", "web", ReplacingRole::Retiring);
+    assert!(w.sandboxes.get_owned(&retiring).unwrap().is_none());
+    assert!(w
+        .sandboxes
+        .get_owned(&Owner::service("shop", "web"))
+        .unwrap()
+        .is_some());
 }

@@ -30,10 +30,13 @@ use miren_sys::name::Name;
 /// The port a service listens on unless its env sets `PORT`.
 pub const DEFAULT_PORT: u16 = 3000;
 
+mod health;
 mod spec;
+mod switch;
 use spec::spec_from_config;
 pub use spec::{
-    service_sandbox_name, AddonSpec, AppSpec, BuiltSpec, DiskSpec, ServiceLimitsSpec, ServiceSpec,
+    service_sandbox_name, AddonSpec, AppSpec, BuiltSpec, DiskSpec, HealthSpec, ProbeSpec,
+    ServiceLimitsSpec, ServiceSpec, Strategy,
 };
 
 /// The disks an app declares, as deploys use them: the disk service (fakes in unit tests).
@@ -66,6 +69,27 @@ pub trait ServiceSandboxes: Send + Sync {
     /// None is fine.
     fn delete_owned<'a>(&'a self, owner: &'a Owner) -> BoxFuture<'a, Result<(), Error>>;
     fn free_name(&self, preferred: &str, owner: &Owner) -> Result<Name, Error>;
+    /// One health check of sandbox `id` at `ip`; Err carries its output.
+    fn probe<'a>(
+        &'a self,
+        id: &'a str,
+        ip: Option<std::net::Ipv4Addr>,
+        probe: &'a ProbeSpec,
+    ) -> BoxFuture<'a, Result<(), String>>;
+    /// Kills the sandbox's process so its supervisor restarts it per its restart policy.
+    fn restart_process(&self, id: &str) -> Result<(), Error>;
+    /// SIGTERM, SIGKILL after `grace`; the sandbox stays (stopped).
+    fn stop<'a>(&'a self, id: &'a str, grace: Duration) -> BoxFuture<'a, Result<(), Error>>;
+    /// Moves published ports from sandbox `from` to `to` in one atomic rules change.
+    fn switch_published<'a>(
+        &'a self,
+        from: &'a str,
+        to: &'a str,
+        publish: &'a [miren_netns::PublishedPort],
+    ) -> BoxFuture<'a, Result<(), Error>>;
+    /// The switch's ownership step: the next sandbox of `service` serves, the serving one
+    /// retires (and the switch is recorded as draining).
+    fn promote_next(&self, app: &str, service: &str) -> Result<(), Error>;
 }
 
 impl ServiceSandboxes for SandboxService {
@@ -88,6 +112,36 @@ impl ServiceSandboxes for SandboxService {
     fn free_name(&self, preferred: &str, owner: &Owner) -> Result<Name, Error> {
         SandboxService::free_name(self, preferred, owner)
     }
+
+    fn probe<'a>(
+        &'a self,
+        id: &'a str,
+        ip: Option<std::net::Ipv4Addr>,
+        probe: &'a ProbeSpec,
+    ) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(health::probe(self, id, ip, probe))
+    }
+
+    fn restart_process(&self, id: &str) -> Result<(), Error> {
+        SandboxService::kill_process(self, id)
+    }
+
+    fn stop<'a>(&'a self, id: &'a str, grace: Duration) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async move { SandboxService::stop(self, id, Some(grace)).await.map(drop) })
+    }
+
+    fn switch_published<'a>(
+        &'a self,
+        from: &'a str,
+        to: &'a str,
+        publish: &'a [miren_netns::PublishedPort],
+    ) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(SandboxService::switch_published(self, from, to, publish))
+    }
+
+    fn promote_next(&self, app: &str, service: &str) -> Result<(), Error> {
+        SandboxService::promote_next(self, app, service)
+    }
 }
 
 pub struct AppService {
@@ -97,6 +151,8 @@ pub struct AppService {
     addons: Arc<AddonService>,
     /// One deploy, restart or delete at a time per app.
     locks: crate::util::KeyedLocks,
+    /// The services' health checks, by sandbox id.
+    health: Arc<health::HealthBoard>,
 }
 
 impl AppService {
@@ -112,6 +168,7 @@ impl AppService {
             sandboxes,
             addons,
             locks: Default::default(),
+            health: Default::default(),
         })
     }
 
@@ -186,14 +243,37 @@ impl AppService {
             .map_err(|e| Error::internal(format!("recording the app: {e}")))?;
         self.store.put_app(&app, &text, AppStatus::Deploying)?;
         info!(app = %app, services = spec.services.len(), addons = spec.addons.len(), "deploying");
-        self.converge(&app, &spec, old.as_ref()).await?;
-        self.get(&app)
+        let notes = self.converge(&app, &spec, old.as_ref()).await?;
+        let mut view = self.get(&app)?;
+        view.notes = notes;
+        Ok(view)
     }
 
     /// Finishes deploys a previous agent was killed in, and restarts running apps whose
     /// addons changed while it was not looking.
     pub fn resume(self: &Arc<Self>) -> Result<(), Error> {
+        let this = self.clone();
+        tokio::spawn(async move {
+            // Switches first: a deploy resumed below must find exactly one version serving.
+            if let Err(e) = this.resume_switches().await {
+                warn!(error = %e, "resuming redeploy switches failed");
+            }
+            if let Err(e) = this.resume_apps() {
+                warn!(error = %e, "resuming apps failed");
+            }
+        });
+        Ok(())
+    }
+
+    fn resume_apps(self: &Arc<Self>) -> Result<(), Error> {
         for row in self.store.apps()? {
+            if let Ok(spec) = self.spec_of(&row.name) {
+                for service in &spec.services {
+                    if let Err(e) = self.ensure_tracked(&row.name, service) {
+                        warn!(app = %row.name, service = %service.name, error = %e, "health check not started");
+                    }
+                }
+            }
             if row.status.can_restart() {
                 let this = self.clone();
                 tokio::spawn(async move {
@@ -230,12 +310,12 @@ impl AppService {
         app: &str,
         spec: &AppSpec,
         old: Option<&AppSpec>,
-    ) -> Result<(), Error> {
+    ) -> Result<Vec<String>, Error> {
         match self.converge_steps(app, spec, old).await {
-            Ok(()) => {
+            Ok(notes) => {
                 self.store.set_app_status(app, AppStatus::Running, None)?;
                 info!(app = %app, "deployed");
-                Ok(())
+                Ok(notes)
             }
             Err(e) => {
                 self.store
@@ -250,7 +330,7 @@ impl AppService {
         app: &str,
         spec: &AppSpec,
         old: Option<&AppSpec>,
-    ) -> Result<(), Error> {
+    ) -> Result<Vec<String>, Error> {
         // Disks first: they are cheap, and an addon failing should not hide a bad disk.
         for service in &spec.services {
             for disk in service.disks.iter().filter(|d| !d.local) {
@@ -311,7 +391,8 @@ impl AppService {
                 }
             }
         }
-        self.start_services(app, spec).await
+        self.start_services(app, spec, old, switch::Drain::Background)
+            .await
     }
 
     /// The app's disk: made for it, or claimed if nobody owns it; another owner's is refused.
@@ -329,10 +410,16 @@ impl AppService {
             .map_err(|e| Error::internal(format!("creating a disk: {e}")))?
     }
 
+    /// The service's sandbox and any a redeploy left beside it.
     async fn remove_service(&self, app: &str, service: &str) -> Result<(), Error> {
-        self.sandboxes
-            .delete_owned(&Owner::service(app, service))
-            .await
+        use crate::core::owner::ReplacingRole;
+        for role in [ReplacingRole::Next, ReplacingRole::Retiring] {
+            self.remove_owned(&Owner::replacing(app, service, role))
+                .await?;
+        }
+        self.remove_owned(&Owner::service(app, service)).await?;
+        self.store.end_switch(app, service)?;
+        Ok(())
     }
 
     /// The addons' variables for the app's services, and their digest.
@@ -350,94 +437,6 @@ impl AppService {
         Ok((env, format!("{digest:x}")))
     }
 
-    /// (Re)starts every service with the addons' current variables.
-    async fn start_services(&self, app: &str, spec: &AppSpec) -> Result<(), Error> {
-        let (addon_env, digest) = self.addon_env(app)?;
-        for service in &spec.services {
-            self.remove_service(app, &service.name).await?;
-            let mut env = addon_env.clone();
-            if !service.env.iter().any(|(k, _)| k == "PORT") {
-                env.push(format!("PORT={DEFAULT_PORT}"));
-            }
-            env.extend(service.env.iter().map(|(k, v)| format!("{k}={v}")));
-            let disks = service
-                .disks
-                .iter()
-                .filter(|d| !d.local)
-                .map(|d| DiskMount {
-                    disk: d.name.clone(),
-                    path: d.mount_path.clone(),
-                    read_only: d.read_only,
-                })
-                .collect();
-            let owner = Owner::service(app, &service.name);
-            let preferred = service_sandbox_name(app, &service.name);
-            let name = self.sandboxes.free_name(&preferred, &owner)?;
-            let mut req = SandboxRequest::new(service.image.clone());
-            req.name = Some(name.clone());
-            req.app = Some(crate::core::validate::to_name("app", app)?);
-            req.env = env;
-            req.disks = disks;
-            if let Some(secs) = service
-                .disks
-                .iter()
-                .filter_map(|d| d.lease_timeout_secs)
-                .reduce(f64::max)
-                .filter(|s| s.is_finite() && *s >= 0.0)
-            {
-                req.lease_timeout = Duration::from_secs_f64(secs);
-            }
-            req.local_dir = service
-                .disks
-                .iter()
-                .find(|d| d.local)
-                .map(|d| d.mount_path.clone());
-            req.restart = RestartPolicy::Always {
-                backoff: Default::default(),
-            };
-            req.publish = service
-                .publish
-                .iter()
-                .map(crate::core::net::published_port)
-                .collect::<Result<_, _>>()?;
-            req.cmd = service.command.clone();
-            let limits = &service.limits;
-            if let Some(bytes) = limits.memory_bytes {
-                req.resources.memory_bytes = Some(bytes);
-            }
-            if let Some(millicpus) = limits.millicpus {
-                req.resources.cpus = Some(f64::from(millicpus) / 1000.0);
-            }
-            if let Some(pids) = limits.pids {
-                req.resources.pids = Some(i64::from(pids));
-            }
-            if let Some(bytes) = limits.disk_bytes {
-                req.resources.writable_bytes = Some(bytes);
-            }
-            let sandbox = match self
-                .sandboxes
-                .run_request(req.clone(), Some(owner.clone()))
-                .await
-            {
-                // Another app's service took the free name meanwhile: the hashed one is ours.
-                Err(e) if e.is_name_taken() => {
-                    let hashed = crate::core::disks::hashed_name(&preferred, &owner.describe())?;
-                    if hashed == name {
-                        Err(e)
-                    } else {
-                        req.name = Some(hashed);
-                        self.sandboxes.run_request(req, Some(owner)).await
-                    }
-                }
-                other => other,
-            }
-            .map_err(|e| e.with_context(format!("service `{}`", service.name)))?;
-            info!(app = %app, service = %service.name, sandbox = %sandbox.id, "service started");
-        }
-        self.store.set_app_addon_env(app, &digest)?;
-        Ok(())
-    }
-
     pub async fn restart(&self, app: &str) -> Result<App, Error> {
         let lock = self.locks.of(app);
         let _guard = lock.lock().await;
@@ -453,10 +452,14 @@ impl AppService {
                 not_ready.join("; ")
             )));
         }
-        self.start_services(app, &spec).await?;
+        let notes = self
+            .start_services(app, &spec, None, switch::Drain::Wait)
+            .await?;
         self.store.set_app_status(app, AppStatus::Running, None)?;
         info!(app = %app, "restarted");
-        self.get(app)
+        let mut view = self.get(app)?;
+        view.notes = notes;
+        Ok(view)
     }
 
     /// Restarts a running app whose services were started with other addon variables than
@@ -544,6 +547,7 @@ impl AppService {
                     state: sandbox.as_ref().map(|x| x.state),
                     ip: sandbox.as_ref().and_then(|x| x.ip.clone()),
                     restarts: sandbox.as_ref().map(|x| x.restarts),
+                    health: sandbox.as_ref().and_then(|x| self.health.view(&x.id)),
                 }
             })
             .collect();
@@ -560,6 +564,7 @@ impl AppService {
                 .collect(),
             created_at: row.created_at,
             updated_at: row.updated_at,
+            notes: Vec::new(),
         })
     }
 

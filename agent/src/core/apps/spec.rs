@@ -25,6 +25,85 @@ pub struct ServiceSpec {
     /// Set when the agent built the image from the app's source.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub built: Option<BuiltSpec>,
+    /// The service's health check; None: none (no port, or a spec stored before checks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<HealthSpec>,
+    /// How a redeploy replaces its sandbox.
+    #[serde(default)]
+    pub strategy: Strategy,
+}
+
+/// A health check as the agent runs it (app.toml's, or the default TCP check).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct HealthSpec {
+    pub probe: ProbeSpec,
+    pub interval_ms: u64,
+    pub timeout_ms: u64,
+    pub start_period_ms: u64,
+    pub failure_threshold: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum ProbeSpec {
+    /// GET `path` on the sandbox's address and `port`: 2xx or 3xx passes.
+    Http { path: String, port: u16 },
+    /// A TCP connect to the sandbox's address and `port`.
+    Tcp { port: u16 },
+    /// `argv` run in the sandbox exits 0.
+    Exec { argv: Vec<String> },
+}
+
+impl ProbeSpec {
+    /// For status output: `http GET /healthz on port 3000`.
+    pub fn describe(&self) -> String {
+        match self {
+            ProbeSpec::Http { path, port } => format!("http GET {path} on port {port}"),
+            ProbeSpec::Tcp { port } => format!("tcp connect to port {port}"),
+            ProbeSpec::Exec { argv } => format!("exec {}", argv.join(" ")),
+        }
+    }
+}
+
+/// How a redeploy replaces a service's sandbox (app.toml's `strategy`).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Strategy {
+    /// The next sandbox starts beside the serving one and takes over once healthy.
+    #[default]
+    Overlap,
+    /// The serving sandbox stops first (also forced by disks under exclusive leases).
+    Recreate,
+}
+
+fn health_spec(s: &miren_addons::ServiceConfig, publish: &[PublishPort]) -> Option<HealthSpec> {
+    let env_port = s
+        .env
+        .iter()
+        .find(|e| e.key == "PORT")
+        .and_then(|e| e.value.parse::<u16>().ok());
+    let port = env_port.unwrap_or(DEFAULT_PORT);
+    let check = match &s.health {
+        Some(h) => h.clone(),
+        // Without a declared check, a service with a port is checked with a TCP connect.
+        None if env_port.is_some() || !publish.is_empty() => {
+            miren_addons::HealthCheck::default_tcp(env_port.or(publish.first().map(|p| p.port))?)
+        }
+        None => return None,
+    };
+    let probe = match check.probe {
+        miren_addons::HealthProbe::Http { path } => ProbeSpec::Http { path, port },
+        miren_addons::HealthProbe::Tcp { port } => ProbeSpec::Tcp { port },
+        miren_addons::HealthProbe::Exec { command } => ProbeSpec::Exec { argv: command.argv },
+    };
+    let ms = |d: std::time::Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    Some(HealthSpec {
+        probe,
+        interval_ms: ms(check.interval),
+        timeout_ms: ms(check.timeout),
+        start_period_ms: ms(check.start_period),
+        failure_threshold: check.failure_threshold,
+    })
 }
 
 /// How a service's image was built from source.
@@ -121,55 +200,8 @@ pub(super) fn spec_from_config(
     Ok(AppSpec {
         services: services
             .into_iter()
-            .map(|(s, image, built)| ServiceSpec {
-                name: s.name.clone(),
-                image,
-                built,
-                limits: ServiceLimitsSpec {
-                    memory_bytes: s.limits.memory_bytes,
-                    millicpus: s.limits.millicpus,
-                    pids: s.limits.pids,
-                    disk_bytes: s.limits.disk_bytes,
-                },
-                command: s
-                    .command
-                    .as_ref()
-                    .map(|c| c.argv.clone())
-                    .unwrap_or_default(),
-                env: s
-                    .env
-                    .iter()
-                    .map(|e| (e.key.clone(), e.value.clone()))
-                    .collect(),
-                disks: s
-                    .disks
-                    .iter()
-                    .map(|d| match &d.provider {
-                        miren_addons::DiskProvider::Miren {
-                            size_gb,
-                            filesystem,
-                            lease_timeout,
-                        } => DiskSpec {
-                            name: d.name.clone(),
-                            mount_path: d.mount_path.clone(),
-                            read_only: d.read_only,
-                            local: false,
-                            size_gb: *size_gb,
-                            filesystem: Some(*filesystem),
-                            lease_timeout_secs: lease_timeout.map(|t| t.as_secs_f64()),
-                        },
-                        miren_addons::DiskProvider::Local => DiskSpec {
-                            name: d.name.clone(),
-                            mount_path: d.mount_path.clone(),
-                            read_only: d.read_only,
-                            local: true,
-                            size_gb: 0,
-                            filesystem: None,
-                            lease_timeout_secs: None,
-                        },
-                    })
-                    .collect(),
-                publish: publish
+            .map(|(s, image, built)| {
+                let publish: Vec<PublishPort> = publish
                     .iter()
                     .filter(|p| p.service == s.name)
                     .map(|p| PublishPort {
@@ -177,7 +209,62 @@ pub(super) fn spec_from_config(
                         host_port: p.host_port,
                         port: p.port,
                     })
-                    .collect(),
+                    .collect();
+                ServiceSpec {
+                    health: health_spec(s, &publish),
+                    strategy: match s.strategy {
+                        miren_addons::ReplaceStrategy::Overlap => Strategy::Overlap,
+                        miren_addons::ReplaceStrategy::Recreate => Strategy::Recreate,
+                    },
+                    name: s.name.clone(),
+                    image,
+                    built,
+                    limits: ServiceLimitsSpec {
+                        memory_bytes: s.limits.memory_bytes,
+                        millicpus: s.limits.millicpus,
+                        pids: s.limits.pids,
+                        disk_bytes: s.limits.disk_bytes,
+                    },
+                    command: s
+                        .command
+                        .as_ref()
+                        .map(|c| c.argv.clone())
+                        .unwrap_or_default(),
+                    env: s
+                        .env
+                        .iter()
+                        .map(|e| (e.key.clone(), e.value.clone()))
+                        .collect(),
+                    disks: s
+                        .disks
+                        .iter()
+                        .map(|d| match &d.provider {
+                            miren_addons::DiskProvider::Miren {
+                                size_gb,
+                                filesystem,
+                                lease_timeout,
+                            } => DiskSpec {
+                                name: d.name.clone(),
+                                mount_path: d.mount_path.clone(),
+                                read_only: d.read_only,
+                                local: false,
+                                size_gb: *size_gb,
+                                filesystem: Some(*filesystem),
+                                lease_timeout_secs: lease_timeout.map(|t| t.as_secs_f64()),
+                            },
+                            miren_addons::DiskProvider::Local => DiskSpec {
+                                name: d.name.clone(),
+                                mount_path: d.mount_path.clone(),
+                                read_only: d.read_only,
+                                local: true,
+                                size_gb: 0,
+                                filesystem: None,
+                                lease_timeout_secs: None,
+                            },
+                        })
+                        .collect(),
+                    publish,
+                }
             })
             .collect(),
         addons: config

@@ -525,6 +525,39 @@ impl SandboxService {
         })
     }
 
+    /// Kills the sandbox's container process (checked against its recorded start time), so
+    /// its supervisor restarts it per its restart policy: an unhealthy service's restart.
+    pub fn kill_process(&self, id: &str) -> Result<(), Error> {
+        let row = self.find(id)?;
+        let st = sandbox::status(&self.state_dir(&row.id))?;
+        match (st.pid, st.pid_start_time) {
+            (Some(pid), Some(start)) if miren_sys::proc::is_same_process(pid, start) => {
+                nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                )
+                .map_err(|e| Error::internal(format!("killing sandbox `{}`: {e}", row.name)))
+            }
+            // Not running: its supervisor restarts it anyway (or it has ended).
+            _ => Ok(()),
+        }
+    }
+
+    /// A redeploy's switch of published ports from sandbox `from` to `to` (their endpoints).
+    pub async fn switch_published(
+        &self,
+        from: &str,
+        to: &str,
+        publish: &[miren_netns::PublishedPort],
+    ) -> Result<(), Error> {
+        self.net.switch_published(from, to, publish).await
+    }
+
+    /// A redeploy's ownership step (see `Store::promote_next_sandbox`).
+    pub fn promote_next(&self, app: &str, service: &str) -> Result<(), Error> {
+        Ok(self.store.promote_next_sandbox(app, service)?)
+    }
+
     /// Removes the images' blobs and layers that nothing uses, keeping the sandboxes' layers.
     pub fn gc_images(&self) -> Result<crate::model::ImageGcReport, Error> {
         self.images.gc(&self.layers_in_use())
