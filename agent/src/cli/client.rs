@@ -18,11 +18,11 @@ pub use hyper::body::Bytes;
 
 use crate::api::{DATA_BYTES_HEADER, DISK_SIZE_HEADER, FREEZE_SECONDS_HEADER};
 use crate::model::{
-    AcquireLease, Addon, AddonCatalogEntry, AddonDestroyed, AddonRotated, AgentInfo, App,
-    AppDeleted, BuildQuery, BuildResult, CreateAddon, CreateDisk, CreateEndpoint, DeployApp, Disk,
-    Endpoint, EndpointDeleted, EnvVarView, ErrorBody, ExecRequest, ExecResult, ImageGcReport,
+    AcquireLease, Addon, AddonCatalogEntry, AddonDestroyed, AddonRotated, AddonUpdated, AgentInfo,
+    App, AppDeleted, BuildQuery, BuildResult, CreateAddon, CreateDisk, CreateEndpoint, DeployApp,
+    Disk, Endpoint, EndpointDeleted, EnvVarView, ErrorBody, ExecRequest, ExecResult, ImageGcReport,
     ImageRemoved, ImageSummary, ImportImage, Lease, NetGcReport, PullEvent, PullImage,
-    ReleaseResult, ResizeDisk, RestoreResult, RotateAddon, RunSandbox, Sandbox,
+    ReleaseResult, ResizeDisk, RestoreResult, RotateAddon, RunSandbox, Sandbox, UpdateAddon,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -96,11 +96,12 @@ pub enum Route {
     DestroyAddon,
     CreateAddon,
     RotateAddon,
+    UpdateAddon,
     AddonCatalog,
 }
 
 impl Route {
-    pub const ALL: [Route; 43] = [
+    pub const ALL: [Route; 44] = [
         Route::Info,
         Route::ListDisks,
         Route::CreateDisk,
@@ -143,6 +144,7 @@ impl Route {
         Route::DestroyAddon,
         Route::CreateAddon,
         Route::RotateAddon,
+        Route::UpdateAddon,
         Route::AddonCatalog,
     ];
 
@@ -158,6 +160,7 @@ impl Route {
             | StopSandbox | WaitSandbox | Deploy | Build | RestartApp | CreateAddon
             | RotateAddon => "POST",
             LocalStorage => "PUT",
+            UpdateAddon => "PATCH",
             DeleteDisk | ReleaseLease | DeleteEndpoint | RemoveImage | DeleteSandbox
             | DeleteApp | DestroyAddon => "DELETE",
         }
@@ -196,7 +199,7 @@ impl Route {
             RestartApp => "/v1/apps/{app}/restart",
             AppEnv => "/v1/apps/{app}/env",
             AppAddons => "/v1/apps/{app}/addons",
-            AppAddon | DestroyAddon => "/v1/apps/{app}/addons/{addon}",
+            AppAddon | DestroyAddon | UpdateAddon => "/v1/apps/{app}/addons/{addon}",
             CreateAddon => "/v1/addons",
             RotateAddon => "/v1/apps/{app}/addons/{addon}/rotate",
             AddonCatalog => "/v1/addons/catalog",
@@ -207,6 +210,7 @@ impl Route {
         match self.method() {
             "GET" => Method::GET,
             "PUT" => Method::PUT,
+            "PATCH" => Method::PATCH,
             "DELETE" => Method::DELETE,
             _ => Method::POST,
         }
@@ -642,6 +646,16 @@ impl Client {
         req: &RotateAddon,
     ) -> Result<AddonRotated> {
         self.call(Route::RotateAddon, &[app, addon], &[], Some(req))
+            .await
+    }
+
+    pub async fn update_addon(
+        &self,
+        app: &str,
+        addon: &str,
+        req: &UpdateAddon,
+    ) -> Result<AddonUpdated> {
+        self.call(Route::UpdateAddon, &[app, addon], &[], Some(req))
             .await
     }
 
