@@ -132,7 +132,8 @@ fn small_tier_limits_growth_and_change_in_place() {
     let filler = mount.join("filler");
     fill(&filler, before * 85 / 100);
     wait_for("the disk to grow", Duration::from_secs(90), || {
-        addon(&agent, "ta")["disk_size_gb"] == 2
+        let a = addon(&agent, "ta");
+        a["disk_size_gb"] == 2 && a["last_growth"].is_string()
     });
     let a = addon(&agent, "ta");
     assert!(
