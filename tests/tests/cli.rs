@@ -658,8 +658,8 @@ fn addon_create_in_error_exits_one() {
     assert_eq!(
         lines(&run),
         [
-            "NAME              VARIANT  VERSION  STATUS  REASON",
-            "miren-postgresql  small    17       active  -",
+            "NAME              VARIANT  TIER  VERSION  STATUS  DISK  REASON",
+            "miren-postgresql  small    -     17       active  -     -",
         ]
     );
     agent.on(
@@ -742,8 +742,8 @@ fn app_status_and_list() {
             "SERVICE  SANDBOX   STATE    IP         IMAGE       BUILT     DIGEST",
             "web      shop-web  running  10.88.0.5  oven/bun:1  prebuilt  -",
             "",
-            "NAME              VARIANT  VERSION  STATUS  REASON",
-            "miren-postgresql  small    17       active  -",
+            "NAME              VARIANT  TIER  VERSION  STATUS  DISK  REASON",
+            "miren-postgresql  small    -     17       active  -     -",
         ]
     );
     let run = agent.miren(&["app", "list"]);

@@ -97,11 +97,13 @@ pub enum Route {
     CreateAddon,
     RotateAddon,
     UpdateAddon,
+    /// The same as `UpdateAddon`, for clients that only send POST.
+    UpdateAddonPost,
     AddonCatalog,
 }
 
 impl Route {
-    pub const ALL: [Route; 44] = [
+    pub const ALL: [Route; 45] = [
         Route::Info,
         Route::ListDisks,
         Route::CreateDisk,
@@ -145,6 +147,7 @@ impl Route {
         Route::CreateAddon,
         Route::RotateAddon,
         Route::UpdateAddon,
+        Route::UpdateAddonPost,
         Route::AddonCatalog,
     ];
 
@@ -158,7 +161,7 @@ impl Route {
             CreateDisk | ResizeDisk | AcquireLease | BackupDisk | RestoreDisk | CreateEndpoint
             | NetGc | PullImage | ImportImage | ImageGc | RunSandbox | ExecSandbox
             | StopSandbox | WaitSandbox | Deploy | Build | RestartApp | CreateAddon
-            | RotateAddon => "POST",
+            | RotateAddon | UpdateAddonPost => "POST",
             LocalStorage => "PUT",
             UpdateAddon => "PATCH",
             DeleteDisk | ReleaseLease | DeleteEndpoint | RemoveImage | DeleteSandbox
@@ -199,7 +202,9 @@ impl Route {
             RestartApp => "/v1/apps/{app}/restart",
             AppEnv => "/v1/apps/{app}/env",
             AppAddons => "/v1/apps/{app}/addons",
-            AppAddon | DestroyAddon | UpdateAddon => "/v1/apps/{app}/addons/{addon}",
+            AppAddon | DestroyAddon | UpdateAddon | UpdateAddonPost => {
+                "/v1/apps/{app}/addons/{addon}"
+            }
             CreateAddon => "/v1/addons",
             RotateAddon => "/v1/apps/{app}/addons/{addon}/rotate",
             AddonCatalog => "/v1/addons/catalog",
