@@ -419,9 +419,14 @@ impl AddonService {
             }
             if let Some(mode) = asked_pooling.filter(|m| *m != pooling(&existing)) {
                 // Only variables change: the app's services pick them up on their next start.
-                let mut extra = existing.extra.clone();
-                extra.insert("pooling".into(), mode.name().into());
-                self.store.set_addon_extra(&existing.app, kind, &extra)?;
+                // One key, so a tier recorded meanwhile is kept.
+                self.store.set_addon_extra_key(
+                    &existing.app,
+                    kind,
+                    "pooling",
+                    mode.name().into(),
+                    &[],
+                )?;
                 info!(app = %existing.app, addon = %kind, pooling = %mode, "addon pooling changed");
             }
             if let Some(tier) = asked_tier.filter(|t| *t != tiers::tier(&existing)) {
