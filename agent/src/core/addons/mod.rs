@@ -29,6 +29,8 @@ mod sidecar;
 mod steps;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tier_tests;
 mod tiers;
 mod valkey;
 
