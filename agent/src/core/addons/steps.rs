@@ -97,11 +97,10 @@ impl AddonService {
             }
             Err(StepError::Superseded) => {}
             Err(StepError::Failed(reason)) => {
-                let reason = if !is_shared(&row)
-                    && self.store.addon_ever_active(app, kind).unwrap_or(true)
-                {
-                    // A server that ever answered holds the app's data (a tier change or a
-                    // restart failed): nothing of it is removed.
+                let keep = self.store.addon_ever_active(app, kind).unwrap_or(true);
+                let reason = if keep {
+                    // A server (or tenant) that ever answered holds the app's data (a tier
+                    // change or a restart failed): nothing of it is removed.
                     warn!(app = %app, addon = %kind, reason = %reason, "provisioning an existing server failed; its data is kept");
                     format!("{reason} (its data is kept; fix the cause and run `miren addon update` or the create again)")
                 } else {
@@ -120,7 +119,7 @@ impl AddonService {
                     AddonStatus::Error,
                     Some(&reason),
                 );
-                if is_shared(&row) {
+                if is_shared(&row) && !keep {
                     let _guard = self.shared.lock().await;
                     if let Err(e) = self.remove_server_if_unused(kind).await {
                         warn!(addon = %kind, error = %e, "removing the unused shared server failed");
