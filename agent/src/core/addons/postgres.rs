@@ -14,7 +14,6 @@ use super::provider::{
 use crate::core::error::Error;
 
 mod logins;
-mod scram;
 mod tiers;
 
 pub const PORT: u16 = 5432;
@@ -144,7 +143,6 @@ impl AddonProvider for Postgres {
             })
             .await
             .map_err(|e| describe(&e))?;
-            scram::for_session(&client).await?;
             Ok(Box::new(Session(client)) as Box<dyn ServerConnection>)
         })
     }
@@ -216,10 +214,6 @@ impl ServerConnection for Session {
         settings: &'a [(&'static str, String)],
     ) -> BoxFuture<'a, Result<(), String>> {
         Box::pin(tiers::apply_settings(&self.0, settings))
-    }
-
-    fn rehash_login<'a>(&'a self, login: &'a Credentials) -> BoxFuture<'a, Result<(), String>> {
-        Box::pin(scram::rehash(&self.0, &login.user, &login.password))
     }
 
     fn limit_tenant<'a>(

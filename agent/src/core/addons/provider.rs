@@ -202,12 +202,6 @@ pub trait ServerConnection: Send + Sync {
         Box::pin(async { Ok(()) })
     }
 
-    /// Sets `login`'s password again as the session's settings say (PostgreSQL: its SCRAM
-    /// iteration count). Safe to repeat.
-    fn rehash_login<'a>(&'a self, _login: &'a Credentials) -> BoxFuture<'a, Result<(), String>> {
-        Box::pin(async { Ok(()) })
-    }
-
     /// Limits a tenant's logins on a shared server to `connections` each. Converges.
     fn limit_tenant<'a>(
         &'a self,

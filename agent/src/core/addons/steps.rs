@@ -163,10 +163,6 @@ impl AddonService {
         self.still_wanted(row)?;
         let session = self.wait_ready(provider.as_ref(), &server, &login).await?;
         self.sync_data(&server).await?;
-        session
-            .rehash_login(&login)
-            .await
-            .map_err(StepError::Failed)?;
         if let Some(size) = provider.server_size(Variant::Small, tier) {
             session
                 .apply_settings(&size.live_settings)
