@@ -186,6 +186,8 @@ pub struct AddonConfig {
     pub version_pinned: bool,
     /// `pooling` (PostgreSQL only); `None`: the variant's default (`Pooling::default_for`).
     pub pooling: Option<Pooling>,
+    /// `tier` (PostgreSQL only); `None`: `small`, or what the addon has.
+    pub tier: Option<crate::tier::Tier>,
 }
 
 impl AddonConfig {
@@ -310,7 +312,7 @@ const DISK_FIELDS: &[&str] = &[
     "lease_timeout",
 ];
 const PROVIDERS: &[&str] = &["miren (default)", "local"];
-const ADDON_FIELDS: &[&str] = &["variant", "version", "pooling"];
+const ADDON_FIELDS: &[&str] = &["variant", "version", "pooling", "tier"];
 
 struct Ctx<'t> {
     text: &'t str,
@@ -555,7 +557,7 @@ impl<'t> Ctx<'t> {
             let Some(at) = self.table(
                 v,
                 path,
-                "a table with optional variant, version and pooling",
+                "a table with optional variant, version, pooling and tier",
             ) else {
                 continue;
             };
@@ -606,13 +608,17 @@ impl<'t> Ctx<'t> {
                 }
             };
             let pooling = self.addon_pooling(&at, kind);
-            if let (Some(variant), Some(version), Some(pooling)) = (variant, version, pooling) {
+            let tier = self.addon_tier(&at, kind);
+            if let (Some(variant), Some(version), Some(pooling), Some(tier)) =
+                (variant, version, pooling, tier)
+            {
                 out.push(AddonConfig {
                     kind,
                     variant,
                     version,
                     version_pinned: version_value.is_some(),
                     pooling,
+                    tier,
                 });
             }
         }
@@ -636,6 +642,26 @@ impl<'t> Ctx<'t> {
             Ok(p) => Some(Some(p)),
             Err(e) => {
                 self.err(&span, at.field("pooling"), e.to_string());
+                None
+            }
+        }
+    }
+
+    /// `tier = "small" | "medium" | "large"`: Some(None) when absent, None after an error
+    /// (recorded).
+    fn addon_tier(
+        &mut self,
+        at: &Tbl<'_, '_>,
+        kind: AddonKind,
+    ) -> Option<Option<crate::tier::Tier>> {
+        if at.get("tier").is_none() {
+            return Some(None);
+        }
+        let (s, span) = self.string(at, "tier")?;
+        match kind.parse_tier(&s) {
+            Ok(t) => Some(Some(t)),
+            Err(e) => {
+                self.err(&span, at.field("tier"), e.to_string());
                 None
             }
         }

@@ -98,6 +98,10 @@ pub enum CatalogueError {
     UnknownPooling(String),
     #[error("addon {0} has no connection pooler: `pooling` is for miren-postgresql only")]
     NoPooler(&'static str),
+    #[error("unknown tier `{0}`; choose one of: small, medium, large")]
+    UnknownTier(String),
+    #[error("addon {0} has no tiers: `tier` is for miren-postgresql only")]
+    NoTiers(&'static str),
 }
 
 /// What a PostgreSQL addon's `DATABASE_URL` points at: its pooler (PgBouncer) in transaction
@@ -437,7 +441,12 @@ impl AddonKind {
                     is_default: v == self.default_variant(),
                     tenancy: v.tenancy(),
                     disk_size_gb: self.has_disk().then(|| v.disk_size_gb()),
-                    disk_filesystem: if self.has_disk() { "ext4" } else { "" },
+                    // PostgreSQL's grows online here (tiers, automatic growth); ext4 cannot.
+                    disk_filesystem: match self {
+                        _ if !self.has_disk() => "",
+                        AddonKind::Postgresql => "xfs",
+                        _ => "ext4",
+                    },
                 })
                 .collect(),
             versions: self.versions(),

@@ -31,6 +31,7 @@ pub mod catalogue;
 pub mod credentials;
 pub mod env;
 pub mod ident;
+pub mod tier;
 
 pub use app_toml::{
     command_argv, parse_app_toml, AddonConfig, AppConfig, AppTomlError, Command, DiskConfig,
@@ -50,3 +51,4 @@ pub use ident::{
     is_reserved_name, validate_name, validate_user_name, MysqlIdentifiers, NameError,
     PgIdentifiers, RESERVED_NAME_PREFIX,
 };
+pub use tier::{Tier, TierLimits, GROW_AT_PERCENT, TIERS};

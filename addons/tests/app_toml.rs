@@ -32,6 +32,7 @@ fn pg(variant: Variant, version: ResolvedVersion, pinned: bool) -> AddonConfig {
         version,
         version_pinned: pinned,
         pooling: None,
+        tier: None,
     }
 }
 
@@ -61,6 +62,29 @@ fn pooling_is_typed_and_postgresql_only() {
         "{e}"
     );
     let e = error(&toml("miren-postgresql", "pooling = 1"));
+    assert!(e.contains("expected a string"), "{e}");
+}
+
+#[test]
+fn tier_is_typed_and_postgresql_only() {
+    let toml = |section: &str, body: &str| {
+        format!(
+            "name = \"a\"\n[services.web]\nimage = \"oven/bun:1\"\n[addons.{section}]\n{body}\n"
+        )
+    };
+    let app = parse(&toml("miren-postgresql", "tier = \"medium\""));
+    assert_eq!(app.addons[0].tier, Some(miren_addons::Tier::Medium));
+    let app = parse(&toml("miren-postgresql", "variant = \"shared\""));
+    assert_eq!(app.addons[0].tier, None);
+    let e = error(&toml("miren-postgresql", "\ntier = \"huge\""));
+    assert!(
+        e.contains("line 6") && e.contains("addons.miren-postgresql.tier"),
+        "{e}"
+    );
+    assert!(e.contains("small, medium, large"), "{e}");
+    let e = error(&toml("miren-valkey", "tier = \"large\""));
+    assert!(e.contains("miren-postgresql only"), "{e}");
+    let e = error(&toml("miren-postgresql", "tier = 2"));
     assert!(e.contains("expected a string"), "{e}");
 }
 
@@ -419,7 +443,7 @@ fn unknown_fields_are_named_with_the_valid_ones() {
         ),
         (
             "name = \"a\"\n[services.web]\nimage = \"x\"\n[addons.miren-postgresql]\nvariant = \"small\"\nsize = \"big\"\n",
-            ".miren/app.toml line 6: addons.miren-postgresql.size: unknown field; valid fields here are: variant, version, pooling",
+            ".miren/app.toml line 6: addons.miren-postgresql.size: unknown field; valid fields here are: variant, version, pooling, tier",
         ),
     ];
     for (text, want) in cases {
@@ -595,7 +619,7 @@ fn mistyped_addons_and_empty_services() {
     );
     assert_eq!(
         error(&format!("{base}[addons]\nmiren-postgresql = \"small\"\n")),
-        ".miren/app.toml line 5: addons.miren-postgresql: expected a table with optional variant, version and pooling, found a string"
+        ".miren/app.toml line 5: addons.miren-postgresql: expected a table with optional variant, version, pooling and tier, found a string"
     );
     assert_eq!(
         error(&format!("{base}[addons.miren-postgresql]\nvariant = 1\n")),

@@ -454,6 +454,10 @@ pub struct CreateAddon {
     /// default: `transaction` on `shared`, `none` on `small`. Changes in place.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pooling: Option<String>,
+    /// PostgreSQL only: `small` (default), `medium` or `large`; a different tier on an
+    /// existing addon changes it in place.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tier: Option<String>,
     /// Answer once the addon is `active` or `error` instead of right away.
     #[serde(default)]
     pub wait: bool,
@@ -482,6 +486,17 @@ pub struct Addon {
     pub pooling: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pooler: Option<String>,
+    /// PostgreSQL: its tier (`small`, `medium`, `large`); absent for kinds without tiers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tier: Option<String>,
+    /// Its server's data disk: size (GiB) and bytes used now; absent without a disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_size_gb: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_used_bytes: Option<u64>,
+    /// The last time the agent grew the data disk by itself, and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_growth: Option<String>,
     /// `cli` or `deploy`: a redeploy removes only addons a deploy made.
     pub source: String,
     pub created_at: String,
@@ -513,6 +528,27 @@ pub enum CredentialKind {
 pub struct RotateAddon {
     #[serde(default)]
     pub credential: CredentialKind,
+}
+
+/// `PATCH /v1/apps/{app}/addons/{addon}`: change an addon in place.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateAddon {
+    /// PostgreSQL: `small`, `medium` or `large`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tier: Option<String>,
+}
+
+/// An addon after an in-place change.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AddonUpdated {
+    pub addon: Addon,
+    pub previous_tier: String,
+    /// True when the server was restarted for the change (its memory limit,
+    /// `shared_buffers` or `max_connections` changed); false when limits changed live.
+    pub restarted: bool,
+    /// What changed, for people.
+    pub changes: Vec<String>,
 }
 
 /// A finished credential rotation.

@@ -658,8 +658,8 @@ fn addon_create_in_error_exits_one() {
     assert_eq!(
         lines(&run),
         [
-            "NAME              VARIANT  VERSION  STATUS  REASON",
-            "miren-postgresql  small    17       active  -",
+            "NAME              VARIANT  TIER  VERSION  STATUS  DISK  REASON",
+            "miren-postgresql  small    -     17       active  -     -",
         ]
     );
     agent.on(
@@ -746,8 +746,8 @@ fn app_status_and_list() {
             "web      shop-web  running  10.88.0.5  unhealthy  oven/bun:1  prebuilt  -",
             "health of web: http GET /healthz on port 3000 (3 failed in a row): http GET /healthz on 10.88.0.5:3000: HTTP 503 Service Unavailable: down",
             "",
-            "NAME              VARIANT  VERSION  STATUS  REASON",
-            "miren-postgresql  small    17       active  -",
+            "NAME              VARIANT  TIER  VERSION  STATUS  DISK  REASON",
+            "miren-postgresql  small    -     17       active  -     -",
         ]
     );
     let run = agent.miren(&["app", "list"]);

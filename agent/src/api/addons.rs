@@ -7,7 +7,8 @@ use axum::Json;
 use super::{blocking, detached, AppState, Body, PathParam};
 use crate::core::error::Error;
 use crate::model::{
-    Addon, AddonCatalogEntry, AddonDestroyed, AddonRotated, CreateAddon, ErrorBody, RotateAddon,
+    Addon, AddonCatalogEntry, AddonDestroyed, AddonRotated, AddonUpdated, CreateAddon, ErrorBody,
+    RotateAddon, UpdateAddon,
 };
 
 #[utoipa::path(get, path = "/v1/addons/catalog", tag = "addons",
@@ -86,4 +87,37 @@ pub(super) async fn rotate_addon(
     })
     .await
     .map(Json)
+}
+
+#[utoipa::path(patch, path = "/v1/apps/{app}/addons/{addon}", tag = "addons", request_body = crate::model::UpdateAddon,
+    params(("app" = String, Path, description = "App name"), ("addon" = String, Path, description = "Addon name, e.g. miren-postgresql")),
+    responses(
+        (status = 200, description = "Applied: the new tier's limits hold; `restarted` says whether the server restarted for them", body = crate::model::AddonUpdated),
+        (status = 400, description = "Unknown tier, a kind without tiers, or nothing to change", body = ErrorBody),
+        (status = 404, description = "The app has no such addon", body = ErrorBody),
+        (status = 409, description = "A smaller tier than the data on the disk, or applying it failed (updating again retries)", body = ErrorBody)))]
+pub(super) async fn update_addon(
+    State(state): State<AppState>,
+    PathParam((app, addon)): PathParam<(String, String)>,
+    Body(req): Body<UpdateAddon>,
+) -> Result<Json<AddonUpdated>, Error> {
+    detached(async move { state.addons_of_apps.update(&app, &addon, &req).await })
+        .await
+        .map(Json)
+}
+
+/// The same as `PATCH`, for clients that only send `POST`.
+#[utoipa::path(post, path = "/v1/apps/{app}/addons/{addon}", tag = "addons", request_body = crate::model::UpdateAddon,
+    params(("app" = String, Path, description = "App name"), ("addon" = String, Path, description = "Addon name, e.g. miren-postgresql")),
+    responses(
+        (status = 200, description = "Applied, as with `PATCH`", body = crate::model::AddonUpdated),
+        (status = 400, description = "Unknown tier, a kind without tiers, or nothing to change", body = ErrorBody),
+        (status = 404, description = "The app has no such addon", body = ErrorBody),
+        (status = 409, description = "A smaller tier than the data on the disk, or applying it failed (updating again retries)", body = ErrorBody)))]
+pub(super) async fn update_addon_post(
+    state: State<AppState>,
+    path: PathParam<(String, String)>,
+    body: Body<UpdateAddon>,
+) -> Result<Json<AddonUpdated>, Error> {
+    update_addon(state, path, body).await
 }

@@ -145,6 +145,7 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(addons::list_addons))
         .routes(routes!(addons::get_addon, addons::destroy_addon))
         .routes(routes!(addons::rotate_addon))
+        .routes(routes!(addons::update_addon, addons::update_addon_post))
         .routes(routes!(apps::app_env))
         .routes(routes!(apps::deploy_app))
         .routes(routes!(builds::build_source))

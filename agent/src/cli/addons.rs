@@ -9,7 +9,7 @@ use clap::Subcommand;
 use crate::cli::client::Client;
 use crate::cli::output::{print_json, print_table};
 use crate::core::status::AddonStatus;
-use crate::model::{Addon, CreateAddon, CredentialKind, RotateAddon};
+use crate::model::{Addon, CreateAddon, CredentialKind, RotateAddon, UpdateAddon};
 
 /// `--credential`, as clap parses it.
 #[derive(clap::ValueEnum, Debug, Clone, Copy)]
@@ -53,9 +53,24 @@ pub enum AddonCommand {
         /// shared), session (the session pooler) or none (the server, default on small).
         #[arg(long, value_parser = ["transaction", "session", "none"])]
         pooling: Option<String>,
+        /// PostgreSQL: small (default; 1 GB, 100 pooled clients, 512 MB), medium (10 GB,
+        /// 200, 2 GB) or large (100 GB, 500, 8 GB).
+        #[arg(long, value_parser = ["small", "medium", "large"])]
+        tier: Option<String>,
         /// Return once recorded instead of waiting for `active`.
         #[arg(long)]
         no_wait: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change an addon in place and wait until it is applied: its tier (PostgreSQL). The disk
+    /// grows online and is never shrunk; the output says whether the server restarted.
+    Update {
+        addon: String,
+        #[arg(short = 'a', long)]
+        app: String,
+        #[arg(long, value_parser = ["small", "medium", "large"])]
+        tier: String,
         #[arg(long)]
         json: bool,
     },
@@ -97,13 +112,30 @@ pub(crate) fn print_addons(addons: &[Addon]) {
             vec![
                 a.name.clone(),
                 a.variant.clone(),
+                a.tier.clone().unwrap_or_else(|| "-".into()),
                 a.version.clone(),
                 a.status.to_string(),
+                match (a.disk_size_gb, a.disk_used_bytes) {
+                    (Some(size), Some(used)) => {
+                        format!("{:.2}/{size} GiB", used as f64 / (1u64 << 30) as f64)
+                    }
+                    _ => "-".into(),
+                },
                 a.reason.clone().unwrap_or_else(|| "-".into()),
             ]
         })
         .collect();
-    print_table(&["NAME", "VARIANT", "VERSION", "STATUS", "REASON"], rows);
+    print_table(
+        &[
+            "NAME", "VARIANT", "TIER", "VERSION", "STATUS", "DISK", "REASON",
+        ],
+        rows,
+    );
+    for a in addons {
+        if let Some(growth) = &a.last_growth {
+            println!("{}: {growth}", a.name);
+        }
+    }
 }
 
 /// Asks on a terminal; scripts (no terminal) pass --yes or are not asked.
@@ -189,6 +221,7 @@ pub async fn run(client: &Client, command: AddonCommand) -> Result<i32> {
             app,
             version,
             pooling,
+            tier,
             no_wait,
             json: as_json,
         } => {
@@ -199,6 +232,7 @@ pub async fn run(client: &Client, command: AddonCommand) -> Result<i32> {
                 variant: None,
                 version,
                 pooling,
+                tier,
                 wait: !no_wait,
             };
             let created = client.create_addon(&req).await?;
@@ -234,6 +268,34 @@ pub async fn run(client: &Client, command: AddonCommand) -> Result<i32> {
             } else {
                 0
             })
+        }
+        AddonCommand::Update {
+            addon,
+            app,
+            tier,
+            json: as_json,
+        } => {
+            let started = Instant::now();
+            let req = UpdateAddon { tier: Some(tier) };
+            let updated = client.update_addon(&app, &addon, &req).await?;
+            if as_json {
+                print_json(&updated)?;
+            } else {
+                println!(
+                    "{} of app `{app}`: {} ({:.2}s)",
+                    updated.addon.name,
+                    if updated.restarted {
+                        "applied with a server restart"
+                    } else {
+                        "applied without a server restart"
+                    },
+                    started.elapsed().as_secs_f64()
+                );
+                for change in &updated.changes {
+                    println!("  {change}");
+                }
+            }
+            Ok(0)
         }
         AddonCommand::List { app, json: as_json } => {
             let addons = client.app_addons(&app).await?;

@@ -18,12 +18,12 @@ pub use hyper::body::Bytes;
 
 use crate::api::{DATA_BYTES_HEADER, DISK_SIZE_HEADER, FREEZE_SECONDS_HEADER};
 use crate::model::{
-    AcquireLease, Addon, AddonCatalogEntry, AddonDestroyed, AddonRotated, AgentInfo, App,
-    AppDeleted, BackupEvent, BackupToTarget, BuildQuery, BuildResult, CreateAddon, CreateDisk,
+    AcquireLease, Addon, AddonCatalogEntry, AddonDestroyed, AddonRotated, AddonUpdated, AgentInfo,
+    App, AppDeleted, BackupEvent, BackupToTarget, BuildQuery, BuildResult, CreateAddon, CreateDisk,
     CreateEndpoint, DeployApp, Disk, Endpoint, EndpointDeleted, EnvVarView, ErrorBody, ExecRequest,
     ExecResult, ImageGcReport, ImageRemoved, ImageSummary, ImportImage, Lease, NetGcReport,
     PullEvent, PullImage, ReleaseResult, ResizeDisk, RestoreResult, RotateAddon, RunSandbox,
-    Sandbox,
+    Sandbox, UpdateAddon,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -98,11 +98,14 @@ pub enum Route {
     DestroyAddon,
     CreateAddon,
     RotateAddon,
+    UpdateAddon,
+    /// The same as `UpdateAddon`, for clients that only send POST.
+    UpdateAddonPost,
     AddonCatalog,
 }
 
 impl Route {
-    pub const ALL: [Route; 44] = [
+    pub const ALL: [Route; 46] = [
         Route::Info,
         Route::ListDisks,
         Route::CreateDisk,
@@ -146,6 +149,8 @@ impl Route {
         Route::DestroyAddon,
         Route::CreateAddon,
         Route::RotateAddon,
+        Route::UpdateAddon,
+        Route::UpdateAddonPost,
         Route::AddonCatalog,
     ];
 
@@ -159,8 +164,9 @@ impl Route {
             CreateDisk | ResizeDisk | AcquireLease | BackupDisk | BackupDiskToTarget
             | RestoreDisk | CreateEndpoint | NetGc | PullImage | ImportImage | ImageGc
             | RunSandbox | ExecSandbox | StopSandbox | WaitSandbox | Deploy | Build
-            | RestartApp | CreateAddon | RotateAddon => "POST",
+            | RestartApp | CreateAddon | RotateAddon | UpdateAddonPost => "POST",
             LocalStorage => "PUT",
+            UpdateAddon => "PATCH",
             DeleteDisk | ReleaseLease | DeleteEndpoint | RemoveImage | DeleteSandbox
             | DeleteApp | DestroyAddon => "DELETE",
         }
@@ -200,7 +206,9 @@ impl Route {
             RestartApp => "/v1/apps/{app}/restart",
             AppEnv => "/v1/apps/{app}/env",
             AppAddons => "/v1/apps/{app}/addons",
-            AppAddon | DestroyAddon => "/v1/apps/{app}/addons/{addon}",
+            AppAddon | DestroyAddon | UpdateAddon | UpdateAddonPost => {
+                "/v1/apps/{app}/addons/{addon}"
+            }
             CreateAddon => "/v1/addons",
             RotateAddon => "/v1/apps/{app}/addons/{addon}/rotate",
             AddonCatalog => "/v1/addons/catalog",
@@ -211,6 +219,7 @@ impl Route {
         match self.method() {
             "GET" => Method::GET,
             "PUT" => Method::PUT,
+            "PATCH" => Method::PATCH,
             "DELETE" => Method::DELETE,
             _ => Method::POST,
         }
@@ -692,6 +701,16 @@ impl Client {
         req: &RotateAddon,
     ) -> Result<AddonRotated> {
         self.call(Route::RotateAddon, &[app, addon], &[], Some(req))
+            .await
+    }
+
+    pub async fn update_addon(
+        &self,
+        app: &str,
+        addon: &str,
+        req: &UpdateAddon,
+    ) -> Result<AddonUpdated> {
+        self.call(Route::UpdateAddon, &[app, addon], &[], Some(req))
             .await
     }
 

@@ -8,7 +8,9 @@ use tracing::{info, warn};
 use crate::core::addons::{split_addon_arg, AddonService};
 use crate::core::apps::AppService;
 use crate::core::error::Error;
-use crate::model::{Addon, AddonDestroyed, AddonRotated, CreateAddon, CredentialKind};
+use crate::model::{
+    Addon, AddonDestroyed, AddonRotated, AddonUpdated, CreateAddon, CredentialKind, UpdateAddon,
+};
 use crate::store::addons::AddonStatus;
 
 /// How often a rotation left in flight is tried at start (every 5 s) before it waits for a
@@ -57,6 +59,24 @@ impl AddonsOfApps {
             self.apps.addons_changed(&addon.app).await?;
         }
         Ok(addon)
+    }
+
+    /// Changes the addon in place (its tier), waits until the driver applied it, then restarts
+    /// the app's services if their variables changed (a restarted server may have a new
+    /// address).
+    pub async fn update(
+        &self,
+        app: &str,
+        addon_arg: &str,
+        req: &UpdateAddon,
+    ) -> Result<AddonUpdated, Error> {
+        let (from, restarts, mut done) = self.addons.update(app, addon_arg, req)?;
+        let _ = done.wait_for(|done| *done).await;
+        let (name, _) = split_addon_arg(addon_arg);
+        let kind = miren_addons::AddonKind::parse(name)?.name().to_string();
+        let updated = self.addons.updated(app, &kind, from, restarts)?;
+        self.apps.addons_changed(app).await?;
+        Ok(updated)
     }
 
     /// Removes the addon (its server or database, role, disk and data), waits for the removal

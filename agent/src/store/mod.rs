@@ -7,6 +7,7 @@
 //! store speaks SQL only: it refuses with a [`StoreError`] that says what was refused, and
 //! core turns that into the message the user reads.
 
+mod addon_extra;
 pub mod addons;
 mod disks;
 mod endpoints;

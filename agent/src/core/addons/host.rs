@@ -61,6 +61,16 @@ pub struct ServerLaunch {
     /// (disk name, mount path in the sandbox).
     pub disk: Option<(String, String)>,
     pub allow_from: Vec<String>,
+    /// (memory bytes, CPUs) of a tier; `None`: the sandbox defaults.
+    pub limits: Option<(u64, f64)>,
+}
+
+/// A mounted data disk's size and use (statvfs of its mount).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiskUsage {
+    pub size_gb: u64,
+    pub total_bytes: u64,
+    pub used_bytes: u64,
 }
 
 /// Disks, sandboxes and network as the addon driver uses them. Lookups are by owner, never by
@@ -74,6 +84,32 @@ pub trait AddonHost: Send + Sync {
         name: &'a str,
         size_gb: u64,
     ) -> BoxFuture<'a, Result<String, Error>>;
+
+    /// [`AddonHost::ensure_disk`], making a new disk with `filesystem`; an existing disk
+    /// smaller than `size_gb` is grown (online where its filesystem allows).
+    fn ensure_disk_as<'a>(
+        &'a self,
+        owner: &'a Owner,
+        name: &'a str,
+        size_gb: u64,
+        _filesystem: FilesystemKind,
+    ) -> BoxFuture<'a, Result<String, Error>> {
+        self.ensure_disk(owner, name, size_gb)
+    }
+
+    /// `owner`'s disk's size and use, if it has a mounted one.
+    fn disk_usage(&self, _owner: &Owner) -> Result<Option<DiskUsage>, Error> {
+        Ok(None)
+    }
+
+    /// Grows `owner`'s disk to `size_gb` (never shrinks it).
+    fn grow_disk<'a>(
+        &'a self,
+        _owner: &'a Owner,
+        _size_gb: u64,
+    ) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async { Ok(()) })
+    }
 
     /// Deletes `owner`'s disk and its data, if it has one.
     fn remove_disk<'a>(&'a self, owner: &'a Owner) -> BoxFuture<'a, Result<(), Error>>;
@@ -139,18 +175,70 @@ impl AddonHost for NodeHost {
         name: &'a str,
         size_gb: u64,
     ) -> BoxFuture<'a, Result<String, Error>> {
+        self.ensure_disk_as(owner, name, size_gb, FilesystemKind::Ext4)
+    }
+
+    fn ensure_disk_as<'a>(
+        &'a self,
+        owner: &'a Owner,
+        name: &'a str,
+        size_gb: u64,
+        filesystem: FilesystemKind,
+    ) -> BoxFuture<'a, Result<String, Error>> {
         Box::pin(async move {
             let disks = self.disks.clone();
             let req = CreateDisk {
                 name: name.to_string(),
                 size_gb,
-                filesystem: Some(FilesystemKind::Ext4),
+                filesystem: Some(filesystem),
                 read_only: false,
             };
             let owner = owner.clone();
-            tokio::task::spawn_blocking(move || disks.ensure_for_addon(&req, &owner))
+            tokio::task::spawn_blocking(move || {
+                let name = disks.ensure_for_addon(&req, &owner)?;
+                let row = disks.find(&name)?;
+                if row.size_gb < size_gb {
+                    info!(disk = %name, from = row.size_gb, to = size_gb, "growing an addon's disk to its tier's size");
+                    disks.resize(&row.id, size_gb)?;
+                }
+                Ok(name)
+            })
+            .await
+            .map_err(|e| Error::internal(format!("creating a disk: {e}")))?
+        })
+    }
+
+    fn disk_usage(&self, owner: &Owner) -> Result<Option<DiskUsage>, Error> {
+        let Some(row) = self.store.disk_of(owner)? else {
+            return Ok(None);
+        };
+        let Some(mount) = self.disks.view_one(&row)?.mount_path else {
+            return Ok(None);
+        };
+        let stat = nix::sys::statvfs::statvfs(mount.as_str())
+            .map_err(|e| Error::internal(format!("statvfs {mount}: {e}")))?;
+        let fragment = stat.fragment_size();
+        let total = stat.blocks() * fragment;
+        let used = total.saturating_sub(stat.blocks_free() * fragment);
+        Ok(Some(DiskUsage {
+            size_gb: row.size_gb,
+            total_bytes: total,
+            used_bytes: used,
+        }))
+    }
+
+    fn grow_disk<'a>(&'a self, owner: &'a Owner, size_gb: u64) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async move {
+            let Some(row) = self.store.disk_of(owner)? else {
+                return Ok(());
+            };
+            if row.size_gb >= size_gb {
+                return Ok(());
+            }
+            let disks = self.disks.clone();
+            tokio::task::spawn_blocking(move || disks.resize(&row.id, size_gb).map(drop))
                 .await
-                .map_err(|e| Error::internal(format!("creating a disk: {e}")))?
+                .map_err(|e| Error::internal(format!("growing a disk: {e}")))?
         })
     }
 
@@ -255,6 +343,10 @@ impl AddonHost for NodeHost {
                 backoff: Default::default(),
             };
             req.allow_from = launch.allow_from;
+            if let Some((memory_bytes, cpus)) = launch.limits {
+                req.resources.memory_bytes = Some(memory_bytes);
+                req.resources.cpus = Some(cpus);
+            }
             let sandbox = self.sandboxes.run_request(req, Some(owner.clone())).await?;
             Ok(ServerSandbox::from_sandbox(&sandbox))
         })

@@ -29,6 +29,9 @@ mod sidecar;
 mod steps;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tier_tests;
+mod tiers;
 mod valkey;
 
 use std::collections::HashMap;
@@ -266,6 +269,8 @@ impl AddonService {
             _ => self.server_name(row),
         };
         let has_pooler = self.provider(&row.kind).is_ok_and(|p| p.has_sidecar());
+        let has_tiers = AddonKind::parse(&row.kind).is_ok_and(|k| k.has_tiers());
+        let usage = self.host.disk_usage(&server_owner(row)).ok().flatten();
         let pooler = match self
             .store
             .sandbox_of(&Owner::sidecar_of(&server_owner(row)))
@@ -284,6 +289,10 @@ impl AddonService {
             server,
             pooling: has_pooler.then(|| pooling(row).name().to_string()),
             pooler,
+            tier: has_tiers.then(|| tiers::tier(row).name().to_string()),
+            disk_size_gb: usage.map(|u| u.size_gb),
+            disk_used_bytes: usage.map(|u| u.used_bytes),
+            last_growth: tiers::last_growth(row),
             source: row.source.clone(),
             created_at: row.created_at.clone(),
             updated_at: row.updated_at.clone(),
@@ -326,10 +335,21 @@ impl AddonService {
             .as_deref()
             .map(|p| resolved.kind.parse_pooling(p))
             .transpose()?;
+        let asked_tier = req
+            .tier
+            .as_deref()
+            .map(|t| resolved.kind.parse_tier(t))
+            .transpose()?;
         let mut extra = serde_json::Map::new();
         if resolved.kind.has_pooler() {
             let mode = asked_pooling.unwrap_or(Pooling::default_for(resolved.variant));
             extra.insert("pooling".into(), mode.name().into());
+        }
+        if resolved.kind.has_tiers() {
+            extra.insert(
+                tiers::TIER.into(),
+                asked_tier.unwrap_or_default().name().into(),
+            );
         }
         let creds = provider.app_credentials(&req.app)?;
         let now = now_rfc3339();
@@ -401,10 +421,19 @@ impl AddonService {
             }
             if let Some(mode) = asked_pooling.filter(|m| *m != pooling(&existing)) {
                 // Only variables change: the app's services pick them up on their next start.
-                let mut extra = existing.extra.clone();
-                extra.insert("pooling".into(), mode.name().into());
-                self.store.set_addon_extra(&existing.app, kind, &extra)?;
+                // One key, so a tier recorded meanwhile is kept.
+                self.store.set_addon_extra_key(
+                    &existing.app,
+                    kind,
+                    "pooling",
+                    mode.name().into(),
+                    &[],
+                )?;
                 info!(app = %existing.app, addon = %kind, pooling = %mode, "addon pooling changed");
+            }
+            if let Some(tier) = asked_tier.filter(|t| *t != tiers::tier(&existing)) {
+                // Recorded with the work it owes; the driver applies it below.
+                self.record_tier(&existing, tier)?;
             }
             if existing.status == AddonStatus::Error {
                 self.store.transition_addon(
@@ -444,19 +473,24 @@ impl AddonService {
         Ok(Some(self.kick(app, kind)))
     }
 
-    /// Resumes every addon a previous agent left mid-way.
+    /// Resumes every addon a previous agent left mid-way, and starts watching their disks.
     pub fn resume(self: &Arc<Self>) -> Result<(), Error> {
+        self.watch_disks();
         for row in self.store.all_addons()? {
             if row.status == AddonStatus::Active {
                 // A server whose supervisor is gone (the host restarted) or that was deleted
                 // underneath: provisioning again is idempotent and brings it back, data intact.
                 let server = self.server_name(&row);
-                let healthy = matches!(
-                    self.host.server_sandbox(&server_owner(&row)),
-                    Ok(Some(s)) if !s.failed
-                ) && self
-                    .provider(&row.kind)
-                    .is_ok_and(|p| self.sidecar_healthy(p.as_ref(), &server_owner(&row)));
+                // A tier change whose recording was all that happened (its row says
+                // `active`) is owed too.
+                let healthy = tiers::tier(&row) == tiers::applied_tier(&row)
+                    && matches!(
+                        self.host.server_sandbox(&server_owner(&row)),
+                        Ok(Some(s)) if !s.failed
+                    )
+                    && self
+                        .provider(&row.kind)
+                        .is_ok_and(|p| self.sidecar_healthy(p.as_ref(), &server_owner(&row)));
                 if !healthy
                     && self.store.transition_addon(
                         &row.app,

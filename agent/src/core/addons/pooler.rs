@@ -7,7 +7,7 @@
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use miren_addons::{Credentials, Variant, POOLER_SESSION_PORT, POOLER_TRANSACTION_PORT};
+use miren_addons::{Credentials, Tier, Variant, POOLER_SESSION_PORT, POOLER_TRANSACTION_PORT};
 use tokio_postgres::{Client, NoTls};
 
 use super::postgres::{describe, PORT};
@@ -27,8 +27,8 @@ pub const SESSION_POOL_SIZE: u32 = 40;
 // Both pools together stay below the server's default max_connections (100).
 const _: () = assert!(TRANSACTION_POOL_SIZE + SESSION_POOL_SIZE < 100);
 
-/// Clients per pooler; every one needs a file descriptor (the sandbox has the agent's hard
-/// NOFILE limit).
+/// Clients per pooler of the shared server (a dedicated server's: its tier's); every one
+/// needs a file descriptor (the sandbox has the agent's hard NOFILE limit).
 pub const MAX_CLIENT_CONN: u32 = 2000;
 /// Prepared statements PgBouncer tracks per server connection, so drivers that prepare
 /// (Bun's `SQL`, asyncpg, Prisma) work in transaction mode.
@@ -36,7 +36,26 @@ pub const MAX_PREPARED_STATEMENTS: u32 = 200;
 
 /// The sandbox beside a server at `server`, whose lookup function `prepare` put in
 /// `admin.database`.
-pub fn spec(server: Ipv4Addr, admin: &Credentials, secret: &str) -> SidecarSpec {
+/// A dedicated server's pooler takes its tier's clients and pools; the shared server's serves
+/// every app (its tenants are limited on the server, by `CONNECTION LIMIT`).
+pub fn spec(
+    server: Ipv4Addr,
+    admin: &Credentials,
+    secret: &str,
+    variant: Variant,
+    tier: Tier,
+) -> SidecarSpec {
+    let (max_client_conn, transaction_pool, session_pool) = match variant {
+        Variant::Shared => (MAX_CLIENT_CONN, TRANSACTION_POOL_SIZE, SESSION_POOL_SIZE),
+        Variant::Small => {
+            let limits = tier.limits();
+            (
+                limits.client_connections,
+                limits.transaction_pool,
+                limits.session_pool,
+            )
+        }
+    };
     SidecarSpec {
         name_suffix: "pool",
         image: IMAGE.to_string(),
@@ -50,9 +69,9 @@ pub fn spec(server: Ipv4Addr, admin: &Credentials, secret: &str) -> SidecarSpec 
             format!("PGBOUNCER_AUTH_QUERY=SELECT uname, phash FROM {SCHEMA}.user_lookup($1)"),
             format!("PGBOUNCER_TRANSACTION_PORT={POOLER_TRANSACTION_PORT}"),
             format!("PGBOUNCER_SESSION_PORT={POOLER_SESSION_PORT}"),
-            format!("PGBOUNCER_DEFAULT_POOL_SIZE={TRANSACTION_POOL_SIZE}"),
-            format!("PGBOUNCER_SESSION_POOL_SIZE={SESSION_POOL_SIZE}"),
-            format!("PGBOUNCER_MAX_CLIENT_CONN={MAX_CLIENT_CONN}"),
+            format!("PGBOUNCER_DEFAULT_POOL_SIZE={transaction_pool}"),
+            format!("PGBOUNCER_SESSION_POOL_SIZE={session_pool}"),
+            format!("PGBOUNCER_MAX_CLIENT_CONN={max_client_conn}"),
             format!("PGBOUNCER_MAX_PREPARED_STATEMENTS={MAX_PREPARED_STATEMENTS}"),
         ],
     }
@@ -145,7 +164,13 @@ mod tests {
             password: "x".into(),
             database: "postgres".into(),
         };
-        let spec = spec(Ipv4Addr::new(10, 1, 2, 3), &admin, "s3cret");
+        let spec = spec(
+            Ipv4Addr::new(10, 1, 2, 3),
+            &admin,
+            "s3cret",
+            Variant::Shared,
+            Tier::Small,
+        );
         let get = |k: &str| {
             spec.env
                 .iter()
@@ -163,5 +188,16 @@ mod tests {
         assert_eq!(get("PGBOUNCER_MAX_PREPARED_STATEMENTS"), "200");
         assert!(get("PGBOUNCER_MAX_CLIENT_CONN").parse::<u32>().unwrap() >= 1000);
         assert!(spec.command.is_empty());
+        // A dedicated server's pooler takes its tier's clients.
+        let small = super::spec(
+            Ipv4Addr::new(10, 1, 2, 3),
+            &admin,
+            "s",
+            Variant::Small,
+            Tier::Medium,
+        );
+        assert!(small
+            .env
+            .contains(&"PGBOUNCER_MAX_CLIENT_CONN=200".to_string()));
     }
 }

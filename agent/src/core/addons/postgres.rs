@@ -5,15 +5,16 @@
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use miren_addons::{AddonKind, Credentials, EnvVar, Pooling, PostgresConnection, Variant};
+use miren_addons::{AddonKind, Credentials, EnvVar, Pooling, PostgresConnection, Tier, Variant};
 use tokio_postgres::{Client, NoTls};
 
 use super::provider::{
-    AddonProvider, BoxFuture, DataDisk, ServerConnection, ServerSpec, SidecarSpec,
+    AddonProvider, BoxFuture, DataDisk, ServerConnection, ServerSize, ServerSpec, SidecarSpec,
 };
 use crate::core::error::Error;
 
 mod logins;
+mod tiers;
 
 pub const PORT: u16 = 5432;
 
@@ -90,6 +91,16 @@ impl AddonProvider for Postgres {
         }
     }
 
+    fn server_size(&self, variant: Variant, tier: Tier) -> Option<ServerSize> {
+        tiers::server_size(variant, tier)
+    }
+
+    /// xfs: it grows while mounted here (ext4 needs CAP_SYS_RESOURCE for that, which this
+    /// kind of host does not give), so a tier change or automatic growth needs no restart.
+    fn data_filesystem(&self) -> crate::model::FilesystemKind {
+        crate::model::FilesystemKind::Xfs
+    }
+
     fn env_vars(&self, host: Ipv4Addr, login: &Credentials) -> Vec<EnvVar> {
         PostgresConnection::new(host.to_string(), PORT, login).env_vars()
     }
@@ -144,12 +155,13 @@ impl AddonProvider for Postgres {
 
     fn sidecar(
         &self,
-        _variant: Variant,
+        variant: Variant,
+        tier: Tier,
         server: Ipv4Addr,
         admin: &Credentials,
         secret: &str,
     ) -> Option<SidecarSpec> {
-        Some(super::pooler::spec(server, admin, secret))
+        Some(super::pooler::spec(server, admin, secret, variant, tier))
     }
 
     fn sidecar_ready<'a>(
@@ -195,6 +207,26 @@ impl ServerConnection for Session {
         secret: &'a str,
     ) -> BoxFuture<'a, Result<(), String>> {
         Box::pin(super::pooler::prepare(&self.0, variant, secret))
+    }
+
+    fn apply_settings<'a>(
+        &'a self,
+        settings: &'a [(&'static str, String)],
+    ) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(tiers::apply_settings(&self.0, settings))
+    }
+
+    fn limit_tenant<'a>(
+        &'a self,
+        tenant: &'a Credentials,
+        connections: u32,
+    ) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(tiers::limit_tenant(
+            &self.0,
+            &tenant.user,
+            &tenant.database,
+            connections,
+        ))
     }
 
     fn ensure_tenant<'a>(&'a self, tenant: &'a Credentials) -> BoxFuture<'a, Result<(), String>> {

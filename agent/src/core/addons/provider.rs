@@ -8,7 +8,7 @@ use std::net::Ipv4Addr;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use miren_addons::{AddonKind, Credentials, EnvVar, Pooling, Variant};
+use miren_addons::{AddonKind, Credentials, EnvVar, Pooling, Tier, Variant};
 
 use crate::core::error::Error;
 
@@ -37,6 +37,20 @@ pub struct DataDisk {
     /// A directory, relative to the disk's root, that a server which never answered left
     /// half-made (an initdb cut short) and must start without.
     pub discard_if_never_ready: Option<&'static str>,
+}
+
+/// What a server of a tier gets (kinds with tiers): its sandbox's limits, its disk's size,
+/// arguments for the image (settings that need a restart) and settings a running server takes
+/// on a reload.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerSize {
+    pub memory_bytes: u64,
+    pub cpus: f64,
+    pub disk_size_gb: u64,
+    /// Appended to the server's command (a restart applies them).
+    pub args: Vec<String>,
+    /// Applied to the running server ([`ServerConnection::apply_settings`]).
+    pub live_settings: Vec<(&'static str, String)>,
 }
 
 /// A sandbox run beside each server of a kind (PostgreSQL's pooler): no disk, reachable by
@@ -80,6 +94,16 @@ pub trait AddonProvider: Send + Sync {
     /// server, the administrator's on a shared one).
     fn server(&self, variant: Variant, login: &Credentials) -> ServerSpec;
 
+    /// What a server of `tier` gets; `None`: the kind has no tiers (defaults apply).
+    fn server_size(&self, _variant: Variant, _tier: Tier) -> Option<ServerSize> {
+        None
+    }
+
+    /// The filesystem of its servers' new data disks.
+    fn data_filesystem(&self) -> crate::model::FilesystemKind {
+        crate::model::FilesystemKind::Ext4
+    }
+
     /// The variables an app gets to reach its addon at `host`.
     fn env_vars(&self, host: Ipv4Addr, login: &Credentials) -> Vec<EnvVar>;
 
@@ -102,6 +126,7 @@ pub trait AddonProvider: Send + Sync {
     fn sidecar(
         &self,
         _variant: Variant,
+        _tier: Tier,
         _server: Ipv4Addr,
         _admin: &Credentials,
         _secret: &str,
@@ -165,6 +190,23 @@ pub trait ServerConnection: Send + Sync {
         &'a self,
         _variant: Variant,
         _secret: &'a str,
+    ) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    /// Applies settings a running server takes without a restart (and reloads). Converges.
+    fn apply_settings<'a>(
+        &'a self,
+        _settings: &'a [(&'static str, String)],
+    ) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    /// Limits a tenant's logins on a shared server to `connections` each. Converges.
+    fn limit_tenant<'a>(
+        &'a self,
+        _tenant: &'a Credentials,
+        _connections: u32,
     ) -> BoxFuture<'a, Result<(), String>> {
         Box::pin(async { Ok(()) })
     }

@@ -24,6 +24,7 @@ pub(super) struct SidecarWanted<'a> {
     pub server_owner: &'a Owner,
     pub server: &'a ServerSandbox,
     pub variant: Variant,
+    pub tier: miren_addons::Tier,
     /// A session on the server as `admin_login` (the administrator, or a small server's app).
     pub admin: &'a dyn ServerConnection,
     pub admin_login: &'a Credentials,
@@ -70,6 +71,7 @@ impl AddonService {
             .map_err(StepError::Failed)?;
         let Some(spec) = provider.sidecar(
             wanted.variant,
+            wanted.tier,
             wanted.server.ip()?,
             wanted.admin_login,
             &secret,
@@ -91,6 +93,7 @@ impl AddonService {
                     env: spec.env,
                     disk: None,
                     allow_from: wanted.apps.clone(),
+                    limits: None,
                 },
             )
             .await?;

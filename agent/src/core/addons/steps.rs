@@ -3,12 +3,13 @@
 
 use std::time::{Duration, Instant};
 
-use miren_addons::Variant;
+use miren_addons::{Tier, Variant};
 use tracing::{info, warn};
 
 use super::host::{ServerLaunch, ServerSandbox};
 use super::provider::{AddonProvider, ServerConnection};
 use super::sidecar::SidecarWanted;
+use super::tiers::{applied_tier, tier, APPLIED_TIER};
 use super::{credentials, is_shared, server_owner, shared_owner, AddonService};
 use crate::core::error::Error;
 use crate::store::addons::{AddonRow, AddonStatus, ServerRow, ServerStatus};
@@ -47,6 +48,10 @@ struct ServerWanted<'a> {
     allow_from: Vec<String>,
     /// It never answered: a half-made data directory is discarded before it starts.
     never_ready: bool,
+    /// The tier it is sized for.
+    tier: Tier,
+    /// A running server was made for another tier: it (and its sidecar) is replaced.
+    resize: bool,
 }
 
 impl AddonService {
@@ -74,6 +79,12 @@ impl AddonService {
         };
         match result {
             Ok(()) => {
+                // A tier change recorded while this ran: the drive loop provisions again.
+                if matches!(self.store.addon(app, kind), Ok(Some(now)) if tier(&now) != tier(&row))
+                {
+                    info!(app = %app, addon = %kind, "its tier changed meanwhile; applying it");
+                    return;
+                }
                 if let Ok(true) = self.store.transition_addon(
                     app,
                     kind,
@@ -86,12 +97,20 @@ impl AddonService {
             }
             Err(StepError::Superseded) => {}
             Err(StepError::Failed(reason)) => {
-                warn!(app = %app, addon = %kind, reason = %reason, "provisioning failed; removing what it made");
-                let reason = match self.remove_resources(&row).await {
-                    Ok(()) => reason,
-                    Err(e) => format!(
-                        "{reason} (cleaning up also failed: {e}; `miren addon destroy {kind} -a {app}` retries it)"
-                    ),
+                let keep = self.store.addon_ever_active(app, kind).unwrap_or(true);
+                let reason = if keep {
+                    // A server (or tenant) that ever answered holds the app's data (a tier
+                    // change or a restart failed): nothing of it is removed.
+                    warn!(app = %app, addon = %kind, reason = %reason, "provisioning an existing server failed; its data is kept");
+                    format!("{reason} (its data is kept; fix the cause and run `miren addon update` or the create again)")
+                } else {
+                    warn!(app = %app, addon = %kind, reason = %reason, "provisioning failed; removing what it made");
+                    match self.remove_resources(&row).await {
+                        Ok(()) => reason,
+                        Err(e) => format!(
+                            "{reason} (cleaning up also failed: {e}; `miren addon destroy {kind} -a {app}` retries it)"
+                        ),
+                    }
                 };
                 let _ = self.store.transition_addon(
                     app,
@@ -100,7 +119,7 @@ impl AddonService {
                     AddonStatus::Error,
                     Some(&reason),
                 );
-                if is_shared(&row) {
+                if is_shared(&row) && !keep {
                     let _guard = self.shared.lock().await;
                     if let Err(e) = self.remove_server_if_unused(kind).await {
                         warn!(addon = %kind, error = %e, "removing the unused shared server failed");
@@ -123,6 +142,7 @@ impl AddonService {
         let name = self.server_name(row);
         let owner = server_owner(row);
         let login = credentials(row);
+        let tier = tier(row);
         let server = self
             .ensure_server_sandbox(
                 provider.as_ref(),
@@ -134,6 +154,8 @@ impl AddonService {
                     login: &login,
                     allow_from: self.with_sidecar(&owner, vec![row.app.clone()])?,
                     never_ready: !self.store.addon_ever_active(&row.app, &row.kind)?,
+                    tier,
+                    resize: applied_tier(row) != tier,
                 },
                 || self.still_wanted(row),
             )
@@ -141,6 +163,12 @@ impl AddonService {
         self.still_wanted(row)?;
         let session = self.wait_ready(provider.as_ref(), &server, &login).await?;
         self.sync_data(&server).await?;
+        if let Some(size) = provider.server_size(Variant::Small, tier) {
+            session
+                .apply_settings(&size.live_settings)
+                .await
+                .map_err(StepError::Failed)?;
+        }
         self.still_wanted(row)?;
         // On a small server the app's login is the administrator.
         self.ensure_sidecar(
@@ -149,6 +177,7 @@ impl AddonService {
                 server_owner: &owner,
                 server: &server.sandbox,
                 variant: Variant::Small,
+                tier,
                 admin: session.as_ref(),
                 admin_login: &login,
                 apps: vec![row.app.clone()],
@@ -156,6 +185,19 @@ impl AddonService {
             },
         )
         .await?;
+        self.record_applied_tier(row, tier)?;
+        Ok(())
+    }
+
+    /// The tier the addon's server (or tenant) now has: a later run restarts nothing for it.
+    fn record_applied_tier(&self, row: &AddonRow, tier: Tier) -> Result<(), Error> {
+        self.store.set_addon_extra_key(
+            &row.app,
+            &row.kind,
+            APPLIED_TIER,
+            tier.name().into(),
+            &[],
+        )?;
         Ok(())
     }
 
@@ -182,6 +224,13 @@ impl AddonService {
             .ensure_tenant(&login)
             .await
             .map_err(StepError::Failed)?;
+        let tier = tier(row);
+        if provider.kind().has_tiers() {
+            admin
+                .limit_tenant(&login, tier.limits().client_connections)
+                .await
+                .map_err(StepError::Failed)?;
+        }
         let server = RunningServer {
             sandbox: server,
             disk: None,
@@ -195,6 +244,7 @@ impl AddonService {
                 server_owner: &owner,
                 server: &server.sandbox,
                 variant: Variant::Shared,
+                tier,
                 admin: admin.as_ref(),
                 admin_login: &provider
                     .admin_login(&server_row.admin_user, &server_row.admin_password),
@@ -203,6 +253,7 @@ impl AddonService {
             },
         )
         .await?;
+        self.record_applied_tier(row, tier)?;
         Ok(())
     }
 
@@ -269,6 +320,9 @@ impl AddonService {
                     login: &login,
                     allow_from: self.with_sidecar(&owner, self.store.shared_members(kind)?)?,
                     never_ready: !server.status.serves(),
+                    // Sized for the node, whatever its tenants' tiers.
+                    tier: Tier::default(),
+                    resize: false,
                 },
                 || Ok(()),
             )
@@ -386,11 +440,26 @@ impl AddonService {
         wanted: ServerWanted<'_>,
         still_wanted: impl Fn() -> Result<(), StepError>,
     ) -> Result<RunningServer, StepError> {
-        let spec = provider.server(wanted.variant, wanted.login);
+        let mut spec = provider.server(wanted.variant, wanted.login);
+        let size = provider.server_size(wanted.variant, wanted.tier);
+        if let Some(size) = &size {
+            spec.command.extend(size.args.iter().cloned());
+            if let Some(data) = spec.data.as_mut() {
+                data.size_gb = size.disk_size_gb;
+            }
+        }
+        if wanted.resize {
+            self.replace_for_tier(wanted.owner).await?;
+        }
         let disk = match &spec.data {
             Some(data) => Some(
                 self.host
-                    .ensure_disk(wanted.owner, wanted.name, data.size_gb)
+                    .ensure_disk_as(
+                        wanted.owner,
+                        wanted.name,
+                        data.size_gb,
+                        provider.data_filesystem(),
+                    )
                     .await?,
             ),
             None => None,
@@ -427,6 +496,7 @@ impl AddonService {
                                 .clone()
                                 .zip(spec.data.as_ref().map(|d| d.mount_path.to_string())),
                             allow_from: wanted.allow_from,
+                            limits: size.as_ref().map(|s| (s.memory_bytes, s.cpus)),
                         },
                     )
                     .await?

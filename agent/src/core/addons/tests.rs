@@ -16,6 +16,7 @@ fn request(app: &str, variant: &str) -> CreateAddon {
         variant: Some(variant.into()),
         version: None,
         pooling: None,
+        tier: None,
         wait: true,
     }
 }
@@ -271,6 +272,7 @@ async fn resume_finishes_each_persisted_state() {
                 env: vec![],
                 disk: None,
                 allow_from: vec![],
+                limits: None,
             },
         )
         .await

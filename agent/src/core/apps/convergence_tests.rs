@@ -225,6 +225,7 @@ async fn an_addon_made_with_the_cli_survives_a_deploy_without_it() {
                 variant: None,
                 version: None,
                 pooling: None,
+                tier: None,
                 wait: true,
             },
             "cli",

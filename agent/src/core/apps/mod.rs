@@ -360,6 +360,7 @@ impl AppService {
                         variant: Some(wanted.variant.clone()),
                         version: wanted.version.clone(),
                         pooling: wanted.pooling.clone(),
+                        tier: wanted.tier.clone(),
                         wait: true,
                     },
                     "deploy",
@@ -706,6 +707,7 @@ variant = "shared"
                 variant: "shared".into(),
                 version: None,
                 pooling: None,
+                tier: Some("small".into()),
             }]
         );
     }

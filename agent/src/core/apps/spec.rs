@@ -158,6 +158,9 @@ pub struct AddonSpec {
     /// Only when app.toml sets one (PostgreSQL's `pooling`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pooling: Option<String>,
+    /// PostgreSQL's tier: app.toml's, `small` when it names none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tier: Option<String>,
 }
 
 /// The display name a service's sandbox is given when no other sandbox has it:
@@ -275,6 +278,10 @@ pub(super) fn spec_from_config(
                 variant: a.variant.name().to_string(),
                 version: a.version_pinned.then(|| a.version.name().to_string()),
                 pooling: a.pooling.map(|p| p.name().to_string()),
+                tier: a
+                    .kind
+                    .has_tiers()
+                    .then(|| a.tier.unwrap_or_default().name().to_string()),
             })
             .collect(),
     })

@@ -120,6 +120,20 @@ pub async fn add_login(
                 next = ident(next),
                 owner_value = literal(&owner),
             ))
+            .await?;
+        // A tier's `CONNECTION LIMIT` (shared servers) holds for every login of the tenant.
+        let limit: i32 = admin
+            .query_one(
+                "SELECT rolconnlimit FROM pg_roles WHERE rolname = $1",
+                &[&owner],
+            )
+            .await?
+            .get(0);
+        admin
+            .batch_execute(&format!(
+                "ALTER ROLE {} CONNECTION LIMIT {limit}",
+                ident(next)
+            ))
             .await
     })
     .await?;
