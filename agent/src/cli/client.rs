@@ -97,10 +97,12 @@ pub enum Route {
     CreateAddon,
     RotateAddon,
     AddonCatalog,
+    AddonBackups,
+    RestoreAddon,
 }
 
 impl Route {
-    pub const ALL: [Route; 43] = [
+    pub const ALL: [Route; 45] = [
         Route::Info,
         Route::ListDisks,
         Route::CreateDisk,
@@ -144,6 +146,8 @@ impl Route {
         Route::CreateAddon,
         Route::RotateAddon,
         Route::AddonCatalog,
+        Route::AddonBackups,
+        Route::RestoreAddon,
     ];
 
     /// The HTTP method, upper case.
@@ -152,11 +156,11 @@ impl Route {
         match self {
             Info | ListDisks | Disk | ListLeases | ListEndpoints | Endpoint | ListImages
             | ListSandboxes | Sandbox | SandboxLogs | ListApps | App | AppEnv | AppAddons
-            | AppAddon | AddonCatalog => "GET",
+            | AppAddon | AddonCatalog | AddonBackups => "GET",
             CreateDisk | ResizeDisk | AcquireLease | BackupDisk | RestoreDisk | CreateEndpoint
             | NetGc | PullImage | ImportImage | ImageGc | RunSandbox | ExecSandbox
             | StopSandbox | WaitSandbox | Deploy | Build | RestartApp | CreateAddon
-            | RotateAddon => "POST",
+            | RotateAddon | RestoreAddon => "POST",
             LocalStorage => "PUT",
             DeleteDisk | ReleaseLease | DeleteEndpoint | RemoveImage | DeleteSandbox
             | DeleteApp | DestroyAddon => "DELETE",
@@ -200,6 +204,8 @@ impl Route {
             CreateAddon => "/v1/addons",
             RotateAddon => "/v1/apps/{app}/addons/{addon}/rotate",
             AddonCatalog => "/v1/addons/catalog",
+            AddonBackups => "/v1/apps/{app}/addons/{addon}/backups",
+            RestoreAddon => "/v1/apps/{app}/addons/{addon}/restore",
         }
     }
 
@@ -642,6 +648,25 @@ impl Client {
         req: &RotateAddon,
     ) -> Result<AddonRotated> {
         self.call(Route::RotateAddon, &[app, addon], &[], Some(req))
+            .await
+    }
+
+    pub async fn addon_backups(
+        &self,
+        app: &str,
+        addon: &str,
+    ) -> Result<crate::model::AddonBackups> {
+        self.call(Route::AddonBackups, &[app, addon], &[], NO_BODY)
+            .await
+    }
+
+    pub async fn restore_addon(
+        &self,
+        app: &str,
+        addon: &str,
+        req: &crate::model::RestoreAddon,
+    ) -> Result<crate::model::AddonRestored> {
+        self.call(Route::RestoreAddon, &[app, addon], &[], Some(req))
             .await
     }
 

@@ -12,6 +12,7 @@ mod disks;
 mod endpoints;
 mod error;
 mod owner;
+pub mod pitr;
 pub mod rotations;
 mod sandboxes;
 mod sql;

@@ -78,6 +78,8 @@ pub struct AddonService {
     settled: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<String>>,
     /// The addons whose credential rotation runs in this agent now.
     rotating: Arc<Mutex<std::collections::HashSet<Key>>>,
+    /// PostgreSQL's continuous archive and restores (`postgres/archive.rs`); unset in unit tests.
+    pitr: std::sync::OnceLock<Arc<postgres::archive::Pitr>>,
 }
 
 /// The sandbox and disk name of an app's dedicated server: `<base>-<app>` (`addon-pg-shop`),
@@ -206,6 +208,7 @@ impl AddonService {
             shared: tokio::sync::Mutex::new(()),
             settled: std::sync::OnceLock::new(),
             rotating: rotate::running(),
+            pitr: std::sync::OnceLock::new(),
         })
     }
 
