@@ -533,6 +533,8 @@ pub struct AddonBackups {
     pub archive: ArchiveLag,
     /// The disk kept from before the last restore, until `--discard-previous`.
     pub previous_disk: Option<String>,
+    /// Why the target could not be read now (then the window and base backups are empty).
+    pub target_error: Option<String>,
 }
 
 /// `POST /v1/apps/{app}/addons/{addon}/restore`.

@@ -339,6 +339,9 @@ pub async fn run(client: &Client, command: AddonCommand) -> Result<i32> {
                     ))
                     .unwrap_or_default()
             );
+            if let Some(err) = &b.target_error {
+                println!("target:   UNREADABLE: {err}");
+            }
             if let Some(err) = &lag.last_error {
                 println!("shipping: FAILING: {err}");
             }

@@ -406,6 +406,10 @@ impl AddonService {
             match result {
                 Ok(info) => {
                     info!(server = %server.id, label = %info.label, bytes = info.size_bytes, "base backup taken");
+                    // A new base backup is what lets older objects expire.
+                    if let Err(e) = this.prune(&server.id).await {
+                        warn!(server = %server.id, error = %e, "pruning expired backups failed; retrying later");
+                    }
                 }
                 Err(e) => {
                     // Retried on the next pass; a server not answering yet is the usual cause.

@@ -22,18 +22,35 @@ impl AddonService {
         let server = self
             .archived_server(&pitr, server_owner(&row), credentials(&row))?
             .ok_or_else(|| Error::busy(format!("the server of app `{app}` is not running")))?;
-        let mut bases = list_bases(&target, &server.id).await?;
-        bases.sort_by_key(|b| b.finished_time());
-        let mut newest_wal = None;
-        let prefix = target.path(&wal_prefix(&server.id))?;
-        let mut listing = target.store().list(Some(&prefix));
-        while let Some(meta) = listing.next().await {
-            let meta = meta.map_err(|e| unreachable_target(&target, &e))?;
-            if meta.location.filename().is_some_and(is_segment) {
-                let at: std::time::SystemTime = meta.last_modified.into();
-                newest_wal = newest_wal.max(Some(at));
+        let read = async {
+            let mut bases = list_bases(&target, &server.id).await?;
+            bases.sort_by_key(|b| b.finished_time());
+            let mut newest_wal = None;
+            let prefix = target.path(&wal_prefix(&server.id))?;
+            let mut listing = target.store().list(Some(&prefix));
+            while let Some(meta) = listing.next().await {
+                let meta = meta.map_err(|e| unreachable_target(&target, &e))?;
+                if meta.location.filename().is_some_and(is_segment) {
+                    let at: std::time::SystemTime = meta.last_modified.into();
+                    newest_wal = newest_wal.max(Some(at));
+                }
             }
-        }
+            Ok::<_, Error>((bases, newest_wal))
+        };
+        // The lag is worth showing most when the target is unreachable.
+        let (bases, newest_wal, target_error) =
+            match tokio::time::timeout(std::time::Duration::from_secs(20), read).await {
+                Ok(Ok((bases, newest))) => (bases, newest, None),
+                Ok(Err(e)) => (Vec::new(), None, Some(e.message)),
+                Err(_) => (
+                    Vec::new(),
+                    None,
+                    Some(format!(
+                        "backup target `{}` did not answer within 20s",
+                        target.name()
+                    )),
+                ),
+            };
         let earliest = bases.first().map(|b| b.finished_time());
         let latest = bases
             .last()
@@ -66,6 +83,7 @@ impl AddonService {
                 .get("pg_previous_disk")
                 .and_then(|v| v.as_str())
                 .map(str::to_string),
+            target_error,
         })
     }
 }

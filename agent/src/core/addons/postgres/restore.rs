@@ -218,6 +218,8 @@ impl AddonService {
     /// everything committed before now can be restored. A server that does not answer is
     /// restored from what was archived.
     async fn flush_archive(&self, server: &ArchivedServer) -> Result<(), Error> {
+        // The last segment holding what is committed now, once the switch closed it.
+        let mut wait_for: Option<(tokio_postgres::Client, String)> = None;
         if let Ok(ip) = self.server(&server.owner).and_then(|s| s.ip()) {
             if let Ok(client) = super::connect(&super::Login {
                 host: ip,
@@ -227,21 +229,42 @@ impl AddonService {
             })
             .await
             {
-                if let Err(e) = client.simple_query("SELECT pg_switch_wal()").await {
-                    warn!(error = %super::describe(&e), "switching WAL before a restore failed");
+                match client
+                    .query_one("SELECT pg_walfile_name(pg_switch_wal() - 1)", &[])
+                    .await
+                {
+                    Ok(row) => wait_for = Some((client, row.get(0))),
+                    Err(e) => {
+                        warn!(error = %super::describe(&e), "switching WAL before a restore failed")
+                    }
                 }
             }
         }
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = Instant::now() + Duration::from_secs(90);
         loop {
+            // Archived (spooled) by the server first, then shipped by us.
+            let archived = match &wait_for {
+                None => true,
+                Some((client, segment)) => client
+                    .query_one(
+                        "SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver",
+                        &[],
+                    )
+                    .await
+                    .map(|r| {
+                        let last: String = r.get(0);
+                        last.len() >= 24 && last[8..24] >= segment[8..]
+                    })
+                    .unwrap_or(false),
+            };
             self.ship_server(server).await;
             let lag = self.pitr()?.lag(server);
-            if lag.pending_segments == 0 {
+            if archived && lag.pending_segments == 0 {
                 return Ok(());
             }
             if Instant::now() >= deadline {
                 return Err(Error::busy(format!(
-                    "{} WAL segments of the server could not be shipped ({}); restore when the target is reachable again",
+                    "the server's newest WAL could not be archived and shipped ({} files waiting: {}); restore when the target is reachable again",
                     lag.pending_segments,
                     lag.last_error.unwrap_or_else(|| "still pending".into())
                 )));
@@ -302,13 +325,19 @@ impl AddonService {
             .await?;
         let client = self.wait_promoted(&sandbox.id, &credentials(row)).await?;
         // The recovery settings served once; a later crash recovery must not see them.
-        client
-            .batch_execute(
-                "ALTER SYSTEM RESET restore_command; ALTER SYSTEM RESET recovery_target_time; \
-                 ALTER SYSTEM RESET recovery_target_action; SELECT pg_reload_conf(); CHECKPOINT",
-            )
-            .await
-            .map_err(|e| Error::busy(format!("finishing recovery: {}", super::describe(&e))))?;
+        // One statement each: ALTER SYSTEM refuses to run in a (multi-statement) transaction.
+        for statement in [
+            "ALTER SYSTEM RESET restore_command",
+            "ALTER SYSTEM RESET recovery_target_time",
+            "ALTER SYSTEM RESET recovery_target_action",
+            "SELECT pg_reload_conf()",
+            "CHECKPOINT",
+        ] {
+            client
+                .simple_query(statement)
+                .await
+                .map_err(|e| Error::busy(format!("finishing recovery: {}", super::describe(&e))))?;
+        }
         drop(client);
         if let Err(e) = std::fs::remove_dir_all(&wal_dir) {
             warn!(dir = %wal_dir.display(), error = %e, "removing the replayed WAL failed");
@@ -329,10 +358,22 @@ impl AddonService {
         loop {
             let state = self.host.sandbox(sandbox)?;
             if state.failed || state.restarts >= before + 2 {
-                return Err(Error::new(crate::core::error::ErrorKind::Unprocessable, "unprocessable", format!(
-                    "recovery did not finish: PostgreSQL stopped ({}); nothing was changed. Its last output: {}",
-                    state.exit_code.map_or("no exit code".into(), |c| format!("exit code {c}")),
+                // The lines that say why (FATAL/PANIC), else the last ones.
+                let tail = self.host.log_tail(sandbox, 60);
+                let why: Vec<&str> = tail
+                    .split(" | ")
+                    .filter(|l| {
+                        l.contains("FATAL") || l.contains("PANIC") || l.contains("recovery")
+                    })
+                    .collect();
+                let why = if why.is_empty() {
                     self.host.log_tail(sandbox, 6)
+                } else {
+                    why.join(" | ")
+                };
+                return Err(Error::new(crate::core::error::ErrorKind::Unprocessable, "unprocessable", format!(
+                    "recovery did not finish: PostgreSQL stopped ({}); nothing was changed. It said: {why}",
+                    state.exit_code.map_or("no exit code".into(), |c| format!("exit code {c}")),
                 )));
             }
             if let Some(ip) = state.ip {
