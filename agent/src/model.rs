@@ -438,6 +438,9 @@ pub struct Addon {
     pub pooling: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pooler: Option<String>,
+    /// PostgreSQL: how far its continuous archive is behind (`miren addon backups` has more).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub archive: Option<ArchiveLag>,
     /// `cli` or `deploy`: a redeploy removes only addons a deploy made.
     pub source: String,
     pub created_at: String,

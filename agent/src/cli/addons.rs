@@ -129,10 +129,23 @@ pub(crate) fn print_addons(addons: &[Addon]) {
                 a.version.clone(),
                 a.status.to_string(),
                 a.reason.clone().unwrap_or_else(|| "-".into()),
+                match &a.archive {
+                    None => "-".into(),
+                    Some(lag) if lag.last_error.is_some() => {
+                        format!("{} waiting, shipping fails", lag.pending_segments)
+                    }
+                    Some(lag) => match lag.oldest_pending_seconds {
+                        Some(age) => format!("{} waiting, oldest {age}s", lag.pending_segments),
+                        None => "shipped".into(),
+                    },
+                },
             ]
         })
         .collect();
-    print_table(&["NAME", "VARIANT", "VERSION", "STATUS", "REASON"], rows);
+    print_table(
+        &["NAME", "VARIANT", "VERSION", "STATUS", "REASON", "ARCHIVE"],
+        rows,
+    );
 }
 
 /// Asks on a terminal; scripts (no terminal) pass --yes or are not asked.

@@ -287,6 +287,7 @@ impl AddonService {
             server,
             pooling: has_pooler.then(|| pooling(row).name().to_string()),
             pooler,
+            archive: self.archive_lag(row),
             source: row.source.clone(),
             created_at: row.created_at.clone(),
             updated_at: row.updated_at.clone(),

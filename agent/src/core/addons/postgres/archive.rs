@@ -231,6 +231,22 @@ impl AddonService {
         tokio::spawn(async move { this.ship_loop().await });
     }
 
+    /// The archive lag of an addon's server, for its view; None for other kinds.
+    pub(crate) fn archive_lag(&self, row: &crate::store::addons::AddonRow) -> Option<ArchiveLag> {
+        if row.kind != KIND {
+            return None;
+        }
+        let pitr = self.pitr.get()?;
+        let server = self
+            .archived_server(
+                pitr,
+                super::super::server_owner(row),
+                super::super::credentials(row),
+            )
+            .ok()??;
+        Some(pitr.lag(&server))
+    }
+
     pub(crate) fn pitr(&self) -> Result<&Arc<Pitr>, Error> {
         self.pitr
             .get()

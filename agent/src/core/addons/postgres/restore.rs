@@ -186,7 +186,7 @@ impl AddonService {
         self.set_restore_state(&row, Some(&state))?;
         info!(app = %app, base = %base.label, ?point, "restoring PostgreSQL");
         let recovered = self
-            .recover_on_new_disk(&row, &server, &base, point, old_disk.size_gb, &mut state)
+            .recover_on_new_disk(&row, &server, base, point, old_disk.size_gb, &mut state)
             .await;
         let disk = match recovered {
             Ok(disk) => disk,
