@@ -120,32 +120,40 @@ pub enum AddonCommand {
 }
 
 pub(crate) fn print_addons(addons: &[Addon]) {
+    // The archive column only where some addon has an archive (PostgreSQL).
+    let archived = addons.iter().any(|a| a.archive.is_some());
     let rows = addons
         .iter()
         .map(|a| {
-            vec![
+            let mut row = vec![
                 a.name.clone(),
                 a.variant.clone(),
                 a.version.clone(),
                 a.status.to_string(),
                 a.reason.clone().unwrap_or_else(|| "-".into()),
-                match &a.archive {
-                    None => "-".into(),
-                    Some(lag) if lag.last_error.is_some() => {
-                        format!("{} waiting, shipping fails", lag.pending_segments)
-                    }
-                    Some(lag) => match lag.oldest_pending_seconds {
-                        Some(age) => format!("{} waiting, oldest {age}s", lag.pending_segments),
-                        None => "shipped".into(),
-                    },
+            ];
+            if !archived {
+                return row;
+            }
+            row.push(match &a.archive {
+                None => "-".into(),
+                Some(lag) if lag.last_error.is_some() => {
+                    format!("{} waiting, shipping fails", lag.pending_segments)
+                }
+                Some(lag) => match lag.oldest_pending_seconds {
+                    Some(age) => format!("{} waiting, oldest {age}s", lag.pending_segments),
+                    None => "shipped".into(),
                 },
-            ]
+            });
+            row
         })
         .collect();
-    print_table(
-        &["NAME", "VARIANT", "VERSION", "STATUS", "REASON", "ARCHIVE"],
-        rows,
-    );
+    let headers: &[&str] = if archived {
+        &["NAME", "VARIANT", "VERSION", "STATUS", "REASON", "ARCHIVE"]
+    } else {
+        &["NAME", "VARIANT", "VERSION", "STATUS", "REASON"]
+    };
+    print_table(headers, rows);
 }
 
 /// Asks on a terminal; scripts (no terminal) pass --yes or are not asked.
