@@ -553,6 +553,9 @@ pub struct RestoreAddon {
     /// Instead of restoring: delete the disk kept from before the last restore.
     #[serde(default)]
     pub discard_previous: bool,
+    /// A fork: restore into a new dedicated addon of this other app instead.
+    #[serde(default)]
+    pub to_app: Option<String>,
 }
 
 /// A finished restore (or a discarded previous disk).

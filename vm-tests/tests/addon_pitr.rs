@@ -113,6 +113,31 @@ fn restore_to_a_point_in_time_and_to_the_latest_from_a_local_directory() {
         "the dropped table is back"
     );
 
+    // A fork gives another app its own copy at the noted time, with its own login.
+    let forked = agent.json(&[
+        "addon",
+        "fork",
+        PG,
+        "-a",
+        app,
+        "--to-app",
+        "pitrfork",
+        "--to-time",
+        &noted,
+        "--json",
+    ]);
+    assert_eq!(forked["app"], "pitrfork", "{forked}");
+    let fork_url = env(&agent, "pitrfork")["DATABASE_URL"].clone();
+    assert_ne!(fork_url, url);
+    assert_eq!(
+        count(&fork_url, "orders"),
+        100,
+        "the fork is the noted point"
+    );
+    psql_ok(&fork_url, "INSERT INTO orders VALUES (5000)");
+    assert_eq!(count(&url, "orders"), 100, "the fork is a copy");
+    agent.ok(&["addon", "destroy", PG, "-a", "pitrfork", "--yes"]);
+
     // A second restore first needs the kept disk gone.
     let refused = agent.fails(&["addon", "restore", PG, "-a", app, "--latest", "--yes"]);
     assert!(refused.contains("--discard-previous"), "{refused}");
@@ -126,10 +151,12 @@ fn restore_to_a_point_in_time_and_to_the_latest_from_a_local_directory() {
     let url = env(&agent, app)["DATABASE_URL"].clone();
     assert_eq!(count(&url, "orders"), 101);
     assert_eq!(psql_ok(&url, "SELECT max(id) FROM orders"), "1000");
-    let wal = std::fs::read_dir(format!("{dir}/postgres"))
+    let archives: Vec<String> = std::fs::read_dir(format!("{dir}/postgres"))
         .expect("the archive in the target directory")
-        .count();
-    assert_eq!(wal, 1, "one server's archive");
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with("app-pitrlocal-"))
+        .collect();
+    assert_eq!(archives.len(), 1, "restores continue one archive: {archives:?}");
 
     agent.ok(&["addon", "destroy", PG, "-a", app, "--yes"]);
     assert!(

@@ -107,6 +107,20 @@ pub enum AddonCommand {
         #[arg(long)]
         json: bool,
     },
+    /// PostgreSQL: a copy of the app's database at a point in time (default: the latest
+    /// archived) as a new dedicated addon of another app.
+    Fork {
+        addon: String,
+        #[arg(short = 'a', long)]
+        app: String,
+        #[arg(long)]
+        to_app: String,
+        /// RFC 3339 UTC time, e.g. 2026-12-01T23:59:59Z.
+        #[arg(long)]
+        to_time: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Remove an addon and DELETE ITS DATA (asks on a terminal unless --yes).
     Destroy {
         addon: String,
@@ -411,6 +425,7 @@ pub async fn run(client: &Client, command: AddonCommand) -> Result<i32> {
                 to_time,
                 latest,
                 discard_previous,
+                to_app: None,
             };
             let started = Instant::now();
             let r = client.restore_addon(&app, &addon, &req).await?;
@@ -436,6 +451,34 @@ pub async fn run(client: &Client, command: AddonCommand) -> Result<i32> {
                 if let Some(d) = &r.previous_disk {
                     println!("the previous disk `{d}` is kept; delete it with `miren addon restore {addon} -a {app} --discard-previous`");
                 }
+            }
+            Ok(0)
+        }
+        AddonCommand::Fork {
+            addon,
+            app,
+            to_app,
+            to_time,
+            json: as_json,
+        } => {
+            let req = crate::model::RestoreAddon {
+                latest: to_time.is_none(),
+                to_time,
+                discard_previous: false,
+                to_app: Some(to_app.clone()),
+            };
+            let started = Instant::now();
+            let r = client.restore_addon(&app, &addon, &req).await?;
+            if as_json {
+                print_json(&r)?;
+            } else {
+                println!(
+                    "{} of app `{to_app}`: a copy of app `{app}`'s at {} (base backup {}) in {:.1}s",
+                    r.name,
+                    r.restored_to,
+                    r.base_backup,
+                    started.elapsed().as_secs_f64()
+                );
             }
             Ok(0)
         }

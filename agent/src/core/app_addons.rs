@@ -184,7 +184,7 @@ impl AddonsOfApps {
     ) -> Result<crate::model::AddonRestored, Error> {
         use crate::core::addons::postgres::restore::RestorePoint;
         if req.discard_previous {
-            if req.latest || req.to_time.is_some() {
+            if req.latest || req.to_time.is_some() || req.to_app.is_some() {
                 return Err(Error::invalid(
                     "--discard-previous deletes the disk kept from the last restore; give it alone",
                 ));
@@ -212,7 +212,13 @@ impl AddonsOfApps {
                 ))
             })?),
         };
-        let restored = self.addons.pg_restore(app, addon_arg, point).await?;
+        let (app, restored) = match &req.to_app {
+            Some(other) => (
+                other.as_str(),
+                self.addons.pg_fork(app, addon_arg, other, point).await?,
+            ),
+            None => (app, self.addons.pg_restore(app, addon_arg, point).await?),
+        };
         match self.apps.restart(app).await {
             Ok(_) => info!(app = %app, "restarted the app's services on the restored database"),
             Err(e) if e.is_not_found() => {}

@@ -15,6 +15,7 @@ use crate::core::error::Error;
 
 pub mod archive;
 mod base;
+mod fork;
 mod listing;
 mod logins;
 pub mod restore;

@@ -47,16 +47,16 @@ pub enum RestorePoint {
 
 /// A restore in flight, as its row records it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct RestoreState {
-    phase: Phase,
+pub(super) struct RestoreState {
+    pub(super) phase: Phase,
     /// The server's disk before the restore (kept as the previous one).
-    old_disk: String,
-    base: String,
+    pub(super) old_disk: String,
+    pub(super) base: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-enum Phase {
+pub(super) enum Phase {
     Preparing,
     Recovering,
     Swapping,
@@ -91,7 +91,11 @@ fn pg_time(t: SystemTime) -> String {
 }
 
 impl AddonService {
-    fn set_restore_state(&self, row: &AddonRow, state: Option<&RestoreState>) -> Result<(), Error> {
+    pub(super) fn set_restore_state(
+        &self,
+        row: &AddonRow,
+        state: Option<&RestoreState>,
+    ) -> Result<(), Error> {
         let mut extra = self
             .store
             .addon(&row.app, &row.kind)?
@@ -112,7 +116,7 @@ impl AddonService {
     }
 
     /// The PostgreSQL addon of `app` that can be restored (dedicated; shared is refused).
-    fn restorable(&self, app: &str, addon_arg: &str) -> Result<AddonRow, Error> {
+    pub(super) fn restorable(&self, app: &str, addon_arg: &str) -> Result<AddonRow, Error> {
         let (name, _) = super::super::split_addon_arg(addon_arg);
         if name != KIND {
             return Err(Error::new(
@@ -186,7 +190,15 @@ impl AddonService {
         self.set_restore_state(&row, Some(&state))?;
         info!(app = %app, base = %base.label, ?point, "restoring PostgreSQL");
         let recovered = self
-            .recover_on_new_disk(&row, &server, base, point, old_disk.size_gb, &mut state)
+            .recover_on_new_disk(
+                &row,
+                &server,
+                base,
+                point,
+                old_disk.size_gb,
+                &mut state,
+                &credentials(&row),
+            )
             .await;
         let disk = match recovered {
             Ok(disk) => disk,
@@ -217,7 +229,7 @@ impl AddonService {
     /// Switches the server to a new WAL segment and waits until its spool is shipped, so
     /// everything committed before now can be restored. A server that does not answer is
     /// restored from what was archived.
-    async fn flush_archive(&self, server: &ArchivedServer) -> Result<(), Error> {
+    pub(super) async fn flush_archive(&self, server: &ArchivedServer) -> Result<(), Error> {
         // The last segment holding what is committed now, once the switch closed it.
         let mut wait_for: Option<(tokio_postgres::Client, String)> = None;
         if let Ok(ip) = self.server(&server.owner).and_then(|s| s.ip()) {
@@ -275,7 +287,7 @@ impl AddonService {
 
     /// Builds the restored server on a new disk and recovers it to `point` in a temporary
     /// sandbox; returns the new disk's name. Touches nothing of the running server.
-    async fn recover_on_new_disk(
+    pub(super) async fn recover_on_new_disk(
         &self,
         row: &AddonRow,
         server: &ArchivedServer,
@@ -283,6 +295,7 @@ impl AddonService {
         point: RestorePoint,
         size_gb: u64,
         state: &mut RestoreState,
+        recovered_login: &miren_addons::Credentials,
     ) -> Result<String, Error> {
         let pitr = self.pitr()?.clone();
         let target = pitr.target().clone();
@@ -323,7 +336,7 @@ impl AddonService {
                 },
             )
             .await?;
-        let client = self.wait_promoted(&sandbox.id, &credentials(row)).await?;
+        let client = self.wait_promoted(&sandbox.id, recovered_login).await?;
         // The recovery settings served once; a later crash recovery must not see them.
         // One statement each: ALTER SYSTEM refuses to run in a (multi-statement) transaction.
         for statement in [
@@ -339,6 +352,11 @@ impl AddonService {
                 .map_err(|e| Error::busy(format!("finishing recovery: {}", super::describe(&e))))?;
         }
         drop(client);
+        if recovered_login.user != row.user {
+            // A fork: the copy becomes the other app's login and database.
+            let ip = self.host.sandbox(&sandbox.id)?.ip()?;
+            super::fork::adopt(ip, recovered_login, &credentials(row)).await?;
+        }
         if let Err(e) = std::fs::remove_dir_all(&wal_dir) {
             warn!(dir = %wal_dir.display(), error = %e, "removing the replayed WAL failed");
         }
@@ -404,7 +422,7 @@ impl AddonService {
     }
 
     /// Removes what a restore made before its swap (the temporary sandbox and disk).
-    async fn discard_restore(&self, row: &AddonRow) -> Result<(), Error> {
+    pub(super) async fn discard_restore(&self, row: &AddonRow) -> Result<(), Error> {
         let owner = restore_owner(&row.app);
         self.host.delete_owned(&owner).await?;
         self.host.remove_disk(&owner).await?;
@@ -413,7 +431,11 @@ impl AddonService {
 
     /// Makes the restored disk the server's: the server (and its pooler) stop, the owners
     /// swap in one transaction, and the driver starts the server again on the restored disk.
-    async fn swap_in(self: &Arc<Self>, row: &AddonRow, state: &RestoreState) -> Result<(), Error> {
+    pub(super) async fn swap_in(
+        self: &Arc<Self>,
+        row: &AddonRow,
+        state: &RestoreState,
+    ) -> Result<(), Error> {
         let owner = server_owner(row);
         self.remove_sidecar(&owner).await?;
         self.host.delete_owned(&owner).await?;
@@ -522,7 +544,7 @@ impl AddonService {
 }
 
 /// The newest base backup that ends before the point.
-fn choose_base(bases: &[BaseInfo], point: RestorePoint) -> Option<&BaseInfo> {
+pub(super) fn choose_base(bases: &[BaseInfo], point: RestorePoint) -> Option<&BaseInfo> {
     bases
         .iter()
         .filter(|b| match point {
