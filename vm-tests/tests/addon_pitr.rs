@@ -156,7 +156,11 @@ fn restore_to_a_point_in_time_and_to_the_latest_from_a_local_directory() {
         .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
         .filter(|n| n.starts_with("app-pitrlocal-"))
         .collect();
-    assert_eq!(archives.len(), 1, "restores continue one archive: {archives:?}");
+    assert_eq!(
+        archives.len(),
+        1,
+        "restores continue one archive: {archives:?}"
+    );
 
     agent.ok(&["addon", "destroy", PG, "-a", app, "--yes"]);
     assert!(

@@ -11,7 +11,7 @@ use tracing::info;
 
 use super::archive::rfc3339;
 use super::base::list_bases;
-use super::restore::{choose_base, Phase, RestorePoint, RestoreState};
+use super::restore::{choose_base, Phase, RestorePoint, RestoreState, Source};
 use crate::core::addons::{credentials, server_owner, AddonService};
 use crate::core::error::Error;
 use crate::model::{AddonRestored, CreateAddon};
@@ -147,12 +147,14 @@ impl AddonService {
         let disk = match self
             .recover_on_new_disk(
                 &row,
-                &server,
-                &base,
+                Source {
+                    server: &server,
+                    base: &base,
+                    login: &credentials(&source),
+                },
                 point,
                 size,
                 &mut state,
-                &credentials(&source),
             )
             .await
         {

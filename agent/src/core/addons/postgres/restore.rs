@@ -37,6 +37,14 @@ const RESTORE_WAL_DIR: &str = "wal-restore";
 /// How long recovery may take before the restore gives up (and leaves the server as it was).
 const RECOVERY_TIMEOUT: Duration = Duration::from_secs(1800);
 
+/// What a restore recovers from: a server's archive, one of its base backups, and the login
+/// the recovered cluster knows.
+pub(super) struct Source<'a> {
+    pub(super) server: &'a ArchivedServer,
+    pub(super) base: &'a BaseInfo,
+    pub(super) login: &'a miren_addons::Credentials,
+}
+
 /// The point a restore goes to.
 #[derive(Debug, Clone, Copy)]
 pub enum RestorePoint {
@@ -192,12 +200,14 @@ impl AddonService {
         let recovered = self
             .recover_on_new_disk(
                 &row,
-                &server,
-                base,
+                Source {
+                    server: &server,
+                    base,
+                    login: &credentials(&row),
+                },
                 point,
                 old_disk.size_gb,
                 &mut state,
-                &credentials(&row),
             )
             .await;
         let disk = match recovered {
@@ -290,13 +300,16 @@ impl AddonService {
     pub(super) async fn recover_on_new_disk(
         &self,
         row: &AddonRow,
-        server: &ArchivedServer,
-        base: &BaseInfo,
+        from: Source<'_>,
         point: RestorePoint,
         size_gb: u64,
         state: &mut RestoreState,
-        recovered_login: &miren_addons::Credentials,
     ) -> Result<String, Error> {
+        let Source {
+            server,
+            base,
+            login: recovered_login,
+        } = from;
         let pitr = self.pitr()?.clone();
         let target = pitr.target().clone();
         let owner = restore_owner(&row.app);
