@@ -38,6 +38,15 @@ fn small_postgres(agent: &TestAgent, app: &str) -> String {
     env(agent, app)["DATABASE_URL"].clone()
 }
 
+/// Removes the target directory when the test ends, also when it fails.
+struct RemoveDir(String);
+
+impl Drop for RemoveDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 fn backups(agent: &TestAgent, app: &str) -> Value {
     agent.json(&["addon", "backups", PG, "-a", app, "--json"])
 }
@@ -67,6 +76,7 @@ fn count(url: &str, table: &str) -> i64 {
 #[test]
 fn restore_to_a_point_in_time_and_to_the_latest_from_a_local_directory() {
     let dir = format!("/tmp/mrtst-pitr-nas-{}", random_hex(6));
+    let _remove = RemoveDir(dir.clone());
     let target = format!("nas={dir}");
     let Some(agent) = agent_with(&["--backup-target", &target]) else {
         return;
@@ -169,7 +179,6 @@ fn restore_to_a_point_in_time_and_to_the_latest_from_a_local_directory() {
         disk_names(&agent)
     );
     drop(agent);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// S3 target: while it is down the server keeps running and its WAL waits in the spool (the
