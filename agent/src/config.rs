@@ -27,6 +27,8 @@ pub struct AgentConfig {
     /// Named places backups and archives go (`core::targets`), besides `local`.
     pub backup_targets: Vec<crate::core::targets::TargetSpec>,
     pub default_backup_target: Option<String>,
+    /// PostgreSQL archive retention and base backup schedule.
+    pub pitr: crate::core::addons::postgres::archive::PitrSettings,
 }
 
 impl AgentConfig {

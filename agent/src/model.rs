@@ -497,6 +497,9 @@ pub struct Addon {
     /// The last time the agent grew the data disk by itself, and why.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_growth: Option<String>,
+    /// PostgreSQL: how far its continuous archive is behind (`miren addon backups` has more).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub archive: Option<ArchiveLag>,
     /// `cli` or `deploy`: a redeploy removes only addons a deploy made.
     pub source: String,
     pub created_at: String,
@@ -564,6 +567,89 @@ pub struct AddonRotated {
     /// True when this finished a rotation begun earlier (a failed request, a stopped agent)
     /// instead of starting a new one.
     pub resumed: bool,
+}
+
+/// How far a PostgreSQL server's continuous archive is behind.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+pub struct ArchiveLag {
+    /// WAL files finished by the server and waiting in its spool for the target.
+    pub pending_segments: u64,
+    pub pending_bytes: u64,
+    /// Age of the oldest waiting file; none when nothing waits.
+    pub oldest_pending_seconds: Option<u64>,
+    /// The last file shipped (since the agent started) and when.
+    pub last_shipped: Option<String>,
+    pub last_shipped_at: Option<String>,
+    /// Why shipping fails now (the target unreachable); the files stay spooled meanwhile.
+    pub last_error: Option<String>,
+}
+
+/// A base backup in the target.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct BaseBackupView {
+    pub label: String,
+    pub started_at: String,
+    /// The earliest point it restores to.
+    pub finished_at: String,
+    pub timeline: u32,
+    /// The compressed object's size, and the data it holds.
+    pub size_bytes: u64,
+    pub data_bytes: u64,
+}
+
+/// `GET /v1/apps/{app}/addons/{addon}/backups`: what an addon's data can be restored to.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AddonBackups {
+    pub name: String,
+    pub app: String,
+    /// The backup target's name and where it is.
+    pub target: String,
+    pub target_location: String,
+    /// False when the backups are on this node (lost with it).
+    pub off_node: bool,
+    /// The server's archive (`postgres/<server>/...` under the target).
+    pub server: String,
+    /// The restorable window: earliest and latest point; none without a base backup.
+    pub earliest: Option<String>,
+    pub latest: Option<String>,
+    pub base_backups: Vec<BaseBackupView>,
+    pub archive: ArchiveLag,
+    /// The disk kept from before the last restore, until `--discard-previous`.
+    pub previous_disk: Option<String>,
+    /// Why the target could not be read now (then the window and base backups are empty).
+    pub target_error: Option<String>,
+}
+
+/// `POST /v1/apps/{app}/addons/{addon}/restore`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreAddon {
+    /// RFC 3339 time to restore to; with neither this nor `latest`, nothing is restored.
+    #[serde(default)]
+    pub to_time: Option<String>,
+    /// Restore everything archived.
+    #[serde(default)]
+    pub latest: bool,
+    /// Instead of restoring: delete the disk kept from before the last restore.
+    #[serde(default)]
+    pub discard_previous: bool,
+    /// A fork: restore into a new dedicated addon of this other app instead.
+    #[serde(default)]
+    pub to_app: Option<String>,
+}
+
+/// A finished restore (or a discarded previous disk).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AddonRestored {
+    pub name: String,
+    pub app: String,
+    /// The point restored to (RFC 3339) or `latest`; empty for `discard_previous`.
+    pub restored_to: String,
+    pub base_backup: String,
+    /// The server's disk now.
+    pub disk: String,
+    /// The disk from before (kept) or the one deleted by `discard_previous`.
+    pub previous_disk: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

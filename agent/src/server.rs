@@ -166,6 +166,17 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         restores: Arc::new(tokio::sync::Semaphore::new(api::MAX_RESTORES)),
     };
     addons_of_apps.restart_apps_when_addons_settle();
+    // Restores a previous agent left mid-way are finished or discarded before the addons
+    // resume (so no server starts on a disk about to be swapped).
+    addons.enable_pitr(crate::core::addons::postgres::archive::Pitr::new(
+        disks.clone(),
+        targets.clone(),
+        cfg.pitr,
+    ));
+    addons
+        .resume_pg_restores()
+        .await
+        .context("resuming PostgreSQL restores")?;
     // Addons and deploys a previous agent left mid-way continue in the background.
     addons.resume().context("resuming addons")?;
     apps.resume().context("resuming deploys")?;

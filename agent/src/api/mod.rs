@@ -11,6 +11,7 @@ mod disks;
 mod endpoints;
 pub mod error;
 mod images;
+mod pitr;
 mod sandboxes;
 pub mod stream;
 mod system;
@@ -146,6 +147,8 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(addons::get_addon, addons::destroy_addon))
         .routes(routes!(addons::rotate_addon))
         .routes(routes!(addons::update_addon, addons::update_addon_post))
+        .routes(routes!(pitr::addon_backups))
+        .routes(routes!(pitr::restore_addon))
         .routes(routes!(apps::app_env))
         .routes(routes!(apps::deploy_app))
         .routes(routes!(builds::build_source))

@@ -93,6 +93,49 @@ pub enum AddonCommand {
         #[arg(long)]
         json: bool,
     },
+    /// PostgreSQL: the restorable window (earliest and latest point), base backups, archive
+    /// lag, and where the backups are.
+    Backups {
+        addon: String,
+        #[arg(short = 'a', long)]
+        app: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// PostgreSQL: restore the app's database to a point in time (a new disk, swapped in once
+    /// recovery reached the point; the old disk is kept until --discard-previous).
+    Restore {
+        addon: String,
+        #[arg(short = 'a', long)]
+        app: String,
+        /// RFC 3339 UTC time, e.g. 2026-12-01T23:59:59Z.
+        #[arg(long, conflicts_with_all = ["latest", "discard_previous"])]
+        to_time: Option<String>,
+        /// Everything archived (the server's WAL is switched and shipped first).
+        #[arg(long, conflicts_with = "discard_previous")]
+        latest: bool,
+        /// Delete the disk kept from before the last restore.
+        #[arg(long)]
+        discard_previous: bool,
+        #[arg(short = 'y', long)]
+        yes: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// PostgreSQL: a copy of the app's database at a point in time (default: the latest
+    /// archived) as a new dedicated addon of another app.
+    Fork {
+        addon: String,
+        #[arg(short = 'a', long)]
+        app: String,
+        #[arg(long)]
+        to_app: String,
+        /// RFC 3339 UTC time, e.g. 2026-12-01T23:59:59Z.
+        #[arg(long)]
+        to_time: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Remove an addon and DELETE ITS DATA (asks on a terminal unless --yes).
     Destroy {
         addon: String,
@@ -106,10 +149,12 @@ pub enum AddonCommand {
 }
 
 pub(crate) fn print_addons(addons: &[Addon]) {
+    // The archive column only where some addon has an archive (PostgreSQL).
+    let archived = addons.iter().any(|a| a.archive.is_some());
     let rows = addons
         .iter()
         .map(|a| {
-            vec![
+            let mut row = vec![
                 a.name.clone(),
                 a.variant.clone(),
                 a.tier.clone().unwrap_or_else(|| "-".into()),
@@ -122,15 +167,33 @@ pub(crate) fn print_addons(addons: &[Addon]) {
                     _ => "-".into(),
                 },
                 a.reason.clone().unwrap_or_else(|| "-".into()),
-            ]
+            ];
+            if !archived {
+                return row;
+            }
+            row.push(match &a.archive {
+                None => "-".into(),
+                Some(lag) if lag.last_error.is_some() => {
+                    format!("{} waiting, shipping fails", lag.pending_segments)
+                }
+                Some(lag) => match lag.oldest_pending_seconds {
+                    Some(age) => format!("{} waiting, oldest {age}s", lag.pending_segments),
+                    None => "shipped".into(),
+                },
+            });
+            row
         })
         .collect();
-    print_table(
+    let headers: &[&str] = if archived {
+        &[
+            "NAME", "VARIANT", "TIER", "VERSION", "STATUS", "DISK", "REASON", "ARCHIVE",
+        ]
+    } else {
         &[
             "NAME", "VARIANT", "TIER", "VERSION", "STATUS", "DISK", "REASON",
-        ],
-        rows,
-    );
+        ]
+    };
+    print_table(headers, rows);
     for a in addons {
         if let Some(growth) = &a.last_growth {
             println!("{}: {growth}", a.name);
@@ -330,6 +393,151 @@ pub async fn run(client: &Client, command: AddonCommand) -> Result<i32> {
                     rotated.name,
                     rotated.user,
                     rotated.previous_user,
+                    started.elapsed().as_secs_f64()
+                );
+            }
+            Ok(0)
+        }
+        AddonCommand::Backups {
+            addon,
+            app,
+            json: as_json,
+        } => {
+            let b = client.addon_backups(&app, &addon).await?;
+            if as_json {
+                print_json(&b)?;
+                return Ok(0);
+            }
+            let place = if b.off_node {
+                "off this node"
+            } else {
+                "ON THIS NODE: they are lost with it; add an off-node target with `miren agent --backup-target NAME=s3://...`"
+            };
+            println!("target:   {} ({}), {place}", b.target, b.target_location);
+            println!("archive:  postgres/{}", b.server);
+            match (&b.earliest, &b.latest) {
+                (Some(e), Some(l)) => println!("window:   {e} .. {l}"),
+                _ => println!("window:   none yet (no base backup)"),
+            }
+            let lag = &b.archive;
+            println!(
+                "lag:      {} WAL file(s) waiting ({} bytes){}{}",
+                lag.pending_segments,
+                lag.pending_bytes,
+                lag.oldest_pending_seconds
+                    .map(|s| format!(", oldest {s}s"))
+                    .unwrap_or_default(),
+                lag.last_shipped
+                    .as_ref()
+                    .map(|s| format!(
+                        "; last shipped {s} at {}",
+                        lag.last_shipped_at.as_deref().unwrap_or("?")
+                    ))
+                    .unwrap_or_default()
+            );
+            if let Some(err) = &b.target_error {
+                println!("target:   UNREADABLE: {err}");
+            }
+            if let Some(err) = &lag.last_error {
+                println!("shipping: FAILING: {err}");
+            }
+            if let Some(previous) = &b.previous_disk {
+                println!("kept:     disk `{previous}` from before the last restore");
+            }
+            let rows = b
+                .base_backups
+                .iter()
+                .map(|x| {
+                    vec![
+                        x.label.clone(),
+                        x.finished_at.clone(),
+                        x.timeline.to_string(),
+                        x.size_bytes.to_string(),
+                        x.data_bytes.to_string(),
+                    ]
+                })
+                .collect();
+            print_table(
+                &["BASE BACKUP", "RESTORES FROM", "TIMELINE", "SIZE", "DATA"],
+                rows,
+            );
+            Ok(0)
+        }
+        AddonCommand::Restore {
+            addon,
+            app,
+            to_time,
+            latest,
+            discard_previous,
+            yes,
+            json: as_json,
+        } => {
+            if !discard_previous
+                && !yes
+                && !confirm(&format!(
+                    "Restore {addon} of app `{app}` to {}? Changes after that point are no longer the app's (the current disk is kept).",
+                    to_time.as_deref().unwrap_or("the latest archived point")
+                ))?
+            {
+                eprintln!("nothing was restored");
+                return Ok(1);
+            }
+            let req = crate::model::RestoreAddon {
+                to_time,
+                latest,
+                discard_previous,
+                to_app: None,
+            };
+            let started = Instant::now();
+            let r = client.restore_addon(&app, &addon, &req).await?;
+            if as_json {
+                print_json(&r)?;
+            } else if discard_previous {
+                match &r.previous_disk {
+                    Some(d) => println!(
+                        "{} of app `{app}`: deleted disk `{d}` kept from before the last restore",
+                        r.name
+                    ),
+                    None => println!("{} of app `{app}`: no disk was kept; nothing to do", r.name),
+                }
+            } else {
+                println!(
+                    "{} of app `{app}`: restored to {} from base backup {} in {:.1}s; the server runs on disk `{}`",
+                    r.name,
+                    r.restored_to,
+                    r.base_backup,
+                    started.elapsed().as_secs_f64(),
+                    r.disk
+                );
+                if let Some(d) = &r.previous_disk {
+                    println!("the previous disk `{d}` is kept; delete it with `miren addon restore {addon} -a {app} --discard-previous`");
+                }
+            }
+            Ok(0)
+        }
+        AddonCommand::Fork {
+            addon,
+            app,
+            to_app,
+            to_time,
+            json: as_json,
+        } => {
+            let req = crate::model::RestoreAddon {
+                latest: to_time.is_none(),
+                to_time,
+                discard_previous: false,
+                to_app: Some(to_app.clone()),
+            };
+            let started = Instant::now();
+            let r = client.restore_addon(&app, &addon, &req).await?;
+            if as_json {
+                print_json(&r)?;
+            } else {
+                println!(
+                    "{} of app `{to_app}`: a copy of app `{app}`'s at {} (base backup {}) in {:.1}s",
+                    r.name,
+                    r.restored_to,
+                    r.base_backup,
                     started.elapsed().as_secs_f64()
                 );
             }

@@ -58,6 +58,15 @@ pub struct AgentArgs {
     /// --backup-target, else `local`).
     #[arg(long, env = "MIREN_DEFAULT_BACKUP_TARGET")]
     pub default_backup_target: Option<String>,
+    /// How far back a PostgreSQL point-in-time restore reaches (older WAL is pruned).
+    #[arg(long, env = "MIREN_PG_PITR_RETENTION", default_value = "7days", value_parser = parse_duration)]
+    pub pg_pitr_retention: Duration,
+    /// How long PostgreSQL base backups are kept (the newest always is).
+    #[arg(long, env = "MIREN_PG_BASE_BACKUP_RETENTION", default_value = "30days", value_parser = parse_duration)]
+    pub pg_base_backup_retention: Duration,
+    /// How often each PostgreSQL server gets a base backup (and one right after it is made).
+    #[arg(long, env = "MIREN_PG_BASE_BACKUP_INTERVAL", default_value = "1day", value_parser = parse_duration)]
+    pub pg_base_backup_interval: Duration,
 }
 
 pub fn agent_config(args: &AgentArgs, socket: PathBuf) -> Result<AgentConfig> {
@@ -66,6 +75,9 @@ pub fn agent_config(args: &AgentArgs, socket: PathBuf) -> Result<AgentConfig> {
         Some(group) => Some(config::resolve_group(group).map_err(anyhow::Error::msg)?),
         None => None,
     };
+    if args.pg_base_backup_interval.is_zero() {
+        bail!("--pg-base-backup-interval must be longer than zero");
+    }
     if args.reclaim_interval.is_zero() {
         bail!("--reclaim-interval must be longer than zero");
     }
@@ -97,6 +109,11 @@ pub fn agent_config(args: &AgentArgs, socket: PathBuf) -> Result<AgentConfig> {
         allow_insecure_mirrors: args.allow_insecure_mirrors,
         backup_targets: args.backup_target.clone(),
         default_backup_target: args.default_backup_target.clone(),
+        pitr: crate::core::addons::postgres::archive::PitrSettings {
+            retention: args.pg_pitr_retention,
+            base_retention: args.pg_base_backup_retention,
+            base_interval: args.pg_base_backup_interval,
+        },
     })
 }
 

@@ -102,10 +102,12 @@ pub enum Route {
     /// The same as `UpdateAddon`, for clients that only send POST.
     UpdateAddonPost,
     AddonCatalog,
+    AddonBackups,
+    RestoreAddon,
 }
 
 impl Route {
-    pub const ALL: [Route; 46] = [
+    pub const ALL: [Route; 48] = [
         Route::Info,
         Route::ListDisks,
         Route::CreateDisk,
@@ -152,6 +154,8 @@ impl Route {
         Route::UpdateAddon,
         Route::UpdateAddonPost,
         Route::AddonCatalog,
+        Route::AddonBackups,
+        Route::RestoreAddon,
     ];
 
     /// The HTTP method, upper case.
@@ -160,11 +164,11 @@ impl Route {
         match self {
             Info | ListDisks | Disk | ListLeases | ListEndpoints | Endpoint | ListImages
             | ListSandboxes | Sandbox | SandboxLogs | ListApps | App | AppEnv | AppAddons
-            | AppAddon | AddonCatalog => "GET",
+            | AppAddon | AddonCatalog | AddonBackups => "GET",
             CreateDisk | ResizeDisk | AcquireLease | BackupDisk | BackupDiskToTarget
             | RestoreDisk | CreateEndpoint | NetGc | PullImage | ImportImage | ImageGc
             | RunSandbox | ExecSandbox | StopSandbox | WaitSandbox | Deploy | Build
-            | RestartApp | CreateAddon | RotateAddon | UpdateAddonPost => "POST",
+            | RestartApp | CreateAddon | RotateAddon | UpdateAddonPost | RestoreAddon => "POST",
             LocalStorage => "PUT",
             UpdateAddon => "PATCH",
             DeleteDisk | ReleaseLease | DeleteEndpoint | RemoveImage | DeleteSandbox
@@ -212,6 +216,8 @@ impl Route {
             CreateAddon => "/v1/addons",
             RotateAddon => "/v1/apps/{app}/addons/{addon}/rotate",
             AddonCatalog => "/v1/addons/catalog",
+            AddonBackups => "/v1/apps/{app}/addons/{addon}/backups",
+            RestoreAddon => "/v1/apps/{app}/addons/{addon}/restore",
         }
     }
 
@@ -711,6 +717,25 @@ impl Client {
         req: &UpdateAddon,
     ) -> Result<AddonUpdated> {
         self.call(Route::UpdateAddon, &[app, addon], &[], Some(req))
+            .await
+    }
+
+    pub async fn addon_backups(
+        &self,
+        app: &str,
+        addon: &str,
+    ) -> Result<crate::model::AddonBackups> {
+        self.call(Route::AddonBackups, &[app, addon], &[], NO_BODY)
+            .await
+    }
+
+    pub async fn restore_addon(
+        &self,
+        app: &str,
+        addon: &str,
+        req: &crate::model::RestoreAddon,
+    ) -> Result<crate::model::AddonRestored> {
+        self.call(Route::RestoreAddon, &[app, addon], &[], Some(req))
             .await
     }
 

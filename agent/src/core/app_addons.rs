@@ -192,3 +192,60 @@ impl AddonsOfApps {
         Ok(())
     }
 }
+
+impl AddonsOfApps {
+    /// Restores an app's PostgreSQL to a point (or discards the disk kept from the last
+    /// restore), then restarts the app's services so they reconnect to the restored server.
+    pub async fn restore(
+        &self,
+        app: &str,
+        addon_arg: &str,
+        req: &crate::model::RestoreAddon,
+    ) -> Result<crate::model::AddonRestored, Error> {
+        use crate::core::addons::postgres::restore::RestorePoint;
+        if req.discard_previous {
+            if req.latest || req.to_time.is_some() || req.to_app.is_some() {
+                return Err(Error::invalid(
+                    "--discard-previous deletes the disk kept from the last restore; give it alone",
+                ));
+            }
+            let previous = self.addons.pg_discard_previous(app, addon_arg).await?;
+            return Ok(crate::model::AddonRestored {
+                name: split_addon_arg(addon_arg).0.to_string(),
+                app: app.to_string(),
+                restored_to: String::new(),
+                base_backup: String::new(),
+                disk: String::new(),
+                previous_disk: previous,
+            });
+        }
+        let point = match (&req.to_time, req.latest) {
+            (Some(_), true) | (None, false) => {
+                return Err(Error::invalid(
+                    "give exactly one of --to-time RFC3339 (e.g. 2026-12-01T23:59:59Z) and --latest",
+                ))
+            }
+            (None, true) => RestorePoint::Latest,
+            (Some(t), false) => RestorePoint::Time(humantime::parse_rfc3339_weak(t).map_err(|e| {
+                Error::invalid(format!(
+                    "--to-time `{t}` is not an RFC 3339 UTC time ({e}); write e.g. 2026-12-01T23:59:59Z"
+                ))
+            })?),
+        };
+        let (app, restored) = match &req.to_app {
+            Some(other) => (
+                other.as_str(),
+                self.addons.pg_fork(app, addon_arg, other, point).await?,
+            ),
+            None => (app, self.addons.pg_restore(app, addon_arg, point).await?),
+        };
+        match self.apps.restart(app).await {
+            Ok(_) => info!(app = %app, "restarted the app's services on the restored database"),
+            Err(e) if e.is_not_found() => {}
+            Err(e) => {
+                warn!(app = %app, error = %e, "restarting the app after a restore failed; `miren app restart` retries")
+            }
+        }
+        Ok(restored)
+    }
+}

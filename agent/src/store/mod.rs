@@ -13,6 +13,7 @@ mod disks;
 mod endpoints;
 mod error;
 mod owner;
+pub mod pitr;
 pub mod rotations;
 mod sandboxes;
 mod sql;

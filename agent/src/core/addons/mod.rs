@@ -81,6 +81,8 @@ pub struct AddonService {
     settled: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<String>>,
     /// The addons whose credential rotation runs in this agent now.
     rotating: Arc<Mutex<std::collections::HashSet<Key>>>,
+    /// PostgreSQL's continuous archive and restores (`postgres/archive.rs`); unset in unit tests.
+    pitr: std::sync::OnceLock<Arc<postgres::archive::Pitr>>,
 }
 
 /// The sandbox and disk name of an app's dedicated server: `<base>-<app>` (`addon-pg-shop`),
@@ -209,6 +211,7 @@ impl AddonService {
             shared: tokio::sync::Mutex::new(()),
             settled: std::sync::OnceLock::new(),
             rotating: rotate::running(),
+            pitr: std::sync::OnceLock::new(),
         })
     }
 
@@ -293,6 +296,7 @@ impl AddonService {
             disk_size_gb: usage.map(|u| u.size_gb),
             disk_used_bytes: usage.map(|u| u.used_bytes),
             last_growth: tiers::last_growth(row),
+            archive: self.archive_lag(row),
             source: row.source.clone(),
             created_at: row.created_at.clone(),
             updated_at: row.updated_at.clone(),

@@ -13,10 +13,17 @@ use super::provider::{
 };
 use crate::core::error::Error;
 
+pub mod archive;
+mod base;
+mod fork;
+mod listing;
 mod logins;
+pub mod restore;
 mod tiers;
 
 pub const PORT: u16 = 5432;
+/// The image's `postgres` user and group (as the official image).
+const PG_UID: u32 = 999;
 
 /// Where the official postgres image keeps its data; the disk is mounted here.
 const PG_DATA_MOUNT: &str = "/var/lib/postgresql/data";
@@ -80,7 +87,7 @@ impl AddonProvider for Postgres {
         // Durability comes from one syncfs of the disk once the server is ready.
         env.push("POSTGRES_INITDB_ARGS=--no-sync".into());
         ServerSpec {
-            command: Vec::new(),
+            command: archive::server_args(),
             env,
             port: PORT,
             data: Some(DataDisk {

@@ -401,6 +401,10 @@ impl AddonService {
             self.remove_sidecar(&owner).await?;
             self.host.delete_owned(&owner).await?;
             self.host.remove_disk(&owner).await?;
+            if row.kind == "miren-postgresql" && self.pitr.get().is_some() {
+                // A restore's leftovers: its temporary disk and the disk kept from before it.
+                self.remove_restore_disks(&row.app).await?;
+            }
             return Ok(());
         }
         let _guard = self.shared.lock().await;

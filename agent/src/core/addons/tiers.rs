@@ -39,7 +39,7 @@ fn tier_at(row: &AddonRow, key: &str) -> Option<Tier> {
 }
 
 /// The addon's wanted tier (`small` for rows from before tiers).
-pub(super) fn tier(row: &AddonRow) -> Tier {
+pub(crate) fn tier(row: &AddonRow) -> Tier {
     tier_at(row, TIER).unwrap_or_default()
 }
 

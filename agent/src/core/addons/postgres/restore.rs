@@ -1,0 +1,668 @@
+//! Point-in-time restore of a dedicated PostgreSQL server: a new data disk from the nearest
+//! base backup before the point, WAL replayed to it in a temporary sandbox (`restore_command`
+//! reads a directory the agent filled from the target; `recovery_target_action = promote`),
+//! checked to have finished recovery and to answer, and only then swapped in.
+//!
+//! Phases are recorded in the addon's row (`extra.pg_restore`) before each step:
+//! `preparing` and `recovering` touch only the new disk and the temporary sandbox, so a
+//! failure or a killed agent discards them and the running server is as it was; `swapping`
+//! is finished forward (the disk owners change in one transaction, `store/pitr.rs`). The old
+//! disk is kept under the owner `<kind>+previous` until `--discard-previous`.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use object_store::ObjectStoreExt;
+use serde::{Deserialize, Serialize};
+use tokio_stream::StreamExt;
+use tracing::{info, warn};
+
+use super::archive::{is_segment, wal_prefix, ArchivedServer, SPOOL_DIR};
+use super::base::{list_bases, unpack_base, unreachable_target, BaseInfo};
+use crate::core::addons::host::ServerLaunch;
+use crate::core::addons::{
+    credentials, dedicated_server_name, is_shared, server_owner, AddonService,
+};
+use crate::core::error::Error;
+use crate::model::AddonRestored;
+use crate::store::addons::{AddonRow, AddonStatus};
+use crate::store::Owner;
+
+const KIND: &str = "miren-postgresql";
+const STATE_KEY: &str = "pg_restore";
+const PREVIOUS_KEY: &str = "pg_previous_disk";
+/// Where the agent puts the WAL a restore replays, relative to the disk's root.
+const RESTORE_WAL_DIR: &str = "wal-restore";
+/// How long recovery may take before the restore gives up (and leaves the server as it was).
+const RECOVERY_TIMEOUT: Duration = Duration::from_secs(1800);
+
+/// What a restore recovers from: a server's archive, one of its base backups, and the login
+/// the recovered cluster knows.
+pub(super) struct Source<'a> {
+    pub(super) server: &'a ArchivedServer,
+    pub(super) base: &'a BaseInfo,
+    pub(super) login: &'a miren_addons::Credentials,
+}
+
+/// The point a restore goes to.
+#[derive(Debug, Clone, Copy)]
+pub enum RestorePoint {
+    Time(SystemTime),
+    /// Everything archived.
+    Latest,
+}
+
+/// A restore in flight, as its row records it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(super) struct RestoreState {
+    pub(super) phase: Phase,
+    /// The server's disk before the restore (kept as the previous one).
+    pub(super) old_disk: String,
+    pub(super) base: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum Phase {
+    Preparing,
+    Recovering,
+    Swapping,
+}
+
+fn restore_owner(app: &str) -> Owner {
+    Owner::Addon {
+        app: app.to_string(),
+        kind: format!("{KIND}+restore"),
+    }
+}
+
+fn previous_owner(app: &str) -> Owner {
+    Owner::Addon {
+        app: app.to_string(),
+        kind: format!("{KIND}+previous"),
+    }
+}
+
+fn state_of(row: &AddonRow) -> Option<RestoreState> {
+    row.extra
+        .get(STATE_KEY)
+        .and_then(|v| serde_json::from_value(v.clone()).ok())
+}
+
+/// `2026-12-01 23:59:59.123456+00`, PostgreSQL's own form of a UTC time.
+fn pg_time(t: SystemTime) -> String {
+    humantime::format_rfc3339_micros(t)
+        .to_string()
+        .replace('T', " ")
+        .replace('Z', "+00")
+}
+
+impl AddonService {
+    pub(super) fn set_restore_state(
+        &self,
+        row: &AddonRow,
+        state: Option<&RestoreState>,
+    ) -> Result<(), Error> {
+        let mut extra = self
+            .store
+            .addon(&row.app, &row.kind)?
+            .map(|r| r.extra)
+            .unwrap_or_default();
+        match state {
+            Some(state) => {
+                let value = serde_json::to_value(state)
+                    .map_err(|e| Error::internal(format!("recording the restore: {e}")))?;
+                extra.insert(STATE_KEY.into(), value);
+            }
+            None => {
+                extra.remove(STATE_KEY);
+            }
+        }
+        self.store.set_addon_extra(&row.app, &row.kind, &extra)?;
+        Ok(())
+    }
+
+    /// The PostgreSQL addon of `app` that can be restored (dedicated; shared is refused).
+    pub(super) fn restorable(&self, app: &str, addon_arg: &str) -> Result<AddonRow, Error> {
+        let (name, _) = super::super::split_addon_arg(addon_arg);
+        if name != KIND {
+            return Err(Error::new(
+                crate::core::error::ErrorKind::Unprocessable,
+                "unprocessable",
+                format!("point-in-time restore is for {KIND}; `{name}` has no continuous archive"),
+            ));
+        }
+        let row = self.find(app, KIND)?;
+        if is_shared(&row) {
+            return Err(Error::new(crate::core::error::ErrorKind::Unprocessable, "unprocessable", format!(
+                "app `{app}` uses the shared PostgreSQL server: restoring one app of it is not built in this version; its archive is kept (`miren addon backups {KIND} -a {app}`)"
+            )));
+        }
+        Ok(row)
+    }
+
+    /// Restores an app's dedicated PostgreSQL to `point`; returns once the restored server
+    /// is the app's and answers.
+    pub async fn pg_restore(
+        self: &Arc<Self>,
+        app: &str,
+        addon_arg: &str,
+        point: RestorePoint,
+    ) -> Result<AddonRestored, Error> {
+        let pitr = self.pitr()?.clone();
+        let _one = pitr.restoring.lock().await;
+        let row = self.restorable(app, addon_arg)?;
+        if let Some(state) = state_of(&row) {
+            // What an earlier failed or cut-short restore left.
+            self.resume_restore(&row, &state).await?;
+        }
+        let row = self.find(app, KIND)?;
+        if row.status != AddonStatus::Active {
+            return Err(Error::conflict(format!(
+                "{KIND} of app `{app}` is {}; restore it once it is active",
+                row.status
+            )));
+        }
+        if let Some(previous) = row.extra.get(PREVIOUS_KEY).and_then(|v| v.as_str()) {
+            return Err(Error::conflict(format!(
+                "app `{app}` keeps the disk from before its last restore (`{previous}`); run `miren addon restore {KIND} -a {app} --discard-previous` first"
+            )));
+        }
+        let owner = server_owner(&row);
+        let server = self
+            .archived_server(&pitr, owner.clone(), credentials(&row))?
+            .ok_or_else(|| Error::busy(format!("the server of app `{app}` is not running")))?;
+        // What is committed now becomes archivable (a segment switch) and is shipped.
+        self.flush_archive(&server).await?;
+        let target = pitr.target().clone();
+        let bases = list_bases(&target, &server.id).await?;
+        let base = choose_base(&bases, point).ok_or_else(|| {
+            Error::not_found(match point {
+                RestorePoint::Latest => format!("app `{app}` has no base backup yet; one is taken right after provisioning, try again in a minute"),
+                RestorePoint::Time(t) => format!(
+                    "no base backup of app `{app}` ends before {}; `miren addon backups {KIND} -a {app}` shows the restorable window",
+                    super::archive::rfc3339(t)
+                ),
+            })
+        })?;
+        let old_disk = self
+            .store
+            .disk_of(&owner)?
+            .ok_or_else(|| Error::busy(format!("app `{app}`'s server has no disk")))?;
+        let mut state = RestoreState {
+            phase: Phase::Preparing,
+            old_disk: old_disk.name.clone(),
+            base: base.label.clone(),
+        };
+        self.set_restore_state(&row, Some(&state))?;
+        info!(app = %app, base = %base.label, ?point, "restoring PostgreSQL");
+        let recovered = self
+            .recover_on_new_disk(
+                &row,
+                Source {
+                    server: &server,
+                    base,
+                    login: &credentials(&row),
+                },
+                point,
+                old_disk.size_gb,
+                &mut state,
+            )
+            .await;
+        let disk = match recovered {
+            Ok(disk) => disk,
+            Err(e) => {
+                warn!(app = %app, error = %e, "restore failed; discarding what it made");
+                if let Err(cleanup) = self.discard_restore(&row).await {
+                    warn!(app = %app, error = %cleanup, "discarding the restore's disk failed; the next restore or start retries");
+                }
+                return Err(e);
+            }
+        };
+        state.phase = Phase::Swapping;
+        self.set_restore_state(&row, Some(&state))?;
+        self.swap_in(&row, &state).await?;
+        Ok(AddonRestored {
+            name: KIND.to_string(),
+            app: app.to_string(),
+            restored_to: match point {
+                RestorePoint::Latest => "latest".into(),
+                RestorePoint::Time(t) => super::archive::rfc3339(t),
+            },
+            base_backup: base.label.clone(),
+            disk,
+            previous_disk: Some(state.old_disk.clone()),
+        })
+    }
+
+    /// Switches the server to a new WAL segment and waits until its spool is shipped, so
+    /// everything committed before now can be restored. A server that does not answer is
+    /// restored from what was archived.
+    pub(super) async fn flush_archive(&self, server: &ArchivedServer) -> Result<(), Error> {
+        // The last segment holding what is committed now, once the switch closed it.
+        let mut wait_for: Option<(tokio_postgres::Client, String)> = None;
+        if let Ok(ip) = self.server(&server.owner).and_then(|s| s.ip()) {
+            if let Ok(client) = super::connect(&super::Login {
+                host: ip,
+                user: &server.login.user,
+                password: &server.login.password,
+                database: &server.login.database,
+            })
+            .await
+            {
+                match client
+                    .query_one("SELECT pg_walfile_name(pg_switch_wal() - 1)", &[])
+                    .await
+                {
+                    Ok(row) => wait_for = Some((client, row.get(0))),
+                    Err(e) => {
+                        warn!(error = %super::describe(&e), "switching WAL before a restore failed")
+                    }
+                }
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            // Archived (spooled) by the server first, then shipped by us.
+            let archived = match &wait_for {
+                None => true,
+                Some((client, segment)) => client
+                    .query_one(
+                        "SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver",
+                        &[],
+                    )
+                    .await
+                    .map(|r| {
+                        let last: String = r.get(0);
+                        last.len() >= 24 && last[8..24] >= segment[8..]
+                    })
+                    .unwrap_or(false),
+            };
+            self.ship_server(server).await;
+            let lag = self.pitr()?.lag(server);
+            if archived && lag.pending_segments == 0 {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::busy(format!(
+                    "the server's newest WAL could not be archived and shipped ({} files waiting: {}); restore when the target is reachable again",
+                    lag.pending_segments,
+                    lag.last_error.unwrap_or_else(|| "still pending".into())
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+
+    /// Builds the restored server on a new disk and recovers it to `point` in a temporary
+    /// sandbox; returns the new disk's name. Touches nothing of the running server.
+    pub(super) async fn recover_on_new_disk(
+        &self,
+        row: &AddonRow,
+        from: Source<'_>,
+        point: RestorePoint,
+        size_gb: u64,
+        state: &mut RestoreState,
+    ) -> Result<String, Error> {
+        let Source {
+            server,
+            base,
+            login: recovered_login,
+        } = from;
+        let pitr = self.pitr()?.clone();
+        let target = pitr.target().clone();
+        let owner = restore_owner(&row.app);
+        let name = dedicated_server_name("addon-pgr", &row.app);
+        let disk = self.host.ensure_disk(&owner, &name, size_gb).await?;
+        let mount = pitr
+            .mount_of_disk(&disk)?
+            .ok_or_else(|| Error::busy(format!("disk `{disk}` is not mounted")))?;
+        let pgdata = mount.join(super::PG_DATA_SUBDIR);
+        let wal_dir = mount.join(RESTORE_WAL_DIR);
+        for dir in [&pgdata, &wal_dir, &mount.join(SPOOL_DIR)] {
+            match std::fs::remove_dir_all(dir) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(Error::internal(format!("clearing {}: {e}", dir.display())))
+                }
+                _ => {}
+            }
+        }
+        unpack_base(&target, &server.id, &base.label, pgdata.clone()).await?;
+        fetch_wal(&target, &server.id, &base.start_wal, &wal_dir).await?;
+        write_recovery_settings(&pgdata, point)?;
+        state.phase = Phase::Recovering;
+        self.set_restore_state(row, Some(state))?;
+        let provider = self.provider(KIND)?.clone();
+        let mut spec = provider.server(miren_addons::Variant::Small, &credentials(row));
+        // Sized as the server it replaces: the tier's memory, CPU and settings.
+        let size = provider.server_size(
+            miren_addons::Variant::Small,
+            crate::core::addons::tiers::tier(row),
+        );
+        if let Some(size) = &size {
+            spec.command.extend(size.args.iter().cloned());
+        }
+        let sandbox = self
+            .host
+            .run_server(
+                &owner,
+                ServerLaunch {
+                    name,
+                    image: row.image.clone(),
+                    command: spec.command,
+                    env: spec.env,
+                    disk: Some((disk.clone(), super::PG_DATA_MOUNT.to_string())),
+                    allow_from: Vec::new(),
+                    limits: size.as_ref().map(|s| (s.memory_bytes, s.cpus)),
+                },
+            )
+            .await?;
+        let client = self.wait_promoted(&sandbox.id, recovered_login).await?;
+        // The recovery settings served once; a later crash recovery must not see them.
+        // One statement each: ALTER SYSTEM refuses to run in a (multi-statement) transaction.
+        for statement in [
+            "ALTER SYSTEM RESET restore_command",
+            "ALTER SYSTEM RESET recovery_target_time",
+            "ALTER SYSTEM RESET recovery_target_action",
+            "SELECT pg_reload_conf()",
+            "CHECKPOINT",
+        ] {
+            client
+                .simple_query(statement)
+                .await
+                .map_err(|e| Error::busy(format!("finishing recovery: {}", super::describe(&e))))?;
+        }
+        drop(client);
+        if recovered_login.user != row.user {
+            // A fork: the copy becomes the other app's login and database.
+            let ip = self.host.sandbox(&sandbox.id)?.ip()?;
+            super::fork::adopt(ip, recovered_login, &credentials(row)).await?;
+        }
+        if let Err(e) = std::fs::remove_dir_all(&wal_dir) {
+            warn!(dir = %wal_dir.display(), error = %e, "removing the replayed WAL failed");
+        }
+        self.host.delete_owned(&owner).await?;
+        Ok(disk)
+    }
+
+    /// Waits until the temporary server finished recovery (promoted) and answers; fails when
+    /// it keeps exiting (recovery could not reach the point) or the timeout passes.
+    async fn wait_promoted(
+        &self,
+        sandbox: &str,
+        login: &miren_addons::Credentials,
+    ) -> Result<tokio_postgres::Client, Error> {
+        let deadline = Instant::now() + RECOVERY_TIMEOUT;
+        let before = self.host.sandbox(sandbox).map_or(0, |s| s.restarts);
+        loop {
+            let state = self.host.sandbox(sandbox)?;
+            if state.failed || state.restarts >= before + 2 {
+                // The lines that say why (FATAL/PANIC), else the last ones.
+                let tail = self.host.log_tail(sandbox, 60);
+                let why: Vec<&str> = tail
+                    .split(" | ")
+                    .filter(|l| {
+                        l.contains("FATAL") || l.contains("PANIC") || l.contains("recovery")
+                    })
+                    .collect();
+                let why = if why.is_empty() {
+                    self.host.log_tail(sandbox, 6)
+                } else {
+                    why.join(" | ")
+                };
+                return Err(Error::new(crate::core::error::ErrorKind::Unprocessable, "unprocessable", format!(
+                    "recovery did not finish: PostgreSQL stopped ({}); nothing was changed. It said: {why}",
+                    state.exit_code.map_or("no exit code".into(), |c| format!("exit code {c}")),
+                )));
+            }
+            if let Some(ip) = state.ip {
+                if let Ok(client) = super::connect(&super::Login {
+                    host: ip,
+                    user: &login.user,
+                    password: &login.password,
+                    database: &login.database,
+                })
+                .await
+                {
+                    if let Ok(row) = client.query_one("SELECT pg_is_in_recovery()", &[]).await {
+                        if !row.get::<_, bool>(0) {
+                            return Ok(client);
+                        }
+                    }
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::busy(format!(
+                    "recovery did not finish within {}s; nothing was changed. Its last output: {}",
+                    RECOVERY_TIMEOUT.as_secs(),
+                    self.host.log_tail(sandbox, 6)
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Removes what a restore made before its swap (the temporary sandbox and disk).
+    pub(super) async fn discard_restore(&self, row: &AddonRow) -> Result<(), Error> {
+        let owner = restore_owner(&row.app);
+        self.host.delete_owned(&owner).await?;
+        self.host.remove_disk(&owner).await?;
+        self.set_restore_state(row, None)
+    }
+
+    /// Makes the restored disk the server's: the server (and its pooler) stop, the owners
+    /// swap in one transaction, and the driver starts the server again on the restored disk.
+    pub(super) async fn swap_in(
+        self: &Arc<Self>,
+        row: &AddonRow,
+        state: &RestoreState,
+    ) -> Result<(), Error> {
+        let owner = server_owner(row);
+        self.remove_sidecar(&owner).await?;
+        self.host.delete_owned(&owner).await?;
+        self.host.delete_owned(&restore_owner(&row.app)).await?;
+        self.store.swap_restored_disk(
+            &owner,
+            &restore_owner(&row.app),
+            &previous_owner(&row.app),
+        )?;
+        let mut extra = self
+            .store
+            .addon(&row.app, &row.kind)?
+            .map(|r| r.extra)
+            .unwrap_or_default();
+        extra.remove(STATE_KEY);
+        extra.insert(PREVIOUS_KEY.into(), state.old_disk.clone().into());
+        self.store.set_addon_extra(&row.app, &row.kind, &extra)?;
+        self.store.transition_addon(
+            &row.app,
+            &row.kind,
+            &[AddonStatus::Active, AddonStatus::Error],
+            AddonStatus::Provisioning,
+            Some("restored; starting the server on the restored disk"),
+        )?;
+        let mut done = self.kick(&row.app, &row.kind);
+        let _ = done.wait_for(|d| *d).await;
+        let now = self.find(&row.app, &row.kind)?;
+        if now.status != AddonStatus::Active {
+            return Err(Error::busy(format!(
+                "the restored server did not start: {}",
+                now.reason.unwrap_or_else(|| now.status.to_string())
+            )));
+        }
+        info!(app = %row.app, previous = %state.old_disk, "PostgreSQL restored");
+        Ok(())
+    }
+
+    /// Finishes or discards a restore a failure or a stopped agent left.
+    async fn resume_restore(
+        self: &Arc<Self>,
+        row: &AddonRow,
+        state: &RestoreState,
+    ) -> Result<(), Error> {
+        match state.phase {
+            Phase::Preparing | Phase::Recovering => {
+                info!(app = %row.app, "discarding a restore that did not finish; the server is as it was");
+                self.discard_restore(row).await
+            }
+            Phase::Swapping => {
+                info!(app = %row.app, "finishing the swap of a restore that recovered");
+                self.swap_in(row, state).await
+            }
+        }
+    }
+
+    /// At start (before the addons resume): every restore left mid-way is finished or
+    /// discarded.
+    pub async fn resume_pg_restores(self: &Arc<Self>) -> Result<(), Error> {
+        for row in self.store.all_addons()? {
+            if row.kind != KIND {
+                continue;
+            }
+            if let Some(state) = state_of(&row) {
+                if state.phase == Phase::Swapping {
+                    // The driver must not start the old server first: swap now, in the
+                    // background the driver then starts the restored one.
+                    let this = self.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = this.resume_restore(&row, &state).await {
+                            warn!(app = %row.app, error = %e, "finishing a restore failed");
+                        }
+                    });
+                } else {
+                    self.resume_restore(&row, &state).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes the disk kept from before the last restore.
+    pub async fn pg_discard_previous(
+        &self,
+        app: &str,
+        addon_arg: &str,
+    ) -> Result<Option<String>, Error> {
+        let row = self.restorable(app, addon_arg)?;
+        let previous = row
+            .extra
+            .get(PREVIOUS_KEY)
+            .and_then(|v| v.as_str())
+            .map(str::to_string);
+        self.host.remove_disk(&previous_owner(app)).await?;
+        let mut extra = row.extra.clone();
+        extra.remove(PREVIOUS_KEY);
+        self.store.set_addon_extra(app, KIND, &extra)?;
+        Ok(previous)
+    }
+
+    /// Removes a restore's leftovers of an addon being destroyed.
+    pub(crate) async fn remove_restore_disks(&self, app: &str) -> Result<(), Error> {
+        self.host.delete_owned(&restore_owner(app)).await?;
+        self.host.remove_disk(&restore_owner(app)).await?;
+        self.host.remove_disk(&previous_owner(app)).await
+    }
+}
+
+/// The newest base backup that ends before the point.
+pub(super) fn choose_base(bases: &[BaseInfo], point: RestorePoint) -> Option<&BaseInfo> {
+    bases
+        .iter()
+        .filter(|b| match point {
+            RestorePoint::Latest => true,
+            RestorePoint::Time(t) => b.finished_time() <= t,
+        })
+        .max_by_key(|b| b.finished_time())
+}
+
+/// Downloads the WAL from `start` on (every timeline) and the timeline histories into `dir`.
+async fn fetch_wal(
+    target: &crate::core::targets::Target,
+    id: &str,
+    start: &str,
+    dir: &Path,
+) -> Result<(), Error> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| Error::internal(format!("creating {}: {e}", dir.display())))?;
+    let store = target.store();
+    let prefix = target.path(&wal_prefix(id))?;
+    let mut listing = store.list(Some(&prefix));
+    let mut wanted = Vec::new();
+    while let Some(meta) = listing.next().await {
+        let meta = meta.map_err(|e| unreachable_target(target, &e))?;
+        let Some(name) = meta.location.filename().map(str::to_string) else {
+            continue;
+        };
+        if (is_segment(&name) && name[8..] >= start[8..]) || name.ends_with(".history") {
+            wanted.push((name, meta.location.clone()));
+        }
+    }
+    for (name, location) in wanted {
+        let data = store
+            .get(&location)
+            .await
+            .map_err(|e| unreachable_target(target, &e))?
+            .bytes()
+            .await
+            .map_err(|e| unreachable_target(target, &e))?;
+        let path = dir.join(&name);
+        std::fs::write(&path, &data)
+            .map_err(|e| Error::internal(format!("writing {}: {e}", path.display())))?;
+    }
+    chown_tree(dir)
+}
+
+fn chown_tree(dir: &Path) -> Result<(), Error> {
+    let chown = |p: &Path| {
+        std::os::unix::fs::chown(p, Some(super::PG_UID), Some(super::PG_UID))
+            .map_err(|e| Error::internal(format!("chown {}: {e}", p.display())))
+    };
+    chown(dir)?;
+    for entry in std::fs::read_dir(dir).map_err(|e| Error::internal(e.to_string()))? {
+        chown(&entry.map_err(|e| Error::internal(e.to_string()))?.path())?;
+    }
+    Ok(())
+}
+
+/// `recovery.signal` and the recovery settings, in the restored data directory.
+fn write_recovery_settings(pgdata: &Path, point: RestorePoint) -> Result<(), Error> {
+    let wal = format!("{}/{RESTORE_WAL_DIR}", super::PG_DATA_MOUNT);
+    let mut settings = format!(
+        "\n# miren point-in-time restore\nrestore_command = 'cp {wal}/%f %p'\nrecovery_target_action = 'promote'\n"
+    );
+    if let RestorePoint::Time(t) = point {
+        settings.push_str(&format!("recovery_target_time = '{}'\n", pg_time(t)));
+    }
+    let auto = pgdata.join("postgresql.auto.conf");
+    let mut text = std::fs::read_to_string(&auto).unwrap_or_default();
+    text.push_str(&settings);
+    let write = |path: &Path, text: &str| -> Result<(), Error> {
+        std::fs::write(path, text)
+            .map_err(|e| Error::internal(format!("writing {}: {e}", path.display())))?;
+        std::os::unix::fs::chown(path, Some(super::PG_UID), Some(super::PG_UID))
+            .map_err(|e| Error::internal(format!("chown {}: {e}", path.display())))
+    };
+    write(&auto, &text)?;
+    write(&pgdata.join("recovery.signal"), "")?;
+    // Directories the base backup left empty, as PostgreSQL expects them.
+    for dir in ["pg_wal", "pg_wal/archive_status"] {
+        let path = pgdata.join(dir);
+        std::fs::create_dir_all(&path)
+            .map_err(|e| Error::internal(format!("creating {}: {e}", path.display())))?;
+        std::os::unix::fs::chown(&path, Some(super::PG_UID), Some(super::PG_UID))
+            .map_err(|e| Error::internal(format!("chown {}: {e}", path.display())))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_are_postgres_utc() {
+        let t = humantime::parse_rfc3339("2026-12-01T23:59:58.123456Z").unwrap();
+        assert_eq!(pg_time(t), "2026-12-01 23:59:58.123456+00");
+    }
+}
