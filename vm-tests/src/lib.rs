@@ -434,6 +434,13 @@ impl TestAgent {
 
 impl Drop for TestAgent {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // The agent's own account of what went wrong goes with the data dir: show its end.
+            let log = self.log_text();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = lines[lines.len().saturating_sub(60)..].join("\n");
+            eprintln!("--- last lines of {} ---\n{tail}\n---", self.log.display());
+        }
         self.kill9();
         // Sandboxes outlive their agent by design: a test that failed before deleting its
         // sandboxes leaves supervisors and containers running. Kill them by state dir and

@@ -74,6 +74,15 @@ pub enum AddonCommand {
         #[arg(long)]
         json: bool,
     },
+    /// One addon of an app: status, server, pooling, tier, disk use and growth, and (for
+    /// PostgreSQL) how far its continuous archive is behind.
+    Status {
+        addon: String,
+        #[arg(short = 'a', long)]
+        app: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// An app's addons and their status.
     List {
         #[arg(short = 'a', long)]
@@ -360,6 +369,19 @@ pub async fn run(client: &Client, command: AddonCommand) -> Result<i32> {
             }
             Ok(0)
         }
+        AddonCommand::Status {
+            addon,
+            app,
+            json: as_json,
+        } => {
+            let addon = client.app_addon(&app, &addon).await?;
+            if as_json {
+                print_json(&addon)?;
+            } else {
+                print_addon_status(&addon);
+            }
+            Ok(0)
+        }
         AddonCommand::List { app, json: as_json } => {
             let addons = client.app_addons(&app).await?;
             if as_json {
@@ -568,4 +590,51 @@ pub async fn run(client: &Client, command: AddonCommand) -> Result<i32> {
             Ok(0)
         }
     }
+}
+
+/// `miren addon status`: one line per fact, only the facts this addon has.
+fn print_addon_status(a: &crate::model::Addon) {
+    use crate::cli::output::human_bytes;
+    let line = |key: &str, value: &str| println!("{key:<10} {value}");
+    line("addon", &format!("{} of app {}", a.name, a.app));
+    line("status", &a.status.to_string());
+    if let Some(reason) = &a.reason {
+        line("reason", reason);
+    }
+    line("variant", &a.variant);
+    line("version", &format!("{} ({})", a.version, a.image));
+    line("server", &a.server);
+    if let Some(tier) = &a.tier {
+        line("tier", tier);
+    }
+    if let Some(pooling) = &a.pooling {
+        let pooler = a.pooler.as_deref().unwrap_or("-");
+        line("pooling", &format!("{pooling} (pooler {pooler})"));
+    }
+    if let (Some(size), Some(used)) = (a.disk_size_gb, a.disk_used_bytes) {
+        line("disk", &format!("{} used of {size} GiB", human_bytes(used)));
+    }
+    if let Some(growth) = &a.last_growth {
+        line("grown", growth);
+    }
+    if let Some(lag) = &a.archive {
+        let state = match (&lag.last_error, lag.oldest_pending_seconds) {
+            (Some(error), _) => format!(
+                "{} segments ({}) waiting; shipping fails: {error}",
+                lag.pending_segments,
+                human_bytes(lag.pending_bytes)
+            ),
+            (None, Some(age)) => format!(
+                "{} segments ({}) waiting, oldest {age} s",
+                lag.pending_segments,
+                human_bytes(lag.pending_bytes)
+            ),
+            (None, None) => "everything shipped".to_string(),
+        };
+        line("archive", &state);
+        if let (Some(last), Some(at)) = (&lag.last_shipped, &lag.last_shipped_at) {
+            line("shipped", &format!("{last} at {at}"));
+        }
+    }
+    line("created", &a.created_at);
 }

@@ -262,9 +262,17 @@ pub fn object_key(key: &str) -> Result<ObjectPath, Error> {
 }
 
 fn open_s3(name: &str, s3: &S3Location) -> Result<Arc<dyn ObjectStore>, String> {
+    // Retries are bounded: an unreachable target fails a backup in seconds with an error that
+    // says so (the archive shipper tries again on its next pass), not after minutes.
+    let retry = object_store::RetryConfig {
+        max_retries: 3,
+        retry_timeout: std::time::Duration::from_secs(30),
+        ..Default::default()
+    };
     let mut builder = AmazonS3Builder::from_env()
         .with_bucket_name(&s3.bucket)
-        .with_region(&s3.region);
+        .with_region(&s3.region)
+        .with_retry(retry);
     if let Some(endpoint) = &s3.endpoint {
         let loopback = ["http://127.", "http://localhost", "http://[::1]"]
             .iter()
