@@ -55,4 +55,43 @@ impl Store {
             Ok(true)
         })
     }
+
+    /// Changes the addon's `extra` with `change` in one transaction, so keys another writer
+    /// set meanwhile (a tier, a rotation) are kept. False: no such addon.
+    pub fn edit_addon_extra(
+        &self,
+        app: &str,
+        kind: &str,
+        change: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>),
+    ) -> StoreResult<bool> {
+        self.with_conn(|conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let found: Option<String> = tx
+                .query_row(
+                    "SELECT extra FROM addons WHERE app = ?1 AND kind = ?2",
+                    params![app, kind],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            let Some(extra) = found else {
+                return Ok(false);
+            };
+            let mut map = match serde_json::from_str::<serde_json::Value>(&extra) {
+                Ok(serde_json::Value::Object(map)) => map,
+                _ => serde_json::Map::new(),
+            };
+            change(&mut map);
+            tx.execute(
+                "UPDATE addons SET extra = ?3, updated_at = ?4 WHERE app = ?1 AND kind = ?2",
+                params![
+                    app,
+                    kind,
+                    serde_json::Value::Object(map).to_string(),
+                    now_rfc3339()
+                ],
+            )?;
+            tx.commit()?;
+            Ok(true)
+        })
+    }
 }

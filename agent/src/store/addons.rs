@@ -324,23 +324,6 @@ impl Store {
         })
     }
 
-    /// Replaces the addon's kind-specific settings (`extra`, e.g. PostgreSQL's `pooling`).
-    pub fn set_addon_extra(
-        &self,
-        app: &str,
-        kind: &str,
-        extra: &serde_json::Map<String, serde_json::Value>,
-    ) -> StoreResult<()> {
-        let extra = serde_json::Value::Object(extra.clone()).to_string();
-        self.with_conn(|conn| {
-            conn.execute(
-                "UPDATE addons SET extra = ?3, updated_at = ?4 WHERE app = ?1 AND kind = ?2",
-                params![app, kind, extra, now_rfc3339()],
-            )?;
-            Ok(())
-        })
-    }
-
     /// Whether the addon's server ever answered (its data directory may hold data).
     pub fn addon_ever_active(&self, app: &str, kind: &str) -> StoreResult<bool> {
         self.read(|conn| {

@@ -104,22 +104,19 @@ impl AddonService {
         row: &AddonRow,
         state: Option<&RestoreState>,
     ) -> Result<(), Error> {
-        let mut extra = self
-            .store
-            .addon(&row.app, &row.kind)?
-            .map(|r| r.extra)
-            .unwrap_or_default();
-        match state {
-            Some(state) => {
-                let value = serde_json::to_value(state)
-                    .map_err(|e| Error::internal(format!("recording the restore: {e}")))?;
-                extra.insert(STATE_KEY.into(), value);
-            }
-            None => {
-                extra.remove(STATE_KEY);
-            }
-        }
-        self.store.set_addon_extra(&row.app, &row.kind, &extra)?;
+        let value = state
+            .map(serde_json::to_value)
+            .transpose()
+            .map_err(|e| Error::internal(format!("recording the restore: {e}")))?;
+        self.store
+            .edit_addon_extra(&row.app, &row.kind, |extra| match value {
+                Some(value) => {
+                    extra.insert(STATE_KEY.into(), value);
+                }
+                None => {
+                    extra.remove(STATE_KEY);
+                }
+            })?;
         Ok(())
     }
 
@@ -467,14 +464,10 @@ impl AddonService {
             &restore_owner(&row.app),
             &previous_owner(&row.app),
         )?;
-        let mut extra = self
-            .store
-            .addon(&row.app, &row.kind)?
-            .map(|r| r.extra)
-            .unwrap_or_default();
-        extra.remove(STATE_KEY);
-        extra.insert(PREVIOUS_KEY.into(), state.old_disk.clone().into());
-        self.store.set_addon_extra(&row.app, &row.kind, &extra)?;
+        self.store.edit_addon_extra(&row.app, &row.kind, |extra| {
+            extra.remove(STATE_KEY);
+            extra.insert(PREVIOUS_KEY.into(), state.old_disk.clone().into());
+        })?;
         self.store.transition_addon(
             &row.app,
             &row.kind,
@@ -551,9 +544,9 @@ impl AddonService {
             .and_then(|v| v.as_str())
             .map(str::to_string);
         self.host.remove_disk(&previous_owner(app)).await?;
-        let mut extra = row.extra.clone();
-        extra.remove(PREVIOUS_KEY);
-        self.store.set_addon_extra(app, KIND, &extra)?;
+        self.store.edit_addon_extra(app, KIND, |extra| {
+            extra.remove(PREVIOUS_KEY);
+        })?;
         Ok(previous)
     }
 
