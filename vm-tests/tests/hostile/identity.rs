@@ -4,10 +4,11 @@
 //! test makes the attack of issue 10 finding 3 on a real agent and fails if it works.
 
 use std::fs;
-use std::process::{Command, Output, Stdio};
+use std::process::{Output, Stdio};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
+use miren_vm_tests::addons::psql;
 use miren_vm_tests::{busybox_rootfs_tar, TestAgent};
 use serde_json::Value;
 
@@ -364,15 +365,6 @@ fn env_of(agent: &TestAgent, app: &str) -> serde_json::Map<String, Value> {
         .as_object()
         .expect("env list is an object")
         .clone()
-}
-
-fn psql(url: &str, sql: &str) -> Output {
-    Command::new("psql")
-        .args([url, "-v", "ON_ERROR_STOP=1", "-tAc", sql])
-        .env("PGCONNECT_TIMEOUT", "3")
-        .stdin(Stdio::null())
-        .output()
-        .expect("psql (apt-get install postgresql-client)")
 }
 
 fn psql_eventually(url: &str, sql: &str) -> String {

@@ -314,3 +314,11 @@ impl Bench {
         self.addons = Bench::service(&self.store, &self.host, &self.provider);
     }
 }
+
+/// Waits (at most 10 s) until a driver reports it settled.
+pub(super) async fn settle(mut done: tokio::sync::watch::Receiver<bool>) {
+    tokio::time::timeout(Duration::from_secs(10), done.wait_for(|d| *d))
+        .await
+        .expect("the driver settles")
+        .unwrap();
+}

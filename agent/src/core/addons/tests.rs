@@ -3,7 +3,7 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use super::fakes::Bench;
+use super::fakes::{settle, Bench};
 use super::*;
 use crate::store::addons::{ServerRow, ServerStatus};
 
@@ -19,13 +19,6 @@ fn request(app: &str, variant: &str) -> CreateAddon {
         tier: None,
         wait: true,
     }
-}
-
-async fn settle(mut done: watch::Receiver<bool>) {
-    tokio::time::timeout(Duration::from_secs(10), done.wait_for(|d| *d))
-        .await
-        .expect("the driver settles")
-        .unwrap();
 }
 
 /// Waits until the addon's row satisfies `pred` (the driver runs in the background).

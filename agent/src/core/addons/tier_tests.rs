@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use super::fakes::Bench;
+use super::fakes::{settle, Bench};
 use super::tiers::{applied_tier, tier, APPLIED_TIER, TIER};
 use super::*;
 use crate::model::UpdateAddon;
@@ -21,13 +21,6 @@ fn request(app: &str, tier: Option<&str>) -> CreateAddon {
         tier: tier.map(str::to_string),
         wait: true,
     }
-}
-
-async fn settle(mut done: watch::Receiver<bool>) {
-    tokio::time::timeout(Duration::from_secs(10), done.wait_for(|d| *d))
-        .await
-        .expect("the driver settles")
-        .unwrap();
 }
 
 fn row(bench: &Bench, app: &str) -> AddonRow {
