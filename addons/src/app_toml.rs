@@ -188,6 +188,9 @@ pub struct AddonConfig {
     pub pooling: Option<Pooling>,
     /// `tier` (PostgreSQL only); `None`: `small`, or what the addon has.
     pub tier: Option<crate::tier::Tier>,
+    /// `client_connections` (PostgreSQL only): the app's pooled client connections instead
+    /// of its tier's; `None`: the tier's, or what the addon has.
+    pub client_connections: Option<u32>,
 }
 
 impl AddonConfig {
@@ -312,7 +315,13 @@ const DISK_FIELDS: &[&str] = &[
     "lease_timeout",
 ];
 const PROVIDERS: &[&str] = &["miren (default)", "local"];
-const ADDON_FIELDS: &[&str] = &["variant", "version", "pooling", "tier"];
+const ADDON_FIELDS: &[&str] = &[
+    "variant",
+    "version",
+    "pooling",
+    "tier",
+    "client_connections",
+];
 
 struct Ctx<'t> {
     text: &'t str,
@@ -557,7 +566,7 @@ impl<'t> Ctx<'t> {
             let Some(at) = self.table(
                 v,
                 path,
-                "a table with optional variant, version, pooling and tier",
+                "a table with optional variant, version, pooling, tier and client_connections",
             ) else {
                 continue;
             };
@@ -609,8 +618,9 @@ impl<'t> Ctx<'t> {
             };
             let pooling = self.addon_pooling(&at, kind);
             let tier = self.addon_tier(&at, kind);
-            if let (Some(variant), Some(version), Some(pooling), Some(tier)) =
-                (variant, version, pooling, tier)
+            let clients = self.addon_client_connections(&at, kind);
+            if let (Some(variant), Some(version), Some(pooling), Some(tier), Some(clients)) =
+                (variant, version, pooling, tier, clients)
             {
                 out.push(AddonConfig {
                     kind,
@@ -619,6 +629,7 @@ impl<'t> Ctx<'t> {
                     version_pinned: version_value.is_some(),
                     pooling,
                     tier,
+                    client_connections: clients,
                 });
             }
         }
@@ -662,6 +673,37 @@ impl<'t> Ctx<'t> {
             Ok(t) => Some(Some(t)),
             Err(e) => {
                 self.err(&span, at.field("tier"), e.to_string());
+                None
+            }
+        }
+    }
+
+    /// `client_connections = N`: Some(None) when absent, None after an error (recorded).
+    fn addon_client_connections(
+        &mut self,
+        at: &Tbl<'_, '_>,
+        kind: AddonKind,
+    ) -> Option<Option<u32>> {
+        let Some(v) = at.get("client_connections") else {
+            return Some(None);
+        };
+        let asked = match v.get_ref() {
+            DeValue::Integer(i) => i64::from_str_radix(i.as_str(), i.radix()).ok(),
+            _ => None,
+        };
+        let Some(asked) = asked else {
+            let msg = format!(
+                "expected a whole number of client connections (1-{}), found {}",
+                crate::tier::MAX_CLIENT_CONNECTIONS,
+                type_name(v.get_ref())
+            );
+            self.err(&v.span(), at.field("client_connections"), msg);
+            return None;
+        };
+        match kind.check_client_connections(asked) {
+            Ok(n) => Some(Some(n)),
+            Err(e) => {
+                self.err(&v.span(), at.field("client_connections"), e.to_string());
                 None
             }
         }

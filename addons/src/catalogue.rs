@@ -102,6 +102,10 @@ pub enum CatalogueError {
     UnknownTier(String),
     #[error("addon {0} has no tiers: `tier` is for miren-postgresql only")]
     NoTiers(&'static str),
+    #[error("addon {0} has no pooled client connections: `client_connections` is for miren-postgresql only")]
+    NoClientConnections(&'static str),
+    #[error("client_connections {0} is out of range: give 1 to {max} (each is a file descriptor in the pooler)", max = crate::tier::MAX_CLIENT_CONNECTIONS)]
+    ClientConnections(i64),
 }
 
 /// What a PostgreSQL addon's `DATABASE_URL` points at: its pooler (PgBouncer) in transaction

@@ -51,4 +51,4 @@ pub use ident::{
     is_reserved_name, validate_name, validate_user_name, MysqlIdentifiers, NameError,
     PgIdentifiers, RESERVED_NAME_PREFIX,
 };
-pub use tier::{Tier, TierLimits, GROW_AT_PERCENT, TIERS};
+pub use tier::{Tier, TierLimits, GROW_AT_PERCENT, MAX_CLIENT_CONNECTIONS, TIERS};

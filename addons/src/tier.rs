@@ -77,6 +77,10 @@ pub const TIERS: [TierLimits; 3] = [
     },
 ];
 
+/// The most pooled client connections an app may be given (`client_connections`): every
+/// client is a file descriptor in its pooler, and this is each pooler's `max_client_conn`.
+pub const MAX_CLIENT_CONNECTIONS: u32 = 2000;
+
 /// A data disk is grown once more than this share of it is used.
 pub const GROW_AT_PERCENT: u64 = 80;
 
@@ -117,6 +121,18 @@ impl AddonKind {
     /// Whether it takes a `tier`.
     pub fn has_tiers(self) -> bool {
         self == AddonKind::Postgresql
+    }
+
+    /// `client_connections` as asked for this kind: the pooled client connections an app
+    /// gets instead of its tier's (the seed: "connection limits are tunable per plan").
+    pub fn check_client_connections(self, asked: i64) -> Result<u32, CatalogueError> {
+        if !self.has_tiers() {
+            return Err(CatalogueError::NoClientConnections(self.name()));
+        }
+        u32::try_from(asked)
+            .ok()
+            .filter(|n| (1..=MAX_CLIENT_CONNECTIONS).contains(n))
+            .ok_or(CatalogueError::ClientConnections(asked))
     }
 
     /// `tier` as asked for this kind: an error for a kind without tiers.

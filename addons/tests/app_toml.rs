@@ -33,6 +33,7 @@ fn pg(variant: Variant, version: ResolvedVersion, pinned: bool) -> AddonConfig {
         version_pinned: pinned,
         pooling: None,
         tier: None,
+        client_connections: None,
     }
 }
 
@@ -86,6 +87,34 @@ fn tier_is_typed_and_postgresql_only() {
     assert!(e.contains("miren-postgresql only"), "{e}");
     let e = error(&toml("miren-postgresql", "tier = 2"));
     assert!(e.contains("expected a string"), "{e}");
+}
+
+#[test]
+fn client_connections_are_a_bounded_number_for_postgresql_only() {
+    let toml = |section: &str, body: &str| {
+        format!(
+            "name = \"a\"\n[services.web]\nimage = \"oven/bun:1\"\n[addons.{section}]\n{body}\n"
+        )
+    };
+    let app = parse(&toml("miren-postgresql", "client_connections = 1000"));
+    assert_eq!(app.addons[0].client_connections, Some(1000));
+    let app = parse(&toml("miren-postgresql", ""));
+    assert_eq!(app.addons[0].client_connections, None);
+    for bad in ["0", "2001", "-5"] {
+        let e = error(&toml(
+            "miren-postgresql",
+            &format!("client_connections = {bad}"),
+        ));
+        assert!(
+            e.contains("addons.miren-postgresql.client_connections")
+                && e.contains("give 1 to 2000"),
+            "{e}"
+        );
+    }
+    let e = error(&toml("miren-postgresql", "client_connections = \"many\""));
+    assert!(e.contains("expected a whole number"), "{e}");
+    let e = error(&toml("miren-valkey", "client_connections = 10"));
+    assert!(e.contains("miren-postgresql only"), "{e}");
 }
 
 // The Bun example from the addons announcement and docs, verbatim: it has no image.
@@ -443,7 +472,7 @@ fn unknown_fields_are_named_with_the_valid_ones() {
         ),
         (
             "name = \"a\"\n[services.web]\nimage = \"x\"\n[addons.miren-postgresql]\nvariant = \"small\"\nsize = \"big\"\n",
-            ".miren/app.toml line 6: addons.miren-postgresql.size: unknown field; valid fields here are: variant, version, pooling, tier",
+            ".miren/app.toml line 6: addons.miren-postgresql.size: unknown field; valid fields here are: variant, version, pooling, tier, client_connections",
         ),
     ];
     for (text, want) in cases {
@@ -619,7 +648,7 @@ fn mistyped_addons_and_empty_services() {
     );
     assert_eq!(
         error(&format!("{base}[addons]\nmiren-postgresql = \"small\"\n")),
-        ".miren/app.toml line 5: addons.miren-postgresql: expected a table with optional variant, version, pooling and tier, found a string"
+        ".miren/app.toml line 5: addons.miren-postgresql: expected a table with optional variant, version, pooling, tier and client_connections, found a string"
     );
     assert_eq!(
         error(&format!("{base}[addons.miren-postgresql]\nvariant = 1\n")),

@@ -458,6 +458,10 @@ pub struct CreateAddon {
     /// existing addon changes it in place.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tier: Option<String>,
+    /// PostgreSQL only: the app's pooled client connections (1-2000) instead of its tier's;
+    /// changes in place, without dropping a client.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_connections: Option<u32>,
     /// Answer once the addon is `active` or `error` instead of right away.
     #[serde(default)]
     pub wait: bool,
@@ -489,6 +493,10 @@ pub struct Addon {
     /// PostgreSQL: its tier (`small`, `medium`, `large`); absent for kinds without tiers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tier: Option<String>,
+    /// PostgreSQL: the pooled client connections the app may hold (its tier's, or what it
+    /// asked for); its pooler refuses the next one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_connections: Option<u32>,
     /// Its server's data disk: size (GiB) and bytes used now; absent without a disk.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk_size_gb: Option<u64>,
@@ -540,6 +548,9 @@ pub struct UpdateAddon {
     /// PostgreSQL: `small`, `medium` or `large`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tier: Option<String>,
+    /// PostgreSQL: the app's pooled client connections (1-2000), applied live.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_connections: Option<u32>,
 }
 
 /// An addon after an in-place change.

@@ -9,7 +9,49 @@
 # Secrets come from the environment and go to a 0600 file, never to argv.
 # When either pooler exits, the container exits and its restart policy
 # brings both back.
+#
+# Per-database client limits ($PGBOUNCER_DB_LIMITS, "db=N,db=N": each app's
+# pooled client connections) live in limits.ini, which both configs include.
+# `pgbouncer-entrypoint.sh limits` (run by the agent inside the running
+# sandbox, with the new PGBOUNCER_DB_LIMITS) rewrites it and reloads both
+# poolers: no client is dropped.
 set -euo pipefail
+
+DIR=${PGBOUNCER_CONFIG_DIR:-/tmp/pgbouncer}
+
+# write_limits: limits.ini from PGBOUNCER_DB_LIMITS, replaced atomically. Names
+# are the agent's identifiers; anything else is refused rather than written.
+write_limits() {
+	local tmp="$DIR/limits.ini.new" entry db n
+	: >"$tmp"
+	IFS=',' read -ra entries <<<"${PGBOUNCER_DB_LIMITS:-}"
+	for entry in "${entries[@]}"; do
+		[ -n "$entry" ] || continue
+		db=${entry%%=*}
+		n=${entry#*=}
+		if ! [[ $db =~ ^[A-Za-z0-9_]+$ && $n =~ ^[0-9]+$ ]]; then
+			echo "pgbouncer-entrypoint: bad limit entry '$entry' (want db=N)" >&2
+			rm -f "$tmp"
+			return 2
+		fi
+		printf '%s = host=%s port=%s max_db_client_connections=%s\n' \
+			"$db" "$PGBOUNCER_SERVER_HOST" "${PGBOUNCER_SERVER_PORT:-5432}" "$n" >>"$tmp"
+	done
+	# Run by root (an exec), the file must stay readable by the poolers' user.
+	[ "$(id -u)" != 0 ] || chown "$(stat -c %u:%g "$DIR")" "$tmp"
+	mv -f "$tmp" "$DIR/limits.ini"
+}
+
+if [ "${1:-}" = limits ]; then
+	: "${PGBOUNCER_SERVER_HOST:?the PostgreSQL server to pool (an address)}"
+	umask 077
+	write_limits
+	for pidfile in "$DIR"/*.pid; do
+		# A pooler that is restarting reads the new file when it starts.
+		[ -e "$pidfile" ] && { kill -HUP "$(cat "$pidfile")" 2>/dev/null || :; }
+	done
+	exit 0
+fi
 
 : "${PGBOUNCER_SERVER_HOST:?the PostgreSQL server to pool (an address)}"
 : "${PGBOUNCER_AUTH_USER:?the role that runs the auth query}"
@@ -23,7 +65,6 @@ MAX_CLIENT_CONN=${PGBOUNCER_MAX_CLIENT_CONN:-2000}
 TX_POOL=${PGBOUNCER_DEFAULT_POOL_SIZE:-20}
 SESSION_POOL=${PGBOUNCER_SESSION_POOL_SIZE:-40}
 PREPARED=${PGBOUNCER_MAX_PREPARED_STATEMENTS:-200}
-DIR=${PGBOUNCER_CONFIG_DIR:-/tmp/pgbouncer}
 
 umask 077
 mkdir -p "$DIR"
@@ -39,10 +80,12 @@ write_ini() { # write_ini NAME PORT MODE POOL_SIZE RESET_QUERY RESET_ALWAYS
 	cat >"$DIR/$1.ini" <<INI
 [databases]
 * = host=$PGBOUNCER_SERVER_HOST port=$SERVER_PORT
+%include $DIR/limits.ini
 
 [pgbouncer]
 listen_addr = 0.0.0.0
 listen_port = $2
+pidfile = $DIR/$1.pid
 unix_socket_dir =
 pool_mode = $3
 auth_type = scram-sha-256
@@ -65,6 +108,9 @@ if [ $# -gt 0 ]; then
 	exec "$@"
 fi
 
+# Pid files of an earlier run name processes of another pid namespace.
+rm -f "$DIR"/*.pid
+write_limits
 pids=()
 write_ini transaction "$TX_PORT" transaction "$TX_POOL" "RESET ALL" 1
 pgbouncer "$DIR/transaction.ini" &

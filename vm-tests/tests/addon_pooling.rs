@@ -1,11 +1,11 @@
 //! PostgreSQL's pooler: a PgBouncer sandbox beside every PostgreSQL server
 //! (`miren-addons/pgbouncer:1.24`), transaction pooling on 6432 and session pooling on 6433,
 //! clients logging in as themselves through `auth_query`. The pooled, session and direct URLs
-//! from inside the app; `SET` not leaking between clients in transaction mode; as many
-//! concurrent clients as the `small` tier admits (100) through the pooler of a small server with
-//! `max_connections` 85; no other app reaching
-//! the pooler; the seeds' Bun example through the transaction pooler; kill -9 while the
-//! pooler is being made.
+//! from inside the app; `SET` not leaking between clients in transaction mode; 1000
+//! concurrent clients (`client_connections = 1000`) through the pooler of a `small`-tier server
+//! with `max_connections` 85, and a lowered limit applied live; each app's own client limit on
+//! the shared server's pooler; no other app reaching the pooler; the seeds' Bun example through
+//! the transaction pooler; kill -9 while the pooler is being made.
 //!
 //! The images come from the loopback registry of `scripts/images` (`postgres:17`,
 //! `miren-addons/pgbouncer:1.24`, `miren-examples/bun-visits:1`); the tests run when
@@ -94,12 +94,14 @@ fn pooled_session_and_direct_urls_isolation_and_the_tiers_clients_on_a_small_ser
         &dir,
         &psql_app(
             "pa",
-            Some("variant = \"small\"\npooling = \"transaction\"\n"),
+            Some("variant = \"small\"\npooling = \"transaction\"\nclient_connections = 1000\n"),
         ),
     );
     deploy(&agent, &dir);
     let addon = addon_status(&agent, "pa", PG).expect("the addon");
     assert_eq!(addon["status"], "active", "{addon}");
+    assert_eq!(addon["tier"], "small", "{addon}");
+    assert_eq!(addon["client_connections"], 1000, "{addon}");
     assert_eq!(addon["pooling"], "transaction", "{addon}");
     assert_eq!(addon["pooler"], "addon-pg-pa-pool", "{addon}");
 
@@ -197,10 +199,9 @@ fn pooled_session_and_direct_urls_isolation_and_the_tiers_clients_on_a_small_ser
         );
     }
 
-    // The small tier's 100 concurrent clients (its pooler's `max_client_conn`) through the
-    // transaction pooler of a server that takes 85, whose pools hold 20 of them, with prepared
-    // statements (pgbench -M prepared), from the host. (Before tiers: 1000 clients; the seed's
-    // small tier admits 100.)
+    // 1000 concurrent clients (the app asked for them: the small tier alone admits 100)
+    // through the transaction pooler of a small-tier server that takes 85, whose pools hold
+    // 20 of them, with prepared statements (pgbench -M prepared), from the host.
     let direct = &vars["DATABASE_URL_DIRECT"];
     let max: u32 = String::from_utf8_lossy(&psql(direct, "show max_connections").stdout)
         .trim()
@@ -214,7 +215,7 @@ fn pooled_session_and_direct_urls_isolation_and_the_tiers_clients_on_a_small_ser
     assert!(init.status.success(), "pgbench -i: {}", text(&init));
     let run = Command::new("pgbench")
         .args([
-            "-n", "-S", "-M", "prepared", "-c", "100", "-j", "4", "-t", "30",
+            "-n", "-S", "-M", "prepared", "-c", "1000", "-j", "4", "-t", "10",
         ])
         .arg(&vars["DATABASE_URL"])
         .output()
@@ -222,7 +223,7 @@ fn pooled_session_and_direct_urls_isolation_and_the_tiers_clients_on_a_small_ser
     let out = text(&run);
     assert!(run.status.success(), "pgbench through the pooler: {out}");
     assert!(
-        out.contains("number of transactions actually processed: 3000/3000"),
+        out.contains("number of transactions actually processed: 10000/10000"),
         "{out}"
     );
     assert!(
@@ -230,9 +231,122 @@ fn pooled_session_and_direct_urls_isolation_and_the_tiers_clients_on_a_small_ser
         "{out}"
     );
 
+    // A lower limit, applied live: the pooler stays (same sandbox), the 6th client is refused
+    // with PgBouncer's reason, 5 still work.
+    let pooler_before =
+        agent.json(&["sandbox", "status", "addon-pg-pa-pool", "--json"])["id"].clone();
+    let updated = agent.json(&[
+        "addon",
+        "update",
+        PG,
+        "-a",
+        "pa",
+        "--client-connections",
+        "5",
+        "--json",
+    ]);
+    assert_eq!(updated["restarted"], false, "{updated}");
+    assert_eq!(updated["addon"]["client_connections"], 5, "{updated}");
+    assert_eq!(
+        agent.json(&["sandbox", "status", "addon-pg-pa-pool", "--json"])["id"],
+        pooler_before,
+        "the pooler was not replaced"
+    );
+    assert_clients(&vars["DATABASE_URL"], 5, true);
+    assert_clients(&vars["DATABASE_URL"], 6, false);
+
     agent.ok(&["app", "delete", "pa"]);
     agent.ok(&["app", "delete", "other"]);
     agent.ok(&["addon", "destroy", PG, "-a", "pa", "--yes"]);
+    assert_nothing_left(&agent);
+}
+
+/// `clients` concurrent pgbench clients (all connected before the first transaction) through
+/// `url`: they all work, or the pooler refuses one for the database's client limit.
+fn assert_clients(url: &str, clients: u32, admitted: bool) {
+    let script = std::env::temp_dir().join(format!("mrtst-select1-{}.sql", std::process::id()));
+    std::fs::write(&script, "SELECT 1;\n").unwrap();
+    let run = Command::new("pgbench")
+        .args(["-n", "-t", "5", "-f"])
+        .arg(&script)
+        .arg("-c")
+        .arg(clients.to_string())
+        .arg(url)
+        .output();
+    let _ = std::fs::remove_file(&script);
+    let run = run.unwrap();
+    let out = text(&run);
+    if admitted {
+        assert!(run.status.success(), "{clients} clients: {out}");
+    } else {
+        assert!(
+            !run.status.success(),
+            "{clients} clients were all admitted: {out}"
+        );
+        assert!(out.contains("max_db_client_connections"), "{out}");
+    }
+}
+
+#[test]
+fn each_app_on_the_shared_pooler_has_its_own_client_limit() {
+    let Some(agent) = agent_with_mirror(&["postgres:17", POOLER_IMAGE]) else {
+        return;
+    };
+    for (app, settings) in [
+        ("sa", "variant = \"shared\"\nclient_connections = 3\n"),
+        ("sb", "variant = \"shared\"\n"),
+    ] {
+        let dir = agent.root.join(app);
+        write_app(&dir, &psql_app(app, Some(settings)));
+        deploy(&agent, &dir);
+    }
+    assert_eq!(
+        addon_status(&agent, "sa", PG).unwrap()["client_connections"],
+        3
+    );
+    assert_eq!(
+        addon_status(&agent, "sb", PG).unwrap()["client_connections"],
+        100
+    );
+    let sa = env(&agent, "sa")["DATABASE_URL"].clone();
+    let sb = env(&agent, "sb")["DATABASE_URL"].clone();
+    assert_eq!(
+        host_port(&sa),
+        host_port(&sb),
+        "one pooler for the shared server"
+    );
+    assert_clients(&sa, 3, true);
+    assert_clients(&sa, 4, false);
+    // The other app on the same pooler is not held to sa's limit.
+    assert_clients(&sb, 20, true);
+
+    // Raised live; the shared pooler is not replaced.
+    let pooler = addon_status(&agent, "sa", PG).unwrap()["pooler"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let before = agent.json(&["sandbox", "status", &pooler, "--json"])["id"].clone();
+    agent.ok(&[
+        "addon",
+        "update",
+        PG,
+        "-a",
+        "sa",
+        "--client-connections",
+        "10",
+    ]);
+    assert_clients(&sa, 10, true);
+    assert_clients(&sa, 11, false);
+    assert_eq!(
+        agent.json(&["sandbox", "status", &pooler, "--json"])["id"],
+        before
+    );
+    // A tenant that leaves takes its limit with it; the other keeps its own.
+    agent.ok(&["app", "delete", "sa"]);
+    agent.ok(&["addon", "destroy", PG, "-a", "sa", "--yes"]);
+    assert_clients(&sb, 20, true);
+    agent.ok(&["app", "delete", "sb"]);
+    agent.ok(&["addon", "destroy", PG, "-a", "sb", "--yes"]);
     assert_nothing_left(&agent);
 }
 

@@ -57,20 +57,29 @@ pub enum AddonCommand {
         /// 200, 2 GB) or large (100 GB, 500, 8 GB).
         #[arg(long, value_parser = ["small", "medium", "large"])]
         tier: Option<String>,
+        /// PostgreSQL: the app's pooled client connections (1-2000) instead of its tier's;
+        /// its pooler refuses the next one.
+        #[arg(long, value_name = "N")]
+        client_connections: Option<u32>,
         /// Return once recorded instead of waiting for `active`.
         #[arg(long)]
         no_wait: bool,
         #[arg(long)]
         json: bool,
     },
-    /// Change an addon in place and wait until it is applied: its tier (PostgreSQL). The disk
-    /// grows online and is never shrunk; the output says whether the server restarted.
+    /// Change an addon in place and wait until it is applied: its tier or its pooled client
+    /// connections (PostgreSQL). The disk grows online and is never shrunk; the output says
+    /// whether the server restarted.
     Update {
         addon: String,
         #[arg(short = 'a', long)]
         app: String,
-        #[arg(long, value_parser = ["small", "medium", "large"])]
-        tier: String,
+        #[arg(long, value_parser = ["small", "medium", "large"], required_unless_present = "client_connections")]
+        tier: Option<String>,
+        /// The app's pooled client connections (1-2000) instead of its tier's; applied live,
+        /// no client is dropped.
+        #[arg(long, value_name = "N")]
+        client_connections: Option<u32>,
         #[arg(long)]
         json: bool,
     },
@@ -294,6 +303,7 @@ pub async fn run(client: &Client, command: AddonCommand) -> Result<i32> {
             version,
             pooling,
             tier,
+            client_connections,
             no_wait,
             json: as_json,
         } => {
@@ -305,6 +315,7 @@ pub async fn run(client: &Client, command: AddonCommand) -> Result<i32> {
                 version,
                 pooling,
                 tier,
+                client_connections,
                 wait: !no_wait,
             };
             let created = client.create_addon(&req).await?;
@@ -345,10 +356,14 @@ pub async fn run(client: &Client, command: AddonCommand) -> Result<i32> {
             addon,
             app,
             tier,
+            client_connections,
             json: as_json,
         } => {
             let started = Instant::now();
-            let req = UpdateAddon { tier: Some(tier) };
+            let req = UpdateAddon {
+                tier,
+                client_connections,
+            };
             let updated = client.update_addon(&app, &addon, &req).await?;
             if as_json {
                 print_json(&updated)?;

@@ -28,6 +28,8 @@ pub struct NodeState {
     pub discarded: Vec<(String, String)>,
     /// Tenants (user) on shared servers.
     pub tenants: BTreeSet<String>,
+    /// Commands run in sandboxes, by sandbox id.
+    pub execs: Vec<(String, super::host::SandboxCommand)>,
     pub next_id: u32,
 }
 
@@ -162,6 +164,17 @@ impl AddonHost for FakeHost {
 
     fn log_tail(&self, _sandbox_id: &str, _lines: usize) -> String {
         "(fake log)".into()
+    }
+
+    fn exec<'a>(
+        &'a self,
+        sandbox_id: &'a str,
+        command: super::host::SandboxCommand,
+    ) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async move {
+            self.node().execs.push((sandbox_id.to_string(), command));
+            Ok(())
+        })
     }
 }
 

@@ -150,6 +150,22 @@ pub trait AddonHost: Send + Sync {
 
     /// The last `lines` lines of the sandbox's output, joined by ` | `, for error reasons.
     fn log_tail(&self, sandbox_id: &str, lines: usize) -> String;
+
+    /// Runs `command` inside the running sandbox; a non-zero exit is an error with its
+    /// output.
+    fn exec<'a>(
+        &'a self,
+        sandbox_id: &'a str,
+        command: SandboxCommand,
+    ) -> BoxFuture<'a, Result<(), Error>>;
+}
+
+/// A command an addon runs inside one of its sandboxes (e.g. a pooler's reload).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SandboxCommand {
+    pub argv: Vec<String>,
+    /// `KEY=VALUE`, beside the sandbox's own environment.
+    pub env: Vec<String>,
 }
 
 /// The real node: the agent's disk, sandbox and network services.
@@ -366,6 +382,28 @@ impl AddonHost for NodeHost {
         apps: &'a [String],
     ) -> BoxFuture<'a, Result<(), Error>> {
         Box::pin(self.net.set_allow_from(sandbox_id, apps))
+    }
+
+    fn exec<'a>(
+        &'a self,
+        sandbox_id: &'a str,
+        command: SandboxCommand,
+    ) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async move {
+            let done = self
+                .sandboxes
+                .exec(sandbox_id, command.argv.clone(), command.env)
+                .await?;
+            if done.exit_code == 0 {
+                return Ok(());
+            }
+            Err(Error::internal(format!(
+                "`{}` in sandbox {sandbox_id} exited with {}: {}",
+                command.argv.join(" "),
+                done.exit_code,
+                done.stderr.trim()
+            )))
+        })
     }
 
     fn log_tail(&self, sandbox_id: &str, lines: usize) -> String {

@@ -293,6 +293,7 @@ impl AddonService {
             pooling: has_pooler.then(|| pooling(row).name().to_string()),
             pooler,
             tier: has_tiers.then(|| tiers::tier(row).name().to_string()),
+            client_connections: has_tiers.then(|| tiers::client_connections(row)),
             disk_size_gb: usage.map(|u| u.size_gb),
             disk_used_bytes: usage.map(|u| u.used_bytes),
             last_growth: tiers::last_growth(row),
@@ -344,7 +345,14 @@ impl AddonService {
             .as_deref()
             .map(|t| resolved.kind.parse_tier(t))
             .transpose()?;
+        let asked_clients = req
+            .client_connections
+            .map(|n| resolved.kind.check_client_connections(i64::from(n)))
+            .transpose()?;
         let mut extra = serde_json::Map::new();
+        if let Some(n) = asked_clients {
+            extra.insert(tiers::CLIENT_CONNECTIONS.into(), n.into());
+        }
         if resolved.kind.has_pooler() {
             let mode = asked_pooling.unwrap_or(Pooling::default_for(resolved.variant));
             extra.insert("pooling".into(), mode.name().into());
@@ -438,6 +446,10 @@ impl AddonService {
             if let Some(tier) = asked_tier.filter(|t| *t != tiers::tier(&existing)) {
                 // Recorded with the work it owes; the driver applies it below.
                 self.record_tier(&existing, tier)?;
+            }
+            // A deploy declares it (none: the tier's); elsewhere none keeps what it has.
+            if asked_clients.is_some() || source == "deploy" {
+                self.record_client_connections(&existing, asked_clients)?;
             }
             if existing.status == AddonStatus::Error {
                 self.store.transition_addon(

@@ -10,8 +10,9 @@ use std::time::Duration;
 use miren_addons::{Credentials, Tier, Variant, POOLER_SESSION_PORT, POOLER_TRANSACTION_PORT};
 use tokio_postgres::{Client, NoTls};
 
+use super::host::SandboxCommand;
 use super::postgres::{describe, PORT};
-use super::provider::SidecarSpec;
+use super::provider::{DbClientLimit, SidecarSpec};
 
 /// The pooler image (Debian's PgBouncer 1.24; pulled through the agent's mirror like any).
 pub const IMAGE: &str = "miren-addons/pgbouncer:1.24";
@@ -27,33 +28,33 @@ pub const SESSION_POOL_SIZE: u32 = 40;
 // Both pools together stay below the server's default max_connections (100).
 const _: () = assert!(TRANSACTION_POOL_SIZE + SESSION_POOL_SIZE < 100);
 
-/// Clients per pooler of the shared server (a dedicated server's: its tier's); every one
-/// needs a file descriptor (the sandbox has the agent's hard NOFILE limit).
-pub const MAX_CLIENT_CONN: u32 = 2000;
+/// Clients per pooler, of all its apps together; every one needs a file descriptor (the
+/// sandbox has the agent's hard NOFILE limit). Each app's own limit is its database's
+/// `max_db_client_connections` ([`limits_command`]).
+pub const MAX_CLIENT_CONN: u32 = miren_addons::MAX_CLIENT_CONNECTIONS;
+/// The image's entrypoint; `limits` as its argument rewrites the limits and reloads.
+const ENTRYPOINT: &str = "/usr/local/bin/docker-entrypoint.sh";
 /// Prepared statements PgBouncer tracks per server connection, so drivers that prepare
 /// (Bun's `SQL`, asyncpg, Prisma) work in transaction mode.
 pub const MAX_PREPARED_STATEMENTS: u32 = 200;
 
 /// The sandbox beside a server at `server`, whose lookup function `prepare` put in
-/// `admin.database`.
-/// A dedicated server's pooler takes its tier's clients and pools; the shared server's serves
-/// every app (its tenants are limited on the server, by `CONNECTION LIMIT`).
+/// `admin.database`, admitting `limits` clients to each app's database.
+/// A dedicated server's pooler takes its tier's pools; the shared server's serves every app
+/// (its tenants' server connections are limited on the server, by `CONNECTION LIMIT`).
 pub fn spec(
     server: Ipv4Addr,
     admin: &Credentials,
     secret: &str,
     variant: Variant,
     tier: Tier,
+    limits: &[DbClientLimit],
 ) -> SidecarSpec {
-    let (max_client_conn, transaction_pool, session_pool) = match variant {
-        Variant::Shared => (MAX_CLIENT_CONN, TRANSACTION_POOL_SIZE, SESSION_POOL_SIZE),
+    let (transaction_pool, session_pool) = match variant {
+        Variant::Shared => (TRANSACTION_POOL_SIZE, SESSION_POOL_SIZE),
         Variant::Small => {
             let limits = tier.limits();
-            (
-                limits.client_connections,
-                limits.transaction_pool,
-                limits.session_pool,
-            )
+            (limits.transaction_pool, limits.session_pool)
         }
     };
     SidecarSpec {
@@ -71,8 +72,33 @@ pub fn spec(
             format!("PGBOUNCER_SESSION_PORT={POOLER_SESSION_PORT}"),
             format!("PGBOUNCER_DEFAULT_POOL_SIZE={transaction_pool}"),
             format!("PGBOUNCER_SESSION_POOL_SIZE={session_pool}"),
-            format!("PGBOUNCER_MAX_CLIENT_CONN={max_client_conn}"),
+            format!("PGBOUNCER_MAX_CLIENT_CONN={MAX_CLIENT_CONN}"),
             format!("PGBOUNCER_MAX_PREPARED_STATEMENTS={MAX_PREPARED_STATEMENTS}"),
+            limits_var(limits),
+        ],
+    }
+}
+
+/// `PGBOUNCER_DB_LIMITS=db=N,db=N` (the image's contract). Database names are the agent's
+/// identifiers (`[a-z0-9_]`).
+fn limits_var(limits: &[DbClientLimit]) -> String {
+    let entries: Vec<String> = limits
+        .iter()
+        .map(|l| format!("{}={}", l.database, l.clients))
+        .collect();
+    format!("PGBOUNCER_DB_LIMITS={}", entries.join(","))
+}
+
+/// Run in the pooler's sandbox: replaces every per-database client limit with `limits` and
+/// reloads both poolers (SIGHUP: no client is dropped; one over a lowered limit stays until it
+/// leaves).
+pub fn limits_command(server: Ipv4Addr, limits: &[DbClientLimit]) -> SandboxCommand {
+    SandboxCommand {
+        argv: vec![ENTRYPOINT.to_string(), "limits".to_string()],
+        env: vec![
+            format!("PGBOUNCER_SERVER_HOST={server}"),
+            format!("PGBOUNCER_SERVER_PORT={PORT}"),
+            limits_var(limits),
         ],
     }
 }
@@ -170,6 +196,16 @@ mod tests {
             "s3cret",
             Variant::Shared,
             Tier::Small,
+            &[
+                DbClientLimit {
+                    database: "app_a".into(),
+                    clients: 100,
+                },
+                DbClientLimit {
+                    database: "app_b".into(),
+                    clients: 500,
+                },
+            ],
         );
         let get = |k: &str| {
             spec.env
@@ -187,17 +223,36 @@ mod tests {
         assert_eq!(get("PGBOUNCER_SESSION_PORT"), "6433");
         assert_eq!(get("PGBOUNCER_MAX_PREPARED_STATEMENTS"), "200");
         assert!(get("PGBOUNCER_MAX_CLIENT_CONN").parse::<u32>().unwrap() >= 1000);
+        assert_eq!(get("PGBOUNCER_DB_LIMITS"), "app_a=100,app_b=500");
         assert!(spec.command.is_empty());
-        // A dedicated server's pooler takes its tier's clients.
+        // A dedicated server's pooler takes its tier's pools.
         let small = super::spec(
             Ipv4Addr::new(10, 1, 2, 3),
             &admin,
             "s",
             Variant::Small,
             Tier::Medium,
+            &[],
         );
         assert!(small
             .env
-            .contains(&"PGBOUNCER_MAX_CLIENT_CONN=200".to_string()));
+            .contains(&"PGBOUNCER_DEFAULT_POOL_SIZE=40".to_string()));
+        assert!(small.env.contains(&"PGBOUNCER_DB_LIMITS=".to_string()));
+    }
+
+    #[test]
+    fn limits_are_replaced_by_the_entrypoint_in_the_running_sandbox() {
+        let cmd = limits_command(
+            Ipv4Addr::new(10, 1, 2, 3),
+            &[DbClientLimit {
+                database: "app_a".into(),
+                clients: 7,
+            }],
+        );
+        assert_eq!(cmd.argv, [ENTRYPOINT, "limits"]);
+        assert!(cmd.env.contains(&"PGBOUNCER_DB_LIMITS=app_a=7".to_string()));
+        assert!(cmd
+            .env
+            .contains(&"PGBOUNCER_SERVER_HOST=10.1.2.3".to_string()));
     }
 }

@@ -8,8 +8,10 @@ use std::time::Duration;
 use miren_addons::{AddonKind, Credentials, EnvVar, Pooling, PostgresConnection, Tier, Variant};
 use tokio_postgres::{Client, NoTls};
 
+use super::host::SandboxCommand;
 use super::provider::{
-    AddonProvider, BoxFuture, DataDisk, ServerConnection, ServerSize, ServerSpec, SidecarSpec,
+    AddonProvider, BoxFuture, DataDisk, DbClientLimit, ServerConnection, ServerSize, ServerSpec,
+    SidecarSpec,
 };
 use crate::core::error::Error;
 
@@ -167,8 +169,15 @@ impl AddonProvider for Postgres {
         server: Ipv4Addr,
         admin: &Credentials,
         secret: &str,
+        limits: &[DbClientLimit],
     ) -> Option<SidecarSpec> {
-        Some(super::pooler::spec(server, admin, secret, variant, tier))
+        Some(super::pooler::spec(
+            server, admin, secret, variant, tier, limits,
+        ))
+    }
+
+    fn sidecar_limits(&self, server: Ipv4Addr, limits: &[DbClientLimit]) -> Option<SandboxCommand> {
+        Some(super::pooler::limits_command(server, limits))
     }
 
     fn sidecar_ready<'a>(

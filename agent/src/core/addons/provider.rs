@@ -130,7 +130,18 @@ pub trait AddonProvider: Send + Sync {
         _server: Ipv4Addr,
         _admin: &Credentials,
         _secret: &str,
+        _limits: &[DbClientLimit],
     ) -> Option<SidecarSpec> {
+        None
+    }
+
+    /// The command that gives the running sidecar of a server at `server` these per-database
+    /// client limits (applied live); `None`: this kind's sidecar has none.
+    fn sidecar_limits(
+        &self,
+        _server: Ipv4Addr,
+        _limits: &[DbClientLimit],
+    ) -> Option<super::host::SandboxCommand> {
         None
     }
 
@@ -173,6 +184,13 @@ pub trait AddonProvider: Send + Sync {
     ) -> Result<Option<Credentials>, Error> {
         Ok(None)
     }
+}
+
+/// How many client connections a sidecar admits to one app's database.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DbClientLimit {
+    pub database: String,
+    pub clients: u32,
 }
 
 /// A session with a running server, logged in as the administrator (shared servers) or an

@@ -9,7 +9,7 @@ use miren_addons::{Credentials, Variant};
 use tracing::{info, warn};
 
 use super::host::{ServerLaunch, ServerSandbox};
-use super::provider::{AddonProvider, ServerConnection};
+use super::provider::{AddonProvider, DbClientLimit, ServerConnection};
 use super::steps::StepError;
 use super::AddonService;
 use crate::core::error::Error;
@@ -32,6 +32,8 @@ pub(super) struct SidecarWanted<'a> {
     pub apps: Vec<String>,
     /// The login its readiness check uses (an app's).
     pub login: &'a Credentials,
+    /// Each app's client limit, applied live to a sidecar that is kept.
+    pub limits: Vec<DbClientLimit>,
 }
 
 impl AddonService {
@@ -54,7 +56,17 @@ impl AddonService {
                     .wait_sidecar(provider, &existing, wanted.login, KEEP_TIMEOUT)
                     .await
                 {
-                    Ok(()) => return Ok(()),
+                    Ok(()) => {
+                        return self
+                            .apply_sidecar_limits(
+                                provider,
+                                &existing,
+                                wanted.server,
+                                &wanted.limits,
+                            )
+                            .await
+                            .map_err(StepError::from);
+                    }
                     Err(reason) => {
                         warn!(sandbox = %existing.name, reason = %reason, "replacing a sidecar that does not answer")
                     }
@@ -75,6 +87,7 @@ impl AddonService {
             wanted.server.ip()?,
             wanted.admin_login,
             &secret,
+            &wanted.limits,
         ) else {
             return Ok(());
         };
@@ -102,6 +115,23 @@ impl AddonService {
         self.wait_sidecar(provider, &sidecar, wanted.login, self.ready_timeout)
             .await
             .map_err(StepError::Failed)
+    }
+
+    /// Gives a running sidecar `limits` (it starts with those of its spec), if its kind has
+    /// any. Safe to repeat: the whole set is replaced.
+    pub(super) async fn apply_sidecar_limits(
+        &self,
+        provider: &dyn AddonProvider,
+        sidecar: &ServerSandbox,
+        server: &ServerSandbox,
+        limits: &[DbClientLimit],
+    ) -> Result<(), Error> {
+        let Some(command) = provider.sidecar_limits(server.ip()?, limits) else {
+            return Ok(());
+        };
+        self.host.exec(&sidecar.id, command).await?;
+        info!(sandbox = %sidecar.name, apps = limits.len(), "sidecar client limits applied");
+        Ok(())
     }
 
     /// The sidecar admits the server's apps; the server admits them and the sidecar.

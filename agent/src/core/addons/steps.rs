@@ -9,7 +9,7 @@ use tracing::{info, warn};
 use super::host::{ServerLaunch, ServerSandbox};
 use super::provider::{AddonProvider, ServerConnection};
 use super::sidecar::SidecarWanted;
-use super::tiers::{applied_tier, tier, APPLIED_TIER};
+use super::tiers::{self, applied_tier, tier, APPLIED_TIER};
 use super::{credentials, is_shared, server_owner, shared_owner, AddonService};
 use crate::core::error::Error;
 use crate::store::addons::{AddonRow, AddonStatus, ServerRow, ServerStatus};
@@ -182,6 +182,7 @@ impl AddonService {
                 admin_login: &login,
                 apps: vec![row.app.clone()],
                 login: &login,
+                limits: vec![tiers::db_client_limit(row)],
             },
         )
         .await?;
@@ -250,6 +251,7 @@ impl AddonService {
                     .admin_login(&server_row.admin_user, &server_row.admin_password),
                 apps: self.store.shared_members(&row.kind)?,
                 login: &login,
+                limits: self.shared_client_limits(&row.kind)?,
             },
         )
         .await?;
@@ -433,7 +435,7 @@ impl AddonService {
             .drop_tenant(&credentials(row))
             .await
             .map_err(Error::busy)?;
-        Ok(())
+        self.release_shared_client_limit(&row.kind).await
     }
 
     /// The server's sandbox (and its disk), running: kept if it is (or is restarting),

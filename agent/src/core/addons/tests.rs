@@ -17,6 +17,7 @@ fn request(app: &str, variant: &str) -> CreateAddon {
         version: None,
         pooling: None,
         tier: None,
+        client_connections: None,
         wait: true,
     }
 }

@@ -19,6 +19,7 @@ fn request(app: &str, tier: Option<&str>) -> CreateAddon {
         version: None,
         pooling: None,
         tier: tier.map(str::to_string),
+        client_connections: None,
         wait: true,
     }
 }
@@ -53,6 +54,7 @@ async fn a_tier_change_is_recorded_then_applied_by_making_the_server_again() {
             KIND,
             &UpdateAddon {
                 tier: Some("medium".into()),
+                client_connections: None,
             },
         )
         .unwrap();
@@ -76,6 +78,7 @@ async fn a_tier_change_is_recorded_then_applied_by_making_the_server_again() {
             KIND,
             &UpdateAddon {
                 tier: Some("medium".into()),
+                client_connections: None,
             },
         )
         .unwrap();
@@ -101,6 +104,7 @@ async fn a_tier_change_is_recorded_then_applied_by_making_the_server_again() {
             KIND,
             &UpdateAddon {
                 tier: Some("huge".into()),
+                client_connections: None,
             },
         )
         .unwrap_err();
@@ -133,4 +137,62 @@ async fn a_recorded_change_the_agent_died_before_applying_converges_at_start() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     panic!("the tier change never converged: {:?}", row(&bench, "shop"));
+}
+
+#[tokio::test]
+async fn client_connections_change_in_place_and_a_deploy_without_them_returns_to_the_tiers() {
+    let bench = Bench::new();
+    let mut asked = request("shop", None);
+    asked.client_connections = Some(1000);
+    let (addon, done) = bench.addons.create(&asked, "deploy").await.unwrap();
+    assert_eq!(addon.client_connections, Some(1000));
+    settle(done).await;
+    let before = server_id(&bench, "shop");
+
+    let (_, restarts, done) = bench
+        .addons
+        .update(
+            "shop",
+            KIND,
+            &UpdateAddon {
+                tier: None,
+                client_connections: Some(250),
+            },
+        )
+        .unwrap();
+    settle(done).await;
+    assert!(!restarts);
+    let r = row(&bench, "shop");
+    assert_eq!(r.status, AddonStatus::Active);
+    assert_eq!(super::tiers::client_connections(&r), 250);
+    assert_eq!(server_id(&bench, "shop"), before, "no restart for a limit");
+
+    // A deploy that no longer names them: the tier's (small: 100).
+    let (_, done) = bench
+        .addons
+        .create(&request("shop", None), "deploy")
+        .await
+        .unwrap();
+    settle(done).await;
+    assert_eq!(super::tiers::client_connections(&row(&bench, "shop")), 100);
+
+    for bad in [0, 2001] {
+        let err = bench
+            .addons
+            .update(
+                "shop",
+                KIND,
+                &UpdateAddon {
+                    tier: None,
+                    client_connections: Some(bad),
+                },
+            )
+            .unwrap_err();
+        assert!(err.message.contains("give 1 to 2000"), "{err:?}");
+    }
+    let err = bench
+        .addons
+        .update("shop", KIND, &UpdateAddon::default())
+        .unwrap_err();
+    assert!(err.message.contains("nothing to change"), "{err:?}");
 }

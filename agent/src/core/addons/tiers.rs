@@ -12,7 +12,8 @@ use miren_addons::{AddonKind, Tier, Variant, GROW_AT_PERCENT};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use super::{is_shared, server_owner, AddonService};
+use super::provider::DbClientLimit;
+use super::{is_shared, server_owner, shared_owner, AddonService};
 use crate::core::error::Error;
 use crate::model::{AddonUpdated, UpdateAddon};
 use crate::store::addons::{AddonRow, AddonStatus};
@@ -23,6 +24,8 @@ use crate::util::now_rfc3339;
 pub(super) const TIER: &str = "tier";
 /// The tier its server (or shared tenant) was last made for.
 pub(super) const APPLIED_TIER: &str = "server_tier";
+/// The app's own pooled client connections, when it asked for other than its tier's.
+pub(super) const CLIENT_CONNECTIONS: &str = "client_connections";
 /// The last automatic growth of its data disk, for `addon list`.
 pub(super) const LAST_GROWTH: &str = "last_growth";
 
@@ -47,6 +50,23 @@ pub(crate) fn tier(row: &AddonRow) -> Tier {
 /// with the sandbox defaults, which are `small`'s memory), so an upgrade restarts nothing.
 pub(super) fn applied_tier(row: &AddonRow) -> Tier {
     tier_at(row, APPLIED_TIER).unwrap_or_default()
+}
+
+/// The pooled client connections the app may hold: what it asked for, else its tier's.
+pub(crate) fn client_connections(row: &AddonRow) -> u32 {
+    row.extra
+        .get(CLIENT_CONNECTIONS)
+        .and_then(|v| v.as_u64())
+        .and_then(|n| u32::try_from(n).ok())
+        .unwrap_or(tier(row).limits().client_connections)
+}
+
+/// The app's limit in its pooler: its own database's client connections.
+pub(super) fn db_client_limit(row: &AddonRow) -> DbClientLimit {
+    DbClientLimit {
+        database: row.database.clone(),
+        clients: client_connections(row),
+    }
 }
 
 pub(super) fn last_growth(row: &AddonRow) -> Option<String> {
@@ -140,8 +160,36 @@ impl AddonService {
         Ok(restarts)
     }
 
-    /// `miren addon update`: changes the addon's tier in place and waits for the driver to
-    /// apply it (the receiver turns true once it has).
+    /// Records the app's own pooled client connections (`None`: its tier's) and the work it
+    /// owes: the driver gives its pooler the new limit, live. Nothing when it has them.
+    pub(super) fn record_client_connections(
+        &self,
+        row: &AddonRow,
+        wanted: Option<u32>,
+    ) -> Result<(), Error> {
+        let current = row.extra.get(CLIENT_CONNECTIONS).and_then(|v| v.as_u64());
+        if current == wanted.map(u64::from) {
+            return Ok(());
+        }
+        if row.status == AddonStatus::Deprovisioning {
+            return Err(Error::conflict(format!(
+                "{} of app `{}` is being removed",
+                row.kind, row.app
+            )));
+        }
+        self.store.set_addon_extra_key(
+            &row.app,
+            &row.kind,
+            CLIENT_CONNECTIONS,
+            wanted.map_or(serde_json::Value::Null, |n| n.into()),
+            &[AddonStatus::Active, AddonStatus::Error],
+        )?;
+        info!(app = %row.app, addon = %row.kind, client_connections = ?wanted, "addon client connections change recorded");
+        Ok(())
+    }
+
+    /// `miren addon update`: changes the addon's tier or client connections in place and
+    /// waits for the driver to apply them (the receiver turns true once it has).
     pub fn update(
         self: &Arc<Self>,
         app: &str,
@@ -151,14 +199,29 @@ impl AddonService {
         let (name, _) = super::split_addon_arg(kind_arg);
         let kind = AddonKind::parse(name)?;
         let row = self.find(app, kind.name())?;
-        let Some(asked) = req.tier.as_deref() else {
+        let to = req
+            .tier
+            .as_deref()
+            .map(|t| kind.parse_tier(t))
+            .transpose()?;
+        let clients = req
+            .client_connections
+            .map(|n| kind.check_client_connections(i64::from(n)))
+            .transpose()?;
+        if to.is_none() && clients.is_none() {
             return Err(Error::invalid(
-                "nothing to change: give a tier (small, medium or large)",
+                "nothing to change: give --tier (small, medium or large) or --client-connections N",
             ));
-        };
-        let to = kind.parse_tier(asked)?;
+        }
         let from = tier(&row);
-        let restarts = self.record_tier(&row, to)?;
+        let restarts = match to {
+            Some(to) => self.record_tier(&row, to)?,
+            None => false,
+        };
+        if clients.is_some() {
+            let row = self.find(app, kind.name())?;
+            self.record_client_connections(&row, clients)?;
+        }
         let done = self.kick(app, kind.name());
         Ok((from, restarts, done))
     }
@@ -175,7 +238,7 @@ impl AddonService {
         let addon = self.view(&row);
         if row.status != AddonStatus::Active {
             return Err(Error::conflict(format!(
-                "{kind} of app `{app}` is {} after the tier change: {}; run the update again to retry",
+                "{kind} of app `{app}` is {} after the change: {}; run the update again to retry",
                 row.status,
                 row.reason.unwrap_or_default()
             )));
@@ -186,6 +249,10 @@ impl AddonService {
         if from != to {
             changes.push(format!("tier {from} -> {to}"));
         }
+        changes.push(format!(
+            "{} pooled client connections for the app (applied live: no client dropped)",
+            client_connections(&row)
+        ));
         if is_shared(&row) {
             changes.push(format!(
                 "CONNECTION LIMIT {} on the app's roles; the shared server was not restarted",
@@ -193,10 +260,9 @@ impl AddonService {
             ));
         } else {
             changes.push(format!(
-                "memory {} MiB, {} CPUs, pooler max_client_conn {}",
+                "memory {} MiB, {} CPUs",
                 limits.memory_bytes >> 20,
-                limits.cpus,
-                limits.client_connections
+                limits.cpus
             ));
             if let Some(size) = addon.disk_size_gb {
                 changes.push(format!("data disk {size} GiB (grown online, never shrunk)"));
@@ -213,6 +279,33 @@ impl AddonService {
             restarted,
             changes,
         })
+    }
+
+    /// Every member's client limit in the shared server's pooler of `kind`.
+    pub(super) fn shared_client_limits(&self, kind: &str) -> Result<Vec<DbClientLimit>, Error> {
+        let mut limits = Vec::new();
+        for app in self.store.shared_members(kind)? {
+            if let Some(row) = self.store.addon(&app, kind)? {
+                limits.push(db_client_limit(&row));
+            }
+        }
+        Ok(limits)
+    }
+
+    /// After a shared tenant left: its pooler's limits without it (a pooler that is not
+    /// running starts with the members' limits anyway).
+    pub(super) async fn release_shared_client_limit(&self, kind: &str) -> Result<(), Error> {
+        let provider = self.provider(kind)?.clone();
+        let owner = shared_owner(kind);
+        let (Some(server), Some(sidecar)) = (
+            self.host.server_sandbox(&owner)?,
+            self.host.server_sandbox(&Owner::sidecar_of(&owner))?,
+        ) else {
+            return Ok(());
+        };
+        let limits = self.shared_client_limits(kind)?;
+        self.apply_sidecar_limits(provider.as_ref(), &sidecar, &server, &limits)
+            .await
     }
 
     /// Starts the one task that checks every addon server's data disk and grows one past

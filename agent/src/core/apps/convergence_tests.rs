@@ -226,6 +226,7 @@ async fn an_addon_made_with_the_cli_survives_a_deploy_without_it() {
                 version: None,
                 pooling: None,
                 tier: None,
+                client_connections: None,
                 wait: true,
             },
             "cli",

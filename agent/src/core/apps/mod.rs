@@ -361,6 +361,7 @@ impl AppService {
                         version: wanted.version.clone(),
                         pooling: wanted.pooling.clone(),
                         tier: wanted.tier.clone(),
+                        client_connections: wanted.client_connections,
                         wait: true,
                     },
                     "deploy",
@@ -708,6 +709,7 @@ variant = "shared"
                 version: None,
                 pooling: None,
                 tier: Some("small".into()),
+                client_connections: None,
             }]
         );
     }

@@ -161,6 +161,9 @@ pub struct AddonSpec {
     /// PostgreSQL's tier: app.toml's, `small` when it names none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tier: Option<String>,
+    /// PostgreSQL's `client_connections`: app.toml's; none: the tier's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_connections: Option<u32>,
 }
 
 /// The display name a service's sandbox is given when no other sandbox has it:
@@ -282,6 +285,7 @@ pub(super) fn spec_from_config(
                     .kind
                     .has_tiers()
                     .then(|| a.tier.unwrap_or_default().name().to_string()),
+                client_connections: a.client_connections,
             })
             .collect(),
     })

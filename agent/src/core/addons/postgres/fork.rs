@@ -117,6 +117,7 @@ impl AddonService {
                     pooling: None,
                     // The copy holds the source's data: the same tier gives it room.
                     tier: Some(crate::core::addons::tiers::tier(&source).name().to_string()),
+                    client_connections: None,
                     wait: true,
                 },
                 "fork",
