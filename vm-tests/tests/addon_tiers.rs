@@ -56,20 +56,23 @@ fn memory_limit(agent: &TestAgent, sandbox: &str) -> u64 {
     panic!("no memory limit found for {sandbox}: {cgroups}");
 }
 
-/// The pooler's `max_client_conn`, from the configuration its entrypoint wrote.
+/// The app's client limit in its pooler (`max_db_client_connections` of its database), from
+/// the limits file its entrypoint wrote.
 fn pooler_max_client_conn(agent: &TestAgent, pooler: &str) -> u32 {
-    let out = exec_sh(
-        agent,
-        pooler,
-        "grep -h '^max_client_conn' /tmp/pgbouncer/*.ini | head -1",
+    let out = exec_sh(agent, pooler, "cat /tmp/pgbouncer/limits.ini");
+    let file = String::from_utf8_lossy(&out.stdout).to_string();
+    let limits: Vec<u32> = file
+        .split_whitespace()
+        .filter_map(|w| w.strip_prefix("max_db_client_connections="))
+        .map(|n| n.parse().unwrap())
+        .collect();
+    assert_eq!(
+        limits.len(),
+        1,
+        "one app's limit in {pooler}: {}",
+        text(&out)
     );
-    let line = String::from_utf8_lossy(&out.stdout).to_string();
-    line.split('=')
-        .nth(1)
-        .unwrap_or_else(|| panic!("no max_client_conn in {pooler}: {}", text(&out)))
-        .trim()
-        .parse()
-        .unwrap()
+    limits[0]
 }
 
 /// The host path where the addon's data disk is mounted.
