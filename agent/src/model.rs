@@ -650,6 +650,10 @@ pub struct AddonRestored {
     pub disk: String,
     /// The disk from before (kept) or the one deleted by `discard_previous`.
     pub previous_disk: Option<String>,
+    /// An app of the shared server: its database from before (kept, renamed) or the one
+    /// dropped by `discard_previous`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_database: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

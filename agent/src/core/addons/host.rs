@@ -150,6 +150,19 @@ pub trait AddonHost: Send + Sync {
 
     /// The last `lines` lines of the sandbox's output, joined by ` | `, for error reasons.
     fn log_tail(&self, sandbox_id: &str, lines: usize) -> String;
+
+    /// Runs `args` in a running sandbox; returns its exit code and the end of its stderr.
+    fn exec<'a>(
+        &'a self,
+        _sandbox_id: &'a str,
+        _args: Vec<String>,
+    ) -> BoxFuture<'a, Result<(i32, String), Error>> {
+        Box::pin(async {
+            Err(Error::internal(
+                "this host cannot run commands in sandboxes",
+            ))
+        })
+    }
 }
 
 /// The real node: the agent's disk, sandbox and network services.
@@ -366,6 +379,17 @@ impl AddonHost for NodeHost {
         apps: &'a [String],
     ) -> BoxFuture<'a, Result<(), Error>> {
         Box::pin(self.net.set_allow_from(sandbox_id, apps))
+    }
+
+    fn exec<'a>(
+        &'a self,
+        sandbox_id: &'a str,
+        args: Vec<String>,
+    ) -> BoxFuture<'a, Result<(i32, String), Error>> {
+        Box::pin(async move {
+            let out = self.sandboxes.exec(sandbox_id, args, Vec::new()).await?;
+            Ok((out.exit_code, out.stderr))
+        })
     }
 
     fn log_tail(&self, sandbox_id: &str, lines: usize) -> String {
