@@ -616,6 +616,9 @@ pub struct AddonBackups {
     pub archive: ArchiveLag,
     /// The disk kept from before the last restore, until `--discard-previous`.
     pub previous_disk: Option<String>,
+    /// An app of the shared server: its database kept from before the last restore.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_database: Option<String>,
     /// Why the target could not be read now (then the window and base backups are empty).
     pub target_error: Option<String>,
 }

@@ -466,6 +466,9 @@ pub async fn run(client: &Client, command: AddonCommand) -> Result<i32> {
             if let Some(previous) = &b.previous_disk {
                 println!("kept:     disk `{previous}` from before the last restore");
             }
+            if let Some(previous) = &b.previous_database {
+                println!("kept:     database `{previous}` from before the last restore");
+            }
             let rows = b
                 .base_backups
                 .iter()
