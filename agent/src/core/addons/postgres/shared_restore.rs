@@ -502,3 +502,21 @@ impl AddonService {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn derived_names_fit_postgres_identifiers() {
+        assert_eq!(derived_name("shop", "pitr_new"), "shop_pitr_new");
+        let long = "a".repeat(63);
+        let name = derived_name(&long, "pitr_prev");
+        assert_eq!(name.len(), 63);
+        assert!(name.ends_with("_pitr_prev"));
+        assert_ne!(
+            derived_name(&long, "pitr_new"),
+            derived_name(&long, "pitr_prev")
+        );
+    }
+}
