@@ -627,6 +627,9 @@ pub struct AddonBackups {
     pub archive: ArchiveLag,
     /// The disk kept from before the last restore, until `--discard-previous`.
     pub previous_disk: Option<String>,
+    /// An app of the shared server: its database kept from before the last restore.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_database: Option<String>,
     /// Why the target could not be read now (then the window and base backups are empty).
     pub target_error: Option<String>,
 }
@@ -661,6 +664,10 @@ pub struct AddonRestored {
     pub disk: String,
     /// The disk from before (kept) or the one deleted by `discard_previous`.
     pub previous_disk: Option<String>,
+    /// An app of the shared server: its database from before (kept, renamed) or the one
+    /// dropped by `discard_previous`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_database: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

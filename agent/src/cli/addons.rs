@@ -481,6 +481,9 @@ pub async fn run(client: &Client, command: AddonCommand) -> Result<i32> {
             if let Some(previous) = &b.previous_disk {
                 println!("kept:     disk `{previous}` from before the last restore");
             }
+            if let Some(previous) = &b.previous_database {
+                println!("kept:     database `{previous}` from before the last restore");
+            }
             let rows = b
                 .base_backups
                 .iter()
@@ -530,12 +533,18 @@ pub async fn run(client: &Client, command: AddonCommand) -> Result<i32> {
             if as_json {
                 print_json(&r)?;
             } else if discard_previous {
-                match &r.previous_disk {
-                    Some(d) => println!(
+                match (&r.previous_disk, &r.previous_database) {
+                    (Some(d), _) => println!(
                         "{} of app `{app}`: deleted disk `{d}` kept from before the last restore",
                         r.name
                     ),
-                    None => println!("{} of app `{app}`: no disk was kept; nothing to do", r.name),
+                    (None, Some(d)) => println!(
+                        "{} of app `{app}`: dropped database `{d}` kept from before the last restore",
+                        r.name
+                    ),
+                    (None, None) => {
+                        println!("{} of app `{app}`: nothing was kept; nothing to do", r.name)
+                    }
                 }
             } else {
                 println!(
@@ -548,6 +557,9 @@ pub async fn run(client: &Client, command: AddonCommand) -> Result<i32> {
                 );
                 if let Some(d) = &r.previous_disk {
                     println!("the previous disk `{d}` is kept; delete it with `miren addon restore {addon} -a {app} --discard-previous`");
+                }
+                if let Some(d) = &r.previous_database {
+                    println!("the app's database from before is kept on the shared server as `{d}`; drop it with `miren addon restore {addon} -a {app} --discard-previous`");
                 }
             }
             Ok(0)

@@ -209,14 +209,16 @@ impl AddonsOfApps {
                     "--discard-previous deletes the disk kept from the last restore; give it alone",
                 ));
             }
-            let previous = self.addons.pg_discard_previous(app, addon_arg).await?;
+            let (previous_disk, previous_database) =
+                self.addons.pg_discard_previous(app, addon_arg).await?;
             return Ok(crate::model::AddonRestored {
                 name: split_addon_arg(addon_arg).0.to_string(),
                 app: app.to_string(),
                 restored_to: String::new(),
                 base_backup: String::new(),
                 disk: String::new(),
-                previous_disk: previous,
+                previous_disk,
+                previous_database,
             });
         }
         let point = match (&req.to_time, req.latest) {

@@ -158,6 +158,19 @@ pub trait AddonHost: Send + Sync {
         sandbox_id: &'a str,
         command: SandboxCommand,
     ) -> BoxFuture<'a, Result<(), Error>>;
+
+    /// Runs `args` in a running sandbox; returns its exit code and the end of its stderr.
+    fn exec_status<'a>(
+        &'a self,
+        _sandbox_id: &'a str,
+        _args: Vec<String>,
+    ) -> BoxFuture<'a, Result<(i32, String), Error>> {
+        Box::pin(async {
+            Err(Error::internal(
+                "this host cannot run commands in sandboxes",
+            ))
+        })
+    }
 }
 
 /// A command an addon runs inside one of its sandboxes (e.g. a pooler's reload).
@@ -403,6 +416,17 @@ impl AddonHost for NodeHost {
                 done.exit_code,
                 done.stderr.trim()
             )))
+        })
+    }
+
+    fn exec_status<'a>(
+        &'a self,
+        sandbox_id: &'a str,
+        args: Vec<String>,
+    ) -> BoxFuture<'a, Result<(i32, String), Error>> {
+        Box::pin(async move {
+            let out = self.sandboxes.exec(sandbox_id, args, Vec::new()).await?;
+            Ok((out.exit_code, out.stderr))
         })
     }
 

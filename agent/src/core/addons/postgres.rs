@@ -20,7 +20,9 @@ mod base;
 mod fork;
 mod listing;
 mod logins;
+mod recovered;
 pub mod restore;
+mod shared_restore;
 mod tiers;
 
 pub const PORT: u16 = 5432;

@@ -431,6 +431,10 @@ impl AddonService {
                 StepError::Failed(m) => Error::busy(format!("the shared server: {m}")),
                 StepError::Superseded => Error::busy("the shared server is going away"),
             })?;
+        if row.kind == "miren-postgresql" && self.pitr.get().is_some() {
+            // A restore's leftovers and the database kept from before one.
+            self.remove_shared_restore_leftovers(row).await?;
+        }
         admin
             .drop_tenant(&credentials(row))
             .await

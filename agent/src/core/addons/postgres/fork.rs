@@ -3,7 +3,6 @@
 //! its disk is replaced by the copy exactly as a restore replaces one (`restore.rs`), and the
 //! copy's login and database become the other app's.
 
-use std::net::Ipv4Addr;
 use std::sync::Arc;
 
 use miren_addons::Credentials;
@@ -19,21 +18,14 @@ use crate::store::addons::AddonStatus;
 
 const KIND: &str = "miren-postgresql";
 
-/// Makes the recovered copy (which knows only `source`'s login) the other app's: its login
-/// (a superuser, as on every small server) and its database; `source` can no longer log in.
+/// Makes the recovered copy (reached as its superuser, `recovered.rs`) the other app's: its
+/// login (a superuser, as on every small server) and its database; `source` can no longer log
+/// in.
 pub(super) async fn adopt(
-    host: Ipv4Addr,
+    client: &tokio_postgres::Client,
     source: &Credentials,
     other: &Credentials,
 ) -> Result<(), Error> {
-    let client = super::connect(&super::Login {
-        host,
-        user: &source.user,
-        password: &source.password,
-        database: "postgres",
-    })
-    .await
-    .map_err(|e| Error::busy(format!("connecting to the copy: {}", super::describe(&e))))?;
     let exists = !client
         .query("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&other.user])
         .await
@@ -83,6 +75,12 @@ impl AddonService {
             .map_err(|e| Error::invalid(format!("app name: {e}")))?;
         let pitr = self.pitr()?.clone();
         let source = self.restorable(app, addon_arg)?;
+        if crate::core::addons::is_shared(&source) {
+            // The shared server's copy would hold every app's database.
+            return Err(Error::new(crate::core::error::ErrorKind::Unprocessable, "unprocessable", format!(
+                "app `{app}` uses the shared PostgreSQL server: a fork copies a dedicated server, and a copy of the shared one would hold every app's data. Restore it in place (`miren addon restore {KIND} -a {app}`), or move it to `{KIND}:small` first"
+            )));
+        }
         if source.status != AddonStatus::Active {
             return Err(Error::conflict(format!(
                 "{KIND} of app `{app}` is {}; fork it once it is active",
@@ -140,6 +138,7 @@ impl AddonService {
             phase: Phase::Preparing,
             old_disk: fresh.name.clone(),
             base: base.label.clone(),
+            shared: None,
         };
         self.set_restore_state(&row, Some(&state))?;
         info!(app = %app, to_app = %to_app, base = %base.label, ?point, "forking PostgreSQL");
@@ -153,6 +152,7 @@ impl AddonService {
                 Source {
                     server: &server,
                     base: &base,
+                    app,
                     login: &credentials(&source),
                 },
                 point,
@@ -182,6 +182,7 @@ impl AddonService {
             base_backup: base.label.clone(),
             disk,
             previous_disk: None,
+            previous_database: None,
         })
     }
 }

@@ -83,6 +83,11 @@ impl AddonService {
                 .get("pg_previous_disk")
                 .and_then(|v| v.as_str())
                 .map(str::to_string),
+            previous_database: row
+                .extra
+                .get("pg_previous_database")
+                .and_then(|v| v.as_str())
+                .map(str::to_string),
             target_error,
         })
     }

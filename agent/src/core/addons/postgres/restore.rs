@@ -42,6 +42,8 @@ const RECOVERY_TIMEOUT: Duration = Duration::from_secs(1800);
 pub(super) struct Source<'a> {
     pub(super) server: &'a ArchivedServer,
     pub(super) base: &'a BaseInfo,
+    /// The app whose data it is, and its login now.
+    pub(super) app: &'a str,
     pub(super) login: &'a miren_addons::Credentials,
 }
 
@@ -60,6 +62,9 @@ pub(super) struct RestoreState {
     /// The server's disk before the restore (kept as the previous one).
     pub(super) old_disk: String,
     pub(super) base: String,
+    /// A restore of one app of the shared server: the databases it swaps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) shared: Option<super::shared_restore::SharedCopy>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -67,10 +72,12 @@ pub(super) struct RestoreState {
 pub(super) enum Phase {
     Preparing,
     Recovering,
+    /// Shared server: the recovered database is copied into a new database there.
+    Copying,
     Swapping,
 }
 
-fn restore_owner(app: &str) -> Owner {
+pub(super) fn restore_owner(app: &str) -> Owner {
     Owner::Addon {
         app: app.to_string(),
         kind: format!("{KIND}+restore"),
@@ -84,7 +91,7 @@ fn previous_owner(app: &str) -> Owner {
     }
 }
 
-fn state_of(row: &AddonRow) -> Option<RestoreState> {
+pub(super) fn state_of(row: &AddonRow) -> Option<RestoreState> {
     row.extra
         .get(STATE_KEY)
         .and_then(|v| serde_json::from_value(v.clone()).ok())
@@ -120,7 +127,7 @@ impl AddonService {
         Ok(())
     }
 
-    /// The PostgreSQL addon of `app` that can be restored (dedicated; shared is refused).
+    /// The PostgreSQL addon of `app` that can be restored.
     pub(super) fn restorable(&self, app: &str, addon_arg: &str) -> Result<AddonRow, Error> {
         let (name, _) = super::super::split_addon_arg(addon_arg);
         if name != KIND {
@@ -130,13 +137,7 @@ impl AddonService {
                 format!("point-in-time restore is for {KIND}; `{name}` has no continuous archive"),
             ));
         }
-        let row = self.find(app, KIND)?;
-        if is_shared(&row) {
-            return Err(Error::new(crate::core::error::ErrorKind::Unprocessable, "unprocessable", format!(
-                "app `{app}` uses the shared PostgreSQL server: restoring one app of it is not built in this version; its archive is kept (`miren addon backups {KIND} -a {app}`)"
-            )));
-        }
-        Ok(row)
+        self.find(app, KIND)
     }
 
     /// Restores an app's dedicated PostgreSQL to `point`; returns once the restored server
@@ -160,6 +161,9 @@ impl AddonService {
                 "{KIND} of app `{app}` is {}; restore it once it is active",
                 row.status
             )));
+        }
+        if is_shared(&row) {
+            return self.pg_restore_shared(&row, point).await;
         }
         if let Some(previous) = row.extra.get(PREVIOUS_KEY).and_then(|v| v.as_str()) {
             return Err(Error::conflict(format!(
@@ -191,6 +195,7 @@ impl AddonService {
             phase: Phase::Preparing,
             old_disk: old_disk.name.clone(),
             base: base.label.clone(),
+            shared: None,
         };
         self.set_restore_state(&row, Some(&state))?;
         info!(app = %app, base = %base.label, ?point, "restoring PostgreSQL");
@@ -200,6 +205,7 @@ impl AddonService {
                 Source {
                     server: &server,
                     base,
+                    app,
                     login: &credentials(&row),
                 },
                 point,
@@ -230,6 +236,7 @@ impl AddonService {
             base_backup: base.label.clone(),
             disk,
             previous_disk: Some(state.old_disk.clone()),
+            previous_database: None,
         })
     }
 
@@ -305,8 +312,14 @@ impl AddonService {
         let Source {
             server,
             base,
+            app: source_app,
             login: recovered_login,
         } = from;
+        let variant = if is_shared(row) {
+            miren_addons::Variant::Shared
+        } else {
+            miren_addons::Variant::Small
+        };
         let pitr = self.pitr()?.clone();
         let target = pitr.target().clone();
         let owner = restore_owner(&row.app);
@@ -327,19 +340,28 @@ impl AddonService {
         }
         unpack_base(&target, &server.id, &base.label, pgdata.clone()).await?;
         fetch_wal(&target, &server.id, &base.start_wal, &wal_dir).await?;
+        if matches!(point, RestorePoint::Latest) {
+            // What the server wrote but did not archive yet (it crashed, or does not answer)
+            // is on its data disk: replayed too, so `--latest` loses nothing committed.
+            take_unarchived_wal(
+                &server.mount.join(super::PG_DATA_SUBDIR).join("pg_wal"),
+                &wal_dir,
+                &base.start_wal,
+                server.timeline,
+            )?;
+        }
         write_recovery_settings(&pgdata, point)?;
+        let local_only = super::recovered::prepare(&mount)?;
         state.phase = Phase::Recovering;
         self.set_restore_state(row, Some(state))?;
         let provider = self.provider(KIND)?.clone();
-        let mut spec = provider.server(miren_addons::Variant::Small, &credentials(row));
+        let mut spec = provider.server(variant, &credentials(row));
         // Sized as the server it replaces: the tier's memory, CPU and settings.
-        let size = provider.server_size(
-            miren_addons::Variant::Small,
-            crate::core::addons::tiers::tier(row),
-        );
+        let size = provider.server_size(variant, crate::core::addons::tiers::tier(row));
         if let Some(size) = &size {
             spec.command.extend(size.args.iter().cloned());
         }
+        spec.command.extend(local_only);
         let sandbox = self
             .host
             .run_server(
@@ -355,7 +377,16 @@ impl AddonService {
                 },
             )
             .await?;
-        let client = self.wait_promoted(&sandbox.id, recovered_login).await?;
+        // The cluster's superuser: the shared server's, or the source app's owner role that
+        // made a dedicated cluster (its login now may not exist at the point).
+        let owner_role = miren_addons::PgIdentifiers::for_app(source_app).role;
+        let client = self
+            .wait_promoted(
+                &sandbox.id,
+                &mount,
+                &[super::ADMIN_USER, &owner_role, &recovered_login.user],
+            )
+            .await?;
         // The recovery settings served once; a later crash recovery must not see them.
         // One statement each: ALTER SYSTEM refuses to run in a (multi-statement) transaction.
         for statement in [
@@ -363,23 +394,32 @@ impl AddonService {
             "ALTER SYSTEM RESET recovery_target_time",
             "ALTER SYSTEM RESET recovery_target_action",
             "SELECT pg_reload_conf()",
-            "CHECKPOINT",
         ] {
             client
                 .simple_query(statement)
                 .await
                 .map_err(|e| Error::busy(format!("finishing recovery: {}", super::describe(&e))))?;
         }
-        drop(client);
-        if recovered_login.user != row.user {
+        if is_shared(row) {
+            // Only this app's database goes back, as a dump read from this disk.
+            self.dump_recovered(&sandbox.id, &row.database).await?;
+        } else if recovered_login.user != row.user {
             // A fork: the copy becomes the other app's login and database.
-            let ip = self.host.sandbox(&sandbox.id)?.ip()?;
-            super::fork::adopt(ip, recovered_login, &credentials(row)).await?;
+            super::fork::adopt(&client, recovered_login, &credentials(row)).await?;
+        } else {
+            // The catalog has the logins of the point: the app's current one must work.
+            super::recovered::apply_current_login(&client, recovered_login).await?;
         }
+        client
+            .simple_query("CHECKPOINT")
+            .await
+            .map_err(|e| Error::busy(format!("finishing recovery: {}", super::describe(&e))))?;
+        drop(client);
         if let Err(e) = std::fs::remove_dir_all(&wal_dir) {
             warn!(dir = %wal_dir.display(), error = %e, "removing the replayed WAL failed");
         }
         self.host.delete_owned(&owner).await?;
+        super::recovered::remove(&mount);
         Ok(disk)
     }
 
@@ -388,7 +428,8 @@ impl AddonService {
     async fn wait_promoted(
         &self,
         sandbox: &str,
-        login: &miren_addons::Credentials,
+        mount: &Path,
+        superusers: &[&str],
     ) -> Result<tokio_postgres::Client, Error> {
         let deadline = Instant::now() + RECOVERY_TIMEOUT;
         let before = self.host.sandbox(sandbox).map_or(0, |s| s.restarts);
@@ -413,19 +454,10 @@ impl AddonService {
                     state.exit_code.map_or("no exit code".into(), |c| format!("exit code {c}")),
                 )));
             }
-            if let Some(ip) = state.ip {
-                if let Ok(client) = super::connect(&super::Login {
-                    host: ip,
-                    user: &login.user,
-                    password: &login.password,
-                    database: &login.database,
-                })
-                .await
-                {
-                    if let Ok(row) = client.query_one("SELECT pg_is_in_recovery()", &[]).await {
-                        if !row.get::<_, bool>(0) {
-                            return Ok(client);
-                        }
+            if let Ok(client) = super::recovered::connect_superuser(mount, superusers).await {
+                if let Ok(row) = client.query_one("SELECT pg_is_in_recovery()", &[]).await {
+                    if !row.get::<_, bool>(0) {
+                        return Ok(client);
                     }
                 }
             }
@@ -494,8 +526,11 @@ impl AddonService {
         row: &AddonRow,
         state: &RestoreState,
     ) -> Result<(), Error> {
+        if let Some(copy) = &state.shared {
+            return self.resume_shared_restore(row, state.phase, copy).await;
+        }
         match state.phase {
-            Phase::Preparing | Phase::Recovering => {
+            Phase::Preparing | Phase::Recovering | Phase::Copying => {
                 info!(app = %row.app, "discarding a restore that did not finish; the server is as it was");
                 self.discard_restore(row).await
             }
@@ -514,7 +549,10 @@ impl AddonService {
                 continue;
             }
             if let Some(state) = state_of(&row) {
-                if state.phase == Phase::Swapping {
+                if state.shared.is_some() {
+                    // Needs the shared server up, which the driver starts after this.
+                    self.resume_shared_in_background(row);
+                } else if state.phase == Phase::Swapping {
                     // The driver must not start the old server first: swap now, in the
                     // background the driver then starts the restored one.
                     let this = self.clone();
@@ -531,13 +569,17 @@ impl AddonService {
         Ok(())
     }
 
-    /// Deletes the disk kept from before the last restore.
+    /// Deletes the disk (a shared server's app: the database) kept from before the last
+    /// restore; returns (disk, database) deleted.
     pub async fn pg_discard_previous(
         &self,
         app: &str,
         addon_arg: &str,
-    ) -> Result<Option<String>, Error> {
+    ) -> Result<(Option<String>, Option<String>), Error> {
         let row = self.restorable(app, addon_arg)?;
+        if is_shared(&row) {
+            return Ok((None, self.discard_previous_database(&row).await?));
+        }
         let previous = row
             .extra
             .get(PREVIOUS_KEY)
@@ -547,7 +589,7 @@ impl AddonService {
         self.store.edit_addon_extra(app, KIND, |extra| {
             extra.remove(PREVIOUS_KEY);
         })?;
-        Ok(previous)
+        Ok((previous, None))
     }
 
     /// Removes a restore's leftovers of an addon being destroyed.
@@ -602,6 +644,33 @@ async fn fetch_wal(
         let path = dir.join(&name);
         std::fs::write(&path, &data)
             .map_err(|e| Error::internal(format!("writing {}: {e}", path.display())))?;
+    }
+    chown_tree(dir)
+}
+
+/// Copies the segments of `timeline` in the server's `pg_wal` that the archive lacks (the
+/// newest, unarchived ones; recycled segments past the end hold stale pages, at which replay
+/// stops as PostgreSQL's own crash recovery does).
+fn take_unarchived_wal(pg_wal: &Path, dir: &Path, start: &str, timeline: u32) -> Result<(), Error> {
+    let entries = match std::fs::read_dir(pg_wal) {
+        Ok(entries) => entries,
+        Err(e) => {
+            warn!(dir = %pg_wal.display(), error = %e, "reading the server's pg_wal failed; restoring what was archived");
+            return Ok(());
+        }
+    };
+    let tli = format!("{timeline:08X}");
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        if !is_segment(&name) || !name.starts_with(&tli) || name[8..] < start[8..] {
+            continue;
+        }
+        let to = dir.join(&name);
+        if to.exists() {
+            continue;
+        }
+        std::fs::copy(entry.path(), &to)
+            .map_err(|e| Error::internal(format!("copying {}: {e}", entry.path().display())))?;
     }
     chown_tree(dir)
 }
