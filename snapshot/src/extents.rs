@@ -2,7 +2,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 
@@ -53,11 +53,6 @@ fn lseek(fd: i32, pos: u64, whence: i32) -> io::Result<u64> {
 /// Returns the number of bytes copied. On error `dst` may exist partly written; the caller
 /// deletes it.
 pub fn capture_extents(src: &Path, dst: &Path) -> Result<u64> {
-    let sfile = File::open(src).map_err(|e| Error::io(format!("open {}", src.display()), e))?;
-    let size = sfile
-        .metadata()
-        .map_err(|e| Error::io(format!("stat {}", src.display()), e))?
-        .len();
     let dfile = OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -69,15 +64,44 @@ pub fn capture_extents(src: &Path, dst: &Path) -> Result<u64> {
                 e,
             )
         })?;
-    let ctx = || format!("copy extents of {} to {}", src.display(), dst.display());
-    dfile.set_len(size).map_err(|e| Error::io(ctx(), e))?;
+    capture_extents_into(src, &dfile, &dst.display().to_string())
+}
+
+/// Like [`capture_extents`], into `dst`, an empty file open for writing (for example a
+/// [`memory_file`]); `what` names it in errors.
+pub fn capture_extents_into(src: &Path, dst: &File, what: &str) -> Result<u64> {
+    let sfile = File::open(src).map_err(|e| Error::io(format!("open {}", src.display()), e))?;
+    let size = sfile
+        .metadata()
+        .map_err(|e| Error::io(format!("stat {}", src.display()), e))?
+        .len();
+    let ctx = || format!("copy extents of {} to {what}", src.display());
+    dst.set_len(size).map_err(|e| Error::io(ctx(), e))?;
     let extents = data_extents(&sfile, size).map_err(|e| Error::io(ctx(), e))?;
     let mut copied = 0;
     for (off, len) in extents {
-        copy_range(&sfile, &dfile, off, len).map_err(|e| Error::io(ctx(), e))?;
+        copy_range(&sfile, dst, off, len).map_err(|e| Error::io(ctx(), e))?;
         copied += len;
     }
     Ok(copied)
+}
+
+/// A new anonymous file in memory (`memfd_create`): sparse like a file on disk (SEEK_DATA and
+/// SEEK_HOLE work), never written back to a disk, gone when the last descriptor closes.
+/// `/proc/self/fd/<fd>` opens it again by path.
+pub fn memory_file(name: &str) -> Result<File> {
+    let cname = std::ffi::CString::new(name)
+        .map_err(|_| Error::InvalidInput(format!("memory file name {name:?} holds a NUL")))?;
+    // SAFETY: a valid NUL-terminated name; the returned fd is new and owned by the File.
+    let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(Error::io(
+            "memfd_create (the kernel has no memfd support?)",
+            io::Error::last_os_error(),
+        ));
+    }
+    // SAFETY: fd is a fresh descriptor nothing else owns.
+    Ok(unsafe { File::from_raw_fd(fd) })
 }
 
 fn copy_range(src: &File, dst: &File, off: u64, len: u64) -> io::Result<()> {
@@ -100,8 +124,42 @@ fn copy_range(src: &File, dst: &File, off: u64, len: u64) -> io::Result<()> {
         if r < 0 {
             let e = io::Error::last_os_error();
             return match e.raw_os_error() {
-                // Kernel or filesystem cannot do it (cross-device, unsupported): plain copy.
+                // Kernel or filesystem cannot do it (cross-device, say into a memory file):
+                // sendfile, still in the kernel.
                 Some(libc::EXDEV | libc::ENOSYS | libc::EOPNOTSUPP | libc::EINVAL) => {
+                    copy_sendfile(src, dst, off + done, len - done)
+                }
+                _ => Err(e),
+            };
+        }
+        if r == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "source image shrank during capture",
+            ));
+        }
+        done += r as u64;
+    }
+    Ok(())
+}
+
+/// sendfile writes at `dst`'s file position: seek it to the range first.
+fn copy_sendfile(src: &File, dst: &File, off: u64, len: u64) -> io::Result<()> {
+    let start = i64::try_from(off).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))?;
+    // SAFETY: plain syscall on a valid fd owned by the caller.
+    if unsafe { libc::lseek(dst.as_raw_fd(), start, libc::SEEK_SET) } < 0 {
+        return copy_plain(src, dst, off, len);
+    }
+    let mut done = 0u64;
+    while done < len {
+        let mut ioff = (off + done) as i64;
+        let want = (len - done).min(1 << 30) as usize;
+        // SAFETY: valid fds and an offset pointer that lives across the call.
+        let r = unsafe { libc::sendfile(dst.as_raw_fd(), src.as_raw_fd(), &mut ioff, want) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP) => {
                     copy_plain(src, dst, off + done, len - done)
                 }
                 _ => Err(e),

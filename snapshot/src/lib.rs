@@ -22,7 +22,7 @@ mod read;
 mod write;
 
 pub use error::{Error, Result};
-pub use extents::capture_extents;
+pub use extents::{capture_extents, capture_extents_into, memory_file};
 pub use format::{
     printable, Filesystem, SnapshotInfo, SnapshotMeta, FORMAT_VERSION, MAX_IMAGE_BYTES, MAX_WINDOWS,
 };

@@ -6,12 +6,13 @@ mod common;
 use std::collections::BTreeMap;
 use std::fs::OpenOptions;
 use std::io::Write;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::Duration;
 
 use common::*;
-use miren_snapshot::{capture_extents, freeze, thaw, Error};
+use miren_snapshot::{capture_extents, capture_extents_into, freeze, memory_file, thaw, Error};
 
 const M: u64 = 1024 * 1024;
 
@@ -283,6 +284,35 @@ fn capture_extents_of_plain_sparse_file() {
     assert!(same_bytes(&src, &dst));
     let (a, b) = (allocated(&src), allocated(&dst));
     assert!(b.abs_diff(a) * 100 <= a, "capture alloc {b} vs {a}");
+}
+
+/// A capture into memory (what the agent uses when the data fits) is the same sparse copy,
+/// and its snapshot is the source's, read back through `/proc/self/fd`.
+#[test]
+fn capture_into_memory_file() {
+    let work = tempdir();
+    let src = work.path().join("s.img");
+    let mut rng = Rng(5);
+    sparse_file(
+        &src,
+        40 * M,
+        &[
+            (M, rng.bytes(300_000)),
+            (9 * M, text(&mut rng, 5 * M as usize)),
+            (40 * M - 4096, rng.bytes(4096)),
+        ],
+    );
+    let mem = memory_file("capture-test").expect("memfd");
+    let n = capture_extents_into(&src, &mem, "memory").expect("capture");
+    assert!(n >= 5 * M);
+    let copy = PathBuf::from(format!("/proc/self/fd/{}", mem.as_raw_fd()));
+    assert!(same_bytes(&src, &copy));
+    let (a, b) = (allocated(&src), allocated(&copy));
+    assert!(b.abs_diff(a) * 100 <= a, "memory capture alloc {b} vs {a}");
+    let (_, from_src) = snapshot_bytes(&src, &small_opts());
+    let (_, from_mem) = snapshot_bytes(&copy, &small_opts());
+    assert_eq!(from_src.image_checksum, from_mem.image_checksum);
+    assert_eq!(from_src.data_bytes_stored, from_mem.data_bytes_stored);
 }
 
 /// Same round trip on xfs and btrfs when their tools are installed (Debian: xfsprogs, btrfs-progs).
