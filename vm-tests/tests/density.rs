@@ -138,24 +138,29 @@ fn assert_host_mounts(agent: &TestAgent) {
         "netns mounts: {netns:?}"
     );
     for id in &ids {
-        let status: Value = serde_json::from_slice(
-            &std::fs::read(sandboxes.join(id).join("status.json")).unwrap(),
-        )
-        .unwrap();
+        let status: Value =
+            serde_json::from_slice(&std::fs::read(sandboxes.join(id).join("status.json")).unwrap())
+                .unwrap();
         let pid = status["supervisor_pid"].as_i64().unwrap();
         let table = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
         let others: Vec<&str> = table
             .lines()
             .filter(|l| ids.iter().any(|o| o != id && l.contains(o.as_str())))
             .collect();
-        assert!(others.is_empty(), "supervisor of {id} holds others' mounts: {others:?}");
+        assert!(
+            others.is_empty(),
+            "supervisor of {id} holds others' mounts: {others:?}"
+        );
         assert!(
             table.lines().any(|l| l.contains(&format!("{id}/rootfs"))),
             "supervisor of {id} has no overlay root:\n{table}"
         );
         let ours = format!(" {}/", netns_dir.display());
         let netns_mounts = table.lines().filter(|l| l.contains(&ours)).count();
-        assert!(netns_mounts <= 1, "supervisor of {id} holds {netns_mounts} netns");
+        assert!(
+            netns_mounts <= 1,
+            "supervisor of {id} holds {netns_mounts} netns"
+        );
     }
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
