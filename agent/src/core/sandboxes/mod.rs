@@ -28,6 +28,7 @@ use miren_sys::name::Name;
 /// First bytes on stderr of `miren exec-in` when the exec itself failed (not the command).
 pub const EXEC_ERROR_MARK: &str = "miren-exec-error: ";
 
+mod heap;
 mod request;
 mod start;
 pub use request::{
@@ -253,6 +254,7 @@ impl SandboxService {
                 self.replenish_spare();
                 self.store.set_sandbox_status(&id, SandboxStatus::Created)?;
                 info!(sandbox = %name, id = %id, image = %req.image, "sandbox started");
+                heap::trim_when_quiet();
                 self.get(&id)
             }
             Err(err) => {
@@ -459,6 +461,7 @@ impl SandboxService {
         self.store.remove_sandbox(&row.id)?;
         self.locks.forget(&row.id);
         info!(sandbox = %row.name, id = %row.id, "sandbox deleted");
+        heap::trim_when_quiet();
         Ok(())
     }
 
