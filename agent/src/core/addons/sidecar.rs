@@ -56,17 +56,17 @@ impl AddonService {
                     .wait_sidecar(provider, &existing, wanted.login, KEEP_TIMEOUT)
                     .await
                 {
-                    Ok(()) => {
-                        return self
-                            .apply_sidecar_limits(
-                                provider,
-                                &existing,
-                                wanted.server,
-                                &wanted.limits,
-                            )
-                            .await
-                            .map_err(StepError::from);
-                    }
+                    Ok(()) => match self
+                        .apply_sidecar_limits(provider, &existing, wanted.server, &wanted.limits)
+                        .await
+                    {
+                        Ok(()) => return Ok(()),
+                        // A sidecar from an image before live limits: a new one starts with
+                        // them in its environment.
+                        Err(e) => {
+                            warn!(sandbox = %existing.name, error = %e.message, "replacing a sidecar that cannot take client limits")
+                        }
+                    },
                     Err(reason) => {
                         warn!(sandbox = %existing.name, reason = %reason, "replacing a sidecar that does not answer")
                     }
