@@ -276,13 +276,29 @@ impl AddonHost for NodeHost {
             let Some(row) = self.store.disk_of(owner)? else {
                 return Ok(());
             };
-            let disks = self.disks.clone();
-            tokio::task::spawn_blocking(move || match disks.delete(&row.id) {
-                Err(e) if e.is_not_found() => Ok(()),
-                other => other,
-            })
-            .await
-            .map_err(|e| Error::internal(format!("deleting a disk: {e}")))?
+            // The server is gone, but a reader may still hold files on its disk for a moment
+            // (a base backup streaming the data directory fails once the server stops):
+            // a busy disk is tried again for a while before the removal reports it.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+            loop {
+                let disks = self.disks.clone();
+                let id = row.id.clone();
+                let result = tokio::task::spawn_blocking(move || match disks.delete(&id) {
+                    Err(e) if e.is_not_found() => Ok(()),
+                    other => other,
+                })
+                .await
+                .map_err(|e| Error::internal(format!("deleting a disk: {e}")))?;
+                match result {
+                    Err(e)
+                        if e.kind == crate::core::error::ErrorKind::Busy
+                            && std::time::Instant::now() < deadline =>
+                    {
+                        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+                    }
+                    other => return other,
+                }
+            }
         })
     }
 
