@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 pub mod addons;
+pub mod pitr;
 pub mod s3;
 
 /// The `miren` binary under test: `MIREN_BIN`, or the one next to this test's build.

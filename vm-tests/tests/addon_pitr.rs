@@ -9,9 +9,9 @@ use std::thread::sleep;
 use std::time::Duration;
 
 use miren_vm_tests::addons::{disk_names, env, psql, psql_ok, sandbox_names, text, wait_for};
+use miren_vm_tests::pitr::{backups, count, restore, server_now, RemoveDir};
 use miren_vm_tests::s3::SeaweedFs;
 use miren_vm_tests::{image_mirror, random_hex, ChildGuard, TestAgent};
-use serde_json::Value;
 
 const PG: &str = "miren-postgresql";
 
@@ -36,39 +36,6 @@ fn small_postgres(agent: &TestAgent, app: &str) -> String {
             .is_some_and(|b| !b.is_empty())
     });
     env(agent, app)["DATABASE_URL"].clone()
-}
-
-/// Removes the target directory when the test ends, also when it fails.
-struct RemoveDir(String);
-
-impl Drop for RemoveDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn backups(agent: &TestAgent, app: &str) -> Value {
-    agent.json(&["addon", "backups", PG, "-a", app, "--json"])
-}
-
-/// Now, by the server's clock, in UTC RFC 3339 with microseconds.
-fn server_now(url: &str) -> String {
-    psql_ok(
-        url,
-        r#"SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')"#,
-    )
-}
-
-fn restore(agent: &TestAgent, app: &str, how: &[&str]) -> Value {
-    let mut args = vec!["addon", "restore", PG, "-a", app, "--yes", "--json"];
-    args.extend_from_slice(how);
-    agent.json(&args)
-}
-
-fn count(url: &str, table: &str) -> i64 {
-    psql_ok(url, &format!("SELECT count(*) FROM {table}"))
-        .parse()
-        .expect("a count")
 }
 
 /// Local-directory target: restore to a noted time brings back exactly the rows committed

@@ -10,8 +10,8 @@ use std::time::Duration;
 use miren_vm_tests::addons::{
     disk_names, env, psql, psql_ok, sandbox_names, server_pid, text, wait_for,
 };
+use miren_vm_tests::pitr::{backups, count, restore, server_now, RemoveDir};
 use miren_vm_tests::{image_mirror, random_hex, ChildGuard, TestAgent};
-use serde_json::Value;
 
 const PG: &str = "miren-postgresql";
 
@@ -30,19 +30,6 @@ fn agent() -> Option<(TestAgent, RemoveDir)> {
     Some((agent, guard))
 }
 
-/// Removes the target directory when the test ends, also when it fails.
-struct RemoveDir(String);
-
-impl Drop for RemoveDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn backups(agent: &TestAgent, app: &str) -> Value {
-    agent.json(&["addon", "backups", PG, "-a", app, "--json"])
-}
-
 fn wait_base_backup(agent: &TestAgent, app: &str) {
     wait_for("the first base backup", Duration::from_secs(120), || {
         backups(agent, app)["base_backups"]
@@ -53,26 +40,6 @@ fn wait_base_backup(agent: &TestAgent, app: &str) {
 
 fn url(agent: &TestAgent, app: &str) -> String {
     env(agent, app)["DATABASE_URL"].clone()
-}
-
-/// Now, by the server's clock, in UTC RFC 3339 with microseconds.
-fn server_now(url: &str) -> String {
-    psql_ok(
-        url,
-        r#"SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')"#,
-    )
-}
-
-fn restore(agent: &TestAgent, app: &str, how: &[&str]) -> Value {
-    let mut args = vec!["addon", "restore", PG, "-a", app, "--yes", "--json"];
-    args.extend_from_slice(how);
-    agent.json(&args)
-}
-
-fn count(url: &str, table: &str) -> i64 {
-    psql_ok(url, &format!("SELECT count(*) FROM {table}"))
-        .parse()
-        .expect("a count")
 }
 
 /// Databases on the server whose name ends with `suffix` (pg_database is readable by all).
