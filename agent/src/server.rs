@@ -75,6 +75,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         )
         .map_err(anyhow::Error::msg)?,
     );
+    crate::core::sandboxes::prepare_private_roots(&cfg);
     let disks = Arc::new(DiskService::new(cfg.clone(), store.clone())?);
     // Reconciliation is timed: with many sandboxes it is what a restart waits for.
     let reconcile_started = std::time::Instant::now();

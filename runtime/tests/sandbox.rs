@@ -113,6 +113,7 @@ mod sandbox_common {
                 cgroup_prefix: self.prefix.clone(),
                 stop_grace_ms: 2000,
                 start_gate: false,
+                private_mounts: Vec::new(),
             }
         }
 

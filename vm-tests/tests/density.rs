@@ -115,17 +115,66 @@ fn assert_elements_match_endpoints(agent: &TestAgent) {
     assert_eq!(chains(&bridge, "from-"), endpoints.len(), "from- chains");
 }
 
-/// Two mounts per live sandbox under the sandboxes dir (its writable layer and its overlay
-/// root), nothing of deleted ones.
+/// The host's mount table does not grow with sandboxes beyond one netns file each: layers
+/// and overlay roots are only in each supervisor's own mount namespace, and a supervisor's
+/// namespace holds nothing of any other sandbox (so nothing of a deleted one stays pinned).
+/// Each live sandbox has its layer's loop device, deleted ones none.
 fn assert_host_mounts(agent: &TestAgent) {
     let live = agent.json(&["sandbox", "list", "--json"]);
-    let live = live.as_array().unwrap().len();
-    let mounts = miren_disks::mounts_under(&agent.data_dir.join("sandboxes")).unwrap();
+    let ids: Vec<String> = live
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap().to_string())
+        .collect();
+    let sandboxes = agent.data_dir.join("sandboxes");
+    let mounts = miren_disks::mounts_under(&sandboxes).unwrap();
+    assert!(mounts.is_empty(), "host mounts under sandboxes: {mounts:?}");
+    let netns_dir = agent.run_dir.join("netns");
+    let netns = miren_disks::mounts_under(&netns_dir).unwrap();
     assert_eq!(
-        mounts.len(),
-        2 * live,
-        "host mounts under sandboxes: {mounts:?}"
+        netns.iter().filter(|m| m.target != netns_dir).count(),
+        ids.len(),
+        "netns mounts: {netns:?}"
     );
+    for id in &ids {
+        let status: Value =
+            serde_json::from_slice(&std::fs::read(sandboxes.join(id).join("status.json")).unwrap())
+                .unwrap();
+        let pid = status["supervisor_pid"].as_i64().unwrap();
+        let table = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
+        let others: Vec<&str> = table
+            .lines()
+            .filter(|l| ids.iter().any(|o| o != id && l.contains(o.as_str())))
+            .collect();
+        assert!(
+            others.is_empty(),
+            "supervisor of {id} holds others' mounts: {others:?}"
+        );
+        assert!(
+            table.lines().any(|l| l.contains(&format!("{id}/rootfs"))),
+            "supervisor of {id} has no overlay root:\n{table}"
+        );
+        let ours = format!(" {}/", netns_dir.display());
+        let netns_mounts = table.lines().filter(|l| l.contains(&ours)).count();
+        assert!(
+            netns_mounts <= 1,
+            "supervisor of {id} holds {netns_mounts} netns"
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let loops = miren_disks::loops_under(&sandboxes).unwrap();
+        if loops.len() == ids.len() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} live sandboxes, loop devices: {loops:?}",
+            ids.len()
+        );
+        sleep(Duration::from_millis(100));
+    }
 }
 
 #[test]
@@ -172,6 +221,7 @@ fn many_creates_deletes_and_a_kill_9_keep_isolation_and_exact_rules() {
         .map(|i| agent.run_busybox(&["--app", &format!("app{i}")], "sleep 100000"))
         .collect();
     assert_elements_match_endpoints(&agent);
+    assert_host_mounts(&agent);
 
     for id in sleepers.iter().skip(1).step_by(2).chain(&more) {
         agent.ok(&["sandbox", "delete", id]);

@@ -70,7 +70,12 @@ pub fn net_config(
     let subnet: Subnet = subnet
         .parse()
         .map_err(|e| format!("--subnet `{subnet}`: {e}"))?;
-    NetConfig::new(prefix, subnet, run_dir.join("netns")).map_err(|e| e.to_string())
+    NetConfig::new(prefix, subnet, netns_dir(run_dir)).map_err(|e| e.to_string())
+}
+
+/// Where the endpoints' netns files are (bind mounts of their namespaces).
+pub fn netns_dir(run_dir: &std::path::Path) -> std::path::PathBuf {
+    run_dir.join("netns")
 }
 
 fn validate_owner(owner: &str) -> Result<(), Error> {

@@ -11,7 +11,9 @@ mod control;
 mod exec;
 mod layer;
 mod logs;
+mod mountns;
 mod oci;
+mod spare;
 mod spec;
 mod status;
 mod supervisor;
@@ -23,13 +25,15 @@ pub use control::{
 };
 pub use exec::{exec, ExecOutput, EXEC_OUTPUT_LIMIT};
 pub use layer::{remove_stale_spare_layers, LAYER_DIR, LAYER_IMAGE, SPARE_LAYERS_DIR};
+pub use mountns::prepare_private_roots;
 pub use oci::{DEFAULT_CAPS, DENIED_SYSCALLS};
+pub use spare::supervise_spare;
 pub use spec::{
     merge_env, Backoff, LogConfig, Mount, Resources, RestartPolicy, SandboxSpec, User,
     DEFAULT_WRITABLE_BYTES, MAX_WRITABLE_BYTES, MIN_WRITABLE_BYTES,
 };
 pub use status::{State, Status};
-pub use supervisor::{supervise, supervise_spare};
+pub use supervisor::supervise;
 
 /// Files and directories inside a sandbox's state dir.
 pub const SPEC_FILE: &str = "spec.json";

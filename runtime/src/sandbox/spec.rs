@@ -51,6 +51,12 @@ pub struct SandboxSpec {
     /// [`super::Launch`]): the agent sets up the sandbox's network endpoint meanwhile.
     #[serde(default)]
     pub start_gate: bool,
+    /// Mount roots on the host that hold other sandboxes' mounts (the agent's data dir and
+    /// netns dir, see [`super::prepare_private_roots`]): the supervisor runs the sandbox in
+    /// a mount namespace of its own where each shows only its top mount and this sandbox's
+    /// own mounts. Empty: the host's namespace.
+    #[serde(default)]
+    pub private_mounts: Vec<PathBuf>,
 }
 
 fn default_grace_ms() -> u64 {

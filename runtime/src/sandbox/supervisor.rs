@@ -23,6 +23,7 @@ use serde::Deserialize;
 use super::control::{is_mounted, unmount};
 use super::layer::{self, SpareLayer};
 use super::logs::RotatingLog;
+use super::mountns;
 use super::status::{now_ms, read_status, write_replace, write_status};
 use super::{cgroup, oci, read_spec, RestartPolicy, SandboxError, SandboxSpec, State, Status};
 use super::{
@@ -67,7 +68,10 @@ pub fn supervise(state_dir: &Path) -> Result<(), SandboxError> {
     supervise_with(state_dir, None)
 }
 
-fn supervise_with(state_dir: &Path, spare_layer: Option<SpareLayer>) -> Result<(), SandboxError> {
+pub(crate) fn supervise_with(
+    state_dir: &Path,
+    spare_layer: Option<SpareLayer>,
+) -> Result<(), SandboxError> {
     let checked = fs::canonicalize(state_dir)
         .map_err(|e| SandboxError::io(format!("state dir {}", state_dir.display()), e))
         .and_then(|dir| {
@@ -120,74 +124,6 @@ fn supervise_with(state_dir: &Path, spare_layer: Option<SpareLayer>) -> Result<(
             std::process::exit(code)
         }
     }
-}
-
-/// The nice value a spare makes its writable layer at (the mkfs it runs inherits it).
-const SPARE_LAYER_NICE: i32 = 10;
-
-/// Sets this (single-threaded) process's nice value; whether it took.
-fn set_nice(nice: i32) -> bool {
-    // SAFETY: setpriority only reads its integer arguments; `who` 0 is the calling thread,
-    // which is the whole process here.
-    unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) == 0 }
-}
-
-/// Entry point of `miren supervise --sandboxes-dir ROOT`: a spare supervisor, started
-/// ahead of need so a sandbox start does not wait for an exec. It reads one line from
-/// stdin, the id of the sandbox to supervise (its state dir is `ROOT/ID`, spec written),
-/// then goes on as [`supervise`] (stdin stays the start gate). `Ok(false)` when stdin
-/// closed first: the agent is gone or no longer needs this spare.
-pub fn supervise_spare(sandboxes_dir: &Path) -> Result<bool, SandboxError> {
-    // Made while nobody waits for this spare; see `SpareLayer`. At a low priority: the spare
-    // is exec'd right after a start, and its mkfs must not take the CPU from that sandbox's
-    // first milliseconds (this host has two cores).
-    let lowered = set_nice(SPARE_LAYER_NICE);
-    let spare_layer = SpareLayer::make(sandboxes_dir, super::DEFAULT_WRITABLE_BYTES);
-    if lowered && !set_nice(0) {
-        // A sandbox must never inherit the low priority: without a way back (no
-        // CAP_SYS_NICE), this spare retires and the agent starts a fresh supervisor.
-        if let Some(l) = spare_layer {
-            l.discard();
-        }
-        return Ok(false);
-    }
-    let id = read_assigned_id();
-    let id = match id {
-        Ok(Some(id)) => id,
-        other => {
-            if let Some(l) = spare_layer {
-                l.discard();
-            }
-            return other.map(|_| false);
-        }
-    };
-    supervise_with(&sandboxes_dir.join(id), spare_layer).map(|()| true)
-}
-
-/// The sandbox id a spare is given on stdin; None at EOF.
-fn read_assigned_id() -> Result<Option<String>, SandboxError> {
-    use std::os::fd::AsFd;
-    let mut id = Vec::new();
-    let stdin = std::io::stdin();
-    let mut b = [0u8; 1];
-    // Unbuffered, byte by byte: the gate steps that follow the line must stay in the pipe.
-    loop {
-        match nix::unistd::read(stdin.as_fd(), &mut b) {
-            Ok(0) => return Ok(None),
-            Ok(_) if b[0] == b'\n' => break,
-            Ok(_) if id.len() < 255 => id.push(b[0]),
-            Ok(_) => return Err(SandboxError::InvalidSpec("sandbox id too long".into())),
-            Err(nix::errno::Errno::EINTR) => {}
-            Err(e) => return Err(SandboxError::sys("read the sandbox id", e)),
-        }
-    }
-    let id = String::from_utf8(id)
-        .ok()
-        .filter(|id| !id.is_empty() && !id.contains('/') && id != "." && id != "..")
-        .ok_or_else(|| {
-            SandboxError::InvalidSpec("a spare supervisor got a bad sandbox id".into())
-        })?;
-    Ok(Some(id))
 }
 
 struct Run {
@@ -349,11 +285,13 @@ impl Supervisor {
                 let dir = l.dir().to_path_buf();
                 adopted = l.adopt(d, size).then_some(dir);
             }
-            if adopted.is_none() {
-                layer::mount(d, size)?;
-            }
         } else if let Some(l) = spare {
             l.discard();
+        }
+        mountns::enter(&self.spec.private_mounts, &self.mounts_to_keep())?;
+        if let Some(size) = bounded {
+            // The adopted layer (now here) or one a crashed predecessor left is reused.
+            layer::mount(d, size)?;
         }
         let (upper, work) = layer::upper_and_work(d, bounded.is_some());
         for sub in [&upper, &work] {
@@ -392,6 +330,44 @@ impl Supervisor {
         oci.save(d.join(BUNDLE_DIR).join("config.json"))
             .map_err(|e| SandboxError::InvalidSpec(format!("save config.json: {e}")))?;
         Ok(())
+    }
+
+    /// What of the host's this sandbox needs in its own mount namespace: its disks (bind
+    /// sources that are mounts under a private root) and a writable layer mounted on the
+    /// host (adopted from the spare, or a crashed predecessor's), which the host gives up.
+    fn mounts_to_keep(&self) -> Vec<mountns::Keep> {
+        let roots = &self.spec.private_mounts;
+        let mut keep: Vec<mountns::Keep> = Vec::new();
+        for m in &self.spec.mounts {
+            let super::Mount::Bind { source, .. } = m else {
+                continue;
+            };
+            // The mount that holds the source: itself, or the nearest mounted parent below
+            // a root (a root's own files stay visible through its top mount).
+            let held = source
+                .ancestors()
+                .take_while(|p| !roots.iter().any(|r| r == p))
+                .find(|p| is_mounted(p));
+            let under_root = roots.iter().any(|r| source.starts_with(r));
+            if let Some(p) = held.filter(|_| under_root) {
+                if !keep.iter().any(|k| k.source == p) {
+                    keep.push(mountns::Keep {
+                        source: p.to_path_buf(),
+                        target: p.to_path_buf(),
+                        take: false,
+                    });
+                }
+            }
+        }
+        let layer = self.dir.join(layer::LAYER_DIR);
+        if self.spec.resources.writable_bytes.is_some() && is_mounted(&layer) {
+            keep.push(mountns::Keep {
+                source: layer.clone(),
+                target: layer,
+                take: true,
+            });
+        }
+        keep
     }
 
     /// With a start gate: blocks until the launcher's caller writes `step`
@@ -509,6 +485,7 @@ impl Supervisor {
             nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| SandboxError::sys("pipe", e))?;
         let null = File::open("/dev/null").map_err(|e| SandboxError::io("open /dev/null", e))?;
         self.pass_gate(GATE_CREATE)?;
+        mountns::follow_host_mount(self.spec.netns.as_deref())?;
         let mut container = ContainerBuilder::new(self.spec.id.clone(), SyscallType::default())
             .with_root_path(root)?
             .with_stdin(null)

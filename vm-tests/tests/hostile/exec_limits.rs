@@ -197,6 +197,16 @@ fn fs_size(path: &Path) -> u64 {
     it.next().unwrap() * it.next().unwrap()
 }
 
+/// A sandbox's mounted writable layer, seen through its supervisor's root: the layer is
+/// mounted in the supervisor's own mount namespace only (docs/sandbox.md).
+fn layer_dir(sandboxes: &Path, id: &str) -> std::path::PathBuf {
+    let dir = sandboxes.join(id);
+    let status: Value =
+        serde_json::from_slice(&fs::read(dir.join("status.json")).unwrap()).unwrap();
+    Path::new(&format!("/proc/{}/root", status["supervisor_pid"]))
+        .join(dir.join("layer").strip_prefix("/").unwrap())
+}
+
 /// Bytes the host filesystem holds for `dir`, not crossing into mounts below it.
 fn host_bytes_used(dir: &Path) -> u64 {
     let out = std::process::Command::new("du")
@@ -235,7 +245,7 @@ fn every_sandbox_is_bounded_by_default_and_overrides_replace_the_bounds() {
         cgroup_limits(&agent, plain_id),
         ((512 * MIB).to_string(), "1024".into(), "100000".into())
     );
-    let layer = fs_size(&sandboxes.join(plain_id).join("layer"));
+    let layer = fs_size(&layer_dir(&sandboxes, plain_id));
     assert!(
         layer > 900 * MIB && layer <= 1024 * MIB,
         "default writable layer is {layer} bytes"
@@ -341,7 +351,7 @@ fn every_sandbox_is_bounded_by_default_and_overrides_replace_the_bounds() {
     };
     for s in &services {
         let id = s["id"].as_str().unwrap();
-        let layer = fs_size(&sandboxes.join(id).join("layer"));
+        let layer = fs_size(&layer_dir(&sandboxes, id));
         if s["name"].as_str().unwrap().contains("big") {
             assert_eq!(
                 cgroup_limits(&agent, id),

@@ -43,8 +43,31 @@ pub struct SandboxService {
     net: Arc<NetService>,
     images: Arc<ImageService>,
     spares: Spares,
+    /// Mount roots a supervisor detaches in its own mount namespace (see
+    /// [`prepare_private_roots`]); empty if they could not be made.
+    private_mounts: Vec<PathBuf>,
     /// One stop, delete or relaunch at a time per sandbox id.
     locks: crate::util::KeyedLocks,
+}
+
+/// The dirs under which the host holds per-sandbox mounts: the data dir (writable layers,
+/// overlays, disks) and the netns dir.
+fn private_root_dirs(cfg: &AgentConfig) -> [PathBuf; 2] {
+    [
+        cfg.data_dir.clone(),
+        crate::core::net::netns_dir(&cfg.run_dir),
+    ]
+}
+
+/// Makes the data dir and the netns dir mount roots of their own (private bind mounts of
+/// themselves), so that each supervisor can drop its copies of every other sandbox's mounts
+/// in one call (`miren_runtime::sandbox::prepare_private_roots`, docs/sandbox.md "Cost of one
+/// more sandbox"). Call at start, before disks and endpoints are restored. On failure
+/// sandboxes run in the host's mount namespace, as before.
+pub fn prepare_private_roots(cfg: &AgentConfig) {
+    if let Err(e) = sandbox::prepare_private_roots(&private_root_dirs(cfg)) {
+        warn!(error = %e, "sandboxes use the host's mount namespace");
+    }
 }
 
 /// Supervisors are this binary re-executed. One is kept exec'd ahead of need (a spare,
@@ -161,6 +184,11 @@ impl SandboxService {
             sandboxes_dir: cfg.data_dir.join("sandboxes"),
             spare: Default::default(),
         };
+        let private_mounts = private_root_dirs(&cfg)
+            .into_iter()
+            .filter_map(|d| std::fs::canonicalize(d).ok())
+            .filter(|d| miren_sys::mountinfo::is_mount_point(d).unwrap_or(false))
+            .collect();
         SandboxService {
             cfg,
             store,
@@ -168,6 +196,7 @@ impl SandboxService {
             net,
             images,
             spares,
+            private_mounts,
             locks: Default::default(),
         }
     }

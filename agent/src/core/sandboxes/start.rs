@@ -125,6 +125,7 @@ impl SandboxService {
             cgroup_prefix: self.cfg.name_prefix.clone(),
             stop_grace_ms: 10_000,
             start_gate: true,
+            private_mounts: self.private_mounts.clone(),
         };
         let state_dir = self.state_dir(&row.id);
         let spares = self.spares.clone();

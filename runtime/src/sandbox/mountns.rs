@@ -1,0 +1,245 @@
+//! The supervisor's own mount namespace, so that neither the host's mount table nor any
+//! supervisor's grows with the number of sandboxes.
+//!
+//! Every start used to read the whole mount table many times (libcgroups' v1 manager parses
+//! `/proc/self/mountinfo` once per controller, about 40 times a start) and copy it (each
+//! container's mount namespace), and the host's table had three lines per running sandbox:
+//! its writable layer, its overlay root and its netns file. Now the agent makes its data dir
+//! and its netns dir mount roots of their own ([`prepare_private_roots`]), and a supervisor,
+//! in a namespace of its own, detaches its copies of both (one `umount2` each drops every
+//! other sandbox's mounts, so nothing of a deleted sandbox stays pinned by a later one),
+//! attaches again only their top mounts (clones taken in the host's namespace, without
+//! submounts), its own disks and spare layer (clones too), and mounts its layer and overlay
+//! there: the host never has them, and they go with the namespace once the supervisor and
+//! its container are gone.
+
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use nix::fcntl::{open, openat, OFlag};
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sys::stat::Mode;
+
+use super::control::is_mounted;
+use super::SandboxError;
+
+/// The host's root, opened before leaving its mount namespace: paths looked up from it cross
+/// the host's mounts, including those made after we left.
+static HOST_ROOT: OnceLock<OwnedFd> = OnceLock::new();
+
+const OPEN_TREE_CLONE: libc::c_uint = 1;
+const AT_RECURSIVE: libc::c_uint = 0x8000;
+const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 4;
+
+/// A mount the sandbox keeps in its namespace: `source` in the host's, `target` in ours.
+pub(crate) struct Keep {
+    pub source: PathBuf,
+    pub target: PathBuf,
+    /// Unmount it from the host once cloned (the spare layer: the host must not hold it).
+    pub take: bool,
+}
+
+/// Makes each of `dirs` a mount root (a private bind mount of itself) if it is not one and
+/// nothing is mounted under it yet, and returns those that are mount roots: the ones a
+/// supervisor may detach in its own namespace (`SandboxSpec::private_mounts`). A dir with
+/// mounts under it but none of its own (an agent of an older version left sandboxes running)
+/// is left as it is and not returned: a bind over it would hide those mounts from the host
+/// while keeping them; sandboxes then use the host's namespace until a restart with nothing
+/// mounted. Call at agent start, before disks and endpoints are restored.
+pub fn prepare_private_roots(dirs: &[PathBuf]) -> Result<Vec<PathBuf>, SandboxError> {
+    let mut roots = Vec::new();
+    for dir in dirs {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| SandboxError::io(format!("mkdir {}", dir.display()), e))?;
+        let dir = std::fs::canonicalize(dir)
+            .map_err(|e| SandboxError::io(format!("resolve {}", dir.display()), e))?;
+        if !is_mounted(&dir) {
+            let table = miren_sys::mountinfo::read_self()
+                .map_err(|e| SandboxError::io("read /proc/self/mountinfo", e))?;
+            if table.iter().any(|m| m.target.starts_with(&dir)) {
+                eprintln!(
+                    "{} has mounts but is not a mount root: sandboxes use the host's mount namespace until the agent starts with nothing mounted there",
+                    dir.display()
+                );
+                continue;
+            }
+            let fail = |e| SandboxError::sys(format!("bind {} onto itself", dir.display()), e);
+            mount(
+                Some(&dir),
+                &dir,
+                None::<&str>,
+                MsFlags::MS_BIND,
+                None::<&str>,
+            )
+            .map_err(fail)?;
+            // Private: what the agent mounts there is not copied to any other namespace.
+            mount(
+                None::<&str>,
+                &dir,
+                None::<&str>,
+                MsFlags::MS_PRIVATE,
+                None::<&str>,
+            )
+            .map_err(fail)?;
+        }
+        roots.push(dir);
+    }
+    Ok(roots)
+}
+
+fn c_path(path: &Path) -> Result<CString, SandboxError> {
+    CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| SandboxError::InvalidSpec(format!("path {} has a NUL", path.display())))
+}
+
+/// A detached copy of the mount at `path` (with its submounts if `recursive`).
+fn clone_mount(path: &Path, recursive: bool) -> Result<OwnedFd, SandboxError> {
+    let c = c_path(path)?;
+    let flags = OPEN_TREE_CLONE
+        | libc::O_CLOEXEC as libc::c_uint
+        | if recursive { AT_RECURSIVE } else { 0 };
+    // SAFETY: `c` is NUL-terminated and outlives the call; open_tree reads only it and
+    // returns a new descriptor (or -1), which we own from here on.
+    let fd = unsafe { libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, c.as_ptr(), flags) };
+    if fd < 0 {
+        return Err(SandboxError::sys(
+            format!("clone the mount at {}", path.display()),
+            nix::errno::Errno::last(),
+        ));
+    }
+    // SAFETY: a descriptor open_tree just returned, owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Attaches the detached mount `tree` at `target` in our namespace.
+fn attach(tree: &OwnedFd, target: &Path) -> Result<(), SandboxError> {
+    let c = c_path(target)?;
+    let empty = c"";
+    // SAFETY: both strings are NUL-terminated and outlive the call; move_mount only reads
+    // them and the descriptor, which stays ours.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            tree.as_raw_fd(),
+            empty.as_ptr(),
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH,
+        )
+    };
+    if rc < 0 {
+        return Err(SandboxError::sys(
+            format!("attach a mount at {}", target.display()),
+            nix::errno::Errno::last(),
+        ));
+    }
+    Ok(())
+}
+
+/// Moves this (single-threaded) supervisor into a mount namespace of its own (see the module
+/// doc): `roots` (mount roots on the host) show only their top mount there, plus `keep`.
+/// `Ok(false)`, and nothing changed, when it cannot (no roots, a root that is not a mount
+/// root, a kernel without `open_tree`): the sandbox then uses the host's namespace. Call
+/// once, before the overlay and the layer are mounted.
+pub(crate) fn enter(roots: &[PathBuf], keep: &[Keep]) -> Result<bool, SandboxError> {
+    if roots.is_empty() || !roots.iter().all(|r| is_mounted(r)) {
+        return Ok(false);
+    }
+    // Parents first: a root under another is no mount of its own once that one is detached.
+    let mut roots: Vec<&PathBuf> = roots.iter().collect();
+    roots.sort_by_key(|r| r.components().count());
+    let mut root_trees = Vec::new();
+    for root in &roots {
+        match clone_mount(root, false) {
+            Ok(t) => root_trees.push(t),
+            Err(e) => {
+                eprintln!("{e}: the sandbox uses the host's mount namespace");
+                return Ok(false);
+            }
+        }
+    }
+    let mut kept = Vec::new();
+    for k in keep {
+        kept.push(clone_mount(&k.source, true)?);
+    }
+    for k in keep.iter().filter(|k| k.take) {
+        super::control::unmount(&k.source)?;
+    }
+    let host_root = open(
+        "/",
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| SandboxError::sys("open /", e))?;
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
+        .map_err(|e| SandboxError::sys("unshare a mount namespace", e))?;
+    // Slave: on a host whose mounts are shared, ours still never go back.
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_SLAVE,
+        None::<&str>,
+    )
+    .map_err(|e| SandboxError::sys("make mounts slave", e))?;
+    let _ = HOST_ROOT.set(host_root);
+    for (root, tree) in roots.iter().zip(&root_trees) {
+        if is_mounted(root) {
+            // Our copies of every mount under it go in one call.
+            umount2(root.as_path(), MntFlags::MNT_DETACH)
+                .map_err(|e| SandboxError::sys(format!("detach {}", root.display()), e))?;
+        }
+        attach(tree, root)?;
+    }
+    for (k, tree) in keep.iter().zip(&kept) {
+        std::fs::create_dir_all(&k.target)
+            .map_err(|e| SandboxError::io(format!("mkdir {}", k.target.display()), e))?;
+        attach(tree, &k.target)?;
+    }
+    for root in &roots {
+        // The clones may share the host's propagation: what we mount stays here.
+        mount(
+            None::<&str>,
+            root.as_path(),
+            None::<&str>,
+            MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+            None::<&str>,
+        )
+        .map_err(|e| SandboxError::sys(format!("make {} private", root.display()), e))?;
+    }
+    Ok(true)
+}
+
+/// Shows here what the host has mounted at `path` since we left its namespace (the
+/// endpoint's netns, which the agent bind-mounts while the supervisor prepares). A no-op in
+/// the host's namespace or if it is already a mount here.
+pub(crate) fn follow_host_mount(path: Option<&Path>) -> Result<(), SandboxError> {
+    let (Some(path), Some(root)) = (path, HOST_ROOT.get()) else {
+        return Ok(());
+    };
+    if is_mounted(path) {
+        return Ok(());
+    }
+    let relative = path.strip_prefix("/").unwrap_or(path);
+    let fail = |e| SandboxError::sys(format!("bind the host's {}", path.display()), e);
+    let fd = openat(
+        root,
+        relative,
+        OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(fail)?;
+    // Binding a namespace file is allowed across mount namespaces (nsfs).
+    let source = format!("/proc/self/fd/{}", fd.as_raw_fd());
+    mount(
+        Some(source.as_str()),
+        path,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .map_err(fail)
+}
