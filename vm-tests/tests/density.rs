@@ -254,3 +254,68 @@ fn many_creates_deletes_and_a_kill_9_keep_isolation_and_exact_rules() {
         sleep(Duration::from_millis(100));
     }
 }
+
+/// Unmounts the test's stand-in for another agent's mount, also when the test fails.
+struct ForeignMount(std::path::PathBuf);
+
+impl Drop for ForeignMount {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// A mount the host made privately before a sandbox started (another agent's data dir and
+/// disks are such mounts) is not copied into the supervisor's mount namespace: a copy there
+/// would keep it alive after the host unmounts it (a loop device still backed, a disk
+/// mounted twice) for as long as the supervisor lives.
+#[test]
+fn a_supervisor_holds_no_copy_of_another_agents_mounts() {
+    let agent = TestAgent::start_with_busybox();
+    let foreign = ForeignMount(std::env::temp_dir().join(format!(
+        "mrtst-foreign-{}",
+        std::process::id()
+    )));
+    std::fs::create_dir_all(&foreign.0).unwrap();
+    nix::mount::mount(
+        Some("tmpfs"),
+        &foreign.0,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=1m"),
+    )
+    .unwrap();
+    nix::mount::mount(
+        None::<&str>,
+        &foreign.0,
+        None::<&str>,
+        nix::mount::MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .unwrap();
+    let id = agent.run_busybox(&["--app", "solo"], "sleep 100000");
+    agent.wait_sandbox_state(&id, "running");
+    let status: Value = serde_json::from_slice(
+        &std::fs::read(
+            agent
+                .data_dir
+                .join("sandboxes")
+                .join(&id)
+                .join("status.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let pid = status["supervisor_pid"].as_i64().unwrap();
+    let table = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
+    let name = foreign.0.display().to_string();
+    assert!(
+        !table.lines().any(|l| l.contains(&name)),
+        "the supervisor holds a copy of {name}:\n{table}"
+    );
+    assert!(
+        table.lines().any(|l| l.contains(&format!("{id}/rootfs"))),
+        "the supervisor has no overlay root:\n{table}"
+    );
+    agent.ok(&["sandbox", "delete", &id]);
+}

@@ -144,7 +144,11 @@ fn attach(tree: &OwnedFd, target: &Path) -> Result<(), SandboxError> {
 /// `Ok(false)`, and nothing changed, when it cannot (no roots, a root that is not a mount
 /// root, a kernel without `open_tree`): the sandbox then uses the host's namespace. Call
 /// once, before the overlay and the layer are mounted.
-pub(crate) fn enter(roots: &[PathBuf], keep: &[Keep]) -> Result<bool, SandboxError> {
+pub(crate) fn enter(
+    roots: &[PathBuf],
+    keep: &[Keep],
+    needed: &[PathBuf],
+) -> Result<bool, SandboxError> {
     if roots.is_empty() || !roots.iter().all(|r| is_mounted(r)) {
         return Ok(false);
     }
@@ -210,7 +214,58 @@ pub(crate) fn enter(roots: &[PathBuf], keep: &[Keep]) -> Result<bool, SandboxErr
         )
         .map_err(|e| SandboxError::sys(format!("make {} private", root.display()), e))?;
     }
+    drop_foreign_mounts(&roots, needed)?;
     Ok(true)
+}
+
+/// Detaches our copy of every host mount this sandbox does not need. A copy that does not
+/// follow the host (all of them on a host whose root is private, as here; another agent's
+/// private roots anywhere) would keep what it holds alive after the host unmounts it: another
+/// agent's disks (their loop devices stay backed, and a fresh mount of the same image would
+/// sit beside a live superblock) and its netns files, for as long as this supervisor lives.
+/// Kept: `/`, the kernel's `/proc`, `/sys` and `/dev`, our roots (fresh clones), their
+/// parents, and the mounts that hold a `needed` path (bind sources, image layers, the
+/// sandbox's own dir, its netns file).
+fn drop_foreign_mounts(roots: &[&PathBuf], needed: &[PathBuf]) -> Result<(), SandboxError> {
+    let table = miren_sys::mountinfo::read_self()
+        .map_err(|e| SandboxError::io("read /proc/self/mountinfo", e))?;
+    let kernel = [Path::new("/proc"), Path::new("/sys"), Path::new("/dev")];
+    let is_needed = |target: &Path| {
+        target == Path::new("/")
+            || kernel.iter().any(|k| target.starts_with(k))
+            || roots
+                .iter()
+                .any(|r| target.starts_with(r) || r.starts_with(target))
+            || needed.iter().any(|n| n.starts_with(target))
+    };
+    let mut foreign: Vec<PathBuf> = table
+        .into_iter()
+        .map(|m| m.target)
+        .filter(|t| !is_needed(t))
+        .collect();
+    // Parents first: detaching one takes every mount under it along.
+    foreign.sort_by_key(|t| t.components().count());
+    let mut detached: Vec<PathBuf> = Vec::new();
+    for target in foreign {
+        if detached
+            .iter()
+            .any(|d| target != *d && target.starts_with(d))
+        {
+            continue;
+        }
+        match umount2(target.as_path(), MntFlags::MNT_DETACH) {
+            // Gone already (the host unmounted it, or a stacked one went first).
+            Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {}
+            Err(e) => {
+                return Err(SandboxError::sys(
+                    format!("detach our copy of {}", target.display()),
+                    e,
+                ))
+            }
+        }
+        detached.push(target);
+    }
+    Ok(())
 }
 
 /// Shows here what the host has mounted at `path` since we left its namespace (the

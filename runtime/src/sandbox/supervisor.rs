@@ -288,7 +288,11 @@ impl Supervisor {
         } else if let Some(l) = spare {
             l.discard();
         }
-        mountns::enter(&self.spec.private_mounts, &self.mounts_to_keep())?;
+        mountns::enter(
+            &self.spec.private_mounts,
+            &self.mounts_to_keep(),
+            &self.paths_needed(),
+        )?;
         if let Some(size) = bounded {
             // The adopted layer (now here) or one a crashed predecessor left is reused.
             layer::mount(d, size)?;
@@ -368,6 +372,19 @@ impl Supervisor {
             });
         }
         keep
+    }
+
+    /// The host paths this sandbox reads in its own mount namespace (see
+    /// `mountns::enter`): its dir, its image layers, its bind sources, its netns file.
+    fn paths_needed(&self) -> Vec<PathBuf> {
+        let mut needed = vec![self.dir.clone()];
+        needed.extend(self.spec.lower_dirs.iter().cloned());
+        needed.extend(self.spec.netns.iter().cloned());
+        needed.extend(self.spec.mounts.iter().filter_map(|m| match m {
+            super::Mount::Bind { source, .. } => Some(source.clone()),
+            _ => None,
+        }));
+        needed
     }
 
     /// With a start gate: blocks until the launcher's caller writes `step`
