@@ -6,7 +6,6 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use libcontainer::container::Container;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -351,14 +350,7 @@ fn cleanup_without_supervisor(state_dir: &Path) -> Result<(), SandboxError> {
         }
     }
     if let Ok(spec) = read_spec(state_dir) {
-        cgroup::kill_all(&spec, Duration::from_secs(5));
-        let cdir = state_dir.join(YOUKI_DIR).join(&spec.id);
-        if cdir.exists() {
-            if let Ok(mut c) = Container::load(cdir.clone()) {
-                let _ = c.delete(true);
-            }
-            let _ = fs::remove_dir_all(&cdir);
-        }
+        forget_container(state_dir, &spec);
         cgroup::remove_all(&spec).map_err(|e| SandboxError::io("remove cgroups", e))?;
     }
     let rootfs = state_dir.join(ROOTFS_DIR);
@@ -368,6 +360,20 @@ fn cleanup_without_supervisor(state_dir: &Path) -> Result<(), SandboxError> {
     super::layer::unmount_layer(state_dir)?;
     let _ = fs::remove_file(state_dir.join(PID_FILE));
     Ok(())
+}
+
+/// Drops libcontainer's state of a container that is not running (or is being torn
+/// down): every process in its cgroups killed, its state dir removed. Never through
+/// `Container::delete`: that signals the pid recorded in the container's state.json after
+/// checking only that some process has it, and pids wrap (at 32768 on this machine; after a
+/// host restart or a supervisor's crash the recorded pid may belong to any process, another
+/// agent's included). Our cgroups know exactly which processes are the container's.
+pub(crate) fn forget_container(state_dir: &Path, spec: &SandboxSpec) {
+    cgroup::kill_all(spec, Duration::from_secs(5));
+    let cdir = state_dir.join(YOUKI_DIR).join(&spec.id);
+    if cdir.exists() {
+        let _ = fs::remove_dir_all(&cdir);
+    }
 }
 
 /// True if `path` is a mount point in our mount namespace; a path that cannot be resolved or

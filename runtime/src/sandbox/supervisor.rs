@@ -12,7 +12,6 @@ use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 
 use libcontainer::container::builder::ContainerBuilder;
-use libcontainer::container::Container;
 use libcontainer::syscall::syscall::SyscallType;
 use nix::fcntl::OFlag;
 use nix::sys::signal::{self, kill, SaFlags, SigAction, SigHandler, SigSet, Signal};
@@ -127,7 +126,6 @@ pub(crate) fn supervise_with(
 }
 
 struct Run {
-    container: Container,
     pid: Pid,
     started: Instant,
     out: Option<OwnedFd>,
@@ -456,8 +454,11 @@ impl Supervisor {
                 // state go, which takes a while and changes nothing about the outcome.
                 self.save();
             }
-            if let Err(e) = run.container.delete(true) {
-                eprintln!("delete container: {e}");
+            // The init is reaped: its pid may be anyone's by now (see `forget_container`).
+            drop(run);
+            super::control::forget_container(&self.dir, &self.spec);
+            if let Err(e) = cgroup::remove_all(&self.spec) {
+                eprintln!("remove cgroups: {e}");
             }
             if last {
                 return 0;
@@ -489,12 +490,8 @@ impl Supervisor {
     fn start_once(&mut self) -> Result<Run, SandboxError> {
         let root = self.dir.join(YOUKI_DIR);
         // Leftover libcontainer state from a crash or the previous run blocks build().
-        let cdir = root.join(&self.spec.id);
-        if cdir.exists() {
-            if let Ok(mut c) = Container::load(cdir.clone()) {
-                let _ = c.delete(true);
-            }
-            let _ = fs::remove_dir_all(&cdir);
+        if root.join(&self.spec.id).exists() {
+            super::control::forget_container(&self.dir, &self.spec);
         }
         let (out_r, out_w) =
             nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| SandboxError::sys("pipe", e))?;
@@ -539,7 +536,6 @@ impl Supervisor {
         self.status.finished_at = None;
         self.save();
         Ok(Run {
-            container,
             pid,
             started: Instant::now(),
             out: Some(out_r),
@@ -663,13 +659,7 @@ impl Supervisor {
     /// Last step whatever happened: no processes, cgroups or mounts left behind.
     /// The upper dir (container writes) and logs stay until `delete`.
     fn teardown(&mut self) {
-        let cdir = self.dir.join(YOUKI_DIR).join(&self.spec.id);
-        if cdir.exists() {
-            if let Ok(mut c) = Container::load(cdir.clone()) {
-                let _ = c.delete(true);
-            }
-            let _ = fs::remove_dir_all(&cdir);
-        }
+        super::control::forget_container(&self.dir, &self.spec);
         if let Err(e) = cgroup::remove_all(&self.spec) {
             eprintln!("remove cgroups: {e}");
         }
