@@ -89,7 +89,12 @@ impl AgentBuilder {
     }
     pub fn start(self) -> TestAgent {
         require_root();
-        let id = random_hex(6);
+        let id = loop {
+            let id = random_hex(6);
+            if claim(&format!("prefix-{}", &id[..3])) {
+                break id;
+            }
+        };
         let root = PathBuf::from(format!("/tmp/mrtst-{id}"));
         fs::create_dir_all(&root).expect("test root");
         let mut agent = TestAgent {
@@ -505,8 +510,35 @@ impl Drop for SmallFs {
 pub fn unique_subnet() -> String {
     use std::sync::atomic::{AtomicU32, Ordering};
     static NEXT: AtomicU32 = AtomicU32::new(0);
-    let n = NEXT.fetch_add(1, Ordering::Relaxed) + std::process::id() * 7;
-    format!("10.{}.{}.0/24", 250 + (n / 256) % 5, n % 256)
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed) + std::process::id() * 7;
+        let subnet = format!("10.{}.{}.0/24", 250 + (n / 256) % 5, n % 256);
+        if claim(&format!("subnet-{subnet}")) {
+            return subnet;
+        }
+    }
+}
+
+/// Claims `name` for this test process, across every test process on the machine: an
+/// abstract Unix socket bound until the process exits (the kernel frees it then, so a killed
+/// run leaves nothing to clean). Two agents that ran side by side with one name prefix or
+/// subnet would share nftables tables, cgroup parents and bridges, and tear down each
+/// other's; random picks alone collide now and then (3 hex digits of prefix).
+fn claim(name: &str) -> bool {
+    use std::os::linux::net::SocketAddrExt;
+    let Ok(addr) =
+        std::os::unix::net::SocketAddr::from_abstract_name(format!("miren-vm-tests-{name}"))
+    else {
+        return false;
+    };
+    match std::os::unix::net::UnixListener::bind_addr(&addr) {
+        Ok(listener) => {
+            // Held until the process exits.
+            std::mem::forget(listener);
+            true
+        }
+        Err(_) => false,
+    }
 }
 
 /// Kills `miren supervise` processes whose state dir is under `data_dir`, and every process

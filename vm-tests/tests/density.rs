@@ -272,10 +272,8 @@ impl Drop for ForeignMount {
 #[test]
 fn a_supervisor_holds_no_copy_of_another_agents_mounts() {
     let agent = TestAgent::start_with_busybox();
-    let foreign = ForeignMount(std::env::temp_dir().join(format!(
-        "mrtst-foreign-{}",
-        std::process::id()
-    )));
+    let foreign =
+        ForeignMount(std::env::temp_dir().join(format!("mrtst-foreign-{}", std::process::id())));
     std::fs::create_dir_all(&foreign.0).unwrap();
     nix::mount::mount(
         Some("tmpfs"),
