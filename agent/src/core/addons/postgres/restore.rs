@@ -326,6 +326,7 @@ impl AddonService {
         let target = pitr.target().clone();
         let owner = restore_owner(&row.app);
         let name = dedicated_server_name("addon-pgr", &row.app);
+        let started = Instant::now();
         let disk = self.host.ensure_disk(&owner, &name, size_gb).await?;
         let mount = pitr
             .mount_of_disk(&disk)?
@@ -352,6 +353,7 @@ impl AddonService {
                 .await?
                 .start(target.clone());
         unpack_base(&target, &server.id, &base.label, pgdata.clone()).await?;
+        info!(app = %row.app, elapsed = ?started.elapsed(), "restore: base backup unpacked; starting recovery");
         write_recovery_settings(&pgdata, point)?;
         let local_only = super::recovered::prepare(&mount)?;
         state.phase = Phase::Recovering;
@@ -393,6 +395,7 @@ impl AddonService {
         };
         // Recovery is over: what it did not ask for is not needed.
         fetching.finish().await;
+        info!(app = %row.app, elapsed = ?started.elapsed(), "restore: recovered to the point");
         // The recovery settings served once; a later crash recovery must not see them.
         // One statement each: ALTER SYSTEM refuses to run in a (multi-statement) transaction.
         for statement in [
@@ -426,6 +429,7 @@ impl AddonService {
         if let Err(e) = self.host.stop_sandbox(&sandbox.id, SHUTDOWN_GRACE).await {
             warn!(sandbox = %sandbox.id, error = %e, "stopping the recovered server failed; its first start on the restored disk recovers from a crash");
         }
+        info!(app = %row.app, elapsed = ?started.elapsed(), "restore: recovered server shut down");
         if let Err(e) = std::fs::remove_dir_all(&wal_dir) {
             warn!(dir = %wal_dir.display(), error = %e, "removing the replayed WAL failed");
         }
