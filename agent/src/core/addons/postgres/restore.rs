@@ -483,7 +483,7 @@ impl AddonService {
                     self.host.log_tail(sandbox, 6)
                 )));
             }
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
