@@ -4,7 +4,8 @@
 //! segments from the base backup's first one on, every timeline history, and for `--latest`
 //! the server's unarchived segments) into `wal-restore/expected` on the restore's disk, with
 //! the `restore_command` script beside it. The server starts at once; the fetch runs in the
-//! agent, in segment order, a few objects in flight, each written under a temporary name and
+//! agent, in segment order, a few objects in flight and at most `AHEAD` files past the one
+//! recovery asked for last (the script records it), each written under a temporary name and
 //! renamed. The script answers PostgreSQL's requests: a listed file is waited for and copied,
 //! any other (a history file of a timeline that does not exist, the segment after the end)
 //! fails at once, as by hand. Once recovery finished, the fetch stops.
@@ -12,7 +13,7 @@
 //! A killed agent leaves the temporary server waiting in the script; the restore is then
 //! discarded at start (its phase is `recovering`), sandbox and disk with it.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -34,6 +35,12 @@ const EXPECTED_FILE: &str = "expected";
 const SCRIPT_FILE: &str = "restore.sh";
 /// Objects downloaded at once (each up to a 16 MiB segment in memory).
 const IN_FLIGHT: usize = 4;
+/// The last name the script was asked for (by the server), which the fetch keeps ahead of.
+const ASKED_FILE: &str = "asked";
+/// How many files the fetch runs ahead of what recovery asked for: enough to keep replay fed,
+/// few enough not to take the cores and the disk from the unpacking and the replay (nor to fetch
+/// much past the point).
+const AHEAD: usize = 8;
 
 /// `$1` is `%f`, `$2` is `%p`. Waits only for what the agent listed: PostgreSQL asks for
 /// files that do not exist, which must fail fast.
@@ -41,6 +48,7 @@ const SCRIPT: &str = "#!/bin/sh\n\
 # miren restore_command: waits for a file the agent fetches, fails for any other\n\
 d=$(dirname \"$0\")\n\
 grep -qxF -e \"$1\" \"$d/expected\" || exit 1\n\
+echo \"$1\" > \"$d/asked\"\n\
 while [ ! -f \"$d/$1\" ]; do sleep 0.02; done\n\
 exec cp \"$d/$1\" \"$2\"\n";
 
@@ -168,10 +176,41 @@ impl WalPlan {
     }
 }
 
+/// The position in the fetch order of the file recovery asked for last (`last` while it
+/// asked for none, or the file is being rewritten).
+fn asked_position(dir: &Path, positions: &HashMap<String, usize>, last: usize) -> usize {
+    std::fs::read_to_string(dir.join(ASKED_FILE))
+        .ok()
+        .and_then(|name| positions.get(name.trim()).copied())
+        .map_or(last, |p| p.max(last))
+}
+
 async fn fetch(plan: WalPlan, target: Arc<Target>, stop: Arc<AtomicBool>) -> Result<(), Error> {
     let permits = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
     let mut tasks = tokio::task::JoinSet::new();
-    for (name, from) in plan.files {
+    let positions: HashMap<String, usize> = plan
+        .files
+        .iter()
+        .enumerate()
+        .map(|(i, (name, _))| (name.clone(), i))
+        .collect();
+    let mut asked = 0;
+    'files: for (position, (name, from)) in plan.files.into_iter().enumerate() {
+        // In order, so every file up to the one asked for is fetched: no wait can block.
+        loop {
+            asked = asked_position(&plan.dir, &positions, asked);
+            if position <= asked + AHEAD {
+                break;
+            }
+            if stop.load(Ordering::Relaxed) {
+                break 'files;
+            }
+            // A file that failed is one recovery may be waiting for.
+            while let Some(done) = tasks.try_join_next() {
+                done.map_err(|e| Error::internal(format!("fetching WAL: {e}")))??;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
         let permit = permits
             .clone()
             .acquire_owned()
