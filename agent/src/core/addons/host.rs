@@ -138,6 +138,17 @@ pub trait AddonHost: Send + Sync {
 
     fn delete_sandbox<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), Error>>;
 
+    /// Stops a sandbox without restarting it (SIGTERM to its process, SIGKILL after `grace`)
+    /// and waits for its exit: a server shuts down cleanly before its sandbox is deleted.
+    /// A host without processes has nothing to stop.
+    fn stop_sandbox<'a>(
+        &'a self,
+        _sandbox_id: &'a str,
+        _grace: std::time::Duration,
+    ) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async { Ok(()) })
+    }
+
     /// Deletes the sandbox `owner` runs; none is fine.
     fn delete_owned<'a>(&'a self, owner: &'a Owner) -> BoxFuture<'a, Result<(), Error>>;
 
@@ -399,6 +410,19 @@ impl AddonHost for NodeHost {
 
     fn delete_sandbox<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), Error>> {
         Box::pin(self.sandboxes.delete(id))
+    }
+
+    fn stop_sandbox<'a>(
+        &'a self,
+        sandbox_id: &'a str,
+        grace: std::time::Duration,
+    ) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async move {
+            self.sandboxes
+                .stop(sandbox_id, Some(grace))
+                .await
+                .map(|_| ())
+        })
     }
 
     fn delete_owned<'a>(&'a self, owner: &'a Owner) -> BoxFuture<'a, Result<(), Error>> {

@@ -24,6 +24,7 @@ mod recovered;
 pub mod restore;
 mod shared_restore;
 mod tiers;
+mod wal_fetch;
 
 pub const PORT: u16 = 5432;
 /// The image's `postgres` user and group (as the official image).

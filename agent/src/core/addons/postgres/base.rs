@@ -417,14 +417,30 @@ pub(crate) async fn unpack_base(
         .await
         .map_err(|e| unreachable_target(target, &e))?
         .into_stream();
+    // Download, decompression and unpacking each in their own thread, as `zstd -dc | tar -x`
+    // would: on 2 cores the unpacking does not wait for the decompression.
     let (tx, rx) = mpsc::channel(8);
+    let (plain_tx, plain_rx) = mpsc::channel(8);
+    let decompress = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        let decompressed = decompress_into(
+            ChannelReader {
+                rx,
+                current: bytes::Bytes::new(),
+            },
+            &plain_tx,
+        );
+        if let Err(e) = &decompressed {
+            // The unpacking must fail too, not take a cut-short archive for a whole one.
+            let _ = plain_tx.blocking_send(Err(e.to_string()));
+        }
+        decompressed
+    });
     let reader = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
         std::fs::create_dir_all(&dest)?;
-        let decoder = zstd::Decoder::new(ChannelReader {
-            rx,
+        let mut archive = tar::Archive::new(ChannelReader {
+            rx: plain_rx,
             current: bytes::Bytes::new(),
-        })?;
-        let mut archive = tar::Archive::new(decoder);
+        });
         archive.set_preserve_permissions(true);
         archive.set_preserve_ownerships(true);
         archive.unpack(&dest)
@@ -437,10 +453,39 @@ pub(crate) async fn unpack_base(
         }
     }
     drop(tx);
-    reader
-        .await
-        .map_err(|e| Error::internal(format!("unpacking the base backup: {e}")))?
-        .map_err(|e| Error::internal(format!("unpacking base backup {label}: {e}")))
+    let failed = |e: std::io::Error| Error::internal(format!("unpacking base backup {label}: {e}"));
+    let joined =
+        |e: tokio::task::JoinError| Error::internal(format!("unpacking the base backup: {e}"));
+    let unpacked = reader.await.map_err(joined)?;
+    decompress.await.map_err(joined)?.map_err(failed)?;
+    unpacked.map_err(failed)
+}
+
+/// Decompresses `input` into 1 MiB chunks for the unpacking thread.
+fn decompress_into(
+    input: ChannelReader,
+    out: &mpsc::Sender<Result<bytes::Bytes, String>>,
+) -> std::io::Result<()> {
+    let mut decoder = zstd::Decoder::new(input)?;
+    loop {
+        let mut buf = vec![0u8; 1 << 20];
+        let mut filled = 0;
+        while filled < buf.len() {
+            let n = decoder.read(&mut buf[filled..])?;
+            if n == 0 {
+                break;
+            }
+            filled += n;
+        }
+        if filled == 0 {
+            return Ok(());
+        }
+        buf.truncate(filled);
+        if out.blocking_send(Ok(buf.into())).is_err() {
+            // The unpacking stopped; it reports why.
+            return Ok(());
+        }
+    }
 }
 
 #[cfg(test)]

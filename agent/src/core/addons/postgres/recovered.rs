@@ -22,7 +22,7 @@ const HBA_FILE: &str = "pitr-hba.conf";
 const MAX_SOCKET_PATH: usize = 107;
 
 /// Makes the socket directory and the hba file on the disk; returns the server arguments that
-/// use them.
+/// use them (and leave archiving to the restored server).
 pub(super) fn prepare(mount: &Path) -> Result<Vec<String>, Error> {
     let socket = mount.join(SOCKET_DIR);
     if socket.join(".s.PGSQL.5432").as_os_str().len() > MAX_SOCKET_PATH {
@@ -51,6 +51,10 @@ pub(super) fn prepare(mount: &Path) -> Result<Vec<String>, Error> {
         "listen_addresses=".to_string(),
         format!("unix_socket_directories={inside}/{SOCKET_DIR}"),
         format!("hba_file={inside}/{HBA_FILE}"),
+        // The new timeline's first files (history, partial segment) are not archived by this
+        // short-lived server, whose shutdown would wait for them: with an empty command
+        // PostgreSQL keeps them marked `.ready`, and the restored server ships them.
+        "archive_command=".to_string(),
     ]
     .into_iter()
     .flat_map(|setting| ["-c".to_string(), setting])

@@ -1,7 +1,8 @@
 //! Point-in-time restore of a dedicated PostgreSQL server: a new data disk from the nearest
 //! base backup before the point, WAL replayed to it in a temporary sandbox (`restore_command`
-//! reads a directory the agent filled from the target; `recovery_target_action = promote`),
-//! checked to have finished recovery and to answer, and only then swapped in.
+//! reads a directory the agent fills from the target while recovery runs, `wal_fetch.rs`;
+//! `recovery_target_action = promote`), checked to have finished recovery and to answer, shut
+//! down cleanly, and only then swapped in.
 //!
 //! Phases are recorded in the addon's row (`extra.pg_restore`) before each step:
 //! `preparing` and `recovering` touch only the new disk and the temporary sandbox, so a
@@ -13,13 +14,12 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use object_store::ObjectStoreExt;
 use serde::{Deserialize, Serialize};
-use tokio_stream::StreamExt;
 use tracing::{info, warn};
 
-use super::archive::{is_segment, wal_prefix, ArchivedServer, SPOOL_DIR};
-use super::base::{list_bases, unpack_base, unreachable_target, BaseInfo};
+use super::archive::{ArchivedServer, SPOOL_DIR};
+use super::base::{list_bases, unpack_base, BaseInfo};
+use super::wal_fetch::RESTORE_WAL_DIR;
 use crate::core::addons::host::ServerLaunch;
 use crate::core::addons::{
     credentials, dedicated_server_name, is_shared, server_owner, AddonService,
@@ -32,10 +32,12 @@ use crate::store::Owner;
 const KIND: &str = "miren-postgresql";
 const STATE_KEY: &str = "pg_restore";
 const PREVIOUS_KEY: &str = "pg_previous_disk";
-/// Where the agent puts the WAL a restore replays, relative to the disk's root.
-const RESTORE_WAL_DIR: &str = "wal-restore";
 /// How long recovery may take before the restore gives up (and leaves the server as it was).
 const RECOVERY_TIMEOUT: Duration = Duration::from_secs(1800);
+/// How long the recovered server may take to shut down cleanly (its shutdown checkpoint comes
+/// right after one of ours) before it is killed; then the first start on the disk is a crash
+/// recovery.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(120);
 
 /// What a restore recovers from: a server's archive, one of its base backups, and the login
 /// the recovered cluster knows.
@@ -324,6 +326,7 @@ impl AddonService {
         let target = pitr.target().clone();
         let owner = restore_owner(&row.app);
         let name = dedicated_server_name("addon-pgr", &row.app);
+        let started = Instant::now();
         let disk = self.host.ensure_disk(&owner, &name, size_gb).await?;
         let mount = pitr
             .mount_of_disk(&disk)?
@@ -338,18 +341,19 @@ impl AddonService {
                 _ => {}
             }
         }
+        // With `--latest`, what the server wrote but did not archive yet (it crashed, or does
+        // not answer) is on its data disk: replayed too, so `--latest` loses nothing committed.
+        let server_wal = server.mount.join(super::PG_DATA_SUBDIR).join("pg_wal");
+        let unarchived = matches!(point, RestorePoint::Latest)
+            .then_some((server_wal.as_path(), server.timeline));
+        // The WAL is fetched while the base is unpacked and recovery runs; recovery waits for
+        // each file it asks for.
+        let mut fetching =
+            super::wal_fetch::plan(&target, &server.id, &base.start_wal, &wal_dir, unarchived)
+                .await?
+                .start(target.clone());
         unpack_base(&target, &server.id, &base.label, pgdata.clone()).await?;
-        fetch_wal(&target, &server.id, &base.start_wal, &wal_dir).await?;
-        if matches!(point, RestorePoint::Latest) {
-            // What the server wrote but did not archive yet (it crashed, or does not answer)
-            // is on its data disk: replayed too, so `--latest` loses nothing committed.
-            take_unarchived_wal(
-                &server.mount.join(super::PG_DATA_SUBDIR).join("pg_wal"),
-                &wal_dir,
-                &base.start_wal,
-                server.timeline,
-            )?;
-        }
+        info!(app = %row.app, elapsed = ?started.elapsed(), "restore: base backup unpacked; starting recovery");
         write_recovery_settings(&pgdata, point)?;
         let local_only = super::recovered::prepare(&mount)?;
         state.phase = Phase::Recovering;
@@ -380,13 +384,18 @@ impl AddonService {
         // The cluster's superuser: the shared server's, or the source app's owner role that
         // made a dedicated cluster (its login now may not exist at the point).
         let owner_role = miren_addons::PgIdentifiers::for_app(source_app).role;
-        let client = self
-            .wait_promoted(
-                &sandbox.id,
-                &mount,
-                &[super::ADMIN_USER, &owner_role, &recovered_login.user],
-            )
-            .await?;
+        let superusers = [super::ADMIN_USER, &owner_role, &recovered_login.user];
+        let client = {
+            let promoted = self.wait_promoted(&sandbox.id, &mount, &superusers);
+            tokio::pin!(promoted);
+            tokio::select! {
+                client = &mut promoted => client?,
+                failed = fetching.failure() => return Err(failed),
+            }
+        };
+        // Recovery is over: what it did not ask for is not needed.
+        fetching.finish().await;
+        info!(app = %row.app, elapsed = ?started.elapsed(), "restore: recovered to the point");
         // The recovery settings served once; a later crash recovery must not see them.
         // One statement each: ALTER SYSTEM refuses to run in a (multi-statement) transaction.
         for statement in [
@@ -415,6 +424,12 @@ impl AddonService {
             .await
             .map_err(|e| Error::busy(format!("finishing recovery: {}", super::describe(&e))))?;
         drop(client);
+        // A clean shutdown: deleting the sandbox kills PostgreSQL, and the first start of the
+        // restored disk would then be a crash recovery (with a sync of the data directory).
+        if let Err(e) = self.host.stop_sandbox(&sandbox.id, SHUTDOWN_GRACE).await {
+            warn!(sandbox = %sandbox.id, error = %e, "stopping the recovered server failed; its first start on the restored disk recovers from a crash");
+        }
+        info!(app = %row.app, elapsed = ?started.elapsed(), "restore: recovered server shut down");
         if let Err(e) = std::fs::remove_dir_all(&wal_dir) {
             warn!(dir = %wal_dir.display(), error = %e, "removing the replayed WAL failed");
         }
@@ -468,7 +483,7 @@ impl AddonService {
                     self.host.log_tail(sandbox, 6)
                 )));
             }
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
@@ -611,87 +626,11 @@ pub(super) fn choose_base(bases: &[BaseInfo], point: RestorePoint) -> Option<&Ba
         .max_by_key(|b| b.finished_time())
 }
 
-/// Downloads the WAL from `start` on (every timeline) and the timeline histories into `dir`.
-async fn fetch_wal(
-    target: &crate::core::targets::Target,
-    id: &str,
-    start: &str,
-    dir: &Path,
-) -> Result<(), Error> {
-    std::fs::create_dir_all(dir)
-        .map_err(|e| Error::internal(format!("creating {}: {e}", dir.display())))?;
-    let store = target.store();
-    let prefix = target.path(&wal_prefix(id))?;
-    let mut listing = store.list(Some(&prefix));
-    let mut wanted = Vec::new();
-    while let Some(meta) = listing.next().await {
-        let meta = meta.map_err(|e| unreachable_target(target, &e))?;
-        let Some(name) = meta.location.filename().map(str::to_string) else {
-            continue;
-        };
-        if (is_segment(&name) && name[8..] >= start[8..]) || name.ends_with(".history") {
-            wanted.push((name, meta.location.clone()));
-        }
-    }
-    for (name, location) in wanted {
-        let data = store
-            .get(&location)
-            .await
-            .map_err(|e| unreachable_target(target, &e))?
-            .bytes()
-            .await
-            .map_err(|e| unreachable_target(target, &e))?;
-        let path = dir.join(&name);
-        std::fs::write(&path, &data)
-            .map_err(|e| Error::internal(format!("writing {}: {e}", path.display())))?;
-    }
-    chown_tree(dir)
-}
-
-/// Copies the segments of `timeline` in the server's `pg_wal` that the archive lacks (the
-/// newest, unarchived ones; recycled segments past the end hold stale pages, at which replay
-/// stops as PostgreSQL's own crash recovery does).
-fn take_unarchived_wal(pg_wal: &Path, dir: &Path, start: &str, timeline: u32) -> Result<(), Error> {
-    let entries = match std::fs::read_dir(pg_wal) {
-        Ok(entries) => entries,
-        Err(e) => {
-            warn!(dir = %pg_wal.display(), error = %e, "reading the server's pg_wal failed; restoring what was archived");
-            return Ok(());
-        }
-    };
-    let tli = format!("{timeline:08X}");
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().to_string();
-        if !is_segment(&name) || !name.starts_with(&tli) || name[8..] < start[8..] {
-            continue;
-        }
-        let to = dir.join(&name);
-        if to.exists() {
-            continue;
-        }
-        std::fs::copy(entry.path(), &to)
-            .map_err(|e| Error::internal(format!("copying {}: {e}", entry.path().display())))?;
-    }
-    chown_tree(dir)
-}
-
-fn chown_tree(dir: &Path) -> Result<(), Error> {
-    let chown = |p: &Path| {
-        std::os::unix::fs::chown(p, Some(super::PG_UID), Some(super::PG_UID))
-            .map_err(|e| Error::internal(format!("chown {}: {e}", p.display())))
-    };
-    chown(dir)?;
-    for entry in std::fs::read_dir(dir).map_err(|e| Error::internal(e.to_string()))? {
-        chown(&entry.map_err(|e| Error::internal(e.to_string()))?.path())?;
-    }
-    Ok(())
-}
-
 /// `recovery.signal` and the recovery settings, in the restored data directory.
 fn write_recovery_settings(pgdata: &Path, point: RestorePoint) -> Result<(), Error> {
-    let wal = format!("{}/{RESTORE_WAL_DIR}", super::PG_DATA_MOUNT);
     let mut settings = format!(
-        "\n# miren point-in-time restore\nrestore_command = 'cp {wal}/%f %p'\nrecovery_target_action = 'promote'\n"
+        "\n# miren point-in-time restore\nrestore_command = '{}'\nrecovery_target_action = 'promote'\n",
+        super::wal_fetch::restore_command()
     );
     if let RestorePoint::Time(t) = point {
         settings.push_str(&format!("recovery_target_time = '{}'\n", pg_time(t)));
