@@ -8,6 +8,7 @@ pub mod name;
 pub mod percent;
 pub mod printable;
 pub mod proc;
+pub mod timeline;
 pub mod unmount;
 
 pub use percent::percent_encode;

@@ -87,7 +87,10 @@ impl Spare {
         let Some(mut stdin) = self.stdin.take() else {
             return Err(self);
         };
-        if std::io::Write::write_all(&mut stdin, format!("{id}\n").as_bytes()).is_err() {
+        // With the moment it was handed over, so the spare can tell how long the start
+        // waited for it (its writable layer still being made, say).
+        let line = format!("{id} {}\n", miren_sys::timeline::monotonic_ns());
+        if std::io::Write::write_all(&mut stdin, line.as_bytes()).is_err() {
             return Err(self);
         }
         Ok(Launch {

@@ -8,6 +8,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use miren_disks::Filesystem;
+use miren_sys::timeline::Timeline;
 
 use super::control::{is_mounted, unmount};
 use super::SandboxError;
@@ -29,6 +30,15 @@ pub(crate) fn upper_and_work(state_dir: &Path, bounded: bool) -> (PathBuf, PathB
 /// Makes (once) and mounts the layer image of `size_bytes`. An image left by an earlier
 /// run is kept with its contents; a layer still mounted by a crashed predecessor is reused.
 pub(crate) fn mount(state_dir: &Path, size_bytes: u64) -> Result<(), SandboxError> {
+    mount_timed(state_dir, size_bytes, &mut Timeline::start())
+}
+
+/// [`mount`], each step timed in `steps`.
+fn mount_timed(
+    state_dir: &Path,
+    size_bytes: u64,
+    steps: &mut Timeline,
+) -> Result<(), SandboxError> {
     let dir = state_dir.join(LAYER_DIR);
     let image = state_dir.join(LAYER_IMAGE);
     if is_mounted(&dir) {
@@ -40,14 +50,18 @@ pub(crate) fn mount(state_dir: &Path, size_bytes: u64) -> Result<(), SandboxErro
         let partial = state_dir.join(format!("{LAYER_IMAGE}.partial"));
         let _ = fs::remove_file(&partial);
         miren_disks::create_sparse_image(&partial, size_bytes).map_err(disk_error)?;
+        steps.mark("layer.image");
         miren_disks::make_filesystem(Filesystem::Ext4, &partial).map_err(disk_error)?;
+        steps.mark("layer.mkfs");
         fs::rename(&partial, &image)
             .map_err(|e| SandboxError::io(format!("rename {}", image.display()), e))?;
     }
     // Autoclear: the loop device goes away with the mount, whoever unmounts it.
     let attached = miren_disks::attach(&image).map_err(disk_error)?;
+    steps.mark("layer.attach");
     miren_disks::mount(&attached.path, &dir, Filesystem::Ext4, false).map_err(disk_error)?;
     drop(attached);
+    steps.mark("layer.mount");
     Ok(())
 }
 
@@ -75,6 +89,8 @@ pub const SPARE_LAYERS_DIR: &str = "spare-layers";
 pub(crate) struct SpareLayer {
     dir: PathBuf,
     size_bytes: u64,
+    /// How long its making took, step by step (for the start's timeline).
+    pub(crate) steps: Timeline,
 }
 
 impl SpareLayer {
@@ -87,8 +103,12 @@ impl SpareLayer {
             .join(std::process::id().to_string());
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).ok()?;
-        let spare = SpareLayer { dir, size_bytes };
-        match mount(&spare.dir, size_bytes) {
+        let mut spare = SpareLayer {
+            dir,
+            size_bytes,
+            steps: Timeline::start(),
+        };
+        match mount_timed(&spare.dir, size_bytes, &mut spare.steps) {
             Ok(()) => Some(spare),
             Err(e) => {
                 eprintln!("spare layer: {e}");
@@ -167,6 +187,7 @@ pub fn remove_stale_spare_layers(spare_layers: &Path) {
             (SpareLayer {
                 dir: entry.path(),
                 size_bytes: 0,
+                steps: Timeline::start(),
             })
             .discard();
         }

@@ -2,6 +2,7 @@
 //! while it waits, then takes a sandbox id on stdin and goes on as a supervisor.
 
 use std::path::Path;
+use std::time::Duration;
 
 use super::layer::SpareLayer;
 use super::supervisor::supervise_with;
@@ -20,6 +21,7 @@ fn set_nice(nice: i32) -> bool {
 /// Entry point of `miren supervise --sandboxes-dir ROOT`: a spare supervisor, started
 /// ahead of need so a sandbox start does not wait for an exec. It reads one line from
 /// stdin, the id of the sandbox to supervise (its state dir is `ROOT/ID`, spec written),
+/// (and the `CLOCK_MONOTONIC` nanoseconds at which it was handed over, after a space),
 /// then goes on as [`supervise`] (stdin stays the start gate). `Ok(false)` when stdin
 /// closed first: the agent is gone or no longer needs this spare.
 pub fn supervise_spare(sandboxes_dir: &Path) -> Result<bool, SandboxError> {
@@ -37,8 +39,8 @@ pub fn supervise_spare(sandboxes_dir: &Path) -> Result<bool, SandboxError> {
         return Ok(false);
     }
     let id = read_assigned_id();
-    let id = match id {
-        Ok(Some(id)) => id,
+    let (id, waited) = match id {
+        Ok(Some(assigned)) => assigned,
         other => {
             if let Some(l) = spare_layer {
                 l.discard();
@@ -46,11 +48,11 @@ pub fn supervise_spare(sandboxes_dir: &Path) -> Result<bool, SandboxError> {
             return other.map(|_| false);
         }
     };
-    supervise_with(&sandboxes_dir.join(id), spare_layer).map(|()| true)
+    supervise_with(&sandboxes_dir.join(id), spare_layer, waited).map(|()| true)
 }
 
-/// The sandbox id a spare is given on stdin; None at EOF.
-fn read_assigned_id() -> Result<Option<String>, SandboxError> {
+/// The sandbox id a spare is given on stdin and how long ago it was given; None at EOF.
+fn read_assigned_id() -> Result<Option<(String, Option<Duration>)>, SandboxError> {
     use std::os::fd::AsFd;
     let mut id = Vec::new();
     let stdin = std::io::stdin();
@@ -66,11 +68,16 @@ fn read_assigned_id() -> Result<Option<String>, SandboxError> {
             Err(e) => return Err(SandboxError::sys("read the sandbox id", e)),
         }
     }
-    let id = String::from_utf8(id)
+    let line = String::from_utf8(id).unwrap_or_default();
+    let (id, at) = line.split_once(' ').unwrap_or((line.as_str(), ""));
+    let waited = at
+        .parse::<u64>()
         .ok()
-        .filter(|id| !id.is_empty() && !id.contains('/') && id != "." && id != "..")
-        .ok_or_else(|| {
-            SandboxError::InvalidSpec("a spare supervisor got a bad sandbox id".into())
-        })?;
-    Ok(Some(id))
+        .map(|at| Duration::from_nanos(miren_sys::timeline::monotonic_ns().saturating_sub(at)));
+    if id.is_empty() || id.contains('/') || id == "." || id == ".." {
+        return Err(SandboxError::InvalidSpec(
+            "a spare supervisor got a bad sandbox id".into(),
+        ));
+    }
+    Ok(Some((id.to_string(), waited)))
 }

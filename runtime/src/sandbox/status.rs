@@ -42,6 +42,10 @@ pub struct Status {
     pub started_at: Option<u64>,
     pub finished_at: Option<u64>,
     pub error: Option<String>,
+    /// How long each step of the last start took (`step=ms ...`, see
+    /// `miren_sys::timeline`): the agent logs it with the start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_steps: Option<String>,
     /// Not stored: filled in by [`super::status`] from /proc.
     #[serde(skip)]
     pub supervisor_alive: bool,

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::syscall::syscall::SyscallType;
+use miren_sys::timeline::Timeline;
 use nix::fcntl::OFlag;
 use nix::sys::signal::{self, kill, SaFlags, SigAction, SigHandler, SigSet, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
@@ -64,12 +65,15 @@ pub(crate) struct StopRequest {
 /// running) and should then exit; the forked supervisor runs in its own session and
 /// never returns (it exits the process when the sandbox is done).
 pub fn supervise(state_dir: &Path) -> Result<(), SandboxError> {
-    supervise_with(state_dir, None)
+    supervise_with(state_dir, None, None)
 }
 
+/// `waited`: how long the sandbox waited for the spare this supervisor was (the first step
+/// of its start's timeline).
 pub(crate) fn supervise_with(
     state_dir: &Path,
     spare_layer: Option<SpareLayer>,
+    waited: Option<Duration>,
 ) -> Result<(), SandboxError> {
     let checked = fs::canonicalize(state_dir)
         .map_err(|e| SandboxError::io(format!("state dir {}", state_dir.display()), e))
@@ -87,6 +91,13 @@ pub(crate) fn supervise_with(
             return Err(e);
         }
     };
+    let mut steps = Timeline::start();
+    if let Some(layer) = &spare_layer {
+        steps.push_all(&layer.steps);
+    }
+    if let Some(waited) = waited {
+        steps.push("spare", waited);
+    }
     let (ready_r, ready_w) =
         nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| SandboxError::sys("pipe", e))?;
     // SAFETY: called in a single-threaded process (documented requirement).
@@ -109,7 +120,9 @@ pub(crate) fn supervise_with(
             drop(ready_r);
             let code = match Supervisor::new(state_dir.clone(), spec, ready_w) {
                 Ok(mut s) => {
+                    steps.mark("setup");
                     s.spare_layer = spare_layer;
+                    s.steps = Some(steps);
                     s.run()
                 }
                 Err(e) => {
@@ -151,6 +164,9 @@ struct Supervisor {
     spare_layer: Option<SpareLayer>,
     /// Where that layer was, once taken over: empty directories removed at the end.
     spare_dir: Option<PathBuf>,
+    /// The steps of the first start so far (from the supervisor's own start); later starts
+    /// time only their own steps.
+    steps: Option<Timeline>,
 }
 
 impl Supervisor {
@@ -189,6 +205,7 @@ impl Supervisor {
             started_at: None,
             finished_at: None,
             error: None,
+            start_steps: None,
             supervisor_alive: true,
         };
         write_replace(
@@ -228,6 +245,7 @@ impl Supervisor {
             gate,
             spare_layer: None,
             spare_dir: None,
+            steps: None,
         })
     }
 
@@ -286,11 +304,14 @@ impl Supervisor {
         } else if let Some(l) = spare {
             l.discard();
         }
+        self.mark("layer");
         mountns::enter(
             &self.spec.private_mounts,
             &self.mounts_to_keep(),
             &self.paths_needed(),
         )?;
+        self.mark("mountns");
+        let d = &self.dir;
         if let Some(size) = bounded {
             // The adopted layer (now here) or one a crashed predecessor left is reused.
             layer::mount(d, size)?;
@@ -320,6 +341,8 @@ impl Supervisor {
             Some(opts.as_str()),
         )
         .map_err(|e| SandboxError::sys(format!("mount overlay on {}", rootfs.display()), e))?;
+        self.mark("overlay");
+        let d = &self.dir;
         if let Some(h) = &self.spec.hosts {
             write_replace(&d.join(HOSTS_FILE), h.as_bytes())?;
         }
@@ -331,7 +354,13 @@ impl Supervisor {
         let oci = oci::build(&self.spec, &rootfs, d)?;
         oci.save(d.join(BUNDLE_DIR).join("config.json"))
             .map_err(|e| SandboxError::InvalidSpec(format!("save config.json: {e}")))?;
+        self.mark("bundle");
         Ok(())
+    }
+
+    /// Ends a step of the current start (see `steps`).
+    fn mark(&mut self, step: &'static str) {
+        self.steps.get_or_insert_with(Timeline::start).mark(step);
     }
 
     /// What of the host's this sandbox needs in its own mount namespace: its disks (bind
@@ -498,7 +527,9 @@ impl Supervisor {
         let (err_r, err_w) =
             nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| SandboxError::sys("pipe", e))?;
         let null = File::open("/dev/null").map_err(|e| SandboxError::io("open /dev/null", e))?;
+        self.mark("pipes");
         self.pass_gate(GATE_CREATE)?;
+        self.mark("gate");
         mountns::follow_host_mount(self.spec.netns.as_deref())?;
         let mut container = ContainerBuilder::new(self.spec.id.clone(), SyscallType::default())
             .with_root_path(root)?
@@ -509,6 +540,7 @@ impl Supervisor {
             .with_systemd(false)
             .with_detach(true)
             .build()?;
+        self.mark("create");
         let pid = container
             .pid()
             .map(|p| Pid::from_raw(p.as_raw()))
@@ -516,7 +548,9 @@ impl Supervisor {
         // From here on a failure must not leave the created init behind.
         let r = self
             .before_start(pid)
+            .inspect(|()| self.mark("cgroup2"))
             .and_then(|()| self.pass_gate(GATE_START))
+            .inspect(|()| self.mark("gate2"))
             .and_then(|()| container.start().map_err(SandboxError::from));
         if let Err(e) = r {
             let _ = container.delete(true);
@@ -534,6 +568,8 @@ impl Supervisor {
         self.status.error = None;
         self.status.started_at = Some(now_ms());
         self.status.finished_at = None;
+        self.mark("start");
+        self.status.start_steps = self.steps.take().map(|t| t.to_string());
         self.save();
         Ok(Run {
             pid,

@@ -70,24 +70,33 @@ pub fn prepare_private_roots(cfg: &AgentConfig) {
     }
 }
 
-/// Supervisors are this binary re-executed. One is kept exec'd ahead of need (a spare,
-/// waiting for a sandbox id on its stdin), so a start does not wait for the exec and the
-/// dynamic loading of a large binary; it is replaced after each use, off the start path.
+/// Supervisors are this binary re-executed. A few are kept exec'd ahead of need (spares,
+/// waiting for a sandbox id on their stdin, each with a writable layer of the default size
+/// made and mounted), so a start waits neither for the exec and the dynamic loading of a
+/// large binary nor for mkfs. One taken is replaced at once, while its start goes on: with a
+/// replacement made only after a start, starts one after another each waited for most of
+/// the next spare's making (20-45 ms: bench/density, docs/sandbox.md "Cost").
 #[derive(Clone)]
 struct Spares {
     sandboxes_dir: PathBuf,
-    spare: Arc<std::sync::Mutex<Option<sandbox::Spare>>>,
+    ready: Arc<std::sync::Mutex<std::collections::VecDeque<sandbox::Spare>>>,
 }
 
+/// How many spares are kept: the second one has had a whole start's time to get ready when a
+/// burst of starts (a deploy, a node filling up) reaches it.
+const SPARES: usize = 2;
+
 impl Spares {
-    fn slot(&self) -> std::sync::MutexGuard<'_, Option<sandbox::Spare>> {
-        self.spare.lock().unwrap_or_else(|e| e.into_inner())
+    fn ready(&self) -> std::sync::MutexGuard<'_, std::collections::VecDeque<sandbox::Spare>> {
+        self.ready.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The supervisor for `state_dir` (spec written): the spare, or a new one. Blocking.
+    /// The supervisor for `state_dir` (spec written): the oldest spare (it has had the most
+    /// time to get ready), or a new one. Blocking.
     fn launch(&self, state_dir: &Path) -> Result<sandbox::Launch, Error> {
-        let spare = self.slot().take();
-        if let Some(spare) = spare {
+        loop {
+            let spare = self.ready().pop_front();
+            let Some(spare) = spare else { break };
             match spare.assign(state_dir) {
                 Ok(launch) => return Ok(launch),
                 Err(gone) => gone.retire(),
@@ -103,28 +112,35 @@ impl Spares {
         Ok(cmd)
     }
 
-    /// Starts a spare unless one is waiting. Blocking.
+    /// Starts spares until [`SPARES`] are waiting. Blocking.
     fn replenish(&self) {
-        if self.slot().is_some() {
-            return;
-        }
-        let mut cmd = crate::util::own_binary();
-        cmd.arg("supervise")
-            .arg("--sandboxes-dir")
-            .arg(&self.sandboxes_dir);
-        match sandbox::spawn_spare(cmd) {
-            Ok(new) => {
-                if let Some(extra) = self.slot().replace(new) {
-                    extra.retire(); // a racing replenish won
+        while self.ready().len() < SPARES {
+            let mut cmd = crate::util::own_binary();
+            cmd.arg("supervise")
+                .arg("--sandboxes-dir")
+                .arg(&self.sandboxes_dir);
+            match sandbox::spawn_spare(cmd) {
+                Ok(new) => {
+                    let mut ready = self.ready();
+                    if ready.len() < SPARES {
+                        ready.push_back(new);
+                    } else {
+                        drop(ready);
+                        new.retire(); // a racing replenish filled the last place
+                        return;
+                    }
+                }
+                Err(e) => {
+                    warn!(error = %e, "starting a spare supervisor failed; starts exec one each");
+                    return;
                 }
             }
-            Err(e) => warn!(error = %e, "starting a spare supervisor failed; starts exec one each"),
         }
     }
 
     fn retire(&self) {
-        let spare = self.slot().take();
-        if let Some(spare) = spare {
+        let spares: Vec<_> = self.ready().drain(..).collect();
+        for spare in spares {
             spare.retire();
         }
     }
@@ -182,7 +198,7 @@ impl SandboxService {
     ) -> SandboxService {
         let spares = Spares {
             sandboxes_dir: cfg.data_dir.join("sandboxes"),
-            spare: Default::default(),
+            ready: Default::default(),
         };
         let private_mounts = private_root_dirs(&cfg)
             .into_iter()
@@ -201,13 +217,13 @@ impl SandboxService {
         }
     }
 
-    /// Keeps a spare supervisor waiting (in the background).
+    /// Keeps [`SPARES`] spare supervisors waiting (made in the background).
     pub fn replenish_spare(&self) {
         let spares = self.spares.clone();
         tokio::task::spawn_blocking(move || spares.replenish());
     }
 
-    /// Lets the spare supervisor go (at shutdown). Blocking, briefly.
+    /// Lets the spare supervisors go (at shutdown). Blocking, briefly.
     pub fn retire_spare(&self) {
         self.spares.retire();
     }
@@ -277,12 +293,16 @@ impl SandboxService {
         // The container's cgroup migration comes a few ms from now: start the grace period
         // it would wait for (see `prime_cgroup_migrations`) already.
         tokio::task::spawn_blocking(sandbox::prime_cgroup_migrations);
+        let mut timeline = miren_sys::timeline::Timeline::start();
         self.store.insert_sandbox(&row)?;
-        match self.start(&row, &req).await {
-            Ok(()) => {
-                self.replenish_spare();
+        timeline.mark("row");
+        match self.start(&row, &req, &mut timeline).await {
+            Ok(supervisor_steps) => {
                 self.store.set_sandbox_status(&id, SandboxStatus::Created)?;
-                info!(sandbox = %name, id = %id, image = %req.image, "sandbox started");
+                timeline.mark("status");
+                // Each step's milliseconds, the agent's and the supervisor's own.
+                info!(sandbox = %name, id = %id, image = %req.image, ms = ?timeline.to_string(),
+                      supervisor_ms = ?supervisor_steps.unwrap_or_default(), "sandbox started");
                 heap::trim_when_quiet();
                 self.get(&id)
             }

@@ -4,7 +4,12 @@
 use super::*;
 
 impl SandboxService {
-    pub(super) async fn start(&self, row: &SandboxRow, req: &SandboxRequest) -> Result<(), Error> {
+    pub(super) async fn start(
+        &self,
+        row: &SandboxRow,
+        req: &SandboxRequest,
+        timeline: &mut miren_sys::timeline::Timeline,
+    ) -> Result<Option<String>, Error> {
         let record = match self.images.store().get(&req.image)? {
             Some(record) => record,
             None => {
@@ -42,6 +47,7 @@ impl SandboxService {
             req.env.as_slice(),
         ]);
         let user = resolve_user(&config.user, &layers)?;
+        timeline.mark("image");
 
         // The endpoint's address and netns path are known at once; its kernel side is made
         // while the supervisor prepares the sandbox, which waits for it before it creates
@@ -55,6 +61,7 @@ impl SandboxService {
                 publish: req.publish.clone(),
             })
             .await?;
+        timeline.mark("reserve");
         let endpoint = reserved.endpoint.clone();
         let net = self.net.clone();
         let (netns_tx, netns_rx) = tokio::sync::oneshot::channel();
@@ -127,6 +134,7 @@ impl SandboxService {
             start_gate: true,
             private_mounts: self.private_mounts.clone(),
         };
+        timeline.mark("mounts");
         let state_dir = self.state_dir(&row.id);
         let spares = self.spares.clone();
         let launch = tokio::task::spawn_blocking(move || -> Result<_, Error> {
@@ -136,6 +144,9 @@ impl SandboxService {
         .await
         .map_err(|e| Error::internal(format!("starting the sandbox: {e}")))
         .and_then(|r| r);
+        // The spare it took (if any) is replaced while this start goes on.
+        self.replenish_spare();
+        timeline.mark("supervisor");
         // The container is created as soon as its network namespace exists, while the
         // endpoint is completed; its process starts once the endpoint is ready.
         let launch = match (launch, netns_rx.await) {
@@ -145,12 +156,14 @@ impl SandboxService {
             }
             (launch, _) => launch,
         };
+        timeline.mark("netns");
         let network = realized
             .await
             .map_err(|e| Error::internal(format!("creating the endpoint: {e}")))
             .and_then(|r| r);
         let launch = launch?;
-        tokio::task::spawn_blocking(move || -> Result<(), Error> {
+        timeline.mark("endpoint");
+        let started = tokio::task::spawn_blocking(move || -> Result<_, Error> {
             if let Err(err) = network {
                 launch.cancel();
                 return Err(err);
@@ -161,12 +174,12 @@ impl SandboxService {
                     "start_failed",
                     format!("the sandbox did not start: {e}"),
                 )
-            })?;
-            Ok(())
+            })
         })
         .await
         .map_err(|e| Error::internal(format!("starting the sandbox: {e}")))??;
-        Ok(())
+        timeline.mark("container");
+        Ok(started.start_steps)
     }
 }
 
