@@ -253,6 +253,40 @@ fn many_creates_deletes_and_a_kill_9_keep_isolation_and_exact_rules() {
         assert!(Instant::now() < deadline, "loop devices left: {loops:?}");
         sleep(Duration::from_millis(100));
     }
+    // Two spare supervisors wait, each with its writable layer made and mounted, so starts
+    // one after another do not wait for a layer (docs/sandbox.md "Spare supervisors").
+    let spare_layers = agent.data_dir.join("spare-layers");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let ready = std::fs::read_dir(&spare_layers)
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| {
+                        let layer = format!(" {} ", e.path().join("layer").display());
+                        mounts.lines().any(|l| l.contains(&layer))
+                    })
+                    .count()
+            })
+            .unwrap_or(0);
+        if ready == 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{ready} spare layers ready, not 2"
+        );
+        sleep(Duration::from_millis(100));
+    }
+    // Each start logs its steps, the wait for its spare among them.
+    let log = agent.log_text();
+    assert!(
+        log.lines()
+            .filter(|l| l.contains("sandbox started"))
+            .filter_map(|l| l.split(" supervisor_ms=").nth(1))
+            .any(|steps| steps.contains("spare=") && steps.contains("create=")),
+        "no start logged its steps"
+    );
 }
 
 /// Unmounts the test's stand-in for another agent's mount, also when the test fails.

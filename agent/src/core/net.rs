@@ -386,14 +386,19 @@ impl NetService {
             return Ok(reserved.endpoint);
         }
         let row = &reserved.row;
+        let mut steps = miren_sys::timeline::Timeline::start();
         let made = async {
             netns::ensure_netns(std::path::Path::new(&reserved.endpoint.netns_path)).await?;
+            steps.mark("netns");
             if let Some(tx) = netns_ready {
                 let _ = tx.send(());
             }
             let spec = spec_of(row);
             netns::create_endpoint(&self.cfg, &spec).await?;
-            self.admit(&spec).await
+            steps.mark("link");
+            self.admit(&spec).await?;
+            steps.mark("rules");
+            Ok::<(), Error>(())
         }
         .await;
         if let Err(err) = made {
@@ -406,7 +411,8 @@ impl NetService {
         }
         self.store
             .set_endpoint_status(&row.owner, EndpointStatus::Ready)?;
-        info!(owner = %row.owner, app = %row.app, ip = %row.ip, "endpoint created");
+        steps.mark("row");
+        info!(owner = %row.owner, app = %row.app, ip = %row.ip, ms = ?steps.to_string(), "endpoint created");
         let mut endpoint = reserved.endpoint;
         endpoint.status = EndpointStatus::Ready;
         Ok(endpoint)
