@@ -28,8 +28,9 @@ pub use files::{hosts_file, resolv_conf, resolv_conf_from_host, ResolvConf};
 pub use host::{check_publish, overlaps, PublishRefused};
 pub use nsfs::ensure_netns;
 pub use rules::{
-    add_endpoint_rules, apply_rules, endpoint_removal_json, endpoint_rules_json,
-    publish_switch_json, remove_endpoint_rules, ruleset_json, switch_published,
+    add_endpoint_rules, admission_change_json, apply_rules, change_admission,
+    endpoint_removal_json, endpoint_rules_json, publish_switch_json, remove_endpoint_rules,
+    ruleset_json, switch_published,
 };
 pub use subnet::Subnet;
 

@@ -135,8 +135,11 @@ const DEST_MAP: &str = "dest";
 const PUB_ADDR_MAP: &str = "pub_addr";
 /// inet: port published on every local address (`0.0.0.0`) -> `jump pub-<key>`.
 const PUB_LOCAL_MAP: &str = "pub_local";
-/// bridge: host veth name -> `jump from-<key>`.
-const PORTS_MAP: &str = "ports";
+/// bridge: the host veth names of live endpoints (any other port with our prefix is dropped).
+const PORTS_SET: &str = "ports";
+/// bridge: `host veth name . endpoint address`: the one IPv4 source address (and ARP sender)
+/// each port may use.
+const PORT_ADDRS_SET: &str = "port_ip";
 
 /// App names are free text: an app's set and chain are named after its bytes in hex, which
 /// keeps two apps apart (a hash could merge them) and fits nftables' 255-byte names.
@@ -161,6 +164,23 @@ fn allowed_apps(spec: &EndpointSpec) -> BTreeSet<&str> {
 
 fn set_ref(name: &str) -> Value {
     json!(format!("@{name}"))
+}
+
+/// The chain `spec`'s address is sent to by the `dest` map: its app's own chain when only
+/// its app may connect (most endpoints: no chain of their own, so the chains, which
+/// libnftables lists in full before every change, do not grow with the endpoints), else its
+/// `to-<key>` chain, which jumps to each allowed app's chain. Either way a connection from
+/// no allowed app falls back to the forward chain's drop.
+fn admission_chain(cfg: &NetConfig, spec: &EndpointSpec) -> String {
+    let apps = allowed_apps(spec);
+    match apps.iter().next() {
+        Some(only) if apps.len() == 1 => app_chain(only),
+        _ => format!("to-{}", cfg.endpoint_key(&spec.owner)),
+    }
+}
+
+fn port_addr(key: &str, ip: &Value) -> Value {
+    json!({ "concat": [key, ip] })
 }
 
 fn published_key(port: &PublishedPort) -> Value {
@@ -229,12 +249,14 @@ impl Batch {
         let key = cfg.endpoint_key(&spec.owner);
         let ip = json!(spec.ip.to_string());
 
-        let to = format!("to-{key}");
-        self.fresh_chain(INET, &to);
-        for app in allowed_apps(spec) {
-            self.rule(INET, &to, vec![jump(&app_chain(app))]);
+        let to = admission_chain(cfg, spec);
+        if to.starts_with("to-") {
+            self.fresh_chain(INET, &to);
+            for app in allowed_apps(spec) {
+                self.rule(INET, &to, vec![jump(&app_chain(app))]);
+            }
+            self.rule(INET, &to, vec![drop_packet()]);
         }
-        self.rule(INET, &to, vec![drop_packet()]);
 
         if !spec.publish.is_empty() {
             let chain = format!("pub-{key}");
@@ -248,32 +270,26 @@ impl Batch {
             }
         }
 
-        let from = format!("from-{key}");
-        self.fresh_chain(BRIDGE, &from);
-        self.rule(
-            BRIDGE,
-            &from,
-            vec![
-                is(payload("ether", "type"), json!("ip")),
-                matches("!=", payload("ip", "saddr"), ip.clone()),
-                drop_packet(),
-            ],
-        );
-        self.rule(
-            BRIDGE,
-            &from,
-            vec![
-                is(payload("ether", "type"), json!("arp")),
-                matches("!=", payload("arp", "saddr ip"), ip.clone()),
-                drop_packet(),
-            ],
-        );
-        // Accept here, or the catch-all drop for unknown ports would apply.
-        self.rule(BRIDGE, &from, vec![accept()]);
-
+        self.element("add", BRIDGE, PORT_ADDRS_SET, port_addr(&key, &ip));
         self.element("add", INET, &app_set(&spec.app), ip.clone());
         self.element("add", INET, DEST_MAP, json!([ip, jump(&to)]));
-        self.element("add", BRIDGE, PORTS_MAP, json!([key, jump(&from)]));
+        self.element("add", BRIDGE, PORTS_SET, json!(key));
+    }
+
+    /// A changed `allow_from`: the endpoint's `dest` entry is replaced (its chain may change
+    /// between its app's and its own `to-` chain), and a `to-` chain it no longer uses goes.
+    fn change_admission(&mut self, cfg: &NetConfig, old: &EndpointSpec, new: &EndpointSpec) {
+        let ip = json!(new.ip.to_string());
+        let (before, after) = (admission_chain(cfg, old), admission_chain(cfg, new));
+        if before != after {
+            // The chain the old entry names must exist for the add half of its removal.
+            self.chain(INET, &before);
+            self.remove_element(INET, DEST_MAP, json!([ip.clone(), jump(&before)]), ip);
+        }
+        self.endpoint(cfg, new);
+        if before != after && before.starts_with("to-") {
+            self.remove_chain(INET, &before);
+        }
     }
 
     /// Undoes [`Batch::endpoint`]: map entries first (from then on its port is dropped and its
@@ -282,16 +298,14 @@ impl Batch {
     fn remove_endpoint(&mut self, cfg: &NetConfig, spec: &EndpointSpec) {
         let key = cfg.endpoint_key(&spec.owner);
         let ip = json!(spec.ip.to_string());
-        let (to, from, publish) = (
-            format!("to-{key}"),
-            format!("from-{key}"),
-            format!("pub-{key}"),
-        );
-        // The chains the entries' data name must exist for the add half of each removal.
-        self.chain(BRIDGE, &from);
+        let (to, publish) = (admission_chain(cfg, spec), format!("pub-{key}"));
+        self.remove_element(BRIDGE, PORTS_SET, json!(key), json!(key));
+        // The chain the entry's data names must exist for the add half of its removal.
         self.chain(INET, &to);
-        self.remove_element(BRIDGE, PORTS_MAP, json!([key, jump(&from)]), json!(key));
         self.remove_element(INET, DEST_MAP, json!([ip, jump(&to)]), ip.clone());
+        let pair = port_addr(&key, &ip);
+        self.set(BRIDGE, PORT_ADDRS_SET, json!(["ifname", "ipv4_addr"]));
+        self.remove_element(BRIDGE, PORT_ADDRS_SET, pair.clone(), pair);
         let set = app_set(&spec.app);
         self.set(INET, &set, json!("ipv4_addr"));
         self.remove_element(INET, &set, ip.clone(), ip);
@@ -303,8 +317,9 @@ impl Batch {
             }
             self.remove_chain(INET, &publish);
         }
-        self.remove_chain(BRIDGE, &from);
-        self.remove_chain(INET, &to);
+        if to.starts_with("to-") {
+            self.remove_chain(INET, &to);
+        }
     }
 }
 
@@ -474,7 +489,8 @@ pub fn ruleset_json(cfg: &NetConfig, endpoints: &[EndpointSpec]) -> Result<Value
 
     batch.reset_table(BRIDGE);
     batch.base_chain(BRIDGE, "prerouting", "filter", "prerouting", -200);
-    batch.verdict_map(BRIDGE, PORTS_MAP, json!("ifname"));
+    batch.set(BRIDGE, PORTS_SET, json!("ifname"));
+    batch.set(BRIDGE, PORT_ADDRS_SET, json!(["ifname", "ipv4_addr"]));
     let our_ports = json!(format!("{}-*", cfg.prefix()));
     // The bridge has route_localnet=1 for published ports: never let a sandbox
     // address the host's loopback through it (cf. CVE-2020-8558).
@@ -491,16 +507,36 @@ pub fn ruleset_json(cfg: &NetConfig, endpoints: &[EndpointSpec]) -> Result<Value
             drop_packet(),
         ],
     );
+    // A port with our prefix that no live endpoint has (a leftover) sends nothing; a live
+    // one sends IPv4 and ARP only with its own address.
     batch.rule(
         BRIDGE,
         "prerouting",
-        vec![json!({ "vmap": { "key": meta("iifname"), "data": set_ref(PORTS_MAP) } })],
+        vec![
+            is(meta("iifname"), our_ports.clone()),
+            matches("!=", meta("iifname"), set_ref(PORTS_SET)),
+            drop_packet(),
+        ],
     );
-    batch.rule(
-        BRIDGE,
-        "prerouting",
-        vec![is(meta("iifname"), our_ports), drop_packet()],
-    );
+    for (ether_type, sender) in [
+        ("ip", payload("ip", "saddr")),
+        ("arp", payload("arp", "saddr ip")),
+    ] {
+        batch.rule(
+            BRIDGE,
+            "prerouting",
+            vec![
+                is(meta("iifname"), our_ports.clone()),
+                is(payload("ether", "type"), json!(ether_type)),
+                matches(
+                    "!=",
+                    json!({ "concat": [meta("iifname"), sender] }),
+                    set_ref(PORT_ADDRS_SET),
+                ),
+                drop_packet(),
+            ],
+        );
+    }
 
     let apps: BTreeSet<&str> = sorted.iter().flat_map(|s| allowed_apps(s)).collect();
     for app in apps {
@@ -524,6 +560,31 @@ pub fn endpoint_rules_json(cfg: &NetConfig, spec: &EndpointSpec) -> Result<Value
     }
     batch.endpoint(cfg, spec);
     Ok(batch.into_json())
+}
+
+/// The batch that changes which apps may connect to an endpoint from `old`'s to `new`'s
+/// (the same endpoint): see [`Batch::change_admission`].
+pub fn admission_change_json(
+    cfg: &NetConfig,
+    old: &EndpointSpec,
+    new: &EndpointSpec,
+) -> Result<Value> {
+    validate(cfg, std::slice::from_ref(new))?;
+    let mut batch = Batch::new(cfg.table_name());
+    for app in allowed_apps(new) {
+        batch.app(app);
+    }
+    batch.change_admission(cfg, old, new);
+    Ok(batch.into_json())
+}
+
+/// Applies [`admission_change_json`]. On an error nothing changed: [`apply_rules`] converges.
+pub async fn change_admission(
+    cfg: &NetConfig,
+    old: &EndpointSpec,
+    new: &EndpointSpec,
+) -> Result<()> {
+    nft_apply(admission_change_json(cfg, old, new)?.to_string()).await
 }
 
 /// The batch that removes one endpoint's elements and chains, whether or not they exist.

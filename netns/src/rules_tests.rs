@@ -91,19 +91,25 @@ fn one_endpoint_is_a_constant_number_of_commands() {
     assert_eq!(
         elements,
         vec![
+            (json!("port_ip"), json!({ "concat": [key, "10.9.0.2"] })),
             (json!("ips-73686f70"), json!("10.9.0.2")),
             (
                 json!("dest"),
-                json!(["10.9.0.2", { "jump": { "target": format!("to-{key}") } }])
+                json!(["10.9.0.2", { "jump": { "target": app_chain("shop") } }])
             ),
-            (
-                json!("ports"),
-                json!([key, { "jump": { "target": format!("from-{key}") } }])
-            ),
+            (json!("ports"), json!(key)),
         ]
     );
+    // No chain of its own: only its app's, which the dest entry names. (libnftables lists
+    // every chain before each change: chains per endpoint made every change O(N).)
+    let chains: Vec<&Value> = cmds
+        .iter()
+        .filter(|(verb, kind, _)| verb == "add" && kind == "chain")
+        .map(|(_, _, body)| &body["name"])
+        .collect();
+    assert_eq!(chains, vec![&json!(app_chain("shop"))]);
     // The map entries come after the chains they name, as the last commands.
-    let last = cmds.len() - 3;
+    let last = cmds.len() - 4;
     assert!(cmds[last..].iter().all(|(_, kind, _)| kind == "element"));
     assert!(cmds[..last - 1]
         .iter()
@@ -184,14 +190,19 @@ fn removal_deletes_entries_before_chains_and_tolerates_absence() {
         vec![
             ("element".into(), "ports".into()),
             ("element".into(), "dest".into()),
+            ("element".into(), "port_ip".into()),
             ("element".into(), "ips-6462".into()),
             ("element".into(), "pub_addr".into()),
             ("element".into(), "pub_local".into()),
             ("chain".into(), format!("pub-{key}")),
-            ("chain".into(), format!("from-{key}")),
-            ("chain".into(), format!("to-{key}")),
         ]
     );
+    // One with other apps allowed has its own admission chain, which goes last.
+    spec.allow_from = vec!["web".into()];
+    let cmds = commands(&endpoint_removal_json(&cfg, &spec).expect("batch"));
+    let last = cmds.last().expect("commands");
+    assert_eq!((last.0.as_str(), last.1.as_str()), ("delete", "chain"));
+    assert_eq!(last.2["name"], json!(format!("to-{key}")));
     // Every delete is preceded by an add of the same object: absent is fine.
     for (i, (verb, kind, body)) in cmds.iter().enumerate() {
         if verb == "delete" {
@@ -231,18 +242,81 @@ fn full_ruleset_holds_maps_and_every_endpoint() {
         .filter(|(_, kind, _)| kind == "map")
         .filter_map(|(_, _, body)| body["name"].as_str())
         .collect();
-    assert_eq!(maps, vec!["dest", "pub_addr", "pub_local", "ports"]);
+    assert_eq!(maps, vec!["dest", "pub_addr", "pub_local"]);
+    let sets: Vec<&str> = cmds
+        .iter()
+        .filter(|(_, kind, _)| kind == "set")
+        .filter_map(|(_, _, body)| body["name"].as_str())
+        .filter(|name| !name.starts_with("ips-"))
+        .collect();
+    assert_eq!(sets, vec!["ports", "port_ip"]);
     let entries = |name: &str| {
         cmds.iter()
             .filter(|(verb, kind, body)| verb == "add" && kind == "element" && body["name"] == name)
             .count()
     };
-    assert_eq!((entries("dest"), entries("ports")), (2, 2));
+    assert_eq!(
+        (entries("dest"), entries("ports"), entries("port_ip")),
+        (2, 2, 2)
+    );
+    // A port sends only with its own address: IPv4 and ARP checked against `port_ip`.
+    let checks: Vec<&Value> = cmds
+        .iter()
+        .filter(|(_, kind, body)| kind == "rule" && body["chain"] == "prerouting")
+        .filter(|(_, _, body)| body["table"] == cfg.table_name() && body["family"] == "bridge")
+        .filter_map(|(_, _, body)| body["expr"].as_array()?.get(2))
+        .filter(|m| m["match"]["right"] == "@port_ip")
+        .collect();
+    assert_eq!(checks.len(), 2, "{checks:?}");
+    assert!(checks.iter().all(|m| m["match"]["op"] == "!="));
     assert_eq!((entries("pub_addr"), entries("pub_local")), (1, 0));
     // The forward chain looks the destination up in the map, not in an inline list.
     assert!(cmds.iter().any(|(_, kind, body)| kind == "rule"
         && body["chain"] == "forward"
         && body["expr"][2]["vmap"]["data"] == "@dest"));
+}
+
+#[test]
+fn an_admission_change_moves_the_dest_entry_between_the_apps_and_its_own_chain() {
+    let cfg = cfg();
+    let alone = EndpointSpec::new("a", "db", Ipv4Addr::new(10, 9, 0, 2));
+    let mut shared = alone.clone();
+    shared.allow_from = vec!["web".into()];
+    let to = format!("to-{}", cfg.endpoint_key("a"));
+    let dest = |cmds: &[(String, String, Value)]| -> Vec<(String, Value)> {
+        cmds.iter()
+            .filter(|(_, kind, body)| kind == "element" && body["name"] == "dest")
+            .map(|(verb, _, body)| (verb.clone(), body["elem"][0].clone()))
+            .collect()
+    };
+    let ip = json!("10.9.0.2");
+
+    let opened = commands(&admission_change_json(&cfg, &alone, &shared).expect("batch"));
+    assert_eq!(
+        dest(&opened),
+        vec![
+            ("add".into(), json!([ip.clone(), jump(&app_chain("db"))])),
+            ("delete".into(), ip.clone()),
+            ("add".into(), json!([ip.clone(), jump(&to)])),
+        ]
+    );
+    assert!(opened
+        .iter()
+        .any(|(verb, kind, body)| verb == "add" && kind == "rule" && body["chain"] == to));
+
+    let closed = commands(&admission_change_json(&cfg, &shared, &alone).expect("batch"));
+    assert_eq!(
+        dest(&closed),
+        vec![
+            ("add".into(), json!([ip.clone(), jump(&to)])),
+            ("delete".into(), ip.clone()),
+            ("add".into(), json!([ip, jump(&app_chain("db"))])),
+        ]
+    );
+    // Its own chain goes once nothing names it.
+    let last = closed.last().expect("commands");
+    assert_eq!((last.0.as_str(), last.1.as_str()), ("delete", "chain"));
+    assert_eq!(last.2["name"], json!(to));
 }
 
 #[test]

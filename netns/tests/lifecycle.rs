@@ -33,8 +33,11 @@ async fn two_hundred_endpoints_leave_nothing_behind() {
         .iter()
         .all(|e| e.host_veth && e.netns_file && e.netns_mounted && e.owner.is_some()));
     assert_eq!(mounts_under(cfg.runtime_dir()), 200);
+    // Every endpoint is in `dest`, none has a chain of its own: the 7 apps' chains are all.
     let table = nft_table("inet", cfg.prefix()).expect("inet table");
-    assert_eq!(table.matches("chain to-").count(), 200);
+    assert_eq!(table.matches("chain to-").count(), 0);
+    assert_eq!(table.matches("chain app-").count(), 7);
+    assert_eq!(table.matches(": jump app-").count(), 200, "{table}");
 
     for spec in &specs {
         delete_endpoint(cfg, &spec.owner).await.expect("delete");

@@ -433,9 +433,13 @@ impl NetService {
             return Ok(());
         }
         self.store.set_endpoint_allow_from(owner, apps)?;
-        let mut spec = spec_of(&row);
+        let old = spec_of(&row);
+        let mut spec = old.clone();
         spec.allow_from = apps.to_vec();
-        self.admit(&spec).await?;
+        if let Err(e) = netns::change_admission(&self.cfg, &old, &spec).await {
+            warn!(owner = %owner, error = %e, "changing an endpoint's admission failed; applying all rules");
+            self.apply().await?;
+        }
         info!(owner = %owner, allow_from = ?apps, "endpoint admits new apps");
         Ok(())
     }
