@@ -166,16 +166,31 @@ fn set_ref(name: &str) -> Value {
     json!(format!("@{name}"))
 }
 
-/// The chain `spec`'s address is sent to by the `dest` map: its app's own chain when only
-/// its app may connect (most endpoints: no chain of their own, so the chains, which
-/// libnftables lists in full before every change, do not grow with the endpoints), else its
-/// `to-<key>` chain, which jumps to each allowed app's chain. Either way a connection from
-/// no allowed app falls back to the forward chain's drop.
-fn admission_chain(cfg: &NetConfig, spec: &EndpointSpec) -> String {
-    let apps = allowed_apps(spec);
-    match apps.iter().next() {
-        Some(only) if apps.len() == 1 => app_chain(only),
-        _ => format!("to-{}", cfg.endpoint_key(&spec.owner)),
+/// The chain `spec`'s address is sent to by the `dest` map.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Admission {
+    /// Only its own app may connect: that app's chain (most endpoints: no chain of their own,
+    /// so the chains, which libnftables lists in full before every change, do not grow with
+    /// the endpoints).
+    App(String),
+    /// Other apps too: its own `to-<key>` chain, which jumps to each allowed app's chain.
+    Own(String),
+}
+
+impl Admission {
+    /// Either way a connection from no allowed app falls back to the forward chain's drop.
+    fn of(cfg: &NetConfig, spec: &EndpointSpec) -> Self {
+        let apps = allowed_apps(spec);
+        match apps.iter().next() {
+            Some(only) if apps.len() == 1 => Admission::App(app_chain(only)),
+            _ => Admission::Own(format!("to-{}", cfg.endpoint_key(&spec.owner))),
+        }
+    }
+
+    fn chain(&self) -> &str {
+        match self {
+            Admission::App(chain) | Admission::Own(chain) => chain,
+        }
     }
 }
 
@@ -249,13 +264,14 @@ impl Batch {
         let key = cfg.endpoint_key(&spec.owner);
         let ip = json!(spec.ip.to_string());
 
-        let to = admission_chain(cfg, spec);
-        if to.starts_with("to-") {
-            self.fresh_chain(INET, &to);
+        let admission = Admission::of(cfg, spec);
+        let to = admission.chain();
+        if let Admission::Own(own) = &admission {
+            self.fresh_chain(INET, own);
             for app in allowed_apps(spec) {
-                self.rule(INET, &to, vec![jump(&app_chain(app))]);
+                self.rule(INET, own, vec![jump(&app_chain(app))]);
             }
-            self.rule(INET, &to, vec![drop_packet()]);
+            self.rule(INET, own, vec![drop_packet()]);
         }
 
         if !spec.publish.is_empty() {
@@ -272,7 +288,7 @@ impl Batch {
 
         self.element("add", BRIDGE, PORT_ADDRS_SET, port_addr(&key, &ip));
         self.element("add", INET, &app_set(&spec.app), ip.clone());
-        self.element("add", INET, DEST_MAP, json!([ip, jump(&to)]));
+        self.element("add", INET, DEST_MAP, json!([ip, jump(to)]));
         self.element("add", BRIDGE, PORTS_SET, json!(key));
     }
 
@@ -280,15 +296,20 @@ impl Batch {
     /// between its app's and its own `to-` chain), and a `to-` chain it no longer uses goes.
     fn change_admission(&mut self, cfg: &NetConfig, old: &EndpointSpec, new: &EndpointSpec) {
         let ip = json!(new.ip.to_string());
-        let (before, after) = (admission_chain(cfg, old), admission_chain(cfg, new));
+        let (before, after) = (Admission::of(cfg, old), Admission::of(cfg, new));
         if before != after {
             // The chain the old entry names must exist for the add half of its removal.
-            self.chain(INET, &before);
-            self.remove_element(INET, DEST_MAP, json!([ip.clone(), jump(&before)]), ip);
+            self.chain(INET, before.chain());
+            self.remove_element(
+                INET,
+                DEST_MAP,
+                json!([ip.clone(), jump(before.chain())]),
+                ip,
+            );
         }
         self.endpoint(cfg, new);
-        if before != after && before.starts_with("to-") {
-            self.remove_chain(INET, &before);
+        if let (true, Admission::Own(own)) = (before != after, &before) {
+            self.remove_chain(INET, own);
         }
     }
 
@@ -298,11 +319,16 @@ impl Batch {
     fn remove_endpoint(&mut self, cfg: &NetConfig, spec: &EndpointSpec) {
         let key = cfg.endpoint_key(&spec.owner);
         let ip = json!(spec.ip.to_string());
-        let (to, publish) = (admission_chain(cfg, spec), format!("pub-{key}"));
+        let (admission, publish) = (Admission::of(cfg, spec), format!("pub-{key}"));
         self.remove_element(BRIDGE, PORTS_SET, json!(key), json!(key));
         // The chain the entry's data names must exist for the add half of its removal.
-        self.chain(INET, &to);
-        self.remove_element(INET, DEST_MAP, json!([ip, jump(&to)]), ip.clone());
+        self.chain(INET, admission.chain());
+        self.remove_element(
+            INET,
+            DEST_MAP,
+            json!([ip, jump(admission.chain())]),
+            ip.clone(),
+        );
         let pair = port_addr(&key, &ip);
         self.set(BRIDGE, PORT_ADDRS_SET, json!(["ifname", "ipv4_addr"]));
         self.remove_element(BRIDGE, PORT_ADDRS_SET, pair.clone(), pair);
@@ -317,8 +343,8 @@ impl Batch {
             }
             self.remove_chain(INET, &publish);
         }
-        if to.starts_with("to-") {
-            self.remove_chain(INET, &to);
+        if let Admission::Own(own) = &admission {
+            self.remove_chain(INET, own);
         }
     }
 }
