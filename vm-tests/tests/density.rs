@@ -264,23 +264,33 @@ fn many_creates_deletes_and_a_kill_9_keep_isolation_and_exact_rules() {
         assert!(Instant::now() < deadline, "loop devices left: {loops:?}");
         sleep(Duration::from_millis(100));
     }
-    // Two spare supervisors wait, each with its writable layer made and mounted, so starts
-    // one after another do not wait for a layer (docs/sandbox.md "Spare supervisors").
+    // Two spare supervisors wait, each with its writable layer made and mounted in the
+    // mount namespace it made for its sandbox, so starts one after another wait neither for
+    // a layer nor for a namespace (docs/sandbox.md "Spare supervisors"); the host's table
+    // holds neither.
     let spare_layers = agent.data_dir.join("spare-layers");
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let host = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
         let ready = std::fs::read_dir(&spare_layers)
             .map(|d| {
                 d.flatten()
                     .filter(|e| {
                         let layer = format!(" {} ", e.path().join("layer").display());
-                        mounts.lines().any(|l| l.contains(&layer))
+                        // The spare's dir is named after its pid.
+                        let pid = e.file_name().to_string_lossy().to_string();
+                        std::fs::read_to_string(format!("/proc/{pid}/mountinfo"))
+                            .is_ok_and(|own| own.lines().any(|l| l.contains(&layer)))
                     })
                     .count()
             })
             .unwrap_or(0);
         if ready == 2 {
+            let spare_dir = format!(" {}/", spare_layers.display());
+            assert!(
+                !host.lines().any(|l| l.contains(&spare_dir)),
+                "the host holds a ready spare's layer: {host}"
+            );
             break;
         }
         assert!(

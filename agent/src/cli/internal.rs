@@ -2,16 +2,22 @@
 //! sandbox, and the freeze helper of a backup. Each runs single-threaded, with no runtime.
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 /// The supervisor must stay single-threaded (libcontainer clones with raw clone3 and its
 /// container init is our child): no runtime, no threads, before this call.
-pub(crate) fn supervise(state_dir: Option<&Path>, sandboxes_dir: Option<&Path>) -> ExitCode {
+pub(crate) fn supervise(
+    state_dir: Option<&Path>,
+    sandboxes_dir: Option<&Path>,
+    private_mounts: &[PathBuf],
+) -> ExitCode {
     let supervised = match (state_dir, sandboxes_dir) {
         (Some(dir), _) => miren_runtime::sandbox::supervise(dir),
-        (None, Some(root)) => miren_runtime::sandbox::supervise_spare(root).map(drop),
+        (None, Some(root)) => {
+            miren_runtime::sandbox::supervise_spare(root, private_mounts).map(drop)
+        }
         (None, None) => Ok(()), // refused by clap
     };
     match supervised {

@@ -78,6 +78,10 @@ pub enum Command {
         /// A spare: read the sandbox id (a directory under this one) from stdin first.
         #[arg(long)]
         sandboxes_dir: Option<PathBuf>,
+        /// A spare: the agent's mount roots (repeated), so it makes its own mount namespace
+        /// while it waits.
+        #[arg(long, requires = "sandboxes_dir")]
+        private_mount: Vec<PathBuf>,
     },
     /// (internal) Run a command inside a sandbox; started by the agent for `sandbox exec`.
     #[command(hide = true)]
@@ -149,7 +153,14 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Supervise {
             state_dir,
             sandboxes_dir,
-        } => return internal::supervise(state_dir.as_deref(), sandboxes_dir.as_deref()),
+            private_mount,
+        } => {
+            return internal::supervise(
+                state_dir.as_deref(),
+                sandboxes_dir.as_deref(),
+                &private_mount,
+            )
+        }
         Command::FreezeHold { mount, max_seconds } => {
             return internal::freeze_hold(&mount, max_seconds)
         }

@@ -39,6 +39,8 @@ pub(crate) const GATE_START: u8 = b's';
 
 /// How long to keep draining log pipes after the init exited.
 const DRAIN: Duration = Duration::from_secs(2);
+/// How often to look again while draining (the pipes may stay open for `DRAIN`).
+const DRAIN_POLL_MS: i32 = 50;
 
 /// Write end of the self-pipe used by the signal handler.
 static SIG_PIPE_W: AtomicI32 = AtomicI32::new(-1);
@@ -65,7 +67,7 @@ pub(crate) struct StopRequest {
 /// running) and should then exit; the forked supervisor runs in its own session and
 /// never returns (it exits the process when the sandbox is done).
 pub fn supervise(state_dir: &Path) -> Result<(), SandboxError> {
-    supervise_with(state_dir, None, None)
+    supervise_with(state_dir, None, None, None)
 }
 
 /// `waited`: how long the sandbox waited for the spare this supervisor was (the first step
@@ -73,6 +75,7 @@ pub fn supervise(state_dir: &Path) -> Result<(), SandboxError> {
 pub(crate) fn supervise_with(
     state_dir: &Path,
     spare_layer: Option<SpareLayer>,
+    prepared_ns: Option<mountns::Prepared>,
     waited: Option<Duration>,
 ) -> Result<(), SandboxError> {
     let checked = fs::canonicalize(state_dir)
@@ -122,6 +125,7 @@ pub(crate) fn supervise_with(
                 Ok(mut s) => {
                     steps.mark("setup");
                     s.spare_layer = spare_layer;
+                    s.prepared_ns = prepared_ns;
                     s.steps = Some(steps);
                     s.run()
                 }
@@ -162,6 +166,8 @@ struct Supervisor {
     gate: Option<File>,
     /// A ready writable layer this supervisor made while it was a spare.
     spare_layer: Option<SpareLayer>,
+    /// The mount namespace its spare made (we are in it), if any.
+    prepared_ns: Option<mountns::Prepared>,
     /// Where that layer was, once taken over: empty directories removed at the end.
     spare_dir: Option<PathBuf>,
     /// The steps of the first start so far (from the supervisor's own start); later starts
@@ -244,6 +250,7 @@ impl Supervisor {
             saved,
             gate,
             spare_layer: None,
+            prepared_ns: None,
             spare_dir: None,
             steps: None,
         })
@@ -305,11 +312,36 @@ impl Supervisor {
             l.discard();
         }
         self.mark("layer");
-        mountns::enter(
-            &self.spec.private_mounts,
-            &self.mounts_to_keep(),
-            &self.paths_needed(),
-        )?;
+        let needed = self.paths_needed();
+        let mut prepared = self.prepared_ns.take();
+        if prepared
+            .as_ref()
+            .is_some_and(|p| !p.fits(&self.spec.private_mounts, &needed))
+        {
+            // The adopted layer is mounted in that namespace only: unmounted before we
+            // leave it (mounted again below, in ours), never mounted twice.
+            layer::unmount_layer(&self.dir)?;
+            if let Some(p) = prepared.take() {
+                p.leave()?;
+            }
+        }
+        let binds = self
+            .spec
+            .mounts
+            .iter()
+            .any(|m| matches!(m, super::Mount::Bind { .. }));
+        match prepared {
+            // Its disks: looked up in the host's namespace, where they are mounted.
+            Some(p) if binds => p.bring(|| self.mounts_to_keep(false))?,
+            Some(_) => {}
+            None => {
+                mountns::enter(
+                    &self.spec.private_mounts,
+                    &self.mounts_to_keep(true),
+                    &needed,
+                )?;
+            }
+        }
         self.mark("mountns");
         let d = &self.dir;
         if let Some(size) = bounded {
@@ -364,9 +396,10 @@ impl Supervisor {
     }
 
     /// What of the host's this sandbox needs in its own mount namespace: its disks (bind
-    /// sources that are mounts under a private root) and a writable layer mounted on the
-    /// host (adopted from the spare, or a crashed predecessor's), which the host gives up.
-    fn mounts_to_keep(&self) -> Vec<mountns::Keep> {
+    /// sources that are mounts under a private root) and, `with_layer`, a writable layer
+    /// mounted on the host (adopted from a spare that made no namespace of its own, or a
+    /// crashed predecessor's), which the host gives up.
+    fn mounts_to_keep(&self, with_layer: bool) -> Vec<mountns::Keep> {
         let roots = &self.spec.private_mounts;
         let mut keep: Vec<mountns::Keep> = Vec::new();
         for m in &self.spec.mounts {
@@ -391,7 +424,7 @@ impl Supervisor {
             }
         }
         let layer = self.dir.join(layer::LAYER_DIR);
-        if self.spec.resources.writable_bytes.is_some() && is_mounted(&layer) {
+        if with_layer && self.spec.resources.writable_bytes.is_some() && is_mounted(&layer) {
             keep.push(mountns::Keep {
                 source: layer.clone(),
                 target: layer,
@@ -602,15 +635,17 @@ impl Supervisor {
             let mut fds = vec![self.sig_r.as_raw_fd()];
             fds.extend(run.out.as_ref().map(|f| f.as_raw_fd()));
             fds.extend(run.err.as_ref().map(|f| f.as_raw_fd()));
-            let mut timeout = 1000;
+            // No timeout while the sandbox just runs: SIGCHLD and SIGTERM reach `sig_r`, so
+            // an idle supervisor never wakes (a 1 s tick cost a node of 500 sandboxes 500
+            // wakeups a second).
+            let mut timeout: Option<i32> = None;
             if let Some(d) = self.stopping {
-                timeout =
-                    timeout.min(d.saturating_duration_since(Instant::now()).as_millis() as i32);
+                timeout = Some(d.saturating_duration_since(Instant::now()).as_millis() as i32);
             }
             if exit.is_some() {
-                timeout = timeout.min(50);
+                timeout = Some(timeout.map_or(DRAIN_POLL_MS, |t| t.min(DRAIN_POLL_MS)));
             }
-            let _ = poll_fds(&fds, timeout.max(0));
+            let _ = poll_fds(&fds, timeout.map_or(-1, |t| t.max(0)));
             self.handle_signals(Some(run.pid));
 
             for (fd, log) in [

@@ -79,6 +79,8 @@ pub fn prepare_private_roots(cfg: &AgentConfig) {
 #[derive(Clone)]
 struct Spares {
     sandboxes_dir: PathBuf,
+    /// The agent's mount roots: a spare makes its mount namespace from them while it waits.
+    private_mounts: Vec<PathBuf>,
     ready: Arc<std::sync::Mutex<std::collections::VecDeque<sandbox::Spare>>>,
 }
 
@@ -119,6 +121,9 @@ impl Spares {
             cmd.arg("supervise")
                 .arg("--sandboxes-dir")
                 .arg(&self.sandboxes_dir);
+            for root in &self.private_mounts {
+                cmd.arg("--private-mount").arg(root);
+            }
             match sandbox::spawn_spare(cmd) {
                 Ok(new) => {
                     let mut ready = self.ready();
@@ -196,15 +201,16 @@ impl SandboxService {
         net: Arc<NetService>,
         images: Arc<ImageService>,
     ) -> SandboxService {
-        let spares = Spares {
-            sandboxes_dir: cfg.data_dir.join("sandboxes"),
-            ready: Default::default(),
-        };
-        let private_mounts = private_root_dirs(&cfg)
+        let private_mounts: Vec<PathBuf> = private_root_dirs(&cfg)
             .into_iter()
             .filter_map(|d| std::fs::canonicalize(d).ok())
             .filter(|d| miren_sys::mountinfo::is_mount_point(d).unwrap_or(false))
             .collect();
+        let spares = Spares {
+            sandboxes_dir: cfg.data_dir.join("sandboxes"),
+            private_mounts: private_mounts.clone(),
+            ready: Default::default(),
+        };
         SandboxService {
             cfg,
             store,
