@@ -174,12 +174,14 @@ pub async fn create_endpoint(cfg: &NetConfig, spec: &EndpointSpec) -> Result<End
         Some(host) => host.header.index,
         None => create_veth(&handle, &key, &netns_path).await?,
     };
+    no_ipv6_on_host_side(&key)?;
     attach_host_side(&handle, host_index, bridge.header.index, &spec.owner, &key).await?;
     let matched = configure_sandbox_side(cfg, spec.ip, &netns_path, host_index).await?;
     if !matched {
         // The host veth was a leftover whose peer is not our eth0: start over.
         link::delete_index(&handle, host_index, &key).await?;
         host_index = create_veth(&handle, &key, &netns_path).await?;
+        no_ipv6_on_host_side(&key)?;
         attach_host_side(&handle, host_index, bridge.header.index, &spec.owner, &key).await?;
         if !configure_sandbox_side(cfg, spec.ip, &netns_path, host_index).await? {
             return Err(Error::InvalidEndpoint(format!(
@@ -235,6 +237,22 @@ async fn create_veth(handle: &rtnetlink::Handle, key: &str, netns_path: &Path) -
         .await?
         .map(|l| l.header.index)
         .ok_or_else(|| Error::InvalidEndpoint(format!("veth {key} vanished after creation")))
+}
+
+/// Turns IPv6 off on the host side of a veth before it comes up. The bridge carries only
+/// IPv4 (and ARP) for sandboxes, and with IPv6 every port got a link-local address, DAD and
+/// MLD, and its own `fe80::/64` and `ff00::/8` routes in the host's tables, beside those of
+/// every other port: the kernel walks a prefix's routes to add or remove one, so each veth
+/// cost more to bring up and to delete the more sandboxes ran. Nothing to do on a kernel
+/// without IPv6.
+fn no_ipv6_on_host_side(key: &str) -> Result<()> {
+    let sysctl = format!("/proc/sys/net/ipv6/conf/{key}/disable_ipv6");
+    match std::fs::write(&sysctl, b"1") {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(io_error(format!("turning IPv6 off on {key}"), e))
+        }
+        _ => Ok(()),
+    }
 }
 
 async fn attach_host_side(

@@ -33,6 +33,17 @@ async fn two_hundred_endpoints_leave_nothing_behind() {
         .iter()
         .all(|e| e.host_veth && e.netns_file && e.netns_mounted && e.owner.is_some()));
     assert_eq!(mounts_under(cfg.runtime_dir()), 200);
+    // No IPv6 on the host sides: no address, route or MLD per port in the host's tables.
+    let prefix_dash = format!("{}-", cfg.prefix());
+    let routes = std::process::Command::new("ip")
+        .args(["-6", "route", "show", "table", "all"])
+        .output()
+        .expect("ip -6 route");
+    let routes = String::from_utf8_lossy(&routes.stdout);
+    assert!(
+        !routes.contains(&prefix_dash),
+        "host veths have IPv6 routes:\n{routes}"
+    );
     // Every endpoint is in `dest`, none has a chain of its own: the 7 apps' chains are all.
     let table = nft_table("inet", cfg.prefix()).expect("inet table");
     assert_eq!(table.matches("chain to-").count(), 0);
@@ -47,7 +58,6 @@ async fn two_hundred_endpoints_leave_nothing_behind() {
     let listed = list_kernel_objects(cfg).await.expect("list");
     assert!(listed.endpoints.is_empty(), "{:?}", listed.endpoints);
     assert!(listed.bridge && listed.tables);
-    let prefix_dash = format!("{}-", cfg.prefix());
     assert!(host_links_with_prefix(&prefix_dash).is_empty());
     assert_eq!(mounts_under(cfg.runtime_dir()), 0);
     for family in ["inet", "bridge"] {
