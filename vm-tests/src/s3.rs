@@ -30,12 +30,24 @@ pub struct SeaweedFs {
     child: Option<Child>,
 }
 
-/// A base port whose block (the ports `weed mini` takes, and their gRPC twins at +10000) is free.
+/// A base port whose block (the ports `weed mini` takes, and their gRPC twins at +10000) is free,
+/// and below the kernel's ephemeral range: the server is stopped and started again on the same
+/// ports (an outage), and meanwhile any outgoing connection on the host may be given one of them.
 fn free_base_port() -> u16 {
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    // Blocks of 10 from 11000 up, twins included, below the ephemeral range.
+    let blocks = ephemeral_low.saturating_sub(11000 + 10000 + 10) / 10;
+    assert!(
+        blocks > 0,
+        "the ephemeral port range starts too low ({ephemeral_low}) for SeaweedFS's ports"
+    );
     for _ in 0..200 {
         let mut byte = [0u8; 2];
         getrandom::fill(&mut byte).expect("randomness");
-        let base = 20000 + (u16::from_le_bytes(byte) % 2000) * 10;
+        let base = 11000 + (u16::from_le_bytes(byte) % blocks) * 10;
         let all_free = (0..10)
             .flat_map(|i| [base + i, base + i + 10000])
             .all(|port| TcpListener::bind(("127.0.0.1", port)).is_ok());

@@ -122,7 +122,26 @@ pub(crate) fn remove_all(spec: &SandboxSpec) -> std::io::Result<()> {
             match fs::remove_dir(&d) {
                 Ok(()) => break,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
-                Err(e) if attempt == 49 => last = Err(e),
+                Err(e) if attempt == 49 => {
+                    // Say which cgroup and who is still in it (a task in D state, say).
+                    let left: Vec<String> = procs(&d)
+                        .iter()
+                        .map(|p| {
+                            let state = fs::read_to_string(format!("/proc/{p}/stat"))
+                                .ok()
+                                .and_then(|s| {
+                                    s.rsplit_once(") ")
+                                        .map(|(_, r)| r.chars().take(1).collect())
+                                })
+                                .unwrap_or_else(|| "?".to_string());
+                            format!("{p} ({state})")
+                        })
+                        .collect();
+                    last = Err(std::io::Error::new(
+                        e.kind(),
+                        format!("{}: {e}; tasks in it: {left:?}", d.display()),
+                    ));
+                }
                 Err(_) => std::thread::sleep(Duration::from_millis(20)),
             }
         }

@@ -658,8 +658,15 @@ impl SandboxService {
         for row in self.store.sandboxes()? {
             if row.status.in_flight() {
                 info!(sandbox = %row.name, status = %row.status, "finishing a sandbox operation cut short");
-                self.teardown(&row).await?;
-                self.store.remove_sandbox(&row.id)?;
+                // One sandbox that cannot be torn down yet (a process that does not die at
+                // once keeps its cgroup busy) must not keep the agent from starting: its row
+                // stays as it is, and the next delete of it (its owner's, or by hand) retries.
+                match self.teardown(&row).await {
+                    Ok(()) => self.store.remove_sandbox(&row.id)?,
+                    Err(e) => {
+                        warn!(sandbox = %row.name, error = %e, "tearing down a sandbox cut short failed; a delete of it retries")
+                    }
+                }
             }
         }
         // State dirs no row owns (a crash between creating the dir and the row, or after
