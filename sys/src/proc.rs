@@ -39,12 +39,30 @@ pub fn parse_groups(status: &str) -> Option<Vec<u32>> {
     )
 }
 
+/// The state letter of `pid` (field 3 of `/proc/PID/stat`: `R`, `S`, `D`, `Z`...), for
+/// saying why a process lingers; `None` when it is gone.
+pub fn state(pid: i32) -> Option<char> {
+    if pid <= 0 {
+        return None;
+    }
+    parse_state(&fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+/// The fields of a `/proc/PID/stat` line from field 3 (state) on.
+fn fields_after_comm(stat: &str) -> Option<std::str::SplitWhitespace<'_>> {
+    // comm (field 2) may contain spaces and parentheses: the fields resume after the last ')'.
+    Some(stat.get(stat.rfind(')')? + 1..)?.split_whitespace())
+}
+
+/// Field 3 (the state letter) of a `/proc/PID/stat` line.
+pub fn parse_state(stat: &str) -> Option<char> {
+    fields_after_comm(stat)?.next()?.chars().next()
+}
+
 /// Field 22 of a `/proc/PID/stat` line, or `None` for a zombie, a dead process or a bad line.
 pub fn parse_start_time(stat: &str) -> Option<u64> {
-    // comm (field 2) may contain spaces and parentheses: the fields resume after the last ')'.
-    let rest = stat.get(stat.rfind(')')? + 1..)?;
-    let mut fields = rest.split_whitespace();
-    // `rest` starts at field 3 (state); the start time is field 22.
+    let mut fields = fields_after_comm(stat)?;
+    // The fields start at field 3 (state); the start time is field 22.
     let state = fields.next()?;
     if state == "Z" || state == "X" {
         return None;
@@ -59,6 +77,14 @@ mod tests {
 
     const LINE: &str =
         "4242 (a) b (c)) S 1 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 50";
+
+    #[test]
+    fn the_state_is_the_field_after_the_command_name() {
+        assert_eq!(parse_state(LINE), Some('S'));
+        assert_eq!(parse_state("garbage"), None);
+        assert!(state(std::process::id() as i32).is_some());
+        assert_eq!(state(0), None);
+    }
 
     #[test]
     fn parses_past_a_command_name_with_parentheses_and_spaces() {

@@ -126,16 +126,7 @@ pub(crate) fn remove_all(spec: &SandboxSpec) -> std::io::Result<()> {
                     // Say which cgroup and who is still in it (a task in D state, say).
                     let left: Vec<String> = procs(&d)
                         .iter()
-                        .map(|p| {
-                            let state = fs::read_to_string(format!("/proc/{p}/stat"))
-                                .ok()
-                                .and_then(|s| {
-                                    s.rsplit_once(") ")
-                                        .map(|(_, r)| r.chars().take(1).collect())
-                                })
-                                .unwrap_or_else(|| "?".to_string());
-                            format!("{p} ({state})")
-                        })
+                        .map(|&p| format!("{p} ({})", miren_sys::proc::state(p).unwrap_or('?')))
                         .collect();
                     last = Err(std::io::Error::new(
                         e.kind(),
