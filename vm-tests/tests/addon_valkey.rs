@@ -345,8 +345,17 @@ fn kill_9_during_valkey_creates_and_destroys_converges_and_leaves_nothing() {
         );
         points += 1;
         if i % 2 == 1 {
-            let Some(victim) = known.iter().next().cloned() else {
-                continue;
+            let victim = match known.iter().next().cloned() {
+                Some(victim) => victim,
+                None => {
+                    // Every create so far was cut before its request arrived: make one
+                    // whole, so that this destroy still has something to be cut in.
+                    let spare = format!("k{i}d");
+                    agent.ok(&["addon", "create", VALKEY, "-a", &spare]);
+                    known.insert(spare.clone());
+                    converged(&agent, &mut known, &format!("create {spare} whole"));
+                    spare
+                }
             };
             kill_during(
                 &mut agent,
