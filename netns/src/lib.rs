@@ -14,6 +14,7 @@ mod host;
 mod libnft;
 mod link;
 mod nsfs;
+mod pool;
 mod rules;
 mod subnet;
 
@@ -26,7 +27,8 @@ pub use endpoint::{
 };
 pub use files::{hosts_file, resolv_conf, resolv_conf_from_host, ResolvConf};
 pub use host::{check_publish, overlaps, PublishRefused};
-pub use nsfs::ensure_netns;
+pub use nsfs::{ensure_netns, UnboundNetns};
+pub use pool::NetnsPool;
 pub use rules::{
     add_endpoint_rules, admission_change_json, apply_rules, change_admission,
     endpoint_removal_json, endpoint_rules_json, publish_switch_json, remove_endpoint_rules,

@@ -7,6 +7,7 @@
 use std::fs::{File, OpenOptions};
 use std::future::Future;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -52,12 +53,9 @@ async fn on_fresh_thread<T: Send + 'static>(
         .map_err(|_| Error::ThreadPanicked(what.to_string()))?
 }
 
-/// Makes sure `path` is a bind mount of a network namespace, creating a new
-/// namespace if it is missing. An empty file left by an interrupted call is reused.
-pub async fn ensure_netns(path: &Path) -> Result<()> {
-    if is_netns_mount(path) {
-        return Ok(());
-    }
+/// Creates the empty file a namespace is bound on (and its directory); one left by an
+/// interrupted call is reused.
+fn create_mount_point(path: &Path) -> Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)
             .map_err(|e| io_error(format!("creating {}", dir.display()), e))?;
@@ -69,6 +67,52 @@ pub async fn ensure_netns(path: &Path) -> Result<()> {
         .mode(0o444)
         .open(path)
         .map_err(|e| io_error(format!("creating {}", path.display()), e))?;
+    Ok(())
+}
+
+/// A network namespace held only by an open file: nothing on the host names it, and it
+/// ends when the file is closed (with the process that holds it, killed or not).
+#[derive(Debug)]
+pub struct UnboundNetns(File);
+
+impl UnboundNetns {
+    /// Makes a new network namespace (on a fresh thread, which exits afterwards).
+    pub async fn new() -> Result<UnboundNetns> {
+        on_fresh_thread("making a network namespace", || {
+            unshare(CloneFlags::CLONE_NEWNET).map_err(|e| io_error("unshare(CLONE_NEWNET)", e))?;
+            File::open("/proc/thread-self/ns/net")
+                .map(UnboundNetns)
+                .map_err(|e| io_error("opening /proc/thread-self/ns/net", e))
+        })
+        .await
+    }
+
+    /// Binds the namespace at `path`, which pins it from then on; a path that already is a
+    /// namespace is left as it is (and this one is dropped).
+    pub fn bind_at(self, path: &Path) -> Result<()> {
+        if is_netns_mount(path) {
+            return Ok(());
+        }
+        create_mount_point(path)?;
+        let source = format!("/proc/self/fd/{}", self.0.as_raw_fd());
+        mount(
+            Some(source.as_str()),
+            path,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(|e| io_error(format!("bind-mounting netns on {}", path.display()), e))
+    }
+}
+
+/// Makes sure `path` is a bind mount of a network namespace, creating a new
+/// namespace if it is missing. An empty file left by an interrupted call is reused.
+pub async fn ensure_netns(path: &Path) -> Result<()> {
+    if is_netns_mount(path) {
+        return Ok(());
+    }
+    create_mount_point(path)?;
     let target: PathBuf = path.to_path_buf();
     on_fresh_thread("creating a network namespace", move || {
         unshare(CloneFlags::CLONE_NEWNET).map_err(|e| io_error("unshare(CLONE_NEWNET)", e))?;

@@ -5,7 +5,7 @@ mod common;
 use common::{can_talk, host_links_with_prefix, mounts_under, nft_table, Server, TestNet};
 use miren_netns::{
     apply_rules, create_endpoint, delete_endpoint, delete_endpoint_by_key, ensure_bridge_and_table,
-    list_kernel_objects, uninstall, EndpointSpec,
+    list_kernel_objects, uninstall, EndpointSpec, NetnsPool,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -242,4 +242,59 @@ fn guard_removes_everything_when_a_test_panics() {
     assert!(nft_table("inet", cfg.prefix()).is_none());
     assert!(nft_table("bridge", cfg.prefix()).is_none());
     assert!(!cfg.runtime_dir().exists());
+}
+
+/// The namespace's inode: two paths name the same namespace when these are equal.
+fn netns_inode(path: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).expect("netns metadata").ino()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pooled_namespaces_are_distinct_carry_endpoints_and_refill() {
+    let net = TestNet::new("10.226.0.0/24");
+    let cfg = &net.cfg;
+    ensure_bridge_and_table(cfg).await.expect("ensure");
+    let pool = NetnsPool::new(2);
+    pool.fill().await.expect("fill");
+    assert_eq!(pool.ready(), 2);
+
+    let specs = [
+        EndpointSpec::new("server", "app", net.ip(2)),
+        EndpointSpec::new("client", "app", net.ip(3)),
+        EndpointSpec::new("third", "app", net.ip(4)),
+    ];
+    let mut inodes = std::collections::BTreeSet::new();
+    inodes.insert(netns_inode(std::path::Path::new("/proc/self/ns/net")));
+    let mut endpoints = Vec::new();
+    for spec in &specs {
+        let path = cfg.netns_path(&cfg.endpoint_key(&spec.owner));
+        pool.ensure_at(&path).await.expect("ensure_at");
+        // Asked again (a retried start): the namespace bound there stays.
+        let inode = netns_inode(&path);
+        pool.ensure_at(&path).await.expect("ensure_at again");
+        assert_eq!(netns_inode(&path), inode);
+        assert!(inodes.insert(inode), "{} shares a namespace", spec.owner);
+        endpoints.push(create_endpoint(cfg, spec).await.expect("endpoint"));
+    }
+    apply_rules(cfg, &specs).await.expect("rules");
+    let _listener = Server::start(&endpoints[0].netns_path, 7000);
+    assert!(can_talk(Some(&endpoints[1].netns_path), net.ip(2), 7000));
+    assert!(can_talk(Some(&endpoints[2].netns_path), net.ip(2), 7000));
+
+    // Taken spares are made again in the background.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while pool.ready() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the pool was not refilled"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    // Spares are named nowhere on the host: only the three endpoints' files are mounted.
+    assert_eq!(mounts_under(cfg.runtime_dir()), 3);
+    for spec in &specs {
+        delete_endpoint(cfg, &spec.owner).await.expect("delete");
+    }
+    assert_eq!(mounts_under(cfg.runtime_dir()), 0);
 }
