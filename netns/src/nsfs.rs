@@ -9,7 +9,7 @@ use std::future::Future;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 
 use miren_sys::unmount::WhenBusy;
@@ -88,16 +88,8 @@ impl UnboundNetns {
     }
 
     /// Binds the namespace at `path`, which pins it from then on; a path that already is a
-    /// namespace is left as it is (and this one is dropped). The mount runs off the
-    /// runtime's threads: it waits for the kernel's mount lock.
-    pub async fn bind_at(self, path: &Path) -> Result<()> {
-        let target = path.to_path_buf();
-        tokio::task::spawn_blocking(move || self.bind_blocking(&target))
-            .await
-            .map_err(|_| Error::ThreadPanicked("binding a network namespace".into()))?
-    }
-
-    fn bind_blocking(self, path: &Path) -> Result<()> {
+    /// namespace is left as it is (and this one is dropped).
+    pub fn bind_at(self, path: &Path) -> Result<()> {
         if is_netns_mount(path) {
             return Ok(());
         }
@@ -120,7 +112,20 @@ pub async fn ensure_netns(path: &Path) -> Result<()> {
     if is_netns_mount(path) {
         return Ok(());
     }
-    UnboundNetns::new().await?.bind_at(path).await
+    create_mount_point(path)?;
+    let target: PathBuf = path.to_path_buf();
+    on_fresh_thread("creating a network namespace", move || {
+        unshare(CloneFlags::CLONE_NEWNET).map_err(|e| io_error("unshare(CLONE_NEWNET)", e))?;
+        mount(
+            Some("/proc/thread-self/ns/net"),
+            &target,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(|e| io_error(format!("bind-mounting netns on {}", target.display()), e))
+    })
+    .await
 }
 
 /// Unmounts and removes a namespace file; missing or unmounted is fine.

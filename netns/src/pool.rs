@@ -67,7 +67,14 @@ impl NetnsPool {
         }
         let spare = self.lock().pop();
         match spare {
-            Some(spare) => spare.bind_at(path).await?,
+            Some(spare) => {
+                let target = path.to_path_buf();
+                tokio::task::spawn_blocking(move || spare.bind_at(&target))
+                    .await
+                    .map_err(|_| {
+                        crate::Error::ThreadPanicked("binding a network namespace".into())
+                    })??
+            }
             None => ensure_netns(path).await?,
         }
         let pool = self.clone();
