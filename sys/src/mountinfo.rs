@@ -15,10 +15,12 @@ pub struct MountEntry {
     pub read_only: bool,
 }
 
-/// Every mount of this process's mount namespace, in mountinfo order (a mount stacked over
+/// Every mount of the calling thread's mount namespace, in mountinfo order (a mount stacked over
 /// another comes after it).
 pub fn read_self() -> io::Result<Vec<MountEntry>> {
-    Ok(parse(&fs::read_to_string("/proc/self/mountinfo")?))
+    // The calling thread's namespace (a thread may have one of its own; in a process
+    // whose threads share it this is the same as /proc/self).
+    Ok(parse(&fs::read_to_string("/proc/thread-self/mountinfo")?))
 }
 
 /// True if something is mounted at exactly `path` (compared after resolving symlinks, as

@@ -4,6 +4,7 @@
 //! element behind.
 
 use std::collections::BTreeSet;
+use std::path::Path;
 use std::process::Command;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
@@ -188,6 +189,48 @@ fn assert_host_mounts(agent: &TestAgent) {
     }
 }
 
+/// Spares copy their mount namespace from the agent's template (a thread of the agent in a
+/// namespace of its own, made at start), not from the host's table with its netns file per
+/// sandbox: the template holds none of those, and each spare has a namespace of its own.
+fn assert_spares_copied_the_template(agent: &TestAgent, spare_layers: &Path, host: &str) {
+    let netns_dir = format!(" {}/", agent.run_dir.join("netns").display());
+    assert!(
+        host.lines().any(|l| l.contains(&netns_dir)),
+        "no netns mounts on the host to compare with:\n{host}"
+    );
+    let host_ns = std::fs::read_link("/proc/self/ns/mnt").unwrap();
+    let mut spare_namespaces = BTreeSet::new();
+    for entry in std::fs::read_dir(spare_layers).unwrap().flatten() {
+        let pid = entry.file_name().to_string_lossy().to_string();
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue; // taken and gone meanwhile
+        };
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).to_string())
+            .collect();
+        let template = args
+            .iter()
+            .position(|a| a == "--mount-template")
+            .and_then(|i| args.get(i + 1))
+            .unwrap_or_else(|| panic!("spare {pid} has no mount template: {args:?}"));
+        let template_ns = std::fs::read_link(template).unwrap();
+        assert_ne!(template_ns, host_ns, "the template is the host's namespace");
+        let table = std::fs::read_to_string(template.replace("/ns/mnt", "/mountinfo")).unwrap();
+        assert!(
+            !table.lines().any(|l| l.contains(&netns_dir)),
+            "the template holds netns mounts:\n{table}"
+        );
+        let own = std::fs::read_link(format!("/proc/{pid}/ns/mnt")).unwrap();
+        assert!(
+            own != template_ns && own != host_ns,
+            "spare {pid} has no namespace of its own"
+        );
+        spare_namespaces.insert(own);
+    }
+    assert!(!spare_namespaces.is_empty(), "no spare to look at");
+}
+
 #[test]
 fn many_creates_deletes_and_a_kill_9_keep_isolation_and_exact_rules() {
     let mut agent = TestAgent::start_with_busybox();
@@ -268,6 +311,8 @@ fn many_creates_deletes_and_a_kill_9_keep_isolation_and_exact_rules() {
     // mount namespace it made for its sandbox, so starts one after another wait neither for
     // a layer nor for a namespace (docs/sandbox.md "Spare supervisors"); the host's table
     // holds neither.
+    // One live sandbox, so that the host has a netns mount the spares' template must lack.
+    let last = agent.run_busybox(&["--app", "app0"], "sleep 100000");
     let spare_layers = agent.data_dir.join("spare-layers");
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -291,6 +336,7 @@ fn many_creates_deletes_and_a_kill_9_keep_isolation_and_exact_rules() {
                 !host.lines().any(|l| l.contains(&spare_dir)),
                 "the host holds a ready spare's layer: {host}"
             );
+            assert_spares_copied_the_template(&agent, &spare_layers, &host);
             break;
         }
         assert!(
@@ -308,6 +354,7 @@ fn many_creates_deletes_and_a_kill_9_keep_isolation_and_exact_rules() {
             .any(|steps| steps.contains("spare=") && steps.contains("create=")),
         "no start logged its steps"
     );
+    agent.ok(&["sandbox", "delete", &last]);
 }
 
 /// Unmounts the test's stand-in for another agent's mount, also when the test fails.

@@ -12,11 +12,12 @@ pub(crate) fn supervise(
     state_dir: Option<&Path>,
     sandboxes_dir: Option<&Path>,
     private_mounts: &[PathBuf],
+    mount_template: Option<&Path>,
 ) -> ExitCode {
     let supervised = match (state_dir, sandboxes_dir) {
         (Some(dir), _) => miren_runtime::sandbox::supervise(dir),
         (None, Some(root)) => {
-            miren_runtime::sandbox::supervise_spare(root, private_mounts).map(drop)
+            miren_runtime::sandbox::supervise_spare(root, private_mounts, mount_template).map(drop)
         }
         (None, None) => Ok(()), // refused by clap
     };

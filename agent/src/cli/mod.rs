@@ -82,6 +82,10 @@ pub enum Command {
         /// while it waits.
         #[arg(long, requires = "sandboxes_dir")]
         private_mount: Vec<PathBuf>,
+        /// A spare: the agent's mount template (`/proc/PID/task/TID/ns/mnt`), the small
+        /// namespace its own is copied from.
+        #[arg(long, requires = "sandboxes_dir")]
+        mount_template: Option<PathBuf>,
     },
     /// (internal) Run a command inside a sandbox; started by the agent for `sandbox exec`.
     #[command(hide = true)]
@@ -154,11 +158,13 @@ pub fn run(cli: Cli) -> ExitCode {
             state_dir,
             sandboxes_dir,
             private_mount,
+            mount_template,
         } => {
             return internal::supervise(
                 state_dir.as_deref(),
                 sandboxes_dir.as_deref(),
                 &private_mount,
+                mount_template.as_deref(),
             )
         }
         Command::FreezeHold { mount, max_seconds } => {

@@ -153,8 +153,36 @@ pub(crate) fn enter(
     keep: &[Keep],
     needed: &[PathBuf],
 ) -> Result<bool, SandboxError> {
+    enter_from(None, roots, keep, needed)
+}
+
+/// [`enter`], copying the namespace at `base` (a [`MountTemplate`]'s path) instead of the
+/// host's when it can be joined.
+fn enter_from(
+    base: Option<&Path>,
+    roots: &[PathBuf],
+    keep: &[Keep],
+    needed: &[PathBuf],
+) -> Result<bool, SandboxError> {
+    match make_own(base, roots, keep, needed)? {
+        Some(host_root) => {
+            let _ = HOST_ROOT.set(host_root);
+            Ok(true)
+        }
+        None => Ok(false),
+    }
+}
+
+/// The work of [`enter_from`] on the calling thread; the host's root (opened before
+/// leaving its namespace) when done, `None` when nothing was changed.
+fn make_own(
+    base: Option<&Path>,
+    roots: &[PathBuf],
+    keep: &[Keep],
+    needed: &[PathBuf],
+) -> Result<Option<OwnedFd>, SandboxError> {
     if roots.is_empty() || !roots.iter().all(|r| is_mounted(r)) {
-        return Ok(false);
+        return Ok(None);
     }
     // Parents first: a root under another is no mount of its own once that one is detached.
     let mut roots: Vec<&PathBuf> = roots.iter().collect();
@@ -165,7 +193,7 @@ pub(crate) fn enter(
             Ok(t) => root_trees.push(t),
             Err(e) => {
                 eprintln!("{e}: the sandbox uses the host's mount namespace");
-                return Ok(false);
+                return Ok(None);
             }
         }
     }
@@ -182,6 +210,12 @@ pub(crate) fn enter(
         Mode::empty(),
     )
     .map_err(|e| SandboxError::sys("open /", e))?;
+    if let Some(base) = base {
+        // What the unshare copies: the template's few mounts, not the host's table.
+        if let Err(e) = join_template(base) {
+            eprintln!("{e}: copying the host's mount table instead");
+        }
+    }
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
         .map_err(|e| SandboxError::sys("unshare a mount namespace", e))?;
     // Slave: on a host whose mounts are shared, ours still never go back.
@@ -193,7 +227,6 @@ pub(crate) fn enter(
         None::<&str>,
     )
     .map_err(|e| SandboxError::sys("make mounts slave", e))?;
-    let _ = HOST_ROOT.set(host_root);
     for (root, tree) in roots.iter().zip(&root_trees) {
         if is_mounted(root) {
             // Our copies of every mount under it go in one call.
@@ -219,7 +252,75 @@ pub(crate) fn enter(
         .map_err(|e| SandboxError::sys(format!("make {} private", root.display()), e))?;
     }
     drop_foreign_mounts(&roots, needed)?;
-    Ok(true)
+    Ok(Some(host_root))
+}
+
+fn join_template(base: &Path) -> Result<(), SandboxError> {
+    let fail = |e| SandboxError::sys(format!("join the mount template {}", base.display()), e);
+    let ns = open(base, OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty()).map_err(fail)?;
+    nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNS).map_err(fail)
+}
+
+/// A small mount namespace for spares to copy, held by a parked thread of the agent.
+///
+/// A spare's `unshare(CLONE_NEWNS)` copies the mount table of the namespace it is in, under
+/// the kernel's global mount lock, and then detaches the copies of the agent's roots again.
+/// In the host's namespace that table has a netns file per sandbox: at 500 sandboxes the copy
+/// and the detach took about 2 ms, in which every mount of a start running beside it (its
+/// container's `/proc`, `/sys`, `/dev`, `pivot_root`) waited for that lock (bench/density).
+/// The template is [`enter`]'s namespace made once, at agent start, with no sandbox mounts:
+/// the host's base mounts and the roots' top mounts. A spare joins it and copies that
+/// instead; what it then does is what it did from the host's (its roots detached and attached
+/// again from fresh clones, its layer brought in, foreign mounts dropped). The namespace
+/// goes with its thread when this is dropped or the agent exits: nothing is left on the host.
+pub struct MountTemplate {
+    path: PathBuf,
+    /// Dropping it ends the parked thread, and with it the namespace.
+    _release: std::sync::mpsc::Sender<()>,
+}
+
+impl MountTemplate {
+    /// Makes the template for `roots` (the agent's mount roots, from
+    /// [`prepare_private_roots`]); `Ok(None)` when spares could not use one (no roots, or
+    /// they are not mount roots), in which case they copy the host's table as before.
+    pub fn new(roots: &[PathBuf]) -> Result<Option<MountTemplate>, SandboxError> {
+        if roots.is_empty() {
+            return Ok(None);
+        }
+        let roots = roots.to_vec();
+        let (made_tx, made_rx) = std::sync::mpsc::channel();
+        let (release, parked) = std::sync::mpsc::channel::<()>();
+        std::thread::Builder::new()
+            .name("miren-mnt-template".into())
+            .stack_size(64 * 1024)
+            .spawn(move || {
+                // This thread only: unshare gives it its own mount namespace and root.
+                let made = make_own(None, &roots, &[], &[]).map(|own| own.is_some());
+                let keep = matches!(made, Ok(true));
+                let _ = made_tx.send(made.map(|m| m.then(nix::unistd::gettid)));
+                if keep {
+                    // Until the template is dropped (the sender goes) or the agent exits.
+                    let _ = parked.recv();
+                }
+            })
+            .map_err(|e| SandboxError::io("start the mount template's thread", e))?;
+        let made = made_rx
+            .recv()
+            .map_err(|_| SandboxError::StartFailed("the mount template's thread died".into()))?;
+        Ok(made?.map(|tid| MountTemplate {
+            path: PathBuf::from(format!(
+                "/proc/{}/task/{}/ns/mnt",
+                std::process::id(),
+                tid.as_raw()
+            )),
+            _release: release,
+        }))
+    }
+
+    /// Where a spare joins it (`/proc/PID/task/TID/ns/mnt`).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
 }
 
 /// A mount namespace a spare supervisor made with [`prepare`] while it waited for a
@@ -253,9 +354,13 @@ fn join_mount_ns(ns: &OwnedFd, which: &str) -> Result<(), SandboxError> {
 /// [`enter`] ahead of any sandbox, from a spare: `roots` (the agent's mount roots) and
 /// `keep` (the spare's layer). `Ok(None)` when the namespace cannot be made (see [`enter`]):
 /// the start then makes it. An error leaves this process in a state no sandbox may use.
-pub(crate) fn prepare(roots: &[PathBuf], keep: &[Keep]) -> Result<Option<Prepared>, SandboxError> {
+pub(crate) fn prepare(
+    roots: &[PathBuf],
+    keep: &[Keep],
+    template: Option<&Path>,
+) -> Result<Option<Prepared>, SandboxError> {
     let host_ns = open_mount_ns()?;
-    if !enter(roots, keep, &[])? {
+    if !enter_from(template, roots, keep, &[])? {
         return Ok(None);
     }
     Ok(Some(Prepared {

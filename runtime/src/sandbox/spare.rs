@@ -25,9 +25,12 @@ fn set_nice(nice: i32) -> bool {
 /// (and the `CLOCK_MONOTONIC` nanoseconds at which it was handed over, after a space),
 /// then goes on as [`supervise`] (stdin stays the start gate). `Ok(false)` when stdin
 /// closed first: the agent is gone or no longer needs this spare.
+/// `mount_template`: a [`super::MountTemplate`]'s path, the namespace the spare copies its
+/// own from (the host's when it is `None` or cannot be joined).
 pub fn supervise_spare(
     sandboxes_dir: &Path,
     private_mounts: &[PathBuf],
+    mount_template: Option<&Path>,
 ) -> Result<bool, SandboxError> {
     // Made while nobody waits for this spare; see `SpareLayer`. At a low priority: the spare
     // is exec'd right after a start, and its mkfs must not take the CPU from that sandbox's
@@ -52,7 +55,7 @@ pub fn supervise_spare(
                 take: true,
             })
             .collect();
-        mountns::prepare(private_mounts, &keep)
+        mountns::prepare(private_mounts, &keep, mount_template)
     };
     let prepared = match prepared {
         Ok(p) if restored => p,

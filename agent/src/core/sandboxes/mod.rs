@@ -81,6 +81,9 @@ struct Spares {
     sandboxes_dir: PathBuf,
     /// The agent's mount roots: a spare makes its mount namespace from them while it waits.
     private_mounts: Vec<PathBuf>,
+    /// The small namespace a spare copies its own from (instead of the host's table, which
+    /// has a netns file per sandbox); `None`: the host's.
+    mount_template: Option<Arc<sandbox::MountTemplate>>,
     ready: Arc<std::sync::Mutex<std::collections::VecDeque<sandbox::Spare>>>,
 }
 
@@ -123,6 +126,9 @@ impl Spares {
                 .arg(&self.sandboxes_dir);
             for root in &self.private_mounts {
                 cmd.arg("--private-mount").arg(root);
+            }
+            if let Some(template) = &self.mount_template {
+                cmd.arg("--mount-template").arg(template.path());
             }
             match sandbox::spawn_spare(cmd) {
                 Ok(new) => {
@@ -206,9 +212,17 @@ impl SandboxService {
             .filter_map(|d| std::fs::canonicalize(d).ok())
             .filter(|d| miren_sys::mountinfo::is_mount_point(d).unwrap_or(false))
             .collect();
+        let mount_template = match sandbox::MountTemplate::new(&private_mounts) {
+            Ok(t) => t.map(Arc::new),
+            Err(e) => {
+                warn!(error = %e, "no mount template: spares copy the host's mount table");
+                None
+            }
+        };
         let spares = Spares {
             sandboxes_dir: cfg.data_dir.join("sandboxes"),
             private_mounts: private_mounts.clone(),
+            mount_template,
             ready: Default::default(),
         };
         SandboxService {
