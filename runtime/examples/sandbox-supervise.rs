@@ -9,7 +9,8 @@ fn main() -> ExitCode {
     let supervised = match args.as_slice() {
         [flag, root, private_mounts @ ..] if flag == "--spare" => {
             let private_mounts: Vec<PathBuf> = private_mounts.iter().map(PathBuf::from).collect();
-            miren_runtime::sandbox::supervise_spare(Path::new(root), &private_mounts).map(drop)
+            miren_runtime::sandbox::supervise_spare(Path::new(root), &private_mounts, None)
+                .map(drop)
         }
         [dir] => miren_runtime::sandbox::supervise(Path::new(dir)),
         _ => {
