@@ -82,6 +82,7 @@ pub async fn ensure_bridge_and_table(cfg: &NetConfig) -> Result<()> {
         None => {
             let message = LinkBridge::new(&name)
                 .address(bridge_mac(cfg.prefix()))
+                .mcast_snooping(false)
                 .build();
             match handle.link().add(message).execute().await {
                 Ok(()) => {}
@@ -139,6 +140,14 @@ pub async fn ensure_bridge_and_table(cfg: &NetConfig) -> Result<()> {
     write_sysctl(&format!("{conf}/proxy_arp_pvlan"), "1")?;
     write_sysctl(&format!("/proc/sys/net/ipv4/neigh/{name}/proxy_delay"), "0")?;
     write_sysctl(&format!("{conf}/send_redirects"), "0")?;
+    // No IGMP/MLD snooping (also on a bridge made before this was set at creation): ports
+    // are isolated, so no multicast goes from one to another anyway, and with it on the
+    // kernel keeps query timers and multicast state per port and walks every port's on
+    // each port added or removed (bench/density, docs/netns.md).
+    write_sysctl(
+        &format!("/sys/class/net/{name}/bridge/multicast_snooping"),
+        "0",
+    )?;
     rules::ensure_tables(cfg).await
 }
 

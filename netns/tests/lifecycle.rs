@@ -85,6 +85,12 @@ async fn create_and_delete_are_idempotent_and_complete_half_made_endpoints() {
     let cfg = &net.cfg;
     ensure_bridge_and_table(cfg).await.expect("ensure");
     ensure_bridge_and_table(cfg).await.expect("ensure twice");
+    // Ports are isolated: the bridge snoops no multicast (no per-port query state).
+    let snooping = format!(
+        "/sys/class/net/{}/bridge/multicast_snooping",
+        cfg.bridge_name()
+    );
+    assert_eq!(std::fs::read_to_string(&snooping).unwrap().trim(), "0");
     let server_spec = EndpointSpec::new("server", "app", net.ip(2));
     let client_spec = EndpointSpec::new("client", "app", net.ip(3));
     let server = create_endpoint(cfg, &server_spec).await.expect("server");
