@@ -103,6 +103,20 @@ pub fn make_filesystem(fs: Filesystem, device: &Path) -> Result<(), DiskError> {
     )
 }
 
+/// [`make_filesystem`] for a filesystem that is never grown (a sandbox's writable layer):
+/// ext4 then reserves no group descriptor blocks for online growth (`resize_inode`), which
+/// mkfs would otherwise write out as zeros: 508 KB of the 664 KB it writes for a 1 GiB
+/// image, the largest part of a start's disk writes on a node making one layer a start.
+pub fn make_fixed_size_filesystem(fs: Filesystem, device: &Path) -> Result<(), DiskError> {
+    let (tool, args) = fs.mkfs();
+    let mut cmd = Command::new(tool);
+    cmd.args(args);
+    if fs == Filesystem::Ext4 {
+        cmd.args(["-O", "^resize_inode"]);
+    }
+    run(tool, fs.package(), cmd.arg(device), device)
+}
+
 /// Grows a mounted filesystem to fill its (already grown) device.
 pub fn grow_filesystem(fs: Filesystem, device: &Path, mount_path: &Path) -> Result<(), DiskError> {
     match fs {
@@ -201,6 +215,47 @@ fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What a fixed-size ext4 leaves out, and what it writes, against a growable one.
+    #[test]
+    fn fixed_size_ext4_reserves_no_growth_blocks_and_writes_less() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = std::env::temp_dir().join(format!("miren-fixed-fs-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let formatted = |name: &str, fixed: bool| {
+            let image = dir.join(name);
+            crate::create_sparse_image(&image, 1 << 30).unwrap();
+            if fixed {
+                make_fixed_size_filesystem(Filesystem::Ext4, &image).unwrap();
+            } else {
+                make_filesystem(Filesystem::Ext4, &image).unwrap();
+            }
+            let out = Command::new("dumpe2fs")
+                .arg("-h")
+                .arg(&image)
+                .output()
+                .unwrap();
+            let header = String::from_utf8_lossy(&out.stdout).to_string();
+            let allocated = std::fs::metadata(&image).unwrap().blocks() * 512;
+            (header, allocated)
+        };
+        let (growable, growable_bytes) = formatted("growable.img", false);
+        let (fixed, fixed_bytes) = formatted("fixed.img", true);
+        std::fs::remove_dir_all(&dir).unwrap();
+        let features = |h: &str| {
+            h.lines()
+                .find(|l| l.starts_with("Filesystem features:"))
+                .unwrap_or_default()
+                .to_string()
+        };
+        assert!(features(&growable).contains("resize_inode"), "{growable}");
+        assert!(!features(&fixed).contains("resize_inode"), "{fixed}");
+        assert!(features(&fixed).contains("has_journal"), "{fixed}");
+        assert!(
+            fixed_bytes + 256 * 1024 < growable_bytes,
+            "fixed {fixed_bytes} B, growable {growable_bytes} B"
+        );
+    }
 
     #[test]
     fn parses_filesystems() {

@@ -14,7 +14,9 @@ mod mounts;
 mod name;
 
 pub use error::DiskError;
-pub use filesystem::{grow_ext4_offline, grow_filesystem, make_filesystem, Filesystem};
+pub use filesystem::{
+    grow_ext4_offline, grow_filesystem, make_filesystem, make_fixed_size_filesystem, Filesystem,
+};
 pub use image::{
     allocated_bytes, create_sparse_image, extend_image, remove_image, roll_back_image_size,
 };

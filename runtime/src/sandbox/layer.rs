@@ -51,7 +51,8 @@ fn mount_timed(
         let _ = fs::remove_file(&partial);
         miren_disks::create_sparse_image(&partial, size_bytes).map_err(disk_error)?;
         steps.mark("layer.image");
-        miren_disks::make_filesystem(Filesystem::Ext4, &partial).map_err(disk_error)?;
+        // Never grown: no blocks reserved (and written) for growth.
+        miren_disks::make_fixed_size_filesystem(Filesystem::Ext4, &partial).map_err(disk_error)?;
         steps.mark("layer.mkfs");
         fs::rename(&partial, &image)
             .map_err(|e| SandboxError::io(format!("rename {}", image.display()), e))?;
