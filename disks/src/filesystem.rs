@@ -94,13 +94,7 @@ impl FromStr for Filesystem {
 
 /// Formats `device`. Called exactly once per disk, before its first mount.
 pub fn make_filesystem(fs: Filesystem, device: &Path) -> Result<(), DiskError> {
-    let (tool, args) = fs.mkfs();
-    run(
-        tool,
-        fs.package(),
-        Command::new(tool).args(args).arg(device),
-        device,
-    )
+    format(fs, device, &[])
 }
 
 /// [`make_filesystem`] for a filesystem that is never grown (a sandbox's writable layer):
@@ -108,13 +102,22 @@ pub fn make_filesystem(fs: Filesystem, device: &Path) -> Result<(), DiskError> {
 /// mkfs would otherwise write out as zeros: 508 KB of the 664 KB it writes for a 1 GiB
 /// image, the largest part of a start's disk writes on a node making one layer a start.
 pub fn make_fixed_size_filesystem(fs: Filesystem, device: &Path) -> Result<(), DiskError> {
+    let no_growth: &[&str] = match fs {
+        Filesystem::Ext4 => &["-O", "^resize_inode"],
+        Filesystem::Xfs | Filesystem::Btrfs => &[],
+    };
+    format(fs, device, no_growth)
+}
+
+/// Runs `fs`'s mkfs with its options and `extra` on `device`.
+fn format(fs: Filesystem, device: &Path, extra: &[&str]) -> Result<(), DiskError> {
     let (tool, args) = fs.mkfs();
-    let mut cmd = Command::new(tool);
-    cmd.args(args);
-    if fs == Filesystem::Ext4 {
-        cmd.args(["-O", "^resize_inode"]);
-    }
-    run(tool, fs.package(), cmd.arg(device), device)
+    run(
+        tool,
+        fs.package(),
+        Command::new(tool).args(args).args(extra).arg(device),
+        device,
+    )
 }
 
 /// Grows a mounted filesystem to fill its (already grown) device.

@@ -1,4 +1,4 @@
-//! `/proc/self/mountinfo`, parsed once for every crate.
+//! `/proc/thread-self/mountinfo`, parsed once for every crate.
 
 use std::ffi::OsString;
 use std::fs;
