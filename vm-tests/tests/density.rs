@@ -4,7 +4,7 @@
 //! element behind.
 
 use std::collections::BTreeSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
@@ -231,6 +231,43 @@ fn assert_spares_copied_the_template(agent: &TestAgent, spare_layers: &Path, hos
     assert!(!spare_namespaces.is_empty(), "no spare to look at");
 }
 
+/// The UUID in the ext4 superblock of `image` (`dumpe2fs -h`; fine on a mounted image).
+fn ext4_uuid(image: &Path) -> String {
+    let out = Command::new("dumpe2fs")
+        .arg("-h")
+        .arg(image)
+        .output()
+        .unwrap();
+    let header = String::from_utf8_lossy(&out.stdout);
+    header
+        .lines()
+        .find_map(|l| l.strip_prefix("Filesystem UUID:"))
+        .unwrap_or_else(|| panic!("no ext4 superblock in {}: {header}", image.display()))
+        .trim()
+        .to_string()
+}
+
+/// Spares no longer run mkfs for their layers: one template is formatted (fixed size) and
+/// each spare's layer is a copy of its blocks, so it carries the template's UUID.
+fn assert_spare_layers_are_copies_of_one_formatted_template(spare_layers: &Path) {
+    let templates: Vec<PathBuf> = std::fs::read_dir(spare_layers.join("template"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(templates.len(), 1, "templates: {templates:?}");
+    let template_uuid = ext4_uuid(&templates[0]);
+    let mut copies = 0;
+    for entry in std::fs::read_dir(spare_layers).unwrap().flatten() {
+        let image = entry.path().join("layer.img");
+        if entry.file_name() != "template" && image.exists() {
+            assert_eq!(ext4_uuid(&image), template_uuid, "{}", image.display());
+            copies += 1;
+        }
+    }
+    assert!(copies > 0, "no spare layer to look at");
+}
+
 #[test]
 fn many_creates_deletes_and_a_kill_9_keep_isolation_and_exact_rules() {
     let mut agent = TestAgent::start_with_busybox();
@@ -337,6 +374,7 @@ fn many_creates_deletes_and_a_kill_9_keep_isolation_and_exact_rules() {
                 "the host holds a ready spare's layer: {host}"
             );
             assert_spares_copied_the_template(&agent, &spare_layers, &host);
+            assert_spare_layers_are_copies_of_one_formatted_template(&spare_layers);
             break;
         }
         assert!(
