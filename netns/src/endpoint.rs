@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use futures::TryStreamExt;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
-use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute};
+use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkMessage};
 use rtnetlink::{
     LinkBridge, LinkBridgePort, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder,
 };
@@ -184,14 +184,14 @@ pub async fn create_endpoint(cfg: &NetConfig, spec: &EndpointSpec) -> Result<End
         None => create_veth(&handle, &key, &netns_path).await?,
     };
     no_ipv6_on_host_side(&key)?;
-    attach_host_side(&handle, host_index, bridge.header.index, &spec.owner, &key).await?;
+    attach_host_side(&handle, host_index, &bridge, &spec.owner, &key).await?;
     let matched = configure_sandbox_side(cfg, spec.ip, &netns_path, host_index).await?;
     if !matched {
         // The host veth was a leftover whose peer is not our eth0: start over.
         link::delete_index(&handle, host_index, &key).await?;
         host_index = create_veth(&handle, &key, &netns_path).await?;
         no_ipv6_on_host_side(&key)?;
-        attach_host_side(&handle, host_index, bridge.header.index, &spec.owner, &key).await?;
+        attach_host_side(&handle, host_index, &bridge, &spec.owner, &key).await?;
         if !configure_sandbox_side(cfg, spec.ip, &netns_path, host_index).await? {
             return Err(Error::InvalidEndpoint(format!(
                 "{SANDBOX_IFNAME} in {} is not the peer of {key}",
@@ -267,21 +267,24 @@ fn no_ipv6_on_host_side(key: &str) -> Result<()> {
 async fn attach_host_side(
     handle: &rtnetlink::Handle,
     index: u32,
-    bridge_index: u32,
+    bridge: &LinkMessage,
     owner: &str,
     key: &str,
 ) -> Result<()> {
     let message = LinkUnspec::new_with_index(index)
-        .controller(bridge_index)
+        .controller(bridge.header.index)
         .up()
         .append_extra_attribute(LinkAttribute::IfAlias(owner.to_string()))
         .build();
-    handle
-        .link()
-        .set(message)
-        .execute()
-        .await
-        .map_err(netlink_error(format!("attaching {key} to the bridge")))?;
+    match handle.link().set(message).execute().await {
+        Ok(()) => {}
+        Err(e) if link::errno(&e) == Some(libc::EXFULL) => {
+            return Err(Error::BridgeFull(
+                link::name(bridge).unwrap_or_default().to_string(),
+            ))
+        }
+        Err(e) => return Err(netlink_error(format!("attaching {key} to the bridge"))(e)),
+    }
     // Isolated ports cannot reach each other at layer 2; only the host.
     handle
         .link()

@@ -304,3 +304,85 @@ async fn pooled_namespaces_are_distinct_carry_endpoints_and_refill() {
     }
     assert_eq!(mounts_under(cfg.runtime_dir()), 0);
 }
+
+/// Ports `<prefix>-fNNNN` on the bridge (host-side veth pairs with `<prefix>-gNNNN`; this
+/// kernel has no dummy links), removed on drop.
+struct Filler {
+    names: Vec<String>,
+}
+
+impl Filler {
+    /// Fills `bridge` with `ports` ports (one `ip -batch`).
+    fn new(prefix: &str, bridge: &str, ports: usize) -> Filler {
+        let names: Vec<String> = (0..ports).map(|i| format!("{prefix}-f{i:04}")).collect();
+        let filler = Filler { names };
+        let batch: String = filler
+            .names
+            .iter()
+            .map(|n| {
+                let peer = n.replace("-f", "-g");
+                format!("link add {n} type veth peer name {peer}\nlink set {n} master {bridge}\n")
+            })
+            .collect();
+        assert!(filler.batch(&batch), "ip -batch could not fill {bridge}");
+        filler
+    }
+
+    /// Runs `commands` through `ip -force -batch`; whether all of them succeeded.
+    fn batch(&self, commands: &str) -> bool {
+        use std::io::Write;
+        let mut ip = std::process::Command::new("ip")
+            .args(["-force", "-batch", "-"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .expect("ip -batch");
+        ip.stdin
+            .take()
+            .expect("stdin")
+            .write_all(commands.as_bytes())
+            .expect("write the batch");
+        ip.wait().expect("ip -batch ran").success()
+    }
+}
+
+impl Drop for Filler {
+    fn drop(&mut self) {
+        let batch: String = self
+            .names
+            .iter()
+            .map(|n| format!("link delete {n}\n"))
+            .collect();
+        let _ = self.batch(&batch);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_bridge_is_named_with_its_limit_and_the_endpoint_leaves_nothing() {
+    let net = TestNet::new("10.233.8.0/24");
+    let cfg = &net.cfg;
+    ensure_bridge_and_table(cfg).await.expect("ensure");
+    // The kernel's limit: 1023 ports on one bridge (port number 0 is reserved).
+    let filler = Filler::new(cfg.prefix(), &cfg.bridge_name(), 1023);
+    let spec = EndpointSpec::new(
+        "sandbox-one-too-many".to_string(),
+        "app".to_string(),
+        net.ip(2),
+    );
+    let err = create_endpoint(cfg, &spec)
+        .await
+        .expect_err("a 1024th port");
+    assert!(matches!(err, miren_netns::Error::BridgeFull(_)), "{err:?}");
+    let text = err.to_string();
+    assert!(
+        text.contains("1023 ports") && text.contains("another agent"),
+        "{text}"
+    );
+    delete_endpoint(cfg, &spec.owner).await.expect("delete");
+    drop(filler);
+    let prefix_dash = format!("{}-", cfg.prefix());
+    assert!(host_links_with_prefix(&prefix_dash).is_empty());
+    assert_eq!(mounts_under(cfg.runtime_dir()), 0);
+    // With room again, the same endpoint is made.
+    create_endpoint(cfg, &spec).await.expect("create");
+    delete_endpoint(cfg, &spec.owner).await.expect("delete");
+}

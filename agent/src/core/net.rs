@@ -57,6 +57,11 @@ impl From<netns::Error> for Error {
                 "subnet_exhausted",
                 err.to_string(),
             ),
+            netns::Error::BridgeFull(_) => Error::new(
+                crate::core::error::ErrorKind::NoSpace,
+                "bridge_full",
+                err.to_string(),
+            ),
             netns::Error::InvalidEndpoint(_) | netns::Error::InvalidSubnet(_) => {
                 Error::invalid(err.to_string())
             }
