@@ -300,7 +300,9 @@ impl NetService {
         Ok(())
     }
 
-    fn next_address(&self, last: Option<Ipv4Addr>, used: &HashSet<Ipv4Addr>) -> Option<Ipv4Addr> {
+    /// Every assignable address of the subnet once, starting after `last` (the last one
+    /// handed out) and wrapping around.
+    fn addresses_after(&self, last: Option<Ipv4Addr>) -> impl Iterator<Item = Ipv4Addr> {
         let subnet = self.cfg.subnet();
         let (first, end) = subnet.usable_range();
         let (first, end) = (u32::from(first), u32::from(end));
@@ -310,8 +312,8 @@ impl NetService {
             .filter(|l| (first..=end).contains(l))
             .map_or(first, |l| if l == end { first } else { l + 1 });
         (0..span)
-            .map(|i| Ipv4Addr::from(first + (start - first + i) % span))
-            .find(|ip| subnet.is_assignable(*ip) && !used.contains(ip))
+            .map(move |i| Ipv4Addr::from(first + (start - first + i) % span))
+            .filter(move |ip| subnet.is_assignable(*ip))
     }
 
     pub async fn create(&self, req: &CreateEndpoint) -> Result<Endpoint, Error> {
@@ -378,9 +380,7 @@ impl NetService {
         let subnet_key = self.cfg.subnet().to_string();
         let row = self
             .store
-            .insert_creating_endpoint(&wanted, &subnet_key, |last, used| {
-                self.next_address(last, used)
-            })?;
+            .insert_creating_endpoint(&wanted, &subnet_key, |last| self.addresses_after(last))?;
         Ok(ReservedEndpoint {
             endpoint: self.view(&row),
             row,
