@@ -55,7 +55,8 @@ pub enum Error {
     InvalidEndpoint(String),
     #[error("bridge {0} does not exist; call ensure_bridge_and_table first")]
     BridgeMissing(String),
-    /// The kernel's limit on a bridge's ports (`BR_MAX_PORTS` is 1024 and port 0 is reserved: 1023) is reached.
+    /// The kernel's limit on a bridge's ports is reached: `BR_MAX_PORTS` is 1024 and port
+    /// number 0 is reserved, so 1023.
     #[error("bridge {0} has 1023 ports, the most the kernel allows: this agent holds at most 1023 sandboxes with a network endpoint; delete some, or run another agent with its own --prefix and --subnet")]
     BridgeFull(String),
     #[error("interface {name} belongs to owner {found:?}, not {wanted:?} (name hash collision)")]

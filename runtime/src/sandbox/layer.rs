@@ -184,7 +184,8 @@ impl SpareLayer {
             Ok(()) => Some(spare),
             Err(e) => {
                 eprintln!("spare layer: {e}");
-                // A bad template would fail every spare after this one.
+                // A bad template would fail every spare after this one; whatever failed, the
+                // next spare formats a new one (one mkfs).
                 remove_template(&templates, size_bytes);
                 spare.discard();
                 None
