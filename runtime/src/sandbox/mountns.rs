@@ -188,16 +188,9 @@ fn make_own(
     // Parents first: a root under another is no mount of its own once that one is detached.
     let mut roots: Vec<&PathBuf> = roots.iter().collect();
     roots.sort_by_key(|r| r.components().count());
-    let mut root_trees = Vec::new();
-    for root in &roots {
-        match clone_mount(root, false) {
-            Ok(t) => root_trees.push(t),
-            Err(e) => {
-                eprintln!("{e}: the sandbox uses the host's mount namespace");
-                return Ok(None);
-            }
-        }
-    }
+    let Some(root_trees) = clone_roots(base, &roots)? else {
+        return Ok(None);
+    };
     let mut kept = Vec::new();
     for k in keep {
         kept.push(clone_mount(&k.source, true)?);
@@ -254,6 +247,36 @@ fn make_own(
     }
     drop_foreign_mounts(&roots, needed)?;
     Ok(Some(host_root))
+}
+
+/// Clones of the top mounts of `roots`; `None`, with a word why, if one cannot be made.
+/// Taken in the namespace at `base` (the template) when it can be joined, and we are back in
+/// ours when this returns: a clone checks every mount under the one it clones
+/// (`has_locked_children`), and the host's netns root has one per sandbox where the
+/// template's has none (0.4 ms of each spare at 1000 sandboxes).
+fn clone_roots(
+    base: Option<&Path>,
+    roots: &[&PathBuf],
+) -> Result<Option<Vec<OwnedFd>>, SandboxError> {
+    let ours = match base {
+        Some(base) => {
+            let ours = open_mount_ns()?;
+            join_template(base).is_ok().then_some(ours)
+        }
+        None => None,
+    };
+    let trees: Result<Vec<OwnedFd>, SandboxError> =
+        roots.iter().map(|root| clone_mount(root, false)).collect();
+    if let Some(ours) = &ours {
+        join_mount_ns(ours, "host's")?;
+    }
+    match trees {
+        Ok(trees) => Ok(Some(trees)),
+        Err(e) => {
+            eprintln!("{e}: the sandbox uses the host's mount namespace");
+            Ok(None)
+        }
+    }
 }
 
 fn join_template(base: &Path) -> Result<(), SandboxError> {
