@@ -16,7 +16,8 @@
 //! A spare supervisor makes this namespace while it waits ([`prepare`]), with its layer in
 //! it; the start only brings in its disks ([`Prepared::bring`]), so the unshare is off the
 //! start's path. It copies the agent's small [`MountTemplate`] rather than the host's whole
-//! table (a netns file per sandbox), whose copy held the mount lock a start waits for.
+//! table (a netns file per sandbox), whose copy held the mount lock a start waits for, and
+//! clones the roots there too ([`clone_roots`]).
 
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
