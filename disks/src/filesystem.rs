@@ -223,10 +223,13 @@ mod tests {
     #[test]
     fn fixed_size_ext4_reserves_no_growth_blocks_and_writes_less() {
         use std::os::unix::fs::MetadataExt;
-        let dir = std::env::temp_dir().join(format!("miren-fixed-fs-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        // Removed on drop, also when an assertion fails.
+        let dir = tempfile::Builder::new()
+            .prefix("mrtst-fixed-fs")
+            .tempdir()
+            .unwrap();
         let formatted = |name: &str, fixed: bool| {
-            let image = dir.join(name);
+            let image = dir.path().join(name);
             crate::create_sparse_image(&image, 1 << 30).unwrap();
             if fixed {
                 make_fixed_size_filesystem(Filesystem::Ext4, &image).unwrap();
@@ -244,7 +247,6 @@ mod tests {
         };
         let (growable, growable_bytes) = formatted("growable.img", false);
         let (fixed, fixed_bytes) = formatted("fixed.img", true);
-        std::fs::remove_dir_all(&dir).unwrap();
         let features = |h: &str| {
             h.lines()
                 .find(|l| l.starts_with("Filesystem features:"))

@@ -168,13 +168,11 @@ impl SpareLayer {
     /// Makes one for the sandboxes dir `sandboxes_dir`; None (and nothing left) if it fails:
     /// the start then makes its layer itself.
     pub(crate) fn make(sandboxes_dir: &Path, size_bytes: u64) -> Option<SpareLayer> {
-        let parent = sandboxes_dir.parent()?;
-        let dir = parent
-            .join(SPARE_LAYERS_DIR)
-            .join(std::process::id().to_string());
+        let spare_layers = sandboxes_dir.parent()?.join(SPARE_LAYERS_DIR);
+        let dir = spare_layers.join(std::process::id().to_string());
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).ok()?;
-        let templates = parent.join(SPARE_LAYERS_DIR).join(TEMPLATES_DIR);
+        let templates = spare_layers.join(TEMPLATES_DIR);
         let mut spare = SpareLayer {
             dir,
             size_bytes,
