@@ -623,6 +623,33 @@ fn pids_cpus_tmpfs_and_local_storage() {
     })
     .unwrap_or_default();
     assert_eq!(quota.trim(), "50000", "cpu quota");
+    let sandbox_id = s["id"].as_str().unwrap();
+    // The quota is over the kernel's default period, which is left as it is.
+    for cpu in ["cpu,cpuacct", "cpu"] {
+        let period = Path::new("/sys/fs/cgroup")
+            .join(cpu)
+            .join(&agent.prefix)
+            .join(sandbox_id)
+            .join("cpu.cfs_period_us");
+        if let Ok(period) = fs::read_to_string(period) {
+            assert_eq!(period.trim(), "100000", "cpu period");
+        }
+    }
+    // The v1 cpuset parent hands the host's CPUs and memory nodes to each sandbox cgroup
+    // as the kernel makes it, so no start writes them (docs/sandbox.md "Cost").
+    let cpuset = Path::new("/sys/fs/cgroup/cpuset");
+    if cpuset.join("cpuset.cpus").exists() {
+        let read = |p: &Path| fs::read_to_string(p).unwrap().trim().to_string();
+        let parent = cpuset.join(&agent.prefix);
+        assert_eq!(read(&parent.join("cgroup.clone_children")), "1");
+        for file in ["cpuset.cpus", "cpuset.mems"] {
+            assert_eq!(
+                read(&parent.join(sandbox_id).join(file)),
+                read(&cpuset.join(file)),
+                "{file}"
+            );
+        }
+    }
     let local = agent.json(&["debug", "disk", "local", "-a", "site", "--json"]);
     let shared = Path::new(local["mount_path"].as_str().unwrap()).join("shared");
     assert_eq!(fs::read_to_string(shared).unwrap(), "from-sandbox\n");

@@ -20,6 +20,51 @@ pub(crate) fn cgroups_path(spec: &SandboxSpec) -> String {
     format!("/{}/{}", spec.cgroup_prefix, spec.id)
 }
 
+/// Makes the v1 cpuset parent of every sandbox (`<prefix>`) hand its CPUs and memory nodes
+/// to each child cgroup as the kernel creates it (`cgroup.clone_children`). Without it,
+/// libcgroups writes `cpuset.cpus` and `cpuset.mems` into each new sandbox cgroup, and the
+/// kernel checks each such write against every sibling cpuset (`validate_change`) and then
+/// rebuilds the scheduler's domains over every cpuset on the host: work that grows with
+/// the number of sandboxes, on each start's path. With the values already there libcgroups
+/// leaves them alone. Idempotent; called at agent start. Nothing to do without a v1 cpuset
+/// hierarchy (pure cgroup2 has no per-child copy).
+pub fn prepare_parent(prefix: &str) -> std::io::Result<()> {
+    use std::io::{Error, ErrorKind};
+    let root = Path::new(ROOT).join("cpuset");
+    if pure_v2() || !root.join("cpuset.cpus").exists() {
+        return Ok(());
+    }
+    let mut dir = root;
+    for component in Path::new(prefix).components() {
+        let std::path::Component::Normal(name) = component else {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!("cgroup prefix {prefix:?} must be relative names only"),
+            ));
+        };
+        let parent = dir.clone();
+        dir.push(name);
+        match fs::create_dir(&dir) {
+            Err(e) if e.kind() != ErrorKind::AlreadyExists => return Err(with_path(&dir, e)),
+            _ => {}
+        }
+        // A cpuset with no CPUs or memory nodes takes no tasks (and hands nothing down).
+        for file in ["cpuset.cpus", "cpuset.mems"] {
+            let own = fs::read_to_string(dir.join(file)).map_err(|e| with_path(&dir, e))?;
+            if own.trim().is_empty() {
+                let inherited =
+                    fs::read_to_string(parent.join(file)).map_err(|e| with_path(&parent, e))?;
+                fs::write(dir.join(file), inherited.trim()).map_err(|e| with_path(&dir, e))?;
+            }
+        }
+    }
+    fs::write(dir.join("cgroup.clone_children"), "1").map_err(|e| with_path(&dir, e))
+}
+
+fn with_path(path: &Path, e: std::io::Error) -> std::io::Error {
+    std::io::Error::new(e.kind(), format!("{}: {e}", path.display()))
+}
+
 /// True if /sys/fs/cgroup is itself a cgroup2 mount (pure v2 host).
 fn pure_v2() -> bool {
     Path::new(ROOT).join("cgroup.controllers").exists()

@@ -18,7 +18,9 @@ mod spec;
 mod status;
 mod supervisor;
 
-pub use cgroup::prime_migrations as prime_cgroup_migrations;
+pub use cgroup::{
+    prepare_parent as prepare_cgroup_parent, prime_migrations as prime_cgroup_migrations,
+};
 pub use control::{
     create, delete, launch, needs_relaunch, relaunch, spawn, spawn_spare, status, stop, wait,
     Launch, Spare,

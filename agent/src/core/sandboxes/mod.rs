@@ -686,6 +686,12 @@ impl SandboxService {
         // State dirs no row owns (a crash between creating the dir and the row, or after
         // removing the row): their supervisors and containers go too.
         let known: HashSet<String> = self.store.sandboxes()?.into_iter().map(|r| r.id).collect();
+        // Before any start: new sandbox cgroups then take their cpuset from the parent.
+        let prefix = self.cfg.name_prefix.clone();
+        let prepared = tokio::task::spawn_blocking(move || sandbox::prepare_cgroup_parent(&prefix));
+        if let Ok(Err(e)) = prepared.await {
+            warn!(error = %e, "the cgroup parent was not prepared; each start sets its cpuset itself");
+        }
         let spare_layers = self.cfg.data_dir.join(sandbox::SPARE_LAYERS_DIR);
         let _ =
             tokio::task::spawn_blocking(move || sandbox::remove_stale_spare_layers(&spare_layers))
