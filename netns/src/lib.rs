@@ -27,7 +27,7 @@ pub use endpoint::{
 };
 pub use files::{hosts_file, resolv_conf, resolv_conf_from_host, ResolvConf};
 pub use host::{check_publish, overlaps, PublishRefused};
-pub use nsfs::{ensure_netns, UnboundNetns};
+pub use nsfs::{ensure_netns, NetnsSysfs, UnboundNetns};
 pub use pool::NetnsPool;
 pub use rules::{
     add_endpoint_rules, admission_change_json, apply_rules, change_admission,

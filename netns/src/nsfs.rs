@@ -7,7 +7,7 @@
 use std::fs::{File, OpenOptions};
 use std::future::Future;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -70,31 +70,54 @@ fn create_mount_point(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// A network namespace held only by an open file: nothing on the host names it, and it
-/// ends when the file is closed (with the process that holds it, killed or not).
+/// A detached sysfs of one network namespace, made with it (see [`UnboundNetns`]): a sandbox
+/// in that namespace gets it as its `/sys` without making one on its start's path. Valid
+/// while held; another (root) process clones it from [`NetnsSysfs::proc_path`].
 #[derive(Debug)]
-pub struct UnboundNetns(File);
+pub struct NetnsSysfs(OwnedFd);
+
+impl NetnsSysfs {
+    /// `/proc/PID/fd/N` of this process's descriptor.
+    pub fn proc_path(&self) -> PathBuf {
+        PathBuf::from(format!(
+            "/proc/{}/fd/{}",
+            std::process::id(),
+            self.0.as_raw_fd()
+        ))
+    }
+}
+
+/// A network namespace held only by an open file: nothing on the host names it, and it
+/// ends when the file is closed (with the process that holds it, killed or not). With it,
+/// when the kernel allows, a sysfs made in it.
+#[derive(Debug)]
+pub struct UnboundNetns {
+    ns: File,
+    sysfs: Option<NetnsSysfs>,
+}
 
 impl UnboundNetns {
     /// Makes a new network namespace (on a fresh thread, which exits afterwards).
     pub async fn new() -> Result<UnboundNetns> {
         on_fresh_thread("making a network namespace", || {
             unshare(CloneFlags::CLONE_NEWNET).map_err(|e| io_error("unshare(CLONE_NEWNET)", e))?;
-            File::open("/proc/thread-self/ns/net")
-                .map(UnboundNetns)
-                .map_err(|e| io_error("opening /proc/thread-self/ns/net", e))
+            let ns = File::open("/proc/thread-self/ns/net")
+                .map_err(|e| io_error("opening /proc/thread-self/ns/net", e))?;
+            // Without it the sandbox's container makes its own.
+            let sysfs = miren_sys::sysfs::detached_sysfs().ok().map(NetnsSysfs);
+            Ok(UnboundNetns { ns, sysfs })
         })
         .await
     }
 
-    /// Binds the namespace at `path`, which pins it from then on; a path that already is a
-    /// namespace is left as it is (and this one is dropped).
-    pub fn bind_at(self, path: &Path) -> Result<()> {
+    /// Binds the namespace at `path`, which pins it from then on, and gives its sysfs; a
+    /// path that already is a namespace is left as it is (and this one is dropped).
+    pub fn bind_at(self, path: &Path) -> Result<Option<NetnsSysfs>> {
         if is_netns_mount(path) {
-            return Ok(());
+            return Ok(None);
         }
         create_mount_point(path)?;
-        let source = format!("/proc/self/fd/{}", self.0.as_raw_fd());
+        let source = format!("/proc/self/fd/{}", self.ns.as_raw_fd());
         mount(
             Some(source.as_str()),
             path,
@@ -102,7 +125,8 @@ impl UnboundNetns {
             MsFlags::MS_BIND,
             None::<&str>,
         )
-        .map_err(|e| io_error(format!("bind-mounting netns on {}", path.display()), e))
+        .map_err(|e| io_error(format!("bind-mounting netns on {}", path.display()), e))?;
+        Ok(self.sysfs)
     }
 }
 

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::nsfs::{ensure_netns, is_netns_mount, UnboundNetns};
+use crate::nsfs::{ensure_netns, is_netns_mount, NetnsSysfs, UnboundNetns};
 use crate::Result;
 
 #[derive(Debug)]
@@ -60,13 +60,14 @@ impl NetnsPool {
     }
 
     /// Makes `path` a bound network namespace: leaves one that is there, binds a spare if
-    /// one is ready, makes one otherwise; then tops the pool up in the background.
-    pub async fn ensure_at(self: &Arc<Self>, path: &Path) -> Result<()> {
+    /// one is ready, makes one otherwise; then tops the pool up in the background. Gives the
+    /// spare's sysfs when a spare was bound (and the kernel let it make one).
+    pub async fn ensure_at(self: &Arc<Self>, path: &Path) -> Result<Option<NetnsSysfs>> {
         if is_netns_mount(path) {
-            return Ok(());
+            return Ok(None);
         }
         let spare = self.lock().pop();
-        match spare {
+        let sysfs = match spare {
             Some(spare) => {
                 let target = path.to_path_buf();
                 tokio::task::spawn_blocking(move || spare.bind_at(&target))
@@ -75,14 +76,17 @@ impl NetnsPool {
                         crate::Error::ThreadPanicked("binding a network namespace".into())
                     })??
             }
-            None => ensure_netns(path).await?,
-        }
+            None => {
+                ensure_netns(path).await?;
+                None
+            }
+        };
         let pool = self.clone();
         tokio::spawn(async move {
             // A spare that could not be made now is made by the next start's top-up, or
             // that start makes its namespace itself.
             let _ = pool.fill().await;
         });
-        Ok(())
+        Ok(sysfs)
     }
 }

@@ -273,15 +273,32 @@ async fn pooled_namespaces_are_distinct_carry_endpoints_and_refill() {
     let mut inodes = std::collections::BTreeSet::new();
     inodes.insert(netns_inode(std::path::Path::new("/proc/self/ns/net")));
     let mut endpoints = Vec::new();
+    let mut sysfs_of = Vec::new();
     for spec in &specs {
         let path = cfg.netns_path(&cfg.endpoint_key(&spec.owner));
-        pool.ensure_at(&path).await.expect("ensure_at");
-        // Asked again (a retried start): the namespace bound there stays.
+        let sysfs = pool.ensure_at(&path).await.expect("ensure_at");
+        // Asked again (a retried start): the namespace bound there stays, no second sysfs.
         let inode = netns_inode(&path);
-        pool.ensure_at(&path).await.expect("ensure_at again");
+        let again = pool.ensure_at(&path).await.expect("ensure_at again");
+        assert!(again.is_none());
         assert_eq!(netns_inode(&path), inode);
         assert!(inodes.insert(inode), "{} shares a namespace", spec.owner);
         endpoints.push(create_endpoint(cfg, spec).await.expect("endpoint"));
+        sysfs_of.push(sysfs);
+    }
+    // A spare's sysfs was made in its namespace: it shows that namespace's links (its eth0,
+    // made after the sysfs) and none of the host's. The first two came from the filled pool.
+    for sysfs in sysfs_of.iter().take(2) {
+        let sysfs = sysfs
+            .as_ref()
+            .expect("a pooled namespace comes with its sysfs");
+        let links: std::collections::BTreeSet<String> =
+            std::fs::read_dir(sysfs.proc_path().join("class/net"))
+                .expect("class/net")
+                .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+                .collect();
+        assert!(links.contains("eth0"), "{links:?}");
+        assert!(!links.contains(&cfg.bridge_name()), "{links:?}");
     }
     apply_rules(cfg, &specs).await.expect("rules");
     let _listener = Server::start(&endpoints[0].netns_path, 7000);

@@ -814,7 +814,7 @@ fn a_spare_supervisor_creates_at_the_first_gate_step_and_starts_at_the_second() 
         "the container was created before the create step"
     );
 
-    launch.allow_create();
+    launch.allow_create(None);
     eventually("the container is created (its cgroups exist)", || {
         !f.cgroup_dirs(&spec).is_empty()
     });
@@ -847,7 +847,7 @@ fn a_cancelled_gate_removes_the_created_container() {
     let mut cmd = Command::new(supervisor_bin());
     cmd.arg(&dir);
     let mut launch = sandbox::spawn(cmd, &dir).expect("spawn");
-    launch.allow_create();
+    launch.allow_create(None);
     eventually("the container is created", || {
         !f.cgroup_dirs(&spec).is_empty()
     });

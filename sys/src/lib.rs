@@ -8,6 +8,7 @@ pub mod name;
 pub mod percent;
 pub mod printable;
 pub mod proc;
+pub mod sysfs;
 pub mod timeline;
 pub mod unmount;
 

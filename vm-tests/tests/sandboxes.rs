@@ -689,6 +689,22 @@ fn exec_runs_inside_the_sandbox_with_its_exit_code_and_output() {
         );
         sleep(Duration::from_millis(100));
     }
+    // `/sys` is a sysfs of the sandbox's own network namespace (made with it by the agent,
+    // docs/sandbox.md "Cost"): its links only, read-only, firmware masked.
+    let links = agent.ok(&["sandbox", "exec", "target", "--", "ls", "/sys/class/net"]);
+    assert_eq!(links.split_whitespace().collect::<Vec<_>>(), ["eth0", "lo"]);
+    let write = agent.cli(&["sandbox", "exec", "target", "--", "touch", "/sys/kernel/x"]);
+    assert!(!write.status.success(), "/sys is writable");
+    let firmware = agent.ok(&["sandbox", "exec", "target", "--", "ls", "/sys/firmware"]);
+    assert_eq!(firmware.trim(), "");
+    assert!(
+        agent
+            .log_text()
+            .lines()
+            .filter(|l| l.contains("sandbox started"))
+            .any(|l| l.contains(" sysfs=")),
+        "no start used the sysfs made with its namespace"
+    );
     agent.ok(&["sandbox", "stop", "target", "--grace", "0s"]);
     let err = agent.fails(&["sandbox", "exec", "target", "--", "true"]);
     assert!(err.contains("cannot exec"), "{err}");

@@ -396,11 +396,11 @@ impl NetService {
     pub async fn realize(
         &self,
         reserved: ReservedEndpoint,
-        netns_ready: Option<tokio::sync::oneshot::Sender<()>>,
+        netns_ready: Option<tokio::sync::oneshot::Sender<Option<netns::NetnsSysfs>>>,
     ) -> Result<Endpoint, Error> {
         if reserved.made {
             if let Some(tx) = netns_ready {
-                let _ = tx.send(());
+                let _ = tx.send(None);
             }
             return Ok(reserved.endpoint);
         }
@@ -408,10 +408,10 @@ impl NetService {
         let mut steps = miren_sys::timeline::Timeline::start();
         let made = async {
             let path = std::path::Path::new(&reserved.endpoint.netns_path);
-            self.netns_pool.ensure_at(path).await?;
+            let sysfs = self.netns_pool.ensure_at(path).await?;
             steps.mark("netns");
             if let Some(tx) = netns_ready {
-                let _ = tx.send(());
+                let _ = tx.send(sysfs);
             }
             let spec = spec_of(row);
             netns::create_endpoint(&self.cfg, &spec).await?;

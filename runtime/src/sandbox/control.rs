@@ -2,6 +2,7 @@
 
 use std::fs;
 use std::os::fd::AsFd;
+use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -118,11 +119,19 @@ pub struct Launch {
 
 impl Launch {
     /// Lets a gated supervisor create the container (its network namespace exists), but
-    /// not start its process yet. Does not block.
-    pub fn allow_create(&mut self) {
+    /// not start its process yet. `sysfs`: where the supervisor can clone a detached sysfs
+    /// made in that namespace (`/proc/PID/fd/N`, valid until the start is over), to be the
+    /// container's `/sys`; without it the supervisor makes one. Does not block.
+    pub fn allow_create(&mut self, sysfs: Option<&Path>) {
         if let (Some(gate), false) = (self.gate.as_mut(), self.create_allowed) {
+            let message = match sysfs.map(|p| p.as_os_str().as_bytes()) {
+                Some(path) if !path.contains(&b'\n') => {
+                    [&[super::supervisor::GATE_CREATE_WITH_SYSFS], path, b"\n"].concat()
+                }
+                _ => vec![super::supervisor::GATE_CREATE],
+            };
             // A broken pipe means the supervisor is gone already: `wait` reports it.
-            let _ = std::io::Write::write_all(gate, &[super::supervisor::GATE_CREATE]);
+            let _ = std::io::Write::write_all(gate, &message);
         }
         self.create_allowed = true;
     }
@@ -130,7 +139,7 @@ impl Launch {
     /// Lets a gated supervisor create and start the container, then waits as [`launch`]
     /// does.
     pub fn open_gate(mut self) -> Result<Status, SandboxError> {
-        self.allow_create();
+        self.allow_create(None);
         if let Some(mut gate) = self.gate.take() {
             let _ = std::io::Write::write_all(&mut gate, &[super::supervisor::GATE_START]);
         }

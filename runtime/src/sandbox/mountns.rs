@@ -511,3 +511,63 @@ pub(crate) fn follow_host_mount(path: Option<&Path>) -> Result<(), SandboxError>
     )
     .map_err(fail)
 }
+
+/// Mounts the container's `/sys` at `target` (in its rootfs) before libcontainer creates it,
+/// for a sandbox in a network namespace of its own, whose sysfs must be made in that
+/// namespace. `source` is where the agent holds one it made with the namespace (off the
+/// start's path: making a sysfs walks every sysfs superblock on the host, one per sandbox);
+/// it is cloned if it is a sysfs, otherwise one is made here, inside `netns`. Read-only,
+/// nosuid, nodev, noexec, like the `/sys` of the OCI default. Nothing to do if one is there
+/// (a restart of the sandbox's process). True when the agent's was used.
+pub(crate) fn attach_sysfs(
+    target: &Path,
+    source: Option<&Path>,
+    netns: &Path,
+) -> Result<bool, SandboxError> {
+    if is_mounted(target) {
+        return Ok(false);
+    }
+    std::fs::create_dir_all(target)
+        .map_err(|e| SandboxError::io(format!("mkdir {}", target.display()), e))?;
+    let premade = source
+        .and_then(|s| clone_mount(s, false).ok())
+        .filter(is_sysfs);
+    let cloned = premade.is_some();
+    let tree = match premade {
+        Some(tree) => tree,
+        None => sysfs_in(netns)?,
+    };
+    attach(&tree, target).map(|()| cloned)
+}
+
+// `f_type`'s integer type differs between architectures, hence the cast.
+#[allow(clippy::unnecessary_cast)]
+fn is_sysfs(tree: &OwnedFd) -> bool {
+    nix::sys::statfs::fstatfs(tree)
+        .is_ok_and(|fs| fs.filesystem_type().0 as i64 == miren_sys::sysfs::SYSFS_MAGIC)
+}
+
+/// A detached sysfs made inside `netns`; this (single-threaded) process goes back to its
+/// own network namespace before returning, whatever happened.
+fn sysfs_in(netns: &Path) -> Result<OwnedFd, SandboxError> {
+    use nix::sched::{setns, CloneFlags};
+    let open = |p: &Path| {
+        std::fs::File::open(p).map_err(|e| SandboxError::io(format!("open {}", p.display()), e))
+    };
+    let own = open(Path::new("/proc/self/ns/net"))?;
+    let theirs = open(netns)?;
+    setns(&theirs, CloneFlags::CLONE_NEWNET)
+        .map_err(|e| SandboxError::sys(format!("enter {}", netns.display()), e))?;
+    let made = miren_sys::sysfs::detached_sysfs();
+    setns(&own, CloneFlags::CLONE_NEWNET)
+        .map_err(|e| SandboxError::sys("return to the supervisor's netns", e))?;
+    made.map_err(|e| SandboxError::io(format!("make a sysfs in {}", netns.display()), e))
+}
+
+/// Unmounts the `/sys` [`attach_sysfs`] put at `target`, if any (sysfs holds no data, so
+/// at once even if busy).
+pub(crate) fn detach_sysfs(target: &Path) {
+    if is_mounted(target) {
+        let _ = umount2(target, MntFlags::MNT_DETACH);
+    }
+}

@@ -151,9 +151,15 @@ pub(crate) fn build(
                "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]}),
         json!({"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
                "options": ["nosuid", "noexec", "nodev"]}),
-        json!({"destination": "/sys", "type": "sysfs", "source": "sysfs",
-               "options": ["nosuid", "noexec", "nodev", "ro"]}),
     ];
+    // In a network namespace of the agent's the supervisor mounts /sys itself, from a sysfs
+    // made with the namespace (`mountns::attach_sysfs`); the rootfs's submounts come along.
+    if spec.netns.is_none() {
+        mounts.push(
+            json!({"destination": "/sys", "type": "sysfs", "source": "sysfs",
+                           "options": ["nosuid", "noexec", "nodev", "ro"]}),
+        );
+    }
     if spec.hosts.is_some() {
         mounts.push(bind(&state_dir.join(super::HOSTS_FILE), "/etc/hosts", true));
     }

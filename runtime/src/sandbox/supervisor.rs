@@ -7,6 +7,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStringExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::{Duration, Instant};
@@ -35,6 +36,8 @@ use miren_sys::proc;
 /// Gate steps (see [`super::Launch`]): the network namespace exists, so the container may
 /// be created; the endpoint is complete, so its process may start.
 pub(crate) const GATE_CREATE: u8 = b'c';
+/// [`GATE_CREATE`] followed by a line: where to clone the namespace's sysfs from.
+pub(crate) const GATE_CREATE_WITH_SYSFS: u8 = b'C';
 pub(crate) const GATE_START: u8 = b's';
 
 /// How long to keep draining log pipes after the init exited.
@@ -166,6 +169,8 @@ struct Supervisor {
     gate: Option<File>,
     /// A ready writable layer this supervisor made while it was a spare.
     spare_layer: Option<SpareLayer>,
+    /// Where the agent holds a sysfs of the sandbox's network namespace (from the gate).
+    sysfs_source: Option<PathBuf>,
     /// The mount namespace its spare made (we are in it), if any.
     prepared_ns: Option<mountns::Prepared>,
     /// Where that layer was, once taken over: empty directories removed at the end.
@@ -250,6 +255,7 @@ impl Supervisor {
             saved,
             gate,
             spare_layer: None,
+            sysfs_source: None,
             prepared_ns: None,
             spare_dir: None,
             steps: None,
@@ -296,7 +302,8 @@ impl Supervisor {
             fs::create_dir_all(d.join(sub))
                 .map_err(|e| SandboxError::io(format!("mkdir {sub}"), e))?;
         }
-        // A crashed predecessor may have left its overlay mounted.
+        // A crashed predecessor may have left its overlay mounted (and its /sys on it).
+        mountns::detach_sysfs(&rootfs.join("sys"));
         if is_mounted(&rootfs) {
             unmount(&rootfs)?;
         }
@@ -455,14 +462,36 @@ impl Supervisor {
         let Some(gate) = self.gate.as_mut() else {
             return Ok(());
         };
-        let mut b = [0u8; 1];
-        let passed = loop {
-            match gate.read(&mut b) {
-                Ok(1) => break b[0] == step,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                _ => break false,
+        let mut sysfs = None;
+        let mut read_byte = || -> Option<u8> {
+            let mut b = [0u8; 1];
+            loop {
+                match gate.read(&mut b) {
+                    Ok(1) => return Some(b[0]),
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    _ => return None,
+                }
             }
         };
+        let passed = match read_byte() {
+            Some(GATE_CREATE_WITH_SYSFS) if step == GATE_CREATE => {
+                let mut line = Vec::new();
+                loop {
+                    match read_byte() {
+                        Some(b'\n') => break true,
+                        Some(b) if line.len() < 4096 => line.push(b),
+                        _ => break false,
+                    }
+                }
+                .then(|| sysfs = Some(PathBuf::from(std::ffi::OsString::from_vec(line))))
+                .is_some()
+            }
+            Some(b) => b == step,
+            None => false,
+        };
+        if sysfs.is_some() {
+            self.sysfs_source = sysfs;
+        }
         if !passed || step == GATE_START {
             self.gate = None;
         }
@@ -564,6 +593,13 @@ impl Supervisor {
         self.pass_gate(GATE_CREATE)?;
         self.mark("gate");
         mountns::follow_host_mount(self.spec.netns.as_deref())?;
+        if let Some(netns) = &self.spec.netns {
+            let target = self.dir.join(ROOTFS_DIR).join("sys");
+            let cloned =
+                mountns::attach_sysfs(&target, self.sysfs_source.take().as_deref(), netns)?;
+            // `sysfs`: the agent's, cloned; `sysfs.made`: made here.
+            self.mark(if cloned { "sysfs" } else { "sysfs.made" });
+        }
         let mut container = ContainerBuilder::new(self.spec.id.clone(), SyscallType::default())
             .with_root_path(root)?
             .with_stdin(null)
@@ -741,6 +777,7 @@ impl Supervisor {
             }
         }
         let rootfs = self.dir.join(ROOTFS_DIR);
+        mountns::detach_sysfs(&rootfs.join("sys"));
         if is_mounted(&rootfs) {
             if let Err(e) = unmount(&rootfs) {
                 eprintln!("{e}");

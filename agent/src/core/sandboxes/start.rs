@@ -149,9 +149,13 @@ impl SandboxService {
         timeline.mark("supervisor");
         // The container is created as soon as its network namespace exists, while the
         // endpoint is completed; its process starts once the endpoint is ready.
+        // The namespace's sysfs, made with it, becomes the container's `/sys`: held until
+        // the supervisor has cloned it (the start is over).
+        let mut sysfs = None;
         let launch = match (launch, netns_rx.await) {
-            (Ok(mut launch), Ok(())) => {
-                launch.allow_create();
+            (Ok(mut launch), Ok(made)) => {
+                sysfs = made;
+                launch.allow_create(sysfs.as_ref().map(|s| s.proc_path()).as_deref());
                 Ok(launch)
             }
             (launch, _) => launch,
@@ -168,7 +172,9 @@ impl SandboxService {
                 launch.cancel();
                 return Err(err);
             }
-            launch.open_gate().map_err(|e| {
+            let started = launch.open_gate();
+            drop(sysfs);
+            started.map_err(|e| {
                 Error::new(
                     crate::core::error::ErrorKind::Unprocessable,
                     "start_failed",
