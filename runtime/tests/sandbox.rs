@@ -948,3 +948,63 @@ fn a_sandbox_whose_supervisor_died_unrecorded_is_relaunched_if_its_policy_asks()
         "the new run's process lives"
     );
 }
+
+/// A network namespace bound at `path` (unmounted by the fixture's drop, like every mount
+/// under its temp dir).
+fn bound_netns(path: &std::path::Path) {
+    fs::write(path, "").expect("netns file");
+    let target = path.to_path_buf();
+    std::thread::spawn(move || {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare");
+        nix::mount::mount(
+            Some("/proc/thread-self/ns/net"),
+            &target,
+            None::<&str>,
+            nix::mount::MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .expect("bind netns");
+    })
+    .join()
+    .expect("netns thread");
+}
+
+#[test]
+fn sys_shows_the_sandboxs_netns_read_only_also_when_the_image_makes_it_a_symlink() {
+    if !is_root() {
+        return;
+    }
+    let mut f = Fixture::new();
+    let netns = f.tmp.path().join("netns");
+    bound_netns(&netns);
+    let script = "ls /sys/class/net; touch /sys/kernel/x 2>/dev/null && echo WROTE; true";
+
+    // Without a sysfs from the agent, the supervisor makes one inside the namespace: it has
+    // only `lo` (the host's links are not there).
+    let mut spec = f.spec("plain", script);
+    spec.netns = Some(netns.clone());
+    let dir = f.start(&spec);
+    assert_eq!(wait_done(&dir).exit_code, Some(0));
+    assert_eq!(read(&dir, "stdout.log"), "lo\n");
+
+    // An image whose /sys is a symlink to a host directory: left to libcontainer, which
+    // resolves it inside the rootfs (and here refuses to start, the target not being
+    // there); the host directory is untouched either way.
+    let host_dir = f.tmp.path().join("host-dir");
+    fs::create_dir(&host_dir).expect("mkdir");
+    let top = f.tmp.path().join("top");
+    fs::create_dir(&top).expect("mkdir");
+    std::os::unix::fs::symlink(&host_dir, top.join("sys")).expect("symlink");
+    let mut spec = f.spec("symlinked", script);
+    spec.netns = Some(netns.clone());
+    spec.lower_dirs = vec![top, f.lower.clone()];
+    let dir = f.prepare(&spec);
+    let mut cmd = Command::new(supervisor_bin());
+    cmd.arg(&dir);
+    if sandbox::launch(cmd, &dir).is_ok() {
+        assert_eq!(wait_done(&dir).exit_code, Some(0));
+        assert_eq!(read(&dir, "stdout.log"), "lo\n");
+    }
+    assert_eq!(fs::read_dir(&host_dir).expect("host dir").count(), 0);
+    assert!(mounts_under(&host_dir.to_string_lossy()).is_empty());
+}

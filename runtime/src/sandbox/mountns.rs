@@ -39,6 +39,7 @@ static HOST_ROOT: OnceLock<OwnedFd> = OnceLock::new();
 const OPEN_TREE_CLONE: libc::c_uint = 1;
 const AT_RECURSIVE: libc::c_uint = 0x8000;
 const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 4;
+const MOVE_MOUNT_T_EMPTY_PATH: libc::c_uint = 0x40;
 
 /// A mount the sandbox keeps in its namespace: `source` in the host's, `target` in ours.
 pub(crate) struct Keep {
@@ -524,11 +525,23 @@ pub(crate) fn attach_sysfs(
     source: Option<&Path>,
     netns: &Path,
 ) -> Result<bool, SandboxError> {
+    // The image's `/sys`: never followed if it is a symlink (mkdir does not follow one, the
+    // open below refuses one), so the mount lands in the rootfs whatever the image holds.
+    match std::fs::create_dir(target) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+            return Err(SandboxError::io(format!("mkdir {}", target.display()), e))
+        }
+        _ => {}
+    }
+    let dir = open(
+        target,
+        OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| SandboxError::sys(format!("open {}", target.display()), e))?;
     if is_mounted(target) {
         return Ok(false);
     }
-    std::fs::create_dir_all(target)
-        .map_err(|e| SandboxError::io(format!("mkdir {}", target.display()), e))?;
     let premade = source
         .and_then(|s| clone_mount(s, false).ok())
         .filter(is_sysfs);
@@ -537,7 +550,26 @@ pub(crate) fn attach_sysfs(
         Some(tree) => tree,
         None => sysfs_in(netns)?,
     };
-    attach(&tree, target).map(|()| cloned)
+    let empty = c"";
+    // SAFETY: the empty string is NUL-terminated and static; move_mount only reads it and
+    // the two descriptors, which stay ours.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            tree.as_raw_fd(),
+            empty.as_ptr(),
+            dir.as_raw_fd(),
+            empty.as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH,
+        )
+    };
+    if rc < 0 {
+        return Err(SandboxError::sys(
+            format!("mount a sysfs at {}", target.display()),
+            nix::errno::Errno::last(),
+        ));
+    }
+    Ok(cloned)
 }
 
 // `f_type`'s integer type differs between architectures, hence the cast.

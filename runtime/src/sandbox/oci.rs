@@ -133,6 +133,19 @@ fn readonly_paths() -> Vec<&'static str> {
     ]
 }
 
+/// True when the supervisor mounts the container's `/sys` itself (a sysfs of the agent's
+/// network namespace, `mountns::attach_sysfs`) rather than libcontainer: with a namespace of
+/// the agent's, and the image's `/sys` a plain directory or absent. Anything else there (a
+/// symlink in an image could point anywhere) is left to libcontainer's resolution in the
+/// rootfs.
+pub(crate) fn supervisor_mounts_sys(spec: &SandboxSpec, rootfs: &Path) -> bool {
+    spec.netns.is_some()
+        && match std::fs::symlink_metadata(rootfs.join("sys")) {
+            Ok(meta) => meta.is_dir(),
+            Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+        }
+}
+
 /// The OCI spec. `rootfs` is the mounted overlay; `state_dir` holds hosts/resolv.conf.
 pub(crate) fn build(
     spec: &SandboxSpec,
@@ -154,7 +167,7 @@ pub(crate) fn build(
     ];
     // In a network namespace of the agent's the supervisor mounts /sys itself, from a sysfs
     // made with the namespace (`mountns::attach_sysfs`); the rootfs's submounts come along.
-    if spec.netns.is_none() {
+    if !supervisor_mounts_sys(spec, rootfs) {
         mounts.push(
             json!({"destination": "/sys", "type": "sysfs", "source": "sysfs",
                            "options": ["nosuid", "noexec", "nodev", "ro"]}),

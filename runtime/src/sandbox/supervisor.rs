@@ -171,6 +171,8 @@ struct Supervisor {
     spare_layer: Option<SpareLayer>,
     /// Where the agent holds a sysfs of the sandbox's network namespace (from the gate).
     sysfs_source: Option<PathBuf>,
+    /// The container's `/sys` is ours to mount (`oci::supervisor_mounts_sys`).
+    mounts_sys: bool,
     /// The mount namespace its spare made (we are in it), if any.
     prepared_ns: Option<mountns::Prepared>,
     /// Where that layer was, once taken over: empty directories removed at the end.
@@ -256,6 +258,7 @@ impl Supervisor {
             gate,
             spare_layer: None,
             sysfs_source: None,
+            mounts_sys: false,
             prepared_ns: None,
             spare_dir: None,
             steps: None,
@@ -390,6 +393,7 @@ impl Supervisor {
         }
         self.spare_dir = adopted;
         let d = &self.dir;
+        self.mounts_sys = oci::supervisor_mounts_sys(&self.spec, &rootfs);
         let oci = oci::build(&self.spec, &rootfs, d)?;
         oci.save(d.join(BUNDLE_DIR).join("config.json"))
             .map_err(|e| SandboxError::InvalidSpec(format!("save config.json: {e}")))?;
@@ -593,7 +597,7 @@ impl Supervisor {
         self.pass_gate(GATE_CREATE)?;
         self.mark("gate");
         mountns::follow_host_mount(self.spec.netns.as_deref())?;
-        if let Some(netns) = &self.spec.netns {
+        if let (Some(netns), true) = (&self.spec.netns, self.mounts_sys) {
             let target = self.dir.join(ROOTFS_DIR).join("sys");
             let cloned =
                 mountns::attach_sysfs(&target, self.sysfs_source.take().as_deref(), netns)?;
