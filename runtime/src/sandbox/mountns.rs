@@ -597,9 +597,10 @@ fn sysfs_in(netns: &Path) -> Result<OwnedFd, SandboxError> {
 }
 
 /// Unmounts the `/sys` [`attach_sysfs`] put at `target`, if any (sysfs holds no data, so
-/// at once even if busy).
+/// at once even if busy). An image's symlink there is never followed.
 pub(crate) fn detach_sysfs(target: &Path) {
-    if is_mounted(target) {
-        let _ = umount2(target, MntFlags::MNT_DETACH);
+    let plain_dir = std::fs::symlink_metadata(target).is_ok_and(|m| m.is_dir());
+    if plain_dir && is_mounted(target) {
+        let _ = umount2(target, MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW);
     }
 }
