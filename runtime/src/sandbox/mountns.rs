@@ -124,24 +124,33 @@ fn clone_mount(path: &Path, recursive: bool) -> Result<OwnedFd, SandboxError> {
 /// Attaches the detached mount `tree` at `target` in our namespace.
 fn attach(tree: &OwnedFd, target: &Path) -> Result<(), SandboxError> {
     let c = c_path(target)?;
+    move_tree(tree, libc::AT_FDCWD, &c, 0)
+        .map_err(|e| SandboxError::sys(format!("attach a mount at {}", target.display()), e))
+}
+
+/// `move_mount` of the detached `tree` onto `to` (relative to `to_dir`; `extra_flags` adds
+/// `MOVE_MOUNT_T_EMPTY_PATH` to mount on `to_dir` itself).
+fn move_tree(
+    tree: &OwnedFd,
+    to_dir: libc::c_int,
+    to: &std::ffi::CStr,
+    extra_flags: libc::c_uint,
+) -> Result<(), nix::errno::Errno> {
     let empty = c"";
     // SAFETY: both strings are NUL-terminated and outlive the call; move_mount only reads
-    // them and the descriptor, which stays ours.
+    // them and the descriptors, which stay their owners'.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_move_mount,
             tree.as_raw_fd(),
             empty.as_ptr(),
-            libc::AT_FDCWD,
-            c.as_ptr(),
-            MOVE_MOUNT_F_EMPTY_PATH,
+            to_dir,
+            to.as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH | extra_flags,
         )
     };
     if rc < 0 {
-        return Err(SandboxError::sys(
-            format!("attach a mount at {}", target.display()),
-            nix::errno::Errno::last(),
-        ));
+        return Err(nix::errno::Errno::last());
     }
     Ok(())
 }
@@ -550,25 +559,8 @@ pub(crate) fn attach_sysfs(
         Some(tree) => tree,
         None => sysfs_in(netns)?,
     };
-    let empty = c"";
-    // SAFETY: the empty string is NUL-terminated and static; move_mount only reads it and
-    // the two descriptors, which stay ours.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_move_mount,
-            tree.as_raw_fd(),
-            empty.as_ptr(),
-            dir.as_raw_fd(),
-            empty.as_ptr(),
-            MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH,
-        )
-    };
-    if rc < 0 {
-        return Err(SandboxError::sys(
-            format!("mount a sysfs at {}", target.display()),
-            nix::errno::Errno::last(),
-        ));
-    }
+    move_tree(&tree, dir.as_raw_fd(), c"", MOVE_MOUNT_T_EMPTY_PATH)
+        .map_err(|e| SandboxError::sys(format!("mount a sysfs at {}", target.display()), e))?;
     Ok(cloned)
 }
 
