@@ -480,15 +480,17 @@ impl Supervisor {
         let passed = match read_byte() {
             Some(GATE_CREATE_WITH_SYSFS) if step == GATE_CREATE => {
                 let mut line = Vec::new();
-                loop {
+                let complete = loop {
                     match read_byte() {
                         Some(b'\n') => break true,
                         Some(b) if line.len() < 4096 => line.push(b),
                         _ => break false,
                     }
+                };
+                if complete {
+                    sysfs = Some(PathBuf::from(std::ffi::OsString::from_vec(line)));
                 }
-                .then(|| sysfs = Some(PathBuf::from(std::ffi::OsString::from_vec(line))))
-                .is_some()
+                complete
             }
             Some(b) => b == step,
             None => false,
