@@ -70,6 +70,23 @@ fn create_mount_point(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Sandboxes are IPv4 only (the host forwards nothing else from them). Without this every
+/// interface later made in the namespace, `eth0` included, took an IPv6 link-local address
+/// and sent router solicitations, a duplicate address probe and MLD reports: seven multicast
+/// frames in its first seconds, each flooded over the bridge's ports, so a start cost the
+/// host more the more sandboxes ran. `lo`, made with the namespace, keeps `::1`. Runs on the
+/// thread that made the namespace (net sysctls are the writer's namespace's). Nothing to do
+/// on a kernel without IPv6.
+fn no_ipv6_by_default() -> Result<()> {
+    let sysctl = "/proc/sys/net/ipv6/conf/default/disable_ipv6";
+    match std::fs::write(sysctl, b"1") {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => {
+            Err(io_error(format!("writing {sysctl}"), e))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// A detached sysfs of one network namespace, made with it (see [`UnboundNetns`]): a sandbox
 /// in that namespace gets it as its `/sys` without making one on its start's path. Valid
 /// while held; another (root) process clones it from [`NetnsSysfs::proc_path`].
@@ -101,6 +118,7 @@ impl UnboundNetns {
     pub async fn new() -> Result<UnboundNetns> {
         on_fresh_thread("making a network namespace", || {
             unshare(CloneFlags::CLONE_NEWNET).map_err(|e| io_error("unshare(CLONE_NEWNET)", e))?;
+            no_ipv6_by_default()?;
             let ns = File::open("/proc/thread-self/ns/net")
                 .map_err(|e| io_error("opening /proc/thread-self/ns/net", e))?;
             // Without it the sandbox's container makes its own.
@@ -140,6 +158,7 @@ pub async fn ensure_netns(path: &Path) -> Result<()> {
     let target: PathBuf = path.to_path_buf();
     on_fresh_thread("creating a network namespace", move || {
         unshare(CloneFlags::CLONE_NEWNET).map_err(|e| io_error("unshare(CLONE_NEWNET)", e))?;
+        no_ipv6_by_default()?;
         mount(
             Some("/proc/thread-self/ns/net"),
             &target,

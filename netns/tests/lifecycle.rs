@@ -106,6 +106,8 @@ async fn create_and_delete_are_idempotent_and_complete_half_made_endpoints() {
     let client_key = cfg.endpoint_key(&client_spec.owner);
     std::fs::write(cfg.netns_path(&client_key), b"").expect("empty netns file");
     let client = create_endpoint(cfg, &client_spec).await.expect("completes");
+    assert_ipv4_only(&server.netns_path);
+    assert_ipv4_only(&client.netns_path);
     let _listener = Server::start(&server.netns_path, 7000);
     assert!(can_talk(Some(&client.netns_path), server_spec.ip, 7000));
 
@@ -133,6 +135,11 @@ async fn create_and_delete_are_idempotent_and_complete_half_made_endpoints() {
             .expect("ip")
             .success());
     }
+    // And made by an agent from before sandboxes were IPv4 only: IPv6 on in the namespace.
+    in_ns(
+        &client.netns_path,
+        &["sysctl", "-qw", "net.ipv6.conf.eth0.disable_ipv6=0"],
+    );
     for args in [
         vec!["addr", "flush", "dev", "eth0"],
         vec!["link", "set", "eth0", "down"],
@@ -150,6 +157,7 @@ async fn create_and_delete_are_idempotent_and_complete_half_made_endpoints() {
     create_endpoint(cfg, &client_spec)
         .await
         .expect("completes attach and config");
+    assert_ipv4_only(&client.netns_path);
     assert!(can_talk(Some(&client.netns_path), server_spec.ip, 7000));
 
     // Address changed by a new spec for the same owner: replaced, not added.
@@ -256,6 +264,29 @@ fn netns_inode(path: &std::path::Path) -> u64 {
     std::fs::metadata(path).expect("netns metadata").ino()
 }
 
+/// Runs `command` in the network namespace at `netns` and returns its stdout.
+fn in_ns(netns: &std::path::Path, command: &[&str]) -> String {
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", netns.display()))
+        .args(command)
+        .output()
+        .expect("nsenter");
+    assert!(out.status.success(), "{command:?}: {out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Sandboxes are IPv4 only: `eth0` has IPv6 off (no link-local address, no router
+/// solicitations, DAD or MLD flooding the bridge), `lo` keeps `::1` for programs that
+/// listen on it.
+fn assert_ipv4_only(netns: &std::path::Path) {
+    let off = in_ns(netns, &["cat", "/proc/sys/net/ipv6/conf/eth0/disable_ipv6"]);
+    assert_eq!(off.trim(), "1", "IPv6 on eth0 in {}", netns.display());
+    let lo = in_ns(netns, &["ip", "-6", "addr", "show", "dev", "lo"]);
+    assert!(lo.contains("::1/128"), "{lo}");
+    let eth0 = in_ns(netns, &["ip", "-6", "addr", "show", "dev", "eth0"]);
+    assert!(eth0.trim().is_empty(), "{eth0}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pooled_namespaces_are_distinct_carry_endpoints_and_refill() {
     let net = TestNet::new("10.226.0.0/24");
@@ -299,6 +330,9 @@ async fn pooled_namespaces_are_distinct_carry_endpoints_and_refill() {
                 .collect();
         assert!(links.contains("eth0"), "{links:?}");
         assert!(!links.contains(&cfg.bridge_name()), "{links:?}");
+    }
+    for endpoint in &endpoints {
+        assert_ipv4_only(&endpoint.netns_path);
     }
     apply_rules(cfg, &specs).await.expect("rules");
     let _listener = Server::start(&endpoints[0].netns_path, 7000);
