@@ -114,15 +114,24 @@ pub struct UnboundNetns {
 }
 
 impl UnboundNetns {
-    /// Makes a new network namespace (on a fresh thread, which exits afterwards).
+    /// Makes a new network namespace, and a sysfs in it (on a fresh thread, which exits
+    /// afterwards).
     pub async fn new() -> Result<UnboundNetns> {
-        on_fresh_thread("making a network namespace", || {
+        Self::make(true).await
+    }
+
+    async fn make(with_sysfs: bool) -> Result<UnboundNetns> {
+        on_fresh_thread("making a network namespace", move || {
             unshare(CloneFlags::CLONE_NEWNET).map_err(|e| io_error("unshare(CLONE_NEWNET)", e))?;
             no_ipv6_by_default()?;
             let ns = File::open("/proc/thread-self/ns/net")
                 .map_err(|e| io_error("opening /proc/thread-self/ns/net", e))?;
             // Without it the sandbox's container makes its own.
-            let sysfs = miren_sys::sysfs::detached_sysfs().ok().map(NetnsSysfs);
+            let sysfs = if with_sysfs {
+                miren_sys::sysfs::detached_sysfs().ok().map(NetnsSysfs)
+            } else {
+                None
+            };
             Ok(UnboundNetns { ns, sysfs })
         })
         .await
@@ -154,21 +163,7 @@ pub async fn ensure_netns(path: &Path) -> Result<()> {
     if is_netns_mount(path) {
         return Ok(());
     }
-    create_mount_point(path)?;
-    let target: PathBuf = path.to_path_buf();
-    on_fresh_thread("creating a network namespace", move || {
-        unshare(CloneFlags::CLONE_NEWNET).map_err(|e| io_error("unshare(CLONE_NEWNET)", e))?;
-        no_ipv6_by_default()?;
-        mount(
-            Some("/proc/thread-self/ns/net"),
-            &target,
-            None::<&str>,
-            MsFlags::MS_BIND,
-            None::<&str>,
-        )
-        .map_err(|e| io_error(format!("bind-mounting netns on {}", target.display()), e))
-    })
-    .await
+    UnboundNetns::make(false).await?.bind_at(path).map(drop)
 }
 
 /// Unmounts and removes a namespace file; missing or unmounted is fine.
