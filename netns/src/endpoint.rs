@@ -183,14 +183,19 @@ pub async fn create_endpoint(cfg: &NetConfig, spec: &EndpointSpec) -> Result<End
         Some(host) => host.header.index,
         None => create_veth(&handle, &key, &netns_path).await?,
     };
-    no_ipv6_on(&key)?;
+    // IPv6 off on the host side before it comes up (the sandbox side: `nsfs`, and below). The
+    // bridge carries only IPv4 (and ARP) for sandboxes. With IPv6, every host port got a
+    // link-local address, DAD and MLD, and its own `fe80::/64` and `ff00::/8` routes in the
+    // host's tables, beside those of every other port: the kernel walks a prefix's routes to
+    // add or remove one, so each veth cost more to bring up and to delete the more ran.
+    nsfs::ipv6_off(&key)?;
     attach_host_side(&handle, host_index, &bridge, &spec.owner, &key).await?;
     let matched = configure_sandbox_side(cfg, spec.ip, &netns_path, host_index).await?;
     if !matched {
         // The host veth was a leftover whose peer is not our eth0: start over.
         link::delete_index(&handle, host_index, &key).await?;
         host_index = create_veth(&handle, &key, &netns_path).await?;
-        no_ipv6_on(&key)?;
+        nsfs::ipv6_off(&key)?;
         attach_host_side(&handle, host_index, &bridge, &spec.owner, &key).await?;
         if !configure_sandbox_side(cfg, spec.ip, &netns_path, host_index).await? {
             return Err(Error::InvalidEndpoint(format!(
@@ -246,23 +251,6 @@ async fn create_veth(handle: &rtnetlink::Handle, key: &str, netns_path: &Path) -
         .await?
         .map(|l| l.header.index)
         .ok_or_else(|| Error::InvalidEndpoint(format!("veth {key} vanished after creation")))
-}
-
-/// Turns IPv6 off on `ifname` (of the calling thread's network namespace) before it comes
-/// up: on both ends of a veth. The bridge carries only IPv4 (and ARP) for sandboxes. With
-/// IPv6, every host port got a link-local address, DAD and MLD, and its own `fe80::/64` and
-/// `ff00::/8` routes in the host's tables, beside those of every other port: the kernel walks
-/// a prefix's routes to add or remove one, so each veth cost more to bring up and to delete
-/// the more sandboxes ran. And each sandbox's `eth0` sent seven multicast frames, which the
-/// bridge floods over every port. Nothing to do on a kernel without IPv6.
-fn no_ipv6_on(ifname: &str) -> Result<()> {
-    let sysctl = format!("/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6");
-    match std::fs::write(&sysctl, b"1") {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            Err(io_error(format!("turning IPv6 off on {ifname}"), e))
-        }
-        _ => Ok(()),
-    }
 }
 
 async fn attach_host_side(
@@ -368,7 +356,7 @@ async fn configure_sandbox_side(
             }
             // Also for a namespace made before IPv6 was off by default in it
             // ([`crate::nsfs`]): no IPv6 multicast from `eth0` once it is up.
-            no_ipv6_on(SANDBOX_IFNAME)?;
+            nsfs::ipv6_off(SANDBOX_IFNAME)?;
             if !link::is_up(&eth0) {
                 handle
                     .link()

@@ -75,13 +75,18 @@ fn create_mount_point(path: &Path) -> Result<()> {
 /// and sent router solicitations, a duplicate address probe and MLD reports: seven multicast
 /// frames in its first seconds, each flooded over the bridge's ports, so a start cost the
 /// host more the more sandboxes ran. `lo`, made with the namespace, keeps `::1`. Runs on the
-/// thread that made the namespace (net sysctls are the writer's namespace's). Nothing to do
-/// on a kernel without IPv6.
+/// thread that made the namespace (net sysctls are the writer's namespace's).
 fn no_ipv6_by_default() -> Result<()> {
-    let sysctl = "/proc/sys/net/ipv6/conf/default/disable_ipv6";
-    match std::fs::write(sysctl, b"1") {
+    ipv6_off("default")
+}
+
+/// Writes 1 to `net.ipv6.conf.<conf>.disable_ipv6` of the calling thread's network namespace
+/// (`conf`: an interface or `default`). Nothing to do on a kernel without IPv6.
+pub(crate) fn ipv6_off(conf: &str) -> Result<()> {
+    let sysctl = format!("/proc/sys/net/ipv6/conf/{conf}/disable_ipv6");
+    match std::fs::write(&sysctl, b"1") {
         Err(e) if e.kind() != io::ErrorKind::NotFound => {
-            Err(io_error(format!("writing {sysctl}"), e))
+            Err(io_error(format!("turning IPv6 off ({sysctl})"), e))
         }
         _ => Ok(()),
     }
