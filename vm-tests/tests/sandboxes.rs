@@ -697,6 +697,30 @@ fn exec_runs_inside_the_sandbox_with_its_exit_code_and_output() {
     assert!(!write.status.success(), "/sys is writable");
     let firmware = agent.ok(&["sandbox", "exec", "target", "--", "ls", "/sys/firmware"]);
     assert_eq!(firmware.trim(), "");
+    // IPv4 only (docs/netns.md): IPv6 off on eth0, so it sends no multicast for the bridge to
+    // flood; `lo` keeps `::1`.
+    let off = agent.ok(&[
+        "sandbox",
+        "exec",
+        "target",
+        "--",
+        "cat",
+        "/proc/sys/net/ipv6/conf/eth0/disable_ipv6",
+    ]);
+    assert_eq!(off.trim(), "1");
+    let v6 = agent.ok(&[
+        "sandbox",
+        "exec",
+        "target",
+        "--",
+        "cat",
+        "/proc/net/if_inet6",
+    ]);
+    let v6_links: Vec<&str> = v6
+        .lines()
+        .filter_map(|l| l.split_whitespace().last())
+        .collect();
+    assert_eq!(v6_links, ["lo"], "{v6}");
     assert!(
         agent
             .log_text()
