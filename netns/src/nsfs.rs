@@ -70,16 +70,6 @@ fn create_mount_point(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Sandboxes are IPv4 only (the host forwards nothing else from them). Without this every
-/// interface later made in the namespace, `eth0` included, took an IPv6 link-local address
-/// and sent router solicitations, a duplicate address probe and MLD reports: seven multicast
-/// frames in its first seconds, each flooded over the bridge's ports, so a start cost the
-/// host more the more sandboxes ran. `lo`, made with the namespace, keeps `::1`. Runs on the
-/// thread that made the namespace (net sysctls are the writer's namespace's).
-fn no_ipv6_by_default() -> Result<()> {
-    ipv6_off("default")
-}
-
 /// Writes 1 to `net.ipv6.conf.<conf>.disable_ipv6` of the calling thread's network namespace
 /// (`conf`: an interface or `default`). Nothing to do on a kernel without IPv6.
 pub(crate) fn ipv6_off(conf: &str) -> Result<()> {
@@ -128,7 +118,14 @@ impl UnboundNetns {
     async fn make(with_sysfs: bool) -> Result<UnboundNetns> {
         on_fresh_thread("making a network namespace", move || {
             unshare(CloneFlags::CLONE_NEWNET).map_err(|e| io_error("unshare(CLONE_NEWNET)", e))?;
-            no_ipv6_by_default()?;
+            // Sandboxes are IPv4 only (the host forwards nothing else from them). Without this
+            // every interface later made in the namespace, `eth0` included, took an IPv6
+            // link-local address and sent router solicitations, a duplicate address probe and
+            // MLD reports: seven multicast frames in its first seconds, each flooded over the
+            // bridge's ports, so a start cost the host more the more sandboxes ran. `lo`, made
+            // with the namespace, keeps `::1`. Here, on the thread in the new namespace: net
+            // sysctls are the writer's namespace's.
+            ipv6_off("default")?;
             let ns = File::open("/proc/thread-self/ns/net")
                 .map_err(|e| io_error("opening /proc/thread-self/ns/net", e))?;
             // Without it the sandbox's container makes its own.
