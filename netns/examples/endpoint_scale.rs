@@ -1,9 +1,10 @@
 //! What one endpoint's create costs with N already there: `endpoint_scale [N] [FIRST]` makes N
 //! endpoints (netns, veth on the bridge, addresses, then its rules, as the agent does) one
 //! after another and prints the mean milliseconds of each tenth of the link and the rules
-//! steps. Needs root; a prefix of its own (`mrbench` + a hex digit) and 10.237.0.0/16; removes
-//! all it made unless `KEEP` is set (a later run with FIRST past the last one adds more; one
-//! with N=0 removes them). `docs/netns.md` "Scaling" has what it showed.
+//! steps. Needs root; uses the fixed prefix `mrbench7` (so one run at a time; `scripts/cleanup`
+//! matches it) and 10.237.0.0/16; removes all it made unless `KEEP` is set (a later run with
+//! FIRST past the last one adds more; one with N=0 removes them). `docs/netns.md` "Scaling"
+//! has what it showed.
 
 use std::net::Ipv4Addr;
 use std::path::PathBuf;

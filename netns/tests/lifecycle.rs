@@ -124,7 +124,6 @@ async fn create_and_delete_are_idempotent_and_complete_half_made_endpoints() {
     assert!(can_talk(Some(&client.netns_path), server_spec.ip, 7000));
 
     // Killed after the veth was made but before it was attached and configured.
-    let ns = client.netns_path.to_string_lossy().to_string();
     for args in [
         vec!["link", "set", client.key.as_str(), "nomaster"],
         vec!["link", "set", client.key.as_str(), "down"],
@@ -141,17 +140,11 @@ async fn create_and_delete_are_idempotent_and_complete_half_made_endpoints() {
         &["sysctl", "-qw", "net.ipv6.conf.eth0.disable_ipv6=0"],
     );
     for args in [
-        vec!["addr", "flush", "dev", "eth0"],
-        vec!["link", "set", "eth0", "down"],
-        vec!["link", "set", "lo", "down"],
+        ["ip", "addr", "flush", "dev", "eth0"],
+        ["ip", "link", "set", "eth0", "down"],
+        ["ip", "link", "set", "lo", "down"],
     ] {
-        let status = std::process::Command::new("nsenter")
-            .arg(format!("--net={ns}"))
-            .arg("ip")
-            .args(&args)
-            .status()
-            .expect("nsenter ip");
-        assert!(status.success());
+        in_ns(&client.netns_path, &args);
     }
     assert!(!can_talk(Some(&client.netns_path), server_spec.ip, 7000));
     create_endpoint(cfg, &client_spec)
