@@ -8,9 +8,8 @@ use std::path::{Path, PathBuf};
 use futures::TryStreamExt;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
 use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkMessage};
-use rtnetlink::{
-    LinkBridge, LinkBridgePort, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder,
-};
+use rtnetlink::packet_route::route::RouteScope;
+use rtnetlink::{LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
 use crate::link::{self, netlink_error, EEXIST};
 use crate::nsfs::{self, NetlinkWork};
@@ -38,6 +37,9 @@ pub struct KernelEndpoint {
     /// was interrupted before the alias was set).
     pub owner: Option<String>,
     pub host_veth: bool,
+    /// The host veth is a bridge port, as an older agent made endpoints: creating the
+    /// endpoint again makes it routed.
+    pub bridged: bool,
     /// A netns file exists in the runtime dir (mounted or left empty).
     pub netns_file: bool,
     /// That file is a live namespace mount (false: an interrupted create).
@@ -71,9 +73,12 @@ pub(crate) fn bridge_mac(prefix: &str) -> Vec<u8> {
     vec![0x02, b[0], b[1], b[2], b[3], b[4]]
 }
 
-/// Creates (or completes) the bridge with the gateway address, enables IPv4
-/// forwarding, and creates the nftables tables if they are missing. Existing
-/// tables are left alone: their content comes from [`crate::apply_rules`].
+/// Creates (or completes) the agent's gateway link `<prefix>0`, a bridge without ports that
+/// holds the gateway address (this kernel has no dummy links; a bridge with no port costs
+/// nothing per endpoint), enables IPv4 forwarding, and creates the nftables tables if they
+/// are missing. Existing tables are left alone: their content comes from
+/// [`crate::apply_rules`]. Endpoints are routed, not bridged ([`create_endpoint`]); the ports
+/// an older agent attached are detached when their endpoint is next created.
 pub async fn ensure_bridge_and_table(cfg: &NetConfig) -> Result<()> {
     let handle = link::connect()?;
     let name = cfg.bridge_name();
@@ -132,28 +137,19 @@ pub async fn ensure_bridge_and_table(cfg: &NetConfig) -> Result<()> {
             .map_err(netlink_error(format!("bringing {name} up")))?;
     }
     write_sysctl("/proc/sys/net/ipv4/ip_forward", "1")?;
-    let conf = format!("/proc/sys/net/ipv4/conf/{name}");
-    // Lets DNAT from 127.0.0.1 leave through the bridge (published ports).
-    write_sysctl(&format!("{conf}/route_localnet"), "1")?;
-    // Ports are isolated: the host answers ARP for every address at once, so
-    // endpoint-to-endpoint traffic is routed through it and filtered with conntrack.
-    write_sysctl(&format!("{conf}/proxy_arp_pvlan"), "1")?;
-    write_sysctl(&format!("/proc/sys/net/ipv4/neigh/{name}/proxy_delay"), "0")?;
-    write_sysctl(&format!("{conf}/send_redirects"), "0")?;
-    // No IGMP/MLD snooping (also on a bridge made before this was set at creation): ports
-    // are isolated, so no multicast goes from one to another anyway, and with it on the
-    // kernel keeps query timers and multicast state per port and walks every port's on
-    // each port added or removed (bench/density, docs/netns.md).
-    write_sysctl(
-        &format!("/sys/class/net/{name}/bridge/multicast_snooping"),
-        "0",
-    )?;
     rules::ensure_tables(cfg).await
 }
 
 /// Creates the endpoint or completes a partly made one; an endpoint that is
 /// already complete is left untouched (a running sandbox keeps its network).
 /// Does not touch nftables: call [`crate::apply_rules`] with the full set.
+///
+/// Routed, not bridged: the host veth carries a `/32` route to the sandbox's address (source:
+/// the gateway), and the sandbox has its address as `/32` with a default route to the gateway
+/// on-link and the gateway's neighbour entry fixed to the host veth's MAC. So nothing is ever
+/// switched between sandboxes, every packet from one passes the host's routing and nftables,
+/// and adding or removing an endpoint walks no other endpoint's objects (a bridge walks
+/// every port on each port added or removed, and takes at most 1023).
 pub async fn create_endpoint(cfg: &NetConfig, spec: &EndpointSpec) -> Result<Endpoint> {
     spec.validate(cfg)?;
     let key = cfg.endpoint_key(&spec.owner);
@@ -162,9 +158,9 @@ pub async fn create_endpoint(cfg: &NetConfig, spec: &EndpointSpec) -> Result<End
 
     let handle = link::connect()?;
     let bridge_name = cfg.bridge_name();
-    let bridge = link::get_by_name(&handle, &bridge_name)
-        .await?
-        .ok_or(Error::BridgeMissing(bridge_name))?;
+    if link::get_by_name(&handle, &bridge_name).await?.is_none() {
+        return Err(Error::BridgeMissing(bridge_name));
+    }
 
     let existing = link::get_by_name(&handle, &key).await?;
     if let Some(host) = &existing {
@@ -179,30 +175,24 @@ pub async fn create_endpoint(cfg: &NetConfig, spec: &EndpointSpec) -> Result<End
             _ => {}
         }
     }
-    let mut host_index = match existing {
-        Some(host) => host.header.index,
+    let mut host = match existing {
+        Some(host) => host,
         None => create_veth(&handle, &key, &netns_path).await?,
     };
-    // IPv6 off on the host side before it comes up (the sandbox side: `nsfs`, and below). The
-    // bridge carries only IPv4 (and ARP) for sandboxes. With IPv6, every host port got a
-    // link-local address, DAD and MLD, and its own `fe80::/64` and `ff00::/8` routes in the
-    // host's tables, beside those of every other port: the kernel walks a prefix's routes to
-    // add or remove one, so each veth cost more to bring up and to delete the more ran.
-    nsfs::ipv6_off(&key)?;
-    attach_host_side(&handle, host_index, &bridge, &spec.owner, &key).await?;
-    let matched = configure_sandbox_side(cfg, spec.ip, &netns_path, host_index).await?;
+    configure_host_side(cfg, &handle, &host, spec, &key).await?;
+    let mut matched = configure_sandbox_side(cfg, spec.ip, &netns_path, &host).await?;
     if !matched {
         // The host veth was a leftover whose peer is not our eth0: start over.
-        link::delete_index(&handle, host_index, &key).await?;
-        host_index = create_veth(&handle, &key, &netns_path).await?;
-        nsfs::ipv6_off(&key)?;
-        attach_host_side(&handle, host_index, &bridge, &spec.owner, &key).await?;
-        if !configure_sandbox_side(cfg, spec.ip, &netns_path, host_index).await? {
-            return Err(Error::InvalidEndpoint(format!(
-                "{SANDBOX_IFNAME} in {} is not the peer of {key}",
-                netns_path.display()
-            )));
-        }
+        link::delete_index(&handle, host.header.index, &key).await?;
+        host = create_veth(&handle, &key, &netns_path).await?;
+        configure_host_side(cfg, &handle, &host, spec, &key).await?;
+        matched = configure_sandbox_side(cfg, spec.ip, &netns_path, &host).await?;
+    }
+    if !matched {
+        return Err(Error::InvalidEndpoint(format!(
+            "{SANDBOX_IFNAME} in {} is not the peer of {key}",
+            netns_path.display()
+        )));
     }
     Ok(Endpoint {
         owner: spec.owner.clone(),
@@ -215,7 +205,11 @@ pub async fn create_endpoint(cfg: &NetConfig, spec: &EndpointSpec) -> Result<End
 
 /// Creates the pair in one netlink call, the peer born inside the namespace as
 /// `eth0`, so no half-moved peer can be left in the host namespace.
-async fn create_veth(handle: &rtnetlink::Handle, key: &str, netns_path: &Path) -> Result<u32> {
+async fn create_veth(
+    handle: &rtnetlink::Handle,
+    key: &str,
+    netns_path: &Path,
+) -> Result<LinkMessage> {
     let attempt = |ns_fd: i32| {
         let peer = LinkUnspec::new_with_name(SANDBOX_IFNAME)
             .setns_by_fd(ns_fd)
@@ -249,50 +243,73 @@ async fn create_veth(handle: &rtnetlink::Handle, key: &str, netns_path: &Path) -
     }
     link::get_by_name(handle, key)
         .await?
-        .map(|l| l.header.index)
         .ok_or_else(|| Error::InvalidEndpoint(format!("veth {key} vanished after creation")))
 }
 
-async fn attach_host_side(
+/// The host veth: IPv6 off, `route_localnet`, no bridge (an older agent's port is detached),
+/// its owner in its alias, up, and the `/32` route to the sandbox through it.
+async fn configure_host_side(
+    cfg: &NetConfig,
     handle: &rtnetlink::Handle,
-    index: u32,
-    bridge: &LinkMessage,
-    owner: &str,
+    host: &LinkMessage,
+    spec: &EndpointSpec,
     key: &str,
 ) -> Result<()> {
-    let message = LinkUnspec::new_with_index(index)
-        .controller(bridge.header.index)
+    let index = host.header.index;
+    // IPv6 off before it comes up. Sandboxes are IPv4 only; with IPv6 every host veth got a
+    // link-local address, DAD and MLD, and its own `fe80::/64` and `ff00::/8` routes in the
+    // host's tables beside every other veth's: the kernel walks a prefix's routes to add or
+    // remove one, so each veth cost more to bring up and to delete the more ran.
+    nsfs::ipv6_off(key)?;
+    // A published port's DNAT from 127.0.0.1 leaves through this veth; the kernel routes a
+    // loopback source out of a device only with `route_localnet` on it (the sandboxes cannot
+    // use it the other way: the rules drop what they send to 127.0.0.0/8).
+    write_sysctl(
+        &format!("/proc/sys/net/ipv4/conf/{key}/route_localnet"),
+        "1",
+    )?;
+    let mut message = LinkUnspec::new_with_index(index)
         .up()
-        .append_extra_attribute(LinkAttribute::IfAlias(owner.to_string()))
-        .build();
-    match handle.link().set(message).execute().await {
-        Ok(()) => {}
-        Err(e) if link::errno(&e) == Some(libc::EXFULL) => {
-            return Err(Error::BridgeFull(
-                link::name(bridge).unwrap_or_default().to_string(),
-            ))
-        }
-        Err(e) => return Err(netlink_error(format!("attaching {key} to the bridge"))(e)),
+        .append_extra_attribute(LinkAttribute::IfAlias(spec.owner.clone()));
+    if link::controller(host).is_some() {
+        message = message.nocontroller();
     }
-    // Isolated ports cannot reach each other at layer 2; only the host.
     handle
         .link()
-        .set_port(LinkBridgePort::new(index).isolated(true).build())
+        .set(message.build())
         .execute()
         .await
-        .map_err(netlink_error(format!("isolating bridge port {key}")))
+        .map_err(netlink_error(format!("setting up {key}")))?;
+    let route = RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(spec.ip, 32)
+        .output_interface(index)
+        .pref_source(cfg.gateway())
+        .scope(RouteScope::Link)
+        .build();
+    handle
+        .route()
+        .add(route)
+        .replace()
+        .execute()
+        .await
+        .map_err(netlink_error(format!("route to {} through {key}", spec.ip)))
 }
 
-/// Inside the namespace: `lo` up, `eth0` with exactly our address, up, and a
-/// default route via the gateway. Returns false when `eth0` is missing or is
-/// not the peer of `host_index`.
+/// Inside the namespace: `lo` up, `eth0` with exactly our address (as a `/32`), up, the
+/// gateway's neighbour entry fixed to the host veth's MAC and a default route via the gateway
+/// on-link: every packet goes to the host, and no ARP is needed for the gateway (nor answered
+/// by the host for other sandboxes: they are reached through it). Returns false when `eth0`
+/// is missing or is not the peer of `host`.
 async fn configure_sandbox_side(
     cfg: &NetConfig,
     ip: Ipv4Addr,
     netns_path: &Path,
-    host_index: u32,
+    host: &LinkMessage,
 ) -> Result<bool> {
-    let prefix_len = cfg.subnet().prefix_len();
+    let host_index = host.header.index;
+    let host_mac = link::mac(host)
+        .ok_or_else(|| Error::InvalidEndpoint(format!("host veth {host_index} has no MAC")))?
+        .to_vec();
     let gateway = cfg.gateway();
     let work: NetlinkWork<bool> = Box::new(move |handle| {
         Box::pin(async move {
@@ -324,7 +341,7 @@ async fn configure_sandbox_side(
                 .map_err(netlink_error("listing eth0 addresses"))?;
             let mut have_ours = false;
             for address in addresses {
-                let is_ours = address.header.prefix_len == prefix_len
+                let is_ours = address.header.prefix_len == 32
                     && address
                         .attributes
                         .iter()
@@ -333,7 +350,8 @@ async fn configure_sandbox_side(
                 if is_ours {
                     have_ours = true;
                 } else if is_v4 {
-                    // A different address from an earlier spec of this owner.
+                    // A different address from an earlier spec of this owner, or ours with
+                    // the subnet's prefix (an older agent's bridged endpoint).
                     handle
                         .address()
                         .del(address)
@@ -345,7 +363,7 @@ async fn configure_sandbox_side(
             if !have_ours {
                 match handle
                     .address()
-                    .add(index, IpAddr::V4(ip), prefix_len)
+                    .add(index, IpAddr::V4(ip), 32)
                     .execute()
                     .await
                 {
@@ -365,9 +383,18 @@ async fn configure_sandbox_side(
                     .await
                     .map_err(netlink_error("bringing eth0 up"))?;
             }
+            handle
+                .neighbours()
+                .add(index, IpAddr::V4(gateway))
+                .link_layer_address(&host_mac)
+                .replace()
+                .execute()
+                .await
+                .map_err(netlink_error(format!("neighbour entry of {gateway}")))?;
             let route = RouteMessageBuilder::<Ipv4Addr>::new()
                 .output_interface(index)
                 .gateway(gateway)
+                .onlink()
                 .build();
             handle
                 .route()
@@ -401,8 +428,9 @@ pub async fn delete_endpoint_by_key(cfg: &NetConfig, key: &str) -> Result<()> {
     // Deleting a veth waits for an RCU grace period (tens of ms here), most of an endpoint's
     // teardown, so it happens after we return. By index, not name: a new endpoint may reuse
     // the name at once (create replaces a leftover veth of that name itself). Until it is
-    // gone the veth carries nothing: its namespace is unmounted and the bridge table drops
-    // ports no endpoint owns once the rules are next applied.
+    // gone the veth carries nothing: its namespace is unmounted and the rules drop what
+    // comes from a veth no endpoint owns. Its `/32` route goes with it, unless a new endpoint
+    // of the same address has replaced it already.
     if let Some(veth) = host_veth {
         let index = veth.header.index;
         tokio::spawn(async move {
@@ -431,6 +459,7 @@ pub async fn list_kernel_objects(cfg: &NetConfig) -> Result<KernelObjects> {
                         .filter(|a| !a.is_empty())
                         .map(str::to_string),
                     host_veth: true,
+                    bridged: link::controller(&l).is_some(),
                     netns_file: false,
                     netns_mounted: false,
                 },
@@ -449,6 +478,7 @@ pub async fn list_kernel_objects(cfg: &NetConfig) -> Result<KernelObjects> {
                         key: name,
                         owner: None,
                         host_veth: false,
+                        bridged: false,
                         netns_file: false,
                         netns_mounted: false,
                     });

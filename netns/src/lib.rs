@@ -1,9 +1,9 @@
 //! Per-sandbox network namespaces for the miren agent.
 //!
-//! One bridge per agent (`<prefix>0`), one veth pair and one bind-mounted
-//! network namespace per endpoint, and two nftables tables named after the
-//! prefix (`inet <prefix>` for NAT and routed traffic, `bridge <prefix>` for
-//! isolation between endpoints). See `docs/netns.md` for the design.
+//! One gateway link per agent (`<prefix>0`, a bridge without ports holding the gateway
+//! address), one routed veth pair and one bind-mounted network namespace per endpoint, and
+//! one nftables table named after the prefix (`inet <prefix>`: isolation between endpoints,
+//! their addresses' checks, NAT). See `docs/netns.md` for the design.
 //!
 //! Every create/delete call is idempotent and safe to repeat after the caller
 //! was killed between any two steps.
@@ -55,10 +55,6 @@ pub enum Error {
     InvalidEndpoint(String),
     #[error("bridge {0} does not exist; call ensure_bridge_and_table first")]
     BridgeMissing(String),
-    /// The kernel's limit on a bridge's ports is reached: `BR_MAX_PORTS` is 1024 and port
-    /// number 0 is reserved, so 1023.
-    #[error("bridge {0} has 1023 ports, the most the kernel allows: this agent holds at most 1023 sandboxes with a network endpoint; delete some, or run another agent with its own --prefix and --subnet")]
-    BridgeFull(String),
     #[error("interface {name} belongs to owner {found:?}, not {wanted:?} (name hash collision)")]
     OwnerCollision {
         name: String,
@@ -127,12 +123,12 @@ impl NetConfig {
         &self.runtime_dir
     }
 
-    /// `<prefix>0`.
+    /// `<prefix>0`: the gateway's link (a bridge without ports).
     pub fn bridge_name(&self) -> String {
         format!("{}0", self.prefix)
     }
 
-    /// Name of both nftables tables (`inet` and `bridge` families).
+    /// Name of the nftables table (`inet` family; an older agent also had a `bridge` one).
     pub fn table_name(&self) -> String {
         self.prefix.clone()
     }

@@ -10,7 +10,8 @@ use serde_json::{json, Value};
 use crate::{EndpointSpec, Error, NetConfig, PublishedPort, Result};
 
 const INET: &str = "inet";
-const BRIDGE: &str = "bridge";
+/// The family of the table an older agent kept beside the `inet` one (it bridged endpoints).
+const OLD_BRIDGE_FAMILY: &str = "bridge";
 
 fn meta(key: &str) -> Value {
     json!({ "meta": { "key": key } })
@@ -135,10 +136,9 @@ const DEST_MAP: &str = "dest";
 const PUB_ADDR_MAP: &str = "pub_addr";
 /// inet: port published on every local address (`0.0.0.0`) -> `jump pub-<key>`.
 const PUB_LOCAL_MAP: &str = "pub_local";
-/// bridge: the host veth names of live endpoints (any other port with our prefix is dropped).
+/// The host veth names of live endpoints (any other veth with our prefix is dropped).
 const PORTS_SET: &str = "ports";
-/// bridge: `host veth name . endpoint address`: the one IPv4 source address (and ARP sender)
-/// each port may use.
+/// `host veth name . endpoint address`: the one IPv4 source address each veth may use.
 const PORT_ADDRS_SET: &str = "port_ip";
 
 /// App names are free text: an app's set and chain are named after its bytes in hex, which
@@ -258,8 +258,8 @@ impl Batch {
     }
 
     /// Everything of one endpoint but its apps' chains (see [`Batch::app`]), rewritten whole.
-    /// The map entries come last: until they exist the endpoint's port is dropped by the
-    /// bridge table and nothing is routed to its address.
+    /// The map entries come last: until they exist what the endpoint's veth sends is dropped
+    /// and nothing is routed to its address.
     fn endpoint(&mut self, cfg: &NetConfig, spec: &EndpointSpec) {
         let key = cfg.endpoint_key(&spec.owner);
         let ip = json!(spec.ip.to_string());
@@ -286,10 +286,10 @@ impl Batch {
             }
         }
 
-        self.element("add", BRIDGE, PORT_ADDRS_SET, port_addr(&key, &ip));
+        self.element("add", INET, PORT_ADDRS_SET, port_addr(&key, &ip));
         self.element("add", INET, &app_set(&spec.app), ip.clone());
         self.element("add", INET, DEST_MAP, json!([ip, jump(to)]));
-        self.element("add", BRIDGE, PORTS_SET, json!(key));
+        self.element("add", INET, PORTS_SET, json!(key));
     }
 
     /// A changed `allow_from`: the endpoint's `dest` entry is replaced (its chain may change
@@ -313,14 +313,16 @@ impl Batch {
         }
     }
 
-    /// Undoes [`Batch::endpoint`]: map entries first (from then on its port is dropped and its
+    /// Undoes [`Batch::endpoint`]: map entries first (from then on its veth is dropped and its
     /// address admits nothing), then its chains. Its apps' chains stay (other endpoints may
     /// jump to them; an empty one admits nothing) until the next full apply.
     fn remove_endpoint(&mut self, cfg: &NetConfig, spec: &EndpointSpec) {
         let key = cfg.endpoint_key(&spec.owner);
         let ip = json!(spec.ip.to_string());
         let (admission, publish) = (Admission::of(cfg, spec), format!("pub-{key}"));
-        self.remove_element(BRIDGE, PORTS_SET, json!(key), json!(key));
+        // Sets an older agent's table lacks are made, so that the removal itself succeeds.
+        self.set(INET, PORTS_SET, json!("ifname"));
+        self.remove_element(INET, PORTS_SET, json!(key), json!(key));
         // The chain the entry's data names must exist for the add half of its removal.
         self.chain(INET, admission.chain());
         self.remove_element(
@@ -330,8 +332,8 @@ impl Batch {
             ip.clone(),
         );
         let pair = port_addr(&key, &ip);
-        self.set(BRIDGE, PORT_ADDRS_SET, json!(["ifname", "ipv4_addr"]));
-        self.remove_element(BRIDGE, PORT_ADDRS_SET, pair.clone(), pair);
+        self.set(INET, PORT_ADDRS_SET, json!(["ifname", "ipv4_addr"]));
+        self.remove_element(INET, PORT_ADDRS_SET, pair.clone(), pair);
         let set = app_set(&spec.app);
         self.set(INET, &set, json!("ipv4_addr"));
         self.remove_element(INET, &set, ip.clone(), ip);
@@ -403,23 +405,23 @@ fn dnat_rule(spec: &EndpointSpec, port: &PublishedPort) -> Vec<Value> {
 
 /// The complete JSON batch for `endpoints` (exposed for inspection and tests).
 ///
-/// Bridge ports are isolated and the bridge answers every ARP request
-/// (`proxy_arp_pvlan`), so traffic between two endpoints is routed through the
-/// host and seen by `inet <prefix>` forward, with conntrack (this kernel has
-/// no bridge-family conntrack). There, a connection into an endpoint passes
-/// only from addresses of its own app or of an app in its `allow_from`.
-/// Egress is masqueraded; routed traffic into the bridge from elsewhere passes
-/// only as a reply or to a published port (DNAT, masqueraded to the gateway).
+/// Endpoints are routed: each host veth (`<prefix>-*`) is a link of its own with a `/32`
+/// route, so traffic between two endpoints is routed through the host and seen by
+/// `inet <prefix>` forward, with conntrack. There, a connection into an endpoint passes only
+/// from addresses of its own app or of an app in its `allow_from`. Egress is masqueraded;
+/// routed traffic into an endpoint from elsewhere passes only as a reply or to a published
+/// port (DNAT, its source then the gateway).
 ///
-/// `bridge <prefix>` makes addresses trustworthy: a port may only send IPv4
-/// and ARP with its own address, and ports with the prefix that no spec names
-/// (leftovers) are dropped.
+/// The `checks` chain makes addresses trustworthy before conntrack sees a packet: a veth may
+/// only send IPv4 from its own address, and veths with the prefix that no spec names
+/// (leftovers) send nothing. An older agent's `bridge <prefix>` table is removed in the same
+/// transaction.
 ///
 /// Per-endpoint parts live in named maps and sets: [`endpoint_rules_json`] and
 /// [`endpoint_removal_json`] change one endpoint without rewriting the rest.
 pub fn ruleset_json(cfg: &NetConfig, endpoints: &[EndpointSpec]) -> Result<Value> {
     validate(cfg, endpoints)?;
-    let bridge = cfg.bridge_name();
+    let gateway_link = cfg.bridge_name();
     let subnet = json!({ "prefix": {
         "addr": cfg.subnet().network().to_string(),
         "len": cfg.subnet().prefix_len(),
@@ -428,7 +430,13 @@ pub fn ruleset_json(cfg: &NetConfig, endpoints: &[EndpointSpec]) -> Result<Value
     let mut sorted: Vec<&EndpointSpec> = endpoints.iter().collect();
     sorted.sort_by(|a, b| a.owner.cmp(&b.owner));
 
+    // An older agent bridged its endpoints and checked their addresses in a `bridge` table.
+    let old_table = json!({ "table": { "family": OLD_BRIDGE_FAMILY, "name": batch.table } });
+    batch.commands.push(json!({ "add": old_table.clone() }));
+    batch.commands.push(json!({ "delete": old_table }));
+
     batch.reset_table(INET);
+    batch.base_chain(INET, "checks", "filter", "prerouting", -300);
     batch.base_chain(INET, "input", "filter", "input", 0);
     batch.base_chain(INET, "forward", "filter", "forward", 0);
     batch.base_chain(INET, "prerouting", "nat", "prerouting", -100);
@@ -437,61 +445,137 @@ pub fn ruleset_json(cfg: &NetConfig, endpoints: &[EndpointSpec]) -> Result<Value
     batch.verdict_map(INET, DEST_MAP, json!("ipv4_addr"));
     batch.verdict_map(INET, PUB_ADDR_MAP, json!(["ipv4_addr", "inet_service"]));
     batch.verdict_map(INET, PUB_LOCAL_MAP, json!("inet_service"));
+    batch.set(INET, PORTS_SET, json!("ifname"));
+    batch.set(INET, PORT_ADDRS_SET, json!(["ifname", "ipv4_addr"]));
 
-    let from_bridge = || is(meta("iifname"), json!(bridge));
-    let to_bridge = || is(meta("oifname"), json!(bridge));
+    let our_veths = json!(format!("{}-*", cfg.prefix()));
+    let from_endpoint = || is(meta("iifname"), our_veths.clone());
+    let to_endpoint = || is(meta("oifname"), our_veths.clone());
+
+    // The veths have route_localnet=1 for published ports: never let a sandbox address the
+    // host's loopback through one (cf. CVE-2020-8558).
+    batch.rule(
+        INET,
+        "checks",
+        vec![
+            from_endpoint(),
+            is(
+                payload("ip", "daddr"),
+                json!({ "prefix": { "addr": "127.0.0.0", "len": 8 } }),
+            ),
+            drop_packet(),
+        ],
+    );
+    // A veth with our prefix that no live endpoint has (a leftover) sends nothing; a live
+    // one sends IPv4 only, from its own address. (ARP needs no check: each veth is a link of
+    // its own, so a false claim reaches only the host's neighbour entries of that veth, and
+    // the host routes every other address through another veth.)
+    batch.rule(
+        INET,
+        "checks",
+        vec![
+            from_endpoint(),
+            matches("!=", meta("iifname"), set_ref(PORTS_SET)),
+            drop_packet(),
+        ],
+    );
+    batch.rule(
+        INET,
+        "checks",
+        vec![
+            from_endpoint(),
+            matches("!=", meta("nfproto"), json!("ipv4")),
+            drop_packet(),
+        ],
+    );
+    batch.rule(
+        INET,
+        "checks",
+        vec![
+            from_endpoint(),
+            matches(
+                "!=",
+                json!({ "concat": [meta("iifname"), payload("ip", "saddr")] }),
+                set_ref(PORT_ADDRS_SET),
+            ),
+            drop_packet(),
+        ],
+    );
+    // The gateway's link has no port: what arrives on it comes from an older agent's bridged
+    // endpoint not yet made routed, and passes nothing until it is.
+    batch.rule(
+        INET,
+        "checks",
+        vec![is(meta("iifname"), json!(gateway_link)), drop_packet()],
+    );
+
     // Sandboxes get nothing from the host itself, on any of its addresses and in either IP
     // family: only answers to connections the host opened (e.g. to a published port, which
     // is DNAT'd in prerouting and so forwarded, not input) come in.
     batch.rule(
         INET,
         "input",
-        vec![from_bridge(), ct_established(), accept()],
+        vec![from_endpoint(), ct_established(), accept()],
     );
-    batch.rule(INET, "input", vec![from_bridge(), drop_packet()]);
+    batch.rule(INET, "input", vec![from_endpoint(), drop_packet()]);
     batch.rule(
         INET,
         "forward",
-        vec![to_bridge(), ct_established(), accept()],
+        vec![to_endpoint(), ct_established(), accept()],
     );
-    batch.rule(INET, "forward", vec![to_bridge(), ct_dnat(), accept()]);
+    batch.rule(INET, "forward", vec![to_endpoint(), ct_dnat(), accept()]);
     batch.rule(
         INET,
         "forward",
         vec![
-            from_bridge(),
-            to_bridge(),
+            from_endpoint(),
+            to_endpoint(),
             json!({ "vmap": { "key": payload("ip", "daddr"), "data": set_ref(DEST_MAP) } }),
         ],
     );
     batch.rule(
         INET,
         "forward",
-        vec![from_bridge(), to_bridge(), drop_packet()],
+        vec![from_endpoint(), to_endpoint(), drop_packet()],
+    );
+    // Nothing is forwarded to the gateway's link (addresses of the subnet no endpoint has).
+    batch.rule(
+        INET,
+        "forward",
+        vec![is(meta("oifname"), json!(gateway_link)), drop_packet()],
     );
     // Endpoints are IPv4 only: nothing else from them is routed anywhere, even on a host that
     // forwards IPv6.
     batch.rule(
         INET,
         "forward",
-        vec![from_bridge(), is(meta("nfproto"), json!("ipv4")), accept()],
+        vec![
+            from_endpoint(),
+            is(meta("nfproto"), json!("ipv4")),
+            accept(),
+        ],
     );
-    batch.rule(INET, "forward", vec![from_bridge(), drop_packet()]);
-    batch.rule(INET, "forward", vec![to_bridge(), drop_packet()]);
+    batch.rule(INET, "forward", vec![from_endpoint(), drop_packet()]);
+    batch.rule(INET, "forward", vec![to_endpoint(), drop_packet()]);
 
     batch.rule(
         INET,
         "postrouting",
         vec![
             is(payload("ip", "saddr"), subnet),
-            matches("!=", meta("oifname"), json!(bridge)),
+            matches("!=", meta("oifname"), our_veths.clone()),
             json!({ "masquerade": null }),
         ],
     );
+    // A host veth has no address of its own to masquerade to: the gateway's, explicitly.
     batch.rule(
         INET,
         "postrouting",
-        vec![to_bridge(), ct_dnat(), json!({ "masquerade": null })],
+        vec![
+            to_endpoint(),
+            ct_dnat(),
+            json!({ "snat": { "family": "ip", "addr": cfg.gateway().to_string() } }),
+        ],
     );
     for chain in ["prerouting", "output"] {
         let by_address = json!({ "concat": [payload("ip", "daddr"), payload("tcp", "dport")] });
@@ -509,57 +593,6 @@ pub fn ruleset_json(cfg: &NetConfig, endpoints: &[EndpointSpec]) -> Result<Value
                     json!("local"),
                 ),
                 json!({ "vmap": { "key": payload("tcp", "dport"), "data": set_ref(PUB_LOCAL_MAP) } }),
-            ],
-        );
-    }
-
-    batch.reset_table(BRIDGE);
-    batch.base_chain(BRIDGE, "prerouting", "filter", "prerouting", -200);
-    batch.set(BRIDGE, PORTS_SET, json!("ifname"));
-    batch.set(BRIDGE, PORT_ADDRS_SET, json!(["ifname", "ipv4_addr"]));
-    let our_ports = json!(format!("{}-*", cfg.prefix()));
-    // The bridge has route_localnet=1 for published ports: never let a sandbox
-    // address the host's loopback through it (cf. CVE-2020-8558).
-    batch.rule(
-        BRIDGE,
-        "prerouting",
-        vec![
-            is(meta("iifname"), our_ports.clone()),
-            is(payload("ether", "type"), json!("ip")),
-            is(
-                payload("ip", "daddr"),
-                json!({ "prefix": { "addr": "127.0.0.0", "len": 8 } }),
-            ),
-            drop_packet(),
-        ],
-    );
-    // A port with our prefix that no live endpoint has (a leftover) sends nothing; a live
-    // one sends IPv4 and ARP only with its own address.
-    batch.rule(
-        BRIDGE,
-        "prerouting",
-        vec![
-            is(meta("iifname"), our_ports.clone()),
-            matches("!=", meta("iifname"), set_ref(PORTS_SET)),
-            drop_packet(),
-        ],
-    );
-    for (ether_type, sender) in [
-        ("ip", payload("ip", "saddr")),
-        ("arp", payload("arp", "saddr ip")),
-    ] {
-        batch.rule(
-            BRIDGE,
-            "prerouting",
-            vec![
-                is(meta("iifname"), our_ports.clone()),
-                is(payload("ether", "type"), json!(ether_type)),
-                matches(
-                    "!=",
-                    json!({ "concat": [meta("iifname"), sender] }),
-                    set_ref(PORT_ADDRS_SET),
-                ),
-                drop_packet(),
             ],
         );
     }
@@ -679,7 +712,7 @@ pub async fn remove_endpoint_rules(cfg: &NetConfig, spec: &EndpointSpec) -> Resu
     nft_apply(endpoint_removal_json(cfg, spec)?.to_string()).await
 }
 
-/// True when both of the prefix's tables exist.
+/// True when the prefix's `inet` table exists.
 pub async fn tables_exist(cfg: &NetConfig) -> Result<bool> {
     let output = tokio::task::spawn_blocking(|| {
         nftables::helper::get_current_ruleset_raw(None::<&str>, ["list", "tables"])
@@ -696,10 +729,10 @@ pub async fn tables_exist(cfg: &NetConfig) -> Result<bool> {
             })
         })
     };
-    Ok(has(INET) && has(BRIDGE))
+    Ok(has(INET))
 }
 
-/// Creates the tables with no endpoint rules, unless both already exist.
+/// Creates the table with no endpoint rules, unless it exists.
 pub async fn ensure_tables(cfg: &NetConfig) -> Result<()> {
     if tables_exist(cfg).await? {
         return Ok(());
@@ -707,10 +740,11 @@ pub async fn ensure_tables(cfg: &NetConfig) -> Result<()> {
     apply_rules(cfg, &[]).await
 }
 
-/// Deletes both tables; missing tables are fine (add-then-delete in one batch).
+/// Deletes the table, and an older agent's `bridge` one; missing tables are fine
+/// (add-then-delete in one batch).
 pub async fn delete_tables(cfg: &NetConfig) -> Result<()> {
     let mut commands = vec![json!({ "metainfo": { "json_schema_version": 1 } })];
-    for family in [INET, BRIDGE] {
+    for family in [INET, OLD_BRIDGE_FAMILY] {
         let table = json!({ "table": { "family": family, "name": cfg.table_name() } });
         commands.push(json!({ "add": table }));
         commands.push(json!({ "delete": table }));

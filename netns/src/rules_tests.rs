@@ -14,7 +14,7 @@ fn rejects_duplicates() {
 }
 
 #[test]
-fn the_host_admits_only_answers_from_the_bridge() {
+fn the_host_admits_only_answers_from_endpoints() {
     let cfg =
         NetConfig::new("mt", "10.9.0.0/24".parse().expect("subnet"), "/run/x").expect("config");
     let rules = ruleset_json(&cfg, &[]).expect("rules");
@@ -26,9 +26,9 @@ fn the_host_admits_only_answers_from_the_bridge() {
         .collect();
     assert_eq!(input.len(), 2, "{input:?}");
     let last = &input[1]["add"]["rule"]["expr"];
-    assert_eq!(last[0]["match"]["right"], "mt0");
+    assert_eq!(last[0]["match"]["right"], "mt-*");
     assert_eq!(last[1], drop_packet());
-    let forward_from_bridge: Vec<&Value> = rules["nftables"]
+    let forward_from_endpoints: Vec<&Value> = rules["nftables"]
         .as_array()
         .expect("commands")
         .iter()
@@ -40,9 +40,9 @@ fn the_host_admits_only_answers_from_the_bridge() {
         })
         .collect();
     assert_eq!(
-        forward_from_bridge.last().map(|expr| &expr[1]),
+        forward_from_endpoints.last().map(|expr| &expr[1]),
         Some(&drop_packet()),
-        "only IPv4 is forwarded from the bridge: {forward_from_bridge:?}"
+        "only IPv4 is forwarded from endpoints: {forward_from_endpoints:?}"
     );
 }
 
@@ -259,16 +259,31 @@ fn full_ruleset_holds_maps_and_every_endpoint() {
         (entries("dest"), entries("ports"), entries("port_ip")),
         (2, 2, 2)
     );
-    // A port sends only with its own address: IPv4 and ARP checked against `port_ip`.
+    // A veth sends only with its own address, checked against `port_ip` before conntrack;
+    // an older agent's `bridge` table goes in the same transaction.
     let checks: Vec<&Value> = cmds
         .iter()
-        .filter(|(_, kind, body)| kind == "rule" && body["chain"] == "prerouting")
-        .filter(|(_, _, body)| body["table"] == cfg.table_name() && body["family"] == "bridge")
-        .filter_map(|(_, _, body)| body["expr"].as_array()?.get(2))
+        .filter(|(_, kind, body)| kind == "rule" && body["chain"] == "checks")
+        .filter(|(_, _, body)| body["table"] == cfg.table_name() && body["family"] == "inet")
+        .filter_map(|(_, _, body)| body["expr"].as_array()?.get(1))
         .filter(|m| m["match"]["right"] == "@port_ip")
         .collect();
-    assert_eq!(checks.len(), 2, "{checks:?}");
+    assert_eq!(checks.len(), 1, "{checks:?}");
     assert!(checks.iter().all(|m| m["match"]["op"] == "!="));
+    assert!(cmds.iter().any(|(verb, kind, body)| verb == "delete"
+        && kind == "table"
+        && body["family"] == "bridge"));
+    let checks_chain = cmds
+        .iter()
+        .find(|(_, kind, body)| kind == "chain" && body["name"] == "checks")
+        .expect("checks chain");
+    assert_eq!(
+        (
+            checks_chain.2["hook"].as_str(),
+            checks_chain.2["prio"].as_i64()
+        ),
+        (Some("prerouting"), Some(-300))
+    );
     assert_eq!((entries("pub_addr"), entries("pub_local")), (1, 0));
     // The forward chain looks the destination up in the map, not in an inline list.
     assert!(cmds.iter().any(|(_, kind, body)| kind == "rule"

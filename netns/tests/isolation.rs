@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{can_talk, Outside, Server, TestNet};
+use common::{can_talk, udp_arrives, Outside, Server, TestNet};
 use miren_netns::{
     add_endpoint_rules, apply_rules, change_admission, create_endpoint, ensure_bridge_and_table,
     remove_endpoint_rules, EndpointSpec, PublishedPort,
@@ -49,19 +49,43 @@ async fn same_app_talks_other_app_only_when_allowed() {
     let _intruder_server = Server::start(&intruder_ep.netns_path, 8081);
     assert!(!can_talk(Some(&worker_ep.netns_path), intruder.ip, 8081));
 
-    // A sandbox that takes an address of the allowed app is cut off by the
-    // ARP and IP source checks. "ghost" is in the rules but not in the kernel,
-    // so without those checks the spoofer would get replies too.
+    // A sandbox that takes an address of the allowed app is cut off by the source address
+    // check: "ghost" is in the rules (its address admitted to web) but not in the kernel, so
+    // without the check the spoofer's datagrams would reach web. A routed endpoint's replies
+    // follow the spoofed address's route, never back to the spoofer, so a one-way datagram
+    // is what such an attack has.
     intruder.allow_from.clear();
     let ghost = EndpointSpec::new("ghost-1", "shop", net.ip(5));
-    apply_rules(cfg, &[web, worker, intruder, ghost.clone()])
+    apply_rules(cfg, &[web.clone(), worker, intruder, ghost.clone()])
         .await
         .expect("rules");
+    let udp_port = 8082;
+    assert!(
+        udp_arrives(&web_ep.netns_path, &worker_ep.netns_path, web.ip, udp_port),
+        "same app's datagram"
+    );
+    assert!(!udp_arrives(
+        &web_ep.netns_path,
+        &intruder_ep.netns_path,
+        web.ip,
+        udp_port
+    ));
     let ns = intruder_ep.netns_path.to_string_lossy().to_string();
-    let spoofed = format!("{}/24", ghost.ip);
+    let spoofed = format!("{}/32", ghost.ip);
+    let gateway = cfg.gateway().to_string();
     for args in [
         vec!["addr", "flush", "dev", "eth0"],
         vec!["addr", "add", spoofed.as_str(), "dev", "eth0"],
+        vec![
+            "route",
+            "replace",
+            "default",
+            "via",
+            gateway.as_str(),
+            "dev",
+            "eth0",
+            "onlink",
+        ],
     ] {
         let status = std::process::Command::new("nsenter")
             .arg(format!("--net={ns}"))
@@ -71,6 +95,15 @@ async fn same_app_talks_other_app_only_when_allowed() {
             .expect("nsenter ip");
         assert!(status.success());
     }
+    assert!(
+        !udp_arrives(
+            &web_ep.netns_path,
+            &intruder_ep.netns_path,
+            web.ip,
+            udp_port
+        ),
+        "a spoofed source address got through"
+    );
     assert!(!can_talk(Some(&intruder_ep.netns_path), net.ip(2), 8080));
 }
 
@@ -108,7 +141,7 @@ async fn published_port_reachable_from_host_loopback() {
     assert!(!can_talk(None, std::net::Ipv4Addr::LOCALHOST, host_port));
 }
 
-/// The bridge has route_localnet=1 (for published ports); a sandbox that
+/// Host veths have route_localnet=1 (for published ports); a sandbox that
 /// routes 127.0.0.0/8 to the gateway must still not reach host-only services.
 /// UDP, because one datagram is all such an attack needs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -128,7 +161,7 @@ async fn sandbox_cannot_reach_host_loopback_services() {
         "set -e; echo 1 > /proc/sys/net/ipv4/conf/eth0/route_localnet; \
          ip route del local 127.0.0.0/8 dev lo table local; \
          ip route del local 127.0.0.1 dev lo table local; \
-         ip route add 127.0.0.0/8 via {gateway} dev eth0; \
+         ip route add 127.0.0.0/8 via {gateway} dev eth0 onlink; \
          for i in 1 2 3; do echo probe > /dev/udp/127.0.0.1/{port}; sleep 0.1; done"
     );
     let status = std::process::Command::new("nsenter")
@@ -242,22 +275,15 @@ async fn per_endpoint_changes_keep_isolation() {
     assert!(!can_talk(Some(&worker_ep.netns_path), web.ip, 8080));
     assert!(!can_talk(None, std::net::Ipv4Addr::LOCALHOST, host_port));
     assert!(can_talk(None, web.ip, 8080), "the rest is untouched");
-    for family in ["inet", "bridge"] {
-        let table = common::nft_table(family, cfg.prefix()).expect("table");
-        for spec in [&worker, &intruder] {
-            let key = cfg.endpoint_key(&spec.owner);
-            assert!(
-                !table.contains(&key),
-                "{family} still names {key}:\n{table}"
-            );
-            assert!(!table.contains(&format!("{} ", spec.ip)), "{table}");
-        }
-        // The rest is still named: web's address in inet's `dest`, its port in bridge's sets.
-        let kept = if family == "inet" {
-            format!("{} ", web.ip)
-        } else {
-            cfg.endpoint_key("web-1")
-        };
-        assert!(table.contains(&kept), "{family} lost web-1:\n{table}");
+    assert!(common::nft_table("bridge", cfg.prefix()).is_none());
+    let table = common::nft_table("inet", cfg.prefix()).expect("table");
+    for spec in [&worker, &intruder] {
+        let key = cfg.endpoint_key(&spec.owner);
+        assert!(!table.contains(&key), "still names {key}:\n{table}");
+        assert!(!table.contains(&format!("{} ", spec.ip)), "{table}");
+    }
+    // The rest is still named: web's address in `dest`, its veth in the sets.
+    for kept in [format!("{} ", web.ip), cfg.endpoint_key("web-1")] {
+        assert!(table.contains(&kept), "lost web-1 ({kept}):\n{table}");
     }
 }

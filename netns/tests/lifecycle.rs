@@ -28,11 +28,36 @@ async fn two_hundred_endpoints_leave_nothing_behind() {
     apply_rules(cfg, &specs).await.expect("rules for 200");
     let listed = list_kernel_objects(cfg).await.expect("list");
     assert_eq!(listed.endpoints.len(), 200);
-    assert!(listed
-        .endpoints
-        .iter()
-        .all(|e| e.host_veth && e.netns_file && e.netns_mounted && e.owner.is_some()));
+    assert!(listed.endpoints.iter().all(|e| e.host_veth
+        && !e.bridged
+        && e.netns_file
+        && e.netns_mounted
+        && e.owner.is_some()));
     assert_eq!(mounts_under(cfg.runtime_dir()), 200);
+    // Routed: one /32 route per endpoint through its veth, from the gateway; the gateway's
+    // link (a bridge) has no port.
+    let routes = std::process::Command::new("ip")
+        .args(["-4", "route", "show"])
+        .output()
+        .expect("ip route");
+    let routes = String::from_utf8_lossy(&routes.stdout);
+    for spec in &specs {
+        let key = cfg.endpoint_key(&spec.owner);
+        let (start, source) = (
+            format!("{} dev {key} ", spec.ip),
+            format!(" src {}", cfg.gateway()),
+        );
+        assert!(
+            routes
+                .lines()
+                .any(|l| l.starts_with(&start) && l.contains("scope link") && l.contains(&source)),
+            "no route {start:?} in\n{routes}"
+        );
+    }
+    let ports = std::fs::read_dir(format!("/sys/class/net/{}/brif", cfg.bridge_name()))
+        .expect("brif")
+        .count();
+    assert_eq!(ports, 0);
     // No IPv6 on the host sides: no address, route or MLD per port in the host's tables.
     let prefix_dash = format!("{}-", cfg.prefix());
     let routes = std::process::Command::new("ip")
@@ -60,15 +85,14 @@ async fn two_hundred_endpoints_leave_nothing_behind() {
     assert!(listed.bridge && listed.tables);
     assert!(host_links_with_prefix(&prefix_dash).is_empty());
     assert_eq!(mounts_under(cfg.runtime_dir()), 0);
-    for family in ["inet", "bridge"] {
-        let table = nft_table(family, cfg.prefix()).expect("table kept until uninstall");
-        // Only the catch-all wildcard for unknown ports may still name the prefix.
-        let without_wildcard = table.replace(&format!("{prefix_dash}*"), "");
-        assert!(
-            !without_wildcard.contains(&prefix_dash),
-            "{family} table still names endpoints:\n{table}"
-        );
-    }
+    let table = nft_table("inet", cfg.prefix()).expect("table kept until uninstall");
+    // Only the wildcard for every veth of the prefix may still name it.
+    let without_wildcard = table.replace(&format!("{prefix_dash}*"), "");
+    assert!(
+        !without_wildcard.contains(&prefix_dash),
+        "the table still names endpoints:\n{table}"
+    );
+    assert!(nft_table("bridge", cfg.prefix()).is_none());
 
     uninstall(cfg).await.expect("uninstall");
     let listed = list_kernel_objects(cfg).await.expect("list");
@@ -85,12 +109,6 @@ async fn create_and_delete_are_idempotent_and_complete_half_made_endpoints() {
     let cfg = &net.cfg;
     ensure_bridge_and_table(cfg).await.expect("ensure");
     ensure_bridge_and_table(cfg).await.expect("ensure twice");
-    // Ports are isolated: the bridge snoops no multicast (no per-port query state).
-    let snooping = format!(
-        "/sys/class/net/{}/bridge/multicast_snooping",
-        cfg.bridge_name()
-    );
-    assert_eq!(std::fs::read_to_string(&snooping).unwrap().trim(), "0");
     let server_spec = EndpointSpec::new("server", "app", net.ip(2));
     let client_spec = EndpointSpec::new("client", "app", net.ip(3));
     let server = create_endpoint(cfg, &server_spec).await.expect("server");
@@ -123,9 +141,10 @@ async fn create_and_delete_are_idempotent_and_complete_half_made_endpoints() {
         .expect("repairs veth");
     assert!(can_talk(Some(&client.netns_path), server_spec.ip, 7000));
 
-    // Killed after the veth was made but before it was attached and configured.
+    // Killed after the veth was made but before it was configured and routed.
+    let client_route = format!("{}/32", client_spec.ip);
     for args in [
-        vec!["link", "set", client.key.as_str(), "nomaster"],
+        vec!["route", "del", client_route.as_str()],
         vec!["link", "set", client.key.as_str(), "down"],
     ] {
         assert!(std::process::Command::new("ip")
@@ -269,7 +288,7 @@ fn in_ns(netns: &std::path::Path, command: &[&str]) -> String {
 }
 
 /// Sandboxes are IPv4 only: `eth0` has IPv6 off (no link-local address, no router
-/// solicitations, DAD or MLD flooding the bridge), `lo` keeps `::1` for programs that
+/// solicitations, DAD or MLD sent to the host), `lo` keeps `::1` for programs that
 /// listen on it.
 fn assert_ipv4_only(netns: &std::path::Path) {
     let off = in_ns(netns, &["cat", "/proc/sys/net/ipv6/conf/eth0/disable_ipv6"]);
@@ -349,84 +368,83 @@ async fn pooled_namespaces_are_distinct_carry_endpoints_and_refill() {
     assert_eq!(mounts_under(cfg.runtime_dir()), 0);
 }
 
-/// Ports `<prefix>-fNNNN` on the bridge (host-side veth pairs with `<prefix>-gNNNN`; this
-/// kernel has no dummy links), removed on drop.
-struct Filler {
-    names: Vec<String>,
-}
-
-impl Filler {
-    /// Fills `bridge` with `ports` ports (one `ip -batch`).
-    fn new(prefix: &str, bridge: &str, ports: usize) -> Filler {
-        let names: Vec<String> = (0..ports).map(|i| format!("{prefix}-f{i:04}")).collect();
-        let filler = Filler { names };
-        let batch: String = filler
-            .names
-            .iter()
-            .map(|n| {
-                let peer = n.replace("-f", "-g");
-                format!("link add {n} type veth peer name {peer}\nlink set {n} master {bridge}\n")
-            })
-            .collect();
-        assert!(filler.batch(&batch), "ip -batch could not fill {bridge}");
-        filler
+/// An endpoint as an older agent made it: its host veth a port of the bridge, its address
+/// with the subnet's prefix and a default route via the gateway, no `/32` route on the host.
+fn make_bridged(cfg: &miren_netns::NetConfig, spec: &EndpointSpec, netns_path: &std::path::Path) {
+    let key = cfg.endpoint_key(&spec.owner);
+    for args in [
+        vec!["route".to_string(), "del".into(), format!("{}/32", spec.ip)],
+        vec![
+            "link".into(),
+            "set".into(),
+            key.clone(),
+            "master".into(),
+            cfg.bridge_name(),
+        ],
+    ] {
+        let status = std::process::Command::new("ip")
+            .args(&args)
+            .status()
+            .expect("ip");
+        assert!(status.success(), "ip {args:?}");
     }
-
-    /// Runs `commands` through `ip -force -batch`; whether all of them succeeded.
-    fn batch(&self, commands: &str) -> bool {
-        use std::io::Write;
-        let mut ip = std::process::Command::new("ip")
-            .args(["-force", "-batch", "-"])
-            .stdin(std::process::Stdio::piped())
-            .spawn()
-            .expect("ip -batch");
-        ip.stdin
-            .take()
-            .expect("stdin")
-            .write_all(commands.as_bytes())
-            .expect("write the batch");
-        ip.wait().expect("ip -batch ran").success()
-    }
-}
-
-impl Drop for Filler {
-    fn drop(&mut self) {
-        let batch: String = self
-            .names
-            .iter()
-            .map(|n| format!("link delete {n}\n"))
-            .collect();
-        let _ = self.batch(&batch);
+    let address = format!("{}/{}", spec.ip, cfg.subnet().prefix_len());
+    let gateway = cfg.gateway().to_string();
+    for args in [
+        vec!["ip", "addr", "flush", "dev", "eth0"],
+        vec!["ip", "neigh", "flush", "dev", "eth0"],
+        vec!["ip", "addr", "add", address.as_str(), "dev", "eth0"],
+        vec!["ip", "route", "replace", "default", "via", gateway.as_str()],
+    ] {
+        in_ns(netns_path, &args);
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_bridge_is_named_with_its_limit_and_the_endpoint_leaves_nothing() {
+async fn an_older_agents_bridged_endpoint_is_made_routed() {
     let net = TestNet::new("10.233.8.0/24");
     let cfg = &net.cfg;
     ensure_bridge_and_table(cfg).await.expect("ensure");
-    // The kernel's limit: 1023 ports on one bridge (port number 0 is reserved).
-    let filler = Filler::new(cfg.prefix(), &cfg.bridge_name(), 1023);
-    let spec = EndpointSpec::new(
-        "sandbox-one-too-many".to_string(),
-        "app".to_string(),
-        net.ip(2),
-    );
-    let err = create_endpoint(cfg, &spec)
+    let server_spec = EndpointSpec::new("server", "app", net.ip(2));
+    let client_spec = EndpointSpec::new("client", "app", net.ip(3));
+    let server = create_endpoint(cfg, &server_spec).await.expect("server");
+    let client = create_endpoint(cfg, &client_spec).await.expect("client");
+    apply_rules(cfg, &[server_spec.clone(), client_spec.clone()])
         .await
-        .expect_err("a 1024th port");
-    assert!(matches!(err, miren_netns::Error::BridgeFull(_)), "{err:?}");
-    let text = err.to_string();
-    assert!(
-        text.contains("1023 ports") && text.contains("another agent"),
-        "{text}"
+        .expect("rules");
+    let _listener = Server::start(&server.netns_path, 7000);
+    assert!(can_talk(Some(&client.netns_path), server_spec.ip, 7000));
+
+    make_bridged(cfg, &client_spec, &client.netns_path);
+    let listed = list_kernel_objects(cfg).await.expect("list");
+    let bridged: Vec<&str> = listed
+        .endpoints
+        .iter()
+        .filter(|e| e.bridged)
+        .map(|e| e.key.as_str())
+        .collect();
+    assert_eq!(bridged, vec![client.key.as_str()]);
+    // Under the routed rules, what arrives on the bridge passes nothing.
+    assert!(!can_talk(Some(&client.netns_path), server_spec.ip, 7000));
+
+    // Creating it again (what the agent's reconciliation does) makes it routed.
+    assert_eq!(
+        create_endpoint(cfg, &client_spec).await.expect("routed"),
+        client
     );
-    delete_endpoint(cfg, &spec.owner).await.expect("delete");
-    drop(filler);
-    let prefix_dash = format!("{}-", cfg.prefix());
-    assert!(host_links_with_prefix(&prefix_dash).is_empty());
+    let listed = list_kernel_objects(cfg).await.expect("list");
+    assert!(listed.endpoints.iter().all(|e| !e.bridged));
+    assert!(can_talk(Some(&client.netns_path), server_spec.ip, 7000));
+    let addresses = in_ns(
+        &client.netns_path,
+        &["ip", "-4", "-o", "addr", "show", "dev", "eth0"],
+    );
+    assert!(
+        addresses.contains(&format!("{}/32", client_spec.ip)) && addresses.lines().count() == 1,
+        "{addresses}"
+    );
+    for spec in [&server_spec, &client_spec] {
+        delete_endpoint(cfg, &spec.owner).await.expect("delete");
+    }
     assert_eq!(mounts_under(cfg.runtime_dir()), 0);
-    // With room again, the same endpoint is made.
-    create_endpoint(cfg, &spec).await.expect("create");
-    delete_endpoint(cfg, &spec.owner).await.expect("delete");
 }

@@ -83,7 +83,7 @@ fn keys(objects: &[Value], kind: &str, wanted: impl Fn(&str) -> bool) -> BTreeSe
     keys
 }
 
-/// The tables name exactly the live endpoints: their addresses in `dest` and the apps' sets,
+/// The table names exactly the live endpoints: their addresses in `dest` and the apps' sets,
 /// their veths in `ports` and `port_ip` (with their addresses), no chain of their own.
 fn assert_elements_match_endpoints(agent: &TestAgent) {
     let endpoints = agent.json(&["debug", "net", "list", "--json"]);
@@ -97,23 +97,18 @@ fn assert_elements_match_endpoints(agent: &TestAgent) {
         .map(|e| e["veth"].as_str().unwrap().to_string())
         .collect();
     let inet = table(agent, "inet");
-    let bridge = table(agent, "bridge");
     assert_eq!(keys(&inet, "map", |n| n == "dest"), ips, "dest map");
     assert_eq!(
         keys(&inet, "set", |n| n.starts_with("ips-")),
         ips,
         "app sets"
     );
-    assert_eq!(keys(&bridge, "set", |n| n == "ports"), veths, "ports set");
+    assert_eq!(keys(&inet, "set", |n| n == "ports"), veths, "ports set");
     let pairs: BTreeSet<String> = endpoints
         .iter()
         .map(|e| json!({ "concat": [e["veth"], e["ip"]] }).to_string())
         .collect();
-    assert_eq!(
-        keys(&bridge, "set", |n| n == "port_ip"),
-        pairs,
-        "port_ip set"
-    );
+    assert_eq!(keys(&inet, "set", |n| n == "port_ip"), pairs, "port_ip set");
     // No chain per endpoint (none here admits another app): libnftables lists every chain
     // before each change, so per-endpoint chains made every change O(N).
     let chains = |objects: &[Value], start: &str| {
@@ -124,7 +119,7 @@ fn assert_elements_match_endpoints(agent: &TestAgent) {
             .count()
     };
     assert_eq!(chains(&inet, "to-"), 0, "to- chains");
-    assert_eq!(chains(&bridge, "from-"), 0, "from- chains");
+    assert_eq!(chains(&inet, "from-"), 0, "from- chains");
 }
 
 /// The host's mount table does not grow with sandboxes beyond one netns file each: layers

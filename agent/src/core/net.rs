@@ -57,11 +57,6 @@ impl From<netns::Error> for Error {
                 "subnet_exhausted",
                 err.to_string(),
             ),
-            netns::Error::BridgeFull(_) => Error::new(
-                crate::core::error::ErrorKind::NoSpace,
-                "bridge_full",
-                err.to_string(),
-            ),
             netns::Error::InvalidEndpoint(_) | netns::Error::InvalidSubnet(_) => {
                 Error::invalid(err.to_string())
             }
@@ -582,12 +577,20 @@ impl NetService {
                 report.removed.push(object.key.clone());
             }
         }
+        // An older agent bridged endpoints: the rules for routed ones go in first, which pass
+        // nothing from or to the bridge, so each endpoint is closed until it is made routed
+        // below (never open under rules that do not know its veth).
+        let bridged = kernel.endpoints.iter().filter(|o| o.bridged).count();
+        if bridged > 0 {
+            self.apply().await?;
+            info!(bridged, "making an older agent's bridged endpoints routed");
+        }
         for row in &rows {
             let key = self.cfg.endpoint_key(&row.owner);
             let whole = kernel
                 .endpoints
                 .iter()
-                .any(|o| o.key == key && o.host_veth && o.netns_mounted);
+                .any(|o| o.key == key && o.host_veth && o.netns_mounted && !o.bridged);
             if whole && row.status == EndpointStatus::Ready {
                 continue;
             }

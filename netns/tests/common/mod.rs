@@ -139,6 +139,37 @@ impl Drop for Server {
     }
 }
 
+/// Whether a UDP datagram sent from inside `from` to `addr:port` reaches a socket bound to
+/// that port inside `to`: one datagram is all a one-way attack (a spoofed source) needs.
+pub fn udp_arrives(to: &Path, from: &Path, addr: Ipv4Addr, port: u16) -> bool {
+    let (to, from) = (to.to_path_buf(), from.to_path_buf());
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let receiver = std::thread::spawn(move || {
+        enter(&to);
+        let socket = std::net::UdpSocket::bind(("0.0.0.0", port)).expect("bind udp in netns");
+        socket
+            .set_read_timeout(Some(Duration::from_millis(1000)))
+            .expect("timeout");
+        let _ = ready_tx.send(());
+        let mut buf = [0u8; 16];
+        socket.recv(&mut buf).is_ok()
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("receiver ready");
+    std::thread::spawn(move || {
+        enter(&from);
+        let socket = std::net::UdpSocket::bind("0.0.0.0:0").expect("udp socket");
+        for _ in 0..3 {
+            let _ = socket.send_to(b"probe", (addr, port));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    })
+    .join()
+    .expect("sender");
+    receiver.join().expect("receiver")
+}
+
 /// Ping-pong with `addr:port`, from inside `netns` or (None) from the host.
 pub fn can_talk(netns: Option<&Path>, addr: Ipv4Addr, port: u16) -> bool {
     let netns = netns.map(Path::to_path_buf);
