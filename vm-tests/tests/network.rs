@@ -1,4 +1,4 @@
-//! Network endpoints end to end through the agent: real netns, veth, bridge and nftables.
+//! Network endpoints end to end through the agent: real netns, routed veths and nftables.
 //! Traffic only flows between this test's own namespaces and the host's loopback.
 
 use std::collections::HashSet;
@@ -262,6 +262,82 @@ fn two_hundred_endpoints_leave_nothing_behind() {
     };
     // the table itself stays until --uninstall-network
     assert!(rules.contains("table inet"));
+}
+
+/// Runs `ip` with `args`, inside `netns` when given.
+fn ip(netns: Option<&str>, args: &[&str]) {
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = Command::new("nsenter");
+            c.arg(format!("--net={ns}")).arg("ip");
+            c
+        }
+        None => Command::new("ip"),
+    };
+    let out = cmd.args(args).output().unwrap();
+    assert!(out.status.success(), "ip {args:?}: {out:?}");
+}
+
+/// An agent from before endpoints were routed left them as bridge ports, each sandbox with
+/// its address on the subnet's prefix; after an upgrade the agent's reconciliation makes them
+/// routed, and isolation holds throughout.
+#[test]
+fn an_older_agents_bridged_endpoints_are_routed_after_a_restart() {
+    let mut agent = TestAgent::start();
+    let web = create(&agent, "web-1", "shop", &[]);
+    let worker = create(&agent, "worker-1", "shop", &[]);
+    let intruder = create(&agent, "intruder-1", "blog", &[]);
+    let _server = serve(&web, 8000);
+    let web_ip = web["ip"].as_str().unwrap();
+    eventually_connects(Some(&worker), web_ip, 8000);
+
+    agent.stop();
+    let bridge = format!("{}0", agent.prefix);
+    let gateway = web["gateway"].as_str().unwrap();
+    let prefix_len = agent.subnet.rsplit('/').next().unwrap().to_string();
+    for endpoint in [&web, &worker, &intruder] {
+        let (veth, ns) = (
+            endpoint["veth"].as_str().unwrap(),
+            endpoint["netns_path"].as_str().unwrap(),
+        );
+        let address = format!("{}/{prefix_len}", endpoint["ip"].as_str().unwrap());
+        ip(
+            None,
+            &[
+                "route",
+                "del",
+                &format!("{}/32", endpoint["ip"].as_str().unwrap()),
+            ],
+        );
+        ip(None, &["link", "set", veth, "master", &bridge]);
+        ip(Some(ns), &["addr", "flush", "dev", "eth0"]);
+        ip(Some(ns), &["neigh", "flush", "dev", "eth0"]);
+        ip(Some(ns), &["addr", "add", &address, "dev", "eth0"]);
+        ip(Some(ns), &["route", "replace", "default", "via", gateway]);
+    }
+
+    agent.spawn();
+    let gc = agent.json(&["debug", "net", "gc", "--json"]);
+    let ports = Command::new("ip")
+        .args(["-o", "link", "show", "master", &bridge])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&ports.stdout).trim().is_empty(),
+        "bridge ports left: {ports:?} (gc: {gc})"
+    );
+    assert_eq!(
+        eventually_connects(Some(&worker), web_ip, 8000),
+        "hello from web-1"
+    );
+    assert!(
+        connect(Some(&intruder), web_ip, 8000, 1.0).is_err(),
+        "blog reached shop after the conversion"
+    );
+    assert!(agent
+        .log_text()
+        .contains("making an older agent's bridged endpoints routed"));
+    assert_net_converged(&agent);
 }
 
 #[test]
