@@ -17,7 +17,7 @@ pub struct AgentConfig {
     /// Group (besides root) allowed to use the socket.
     pub socket_gid: Option<u32>,
     pub reclaim_interval: Duration,
-    /// Sandbox subnet (CIDR); the gateway is its first address, on the agent's bridge.
+    /// Sandbox subnet (CIDR); the gateway is its first address, on the agent's gateway link.
     pub subnet: String,
     /// Runtime state that must not survive a reboot (netns bind mounts).
     pub run_dir: PathBuf,

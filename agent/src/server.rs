@@ -40,8 +40,8 @@ fn require_root() -> Result<()> {
     Ok(())
 }
 
-/// `miren agent --uninstall-network`: removes every endpoint, the bridge and the nftables
-/// tables, with the agent stopped (it takes the data dir's lock).
+/// `miren agent --uninstall-network`: removes every endpoint, the gateway link and the nftables
+/// table, with the agent stopped (it takes the data dir's lock).
 pub async fn uninstall_network(cfg: AgentConfig) -> Result<()> {
     require_root()?;
     fs::create_dir_all(&cfg.data_dir)
@@ -52,7 +52,7 @@ pub async fn uninstall_network(cfg: AgentConfig) -> Result<()> {
         .map_err(anyhow::Error::msg)?;
     let removed = NetService::uninstall(net_cfg, store).await?;
     println!(
-        "removed {removed} endpoint(s), the bridge {}0 and the nftables tables {}",
+        "removed {removed} endpoint(s), the gateway link {}0 and the nftables table {}",
         cfg.name_prefix, cfg.name_prefix
     );
     Ok(())
@@ -96,7 +96,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         .map_err(anyhow::Error::msg)?;
     let net = NetService::start(net_cfg, store.clone())
         .await
-        .context("setting up the network (bridge, nftables)")?;
+        .context("setting up the network (gateway link, nftables)")?;
     let report = net.gc().await.context("reconciling network endpoints")?;
     if !(report.released.is_empty() && report.removed.is_empty() && report.repaired.is_empty()) {
         info!(?report, "network reconciled");

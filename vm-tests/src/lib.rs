@@ -418,7 +418,7 @@ impl TestAgent {
 }
 
 impl TestAgent {
-    /// The agent's own way to remove its endpoints, bridge and nftables tables.
+    /// The agent's own way to remove its endpoints, gateway link and nftables table.
     pub fn uninstall_network(&self) -> Output {
         Command::new(miren_bin())
             .args(["agent", "--uninstall-network", "--data-dir"])

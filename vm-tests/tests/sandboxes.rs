@@ -697,8 +697,8 @@ fn exec_runs_inside_the_sandbox_with_its_exit_code_and_output() {
     assert!(!write.status.success(), "/sys is writable");
     let firmware = agent.ok(&["sandbox", "exec", "target", "--", "ls", "/sys/firmware"]);
     assert_eq!(firmware.trim(), "");
-    // IPv4 only (docs/netns.md): IPv6 off on eth0, so it sends no multicast for the bridge to
-    // flood; `lo` keeps `::1`.
+    // IPv4 only (docs/netns.md): IPv6 off on eth0, so it sends no router solicitations, DAD
+    // or MLD to the host; `lo` keeps `::1`.
     let off = agent.ok(&[
         "sandbox",
         "exec",

@@ -1,4 +1,4 @@
-//! Network endpoints: a netns and a veth on the agent's bridge per owner.
+//! Network endpoints: a netns and a routed veth per owner.
 
 use axum::extract::State;
 use axum::http::StatusCode;

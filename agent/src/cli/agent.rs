@@ -30,7 +30,7 @@ pub struct AgentArgs {
     /// Runtime directory for state that ends with a reboot (network namespaces).
     #[arg(long, env = "MIREN_RUN_DIR", default_value = config::DEFAULT_RUN_DIR)]
     pub run_dir: PathBuf,
-    /// Remove every endpoint, the bridge and the nftables tables of this agent, then exit.
+    /// Remove every endpoint, the gateway link and the nftables table of this agent, then exit.
     #[arg(long)]
     pub uninstall_network: bool,
     /// Fetch a registry's images from a mirror: REGISTRY=MIRROR (repeatable), e.g.

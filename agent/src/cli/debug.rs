@@ -15,7 +15,7 @@ pub enum DebugCommand {
         #[command(subcommand)]
         command: DiskCommand,
     },
-    /// Network endpoints: a netns, a veth on the agent's bridge, an address.
+    /// Network endpoints: a netns, a routed veth, an address.
     Net {
         #[command(subcommand)]
         command: NetCommand,

@@ -1,4 +1,4 @@
-//! `miren debug net ...`: network endpoints (a netns, a veth on the agent's bridge, an address).
+//! `miren debug net ...`: network endpoints (a netns, a routed veth, an address).
 
 use anyhow::Result;
 use clap::Subcommand;

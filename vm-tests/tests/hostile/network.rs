@@ -494,7 +494,7 @@ fn sandboxes_cannot_reach_the_host_but_published_ports_and_egress_work() {
     );
 
     // The attack: from inside an endpoint, the host's services through the gateway, every
-    // other address of the host and the bridge's IPv6 link-local address.
+    // other address of the host and the gateway link's IPv6 link-local address (if it has one).
     let mut targets = vec![gateway.clone()];
     targets.extend(host_ips.iter().cloned());
     targets.extend(bridge_link_local(&agent));
