@@ -448,3 +448,33 @@ async fn an_older_agents_bridged_endpoint_is_made_routed() {
     }
     assert_eq!(mounts_under(cfg.runtime_dir()), 0);
 }
+
+/// Endpoints are routed, not bridge ports: more than a bridge's 1023 ports work, the last as
+/// the first, and go without a trace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_endpoints_than_a_bridge_could_hold() {
+    let net = TestNet::new("10.238.0.0/21");
+    let cfg = &net.cfg;
+    ensure_bridge_and_table(cfg).await.expect("ensure");
+    let specs: Vec<EndpointSpec> = (0..1030)
+        .map(|i| EndpointSpec::new(format!("sandbox-{i}"), "app", net.ip(2 + i)))
+        .collect();
+    let mut endpoints = Vec::new();
+    for spec in &specs {
+        endpoints.push(create_endpoint(cfg, spec).await.expect("create"));
+    }
+    apply_rules(cfg, &specs).await.expect("rules for 1030");
+    let (first, last) = (&endpoints[0], &endpoints[endpoints.len() - 1]);
+    let _server = Server::start(&first.netns_path, 7100);
+    assert!(can_talk(Some(&last.netns_path), first.ip, 7100));
+    for spec in &specs {
+        delete_endpoint(cfg, &spec.owner).await.expect("delete");
+    }
+    let prefix_dash = format!("{}-", cfg.prefix());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !host_links_with_prefix(&prefix_dash).is_empty() {
+        assert!(std::time::Instant::now() < deadline, "veths left");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(mounts_under(cfg.runtime_dir()), 0);
+}
