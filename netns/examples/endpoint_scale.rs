@@ -1,5 +1,5 @@
 //! What one endpoint's create costs with N already there: `endpoint_scale [N] [FIRST]` makes N
-//! endpoints (netns, veth on the bridge, addresses, then its rules, as the agent does) one
+//! endpoints (netns, routed veth, addresses, then its rules, as the agent does) one
 //! after another and prints the mean milliseconds of each tenth of the link and the rules
 //! steps. Needs root; uses the fixed prefix `mrbench7` (so one run at a time; `scripts/cleanup`
 //! matches it) and 10.237.0.0/16; removes all it made unless `KEEP` is set (a later run with

@@ -12,7 +12,7 @@ use rtnetlink::packet_route::route::RouteScope;
 use rtnetlink::{LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
 use crate::link::{self, netlink_error, EEXIST};
-use crate::nsfs::{self, NetlinkWork};
+use crate::nsfs::{self, HostConf, NetlinkWork};
 use crate::{rules, EndpointSpec, Error, NetConfig, Result};
 
 /// Name of the sandbox side of every veth.
@@ -260,14 +260,11 @@ async fn configure_host_side(
     // link-local address, DAD and MLD, and its own `fe80::/64` and `ff00::/8` routes in the
     // host's tables beside every other veth's: the kernel walks a prefix's routes to add or
     // remove one, so each veth cost more to bring up and to delete the more ran.
-    nsfs::ipv6_off(key)?;
+    nsfs::host_conf_write(HostConf::Ipv6, key, "disable_ipv6", "1")?;
     // A published port's DNAT from 127.0.0.1 leaves through this veth; the kernel routes a
     // loopback source out of a device only with `route_localnet` on it (the sandboxes cannot
     // use it the other way: the rules drop what they send to 127.0.0.0/8).
-    write_sysctl(
-        &format!("/proc/sys/net/ipv4/conf/{key}/route_localnet"),
-        "1",
-    )?;
+    nsfs::host_conf_write(HostConf::Ipv4, key, "route_localnet", "1")?;
     let mut message = LinkUnspec::new_with_index(index)
         .up()
         .append_extra_attribute(LinkAttribute::IfAlias(spec.owner.clone()));
@@ -372,9 +369,13 @@ async fn configure_sandbox_side(
                     Err(e) => return Err(netlink_error(format!("adding {ip} to eth0"))(e)),
                 }
             }
-            // Also for a namespace made before IPv6 was off by default in it
-            // ([`crate::nsfs`]): no IPv6 multicast from `eth0` once it is up.
-            nsfs::ipv6_off(SANDBOX_IFNAME)?;
+            // A namespace made before IPv6 was off by default in it ([`crate::nsfs`]): no
+            // IPv6 multicast from `eth0` once it is up. Asked of netlink first: the sysctl's
+            // path walks every namespace's cached entries (see [`nsfs::host_conf_write`]),
+            // and `eth0` born in our namespaces has IPv6 off already.
+            if link::ipv6_disabled(&eth0) != Some(true) {
+                nsfs::ipv6_off(SANDBOX_IFNAME)?;
+            }
             if !link::is_up(&eth0) {
                 handle
                     .link()

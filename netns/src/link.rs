@@ -106,3 +106,19 @@ pub fn mac(link: &LinkMessage) -> Option<&[u8]> {
         _ => None,
     })
 }
+
+/// Whether IPv6 is off on the link (`disable_ipv6`, from its IPv6 device configuration);
+/// None when the message carries none (a kernel without IPv6).
+pub fn ipv6_disabled(link: &LinkMessage) -> Option<bool> {
+    use rtnetlink::packet_route::link::{AfSpecInet6, AfSpecUnspec};
+    link.attributes.iter().find_map(|a| match a {
+        LinkAttribute::AfSpecUnspec(specs) => specs.iter().find_map(|spec| match spec {
+            AfSpecUnspec::Inet6(inet6) => inet6.iter().find_map(|attribute| match attribute {
+                AfSpecInet6::DevConf(conf) => Some(conf.disable_ipv6 != 0),
+                _ => None,
+            }),
+            _ => None,
+        }),
+        _ => None,
+    })
+}

@@ -82,6 +82,54 @@ pub(crate) fn ipv6_off(conf: &str) -> Result<()> {
     }
 }
 
+/// A `conf` directory of the host's net sysctls: `/proc/sys/net/ipv4/conf` or
+/// `/proc/sys/net/ipv6/conf`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum HostConf {
+    Ipv4,
+    Ipv6,
+}
+
+static HOST_IPV4_CONF: std::sync::OnceLock<File> = std::sync::OnceLock::new();
+static HOST_IPV6_CONF: std::sync::OnceLock<File> = std::sync::OnceLock::new();
+
+/// Writes `value` to `net.<ipv4|ipv6>.conf.<link>.<name>` of this process's own network
+/// namespace (the host's; never call it from a thread that entered another), through a
+/// descriptor of the `conf` directory opened once. Why not by path: the kernel keeps one
+/// cached entry per network namespace for each of `net`, `ipv4`/`ipv6` and `conf` under
+/// `/proc/sys`, side by side under one name and told apart only by namespace, so a path
+/// lookup compared every namespace's entry at each of those steps: with 1000 sandboxes,
+/// `proc_sys_compare` was a tenth of an endpoint's create (`docs/netns.md` "Scaling"). From the
+/// directory only `<link>` is looked up, a name no other namespace has. On a kernel without
+/// IPv6, an IPv6 write has nothing to do.
+pub(crate) fn host_conf_write(conf: HostConf, link: &str, name: &str, value: &str) -> Result<()> {
+    let (cell, dir) = match conf {
+        HostConf::Ipv4 => (&HOST_IPV4_CONF, "/proc/sys/net/ipv4/conf"),
+        HostConf::Ipv6 => (&HOST_IPV6_CONF, "/proc/sys/net/ipv6/conf"),
+    };
+    let directory = match cell.get() {
+        Some(directory) => directory,
+        None => match File::open(dir) {
+            Ok(opened) => cell.get_or_init(|| opened),
+            Err(e) if e.kind() == io::ErrorKind::NotFound && conf == HostConf::Ipv6 => {
+                return Ok(())
+            }
+            Err(e) => return Err(io_error(format!("opening {dir}"), e)),
+        },
+    };
+    let relative = format!("{link}/{name}");
+    let fd = nix::fcntl::openat(
+        directory,
+        relative.as_str(),
+        nix::fcntl::OFlag::O_WRONLY | nix::fcntl::OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    .map_err(|e| io_error(format!("opening {dir}/{relative}"), e))?;
+    nix::unistd::write(&fd, value.as_bytes())
+        .map_err(|e| io_error(format!("writing {dir}/{relative}"), e))?;
+    Ok(())
+}
+
 /// A detached sysfs of one network namespace, made with it (see [`UnboundNetns`]): a sandbox
 /// in that namespace gets it as its `/sys` without making one on its start's path. Valid
 /// while held; another (root) process clones it from [`NetnsSysfs::proc_path`].
