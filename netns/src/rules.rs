@@ -452,55 +452,34 @@ pub fn ruleset_json(cfg: &NetConfig, endpoints: &[EndpointSpec]) -> Result<Value
     let from_endpoint = || is(meta("iifname"), our_veths.clone());
     let to_endpoint = || is(meta("oifname"), our_veths.clone());
 
-    // The veths have route_localnet=1 for published ports: never let a sandbox address the
-    // host's loopback through one (cf. CVE-2020-8558).
-    batch.rule(
-        INET,
-        "checks",
-        vec![
-            from_endpoint(),
-            is(
-                payload("ip", "daddr"),
-                json!({ "prefix": { "addr": "127.0.0.0", "len": 8 } }),
-            ),
-            drop_packet(),
-        ],
-    );
-    // A veth with our prefix that no live endpoint has (a leftover) sends nothing; a live
-    // one sends IPv4 only, from its own address. (ARP needs no check: each veth is a link of
-    // its own, so a false claim reaches only the host's neighbour entries of that veth, and
-    // the host routes every other address through another veth.)
-    batch.rule(
-        INET,
-        "checks",
-        vec![
-            from_endpoint(),
-            matches("!=", meta("iifname"), set_ref(PORTS_SET)),
-            drop_packet(),
-        ],
-    );
-    batch.rule(
-        INET,
-        "checks",
-        vec![
-            from_endpoint(),
-            matches("!=", meta("nfproto"), json!("ipv4")),
-            drop_packet(),
-        ],
-    );
-    batch.rule(
-        INET,
-        "checks",
-        vec![
-            from_endpoint(),
-            matches(
-                "!=",
-                json!({ "concat": [meta("iifname"), payload("ip", "saddr")] }),
-                set_ref(PORT_ADDRS_SET),
-            ),
-            drop_packet(),
-        ],
-    );
+    // From an endpoint, dropped before conntrack sees it:
+    let dropped_from_endpoints = [
+        // To the host's loopback: the veths have route_localnet=1 for published ports
+        // (cf. CVE-2020-8558).
+        is(
+            payload("ip", "daddr"),
+            json!({ "prefix": { "addr": "127.0.0.0", "len": 8 } }),
+        ),
+        // From a veth with our prefix that no live endpoint has (a leftover).
+        matches("!=", meta("iifname"), set_ref(PORTS_SET)),
+        // Anything but IPv4.
+        matches("!=", meta("nfproto"), json!("ipv4")),
+        // IPv4 from any address but the veth's own. (ARP needs no check: each veth is a link
+        // of its own, so a false claim reaches only the host's neighbour entries of that veth,
+        // and the host routes every other address through another veth.)
+        matches(
+            "!=",
+            json!({ "concat": [meta("iifname"), payload("ip", "saddr")] }),
+            set_ref(PORT_ADDRS_SET),
+        ),
+    ];
+    for condition in dropped_from_endpoints {
+        batch.rule(
+            INET,
+            "checks",
+            vec![from_endpoint(), condition, drop_packet()],
+        );
+    }
     // The gateway's link has no port: what arrives on it comes from an older agent's bridged
     // endpoint not yet made routed, and passes nothing until it is.
     batch.rule(
