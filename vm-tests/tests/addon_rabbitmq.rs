@@ -297,8 +297,10 @@ fn an_app_publishes_and_consumes_and_durable_messages_survive_restarts_and_a_res
     // A backup of the disk while the server runs; the message is then consumed, and a
     // restore of the disk brings it back.
     publish(&agent, "shop-web", &url, "saved", "backed-up");
-    // The backup freezes the filesystem and so takes what the broker has written.
+    // The backup freezes the filesystem and so takes what the broker has written: the
+    // message, and the new queue's declaration.
     wait_on_disk(&agent, "addon-rabbitmq-shop", "backed-up");
+    wait_for_queue_on_disk(&agent, "addon-rabbitmq-shop", "saved");
     let snapshot = agent.root.join("mq.miren.zst");
     agent.ok(&[
         "disk",
@@ -371,6 +373,23 @@ fn an_app_publishes_and_consumes_and_durable_messages_survive_restarts_and_a_res
 /// Waits until `body` is in a file of the server's database on `disk` (seen from the host,
 /// which shares the page cache): the broker wrote the message out of its buffers.
 fn wait_on_disk(agent: &TestAgent, disk: &str, body: &str) {
+    wait_in_files(agent, disk, body, |_| true);
+}
+
+/// Waits until the broker's metadata store (Mnesia's transaction log and table files) names
+/// `queue`: a durable queue's declaration is logged by Mnesia asynchronously, so its messages
+/// can be on disk before the queue is, and a snapshot taken in between restores messages of a
+/// queue that does not exist.
+fn wait_for_queue_on_disk(agent: &TestAgent, disk: &str, queue: &str) {
+    wait_in_files(agent, disk, queue, |path| {
+        path.extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| matches!(e, "LOG" | "DCD" | "DCL"))
+    });
+}
+
+/// Waits until a file under the disk's `mnesia` directory that `wanted` accepts holds `body`.
+fn wait_in_files(agent: &TestAgent, disk: &str, body: &str, wanted: fn(&Path) -> bool) {
     let disks = agent.json(&["debug", "disk", "list", "--json"]);
     let mount = disks
         .as_array()
@@ -382,7 +401,7 @@ fn wait_on_disk(agent: &TestAgent, disk: &str, body: &str) {
         .to_string();
     let root = Path::new(&mount).join("mnesia");
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !dir_contains(&root, body.as_bytes()) {
+    while !dir_contains(&root, body.as_bytes(), wanted) {
         assert!(
             Instant::now() < deadline,
             "the broker never wrote {body} to {}",
@@ -392,15 +411,15 @@ fn wait_on_disk(agent: &TestAgent, disk: &str, body: &str) {
     }
 }
 
-fn dir_contains(dir: &Path, needle: &[u8]) -> bool {
+fn dir_contains(dir: &Path, needle: &[u8], wanted: fn(&Path) -> bool) -> bool {
     let Ok(entries) = fs::read_dir(dir) else {
         return false;
     };
     entries.flatten().any(|e| {
         let path = e.path();
         match e.file_type() {
-            Ok(t) if t.is_dir() => dir_contains(&path, needle),
-            Ok(t) if t.is_file() => fs::read(&path)
+            Ok(t) if t.is_dir() => dir_contains(&path, needle, wanted),
+            Ok(t) if t.is_file() && wanted(&path) => fs::read(&path)
                 .map(|data| data.windows(needle.len()).any(|w| w == needle))
                 .unwrap_or(false),
             _ => false,
