@@ -71,15 +71,33 @@ fn create_mount_point(path: &Path) -> Result<()> {
 }
 
 /// Writes 1 to `net.ipv6.conf.<conf>.disable_ipv6` of the calling thread's network namespace
-/// (`conf`: an interface or `default`). Nothing to do on a kernel without IPv6.
+/// (`conf`: an interface, or `default` for every interface made from then on), through a proc
+/// of its own (detached, gone when this returns) rather than the host's `/proc`: there, each
+/// path step under `/proc/sys/net` compared the cached entry of every namespace looked up
+/// under the same name (see [`host_conf_write`]), so making a namespace cost more the more
+/// sandboxes ran (`docs/netns.md` "Scaling"). A fresh proc has only the entries this lookup
+/// makes. Nothing to do on a kernel without IPv6.
 pub(crate) fn ipv6_off(conf: &str) -> Result<()> {
-    let sysctl = format!("/proc/sys/net/ipv6/conf/{conf}/disable_ipv6");
-    match std::fs::write(&sysctl, b"1") {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => {
-            Err(io_error(format!("turning IPv6 off ({sysctl})"), e))
-        }
-        _ => Ok(()),
-    }
+    use miren_sys::fsmount::{detached, MountAttrs};
+    let sysctl = format!("sys/net/ipv6/conf/{conf}/disable_ipv6");
+    let failed = |e| io_error(format!("turning IPv6 off (/proc/{sysctl})"), e);
+    let proc = detached(
+        c"proc",
+        MountAttrs::NOSUID | MountAttrs::NODEV | MountAttrs::NOEXEC,
+    )
+    .map_err(|e| io_error("making a proc to turn IPv6 off", e))?;
+    let fd = match nix::fcntl::openat(
+        &proc,
+        sysctl.as_str(),
+        nix::fcntl::OFlag::O_WRONLY | nix::fcntl::OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    ) {
+        Ok(fd) => fd,
+        Err(nix::errno::Errno::ENOENT) => return Ok(()),
+        Err(e) => return Err(failed(e)),
+    };
+    nix::unistd::write(&fd, b"1").map_err(failed)?;
+    Ok(())
 }
 
 /// A `conf` directory of the host's net sysctls: `/proc/sys/net/ipv4/conf` or

@@ -3,6 +3,7 @@
 //! caller, and the values that name on-disk or kernel objects are pinned by tests.
 
 pub mod fnv;
+pub mod fsmount;
 pub mod mountinfo;
 pub mod name;
 pub mod percent;
