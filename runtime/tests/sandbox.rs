@@ -835,6 +835,83 @@ fn a_spare_supervisor_creates_at_the_first_gate_step_and_starts_at_the_second() 
     });
 }
 
+/// Dirty pages of `pid`'s mappings of its own executable that it shares (`Shared_Dirty`)
+/// and that are its own (`Private_Dirty`), in KiB: the binary's relocated data is dirty.
+fn executable_dirty_kib(pid: i32) -> (u64, u64) {
+    let exe = fs::read_link(format!("/proc/{pid}/exe")).expect("exe");
+    let smaps = fs::read_to_string(format!("/proc/{pid}/smaps")).expect("smaps");
+    let (mut shared, mut private, mut ours) = (0, 0, false);
+    for line in smaps.lines() {
+        let mut fields = line.split_whitespace();
+        match (fields.next(), fields.next()) {
+            (Some(key), Some(kib)) if key == "Shared_Dirty:" && ours => {
+                shared += kib.parse::<u64>().expect("KiB")
+            }
+            (Some(key), Some(kib)) if key == "Private_Dirty:" && ours => {
+                private += kib.parse::<u64>().expect("KiB")
+            }
+            (Some(range), Some(_)) if range.contains('-') && !range.ends_with(':') => {
+                ours = line.ends_with(&*exe.to_string_lossy());
+            }
+            _ => {}
+        }
+    }
+    (shared, private)
+}
+
+#[test]
+fn spares_forked_by_the_factory_share_its_relocated_pages_and_launch_through_the_gate() {
+    if !is_root() {
+        return;
+    }
+    let mut f = Fixture::new();
+    let mut cmd = Command::new(supervisor_bin());
+    cmd.arg("--factory").arg(f.tmp.path().join("sandboxes"));
+    let factory = sandbox::SpareFactory::start(cmd).expect("start the factory");
+
+    let mut spec = f.spec("forked", "echo started; sleep 1000");
+    spec.start_gate = true;
+    let dir = f.prepare(&spec);
+    let spare = factory.spare().expect("a spare from the factory");
+    let Ok(launch) = spare.assign(&dir) else {
+        panic!("a live forked spare refused its sandbox");
+    };
+    let st = launch.open_gate().expect("start");
+    assert_eq!(st.state, State::Running);
+    eventually("the process runs", || {
+        read(&dir, "stdout.log").contains("started")
+    });
+    // Its relocated data is the factory's pages, not copies of its own.
+    let (shared, private) = executable_dirty_kib(st.supervisor_pid);
+    assert!(
+        shared > private,
+        "the supervisor's dirty pages of the binary: shared {shared} KiB, private {private} KiB"
+    );
+
+    // A start that fails says why, as an exec'd launcher does.
+    let mut broken = f.spec("forked-broken", "sleep 1000");
+    broken.start_gate = true;
+    broken.args = vec!["/no/such/program".into()];
+    let dir = f.prepare(&broken);
+    let spare = factory.spare().expect("a second spare");
+    let Ok(launch) = spare.assign(&dir) else {
+        panic!("a live forked spare refused its sandbox");
+    };
+    let err = launch.open_gate().expect_err("a missing program");
+    assert!(err.to_string().contains("/no/such/program"), "{err}");
+
+    // An unused spare goes when its gate closes; the factory when the agent's end does,
+    // and the sandbox it made goes on.
+    factory.spare().expect("a third spare").retire();
+    let factory_pid = factory.pid();
+    drop(factory);
+    assert!(
+        !sandbox_common::alive(factory_pid),
+        "the factory outlived its socket"
+    );
+    assert!(sandbox_common::alive(st.pid.expect("pid")));
+}
+
 #[test]
 fn a_cancelled_gate_removes_the_created_container() {
     if !is_root() {

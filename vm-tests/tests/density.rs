@@ -226,6 +226,44 @@ fn assert_spares_copied_the_template(agent: &TestAgent, spare_layers: &Path, hos
     assert!(!spare_namespaces.is_empty(), "no spare to look at");
 }
 
+/// `PPid:` of `pid` (`None` once it is gone).
+fn parent_of(pid: &str) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("PPid:"))
+        .and_then(|p| p.trim().parse().ok())
+}
+
+/// Spares are forks of one spare factory, the agent's child (`supervise --factory`), so they
+/// share its relocated pages instead of each exec'ing the binary (docs/sandbox.md "Spare
+/// supervisors").
+fn assert_spares_are_forks_of_one_factory(agent: &TestAgent, spare_layers: &Path) {
+    let mut factories = BTreeSet::new();
+    for entry in std::fs::read_dir(spare_layers).unwrap().flatten() {
+        let pid = entry.file_name().to_string_lossy().to_string();
+        if pid == "template" {
+            continue;
+        }
+        if let Some(parent) = parent_of(&pid) {
+            factories.insert(parent);
+        }
+    }
+    assert_eq!(factories.len(), 1, "spares' parents: {factories:?}");
+    let factory = factories.pop_first().unwrap().to_string();
+    let cmdline = std::fs::read(format!("/proc/{factory}/cmdline")).unwrap();
+    assert!(
+        cmdline.split(|b| *b == 0).any(|a| a == b"--factory"),
+        "the spares' parent is not the factory: {}",
+        String::from_utf8_lossy(&cmdline)
+    );
+    assert_eq!(
+        parent_of(&factory),
+        agent.pid(),
+        "the factory is not the agent's child"
+    );
+}
+
 /// The UUID in the ext4 superblock of `image` (`dumpe2fs -h`; fine on a mounted image).
 fn ext4_uuid(image: &Path) -> String {
     let out = Command::new("dumpe2fs")
@@ -369,6 +407,7 @@ fn many_creates_deletes_and_a_kill_9_keep_isolation_and_exact_rules() {
                 "the host holds a ready spare's layer: {host}"
             );
             assert_spares_copied_the_template(&agent, &spare_layers, &host);
+            assert_spares_are_forks_of_one_factory(&agent, &spare_layers);
             assert_spare_layers_are_copies_of_one_formatted_template(&spare_layers);
             break;
         }

@@ -13,9 +13,13 @@ pub(crate) fn supervise(
     sandboxes_dir: Option<&Path>,
     private_mounts: &[PathBuf],
     mount_template: Option<&Path>,
+    factory: bool,
 ) -> ExitCode {
     let supervised = match (state_dir, sandboxes_dir) {
         (Some(dir), _) => miren_runtime::sandbox::supervise(dir),
+        (None, Some(root)) if factory => {
+            miren_runtime::sandbox::run_spare_factory(root, private_mounts, mount_template)
+        }
         (None, Some(root)) => {
             miren_runtime::sandbox::supervise_spare(root, private_mounts, mount_template).map(drop)
         }

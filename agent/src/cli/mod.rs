@@ -86,6 +86,10 @@ pub enum Command {
         /// namespace its own is copied from.
         #[arg(long, requires = "sandboxes_dir")]
         mount_template: Option<PathBuf>,
+        /// The spare factory: fork a spare for each request on stdin (a socket from the
+        /// agent) instead of being one.
+        #[arg(long, requires = "sandboxes_dir")]
+        factory: bool,
     },
     /// (internal) Run a command inside a sandbox; started by the agent for `sandbox exec`.
     #[command(hide = true)]
@@ -159,12 +163,14 @@ pub fn run(cli: Cli) -> ExitCode {
             sandboxes_dir,
             private_mount,
             mount_template,
+            factory,
         } => {
             return internal::supervise(
                 state_dir.as_deref(),
                 sandboxes_dir.as_deref(),
                 &private_mount,
                 mount_template.as_deref(),
+                factory,
             )
         }
         Command::FreezeHold { mount, max_seconds } => {

@@ -1,7 +1,7 @@
 //! Agent-side helpers: everything works from the state dir alone and is idempotent.
 
-use std::fs;
-use std::os::fd::AsFd;
+use std::fs::{self, File};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -42,8 +42,8 @@ pub fn launch(cmd: Command, state_dir: &Path) -> Result<Status, SandboxError> {
 pub fn spawn(cmd: Command, state_dir: &Path) -> Result<Launch, SandboxError> {
     let mut child = spawn_gated(cmd, "spawn supervisor")?;
     Ok(Launch {
-        gate: child.stdin.take(),
-        child,
+        gate: child.stdin.take().map(|s| File::from(OwnedFd::from(s))),
+        process: Process::Exec(child),
         create_allowed: false,
         state_dir: state_dir.to_path_buf(),
     })
@@ -54,8 +54,64 @@ pub fn spawn(cmd: Command, state_dir: &Path) -> Result<Launch, SandboxError> {
 /// It exits when dropped unused (its stdin closes).
 pub fn spawn_spare(cmd: Command) -> Result<Spare, SandboxError> {
     let mut child = spawn_gated(cmd, "spawn a spare supervisor")?;
-    let stdin = child.stdin.take();
-    Ok(Spare { child, stdin })
+    let stdin = child.stdin.take().map(|s| File::from(OwnedFd::from(s)));
+    Ok(Spare {
+        process: Process::Exec(child),
+        stdin,
+    })
+}
+
+/// A supervisor launcher's process: exec'd by us (our child), or forked by the spare factory
+/// (`factory.rs`), which tells its end through a pidfd and its outcome on a pipe.
+enum Process {
+    Exec(std::process::Child),
+    Forked { pidfd: OwnedFd, result: File },
+}
+
+impl Process {
+    fn is_running(&mut self) -> bool {
+        match self {
+            Process::Exec(child) => matches!(child.try_wait(), Ok(None)),
+            Process::Forked { pidfd, .. } => !exited(pidfd, 0),
+        }
+    }
+
+    /// Waits for it to exit; whether it launched its sandbox (the container runs).
+    fn wait(&mut self) -> Result<bool, SandboxError> {
+        match self {
+            Process::Exec(child) => child
+                .wait()
+                .map(|st| st.success())
+                .map_err(|e| SandboxError::io("wait for the supervisor launcher", e)),
+            Process::Forked { pidfd, result } => {
+                let mut outcome = [0u8; 1];
+                // One byte, or end of file if it died first.
+                let read = loop {
+                    match std::io::Read::read(result, &mut outcome) {
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                        other => break other,
+                    }
+                };
+                exited(pidfd, -1);
+                Ok(matches!(read, Ok(1)) && outcome[0] == super::factory::LAUNCHED)
+            }
+        }
+    }
+}
+
+/// Whether the process behind `pidfd` has exited, waiting up to `timeout_ms` (-1: until it
+/// does).
+fn exited(pidfd: &OwnedFd, timeout_ms: i32) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let timeout = PollTimeout::try_from(timeout_ms).unwrap_or(PollTimeout::NONE);
+    loop {
+        let mut fds = [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, timeout) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            Ok(n) => return n > 0,
+            Err(_) => return true,
+        }
+    }
 }
 
 /// A supervisor process whose stdin is a pipe from us (the gate), its stdout and stderr
@@ -70,11 +126,19 @@ fn spawn_gated(mut cmd: Command, what: &str) -> Result<std::process::Child, Sand
 
 /// A supervisor started by [`spawn_spare`], not yet given a sandbox.
 pub struct Spare {
-    child: std::process::Child,
-    stdin: Option<std::process::ChildStdin>,
+    process: Process,
+    stdin: Option<File>,
 }
 
 impl Spare {
+    /// A spare the factory forked: `gate` is its stdin, `result` its launcher's outcome.
+    pub(crate) fn forked(pidfd: OwnedFd, gate: File, result: File) -> Spare {
+        Spare {
+            process: Process::Forked { pidfd, result },
+            stdin: Some(gate),
+        }
+    }
+
     /// Hands it the sandbox whose state dir is `state_dir` (a child of the spare's
     /// sandboxes dir, spec already written by [`create`]). Gives the spare back when it is
     /// gone, so the caller can [`spawn`] one instead.
@@ -82,7 +146,7 @@ impl Spare {
         let Some(id) = state_dir.file_name().and_then(|n| n.to_str()) else {
             return Err(self);
         };
-        if !matches!(self.child.try_wait(), Ok(None)) {
+        if !self.process.is_running() {
             return Err(self);
         }
         let Some(mut stdin) = self.stdin.take() else {
@@ -95,7 +159,7 @@ impl Spare {
             return Err(self);
         }
         Ok(Launch {
-            child: self.child,
+            process: self.process,
             gate: Some(stdin),
             create_allowed: false,
             state_dir: state_dir.to_path_buf(),
@@ -105,14 +169,14 @@ impl Spare {
     /// Tells it to exit, and reaps it.
     pub fn retire(mut self) {
         self.stdin = None;
-        let _ = self.child.wait();
+        let _ = self.process.wait();
     }
 }
 
 /// A supervisor launcher started by [`spawn`] or [`Spare::assign`].
 pub struct Launch {
-    child: std::process::Child,
-    gate: Option<std::process::ChildStdin>,
+    process: Process,
+    gate: Option<File>,
     create_allowed: bool,
     state_dir: std::path::PathBuf,
 }
@@ -154,16 +218,13 @@ impl Launch {
 
     fn wait(mut self) -> Result<Status, SandboxError> {
         self.gate = None;
-        let st = self
-            .child
-            .wait()
-            .map_err(|e| SandboxError::io("wait for the supervisor launcher", e))?;
+        let launched = self.process.wait()?;
         let status = status(&self.state_dir);
-        if !st.success() {
+        if !launched {
             let why = status
                 .ok()
                 .and_then(|s| s.error)
-                .unwrap_or_else(|| format!("supervisor launcher {st}"));
+                .unwrap_or_else(|| "the supervisor launcher failed".to_string());
             return Err(SandboxError::StartFailed(why));
         }
         status

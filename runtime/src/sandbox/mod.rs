@@ -9,6 +9,7 @@
 mod cgroup;
 mod control;
 mod exec;
+mod factory;
 mod layer;
 mod logs;
 mod mountns;
@@ -26,6 +27,7 @@ pub use control::{
     Launch, Spare,
 };
 pub use exec::{exec, ExecOutput, EXEC_OUTPUT_LIMIT};
+pub use factory::{run as run_spare_factory, SpareFactory};
 pub use layer::{remove_stale_spare_layers, LAYER_DIR, LAYER_IMAGE, SPARE_LAYERS_DIR};
 pub use mountns::{prepare_private_roots, MountTemplate};
 pub use oci::{DEFAULT_CAPS, DENIED_SYSCALLS};

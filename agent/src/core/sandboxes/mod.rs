@@ -70,10 +70,10 @@ pub fn prepare_private_roots(cfg: &AgentConfig) {
     }
 }
 
-/// Supervisors are this binary re-executed. A few are kept exec'd ahead of need (spares,
+/// Supervisors are this binary, forked by the spare factory (or re-executed). A few are kept
+/// ahead of need (spares,
 /// waiting for a sandbox id on their stdin, each with a writable layer of the default size
-/// made and mounted), so a start waits neither for the exec and the dynamic loading of a
-/// large binary nor for mkfs. One taken is replaced at once, while its start goes on: with a
+/// made and mounted), so a start waits neither for a new process nor for mkfs. One taken is replaced at once, while its start goes on: with a
 /// replacement made only after a start, starts one after another each waited for most of
 /// the next spare's making (20-45 ms: bench/density, docs/sandbox.md "Cost").
 #[derive(Clone)]
@@ -85,6 +85,17 @@ struct Spares {
     /// has a netns file per sandbox); `None`: the host's.
     mount_template: Option<Arc<sandbox::MountTemplate>>,
     ready: Arc<std::sync::Mutex<std::collections::VecDeque<sandbox::Spare>>>,
+    factory: Arc<std::sync::Mutex<Factory>>,
+}
+
+/// The spare factory (`sandbox::SpareFactory`): spares are forks of it, sharing its pages
+/// (the binary's relocated data above all: an exec'd supervisor had 1.1 MB of its own).
+/// Started with the first spare and again when it fails; `broken` when a new one failed
+/// too, and spares are exec'd from then on.
+#[derive(Default)]
+struct Factory {
+    running: Option<sandbox::SpareFactory>,
+    broken: bool,
 }
 
 /// How many spares are kept: the second one has had a whole start's time to get ready when a
@@ -117,20 +128,64 @@ impl Spares {
         Ok(cmd)
     }
 
+    /// `miren supervise` for a spare, or (`factory`) for the spare factory.
+    fn spare_command(&self, factory: bool) -> std::process::Command {
+        let mut cmd = crate::util::own_binary();
+        cmd.arg("supervise")
+            .arg("--sandboxes-dir")
+            .arg(&self.sandboxes_dir);
+        for root in &self.private_mounts {
+            cmd.arg("--private-mount").arg(root);
+        }
+        if let Some(template) = &self.mount_template {
+            cmd.arg("--mount-template").arg(template.path());
+        }
+        if factory {
+            cmd.arg("--factory");
+        }
+        cmd
+    }
+
+    /// A spare forked by the factory (started first if there is none); `None` when there is
+    /// no factory to ask. Blocking.
+    fn forked_spare(&self) -> Option<sandbox::Spare> {
+        let mut factory = self.factory.lock().unwrap_or_else(|e| e.into_inner());
+        if factory.broken {
+            return None;
+        }
+        let fresh = factory.running.is_none();
+        if fresh {
+            match sandbox::SpareFactory::start(self.spare_command(true)) {
+                Ok(started) => factory.running = Some(started),
+                Err(e) => {
+                    warn!(error = %e, "no spare factory: spares are exec'd one by one");
+                    factory.broken = true;
+                    return None;
+                }
+            }
+        }
+        match factory.running.as_ref().map(|f| f.spare()) {
+            Some(Ok(spare)) => Some(spare),
+            Some(Err(e)) => {
+                // Closed and reaped here; a new one is started next time, unless this one
+                // was new already.
+                factory.running = None;
+                factory.broken = fresh;
+                warn!(error = %e, broken = fresh, "the spare factory failed; this spare is exec'd");
+                None
+            }
+            None => None,
+        }
+    }
+
     /// Starts spares until [`SPARES`] are waiting. Blocking.
     fn replenish(&self) {
         while self.ready().len() < SPARES {
-            let mut cmd = crate::util::own_binary();
-            cmd.arg("supervise")
-                .arg("--sandboxes-dir")
-                .arg(&self.sandboxes_dir);
-            for root in &self.private_mounts {
-                cmd.arg("--private-mount").arg(root);
-            }
-            if let Some(template) = &self.mount_template {
-                cmd.arg("--mount-template").arg(template.path());
-            }
-            match sandbox::spawn_spare(cmd) {
+            let spawned = match self.forked_spare() {
+                Some(spare) => Ok(spare),
+                None => sandbox::spawn_spare(self.spare_command(false)),
+            };
+            match spawned {
                 Ok(new) => {
                     let mut ready = self.ready();
                     if ready.len() < SPARES {
@@ -154,6 +209,10 @@ impl Spares {
         for spare in spares {
             spare.retire();
         }
+        self.factory
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .running = None;
     }
 }
 
@@ -224,6 +283,7 @@ impl SandboxService {
             private_mounts: private_mounts.clone(),
             mount_template,
             ready: Default::default(),
+            factory: Default::default(),
         };
         SandboxService {
             cfg,
