@@ -71,11 +71,11 @@ pub fn prepare_private_roots(cfg: &AgentConfig) {
 }
 
 /// Supervisors are this binary, forked by the spare factory (or re-executed). A few are kept
-/// ahead of need (spares,
-/// waiting for a sandbox id on their stdin, each with a writable layer of the default size
-/// made and mounted), so a start waits neither for a new process nor for mkfs. One taken is replaced at once, while its start goes on: with a
-/// replacement made only after a start, starts one after another each waited for most of
-/// the next spare's making (20-45 ms: bench/density, docs/sandbox.md "Cost").
+/// ahead of need (spares, waiting for a sandbox id on their stdin, each with a writable layer
+/// of the default size made and mounted), so a start waits neither for a new process nor for
+/// mkfs. One taken is replaced at once, while its start goes on: with a replacement made only
+/// after a start, starts one after another each waited for most of the next spare's making
+/// (20-45 ms: bench/density, docs/sandbox.md "Cost").
 #[derive(Clone)]
 struct Spares {
     sandboxes_dir: PathBuf,
