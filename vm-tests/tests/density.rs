@@ -235,6 +235,24 @@ fn parent_of(pid: &str) -> Option<u32> {
         .and_then(|p| p.trim().parse().ok())
 }
 
+/// Processes whose parent is `pid`.
+fn children_of(pid: u32) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
+        .filter(|p| parent_of(&p.to_string()) == Some(pid))
+        .collect()
+}
+
+/// The agent's spare factory: its child `miren supervise --factory ...`.
+fn factory_of(agent: &TestAgent) -> Option<u32> {
+    children_of(agent.pid()?).into_iter().find(|pid| {
+        std::fs::read(format!("/proc/{pid}/cmdline"))
+            .is_ok_and(|c| c.split(|b| *b == 0).any(|a| a == b"--factory"))
+    })
+}
+
 /// Spares are forks of one spare factory, the agent's child (`supervise --factory`), so they
 /// share its relocated pages instead of each exec'ing the binary (docs/sandbox.md "Spare
 /// supervisors").
@@ -337,7 +355,22 @@ fn many_creates_deletes_and_a_kill_9_keep_isolation_and_exact_rules() {
     assert_isolated(&agent, &web_ip, port);
 
     // A kill -9 and a restart: the full apply at start rebuilds exactly the same elements.
+    // The killed agent's spare factory and its spares end (their ends of the agent's socket
+    // and pipes closed); the new agent starts its own.
+    let old_factory = factory_of(&agent).expect("the agent's spare factory");
+    let old_spares = children_of(old_factory);
     agent.restart();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::iter::once(old_factory)
+        .chain(old_spares.iter().copied())
+        .any(|pid| parent_of(&pid.to_string()).is_some())
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the killed agent's factory {old_factory} or its spares {old_spares:?} live on"
+        );
+        sleep(Duration::from_millis(100));
+    }
     agent.wait_for_log("reconciled endpoints and sandboxes");
     assert_elements_match_endpoints(&agent);
     assert_isolated(&agent, &web_ip, port);

@@ -76,12 +76,13 @@ impl Process {
         }
     }
 
-    /// Waits for it to exit; whether it launched its sandbox (the container runs).
-    fn wait(&mut self) -> Result<bool, SandboxError> {
+    /// Waits for it to exit: `None` when it launched its sandbox (the container runs), else
+    /// how it ended.
+    fn wait(&mut self) -> Result<Option<String>, SandboxError> {
         match self {
             Process::Exec(child) => child
                 .wait()
-                .map(|st| st.success())
+                .map(|st| (!st.success()).then(|| format!("supervisor launcher {st}")))
                 .map_err(|e| SandboxError::io("wait for the supervisor launcher", e)),
             Process::Forked { pidfd, result } => {
                 let mut outcome = [0u8; 1];
@@ -93,7 +94,11 @@ impl Process {
                     }
                 };
                 exited(pidfd, -1);
-                Ok(matches!(read, Ok(1)) && outcome[0] == super::factory::LAUNCHED)
+                Ok(match read {
+                    Ok(1) if outcome[0] == super::factory::LAUNCHED => None,
+                    Ok(1) => Some("the supervisor launcher failed".to_string()),
+                    _ => Some("the supervisor launcher ended without a result".to_string()),
+                })
             }
         }
     }
@@ -218,13 +223,10 @@ impl Launch {
 
     fn wait(mut self) -> Result<Status, SandboxError> {
         self.gate = None;
-        let launched = self.process.wait()?;
+        let failed = self.process.wait()?;
         let status = status(&self.state_dir);
-        if !launched {
-            let why = status
-                .ok()
-                .and_then(|s| s.error)
-                .unwrap_or_else(|| "the supervisor launcher failed".to_string());
+        if let Some(ended) = failed {
+            let why = status.ok().and_then(|s| s.error).unwrap_or(ended);
             return Err(SandboxError::StartFailed(why));
         }
         status

@@ -99,9 +99,9 @@ impl SpareFactory {
         drop((gate_r, result_w));
         let pidfds = received_fds(socket.as_fd(), 1)
             .map_err(|e| SandboxError::sys("the spare factory's answer", e))?;
-        let pidfd = pidfds.and_then(|mut fds| fds.pop()).ok_or_else(|| {
-            SandboxError::StartFailed("the spare factory closed without a spare".into())
-        })?;
+        let pidfd = pidfds
+            .and_then(|mut fds| fds.pop())
+            .ok_or_else(|| SandboxError::StartFailed("the spare factory gave no spare".into()))?;
         Ok(Spare::forked(
             pidfd,
             File::from(gate_w),
@@ -176,7 +176,10 @@ pub fn run(
             Err(e) => return Err(SandboxError::sys("read a spare request", e)),
         };
         let Ok([gate, result]) = <[OwnedFd; 2]>::try_from(fds) else {
-            continue; // not ours to answer: the agent sends two
+            // Not a request we can serve: an answer without a spare, so the asker is not left
+            // waiting.
+            answer(socket, None)?;
+            continue;
         };
         // SAFETY: this process is single-threaded (documented requirement).
         match unsafe { fork() }.map_err(|e| SandboxError::sys("fork a spare", e))? {
@@ -197,17 +200,26 @@ pub fn run(
                 }
                 // SAFETY: a descriptor the kernel just returned, owned by nobody else.
                 let pidfd = unsafe { OwnedFd::from_raw_fd(rc as RawFd) };
-                sendmsg::<()>(
-                    socket.as_raw_fd(),
-                    &[IoSlice::new(MESSAGE)],
-                    &[ControlMessage::ScmRights(&[pidfd.as_raw_fd()])],
-                    MsgFlags::MSG_NOSIGNAL,
-                    None,
-                )
-                .map_err(|e| SandboxError::sys("answer a spare request", e))?;
+                answer(socket, Some(&pidfd))?;
             }
         }
     }
+}
+
+/// The factory's answer to a request: the new spare's pidfd, or none.
+fn answer(socket: BorrowedFd<'_>, pidfd: Option<&OwnedFd>) -> Result<(), SandboxError> {
+    let fds: Vec<RawFd> = pidfd.iter().map(|fd| fd.as_raw_fd()).collect();
+    let rights = [ControlMessage::ScmRights(&fds)];
+    let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &rights };
+    sendmsg::<()>(
+        socket.as_raw_fd(),
+        &[IoSlice::new(MESSAGE)],
+        cmsgs,
+        MsgFlags::MSG_NOSIGNAL,
+        None,
+    )
+    .map(drop)
+    .map_err(|e| SandboxError::sys("answer a spare request", e))
 }
 
 /// The forked spare: the gate on stdin, the result pipe on stdout (stderr stays the
