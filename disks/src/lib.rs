@@ -12,6 +12,7 @@ mod limits;
 mod loops;
 mod mounts;
 mod name;
+mod subvolumes;
 
 pub use error::DiskError;
 pub use filesystem::{
@@ -27,6 +28,7 @@ pub use loops::{
 };
 pub use mounts::{mount, mount_point_of, mounts_under, remount, unmount, MountEntry};
 pub use name::{validate_name, NameError, MAX_NAME_LEN};
+pub use subvolumes::{create_subvolume, delete_subvolume, enable_quota, limit_subvolume};
 
 /// Bytes in one `size_gb` unit. Sizes are GiB, as `truncate -s 10G` and the seeds mean them.
 pub const GIB: u64 = 1 << 30;

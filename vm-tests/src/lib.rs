@@ -655,6 +655,33 @@ pub fn remove_everything_under(dir: &Path) {
     let _ = fs::remove_dir_all(dir);
 }
 
+/// The bound of each writable layer in the store of `data_dir` (`<data dir>/layers`, one
+/// btrfs subvolume per sandbox, or `.spare-<pid>` per spare), by subvolume name, in bytes;
+/// from `btrfs qgroup show`. Deleted subvolumes whose space is still being freed are left out.
+pub fn layer_bounds(data_dir: &Path) -> std::collections::BTreeMap<String, u64> {
+    let out = Command::new("btrfs")
+        .args(["qgroup", "show", "-r", "--raw"])
+        .arg(data_dir.join("layers"))
+        .output()
+        .expect("run btrfs qgroup show");
+    assert!(
+        out.status.success(),
+        "btrfs qgroup show: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            let [id, _, _, max, name] = cols[..] else {
+                return None;
+            };
+            let bound = max.parse().ok()?;
+            (id.starts_with("0/") && !name.starts_with('<')).then(|| (name.to_string(), bound))
+        })
+        .collect()
+}
+
 /// A child process killed and reaped on drop (e.g. a lease holder `pid:N`).
 pub struct ChildGuard(pub Child);
 

@@ -4,12 +4,12 @@
 //! element behind.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use miren_vm_tests::TestAgent;
+use miren_vm_tests::{layer_bounds, TestAgent};
 use serde_json::{json, Value};
 
 const SANDBOXES: usize = 30;
@@ -169,19 +169,18 @@ fn assert_host_mounts(agent: &TestAgent) {
             "supervisor of {id} holds {netns_mounts} netns"
         );
     }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let loops = miren_disks::loops_under(&sandboxes).unwrap();
-        if loops.len() == ids.len() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} live sandboxes, loop devices: {loops:?}",
-            ids.len()
-        );
-        sleep(Duration::from_millis(100));
-    }
+    // Layers are subvolumes of one store, no loop device of their own.
+    let loops = miren_disks::loops_under(&sandboxes).unwrap();
+    assert!(loops.is_empty(), "loop devices under sandboxes: {loops:?}");
+    let layers: BTreeSet<String> = layer_bounds(&agent.data_dir)
+        .into_keys()
+        .filter(|name| !name.starts_with(".spare-"))
+        .collect();
+    assert_eq!(
+        layers,
+        ids.iter().cloned().collect(),
+        "sandboxes' subvolumes"
+    );
 }
 
 /// Spares copy their mount namespace from the agent's template (a thread of the agent in a
@@ -260,9 +259,6 @@ fn assert_spares_are_forks_of_one_factory(agent: &TestAgent, spare_layers: &Path
     let mut factories = BTreeSet::new();
     for entry in std::fs::read_dir(spare_layers).unwrap().flatten() {
         let pid = entry.file_name().to_string_lossy().to_string();
-        if pid == "template" {
-            continue;
-        }
         if let Some(parent) = parent_of(&pid) {
             factories.insert(parent);
         }
@@ -282,41 +278,27 @@ fn assert_spares_are_forks_of_one_factory(agent: &TestAgent, spare_layers: &Path
     );
 }
 
-/// The UUID in the ext4 superblock of `image` (`dumpe2fs -h`; fine on a mounted image).
-fn ext4_uuid(image: &Path) -> String {
-    let out = Command::new("dumpe2fs")
-        .arg("-h")
-        .arg(image)
-        .output()
-        .unwrap();
-    let header = String::from_utf8_lossy(&out.stdout);
-    header
-        .lines()
-        .find_map(|l| l.strip_prefix("Filesystem UUID:"))
-        .unwrap_or_else(|| panic!("no ext4 superblock in {}: {header}", image.display()))
-        .trim()
-        .to_string()
-}
-
-/// Spares no longer run mkfs for their layers: one template is formatted (fixed size) and
-/// each spare's layer is a copy of its blocks, so it carries the template's UUID.
-fn assert_spare_layers_are_copies_of_one_formatted_template(spare_layers: &Path) {
-    let templates: Vec<PathBuf> = std::fs::read_dir(spare_layers.join("template"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .collect();
-    assert_eq!(templates.len(), 1, "templates: {templates:?}");
-    let template_uuid = ext4_uuid(&templates[0]);
-    let mut copies = 0;
-    for entry in std::fs::read_dir(spare_layers).unwrap().flatten() {
-        let image = entry.path().join("layer.img");
-        if entry.file_name() != "template" && image.exists() {
-            assert_eq!(ext4_uuid(&image), template_uuid, "{}", image.display());
-            copies += 1;
-        }
+/// Spares run no mkfs and attach no loop device for their layers: each has a subvolume of
+/// the data dir's one store (`layers/.spare-<pid>`), bounded to the default size, and the
+/// store's image is the only loop device of the agent.
+fn assert_spare_layers_are_subvolumes_of_one_store(agent: &TestAgent, spare_layers: &Path) {
+    let bounds = layer_bounds(&agent.data_dir);
+    let mut spares = 0;
+    for (name, bound) in &bounds {
+        let Some(pid) = name.strip_prefix(".spare-") else {
+            continue;
+        };
+        assert_eq!(*bound, 1 << 30, "{name}'s bound");
+        assert!(
+            Path::new("/proc").join(pid).exists() && spare_layers.join(pid).exists(),
+            "{name} is not a live spare's"
+        );
+        spares += 1;
     }
-    assert!(copies > 0, "no spare layer to look at");
+    assert!(spares >= 2, "spares' subvolumes: {bounds:?}");
+    let loops = miren_disks::loops_under(&agent.data_dir).unwrap();
+    assert_eq!(loops.len(), 1, "loop devices: {loops:?}");
+    assert_eq!(loops[0].backing_file, agent.data_dir.join("layers.img"));
 }
 
 #[test]
@@ -400,16 +382,14 @@ fn many_creates_deletes_and_a_kill_9_keep_isolation_and_exact_rules() {
         })
         .unwrap_or(0);
     assert_eq!(left, 0, "sandbox state dirs left");
-    // Every deleted sandbox's layer is gone with its loop device.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let loops = miren_disks::loops_under(&agent.data_dir.join("sandboxes")).unwrap();
-        if loops.is_empty() {
-            break;
-        }
-        assert!(Instant::now() < deadline, "loop devices left: {loops:?}");
-        sleep(Duration::from_millis(100));
-    }
+    // Every deleted sandbox's layer is gone: no subvolume but spares' is left in the store.
+    let left: Vec<String> = std::fs::read_dir(agent.data_dir.join("layers"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| !name.starts_with(".spare-"))
+        .collect();
+    assert!(left.is_empty(), "subvolumes left: {left:?}");
     // Two spare supervisors wait, each with its writable layer made and mounted in the
     // mount namespace it made for its sandbox, so starts one after another wait neither for
     // a layer nor for a namespace (docs/sandbox.md "Spare supervisors"); the host's table
@@ -441,7 +421,7 @@ fn many_creates_deletes_and_a_kill_9_keep_isolation_and_exact_rules() {
             );
             assert_spares_copied_the_template(&agent, &spare_layers, &host);
             assert_spares_are_forks_of_one_factory(&agent, &spare_layers);
-            assert_spare_layers_are_copies_of_one_formatted_template(&spare_layers);
+            assert_spare_layers_are_subvolumes_of_one_store(&agent, &spare_layers);
             break;
         }
         assert!(

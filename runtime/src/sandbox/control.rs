@@ -406,6 +406,8 @@ pub fn delete(state_dir: &Path) -> Result<(), SandboxError> {
         }
     }
     cleanup_without_supervisor(state_dir)?;
+    // Before the state dir: a failure leaves the sandbox there for a retry to find.
+    super::layer::remove_own_subvolume(state_dir)?;
     fs::remove_dir_all(state_dir)
         .map_err(|e| SandboxError::io(format!("remove {}", state_dir.display()), e))
 }

@@ -28,7 +28,9 @@ pub use control::{
 };
 pub use exec::{exec, ExecOutput, EXEC_OUTPUT_LIMIT};
 pub use factory::{run as run_spare_factory, SpareFactory};
-pub use layer::{remove_stale_spare_layers, LAYER_DIR, LAYER_IMAGE, SPARE_LAYERS_DIR};
+pub use layer::{
+    remove_stale_layers, LAYERS_DIR, LAYERS_IMAGE, LAYER_DIR, LAYER_IMAGE, SPARE_LAYERS_DIR,
+};
 pub use mountns::{prepare_private_roots, MountTemplate};
 pub use oci::{DEFAULT_CAPS, DENIED_SYSCALLS};
 pub use spare::supervise_spare;

@@ -423,16 +423,23 @@ impl Prepared {
     }
 
     /// Attaches here clones of the host's mounts that `keep` names (a sandbox's disks,
-    /// mounted on the host, not here). `keep` runs in the host's namespace, where those
-    /// mounts are to be seen. `take` is not honoured: nothing of a spare's is on the host.
-    pub(crate) fn bring(self, keep: impl FnOnce() -> Vec<Keep>) -> Result<(), SandboxError> {
+    /// mounted on the host, not here; its layer's subvolume). `keep` runs in the host's
+    /// namespace, where those are to be seen. `take` is not honoured: nothing of a spare's
+    /// is on the host.
+    pub(crate) fn bring(
+        self,
+        keep: impl FnOnce() -> Result<Vec<Keep>, SandboxError>,
+    ) -> Result<(), SandboxError> {
         join_mount_ns(&self.host_ns, "host's")?;
-        let keep = keep();
-        let trees: Result<Vec<OwnedFd>, SandboxError> =
-            keep.iter().map(|k| clone_mount(&k.source, true)).collect();
+        let cloned = keep().and_then(|keep| {
+            let trees: Result<Vec<OwnedFd>, SandboxError> =
+                keep.iter().map(|k| clone_mount(&k.source, true)).collect();
+            trees.map(|t| (keep, t))
+        });
         // Back in ours whatever happened: the caller fails the start from here.
         join_mount_ns(&self.own_ns, "sandbox's")?;
-        for (k, tree) in keep.iter().zip(&trees?) {
+        let (keep, trees) = cloned?;
+        for (k, tree) in keep.iter().zip(&trees) {
             std::fs::create_dir_all(&k.target)
                 .map_err(|e| SandboxError::io(format!("mkdir {}", k.target.display()), e))?;
             attach(tree, &k.target)?;

@@ -103,9 +103,9 @@ pub enum Mount {
 /// The writable layer of a sandbox that does not ask for a size (spare supervisors make
 /// theirs of this size ahead of need).
 pub const DEFAULT_WRITABLE_BYTES: u64 = 1 << 30;
-/// The smallest writable layer: ext4 with its journal needs a few MB of its own.
+/// The smallest writable layer: the overlay's copy-ups need room for more than a few files.
 pub const MIN_WRITABLE_BYTES: u64 = 16 << 20;
-/// ext4's limit with 4 KiB blocks.
+/// The largest: ext4's limit with 4 KiB blocks, what older layers (an ext4 image each) allow.
 pub const MAX_WRITABLE_BYTES: u64 = 16 << 40;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]

@@ -340,22 +340,32 @@ impl Supervisor {
             .mounts
             .iter()
             .any(|m| matches!(m, super::Mount::Bind { .. }));
+        // A layer not adopted is its subvolume in the store, which only the host's namespace
+        // shows: cloned there with the disks.
+        let layer_from_store = bounded.is_some() && adopted.is_none();
         match prepared {
             // Its disks: looked up in the host's namespace, where they are mounted.
-            Some(p) if binds => p.bring(|| self.mounts_to_keep(false))?,
+            Some(p) if binds || layer_from_store => p.bring(|| {
+                let mut keep = self.mounts_to_keep(false);
+                if layer_from_store {
+                    keep.extend(self.layer_to_keep()?);
+                }
+                Ok(keep)
+            })?,
             Some(_) => {}
             None => {
-                mountns::enter(
-                    &self.spec.private_mounts,
-                    &self.mounts_to_keep(true),
-                    &needed,
-                )?;
+                let mut keep = self.mounts_to_keep(true);
+                if layer_from_store {
+                    keep.extend(self.layer_to_keep()?);
+                }
+                mountns::enter(&self.spec.private_mounts, &keep, &needed)?;
             }
         }
         self.mark("mountns");
         let d = &self.dir;
         if let Some(size) = bounded {
-            // The adopted layer (now here) or one a crashed predecessor left is reused.
+            // Here already (adopted, brought, or a crashed predecessor's), or an image of its
+            // own, or (no namespace of its own) bound on the host.
             layer::mount(d, size)?;
         }
         let (upper, work) = layer::upper_and_work(d, bounded.is_some());
@@ -443,6 +453,25 @@ impl Supervisor {
             });
         }
         keep
+    }
+
+    /// The sandbox's subvolume, to clone into its namespace as its `layer/` (made now if
+    /// missing); none when its layer is mounted on the host already (a crashed
+    /// predecessor's, kept by [`Self::mounts_to_keep`]) or is an image of its own (mounted
+    /// in the namespace). Call in the host's mount namespace.
+    fn layer_to_keep(&self) -> Result<Option<mountns::Keep>, SandboxError> {
+        let Some(size) = self.spec.resources.writable_bytes else {
+            return Ok(None);
+        };
+        let target = self.dir.join(layer::LAYER_DIR);
+        if is_mounted(&target) || layer::has_own_image(&self.dir) {
+            return Ok(None);
+        }
+        Ok(Some(mountns::Keep {
+            source: layer::own_subvolume(&self.dir, size)?,
+            target,
+            take: false,
+        }))
     }
 
     /// The host paths this sandbox reads in its own mount namespace (see

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use miren_vm_tests::TestAgent;
+use miren_vm_tests::{layer_bounds, TestAgent};
 use serde_json::Value;
 
 use miren_vm_tests::BUSYBOX_IMAGE as IMAGE;
@@ -185,16 +185,14 @@ fn cgroup_file(agent: &TestAgent, id: &str, controllers: &[&str], name: &str) ->
     panic!("no {name} for {id} under {controllers:?}");
 }
 
-/// Bytes of the filesystem mounted at `path` (its size, not what is used).
-fn fs_size(path: &Path) -> u64 {
+/// The type of the filesystem `path` is on (`stat -f`).
+fn fs_type(path: &Path) -> String {
     let out = std::process::Command::new("stat")
-        .args(["-f", "-c", "%b %S"])
+        .args(["-f", "-c", "%T"])
         .arg(path)
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut it = text.split_whitespace().map(|n| n.parse::<u64>().unwrap());
-    it.next().unwrap() * it.next().unwrap()
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 /// A sandbox's mounted writable layer, seen through its supervisor's root: the layer is
@@ -245,11 +243,9 @@ fn every_sandbox_is_bounded_by_default_and_overrides_replace_the_bounds() {
         cgroup_limits(&agent, plain_id),
         ((512 * MIB).to_string(), "1024".into(), "100000".into())
     );
-    let layer = fs_size(&layer_dir(&sandboxes, plain_id));
-    assert!(
-        layer > 900 * MIB && layer <= 1024 * MIB,
-        "default writable layer is {layer} bytes"
-    );
+    // Its layer: its subvolume of the store, bound in its supervisor's namespace.
+    assert_eq!(fs_type(&layer_dir(&sandboxes, plain_id)), "btrfs");
+    assert_eq!(layer_bounds(&agent.data_dir)[plain_id], 1024 * MIB);
 
     // Overrides, and the attacks: fill the root filesystem and two tmpfs mounts.
     let tuned = run_until_running(
@@ -277,8 +273,9 @@ fn every_sandbox_is_bounded_by_default_and_overrides_replace_the_bounds() {
         cgroup_limits(&agent, tuned_id),
         ((256 * MIB).to_string(), "64".into(), "50000".into())
     );
-    let state_dir = sandboxes.join(tuned_id);
-    let before = host_bytes_used(&state_dir);
+    // The layer is a subvolume of the store, whose image holds what it writes.
+    let store_image = agent.data_dir.join("layers.img");
+    let before = host_bytes_used(&store_image);
     let (_, out) = exec(
         &agent,
         "tuned",
@@ -287,7 +284,9 @@ fn every_sandbox_is_bounded_by_default_and_overrides_replace_the_bounds() {
          dd if=/dev/zero of=/big/fill bs=1M count=20 2>&1; echo rc=$?; \
          grep -E ' /(t|big) ' /proc/mounts",
     );
-    assert_eq!(out.matches("No space left on device").count(), 3, "{out}");
+    // The layer's bound is a quota (EDQUOT); the tmpfs mounts are full (ENOSPC).
+    assert_eq!(out.matches("Disk quota exceeded").count(), 1, "{out}");
+    assert_eq!(out.matches("No space left on device").count(), 2, "{out}");
     assert!(!out.contains("rc=0"), "{out}");
     assert!(
         out.contains(" /t tmpfs ") && out.contains("size=65536k"),
@@ -297,9 +296,11 @@ fn every_sandbox_is_bounded_by_default_and_overrides_replace_the_bounds() {
         out.contains(" /big tmpfs ") && out.contains("size=8192k"),
         "{out}"
     );
-    let grown = host_bytes_used(&state_dir).saturating_sub(before);
+    let grown = host_bytes_used(&store_image).saturating_sub(before);
+    assert_eq!(layer_bounds(&agent.data_dir)[tuned_id], 32 * MIB);
+    // The bound counts data; btrfs's metadata for it comes on top.
     assert!(
-        grown <= 32 * MIB,
+        grown <= 40 * MIB,
         "the host filesystem grew by {grown} bytes for a 32M layer"
     );
     let (_, out) = exec(&agent, "tuned", "ls -l /fill");
@@ -351,19 +352,19 @@ fn every_sandbox_is_bounded_by_default_and_overrides_replace_the_bounds() {
     };
     for s in &services {
         let id = s["id"].as_str().unwrap();
-        let layer = fs_size(&layer_dir(&sandboxes, id));
+        let layer = layer_bounds(&agent.data_dir)[id];
         if s["name"].as_str().unwrap().contains("big") {
             assert_eq!(
                 cgroup_limits(&agent, id),
                 ((1024 * MIB).to_string(), "4096".into(), "200000".into())
             );
-            assert!(layer > 48 * MIB && layer <= 64 * MIB, "layer {layer}");
+            assert_eq!(layer, 64 * MIB);
         } else {
             assert_eq!(
                 cgroup_limits(&agent, id),
                 ((512 * MIB).to_string(), "1024".into(), "100000".into())
             );
-            assert!(layer > 900 * MIB && layer <= 1024 * MIB, "layer {layer}");
+            assert_eq!(layer, 1024 * MIB);
         }
     }
 }
@@ -399,21 +400,22 @@ fn the_bounded_writable_layer_survives_a_host_restart() {
         assert!(Instant::now() < deadline, "never relaunched: {s}");
         sleep(Duration::from_millis(100));
     }
-    // The killed spare's ready layer (image and directory) went at the agent's start.
+    // The killed spare's ready layer (subvolume and directory) went at the agent's start.
     for entry in fs::read_dir(agent.data_dir.join("spare-layers")).unwrap() {
         let pid = entry.unwrap().file_name().to_string_lossy().into_owned();
-        if pid == "template" {
-            // What the spares copy their layers from: kept, but nothing half made in it.
-            for t in fs::read_dir(agent.data_dir.join("spare-layers/template")).unwrap() {
-                let name = t.unwrap().file_name().to_string_lossy().into_owned();
-                assert!(name.starts_with("ext4-fixed-"), "template dir holds {name}");
-            }
-            continue;
-        }
         assert!(
             Path::new("/proc").join(&pid).exists(),
             "a dead spare's layer is left: {pid}"
         );
+    }
+    for entry in fs::read_dir(agent.data_dir.join("layers")).unwrap() {
+        let name = entry.unwrap().file_name().to_string_lossy().into_owned();
+        if let Some(pid) = name.strip_prefix(".spare-") {
+            assert!(
+                Path::new("/proc").join(pid).exists(),
+                "a dead spare's subvolume is left: {name}"
+            );
+        }
     }
     let (code, out) = exec(
         &agent,
@@ -423,7 +425,7 @@ fn the_bounded_writable_layer_survives_a_host_restart() {
     assert_eq!(code, 1, "{out}");
     assert!(out.starts_with("kept\n"), "{out}");
     assert!(
-        out.contains("No space left on device"),
+        out.contains("Disk quota exceeded"),
         "the bound is gone after the restart: {out}"
     );
     agent.ok(&["sandbox", "delete", "keeper"]);

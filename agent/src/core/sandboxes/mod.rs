@@ -752,11 +752,10 @@ impl SandboxService {
         if let Ok(Err(e)) = prepared.await {
             warn!(error = %e, "the cgroup parent was not prepared; each start sets its cpuset itself");
         }
-        let spare_layers = self.cfg.data_dir.join(sandbox::SPARE_LAYERS_DIR);
-        let _ =
-            tokio::task::spawn_blocking(move || sandbox::remove_stale_spare_layers(&spare_layers))
-                .await;
         let root = self.cfg.data_dir.join("sandboxes");
+        let sandboxes_dir = root.clone();
+        let _ =
+            tokio::task::spawn_blocking(move || sandbox::remove_stale_layers(&sandboxes_dir)).await;
         if let Ok(entries) = std::fs::read_dir(&root) {
             for entry in entries.flatten() {
                 let id = entry.file_name().to_string_lossy().into_owned();
