@@ -1085,3 +1085,57 @@ fn sys_shows_the_sandboxs_netns_read_only_also_when_the_image_makes_it_a_symlink
     assert_eq!(fs::read_dir(&host_dir).expect("host dir").count(), 0);
     assert!(mounts_under(&host_dir.to_string_lossy()).is_empty());
 }
+
+/// A bounded layer is a subvolume of the data dir's store, bounded by a quota (EDQUOT past
+/// it) and removed with the sandbox; a sandbox whose state dir already has a layer image (made
+/// by an earlier version, an ext4 of its own) keeps it, with its bound (ENOSPC past it).
+#[test]
+fn bounded_layers_are_subvolumes_of_the_store_and_older_images_are_kept() {
+    if !is_root() {
+        return;
+    }
+    let mut f = Fixture::new();
+    let fill = "dd if=/dev/zero of=/fill bs=1M count=48 2>&1; echo rc=$?";
+    let mut specs = Vec::new();
+    for name in ["subvolume", "image"] {
+        let mut spec = f.spec(name, fill);
+        spec.resources = Resources {
+            writable_bytes: Some(32 << 20),
+            ..Default::default()
+        };
+        specs.push(spec);
+    }
+    let new = f.prepare(&specs[0]);
+    let old = f.prepare(&specs[1]);
+    let image = old.join(sandbox::LAYER_IMAGE);
+    miren_disks::create_sparse_image(&image, 32 << 20).expect("image");
+    miren_disks::make_fixed_size_filesystem(miren_disks::Filesystem::Ext4, &image).expect("mkfs");
+    for dir in [&new, &old] {
+        let mut cmd = Command::new(supervisor_bin());
+        cmd.arg(dir);
+        sandbox::launch(cmd, dir).expect("launch");
+        wait_done(dir);
+    }
+    let out = read(&new, "stdout.log");
+    assert!(
+        out.contains("Disk quota exceeded") && out.contains("rc=1"),
+        "{out}"
+    );
+    let out = read(&old, "stdout.log");
+    assert!(
+        out.contains("No space left on device") && out.contains("rc=1"),
+        "{out}"
+    );
+    let store = f.tmp.path().join(sandbox::LAYERS_DIR);
+    assert!(store.join("subvolume").join("upper/fill").exists());
+    assert!(
+        !store.join("image").exists(),
+        "the old layer got a subvolume too"
+    );
+    sandbox::delete(&new).expect("delete");
+    sandbox::delete(&old).expect("delete");
+    assert!(
+        !store.join("subvolume").exists(),
+        "the subvolume outlived its sandbox"
+    );
+}
