@@ -340,9 +340,10 @@ impl Supervisor {
             .mounts
             .iter()
             .any(|m| matches!(m, super::Mount::Bind { .. }));
-        // A layer not adopted is its subvolume in the store, which only the host's namespace
-        // shows: cloned there with the disks.
-        let layer_from_store = bounded.is_some() && adopted.is_none();
+        // A layer that is not here (adopted in the spare's namespace, which we still use) is
+        // its subvolume in the store, which only the host's namespace shows: cloned there with
+        // the disks. A layer adopted on the host (a spare without a namespace) is kept.
+        let layer_from_store = bounded.is_some() && !(adopted.is_some() && prepared.is_some());
         match prepared {
             // Its disks: looked up in the host's namespace, where they are mounted.
             Some(p) if binds || layer_from_store => p.bring(|| {
