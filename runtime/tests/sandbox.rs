@@ -1138,4 +1138,24 @@ fn bounded_layers_are_subvolumes_of_the_store_and_older_images_are_kept() {
         !store.join("subvolume").exists(),
         "the subvolume outlived its sandbox"
     );
+
+    // A store whose quotas are off (a run killed before it turned them on) gets them back.
+    let off = Command::new("btrfs")
+        .args(["quota", "disable"])
+        .arg(&store)
+        .status()
+        .expect("btrfs quota disable");
+    assert!(off.success());
+    let mut spec = f.spec("again", fill);
+    spec.resources = Resources {
+        writable_bytes: Some(32 << 20),
+        ..Default::default()
+    };
+    let again = f.start(&spec);
+    wait_done(&again);
+    let out = read(&again, "stdout.log");
+    assert!(
+        out.contains("Disk quota exceeded") && out.contains("rc=1"),
+        "{out}"
+    );
 }

@@ -124,7 +124,16 @@ impl Store {
                 path.display()
             )));
         }
-        miren_disks::limit_subvolume(&sub, bytes, &path).map_err(disk_error)?;
+        match miren_disks::limit_subvolume(&sub, bytes, &path) {
+            // Quotas off: a run killed between mounting a new store and turning them on.
+            Err(miren_disks::DiskError::Io { source, .. })
+                if source.raw_os_error() == Some(libc::ENOTCONN) =>
+            {
+                miren_disks::enable_quota(&self.root, &self.dir).map_err(disk_error)?;
+                miren_disks::limit_subvolume(&sub, bytes, &path).map_err(disk_error)?;
+            }
+            other => other.map_err(disk_error)?,
+        }
         Ok(path)
     }
 
