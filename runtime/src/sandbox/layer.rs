@@ -305,6 +305,8 @@ impl SpareLayer {
             }
         };
         steps.mark("layer.store");
+        // What a killed spare of the same pid left, its layer unmounted first.
+        let _ = unmount_layer(&dir);
         let _ = fs::remove_dir_all(&dir);
         let spare = SpareLayer {
             dir,
