@@ -48,10 +48,6 @@ pub(crate) fn upper_and_work(state_dir: &Path, bounded: bool) -> (PathBuf, PathB
     (base.join(super::UPPER_DIR), base.join(super::WORK_DIR))
 }
 
-fn disk_error(e: miren_disks::DiskError) -> SandboxError {
-    SandboxError::StartFailed(format!("writable layer: {e}"))
-}
-
 /// The sandboxes dir and the sandbox id of a state dir (`<sandboxes dir>/<id>`).
 fn split_state_dir(state_dir: &Path) -> Result<(&Path, &str), SandboxError> {
     state_dir
@@ -110,7 +106,7 @@ impl Store {
     /// Subvolume `name`, made if it is not there, bounded to `bytes` (set again if it was).
     fn subvolume(&self, name: &str, bytes: u64) -> Result<PathBuf, SandboxError> {
         let path = self.dir.join(name);
-        miren_disks::create_subvolume(&self.root, name, &path).map_err(disk_error)?;
+        miren_disks::create_subvolume(&self.root, name, &path).map_err(SandboxError::Layer)?;
         let sub = File::open(&path)
             .map_err(|e| SandboxError::io(format!("open {}", path.display()), e))?;
         // A plain directory of that name would put the bound on the whole store.
@@ -129,10 +125,10 @@ impl Store {
             Err(miren_disks::DiskError::Io { source, .. })
                 if source.raw_os_error() == Some(libc::ENOTCONN) =>
             {
-                miren_disks::enable_quota(&self.root, &self.dir).map_err(disk_error)?;
-                miren_disks::limit_subvolume(&sub, bytes, &path).map_err(disk_error)?;
+                miren_disks::enable_quota(&self.root, &self.dir).map_err(SandboxError::Layer)?;
+                miren_disks::limit_subvolume(&sub, bytes, &path).map_err(SandboxError::Layer)?;
             }
-            other => other.map_err(disk_error)?,
+            other => other.map_err(SandboxError::Layer)?,
         }
         Ok(path)
     }
@@ -152,7 +148,7 @@ impl Store {
     /// Deletes subvolume `name` with its contents; fine if it is not there.
     fn remove(&self, name: &str) -> Result<(), SandboxError> {
         miren_disks::delete_subvolume(&self.root, name, &self.dir.join(name))
-            .map_err(|e| SandboxError::StartFailed(format!("removing the writable layer: {e}")))
+            .map_err(SandboxError::Layer)
     }
 
     /// Names of the subvolumes (and anything else) in the store.
@@ -192,18 +188,19 @@ fn mount_store(data_dir: &Path, dir: &Path) -> Result<(), SandboxError> {
         let host = nix::sys::statvfs::statvfs(data_dir)
             .map_err(|e| SandboxError::sys(format!("statvfs {}", data_dir.display()), e))?;
         let bytes = (host.blocks() as u64 * host.fragment_size() as u64).max(miren_disks::GIB);
-        miren_disks::create_sparse_image(&partial, bytes).map_err(disk_error)?;
-        miren_disks::make_filesystem(Filesystem::Btrfs, &partial).map_err(disk_error)?;
+        miren_disks::create_sparse_image(&partial, bytes).map_err(SandboxError::Layer)?;
+        miren_disks::make_filesystem(Filesystem::Btrfs, &partial).map_err(SandboxError::Layer)?;
         fs::rename(&partial, &image)
             .map_err(|e| SandboxError::io(format!("rename {}", image.display()), e))?;
     }
     // Autoclear: the loop device goes away with the mount.
-    let attached = miren_disks::attach(&image).map_err(disk_error)?;
-    miren_disks::mount(&attached.path, dir, Filesystem::Btrfs, false).map_err(disk_error)?;
+    let attached = miren_disks::attach(&image).map_err(SandboxError::Layer)?;
+    miren_disks::mount(&attached.path, dir, Filesystem::Btrfs, false)
+        .map_err(SandboxError::Layer)?;
     drop(attached);
     let root =
         File::open(dir).map_err(|e| SandboxError::io(format!("open {}", dir.display()), e))?;
-    miren_disks::enable_quota(&root, dir).map_err(disk_error)
+    miren_disks::enable_quota(&root, dir).map_err(SandboxError::Layer)
 }
 
 /// Mounts the sandbox's layer at `layer/` if it is not: its own image if it has one (made
@@ -217,8 +214,9 @@ pub(crate) fn mount(state_dir: &Path, size_bytes: u64) -> Result<(), SandboxErro
     }
     let image = state_dir.join(LAYER_IMAGE);
     if image.exists() {
-        let attached = miren_disks::attach(&image).map_err(disk_error)?;
-        miren_disks::mount(&attached.path, &dir, Filesystem::Ext4, false).map_err(disk_error)?;
+        let attached = miren_disks::attach(&image).map_err(SandboxError::Layer)?;
+        miren_disks::mount(&attached.path, &dir, Filesystem::Ext4, false)
+            .map_err(SandboxError::Layer)?;
         return Ok(());
     }
     bind(&own_subvolume(state_dir, size_bytes)?, &dir)
@@ -315,8 +313,8 @@ impl SpareLayer {
             size_bytes,
             steps,
         };
-        // One a spare of the same pid left (killed before its end).
-        let _ = spare.store.remove(&spare.name);
+        // One a killed spare of the same pid left is taken as it is: nothing writes to a
+        // spare's subvolume before it is renamed to its sandbox's id.
         let made = spare
             .store
             .subvolume(&spare.name, size_bytes)

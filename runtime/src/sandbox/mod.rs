@@ -79,6 +79,9 @@ pub enum SandboxError {
     Container(#[from] Box<libcontainer::error::LibcontainerError>),
     #[error("sandbox did not start: {0}")]
     StartFailed(String),
+    /// Making, mounting, bounding or deleting a writable layer (start and delete alike).
+    #[error("writable layer: {0}")]
+    Layer(#[source] miren_disks::DiskError),
     #[error("no status yet in {0}")]
     NoStatus(String),
     #[error("sandbox is not running")]
